@@ -1,0 +1,189 @@
+"""Run the whole OneCDP stack on this machine: Cassandra, schemas, and the four services.
+
+    python -m deploy.stack up       # start what is not running yet, then print where everything listens
+    python -m deploy.stack status   # what runs where
+    python -m deploy.stack down     # stop the services (SIGTERM, graceful) and Cassandra
+
+Services run as detached processes (`python -m services.<name>`) with JSON logs in
+`$ONECDP_STATE_DIR/services/<name>.log` (default ~/.local/state/onecdp). Ports and the Cassandra
+location come from the same environment variables the services read (shared.config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+from deploy import cassandra as cassandra_launcher
+from shared.cassandra import connect_cluster, open_session
+from shared.config import SERVICE_NAMES, CassandraSettings, GrpcSettings
+from shared.migrations import migrate_service
+
+console = Console()
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT_SECONDS = 60.0
+EXAMPLE_SERVICE = "onecdp.identity.v1.IdentityService"
+
+
+def _state_dir() -> Path:
+    root = Path(os.environ.get("ONECDP_STATE_DIR", Path.home() / ".local" / "state" / "onecdp"))
+    directory = root / "services"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@dataclass(frozen=True)
+class ServiceFiles:
+    name: str
+
+    @property
+    def pid_file(self) -> Path:
+        return _state_dir() / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return _state_dir() / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        return pid
+
+
+def health_status(port: int, timeout: float = 2.0) -> str:
+    """The service's overall health as the grpc.health.v1 name, or UNREACHABLE."""
+    with grpc.insecure_channel(f"localhost:{port}") as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def _start_service(name: str, settings: GrpcSettings) -> None:
+    files = ServiceFiles(name)
+    port = settings.port_of(name)
+    if files.pid() is not None and health_status(port) == "SERVING":
+        console.print(f"  {name}: already serving on port {port}")
+        return
+    if health_status(port) != "UNREACHABLE":
+        raise SystemExit(f"port {port} already answers gRPC but is not our {name} service; "
+                         f"set ONECDP_{name.upper()}_PORT to a free port")
+    # Migrations ran once above; a service restarted later by hand still applies them itself.
+    env = {**os.environ, "ONECDP_MIGRATE_ON_START": "false", "ONECDP_LOG_FORMAT": "json"}
+    with files.log_file.open("a") as log, open(os.devnull) as devnull:
+        process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=REPO, env=env,
+                                   stdin=devnull, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    files.pid_file.write_text(str(process.pid))
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = "".join(files.log_file.read_text().splitlines(keepends=True)[-20:])
+            raise SystemExit(f"{name} exited with status {process.returncode}; its log ends:\n{tail}")
+        if health_status(port, timeout=0.5) == "SERVING":
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"{name} did not become SERVING within {START_TIMEOUT_SECONDS:.0f} s; see {files.log_file}")
+
+
+def _print_summary(settings: GrpcSettings) -> None:
+    table = Table(title="OneCDP services")
+    for column in ("service", "address", "pid", "health", "log"):
+        table.add_column(column)
+    for name in SERVICE_NAMES:
+        files = ServiceFiles(name)
+        port = settings.port_of(name)
+        table.add_row(name, f"localhost:{port}", str(files.pid() or "-"), health_status(port), str(files.log_file))
+    console.print(table)
+    grpcurl = REPO / ".venv" / "bin" / "grpcurl"
+    port = settings.port_of("identity")
+    console.print("Try it (paste as is):", style="bold")
+    console.print(f"  {grpcurl} -plaintext localhost:{port} list", soft_wrap=True, highlight=False)
+    console.print(f"  {grpcurl} -plaintext localhost:{port} describe {EXAMPLE_SERVICE}", soft_wrap=True,
+                  highlight=False)
+    console.print(f"  {grpcurl} -plaintext localhost:{port} grpc.health.v1.Health/Check", soft_wrap=True,
+                  highlight=False)
+    console.print("Stop everything with: make down", style="bold")
+
+
+def up() -> None:
+    started = time.monotonic()
+    grpc_settings = GrpcSettings()
+    cassandra_settings = CassandraSettings()
+    if os.environ.get("CASSANDRA_CONTACT_POINTS"):
+        console.print(f"Using the Cassandra cluster at {', '.join(cassandra_settings.contact_points)}")
+    else:
+        ready = cassandra_launcher.ensure_running(nodes=1)
+        console.print("Cassandra: " + (f"ready in {ready:.1f} s" if ready is not None else "already running"))
+    cluster = connect_cluster(cassandra_settings)
+    try:
+        session = open_session(cluster, None, cassandra_settings.request_timeout_seconds)
+        for name in SERVICE_NAMES:
+            applied = migrate_service(session, name, cassandra_settings)
+            console.print(f"  schema {cassandra_settings.keyspace(name)}: "
+                          f"{len(applied)} migration(s) applied" if applied else
+                          f"  schema {cassandra_settings.keyspace(name)}: current")
+    finally:
+        cluster.shutdown()
+    console.print("Starting services")
+    for name in SERVICE_NAMES:
+        _start_service(name, grpc_settings)
+    _print_summary(grpc_settings)
+    console.print(f"Up in {time.monotonic() - started:.1f} s.")
+
+
+def down() -> None:
+    grace = GrpcSettings().grace_period_seconds
+    for name in SERVICE_NAMES:
+        files = ServiceFiles(name)
+        pid = files.pid()
+        if pid is None:
+            files.pid_file.unlink(missing_ok=True)
+            continue
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace + 5
+        while files.pid() is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if files.pid() is not None:
+            os.kill(pid, signal.SIGKILL)
+        files.pid_file.unlink(missing_ok=True)
+        console.print(f"  {name}: stopped")
+    if not os.environ.get("CASSANDRA_CONTACT_POINTS"):
+        cassandra_launcher.stop()
+        console.print("  cassandra: stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the OneCDP stack locally.")
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        up()
+    elif args.command == "down":
+        down()
+    else:
+        _print_summary(GrpcSettings())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The identity service: see its API in protos/onecdp/identity/v1/."""

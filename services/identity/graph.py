@@ -1,0 +1,561 @@
+"""The identity graph on Cassandra: link, look up, and keep persons equal to the partition of the evidence.
+
+Writes follow one protocol, whatever the operation:
+
+1. The evidence is appended to the edge log (`links`, both directions) with plain idempotent writes.
+2. The affected component is loaded: every identifier reachable through links that can merge (not
+   through junk or shared identifiers) plus every member of every person touched, so that a person
+   that must be split is seen whole.
+3. Leases (lightweight transactions) are taken on every person id of the component and on every
+   unassigned identifier in it, in sorted order; the component is then loaded again, and if it
+   grew beyond the leases taken the round starts over. Two writers whose evidence meets always
+   share a lease, so their recomputations are serialized, and the later one sees both edges.
+4. The partition of the component is computed (services.identity.partition) and person ids are
+   assigned deterministically: a group keeps the oldest free person id among its identifiers'
+   original persons (so merges converge on the oldest person and splits restore the merged ids).
+5. The derived rows are written and the change is recorded in the feed; the leases are released.
+
+A writer that dies half way leaves derived rows that the next recomputation of the component
+overwrites from the edge log; its leases expire after 30 s.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from enum import IntEnum
+from typing import Any
+
+from services.identity.identifiers import GuardPolicy, IdentifierRegistry, InvalidIdentifierValue
+from services.identity.partition import IdKey, Partition, partition, shared_identifiers
+from shared import deadline
+from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, Violations
+
+MAX_OBSERVATIONS_PER_CALL = 1000
+MAX_IDENTIFIERS_PER_OBSERVATION = 32
+MAX_COMPONENT_IDENTIFIERS = 20_000
+LEASE_WAIT_SECONDS = 10.0
+REDIRECT_HOPS = 16
+
+
+class GuardKind(IntEnum):
+    # Values match onecdp.identity.v1.GuardKind.
+    BLOCKED_VALUE = 1
+    SHARED_IDENTIFIER = 2
+    TYPE_LIMIT = 3
+    ERASED = 4
+
+
+class ChangeType(IntEnum):
+    # Values match onecdp.identity.v1.IdentityChangeType.
+    MERGE = 1
+    SPLIT = 2
+    ERASE = 3
+
+
+@dataclass(frozen=True)
+class Evidence:
+    message_id: str
+    source: str = ""
+    source_kind: int = 0
+    event_time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RawObservation:
+    """An observation as received: (type, value) pairs not yet normalized."""
+
+    identifiers: Sequence[tuple[str, str]]
+    evidence: Evidence
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    identifier: IdKey
+    guard: GuardKind
+    explanation: str
+
+
+@dataclass
+class LinkOutcome:
+    person_id: str = ""
+    person_ids: list[str] = field(default_factory=list)
+    merged_person_ids: list[str] = field(default_factory=list)
+    normalized: list[IdKey] = field(default_factory=list)
+    guard_decisions: list[GuardDecision] = field(default_factory=list)
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Person:
+    person_id: str
+    identifiers: list[IdKey]
+    merged_person_ids: list[str]
+    redirected_from: str
+    create_time: datetime | None
+    update_time: datetime | None
+
+
+@dataclass
+class _Component:
+    nodes: set[IdKey] = field(default_factory=set)
+    neighbours: dict[IdKey, set[IdKey]] = field(default_factory=dict)
+    person_of: dict[IdKey, str | None] = field(default_factory=dict)
+    origin_of: dict[IdKey, str | None] = field(default_factory=dict)
+
+    def lease_keys(self) -> set[str]:
+        return ({f"p:{p}" for p in self.person_of.values() if p}
+                | {f"i:{n}" for n in self.nodes if not self.person_of.get(n)})
+
+    def links(self) -> set[tuple[IdKey, IdKey]]:
+        return {(a, b) if a < b else (b, a) for a in self.nodes for b in self.neighbours.get(a, ())
+                if b in self.nodes and a != b}
+
+
+@dataclass
+class _Reconciled:
+    partition: Partition
+    group_ids: list[str]
+    merged_into: dict[str, str]  # person merged away -> survivor
+
+
+def new_person_id() -> str:
+    """Time-ordered ids: comparing two ids compares their creation times (oldest wins a merge)."""
+    return f"p_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class IdentityGraph:
+    def __init__(self, session: CassandraSession, registry: IdentifierRegistry | None = None,
+                 policy: GuardPolicy | None = None, *, workers: int = 8) -> None:
+        self._session = session
+        self.registry = registry or IdentifierRegistry()
+        self.policy = policy or GuardPolicy()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="identity-reconcile")
+        self._owner = uuid.uuid4().hex
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # ---- validation -------------------------------------------------------------------------------
+
+    def normalize_observations(self, observations: Sequence[RawObservation]) -> list[list[IdKey]]:
+        """Every observation's identifiers normalized; InvalidArgument naming every bad field otherwise."""
+        if len(observations) > MAX_OBSERVATIONS_PER_CALL:
+            raise ResourceExhausted(f"{len(observations)} observations in one call; at most "
+                                    f"{MAX_OBSERVATIONS_PER_CALL} are allowed, split the batch",
+                                    reason="BATCH_TOO_LARGE")
+        violations = Violations()
+        violations.check(bool(observations), "observations", "at least one observation is required")
+        normalized: list[list[IdKey]] = []
+        for i, observation in enumerate(observations):
+            path = f"observations[{i}]"
+            message_id = observation.evidence.message_id
+            violations.check(0 < len(message_id) <= 128, f"{path}.provenance.message_id",
+                             "required, 1-128 characters")
+            violations.check(0 < len(observation.identifiers) <= MAX_IDENTIFIERS_PER_OBSERVATION,
+                             f"{path}.identifiers", f"1-{MAX_IDENTIFIERS_PER_OBSERVATION} identifiers required")
+            keys: list[IdKey] = []
+            for j, (type_name, value) in enumerate(observation.identifiers):
+                try:
+                    keys.append(IdKey(type_name, self.registry.normalize(type_name, value)))
+                except InvalidIdentifierValue as error:
+                    field_name = "type" if self.registry.get(type_name) is None else "value"
+                    violations.add(f"{path}.identifiers[{j}].{field_name}", str(error))
+            normalized.append(sorted(set(keys)))
+        violations.raise_if_any("some observations are invalid; nothing was linked", reason="INVALID_OBSERVATION")
+        return normalized
+
+    # ---- linking ----------------------------------------------------------------------------------
+
+    def link(self, observations: Sequence[RawObservation]) -> list[LinkOutcome]:
+        """Apply observations in order; one outcome per observation."""
+        normalized = self.normalize_observations(observations)
+        outcomes = [LinkOutcome(normalized=keys) for keys in normalized]
+        known = self._known_observations([o.evidence.message_id for o in observations])
+        pending: list[int] = []
+        for index, observation in enumerate(observations):
+            if observation.evidence.message_id in known:
+                outcomes[index].duplicate = True
+            else:
+                pending.append(index)
+        # Observations in one call that share identifiers are reconciled together, in one component.
+        seed_groups = _group_by_shared_identifiers([normalized[i] for i in pending])
+        self._append_evidence([(normalized[i], observations[i].evidence) for i in pending])
+        futures = [self._pool.submit(self._reconcile_with_deadline, deadline.remaining(),
+                                     {k for g in group for k in normalized[pending[g]]})
+                   for group in seed_groups]
+        results: dict[int, _Reconciled] = {}
+        for group, future in zip(seed_groups, futures, strict=True):
+            reconciled = future.result()
+            for g in group:
+                results[pending[g]] = reconciled
+        self._record_observations([(normalized[i], observations[i].evidence) for i in pending])
+        for index, outcome in enumerate(outcomes):
+            if index in results:
+                _describe_outcome(outcome, results[index], self.registry)
+            else:
+                self._describe_duplicate(outcome)
+        return outcomes
+
+    def _reconcile_with_deadline(self, seconds: float | None, seeds: set[IdKey]) -> _Reconciled:
+        with deadline.deadline_after(seconds):
+            return self.reconcile(seeds)
+
+    def _known_observations(self, message_ids: Iterable[str]) -> set[str]:
+        futures = {m: self._session.execute_async("SELECT message_id FROM observations WHERE message_id = ?", (m,))
+                   for m in set(message_ids)}
+        return {m for m, f in futures.items() if self._session.result(f).one() is not None}
+
+    def _append_evidence(self, items: Sequence[tuple[list[IdKey], Evidence]]) -> None:
+        recorded = _now()
+        rows = []
+        seen_rows = []
+        for keys, evidence in items:
+            event_time = evidence.event_time or recorded
+            for a in keys:
+                seen_rows.append((event_time, a.type, a.value))
+                for b in keys:
+                    if a != b:
+                        rows.append((a.type, a.value, b.type, b.value, evidence.message_id, evidence.source,
+                                     evidence.source_kind, event_time, recorded))
+        self._session.execute_many(
+            "INSERT INTO links (id_type, id_value, other_type, other_value, message_id, source, source_kind, "
+            "event_time, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self._session.execute_many("UPDATE identifiers SET last_seen = ? WHERE id_type = ? AND id_value = ?",
+                                   seen_rows)
+
+    def _record_observations(self, items: Sequence[tuple[list[IdKey], Evidence]]) -> None:
+        recorded = _now()
+        self._session.execute_many(
+            "INSERT INTO observations (message_id, identifiers, source, source_kind, event_time, recorded_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(e.message_id, [(k.type, k.value) for k in keys], e.source, e.source_kind, e.event_time or recorded,
+              recorded) for keys, e in items])
+
+    def _describe_duplicate(self, outcome: LinkOutcome) -> None:
+        persons = self._persons_of(outcome.normalized)
+        ids = sorted({p for p in persons.values() if p})
+        outcome.person_ids = ids
+        best = _strongest([k for k in outcome.normalized if persons.get(k)], self.registry)
+        outcome.person_id = (persons[best] or "") if best else ""
+
+    # ---- reconciliation ---------------------------------------------------------------------------
+
+    def reconcile(self, seeds: set[IdKey]) -> _Reconciled:
+        """Recompute the persons of the component around `seeds` under leases (see the module doc)."""
+        give_up = time.monotonic() + min(LEASE_WAIT_SECONDS, deadline.remaining() or LEASE_WAIT_SECONDS)
+        attempt = 0
+        while True:
+            component = self._load_component(seeds)
+            keys = sorted(component.lease_keys())
+            if self._acquire(keys):
+                try:
+                    component = self._load_component(seeds)
+                    if component.lease_keys() <= set(keys):
+                        return self._rewrite(component)
+                finally:
+                    self._release(keys)
+            attempt += 1
+            if time.monotonic() > give_up:
+                raise Unavailable("the identity component is busy with other writers; retry the call",
+                                  reason="COMPONENT_CONTENDED", metadata={"leases": str(len(keys))})
+            time.sleep(min(0.5, 0.005 * 2 ** min(attempt, 7)) * random.uniform(0.5, 1.5))
+
+    def _acquire(self, keys: Sequence[str]) -> bool:
+        taken: list[str] = []
+        for key in keys:
+            if not self._try_lease(key):
+                self._release(taken)
+                return False
+            taken.append(key)
+        return True
+
+    def _try_lease(self, key: str) -> bool:
+        try:
+            row = self._session.execute("INSERT INTO locks (lock_key, owner) VALUES (?, ?) IF NOT EXISTS",
+                                        (key, self._owner)).one()
+            return bool(row.applied) or row.owner == self._owner
+        except Unavailable:
+            # A compare-and-set that timed out may still have been applied: read the outcome back at SERIAL.
+            row = self._session.execute("SELECT owner FROM locks WHERE lock_key = ?", (key,),
+                                        consistency=SERIAL_CONSISTENCY).one()
+            return row is not None and row.owner == self._owner
+
+    def _release(self, keys: Sequence[str]) -> None:
+        for key in reversed(keys):
+            self._session.execute("DELETE FROM locks WHERE lock_key = ? IF owner = ?", (key, self._owner))
+
+    def _load_component(self, seeds: Iterable[IdKey]) -> _Component:
+        component = _Component()
+        frontier = set(seeds)
+        loaded_persons: set[str] = set()
+        while frontier:
+            batch = sorted(frontier - component.nodes)
+            frontier = set()
+            if len(component.nodes) + len(batch) > MAX_COMPONENT_IDENTIFIERS:
+                raise ResourceExhausted(
+                    f"the component around these identifiers exceeds {MAX_COMPONENT_IDENTIFIERS} identifiers; a "
+                    "junk or shared identifier is probably missing from the guard policy", reason="COMPONENT_TOO_LARGE")
+            rows = [(self._session.execute_async(
+                        "SELECT person_id, origin_person_id FROM identifiers WHERE id_type = ? AND id_value = ?",
+                        (k.type, k.value)),
+                     self._session.execute_async(
+                        "SELECT other_type, other_value FROM links WHERE id_type = ? AND id_value = ?",
+                        (k.type, k.value))) for k in batch]
+            for key, (identifier_future, links_future) in zip(batch, rows, strict=True):
+                identifier = self._session.result(identifier_future).one()
+                component.nodes.add(key)
+                component.person_of[key] = identifier.person_id if identifier else None
+                component.origin_of[key] = identifier.origin_person_id if identifier else None
+                component.neighbours[key] = {IdKey(r.other_type, r.other_value)
+                                             for r in self._session.result(links_future)}
+            junk = {k for k in batch if self._is_junk(k)}
+            shared = self._shared_among(batch, component, junk)
+            for key in batch:
+                if key in junk or key in shared:
+                    continue
+                frontier.update(n for n in component.neighbours[key] if not self._is_junk(n))
+            new_persons = {component.person_of[k] for k in batch} - loaded_persons - {None}
+            for person_id in sorted(p for p in new_persons if p):
+                loaded_persons.add(person_id)
+                frontier.update(IdKey(r.id_type, r.id_value) for r in self._session.execute(
+                    "SELECT id_type, id_value FROM person_identifiers WHERE person_id = ?", (person_id,)))
+            frontier -= component.nodes
+        return component
+
+    def _is_junk(self, key: IdKey) -> bool:
+        identifier_type = self.registry.get(key.type)
+        return identifier_type is None or self.policy.is_junk(identifier_type, key.value)
+
+    def _shared_among(self, batch: Sequence[IdKey], component: _Component, junk: set[IdKey]) -> set[IdKey]:
+        return set(shared_identifiers({k: component.neighbours[k] for k in batch}, self.policy, junk))
+
+    def _rewrite(self, component: _Component) -> _Reconciled:
+        result = partition(component.nodes, component.links(), self.registry, self.policy,
+                           neighbours=component.neighbours)
+        group_ids = self._assign_person_ids(result, component)
+        now = _now()
+        new_person: dict[IdKey, str | None] = dict.fromkeys(result.junk)
+        for group, person_id in zip(result.groups, group_ids, strict=True):
+            new_person.update(dict.fromkeys(group, person_id))
+
+        identifier_rows, add_members, remove_members = [], [], []
+        for key in sorted(component.nodes):
+            target = new_person.get(key)
+            guard = "junk" if key in result.junk else "shared" if key in result.shared else None
+            old = component.person_of.get(key)
+            origin = component.origin_of.get(key) or target
+            identifier_rows.append((target, origin, guard, key.type, key.value))
+            if old != target:
+                if old:
+                    remove_members.append((old, key.type, key.value))
+                if target:
+                    add_members.append((target, key.type, key.value))
+        self._session.execute_many(
+            "UPDATE identifiers SET person_id = ?, origin_person_id = ?, guard = ? WHERE id_type = ? AND id_value = ?",
+            identifier_rows)
+        self._session.execute_many("INSERT INTO person_identifiers (person_id, id_type, id_value) VALUES (?, ?, ?)",
+                                   add_members)
+        self._session.execute_many(
+            "DELETE FROM person_identifiers WHERE person_id = ? AND id_type = ? AND id_value = ?", remove_members)
+
+        old_persons = {p for p in component.person_of.values() if p}
+        members_by_old: dict[str, list[str]] = defaultdict(list)
+        for key, old in component.person_of.items():
+            if old and new_person.get(key):
+                members_by_old[old].append(new_person[key] or "")
+        merged_into: dict[str, str] = {}
+        for old in sorted(old_persons - set(group_ids)):
+            targets = members_by_old.get(old)
+            if targets:
+                # The survivor is where most of its identifiers went (ties: the oldest id).
+                merged_into[old] = min(set(targets), key=lambda t: (-targets.count(t), t))
+        self._write_persons(group_ids, component, merged_into, now)
+        self._record_changes(old_persons, group_ids, merged_into, members_by_old)
+        return _Reconciled(result, group_ids, merged_into)
+
+    def _assign_person_ids(self, result: Partition, component: _Component) -> list[str]:
+        def rank(group: frozenset[IdKey]) -> tuple[int, IdKey]:
+            best = _strongest(group, self.registry)
+            assert best is not None  # groups are never empty
+            return (-self._priority(best), best)
+
+        order = sorted(range(len(result.groups)), key=lambda i: rank(result.groups[i]))
+        taken: set[str] = set()
+        ids = [""] * len(result.groups)
+        for index in order:
+            group = result.groups[index]
+            origins = {component.origin_of.get(k) for k in group} - {None} - taken
+            current = {component.person_of.get(k) for k in group} - {None} - taken
+            candidates = sorted(p for p in (origins or current) if p)
+            ids[index] = candidates[0] if candidates else new_person_id()
+            taken.add(ids[index])
+        return ids
+
+    def _priority(self, key: IdKey) -> int:
+        identifier_type = self.registry.get(key.type)
+        return identifier_type.priority if identifier_type else 0
+
+    def _write_persons(self, group_ids: list[str], component: _Component, merged_into: dict[str, str],
+                       now: datetime) -> None:
+        existing = {p for p in component.person_of.values() if p} | {p for p in component.origin_of.values() if p}
+        rows: list[tuple[str, tuple[Any, ...]]] = []
+        for person_id in group_ids:
+            if person_id in existing:
+                # Restores a person merged away before (a split), or keeps a live one live.
+                rows.append(("UPDATE persons SET merged_into = null, update_time = ? WHERE person_id = ?",
+                             (now, person_id)))
+            else:
+                rows.append(("INSERT INTO persons (person_id, create_time, update_time) VALUES (?, ?, ?)",
+                             (person_id, now, now)))
+        for loser, winner in merged_into.items():
+            rows.append(("UPDATE persons SET merged_into = ?, update_time = ? WHERE person_id = ?",
+                         (winner, now, loser)))
+            rows.append(("UPDATE persons SET merged_from = merged_from + ? WHERE person_id = ?", ({loser}, winner)))
+        futures = [self._session.execute_async(cql, params) for cql, params in rows]
+        for future in futures:
+            self._session.result(future)
+
+    def _record_changes(self, old_persons: set[str], group_ids: list[str], merged_into: dict[str, str],
+                        members_by_old: dict[str, list[str]]) -> None:
+        changes = []
+        survivors: dict[str, list[str]] = defaultdict(list)
+        for loser, winner in merged_into.items():
+            survivors[winner].append(loser)
+        for winner, losers in sorted(survivors.items()):
+            changes.append((ChangeType.MERGE, [winner, *sorted(losers)], [winner], "merged by new evidence"))
+        for old in sorted(old_persons):
+            destinations = sorted(set(members_by_old.get(old, [])))
+            if len(destinations) > 1:
+                ordered = [old, *[d for d in destinations if d != old]] if old in destinations else destinations
+                changes.append((ChangeType.SPLIT, [old], ordered, "split by guards recomputed from the edge log"))
+        for change_type, sources, results, reason in changes:
+            self.record_change(change_type, sources, results, reason)
+
+    def record_change(self, change_type: ChangeType, sources: list[str], results: list[str], reason: str) -> None:
+        change_id = uuid.uuid1()
+        self._session.execute(
+            "INSERT INTO changes (bucket, change_id, change_type, source_person_ids, result_person_ids, reason) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (_bucket_of(change_id), change_id, int(change_type), sources, results, reason))
+
+    # ---- reading ----------------------------------------------------------------------------------
+
+    def _persons_of(self, keys: Iterable[IdKey]) -> dict[IdKey, str | None]:
+        futures = {k: self._session.execute_async(
+            "SELECT person_id FROM identifiers WHERE id_type = ? AND id_value = ?", (k.type, k.value)) for k in keys}
+        result: dict[IdKey, str | None] = {}
+        for key, future in futures.items():
+            row = self._session.result(future).one()
+            result[key] = row.person_id if row else None
+        return result
+
+    def normalize_one(self, type_name: str, value: str, field_path: str) -> IdKey:
+        """One identifier normalized; InvalidArgument naming `field_path`.type or .value otherwise."""
+        try:
+            return IdKey(type_name, self.registry.normalize(type_name, value))
+        except InvalidIdentifierValue as error:
+            field_name = "type" if self.registry.get(type_name) is None else "value"
+            raise InvalidArgument.for_field(f"{field_path}.{field_name}", str(error),
+                                            reason="INVALID_IDENTIFIER") from error
+
+    def person_of_identifier(self, type_name: str, value: str, field_path: str = "identifier") -> str:
+        key = self.normalize_one(type_name, value, field_path)
+        person_id = self._persons_of([key])[key]
+        if not person_id:
+            raise NotFound(f"no person holds {key.type} {value!r}", reason="PERSON_NOT_FOUND",
+                           metadata={"identifier_type": key.type})
+        return person_id
+
+    def get_person(self, person_id: str) -> Person:
+        """The person, following merge redirects to the survivor."""
+        requested, current = person_id, person_id
+        row: Any = None
+        for _ in range(REDIRECT_HOPS):
+            row = self._session.execute(
+                "SELECT person_id, merged_into, merged_from, erased, create_time, update_time FROM persons "
+                "WHERE person_id = ?", (current,)).one()
+            if row is None or row.erased:
+                raise NotFound(f"no person {person_id!r} (never issued, or erased)", reason="PERSON_NOT_FOUND")
+            if not row.merged_into:
+                break
+            current = row.merged_into
+        members = [IdKey(r.id_type, r.id_value) for r in self._session.execute(
+            "SELECT id_type, id_value FROM person_identifiers WHERE person_id = ?", (current,))]
+        return Person(person_id=current, identifiers=members, merged_person_ids=sorted(row.merged_from or ()),
+                      redirected_from=requested if requested != current else "",
+                      create_time=row.create_time, update_time=row.update_time)
+
+
+def _strongest(keys: Iterable[IdKey], registry: IdentifierRegistry) -> IdKey | None:
+    """The highest-priority identifier (ties: the smallest key): it names the person of an observation."""
+    def rank(key: IdKey) -> tuple[int, IdKey]:
+        identifier_type = registry.get(key.type)
+        return (-(identifier_type.priority if identifier_type else 0), key)
+    return min(keys, key=rank, default=None)
+
+
+def _describe_outcome(outcome: LinkOutcome, reconciled: _Reconciled, registry: IdentifierRegistry) -> None:
+    group_of = reconciled.partition.group_of()
+    ids_by_key = {k: reconciled.group_ids[group_of[k]] for k in outcome.normalized if k in group_of}
+    outcome.person_ids = sorted(set(ids_by_key.values()))
+    for key in outcome.normalized:
+        if key in reconciled.partition.junk:
+            outcome.guard_decisions.append(GuardDecision(key, GuardKind.BLOCKED_VALUE,
+                                                         f"{key.type} value {key.value!r} is a blocked junk value"))
+        elif key in reconciled.partition.shared:
+            outcome.guard_decisions.append(GuardDecision(key, GuardKind.SHARED_IDENTIFIER,
+                                                         reconciled.partition.shared[key]))
+    keys = set(outcome.normalized)
+    for blocked in reconciled.partition.blocked_links:
+        if blocked.a in keys and blocked.b in keys:
+            outcome.guard_decisions.append(GuardDecision(
+                blocked.a, GuardKind.TYPE_LIMIT,
+                f"linking {blocked.a} and {blocked.b} would give a person more than {blocked.limit} "
+                f"{blocked.limited_type}"))
+    unshared = [k for k in outcome.normalized if k in ids_by_key and k not in reconciled.partition.shared]
+    best = _strongest(unshared or list(ids_by_key), registry)
+    outcome.person_id = ids_by_key[best] if best else ""
+    outcome.merged_person_ids = sorted(p for p, w in reconciled.merged_into.items() if w == outcome.person_id)
+
+
+def _group_by_shared_identifiers(observations: Sequence[list[IdKey]]) -> list[list[int]]:
+    """Indexes of observations grouped so that observations sharing an identifier are together."""
+    parent = list(range(len(observations)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[IdKey, int] = {}
+    for index, keys in enumerate(observations):
+        for key in keys:
+            if key in owner:
+                parent[find(index)] = find(owner[key])
+            else:
+                owner[key] = index
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index in range(len(observations)):
+        groups[find(index)].append(index)
+    return list(groups.values())
+
+
+def _bucket_of(change_id: uuid.UUID) -> date:
+    seconds = (change_id.time - 0x01B21DD213814000) / 1e7
+    return datetime.fromtimestamp(seconds, UTC).date()
+
+

@@ -1,0 +1,182 @@
+"""Identifier types: how values of each type are normalized, validated and recognised as junk.
+
+Normalization happens before anything is compared or stored, so `Ada@Example.com ` and
+`ada@example.com` are one identifier, and `+86 138 0013 8000` and `+8613800138000` are one phone.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import phonenumbers
+
+
+class Normalization(Enum):
+    TRIM = "trim"
+    EXACT = "exact"
+    LOWERCASE = "lowercase"
+    EMAIL = "email"
+    PHONE_E164 = "phone_e164"
+    DEVICE_ID = "device_id"
+
+
+class InvalidIdentifierValue(ValueError):
+    """The value is malformed for its type; the message says how."""
+
+
+TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+MAX_VALUE_BYTES = 512
+# Deliberately permissive local part (RFC 5322 allows much), strict shape: local@label(.label)+ with a TLD.
+_EMAIL = re.compile(r"^[^\s@]{1,64}@(?=.{4,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+
+
+@dataclass(frozen=True)
+class IdentifierType:
+    type: str
+    normalization: Normalization
+    display_name: str = ""
+    priority: int = 100
+    max_per_person: int = 0
+    blocked_values: frozenset[str] = frozenset()
+    blocked_patterns: tuple[str, ...] = ()
+    hash_values: bool = False
+    built_in: bool = False
+    _compiled: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not TYPE_NAME.match(self.type):
+            raise ValueError(f"identifier type {self.type!r} must be lower_snake_case, 1-63 characters")
+        object.__setattr__(self, "_compiled", tuple(re.compile(p) for p in self.blocked_patterns))
+
+    def normalize(self, value: str, *, default_phone_region: str | None = None) -> str:
+        """The canonical form of `value`, or InvalidIdentifierValue saying what is wrong."""
+        text = unicodedata.normalize("NFKC", value).strip()
+        if not text:
+            raise InvalidIdentifierValue("must not be empty")
+        if len(text.encode()) > MAX_VALUE_BYTES:
+            raise InvalidIdentifierValue(f"must be at most {MAX_VALUE_BYTES} bytes")
+        match self.normalization:
+            case Normalization.TRIM | Normalization.EXACT:
+                return text
+            case Normalization.LOWERCASE:
+                return text.lower()
+            case Normalization.EMAIL:
+                return _normalize_email(text)
+            case Normalization.PHONE_E164:
+                return _normalize_phone(text, default_phone_region)
+            case Normalization.DEVICE_ID:
+                return _normalize_device_id(text)
+
+    def is_blocked(self, normalized: str) -> bool:
+        return normalized in self.blocked_values or any(p.search(normalized) for p in self._compiled)
+
+
+def _normalize_email(text: str) -> str:
+    email = text.lower()
+    if not _EMAIL.match(email):
+        raise InvalidIdentifierValue(f"{text!r} is not an email address (expected local@domain.tld)")
+    return email
+
+
+def _normalize_phone(text: str, default_region: str | None) -> str:
+    try:
+        number = phonenumbers.parse(text, None if text.startswith("+") else default_region)
+    except phonenumbers.NumberParseException as error:
+        hint = "" if text.startswith("+") or default_region else " (national numbers need a +country prefix)"
+        raise InvalidIdentifierValue(f"{text!r} is not a phone number: {error}{hint}") from error
+    if not phonenumbers.is_possible_number(number):
+        raise InvalidIdentifierValue(f"{text!r} is not a possible phone number")
+    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+def _normalize_device_id(text: str) -> str:
+    # Advertising ids (IDFA, AAID, OAID, IDFV) are UUIDs; compare them in one canonical form.
+    try:
+        return str(uuid.UUID(text)).upper()
+    except ValueError:
+        pass
+    # Other device ids (e.g. Android ids, 16 hex digits) are compared case-insensitively.
+    if re.fullmatch(r"[0-9A-Za-z_\-:.]{4,128}", text):
+        return text.upper()
+    raise InvalidIdentifierValue(f"{text!r} is not a device id (expected a UUID or 4-128 of [0-9A-Za-z_-:.])")
+
+
+def _type(name: str, normalization: Normalization, display_name: str, priority: int, *,
+          max_per_person: int = 0, blocked_patterns: tuple[str, ...] = ()) -> IdentifierType:
+    return IdentifierType(name, normalization, display_name, priority, max_per_person,
+                          blocked_patterns=blocked_patterns, built_in=True)
+
+
+# Priorities: durable, person-owned ids outrank device- and browser-scoped ones.
+BUILT_IN_TYPES: Mapping[str, IdentifierType] = {t.type: t for t in (
+    _type("crm_id", Normalization.EXACT, "CRM id", 200, max_per_person=1),
+    _type("account_id", Normalization.EXACT, "App account id", 190, max_per_person=1),
+    _type("wechat_unionid", Normalization.EXACT, "WeChat unionid", 180, max_per_person=1),
+    _type("email", Normalization.EMAIL, "Email address", 150),
+    _type("phone", Normalization.PHONE_E164, "Phone number (E.164)", 150),
+    _type("wechat_openid", Normalization.EXACT, "WeChat openid (per app)", 120),
+    _type("device_id", Normalization.DEVICE_ID, "Device id (IDFA/AAID/IDFV/OAID)", 60,
+          blocked_patterns=(r"^[0-]+$",)),
+    _type("cookie", Normalization.EXACT, "Browser cookie id", 20),
+)}
+
+# Junk that clients send when they have no real value; compared case-insensitively.
+DEFAULT_BLOCKED_VALUES: frozenset[str] = frozenset({
+    "unknown", "null", "nil", "none", "undefined", "anonymous", "anon", "guest", "test", "n/a", "na",
+    "-1", "0", "[object object]", "nan", "false", "true", "empty", "default",
+})
+DEFAULT_BLOCKED_PATTERNS: tuple[str, ...] = (
+    r"^0+$",                         # all zeros, e.g. 000000
+    r"^[0\-]{8,}$",                  # zero UUIDs
+    r"^(.)\1{5,}$",                  # one repeated character: xxxxxx, 111111
+    r"^(?i:test|demo|example)@",     # placeholder emails
+)
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    """Junk values of any type, and the rules that mark an identifier as shared."""
+
+    blocked_values: frozenset[str] = DEFAULT_BLOCKED_VALUES
+    blocked_patterns: tuple[str, ...] = DEFAULT_BLOCKED_PATTERNS
+    # (shared type, counted type) -> the most distinct counted values a non-shared identifier is seen with.
+    shared_identifier_limits: Mapping[tuple[str, str], int] = field(default_factory=lambda: {
+        ("device_id", "account_id"): 3,
+        ("cookie", "account_id"): 3,
+        ("device_id", "crm_id"): 3,
+    })
+    _compiled: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_compiled", tuple(re.compile(p) for p in self.blocked_patterns))
+
+    def is_junk(self, identifier_type: IdentifierType, normalized: str) -> bool:
+        return (normalized.lower() in self.blocked_values or any(p.search(normalized) for p in self._compiled)
+                or identifier_type.is_blocked(normalized))
+
+
+class IdentifierRegistry:
+    """The identifier types in force: built-in plus custom ones."""
+
+    def __init__(self, types: Iterable[IdentifierType] = (), default_phone_region: str | None = None) -> None:
+        self._types = dict(BUILT_IN_TYPES)
+        self._types.update({t.type: t for t in types})
+        self.default_phone_region = default_phone_region
+
+    def get(self, name: str) -> IdentifierType | None:
+        return self._types.get(name)
+
+    def all(self) -> list[IdentifierType]:
+        return sorted(self._types.values(), key=lambda t: t.type)
+
+    def normalize(self, type_name: str, value: str) -> str:
+        identifier_type = self._types.get(type_name)
+        if identifier_type is None:
+            known = ", ".join(sorted(self._types))
+            raise InvalidIdentifierValue(f"unknown identifier type {type_name!r}; known types: {known}")
+        return identifier_type.normalize(value, default_phone_region=self.default_phone_region)

@@ -1,0 +1,157 @@
+"""The gRPC adapter of the identity service: onecdp.identity.v1 messages in, IdentityGraph calls, messages out.
+
+Methods not overridden here are inherited from the generated servicer, which answers UNIMPLEMENTED;
+the shared interceptor names the method in that message, so nothing pretends to work.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+from functools import partial
+
+import grpc
+from onecdp.common.v1 import common_pb2
+from onecdp.identity.v1 import identity_service_pb2 as pb
+from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
+
+from services.identity.graph import Evidence, GuardDecision, IdentityGraph, LinkOutcome, Person, RawObservation
+from services.identity.identifiers import IdentifierType
+from services.identity.partition import IdKey
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from shared.runner import ServiceContext, ServiceDefinition
+from shared.server import ServiceRegistration
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IdentityService"].full_name
+MAX_LOOKUPS = 1000
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+def _identifier(key: IdKey) -> common_pb2.Identifier:
+    return common_pb2.Identifier(type=key.type, value=key.value)
+
+
+def _observation(message: pb.Observation) -> RawObservation:
+    provenance = message.provenance
+    return RawObservation(
+        identifiers=[(i.type, i.value) for i in message.identifiers],
+        evidence=Evidence(message_id=provenance.message_id, source=provenance.source,
+                          source_kind=provenance.source_kind,
+                          event_time=provenance.event_time.ToDatetime(tzinfo=UTC)
+                          if provenance.HasField("event_time") else None))
+
+
+def _guard(decision: GuardDecision) -> pb.GuardDecision:
+    return pb.GuardDecision(identifier=_identifier(decision.identifier), guard=pb.GuardKind.ValueType(decision.guard),
+                            explanation=decision.explanation)
+
+
+def _link_result(outcome: LinkOutcome) -> pb.LinkResult:
+    return pb.LinkResult(
+        person_id=outcome.person_id, person_ids=outcome.person_ids, merged_person_ids=outcome.merged_person_ids,
+        normalized_identifiers=[_identifier(k) for k in outcome.normalized],
+        guard_decisions=[_guard(d) for d in outcome.guard_decisions], duplicate=outcome.duplicate)
+
+
+def _person(person: Person, identifier_limit: int = 100) -> pb.Person:
+    message = pb.Person(name=f"persons/{person.person_id}", person_id=person.person_id,
+                        identifiers=[_identifier(k) for k in sorted(person.identifiers)[:identifier_limit]],
+                        merged_person_ids=person.merged_person_ids, redirected_from=person.redirected_from)
+    if person.create_time:
+        message.create_time.FromDatetime(person.create_time)
+    if person.update_time:
+        message.update_time.FromDatetime(person.update_time)
+    return message
+
+
+def _identifier_type(identifier_type: IdentifierType) -> pb.IdentifierType:
+    return pb.IdentifierType(
+        name=f"identifierTypes/{identifier_type.type}", type=identifier_type.type,
+        display_name=identifier_type.display_name,
+        normalization=pb.Normalization.Value(f"NORMALIZATION_{identifier_type.normalization.name}")
+        if identifier_type.normalization.name != "TRIM" else pb.NORMALIZATION_UNSPECIFIED,
+        priority=identifier_type.priority, max_per_person=identifier_type.max_per_person,
+        blocked_values=sorted(identifier_type.blocked_values), blocked_patterns=identifier_type.blocked_patterns,
+        hash_values=identifier_type.hash_values, built_in=identifier_type.built_in)
+
+
+class IdentityServicer(pb_grpc.IdentityServiceServicer):
+    def __init__(self, graph: IdentityGraph) -> None:
+        self._graph = graph
+
+    def LinkIdentifiers(self, request: pb.LinkIdentifiersRequest,
+                        context: grpc.ServicerContext) -> pb.LinkIdentifiersResponse:
+        outcomes = self._graph.link([_observation(o) for o in request.observations])
+        return pb.LinkIdentifiersResponse(results=[_link_result(o) for o in outcomes])
+
+    def LookupPerson(self, request: pb.LookupPersonRequest, context: grpc.ServicerContext) -> pb.Person:
+        return _person(self._graph.get_person(self._person_id(request.person, "person")))
+
+    def BatchLookupPersons(self, request: pb.BatchLookupPersonsRequest,
+                           context: grpc.ServicerContext) -> pb.BatchLookupPersonsResponse:
+        if len(request.persons) > MAX_LOOKUPS:
+            raise ResourceExhausted(f"{len(request.persons)} lookups in one call; at most {MAX_LOOKUPS} are allowed",
+                                    reason="BATCH_TOO_LARGE")
+        results = []
+        for index, selector in enumerate(request.persons):
+            try:
+                person = self._graph.get_person(self._person_id(selector, f"persons[{index}]"))
+            except NotFound:
+                results.append(pb.PersonLookupResult(found=False))
+            else:
+                results.append(pb.PersonLookupResult(found=True, person=_person(person)))
+        return pb.BatchLookupPersonsResponse(results=results)
+
+    def ListIdentifierTypes(self, request: pb.ListIdentifierTypesRequest,
+                            context: grpc.ServicerContext) -> pb.ListIdentifierTypesResponse:
+        page_size = _page_size(request.page_size)
+        types = self._graph.registry.all()
+        start = _page_start(request.page_token, len(types))
+        page = types[start:start + page_size]
+        next_token = str(start + page_size) if start + page_size < len(types) else ""
+        return pb.ListIdentifierTypesResponse(identifier_types=[_identifier_type(t) for t in page],
+                                              next_page_token=next_token)
+
+    def GetIdentifierType(self, request: pb.GetIdentifierTypeRequest,
+                          context: grpc.ServicerContext) -> pb.IdentifierType:
+        type_name = request.name.removeprefix("identifierTypes/")
+        identifier_type = self._graph.registry.get(type_name)
+        if identifier_type is None:
+            raise NotFound(f"no identifier type {request.name!r}; ListIdentifierTypes lists them",
+                           reason="IDENTIFIER_TYPE_NOT_FOUND")
+        return _identifier_type(identifier_type)
+
+    def _person_id(self, selector: common_pb2.PersonSelector, field_path: str) -> str:
+        which = selector.WhichOneof("selector")
+        if which == "person_id":
+            return selector.person_id
+        if which == "identifier":
+            return self._graph.person_of_identifier(selector.identifier.type, selector.identifier.value,
+                                                    f"{field_path}.identifier")
+        raise InvalidArgument.for_field(field_path, "set exactly one of person_id or identifier",
+                                        reason="PERSON_SELECTOR_EMPTY")
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument.for_field("page_size", "must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _page_start(token: str, total: int) -> int:
+    if not token:
+        return 0
+    if not token.isdigit() or int(token) > total:
+        raise InvalidArgument.for_field("page_token", "not a token returned by this method; start without one",
+                                        reason="INVALID_PAGE_TOKEN")
+    return int(token)
+
+
+def build(context: ServiceContext) -> list[ServiceRegistration]:
+    graph = IdentityGraph(context.session)
+    # Methods not built yet stay abstract in the typed stubs; at run time they answer UNIMPLEMENTED.
+    servicer = IdentityServicer(graph)  # type: ignore[abstract]
+    return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_IdentityServiceServicer_to_server, servicer))]
+
+
+DEFINITION = ServiceDefinition(name="identity", build=build)

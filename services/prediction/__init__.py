@@ -1,0 +1,1 @@
+"""The prediction service: see its API in protos/onecdp/prediction/v1/."""

@@ -1,0 +1,1 @@
+"""The profile service: see its API in protos/onecdp/profile/v1/."""

@@ -1,0 +1,1 @@
+"""The segmentation service: see its API in protos/onecdp/segmentation/v1/."""

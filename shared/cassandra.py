@@ -1,0 +1,159 @@
+"""The Cassandra session every service uses: token-aware, LOCAL_QUORUM, protocol v5, prepared statements.
+
+`CassandraSession` is the only way service code talks to Cassandra. It prepares each CQL string once
+and binds values (no string-built queries), clamps query timeouts to the RPC deadline, and turns
+driver exceptions into domain errors (UNAVAILABLE, DEADLINE_EXCEEDED) a caller can act on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from cassandra import (
+    ConsistencyLevel,
+    CoordinationFailure,
+    OperationTimedOut,
+    ReadTimeout,
+    RequestExecutionException,
+    WriteTimeout,
+)
+from cassandra import Unavailable as CassandraUnavailable
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
+from cassandra.concurrent import execute_concurrent_with_args
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.query import PreparedStatement
+
+from shared import deadline
+from shared.config import CassandraSettings
+from shared.errors import DeadlineExceeded, DomainError, Unavailable
+
+log = logging.getLogger(__name__)
+
+# Lightweight transactions run their Paxos round among local replicas.
+SERIAL_CONSISTENCY = ConsistencyLevel.LOCAL_SERIAL
+
+
+def connect_cluster(settings: CassandraSettings) -> Cluster:
+    """A connected driver Cluster for the settings; call `.shutdown()` when done."""
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=settings.local_dc)),
+        consistency_level=ConsistencyLevel.name_to_value[settings.consistency],
+        serial_consistency_level=SERIAL_CONSISTENCY,
+        request_timeout=settings.request_timeout_seconds,
+    )
+    auth = None
+    if settings.username:
+        password = settings.password.get_secret_value() if settings.password else ""
+        auth = PlainTextAuthProvider(username=settings.username, password=password)
+    cluster = Cluster(
+        contact_points=settings.contact_points,
+        port=settings.port,
+        protocol_version=5,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        auth_provider=auth,
+        connect_timeout=settings.connect_timeout_seconds,
+    )
+    return cluster
+
+
+class CassandraSession:
+    """A driver session bound to one keyspace, with a prepared-statement cache."""
+
+    def __init__(self, session: Session, request_timeout: float) -> None:
+        self._session = session
+        self._request_timeout = request_timeout
+        self._prepared: dict[str, PreparedStatement] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def keyspace(self) -> str | None:
+        keyspace: str | None = self._session.keyspace
+        return keyspace
+
+    @property
+    def driver_session(self) -> Session:
+        """The raw driver session, for the few places that need it (benchmark baselines, token maps)."""
+        return self._session
+
+    def prepare(self, cql: str) -> PreparedStatement:
+        statement = self._prepared.get(cql)
+        if statement is None:
+            with self._lock:
+                statement = self._prepared.get(cql)
+                if statement is None:
+                    statement = self._call(self._session.prepare, cql)
+                    self._prepared[cql] = statement
+        return statement
+
+    def execute(self, cql: str, params: Sequence[Any] = (), *, timeout: float | None = None,
+                consistency: int | None = None) -> Any:
+        """Prepare (once), bind and run one statement; returns the driver ResultSet.
+
+        `consistency` overrides the profile's level for this statement, e.g. SERIAL_CONSISTENCY to read
+        back the outcome of a lightweight transaction that timed out.
+        """
+        statement: Any = self.prepare(cql).bind(params)
+        if consistency is not None:
+            statement.consistency_level = consistency
+        limit = deadline.timeout_within(timeout or self._request_timeout)
+        return self._call(self._session.execute, statement, timeout=limit)
+
+    def execute_async(self, cql: str, params: Sequence[Any] = (), *, timeout: float | None = None) -> ResponseFuture:
+        statement = self.prepare(cql)
+        limit = deadline.timeout_within(timeout or self._request_timeout)
+        return self._call(self._session.execute_async, statement, params, timeout=limit)
+
+    def result(self, future: ResponseFuture) -> Any:
+        """Wait for an execute_async future, translating driver errors."""
+        return self._call(future.result)
+
+    def execute_many(self, cql: str, params: Iterable[Sequence[Any]], *, concurrency: int = 64) -> list[Any]:
+        """Run one statement for many parameter rows concurrently; raise the first failure."""
+        statement = self.prepare(cql)
+        results = self._call(
+            execute_concurrent_with_args, self._session, statement, list(params),
+            concurrency=concurrency, raise_on_first_error=True,
+        )
+        return [rows for _, rows in results]
+
+    def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except DomainError:
+            raise
+        except Exception as error:  # translated below, or re-raised untouched
+            raise translate_driver_error(error) from error
+
+
+def translate_driver_error(error: Exception) -> Exception:
+    """A domain error for driver failures a caller can act on; other exceptions unchanged."""
+    left = deadline.remaining()
+    if isinstance(error, OperationTimedOut | ReadTimeout | WriteTimeout) and left is not None and left <= 0.05:
+        return DeadlineExceeded(
+            "the caller's deadline passed while waiting for Cassandra; retry with a longer deadline",
+            reason="STORAGE_DEADLINE")
+    if isinstance(error, NoHostAvailable | OperationTimedOut | CassandraUnavailable | ReadTimeout | WriteTimeout
+                  | CoordinationFailure | RequestExecutionException):
+        return Unavailable(f"Cassandra could not serve the request ({type(error).__name__}: {error}); "
+                           "retry with backoff", reason="STORAGE_UNAVAILABLE")
+    return error
+
+
+def open_session(cluster: Cluster, keyspace: str | None, request_timeout: float) -> CassandraSession:
+    """A CassandraSession on the cluster, using `keyspace` for unqualified table names."""
+    try:
+        session = cluster.connect(keyspace)
+    except Exception as error:
+        raise translate_driver_error(error) from error
+    return CassandraSession(session, request_timeout)

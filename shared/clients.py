@@ -1,0 +1,104 @@
+"""Channels to the other OneCDP services, with deadlines, retries and per-call load balancing.
+
+Every channel gets a gRPC service config (python-api-core's rules, expressed the way gRPC itself
+applies them): a default deadline on every method, retries with exponential backoff and jitter on
+UNAVAILABLE for idempotent methods only (reads, and writes keyed by message_id/request_id), and
+round_robin over every address the target resolves to, so a `dns:///` headless Service balances per
+call rather than per connection.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from onecdp.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
+from onecdp.prediction.v1 import prediction_service_pb2, prediction_service_pb2_grpc
+from onecdp.profile.v1 import profile_service_pb2, profile_service_pb2_grpc
+from onecdp.segmentation.v1 import segmentation_service_pb2, segmentation_service_pb2_grpc
+from opentelemetry.instrumentation.grpc import client_interceptor
+
+from shared.config import GrpcSettings
+
+# Methods that are safe to send twice: reads, and writes made idempotent by message_id/request_id.
+_READ_PREFIXES = ("Get", "List", "BatchGet", "BatchLookup", "Lookup", "Explain", "Estimate", "Evaluate", "Score",
+                  "BatchScore", "Scan", "Watch")
+IDEMPOTENT_WRITES = frozenset({"LinkIdentifiers", "IngestEvents", "BatchWriteTraits"})
+
+
+def is_idempotent(method_name: str) -> bool:
+    return method_name.startswith(_READ_PREFIXES) or method_name in IDEMPOTENT_WRITES
+
+
+_RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
+def service_config(services: Iterable[ServiceDescriptor], timeout_seconds: float) -> str:
+    """The gRPC service config JSON for calling `services`.
+
+    Unary calls get the default deadline; server streams (watch feeds, exports) do not, since they
+    are meant to stay open. Idempotent calls retry on UNAVAILABLE; client streams never do, because
+    a consumed request stream cannot be replayed.
+    """
+    method_configs: list[dict[str, object]] = []
+    for service in services:
+        groups: dict[tuple[bool, bool], list[str]] = {}
+        for method in service.methods:
+            retry = is_idempotent(method.name) and not method.client_streaming
+            with_deadline = not method.server_streaming and not method.client_streaming
+            groups.setdefault((retry, with_deadline), []).append(method.name)
+        for (retry, with_deadline), names in sorted(groups.items()):
+            config: dict[str, object] = {"name": [{"service": service.full_name, "method": n} for n in names]}
+            if with_deadline:
+                config["timeout"] = f"{timeout_seconds:.3f}s"
+            if retry:
+                config["retryPolicy"] = _RETRY_POLICY
+            method_configs.append(config)
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": method_configs})
+
+
+def open_channel(target: str, services: Iterable[ServiceDescriptor], settings: GrpcSettings) -> grpc.Channel:
+    """An insecure channel to `target` with the service config and tracing interceptor."""
+    channel = grpc.insecure_channel(target, options=[
+        ("grpc.service_config", service_config(services, settings.client_timeout_seconds)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ])
+    return grpc.intercept_channel(channel, client_interceptor())  # type: ignore[no-untyped-call]
+
+
+def identity_stub(settings: GrpcSettings) -> identity_service_pb2_grpc.IdentityServiceStub:
+    """A stub for the identity service at `ONECDP_IDENTITY_TARGET`."""
+    service = identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"]
+    return identity_service_pb2_grpc.IdentityServiceStub(
+        open_channel(settings.target_of("identity"), [service], settings))
+
+
+def profile_stub(settings: GrpcSettings) -> profile_service_pb2_grpc.ProfileServiceStub:
+    """A stub for the profile service at `ONECDP_PROFILE_TARGET`."""
+    service = profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"]
+    return profile_service_pb2_grpc.ProfileServiceStub(
+        open_channel(settings.target_of("profile"), [service], settings))
+
+
+def segmentation_stub(settings: GrpcSettings) -> segmentation_service_pb2_grpc.SegmentationServiceStub:
+    """A stub for the segmentation service at `ONECDP_SEGMENTATION_TARGET`."""
+    service = segmentation_service_pb2.DESCRIPTOR.services_by_name["SegmentationService"]
+    return segmentation_service_pb2_grpc.SegmentationServiceStub(
+        open_channel(settings.target_of("segmentation"), [service], settings))
+
+
+def prediction_stub(settings: GrpcSettings) -> prediction_service_pb2_grpc.PredictionServiceStub:
+    """A stub for the prediction service at `ONECDP_PREDICTION_TARGET`."""
+    service = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
+    return prediction_service_pb2_grpc.PredictionServiceStub(
+        open_channel(settings.target_of("prediction"), [service], settings))

@@ -1,0 +1,98 @@
+"""Start a OneCDP service: settings, logs, tracing, Cassandra, migrations, gRPC server, shutdown.
+
+Each service package defines a `ServiceDefinition` (its name and how to build its gRPC servicers
+from a `ServiceContext`); `main` runs it as a process and `start_service` runs it in-process on any
+port (tests bind port 0 and call it through a real channel).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cassandra.cluster import Cluster
+
+from shared.cassandra import CassandraSession, connect_cluster, open_session
+from shared.config import CassandraSettings, GrpcSettings
+from shared.migrations import migrate_service
+from shared.server import RunningServer, ServiceRegistration, create_server, serve_until_signalled
+from shared.telemetry import configure_logging, configure_tracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """What a service's build function gets: its settings and a session on its own keyspace."""
+
+    service: str
+    grpc_settings: GrpcSettings
+    cassandra_settings: CassandraSettings
+    session: CassandraSession
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    name: str
+    build: Callable[[ServiceContext], Sequence[ServiceRegistration]]
+
+
+@dataclass
+class RunningService:
+    name: str
+    server: RunningServer
+    cluster: Cluster
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def stop(self, grace: float | None = None) -> None:
+        self.server.stop(grace).wait()
+        self.cluster.shutdown()
+
+
+def start_service(
+    definition: ServiceDefinition,
+    grpc_settings: GrpcSettings,
+    cassandra_settings: CassandraSettings,
+    *,
+    port: int | None = None,
+    bind_host: str | None = None,
+) -> RunningService:
+    """Connect, migrate (if configured), build and start the service; returns once it serves."""
+    cluster = connect_cluster(cassandra_settings)
+    try:
+        timeout = cassandra_settings.request_timeout_seconds
+        if grpc_settings.migrate_on_start:
+            migrate_service(open_session(cluster, None, timeout), definition.name, cassandra_settings)
+        session = open_session(cluster, cassandra_settings.keyspace(definition.name), timeout)
+        context = ServiceContext(definition.name, grpc_settings, cassandra_settings, session)
+        server = create_server(
+            definition.build(context), grpc_settings,
+            port=grpc_settings.port_of(definition.name) if port is None else port,
+            bind_host=bind_host, error_domain=f"onecdp.{definition.name}",
+        )
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return RunningService(definition.name, server, cluster)
+
+
+def main(definition: ServiceDefinition) -> None:
+    """Run one service as a process until SIGTERM; exit status 0 after a clean shutdown."""
+    grpc_settings = GrpcSettings()
+    configure_logging(definition.name, grpc_settings)
+    configure_tracing(definition.name, grpc_settings)
+    cassandra_settings = CassandraSettings()
+    try:
+        service = start_service(definition, grpc_settings, cassandra_settings)
+    except Exception as error:
+        log.error("could not start", extra={"error": f"{type(error).__name__}: {error}"})
+        sys.exit(1)
+    log.info("serving", extra={"port": service.port, "keyspace": cassandra_settings.keyspace(definition.name),
+                               "services": list(service.server.service_names)})
+    serve_until_signalled(service.server, grpc_settings.grace_period_seconds)
+    service.cluster.shutdown()

@@ -1,0 +1,225 @@
+"""gRPC server bootstrap shared by the four services.
+
+`create_server` returns a started server and its bound port (bind port 0 in tests), serving the
+given services plus grpc.health.v1 health and server reflection, behind interceptors for
+OpenTelemetry tracing and for errors/deadlines/logging. `serve_until_signalled` implements the
+graceful shutdown Kubernetes expects: on SIGTERM health turns NOT_SERVING at once (load balancers
+and readiness probes stop sending traffic), then in-flight RPCs get the grace period to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from opentelemetry.instrumentation.grpc import server_interceptor
+
+from shared import deadline
+from shared.config import GrpcSettings
+from shared.errors import DomainError, NotImplementedYet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """One gRPC service to serve: its full name (for health and reflection) and how to add it."""
+
+    full_name: str
+    add_to_server: Callable[[grpc.Server], None]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service_names: tuple[str, ...]
+
+    def enter_graceful_shutdown(self) -> None:
+        self.health.enter_graceful_shutdown()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        self.enter_graceful_shutdown()
+        event: threading.Event = self.server.stop(grace)
+        return event
+
+
+def to_status(error: DomainError, domain: str) -> grpc.Status:
+    """The rich status for a domain error: ErrorInfo always, BadRequest when fields are named."""
+    details = []
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata)
+    details.append(_pack(info))
+    if error.field_violations:
+        bad_request = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.field_violations
+        ])
+        details.append(_pack(bad_request))
+    status = status_pb2.Status(code=code_pb2.Code.Value(error.code.value), message=error.message, details=details)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+class ErrorAndDeadlineInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Maps domain errors to statuses, exposes the caller's deadline, and logs each call."""
+
+    def __init__(self, domain: str) -> None:
+        self._domain = domain
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _wrap_unary(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            with deadline.deadline_after(_deadline_of(context)):
+                try:
+                    response = behavior(request, context)
+                    self._log(method, "OK", started)
+                    return response
+                except Exception as error:  # every failure is turned into a status here, once
+                    self._abort(error, method, context, started)
+                    raise  # unreachable: _abort always raises
+        return wrapped
+
+    def _wrap_stream(self, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+                     method: str) -> Callable[..., Iterator[Any]]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started = time.perf_counter()
+            with deadline.deadline_after(_deadline_of(context)):
+                try:
+                    yield from behavior(request, context)
+                except Exception as error:  # every failure is turned into a status here, once
+                    self._abort(error, method, context, started)
+            self._log(method, "OK", started)
+        return wrapped
+
+    def _abort(self, error: Exception, method: str, context: grpc.ServicerContext, started: float) -> None:
+        if isinstance(error, NotImplementedError) and not isinstance(error, DomainError):
+            error = NotImplementedYet(f"{method.lstrip('/')} is not implemented yet in this OneCDP release",
+                                      reason="NOT_IMPLEMENTED_YET")
+        if isinstance(error, DomainError):
+            self._log(method, error.code.value, started, error.message)
+            context.abort_with_status(to_status(error, self._domain))
+        # grpc.RpcError raised by abort() itself, or by a handler that already set its status.
+        if isinstance(error, grpc.RpcError) or _is_abort(error):
+            raise error
+        log.exception("unhandled error in %s", method)
+        self._log(method, "INTERNAL", started, str(error))
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.lstrip('/')}; it has been logged")
+
+    @staticmethod
+    def _log(method: str, code: str, started: float, message: str = "") -> None:
+        level = logging.DEBUG if code == "OK" else logging.INFO
+        log.log(level, "rpc finished", extra={"rpc_method": method, "grpc_code": code,
+                                               "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
+                                               "detail": message})
+
+
+# grpc reports "no deadline" as a time remaining of about 9.2e18 seconds.
+_NO_DEADLINE_SECONDS = 1e12
+
+
+def _deadline_of(context: grpc.ServicerContext) -> float | None:
+    remaining: float | None = context.time_remaining()
+    return None if remaining is None or remaining >= _NO_DEADLINE_SECONDS else remaining
+
+
+def _is_abort(error: Exception) -> bool:
+    # grpc's ServicerContext.abort raises a bare Exception subclass after setting the status.
+    return type(error).__name__ == "_AbortError" or (type(error) is Exception and not error.args)
+
+
+def create_server(
+    registrations: Sequence[ServiceRegistration],
+    settings: GrpcSettings,
+    *,
+    port: int,
+    error_domain: str,
+    bind_host: str | None = None,
+) -> RunningServer:
+    """Build, bind and start a server; port 0 binds a free port (returned in RunningServer.port)."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Two servers on one port would silently split traffic; a clash must fail instead.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.grace_period_seconds * 1000)),
+    ]
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=f"{error_domain}-rpc"),
+        interceptors=[server_interceptor(), ErrorAndDeadlineInterceptor(error_domain)],  # type: ignore[no-untyped-call]
+        options=options,
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for registration in registrations:
+        registration.add_to_server(server)
+    names = tuple(registration.full_name for registration in registrations)
+    reflection.enable_server_reflection(
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    address = f"{bind_host or settings.bind_host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"could not bind {address}: is the port in use?")
+    server.start()
+    for name in ("", *names):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server=server, port=bound, health=health_servicer, service_names=names)
+
+
+def serve_until_signalled(running: RunningServer, grace_seconds: float) -> None:
+    """Block until SIGTERM/SIGINT, then shut down gracefully within `grace_seconds`."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("shutting down", extra={"signal": signal.Signals(signum).name, "grace_seconds": grace_seconds})
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    running.stop(grace_seconds).wait()
+    log.info("stopped")

@@ -1,0 +1,63 @@
+"""Test session fixtures: one real Cassandra per session, one keyspace prefix per test.
+
+The session uses the cluster named by CASSANDRA_CONTACT_POINTS when set; otherwise it reuses a node
+already answering on 127.0.0.1:9042, or starts one with the project's launcher (fast mode: no fsync)
+and stops it at the end. Tests isolate themselves by keyspace prefix, so they never see each other's
+rows and need no cleanup order.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from deploy import cassandra as launcher
+from shared.cassandra import CassandraSession, connect_cluster, open_session
+from shared.config import CassandraSettings, GrpcSettings
+
+
+@pytest.fixture(scope="session")
+def cassandra_base_settings() -> Iterator[CassandraSettings]:
+    if os.environ.get("CASSANDRA_CONTACT_POINTS"):
+        yield CassandraSettings()
+        return
+    started_here = not launcher.is_running()
+    ready_seconds = launcher.ensure_running(nodes=1, fast=True)
+    if ready_seconds is not None:
+        print(f"\nCassandra started for the test session, ready in {ready_seconds:.1f} s")
+    try:
+        yield CassandraSettings(contact_points=["127.0.0.1"])
+    finally:
+        if started_here:
+            launcher.stop()
+
+
+@pytest.fixture(scope="session")
+def admin_session(cassandra_base_settings: CassandraSettings) -> Iterator[CassandraSession]:
+    """A session without a keyspace, for test setup and inspection."""
+    cluster = connect_cluster(cassandra_base_settings)
+    try:
+        yield open_session(cluster, None, cassandra_base_settings.request_timeout_seconds)
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture
+def cassandra_settings(cassandra_base_settings: CassandraSettings,
+                       admin_session: CassandraSession) -> Iterator[CassandraSettings]:
+    """Settings with a keyspace prefix of this test's own; its keyspaces are dropped afterwards."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    yield cassandra_base_settings.model_copy(update={"keyspace_prefix": prefix})
+    rows = admin_session.execute("SELECT keyspace_name FROM system_schema.keyspaces")
+    for row in rows:
+        if row.keyspace_name.startswith(f"{prefix}_"):
+            admin_session.execute(f"DROP KEYSPACE IF EXISTS {row.keyspace_name}")
+
+
+@pytest.fixture
+def grpc_settings() -> GrpcSettings:
+    """gRPC settings for in-process servers: loopback only, short grace, text logs."""
+    return GrpcSettings(bind_host="127.0.0.1", grace_period_seconds=2.0, log_format="text")

@@ -1,0 +1,54 @@
+"""The Cassandra launcher: the config it writes, and the real node the test session runs on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deploy import cassandra as launcher
+from shared.cassandra import CassandraSession
+
+
+@pytest.mark.unit
+def test_three_node_cluster_has_balanced_tokens_on_distinct_loopback_addresses() -> None:
+    nodes = launcher.nodes_of(3)
+    assert [node.address for node in nodes] == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    tokens = [node.initial_token for node in nodes]
+    assert tokens == sorted(tokens) and tokens[0] == -(2**63)
+    gaps = {b - a for a, b in zip(tokens, [*tokens[1:], tokens[0] + 2**64], strict=True)}
+    assert max(gaps) - min(gaps) <= 2  # evenly spaced around the ring
+    homes = {node.home for node in nodes} | {launcher.Node(1, 1).home}
+    assert len(homes) == 4  # a 1-node data dir never joins the 3-node ring
+
+
+@pytest.mark.unit
+def test_node_config_is_yaml_cassandra_accepts() -> None:
+    config = launcher.node_config(launcher.Node(2, 3))
+    json.dumps(config)  # written as JSON, which SnakeYAML reads as YAML
+    assert config["listen_address"] == config["rpc_address"] == "127.0.0.2"
+    assert config["native_transport_port"] == 9042
+    assert config["seed_provider"][0]["parameters"][0]["seeds"] == "127.0.0.1:7000"  # type: ignore[index]
+    assert config["crypto_provider"] == [{"class_name": "org.apache.cassandra.security.JREProvider"}]
+    assert config["storage_compatibility_mode"] == "NONE"
+
+
+@pytest.mark.unit
+def test_fast_mode_flags_are_only_added_when_asked(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("ONECDP_CACHE_DIR", str(tmp_path))
+    (launcher.lib_dir()).mkdir(parents=True)
+    (launcher.lib_dir() / "jamm-0.4.0.jar").touch()
+    node = launcher.Node(1, 1)
+    safe = launcher.java_command(node, fast=False)
+    fast = launcher.java_command(node, fast=True)
+    assert "-Dcassandra.skip_sync=true" not in safe and "-Dcassandra.skip_sync=true" in fast
+    assert f"-javaagent:{launcher.lib_dir() / 'jamm-0.4.0.jar'}" in safe
+    assert "--add-opens=java.base/java.nio=ALL-UNNAMED" in safe
+    assert safe[-1] == "org.apache.cassandra.service.CassandraDaemon"
+
+
+@pytest.mark.integration
+def test_the_session_runs_on_a_real_cassandra_5(admin_session: CassandraSession) -> None:
+    row = admin_session.execute("SELECT release_version FROM system.local").one()
+    major, minor, patch = (int(part) for part in row.release_version.split(".")[:3])
+    assert (major, minor) == (5, 0) and patch >= 5

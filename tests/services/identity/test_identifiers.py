@@ -1,0 +1,74 @@
+"""Identifier normalization and junk recognition (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.identity.identifiers import (
+    BUILT_IN_TYPES,
+    GuardPolicy,
+    IdentifierRegistry,
+    IdentifierType,
+    InvalidIdentifierValue,
+    Normalization,
+)
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(("type_name", "raw", "normalized"), [
+    ("email", "  Ada.Lovelace@Example.COM ", "ada.lovelace@example.com"),
+    ("phone", "+86 138 0013 8000", "+8613800138000"),
+    ("phone", "+1 (415) 555-2671", "+14155552671"),
+    ("device_id", "6d92078a-8246-4ba4-ae5b-76104861e7dc", "6D92078A-8246-4BA4-AE5B-76104861E7DC"),
+    ("device_id", "6D92078A82464BA4AE5B76104861E7DC", "6D92078A-8246-4BA4-AE5B-76104861E7DC"),
+    ("device_id", "9774d56d682e549c", "9774D56D682E549C"),
+    ("cookie", " ajs_anon_Ab12 ", "ajs_anon_Ab12"),
+    ("wechat_openid", "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o", "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"),
+    ("account_id", "\uff21\uff22\uff23123", "ABC123"),  # full-width forms fold to ASCII (NFKC)
+])
+def test_values_are_normalized_before_comparison(type_name: str, raw: str, normalized: str) -> None:
+    assert IdentifierRegistry().normalize(type_name, raw) == normalized
+
+
+@pytest.mark.parametrize(("type_name", "raw", "message"), [
+    ("email", "ada-at-example.com", "not an email address"),
+    ("email", "ada@localhost", "not an email address"),
+    ("phone", "13800138000", r"need a \+country prefix"),
+    ("phone", "+1 12", "not a possible phone number"),
+    ("device_id", "not a device id!", "not a device id"),
+    ("cookie", "   ", "must not be empty"),
+    ("cookie", "x" * 513, "at most 512 bytes"),
+    ("loyalty_card", "123", "unknown identifier type 'loyalty_card'"),
+])
+def test_malformed_values_are_refused_with_a_reason(type_name: str, raw: str, message: str) -> None:
+    with pytest.raises(InvalidIdentifierValue, match=message):
+        IdentifierRegistry().normalize(type_name, raw)
+
+
+def test_national_phone_numbers_use_the_configured_region() -> None:
+    assert IdentifierRegistry(default_phone_region="CN").normalize("phone", "138 0013 8000") == "+8613800138000"
+
+
+def test_custom_types_join_the_built_in_ones() -> None:
+    loyalty = IdentifierType("loyalty_card", Normalization.LOWERCASE, "Loyalty card", 140, max_per_person=1)
+    registry = IdentifierRegistry([loyalty])
+    assert registry.normalize("loyalty_card", " LC-001 ") == "lc-001"
+    assert {t.type for t in registry.all()} == {*BUILT_IN_TYPES, "loyalty_card"}
+    with pytest.raises(ValueError, match="lower_snake_case"):
+        IdentifierType("Loyalty Card", Normalization.EXACT)
+
+
+@pytest.mark.parametrize(("type_name", "normalized", "junk"), [
+    ("cookie", "undefined", True),
+    ("account_id", "NULL", True),
+    ("account_id", "-1", True),
+    ("device_id", "00000000-0000-0000-0000-000000000000", True),
+    ("account_id", "aaaaaaaa", True),
+    ("email", "test@example.com", True),
+    ("account_id", "u_1024", False),
+    ("email", "ada@example.com", False),
+    ("device_id", "6D92078A-8246-4BA4-AE5B-76104861E7DC", False),
+])
+def test_junk_values_are_recognised(type_name: str, normalized: str, junk: bool) -> None:
+    assert GuardPolicy().is_junk(BUILT_IN_TYPES[type_name], normalized) is junk
