@@ -327,7 +327,10 @@ class IdentityGraph:
                 if key in junk or key in shared:
                     continue
                 frontier.update(n for n in component.neighbours[key] if not self._is_junk(n))
-            new_persons = {component.person_of[k] for k in batch} - loaded_persons - {None}
+            # Origin persons too: a group may only take back its original person id if that person is
+            # not still held by others, and that is only known when the origin's members are loaded.
+            new_persons = ({component.person_of[k] for k in batch} | {component.origin_of[k] for k in batch}
+                           ) - loaded_persons - {None}
             for person_id in sorted(p for p in new_persons if p):
                 loaded_persons.add(person_id)
                 frontier.update(IdKey(r.id_type, r.id_value) for r in self._session.execute(

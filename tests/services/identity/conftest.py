@@ -1,0 +1,61 @@
+"""An identity service per test, in process, on a free port, against the test's own keyspace."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from onecdp.common.v1 import common_pb2
+from onecdp.identity.v1 import identity_service_pb2 as pb
+from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
+
+from services.identity.server import DEFINITION
+from shared.config import CassandraSettings, GrpcSettings
+from shared.runner import RunningService, start_service
+
+_message_ids = itertools.count()
+
+
+@pytest.fixture
+def identity_service(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings) -> Iterator[RunningService]:
+    service = start_service(DEFINITION, grpc_settings, cassandra_settings, port=0)
+    try:
+        yield service
+    finally:
+        service.stop(None)
+
+
+@pytest.fixture
+def identity(identity_service: RunningService) -> Iterator[pb_grpc.IdentityServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{identity_service.port}") as channel:
+        yield pb_grpc.IdentityServiceStub(channel)
+
+
+def ids(*pairs: str) -> list[common_pb2.Identifier]:
+    """`ids("email:a@b.c", "cookie:x")` -> Identifier messages."""
+    result = []
+    for pair in pairs:
+        type_name, value = pair.split(":", 1)
+        result.append(common_pb2.Identifier(type=type_name, value=value))
+    return result
+
+
+def observation(*pairs: str, message_id: str | None = None, source: str = "test") -> pb.Observation:
+    return pb.Observation(identifiers=ids(*pairs), provenance=pb.Provenance(
+        message_id=message_id or f"m{next(_message_ids)}", source=source))
+
+
+def link(stub: pb_grpc.IdentityServiceStub, *observations: pb.Observation) -> list[pb.LinkResult]:
+    return list(stub.LinkIdentifiers(pb.LinkIdentifiersRequest(observations=observations), timeout=30).results)
+
+
+def person_of(stub: pb_grpc.IdentityServiceStub, pair: str) -> pb.Person:
+    (identifier,) = ids(pair)
+    return stub.LookupPerson(pb.LookupPersonRequest(person=common_pb2.PersonSelector(identifier=identifier)),
+                             timeout=10)
+
+
+def members(person: pb.Person) -> set[str]:
+    return {f"{i.type}:{i.value}" for i in person.identifiers}
