@@ -21,6 +21,7 @@ overwrites from the edge log; its leases expire after 30 s.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import secrets
 import time
@@ -29,10 +30,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
 
+from services.identity import feed
+from services.identity.feed import Change, ChangeType
 from services.identity.identifiers import GuardPolicy, IdentifierRegistry, InvalidIdentifierValue
 from services.identity.partition import IdKey, Partition, partition, shared_identifiers
 from shared import deadline
@@ -52,13 +55,6 @@ class GuardKind(IntEnum):
     SHARED_IDENTIFIER = 2
     TYPE_LIMIT = 3
     ERASED = 4
-
-
-class ChangeType(IntEnum):
-    # Values match onecdp.identity.v1.IdentityChangeType.
-    MERGE = 1
-    SPLIT = 2
-    ERASE = 3
 
 
 @dataclass(frozen=True)
@@ -95,6 +91,37 @@ class LinkOutcome:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    message_id: str
+    source: str
+    source_kind: int
+    event_time: datetime | None
+
+
+@dataclass(frozen=True)
+class Retraction:
+    person_ids: list[str]
+    change: Change | None
+
+
+@dataclass(frozen=True)
+class Erasure:
+    person_id: str
+    identifier_count: int
+    link_count: int
+    change: Change
+
+
+@dataclass(frozen=True)
+class IdentifierDetails:
+    identifier: IdKey
+    first_seen: datetime | None
+    last_seen: datetime | None
+    observation_count: int
+    guard: GuardKind | None
+
+
+@dataclass(frozen=True)
 class Person:
     person_id: str
     identifiers: list[IdKey]
@@ -125,6 +152,7 @@ class _Reconciled:
     partition: Partition
     group_ids: list[str]
     merged_into: dict[str, str]  # person merged away -> survivor
+    changes: list[Change] = field(default_factory=list)
 
 
 def new_person_id() -> str:
@@ -136,6 +164,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    # The driver returns naive datetimes in UTC.
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
 class IdentityGraph:
     def __init__(self, session: CassandraSession, registry: IdentifierRegistry | None = None,
                  policy: GuardPolicy | None = None, *, workers: int = 8) -> None:
@@ -144,6 +177,7 @@ class IdentityGraph:
         self.policy = policy or GuardPolicy()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="identity-reconcile")
         self._owner = uuid.uuid4().hex
+        self._tombstone_salt: bytes | None = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -183,6 +217,17 @@ class IdentityGraph:
         """Apply observations in order; one outcome per observation."""
         normalized = self.normalize_observations(observations)
         outcomes = [LinkOutcome(normalized=keys) for keys in normalized]
+        erased = self._tombstoned({k for keys in normalized for k in keys})
+        if erased:
+            # Identifiers of erased persons are not linked again: a late or replayed event must not
+            # bring back what a privacy request removed.
+            for index, keys in enumerate(normalized):
+                for key in keys:
+                    if key in erased:
+                        outcomes[index].guard_decisions.append(GuardDecision(
+                            key, GuardKind.ERASED, f"{key.type} was erased by a privacy request; "
+                            "DeleteErasureTombstone allows it again"))
+                normalized[index] = [k for k in keys if k not in erased]
         known = self._known_observations([o.evidence.message_id for o in observations])
         pending: list[int] = []
         for index, observation in enumerate(observations):
@@ -193,8 +238,10 @@ class IdentityGraph:
         # Observations in one call that share identifiers are reconciled together, in one component.
         seed_groups = _group_by_shared_identifiers([normalized[i] for i in pending])
         self._append_evidence([(normalized[i], observations[i].evidence) for i in pending])
+        seed_groups = [g for g in seed_groups if any(normalized[pending[i]] for i in g)]
         futures = [self._pool.submit(self._reconcile_with_deadline, deadline.remaining(),
-                                     {k for g in group for k in normalized[pending[g]]})
+                                     {k for g in group for k in normalized[pending[g]]},
+                                     f"observation {observations[pending[group[0]]].evidence.message_id}")
                    for group in seed_groups]
         results: dict[int, _Reconciled] = {}
         for group, future in zip(seed_groups, futures, strict=True):
@@ -209,9 +256,9 @@ class IdentityGraph:
                 self._describe_duplicate(outcome)
         return outcomes
 
-    def _reconcile_with_deadline(self, seconds: float | None, seeds: set[IdKey]) -> _Reconciled:
+    def _reconcile_with_deadline(self, seconds: float | None, seeds: set[IdKey], reason: str) -> _Reconciled:
         with deadline.deadline_after(seconds):
-            return self.reconcile(seeds)
+            return self.reconcile(seeds, reason)
 
     def _known_observations(self, message_ids: Iterable[str]) -> set[str]:
         futures = {m: self._session.execute_async("SELECT message_id FROM observations WHERE message_id = ?", (m,))
@@ -221,11 +268,11 @@ class IdentityGraph:
     def _append_evidence(self, items: Sequence[tuple[list[IdKey], Evidence]]) -> None:
         recorded = _now()
         rows = []
-        seen_rows = []
+        sightings = []
         for keys, evidence in items:
             event_time = evidence.event_time or recorded
             for a in keys:
-                seen_rows.append((event_time, a.type, a.value))
+                sightings.append((a.type, a.value, evidence.message_id, event_time))
                 for b in keys:
                     if a != b:
                         rows.append((a.type, a.value, b.type, b.value, evidence.message_id, evidence.source,
@@ -233,8 +280,9 @@ class IdentityGraph:
         self._session.execute_many(
             "INSERT INTO links (id_type, id_value, other_type, other_value, message_id, source, source_kind, "
             "event_time, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        self._session.execute_many("UPDATE identifiers SET last_seen = ? WHERE id_type = ? AND id_value = ?",
-                                   seen_rows)
+        self._session.execute_many(
+            "INSERT INTO identifier_sightings (id_type, id_value, message_id, event_time) VALUES (?, ?, ?, ?)",
+            sightings)
 
     def _record_observations(self, items: Sequence[tuple[list[IdKey], Evidence]]) -> None:
         recorded = _now()
@@ -245,7 +293,7 @@ class IdentityGraph:
               recorded) for keys, e in items])
 
     def _describe_duplicate(self, outcome: LinkOutcome) -> None:
-        persons = self._persons_of(outcome.normalized)
+        persons = self.persons_of(outcome.normalized)
         ids = sorted({p for p in persons.values() if p})
         outcome.person_ids = ids
         best = _strongest([k for k in outcome.normalized if persons.get(k)], self.registry)
@@ -253,7 +301,7 @@ class IdentityGraph:
 
     # ---- reconciliation ---------------------------------------------------------------------------
 
-    def reconcile(self, seeds: set[IdKey]) -> _Reconciled:
+    def reconcile(self, seeds: set[IdKey], reason: str = "") -> _Reconciled:
         """Recompute the persons of the component around `seeds` under leases (see the module doc)."""
         give_up = time.monotonic() + min(LEASE_WAIT_SECONDS, deadline.remaining() or LEASE_WAIT_SECONDS)
         attempt = 0
@@ -264,7 +312,7 @@ class IdentityGraph:
                 try:
                     component = self._load_component(seeds)
                     if component.lease_keys() <= set(keys):
-                        return self._rewrite(component)
+                        return self._rewrite(component, reason)
                 finally:
                     self._release(keys)
             attempt += 1
@@ -345,7 +393,7 @@ class IdentityGraph:
     def _shared_among(self, batch: Sequence[IdKey], component: _Component, junk: set[IdKey]) -> set[IdKey]:
         return set(shared_identifiers({k: component.neighbours[k] for k in batch}, self.policy, junk))
 
-    def _rewrite(self, component: _Component) -> _Reconciled:
+    def _rewrite(self, component: _Component, reason: str) -> _Reconciled:
         result = partition(component.nodes, component.links(), self.registry, self.policy,
                            neighbours=component.neighbours)
         group_ids = self._assign_person_ids(result, component)
@@ -386,8 +434,8 @@ class IdentityGraph:
                 # The survivor is where most of its identifiers went (ties: the oldest id).
                 merged_into[old] = min(set(targets), key=lambda t: (-targets.count(t), t))
         self._write_persons(group_ids, component, merged_into, now)
-        self._record_changes(old_persons, group_ids, merged_into, members_by_old)
-        return _Reconciled(result, group_ids, merged_into)
+        changes = self._record_changes(old_persons, merged_into, members_by_old, reason)
+        return _Reconciled(result, group_ids, merged_into, changes)
 
     def _assign_person_ids(self, result: Partition, component: _Component) -> list[str]:
         def rank(group: frozenset[IdKey]) -> tuple[int, IdKey]:
@@ -431,32 +479,207 @@ class IdentityGraph:
         for future in futures:
             self._session.result(future)
 
-    def _record_changes(self, old_persons: set[str], group_ids: list[str], merged_into: dict[str, str],
-                        members_by_old: dict[str, list[str]]) -> None:
-        changes = []
+    def _record_changes(self, old_persons: set[str], merged_into: dict[str, str],
+                        members_by_old: dict[str, list[str]], reason: str) -> list[Change]:
+        changes: list[tuple[ChangeType, list[str], list[str], str]] = []
         survivors: dict[str, list[str]] = defaultdict(list)
         for loser, winner in merged_into.items():
             survivors[winner].append(loser)
         for winner, losers in sorted(survivors.items()):
-            changes.append((ChangeType.MERGE, [winner, *sorted(losers)], [winner], "merged by new evidence"))
+            changes.append((ChangeType.MERGE, [winner, *sorted(losers)], [winner], reason or "merged by new evidence"))
         for old in sorted(old_persons):
             destinations = sorted(set(members_by_old.get(old, [])))
             if len(destinations) > 1:
                 ordered = [old, *[d for d in destinations if d != old]] if old in destinations else destinations
-                changes.append((ChangeType.SPLIT, [old], ordered, "split by guards recomputed from the edge log"))
-        for change_type, sources, results, reason in changes:
-            self.record_change(change_type, sources, results, reason)
+                changes.append((ChangeType.SPLIT, [old], ordered,
+                                reason or "split: guards recomputed from the edge log"))
+        return [feed.record(self._session, *change) for change in changes]
 
-    def record_change(self, change_type: ChangeType, sources: list[str], results: list[str], reason: str) -> None:
-        change_id = uuid.uuid1()
-        self._session.execute(
-            "INSERT INTO changes (bucket, change_id, change_type, source_person_ids, result_person_ids, reason) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (_bucket_of(change_id), change_id, int(change_type), sources, results, reason))
+    # ---- erasure tombstones ----------------------------------------------------------------------
+
+    def _salt(self) -> bytes:
+        if self._tombstone_salt is None:
+            # One random salt per deployment, created once (compare-and-set) and shared by every process.
+            self._session.execute("INSERT INTO settings (name, document) VALUES (?, ?) IF NOT EXISTS",
+                                  ("erasure_salt", secrets.token_hex(32)))
+            row = self._session.execute("SELECT document FROM settings WHERE name = ?", ("erasure_salt",),
+                                        consistency=SERIAL_CONSISTENCY).one()
+            self._tombstone_salt = bytes.fromhex(row.document)
+        return self._tombstone_salt
+
+    def tombstone_hash(self, key: IdKey) -> str:
+        return hashlib.sha256(self._salt() + f"{key.type}\x00{key.value}".encode()).hexdigest()
+
+    def _tombstoned(self, keys: set[IdKey]) -> set[IdKey]:
+        if not keys:
+            return set()
+        futures = {k: self._session.execute_async("SELECT erase_time FROM erasure_tombstones WHERE identifier_hash = ?",
+                                                  (self.tombstone_hash(k),)) for k in keys}
+        return {k for k, f in futures.items() if self._session.result(f).one() is not None}
+
+    def delete_tombstone(self, key: IdKey) -> None:
+        digest = self.tombstone_hash(key)
+        if self._session.execute("SELECT erase_time FROM erasure_tombstones WHERE identifier_hash = ?",
+                                 (digest,)).one() is None:
+            raise NotFound(f"{key.type} {key.value!r} has no erasure tombstone", reason="TOMBSTONE_NOT_FOUND")
+        self._session.execute("DELETE FROM erasure_tombstones WHERE identifier_hash = ?", (digest,))
+
+    # ---- retracting evidence ----------------------------------------------------------------------
+
+    def unlink_pair(self, a: IdKey, b: IdKey, reason: str) -> Retraction:
+        """Retract every observed link between `a` and `b`, then recompute their component."""
+        if self._session.execute(
+                "SELECT message_id FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? "
+                "AND other_value = ? LIMIT 1", (a.type, a.value, b.type, b.value)).one() is None:
+            raise NotFound(f"{a} and {b} were never observed together", reason="LINK_NOT_FOUND")
+        self._delete_pair_links([(a, b), (b, a)])
+        return self._recompute_after_retraction({a, b}, reason or f"unlink {a} - {b}")
+
+    def unlink_message(self, message_id: str, reason: str) -> Retraction:
+        """Retract every link one observation made; replaying that observation stays a no-op."""
+        row = self._session.execute("SELECT identifiers, retracted FROM observations WHERE message_id = ?",
+                                    (message_id,)).one()
+        if row is None or row.retracted:
+            raise NotFound(f"no linked observation with message_id {message_id!r} (never seen, retracted or erased)",
+                           reason="OBSERVATION_NOT_FOUND")
+        keys = [IdKey(t, v) for t, v in row.identifiers]
+        self._session.execute_many(
+            "DELETE FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? AND other_value = ? "
+            "AND message_id = ?",
+            [(a.type, a.value, b.type, b.value, message_id) for a in keys for b in keys if a != b])
+        self._session.execute_many(
+            "DELETE FROM identifier_sightings WHERE id_type = ? AND id_value = ? AND message_id = ?",
+            [(k.type, k.value, message_id) for k in keys])
+        self._session.execute("UPDATE observations SET retracted = true WHERE message_id = ?", (message_id,))
+        return self._recompute_after_retraction(set(keys), reason or f"unlink observation {message_id}")
+
+    def unlink_identifier(self, key: IdKey, reason: str) -> Retraction:
+        """Detach an identifier from everything it was linked with."""
+        others = self.neighbours_of(key)
+        if not others and self.persons_of([key])[key] is None:
+            raise NotFound(f"no identifier {key}", reason="IDENTIFIER_NOT_FOUND")
+        self._delete_pair_links([(o, key) for o in others])
+        self._session.execute("DELETE FROM links WHERE id_type = ? AND id_value = ?", (key.type, key.value))
+        return self._recompute_after_retraction({key, *others}, reason or f"unlink identifier {key}")
+
+    def neighbours_of(self, key: IdKey) -> set[IdKey]:
+        return {IdKey(r.other_type, r.other_value) for r in self._session.execute(
+            "SELECT other_type, other_value FROM links WHERE id_type = ? AND id_value = ?", (key.type, key.value))}
+
+    def _delete_pair_links(self, pairs: Sequence[tuple[IdKey, IdKey]]) -> None:
+        self._session.execute_many(
+            "DELETE FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? AND other_value = ?",
+            [(a.type, a.value, b.type, b.value) for a, b in pairs])
+
+    def _recompute_after_retraction(self, seeds: set[IdKey], reason: str) -> Retraction:
+        reconciled = self.reconcile(seeds, reason)
+        group_of = reconciled.partition.group_of()
+        person_ids = sorted({reconciled.group_ids[group_of[k]] for k in seeds if k in group_of})
+        splits = [c for c in reconciled.changes if c.change_type == ChangeType.SPLIT]
+        return Retraction(person_ids, splits[0] if splits else None)
+
+    # ---- erasure ---------------------------------------------------------------------------------
+
+    def erase(self, person_id: str, *, allow_relink: bool, reason: str) -> Erasure:
+        """Delete a person's identifiers, links and provenance; tombstone the identifiers unless allowed."""
+        person = self.get_person(person_id)
+        lease = [f"p:{person.person_id}"]
+        give_up = time.monotonic() + LEASE_WAIT_SECONDS
+        while not self._acquire(lease):
+            if time.monotonic() > give_up:
+                raise Unavailable("the person is being changed by another writer; retry the call",
+                                  reason="COMPONENT_CONTENDED")
+            time.sleep(0.05 * random.uniform(0.5, 1.5))
+        try:
+            members = [IdKey(r.id_type, r.id_value) for r in self._session.execute(
+                "SELECT id_type, id_value FROM person_identifiers WHERE person_id = ?", (person.person_id,))]
+            now = _now()
+            if not allow_relink:
+                # Tombstones first: from here on, no observation can bring these identifiers back.
+                self._session.execute_many(
+                    "INSERT INTO erasure_tombstones (identifier_hash, erase_time) VALUES (?, ?)",
+                    [(self.tombstone_hash(k), now) for k in members])
+            outside: set[IdKey] = set()
+            link_count = 0
+            message_ids: set[str] = set()
+            member_set = set(members)
+            for key in members:
+                others = self.neighbours_of(key)
+                link_count += len(others)
+                outside |= others - member_set
+                self._delete_pair_links([(o, key) for o in others])
+                message_ids |= {r.message_id for r in self._session.execute(
+                    "SELECT message_id FROM identifier_sightings WHERE id_type = ? AND id_value = ?",
+                    (key.type, key.value))}
+                self._session.execute("DELETE FROM links WHERE id_type = ? AND id_value = ?", (key.type, key.value))
+                self._session.execute("DELETE FROM identifier_sightings WHERE id_type = ? AND id_value = ?",
+                                      (key.type, key.value))
+                self._session.execute("DELETE FROM identifiers WHERE id_type = ? AND id_value = ?",
+                                      (key.type, key.value))
+            self._session.execute_many("DELETE FROM observations WHERE message_id = ?", [(m,) for m in message_ids])
+            self._session.execute("DELETE FROM person_identifiers WHERE person_id = ?", (person.person_id,))
+            self._session.execute("UPDATE persons SET erased = true, merged_into = null, update_time = ? "
+                                  "WHERE person_id = ?", (now, person.person_id))
+            change = feed.record(self._session, ChangeType.ERASE, [person.person_id], [],
+                                 reason or "erased by a privacy request")
+        finally:
+            self._release(lease)
+        if outside:
+            # Identifiers that were linked to the erased ones may now count fewer neighbours (a device
+            # no longer shared): recompute them from what evidence remains.
+            self.reconcile(outside, f"neighbours of erased person {person.person_id}")
+        return Erasure(person.person_id, len(members), link_count, change)
+
+    # ---- idempotent requests ---------------------------------------------------------------------
+
+    def recall_request(self, request_id: str) -> str | None:
+        """The stored result of an already applied request id, if any."""
+        if not request_id:
+            return None
+        row = self._session.execute("SELECT result FROM applied_requests WHERE request_id = ?", (request_id,)).one()
+        return row.result if row else None
+
+    def remember_request(self, request_id: str, result: str) -> None:
+        if request_id:
+            self._session.execute("INSERT INTO applied_requests (request_id, result, applied_at) VALUES (?, ?, ?)",
+                                  (request_id, result, _now()))
 
     # ---- reading ----------------------------------------------------------------------------------
 
-    def _persons_of(self, keys: Iterable[IdKey]) -> dict[IdKey, str | None]:
+    def person_members(self, person_id: str) -> list[IdKey]:
+        if not person_id:
+            return []
+        return [IdKey(r.id_type, r.id_value) for r in self._session.execute(
+            "SELECT id_type, id_value FROM person_identifiers WHERE person_id = ?", (person_id,))]
+
+    def link_provenance(self, a: IdKey, b: IdKey) -> list[Provenance]:
+        return [Provenance(r.message_id, r.source or "", r.source_kind or 0, _utc(r.event_time))
+                for r in self._session.execute(
+                    "SELECT message_id, source, source_kind, event_time FROM links WHERE id_type = ? AND id_value = ? "
+                    "AND other_type = ? AND other_value = ? LIMIT 100", (a.type, a.value, b.type, b.value))]
+
+    def tombstoned(self, keys: set[IdKey]) -> set[IdKey]:
+        return self._tombstoned(keys)
+
+    def identifier_details(self, keys: Sequence[IdKey]) -> list[IdentifierDetails]:
+        """First/last seen, observation count and guard of each identifier, in the order given."""
+        futures = [(self._session.execute_async(
+                        "SELECT min(event_time) AS first_seen, max(event_time) AS last_seen, count(*) AS sightings "
+                        "FROM identifier_sightings WHERE id_type = ? AND id_value = ?", (k.type, k.value)),
+                    self._session.execute_async("SELECT guard FROM identifiers WHERE id_type = ? AND id_value = ?",
+                                                (k.type, k.value))) for k in keys]
+        details = []
+        for key, (sightings_future, identifier_future) in zip(keys, futures, strict=True):
+            sightings = self._session.result(sightings_future).one()
+            identifier = self._session.result(identifier_future).one()
+            stored_guard: str = (identifier.guard if identifier else None) or ""
+            guard = {"junk": GuardKind.BLOCKED_VALUE, "shared": GuardKind.SHARED_IDENTIFIER}.get(stored_guard)
+            details.append(IdentifierDetails(key, _utc(sightings.first_seen), _utc(sightings.last_seen),
+                                             int(sightings.sightings or 0), guard))
+        return details
+
+
+    def persons_of(self, keys: Iterable[IdKey]) -> dict[IdKey, str | None]:
         futures = {k: self._session.execute_async(
             "SELECT person_id FROM identifiers WHERE id_type = ? AND id_value = ?", (k.type, k.value)) for k in keys}
         result: dict[IdKey, str | None] = {}
@@ -476,7 +699,7 @@ class IdentityGraph:
 
     def person_of_identifier(self, type_name: str, value: str, field_path: str = "identifier") -> str:
         key = self.normalize_one(type_name, value, field_path)
-        person_id = self._persons_of([key])[key]
+        person_id = self.persons_of([key])[key]
         if not person_id:
             raise NotFound(f"no person holds {key.type} {value!r}", reason="PERSON_NOT_FOUND",
                            metadata={"identifier_type": key.type})
@@ -555,10 +778,3 @@ def _group_by_shared_identifiers(observations: Sequence[list[IdKey]]) -> list[li
     for index in range(len(observations)):
         groups[find(index)].append(index)
     return list(groups.values())
-
-
-def _bucket_of(change_id: uuid.UUID) -> date:
-    seconds = (change_id.time - 0x01B21DD213814000) / 1e7
-    return datetime.fromtimestamp(seconds, UTC).date()
-
-

@@ -6,23 +6,41 @@ the shared interceptor names the method in that message, so nothing pretends to 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from datetime import UTC
 from functools import partial
 
 import grpc
+from google.protobuf import empty_pb2
 from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
-from services.identity.graph import Evidence, GuardDecision, IdentityGraph, LinkOutcome, Person, RawObservation
+from services.identity import feed
+from services.identity.explain import explain
+from services.identity.feed import Change
+from services.identity.graph import (
+    Evidence,
+    GuardDecision,
+    IdentifierDetails,
+    IdentityGraph,
+    LinkOutcome,
+    Person,
+    Provenance,
+    RawObservation,
+)
 from services.identity.identifiers import IdentifierType
 from services.identity.partition import IdKey
+from shared.cassandra import CassandraSession
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IdentityService"].full_name
 MAX_LOOKUPS = 1000
+MAX_REASON_LENGTH = 512
+WATCH_POLL_SECONDS = 0.2
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
@@ -64,6 +82,38 @@ def _person(person: Person, identifier_limit: int = 100) -> pb.Person:
     return message
 
 
+def _provenance(provenance: Provenance) -> pb.Provenance:
+    message = pb.Provenance(message_id=provenance.message_id, source=provenance.source,
+                            source_kind=common_pb2.SourceKind.ValueType(provenance.source_kind))
+    if provenance.event_time:
+        message.event_time.FromDatetime(provenance.event_time)
+    return message
+
+
+def _person_identifier(details: IdentifierDetails) -> pb.PersonIdentifier:
+    message = pb.PersonIdentifier(identifier=_identifier(details.identifier),
+                                  observation_count=details.observation_count,
+                                  guard=pb.GuardKind.ValueType(details.guard or 0))
+    if details.first_seen:
+        message.first_seen_time.FromDatetime(details.first_seen)
+    if details.last_seen:
+        message.last_seen_time.FromDatetime(details.last_seen)
+    return message
+
+
+def _change(change: Change) -> pb.IdentityChange:
+    message = pb.IdentityChange(cursor=change.cursor, type=pb.IdentityChangeType.ValueType(change.change_type),
+                                source_person_ids=change.source_person_ids,
+                                result_person_ids=change.result_person_ids, reason=change.reason)
+    message.change_time.FromDatetime(change.change_time)
+    return message
+
+
+def _check_reason(reason: str) -> None:
+    if len(reason) > MAX_REASON_LENGTH:
+        raise InvalidArgument.for_field("reason", f"at most {MAX_REASON_LENGTH} characters", reason="REASON_TOO_LONG")
+
+
 def _identifier_type(identifier_type: IdentifierType) -> pb.IdentifierType:
     return pb.IdentifierType(
         name=f"identifierTypes/{identifier_type.type}", type=identifier_type.type,
@@ -76,8 +126,9 @@ def _identifier_type(identifier_type: IdentifierType) -> pb.IdentifierType:
 
 
 class IdentityServicer(pb_grpc.IdentityServiceServicer):
-    def __init__(self, graph: IdentityGraph) -> None:
+    def __init__(self, graph: IdentityGraph, session: CassandraSession) -> None:
         self._graph = graph
+        self._session = session
 
     def LinkIdentifiers(self, request: pb.LinkIdentifiersRequest,
                         context: grpc.ServicerContext) -> pb.LinkIdentifiersResponse:
@@ -101,6 +152,88 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
             else:
                 results.append(pb.PersonLookupResult(found=True, person=_person(person)))
         return pb.BatchLookupPersonsResponse(results=results)
+
+    def ListPersonIdentifiers(self, request: pb.ListPersonIdentifiersRequest,
+                              context: grpc.ServicerContext) -> pb.ListPersonIdentifiersResponse:
+        if not request.person_id:
+            raise InvalidArgument.for_field("person_id", "required", reason="PERSON_ID_REQUIRED")
+        members = sorted(self._graph.get_person(request.person_id).identifiers)
+        page_size = _page_size(request.page_size)
+        start = _page_start(request.page_token, len(members))
+        page = members[start:start + page_size]
+        next_token = str(start + page_size) if start + page_size < len(members) else ""
+        return pb.ListPersonIdentifiersResponse(
+            identifiers=[_person_identifier(d) for d in self._graph.identifier_details(page)],
+            next_page_token=next_token)
+
+    def ExplainLink(self, request: pb.ExplainLinkRequest, context: grpc.ServicerContext) -> pb.ExplainLinkResponse:
+        a = self._graph.normalize_one(request.a.type, request.a.value, "a")
+        b = self._graph.normalize_one(request.b.type, request.b.value, "b")
+        result = explain(self._graph, a, b)
+        return pb.ExplainLinkResponse(
+            same_person=result.same_person, person_id_a=result.person_a, person_id_b=result.person_b,
+            path=[pb.LinkStep(**{"from": _identifier(step.source)}, to=_identifier(step.target),
+                              evidence=[_provenance(p) for p in step.evidence]) for step in result.path],
+            blocking_guards=[_guard(d) for d in result.blocking_guards], summary=result.summary)
+
+    def UnlinkIdentifiers(self, request: pb.UnlinkIdentifiersRequest,
+                          context: grpc.ServicerContext) -> pb.UnlinkIdentifiersResponse:
+        _check_reason(request.reason)
+        if (stored := self._graph.recall_request(request.request_id)) is not None:
+            return pb.UnlinkIdentifiersResponse.FromString(bytes.fromhex(stored))
+        target = request.WhichOneof("target")
+        if target == "link":
+            retraction = self._graph.unlink_pair(
+                self._graph.normalize_one(request.link.a.type, request.link.a.value, "link.a"),
+                self._graph.normalize_one(request.link.b.type, request.link.b.value, "link.b"), request.reason)
+        elif target == "message_id":
+            retraction = self._graph.unlink_message(request.message_id, request.reason)
+        elif target == "identifier":
+            retraction = self._graph.unlink_identifier(
+                self._graph.normalize_one(request.identifier.type, request.identifier.value, "identifier"),
+                request.reason)
+        else:
+            raise InvalidArgument.for_field("target", "set exactly one of link, message_id or identifier",
+                                            reason="UNLINK_TARGET_REQUIRED")
+        response = pb.UnlinkIdentifiersResponse(person_ids=retraction.person_ids)
+        if retraction.change is not None:
+            response.change.CopyFrom(_change(retraction.change))
+        self._graph.remember_request(request.request_id, response.SerializeToString().hex())
+        return response
+
+    def ErasePerson(self, request: pb.ErasePersonRequest, context: grpc.ServicerContext) -> pb.ErasePersonResponse:
+        _check_reason(request.reason)
+        if (stored := self._graph.recall_request(request.request_id)) is not None:
+            return pb.ErasePersonResponse.FromString(bytes.fromhex(stored))
+        erasure = self._graph.erase(self._person_id(request.person, "person"), allow_relink=request.allow_relink,
+                                    reason=request.reason)
+        response = pb.ErasePersonResponse(person_id=erasure.person_id,
+                                          erased_identifier_count=erasure.identifier_count,
+                                          erased_link_count=erasure.link_count, change=_change(erasure.change))
+        self._graph.remember_request(request.request_id, response.SerializeToString().hex())
+        return response
+
+    def DeleteErasureTombstone(self, request: pb.DeleteErasureTombstoneRequest,
+                               context: grpc.ServicerContext) -> empty_pb2.Empty:
+        self._graph.delete_tombstone(
+            self._graph.normalize_one(request.identifier.type, request.identifier.value, "identifier"))
+        return empty_pb2.Empty()
+
+    def ListIdentityChanges(self, request: pb.ListIdentityChangesRequest,
+                            context: grpc.ServicerContext) -> pb.ListIdentityChangesResponse:
+        changes, cursor = feed.read(self._session, feed.parse_cursor(request.page_token),
+                                    _page_size(request.page_size))
+        return pb.ListIdentityChangesResponse(changes=[_change(c) for c in changes], next_page_token=str(cursor))
+
+    def WatchIdentityChanges(self, request: pb.WatchIdentityChangesRequest,
+                             context: grpc.ServicerContext) -> Iterator[pb.IdentityChange]:
+        cursor = feed.parse_cursor(request.cursor, "cursor")
+        while context.is_active():
+            changes, cursor = feed.read(self._session, cursor, MAX_PAGE_SIZE)
+            for change in changes:
+                yield _change(change)
+            if len(changes) < MAX_PAGE_SIZE:
+                time.sleep(WATCH_POLL_SECONDS)
 
     def ListIdentifierTypes(self, request: pb.ListIdentifierTypesRequest,
                             context: grpc.ServicerContext) -> pb.ListIdentifierTypesResponse:
@@ -150,7 +283,7 @@ def _page_start(token: str, total: int) -> int:
 def build(context: ServiceContext) -> list[ServiceRegistration]:
     graph = IdentityGraph(context.session)
     # Methods not built yet stay abstract in the typed stubs; at run time they answer UNIMPLEMENTED.
-    servicer = IdentityServicer(graph)  # type: ignore[abstract]
+    servicer = IdentityServicer(graph, context.session)  # type: ignore[abstract]
     return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_IdentityServiceServicer_to_server, servicer))]
 
 

@@ -53,8 +53,9 @@ def link(stub: pb_grpc.IdentityServiceStub, *observations: pb.Observation) -> li
 
 def person_of(stub: pb_grpc.IdentityServiceStub, pair: str) -> pb.Person:
     (identifier,) = ids(pair)
-    return stub.LookupPerson(pb.LookupPersonRequest(person=common_pb2.PersonSelector(identifier=identifier)),
-                             timeout=10)
+    person: pb.Person = stub.LookupPerson(
+        pb.LookupPersonRequest(person=common_pb2.PersonSelector(identifier=identifier)), timeout=10)
+    return person
 
 
 def members(person: pb.Person) -> set[str]:
