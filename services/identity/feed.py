@@ -20,6 +20,8 @@ from shared.errors import InvalidArgument
 SETTLE_SECONDS = 1.0
 FEED = 0
 _UUID_EPOCH_OFFSET = 0x01B21DD213814000  # 100-ns intervals between 1582-10-15 and 1970-01-01
+# The cursor before every change (a version-1 UUID at the UUID epoch), so a feed's token is never empty.
+FEED_START = uuid.UUID(fields=(0, 0, 0x1000, 0x80, 0, 0))
 
 
 class ChangeType(IntEnum):
@@ -98,7 +100,3 @@ def read(session: CassandraSession, after: uuid.UUID | None, limit: int,
         if len(changes) >= limit:
             break
     return changes, last or FEED_START
-
-
-# The cursor before every change (a version-1 UUID at the UUID epoch), so a feed's token is never empty.
-FEED_START = uuid.UUID(fields=(0, 0, 0x1000, 0x80, 0, 0))

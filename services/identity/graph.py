@@ -217,7 +217,7 @@ class IdentityGraph:
         """Apply observations in order; one outcome per observation."""
         normalized = self.normalize_observations(observations)
         outcomes = [LinkOutcome(normalized=keys) for keys in normalized]
-        erased = self._tombstoned({k for keys in normalized for k in keys})
+        erased = self.tombstoned({k for keys in normalized for k in keys})
         if erased:
             # Identifiers of erased persons are not linked again: a late or replayed event must not
             # bring back what a privacy request removed.
@@ -381,8 +381,7 @@ class IdentityGraph:
                            ) - loaded_persons - {None}
             for person_id in sorted(p for p in new_persons if p):
                 loaded_persons.add(person_id)
-                frontier.update(IdKey(r.id_type, r.id_value) for r in self._session.execute(
-                    "SELECT id_type, id_value FROM person_identifiers WHERE person_id = ?", (person_id,)))
+                frontier.update(self.person_members(person_id))
             frontier -= component.nodes
         return component
 
@@ -510,7 +509,7 @@ class IdentityGraph:
     def tombstone_hash(self, key: IdKey) -> str:
         return hashlib.sha256(self._salt() + f"{key.type}\x00{key.value}".encode()).hexdigest()
 
-    def _tombstoned(self, keys: set[IdKey]) -> set[IdKey]:
+    def tombstoned(self, keys: set[IdKey]) -> set[IdKey]:
         if not keys:
             return set()
         futures = {k: self._session.execute_async("SELECT erase_time FROM erasure_tombstones WHERE identifier_hash = ?",
@@ -591,8 +590,7 @@ class IdentityGraph:
                                   reason="COMPONENT_CONTENDED")
             time.sleep(0.05 * random.uniform(0.5, 1.5))
         try:
-            members = [IdKey(r.id_type, r.id_value) for r in self._session.execute(
-                "SELECT id_type, id_value FROM person_identifiers WHERE person_id = ?", (person.person_id,))]
+            members = self.person_members(person.person_id)
             now = _now()
             if not allow_relink:
                 # Tombstones first: from here on, no observation can bring these identifiers back.
@@ -658,9 +656,6 @@ class IdentityGraph:
                     "SELECT message_id, source, source_kind, event_time FROM links WHERE id_type = ? AND id_value = ? "
                     "AND other_type = ? AND other_value = ? LIMIT 100", (a.type, a.value, b.type, b.value))]
 
-    def tombstoned(self, keys: set[IdKey]) -> set[IdKey]:
-        return self._tombstoned(keys)
-
     def identifier_details(self, keys: Sequence[IdKey]) -> list[IdentifierDetails]:
         """First/last seen, observation count and guard of each identifier, in the order given."""
         futures = [(self._session.execute_async(
@@ -677,7 +672,6 @@ class IdentityGraph:
             details.append(IdentifierDetails(key, _utc(sightings.first_seen), _utc(sightings.last_seen),
                                              int(sightings.sightings or 0), guard))
         return details
-
 
     def persons_of(self, keys: Iterable[IdKey]) -> dict[IdKey, str | None]:
         futures = {k: self._session.execute_async(
@@ -718,8 +712,7 @@ class IdentityGraph:
             if not row.merged_into:
                 break
             current = row.merged_into
-        members = [IdKey(r.id_type, r.id_value) for r in self._session.execute(
-            "SELECT id_type, id_value FROM person_identifiers WHERE person_id = ?", (current,))]
+        members = self.person_members(current)
         return Person(person_id=current, identifiers=members, merged_person_ids=sorted(row.merged_from or ()),
                       redirected_from=requested if requested != current else "",
                       create_time=row.create_time, update_time=row.update_time)
