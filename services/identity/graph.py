@@ -176,7 +176,6 @@ class IdentityGraph:
         self.registry = registry or IdentifierRegistry()
         self.policy = policy or GuardPolicy()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="identity-reconcile")
-        self._owner = uuid.uuid4().hex
         self._tombstone_salt: bytes | None = None
 
     def close(self) -> None:
@@ -308,42 +307,49 @@ class IdentityGraph:
         while True:
             component = self._load_component(seeds)
             keys = sorted(component.lease_keys())
-            if self._acquire(keys):
+            owner = self._acquire(keys)
+            if owner is not None:
                 try:
                     component = self._load_component(seeds)
                     if component.lease_keys() <= set(keys):
                         return self._rewrite(component, reason)
                 finally:
-                    self._release(keys)
+                    self._release(keys, owner)
             attempt += 1
             if time.monotonic() > give_up:
                 raise Unavailable("the identity component is busy with other writers; retry the call",
                                   reason="COMPONENT_CONTENDED", metadata={"leases": str(len(keys))})
             time.sleep(min(0.5, 0.005 * 2 ** min(attempt, 7)) * random.uniform(0.5, 1.5))
 
-    def _acquire(self, keys: Sequence[str]) -> bool:
+    def _acquire(self, keys: Sequence[str]) -> str | None:
+        """Take every lease or none; returns the owner token to release them with.
+
+        The token is new for every acquisition, not per process: reconciliations run on many threads
+        of one process, and a shared token would let two of them hold the same lease at once.
+        """
+        owner = uuid.uuid4().hex
         taken: list[str] = []
         for key in keys:
-            if not self._try_lease(key):
-                self._release(taken)
-                return False
+            if not self._try_lease(key, owner):
+                self._release(taken, owner)
+                return None
             taken.append(key)
-        return True
+        return owner
 
-    def _try_lease(self, key: str) -> bool:
+    def _try_lease(self, key: str, owner: str) -> bool:
         try:
             row = self._session.execute("INSERT INTO locks (lock_key, owner) VALUES (?, ?) IF NOT EXISTS",
-                                        (key, self._owner)).one()
-            return bool(row.applied) or row.owner == self._owner
+                                        (key, owner)).one()
+            return bool(row.applied)
         except Unavailable:
             # A compare-and-set that timed out may still have been applied: read the outcome back at SERIAL.
             row = self._session.execute("SELECT owner FROM locks WHERE lock_key = ?", (key,),
                                         consistency=SERIAL_CONSISTENCY).one()
-            return row is not None and row.owner == self._owner
+            return row is not None and row.owner == owner
 
-    def _release(self, keys: Sequence[str]) -> None:
+    def _release(self, keys: Sequence[str], owner: str) -> None:
         for key in reversed(keys):
-            self._session.execute("DELETE FROM locks WHERE lock_key = ? IF owner = ?", (key, self._owner))
+            self._session.execute("DELETE FROM locks WHERE lock_key = ? IF owner = ?", (key, owner))
 
     def _load_component(self, seeds: Iterable[IdKey]) -> _Component:
         component = _Component()
@@ -584,7 +590,7 @@ class IdentityGraph:
         person = self.get_person(person_id)
         lease = [f"p:{person.person_id}"]
         give_up = time.monotonic() + LEASE_WAIT_SECONDS
-        while not self._acquire(lease):
+        while (owner := self._acquire(lease)) is None:
             if time.monotonic() > give_up:
                 raise Unavailable("the person is being changed by another writer; retry the call",
                                   reason="COMPONENT_CONTENDED")
@@ -621,7 +627,7 @@ class IdentityGraph:
             change = feed.record(self._session, ChangeType.ERASE, [person.person_id], [],
                                  reason or "erased by a privacy request")
         finally:
-            self._release(lease)
+            self._release(lease, owner)
         if outside:
             # Identifiers that were linked to the erased ones may now count fewer neighbours (a device
             # no longer shared): recompute them from what evidence remains.
