@@ -880,6 +880,7 @@ class GetProfileRequest(_message.Message):
 
     PERSON_FIELD_NUMBER: _builtins.int
     READ_MASK_FIELD_NUMBER: _builtins.int
+    AS_OF_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def person(self) -> _common_pb2.PersonSelector:
         """The person, by id or by any identifier."""
@@ -890,15 +891,22 @@ class GetProfileRequest(_message.Message):
         `traits.<name>` selects single traits.
         """
 
+    @_builtins.property
+    def as_of_time(self) -> _timestamp_pb2.Timestamp:
+        """Computes recency, the windows and the lifecycle stage as of this time, counting only events
+        at or before it (a point-in-time view, e.g. for historical data). Absent: now.
+        """
+
     def __init__(
         self,
         *,
         person: _common_pb2.PersonSelector | None = ...,
         read_mask: _field_mask_pb2.FieldMask | None = ...,
+        as_of_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["person", b"person", "read_mask", b"read_mask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "person", b"person", "read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["person", b"person", "read_mask", b"read_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "person", b"person", "read_mask", b"read_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -912,6 +920,7 @@ class BatchGetProfilesRequest(_message.Message):
 
     PERSONS_FIELD_NUMBER: _builtins.int
     READ_MASK_FIELD_NUMBER: _builtins.int
+    AS_OF_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def persons(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PersonSelector]:
         """The persons: 1-1,000."""
@@ -920,15 +929,20 @@ class BatchGetProfilesRequest(_message.Message):
     def read_mask(self) -> _field_mask_pb2.FieldMask:
         """As in GetProfileRequest."""
 
+    @_builtins.property
+    def as_of_time(self) -> _timestamp_pb2.Timestamp:
+        """As in GetProfileRequest."""
+
     def __init__(
         self,
         *,
         persons: _abc.Iterable[_common_pb2.PersonSelector] | None = ...,
         read_mask: _field_mask_pb2.FieldMask | None = ...,
+        as_of_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["read_mask", b"read_mask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["persons", b"persons", "read_mask", b"read_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "persons", b"persons", "read_mask", b"read_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1244,6 +1258,7 @@ class ScanProfilesRequest(_message.Message):
     EVENTS_START_TIME_FIELD_NUMBER: _builtins.int
     EVENTS_END_TIME_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    AS_OF_TIME_FIELD_NUMBER: _builtins.int
     shard: _builtins.str
     """A shard token from ListProfileShards."""
     include_events: _builtins.bool
@@ -1262,6 +1277,12 @@ class ScanProfilesRequest(_message.Message):
     def events_end_time(self) -> _timestamp_pb2.Timestamp:
         """Upper bound (exclusive) of included events. Absent: none."""
 
+    @_builtins.property
+    def as_of_time(self) -> _timestamp_pb2.Timestamp:
+        """Computes recency, the windows and the lifecycle stage as of this time, counting only events
+        at or before it (a point-in-time view, e.g. for historical data). Absent: now.
+        """
+
     def __init__(
         self,
         *,
@@ -1271,10 +1292,11 @@ class ScanProfilesRequest(_message.Message):
         events_start_time: _timestamp_pb2.Timestamp | None = ...,
         events_end_time: _timestamp_pb2.Timestamp | None = ...,
         batch_size: _builtins.int = ...,
+        as_of_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "read_mask", b"read_mask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "include_events", b"include_events", "read_mask", b"read_mask", "shard", b"shard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "batch_size", b"batch_size", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "include_events", b"include_events", "read_mask", b"read_mask", "shard", b"shard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
