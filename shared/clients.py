@@ -19,6 +19,7 @@ from onecdp.prediction.v1 import prediction_service_pb2, prediction_service_pb2_
 from onecdp.profile.v1 import profile_service_pb2, profile_service_pb2_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2, segmentation_service_pb2_grpc
 from opentelemetry.instrumentation.grpc import client_interceptor
+from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
 from shared.config import GrpcSettings
 
@@ -73,7 +74,10 @@ def open_channel(target: str, services: Iterable[ServiceDescriptor], settings: G
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ])
-    return grpc.intercept_channel(channel, client_interceptor())  # type: ignore[no-untyped-call]
+    # OpenTelemetry's interceptor implements its own grpcext interfaces, not grpc's: grpc.intercept_channel
+    # refuses it with a TypeError, so it goes through grpcext.intercept_channel.
+    intercepted: grpc.Channel = intercept_channel(channel, client_interceptor())  # type: ignore[no-untyped-call]
+    return intercepted
 
 
 def identity_stub(settings: GrpcSettings) -> identity_service_pb2_grpc.IdentityServiceStub:
