@@ -4,7 +4,8 @@ Every channel gets a gRPC service config (python-api-core's rules, expressed the
 applies them): a default deadline on every method, retries with exponential backoff and jitter on
 UNAVAILABLE for idempotent methods only (reads, and writes keyed by message_id/request_id), and
 round_robin over every address the target resolves to, so a `dns:///` headless Service balances per
-call rather than per connection.
+call rather than per connection. With `ONECDP_TLS_*` set, channels use mutual TLS: the server must
+present a certificate for the target's host name signed by the configured CA, and we present ours.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from onecdp.segmentation.v1 import segmentation_service_pb2, segmentation_servic
 from opentelemetry.instrumentation.grpc import client_interceptor
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
-from shared.config import GrpcSettings
+from shared.config import GrpcSettings, TlsFiles, read_pem
 
 # Methods that are safe to send twice: reads, and writes made idempotent by message_id/request_id.
 _READ_PREFIXES = ("Get", "List", "BatchGet", "BatchLookup", "Lookup", "Explain", "Estimate", "Evaluate", "Score",
@@ -66,14 +67,26 @@ def service_config(services: Iterable[ServiceDescriptor], timeout_seconds: float
     return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": method_configs})
 
 
+def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
+    """Mutual TLS as a client: trust only the configured CA, and present our own certificate."""
+    credentials: grpc.ChannelCredentials = grpc.ssl_channel_credentials(
+        root_certificates=read_pem(tls.ca), private_key=read_pem(tls.key), certificate_chain=read_pem(tls.cert))
+    return credentials
+
+
 def open_channel(target: str, services: Iterable[ServiceDescriptor], settings: GrpcSettings) -> grpc.Channel:
-    """An insecure channel to `target` with the service config and tracing interceptor."""
-    channel = grpc.insecure_channel(target, options=[
+    """A channel to `target` (mutual TLS when configured) with the service config and tracing interceptor."""
+    options = [
         ("grpc.service_config", service_config(services, settings.client_timeout_seconds)),
         ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-    ])
+    ]
+    tls = settings.tls_files()
+    if tls is None:
+        channel = grpc.insecure_channel(target, options=options)
+    else:
+        channel = grpc.secure_channel(target, channel_credentials(tls), options=options)
     # OpenTelemetry's interceptor implements its own grpcext interfaces, not grpc's: grpc.intercept_channel
     # refuses it with a TypeError, so it goes through grpcext.intercept_channel.
     intercepted: grpc.Channel = intercept_channel(channel, client_interceptor())  # type: ignore[no-untyped-call]

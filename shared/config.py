@@ -9,9 +9,10 @@ group reads is `env_var_names()` (the Kubernetes manifests are checked against i
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Literal, NamedTuple, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SERVICE_NAMES = ("identity", "profile", "segmentation", "prediction")
@@ -58,6 +59,22 @@ class CassandraSettings(BaseSettings):
         return f"{self.keyspace_prefix}_{service}"
 
 
+class TlsFiles(NamedTuple):
+    """PEM files for mutual TLS: this process's certificate and key, and the CA its peers must chain to."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def read_pem(path: Path) -> bytes:
+    """A PEM file's bytes; a missing or unreadable file fails at start, naming the file."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise OSError(f"cannot read TLS file {path}: {error.strerror}") from error
+
+
 class GrpcSettings(BaseSettings):
     """How the services listen, find each other, log and trace."""
 
@@ -87,6 +104,35 @@ class GrpcSettings(BaseSettings):
     traces_exporter: Literal["none", "console"] = "none"
     # Apply the service's schema migrations at start (local runs); Kubernetes runs them as a Job.
     migrate_on_start: bool = True
+    # Mutual TLS between services: all three set, or none (plaintext). PEM files; the certificate
+    # and key are this process's identity as server and as client, the CA is what peers must be signed by.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    # A second, plaintext port that serves only grpc.health.v1. Kubernetes' native gRPC probes cannot
+    # present a client certificate, so with mTLS the kubelet probes this port instead of the service's.
+    # Unset: none; 0 binds a free port (tests).
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file", "health_port", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # An empty variable (a blank ConfigMap entry) means "not set", not the current directory or port 0.
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _tls_all_or_none(self) -> Self:
+        given = [self.tls_cert_file, self.tls_key_file, self.tls_ca_file]
+        if any(given) and not all(given):
+            raise ValueError("ONECDP_TLS_CERT_FILE, ONECDP_TLS_KEY_FILE and ONECDP_TLS_CA_FILE are set together "
+                             "(mutual TLS) or not at all")
+        return self
+
+    def tls_files(self) -> TlsFiles | None:
+        """The mutual-TLS files, or None for plaintext."""
+        if self.tls_cert_file and self.tls_key_file and self.tls_ca_file:
+            return TlsFiles(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        return None
 
     def port_of(self, service: str) -> int:
         _check_service(service)

@@ -5,6 +5,10 @@ given services plus grpc.health.v1 health and server reflection, behind intercep
 OpenTelemetry tracing and for errors/deadlines/logging. `serve_until_signalled` implements the
 graceful shutdown Kubernetes expects: on SIGTERM health turns NOT_SERVING at once (load balancers
 and readiness probes stop sending traffic), then in-flight RPCs get the grace period to finish.
+
+With `ONECDP_TLS_*` set the service port requires mutual TLS (a client certificate signed by the
+configured CA). Kubernetes' native gRPC probes cannot present one, so `ONECDP_HEALTH_PORT` adds a
+plaintext port that serves nothing but grpc.health.v1, backed by the same health state.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from grpc_status import rpc_status
 from opentelemetry.instrumentation.grpc import server_interceptor
 
 from shared import deadline
-from shared.config import GrpcSettings
+from shared.config import GrpcSettings, TlsFiles, read_pem
 from shared.errors import DomainError, NotImplementedYet
 
 log = logging.getLogger(__name__)
@@ -47,14 +51,41 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     service_names: tuple[str, ...]
+    # The plaintext health-only server and its port, when ONECDP_HEALTH_PORT is set.
+    health_server: grpc.Server | None = None
+    health_port: int | None = None
 
     def enter_graceful_shutdown(self) -> None:
         self.health.enter_graceful_shutdown()
 
     def stop(self, grace: float | None) -> threading.Event:
+        """NOT_SERVING at once, then stop; the returned event is set once every port is closed."""
         self.enter_graceful_shutdown()
-        event: threading.Event = self.server.stop(grace)
-        return event
+        stopped: threading.Event = self.server.stop(grace)
+        health_server = self.health_server
+        if health_server is None:
+            return stopped
+        # The health port outlives the service port, so probes read NOT_SERVING during the grace
+        # period instead of a refused connection.
+        all_stopped = threading.Event()
+
+        def stop_health_after_service() -> None:
+            stopped.wait()
+            health_server.stop(None).wait()
+            all_stopped.set()
+
+        threading.Thread(target=stop_health_after_service, name="health-port-stop", daemon=True).start()
+        return all_stopped
+
+
+def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    """Mutual TLS: our certificate, and every client must present one signed by the configured CA."""
+    credentials: grpc.ServerCredentials = grpc.ssl_server_credentials(
+        [(read_pem(tls.key), read_pem(tls.cert))],
+        root_certificates=read_pem(tls.ca),
+        require_client_auth=True,
+    )
+    return credentials
 
 
 def to_status(error: DomainError, domain: str) -> grpc.Status:
@@ -200,14 +231,35 @@ def create_server(
     names = tuple(registration.full_name for registration in registrations)
     reflection.enable_server_reflection(
         (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    address = f"{bind_host or settings.bind_host}:{port}"
-    bound = server.add_insecure_port(address)
+    host = bind_host or settings.bind_host
+    address = f"{host}:{port}"
+    tls = settings.tls_files()
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, server_credentials(tls))
     if bound == 0:
         raise OSError(f"could not bind {address}: is the port in use?")
+    health_server, health_port = None, None
+    if settings.health_port is not None:
+        health_server, health_port = _health_only_server(health_servicer, f"{host}:{settings.health_port}")
     server.start()
     for name in ("", *names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server=server, port=bound, health=health_servicer, service_names=names)
+    return RunningServer(server=server, port=bound, health=health_servicer, service_names=names,
+                         health_server=health_server, health_port=health_port)
+
+
+def _health_only_server(health_servicer: health.HealthServicer, address: str) -> tuple[grpc.Server, int]:
+    """A plaintext server with grpc.health.v1 only: no reflection, no service, nothing to leak."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="health-port"),
+                         options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"could not bind the health port {address}: is the port in use?")
+    server.start()
+    return server, bound
 
 
 def serve_until_signalled(running: RunningServer, grace_seconds: float) -> None:
