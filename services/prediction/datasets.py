@@ -1,0 +1,120 @@
+"""Point-in-time correct training sets.
+
+For a cutoff T and horizon H, a person's row has features from events strictly before T
+(`features.feature_row`) and a label from events in [T, T+H) only. Who gets a row at T is decided
+from events before T too: conversion needs some history before T (a person who did not exist yet
+cannot be scored), churn needs qualifying activity within `eligibility_days` before T. Several
+rolling cutoffs give one row per (person, cutoff).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import numpy as np
+import numpy.typing as npt
+
+from services.prediction.features import FEATURE_NAMES, feature_matrix, feature_row
+from services.prediction.history import ActivityEvent, PersonHistory
+from services.prediction.spec import ModelSpec, PredictionKind
+
+
+def horizon_of(spec: ModelSpec) -> timedelta:
+    return timedelta(days=spec.horizon_days)
+
+
+def _index_at(events: Sequence[ActivityEvent], time: datetime) -> int:
+    """Index of the first event at or after `time` in a time-sorted history."""
+    return bisect_left(events, time, key=lambda e: e.time)
+
+
+def _qualifies(spec: ModelSpec, event: ActivityEvent) -> bool:
+    """Churn: does this event count as activity? Conversion: is it a target event?"""
+    if spec.kind is PredictionKind.CHURN and not spec.event_names:
+        return True
+    return event.name in spec.event_names
+
+
+def is_eligible(spec: ModelSpec, events: Sequence[ActivityEvent], cutoff: datetime) -> bool:
+    """Whether the person can be scored at `cutoff`, judged from events strictly before it."""
+    before = events[:_index_at(events, cutoff)]
+    if spec.kind is PredictionKind.CONVERSION:
+        return bool(before)
+    window_start = cutoff - timedelta(days=spec.eligibility_days)
+    return any(_qualifies(spec, e) for e in before[_index_at(before, window_start):])
+
+
+def label_of(spec: ModelSpec, events: Sequence[ActivityEvent], cutoff: datetime) -> int:
+    """1 when the predicted outcome happened in [cutoff, cutoff + horizon), else 0."""
+    window = events[_index_at(events, cutoff):_index_at(events, cutoff + horizon_of(spec))]
+    happened = any(_qualifies(spec, e) for e in window)
+    # Conversion: a target event happened. Churn: no qualifying activity happened.
+    return int(happened) if spec.kind is PredictionKind.CONVERSION else int(not happened)
+
+
+@dataclass
+class TrainingSet:
+    """Rows of (person, cutoff): features in FEATURE_NAMES order and 0/1 labels."""
+
+    person_ids: list[str] = field(default_factory=list)
+    cutoffs: list[datetime] = field(default_factory=list)
+    rows: list[list[float]] = field(default_factory=list)
+    label_list: list[int] = field(default_factory=list)
+
+    @property
+    def features(self) -> npt.NDArray[np.float64]:
+        return feature_matrix(self.rows)
+
+    @property
+    def labels(self) -> npt.NDArray[np.int8]:
+        return np.asarray(self.label_list, dtype=np.int8)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return FEATURE_NAMES
+
+    @property
+    def positives(self) -> int:
+        return sum(self.label_list)
+
+    @property
+    def negatives(self) -> int:
+        return len(self.label_list) - self.positives
+
+    def __len__(self) -> int:
+        return len(self.label_list)
+
+
+def build_training_sets(spec: ModelSpec, histories: Iterable[PersonHistory], training_cutoffs: Sequence[datetime],
+                        validation_cutoff: datetime,
+                        progress: Callable[[int], None] | None = None) -> tuple[TrainingSet, TrainingSet]:
+    """The training rows (one per eligible person and training cutoff) and the validation rows, in one pass.
+
+    `progress` is called with the number of persons processed so far, every 1,000 persons and at the end.
+    """
+    training, validation = TrainingSet(), TrainingSet()
+    processed = 0
+    for history in histories:
+        for cutoff in training_cutoffs:
+            add_example(training, spec, history, cutoff)
+        add_example(validation, spec, history, validation_cutoff)
+        processed += 1
+        if progress is not None and processed % 1000 == 0:
+            progress(processed)
+    if progress is not None:
+        progress(processed)
+    return training, validation
+
+
+def add_example(dataset: TrainingSet, spec: ModelSpec, history: PersonHistory, cutoff: datetime) -> bool:
+    """Add the person's row at `cutoff` when they are eligible; returns whether a row was added."""
+    if not is_eligible(spec, history.events, cutoff):
+        return False
+    dataset.person_ids.append(history.person_id)
+    dataset.cutoffs.append(cutoff)
+    dataset.rows.append(feature_row(history.events, cutoff))
+    dataset.label_list.append(label_of(spec, history.events, cutoff))
+    return True

@@ -1,0 +1,82 @@
+"""A person's history as the prediction domain sees it, and the seam through which it arrives.
+
+The domain never sees profile's messages: the adapter (`profile_source.py`) turns profile's stored
+events and orders into `ActivityEvent`s, and tests use `InMemoryProfileSource`. Everything that
+trains or scores takes a `ProfileSource`, so the same code runs on a laptop list and on a cluster scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from shared.errors import InvalidArgument, NotFound
+
+# Transactions arrive as events of this name whose amount is the order amount.
+ORDER_EVENT = "order"
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityEvent:
+    """One thing a person did: its name, when (timezone-aware), and for orders the amount."""
+
+    name: str
+    time: datetime
+    amount: float | None = None
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class PersonRef:
+    """A person by id or by any identifier (exactly one of the two)."""
+
+    person_id: str | None = None
+    identifier_type: str | None = None
+    identifier_value: str | None = None
+
+    def __post_init__(self) -> None:
+        by_identifier = self.identifier_type is not None or self.identifier_value is not None
+        if (self.person_id is None) == (not by_identifier):
+            raise InvalidArgument.for_field("person", "set exactly one of person_id and identifier",
+                                            reason="BAD_PERSON_SELECTOR")
+
+
+@dataclass(frozen=True)
+class PersonHistory:
+    person_id: str
+    events: Sequence[ActivityEvent]
+
+
+class ProfileSource(Protocol):
+    """Where persons' histories come from (the profile service in production)."""
+
+    def histories(self, before: datetime) -> Iterator[PersonHistory]:
+        """Every person with their events strictly before `before`, oldest first, each person once."""
+        ...
+
+    def history(self, person: PersonRef, before: datetime) -> PersonHistory:
+        """One person's events strictly before `before`, oldest first; NotFound for an unknown person."""
+        ...
+
+
+class InMemoryProfileSource:
+    """A ProfileSource over a dict, for tests, benchmarks and the CDNOW yardstick."""
+
+    def __init__(self, events_by_person: Mapping[str, Iterable[ActivityEvent]],
+                 identifiers: Mapping[tuple[str, str], str] | None = None) -> None:
+        self._events = {person: sorted(events, key=lambda e: e.time) for person, events in events_by_person.items()}
+        self._identifiers = dict(identifiers or {})
+
+    def histories(self, before: datetime) -> Iterator[PersonHistory]:
+        for person_id in sorted(self._events):
+            yield PersonHistory(person_id, [e for e in self._events[person_id] if e.time < before])
+
+    def history(self, person: PersonRef, before: datetime) -> PersonHistory:
+        person_id = person.person_id
+        if person_id is None:
+            person_id = self._identifiers.get((person.identifier_type or "", person.identifier_value or ""))
+        if person_id is None or person_id not in self._events:
+            raise NotFound("no person matches the selector", reason="PERSON_NOT_FOUND")
+        return PersonHistory(person_id, [e for e in self._events[person_id] if e.time < before])
