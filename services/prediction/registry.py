@@ -1,0 +1,351 @@
+"""The model registry in Cassandra: models, versions with their boosters and metrics, and operations.
+
+Every statement is prepared once and bound through CassandraSession. Writes to a model row are
+lightweight transactions, so creation is exclusive, version numbers are never handed out twice and
+activation cannot resurrect a deleted model.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from services.prediction.metrics import ModelMetrics
+from services.prediction.spec import ModelSpec, PredictionKind, version_name
+from services.prediction.training import TrainedModel
+from shared.cassandra import CassandraSession
+from shared.errors import AlreadyExists, FailedPrecondition, NotFound, StatusCode
+
+SCOPE = "models"
+# How many times version numbering retries a lost compare-and-set before giving up (each retry is a race lost).
+MAX_CAS_ATTEMPTS = 20
+
+
+class VersionState(StrEnum):
+    TRAINING = "training"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class OperationKind(StrEnum):
+    TRAIN = "train"
+    REFRESH = "refresh"
+
+
+@dataclass(frozen=True)
+class Model:
+    model_id: str
+    display_name: str
+    spec: ModelSpec
+    active_version: int | None
+    create_time: datetime
+    update_time: datetime
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    model_id: str
+    version_id: int
+    state: VersionState
+    spec: ModelSpec
+    training_cutoffs: tuple[datetime, ...]
+    validation_cutoff: datetime
+    create_time: datetime
+    feature_names: tuple[str, ...] = ()
+    metrics: ModelMetrics | None = None
+    importance: tuple[tuple[str, float], ...] = ()
+    score_quantiles: tuple[float, ...] = ()
+    best_iteration: int = 0
+    failure_message: str = ""
+
+
+@dataclass(frozen=True)
+class Operation:
+    operation_id: str
+    kind: OperationKind
+    model_id: str
+    start_time: datetime
+    update_time: datetime
+    version_id: int | None = None
+    stage: str = ""
+    persons_processed: int = 0
+    persons_total: int = 0
+    persons_ineligible: int = 0
+    shards_done: int = 0
+    shards_total: int = 0
+    done: bool = False
+    error_code: StatusCode | None = None
+    error_message: str = ""
+    elapsed_seconds: float = 0.0
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # The driver returns timestamps as naive UTC datetimes (millisecond precision).
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _required_utc(value: datetime) -> datetime:
+    result = _utc(value)
+    assert result is not None
+    return result
+
+
+def _spec_of(row: Any) -> ModelSpec:
+    return ModelSpec(kind=PredictionKind(row.kind), event_names=tuple(row.event_names or ()),
+                     horizon_days=row.horizon_days, eligibility_days=row.eligibility_days or 0,
+                     min_class_count=row.min_class_count)
+
+
+_MODEL_COLUMNS = ("model_id, display_name, kind, event_names, horizon_days, eligibility_days, min_class_count, "
+                  "active_version, create_time, update_time")
+_VERSION_COLUMNS = ("model_id, version_id, state, kind, event_names, horizon_days, eligibility_days, min_class_count, "
+                    "feature_names, training_cutoffs, validation_cutoff, roc_auc, log_loss, calibration_error, "
+                    "top_decile_lift, training_examples, validation_examples, training_positive_rate, "
+                    "validation_positive_rate, importance, best_iteration, failure_message, create_time")
+_OPERATION_COLUMNS = ("operation_id, kind, model_id, version_id, stage, persons_processed, persons_total, "
+                      "persons_ineligible, shards_done, shards_total, start_time, update_time, done, error_code, "
+                      "error_message, elapsed_seconds")
+
+
+def _model_of(row: Any) -> Model:
+    return Model(model_id=row.model_id, display_name=row.display_name or "", spec=_spec_of(row),
+                 active_version=row.active_version, create_time=_required_utc(row.create_time),
+                 update_time=_required_utc(row.update_time))
+
+
+def _version_of(row: Any, score_quantiles: Sequence[float] = ()) -> ModelVersion:
+    metrics = None
+    if row.roc_auc is not None:
+        metrics = ModelMetrics(
+            roc_auc=row.roc_auc, log_loss=row.log_loss, calibration_error=row.calibration_error,
+            top_decile_lift=row.top_decile_lift, training_examples=row.training_examples,
+            validation_examples=row.validation_examples, training_positive_rate=row.training_positive_rate,
+            validation_positive_rate=row.validation_positive_rate)
+    return ModelVersion(
+        model_id=row.model_id, version_id=row.version_id, state=VersionState(row.state), spec=_spec_of(row),
+        training_cutoffs=tuple(_required_utc(t) for t in row.training_cutoffs or ()),
+        validation_cutoff=_required_utc(row.validation_cutoff), create_time=_required_utc(row.create_time),
+        feature_names=tuple(row.feature_names or ()), metrics=metrics,
+        importance=tuple((name, gain) for name, gain in row.importance or ()),
+        score_quantiles=tuple(score_quantiles), best_iteration=row.best_iteration or 0,
+        failure_message=row.failure_message or "")
+
+
+def _operation_of(row: Any) -> Operation:
+    return Operation(
+        operation_id=row.operation_id, kind=OperationKind(row.kind), model_id=row.model_id,
+        start_time=_required_utc(row.start_time), update_time=_required_utc(row.update_time),
+        version_id=row.version_id, stage=row.stage or "", persons_processed=row.persons_processed or 0,
+        persons_total=row.persons_total or 0, persons_ineligible=row.persons_ineligible or 0,
+        shards_done=row.shards_done or 0, shards_total=row.shards_total or 0, done=bool(row.done),
+        error_code=StatusCode(row.error_code) if row.error_code else None, error_message=row.error_message or "",
+        elapsed_seconds=row.elapsed_seconds or 0.0)
+
+
+def _model_not_found(model_id: str) -> NotFound:
+    return NotFound(f"model models/{model_id} does not exist", reason="MODEL_NOT_FOUND",
+                    metadata={"model": f"models/{model_id}"})
+
+
+def _version_not_found(model_id: str, version_id: int) -> NotFound:
+    name = version_name(model_id, version_id)
+    return NotFound(f"model version {name} does not exist", reason="MODEL_VERSION_NOT_FOUND",
+                    metadata={"model_version": name})
+
+
+class ModelRegistry:
+    def __init__(self, session: CassandraSession) -> None:
+        self._session = session
+
+    # ---- models
+
+    def create_model(self, model_id: str, display_name: str, spec: ModelSpec, now: datetime) -> Model:
+        """Create a model; AlreadyExists when the id is taken."""
+        existing = self._session.execute("SELECT model_id FROM models WHERE scope = ? AND model_id = ?",
+                                         (SCOPE, model_id)).one()
+        if existing is None:
+            # A delete interrupted between its steps may have left versions behind; a new model with the
+            # same id must not inherit them.
+            self._purge_versions(model_id)
+        result = self._session.execute(
+            "INSERT INTO models (scope, model_id, display_name, kind, event_names, horizon_days, eligibility_days, "
+            "min_class_count, last_version, create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "IF NOT EXISTS",
+            (SCOPE, model_id, display_name, spec.kind.value, list(spec.event_names), spec.horizon_days,
+             spec.eligibility_days, spec.min_class_count, 0, now, now))
+        if not result.was_applied:
+            raise AlreadyExists(f"model models/{model_id} already exists", reason="MODEL_EXISTS",
+                                metadata={"model": f"models/{model_id}"})
+        return self.get_model(model_id)
+
+    def get_model(self, model_id: str) -> Model:
+        row = self._session.execute(f"SELECT {_MODEL_COLUMNS} FROM models WHERE scope = ? AND model_id = ?",
+                                    (SCOPE, model_id)).one()
+        if row is None:
+            raise _model_not_found(model_id)
+        return _model_of(row)
+
+    def list_models(self, page_size: int, after: str | None = None) -> tuple[list[Model], str | None]:
+        """Up to page_size models in id order after `after`; and the id to continue after, if more exist."""
+        rows = self._session.execute(
+            f"SELECT {_MODEL_COLUMNS} FROM models WHERE scope = ? AND model_id > ? LIMIT ?",
+            (SCOPE, after or "", page_size + 1))
+        models = [_model_of(row) for row in rows]
+        more = len(models) > page_size
+        models = models[:page_size]
+        return models, (models[-1].model_id if more else None)
+
+    def delete_model(self, model_id: str) -> None:
+        result = self._session.execute("DELETE FROM models WHERE scope = ? AND model_id = ? IF EXISTS",
+                                       (SCOPE, model_id))
+        if not result.was_applied:
+            raise _model_not_found(model_id)
+        self._purge_versions(model_id)
+
+    def _purge_versions(self, model_id: str) -> None:
+        rows = self._session.execute("SELECT version_id FROM model_versions WHERE model_id = ?", (model_id,))
+        self._session.execute_many("DELETE FROM model_boosters WHERE model_id = ? AND version_id = ?",
+                                   [(model_id, row.version_id) for row in rows])
+        self._session.execute("DELETE FROM model_versions WHERE model_id = ?", (model_id,))
+
+    def activate(self, model_id: str, version_id: int, now: datetime) -> Model:
+        """Make a ready version the active one (also how to roll back)."""
+        version = self.get_version(model_id, version_id)
+        if version.state is not VersionState.READY:
+            raise FailedPrecondition(
+                f"model version {version_name(model_id, version_id)} is {version.state.value}; only a version that "
+                "finished training can be activated", reason="MODEL_VERSION_NOT_READY",
+                metadata={"model_version": version_name(model_id, version_id), "state": version.state.value})
+        result = self._session.execute(
+            "UPDATE models SET active_version = ?, update_time = ? WHERE scope = ? AND model_id = ? IF EXISTS",
+            (version_id, now, SCOPE, model_id))
+        if not result.was_applied:
+            raise _model_not_found(model_id)
+        return self.get_model(model_id)
+
+    # ---- versions
+
+    def start_version(self, model_id: str, training_cutoffs: Sequence[datetime], validation_cutoff: datetime,
+                      now: datetime) -> ModelVersion:
+        """Number and record a new version in state TRAINING, with a copy of the model's spec."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            row = self._session.execute(
+                "SELECT last_version FROM models WHERE scope = ? AND model_id = ?", (SCOPE, model_id)).one()
+            if row is None:
+                raise _model_not_found(model_id)
+            last = row.last_version or 0
+            claimed = self._session.execute(
+                "UPDATE models SET last_version = ? WHERE scope = ? AND model_id = ? IF last_version = ?",
+                (last + 1, SCOPE, model_id, row.last_version))
+            if claimed.was_applied:
+                break
+        else:
+            raise FailedPrecondition(f"could not number a new version of models/{model_id}: too many concurrent "
+                                     "trainings; retry", reason="VERSION_NUMBER_CONTENDED")
+        version_id = last + 1
+        spec = self.get_model(model_id).spec
+        self._session.execute(
+            "INSERT INTO model_versions (model_id, version_id, state, kind, event_names, horizon_days, "
+            "eligibility_days, min_class_count, training_cutoffs, validation_cutoff, create_time) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (model_id, version_id, VersionState.TRAINING.value, spec.kind.value, list(spec.event_names),
+             spec.horizon_days, spec.eligibility_days, spec.min_class_count, list(training_cutoffs),
+             validation_cutoff, now))
+        return self.get_version(model_id, version_id)
+
+    def finish_version(self, model_id: str, version_id: int, trained: TrainedModel, now: datetime) -> ModelVersion:
+        """Store a trained booster and its metrics; the version becomes READY."""
+        # The booster first: a READY version must always have its booster.
+        self._session.execute(
+            "INSERT INTO model_boosters (model_id, version_id, model_string) VALUES (?, ?, ?)",
+            (model_id, version_id, zlib.compress(trained.model_string.encode(), 6)))
+        metrics = trained.metrics
+        self._session.execute(
+            "UPDATE model_versions SET state = ?, feature_names = ?, roc_auc = ?, log_loss = ?, "
+            "calibration_error = ?, top_decile_lift = ?, training_examples = ?, validation_examples = ?, "
+            "training_positive_rate = ?, validation_positive_rate = ?, importance = ?, score_quantiles = ?, "
+            "best_iteration = ?, create_time = ? WHERE model_id = ? AND version_id = ?",
+            (VersionState.READY.value, list(trained.feature_names), metrics.roc_auc, metrics.log_loss,
+             metrics.calibration_error, metrics.top_decile_lift, metrics.training_examples,
+             metrics.validation_examples, metrics.training_positive_rate, metrics.validation_positive_rate,
+             list(trained.importance), list(trained.score_quantiles), trained.best_iteration, now,
+             model_id, version_id))
+        return self.get_version(model_id, version_id)
+
+    def fail_version(self, model_id: str, version_id: int, message: str, now: datetime) -> ModelVersion:
+        self._session.execute(
+            "UPDATE model_versions SET state = ?, failure_message = ?, create_time = ? "
+            "WHERE model_id = ? AND version_id = ?",
+            (VersionState.FAILED.value, message, now, model_id, version_id))
+        return self.get_version(model_id, version_id)
+
+    def get_version(self, model_id: str, version_id: int, *, with_quantiles: bool = False) -> ModelVersion:
+        """One version; `with_quantiles` also reads the score distribution that scoring needs."""
+        columns = f"{_VERSION_COLUMNS}, score_quantiles" if with_quantiles else _VERSION_COLUMNS
+        row = self._session.execute(
+            f"SELECT {columns} FROM model_versions WHERE model_id = ? AND version_id = ?",
+            (model_id, version_id)).one()
+        if row is None:
+            raise _version_not_found(model_id, version_id)
+        return _version_of(row, (row.score_quantiles or ()) if with_quantiles else ())
+
+    def list_versions(self, model_id: str, page_size: int, before: int | None = None
+                      ) -> tuple[list[ModelVersion], int | None]:
+        """Versions newest first, below `before`; and the version to continue below, if more exist."""
+        self.get_model(model_id)
+        rows = self._session.execute(
+            f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE model_id = ? AND version_id < ? LIMIT ?",
+            (model_id, before if before is not None else 2**31 - 1, page_size + 1))
+        versions = [_version_of(row) for row in rows]
+        more = len(versions) > page_size
+        versions = versions[:page_size]
+        return versions, (versions[-1].version_id if more else None)
+
+    def load_booster(self, model_id: str, version_id: int) -> str:
+        row = self._session.execute(
+            "SELECT model_string FROM model_boosters WHERE model_id = ? AND version_id = ?",
+            (model_id, version_id)).one()
+        if row is None:
+            raise _version_not_found(model_id, version_id)
+        return zlib.decompress(row.model_string).decode()
+
+    # ---- operations
+
+    def create_operation(self, kind: OperationKind, model_id: str, now: datetime,
+                         version_id: int | None = None, stage: str = "") -> Operation:
+        operation_id = uuid.uuid4().hex
+        self._session.execute(
+            "INSERT INTO operations (operation_id, kind, model_id, version_id, stage, start_time, update_time, done) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (operation_id, kind.value, model_id, version_id, stage, now, now, False))
+        return self.get_operation(operation_id)
+
+    def report_progress(self, operation_id: str, now: datetime, *, stage: str, persons_processed: int = 0,
+                        persons_total: int = 0, shards_done: int = 0, shards_total: int = 0) -> None:
+        self._session.execute(
+            "UPDATE operations SET stage = ?, persons_processed = ?, persons_total = ?, shards_done = ?, "
+            "shards_total = ?, update_time = ? WHERE operation_id = ?",
+            (stage, persons_processed, persons_total, shards_done, shards_total, now, operation_id))
+
+    def finish_operation(self, operation_id: str, now: datetime, *, elapsed_seconds: float,
+                         error_code: StatusCode | None = None, error_message: str = "",
+                         persons_ineligible: int = 0) -> Operation:
+        self._session.execute(
+            "UPDATE operations SET done = ?, error_code = ?, error_message = ?, elapsed_seconds = ?, "
+            "persons_ineligible = ?, update_time = ? WHERE operation_id = ?",
+            (True, error_code.value if error_code else None, error_message, elapsed_seconds, persons_ineligible,
+             now, operation_id))
+        return self.get_operation(operation_id)
+
+    def get_operation(self, operation_id: str) -> Operation:
+        row = self._session.execute(f"SELECT {_OPERATION_COLUMNS} FROM operations WHERE operation_id = ?",
+                                    (operation_id,)).one()
+        if row is None:
+            raise NotFound(f"operation operations/{operation_id} does not exist (operations are kept 30 days)",
+                           reason="OPERATION_NOT_FOUND", metadata={"operation": f"operations/{operation_id}"})
+        return _operation_of(row)
