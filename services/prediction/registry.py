@@ -19,7 +19,7 @@ from services.prediction.metrics import ModelMetrics
 from services.prediction.spec import ModelSpec, PredictionKind, version_name
 from services.prediction.training import TrainedModel
 from shared.cassandra import CassandraSession
-from shared.errors import AlreadyExists, FailedPrecondition, NotFound, StatusCode
+from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 
 SCOPE = "models"
 # How many times version numbering retries a lost compare-and-set before giving up (each retry is a race lost).
@@ -79,7 +79,7 @@ class Operation:
     shards_done: int = 0
     shards_total: int = 0
     done: bool = False
-    error_code: StatusCode | None = None
+    error_code: str | None = None  # a google.rpc.Code name, e.g. FAILED_PRECONDITION
     error_message: str = ""
     elapsed_seconds: float = 0.0
 
@@ -143,7 +143,7 @@ def _operation_of(row: Any) -> Operation:
         version_id=row.version_id, stage=row.stage or "", persons_processed=row.persons_processed or 0,
         persons_total=row.persons_total or 0, persons_ineligible=row.persons_ineligible or 0,
         shards_done=row.shards_done or 0, shards_total=row.shards_total or 0, done=bool(row.done),
-        error_code=StatusCode(row.error_code) if row.error_code else None, error_message=row.error_message or "",
+        error_code=row.error_code or None, error_message=row.error_message or "",
         elapsed_seconds=row.elapsed_seconds or 0.0)
 
 
@@ -333,12 +333,12 @@ class ModelRegistry:
             (stage, persons_processed, persons_total, shards_done, shards_total, now, operation_id))
 
     def finish_operation(self, operation_id: str, now: datetime, *, elapsed_seconds: float,
-                         error_code: StatusCode | None = None, error_message: str = "",
+                         error_code: str | None = None, error_message: str = "",
                          persons_ineligible: int = 0) -> Operation:
         self._session.execute(
             "UPDATE operations SET done = ?, error_code = ?, error_message = ?, elapsed_seconds = ?, "
             "persons_ineligible = ?, update_time = ? WHERE operation_id = ?",
-            (True, error_code.value if error_code else None, error_message, elapsed_seconds, persons_ineligible,
+            (True, error_code, error_message, elapsed_seconds, persons_ineligible,
              now, operation_id))
         return self.get_operation(operation_id)
 

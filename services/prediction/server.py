@@ -120,7 +120,7 @@ def operation_message(operation: Operation, registry: ModelRegistry) -> operatio
     if not operation.done:
         return message
     if operation.error_code is not None:
-        message.error.CopyFrom(status_pb2.Status(code=code_pb2.Code.Value(operation.error_code.value),
+        message.error.CopyFrom(status_pb2.Status(code=code_pb2.Code.Value(operation.error_code),
                                                  message=operation.error_message))
     elif operation.kind is OperationKind.TRAIN and operation.version_id:
         message.response.CopyFrom(_pack(_version_message(

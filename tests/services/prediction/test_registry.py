@@ -118,8 +118,8 @@ def test_operations_record_progress_and_outcome(registry: ModelRegistry) -> None
     progressed = registry.get_operation(operation.operation_id)
     assert (progressed.stage, progressed.persons_processed, progressed.persons_total) == ("training", 10, 10)
     finished = registry.finish_operation(operation.operation_id, NOW, elapsed_seconds=1.5,
-                                         error_code=StatusCode.FAILED_PRECONDITION, error_message="too few")
-    assert finished.done and finished.error_code is StatusCode.FAILED_PRECONDITION
+                                         error_code=StatusCode.FAILED_PRECONDITION.value, error_message="too few")
+    assert finished.done and finished.error_code == StatusCode.FAILED_PRECONDITION.value
     assert finished.error_message == "too few" and finished.elapsed_seconds == 1.5
     with pytest.raises(NotFound):
         registry.get_operation("0" * 32)

@@ -228,7 +228,7 @@ def test_operations_report_progress_then_the_version_or_the_error(
 
     failing = service_registry.create_operation(OperationKind.TRAIN, "conv", day("2025-01-01"), version_id=2)
     service_registry.finish_operation(failing.operation_id, day("2025-01-01"), elapsed_seconds=1.0,
-                                      error_code=StatusCode.FAILED_PRECONDITION,
+                                      error_code=StatusCode.FAILED_PRECONDITION.value,
                                       error_message="the training set has 3 positives and 90 negatives")
     failed = prediction.GetOperation(operations_pb2.GetOperationRequest(
         name=f"operations/{failing.operation_id}"), timeout=10)

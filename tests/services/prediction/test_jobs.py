@@ -1,0 +1,76 @@
+"""Training as an operation, end to end over the real Cassandra with an in-memory ProfileSource."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+
+from services.prediction.history import PersonHistory, PersonRef
+from services.prediction.jobs import TrainingRequest, run_training, start_training
+from services.prediction.registry import ModelRegistry, VersionState
+from services.prediction.spec import PredictionKind, resolve_spec
+from shared.errors import InvalidArgument, NotFound
+from tests.services.prediction.synthetic import day, synthetic_source
+
+pytestmark = pytest.mark.integration
+
+SOURCE = synthetic_source(500)
+REQUEST = TrainingRequest(model_id="buyers", training_cutoffs=(day("2024-01-01"), day("2024-03-01")),
+                          validation_cutoff=day("2024-06-01"), activate=True)
+
+
+def create(registry: ModelRegistry, min_class_count: int = 20) -> None:
+    spec = resolve_spec(PredictionKind.CONVERSION, [], 60, eligibility_days=0, min_class_count=min_class_count)
+    registry.create_model("buyers", "", spec, day("2025-01-01"))
+
+
+def test_a_training_operation_ends_with_an_active_ready_version(registry: ModelRegistry) -> None:
+    create(registry)
+    operation = start_training(registry, REQUEST)
+    assert operation.version_id == 1 and not operation.done
+    assert registry.get_version("buyers", 1).state is VersionState.TRAINING
+    finished = run_training(registry, SOURCE, operation, REQUEST)
+    assert finished.done and finished.error_code is None and finished.stage == "saving"
+    version = registry.get_version("buyers", 1)
+    assert version.state is VersionState.READY and version.metrics is not None
+    assert version.metrics.roc_auc > 0.8
+    assert registry.get_model("buyers").active_version == 1
+    assert registry.load_booster("buyers", 1)
+
+
+def test_too_few_examples_fail_the_version_and_say_how_many(registry: ModelRegistry) -> None:
+    create(registry, min_class_count=100_000)
+    operation = start_training(registry, REQUEST)
+    finished = run_training(registry, SOURCE, operation, REQUEST)
+    assert finished.done and finished.error_code == "FAILED_PRECONDITION"
+    assert "positives and" in finished.error_message and "100000" in finished.error_message
+    version = registry.get_version("buyers", 1)
+    assert version.state is VersionState.FAILED and version.failure_message == finished.error_message
+    assert registry.get_model("buyers").active_version is None
+
+
+class BrokenSource:
+    def histories(self, before: datetime) -> Iterator[PersonHistory]:
+        raise RuntimeError("disk on fire")
+
+    def history(self, person: PersonRef, before: datetime) -> PersonHistory:
+        raise RuntimeError("disk on fire")
+
+
+def test_a_bug_ends_the_operation_as_internal_without_details(registry: ModelRegistry) -> None:
+    create(registry)
+    operation = start_training(registry, REQUEST)
+    finished = run_training(registry, BrokenSource(), operation, REQUEST)
+    assert finished.done and finished.error_code == "INTERNAL" and "disk on fire" not in finished.error_message
+    assert registry.get_version("buyers", 1).state is VersionState.FAILED
+
+
+def test_bad_requests_fail_before_any_version_exists(registry: ModelRegistry) -> None:
+    with pytest.raises(NotFound):
+        start_training(registry, REQUEST)
+    create(registry)
+    with pytest.raises(InvalidArgument):
+        start_training(registry, TrainingRequest("buyers", (day("2024-05-01"),), day("2024-06-01")))
+    assert registry.list_versions("buyers", 10) == ([], None)
