@@ -97,15 +97,18 @@ class CassandraSession:
         return statement
 
     def execute(self, cql: str, params: Sequence[Any] = (), *, timeout: float | None = None,
-                consistency: int | None = None) -> Any:
+                consistency: int | None = None, fetch_size: int | None = None) -> Any:
         """Prepare (once), bind and run one statement; returns the driver ResultSet.
 
         `consistency` overrides the profile's level for this statement, e.g. SERIAL_CONSISTENCY to read
-        back the outcome of a lightweight transaction that timed out.
+        back the outcome of a lightweight transaction that timed out. `fetch_size` sets the page size of
+        a long read; iterating the result fetches the next pages (each within the request timeout).
         """
         statement: Any = self.prepare(cql).bind(params)
         if consistency is not None:
             statement.consistency_level = consistency
+        if fetch_size is not None:
+            statement.fetch_size = fetch_size
         limit = deadline.timeout_within(timeout or self._request_timeout)
         return self._call(self._session.execute, statement, timeout=limit)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cassandra.cluster import Cluster
 
@@ -31,6 +31,12 @@ class ServiceContext:
     grpc_settings: GrpcSettings
     cassandra_settings: CassandraSettings
     session: CassandraSession
+    stop_callbacks: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the service stops, after the server drained and before Cassandra closes
+        (background workers such as feed followers stop here)."""
+        self.stop_callbacks.append(callback)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class RunningService:
     name: str
     server: RunningServer
     cluster: Cluster
+    stop_callbacks: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def port(self) -> int:
@@ -51,6 +58,12 @@ class RunningService:
 
     def stop(self, grace: float | None = None) -> None:
         self.server.stop(grace).wait()
+        self.close()
+
+    def close(self) -> None:
+        """Stop background work, then the Cassandra connections (the server has stopped)."""
+        for callback in self.stop_callbacks:
+            callback()
         self.cluster.shutdown()
 
 
@@ -64,21 +77,25 @@ def start_service(
 ) -> RunningService:
     """Connect, migrate (if configured), build and start the service; returns once it serves."""
     cluster = connect_cluster(cassandra_settings)
+    stop_callbacks: list[Callable[[], None]] = []
     try:
         timeout = cassandra_settings.request_timeout_seconds
         if grpc_settings.migrate_on_start:
             migrate_service(open_session(cluster, None, timeout), definition.name, cassandra_settings)
         session = open_session(cluster, cassandra_settings.keyspace(definition.name), timeout)
-        context = ServiceContext(definition.name, grpc_settings, cassandra_settings, session)
+        context = ServiceContext(definition.name, grpc_settings, cassandra_settings, session, stop_callbacks)
+        registrations = definition.build(context)
         server = create_server(
-            definition.build(context), grpc_settings,
+            registrations, grpc_settings,
             port=grpc_settings.port_of(definition.name) if port is None else port,
             bind_host=bind_host, error_domain=f"onecdp.{definition.name}",
         )
     except BaseException:
+        for callback in stop_callbacks:
+            callback()
         cluster.shutdown()
         raise
-    return RunningService(definition.name, server, cluster)
+    return RunningService(definition.name, server, cluster, stop_callbacks)
 
 
 def main(definition: ServiceDefinition) -> None:
@@ -95,4 +112,4 @@ def main(definition: ServiceDefinition) -> None:
     log.info("serving", extra={"port": service.port, "keyspace": cassandra_settings.keyspace(definition.name),
                                "services": list(service.server.service_names)})
     serve_until_signalled(service.server, grpc_settings.grace_period_seconds)
-    service.cluster.shutdown()
+    service.close()

@@ -1,30 +1,416 @@
-"""The gRPC adapter of the profile service: onecdp.profile.v1 messages in, domain calls, messages out.
-
-Methods not overridden here are inherited from the generated servicer, which answers UNIMPLEMENTED;
-the shared interceptor names the method in that message, so nothing pretends to work.
-"""
+"""The gRPC adapter of the profile service: onecdp.profile.v1 messages in, Profiles calls, messages out."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
+import grpc
+from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
+from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
+from services.profile.computed import ComputedTraits
+from services.profile.identity import GrpcIdentityResolver, PersonView
+from services.profile.model import Event, EventResult, EventStatus, Order, OrderLine, TimelineEvent, TraitWrite
+from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, ProfileView
+from services.profile.shards import format_shard, parse_shard, split_ring
+from services.profile.store import ProfileStore
+from shared.changefeed import ChangeFeed, parse_cursor
+from shared.clients import identity_stub
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Violations
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProfileService"].full_name
+log = logging.getLogger(__name__)
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProfileService"].full_name
+MAX_EVENTS_PER_CALL = 1000
+MAX_SELECTORS = 1000
+MAX_TRAIT_WRITES = 1000
+MAX_TRAIT_NAME_LENGTH = 128
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEFAULT_SHARDS = 16
+MAX_SHARDS = 1024
+WATCH_POLL_SECONDS = 0.2
+FOLLOW_POLL_SECONDS = 0.5
+_PROFILE_FIELDS = frozenset(pb.Profile.DESCRIPTOR.fields_by_name)
+_COMPUTED_FIELDS = frozenset(pb.ComputedTraits.DESCRIPTOR.fields_by_name)
+
+
+# ---- messages to domain ---------------------------------------------------------------------------
+
+def _time(message: timestamp_pb2.Timestamp) -> datetime:
+    return message.ToDatetime(tzinfo=UTC)
+
+
+def _optional_time(holder: Any, field_name: str) -> datetime | None:
+    return _time(getattr(holder, field_name)) if holder.HasField(field_name) else None
+
+
+def _event(message: pb.Event) -> Event:
+    order = None
+    if message.HasField("order"):
+        order = Order(message.order.order_id, message.order.amount, message.order.currency_code, tuple(
+            OrderLine(i.sku, i.name, i.category, i.brand, i.quantity, i.unit_price) for i in message.order.items))
+    return Event(
+        message_id=message.message_id, event_type=int(message.type),
+        identifiers=tuple((i.type, i.value) for i in message.identifiers), event_name=message.event_name,
+        event_time=_optional_time(message, "event_time"), source=message.source,
+        source_kind=int(message.source_kind), party=int(message.party),
+        traits=json_format.MessageToDict(message.traits) if message.HasField("traits") else {},
+        properties=json_format.MessageToDict(message.properties) if message.HasField("properties") else {},
+        order=order, traits_bytes=message.traits.ByteSize(), properties_bytes=message.properties.ByteSize(),
+        payload=message.SerializeToString())
+
+
+def _selector(selector: common_pb2.PersonSelector, field_path: str) -> tuple[str, tuple[str, str] | None]:
+    which = selector.WhichOneof("selector")
+    if which == "person_id" and selector.person_id:
+        return selector.person_id, None
+    if which == "identifier" and selector.identifier.type and selector.identifier.value:
+        return "", (selector.identifier.type, selector.identifier.value)
+    raise InvalidArgument.for_field(field_path, "set exactly one of person_id or identifier (type and value)",
+                                    reason="PERSON_SELECTOR_EMPTY")
+
+
+# ---- domain to messages ---------------------------------------------------------------------------
+
+def _value(value: Any) -> struct_pb2.Value:
+    message = struct_pb2.Value()
+    json_format.ParseDict(value, message)
+    return message
+
+
+def _result(result: EventResult) -> pb.EventResult:
+    message = pb.EventResult(message_id=result.message_id, status=pb.EventStatus.ValueType(result.status),
+                             person_id=result.person_id)
+    if result.rejection is not None:
+        message.rejection_reason = pb.EventRejectionReason.ValueType(result.rejection.reason)
+        message.message = result.rejection.message
+    return message
+
+
+def _computed(computed: ComputedTraits) -> pb.ComputedTraits:
+    message = pb.ComputedTraits(
+        frequency=computed.frequency, monetary=computed.monetary, average_order_value=computed.average_order_value,
+        window_aggregates=[pb.WindowAggregate(event_name=w.event_name, window_days=w.window_days, count=w.count,
+                                              sum=w.sum) for w in computed.windows],
+        lifetime_value=computed.lifetime_value,
+        lifecycle_stage=pb.LifecycleStage.ValueType(computed.lifecycle_stage), event_count=computed.event_count)
+    message.as_of_time.FromDatetime(computed.as_of)
+    if computed.first_seen:
+        message.first_seen_time.FromDatetime(computed.first_seen)
+    if computed.last_seen:
+        message.last_seen_time.FromDatetime(computed.last_seen)
+    if computed.recency_days is not None:
+        message.recency_days = computed.recency_days
+    if computed.rfm is not None:
+        message.rfm.CopyFrom(pb.RfmScore(recency_score=computed.rfm.recency_score,
+                                         frequency_score=computed.rfm.frequency_score,
+                                         monetary_score=computed.rfm.monetary_score, segment=computed.rfm.segment))
+    return message
+
+
+def _profile(view: ProfileView) -> pb.Profile:
+    message = pb.Profile(name=f"profiles/{view.person_id}", person_id=view.person_id,
+                         identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in view.identifiers],
+                         merged_person_ids=view.merged_person_ids)
+    for name, trait in view.traits.items():
+        entry = message.traits[name]
+        entry.value.CopyFrom(_value(trait.value))
+        entry.event_time.FromDatetime(trait.event_time)
+        entry.source = trait.source
+        entry.party = common_pb2.DataParty.ValueType(trait.party)
+    if view.computed is not None:
+        computed = view.computed
+        message.computed.CopyFrom(_computed(computed))
+        message.preferences.CopyFrom(pb.Preferences(top_categories=computed.top_categories,
+                                                    top_brands=computed.top_brands))
+        for t in computed.transactions:
+            transaction = message.recent_transactions.add(order_id=t.order_id, amount=t.amount,
+                                                          currency_code=t.currency_code, item_count=t.item_count,
+                                                          message_id=t.message_id)
+            transaction.event_time.FromDatetime(t.event_time)
+    if view.update_time:
+        message.update_time.FromDatetime(view.update_time)
+    return message
+
+
+def _stored_event(event: TimelineEvent) -> pb.StoredEvent:
+    message = pb.StoredEvent(event=pb.Event.FromString(event.payload), person_id=event.person_id)
+    if event.receive_time:
+        message.receive_time.FromDatetime(event.receive_time)
+    return message
+
+
+def _change(change: ProfileChange) -> pb.ProfileChange:
+    message = pb.ProfileChange(cursor=change.cursor, person_id=change.person_id,
+                               type=pb.ProfileChangeType.ValueType(change.change_type),
+                               trait_names=change.trait_names, event_names=change.event_names,
+                               merged_person_ids=change.merged_person_ids)
+    message.change_time.FromDatetime(change.change_time)
+    return message
+
+
+# ---- read masks -----------------------------------------------------------------------------------
+
+class ReadMask:
+    """A validated read_mask: which Profile fields to fill, and which of them need which reads."""
+
+    def __init__(self, mask: field_mask_pb2.FieldMask, field_path: str = "read_mask") -> None:
+        self.paths = list(mask.paths)
+        self.trait_names: set[str] | None = None  # None: all traits
+        self._other_paths: list[str] = []
+        violations = Violations()
+        for index, path in enumerate(self.paths):
+            head, _, rest = path.partition(".")
+            if head not in _PROFILE_FIELDS or (rest and head not in ("traits", "computed")) or (
+                    head == "computed" and rest and rest not in _COMPUTED_FIELDS):
+                violations.add(f"{field_path}.paths[{index}]",
+                               f"unknown Profile field path {path!r}; e.g. traits, traits.<name>, computed, "
+                               "computed.frequency, preferences, recent_transactions, identifiers")
+            elif head == "traits" and rest:
+                if self.trait_names is None or "traits" not in self.paths:
+                    self.trait_names = (self.trait_names or set()) | {rest}
+            else:
+                self._other_paths.append(path)
+        violations.raise_if_any("the read mask names unknown fields", reason="INVALID_READ_MASK")
+        if "traits" in self.paths:
+            self.trait_names = None
+
+    def wants(self, *heads: str) -> bool:
+        return not self.paths or any(p.partition(".")[0] in heads for p in self.paths)
+
+    @property
+    def needs_events(self) -> bool:
+        return self.wants("computed", "preferences", "recent_transactions")
+
+    def apply(self, profile: pb.Profile) -> pb.Profile:
+        if not self.paths:
+            return profile
+        masked = pb.Profile()
+        if self._other_paths:
+            field_mask_pb2.FieldMask(paths=self._other_paths).MergeMessage(profile, masked)
+        if self.wants("traits"):
+            for name, trait in profile.traits.items():
+                if self.trait_names is None or name in self.trait_names:
+                    masked.traits[name].CopyFrom(trait)
+        return masked
+
+
+# ---- the servicer ---------------------------------------------------------------------------------
 
 class ProfileServicer(pb_grpc.ProfileServiceServicer):
-    def __init__(self, context: ServiceContext) -> None:
-        self._context = context
+    def __init__(self, profiles: Profiles) -> None:
+        self._profiles = profiles
+
+    def IngestEvents(self, request: pb.IngestEventsRequest, context: grpc.ServicerContext) -> pb.IngestEventsResponse:
+        _check_batch(len(request.events), "events")
+        return pb.IngestEventsResponse(results=[_result(r) for r in self._ingest(request.events)])
+
+    def StreamIngestEvents(self, request_iterator: Iterable[pb.StreamIngestEventsRequest],
+                           context: grpc.ServicerContext) -> pb.StreamIngestEventsResponse:
+        response = pb.StreamIngestEventsResponse()
+        for index, request in enumerate(request_iterator):
+            _check_batch(len(request.events), f"requests[{index}].events")
+            for result in self._ingest(request.events):
+                response.results.append(_result(result))
+                if result.status == EventStatus.ACCEPTED:
+                    response.accepted_count += 1
+                elif result.status == EventStatus.DUPLICATE:
+                    response.duplicate_count += 1
+                else:
+                    response.rejected_count += 1
+        return response
+
+    def _ingest(self, events: Iterable[pb.Event]) -> list[EventResult]:
+        return self._profiles.ingest([_event(e) for e in events])
+
+    def GetProfile(self, request: pb.GetProfileRequest, context: grpc.ServicerContext) -> pb.Profile:
+        mask = ReadMask(request.read_mask)
+        person_id, identifier = _selector(request.person, "person")
+        person = self._profiles.person(person_id, identifier)
+        return self._read(person, mask, _optional_time(request, "as_of_time"))
+
+    def BatchGetProfiles(self, request: pb.BatchGetProfilesRequest,
+                         context: grpc.ServicerContext) -> pb.BatchGetProfilesResponse:
+        if len(request.persons) > MAX_SELECTORS:
+            raise ResourceExhausted(f"{len(request.persons)} persons in one call; at most {MAX_SELECTORS} are allowed",
+                                    reason="BATCH_TOO_LARGE")
+        if not request.persons:
+            raise InvalidArgument.for_field("persons", "at least one selector is required")
+        mask = ReadMask(request.read_mask)
+        as_of = _optional_time(request, "as_of_time")
+        selectors = [_selector(s, f"persons[{i}]") for i, s in enumerate(request.persons)]
+        results = []
+        for person_id, identifier in selectors:
+            try:
+                person = self._profiles.person(person_id, identifier)
+            except NotFound:
+                results.append(pb.ProfileLookupResult(found=False))
+            else:
+                results.append(pb.ProfileLookupResult(found=True, profile=self._read(person, mask, as_of)))
+        return pb.BatchGetProfilesResponse(results=results)
+
+    def _read(self, person: PersonView, mask: ReadMask, as_of: datetime | None) -> pb.Profile:
+        view = self._profiles.view(person, as_of, with_events=mask.needs_events, with_traits=mask.wants("traits"))
+        return mask.apply(_profile(view))
+
+    def ListProfileEvents(self, request: pb.ListProfileEventsRequest,
+                          context: grpc.ServicerContext) -> pb.ListProfileEventsResponse:
+        start = _optional_time(request, "start_time")
+        end = _optional_time(request, "end_time")
+        if start and end and start >= end:
+            raise InvalidArgument.for_field("end_time", "must be after start_time", reason="EMPTY_TIME_RANGE")
+        page_size = _page_size(request.page_size)
+        after = _event_cursor(request.page_token)
+        person_id, identifier = _selector(request.person, "person")
+        person = self._profiles.person(person_id, identifier)
+        events, following = self._profiles.events_page(person, start, end, names=request.event_names, after=after,
+                                                       page_size=page_size)
+        token = f"{int(following[0].timestamp() * 1e6)}|{following[1]}" if following else ""
+        return pb.ListProfileEventsResponse(events=[_stored_event(e) for e in events], next_page_token=token)
+
+    def BatchWriteTraits(self, request: pb.BatchWriteTraitsRequest,
+                         context: grpc.ServicerContext) -> pb.BatchWriteTraitsResponse:
+        if len(request.writes) > MAX_TRAIT_WRITES:
+            raise ResourceExhausted(f"{len(request.writes)} writes in one call; at most {MAX_TRAIT_WRITES} are "
+                                    "allowed", reason="BATCH_TOO_LARGE")
+        violations = Violations()
+        violations.check(bool(request.writes), "writes", "at least one write is required")
+        for index, write in enumerate(request.writes):
+            violations.check(bool(write.person_id), f"writes[{index}].person_id", "required")
+            violations.check(bool(write.traits.fields), f"writes[{index}].traits", "at least one trait is required")
+            for name in write.traits.fields:
+                violations.check(0 < len(name) <= MAX_TRAIT_NAME_LENGTH, f"writes[{index}].traits",
+                                 f"trait names are 1-{MAX_TRAIT_NAME_LENGTH} characters")
+        violations.raise_if_any("some trait writes are invalid; nothing was written")
+        persons = self._profiles.identity.persons(list(dict.fromkeys(w.person_id for w in request.writes)))
+        for index, write in enumerate(request.writes):
+            violations.check(write.person_id in persons, f"writes[{index}].person_id",
+                             f"no person {write.person_id!r} (never issued, or erased)")
+        violations.raise_if_any("some trait writes name unknown persons; nothing was written",
+                                reason="UNKNOWN_PERSONS")
+        now = datetime.now(UTC)
+        writes = [TraitWrite(persons[w.person_id].person_id,
+                             {k: json_format.MessageToDict(v) for k, v in w.traits.fields.items()},
+                             _optional_time(w, "event_time") or now, w.source,
+                             int(w.party) or common_pb2.DATA_PARTY_FIRST) for w in request.writes]
+        return pb.BatchWriteTraitsResponse(written_count=self._profiles.write_traits(writes))
+
+    def ListProfileShards(self, request: pb.ListProfileShardsRequest,
+                          context: grpc.ServicerContext) -> pb.ListProfileShardsResponse:
+        count = request.shard_count or DEFAULT_SHARDS
+        if not 1 <= count <= MAX_SHARDS:
+            raise InvalidArgument.for_field("shard_count", f"must be 1-{MAX_SHARDS}")
+        return pb.ListProfileShardsResponse(shards=[format_shard(r) for r in split_ring(count)])
+
+    def ScanProfiles(self, request: pb.ScanProfilesRequest,
+                     context: grpc.ServicerContext) -> Iterator[pb.ScanProfilesResponse]:
+        start, end = parse_shard(request.shard, "shard")
+        mask = ReadMask(request.read_mask)
+        batch_size = _page_size(request.batch_size, "batch_size")
+        events_start = _optional_time(request, "events_start_time")
+        events_end = _optional_time(request, "events_end_time")
+        as_of = _optional_time(request, "as_of_time")
+        with_events = mask.needs_events or request.include_events
+        for views in self._profiles.scan(start, end, as_of, batch_size, with_events=with_events,
+                                         with_traits=mask.wants("traits")):
+            if mask.wants("identifiers"):
+                identities = self._profiles.identity.persons([v.person_id for v in views])
+                for view in views:
+                    if view.person_id in identities:
+                        view.identifiers = identities[view.person_id].identifiers
+            response = pb.ScanProfilesResponse()
+            for view in views:
+                scanned = response.profiles.add(profile=mask.apply(_profile(view)))
+                if request.include_events:
+                    scanned.events.extend(_stored_event(e) for e in reversed(view.events)
+                                          if (events_start is None or e.event_time >= events_start)
+                                          and (events_end is None or e.event_time < events_end))
+            yield response
+
+    def ListProfileChanges(self, request: pb.ListProfileChangesRequest,
+                           context: grpc.ServicerContext) -> pb.ListProfileChangesResponse:
+        changes, cursor = self._profiles.changes(parse_cursor(request.page_token), _page_size(request.page_size))
+        return pb.ListProfileChangesResponse(changes=[_change(c) for c in changes], next_page_token=str(cursor))
+
+    def WatchProfileChanges(self, request: pb.WatchProfileChangesRequest,
+                            context: grpc.ServicerContext) -> Iterator[pb.ProfileChange]:
+        cursor = parse_cursor(request.cursor, "cursor")
+        while context.is_active():
+            changes, cursor = self._profiles.changes(cursor, MAX_PAGE_SIZE)
+            yield from (_change(c) for c in changes)
+            if len(changes) < MAX_PAGE_SIZE:
+                time.sleep(WATCH_POLL_SECONDS)
+
+
+def _check_batch(count: int, field_path: str) -> None:
+    if count > MAX_EVENTS_PER_CALL:
+        raise ResourceExhausted(f"{count} events in one batch; at most {MAX_EVENTS_PER_CALL} are allowed, split it",
+                                reason="BATCH_TOO_LARGE")
+    if count == 0:
+        raise InvalidArgument.for_field(field_path, "at least one event is required", reason="EMPTY_BATCH")
+
+
+def _page_size(requested: int, field_path: str = "page_size") -> int:
+    if requested < 0:
+        raise InvalidArgument.for_field(field_path, "must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _event_cursor(token: str) -> tuple[datetime, str] | None:
+    if not token:
+        return None
+    micros, separator, message_id = token.partition("|")
+    if not separator or not micros.lstrip("-").isdigit() or not message_id:
+        raise InvalidArgument.for_field("page_token", "not a token returned by this method; start without one",
+                                        reason="INVALID_PAGE_TOKEN")
+    return datetime.fromtimestamp(int(micros) / 1e6, UTC), message_id
+
+
+class IdentityFollower:
+    """Applies the identity change feed to the stored profiles, in a background thread."""
+
+    def __init__(self, profiles: Profiles, poll_seconds: float = FOLLOW_POLL_SECONDS) -> None:
+        self._profiles = profiles
+        self._poll_seconds = poll_seconds
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="profile-identity-follower", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                applied = self._profiles.follow_identity()
+            except Exception:  # keep following: the next poll retries from the saved position
+                log.exception("applying identity changes failed; retrying")
+                applied = 0
+            if not applied:
+                self._stopping.wait(self._poll_seconds)
 
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
-    # Methods not built yet stay abstract in the typed stubs; at run time they answer UNIMPLEMENTED.
-    servicer = ProfileServicer(context)  # type: ignore[abstract]
+    profiles = Profiles(ProfileStore(context.session), GrpcIdentityResolver(identity_stub(context.grpc_settings)),
+                        ChangeFeed(context.session, FEED_COLUMNS))
+    follower = IdentityFollower(profiles)
+    follower.start()
+    context.on_stop(follower.stop)
+    servicer = ProfileServicer(profiles)
     return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_ProfileServiceServicer_to_server, servicer))]
 
 

@@ -65,9 +65,9 @@ def test_methods_not_built_yet_say_so(services: dict[str, RunningService]) -> No
     with grpc.insecure_channel(f"127.0.0.1:{services['prediction'].port}") as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.ListModels(prediction_service_pb2.ListModelsRequest(), timeout=5)
+            stub.BatchScorePersons(prediction_service_pb2.BatchScorePersonsRequest(), timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "PredictionService/ListModels is not implemented yet" in caught.value.details()
+    assert "PredictionService/BatchScorePersons is not implemented yet" in caught.value.details()
     with grpc.insecure_channel(f"127.0.0.1:{services['segmentation'].port}") as channel:
         segmentation = segmentation_service_pb2_grpc.SegmentationServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:

@@ -121,6 +121,11 @@ class _EventRejectionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_
     """
     EVENT_REJECTION_REASON_ERASED_IDENTIFIER: _EventRejectionReason.ValueType  # 8
     """An identifier of the event was erased for a privacy request."""
+    EVENT_REJECTION_REASON_INVALID_FIELD: _EventRejectionReason.ValueType  # 9
+    """A field is outside its documented range: `event_name` or `source` longer than 128
+    characters, an order amount that is not a finite number, an item quantity below 1, a
+    currency code that is not 3 letters.
+    """
 
 class EventRejectionReason(_EventRejectionReason, metaclass=_EventRejectionReasonEnumTypeWrapper):
     """Why an event was rejected."""
@@ -145,6 +150,11 @@ order events, 2+ identifiers for alias.
 """
 EVENT_REJECTION_REASON_ERASED_IDENTIFIER: EventRejectionReason.ValueType  # 8
 """An identifier of the event was erased for a privacy request."""
+EVENT_REJECTION_REASON_INVALID_FIELD: EventRejectionReason.ValueType  # 9
+"""A field is outside its documented range: `event_name` or `source` longer than 128
+characters, an order amount that is not a finite number, an item quantity below 1, a
+currency code that is not 3 letters.
+"""
 Global___EventRejectionReason: _TypeAlias = EventRejectionReason  # noqa: Y015
 
 class _LifecycleStage:

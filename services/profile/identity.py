@@ -1,0 +1,218 @@
+"""How the profile service asks the identity service who an event belongs to.
+
+`IdentityResolver` is the seam the domain code sees; `GrpcIdentityResolver` implements it over the
+identity service's gRPC API, batched: events with one identifier are looked up (cheap reads, nothing
+to link), the rest are linked in one LinkIdentifiers call. Invalid identifiers come back as
+INVALID_ARGUMENT with a field violation per bad observation; those events are rejected one by one
+and the rest of the batch is sent again, so one bad event never sinks its batch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from onecdp.common.v1 import common_pb2
+from onecdp.identity.v1 import identity_service_pb2 as identity_pb
+from onecdp.identity.v1 import identity_service_pb2_grpc as identity_grpc
+
+from shared import deadline
+from shared.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
+
+_ERASED_GUARD = identity_pb.GUARD_KIND_ERASED
+_OBSERVATION_INDEX = re.compile(r"^(?:observations|persons)\[(\d+)\]")
+# How many times a batch is re-sent after dropping the observations identity named as invalid.
+_MAX_INVALID_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class Observation:
+    message_id: str
+    identifiers: tuple[tuple[str, str], ...]
+    source: str = ""
+    source_kind: int = 0
+    event_time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Who an observation belongs to: `person_id` is empty when no identifier was usable."""
+
+    person_id: str = ""
+    merged_person_ids: list[str] = field(default_factory=list)
+    erased: bool = False
+    invalid: str = ""
+
+
+@dataclass(frozen=True)
+class PersonView:
+    person_id: str
+    identifiers: list[tuple[str, str]]
+    merged_person_ids: list[str]
+
+
+@dataclass(frozen=True)
+class IdentityChange:
+    cursor: str
+    change_type: int  # onecdp.identity.v1.IdentityChangeType
+    source_person_ids: list[str]
+    result_person_ids: list[str]
+
+
+class IdentityResolver(Protocol):
+    def resolve(self, observations: Sequence[Observation]) -> list[Resolution]: ...
+
+    def person(self, person_id: str = "", identifier: tuple[str, str] | None = None) -> PersonView: ...
+
+    def persons(self, person_ids: Sequence[str]) -> dict[str, PersonView]: ...
+
+    def changes(self, cursor: str, limit: int) -> tuple[list[IdentityChange], str]: ...
+
+
+class GrpcIdentityResolver:
+    def __init__(self, stub: identity_grpc.IdentityServiceStub) -> None:
+        self._stub = stub
+
+    def resolve(self, observations: Sequence[Observation]) -> list[Resolution]:
+        results: list[Resolution | None] = [None] * len(observations)
+        singles = [i for i, o in enumerate(observations) if len(set(o.identifiers)) == 1]
+        found = self._lookup_singles([observations[i] for i in singles])
+        for index, resolution in zip(singles, found, strict=True):
+            results[index] = resolution
+        pending = [i for i, r in enumerate(results) if r is None]
+        for index, resolution in zip(pending, self._link([observations[i] for i in pending]), strict=True):
+            results[index] = resolution
+        return [r or Resolution() for r in results]
+
+    def _lookup_singles(self, observations: Sequence[Observation]) -> list[Resolution | None]:
+        """Persons of single-identifier observations; None where nobody holds the identifier yet."""
+        results: list[Resolution | None] = [None] * len(observations)
+        selectors = {i: common_pb2.PersonSelector(identifier=common_pb2.Identifier(
+            type=o.identifiers[0][0], value=o.identifiers[0][1])) for i, o in enumerate(observations)}
+        for _ in range(_MAX_INVALID_ROUNDS):
+            if not selectors:
+                break
+            order = sorted(selectors)
+            try:
+                request = identity_pb.BatchLookupPersonsRequest(persons=[selectors[i] for i in order])
+                response: identity_pb.BatchLookupPersonsResponse = self._call(self._stub.BatchLookupPersons, request)
+            except _InvalidObservations as error:
+                for position, message in error.messages.items():
+                    results[order[position]] = Resolution(invalid=message)
+                    selectors.pop(order[position])
+                continue
+            for position, result in enumerate(response.results):
+                if result.found:
+                    results[order[position]] = Resolution(person_id=result.person.person_id)
+            break
+        return results
+
+    def _link(self, observations: Sequence[Observation]) -> list[Resolution]:
+        results = [Resolution() for _ in observations]
+        remaining = dict(enumerate(observations))
+        for _ in range(_MAX_INVALID_ROUNDS):
+            if not remaining:
+                break
+            order = sorted(remaining)
+            request = identity_pb.LinkIdentifiersRequest(observations=[_observation(remaining[i]) for i in order])
+            try:
+                response: identity_pb.LinkIdentifiersResponse = self._call(self._stub.LinkIdentifiers, request)
+            except _InvalidObservations as error:
+                for position, message in error.messages.items():
+                    results[order[position]] = Resolution(invalid=message)
+                    remaining.pop(order[position])
+                continue
+            for position, result in enumerate(response.results):
+                results[order[position]] = Resolution(
+                    person_id=result.person_id, merged_person_ids=list(result.merged_person_ids),
+                    erased=any(d.guard == _ERASED_GUARD for d in result.guard_decisions))
+            break
+        return results
+
+    def person(self, person_id: str = "", identifier: tuple[str, str] | None = None) -> PersonView:
+        selector = (common_pb2.PersonSelector(identifier=common_pb2.Identifier(type=identifier[0], value=identifier[1]))
+                    if identifier else common_pb2.PersonSelector(person_id=person_id))
+        return _person_view(self._call(self._stub.LookupPerson, identity_pb.LookupPersonRequest(person=selector)))
+
+    def persons(self, person_ids: Sequence[str]) -> dict[str, PersonView]:
+        if not person_ids:
+            return {}
+        request = identity_pb.BatchLookupPersonsRequest(
+            persons=[common_pb2.PersonSelector(person_id=p) for p in person_ids])
+        response: identity_pb.BatchLookupPersonsResponse = self._call(self._stub.BatchLookupPersons, request)
+        return {p: _person_view(r.person) for p, r in zip(person_ids, response.results, strict=True) if r.found}
+
+    def changes(self, cursor: str, limit: int) -> tuple[list[IdentityChange], str]:
+        response: identity_pb.ListIdentityChangesResponse = self._call(self._stub.ListIdentityChanges,
+                              identity_pb.ListIdentityChangesRequest(page_size=limit, page_token=cursor))
+        return ([IdentityChange(c.cursor, c.type, list(c.source_person_ids), list(c.result_person_ids))
+                 for c in response.changes], response.next_page_token)
+
+    def _call(self, method: Callable[..., Any], request: Any) -> Any:
+        left = deadline.remaining()
+        try:
+            return method(request, timeout=left if left is not None and left > 0 else None)
+        except grpc.RpcError as error:
+            raise _translate(error) from error
+
+
+class _InvalidObservations(Exception):
+    """INVALID_ARGUMENT from identity naming observations: their index in the request -> why."""
+
+    def __init__(self, messages: dict[int, str]) -> None:
+        super().__init__(f"{len(messages)} invalid observations")
+        self.messages = messages
+
+
+def _translate(error: grpc.RpcError) -> Exception:
+    code = error.code()
+    details = error.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        messages = _violations_by_observation(error)
+        if messages:
+            return _InvalidObservations(messages)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details, reason="PERSON_NOT_FOUND")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded("the identity service did not answer within the caller's deadline; retry with a "
+                                "longer deadline", reason="IDENTITY_DEADLINE")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(f"the identity service refused the batch: {details}", reason="IDENTITY_EXHAUSTED")
+    return Unavailable(f"the identity service could not resolve identifiers ({code.name}: {details}); retry with "
+                       "backoff", reason="IDENTITY_UNAVAILABLE")
+
+
+def _violations_by_observation(error: grpc.RpcError) -> dict[int, str]:
+    status = rpc_status.from_call(error)
+    messages: dict[int, str] = {}
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            for violation in bad_request.field_violations:
+                match = _OBSERVATION_INDEX.match(violation.field)
+                if match:
+                    field_path = violation.field[match.end():].lstrip(".")
+                    messages.setdefault(int(match.group(1)), f"{field_path}: {violation.description}")
+    return messages
+
+
+def _observation(observation: Observation) -> identity_pb.Observation:
+    message = identity_pb.Observation(
+        identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in observation.identifiers],
+        provenance=identity_pb.Provenance(message_id=observation.message_id, source=observation.source,
+                                          source_kind=common_pb2.SourceKind.ValueType(observation.source_kind)))
+    if observation.event_time is not None:
+        message.provenance.event_time.FromDatetime(observation.event_time)
+    return message
+
+
+def _person_view(person: identity_pb.Person) -> PersonView:
+    return PersonView(person.person_id, [(i.type, i.value) for i in person.identifiers],
+                      list(person.merged_person_ids))

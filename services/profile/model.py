@@ -1,0 +1,270 @@
+"""The profile service's domain types and the validation of incoming events.
+
+Plain data, no grpc: the gRPC adapter (server.py) turns onecdp.profile.v1 messages into these and
+back. An event keeps its serialized form (`payload`) so it can be returned exactly as ingested.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum
+from typing import Any
+
+MAX_MESSAGE_ID_LENGTH = 128
+MAX_NAME_LENGTH = 128
+MAX_IDENTIFIERS = 32
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_ORDER_ITEMS = 500
+EARLIEST_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC)
+MAX_FUTURE_SKEW = timedelta(days=1)
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+class EventType(IntEnum):
+    # Values match onecdp.profile.v1.EventType.
+    IDENTIFY = 1
+    TRACK = 2
+    PAGE = 3
+    SCREEN = 4
+    ALIAS = 5
+    ORDER = 6
+
+
+class EventStatus(IntEnum):
+    # Values match onecdp.profile.v1.EventStatus.
+    ACCEPTED = 1
+    DUPLICATE = 2
+    REJECTED = 3
+
+
+class RejectionReason(IntEnum):
+    # Values match onecdp.profile.v1.EventRejectionReason.
+    BAD_MESSAGE_ID = 1
+    UNKNOWN_TYPE = 2
+    BAD_TIMESTAMP = 3
+    MISSING_IDENTIFIER = 4
+    INVALID_IDENTIFIER = 5
+    OVERSIZED_PAYLOAD = 6
+    MISSING_FIELD = 7
+    ERASED_IDENTIFIER = 8
+    INVALID_FIELD = 9
+
+
+class ChangeType(IntEnum):
+    # Values match onecdp.profile.v1.ProfileChangeType.
+    TRAITS = 1
+    EVENTS = 2
+    MERGE = 3
+    SPLIT = 4
+    ERASE = 5
+
+
+@dataclass(frozen=True)
+class OrderLine:
+    sku: str
+    name: str
+    category: str
+    brand: str
+    quantity: int
+    unit_price: float
+
+
+@dataclass(frozen=True)
+class Order:
+    order_id: str
+    amount: float
+    currency_code: str
+    items: tuple[OrderLine, ...] = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    """An incoming event, as the adapter decoded it."""
+
+    message_id: str
+    event_type: int
+    identifiers: tuple[tuple[str, str], ...]
+    event_name: str
+    event_time: datetime | None
+    source: str
+    source_kind: int
+    party: int
+    traits: dict[str, Any]
+    properties: dict[str, Any]
+    order: Order | None
+    # Serialized sizes of traits and properties (the limit is on what the client sent).
+    traits_bytes: int
+    properties_bytes: int
+    # The event as ingested (the serialized onecdp.profile.v1.Event), returned by reads as is.
+    payload: bytes
+
+    @property
+    def name(self) -> str:
+        """The name the timeline and window aggregates use: `order` for orders without a name."""
+        if self.event_type == EventType.ORDER and not self.event_name:
+            return "order"
+        if self.event_type == EventType.IDENTIFY and not self.event_name:
+            return "identify"
+        if self.event_type == EventType.ALIAS and not self.event_name:
+            return "alias"
+        return self.event_name
+
+    @property
+    def amount(self) -> float | None:
+        """Order amount, or a numeric `revenue` property: what window sums and monetary add up."""
+        if self.order is not None:
+            return self.order.amount
+        revenue = self.properties.get("revenue")
+        return float(revenue) if isinstance(revenue, int | float) and math.isfinite(revenue) else None
+
+    def preference_weights(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Category and brand weights this event contributes to preferences (items weigh by quantity)."""
+        categories: dict[str, int] = {}
+        brands: dict[str, int] = {}
+        if self.order is not None:
+            for item in self.order.items:
+                if item.category:
+                    categories[item.category] = categories.get(item.category, 0) + item.quantity
+                if item.brand:
+                    brands[item.brand] = brands.get(item.brand, 0) + item.quantity
+        for key, weights in (("category", categories), ("brand", brands)):
+            value = self.properties.get(key)
+            if isinstance(value, str) and value:
+                weights[value] = weights.get(value, 0) + 1
+        return categories, brands
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: RejectionReason
+    message: str
+
+
+@dataclass(frozen=True)
+class EventResult:
+    message_id: str
+    status: EventStatus
+    person_id: str = ""
+    rejection: Rejection | None = None
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """An event as stored on a person's timeline."""
+
+    message_id: str
+    person_id: str
+    event_type: int
+    event_name: str
+    event_time: datetime
+    order_id: str
+    amount: float | None
+    currency_code: str
+    item_count: int
+    categories: dict[str, int]
+    brands: dict[str, int]
+    payload: bytes
+    receive_time: datetime | None
+
+
+@dataclass(frozen=True)
+class TraitValue:
+    """The current value of a trait: its latest write by event time."""
+
+    name: str
+    value: Any
+    event_time: datetime
+    source: str
+    party: int
+
+
+@dataclass(frozen=True)
+class TraitWrite:
+    """One write of traits for a person (BatchWriteTraits); a None value deletes the trait."""
+
+    person_id: str
+    traits: dict[str, Any]
+    event_time: datetime
+    source: str
+    party: int
+
+
+@dataclass
+class ProfileRecord:
+    """Everything stored for one person (the survivor of merges)."""
+
+    person_id: str
+    traits: dict[str, TraitValue] = field(default_factory=dict)
+    events: list[TimelineEvent] = field(default_factory=list)
+    merged_person_ids: list[str] = field(default_factory=list)
+    update_time: datetime | None = None
+
+
+def validate(event: Event, now: datetime) -> Rejection | None:
+    """Why the event cannot be stored, or None. Identifier values are checked by the identity service."""
+    if not 0 < len(event.message_id) <= MAX_MESSAGE_ID_LENGTH:
+        return Rejection(RejectionReason.BAD_MESSAGE_ID,
+                         f"message_id must be 1-{MAX_MESSAGE_ID_LENGTH} characters, got {len(event.message_id)}")
+    if event.event_type not in EventType.__members__.values():
+        return Rejection(RejectionReason.UNKNOWN_TYPE,
+                         f"type {event.event_type} is not one of IDENTIFY, TRACK, PAGE, SCREEN, ALIAS, ORDER")
+    if event.event_time is None:
+        return Rejection(RejectionReason.BAD_TIMESTAMP, "event_time is required")
+    if event.event_time > now + MAX_FUTURE_SKEW:
+        return Rejection(RejectionReason.BAD_TIMESTAMP,
+                         f"event_time {event.event_time.isoformat()} is more than 1 day in the future")
+    if event.event_time < EARLIEST_EVENT_TIME:
+        return Rejection(RejectionReason.BAD_TIMESTAMP,
+                         f"event_time {event.event_time.isoformat()} is before 1990-01-01")
+    if not event.identifiers:
+        return Rejection(RejectionReason.MISSING_IDENTIFIER, "at least one identifier is required")
+    if len(event.identifiers) > MAX_IDENTIFIERS:
+        return Rejection(RejectionReason.INVALID_IDENTIFIER,
+                         f"{len(event.identifiers)} identifiers; at most {MAX_IDENTIFIERS} are allowed")
+    for index, (type_name, value) in enumerate(event.identifiers):
+        if not type_name or not value:
+            return Rejection(RejectionReason.INVALID_IDENTIFIER, f"identifiers[{index}] needs a type and a value")
+    for name, size in (("traits", event.traits_bytes), ("properties", event.properties_bytes)):
+        if size > MAX_PAYLOAD_BYTES:
+            return Rejection(RejectionReason.OVERSIZED_PAYLOAD,
+                             f"{name} are {size} bytes serialized; at most {MAX_PAYLOAD_BYTES} are allowed")
+    return _check_fields(event)
+
+
+def _check_fields(event: Event) -> Rejection | None:
+    if event.event_type in (EventType.TRACK, EventType.PAGE, EventType.SCREEN) and not event.event_name:
+        return Rejection(RejectionReason.MISSING_FIELD, f"{EventType(event.event_type).name.lower()} events need "
+                                                        "an event_name")
+    if event.event_type == EventType.ALIAS and len(set(event.identifiers)) < 2:
+        return Rejection(RejectionReason.MISSING_FIELD, "alias events need at least 2 distinct identifiers")
+    for name, text in (("event_name", event.event_name), ("source", event.source)):
+        if len(text) > MAX_NAME_LENGTH:
+            return Rejection(RejectionReason.INVALID_FIELD,
+                             f"{name} is {len(text)} characters; at most {MAX_NAME_LENGTH} are allowed")
+    if event.event_type != EventType.ORDER:
+        return None
+    order = event.order
+    if order is None or not order.order_id:
+        return Rejection(RejectionReason.MISSING_FIELD, "order events need an order with an order_id")
+    if len(order.order_id) > MAX_NAME_LENGTH:
+        return Rejection(RejectionReason.INVALID_FIELD, f"order.order_id is longer than {MAX_NAME_LENGTH} characters")
+    if len(order.items) > MAX_ORDER_ITEMS:
+        return Rejection(RejectionReason.OVERSIZED_PAYLOAD,
+                         f"{len(order.items)} order items; at most {MAX_ORDER_ITEMS} are allowed")
+    if not math.isfinite(order.amount):
+        return Rejection(RejectionReason.INVALID_FIELD, "order.amount must be a finite number")
+    if order.currency_code and not _CURRENCY.match(order.currency_code):
+        return Rejection(RejectionReason.INVALID_FIELD,
+                         f"order.currency_code {order.currency_code!r} is not an ISO 4217 code like USD")
+    for index, item in enumerate(order.items):
+        if item.quantity < 1:
+            return Rejection(RejectionReason.INVALID_FIELD, f"order.items[{index}].quantity must be at least 1")
+    return None
+
+
+def bucket_of(when: datetime) -> int:
+    """The timeline partition (month) of an event time, as yyyymm."""
+    return when.year * 100 + when.month

@@ -1,0 +1,306 @@
+"""The profile service's domain: ingest events, read profiles, follow identity merges, splits and erasures.
+
+A profile is derived on read from what is stored under a person: the timeline, the trait writes,
+and the rows of persons merged into it. Identity decides who is who; this module keeps the stored
+rows where identity says they belong:
+- ingest resolves each event's identifiers through identity (batched), applies the merges identity
+  reports at once (so a read right after sees the merged profile), and stores the event under the
+  person it now belongs to;
+- `follow_identity` applies the identity change feed: merges move the losers' rows to the winner,
+  splits re-resolve every event of the split person and move those that now belong elsewhere,
+  erasures delete everything. Each step is idempotent, so replaying the feed is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from services.profile.computed import ComputedTraits, LifecyclePolicy, compute
+from services.profile.identity import IdentityResolver, Observation, PersonView, Resolution
+from services.profile.model import (
+    ChangeType,
+    Event,
+    EventResult,
+    EventStatus,
+    EventType,
+    Rejection,
+    RejectionReason,
+    TimelineEvent,
+    TraitValue,
+    TraitWrite,
+    validate,
+)
+from services.profile.store import ProfileRow, ProfileStore
+from shared.changefeed import ChangeFeed
+
+log = logging.getLogger(__name__)
+
+FEED_COLUMNS = ("person_id", "change_type", "trait_names", "event_names", "merged_person_ids")
+IDENTITY_FEED = "identity"
+DEFAULT_POLICY = LifecyclePolicy()
+# onecdp.identity.v1.IdentityChangeType values.
+IDENTITY_MERGE, IDENTITY_SPLIT, IDENTITY_ERASE = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class ProfileChange:
+    cursor: str
+    person_id: str
+    change_time: datetime
+    change_type: ChangeType
+    trait_names: list[str]
+    event_names: list[str]
+    merged_person_ids: list[str]
+
+
+@dataclass
+class ProfileView:
+    """A person's profile as read: what the gRPC Profile message shows."""
+
+    person_id: str
+    identifiers: list[tuple[str, str]]
+    traits: dict[str, TraitValue]
+    computed: ComputedTraits | None
+    events: list[TimelineEvent]
+    merged_person_ids: list[str]
+    update_time: datetime | None
+
+
+@dataclass
+class _PersonChanges:
+    trait_names: set[str] = field(default_factory=set)
+    event_names: set[str] = field(default_factory=set)
+
+
+class Profiles:
+    def __init__(self, store: ProfileStore, identity: IdentityResolver, feed: ChangeFeed,
+                 policy: LifecyclePolicy = DEFAULT_POLICY,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.store = store
+        self.identity = identity
+        self.feed = feed
+        self.policy = policy
+        self._clock = clock
+
+    # ---- ingestion --------------------------------------------------------------------------------
+
+    def ingest(self, events: Sequence[Event]) -> list[EventResult]:
+        """Store a batch of events; one result per event, in order. Rejected events write nothing."""
+        now = self._clock()
+        results: list[EventResult | None] = [None] * len(events)
+        first_of: dict[str, int] = {}
+        for index, event in enumerate(events):
+            rejection = validate(event, now)
+            if rejection is not None:
+                results[index] = _rejected(event, rejection)
+            elif event.message_id in first_of:
+                results[index] = EventResult(event.message_id, EventStatus.DUPLICATE)
+            else:
+                first_of[event.message_id] = index
+        stored = self.store.stored_events(first_of)
+        for message_id, ref in stored.items():
+            results[first_of[message_id]] = EventResult(message_id, EventStatus.DUPLICATE, ref.person_id)
+        pending = [i for m, i in first_of.items() if m not in stored]
+        resolutions = self.identity.resolve([_observation(events[i]) for i in pending])
+        accepted: list[tuple[Event, str]] = []
+        merges: dict[str, set[str]] = {}
+        for index, resolution in zip(pending, resolutions, strict=True):
+            event = events[index]
+            rejection = _identity_rejection(resolution)
+            if rejection is not None:
+                results[index] = _rejected(event, rejection)
+                continue
+            accepted.append((event, resolution.person_id))
+            if resolution.merged_person_ids:
+                merges.setdefault(resolution.person_id, set()).update(resolution.merged_person_ids)
+            results[index] = EventResult(event.message_id, EventStatus.ACCEPTED, resolution.person_id)
+        for winner, losers in sorted(merges.items()):
+            self.apply_merge(winner, sorted(losers))
+        if accepted:
+            self.store.write_events(accepted, now)
+            self._record_ingest(accepted)
+        # Duplicates within the batch report the person of the event they repeat.
+        person_of = {r.message_id: r.person_id for r in results if r is not None and r.person_id}
+        return [r if r is not None and (r.person_id or r.status != EventStatus.DUPLICATE)
+                else EventResult(events[i].message_id, EventStatus.DUPLICATE, person_of.get(events[i].message_id, ""))
+                for i, r in enumerate(results)]
+
+    def _record_ingest(self, accepted: Sequence[tuple[Event, str]]) -> None:
+        changes: dict[str, _PersonChanges] = {}
+        for event, person_id in accepted:
+            change = changes.setdefault(person_id, _PersonChanges())
+            change.event_names.add(event.name)
+            if event.event_type == EventType.IDENTIFY:
+                change.trait_names.update(event.traits)
+        for person_id, change in sorted(changes.items()):
+            self._record(person_id, ChangeType.EVENTS, trait_names=change.trait_names,
+                         event_names=change.event_names)
+
+    def write_traits(self, writes: Sequence[TraitWrite]) -> int:
+        now = self._clock()
+        written = self.store.write_traits(writes, now)
+        for write in writes:
+            self._record(write.person_id, ChangeType.TRAITS, trait_names=set(write.traits))
+        return written
+
+    # ---- reading ----------------------------------------------------------------------------------
+
+    def person(self, person_id: str = "", identifier: tuple[str, str] | None = None) -> PersonView:
+        """The person (the survivor of merges) by id or identifier; NotFound when nobody matches."""
+        return self.identity.person(person_id, identifier)
+
+    def partitions(self, person_id: str) -> tuple[list[str], ProfileRow | None]:
+        """Every person id whose rows make up this person's profile (itself first), and its profile row.
+
+        The merged ids are this service's own record of the merges it applied (at ingest, or from
+        the identity feed), not identity's list: after a split identity may still name a person that
+        owns its rows again.
+        """
+        row = self.store.profile_row(person_id)
+        merged = row.merged_person_ids if row else []
+        return [person_id, *dict.fromkeys(m for m in merged if m != person_id)], row
+
+    def view(self, person: PersonView, as_of: datetime | None, *, with_events: bool = True,
+             with_traits: bool = True) -> ProfileView:
+        partitions, row = self.partitions(person.person_id)
+        return self._view(person.person_id, person.identifiers, partitions, row, as_of, with_events=with_events,
+                          with_traits=with_traits)
+
+    def _view(self, person_id: str, identifiers: list[tuple[str, str]], partitions: list[str],
+              row: ProfileRow | None, as_of: datetime | None, *, with_events: bool, with_traits: bool) -> ProfileView:
+        events = self.store.timeline(partitions) if with_events else []
+        return ProfileView(
+            person_id=person_id, identifiers=identifiers,
+            traits=self.store.traits(partitions) if with_traits else {},
+            computed=compute(events, as_of or self._clock(), self.policy) if with_events else None,
+            events=events, merged_person_ids=partitions[1:], update_time=row.update_time if row else None)
+
+    def events_page(self, person: PersonView, start: datetime | None, end: datetime | None, *,
+                    names: Sequence[str], after: tuple[datetime, str] | None, page_size: int,
+                    ) -> tuple[list[TimelineEvent], tuple[datetime, str] | None]:
+        """A page of the person's events, newest first, and where the next page starts (None at the end)."""
+        partitions, _ = self.partitions(person.person_id)
+        wanted = set(names)
+        selected = [e for e in self.store.timeline(partitions)
+                    if (start is None or e.event_time >= start) and (end is None or e.event_time < end)
+                    and (not wanted or e.event_name in wanted)
+                    and (after is None or (e.event_time, e.message_id) < after)]
+        page = selected[:page_size]
+        following = (page[-1].event_time, page[-1].message_id) if len(selected) > page_size else None
+        return page, following
+
+    def scan(self, start_token: int, end_token: int, as_of: datetime | None, batch_size: int, *,
+             with_events: bool = True, with_traits: bool = True) -> Iterator[list[ProfileView]]:
+        """The profiles of one token range, in batches; persons merged into others and erased ones are skipped."""
+        batch: list[ProfileRow] = []
+        for row in self.store.scan(start_token, end_token, batch_size):
+            if row.merged_into or row.erased:
+                continue
+            batch.append(row)
+            if len(batch) >= batch_size:
+                yield self._views(batch, as_of, with_events, with_traits)
+                batch = []
+        if batch:
+            yield self._views(batch, as_of, with_events, with_traits)
+
+    def _views(self, rows: Sequence[ProfileRow], as_of: datetime | None, with_events: bool,
+               with_traits: bool) -> list[ProfileView]:
+        return [self._view(r.person_id, [], [r.person_id, *r.merged_person_ids], r, as_of,
+                           with_events=with_events, with_traits=with_traits) for r in rows]
+
+    # ---- following identity -----------------------------------------------------------------------
+
+    def apply_merge(self, winner: str, losers: Sequence[str]) -> None:
+        """Move the losers' rows (and those of persons merged into them before) to the winner."""
+        now = self._clock()
+        moved: list[str] = []
+        for loser in losers:
+            if loser == winner:
+                continue
+            partitions, _ = self.partitions(loser)
+            self.store.move_events([(e, winner) for e in self.store.timeline(partitions)])
+            for partition in partitions:
+                self.store.copy_direct_traits(partition, winner)
+                self.store.mark_merged(partition, winner, now)
+                moved.append(partition)
+        if moved:
+            self._record(winner, ChangeType.MERGE, merged_person_ids=moved)
+
+    def apply_split(self, source: str, results: Sequence[str]) -> None:
+        """Re-resolve every event stored under `source` and move those identity now gives to someone else."""
+        partitions, _ = self.partitions(source)
+        events = self.store.timeline(partitions)
+        refs = self.store.stored_events(e.message_id for e in events)
+        observations = [Observation(e.message_id, tuple(refs[e.message_id].identifiers)) for e in events
+                        if e.message_id in refs]
+        targets = {o.message_id: r.person_id
+                   for o, r in zip(observations, self.identity.resolve(observations), strict=True)}
+        self.store.move_events([(e, targets.get(e.message_id) or source) for e in events])
+        persons = list(dict.fromkeys([source, *results]))
+        self.store.mark_split(persons, self._clock())
+        for person_id in persons:
+            self._record(person_id, ChangeType.SPLIT)
+
+    def apply_erase(self, person_id: str) -> int:
+        partitions, _ = self.partitions(person_id)
+        erased = self.store.erase(partitions, self._clock())
+        self._record(person_id, ChangeType.ERASE)
+        return erased
+
+    def follow_identity(self, limit: int = 500) -> int:
+        """Apply the next page of identity changes; returns how many were applied."""
+        cursor = self.store.feed_position(IDENTITY_FEED)
+        changes, next_cursor = self.identity.changes(cursor, limit)
+        for change in changes:
+            if change.change_type == IDENTITY_MERGE and change.result_person_ids:
+                winner = change.result_person_ids[0]
+                self.apply_merge(winner, [p for p in change.source_person_ids if p != winner])
+            elif change.change_type == IDENTITY_SPLIT and change.source_person_ids:
+                self.apply_split(change.source_person_ids[0], change.result_person_ids)
+            elif change.change_type == IDENTITY_ERASE:
+                for person_id in change.source_person_ids:
+                    self.apply_erase(person_id)
+            self.store.save_feed_position(IDENTITY_FEED, change.cursor, self._clock())
+        if next_cursor and next_cursor != cursor:
+            self.store.save_feed_position(IDENTITY_FEED, next_cursor, self._clock())
+        return len(changes)
+
+    # ---- the profile change feed ------------------------------------------------------------------
+
+    def _record(self, person_id: str, change_type: ChangeType, *, trait_names: set[str] | None = None,
+                event_names: set[str] | None = None, merged_person_ids: Sequence[str] = ()) -> None:
+        self.feed.record((person_id, int(change_type), sorted(trait_names or ()), sorted(event_names or ()),
+                          list(merged_person_ids)))
+
+    def changes(self, after: uuid.UUID | None, limit: int) -> tuple[list[ProfileChange], uuid.UUID]:
+        entries, cursor = self.feed.read(after, limit)
+        return [ProfileChange(str(e.change_id), e.row.person_id, e.change_time, ChangeType(e.row.change_type),
+                              list(e.row.trait_names or ()), list(e.row.event_names or ()),
+                              list(e.row.merged_person_ids or ())) for e in entries], cursor
+
+
+def _observation(event: Event) -> Observation:
+    return Observation(event.message_id, event.identifiers, event.source, event.source_kind, event.event_time)
+
+
+def _rejected(event: Event, rejection: Rejection) -> EventResult:
+    return EventResult(event.message_id, EventStatus.REJECTED, rejection=rejection)
+
+
+def _identity_rejection(resolution: Resolution) -> Rejection | None:
+    if resolution.invalid:
+        return Rejection(RejectionReason.INVALID_IDENTIFIER, resolution.invalid)
+    # Privacy first: an event naming an erased identifier is not stored, even when another of its
+    # identifiers would give it a person, since it would bring the erased person's behaviour back.
+    if resolution.erased:
+        return Rejection(RejectionReason.ERASED_IDENTIFIER,
+                         "an identifier of the event was erased by a privacy request; it is not stored again")
+    if resolution.person_id:
+        return None
+    return Rejection(RejectionReason.MISSING_IDENTIFIER,
+                     "no usable identifier: every identifier is a blocked junk value or was erased")
+

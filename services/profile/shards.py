@@ -1,0 +1,38 @@
+"""Shards of the profile table for parallel full scans: equal slices of the Murmur3 token ring.
+
+A shard is the token range (start, end]; together the ranges of `split_ring(n)` cover the ring
+exactly once. The token is opaque to callers (`"<start>:<end>"`), so the split can change later
+(e.g. to follow the cluster's own token ranges) without changing the API.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from shared.errors import InvalidArgument
+
+MIN_TOKEN = -(2**63)
+MAX_TOKEN = 2**63 - 1
+
+
+def split_ring(count: int) -> list[tuple[int, int]]:
+    """`count` contiguous (start, end] ranges covering every Murmur3 token."""
+    span = MAX_TOKEN - MIN_TOKEN
+    bounds = [MIN_TOKEN + span * i // count for i in range(count)] + [MAX_TOKEN]
+    return list(itertools.pairwise(bounds))
+
+
+def format_shard(token_range: tuple[int, int]) -> str:
+    return f"{token_range[0]}:{token_range[1]}"
+
+
+def parse_shard(shard: str, field_path: str) -> tuple[int, int]:
+    start_text, separator, end_text = shard.partition(":")
+    try:
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        start = end = 0
+    if not separator or not MIN_TOKEN <= start < end <= MAX_TOKEN:
+        raise InvalidArgument.for_field(field_path, "not a shard returned by ListProfileShards",
+                                        reason="INVALID_SHARD")
+    return start, end

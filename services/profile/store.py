@@ -1,0 +1,267 @@
+"""Profile storage in Cassandra: timelines, trait writes, profile rows, and moving them between persons.
+
+Every row is keyed so that writing it again overwrites itself (events by message id, trait writes by
+(name, event time, message id)), which is what makes ingestion idempotent and moves re-runnable.
+Rows are moved between persons row by row (insert at the destination, then delete exactly the rows
+moved), never with partition deletes: a row written concurrently into a partition being emptied
+survives, and the next pass moves it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cassandra.cluster import ResponseFuture
+
+from services.profile.model import Event, EventType, TimelineEvent, TraitValue, TraitWrite, bucket_of
+from shared.cassandra import CassandraSession
+
+_TIMELINE_COLUMNS = ("person_id, bucket, event_time, message_id, event_type, event_name, order_id, amount, "
+                     "currency_code, item_count, categories, brands, payload, receive_time")
+_INSERT_TIMELINE = (f"INSERT INTO timeline ({_TIMELINE_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_BUCKET = "INSERT INTO timeline_buckets (person_id, bucket) VALUES (?, ?)"
+_INSERT_TRAIT = ("INSERT INTO trait_writes (person_id, name, event_time, message_id, value, deleted, source, party) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_EVENT_ID = ("INSERT INTO events_by_id (message_id, person_id, bucket, event_time, identifiers, receive_time) "
+                    "VALUES (?, ?, ?, ?, ?, ?)")
+_TOUCH_PROFILE = "UPDATE profiles SET update_time = ? WHERE person_id = ?"
+# Trait writes of BatchWriteTraits are keyed by this prefix plus their source, not by an event.
+DIRECT_WRITE_PREFIX = "write:"
+
+
+def utc(value: datetime) -> datetime:
+    """The driver returns naive UTC datetimes; the domain works with aware ones."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    person_id: str
+    merged_into: str
+    merged_person_ids: list[str]
+    erased: bool
+    update_time: datetime | None
+
+
+@dataclass(frozen=True)
+class StoredEventRef:
+    """Where an accepted event lives, from the idempotency record."""
+
+    message_id: str
+    person_id: str
+    identifiers: list[tuple[str, str]]
+
+
+class ProfileStore:
+    def __init__(self, session: CassandraSession) -> None:
+        self._session = session
+
+    # ---- ingestion --------------------------------------------------------------------------------
+
+    def stored_events(self, message_ids: Iterable[str]) -> dict[str, StoredEventRef]:
+        """The idempotency records of those message ids that were accepted before."""
+        futures = {m: self._session.execute_async(
+            "SELECT message_id, person_id, identifiers FROM events_by_id WHERE message_id = ?", (m,))
+            for m in set(message_ids)}
+        found = {}
+        for message_id, future in futures.items():
+            row = self._session.result(future).one()
+            if row is not None:
+                found[message_id] = StoredEventRef(row.message_id, row.person_id,
+                                                   [tuple(i) for i in row.identifiers or ()])
+        return found
+
+    def write_events(self, items: Sequence[tuple[Event, str]], receive_time: datetime) -> None:
+        """Store accepted events under their persons; the idempotency records go last."""
+        futures: list[ResponseFuture] = []
+        buckets: set[tuple[str, int]] = set()
+        persons: set[str] = set()
+        for event, person_id in items:
+            assert event.event_time is not None  # validated before
+            bucket = bucket_of(event.event_time)
+            buckets.add((person_id, bucket))
+            persons.add(person_id)
+            categories, brands = event.preference_weights()
+            order = event.order
+            futures.append(self._session.execute_async(_INSERT_TIMELINE, (
+                person_id, bucket, event.event_time, event.message_id, event.event_type, event.name,
+                order.order_id if order else None, event.amount,
+                (order.currency_code or "USD") if order else None,
+                sum(item.quantity for item in order.items) if order else None,
+                categories, brands, event.payload, receive_time)))
+            if event.event_type == EventType.IDENTIFY:
+                for name, value in event.traits.items():
+                    futures.append(self._session.execute_async(_INSERT_TRAIT, (
+                        person_id, name, event.event_time, event.message_id, json.dumps(value), value is None,
+                        event.source, event.party)))
+        futures += [self._session.execute_async(_INSERT_BUCKET, key) for key in sorted(buckets)]
+        futures += [self._session.execute_async(_TOUCH_PROFILE, (receive_time, p)) for p in sorted(persons)]
+        self._wait(futures)
+        self._wait([self._session.execute_async(_INSERT_EVENT_ID, (
+            event.message_id, person_id, bucket_of(event.event_time), event.event_time,
+            list(event.identifiers), receive_time)) for event, person_id in items if event.event_time])
+
+    def write_traits(self, writes: Sequence[TraitWrite], receive_time: datetime) -> int:
+        futures = []
+        for write in writes:
+            for name, value in write.traits.items():
+                futures.append(self._session.execute_async(_INSERT_TRAIT, (
+                    write.person_id, name, write.event_time, f"{DIRECT_WRITE_PREFIX}{write.source}",
+                    json.dumps(value), value is None, write.source, write.party)))
+            futures.append(self._session.execute_async(_TOUCH_PROFILE, (receive_time, write.person_id)))
+        self._wait(futures)
+        return sum(len(w.traits) for w in writes)
+
+    # ---- reading ----------------------------------------------------------------------------------
+
+    def profile_row(self, person_id: str) -> ProfileRow | None:
+        row = self._session.execute("SELECT person_id, merged_into, merged_person_ids, erased, update_time "
+                                    "FROM profiles WHERE person_id = ?", (person_id,)).one()
+        return _profile_row(row) if row is not None else None
+
+    def buckets(self, person_ids: Iterable[str]) -> list[tuple[str, int]]:
+        futures = [(p, self._session.execute_async("SELECT bucket FROM timeline_buckets WHERE person_id = ?", (p,)))
+                   for p in dict.fromkeys(person_ids)]
+        return [(p, row.bucket) for p, future in futures for row in self._session.result(future)]
+
+    def timeline(self, person_ids: Iterable[str]) -> list[TimelineEvent]:
+        """All events stored under these persons, newest first."""
+        futures = [self._session.execute_async(f"SELECT {_TIMELINE_COLUMNS} FROM timeline "
+                                               "WHERE person_id = ? AND bucket = ?", key)
+                   for key in self.buckets(person_ids)]
+        events = [_timeline_event(row) for future in futures for row in self._session.result(future)]
+        events.sort(key=lambda e: (e.event_time, e.message_id), reverse=True)
+        return events
+
+    def traits(self, person_ids: Iterable[str]) -> dict[str, TraitValue]:
+        """The current traits of these persons: per name, the latest write by event time (a null deletes)."""
+        futures = [self._session.execute_async(
+            "SELECT name, event_time, message_id, value, deleted, source, party FROM trait_writes "
+            "WHERE person_id = ?", (p,)) for p in dict.fromkeys(person_ids)]
+        latest: dict[str, Any] = {}
+        for future in futures:
+            for row in self._session.result(future):
+                known = latest.get(row.name)
+                if known is None or (row.event_time, row.message_id) > (known.event_time, known.message_id):
+                    latest[row.name] = row
+        return {name: TraitValue(name, json.loads(row.value), utc(row.event_time), row.source or "", row.party or 0)
+                for name, row in sorted(latest.items()) if not row.deleted}
+
+    def scan(self, start_token: int, end_token: int, page_size: int) -> Iterator[ProfileRow]:
+        """Profile rows whose partition token is in (start_token, end_token]; merged and erased ones included."""
+        rows = self._session.execute(
+            "SELECT person_id, merged_into, merged_person_ids, erased, update_time FROM profiles "
+            "WHERE token(person_id) > ? AND token(person_id) <= ?", (start_token, end_token), fetch_size=page_size)
+        for row in rows:
+            yield _profile_row(row)
+
+    # ---- moving rows between persons --------------------------------------------------------------
+
+    def move_events(self, moves: Sequence[tuple[TimelineEvent, str]]) -> None:
+        """Move each event's timeline row and trait writes to the given person."""
+        if not moves:
+            return
+        sources = {e.person_id for e, _ in moves}
+        trait_rows: dict[str, list[Any]] = {}
+        for source in sources:
+            trait_rows[source] = list(self._session.execute(
+                "SELECT name, event_time, message_id, value, deleted, source, party FROM trait_writes "
+                "WHERE person_id = ?", (source,)))
+        inserts: list[ResponseFuture] = []
+        deletes: list[tuple[str, Sequence[Any]]] = []
+        for event, target in moves:
+            if target == event.person_id:
+                continue
+            bucket = bucket_of(event.event_time)
+            inserts.append(self._session.execute_async(_INSERT_TIMELINE, (
+                target, bucket, event.event_time, event.message_id, event.event_type, event.event_name,
+                event.order_id or None, event.amount, event.currency_code or None, event.item_count,
+                event.categories, event.brands, event.payload, event.receive_time)))
+            inserts.append(self._session.execute_async(_INSERT_BUCKET, (target, bucket)))
+            deletes.append(("DELETE FROM timeline WHERE person_id = ? AND bucket = ? AND event_time = ? "
+                            "AND message_id = ?", (event.person_id, bucket, event.event_time, event.message_id)))
+            for row in trait_rows[event.person_id]:
+                if row.message_id == event.message_id:
+                    inserts.append(self._session.execute_async(_INSERT_TRAIT, (
+                        target, row.name, row.event_time, row.message_id, row.value, row.deleted, row.source,
+                        row.party)))
+                    deletes.append(("DELETE FROM trait_writes WHERE person_id = ? AND name = ? AND event_time = ? "
+                                    "AND message_id = ?", (event.person_id, row.name, row.event_time,
+                                                           row.message_id)))
+            inserts.append(self._session.execute_async(
+                "UPDATE events_by_id SET person_id = ? WHERE message_id = ?", (target, event.message_id)))
+        self._wait(inserts)
+        self._wait([self._session.execute_async(cql, params) for cql, params in deletes])
+
+    def copy_direct_traits(self, source: str, target: str) -> None:
+        """Copy the BatchWriteTraits writes of `source` to `target` (a merge keeps the loser's traits)."""
+        rows = self._session.execute(
+            "SELECT name, event_time, message_id, value, deleted, source, party FROM trait_writes "
+            "WHERE person_id = ?", (source,))
+        self._wait([self._session.execute_async(_INSERT_TRAIT, (
+            target, r.name, r.event_time, r.message_id, r.value, r.deleted, r.source, r.party))
+            for r in rows if r.message_id.startswith(DIRECT_WRITE_PREFIX)])
+
+    def mark_merged(self, loser: str, winner: str, now: datetime) -> None:
+        self._session.execute("UPDATE profiles SET merged_into = ?, update_time = ? WHERE person_id = ?",
+                              (winner, now, loser))
+        self._session.execute("UPDATE profiles SET merged_person_ids = merged_person_ids + ?, update_time = ? "
+                              "WHERE person_id = ?", ({loser}, now, winner))
+
+    def mark_split(self, person_ids: Sequence[str], now: datetime) -> None:
+        """The persons of a split own their rows again: none redirects, none counts another as merged."""
+        futures = [self._session.execute_async(
+            "UPDATE profiles SET merged_into = null, merged_person_ids = merged_person_ids - ?, update_time = ? "
+            "WHERE person_id = ?", (set(person_ids) - {p}, now, p)) for p in person_ids]
+        self._wait(futures)
+
+    def erase(self, person_ids: Sequence[str], now: datetime) -> int:
+        """Delete everything stored for these persons; returns how many events were deleted."""
+        events = self.timeline(person_ids)
+        futures = [self._session.execute_async("DELETE FROM events_by_id WHERE message_id = ?", (e.message_id,))
+                   for e in events]
+        for person_id, bucket in self.buckets(person_ids):
+            futures.append(self._session.execute_async(
+                "DELETE FROM timeline WHERE person_id = ? AND bucket = ?", (person_id, bucket)))
+        for person_id in person_ids:
+            futures.append(self._session.execute_async("DELETE FROM timeline_buckets WHERE person_id = ?",
+                                                       (person_id,)))
+            futures.append(self._session.execute_async("DELETE FROM trait_writes WHERE person_id = ?", (person_id,)))
+            futures.append(self._session.execute_async(
+                "UPDATE profiles SET erased = true, merged_person_ids = null, merged_into = null, update_time = ? "
+                "WHERE person_id = ?", (now, person_id)))
+        self._wait(futures)
+        return len(events)
+
+    # ---- the identity feed position ---------------------------------------------------------------
+
+    def feed_position(self, feed: str) -> str:
+        row = self._session.execute("SELECT cursor FROM feed_positions WHERE feed = ?", (feed,)).one()
+        return str(row.cursor) if row is not None and row.cursor else ""
+
+    def save_feed_position(self, feed: str, cursor: str, now: datetime) -> None:
+        self._session.execute("INSERT INTO feed_positions (feed, cursor, update_time) VALUES (?, ?, ?)",
+                              (feed, cursor, now))
+
+    def _wait(self, futures: Sequence[ResponseFuture]) -> None:
+        for future in futures:
+            self._session.result(future)
+
+
+def _profile_row(row: Any) -> ProfileRow:
+    return ProfileRow(row.person_id, row.merged_into or "", sorted(row.merged_person_ids or ()), bool(row.erased),
+                      utc(row.update_time) if row.update_time else None)
+
+
+def _timeline_event(row: Any) -> TimelineEvent:
+    return TimelineEvent(
+        message_id=row.message_id, person_id=row.person_id, event_type=row.event_type, event_name=row.event_name,
+        event_time=utc(row.event_time), order_id=row.order_id or "", amount=row.amount,
+        currency_code=row.currency_code or "", item_count=row.item_count or 0,
+        categories=dict(row.categories or {}), brands=dict(row.brands or {}), payload=row.payload or b"",
+        receive_time=utc(row.receive_time) if row.receive_time else None)

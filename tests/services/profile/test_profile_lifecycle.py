@@ -1,0 +1,143 @@
+"""Profiles following identity: merge, split, erase; scans, trait writes and the change feed."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from onecdp.common.v1 import common_pb2
+from onecdp.identity.v1 import identity_service_pb2 as identity_pb
+from onecdp.identity.v1 import identity_service_pb2_grpc as identity_grpc
+from onecdp.profile.v1 import profile_service_pb2 as pb
+from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
+
+from tests.services.profile.conftest import eventually, ident, identify, ingest, order, profile_of, track
+
+pytestmark = pytest.mark.integration
+
+Stub = pb_grpc.ProfileServiceStub
+IdentityStub = identity_grpc.IdentityServiceStub
+
+
+def test_a_merge_gives_the_survivor_both_histories(profiles: Stub) -> None:
+    cookie = ingest(profiles, track("cookie:anon-1", name="view_item", when="2026-01-01"),
+                    identify("cookie:anon-1", when="2026-01-01", traits={"utm": "mail"}))[0].person_id
+    account = ingest(profiles, order("account_id:acc-1", order_id="o1", amount=25.0, when="2026-01-03"),
+                     identify("account_id:acc-1", when="2026-01-03", traits={"plan": "pro"}))[0].person_id
+    assert cookie != account
+    login = ingest(profiles, identify("cookie:anon-1", "account_id:acc-1", when="2026-01-04"))[0]
+    survivor = login.person_id
+    assert survivor in (cookie, account)
+    merged = profile_of(profiles, "cookie:anon-1")
+    assert merged.person_id == survivor == profile_of(profiles, "account_id:acc-1").person_id
+    assert {cookie, account} - {survivor} <= set(merged.merged_person_ids)
+    assert merged.computed.event_count == 5
+    assert (merged.computed.frequency, merged.computed.monetary) == (1, 25.0)
+    assert {"utm", "plan"} <= set(merged.traits)
+    # The loser's id still reads the survivor's profile.
+    loser = ({cookie, account} - {survivor}).pop()
+    by_old_id = profiles.GetProfile(pb.GetProfileRequest(person=common_pb2.PersonSelector(person_id=loser)), timeout=10)
+    assert by_old_id.person_id == survivor
+
+
+def test_a_split_gives_each_person_their_own_events_back(profiles: Stub, identity: IdentityStub) -> None:
+    ingest(profiles, track("cookie:s-a", name="a_only", when="2026-02-01"),
+           track("email:s-b@example.com", name="b_only", when="2026-02-02"))
+    link = ingest(profiles, identify("cookie:s-a", "email:s-b@example.com", when="2026-02-03", traits={"both": 1},
+                                     message_id="the-bad-link"))[0]
+    assert profile_of(profiles, "cookie:s-a").person_id == profile_of(profiles, "email:s-b@example.com").person_id
+    identity.UnlinkIdentifiers(identity_pb.UnlinkIdentifiersRequest(
+        link=identity_pb.IdentifierPair(a=ident("cookie:s-a"), b=ident("email:s-b@example.com")), reason="wrong link"),
+        timeout=30)
+
+    def split_applied() -> bool:
+        a, b = profile_of(profiles, "cookie:s-a"), profile_of(profiles, "email:s-b@example.com")
+        return a.person_id != b.person_id and a.computed.event_count + b.computed.event_count == 3 and (
+            a.computed.event_count in (1, 2))
+    assert eventually(split_applied)
+    names_a = _event_names(profiles, "cookie:s-a")
+    names_b = _event_names(profiles, "email:s-b@example.com")
+    assert "a_only" in names_a and "b_only" in names_b
+    assert "b_only" not in names_a and "a_only" not in names_b
+    # The identify event that carried the bad link stays with the person of its strongest identifier.
+    assert "identify" in names_a | names_b
+    assert link.person_id in (profile_of(profiles, "cookie:s-a").person_id,
+                              profile_of(profiles, "email:s-b@example.com").person_id)
+
+
+def _event_names(profiles: Stub, pair: str) -> set[str]:
+    events = profiles.ListProfileEvents(pb.ListProfileEventsRequest(
+        person=common_pb2.PersonSelector(identifier=ident(pair))), timeout=10).events
+    return {e.event.event_name or pb.EventType.Name(e.event.type).removeprefix("EVENT_TYPE_").lower() for e in events}
+
+
+def test_erase_removes_the_profile_and_replays_are_refused(profiles: Stub, identity: IdentityStub) -> None:
+    replayed = order("email:gone@example.com", order_id="o1", amount=9.0, message_id="erase-me")
+    person_id = ingest(profiles, replayed, identify("email:gone@example.com", "cookie:gone-c",
+                                                    traits={"name": "Gone"}))[0].person_id
+    identity.ErasePerson(identity_pb.ErasePersonRequest(person=common_pb2.PersonSelector(person_id=person_id),
+                                                        reason="privacy request"), timeout=30)
+
+    def erased() -> bool:
+        changes = profiles.ListProfileChanges(pb.ListProfileChangesRequest(page_size=1000), timeout=10).changes
+        return any(c.type == pb.PROFILE_CHANGE_TYPE_ERASE and c.person_id == person_id for c in changes)
+    assert eventually(erased)
+    with pytest.raises(grpc.RpcError) as gone:
+        profile_of(profiles, "email:gone@example.com")
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    again = ingest(profiles, replayed)[0]
+    assert again.status == pb.EVENT_STATUS_REJECTED
+    assert again.rejection_reason == pb.EVENT_REJECTION_REASON_ERASED_IDENTIFIER
+
+
+def test_shards_cover_every_profile_exactly_once(profiles: Stub) -> None:
+    persons = {ingest(profiles, order(f"crm_id:scan-{i}", order_id=f"o{i}", amount=float(i), when="2026-01-05"))[0]
+               .person_id for i in range(30)}
+    shards = profiles.ListProfileShards(pb.ListProfileShardsRequest(shard_count=7), timeout=10).shards
+    assert len(shards) == 7
+    seen: list[str] = []
+    for shard in shards:
+        for response in profiles.ScanProfiles(pb.ScanProfilesRequest(shard=shard, include_events=True,
+                                                                     batch_size=4), timeout=30):
+            for scanned in response.profiles:
+                seen.append(scanned.profile.person_id)
+                assert scanned.profile.computed.frequency == 1
+                assert [e.event.type for e in scanned.events] == [pb.EVENT_TYPE_ORDER]
+    assert sorted(seen) == sorted(persons)
+    with pytest.raises(grpc.RpcError) as bad:
+        next(iter(profiles.ScanProfiles(pb.ScanProfilesRequest(shard="nope"), timeout=10)))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_trait_writes_land_on_the_profile_and_unknown_persons_are_refused(profiles: Stub) -> None:
+    person_id = ingest(profiles, track("crm_id:w1", name="open"))[0].person_id
+    write = pb.TraitWrite(person_id=person_id, source="onecdp-prediction")
+    write.traits.update({"score_churn": 0.82})
+    response = profiles.BatchWriteTraits(pb.BatchWriteTraitsRequest(writes=[write]), timeout=10)
+    assert response.written_count == 1
+    trait = profile_of(profiles, "crm_id:w1").traits["score_churn"]
+    assert trait.value.number_value == pytest.approx(0.82)
+    assert trait.party == common_pb2.DATA_PARTY_FIRST and trait.source == "onecdp-prediction"
+    unknown = pb.TraitWrite(person_id="p_nobody")
+    unknown.traits.update({"x": 1})
+    with pytest.raises(grpc.RpcError) as refused:
+        profiles.BatchWriteTraits(pb.BatchWriteTraitsRequest(writes=[write, unknown]), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "writes[1].person_id" in (refused.value.details() or "")
+
+
+def test_the_change_feed_is_ordered_and_resumable(profiles: Stub) -> None:
+    first = ingest(profiles, identify("crm_id:f1", traits={"plan": "free"}))[0].person_id
+    second = ingest(profiles, track("crm_id:f2", name="open"))[0].person_id
+
+    def both() -> list[pb.ProfileChange]:
+        changes = list(profiles.ListProfileChanges(pb.ListProfileChangesRequest(page_size=100), timeout=10).changes)
+        return changes if {c.person_id for c in changes} >= {first, second} else []
+    changes = eventually(both)
+    assert [c.person_id for c in changes[:2]] == [first, second]
+    assert list(changes[0].trait_names) == ["plan"] and list(changes[1].event_names) == ["open"]
+    after_first = profiles.ListProfileChanges(pb.ListProfileChangesRequest(page_token=changes[0].cursor),
+                                              timeout=10).changes
+    assert after_first[0].cursor == changes[1].cursor
+    watched = profiles.WatchProfileChanges(pb.WatchProfileChangesRequest(cursor=changes[0].cursor), timeout=10)
+    assert next(iter(watched)).person_id == second
+    watched.cancel()
