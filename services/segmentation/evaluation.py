@@ -1,0 +1,226 @@
+"""Evaluating a rule for one person: `evaluate(rule, facts, as_of, rule_of) -> Evaluation`.
+
+Pure: the facts (traits, computed traits, events) are read by the caller, so batch recompute,
+real-time updates, size estimates and "why is this person in" all run the same function and agree.
+
+Semantics, the same everywhere:
+- only events at or before `as_of` count; `last N days` is (as_of - N days, as_of], a fixed range
+  is [start, end);
+- comparisons are typed: a number never equals a string, true never equals 1; a missing value fails
+  every comparison except `!=` ("a missing field is not equal") and `EXISTS` is false;
+- sum over no events is 0, avg/min/max over no events has no value and the condition is false;
+- a prediction score is the trait `score_<model_id>` (`..._percentile` for the percentile);
+- `segment("x")` evaluates x's rule on the same facts (references have no cycles), so a
+  person's memberships are consistent with each other at one instant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from services.segmentation.rules import (
+    Aggregation,
+    AllOf,
+    AnyOf,
+    Comparison,
+    EventAggregateCondition,
+    EventCountCondition,
+    LastDays,
+    Not,
+    Operator,
+    PropertyFilter,
+    Rule,
+    Scalar,
+    ScoreCondition,
+    SegmentCondition,
+    TraitCondition,
+    Window,
+    parse_time,
+    score_trait,
+)
+from services.segmentation.text import format_condition
+
+
+@dataclass(frozen=True)
+class EventFact:
+    """One event of a person: its name (`order` for orders without one), time and properties.
+
+    Order events carry their order as properties too: `amount`, `currency_code`, `order_id`.
+    """
+
+    name: str
+    time: datetime
+    properties: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ProfileFacts:
+    """What a rule can look at. Computed trait names as in `rules.COMPUTED_FIELDS`; times are datetimes."""
+
+    person_id: str
+    traits: Mapping[str, Any]
+    computed: Mapping[str, Any]
+    events: Sequence[EventFact] = ()
+
+
+@dataclass(frozen=True)
+class ConditionOutcome:
+    text: str
+    matched: bool
+    observed: Any  # what was compared: a trait value, a count, an aggregate; None when missing
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    matched: bool
+    conditions: list[ConditionOutcome]
+
+
+RuleLookup = Callable[[str], Rule | None]
+
+
+def evaluate(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> Evaluation:
+    """Whether the person matches `rule` at `as_of`, and the outcome of every condition in rule order."""
+    outcomes: list[ConditionOutcome] = []
+    matched = _evaluate(rule, facts, as_of, rule_of, outcomes)
+    return Evaluation(matched, outcomes)
+
+
+def matches(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> bool:
+    return _evaluate(rule, facts, as_of, rule_of, None)
+
+
+def _evaluate(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup,
+              outcomes: list[ConditionOutcome] | None) -> bool:
+    if isinstance(rule, AllOf | AnyOf):
+        combine = all if isinstance(rule, AllOf) else any
+        if outcomes is None:
+            return combine(_evaluate(child, facts, as_of, rule_of, None) for child in rule.rules)
+        # Reasons list every condition, so nothing is short-circuited.
+        return combine([_evaluate(child, facts, as_of, rule_of, outcomes) for child in rule.rules])
+    if isinstance(rule, Not):
+        return not _evaluate(rule.rule, facts, as_of, rule_of, outcomes)
+    matched, observed = _condition(rule, facts, as_of, rule_of)
+    if outcomes is not None:
+        outcomes.append(ConditionOutcome(format_condition(rule), matched, observed))
+    return matched
+
+
+def _condition(rule: TraitCondition | EventCountCondition | EventAggregateCondition | ScoreCondition
+               | SegmentCondition, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> tuple[bool, Any]:
+    if isinstance(rule, TraitCondition):
+        head, _, name = rule.field.partition(".")
+        value = (facts.traits if head == "traits" else facts.computed).get(name)
+        return compare(value, rule.comparison), value
+    if isinstance(rule, ScoreCondition):
+        score = facts.traits.get(score_trait(rule.model, rule.score_field))
+        return compare(score, rule.comparison), score
+    if isinstance(rule, SegmentCondition):
+        other = rule_of(rule.segment_id)
+        member = other is not None and _evaluate(other, facts, as_of, rule_of, None)
+        return member, member
+    selected = [e for e in facts.events
+                if e.name == rule.event_name and in_window(e.time, rule.window, as_of) and passes(e, rule.filters)]
+    if isinstance(rule, EventCountCondition):
+        count = float(len(selected))
+        return compare(count, rule.comparison), len(selected)
+    aggregate = aggregate_of(rule.aggregation, [e.properties.get(rule.property) for e in selected])
+    if aggregate is None:
+        return False, None
+    return compare(aggregate, rule.comparison), aggregate
+
+
+def in_window(when: datetime, window: Window, as_of: datetime) -> bool:
+    if when > as_of:
+        return False
+    if isinstance(window, LastDays):
+        return when > as_of - timedelta(days=window.days)
+    return window.start <= when < window.end
+
+
+def passes(event: EventFact, filters: Sequence[PropertyFilter]) -> bool:
+    return all(compare(event.properties.get(f.property), f.comparison) for f in filters)
+
+
+def aggregate_of(aggregation: Aggregation, values: Sequence[Any]) -> float | None:
+    numbers = [float(v) for v in values
+               if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+    if aggregation is Aggregation.SUM:
+        return math.fsum(numbers)
+    if not numbers:
+        return None
+    if aggregation is Aggregation.AVERAGE:
+        return math.fsum(numbers) / len(numbers)
+    return min(numbers) if aggregation is Aggregation.MIN else max(numbers)
+
+
+def compare(value: Any, comparison: Comparison) -> bool:
+    """`value <operator> operands`, typed (see the module doc)."""
+    operator, operands = comparison.operator, comparison.operands
+    if operator is Operator.EXISTS:
+        return value is not None
+    if value is None:
+        return operator is Operator.NOT_EQUAL
+    if operator is Operator.EQUAL:
+        return _equal(value, operands[0])
+    if operator is Operator.NOT_EQUAL:
+        return not _equal(value, operands[0])
+    if operator is Operator.IN:
+        return any(_equal(value, operand) for operand in operands)
+    if operator is Operator.CONTAINS:
+        if isinstance(value, str):
+            return isinstance(operands[0], str) and operands[0] in value
+        if isinstance(value, list | tuple):
+            return any(_equal(item, operands[0]) for item in value)
+        return False
+    if operator is Operator.BETWEEN:
+        low, high = _comparable(value, operands[0]), _comparable(value, operands[1])
+        return low is not None and high is not None and low <= _key(value) <= high
+    bound = _comparable(value, operands[0])
+    if bound is None:
+        return False
+    key = _key(value)
+    if operator is Operator.LESS:
+        return bool(key < bound)
+    if operator is Operator.LESS_OR_EQUAL:
+        return bool(key <= bound)
+    if operator is Operator.GREATER:
+        return bool(key > bound)
+    return bool(key >= bound)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, datetime):
+        return "time"
+    return "string" if isinstance(value, str) else "other"
+
+
+def _key(value: Any) -> Any:
+    return float(value) if _kind(value) == "number" else value
+
+
+def _comparable(value: Any, operand: Scalar) -> Any:
+    """The operand as something `value` orders against, or None when their types differ."""
+    kind = _kind(value)
+    if kind == "time":
+        return parse_time(operand) if isinstance(operand, str) else None
+    if kind == "number" and _kind(operand) == "number":
+        return float(operand)
+    if kind == "string" and isinstance(operand, str):
+        return operand
+    return None
+
+
+def _equal(value: Any, operand: Scalar) -> bool:
+    if _kind(value) in ("bool", "other") or _kind(operand) == "bool":
+        return _kind(value) == _kind(operand) and value == operand
+    comparable = _comparable(value, operand)
+    return comparable is not None and _key(value) == comparable

@@ -1,0 +1,477 @@
+"""Segment rules: the rule tree, what each field of a profile is, and the validation of a rule.
+
+Plain data, no grpc: the gRPC adapter turns onecdp.segmentation.v1.Rule messages into these and back,
+and `services.segmentation.text` reads and writes the text form. Every node remembers where it
+started in the text it was parsed from (`position`, not part of equality), so a validation error on
+a rule given as text can point at the offending character.
+
+A one-child AND/OR group means its child; the adapter collapses it, so every rule has one canonical
+tree and one canonical text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum, StrEnum
+from typing import Any
+
+# A constant a condition compares with. Numbers are floats, like google.protobuf.Value's.
+Scalar = str | float | bool
+
+MAX_LAST_DAYS = 3650
+SEGMENT_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+# Names a rule may mention: what the text form can write without quoting.
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$")
+SCORE_TRAIT_PREFIX = "score_"
+PERCENTILE_SUFFIX = "_percentile"
+
+
+class Operator(StrEnum):
+    """Comparison operators; the values are their spelling in the text form."""
+
+    EQUAL = "="
+    NOT_EQUAL = "!="
+    LESS = "<"
+    LESS_OR_EQUAL = "<="
+    GREATER = ">"
+    GREATER_OR_EQUAL = ">="
+    IN = "IN"
+    CONTAINS = "CONTAINS"
+    EXISTS = "EXISTS"
+    BETWEEN = "BETWEEN"
+
+    @property
+    def operand_count(self) -> int | None:
+        """How many operands it takes: 0, 1, 2, or None for one or more (IN)."""
+        if self is Operator.EXISTS:
+            return 0
+        if self is Operator.BETWEEN:
+            return 2
+        if self is Operator.IN:
+            return None
+        return 1
+
+
+ORDERING = frozenset({Operator.LESS, Operator.LESS_OR_EQUAL, Operator.GREATER, Operator.GREATER_OR_EQUAL,
+                      Operator.BETWEEN})
+# Operators a number (event count, aggregate, score) can be compared with.
+NUMERIC_OPERATORS = frozenset({Operator.EQUAL, Operator.NOT_EQUAL, *ORDERING})
+
+
+class Aggregation(StrEnum):
+    """Aggregations of an event property; the values are their text-form function names."""
+
+    SUM = "sum"
+    AVERAGE = "avg"
+    MIN = "min"
+    MAX = "max"
+
+
+class ScoreField(StrEnum):
+    PROBABILITY = "probability"
+    PERCENTILE = "percentile"
+
+
+class FieldType(Enum):
+    """What a computed trait holds; stored traits are untyped (their values carry their type)."""
+
+    NUMBER = "number"
+    STRING = "string"
+    TIMESTAMP = "timestamp"
+    STRING_LIST = "list of strings"
+
+
+# The computed traits a rule may name, after onecdp.profile.v1.ComputedTraits and Preferences.
+COMPUTED_FIELDS: Mapping[str, FieldType] = {
+    "first_seen_time": FieldType.TIMESTAMP,
+    "last_seen_time": FieldType.TIMESTAMP,
+    "recency_days": FieldType.NUMBER,
+    "frequency": FieldType.NUMBER,
+    "monetary": FieldType.NUMBER,
+    "average_order_value": FieldType.NUMBER,
+    "lifetime_value": FieldType.NUMBER,
+    "event_count": FieldType.NUMBER,
+    "rfm.recency_score": FieldType.NUMBER,
+    "rfm.frequency_score": FieldType.NUMBER,
+    "rfm.monetary_score": FieldType.NUMBER,
+    "rfm.segment": FieldType.STRING,
+    "lifecycle_stage": FieldType.STRING,
+    "top_categories": FieldType.STRING_LIST,
+    "top_brands": FieldType.STRING_LIST,
+}
+# The values an enumerated computed trait takes (lower-case names of onecdp.profile.v1 enums).
+COMPUTED_CHOICES: Mapping[str, frozenset[str]] = {
+    "lifecycle_stage": frozenset({"new", "active", "silent", "churned"}),
+    "rfm.segment": frozenset({"champions", "loyal", "new", "promising", "need_attention", "at_risk", "hibernating"}),
+}
+
+
+def _text_position() -> Any:
+    """Where a node started in the text it was parsed from (-1: not parsed); not part of equality."""
+    return field(default=-1, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """`<subject> <operator> <operands>`; operand count as the operator requires."""
+
+    operator: Operator
+    operands: tuple[Scalar, ...] = ()
+
+
+@dataclass(frozen=True)
+class LastDays:
+    """(as_of - days, as_of]: moves with evaluation time, so memberships expire."""
+
+    days: int
+
+
+@dataclass(frozen=True)
+class FixedRange:
+    """[start, end)."""
+
+    start: datetime
+    end: datetime
+
+
+Window = LastDays | FixedRange
+
+
+@dataclass(frozen=True)
+class PropertyFilter:
+    property: str
+    comparison: Comparison
+
+
+@dataclass(frozen=True)
+class TraitCondition:
+    """`traits.<name>` or `computed.<name>` compared with constants."""
+
+    field: str
+    comparison: Comparison
+    position: int = _text_position()
+
+
+@dataclass(frozen=True)
+class EventCountCondition:
+    event_name: str
+    filters: tuple[PropertyFilter, ...]
+    window: Window
+    comparison: Comparison  # numeric operands: counts
+    position: int = _text_position()
+
+
+@dataclass(frozen=True)
+class EventAggregateCondition:
+    event_name: str
+    property: str
+    aggregation: Aggregation
+    filters: tuple[PropertyFilter, ...]
+    window: Window
+    comparison: Comparison  # numeric operands
+    position: int = _text_position()
+
+
+@dataclass(frozen=True)
+class ScoreCondition:
+    """A prediction score, read from the trait the prediction service writes back (see `score_trait`)."""
+
+    model: str  # `models/{model_id}`
+    score_field: ScoreField
+    comparison: Comparison  # numeric operands
+    position: int = _text_position()
+
+
+@dataclass(frozen=True)
+class SegmentCondition:
+    segment_id: str
+    position: int = _text_position()
+
+
+@dataclass(frozen=True)
+class AllOf:
+    rules: tuple[Rule, ...]
+    position: int = _text_position()
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    rules: tuple[Rule, ...]
+    position: int = _text_position()
+
+
+@dataclass(frozen=True)
+class Not:
+    rule: Rule
+    position: int = _text_position()
+
+
+Condition = TraitCondition | EventCountCondition | EventAggregateCondition | ScoreCondition | SegmentCondition
+Rule = AllOf | AnyOf | Not | Condition
+
+
+def score_trait(model: str, score_field: ScoreField) -> str:
+    """The profile trait holding a model's score: `score_<model_id>` (probability) or `..._percentile`."""
+    model_id = model.removeprefix("models/")
+    suffix = PERCENTILE_SUFFIX if score_field is ScoreField.PERCENTILE else ""
+    return f"{SCORE_TRAIT_PREFIX}{model_id}{suffix}"
+
+
+def segment_name(segment_id: str) -> str:
+    return f"segments/{segment_id}"
+
+
+def conditions(rule: Rule) -> Iterator[Condition]:
+    """The conditions of a rule, in rule order."""
+    if isinstance(rule, AllOf | AnyOf):
+        for child in rule.rules:
+            yield from conditions(child)
+    elif isinstance(rule, Not):
+        yield from conditions(rule.rule)
+    else:
+        yield rule
+
+
+def referenced_segments(rule: Rule) -> frozenset[str]:
+    return frozenset(c.segment_id for c in conditions(rule) if isinstance(c, SegmentCondition))
+
+
+def windows(rule: Rule) -> Iterator[Window]:
+    for condition in conditions(rule):
+        if isinstance(condition, EventCountCondition | EventAggregateCondition):
+            yield condition.window
+
+
+# ---- validation -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RuleProblem:
+    """One thing wrong with a rule: where in the tree (a proto field path below `rule`), where in the text
+    it was parsed from (-1 when not parsed), and what."""
+
+    path: str
+    position: int
+    description: str
+
+
+def validate(rule: Rule, *, segment_id: str | None = None,
+             references_of: Callable[[str], frozenset[str] | None] = lambda _: None) -> list[RuleProblem]:
+    """Everything wrong with `rule`, in rule order.
+
+    `references_of(id)` gives the segments a saved segment refers to, or None when there is no such
+    segment; it lets validation refuse references to unknown segments and cycles through
+    `segment_id` (the segment the rule belongs to, None for an unsaved rule).
+    """
+    problems: list[RuleProblem] = []
+    _check(rule, "", problems, segment_id, references_of)
+    return problems
+
+
+def _check(rule: Rule, path: str, problems: list[RuleProblem], segment_id: str | None,
+           references_of: Callable[[str], frozenset[str] | None]) -> None:
+    def problem(sub_path: str, description: str) -> None:
+        problems.append(RuleProblem(f"{path}{sub_path}".lstrip("."), rule.position, description))
+
+    if isinstance(rule, AllOf | AnyOf):
+        kind = "all" if isinstance(rule, AllOf) else "any"
+        if not rule.rules:
+            problem(f".{kind}.rules", "a group needs at least one rule")
+        for index, child in enumerate(rule.rules):
+            _check(child, f"{path}.{kind}.rules[{index}]", problems, segment_id, references_of)
+    elif isinstance(rule, Not):
+        _check(rule.rule, f"{path}.negate", problems, segment_id, references_of)
+    elif isinstance(rule, TraitCondition):
+        _check_trait(rule, problem)
+    elif isinstance(rule, EventCountCondition):
+        _check_event_name(rule.event_name, ".event_count.event_name", problem)
+        _check_filters(rule.filters, ".event_count.filters", problem)
+        _check_window(rule.window, ".event_count.window", problem)
+        _check_numeric(rule.comparison, ".event_count", problem, lower=0.0, whole=True)
+    elif isinstance(rule, EventAggregateCondition):
+        _check_event_name(rule.event_name, ".event_aggregate.event_name", problem)
+        if not NAME.match(rule.property):
+            problem(".event_aggregate.property", f"{rule.property!r} is not a property name (letters, digits, _ - .)")
+        _check_filters(rule.filters, ".event_aggregate.filters", problem)
+        _check_window(rule.window, ".event_aggregate.window", problem)
+        _check_numeric(rule.comparison, ".event_aggregate", problem)
+    elif isinstance(rule, ScoreCondition):
+        model_id = rule.model.removeprefix("models/")
+        if not rule.model.startswith("models/") or not SEGMENT_ID.match(model_id):
+            problem(".score.model", f"{rule.model!r} is not a model name like models/churn-90d")
+        upper = 1.0 if rule.score_field is ScoreField.PROBABILITY else 100.0
+        _check_numeric(rule.comparison, ".score", problem, lower=0.0, upper=upper)
+    elif isinstance(rule, SegmentCondition):
+        _check_segment(rule.segment_id, problem, segment_id, references_of)
+
+
+def _check_trait(rule: TraitCondition, problem: Callable[[str, str], None]) -> None:
+    head, _, name = rule.field.partition(".")
+    comparison = rule.comparison
+    field_type: FieldType | None = None
+    if head == "computed" and name in COMPUTED_FIELDS:
+        field_type = COMPUTED_FIELDS[name]
+    elif head == "traits" and name and NAME.match(name):
+        field_type = None  # stored traits are untyped: their values carry the type
+    else:
+        problem(".trait.field", f"unknown field {rule.field!r}: use traits.<name> or computed.<name> with one of "
+                                f"{', '.join(sorted(COMPUTED_FIELDS))}")
+        return
+    if not _check_operands(comparison, ".trait", problem):
+        return
+    operator, operands = comparison.operator, comparison.operands
+    kinds = {_kind(v) for v in operands}
+    if len(kinds) > 1:
+        problem(".trait.values", f"operands of one comparison must share a type, got {', '.join(sorted(kinds))}")
+        return
+    kind = kinds.pop() if kinds else None
+    if kind == "bool" and operator in ORDERING | {Operator.CONTAINS}:
+        problem(".trait.operator", f"{operator.value} does not apply to true/false")
+    if operator is Operator.BETWEEN and kind == "number" and float(operands[0]) > float(operands[1]):
+        problem(".trait.values", "BETWEEN needs the lower bound first")
+    if field_type is None or kind is None:
+        return
+    expected = {FieldType.NUMBER: "number", FieldType.STRING: "string", FieldType.TIMESTAMP: "string",
+                FieldType.STRING_LIST: "string"}[field_type]
+    if kind != expected:
+        problem(".trait.value", f"{rule.field} is a {field_type.value}; it cannot be compared with a {kind}")
+        return
+    if field_type is FieldType.STRING_LIST and operator is not Operator.CONTAINS:
+        problem(".trait.operator", f"{rule.field} is a list: use CONTAINS or EXISTS")
+    if field_type is FieldType.NUMBER and operator is Operator.CONTAINS:
+        problem(".trait.operator", f"{rule.field} is a number: CONTAINS does not apply")
+    if field_type is FieldType.TIMESTAMP:
+        for value in operands:
+            if parse_time(str(value)) is None:
+                problem(".trait.value", f"{rule.field} is a timestamp; {value!r} is not an RFC 3339 time "
+                                        "like 1997-03-01T00:00:00Z")
+    choices = COMPUTED_CHOICES.get(rule.field.partition(".")[2])
+    if choices is not None and operator in (Operator.EQUAL, Operator.NOT_EQUAL, Operator.IN):
+        for value in operands:
+            if value not in choices:
+                problem(".trait.value",
+                        f"{value!r} is not a value of {rule.field}: one of {', '.join(sorted(choices))}")
+
+
+def _check_operands(comparison: Comparison, path: str, problem: Callable[[str, str], None]) -> bool:
+    wanted = comparison.operator.operand_count
+    got = len(comparison.operands)
+    if wanted is None and got == 0:
+        problem(f"{path}.values", "IN needs at least one value")
+        return False
+    if wanted is not None and wanted != got:
+        target = f"{path}.values" if wanted == 2 or got > 1 else f"{path}.value"
+        problem(target, f"{comparison.operator.value} takes {wanted} operand(s), got {got}")
+        return False
+    for value in comparison.operands:
+        if isinstance(value, float) and not math.isfinite(value):
+            problem(f"{path}.value", "numbers must be finite")
+            return False
+    return True
+
+
+def _kind(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, float | int) else "string"
+
+
+def _check_event_name(name: str, path: str, problem: Callable[[str, str], None]) -> None:
+    if not 0 < len(name) <= 128:
+        problem(path, "an event name of 1-128 characters is required")
+
+
+def _check_filters(filters: tuple[PropertyFilter, ...], path: str, problem: Callable[[str, str], None]) -> None:
+    for index, item in enumerate(filters):
+        if not NAME.match(item.property):
+            problem(f"{path}[{index}].property", f"{item.property!r} is not a property name (letters, digits, _ - .)")
+        if _check_operands(item.comparison, f"{path}[{index}]", problem):
+            kinds = {_kind(v) for v in item.comparison.operands}
+            if len(kinds) > 1:
+                problem(f"{path}[{index}].values", "operands of one comparison must share a type")
+            elif kinds == {"bool"} and item.comparison.operator in ORDERING | {Operator.CONTAINS}:
+                problem(f"{path}[{index}].operator", f"{item.comparison.operator.value} does not apply to true/false")
+
+
+def _check_window(window: Window, path: str, problem: Callable[[str, str], None]) -> None:
+    if isinstance(window, LastDays):
+        if not 1 <= window.days <= MAX_LAST_DAYS:
+            problem(f"{path}.last_days", f"must be 1-{MAX_LAST_DAYS} days, got {window.days}")
+    elif window.start >= window.end:
+        problem(f"{path}.between.end_time", "the window is empty: end_time must be after start_time")
+
+
+def _check_numeric(comparison: Comparison, path: str, problem: Callable[[str, str], None], *,
+                   lower: float | None = None, upper: float | None = None, whole: bool = False) -> None:
+    operator = comparison.operator
+    if operator not in NUMERIC_OPERATORS:
+        problem(f"{path}.operator", f"{operator.value} does not apply to a number; use =, !=, <, <=, >, >= or BETWEEN")
+        return
+    if not _check_operands(comparison, path, problem):
+        return
+    values: list[float] = []
+    for value in comparison.operands:
+        if _kind(value) != "number":
+            problem(f"{path}.value", f"expected a number, got {value!r}")
+            return
+        values.append(float(value))
+    for value in values:
+        if whole and not value.is_integer():
+            problem(f"{path}.count", f"an event count is a whole number, got {value}")
+        if lower is not None and value < lower:
+            problem(f"{path}.value", f"must be at least {lower:g}, got {value:g}")
+        if upper is not None and value > upper:
+            problem(f"{path}.value", f"must be at most {upper:g}, got {value:g}")
+    if operator is Operator.BETWEEN and values[0] > values[1]:
+        problem(f"{path}.value_upper" if not whole else f"{path}.count_upper",
+                f"BETWEEN needs lower <= upper, got {values[0]:g} and {values[1]:g}")
+
+
+def _check_segment(target: str, problem: Callable[[str, str], None], segment_id: str | None,
+                   references_of: Callable[[str], frozenset[str] | None]) -> None:
+    if not SEGMENT_ID.match(target):
+        problem(".segment.segment", f"{target!r} is not a segment id (lower-case letters, digits, hyphens)")
+        return
+    if target == segment_id:
+        problem(".segment.segment", f"segments/{target} refers to itself")
+        return
+    if references_of(target) is None:
+        problem(".segment.segment", f"segments/{target} does not exist")
+        return
+    if segment_id is not None:
+        path = _path_to(target, segment_id, references_of)
+        if path is not None:
+            cycle = " -> ".join(f"segments/{s}" for s in [segment_id, *path])
+            problem(".segment.segment", f"cycle of segment references: {cycle}")
+
+
+def _path_to(start: str, goal: str, references_of: Callable[[str], frozenset[str] | None]) -> list[str] | None:
+    """A chain of references start -> ... -> goal, if there is one (depth-first)."""
+    stack: list[tuple[str, list[str]]] = [(start, [start])]
+    seen: set[str] = set()
+    while stack:
+        current, chain = stack.pop()
+        if current == goal:
+            return chain
+        if current in seen:
+            continue
+        seen.add(current)
+        for following in sorted(references_of(current) or ()):
+            stack.append((following, [*chain, following]))
+    return None
+
+
+def parse_time(text: str) -> datetime | None:
+    """An RFC 3339 time with an offset (or a bare date, meaning midnight UTC); None when it is not one."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if value.tzinfo is None:
+        if len(text) != 10:  # a bare date is midnight UTC; a local time without offset is ambiguous
+            return None
+        value = value.replace(tzinfo=UTC)
+    return value

@@ -1,0 +1,337 @@
+"""The text form of segment rules: `parse(text) -> Rule` and `format_rule(rule) -> text`.
+
+    computed.frequency >= 3 AND event("order").count(last 90d) >= 1 AND NOT segment("vip")
+    traits.plan IN ["pro", "team"] OR (traits.age BETWEEN 18 AND 30 AND traits.email EXISTS)
+    event("order", category = "books").sum(amount, from 1997-01-01T00:00:00Z to 1997-04-01T00:00:00Z) > 100
+    score("models/churn-90d") >= 0.7 AND score("models/churn-90d").percentile >= 90
+
+NOT binds tighter than AND, AND tighter than OR. The canonical text (what `format_rule` writes)
+upper-cases keywords, writes times in UTC with `Z`, numbers without a needless `.0`, and puts a group
+inside another group in parentheses, so `parse(format_rule(rule)) == rule` for every rule and
+`format_rule(parse(text)) == text` for canonical text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from services.segmentation.rules import (
+    Aggregation,
+    AllOf,
+    AnyOf,
+    Comparison,
+    Condition,
+    EventAggregateCondition,
+    EventCountCondition,
+    FixedRange,
+    LastDays,
+    Not,
+    Operator,
+    PropertyFilter,
+    Rule,
+    Scalar,
+    ScoreCondition,
+    ScoreField,
+    SegmentCondition,
+    TraitCondition,
+    Window,
+    parse_time,
+)
+
+
+class RuleSyntaxError(Exception):
+    """Text that is not a rule; `position` is the 0-based offset of the offending character."""
+
+    def __init__(self, message: str, position: int) -> None:
+        super().__init__(f"at character {position + 1}: {message}")
+        self.message = message
+        self.position = position
+
+
+@dataclass(frozen=True)
+class Token:
+    kind: str  # STRING NUMBER TIME DAYS NAME OP PUNCT END
+    text: str
+    position: int
+
+
+_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<STRING>"(?:[^"\\]|\\.)*")
+  | (?P<TIME>\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:\d{2}))?)
+  | (?P<DAYS>\d+d\b)
+  | (?P<NUMBER>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
+  | (?P<NAME>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_][A-Za-z0-9_\-]*)*)
+  | (?P<OP>!=|<=|>=|=|<|>)
+  | (?P<PUNCT>[()\[\],.])
+""", re.VERBOSE)
+_KEYWORDS = {"AND", "OR", "NOT", "IN", "CONTAINS", "EXISTS", "BETWEEN"}
+_FUNCTIONS = {"event", "score", "segment"}
+
+
+def tokenize(text: str) -> list[Token]:
+    tokens: list[Token] = []
+    position = 0
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if match is None:
+            raise RuleSyntaxError(f"unexpected character {text[position]!r}", position)
+        kind = match.lastgroup or ""
+        if kind != "space":
+            value = match.group()
+            if kind == "NAME" and value.upper() in _KEYWORDS:
+                kind, value = "KEYWORD", value.upper()
+            tokens.append(Token(kind, value, position))
+        position = match.end()
+    tokens.append(Token("END", "", len(text)))
+    return tokens
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.tokens = tokenize(text)
+        self.index = 0
+
+    @property
+    def current(self) -> Token:
+        return self.tokens[self.index]
+
+    def take(self) -> Token:
+        token = self.current
+        self.index += 1
+        return token
+
+    def at(self, kind: str, text: str | None = None) -> bool:
+        return self.current.kind == kind and (text is None or self.current.text == text)
+
+    def expect(self, kind: str, text: str | None = None, what: str | None = None) -> Token:
+        if not self.at(kind, text):
+            wanted = what or (repr(text) if text else kind.lower())
+            found = repr(self.current.text) if self.current.kind != "END" else "the end of the rule"
+            raise RuleSyntaxError(f"expected {wanted}, found {found}", self.current.position)
+        return self.take()
+
+    def rule(self) -> Rule:
+        rule = self.any_of()
+        self.expect("END", what="AND, OR or the end of the rule")
+        return rule
+
+    def any_of(self) -> Rule:
+        start = self.current.position
+        rules = [self.all_of()]
+        while self.at("KEYWORD", "OR"):
+            self.take()
+            rules.append(self.all_of())
+        return rules[0] if len(rules) == 1 else AnyOf(tuple(rules), position=start)
+
+    def all_of(self) -> Rule:
+        start = self.current.position
+        rules = [self.unary()]
+        while self.at("KEYWORD", "AND"):
+            self.take()
+            rules.append(self.unary())
+        return rules[0] if len(rules) == 1 else AllOf(tuple(rules), position=start)
+
+    def unary(self) -> Rule:
+        if self.at("KEYWORD", "NOT"):
+            start = self.take().position
+            return Not(self.unary(), position=start)
+        if self.at("PUNCT", "("):
+            self.take()
+            rule = self.any_of()
+            self.expect("PUNCT", ")")
+            return rule
+        return self.condition()
+
+    def condition(self) -> Condition:
+        token = self.expect("NAME", what="a condition (traits.<name>, computed.<name>, event(...), score(...), "
+                                         "segment(...)), NOT or '('")
+        if token.text in _FUNCTIONS and self.at("PUNCT", "("):
+            self.take()
+            if token.text == "segment":
+                segment_id = self.string()
+                self.expect("PUNCT", ")")
+                return SegmentCondition(segment_id, position=token.position)
+            if token.text == "score":
+                return self.score(token.position)
+            return self.event(token.position)
+        return TraitCondition(token.text, self.comparison(), position=token.position)
+
+    def score(self, start: int) -> ScoreCondition:
+        model = self.string()
+        self.expect("PUNCT", ")")
+        score_field = ScoreField.PROBABILITY
+        if self.at("PUNCT", "."):
+            self.take()
+            name = self.expect("NAME", what="probability or percentile")
+            if name.text not in ScoreField.__members__.values():
+                raise RuleSyntaxError(f"a score has a probability or a percentile, not {name.text!r}", name.position)
+            score_field = ScoreField(name.text)
+        return ScoreCondition(model, score_field, self.comparison(), position=start)
+
+    def event(self, start: int) -> EventCountCondition | EventAggregateCondition:
+        event_name = self.string()
+        filters: list[PropertyFilter] = []
+        while self.at("PUNCT", ","):
+            self.take()
+            name = self.expect("NAME", what="a property name")
+            filters.append(PropertyFilter(name.text, self.comparison()))
+        self.expect("PUNCT", ")")
+        self.expect("PUNCT", ".")
+        function = self.expect("NAME", what="count, sum, avg, min or max")
+        self.expect("PUNCT", "(")
+        if function.text == "count":
+            window = self.window()
+            self.expect("PUNCT", ")")
+            return EventCountCondition(event_name, tuple(filters), window, self.comparison(), position=start)
+        if function.text not in {a.value for a in Aggregation}:
+            raise RuleSyntaxError(f"expected count, sum, avg, min or max, found {function.text!r}", function.position)
+        prop = self.expect("NAME", what="the property to aggregate").text
+        self.expect("PUNCT", ",")
+        window = self.window()
+        self.expect("PUNCT", ")")
+        return EventAggregateCondition(event_name, prop, Aggregation(function.text), tuple(filters), window,
+                                       self.comparison(), position=start)
+
+    def window(self) -> Window:
+        token = self.expect("NAME", what="a window: last <N>d or from <time> to <time>")
+        if token.text == "last":
+            days = self.expect("DAYS", what="a number of days like 90d")
+            return LastDays(int(days.text[:-1]))
+        if token.text == "from":
+            start = self.time()
+            self.expect("NAME", "to")
+            return FixedRange(start, self.time())
+        raise RuleSyntaxError(f"expected a window (last <N>d or from <time> to <time>), found {token.text!r}",
+                              token.position)
+
+    def time(self) -> datetime:
+        token = self.expect("TIME", what="a time like 1997-01-01T00:00:00Z")
+        value = parse_time(token.text)
+        if value is None:
+            raise RuleSyntaxError(f"{token.text!r} is not a valid time", token.position)
+        return value.astimezone(UTC)
+
+    def comparison(self) -> Comparison:
+        token = self.current
+        if token.kind == "OP":
+            self.take()
+            return Comparison(Operator(token.text), (self.value(),))
+        if token.kind == "KEYWORD" and token.text == "EXISTS":
+            self.take()
+            return Comparison(Operator.EXISTS)
+        if token.kind == "KEYWORD" and token.text == "CONTAINS":
+            self.take()
+            return Comparison(Operator.CONTAINS, (self.value(),))
+        if token.kind == "KEYWORD" and token.text == "BETWEEN":
+            self.take()
+            low = self.value()
+            self.expect("KEYWORD", "AND")
+            return Comparison(Operator.BETWEEN, (low, self.value()))
+        if token.kind == "KEYWORD" and token.text == "IN":
+            self.take()
+            self.expect("PUNCT", "[")
+            values = [self.value()]
+            while self.at("PUNCT", ","):
+                self.take()
+                values.append(self.value())
+            self.expect("PUNCT", "]")
+            return Comparison(Operator.IN, tuple(values))
+        found = repr(token.text) if token.kind != "END" else "the end of the rule"
+        raise RuleSyntaxError(f"expected an operator (=, !=, <, <=, >, >=, IN, CONTAINS, EXISTS, BETWEEN), "
+                              f"found {found}", token.position)
+
+    def value(self) -> Scalar:
+        token = self.take()
+        if token.kind == "STRING":
+            text: str = json.loads(token.text)
+            return text
+        if token.kind == "NUMBER":
+            return float(token.text)
+        if token.kind == "NAME" and token.text in ("true", "false"):
+            return token.text == "true"
+        if token.kind == "TIME":
+            raise RuleSyntaxError(f"quote times compared with traits: \"{token.text}\"", token.position)
+        found = repr(token.text) if token.kind != "END" else "the end of the rule"
+        raise RuleSyntaxError(f"expected a value (\"text\", a number, true or false), found {found}", token.position)
+
+    def string(self) -> str:
+        token = self.expect("STRING", what="a quoted name")
+        text: str = json.loads(token.text)
+        return text
+
+
+def parse(text: str) -> Rule:
+    """The rule a text describes; RuleSyntaxError with the position of the first error."""
+    return _Parser(text).rule()
+
+
+# ---- formatting -----------------------------------------------------------------------------------
+
+def format_value(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    number = float(value)
+    if number.is_integer() and abs(number) < 1e15:
+        return str(int(number))
+    return repr(number)
+
+
+def format_time(value: datetime) -> str:
+    utc = value.astimezone(UTC)
+    fraction = f".{utc.microsecond:06d}".rstrip("0") if utc.microsecond else ""
+    return f"{utc:%Y-%m-%dT%H:%M:%S}{fraction}Z"
+
+
+def format_comparison(subject: str, comparison: Comparison) -> str:
+    operator, operands = comparison.operator, comparison.operands
+    if operator is Operator.EXISTS:
+        return f"{subject} EXISTS"
+    if operator is Operator.IN:
+        return f"{subject} IN [{', '.join(format_value(v) for v in operands)}]"
+    if operator is Operator.BETWEEN:
+        return f"{subject} BETWEEN {format_value(operands[0])} AND {format_value(operands[1])}"
+    return f"{subject} {operator.value} {format_value(operands[0])}"
+
+
+def format_window(window: Window) -> str:
+    if isinstance(window, LastDays):
+        return f"last {window.days}d"
+    return f"from {format_time(window.start)} to {format_time(window.end)}"
+
+
+def format_condition(condition: Condition) -> str:
+    if isinstance(condition, TraitCondition):
+        return format_comparison(condition.field, condition.comparison)
+    if isinstance(condition, SegmentCondition):
+        return f"segment({format_value(condition.segment_id)})"
+    if isinstance(condition, ScoreCondition):
+        suffix = ".percentile" if condition.score_field is ScoreField.PERCENTILE else ""
+        return format_comparison(f"score({format_value(condition.model)}){suffix}", condition.comparison)
+    filters = "".join(f", {format_comparison(f.property, f.comparison)}" for f in condition.filters)
+    head = f"event({format_value(condition.event_name)}{filters})"
+    if isinstance(condition, EventCountCondition):
+        return format_comparison(f"{head}.count({format_window(condition.window)})", condition.comparison)
+    return format_comparison(
+        f"{head}.{condition.aggregation.value}({condition.property}, {format_window(condition.window)})",
+        condition.comparison)
+
+
+def format_rule(rule: Rule) -> str:
+    """The canonical text of a rule."""
+    if isinstance(rule, AllOf | AnyOf):
+        joiner = " AND " if isinstance(rule, AllOf) else " OR "
+        return joiner.join(_nested(child) for child in rule.rules)
+    if isinstance(rule, Not):
+        return f"NOT {_nested(rule.rule)}"
+    return format_condition(rule)
+
+
+def _nested(rule: Rule) -> str:
+    text = format_rule(rule)
+    return f"({text})" if isinstance(rule, AllOf | AnyOf) and len(rule.rules) > 1 else text
