@@ -28,15 +28,19 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
 
+from cassandra.cluster import ResponseFuture
+
 from services.identity import feed
 from services.identity.feed import Change, ChangeType
 from services.identity.identifiers import GuardPolicy, IdentifierRegistry, InvalidIdentifierValue
+from services.identity.leases import Leases
 from services.identity.partition import IdKey, Partition, partition, shared_identifiers
 from shared import deadline
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
@@ -45,7 +49,7 @@ from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavaila
 MAX_OBSERVATIONS_PER_CALL = 1000
 MAX_IDENTIFIERS_PER_OBSERVATION = 32
 MAX_COMPONENT_IDENTIFIERS = 20_000
-LEASE_WAIT_SECONDS = 10.0
+LEASE_WAIT_SECONDS = 60.0
 REDIRECT_HOPS = 16
 
 
@@ -137,10 +141,12 @@ class _Component:
     neighbours: dict[IdKey, set[IdKey]] = field(default_factory=dict)
     person_of: dict[IdKey, str | None] = field(default_factory=dict)
     origin_of: dict[IdKey, str | None] = field(default_factory=dict)
+    guard_of: dict[IdKey, str | None] = field(default_factory=dict)
+    junk: set[IdKey] = field(default_factory=set)
 
     def lease_keys(self) -> set[str]:
-        return ({f"p:{p}" for p in self.person_of.values() if p}
-                | {f"i:{n}" for n in self.nodes if not self.person_of.get(n)})
+        # Unassigned junk identifiers need none: they join no person, and every writer writes the same row.
+        return {_lease_key(n, p) for n in self.nodes if (p := self.person_of.get(n)) or n not in self.junk}
 
     def links(self) -> set[tuple[IdKey, IdKey]]:
         return {(a, b) if a < b else (b, a) for a in self.nodes for b in self.neighbours.get(a, ())
@@ -153,6 +159,40 @@ class _Reconciled:
     group_ids: list[str]
     merged_into: dict[str, str]  # person merged away -> survivor
     changes: list[Change] = field(default_factory=list)
+    erased: set[IdKey] = field(default_factory=set)  # seeds found tombstoned under the leases
+
+
+def _lease_key(key: IdKey, person_id: str | None) -> str:
+    """The lease guarding an identifier: its person's, or its own while it has no person."""
+    return f"p:{person_id}" if person_id else f"i:{key}"
+
+
+def _erased_decision(key: IdKey) -> GuardDecision:
+    return GuardDecision(key, GuardKind.ERASED,
+                         f"{key.type} was erased by a privacy request; DeleteErasureTombstone allows it again")
+
+
+def _overlapping(indexes: Sequence[int], keys_of: Sequence[set[str]]) -> list[list[int]]:
+    """`indexes` grouped so that any two whose key sets share a key are in one group."""
+    parent = {i: i for i in indexes}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for index in indexes:
+        for key in keys_of[index]:
+            if key in owner:
+                parent[find(index)] = find(owner[key])
+            else:
+                owner[key] = index
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index in indexes:
+        groups[find(index)].append(index)
+    return list(groups.values())
 
 
 def new_person_id() -> str:
@@ -176,6 +216,7 @@ class IdentityGraph:
         self.registry = registry or IdentifierRegistry()
         self.policy = policy or GuardPolicy()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="identity-reconcile")
+        self._leases = Leases(session)
         self._tombstone_salt: bytes | None = None
 
     def close(self) -> None:
@@ -216,18 +257,18 @@ class IdentityGraph:
         """Apply observations in order; one outcome per observation."""
         normalized = self.normalize_observations(observations)
         outcomes = [LinkOutcome(normalized=keys) for keys in normalized]
-        erased = self.tombstoned({k for keys in normalized for k in keys})
+        # Both checks are reads of independent rows: issue them together, wait once.
+        tombstone_reads = self._start_tombstone_reads({k for keys in normalized for k in keys})
+        known = self._known_observations([o.evidence.message_id for o in observations])
+        erased = self._tombstoned_from(tombstone_reads)
         if erased:
             # Identifiers of erased persons are not linked again: a late or replayed event must not
             # bring back what a privacy request removed.
             for index, keys in enumerate(normalized):
                 for key in keys:
                     if key in erased:
-                        outcomes[index].guard_decisions.append(GuardDecision(
-                            key, GuardKind.ERASED, f"{key.type} was erased by a privacy request; "
-                            "DeleteErasureTombstone allows it again"))
+                        outcomes[index].guard_decisions.append(_erased_decision(key))
                 normalized[index] = [k for k in keys if k not in erased]
-        known = self._known_observations([o.evidence.message_id for o in observations])
         pending: list[int] = []
         for index, observation in enumerate(observations):
             if observation.evidence.message_id in known:
@@ -238,13 +279,11 @@ class IdentityGraph:
         seed_groups = _group_by_shared_identifiers([normalized[i] for i in pending])
         self._append_evidence([(normalized[i], observations[i].evidence) for i in pending])
         seed_groups = [g for g in seed_groups if any(normalized[pending[i]] for i in g)]
-        futures = [self._pool.submit(self._reconcile_with_deadline, deadline.remaining(),
-                                     {k for g in group for k in normalized[pending[g]]},
-                                     f"observation {observations[pending[group[0]]].evidence.message_id}")
-                   for group in seed_groups]
+        reconciled_groups = self.reconcile_many(
+            [{k for g in group for k in normalized[pending[g]]} for group in seed_groups],
+            [f"observation {observations[pending[group[0]]].evidence.message_id}" for group in seed_groups])
         results: dict[int, _Reconciled] = {}
-        for group, future in zip(seed_groups, futures, strict=True):
-            reconciled = future.result()
+        for group, reconciled in zip(seed_groups, reconciled_groups, strict=True):
             for g in group:
                 results[pending[g]] = reconciled
         self._record_observations([(normalized[i], observations[i].evidence) for i in pending])
@@ -254,10 +293,6 @@ class IdentityGraph:
             else:
                 self._describe_duplicate(outcome)
         return outcomes
-
-    def _reconcile_with_deadline(self, seconds: float | None, seeds: set[IdKey], reason: str) -> _Reconciled:
-        with deadline.deadline_after(seconds):
-            return self.reconcile(seeds, reason)
 
     def _known_observations(self, message_ids: Iterable[str]) -> set[str]:
         futures = {m: self._session.execute_async("SELECT message_id FROM observations WHERE message_id = ?", (m,))
@@ -302,54 +337,111 @@ class IdentityGraph:
 
     def reconcile(self, seeds: set[IdKey], reason: str = "") -> _Reconciled:
         """Recompute the persons of the component around `seeds` under leases (see the module doc)."""
-        give_up = time.monotonic() + min(LEASE_WAIT_SECONDS, deadline.remaining() or LEASE_WAIT_SECONDS)
-        attempt = 0
-        while True:
-            component = self._load_component(seeds)
-            keys = sorted(component.lease_keys())
-            owner = self._acquire(keys)
-            if owner is not None:
-                try:
-                    component = self._load_component(seeds)
-                    if component.lease_keys() <= set(keys):
-                        return self._rewrite(component, reason)
-                finally:
-                    self._release(keys, owner)
-            attempt += 1
-            if time.monotonic() > give_up:
-                raise Unavailable("the identity component is busy with other writers; retry the call",
-                                  reason="COMPONENT_CONTENDED", metadata={"leases": str(len(keys))})
-            time.sleep(min(0.5, 0.005 * 2 ** min(attempt, 7)) * random.uniform(0.5, 1.5))
+        return self.reconcile_many([seeds], [reason])[0]
 
-    def _acquire(self, keys: Sequence[str]) -> str | None:
-        """Take every lease or none; returns the owner token to release them with.
+    def reconcile_many(self, seed_sets: Sequence[set[IdKey]], reasons: Sequence[str]) -> list[_Reconciled]:
+        """Recompute the components around each seed set under leases; one result per seed set.
 
-        The token is new for every acquisition, not per process: reconciliations run on many threads
-        of one process, and a shared token would let two of them hold the same lease at once.
+        Leases are taken for many components at once (few lightweight transactions, see leases.py).
+        Seed sets whose lease keys overlap are recomputed together as one component. A component
+        found to reach beyond the leases taken for it is tried again with the leases it now needs.
+        When every lease is free (the common case) all components run and their leases are given
+        back together at the end; when some are held by other writers, the waiting components are
+        retried on a short tick, and the leases of components that finished are given back on each
+        tick, so that writers contending for the same persons interleave instead of queueing whole
+        calls behind each other.
         """
-        owner = uuid.uuid4().hex
-        taken: list[str] = []
-        for key in keys:
-            if not self._try_lease(key, owner):
-                self._release(taken, owner)
-                return None
-            taken.append(key)
-        return owner
-
-    def _try_lease(self, key: str, owner: str) -> bool:
+        give_up = time.monotonic() + min(LEASE_WAIT_SECONDS, deadline.remaining() or LEASE_WAIT_SECONDS)
+        results: dict[int, _Reconciled] = {}
+        needed = self._seed_lease_keys(seed_sets)
+        waiting = set(range(len(seed_sets)))
+        running: dict[Future[_Reconciled | set[str]], tuple[list[int], dict[str, str]]] = {}
+        finished_holding: dict[str, str] = {}  # leases of finished components, given back together
+        attempt = 0
         try:
-            row = self._session.execute("INSERT INTO locks (lock_key, owner) VALUES (?, ?) IF NOT EXISTS",
-                                        (key, owner)).one()
-            return bool(row.applied)
-        except Unavailable:
-            # A compare-and-set that timed out may still have been applied: read the outcome back at SERIAL.
-            row = self._session.execute("SELECT owner FROM locks WHERE lock_key = ?", (key,),
-                                        consistency=SERIAL_CONSISTENCY).one()
-            return row is not None and row.owner == owner
+            while waiting or running:
+                if waiting:
+                    self._start_ready(seed_sets, reasons, needed, waiting, running)
+                    if waiting:
+                        attempt += 1
+                        if time.monotonic() > give_up:
+                            raise Unavailable("the identity component is busy with other writers; retry the call",
+                                              reason="COMPONENT_CONTENDED",
+                                              metadata={"components_waiting": str(len(waiting))})
+                # Woken when a component of ours finishes or a lease comes back in this process; leases
+                # of other processes are polled for, with backoff.
+                pause = min(0.2, 0.005 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.5) if waiting else None
+                self._leases.wait({k for i in waiting for k in needed[i]}, pause,
+                                  unless=lambda: any(future.done() for future in running))
+                for future in [f for f in running if f.done()]:
+                    cluster, owners = running.pop(future)
+                    finished_holding.update(owners)
+                    outcome = future.result()
+                    for index in cluster:
+                        if isinstance(outcome, _Reconciled):
+                            results[index] = outcome
+                        else:
+                            needed[index] = outcome
+                            waiting.add(index)
+                # Leases of finished components go back together at the end, unless someone waits for
+                # them, or this call itself contends (then writers interleave rather than queue).
+                if finished_holding and (waiting or not running or self._leases.wanted(finished_holding)):
+                    self._leases.release_held(finished_holding)
+                    finished_holding = {}
+        finally:
+            if running:
+                # Failing: every recomputation still running finishes before its leases are given back.
+                futures_wait(list(running))
+                finished_holding.update({k: o for _, owners in running.values() for k, o in owners.items()})
+            self._leases.release_held(finished_holding)
+        return [results[i] for i in range(len(seed_sets))]
 
-    def _release(self, keys: Sequence[str], owner: str) -> None:
-        for key in reversed(keys):
-            self._session.execute("DELETE FROM locks WHERE lock_key = ? IF owner = ?", (key, owner))
+    def _start_ready(self, seed_sets: Sequence[set[IdKey]], reasons: Sequence[str], needed: list[set[str]],
+                     waiting: set[int],
+                     running: dict[Future[_Reconciled | set[str]], tuple[list[int], dict[str, str]]]) -> None:
+        """Take the leases of every waiting component that can have them now, and start recomputing those."""
+        clusters = _overlapping(sorted(waiting), needed)
+        key_sets = [set().union(*(needed[i] for i in cluster)) for cluster in clusters]
+        owner = uuid.uuid4().hex
+        held = self._leases.acquire_groups(key_sets, owner)
+        for cluster, keys, ok in zip(clusters, key_sets, held, strict=True):
+            if ok:
+                waiting.difference_update(cluster)
+                future = self._pool.submit(self._reconcile_held, deadline.remaining(),
+                                           set().union(*(seed_sets[i] for i in cluster)), keys, reasons[cluster[0]])
+                future.add_done_callback(lambda _: self._leases.notify())
+                running[future] = (cluster, dict.fromkeys(keys, owner))
+
+    def _seed_lease_keys(self, seed_sets: Sequence[set[IdKey]]) -> list[set[str]]:
+        """The leases each seed set needs as far as its seeds' own rows tell (the component may need more)."""
+        persons = self.persons_of({k for seeds in seed_sets for k in seeds})
+        return [{_lease_key(k, persons[k]) for k in seeds if persons[k] or not self._is_junk(k)} for seeds in seed_sets]
+
+    def _reconcile_held(self, seconds: float | None, seeds: set[IdKey], held: set[str],
+                        reason: str) -> _Reconciled | set[str]:
+        """Under the leases `held`: the recomputed component, or the leases it needs when it reaches further."""
+        with deadline.deadline_after(seconds):
+            # An erasure may have tombstoned a seed after this call checked it and before these leases
+            # were taken (erase holds the leases of what it tombstones): drop the evidence just appended.
+            erased = self.tombstoned(seeds)
+            if erased:
+                self._drop_erased_evidence(erased, seeds)
+                seeds = seeds - erased
+            component = self._load_component(seeds)
+            needed = component.lease_keys()
+            if not needed <= held:
+                return needed
+            reconciled = self._rewrite(component, reason)
+            reconciled.erased = erased
+            return reconciled
+
+    def _drop_erased_evidence(self, erased: set[IdKey], seeds: set[IdKey]) -> None:
+        self._delete_pair_links([(a, b) for a in erased for b in seeds if a != b]
+                                + [(b, a) for a in erased for b in seeds if a != b and b not in erased])
+        self._session.execute_many("DELETE FROM links WHERE id_type = ? AND id_value = ?",
+                                   [(k.type, k.value) for k in erased])
+        self._session.execute_many("DELETE FROM identifier_sightings WHERE id_type = ? AND id_value = ?",
+                                   [(k.type, k.value) for k in erased])
 
     def _load_component(self, seeds: Iterable[IdKey]) -> _Component:
         component = _Component()
@@ -363,7 +455,7 @@ class IdentityGraph:
                     f"the component around these identifiers exceeds {MAX_COMPONENT_IDENTIFIERS} identifiers; a "
                     "junk or shared identifier is probably missing from the guard policy", reason="COMPONENT_TOO_LARGE")
             rows = [(self._session.execute_async(
-                        "SELECT person_id, origin_person_id FROM identifiers WHERE id_type = ? AND id_value = ?",
+                        "SELECT person_id, origin_person_id, guard FROM identifiers WHERE id_type = ? AND id_value = ?",
                         (k.type, k.value)),
                      self._session.execute_async(
                         "SELECT other_type, other_value FROM links WHERE id_type = ? AND id_value = ?",
@@ -373,9 +465,11 @@ class IdentityGraph:
                 component.nodes.add(key)
                 component.person_of[key] = identifier.person_id if identifier else None
                 component.origin_of[key] = identifier.origin_person_id if identifier else None
+                component.guard_of[key] = identifier.guard if identifier else None
                 component.neighbours[key] = {IdKey(r.other_type, r.other_value)
                                              for r in self._session.result(links_future)}
             junk = {k for k in batch if self._is_junk(k)}
+            component.junk |= junk
             shared = self._shared_among(batch, component, junk)
             for key in batch:
                 if key in junk or key in shared:
@@ -408,25 +502,21 @@ class IdentityGraph:
             new_person.update(dict.fromkeys(group, person_id))
 
         identifier_rows, add_members, remove_members = [], [], []
+        changed_persons: set[str] = set()
         for key in sorted(component.nodes):
             target = new_person.get(key)
             guard = "junk" if key in result.junk else "shared" if key in result.shared else None
             old = component.person_of.get(key)
             origin = component.origin_of.get(key) or target
-            identifier_rows.append((target, origin, guard, key.type, key.value))
+            if (target, origin, guard) != (old, component.origin_of.get(key), component.guard_of.get(key)):
+                identifier_rows.append((target, origin, guard, key.type, key.value))
             if old != target:
                 if old:
                     remove_members.append((old, key.type, key.value))
+                    changed_persons.add(old)
                 if target:
                     add_members.append((target, key.type, key.value))
-        self._session.execute_many(
-            "UPDATE identifiers SET person_id = ?, origin_person_id = ?, guard = ? WHERE id_type = ? AND id_value = ?",
-            identifier_rows)
-        self._session.execute_many("INSERT INTO person_identifiers (person_id, id_type, id_value) VALUES (?, ?, ?)",
-                                   add_members)
-        self._session.execute_many(
-            "DELETE FROM person_identifiers WHERE person_id = ? AND id_type = ? AND id_value = ?", remove_members)
-
+                    changed_persons.add(target)
         old_persons = {p for p in component.person_of.values() if p}
         members_by_old: dict[str, list[str]] = defaultdict(list)
         for key, old in component.person_of.items():
@@ -438,9 +528,24 @@ class IdentityGraph:
             if targets:
                 # The survivor is where most of its identifiers went (ties: the oldest id).
                 merged_into[old] = min(set(targets), key=lambda t: (-targets.count(t), t))
-        self._write_persons(group_ids, component, merged_into, now)
+        # Identifier rows last: a writer that dies half way leaves them unchanged where anything else
+        # was left undone, so the next recomputation sees those identifiers as changed and redoes it.
+        self._run_concurrently(
+            self._person_rows(group_ids, component, merged_into, changed_persons, now)
+            + [("INSERT INTO person_identifiers (person_id, id_type, id_value) VALUES (?, ?, ?)", row)
+               for row in add_members]
+            + [("DELETE FROM person_identifiers WHERE person_id = ? AND id_type = ? AND id_value = ?", row)
+               for row in remove_members])
+        self._run_concurrently(
+            [("UPDATE identifiers SET person_id = ?, origin_person_id = ?, guard = ? "
+              "WHERE id_type = ? AND id_value = ?", row) for row in identifier_rows])
         changes = self._record_changes(old_persons, merged_into, members_by_old, reason)
         return _Reconciled(result, group_ids, merged_into, changes)
+
+    def _run_concurrently(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        futures = [self._session.execute_async(cql, params) for cql, params in statements]
+        for future in futures:
+            self._session.result(future)
 
     def _assign_person_ids(self, result: Partition, component: _Component) -> list[str]:
         def rank(group: frozenset[IdKey]) -> tuple[int, IdKey]:
@@ -464,11 +569,15 @@ class IdentityGraph:
         identifier_type = self.registry.get(key.type)
         return identifier_type.priority if identifier_type else 0
 
-    def _write_persons(self, group_ids: list[str], component: _Component, merged_into: dict[str, str],
-                       now: datetime) -> None:
-        existing = {p for p in component.person_of.values() if p} | {p for p in component.origin_of.values() if p}
+    @staticmethod
+    def _person_rows(group_ids: list[str], component: _Component, merged_into: dict[str, str],
+                     changed: set[str], now: datetime) -> list[tuple[str, tuple[Any, ...]]]:
+        live = {p for p in component.person_of.values() if p}
+        existing = live | {p for p in component.origin_of.values() if p}
         rows: list[tuple[str, tuple[Any, ...]]] = []
         for person_id in group_ids:
+            if person_id in live and person_id not in changed:
+                continue  # same identifiers as before: nothing about the person changed
             if person_id in existing:
                 # Restores a person merged away before (a split), or keeps a live one live.
                 rows.append(("UPDATE persons SET merged_into = null, update_time = ? WHERE person_id = ?",
@@ -480,9 +589,7 @@ class IdentityGraph:
             rows.append(("UPDATE persons SET merged_into = ?, update_time = ? WHERE person_id = ?",
                          (winner, now, loser)))
             rows.append(("UPDATE persons SET merged_from = merged_from + ? WHERE person_id = ?", ({loser}, winner)))
-        futures = [self._session.execute_async(cql, params) for cql, params in rows]
-        for future in futures:
-            self._session.result(future)
+        return rows
 
     def _record_changes(self, old_persons: set[str], merged_into: dict[str, str],
                         members_by_old: dict[str, list[str]], reason: str) -> list[Change]:
@@ -516,11 +623,14 @@ class IdentityGraph:
         return hashlib.sha256(self._salt() + f"{key.type}\x00{key.value}".encode()).hexdigest()
 
     def tombstoned(self, keys: set[IdKey]) -> set[IdKey]:
-        if not keys:
-            return set()
-        futures = {k: self._session.execute_async("SELECT erase_time FROM erasure_tombstones WHERE identifier_hash = ?",
-                                                  (self.tombstone_hash(k),)) for k in keys}
-        return {k for k, f in futures.items() if self._session.result(f).one() is not None}
+        return self._tombstoned_from(self._start_tombstone_reads(keys))
+
+    def _start_tombstone_reads(self, keys: set[IdKey]) -> dict[IdKey, ResponseFuture]:
+        return {k: self._session.execute_async("SELECT erase_time FROM erasure_tombstones WHERE identifier_hash = ?",
+                                               (self.tombstone_hash(k),)) for k in keys}
+
+    def _tombstoned_from(self, reads: dict[IdKey, ResponseFuture]) -> set[IdKey]:
+        return {k for k, f in reads.items() if self._session.result(f).one() is not None}
 
     def delete_tombstone(self, key: IdKey) -> None:
         digest = self.tombstone_hash(key)
@@ -588,51 +698,69 @@ class IdentityGraph:
     def erase(self, person_id: str, *, allow_relink: bool, reason: str) -> Erasure:
         """Delete a person's identifiers, links and provenance; tombstone the identifiers unless allowed."""
         person = self.get_person(person_id)
-        lease = [f"p:{person.person_id}"]
-        give_up = time.monotonic() + LEASE_WAIT_SECONDS
-        while (owner := self._acquire(lease)) is None:
-            if time.monotonic() > give_up:
-                raise Unavailable("the person is being changed by another writer; retry the call",
-                                  reason="COMPONENT_CONTENDED")
-            time.sleep(0.05 * random.uniform(0.5, 1.5))
+        owner, leased, members = self._lease_person(person.person_id)
         try:
-            members = self.person_members(person.person_id)
             now = _now()
             if not allow_relink:
-                # Tombstones first: from here on, no observation can bring these identifiers back.
+                # Tombstones first, under the leases of the person and of each identifier: an observation
+                # that checked before this point recomputes under one of those leases after it, and
+                # then finds the tombstone (see _reconcile_held).
                 self._session.execute_many(
                     "INSERT INTO erasure_tombstones (identifier_hash, erase_time) VALUES (?, ?)",
                     [(self.tombstone_hash(k), now) for k in members])
+            reads = [(self._session.execute_async(
+                          "SELECT other_type, other_value FROM links WHERE id_type = ? AND id_value = ?",
+                          (k.type, k.value)),
+                      self._session.execute_async(
+                          "SELECT message_id FROM identifier_sightings WHERE id_type = ? AND id_value = ?",
+                          (k.type, k.value))) for k in members]
+            member_set = set(members)
             outside: set[IdKey] = set()
             link_count = 0
             message_ids: set[str] = set()
-            member_set = set(members)
-            for key in members:
-                others = self.neighbours_of(key)
+            deletes: list[tuple[str, Sequence[Any]]] = []
+            for key, (links_future, sightings_future) in zip(members, reads, strict=True):
+                others = {IdKey(r.other_type, r.other_value) for r in self._session.result(links_future)}
+                message_ids |= {r.message_id for r in self._session.result(sightings_future)}
                 link_count += len(others)
                 outside |= others - member_set
-                self._delete_pair_links([(o, key) for o in others])
-                message_ids |= {r.message_id for r in self._session.execute(
-                    "SELECT message_id FROM identifier_sightings WHERE id_type = ? AND id_value = ?",
-                    (key.type, key.value))}
-                self._session.execute("DELETE FROM links WHERE id_type = ? AND id_value = ?", (key.type, key.value))
-                self._session.execute("DELETE FROM identifier_sightings WHERE id_type = ? AND id_value = ?",
-                                      (key.type, key.value))
-                self._session.execute("DELETE FROM identifiers WHERE id_type = ? AND id_value = ?",
-                                      (key.type, key.value))
-            self._session.execute_many("DELETE FROM observations WHERE message_id = ?", [(m,) for m in message_ids])
-            self._session.execute("DELETE FROM person_identifiers WHERE person_id = ?", (person.person_id,))
+                deletes += [("DELETE FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? "
+                             "AND other_value = ?", (o.type, o.value, key.type, key.value)) for o in others]
+                deletes += [(f"DELETE FROM {table} WHERE id_type = ? AND id_value = ?", (key.type, key.value))
+                            for table in ("links", "identifier_sightings", "identifiers")]
+            deletes += [("DELETE FROM observations WHERE message_id = ?", (m,)) for m in message_ids]
+            deletes.append(("DELETE FROM person_identifiers WHERE person_id = ?", (person.person_id,)))
+            self._run_concurrently(deletes)
             self._session.execute("UPDATE persons SET erased = true, merged_into = null, update_time = ? "
                                   "WHERE person_id = ?", (now, person.person_id))
             change = feed.record(self._session, ChangeType.ERASE, [person.person_id], [],
                                  reason or "erased by a privacy request")
         finally:
-            self._release(lease, owner)
+            self._leases.release(leased, owner)
         if outside:
             # Identifiers that were linked to the erased ones may now count fewer neighbours (a device
             # no longer shared): recompute them from what evidence remains.
             self.reconcile(outside, f"neighbours of erased person {person.person_id}")
         return Erasure(person.person_id, len(members), link_count, change)
+
+    def _lease_person(self, person_id: str) -> tuple[str, set[str], list[IdKey]]:
+        """Leases on a person and on each of its identifiers: (owner, leases, the identifiers under them)."""
+        give_up = time.monotonic() + min(LEASE_WAIT_SECONDS, deadline.remaining() or LEASE_WAIT_SECONDS)
+        attempt = 0
+        while True:
+            members = self.person_members(person_id)
+            keys = {f"p:{person_id}"} | {_lease_key(k, None) for k in members}
+            owner = uuid.uuid4().hex
+            if self._leases.acquire_all(keys, owner):
+                current = self.person_members(person_id)
+                if set(current) <= set(members):
+                    return owner, keys, current
+                self._leases.release(keys, owner)  # it gained identifiers meanwhile: lease those too
+            attempt += 1
+            if time.monotonic() > give_up:
+                raise Unavailable("the person is being changed by another writer; retry the call",
+                                  reason="COMPONENT_CONTENDED")
+            time.sleep(min(0.5, 0.005 * 2 ** min(attempt, 7)) * random.uniform(0.5, 1.5))
 
     # ---- idempotent requests ---------------------------------------------------------------------
 
@@ -737,7 +865,9 @@ def _describe_outcome(outcome: LinkOutcome, reconciled: _Reconciled, registry: I
     ids_by_key = {k: reconciled.group_ids[group_of[k]] for k in outcome.normalized if k in group_of}
     outcome.person_ids = sorted(set(ids_by_key.values()))
     for key in outcome.normalized:
-        if key in reconciled.partition.junk:
+        if key in reconciled.erased:
+            outcome.guard_decisions.append(_erased_decision(key))
+        elif key in reconciled.partition.junk:
             outcome.guard_decisions.append(GuardDecision(key, GuardKind.BLOCKED_VALUE,
                                                          f"{key.type} value {key.value!r} is a blocked junk value"))
         elif key in reconciled.partition.shared:

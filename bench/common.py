@@ -1,0 +1,156 @@
+"""Helpers every benchmark uses: closed- and open-loop load, percentiles, a Cassandra to run against, output.
+
+Figures on a shared 2-core machine are noisy, so benchmarks report each figure next to a baseline
+measured in the same run (a ratio), and say what load they were measured at.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+from rich.console import Console
+from rich.table import Table
+
+from deploy import cassandra as launcher
+from shared.cassandra import CassandraSession, connect_cluster, open_session
+from shared.config import CassandraSettings
+
+console = Console()
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load run achieved: completed operations over wall time, and each operation's latency."""
+
+    operations: int
+    seconds: float
+    latencies: Sequence[float]  # seconds, one per completed call
+    errors: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.operations / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile_ms(self, percent: float) -> float:
+        return percentile(self.latencies, percent) * 1e3
+
+
+def percentile(samples: Sequence[float], percent: float) -> float:
+    """The nearest-rank percentile (0 for no samples): the value below which `percent` % of samples lie."""
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(percent / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def closed_loop(call: Callable[[int], int], *, threads: int, seconds: float) -> LoadResult:
+    """`threads` callers issue `call(i)` back to back for `seconds`; `call` returns operations it did.
+
+    Closed loop: each caller waits for its answer before the next call, so this finds the maximum
+    throughput at that concurrency (latencies here include queueing and are not the figure to quote).
+    """
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+    latencies: list[float] = []
+    counts = [0, 0]  # operations, errors
+    sequence = iter(range(1 << 62))
+
+    def worker() -> None:
+        mine: list[float] = []
+        operations = errors = 0
+        while time.monotonic() < stop:
+            with lock:
+                index = next(sequence)
+            started = time.perf_counter()
+            try:
+                operations += call(index)
+            except Exception:  # counted, reported; a benchmark keeps going
+                errors += 1
+                continue
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+            counts[0] += operations
+            counts[1] += errors
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=worker, name=f"bench-{i}") for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return LoadResult(counts[0], time.monotonic() - started, latencies, counts[1])
+
+
+def open_loop(start_call: Callable[[int], Future[object]], *, rate: float, seconds: float) -> LoadResult:
+    """Start `start_call(i)` at a fixed `rate` per second for `seconds`, without waiting for answers.
+
+    Open loop: latency is measured from the moment a call was *due*, so a slow answer cannot hide
+    the calls that should have been sent meanwhile (no coordinated omission).
+    """
+    interval = 1.0 / rate
+    total = max(1, int(rate * seconds))
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    done = threading.Semaphore(0)
+    origin = time.perf_counter()
+
+    def finished(due: float, future: Future[object]) -> None:
+        elapsed = time.perf_counter() - due
+        with lock:
+            if future.exception() is None:
+                latencies.append(elapsed)
+            else:
+                errors[0] += 1
+        done.release()
+
+    for index in range(total):
+        due = origin + index * interval
+        pause = due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        future = start_call(index)
+        future.add_done_callback(partial(finished, due))
+    for _ in range(total):
+        done.acquire()
+    return LoadResult(len(latencies), time.perf_counter() - origin, latencies, errors[0])
+
+
+@contextmanager
+def bench_cassandra(service: str) -> Iterator[tuple[CassandraSettings, CassandraSession]]:
+    """Settings with a keyspace prefix of the benchmark's own (dropped afterwards) and an admin session.
+
+    Reuses the node answering on 127.0.0.1:9042, or starts one the way the test session does.
+    """
+    started = launcher.ensure_running(nodes=1, fast=True)
+    if started is not None:
+        console.print(f"started Cassandra for the benchmark in {started:.1f} s")
+    settings = CassandraSettings().model_copy(update={"keyspace_prefix": f"bench{uuid.uuid4().hex[:10]}"})
+    cluster = connect_cluster(settings)
+    admin = open_session(cluster, None, 30)
+    try:
+        yield settings, admin
+    finally:
+        admin.execute(f"DROP KEYSPACE IF EXISTS {settings.keyspace(service)}", timeout=60)
+        cluster.shutdown()
+
+
+def figures_table(title: str, rows: Sequence[tuple[str, str, str]]) -> Table:
+    """A three-column table: what, measured, and the baseline or aim it is compared with."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("figure")
+    table.add_column("measured", justify="right")
+    table.add_column("compared with", style="dim")
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -1,0 +1,189 @@
+"""Identity service figures, each next to a baseline measured in the same run.
+
+    .venv/bin/python -m bench.identity [--persons 1000] [--writers 4] [--seconds 5]
+
+(a) link throughput (observations/s through gRPC, batched) vs raw lightweight-transaction throughput
+    of the same Cassandra from this process (`INSERT ... IF NOT EXISTS`, driver-concurrent);
+(b) lookup throughput and p50/p99 latency vs a bare gRPC echo (grpc.health.v1 Check on a server
+    built by the same bootstrap, shared.server.create_server, with no service of its own), and p99
+    of both at half of their maximum load.
+
+Uses the Cassandra answering on 127.0.0.1:9042 (or starts one like the test session does) and a
+keyspace of its own, dropped at the end. The identity service runs in this process on a free port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onecdp.common.v1 import common_pb2
+from onecdp.identity.v1 import identity_service_pb2 as pb
+from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
+
+from bench.common import LoadResult, bench_cassandra, closed_loop, console, figures_table, open_loop
+from services.identity.server import DEFINITION
+from shared.cassandra import CassandraSession
+from shared.config import GrpcSettings
+from shared.runner import start_service
+from shared.server import create_server
+from tests.services.identity.world import build_world
+
+LWT_ROWS = 4000
+LWT_CONCURRENCY = 64
+LOOKUP_THREADS = 8
+
+
+@dataclass(frozen=True)
+class LatencyFigures:
+    max_rate: float
+    max_p50_ms: float
+    max_p99_ms: float
+    half_rate: float
+    half_p50_ms: float
+    half_p99_ms: float
+
+
+def _identifier(text: str) -> common_pb2.Identifier:
+    type_name, value = text.split(":", 1)
+    return common_pb2.Identifier(type=type_name, value=value)
+
+
+def measure_raw_lwt(session: CassandraSession, keyspace: str) -> float:
+    """Lightweight transactions per second: fresh-key `INSERT ... IF NOT EXISTS`, driver-concurrent."""
+    session.execute(f"CREATE TABLE IF NOT EXISTS {keyspace}.bench_lwt (k text PRIMARY KEY, owner text)", timeout=60)
+    cql = f"INSERT INTO {keyspace}.bench_lwt (k, owner) VALUES (?, ?) IF NOT EXISTS"
+    session.execute_many(cql, [(f"warm-{i}", "bench") for i in range(200)], concurrency=LWT_CONCURRENCY)
+    rows = [(uuid.uuid4().hex, "bench") for _ in range(LWT_ROWS)]
+    started = time.perf_counter()
+    results = session.execute_many(cql, rows, concurrency=LWT_CONCURRENCY)
+    seconds = time.perf_counter() - started
+    applied = sum(1 for result in results if result.one().applied)
+    if applied != LWT_ROWS:
+        raise RuntimeError(f"only {applied} of {LWT_ROWS} fresh-key lightweight transactions applied")
+    return LWT_ROWS / seconds
+
+
+def measure_link(stub: pb_grpc.IdentityServiceStub, observations: Sequence[tuple[str, list[str]]], *,
+                 batch: int, writers: int) -> LoadResult:
+    """Observations per second: `writers` concurrent callers each send their share in batches."""
+    shuffled = list(observations)
+    random.Random(7).shuffle(shuffled)
+    batches = [shuffled[i:i + batch] for i in range(0, len(shuffled), batch)]
+    latencies: list[float] = []
+
+    def send(chunk: Sequence[tuple[str, list[str]]]) -> None:
+        request = pb.LinkIdentifiersRequest(observations=[
+            pb.Observation(identifiers=[_identifier(i) for i in ids],
+                           provenance=pb.Provenance(message_id=message_id, source="bench"))
+            for message_id, ids in chunk])
+        started = time.perf_counter()
+        stub.LinkIdentifiers(request, timeout=300)
+        latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(send, batches))
+    return LoadResult(len(shuffled), time.perf_counter() - started, latencies)
+
+
+def measure_latency(name: str, call: Callable[[int], Any], start_call: Callable[[int], Future[Any]],
+                    seconds: float) -> LatencyFigures:
+    """Maximum closed-loop throughput, then latency in an open loop at half of it."""
+    closed_loop(lambda i: (call(i), 1)[1], threads=LOOKUP_THREADS, seconds=min(1.0, seconds))  # warm up
+    loaded = closed_loop(lambda i: (call(i), 1)[1], threads=LOOKUP_THREADS, seconds=seconds)
+    if loaded.errors:
+        raise RuntimeError(f"{loaded.errors} {name} calls failed at maximum load")
+    half = open_loop(start_call, rate=loaded.rate / 2, seconds=seconds)
+    if half.errors:
+        raise RuntimeError(f"{half.errors} {name} calls failed at half load")
+    return LatencyFigures(loaded.rate, loaded.percentile_ms(50), loaded.percentile_ms(99),
+                          half.rate, half.percentile_ms(50), half.percentile_ms(99))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--persons", type=int, default=1000, help="synthetic world size for the link figure")
+    parser.add_argument("--batch", type=int, default=200, help="observations per LinkIdentifiers call")
+    parser.add_argument("--writers", type=int, default=4, help="concurrent LinkIdentifiers callers")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each lookup/echo load phase")
+    args = parser.parse_args()
+
+    grpc_settings = GrpcSettings(bind_host="127.0.0.1", log_format="text", log_level="WARNING")
+    with bench_cassandra("identity") as (cassandra_settings, admin):
+        service = start_service(DEFINITION, grpc_settings, cassandra_settings, port=0)
+        echo = create_server([], grpc_settings, port=0, error_domain="onecdp.echo")
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel, \
+                    grpc.insecure_channel(f"127.0.0.1:{echo.port}") as echo_channel:
+                stub = pb_grpc.IdentityServiceStub(channel)
+                health = health_pb2_grpc.HealthStub(echo_channel)
+
+                console.print("raw lightweight transactions ...")
+                lwt_rate = measure_raw_lwt(admin, cassandra_settings.keyspace("identity"))
+
+                world = build_world(args.persons, seed=11)
+                console.print(f"linking {len(world.observations)} observations of {args.persons} persons "
+                              f"({args.writers} writers, batches of {args.batch}) ...")
+                linked = measure_link(stub, world.observations, batch=args.batch, writers=args.writers)
+
+                owned = sorted(world.uniquely_owned())
+                requests = [pb.LookupPersonRequest(person=common_pb2.PersonSelector(identifier=_identifier(i)))
+                            for i in random.Random(3).sample(owned, min(len(owned), 5000))]
+
+                def lookup(i: int) -> Any:
+                    return stub.LookupPerson(requests[i % len(requests)], timeout=10)
+
+                def lookup_future(i: int) -> Future[Any]:
+                    future: Future[Any] = stub.LookupPerson.future(requests[i % len(requests)], timeout=10)
+                    return future
+
+                check = health_pb2.HealthCheckRequest()
+
+                def echo_call(i: int) -> Any:
+                    return health.Check(check, timeout=10)
+
+                def echo_future(i: int) -> Future[Any]:
+                    future: Future[Any] = health.Check.future(check, timeout=10)
+                    return future
+
+                console.print("bare gRPC echo (health Check) ...")
+                echo_figures = measure_latency("echo", echo_call, echo_future, args.seconds)
+                console.print("LookupPerson by identifier ...")
+                lookup_figures = measure_latency("lookup", lookup, lookup_future, args.seconds)
+        finally:
+            echo.stop(None).wait()
+            service.stop(None)
+
+    link_rate = linked.rate
+    rows = [
+        ("raw LWT (INSERT IF NOT EXISTS)", f"{lwt_rate:,.0f} /s", f"driver concurrency {LWT_CONCURRENCY}"),
+        ("link, observations through gRPC", f"{link_rate:,.0f} /s",
+         f"{len(world.observations)} obs, {args.writers} writers x {args.batch}/call"),
+        ("link / raw LWT", f"{link_rate / lwt_rate:.2f}", "aim >= 0.5"),
+        ("link call p50 / p99", f"{linked.percentile_ms(50):,.0f} / {linked.percentile_ms(99):,.0f} ms",
+         f"{args.batch} observations per call"),
+        ("echo max (closed loop)", f"{echo_figures.max_rate:,.0f} /s", f"{LOOKUP_THREADS} callers"),
+        ("lookup max (closed loop)", f"{lookup_figures.max_rate:,.0f} /s", f"{LOOKUP_THREADS} callers"),
+        ("lookup / echo", f"{lookup_figures.max_rate / echo_figures.max_rate:.2f}", "aim >= 0.5"),
+        ("echo p50 / p99 at max", f"{echo_figures.max_p50_ms:.1f} / {echo_figures.max_p99_ms:.1f} ms", ""),
+        ("lookup p50 / p99 at max", f"{lookup_figures.max_p50_ms:.1f} / {lookup_figures.max_p99_ms:.1f} ms", ""),
+        ("echo p50 / p99 at half load",
+         f"{echo_figures.half_p50_ms:.1f} / {echo_figures.half_p99_ms:.1f} ms", f"{echo_figures.half_rate:,.0f} /s"),
+        ("lookup p50 / p99 at half load",
+         f"{lookup_figures.half_p50_ms:.1f} / {lookup_figures.half_p99_ms:.1f} ms",
+         f"{lookup_figures.half_rate:,.0f} /s; aim p99 <= 10 ms"),
+    ]
+    console.print(figures_table("identity service (client and server in one process, 2-core machine)", rows))
+
+
+if __name__ == "__main__":
+    main()
