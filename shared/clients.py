@@ -1,17 +1,20 @@
 """Channels to the other OneCDP services, with deadlines, retries and per-call load balancing.
 
 Every channel gets a gRPC service config (python-api-core's rules, expressed the way gRPC itself
-applies them): a default deadline on every method, retries with exponential backoff and jitter on
-UNAVAILABLE for idempotent methods only (reads, and writes keyed by message_id/request_id), and
-round_robin over every address the target resolves to, so a `dns:///` headless Service balances per
-call rather than per connection. With `ONECDP_TLS_*` set, channels use mutual TLS: the server must
-present a certificate for the target's host name signed by the configured CA, and we present ours.
+applies them): retries with exponential backoff and jitter on UNAVAILABLE for idempotent methods
+only (reads, and writes keyed by message_id/request_id), and round_robin over every address the
+target resolves to, so a `dns:///` headless Service balances per call rather than per connection.
+Unary and client-streaming calls that carry no deadline get the default one (DefaultDeadline).
+With `ONECDP_TLS_*` set, channels use mutual TLS: the server must present a certificate for the
+target's host name signed by the configured CA, and we present ours.
 """
 
 from __future__ import annotations
 
 import json
+from collections import namedtuple
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -43,28 +46,51 @@ _RETRY_POLICY = {
 }
 
 
-def service_config(services: Iterable[ServiceDescriptor], timeout_seconds: float) -> str:
+def service_config(services: Iterable[ServiceDescriptor]) -> str:
     """The gRPC service config JSON for calling `services`.
 
-    Unary calls get the default deadline; server streams (watch feeds, exports) do not, since they
-    are meant to stay open. Idempotent calls retry on UNAVAILABLE; client streams never do, because
-    a consumed request stream cannot be replayed.
+    Idempotent calls retry on UNAVAILABLE; client streams never do, because a consumed request
+    stream cannot be replayed. Deadlines are not set here: a service config `timeout` caps every
+    call, even one whose caller asked for longer (a bulk load), so the default deadline is applied
+    by `DefaultDeadline` only to calls that carry none.
     """
     method_configs: list[dict[str, object]] = []
     for service in services:
-        groups: dict[tuple[bool, bool], list[str]] = {}
-        for method in service.methods:
-            retry = is_idempotent(method.name) and not method.client_streaming
-            with_deadline = not method.server_streaming and not method.client_streaming
-            groups.setdefault((retry, with_deadline), []).append(method.name)
-        for (retry, with_deadline), names in sorted(groups.items()):
-            config: dict[str, object] = {"name": [{"service": service.full_name, "method": n} for n in names]}
-            if with_deadline:
-                config["timeout"] = f"{timeout_seconds:.3f}s"
-            if retry:
-                config["retryPolicy"] = _RETRY_POLICY
-            method_configs.append(config)
+        retried = [m.name for m in service.methods if is_idempotent(m.name) and not m.client_streaming]
+        if retried:
+            method_configs.append({"name": [{"service": service.full_name, "method": n} for n in retried],
+                                   "retryPolicy": _RETRY_POLICY})
     return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": method_configs})
+
+
+class _CallDetails(
+        namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):  # type: ignore[misc]
+    pass
+
+
+class DefaultDeadline(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    """Gives unary and client-streaming calls without a deadline the default one.
+
+    Server streams (watch feeds, exports) are left alone: they are meant to stay open.
+    """
+
+    def __init__(self, timeout_seconds: float) -> None:
+        self._timeout = timeout_seconds
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        if details.timeout is not None:
+            return details
+        return _CallDetails(details.method, self._timeout, details.metadata, details.credentials,
+                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: grpc.ClientCallDetails,
+                              request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation: Any, client_call_details: grpc.ClientCallDetails,
+                               request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
 
 
 def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
@@ -77,7 +103,7 @@ def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
 def open_channel(target: str, services: Iterable[ServiceDescriptor], settings: GrpcSettings) -> grpc.Channel:
     """A channel to `target` (mutual TLS when configured) with the service config and tracing interceptor."""
     options = [
-        ("grpc.service_config", service_config(services, settings.client_timeout_seconds)),
+        ("grpc.service_config", service_config(services)),
         ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -89,6 +115,7 @@ def open_channel(target: str, services: Iterable[ServiceDescriptor], settings: G
         channel = grpc.secure_channel(target, channel_credentials(tls), options=options)
     # OpenTelemetry's interceptor implements its own grpcext interfaces, not grpc's: grpc.intercept_channel
     # refuses it with a TypeError, so it goes through grpcext.intercept_channel.
+    channel = grpc.intercept_channel(channel, DefaultDeadline(settings.client_timeout_seconds))
     intercepted: grpc.Channel = intercept_channel(channel, client_interceptor())  # type: ignore[no-untyped-call]
     return intercepted
 

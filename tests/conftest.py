@@ -12,11 +12,16 @@ import os
 import uuid
 from collections.abc import Iterator
 
+import grpc
 import pytest
+from onecdp.profile.v1 import profile_service_pb2_grpc
 
 from deploy import cassandra as launcher
+from services.identity.server import DEFINITION as IDENTITY
+from services.profile.server import DEFINITION as PROFILE
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import CassandraSettings, GrpcSettings
+from shared.runner import RunningService, start_service
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +66,31 @@ def cassandra_settings(cassandra_base_settings: CassandraSettings,
 def grpc_settings() -> GrpcSettings:
     """gRPC settings for in-process servers: loopback only, short grace, text logs."""
     return GrpcSettings(bind_host="127.0.0.1", grace_period_seconds=2.0, log_format="text")
+
+
+# ---- services in process, on free ports, against the test's own keyspaces -------------------------
+
+@pytest.fixture
+def identity_service(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings) -> Iterator[RunningService]:
+    service = start_service(IDENTITY, grpc_settings, cassandra_settings, port=0)
+    try:
+        yield service
+    finally:
+        service.stop(None)
+
+
+@pytest.fixture
+def profile_service(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings,
+                    identity_service: RunningService) -> Iterator[RunningService]:
+    settings = grpc_settings.model_copy(update={"identity_target": f"127.0.0.1:{identity_service.port}"})
+    service = start_service(PROFILE, settings, cassandra_settings, port=0)
+    try:
+        yield service
+    finally:
+        service.stop(None)
+
+
+@pytest.fixture
+def profiles(profile_service: RunningService) -> Iterator[profile_service_pb2_grpc.ProfileServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{profile_service.port}") as channel:
+        yield profile_service_pb2_grpc.ProfileServiceStub(channel)

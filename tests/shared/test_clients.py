@@ -1,19 +1,26 @@
-"""Client channels: deadlines on every call, retries only where a repeat is harmless."""
+"""Client channels: a default deadline where the caller set none, retries only where a repeat is harmless."""
 
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onecdp.identity.v1 import identity_service_pb2
 from onecdp.profile.v1 import profile_service_pb2
 
-from shared.clients import is_idempotent, service_config
+from shared.clients import is_idempotent, open_channel, service_config
+from shared.config import GrpcSettings
 
 pytestmark = pytest.mark.unit
 
 IDENTITY = identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"]
 PROFILE = profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"]
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
 
 def _configs_by_method(config: dict[str, object]) -> dict[str, dict[str, object]]:
@@ -25,21 +32,44 @@ def _configs_by_method(config: dict[str, object]) -> dict[str, dict[str, object]
 
 
 def test_reads_and_keyed_writes_retry_on_unavailable_others_do_not() -> None:
-    config = json.loads(service_config([IDENTITY, PROFILE], timeout_seconds=2.5))
+    config = json.loads(service_config([IDENTITY, PROFILE]))
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     by_method = _configs_by_method(config)
     for method in ("LookupPerson", "LinkIdentifiers", "IngestEvents", "GetProfile", "ListProfileChanges"):
         assert by_method[method]["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]  # type: ignore[index]
-        assert by_method[method]["timeout"] == "2.500s"
+        assert "timeout" not in by_method[method], "a service config timeout would cap longer caller deadlines"
     for method in ("UnlinkIdentifiers", "ErasePerson", "CreateIdentifierType"):
-        assert "retryPolicy" not in by_method[method]
-        assert by_method[method]["timeout"] == "2.500s"
+        assert method not in by_method
 
 
-def test_streams_are_not_cut_by_the_unary_deadline_and_client_streams_never_retry() -> None:
-    by_method = _configs_by_method(json.loads(service_config([IDENTITY, PROFILE], timeout_seconds=1)))
-    assert "timeout" not in by_method["WatchIdentityChanges"]
-    assert "StreamIngestEvents" not in by_method or "retryPolicy" not in by_method["StreamIngestEvents"]
+def test_client_streams_never_retry() -> None:
+    by_method = _configs_by_method(json.loads(service_config([IDENTITY, PROFILE])))
+    assert "StreamIngestEvents" not in by_method
+
+
+def test_calls_without_a_deadline_get_the_default_and_callers_may_ask_for_longer() -> None:
+    def slow_check(request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> Any:
+        time.sleep(0.6)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            slow_check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        settings = GrpcSettings(client_timeout_seconds=0.2)
+        channel = open_channel(f"127.0.0.1:{port}", [HEALTH], settings)
+        stub = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as cut:
+            stub.Check(health_pb2.HealthCheckRequest())
+        assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+    finally:
+        server.stop(None)
 
 
 def test_idempotence_rule() -> None:

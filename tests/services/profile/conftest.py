@@ -1,4 +1,4 @@
-"""Identity and profile services per test, in process, on free ports, against the test's own keyspaces."""
+"""Helpers for profile tests; the identity and profile service fixtures live in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -16,39 +16,10 @@ from onecdp.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
-from services.identity.server import DEFINITION as IDENTITY
-from services.profile.server import DEFINITION as PROFILE
-from shared.config import CassandraSettings, GrpcSettings
-from shared.runner import RunningService, start_service
+from shared.runner import RunningService
 
 _message_ids = itertools.count()
 T = TypeVar("T")
-
-
-@pytest.fixture
-def identity_service(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings) -> Iterator[RunningService]:
-    service = start_service(IDENTITY, grpc_settings, cassandra_settings, port=0)
-    try:
-        yield service
-    finally:
-        service.stop(None)
-
-
-@pytest.fixture
-def profile_service(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings,
-                    identity_service: RunningService) -> Iterator[RunningService]:
-    settings = grpc_settings.model_copy(update={"identity_target": f"127.0.0.1:{identity_service.port}"})
-    service = start_service(PROFILE, settings, cassandra_settings, port=0)
-    try:
-        yield service
-    finally:
-        service.stop(None)
-
-
-@pytest.fixture
-def profiles(profile_service: RunningService) -> Iterator[pb_grpc.ProfileServiceStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{profile_service.port}") as channel:
-        yield pb_grpc.ProfileServiceStub(channel)
 
 
 @pytest.fixture
