@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import DomainError, InvalidArgument, NotFound
 
 # Transactions arrive as events of this name whose amount is the order amount.
 ORDER_EVENT = "order"
+_ONLY_SHARD = "all"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,18 @@ class ProfileSource(Protocol):
         """Every person with their events strictly before `before`, oldest first, each person once."""
         ...
 
+    def shards(self) -> list[str]:
+        """Opaque shards that together hold every person once (for scans with progress, or in parallel)."""
+        ...
+
+    def histories_of_shard(self, shard: str, before: datetime) -> Iterator[PersonHistory]:
+        """The persons of one shard, as `histories` gives them."""
+        ...
+
+    def histories_of(self, persons: Sequence[PersonRef], before: datetime) -> list[PersonHistory | DomainError]:
+        """Many persons at once, in request order; a person that cannot be read is its error (e.g. NotFound)."""
+        ...
+
     def history(self, person: PersonRef, before: datetime) -> PersonHistory:
         """One person's events strictly before `before`, oldest first; NotFound for an unknown person."""
         ...
@@ -72,6 +85,23 @@ class InMemoryProfileSource:
     def histories(self, before: datetime) -> Iterator[PersonHistory]:
         for person_id in sorted(self._events):
             yield PersonHistory(person_id, [e for e in self._events[person_id] if e.time < before])
+
+    def shards(self) -> list[str]:
+        return [_ONLY_SHARD]
+
+    def histories_of_shard(self, shard: str, before: datetime) -> Iterator[PersonHistory]:
+        if shard != _ONLY_SHARD:
+            raise InvalidArgument.for_field("shard", f"unknown shard {shard!r}", reason="INVALID_SHARD")
+        yield from self.histories(before)
+
+    def histories_of(self, persons: Sequence[PersonRef], before: datetime) -> list[PersonHistory | DomainError]:
+        results: list[PersonHistory | DomainError] = []
+        for person in persons:
+            try:
+                results.append(self.history(person, before))
+            except DomainError as error:
+                results.append(error)
+        return results
 
     def history(self, person: PersonRef, before: datetime) -> PersonHistory:
         person_id = person.person_id

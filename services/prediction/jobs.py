@@ -1,23 +1,27 @@
-"""Training as a long-running operation: what TrainModel will run once profile data is reachable.
+"""Training and score refresh as long-running operations.
 
-`start_training` does the quick, synchronous part an RPC can answer with (validate the window,
-number the version, record the operation); `run_training` does the long part (features, training,
-saving) and records progress and the outcome on the operation, so GetOperation can report it. The
-gRPC adapter will run `run_training` on a worker thread with a GrpcProfileSource.
+`start_training` / `start_refresh` do the quick, synchronous part an RPC can answer with (validate,
+number the version or pick the active one, record the operation); `run_training` / `run_refresh` do
+the long part on the service's worker thread and record progress and the outcome on the operation,
+so GetOperation can report it. Both check `should_stop` at each progress point, so a stopping
+service ends its operations as ABORTED instead of leaving them running forever.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
-from services.prediction.history import ProfileSource
+from services.prediction.history import PersonHistory, ProfileSource
 from services.prediction.registry import ModelRegistry, Operation, OperationKind
+from services.prediction.scoring import PersonScore
+from services.prediction.serving import ScoringVersion, score_histories
 from services.prediction.training import DEFAULT_TRAINING_THREADS, check_cutoffs, train_version
-from shared.errors import DomainError
+from shared.errors import Aborted, DomainError
 
 log = logging.getLogger(__name__)
 # Progress is written at most this often: every write is a Cassandra round trip.
@@ -49,8 +53,19 @@ def start_training(registry: ModelRegistry, request: TrainingRequest,
                                      stage="features")
 
 
+def _never() -> bool:
+    return False
+
+
+def _check_stop(should_stop: Callable[[], bool]) -> None:
+    if should_stop():
+        raise Aborted("the prediction service stopped before the operation finished; start it again",
+                      reason="SERVICE_STOPPING")
+
+
 def run_training(registry: ModelRegistry, source: ProfileSource, operation: Operation, request: TrainingRequest,
-                 *, num_threads: int = DEFAULT_TRAINING_THREADS, now: Callable[[], datetime] = _utc_now) -> Operation:
+                 *, num_threads: int = DEFAULT_TRAINING_THREADS, now: Callable[[], datetime] = _utc_now,
+                 should_stop: Callable[[], bool] = _never) -> Operation:
     """Train the operation's version and record the outcome; never raises for a domain failure."""
     started = time.monotonic()
     assert operation.version_id is not None
@@ -58,6 +73,7 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
     last_report = [0.0]
 
     def progress(stage: str, persons: int) -> None:
+        _check_stop(should_stop)
         if stage == "features" and time.monotonic() - last_report[0] < PROGRESS_INTERVAL_SECONDS:
             return
         last_report[0] = time.monotonic()
@@ -86,3 +102,85 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
                                          error_message=f"internal error ({type(error).__name__}); it has been logged")
     return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started)
 
+
+
+# Scores written back per BatchWriteTraits call (profile's limit) and persons scored per booster call.
+REFRESH_BATCH = 1000
+SCORES_SOURCE = "onecdp-prediction"
+
+
+def score_trait_names(model_id: str) -> tuple[str, str]:
+    """The profile traits a model's scores are written to (the RefreshScores contract)."""
+    return f"score_{model_id}", f"score_{model_id}_percentile"
+
+
+class ScoreWriter(Protocol):
+    """Where refreshed scores go (profile's BatchWriteTraits in production)."""
+
+    def write_scores(self, model_id: str, scores: Sequence[PersonScore], written_at: datetime) -> None: ...
+
+
+def start_refresh(registry: ModelRegistry, scoring: ScoringVersion, now: Callable[[], datetime] = _utc_now
+                  ) -> Operation:
+    return registry.create_operation(OperationKind.REFRESH, scoring.model.model_id, now(),
+                                     version_id=scoring.version.version_id, stage="scoring")
+
+
+def run_refresh(registry: ModelRegistry, source: ProfileSource, writer: ScoreWriter, scoring: ScoringVersion,
+                operation: Operation, *, as_of: datetime, now: Callable[[], datetime] = _utc_now,
+                should_stop: Callable[[], bool] = _never) -> Operation:
+    """Score every eligible person as of `as_of`, shard by shard, and write the scores back; never raises
+    for a domain failure. Progress (persons scored, shards done) is recorded after every shard."""
+    started = time.monotonic()
+    model_id = scoring.model.model_id
+    scored = ineligible = 0
+    try:
+        shards = source.shards()
+        registry.report_progress(operation.operation_id, now(), stage="scoring", shards_total=len(shards))
+        for done, shard in enumerate(shards, start=1):
+            batch: list[PersonHistory] = []
+            for history in source.histories_of_shard(shard, as_of):
+                batch.append(history)
+                if len(batch) >= REFRESH_BATCH:
+                    _check_stop(should_stop)
+                    batch_scored, batch_ineligible = _refresh_batch(writer, scoring, batch, as_of, now())
+                    scored, ineligible = scored + batch_scored, ineligible + batch_ineligible
+                    batch = []
+            batch_scored, batch_ineligible = _refresh_batch(writer, scoring, batch, as_of, now())
+            scored, ineligible = scored + batch_scored, ineligible + batch_ineligible
+            registry.report_progress(operation.operation_id, now(), stage="scoring", persons_processed=scored,
+                                     shards_done=done, shards_total=len(shards))
+            _check_stop(should_stop)
+    except DomainError as error:
+        return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
+                                         error_code=error.code.value, error_message=error.message,
+                                         persons_ineligible=ineligible)
+    except Exception as error:  # a bug: the operation must still end, without leaking internals
+        log.exception("score refresh failed", extra={"model_id": model_id})
+        return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
+                                         error_code=INTERNAL,
+                                         error_message=f"internal error ({type(error).__name__}); it has been logged",
+                                         persons_ineligible=ineligible)
+    return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
+                                     persons_ineligible=ineligible)
+
+
+def _refresh_batch(writer: ScoreWriter, scoring: ScoringVersion, batch: Sequence[PersonHistory], as_of: datetime,
+                   written_at: datetime) -> tuple[int, int]:
+    """Score one batch and write the scores; returns (scored, ineligible)."""
+    if not batch:
+        return 0, 0
+    results = score_histories(scoring, batch, as_of, top_features=0)
+    scores = [r for r in results if isinstance(r, PersonScore)]
+    if scores:
+        writer.write_scores(scoring.model.model_id, scores, written_at)
+    return len(scores), len(results) - len(scores)
+
+
+def abandon_operation(registry: ModelRegistry, operation: Operation, now: Callable[[], datetime] = _utc_now) -> None:
+    """End an operation that will never run (the service stopped first) as ABORTED, failing its training version."""
+    message = "the prediction service stopped before the operation ran; start it again"
+    if operation.kind is OperationKind.TRAIN and operation.version_id is not None:
+        registry.fail_version(operation.model_id, operation.version_id, message, now())
+    registry.finish_operation(operation.operation_id, now(), elapsed_seconds=0.0, error_code=Aborted.code.value,
+                              error_message=message)

@@ -6,7 +6,9 @@ What it reads from profile (onecdp.profile.v1):
   oldest first}: every person's history for training and score refresh.
 - ListProfileEvents(person, end_time=before, page_size=1000, page_token) newest first: one person's
   history for scoring; GetProfile(person, read_mask=person_id) only to resolve the person id of
-  someone selected by identifier who has no events.
+  someone selected by identifier who has no events. Batches read up to MAX_IN_FLIGHT persons at once.
+- BatchWriteTraits: refreshed scores written back as traits `score_<model_id>` and
+  `score_<model_id>_percentile`, source `onecdp-prediction`, event time = when they were computed.
 
 Event mapping (StoredEvent.event -> ActivityEvent): ORDER -> name `order`, amount = order.amount,
 category = the first item's category; TRACK/PAGE/SCREEN -> event_name, amount = properties.revenue
@@ -18,7 +20,8 @@ so counts stay right and nothing from after a cutoff alters the order as it look
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -28,13 +31,21 @@ from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 
 from services.prediction.history import ORDER_EVENT, ActivityEvent, PersonHistory, PersonRef
+from services.prediction.jobs import SCORES_SOURCE, score_trait_names
+from services.prediction.scoring import PersonScore
 from shared import deadline
-from shared.errors import DomainError, InvalidArgument, NotFound, Unavailable
+from shared.errors import DeadlineExceeded, DomainError, InvalidArgument, NotFound, Unavailable
 
 ORDER_UPDATE_EVENT = "order_update"
 DEFAULT_SHARDS = 16
 SCAN_BATCH_SIZE = 500
 EVENTS_PAGE_SIZE = 1000
+# Concurrent reads of one batch: enough to hide round trips, below profile's 32 worker threads.
+MAX_IN_FLIGHT = 16
+READ_TIMEOUT_SECONDS = 10.0
+WRITE_TIMEOUT_SECONDS = 30.0
+# Profile's BatchWriteTraits limit.
+MAX_TRAIT_WRITES = 1000
 _SKIPPED_TYPES = frozenset({profile_pb.EVENT_TYPE_IDENTIFY, profile_pb.EVENT_TYPE_ALIAS,
                             profile_pb.EVENT_TYPE_UNSPECIFIED})
 _PERSON_ID_ONLY = field_mask_pb2.FieldMask(paths=["person_id"])
@@ -47,10 +58,13 @@ def _selector(person: PersonRef) -> common_pb2.PersonSelector:
                                                                        value=person.identifier_value or ""))
 
 
+def activity_events(stored: Iterable[profile_pb.StoredEvent], before: datetime | None = None) -> list[ActivityEvent]:
+    """Profile's stored events (any order) as a time-sorted history, only those strictly before `before`.
 
-
-def activity_events(stored: Iterable[profile_pb.StoredEvent]) -> list[ActivityEvent]:
-    """Profile's stored events (any order) as a time-sorted history."""
+    Profile filters by time too, but on its stored event time, which Cassandra keeps to the millisecond:
+    an event at 12:00:00.000500 passes its `< 12:00:00.000500` filter. The exact time is in the event
+    itself, so the boundary is applied again here; point-in-time correctness must not depend on it.
+    """
     ordered = sorted(stored, key=lambda s: (s.event.event_time.seconds, s.event.event_time.nanos,
                                             s.event.message_id))
     amounts_by_order: dict[str, float] = {}
@@ -60,6 +74,8 @@ def activity_events(stored: Iterable[profile_pb.StoredEvent]) -> list[ActivityEv
         if event.type in _SKIPPED_TYPES:
             continue
         time = event.event_time.ToDatetime(tzinfo=UTC)
+        if before is not None and time >= before:
+            continue
         if event.type == profile_pb.EVENT_TYPE_ORDER:
             order = event.order
             category = next((i.category for i in order.items if i.category), None)
@@ -87,6 +103,9 @@ def _domain_error(error: grpc.RpcError, what: str) -> DomainError:
     details = error.details() if isinstance(error, grpc.Call) else str(error)
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(f"{what}: {details}", reason="PERSON_NOT_FOUND")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"{what}: the profile service did not answer in time; retry with a longer deadline",
+                                reason="PROFILE_DEADLINE")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument.for_field("person", f"{what}: {details}", reason="BAD_PERSON_SELECTOR")
     return Unavailable(f"{what}: the profile service answered {code.name if code else 'an error'} ({details}); "
@@ -114,7 +133,7 @@ class GrpcProfileSource:
         try:
             for batch in self._stub.ScanProfiles(request):
                 for scanned in batch.profiles:
-                    yield PersonHistory(scanned.profile.person_id, activity_events(scanned.events))
+                    yield PersonHistory(scanned.profile.person_id, activity_events(scanned.events, before))
         except grpc.RpcError as error:
             raise _domain_error(error, f"scanning profile shard {shard}") from error
 
@@ -123,25 +142,77 @@ class GrpcProfileSource:
             yield from self.histories_of_shard(shard, before)
 
     def history(self, person: PersonRef, before: datetime) -> PersonHistory:
-        selector = _selector(person)
-        stored: list[profile_pb.StoredEvent] = []
-        token = ""
+        result = self._finish_history(person, before, self._first_events_page(person, before))
+        if isinstance(result, DomainError):
+            raise result
+        return result
+
+    def histories_of(self, persons: Sequence[PersonRef], before: datetime) -> list[PersonHistory | DomainError]:
+        """Many persons with at most MAX_IN_FLIGHT reads outstanding: a batch costs about one round trip per
+        MAX_IN_FLIGHT persons instead of one per person, without flooding profile's worker threads."""
+        results: list[PersonHistory | DomainError | None] = [None] * len(persons)
+        in_flight: deque[tuple[int, grpc.Future]] = deque()
+        for index, person in enumerate(persons):
+            in_flight.append((index, self._first_events_page(person, before)))
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                done, future = in_flight.popleft()
+                results[done] = self._finish_history(persons[done], before, future)
+        while in_flight:
+            done, future = in_flight.popleft()
+            results[done] = self._finish_history(persons[done], before, future)
+        return [result for result in results if result is not None]
+
+    def _events_request(self, person: PersonRef, before: datetime,
+                        token: str = "") -> profile_pb.ListProfileEventsRequest:
+        request = profile_pb.ListProfileEventsRequest(person=_selector(person), page_size=EVENTS_PAGE_SIZE,
+                                                      page_token=token)
+        request.end_time.FromDatetime(before)
+        return request
+
+    def _first_events_page(self, person: PersonRef, before: datetime) -> grpc.Future:
+        future: grpc.Future = self._stub.ListProfileEvents.future(
+            self._events_request(person, before), timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
+        return future
+
+    def _finish_history(self, person: PersonRef, before: datetime,
+                        first_page: grpc.Future) -> PersonHistory | DomainError:
         try:
-            while True:
-                request = profile_pb.ListProfileEventsRequest(person=selector, page_size=EVENTS_PAGE_SIZE,
-                                                              page_token=token)
-                request.end_time.FromDatetime(before)
-                page = self._stub.ListProfileEvents(request, timeout=deadline.timeout_within(10.0))
+            page = first_page.result()
+            stored: list[profile_pb.StoredEvent] = list(page.events)
+            while page.next_page_token:
+                page = self._stub.ListProfileEvents(self._events_request(person, before, page.next_page_token),
+                                                    timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
                 stored.extend(page.events)
-                token = page.next_page_token
-                if not token:
-                    break
             person_id = stored[0].person_id if stored else person.person_id
             if person_id is None:
-                profile = self._stub.GetProfile(profile_pb.GetProfileRequest(person=selector,
+                # Selected by identifier and without events before `before`: only profile knows who it is.
+                profile = self._stub.GetProfile(profile_pb.GetProfileRequest(person=_selector(person),
                                                                              read_mask=_PERSON_ID_ONLY),
-                                                timeout=deadline.timeout_within(10.0))
+                                                timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
                 person_id = profile.person_id
         except grpc.RpcError as error:
-            raise _domain_error(error, "reading the person's events") from error
-        return PersonHistory(person_id, activity_events(stored))
+            return _domain_error(error, "reading the person's events")
+        except DomainError as error:  # the caller's deadline passed between pages
+            return error
+        return PersonHistory(person_id, activity_events(stored, before))
+
+
+class GrpcScoreWriter:
+    """Writes scores back to profile as traits with BatchWriteTraits (at most 1,000 writes per call)."""
+
+    def __init__(self, stub: profile_grpc.ProfileServiceStub) -> None:
+        self._stub = stub
+
+    def write_scores(self, model_id: str, scores: Sequence[PersonScore], written_at: datetime) -> None:
+        score_trait, percentile_trait = score_trait_names(model_id)
+        for start in range(0, len(scores), MAX_TRAIT_WRITES):
+            request = profile_pb.BatchWriteTraitsRequest()
+            for score in scores[start:start + MAX_TRAIT_WRITES]:
+                write = request.writes.add(person_id=score.person_id, source=SCORES_SOURCE,
+                                           party=common_pb2.DATA_PARTY_FIRST)
+                write.traits.update({score_trait: score.probability, percentile_trait: score.percentile})
+                write.event_time.FromDatetime(written_at)
+            try:
+                self._stub.BatchWriteTraits(request, timeout=WRITE_TIMEOUT_SECONDS)
+            except grpc.RpcError as error:
+                raise _domain_error(error, "writing scores back to profile") from error

@@ -1,27 +1,42 @@
 """The gRPC adapter of the prediction service: onecdp.prediction.v1 messages in, domain calls, messages out.
 
-Built: models (create/get/list/delete), versions (get/list/activate) and GetOperation. Training,
-scoring, score refresh and GetPersonFeatures need the profile service's data and are inherited from
-the generated servicer, which answers UNIMPLEMENTED; the shared interceptor names the method in that
-message, so nothing pretends to work.
+Models and versions are registry calls. Training and score refresh answer at once with an operation
+and run on the service's background worker (stopped with the service). Scoring and features read
+persons' histories from the profile service (GrpcProfileSource); scores go back through
+BatchWriteTraits (GrpcScoreWriter).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from functools import partial
+from typing import TypeVar
 
 import grpc
 from google.longrunning import operations_pb2
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, status_pb2
+from onecdp.common.v1 import common_pb2
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
+from services.prediction.history import PersonRef
+from services.prediction.jobs import (
+    TrainingRequest,
+    abandon_operation,
+    run_refresh,
+    run_training,
+    start_refresh,
+    start_training,
+)
 from services.prediction.pages import decode_token, encode_token, page_size_of
+from services.prediction.profile_source import GrpcProfileSource, GrpcScoreWriter
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, Operation, OperationKind, VersionState
+from services.prediction.scoring import PersonScore
+from services.prediction.serving import Predictor, ScorerCache
 from services.prediction.spec import (
     MAX_DISPLAY_NAME_LENGTH,
     MODEL_ID,
@@ -35,9 +50,16 @@ from services.prediction.spec import (
     resolve_spec,
     version_name,
 )
-from shared.errors import InvalidArgument, Violations
+from services.prediction.worker import BackgroundWorker, Job
+from shared.clients import profile_stub
+from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Violations
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
+
+T = TypeVar("T")
+MAX_BATCH_PERSONS = 10_000
+DEFAULT_TOP_FEATURES = 5
+MAX_TOP_FEATURES = 50
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
 
@@ -143,9 +165,74 @@ def _requested_spec(request: pb.CreateModelRequest, violations: Violations) -> M
         return None
 
 
+# ---- scoring messages ----------------------------------------------------------------------------
+
+def _collect(violations: Violations, parse: Callable[[], T]) -> T | None:
+    """The parsed value, or None after adding the parse's field violations to the request's others."""
+    try:
+        return parse()
+    except InvalidArgument as error:
+        violations.items.extend(error.field_violations)
+        return None
+
+
+def _person_ref(selector: common_pb2.PersonSelector, field_path: str, violations: Violations) -> PersonRef | None:
+    which = selector.WhichOneof("selector")
+    if which == "person_id" and selector.person_id:
+        return PersonRef(person_id=selector.person_id)
+    if which == "identifier" and selector.identifier.type and selector.identifier.value:
+        return PersonRef(identifier_type=selector.identifier.type, identifier_value=selector.identifier.value)
+    violations.add(field_path, "set exactly one of person_id or identifier (type and value)")
+    return None
+
+
+def _top_features(requested: int, default: int, field_path: str, violations: Violations) -> int:
+    violations.check(0 <= requested <= MAX_TOP_FEATURES, field_path,
+                     f"must be 0-{MAX_TOP_FEATURES} (0: default {default}), got {requested}")
+    return requested or default
+
+
+def _version_id(model_id: str | None, requested: str, field_path: str, violations: Violations) -> int | None:
+    """The version number of `model_version` when given (it must belong to the model); None for the active one."""
+    if not requested:
+        return None
+    parsed = _collect(violations, lambda: parse_version_name(requested, field_path))
+    if parsed is None:
+        return None
+    version_model, version_id = parsed
+    if model_id is not None and version_model != model_id:
+        violations.add(field_path, f"{requested!r} is not a version of models/{model_id}")
+    return version_id
+
+
+def _time_or_now(holder: timestamp_pb2.Timestamp, present: bool) -> datetime:
+    return holder.ToDatetime(tzinfo=UTC) if present else _now()
+
+
+def _score_message(score: PersonScore, model_version: str) -> pb.Score:
+    message = pb.Score(person_id=score.person_id, model_version=model_version, probability=score.probability,
+                       percentile=score.percentile, base_value=score.base_value,
+                       top_features=[pb.FeatureContribution(feature=c.feature, value=_finite(c.value),
+                                                            contribution=c.contribution)
+                                     for c in score.top_features])
+    message.as_of_time.FromDatetime(score.as_of)
+    return message
+
+
+def _score_result(result: PersonScore | DomainError, model_version: str) -> pb.ScoreResult:
+    if isinstance(result, DomainError):
+        return pb.ScoreResult(error=pb.ScoreError(code=result.code.value, message=result.message))
+    return pb.ScoreResult(score=_score_message(result, model_version))
+
+
 class PredictionServicer(pb_grpc.PredictionServiceServicer):
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, source: GrpcProfileSource, writer: GrpcScoreWriter,
+                 worker: BackgroundWorker) -> None:
         self._registry = registry
+        self._source = source
+        self._writer = writer
+        self._worker = worker
+        self._predictor = Predictor(registry, source, ScorerCache(registry))
 
     def CreateModel(self, request: pb.CreateModelRequest, context: grpc.ServicerContext) -> pb.Model:
         violations = Violations()
@@ -206,9 +293,120 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         return operation_message(operation, self._registry)
 
 
+    # ---- long-running operations
+
+    def TrainModel(self, request: pb.TrainModelRequest, context: grpc.ServicerContext) -> operations_pb2.Operation:
+        violations = Violations()
+        model_id = _collect(violations, lambda: parse_model_name(request.name))
+        violations.check(bool(request.training_cutoffs), "training_cutoffs", "at least one training cutoff is required")
+        violations.check(request.HasField("validation_cutoff"), "validation_cutoff", "required")
+        violations.check(request.seed >= 0, "seed", f"must not be negative, got {request.seed}")
+        violations.raise_if_any("the training request is invalid", reason="INVALID_TRAINING_REQUEST")
+        assert model_id is not None
+        training = TrainingRequest(
+            model_id=model_id, training_cutoffs=tuple(t.ToDatetime(tzinfo=UTC) for t in request.training_cutoffs),
+            validation_cutoff=request.validation_cutoff.ToDatetime(tzinfo=UTC), seed=request.seed or 1,
+            activate=request.activate)
+        operation = start_training(self._registry, training)
+        self._submit(Job(
+            name=f"train {model_name(model_id)}",
+            run=partial(run_training, self._registry, self._source, operation, training,
+                        should_stop=self._worker.stopping),
+            abandon=partial(abandon_operation, self._registry, operation)), operation)
+        return operation_message(operation, self._registry)
+
+    def RefreshScores(self, request: pb.RefreshScoresRequest,
+                      context: grpc.ServicerContext) -> operations_pb2.Operation:
+        model_id = parse_model_name(request.name)
+        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"))
+        scoring = self._predictor.scoring_version(model_id)
+        operation = start_refresh(self._registry, scoring)
+        self._submit(Job(
+            name=f"refresh {model_name(model_id)}",
+            run=partial(run_refresh, self._registry, self._source, self._writer, scoring, operation, as_of=as_of,
+                        should_stop=self._worker.stopping),
+            abandon=partial(abandon_operation, self._registry, operation)), operation)
+        return operation_message(operation, self._registry)
+
+    def _submit(self, job: Job, operation: Operation) -> None:
+        try:
+            self._worker.submit(job)
+        except DomainError:
+            abandon_operation(self._registry, operation)
+            raise
+
+    # ---- scoring
+
+    def ScorePerson(self, request: pb.ScorePersonRequest, context: grpc.ServicerContext) -> pb.Score:
+        violations = Violations()
+        model_id = _collect(violations, lambda: parse_model_name(request.model, "model"))
+        person = _person_ref(request.person, "person", violations)
+        version_id = _version_id(model_id, request.model_version, "model_version", violations)
+        top = _top_features(request.top_features, DEFAULT_TOP_FEATURES, "top_features", violations)
+        violations.raise_if_any()
+        assert model_id is not None and person is not None
+        scoring = self._predictor.scoring_version(model_id, version_id)
+        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"))
+        return _score_message(self._predictor.score(scoring, person, as_of, top), scoring.name)
+
+    def BatchScorePersons(self, request: pb.BatchScorePersonsRequest,
+                          context: grpc.ServicerContext) -> pb.BatchScorePersonsResponse:
+        if len(request.persons) > MAX_BATCH_PERSONS:
+            raise ResourceExhausted(f"{len(request.persons)} persons in one call; at most {MAX_BATCH_PERSONS} are "
+                                    "allowed, split the batch", reason="BATCH_TOO_LARGE")
+        violations = Violations()
+        model_id = _collect(violations, lambda: parse_model_name(request.model, "model"))
+        violations.check(bool(request.persons), "persons", "at least one person is required")
+        persons = [_person_ref(selector, f"persons[{index}]", violations)
+                   for index, selector in enumerate(request.persons)]
+        version_id = _version_id(model_id, request.model_version, "model_version", violations)
+        top = _top_features(request.top_features, 0, "top_features", violations)
+        violations.raise_if_any()
+        assert model_id is not None
+        scoring = self._predictor.scoring_version(model_id, version_id)
+        results = self._predictor.score_many(scoring, [p for p in persons if p is not None], _now(), top)
+        return pb.BatchScorePersonsResponse(results=[_score_result(r, scoring.name) for r in results])
+
+    def StreamScorePersons(self, request_iterator: Iterable[pb.StreamScorePersonsRequest],
+                           context: grpc.ServicerContext) -> Iterator[pb.StreamScorePersonsResponse]:
+        # A bad or unscorable request gets an error result; the stream goes on with the next one.
+        for index, request in enumerate(request_iterator):
+            try:
+                result = _score_result(*self._score_streamed(request, index))
+            except DomainError as error:
+                result = _score_result(error, "")
+            yield pb.StreamScorePersonsResponse(result=result)
+
+    def _score_streamed(self, request: pb.StreamScorePersonsRequest, index: int) -> tuple[PersonScore, str]:
+        violations = Violations()
+        model_id = _collect(violations, lambda: parse_model_name(request.model, f"requests[{index}].model"))
+        person = _person_ref(request.person, f"requests[{index}].person", violations)
+        top = _top_features(request.top_features, 0, f"requests[{index}].top_features", violations)
+        violations.raise_if_any()
+        assert model_id is not None and person is not None
+        scoring = self._predictor.scoring_version(model_id)
+        return self._predictor.score(scoring, person, _now(), top), scoring.name
+
+    def GetPersonFeatures(self, request: pb.GetPersonFeaturesRequest,
+                          context: grpc.ServicerContext) -> pb.PersonFeatures:
+        violations = Violations()
+        person = _person_ref(request.person, "person", violations)
+        violations.raise_if_any()
+        assert person is not None
+        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"))
+        person_id, values = self._predictor.features(person, as_of)
+        # NaN is kept: it is how training and scoring see a value that does not exist (LightGBM's missing).
+        message = pb.PersonFeatures(person_id=person_id, values=values)
+        message.as_of_time.FromDatetime(as_of)
+        return message
+
+
 def build(context: ServiceContext) -> list[ServiceRegistration]:
-    # Methods not built yet stay abstract in the typed stubs; at run time they answer UNIMPLEMENTED.
-    servicer = PredictionServicer(ModelRegistry(context.session))  # type: ignore[abstract]
+    registry = ModelRegistry(context.session)
+    profiles = profile_stub(context.grpc_settings)
+    worker = BackgroundWorker()
+    context.on_stop(worker.stop)
+    servicer = PredictionServicer(registry, GrpcProfileSource(profiles), GrpcScoreWriter(profiles), worker)
     return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_PredictionServiceServicer_to_server, servicer))]
 
 

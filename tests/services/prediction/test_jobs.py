@@ -7,7 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from services.prediction.history import PersonHistory, PersonRef
+from services.prediction.history import InMemoryProfileSource, PersonHistory
 from services.prediction.jobs import TrainingRequest, run_training, start_training
 from services.prediction.registry import ModelRegistry, VersionState
 from services.prediction.spec import PredictionKind, resolve_spec
@@ -51,11 +51,11 @@ def test_too_few_examples_fail_the_version_and_say_how_many(registry: ModelRegis
     assert registry.get_model("buyers").active_version is None
 
 
-class BrokenSource:
-    def histories(self, before: datetime) -> Iterator[PersonHistory]:
-        raise RuntimeError("disk on fire")
+class BrokenSource(InMemoryProfileSource):
+    def __init__(self) -> None:
+        super().__init__({})
 
-    def history(self, person: PersonRef, before: datetime) -> PersonHistory:
+    def histories(self, before: datetime) -> Iterator[PersonHistory]:
         raise RuntimeError("disk on fire")
 
 

@@ -1,7 +1,7 @@
 """The gRPC ProfileSource against a stand-in profile service that follows the proto contract.
 
-The real profile service is not built yet; this proves the mapping of StoredEvents and the paging
-and scanning logic, not that profile behaves as its contract says.
+The stand-in exercises what the real service rarely does with small data (pages smaller than asked,
+refund corrections of an order); test_serving.py reads through the real profile service.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Models, versions and operations over real gRPC against the real Cassandra."""
+"""Models, versions and operations over real gRPC against the real Cassandra (training and scoring through
+the real profile service: test_serving.py)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def trained() -> TrainedModel:
 @pytest.fixture
 def service_registry(prediction_service: RunningService,
                      cassandra_settings: CassandraSettings) -> Iterator[ModelRegistry]:
-    """The registry behind the running service, for what its API cannot do yet (training)."""
+    """The registry behind the running service, to set up versions and operations without training."""
     cluster = connect_cluster(cassandra_settings)
     try:
         yield ModelRegistry(open_session(cluster, cassandra_settings.keyspace("prediction"), 10))
@@ -239,7 +240,3 @@ def test_operations_report_progress_then_the_version_or_the_error(
         name="operations/" + "0" * 32))
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "OPERATION_NOT_FOUND")
 
-
-def test_methods_that_need_profile_data_say_they_are_not_built(prediction: Stub) -> None:
-    code, _, _, message = error_of(prediction.TrainModel, pb.TrainModelRequest(name="models/x"))
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "PredictionService/TrainModel" in message

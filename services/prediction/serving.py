@@ -1,0 +1,143 @@
+"""Serving: which version scores, its parsed booster (cached), and scoring persons read from a ProfileSource.
+
+Parsing a model string costs milliseconds, so each version's `Scorer` is built once and kept. A
+version is immutable once READY, but a model id can be deleted and created again with new version
+1, so the cache key includes the model's create time: a recreated model never gets an old booster.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.prediction.datasets import is_eligible
+from services.prediction.features import FEATURE_NAMES, feature_row
+from services.prediction.history import PersonHistory, PersonRef, ProfileSource
+from services.prediction.registry import Model, ModelRegistry, ModelVersion, VersionState
+from services.prediction.scoring import PersonScore, Scorer, score_history
+from services.prediction.spec import PredictionKind, model_name, version_name
+from shared.errors import DomainError, FailedPrecondition
+
+# Versions kept parsed in memory; a booster of a few hundred trees is a few MB at most.
+MAX_CACHED_SCORERS = 32
+
+
+@dataclass(frozen=True)
+class ScoringVersion:
+    """A READY version of a model and its scorer."""
+
+    model: Model
+    version: ModelVersion
+    scorer: Scorer
+
+    @property
+    def name(self) -> str:
+        return version_name(self.version.model_id, self.version.version_id)
+
+
+class ScorerCache:
+    """Parsed boosters per (model, model create time, version), least recently used evicted first."""
+
+    def __init__(self, registry: ModelRegistry, capacity: int = MAX_CACHED_SCORERS) -> None:
+        self._registry = registry
+        self._capacity = capacity
+        self._entries: OrderedDict[tuple[str, datetime, int], tuple[ModelVersion, Scorer]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model: Model, version_id: int) -> tuple[ModelVersion, Scorer]:
+        key = (model.model_id, model.create_time, version_id)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry
+        # Built outside the lock: two first calls may both parse, which is cheaper than serialising every miss.
+        version = self._registry.get_version(model.model_id, version_id, with_quantiles=True)
+        if version.state is not VersionState.READY:
+            name = version_name(model.model_id, version_id)
+            raise FailedPrecondition(f"model version {name} is {version.state.value}; only a version that finished "
+                                     "training can score", reason="MODEL_VERSION_NOT_READY",
+                                     metadata={"model_version": name, "state": version.state.value})
+        scorer = Scorer(self._registry.load_booster(model.model_id, version_id), version.feature_names,
+                        version.score_quantiles)
+        with self._lock:
+            self._entries[key] = (version, scorer)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+        return version, scorer
+
+
+def not_eligible(version: ModelVersion, person_id: str, as_of: datetime) -> FailedPrecondition:
+    spec = version.spec
+    what = ("has no activity before" if spec.kind is PredictionKind.CONVERSION
+            else f"was not active within {spec.eligibility_days} days before")
+    return FailedPrecondition(f"person {person_id} {what} {as_of.isoformat()}, so the model does not score them",
+                              reason="PERSON_NOT_ELIGIBLE", metadata={"person_id": person_id})
+
+
+class Predictor:
+    """Scores persons with a model's active (or a given) version, reading their histories from a ProfileSource."""
+
+    def __init__(self, registry: ModelRegistry, source: ProfileSource, scorers: ScorerCache) -> None:
+        self._registry = registry
+        self._source = source
+        self._scorers = scorers
+
+    def scoring_version(self, model_id: str, version_id: int | None = None) -> ScoringVersion:
+        """The version to score with: `version_id`, or the active one (FailedPrecondition when none is)."""
+        model = self._registry.get_model(model_id)
+        if version_id is None:
+            if model.active_version is None:
+                raise FailedPrecondition(
+                    f"model {model_name(model_id)} has no active version; train one with activate, or activate "
+                    "a ready version", reason="NO_ACTIVE_VERSION", metadata={"model": model_name(model_id)})
+            version_id = model.active_version
+        version, scorer = self._scorers.get(model, version_id)
+        return ScoringVersion(model, version, scorer)
+
+    def score(self, scoring: ScoringVersion, person: PersonRef, as_of: datetime, top_features: int) -> PersonScore:
+        """One person; NotFound for nobody, FailedPrecondition when the spec does not cover them at `as_of`."""
+        history = self._source.history(person, as_of)
+        return score_history(scoring.scorer, scoring.version.spec, history, as_of, top_features)
+
+    def score_many(self, scoring: ScoringVersion, persons: Sequence[PersonRef], as_of: datetime,
+                   top_features: int) -> list[PersonScore | DomainError]:
+        """Many persons in request order; a person that cannot be scored gets its error instead of a score.
+
+        The eligible persons are scored in one booster call: per-call overhead dominates single rows.
+        """
+        histories = self._source.histories_of(persons, as_of)
+        return score_histories(scoring, histories, as_of, top_features)
+
+    def features(self, person: PersonRef, as_of: datetime) -> tuple[str, dict[str, float]]:
+        """The person id and the feature values as of `as_of`, as training and scoring compute them."""
+        history = self._source.history(person, as_of)
+        return history.person_id, dict(zip(FEATURE_NAMES, feature_row(history.events, as_of), strict=True))
+
+
+def score_histories(scoring: ScoringVersion, histories: Sequence[PersonHistory | DomainError], as_of: datetime,
+                    top_features: int) -> list[PersonScore | DomainError]:
+    """Scores (or errors) for read histories, in order; ineligible persons get FailedPrecondition."""
+    results: list[PersonScore | DomainError] = []
+    eligible: list[tuple[int, PersonHistory]] = []
+    for history in histories:
+        if isinstance(history, DomainError):
+            results.append(history)
+        elif not is_eligible(scoring.version.spec, history.events, as_of):
+            results.append(not_eligible(scoring.version, history.person_id, as_of))
+        else:
+            eligible.append((len(results), history))
+            results.append(history_placeholder)
+    scores = scoring.scorer.score_rows([h.person_id for _, h in eligible],
+                                       [feature_row(h.events, as_of) for _, h in eligible], as_of, top_features)
+    for (index, _), score in zip(eligible, scores, strict=True):
+        results[index] = score
+    return results
+
+
+# Holds an eligible person's place in the results until the one booster call has scored them all.
+history_placeholder = FailedPrecondition("not scored", reason="INTERNAL_PLACEHOLDER")

@@ -1,0 +1,336 @@
+"""Training, scoring, features and score refresh over real gRPC, through the real profile and identity services.
+
+One stack per module: 150 synthetic shoppers (about 1,800 track and order events) are ingested
+through profile's IngestEvents, and one conversion model is trained through TrainModel (four rolling
+cutoffs give it more than 100 positives and negatives). The tests then check the service's answers
+against the same computation done locally on the synthetic events: what profile stores and returns
+must be exactly what was generated, and a score must be exactly the stored booster's prediction on
+the features of those events.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import lightgbm as lgb
+import numpy as np
+import pytest
+from google.longrunning import operations_pb2
+from google.protobuf import timestamp_pb2
+from google.rpc import code_pb2
+from onecdp.common.v1 import common_pb2
+from onecdp.prediction.v1 import prediction_service_pb2 as pb
+from onecdp.profile.v1 import profile_service_pb2 as profile_pb
+
+from services.prediction.features import FEATURE_NAMES, features_as_of
+from services.prediction.history import ActivityEvent, InMemoryProfileSource, PersonHistory, PersonRef
+from services.prediction.profile_source import GrpcProfileSource
+from services.prediction.registry import ModelRegistry
+from shared.cassandra import CassandraSession, connect_cluster, open_session
+from shared.config import CassandraSettings
+from shared.errors import DomainError, NotFound
+from tests.services.prediction.stack import IDENTIFIER_TYPE, Stack, identifier_of, ingest, running_stack
+from tests.services.prediction.synthetic import day, synthetic_events
+from tests.services.prediction.test_server import create, error_of
+
+pytestmark = pytest.mark.integration
+
+PERSONS = 150
+SEED = 11
+TRAINING_CUTOFFS = [day(d) for d in ("2023-10-01", "2023-12-01", "2024-02-01", "2024-04-01")]
+VALIDATION_CUTOFF = day("2024-06-01")
+AS_OF = day("2024-10-01")
+MODEL = "buyers"
+ALL_FEATURES = len(FEATURE_NAMES)
+
+
+@dataclass
+class World:
+    stack: Stack
+    events: dict[str, list[ActivityEvent]]  # by synthetic name
+    person_ids: dict[str, str]  # synthetic name -> profile's person id
+    registry: ModelRegistry  # the prediction service's own registry, to read the stored booster
+    training: operations_pb2.Operation  # the finished TrainModel operation of MODEL
+    progress: list[pb.TrainModelMetadata]  # metadata seen while it ran
+
+
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    message = timestamp_pb2.Timestamp()
+    message.FromDatetime(value)
+    return message
+
+
+def wait_done(world_stack: Stack, name: str, seen: list[Any] | None = None,
+              metadata_type: Callable[[], Any] = pb.TrainModelMetadata) -> operations_pb2.Operation:
+    deadline = time.monotonic() + 60
+    while True:
+        request = operations_pb2.GetOperationRequest(name=name)
+        operation: operations_pb2.Operation = world_stack.predictions.GetOperation(request, timeout=10)
+        if seen is not None:
+            metadata = metadata_type()
+            assert operation.metadata.Unpack(metadata)
+            seen.append(metadata)
+        if operation.done:
+            return operation
+        assert time.monotonic() < deadline, f"{name} did not finish in 60 s"
+        time.sleep(0.05)
+
+
+def train(stack: Stack, model_id: str, activate: bool = True) -> operations_pb2.Operation:
+    request = pb.TrainModelRequest(name=f"models/{model_id}", training_cutoffs=[timestamp(t) for t in TRAINING_CUTOFFS],
+                                   validation_cutoff=timestamp(VALIDATION_CUTOFF), activate=activate)
+    started: operations_pb2.Operation = stack.predictions.TrainModel(request, timeout=10)
+    return started
+
+
+@pytest.fixture(scope="module")
+def world(cassandra_base_settings: CassandraSettings, admin_session: CassandraSession) -> Iterator[World]:
+    events = synthetic_events(PERSONS, seed=SEED)
+    with running_stack(cassandra_base_settings, admin_session) as stack:
+        person_ids = ingest(stack.profiles, events)
+        create(stack.predictions, MODEL, pb.ModelSpec(kind=pb.PREDICTION_KIND_CONVERSION, horizon_days=60))
+        started = train(stack, MODEL)
+        progress: list[pb.TrainModelMetadata] = []
+        finished = wait_done(stack, started.name, progress)
+        cassandra = cassandra_base_settings.model_copy(
+            update={"keyspace_prefix": stack.keyspace_prefix})
+        cluster = connect_cluster(cassandra)
+        try:
+            registry = ModelRegistry(open_session(cluster, cassandra.keyspace("prediction"), 10))
+            yield World(stack, events, person_ids, registry, finished, progress)
+        finally:
+            cluster.shutdown()
+
+
+def local_probability(world: World, name: str, as_of: datetime = AS_OF) -> float:
+    booster = lgb.Booster(model_str=world.registry.load_booster(MODEL, 1))
+    row = features_as_of(world.events[name], as_of)
+    return float(booster.predict(np.asarray([[row[f] for f in FEATURE_NAMES]]), num_threads=1)[0])
+
+
+def same_features(left: dict[str, float], right: dict[str, float]) -> bool:
+    return left.keys() == right.keys() and all(
+        (math.isnan(left[k]) and math.isnan(right[k])) or left[k] == pytest.approx(right[k]) for k in left)
+
+
+def by_id(person_id: str) -> common_pb2.PersonSelector:
+    return common_pb2.PersonSelector(person_id=person_id)
+
+
+def by_identifier(name: str) -> common_pb2.PersonSelector:
+    return common_pb2.PersonSelector(identifier=identifier_of(name))
+
+
+# ---- the ProfileSource against the real profile service -------------------------------------------
+
+def _as_tuples(history: PersonHistory | DomainError) -> list[tuple[str, datetime, float | None, str | None]]:
+    assert isinstance(history, PersonHistory)
+    return [(e.name, e.time, e.amount, e.category) for e in history.events]
+
+
+def test_the_profile_source_reads_back_exactly_what_was_ingested(world: World) -> None:
+    source = GrpcProfileSource(world.stack.profiles)
+    before = day("2024-03-15")
+    expected = InMemoryProfileSource(world.events)
+    scanned = {h.person_id: h for h in source.histories(before)}
+    assert set(scanned) == set(world.person_ids.values())
+    for name, person_id in world.person_ids.items():
+        assert _as_tuples(scanned[person_id]) == _as_tuples(expected.history(PersonRef(person_id=name), before))
+
+    names = sorted(world.events)[:20]
+    refs = [PersonRef(identifier_type=IDENTIFIER_TYPE, identifier_value=n) for n in names[:10]]
+    refs += [PersonRef(person_id=world.person_ids[n]) for n in names[10:]]
+    refs.insert(5, PersonRef(person_id="p_nobody"))
+    refs.insert(7, PersonRef(identifier_type=IDENTIFIER_TYPE, identifier_value="never-seen"))
+    histories = source.histories_of(refs, before)
+    assert isinstance(histories[5], NotFound) and isinstance(histories[7], NotFound)
+    del histories[7], histories[5]
+    for name, history in zip(names, histories, strict=True):
+        assert isinstance(history, PersonHistory) and history.person_id == world.person_ids[name]
+        assert _as_tuples(history) == _as_tuples(expected.history(PersonRef(person_id=name), before))
+
+    # Someone known by an identifier but without events before the time: found, with no history.
+    first = min(world.events, key=lambda n: world.events[n][0].time)
+    early = source.history(PersonRef(identifier_type=IDENTIFIER_TYPE, identifier_value=first),
+                           world.events[first][0].time)
+    assert early.person_id == world.person_ids[first] and early.events == []
+    with pytest.raises(NotFound):
+        source.history(PersonRef(person_id="p_nobody"), before)
+
+
+# ---- training as an operation ---------------------------------------------------------------------
+
+def test_training_runs_as_an_operation_and_activates_a_ready_version(world: World) -> None:
+    finished = world.training
+    version = pb.ModelVersion()
+    assert finished.done and finished.response.Unpack(version), finished.error
+    assert version.name == f"models/{MODEL}/versions/1" and version.state == pb.MODEL_VERSION_STATE_READY
+    assert version.metrics.training_examples >= 200 and version.metrics.roc_auc > 0.7
+    assert world.stack.predictions.GetModel(pb.GetModelRequest(name=f"models/{MODEL}"),
+                                            timeout=10).active_version == version.name
+    stages = [m.stage for m in world.progress]
+    assert stages[-1] == "saving" and all(m.model_version == version.name for m in world.progress)
+    assert world.progress[-1].persons_processed > 0 and world.progress[0].start_time.seconds > 0
+
+
+def test_too_few_examples_fail_the_operation_saying_how_many(world: World) -> None:
+    predictions = world.stack.predictions
+    create(predictions, "picky", pb.ModelSpec(kind=pb.PREDICTION_KIND_CONVERSION, horizon_days=60,
+                                              min_class_count=100_000))
+    finished = wait_done(world.stack, train(world.stack, "picky").name)
+    assert finished.done and finished.error.code == code_pb2.FAILED_PRECONDITION
+    assert "positives and" in finished.error.message and "at least 100000 of each" in finished.error.message
+    version = predictions.GetModelVersion(pb.GetModelVersionRequest(name="models/picky/versions/1"), timeout=10)
+    assert version.state == pb.MODEL_VERSION_STATE_FAILED and version.failure_message == finished.error.message
+
+    code, reason, _, _ = error_of(predictions.TrainModel, pb.TrainModelRequest(
+        name="models/absent", training_cutoffs=[timestamp(TRAINING_CUTOFFS[0])],
+        validation_cutoff=timestamp(VALIDATION_CUTOFF)))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    code, _, fields, _ = error_of(predictions.TrainModel, pb.TrainModelRequest(name="model/x", seed=-1))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields == ["name", "training_cutoffs", "validation_cutoff", "seed"]
+    code, _, fields, _ = error_of(predictions.TrainModel, pb.TrainModelRequest(
+        name="models/picky", training_cutoffs=[timestamp(day("2024-05-01"))],
+        validation_cutoff=timestamp(VALIDATION_CUTOFF)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fields == ["training_cutoffs[0]"]
+
+
+# ---- scoring --------------------------------------------------------------------------------------
+
+def test_score_person_by_identifier_or_id_is_the_booster_on_the_persons_features(world: World) -> None:
+    predictions = world.stack.predictions
+    name = sorted(world.events)[3]
+    score = predictions.ScorePerson(pb.ScorePersonRequest(
+        model=f"models/{MODEL}", person=by_identifier(name), top_features=50, as_of_time=timestamp(AS_OF)), timeout=10)
+    assert score.person_id == world.person_ids[name] and score.model_version == f"models/{MODEL}/versions/1"
+    assert score.probability == pytest.approx(local_probability(world, name), abs=1e-12)
+    assert 0 <= score.percentile <= 100 and score.as_of_time.ToDatetime(tzinfo=UTC) == AS_OF
+    # All contributions plus the base value are the raw score (log-odds) of the probability.
+    assert len(score.top_features) == ALL_FEATURES
+    raw = score.base_value + sum(c.contribution for c in score.top_features)
+    assert 1 / (1 + math.exp(-raw)) == pytest.approx(score.probability, abs=1e-9)
+    magnitudes = [abs(c.contribution) for c in score.top_features]
+    assert magnitudes == sorted(magnitudes, reverse=True)
+    features = features_as_of(world.events[name], AS_OF)
+    assert all(c.value == pytest.approx(features[c.feature]) or math.isnan(features[c.feature])
+               for c in score.top_features)
+
+    again = predictions.ScorePerson(pb.ScorePersonRequest(
+        model=f"models/{MODEL}", person=by_id(world.person_ids[name]), model_version=f"models/{MODEL}/versions/1",
+        as_of_time=timestamp(AS_OF)), timeout=10)
+    assert again.probability == score.probability and len(again.top_features) == 5
+    assert [c.feature for c in again.top_features] == [c.feature for c in score.top_features[:5]]
+
+
+def test_score_person_errors(world: World) -> None:
+    predictions = world.stack.predictions
+    model = f"models/{MODEL}"
+    name = sorted(world.events)[0]
+
+    def score_error(**fields: Any) -> tuple[grpc.StatusCode, str, list[str], str]:
+        request = pb.ScorePersonRequest(**{"model": model, "person": by_identifier(name), **fields})
+        return error_of(predictions.ScorePerson, request)
+
+    assert score_error(person=by_id("p_nobody"))[:2] == (grpc.StatusCode.NOT_FOUND, "PERSON_NOT_FOUND")
+    assert score_error(model="models/absent")[:2] == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    code, reason, _, message = score_error(as_of_time=timestamp(world.events[name][0].time))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "PERSON_NOT_ELIGIBLE")
+    assert world.person_ids[name] in message
+    create(predictions, "untrained")
+    code, reason, _, _ = score_error(model="models/untrained")
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_ACTIVE_VERSION")
+    code, _, fields, _ = score_error(person=common_pb2.PersonSelector(), top_features=51,
+                                     model_version="models/other/versions/1")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fields == ["person", "model_version", "top_features"]
+    assert score_error(model="nope")[:3:2] == (grpc.StatusCode.INVALID_ARGUMENT, ["model"])
+    assert score_error(model_version=f"models/{MODEL}/versions/7")[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_batch_and_stream_answer_in_request_order_with_an_error_per_person(world: World) -> None:
+    predictions = world.stack.predictions
+    names = sorted(world.events)[:30]
+    selectors = [by_identifier(n) if i % 2 else by_id(world.person_ids[n]) for i, n in enumerate(names)]
+    selectors.insert(4, by_id("p_nobody"))
+    response = predictions.BatchScorePersons(pb.BatchScorePersonsRequest(
+        model=f"models/{MODEL}", persons=selectors, top_features=3), timeout=30)
+    assert len(response.results) == 31
+    missing = response.results[4]
+    assert missing.WhichOneof("outcome") == "error" and missing.error.code == "NOT_FOUND"
+    scored = [r.score for i, r in enumerate(response.results) if i != 4]
+    assert [s.person_id for s in scored] == [world.person_ids[n] for n in names]
+    assert all(len(s.top_features) == 3 and s.model_version == f"models/{MODEL}/versions/1" for s in scored)
+    # Scored as of now, every event of the synthetic shop (which ended in 2025) counts.
+    now = datetime.now(UTC)
+    for name, score in zip(names[:5], scored[:5], strict=True):
+        assert score.probability == pytest.approx(local_probability(world, name, now), abs=1e-12)
+
+    stream_requests = [pb.StreamScorePersonsRequest(model=f"models/{MODEL}", person=by_identifier(n))
+                       for n in names[:3]]
+    stream_requests.insert(1, pb.StreamScorePersonsRequest(model=f"models/{MODEL}"))
+    stream_requests.append(pb.StreamScorePersonsRequest(model="models/absent", person=by_identifier(names[0])))
+    streamed = [r.result for r in predictions.StreamScorePersons(iter(stream_requests), timeout=30)]
+    assert [r.WhichOneof("outcome") for r in streamed] == ["score", "error", "score", "score", "error"]
+    assert (streamed[1].error.code, streamed[4].error.code) == ("INVALID_ARGUMENT", "NOT_FOUND")
+    assert [streamed[i].score.probability for i in (0, 2, 3)] == pytest.approx([s.probability for s in scored[:3]])
+
+    code, _, fields, _ = error_of(predictions.BatchScorePersons, pb.BatchScorePersonsRequest(model=f"models/{MODEL}"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fields == ["persons"]
+    code, reason, _, _ = error_of(predictions.BatchScorePersons, pb.BatchScorePersonsRequest(
+        model=f"models/{MODEL}", persons=[by_id("p1")] * 10_001))
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "BATCH_TOO_LARGE")
+    code, _, fields, _ = error_of(predictions.BatchScorePersons, pb.BatchScorePersonsRequest(
+        model=f"models/{MODEL}", persons=[by_id("p1"), common_pb2.PersonSelector()]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fields == ["persons[1]"]
+
+
+def test_person_features_are_what_training_computes(world: World) -> None:
+    predictions = world.stack.predictions
+    name = sorted(world.events)[7]
+    for selector in (by_identifier(name), by_id(world.person_ids[name])):
+        features = predictions.GetPersonFeatures(pb.GetPersonFeaturesRequest(
+            person=selector, as_of_time=timestamp(AS_OF)), timeout=10)
+        assert features.person_id == world.person_ids[name]
+        assert features.as_of_time.ToDatetime(tzinfo=UTC) == AS_OF
+        assert same_features(dict(features.values), features_as_of(world.events[name], AS_OF))
+    code, _, _, _ = error_of(predictions.GetPersonFeatures, pb.GetPersonFeaturesRequest(person=by_id("p_nobody")))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _, fields, _ = error_of(predictions.GetPersonFeatures, pb.GetPersonFeaturesRequest())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fields == ["person"]
+
+
+# ---- refreshing scores into profile ---------------------------------------------------------------
+
+def test_refresh_scores_writes_every_eligible_persons_score_back_to_profile(world: World) -> None:
+    stack = world.stack
+    started = stack.predictions.RefreshScores(pb.RefreshScoresRequest(
+        name=f"models/{MODEL}", as_of_time=timestamp(AS_OF)), timeout=10)
+    seen: list[pb.RefreshScoresMetadata] = []
+    finished = wait_done(stack, started.name, seen, pb.RefreshScoresMetadata)
+    response = pb.RefreshScoresResponse()
+    assert finished.response.Unpack(response), finished.error
+    assert response.model_version == f"models/{MODEL}/versions/1"
+    # Everyone's first event is before AS_OF, so every person is eligible for conversion.
+    assert (response.persons_scored, response.persons_ineligible) == (PERSONS, 0)
+    assert (seen[-1].shards_done, seen[-1].shards_total, seen[-1].persons_scored) == (16, 16, PERSONS)
+
+    for name in sorted(world.events)[:3]:
+        profile = stack.profiles.GetProfile(profile_pb.GetProfileRequest(person=by_identifier(name)), timeout=10)
+        score = stack.predictions.ScorePerson(pb.ScorePersonRequest(
+            model=f"models/{MODEL}", person=by_identifier(name), as_of_time=timestamp(AS_OF)), timeout=10)
+        trait, percentile = profile.traits[f"score_{MODEL}"], profile.traits[f"score_{MODEL}_percentile"]
+        assert trait.value.number_value == pytest.approx(score.probability)
+        assert percentile.value.number_value == pytest.approx(score.percentile)
+        assert trait.source == "onecdp-prediction"
+
+    code, reason, _, _ = error_of(stack.predictions.RefreshScores, pb.RefreshScoresRequest(name="models/untrained2"))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    create(stack.predictions, "untrained2")
+    code, reason, _, _ = error_of(stack.predictions.RefreshScores, pb.RefreshScoresRequest(name="models/untrained2"))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_ACTIVE_VERSION")
