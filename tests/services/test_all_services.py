@@ -71,5 +71,6 @@ def test_methods_not_built_yet_say_so(services: dict[str, RunningService]) -> No
     with grpc.insecure_channel(f"127.0.0.1:{services['segmentation'].port}") as channel:
         segmentation = segmentation_service_pb2_grpc.SegmentationServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
-            segmentation.ListSegments(segmentation_service_pb2.ListSegmentsRequest(), timeout=5)
+            segmentation.EstimateSegmentSize(segmentation_service_pb2.EstimateSegmentSizeRequest(), timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "SegmentationService/EstimateSegmentSize is not implemented yet" in caught.value.details()

@@ -1,0 +1,231 @@
+"""Segments as resources: create, get, list, update, delete, with validation against the other segments.
+
+Domain code: raises shared.errors, never grpc. Rules are stored as their canonical text and parsed
+on read, so what cqlsh shows is what a reviewer reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from enum import IntEnum
+
+from services.segmentation.rules import SEGMENT_ID, Rule, RuleProblem, referenced_segments, validate
+from services.segmentation.store import SegmentRecord, SegmentStore
+from services.segmentation.text import format_rule, parse
+from shared.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+UPDATABLE_FIELDS = frozenset({"display_name", "description", "rule", "rule_text"})
+
+
+class SegmentState(IntEnum):
+    # Values match onecdp.segmentation.v1.SegmentState.
+    COMPUTING = 1
+    READY = 2
+
+
+@dataclass(frozen=True)
+class Segment:
+    segment_id: str
+    display_name: str
+    description: str
+    rule: Rule
+    rule_text: str
+    revision: int
+    state: SegmentState
+    member_count: int
+    last_recompute_time: datetime | None
+    create_time: datetime
+    update_time: datetime
+    etag: str
+
+    @property
+    def name(self) -> str:
+        return f"segments/{self.segment_id}"
+
+
+@dataclass(frozen=True)
+class RuleInput:
+    """The rule of a request and the request field it came from (`segment.rule` or `segment.rule_text`)."""
+
+    rule: Rule
+    field_path: str
+    from_text: bool
+
+
+def segment_id_of(name: str, field_path: str) -> str:
+    """The id of a `segments/{segment_id}` name; INVALID_ARGUMENT naming `field_path` otherwise."""
+    prefix, _, segment_id = name.partition("/")
+    if prefix != "segments" or not SEGMENT_ID.match(segment_id):
+        raise InvalidArgument.for_field(field_path, f"{name!r} is not a segment name like segments/loyal-buyers",
+                                        reason="INVALID_SEGMENT_NAME")
+    return segment_id
+
+
+def rule_problems_to_violations(problems: Sequence[RuleProblem], rule_input: RuleInput, violations: Violations) -> None:
+    for problem in problems:
+        if rule_input.from_text:
+            where = f"at character {problem.position + 1}: " if problem.position >= 0 else ""
+            violations.add(rule_input.field_path, f"{where}{problem.description} (rule.{problem.path})")
+        else:
+            violations.add(f"{rule_input.field_path}.{problem.path}", problem.description)
+
+
+def encode_page_token(kind: str, position: str) -> str:
+    payload = json.dumps({"k": kind, "p": position}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(payload).decode().rstrip("=")
+
+
+def decode_page_token(token: str, kind: str, field_path: str = "page_token") -> str | None:
+    """The position a token continues from (None for no token); INVALID_ARGUMENT for a foreign token."""
+    if not token:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        position = payload["p"] if payload["k"] == kind else None
+    except (binascii.Error, ValueError, TypeError, KeyError):
+        position = None
+    if not isinstance(position, str):
+        raise InvalidArgument.for_field(field_path, "not a page token of this list; pass next_page_token of the "
+                                        "previous response unchanged", reason="INVALID_PAGE_TOKEN")
+    return position
+
+
+def page_size_of(requested: int, default: int, maximum: int, field_path: str = "page_size") -> int:
+    if requested < 0:
+        raise InvalidArgument.for_field(field_path, f"must not be negative, got {requested}")
+    return min(requested or default, maximum)
+
+
+def _etag(record: SegmentRecord) -> str:
+    text = "|".join((record.segment_id, str(record.revision), record.display_name, record.description,
+                     record.rule_text, record.update_time.isoformat()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class SegmentCatalog:
+    """The segments. `on_rule_changed(segment_id)` runs after a create or a rule change (recompute)."""
+
+    def __init__(self, store: SegmentStore, on_rule_changed: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.on_rule_changed = on_rule_changed
+
+    def _references(self) -> dict[str, frozenset[str]]:
+        return {record.segment_id: record.referenced for record in self.store.all()}
+
+    def check_rule(self, rule_input: RuleInput, segment_id: str | None, violations: Violations) -> None:
+        references = self._references()
+        problems = validate(rule_input.rule, segment_id=segment_id, references_of=references.get)
+        rule_problems_to_violations(problems, rule_input, violations)
+
+    def create(self, segment_id: str, display_name: str, description: str, rule_input: RuleInput | None) -> Segment:
+        violations = Violations()
+        violations.check(bool(SEGMENT_ID.match(segment_id)), "segment_id",
+                         "1-63 lower-case letters, digits and hyphens, starting with a letter")
+        if rule_input is None:
+            violations.add("segment.rule", "give the rule as `rule` or `rule_text`")
+        else:
+            self.check_rule(rule_input, segment_id if SEGMENT_ID.match(segment_id) else None, violations)
+        violations.raise_if_any("the segment is invalid", reason="INVALID_SEGMENT")
+        assert rule_input is not None
+        now = datetime.now(UTC)
+        rule_text = format_rule(rule_input.rule)
+        record = SegmentRecord(segment_id, display_name, description, rule_text,
+                               referenced_segments(rule_input.rule), 1, SegmentState.COMPUTING, None, now, now, "")
+        record = replace(record, etag=_etag(record))
+        if not self.store.insert(record):
+            raise AlreadyExists(f"segments/{segment_id} already exists", reason="SEGMENT_EXISTS",
+                                metadata={"segment": f"segments/{segment_id}"})
+        self.store.add_revision(segment_id, 1, rule_text, now)
+        if self.on_rule_changed is not None:
+            self.on_rule_changed(segment_id)
+        return self._segment(record)
+
+    def record(self, segment_id: str) -> SegmentRecord:
+        record = self.store.get(segment_id)
+        if record is None:
+            raise NotFound(f"segments/{segment_id} does not exist", reason="SEGMENT_NOT_FOUND",
+                           metadata={"segment": f"segments/{segment_id}"})
+        return record
+
+    def get(self, segment_id: str) -> Segment:
+        return self._segment(self.record(segment_id))
+
+    def list(self, page_size: int, page_token: str) -> tuple[list[Segment], str]:
+        size = page_size_of(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = decode_page_token(page_token, "segments") or ""
+        records = self.store.page(after, size + 1)
+        following = encode_page_token("segments", records[size - 1].segment_id) if len(records) > size else ""
+        return [self._segment(r) for r in records[:size]], following
+
+    def update(self, segment_id: str, paths: Sequence[str], *, display_name: str, description: str,
+               rule_input: RuleInput | None, etag: str) -> Segment:
+        violations = Violations()
+        updatable = ", ".join(sorted(UPDATABLE_FIELDS))
+        violations.check(bool(paths), "update_mask", f"name the fields to update: {updatable}")
+        for index, path in enumerate(paths):
+            violations.check(path in UPDATABLE_FIELDS, f"update_mask.paths[{index}]",
+                             f"{path!r} cannot be updated; updatable: {updatable}")
+        wants_rule = bool({"rule", "rule_text"} & set(paths))
+        if wants_rule and rule_input is None:
+            violations.add("segment.rule", "the mask names the rule: give `rule` or `rule_text`")
+        if wants_rule and rule_input is not None:
+            self.check_rule(rule_input, segment_id, violations)
+        violations.raise_if_any("the update is invalid", reason="INVALID_UPDATE")
+        current = self.record(segment_id)
+        if etag and etag != current.etag:
+            raise Aborted(f"segments/{segment_id} changed since etag {etag!r} was read; get it again and retry",
+                          reason="ETAG_MISMATCH")
+        now = datetime.now(UTC)
+        updated = current
+        if "display_name" in paths:
+            updated = replace(updated, display_name=display_name)
+        if "description" in paths:
+            updated = replace(updated, description=description)
+        rule_changed = False
+        if wants_rule and rule_input is not None:
+            rule_text = format_rule(rule_input.rule)
+            if rule_text != current.rule_text:
+                rule_changed = True
+                updated = replace(updated, rule_text=rule_text, referenced=referenced_segments(rule_input.rule),
+                                  revision=current.revision + 1, state=SegmentState.COMPUTING)
+                self.store.add_revision(segment_id, updated.revision, rule_text, now)
+        updated = replace(updated, update_time=now)
+        updated = replace(updated, etag=_etag(updated))
+        if not self.store.replace(updated, current.etag):
+            raise Aborted(f"segments/{segment_id} was changed concurrently; get it again and retry",
+                          reason="CONCURRENT_UPDATE")
+        if rule_changed and self.on_rule_changed is not None:
+            self.on_rule_changed(segment_id)
+        return self._segment(updated)
+
+    def delete(self, segment_id: str, etag: str) -> None:
+        current = self.record(segment_id)
+        if etag and etag != current.etag:
+            raise Aborted(f"segments/{segment_id} changed since etag {etag!r} was read", reason="ETAG_MISMATCH")
+        users = sorted(s for s, refs in self._references().items() if segment_id in refs and s != segment_id)
+        if users:
+            raise FailedPrecondition(
+                f"segments/{segment_id} is used by {', '.join(f'segments/{s}' for s in users)}; change or delete "
+                "those first", reason="SEGMENT_IN_USE", metadata={"used_by": ",".join(f"segments/{s}" for s in users)})
+        if not self.store.delete(segment_id, current.etag):
+            raise Aborted(f"segments/{segment_id} was changed concurrently; get it again and retry",
+                          reason="CONCURRENT_UPDATE")
+        self.store.delete_history(segment_id)
+
+    def rules(self) -> dict[str, Rule]:
+        """Every segment's current rule, for evaluating `segment(...)` references."""
+        return {record.segment_id: parse(record.rule_text) for record in self.store.all()}
+
+    def _segment(self, record: SegmentRecord) -> Segment:
+        return Segment(record.segment_id, record.display_name, record.description, parse(record.rule_text),
+                       record.rule_text, record.revision, SegmentState(record.state),
+                       self.store.member_count(record.segment_id), record.last_recompute_time, record.create_time,
+                       record.update_time, record.etag)

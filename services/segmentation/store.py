@@ -1,0 +1,209 @@
+"""Cassandra storage of the segmentation service (tables in schema/0001_segments.cql).
+
+Every statement is prepared once and bound (shared.cassandra). Segment rows are only written with
+lightweight transactions (create IF NOT EXISTS, update/delete IF etag), never mixed with plain writes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
+
+CATALOG = 0  # the one partition of the segments table
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class SegmentRecord:
+    segment_id: str
+    display_name: str
+    description: str
+    rule_text: str
+    referenced: frozenset[str]
+    revision: int
+    state: int
+    last_recompute_time: datetime | None
+    create_time: datetime
+    update_time: datetime
+    etag: str
+
+
+@dataclass(frozen=True)
+class StoredChange:
+    change_id: uuid.UUID
+    person_id: str
+    entered: bool
+    cause: str
+
+
+@dataclass(frozen=True)
+class OperationRecord:
+    operation_id: str
+    segment_id: str
+    done: bool
+    shards_done: int
+    shards_total: int
+    profiles_scanned: int
+    start_time: datetime
+    member_count: int
+    entered_count: int
+    exited_count: int
+    elapsed_seconds: float
+    error_code: str | None
+    error_message: str | None
+
+
+_SEGMENT_COLUMNS = ("segment_id, display_name, description, rule_text, referenced, revision, state, "
+                    "last_recompute_time, create_time, update_time, etag")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # The driver returns naive UTC datetimes for timestamp columns.
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _segment(row: Any) -> SegmentRecord:
+    return SegmentRecord(
+        segment_id=row.segment_id, display_name=row.display_name or "", description=row.description or "",
+        rule_text=row.rule_text, referenced=frozenset(row.referenced or ()), revision=row.revision, state=row.state,
+        last_recompute_time=_utc(row.last_recompute_time), create_time=_utc(row.create_time) or _EPOCH,
+        update_time=_utc(row.update_time) or _EPOCH, etag=row.etag)
+
+
+class SegmentStore:
+    def __init__(self, session: CassandraSession) -> None:
+        self._session = session
+
+    # ---- segments ----
+
+    def insert(self, record: SegmentRecord) -> bool:
+        """Create the segment; False when the id is taken."""
+        result = self._session.execute(
+            f"INSERT INTO segments (catalog, {_SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "IF NOT EXISTS", (CATALOG, *_values(record)))
+        return bool(result.was_applied)
+
+    def replace(self, record: SegmentRecord, expected_etag: str) -> bool:
+        """Overwrite the segment if its etag is still `expected_etag`."""
+        result = self._session.execute(
+            "UPDATE segments SET display_name = ?, description = ?, rule_text = ?, referenced = ?, revision = ?, "
+            "state = ?, last_recompute_time = ?, update_time = ?, etag = ? WHERE catalog = ? AND segment_id = ? "
+            "IF etag = ?",
+            (record.display_name, record.description, record.rule_text, set(record.referenced), record.revision,
+             record.state, record.last_recompute_time, record.update_time, record.etag, CATALOG, record.segment_id,
+             expected_etag))
+        return bool(result.was_applied)
+
+    def set_state(self, segment_id: str, state: int, revision: int, last_recompute_time: datetime | None) -> bool:
+        """Record a finished computation of `revision`; a no-op when the rule changed meanwhile."""
+        result = self._session.execute(
+            "UPDATE segments SET state = ?, last_recompute_time = ? WHERE catalog = ? AND segment_id = ? "
+            "IF revision = ?", (state, last_recompute_time, CATALOG, segment_id, revision))
+        return bool(result.was_applied)
+
+    def delete(self, segment_id: str, expected_etag: str) -> bool:
+        result = self._session.execute("DELETE FROM segments WHERE catalog = ? AND segment_id = ? IF etag = ?",
+                                       (CATALOG, segment_id, expected_etag))
+        return bool(result.was_applied)
+
+    def get(self, segment_id: str, *, serial: bool = False) -> SegmentRecord | None:
+        rows = self._session.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE catalog = ? AND segment_id = ?",
+                                     (CATALOG, segment_id), consistency=SERIAL_CONSISTENCY if serial else None)
+        row = rows.one()
+        return _segment(row) if row is not None else None
+
+    def page(self, after: str, limit: int) -> list[SegmentRecord]:
+        rows = self._session.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE catalog = ? AND segment_id > ? "
+                                     "LIMIT ?", (CATALOG, after, limit))
+        return [_segment(row) for row in rows]
+
+    def all(self) -> list[SegmentRecord]:
+        rows = self._session.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE catalog = ?", (CATALOG,),
+                                     fetch_size=1000)
+        return [_segment(row) for row in rows]
+
+    def add_revision(self, segment_id: str, revision: int, rule_text: str, when: datetime) -> None:
+        self._session.execute("INSERT INTO segment_revisions (segment_id, revision, rule_text, create_time) "
+                              "VALUES (?, ?, ?, ?)", (segment_id, revision, rule_text, when))
+
+    def delete_history(self, segment_id: str) -> None:
+        """Drop a deleted segment's revisions, members and changes (whole partitions)."""
+        for table in ("segment_revisions", "members", "membership_changes"):
+            self._session.execute(f"DELETE FROM {table} WHERE segment_id = ?", (segment_id,))
+
+    # ---- members ----
+
+    def member_count(self, segment_id: str) -> int:
+        row = self._session.execute("SELECT COUNT(*) AS members FROM members WHERE segment_id = ?",
+                                    (segment_id,)).one()
+        return int(row.members)
+
+    def members_page(self, segment_id: str, after: str, limit: int) -> list[tuple[str, datetime]]:
+        rows = self._session.execute("SELECT person_id, enter_time FROM members WHERE segment_id = ? AND person_id > ? "
+                                     "LIMIT ?", (segment_id, after, limit))
+        return [(row.person_id, _utc(row.enter_time) or _EPOCH) for row in rows]
+
+    def member_ids(self, segment_id: str) -> set[str]:
+        rows = self._session.execute("SELECT person_id FROM members WHERE segment_id = ?", (segment_id,),
+                                     fetch_size=5000)
+        return {row.person_id for row in rows}
+
+    def is_member(self, segment_id: str, person_id: str) -> bool:
+        return self._session.execute("SELECT person_id FROM members WHERE segment_id = ? AND person_id = ?",
+                                     (segment_id, person_id)).one() is not None
+
+    def apply_changes(self, segment_id: str, entered: Sequence[str], exited: Sequence[str], cause: str,
+                      when: datetime) -> None:
+        """Record enters and exits: the change log first, so a crash in between leaves the log ahead of the
+        members (a recompute repairs members; a log missing a change could not be repaired)."""
+        changes = [(segment_id, uuid.uuid1(), person_id, True, cause) for person_id in entered]
+        changes += [(segment_id, uuid.uuid1(), person_id, False, cause) for person_id in exited]
+        if changes:
+            self._session.execute_many("INSERT INTO membership_changes (segment_id, change_id, person_id, entered, "
+                                       "cause) VALUES (?, ?, ?, ?, ?)", changes)
+        if entered:
+            self._session.execute_many("INSERT INTO members (segment_id, person_id, enter_time) VALUES (?, ?, ?)",
+                                       [(segment_id, person_id, when) for person_id in entered])
+        if exited:
+            self._session.execute_many("DELETE FROM members WHERE segment_id = ? AND person_id = ?",
+                                       [(segment_id, person_id) for person_id in exited])
+
+    def changes_page(self, segment_id: str, after: uuid.UUID, limit: int) -> list[StoredChange]:
+        rows = self._session.execute("SELECT change_id, person_id, entered, cause FROM membership_changes "
+                                     "WHERE segment_id = ? AND change_id > ? LIMIT ?", (segment_id, after, limit))
+        return [StoredChange(row.change_id, row.person_id, row.entered, row.cause) for row in rows]
+
+    # ---- operations ----
+
+    def save_operation(self, operation: OperationRecord) -> None:
+        self._session.execute(
+            "INSERT INTO operations (operation_id, segment_id, done, shards_done, shards_total, profiles_scanned, "
+            "start_time, member_count, entered_count, exited_count, elapsed_seconds, error_code, error_message) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (operation.operation_id, operation.segment_id, operation.done, operation.shards_done,
+             operation.shards_total, operation.profiles_scanned, operation.start_time, operation.member_count,
+             operation.entered_count, operation.exited_count, operation.elapsed_seconds, operation.error_code,
+             operation.error_message))
+
+    def get_operation(self, operation_id: str) -> OperationRecord | None:
+        row = self._session.execute(
+            "SELECT operation_id, segment_id, done, shards_done, shards_total, profiles_scanned, start_time, "
+            "member_count, entered_count, exited_count, elapsed_seconds, error_code, error_message FROM operations "
+            "WHERE operation_id = ?", (operation_id,)).one()
+        if row is None:
+            return None
+        return OperationRecord(row.operation_id, row.segment_id, row.done, row.shards_done, row.shards_total,
+                               row.profiles_scanned, _utc(row.start_time) or _EPOCH, row.member_count,
+                               row.entered_count, row.exited_count, row.elapsed_seconds, row.error_code,
+                               row.error_message)
+
+
+def _values(record: SegmentRecord) -> Iterable[object]:
+    return (record.segment_id, record.display_name, record.description, record.rule_text, set(record.referenced),
+            record.revision, record.state, record.last_recompute_time, record.create_time, record.update_time,
+            record.etag)

@@ -1,0 +1,122 @@
+"""Identity, profile and segmentation per test, in process, on free ports, against the test's own keyspaces."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from onecdp.common.v1 import common_pb2
+from onecdp.profile.v1 import profile_service_pb2 as profile_pb
+from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
+from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+
+from services.identity.server import DEFINITION as IDENTITY
+from services.profile.server import DEFINITION as PROFILE
+from services.segmentation.server import DEFINITION as SEGMENTATION
+from shared.config import CassandraSettings, GrpcSettings
+from shared.runner import RunningService, start_service
+
+_message_ids = itertools.count()
+
+
+@pytest.fixture
+def profile_service(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings) -> Iterator[RunningService]:
+    identity = start_service(IDENTITY, grpc_settings, cassandra_settings, port=0)
+    try:
+        settings = grpc_settings.model_copy(update={"identity_target": f"127.0.0.1:{identity.port}"})
+        profile = start_service(PROFILE, settings, cassandra_settings, port=0)
+        try:
+            yield profile
+        finally:
+            profile.stop(None)
+    finally:
+        identity.stop(None)
+
+
+@pytest.fixture
+def segmentation_alone(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings) -> Iterator[RunningService]:
+    """Segmentation without a profile service behind it (enough for segments as resources)."""
+    settings = grpc_settings.model_copy(update={"profile_target": "127.0.0.1:9"})
+    service = start_service(SEGMENTATION, settings, cassandra_settings, port=0)
+    try:
+        yield service
+    finally:
+        service.stop(None)
+
+
+@pytest.fixture
+def segmentation(segmentation_alone: RunningService) -> Iterator[pb_grpc.SegmentationServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{segmentation_alone.port}") as channel:
+        yield pb_grpc.SegmentationServiceStub(channel)
+
+
+@pytest.fixture
+def segmentation_service(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings,
+                         profile_service: RunningService) -> Iterator[RunningService]:
+    settings = grpc_settings.model_copy(update={"profile_target": f"127.0.0.1:{profile_service.port}"})
+    service = start_service(SEGMENTATION, settings, cassandra_settings, port=0)
+    try:
+        yield service
+    finally:
+        service.stop(None)
+
+
+@pytest.fixture
+def stack(segmentation_service: RunningService) -> Iterator[pb_grpc.SegmentationServiceStub]:
+    """Segmentation in front of profile and identity."""
+    with grpc.insecure_channel(f"127.0.0.1:{segmentation_service.port}") as channel:
+        yield pb_grpc.SegmentationServiceStub(channel)
+
+
+@pytest.fixture
+def profiles(profile_service: RunningService) -> Iterator[profile_grpc.ProfileServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{profile_service.port}") as channel:
+        yield profile_grpc.ProfileServiceStub(channel)
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def track(person: str, name: str, when: str, properties: dict[str, Any] | None = None) -> profile_pb.Event:
+    """A track event of `crm_id:<person>`."""
+    message = profile_pb.Event(message_id=f"seg-{next(_message_ids)}", type=profile_pb.EVENT_TYPE_TRACK,
+                               identifiers=[common_pb2.Identifier(type="crm_id", value=person)], event_name=name,
+                               source="test")
+    message.event_time.FromDatetime(at(when))
+    if properties:
+        struct = struct_pb2.Struct()
+        struct.update(properties)
+        message.properties.CopyFrom(struct)
+    return message
+
+
+def identify(person: str, when: str, traits: dict[str, Any]) -> profile_pb.Event:
+    message = profile_pb.Event(message_id=f"seg-{next(_message_ids)}", type=profile_pb.EVENT_TYPE_IDENTIFY,
+                               identifiers=[common_pb2.Identifier(type="crm_id", value=person)], source="test")
+    message.event_time.FromDatetime(at(when))
+    message.traits.update(traits)
+    return message
+
+
+def order(person: str, order_id: str, amount: float, when: str) -> profile_pb.Event:
+    message = profile_pb.Event(message_id=f"seg-{next(_message_ids)}", type=profile_pb.EVENT_TYPE_ORDER,
+                               identifiers=[common_pb2.Identifier(type="crm_id", value=person)], source="test",
+                               order=profile_pb.Order(order_id=order_id, amount=amount, currency_code="USD"))
+    message.event_time.FromDatetime(at(when))
+    return message
+
+
+def ingest(stub: profile_grpc.ProfileServiceStub, *events: profile_pb.Event) -> dict[str, str]:
+    """Ingest; returns person id by crm id (every event must be accepted)."""
+    response = stub.IngestEvents(profile_pb.IngestEventsRequest(events=events), timeout=30)
+    persons = {}
+    for event, result in zip(events, response.results, strict=True):
+        assert result.status == profile_pb.EVENT_STATUS_ACCEPTED, result
+        persons[event.identifiers[0].value] = result.person_id
+    return persons

@@ -1,0 +1,159 @@
+"""Segments over real gRPC and Cassandra: create/get/list/update/delete, validation errors that name the field,
+etags, references, and the rule parser endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2, struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
+from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+Stub = pb_grpc.SegmentationServiceStub
+
+
+def failure(call: Callable[..., Any], request: Any) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """(code, reason, description by violated field) of a failing call."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request, timeout=10)
+    error: Any = caught.value
+    status = rpc_status.from_call(error)
+    assert status is not None
+    reason, fields = "", {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+            assert info.domain == "onecdp.segmentation"
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields = {v.field: v.description for v in bad.field_violations}
+    return error.code(), reason, fields
+
+
+def create(stub: Stub, segment_id: str, rule_text: str, **fields: Any) -> pb.Segment:
+    segment: pb.Segment = stub.CreateSegment(pb.CreateSegmentRequest(
+        segment_id=segment_id, segment=pb.Segment(rule_text=rule_text, **fields)), timeout=10)
+    return segment
+
+
+def test_create_get_list_update_delete(segmentation: Stub) -> None:
+    vip = create(segmentation, "vip", "computed.monetary >= 500", display_name="VIP")
+    assert vip.name == "segments/vip" and vip.revision == 1 and vip.etag
+    assert vip.rule == pb.Rule(trait=pb.TraitCondition(field="computed.monetary", operator=pb.OPERATOR_GREATER_OR_EQUAL,
+                                                       value=struct_pb2.Value(number_value=500)))
+    text = 'event("order").count(last 90d) >= 1 and not segment("vip")'
+    active = create(segmentation, "active-not-vip", text)
+    assert active.rule_text == 'event("order").count(last 90d) >= 1 AND NOT segment("vip")'
+    assert active.rule.all.rules[1].negate.segment.segment == "segments/vip"
+    # The tree form gives the same segment as the text form.
+    tree = segmentation.CreateSegment(pb.CreateSegmentRequest(segment_id="tree", segment=pb.Segment(
+        rule=active.rule)), timeout=10)
+    assert tree.rule_text == active.rule_text and tree.rule == active.rule
+    fetched = segmentation.GetSegment(pb.GetSegmentRequest(name="segments/active-not-vip"), timeout=10)
+    assert (fetched.rule_text, fetched.etag, fetched.revision) == (active.rule_text, active.etag, 1)
+    assert fetched.member_count == 0
+
+    first = segmentation.ListSegments(pb.ListSegmentsRequest(page_size=2), timeout=10)
+    assert [s.name for s in first.segments] == ["segments/active-not-vip", "segments/tree"]
+    second = segmentation.ListSegments(pb.ListSegmentsRequest(page_size=2, page_token=first.next_page_token),
+                                       timeout=10)
+    assert [s.name for s in second.segments] == ["segments/vip"] and second.next_page_token == ""
+    assert failure(segmentation.ListSegments, pb.ListSegmentsRequest(page_token="garbage"))[:2] == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+
+    renamed = segmentation.UpdateSegment(pb.UpdateSegmentRequest(
+        segment=pb.Segment(name="segments/vip", display_name="Big spenders", etag=vip.etag),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"])), timeout=10)
+    assert renamed.display_name == "Big spenders" and renamed.revision == 1 and renamed.etag != vip.etag
+    assert renamed.rule_text == vip.rule_text
+    code, reason, _ = failure(segmentation.UpdateSegment, pb.UpdateSegmentRequest(
+        segment=pb.Segment(name="segments/vip", display_name="stale", etag=vip.etag),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"])))
+    assert (code, reason) == (grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
+    changed = segmentation.UpdateSegment(pb.UpdateSegmentRequest(
+        segment=pb.Segment(name="segments/vip", rule_text="computed.monetary >= 1000"),
+        update_mask=field_mask_pb2.FieldMask(paths=["rule_text"])), timeout=10)
+    assert changed.revision == 2 and changed.rule_text == "computed.monetary >= 1000"
+    assert changed.display_name == "Big spenders"
+
+    # vip is used by two segments: it cannot go before they do.
+    code, reason, _ = failure(segmentation.DeleteSegment, pb.DeleteSegmentRequest(name="segments/vip"))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SEGMENT_IN_USE")
+    for name in ("segments/active-not-vip", "segments/tree", "segments/vip"):
+        segmentation.DeleteSegment(pb.DeleteSegmentRequest(name=name), timeout=10)
+    assert failure(segmentation.GetSegment, pb.GetSegmentRequest(name="segments/vip"))[:2] == (
+        grpc.StatusCode.NOT_FOUND, "SEGMENT_NOT_FOUND")
+    assert failure(segmentation.DeleteSegment, pb.DeleteSegmentRequest(name="segments/vip"))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    assert not segmentation.ListSegments(pb.ListSegmentsRequest(), timeout=10).segments
+
+
+def test_bad_segments_are_refused_naming_the_offending_part(segmentation: Stub) -> None:
+    create(segmentation, "base", "traits.plan = \"pro\"")
+    code, reason, _ = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+        segment_id="base", segment=pb.Segment(rule_text="traits.plan EXISTS")))
+    assert (code, reason) == (grpc.StatusCode.ALREADY_EXISTS, "SEGMENT_EXISTS")
+
+    code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+        segment_id="Bad_Id", segment=pb.Segment(rule_text="traits.a = ")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields["segment.rule_text"].startswith("at character 12: expected a value")
+
+    code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+        segment_id="Bad_Id", segment=pb.Segment(rule_text="traits.a = 1")))
+    assert list(fields) == ["segment_id"]
+
+    # A tree with an unknown computed trait and an impossible window: both named by their proto paths.
+    rule = pb.Rule(all=pb.RuleGroup(rules=[
+        pb.Rule(trait=pb.TraitCondition(field="computed.shoe_size", operator=pb.OPERATOR_EXISTS)),
+        pb.Rule(event_count=pb.EventCountCondition(event_name="order", window=pb.TimeWindow(last_days=0),
+                                                   operator=pb.OPERATOR_GREATER, count=1)),
+        pb.Rule(trait=pb.TraitCondition(field="traits.plan", operator=pb.OPERATOR_EQUAL)),
+    ]))
+    code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+        segment_id="broken", segment=pb.Segment(rule=rule)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(fields) == {"segment.rule.all.rules[2].trait.value"}  # structure first: the missing operand
+    rule.all.rules[2].trait.value.string_value = "pro"
+    code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+        segment_id="broken", segment=pb.Segment(rule=rule)))
+    assert set(fields) == {"segment.rule.all.rules[0].trait.field", "segment.rule.all.rules[1].event_count.window"
+                                                                    ".last_days"}
+
+    # A wrong type in text form points at the condition's character.
+    code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+        segment_id="typed", segment=pb.Segment(rule_text='traits.plan = "pro" AND computed.frequency > "many"')))
+    assert fields["segment.rule_text"].startswith("at character 25: computed.frequency is a number")
+
+    # A cycle: base -> uses-base, then base changed to use uses-base.
+    create(segmentation, "uses-base", 'segment("base") AND traits.plan EXISTS')
+    code, _, fields = failure(segmentation.UpdateSegment, pb.UpdateSegmentRequest(
+        segment=pb.Segment(name="segments/base", rule_text='segment("uses-base")'),
+        update_mask=field_mask_pb2.FieldMask(paths=["rule_text"])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cycle of segment references: segments/base -> segments/uses-base -> segments/base" in \
+        fields["segment.rule_text"]
+    code, _, fields = failure(segmentation.UpdateSegment, pb.UpdateSegmentRequest(
+        segment=pb.Segment(name="segments/base", display_name="x"),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name", "revision"])))
+    assert list(fields) == ["update_mask.paths[1]"]
+    assert failure(segmentation.GetSegment, pb.GetSegmentRequest(name="base"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_parse_segment_rule(segmentation: Stub) -> None:
+    parsed = segmentation.ParseSegmentRule(pb.ParseSegmentRuleRequest(
+        rule_text='score("models/churn-90d") >= 0.70 or computed.lifecycle_stage = "silent"'), timeout=10)
+    assert parsed.canonical_rule_text == 'score("models/churn-90d") >= 0.7 OR computed.lifecycle_stage = "silent"'
+    assert parsed.rule.any.rules[0].score.value == pytest.approx(0.7)
+    code, _, fields = failure(segmentation.ParseSegmentRule, pb.ParseSegmentRuleRequest(rule_text='segment("ghost")'))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "segments/ghost does not exist" in fields["rule_text"]
