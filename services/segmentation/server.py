@@ -6,21 +6,45 @@ the shared interceptor names the method in that message, so nothing pretends to 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import grpc
+from cassandra.util import min_uuid_from_time
+from google.longrunning import operations_pb2
+from google.protobuf import json_format, struct_pb2
+from google.rpc import code_pb2, status_pb2
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
-from services.segmentation.catalog import RuleInput, Segment, SegmentCatalog, segment_id_of
+from services.segmentation.catalog import (
+    RuleInput,
+    Segment,
+    SegmentCatalog,
+    decode_page_token,
+    encode_page_token,
+    page_size_of,
+    segment_id_of,
+)
+from services.segmentation.evaluation import evaluate
 from services.segmentation.messages import rule_from_message, rule_to_message
-from services.segmentation.store import SegmentStore
+from services.segmentation.profile_source import GrpcProfileSource
+from services.segmentation.recompute import Recomputer
+from services.segmentation.store import OperationRecord, SegmentStore
 from services.segmentation.text import RuleSyntaxError, format_rule, parse
+from shared.changefeed import FEED_START, parse_cursor, time_of
+from shared.clients import profile_stub
 from shared.errors import InvalidArgument, Violations
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
+OPERATIONS = "operations/"
+DEFAULT_MEMBERS_PAGE = 100
+MAX_MEMBERS_PAGE = 10_000
+EXPORT_CHUNK = 1000
 
 
 def rule_input_of(rule: pb.Rule | None, rule_text: str, violations: Violations, *, rule_field: str,
@@ -54,9 +78,131 @@ def segment_message(segment: Segment) -> pb.Segment:
     return message
 
 
+def operation_message(operation: OperationRecord) -> operations_pb2.Operation:
+    """The google.longrunning.Operation of a recompute: progress metadata, then the error or the response."""
+    message = operations_pb2.Operation(name=f"{OPERATIONS}{operation.operation_id}", done=operation.done)
+    metadata = pb.RecomputeSegmentMetadata(segment=f"segments/{operation.segment_id}",
+                                           shards_done=operation.shards_done, shards_total=operation.shards_total,
+                                           profiles_scanned=operation.profiles_scanned)
+    metadata.start_time.FromDatetime(operation.start_time)
+    message.metadata.Pack(metadata)
+    if operation.done and operation.error_code:
+        message.error.CopyFrom(status_pb2.Status(code=code_pb2.Code.Value(operation.error_code),
+                                                 message=operation.error_message or ""))
+    elif operation.done:
+        message.response.Pack(pb.RecomputeSegmentResponse(
+            segment=f"segments/{operation.segment_id}", profiles_scanned=operation.profiles_scanned,
+            member_count=operation.member_count, entered_count=operation.entered_count,
+            exited_count=operation.exited_count, elapsed_seconds=operation.elapsed_seconds))
+    return message
+
+
+def _member(person_id: str, enter_time: datetime) -> pb.SegmentMember:
+    member = pb.SegmentMember(person_id=person_id)
+    member.enter_time.FromDatetime(enter_time)
+    return member
+
+
+def _observed(value: Any) -> struct_pb2.Value:
+    if value is None:
+        return struct_pb2.Value()
+    if isinstance(value, datetime):
+        value = value.isoformat()
+    message = struct_pb2.Value()
+    json_format.ParseDict(value, message)
+    return message
+
+
 class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
-    def __init__(self, catalog: SegmentCatalog) -> None:
+    def __init__(self, catalog: SegmentCatalog, recomputer: Recomputer, source: GrpcProfileSource) -> None:
         self._catalog = catalog
+        self._store = catalog.store
+        self._recomputer = recomputer
+        self._source = source
+
+    def RecomputeSegment(self, request: pb.RecomputeSegmentRequest,
+                         context: grpc.ServicerContext) -> operations_pb2.Operation:
+        segment_id = segment_id_of(request.name, "name")
+        return operation_message(self._recomputer.start(segment_id, request.parallelism))
+
+    def GetOperation(self, request: operations_pb2.GetOperationRequest,
+                     context: grpc.ServicerContext) -> operations_pb2.Operation:
+        operation_id = request.name.removeprefix(OPERATIONS)
+        if not request.name.startswith(OPERATIONS) or not operation_id:
+            raise InvalidArgument.for_field("name", f"{request.name!r} is not an operation name like "
+                                                    f"{OPERATIONS}<id>", reason="INVALID_OPERATION_NAME")
+        return operation_message(self._recomputer.operation(operation_id))
+
+    def ListSegmentMembers(self, request: pb.ListSegmentMembersRequest,
+                           context: grpc.ServicerContext) -> pb.ListSegmentMembersResponse:
+        segment_id = segment_id_of(request.parent, "parent")
+        size = page_size_of(request.page_size, DEFAULT_MEMBERS_PAGE, MAX_MEMBERS_PAGE)
+        kind = f"members/{segment_id}"
+        after = decode_page_token(request.page_token, kind) or ""
+        self._catalog.record(segment_id)
+        rows = self._store.members_page(segment_id, after, size + 1)
+        token = encode_page_token(kind, rows[size - 1][0]) if len(rows) > size else ""
+        return pb.ListSegmentMembersResponse(members=[_member(p, t) for p, t in rows[:size]], next_page_token=token)
+
+    def ExportSegmentMembers(self, request: pb.ExportSegmentMembersRequest,
+                             context: grpc.ServicerContext) -> Iterator[pb.ExportSegmentMembersResponse]:
+        segment_id = segment_id_of(request.parent, "parent")
+        self._catalog.record(segment_id)
+        after = ""
+        while True:
+            rows = self._store.members_page(segment_id, after, EXPORT_CHUNK)
+            if not rows:
+                return
+            yield pb.ExportSegmentMembersResponse(members=[_member(p, t) for p, t in rows])
+            after = rows[-1][0]
+
+    def ListSegmentMembershipChanges(self, request: pb.ListSegmentMembershipChangesRequest,
+                                     context: grpc.ServicerContext) -> pb.ListSegmentMembershipChangesResponse:
+        segment_id = segment_id_of(request.parent, "parent")
+        size = page_size_of(request.page_size, DEFAULT_MEMBERS_PAGE, MAX_MEMBERS_PAGE)
+        kind = f"changes/{segment_id}"
+        position = decode_page_token(request.page_token, kind)
+        if position is not None:
+            after = parse_cursor(position)
+        elif request.HasField("start_time"):
+            # The smallest time UUID of the millisecond before start_time: changes at start_time are included.
+            start = request.start_time.ToDatetime(tzinfo=UTC).timestamp()
+            after = min_uuid_from_time(start - 0.001)
+        else:
+            after = None
+        self._catalog.record(segment_id)
+        changes = self._store.changes_page(segment_id, after or FEED_START, size)
+        last = changes[-1].change_id if changes else (after or FEED_START)
+        response = pb.ListSegmentMembershipChangesResponse(next_page_token=encode_page_token(kind, str(last)))
+        for change in changes:
+            message = response.changes.add(
+                person_id=change.person_id, cause=change.cause,
+                type=pb.MEMBERSHIP_CHANGE_TYPE_ENTER if change.entered else pb.MEMBERSHIP_CHANGE_TYPE_EXIT)
+            message.change_time.FromDatetime(time_of(change.change_id))
+        return response
+
+    def EvaluatePersonSegments(self, request: pb.EvaluatePersonSegmentsRequest,
+                               context: grpc.ServicerContext) -> pb.EvaluatePersonSegmentsResponse:
+        selector = request.person
+        if not selector.person_id and not (selector.identifier.type and selector.identifier.value):
+            raise InvalidArgument.for_field("person", "set person_id or an identifier (type and value)")
+        segment_ids = [segment_id_of(name, f"segments[{i}]") for i, name in enumerate(request.segments)]
+        rules = self._catalog.rules()
+        for segment_id in segment_ids:
+            if segment_id not in rules:
+                self._catalog.record(segment_id)  # NOT_FOUND naming it
+        as_of = datetime.now(UTC)
+        facts = self._source.person(selector, as_of)
+        response = pb.EvaluatePersonSegmentsResponse(person_id=facts.person_id)
+        for segment_id in segment_ids or sorted(rules):
+            evaluation = evaluate(rules[segment_id], facts, as_of, rules.get)
+            response.evaluations.add(
+                segment=f"segments/{segment_id}", matched=evaluation.matched,
+                stored_member=self._store.is_member(segment_id, facts.person_id),
+                conditions=[pb.ConditionResult(condition_text=c.text, matched=c.matched,
+                                               observed_value=_observed(c.observed))
+                            for c in evaluation.conditions])
+        return response
 
     def CreateSegment(self, request: pb.CreateSegmentRequest, context: grpc.ServicerContext) -> pb.Segment:
         violations = Violations()
@@ -110,9 +256,19 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
-    catalog = SegmentCatalog(SegmentStore(context.session))
+    store = SegmentStore(context.session)
+    catalog = SegmentCatalog(store)
+    source = GrpcProfileSource(profile_stub(context.grpc_settings))
+    recomputer = Recomputer(catalog, store, source)
+
+    def compute_at_once(segment_id: str) -> None:
+        # A new segment or rule is computed at once (state COMPUTING until it finishes).
+        recomputer.start(segment_id)
+
+    catalog.on_rule_changed = compute_at_once
+    context.on_stop(recomputer.stop)
     # Methods not built yet stay abstract in the typed stubs; at run time they answer UNIMPLEMENTED.
-    servicer = SegmentationServicer(catalog)  # type: ignore[abstract]
+    servicer = SegmentationServicer(catalog, recomputer, source)  # type: ignore[abstract]
     return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_SegmentationServiceServicer_to_server, servicer))]
 
 
