@@ -112,7 +112,7 @@ def test_scores_come_with_percentiles_and_contributions(conversion_model: Traine
     expected = raw.predict(np.asarray(rows))
     assert [s.probability for s in scores] == pytest.approx(list(expected))
     for score, row in zip(scores, rows, strict=True):
-        assert 0 <= score.percentile <= 100
+        assert 0 <= score.percentile <= 100 and score.percentile == scorer.percentile(score.probability)
         assert len(score.top_features) == 5
         magnitudes = [abs(f.contribution) for f in score.top_features]
         assert magnitudes == sorted(magnitudes, reverse=True)
