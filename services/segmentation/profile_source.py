@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 
 from services.segmentation.evaluation import EventFact, ProfileFacts
+from shared.errors import DeadlineExceeded, DomainError, InvalidArgument, NotFound, Unavailable
 
 _DEFAULT_EVENT_NAMES = {profile_pb.EVENT_TYPE_ORDER: "order", profile_pb.EVENT_TYPE_IDENTIFY: "identify",
                         profile_pb.EVENT_TYPE_ALIAS: "alias"}
@@ -65,23 +67,54 @@ def facts_of(profile: profile_pb.Profile, events: list[profile_pb.StoredEvent]) 
     return ProfileFacts(profile.person_id, traits, computed_of(profile), [event_fact(e) for e in events])
 
 
+def profile_error(error: grpc.RpcError) -> DomainError:
+    """The domain error of a failed profile call: its code and message carried over (never INTERNAL here)."""
+    code: grpc.StatusCode = error.code()
+    details = f"the profile service answered {code.name}: {error.details()}"
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details, reason="PERSON_NOT_FOUND")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(details, reason="PROFILE_REJECTED_REQUEST")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(details, reason="PROFILE_DEADLINE")
+    return Unavailable(details, reason="PROFILE_UNAVAILABLE")
+
+
 class GrpcProfileSource:
-    """Reads profiles through the profile service's API."""
+    """Reads profiles through the profile service's API; failures become domain errors."""
 
     def __init__(self, stub: profile_grpc.ProfileServiceStub) -> None:
         self._stub = stub
 
     def shards(self, count: int) -> list[str]:
+        try:
+            return self._shards(count)
+        except grpc.RpcError as error:
+            raise profile_error(error) from error
+
+    def scan(self, shard: str, as_of: datetime, with_events: bool) -> Iterator[list[ProfileFacts]]:
+        try:
+            yield from self._scan(shard, as_of, with_events)
+        except grpc.RpcError as error:
+            raise profile_error(error) from error
+
+    def person(self, selector: common_pb2.PersonSelector, as_of: datetime) -> ProfileFacts:
+        try:
+            return self._person(selector, as_of)
+        except grpc.RpcError as error:
+            raise profile_error(error) from error
+
+    def _shards(self, count: int) -> list[str]:
         response = self._stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=count))
         return list(response.shards)
 
-    def scan(self, shard: str, as_of: datetime, with_events: bool) -> Iterator[list[ProfileFacts]]:
+    def _scan(self, shard: str, as_of: datetime, with_events: bool) -> Iterator[list[ProfileFacts]]:
         request = profile_pb.ScanProfilesRequest(shard=shard, include_events=with_events, batch_size=SCAN_BATCH)
         request.as_of_time.FromDatetime(as_of)
         for response in self._stub.ScanProfiles(request):
             yield [facts_of(p.profile, list(p.events)) for p in response.profiles]
 
-    def person(self, selector: common_pb2.PersonSelector, as_of: datetime) -> ProfileFacts:
+    def _person(self, selector: common_pb2.PersonSelector, as_of: datetime) -> ProfileFacts:
         request = profile_pb.GetProfileRequest(person=selector)
         request.as_of_time.FromDatetime(as_of)
         profile = self._stub.GetProfile(request)
