@@ -211,7 +211,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 class IdentityGraph:
     def __init__(self, session: CassandraSession, registry: IdentifierRegistry | None = None,
-                 policy: GuardPolicy | None = None, *, workers: int = 8) -> None:
+                 policy: GuardPolicy | None = None, *, workers: int = 32) -> None:
         self._session = session
         self.registry = registry or IdentifierRegistry()
         self.policy = policy or GuardPolicy()
@@ -421,13 +421,15 @@ class IdentityGraph:
                         reason: str) -> _Reconciled | set[str]:
         """Under the leases `held`: the recomputed component, or the leases it needs when it reaches further."""
         with deadline.deadline_after(seconds):
+            component = self._load_component(seeds)
             # An erasure may have tombstoned a seed after this call checked it and before these leases
             # were taken (erase holds the leases of what it tombstones): drop the evidence just appended.
-            erased = self.tombstoned(seeds)
+            # Erasure deletes the identifier rows it tombstones, so only seeds without a person can be erased.
+            erased = self.tombstoned({k for k in seeds if not component.person_of.get(k)})
             if erased:
                 self._drop_erased_evidence(erased, seeds)
                 seeds = seeds - erased
-            component = self._load_component(seeds)
+                component = self._load_component(seeds)
             needed = component.lease_keys()
             if not needed <= held:
                 return needed
