@@ -840,15 +840,19 @@ class IdentityGraph:
         requested, current = person_id, person_id
         row: Any = None
         for _ in range(REDIRECT_HOPS):
+            # The members are read alongside the person row: one round trip when there is no redirect.
+            members_future = self._session.execute_async(
+                "SELECT id_type, id_value FROM person_identifiers WHERE person_id = ?", (current,))
             row = self._session.execute(
                 "SELECT person_id, merged_into, merged_from, erased, create_time, update_time FROM persons "
                 "WHERE person_id = ?", (current,)).one()
+            members_rows = self._session.result(members_future)
             if row is None or row.erased:
                 raise NotFound(f"no person {person_id!r} (never issued, or erased)", reason="PERSON_NOT_FOUND")
             if not row.merged_into:
                 break
             current = row.merged_into
-        members = self.person_members(current)
+        members = [IdKey(r.id_type, r.id_value) for r in members_rows]
         return Person(person_id=current, identifiers=members, merged_person_ids=sorted(row.merged_from or ()),
                       redirected_from=requested if requested != current else "",
                       create_time=row.create_time, update_time=row.update_time)
