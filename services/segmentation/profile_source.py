@@ -6,12 +6,14 @@ service computes computed traits as of the time asked, so facts and windows shar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import field_mask_pb2, json_format
 from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
@@ -25,6 +27,23 @@ _LIFECYCLE = {profile_pb.LIFECYCLE_STAGE_NEW: "new", profile_pb.LIFECYCLE_STAGE_
               profile_pb.LIFECYCLE_STAGE_SILENT: "silent", profile_pb.LIFECYCLE_STAGE_CHURNED: "churned"}
 SCAN_BATCH = 500
 EVENTS_PAGE = 1000
+BATCH_GET_LIMIT = 1000  # profile's BatchGetProfiles limit
+EVENT_FETCHERS = 8
+# What an evaluation reads of a profile (no recent transactions, no identifiers).
+_FACTS_MASK = field_mask_pb2.FieldMask(paths=["person_id", "traits", "computed", "preferences"])
+# onecdp.profile.v1.ProfileChangeType values.
+CHANGE_MERGE, CHANGE_SPLIT, CHANGE_ERASE = 3, 4, 5
+
+
+@dataclass(frozen=True)
+class FeedChange:
+    """One entry of profile's change feed, as the segmentation follower needs it."""
+
+    person_id: str
+    change_type: int
+    trait_names: tuple[str, ...]
+    event_names: tuple[str, ...]
+    merged_person_ids: tuple[str, ...]
 
 
 def event_fact(stored: profile_pb.StoredEvent) -> EventFact:
@@ -103,6 +122,60 @@ class GrpcProfileSource:
             return self._person(selector, as_of)
         except grpc.RpcError as error:
             raise profile_error(error) from error
+
+    def changes(self, cursor: str, limit: int) -> tuple[list[FeedChange], str]:
+        """The next settled profile changes after `cursor` ("" for the feed's start), and where to go on."""
+        try:
+            page = self._stub.ListProfileChanges(profile_pb.ListProfileChangesRequest(page_size=limit,
+                                                                                     page_token=cursor))
+        except grpc.RpcError as error:
+            raise profile_error(error) from error
+        return [FeedChange(c.person_id, c.type, tuple(c.trait_names), tuple(c.event_names),
+                           tuple(c.merged_person_ids)) for c in page.changes], page.next_page_token
+
+    def persons(self, person_ids: Sequence[str], as_of: datetime,
+                event_names: Collection[str]) -> dict[str, ProfileFacts | None]:
+        """Facts of each person as of `as_of`, with only the events named (none when empty); None for a person
+        that has no profile of its own any more (merged into another, erased, never stored)."""
+        try:
+            return self._persons(person_ids, as_of, event_names)
+        except grpc.RpcError as error:
+            raise profile_error(error) from error
+
+    def _persons(self, person_ids: Sequence[str], as_of: datetime,
+                 event_names: Collection[str]) -> dict[str, ProfileFacts | None]:
+        found: dict[str, profile_pb.Profile | None] = {}
+        for start in range(0, len(person_ids), BATCH_GET_LIMIT):
+            chunk = person_ids[start:start + BATCH_GET_LIMIT]
+            request = profile_pb.BatchGetProfilesRequest(
+                persons=[common_pb2.PersonSelector(person_id=p) for p in chunk], read_mask=_FACTS_MASK)
+            request.as_of_time.FromDatetime(as_of)
+            for person_id, result in zip(chunk, self._stub.BatchGetProfiles(request).results, strict=True):
+                # Identity answers a merged person's id with the survivor's profile: not this person's any more.
+                found[person_id] = result.profile if result.found and result.profile.person_id == person_id \
+                    else None
+        present = [p for p, profile in found.items() if profile is not None]
+        events: dict[str, list[profile_pb.StoredEvent]] = {p: [] for p in present}
+        if event_names and present:
+            with ThreadPoolExecutor(max_workers=min(EVENT_FETCHERS, len(present)),
+                                    thread_name_prefix="segment-events") as pool:
+                for person_id, stored in zip(present, pool.map(
+                        lambda p: self._events(p, event_names), present), strict=True):
+                    events[person_id] = stored
+        return {p: facts_of(profile, events[p]) if profile is not None else None for p, profile in found.items()}
+
+    def _events(self, person_id: str, event_names: Collection[str]) -> list[profile_pb.StoredEvent]:
+        events: list[profile_pb.StoredEvent] = []
+        token = ""
+        while True:
+            request = profile_pb.ListProfileEventsRequest(
+                person=common_pb2.PersonSelector(person_id=person_id), event_names=sorted(event_names),
+                page_size=EVENTS_PAGE, page_token=token)
+            page = self._stub.ListProfileEvents(request)
+            events.extend(page.events)
+            token = page.next_page_token
+            if not token:
+                return events
 
     def _shards(self, count: int) -> list[str]:
         response = self._stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=count))

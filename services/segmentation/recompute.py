@@ -2,7 +2,8 @@
 
 Each shard is scanned (profile's ScanProfiles) by its own worker and evaluated with the same
 `evaluation.matches` the rest of the service uses; the matches are then diffed against the stored
-members and the difference recorded as enters/exits with cause `recompute`. Progress (shards done,
+members and the difference recorded as enters/exits with cause `recompute`. Persons whose value can change
+with time alone (a `last N days` window) are scheduled for the real-time sweeper. Progress (shards done,
 profiles scanned) is saved after every shard so GetOperation can show it.
 """
 
@@ -20,6 +21,7 @@ from typing import Protocol
 
 from services.segmentation.catalog import SegmentCatalog, SegmentState
 from services.segmentation.evaluation import ProfileFacts, matches
+from services.segmentation.realtime import next_change_time
 from services.segmentation.rules import EventAggregateCondition, EventCountCondition, Rule, conditions
 from services.segmentation.store import OperationRecord, SegmentStore
 from shared.errors import DomainError, InvalidArgument, NotFound
@@ -120,6 +122,10 @@ class Recomputer:
             for batch in self._source.scan(shard, as_of, with_events):
                 scanned += len(batch)
                 members.update(f.person_id for f in batch if matches(rule, f, as_of, rules.get))
+                # The real-time sweeper evaluates these persons again when a window moves past their events.
+                due = [(f.person_id, when) for f in batch
+                       if (when := next_change_time(rule, f, as_of, rules.get)) is not None]
+                self._store.schedule(due)
             return members, scanned
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"scan-{segment_id}") as pool:

@@ -1,7 +1,7 @@
 """The gRPC adapter of the segmentation service: onecdp.segmentation.v1 messages in, domain calls, messages out.
 
-Methods not overridden here are inherited from the generated servicer, which answers UNIMPLEMENTED;
-the shared interceptor names the method in that message, so nothing pretends to work.
+Every method of onecdp.segmentation.v1 is built. The real-time follower (profile change feed and
+time-window expiry) starts with the service and stops with it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from services.segmentation.catalog import (
     page_size_of,
     segment_id_of,
 )
+from services.segmentation.estimate import estimate_size, sample_size_of
 from services.segmentation.evaluation import evaluate
+from services.segmentation.follower import FeedFollower, Memberships
 from services.segmentation.messages import rule_from_message, rule_to_message
 from services.segmentation.profile_source import GrpcProfileSource
 from services.segmentation.recompute import Recomputer
@@ -204,6 +206,32 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                             for c in evaluation.conditions])
         return response
 
+    def EstimateSegmentSize(self, request: pb.EstimateSegmentSizeRequest,
+                            context: grpc.ServicerContext) -> pb.EstimateSegmentSizeResponse:
+        sample_size = sample_size_of(request.sample_size)
+        which = request.WhichOneof("target")
+        rules = self._catalog.rules()
+        if which == "segment":
+            segment_id = segment_id_of(request.segment, "segment")
+            self._catalog.record(segment_id)  # NOT_FOUND naming it
+            rule = rules[segment_id]
+        else:
+            violations = Violations()
+            rule_input = rule_input_of(request.rule if which == "rule" else None, request.rule_text, violations,
+                                       rule_field="rule", text_field="rule_text")
+            if rule_input is None and not violations:
+                violations.add(which or "segment", "give a segment name, a rule or a rule_text")
+            if rule_input is not None:
+                self._catalog.check_rule(rule_input, None, violations)
+            violations.raise_if_any("the rule is invalid", reason="INVALID_RULE")
+            assert rule_input is not None
+            rule = rule_input.rule
+        estimate = estimate_size(rule, rules, self._source, sample_size)
+        return pb.EstimateSegmentSizeResponse(
+            estimated_count=estimate.estimated_count, sample_size=estimate.sample_size,
+            sample_matches=estimate.sample_matches, estimated_total_profiles=estimate.estimated_total_profiles,
+            margin_of_error=estimate.margin_of_error)
+
     def CreateSegment(self, request: pb.CreateSegmentRequest, context: grpc.ServicerContext) -> pb.Segment:
         violations = Violations()
         segment = request.segment
@@ -266,9 +294,12 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
         recomputer.start(segment_id)
 
     catalog.on_rule_changed = compute_at_once
+    follower = FeedFollower(Memberships(catalog, store, source), store, source)
+    follower.start()
+    # Stopped in order: the follower first (it may be mid-page), then the recomputes.
+    context.on_stop(follower.stop)
     context.on_stop(recomputer.stop)
-    # Methods not built yet stay abstract in the typed stubs; at run time they answer UNIMPLEMENTED.
-    servicer = SegmentationServicer(catalog, recomputer, source)  # type: ignore[abstract]
+    servicer = SegmentationServicer(catalog, recomputer, source)
     return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_SegmentationServiceServicer_to_server, servicer))]
 
 

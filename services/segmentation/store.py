@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
@@ -177,6 +177,51 @@ class SegmentStore:
         rows = self._session.execute("SELECT change_id, person_id, entered, cause FROM membership_changes "
                                      "WHERE segment_id = ? AND change_id > ? LIMIT ?", (segment_id, after, limit))
         return [StoredChange(row.change_id, row.person_id, row.entered, row.cause) for row in rows]
+
+    def memberships(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The (segment id, person id) pairs of `pairs` that are current members (read concurrently)."""
+        futures = [(pair, self._session.execute_async(
+            "SELECT person_id FROM members WHERE segment_id = ? AND person_id = ?", pair)) for pair in pairs]
+        return {pair for pair, future in futures if self._session.result(future).one() is not None}
+
+    # ---- following the profile feed, and re-evaluations due at a time ----
+
+    def feed_position(self, feed: str) -> str | None:
+        row = self._session.execute("SELECT cursor FROM feed_positions WHERE feed = ?", (feed,)).one()
+        return row.cursor if row is not None else None
+
+    def save_feed_position(self, feed: str, cursor: str, when: datetime) -> None:
+        self._session.execute("INSERT INTO feed_positions (feed, cursor, update_time) VALUES (?, ?, ?)",
+                              (feed, cursor, when))
+
+    def take_lease(self, name: str, owner: str, ttl_seconds: int) -> bool:
+        """Take the lease `name` if free, or renew it if `owner` holds it; False while someone else holds it."""
+        taken = self._session.execute("INSERT INTO follower_leases (name, owner) VALUES (?, ?) IF NOT EXISTS "
+                                      "USING TTL ?", (name, owner, ttl_seconds))
+        if taken.was_applied:
+            return True
+        renewed = self._session.execute("UPDATE follower_leases USING TTL ? SET owner = ? WHERE name = ? "
+                                        "IF owner = ?", (ttl_seconds, owner, name, owner))
+        return bool(renewed.was_applied)
+
+    def release_lease(self, name: str, owner: str) -> None:
+        self._session.execute("DELETE FROM follower_leases WHERE name = ? IF owner = ?", (name, owner))
+
+    def schedule(self, due: Iterable[tuple[str, datetime]]) -> None:
+        """Evaluate each person again at its time (rows in the day partition of that time)."""
+        rows = [(when.date(), when, person_id) for person_id, when in due]
+        if rows:
+            self._session.execute_many("INSERT INTO reevaluations (day, due_time, person_id) VALUES (?, ?, ?)", rows)
+
+    def due(self, day: date, now: datetime, limit: int) -> list[tuple[datetime, str]]:
+        rows = self._session.execute("SELECT due_time, person_id FROM reevaluations WHERE day = ? AND due_time <= ? "
+                                     "LIMIT ?", (day, now, limit))
+        return [(_utc(row.due_time) or _EPOCH, row.person_id) for row in rows]
+
+    def delete_due(self, day: date, rows: Sequence[tuple[datetime, str]]) -> None:
+        if rows:
+            self._session.execute_many("DELETE FROM reevaluations WHERE day = ? AND due_time = ? AND person_id = ?",
+                                       [(day, when, person_id) for when, person_id in rows])
 
     # ---- operations ----
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 
 import grpc
 import pytest
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from onecdp.prediction.v1 import prediction_service_pb2, prediction_service_pb2_grpc
-from onecdp.segmentation.v1 import segmentation_service_pb2, segmentation_service_pb2_grpc
 
 from services.identity.server import DEFINITION as IDENTITY
 from services.prediction.server import DEFINITION as PREDICTION
@@ -61,16 +62,45 @@ def test_each_service_is_healthy_reflected_and_owns_its_keyspace(
     assert {cassandra_settings.keyspace(name) for name in services} <= keyspaces
 
 
+def unbuilt_methods(definition: ServiceDefinition) -> list[MethodDescriptor]:
+    """The methods a service's servicer leaves to the generated base class (which answers UNIMPLEMENTED)."""
+    server = importlib.import_module(f"services.{definition.name}.server")
+    generated = importlib.import_module(f"onecdp.{definition.name}.v1.{definition.name}_service_pb2_grpc")
+    base = next(v for n, v in vars(generated).items() if n.endswith("Servicer") and isinstance(v, type))
+    servicer = next(v for v in vars(server).values()
+                    if isinstance(v, type) and issubclass(v, base) and v is not base)
+    service = importlib.import_module(f"onecdp.{definition.name}.v1.{definition.name}_service_pb2").DESCRIPTOR \
+        .services_by_name[FULL_NAMES[definition.name].rpartition(".")[2]]
+    return [m for m in service.methods if getattr(servicer, m.name) is getattr(base, m.name)]
+
+
+def call_with_empty_request(channel: grpc.Channel, service: str, method: MethodDescriptor) -> None:
+    """Call `method` with an empty request (of any streaming shape) and read the whole answer."""
+    path = f"/{service}/{method.name}"
+    request = message_factory.GetMessageClass(method.input_type)()
+    serialize = request.SerializeToString
+    parse = message_factory.GetMessageClass(method.output_type).FromString
+    if method.client_streaming and method.server_streaming:
+        list(channel.stream_stream(path, serialize, parse)(iter([request]), timeout=5))
+    elif method.client_streaming:
+        channel.stream_unary(path, serialize, parse)(iter([request]), timeout=5)
+    elif method.server_streaming:
+        list(channel.unary_stream(path, serialize, parse)(request, timeout=5))
+    else:
+        channel.unary_unary(path, serialize, parse)(request, timeout=5)
+
+
 def test_methods_not_built_yet_say_so(services: dict[str, RunningService]) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{services['prediction'].port}") as channel:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.BatchScorePersons(prediction_service_pb2.BatchScorePersonsRequest(), timeout=5)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "PredictionService/BatchScorePersons is not implemented yet" in caught.value.details()
-    with grpc.insecure_channel(f"127.0.0.1:{services['segmentation'].port}") as channel:
-        segmentation = segmentation_service_pb2_grpc.SegmentationServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as caught:
-            segmentation.EstimateSegmentSize(segmentation_service_pb2.EstimateSegmentSizeRequest(), timeout=5)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "SegmentationService/EstimateSegmentSize is not implemented yet" in caught.value.details()
+    """Every method not built yet, in any service, answers UNIMPLEMENTED naming itself (nothing pretends)."""
+    called = 0
+    for definition in DEFINITIONS:
+        service = FULL_NAMES[definition.name]
+        for method in unbuilt_methods(definition):
+            with grpc.insecure_channel(f"127.0.0.1:{services[definition.name].port}") as channel, \
+                    pytest.raises(grpc.RpcError) as caught:
+                call_with_empty_request(channel, service, method)
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED, method.full_name
+            assert f"{service}/{method.name} is not implemented yet" in caught.value.details()
+            called += 1
+    if not called:
+        pytest.skip("every method of every service is built: no UNIMPLEMENTED path is left to check")

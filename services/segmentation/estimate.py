@@ -1,0 +1,96 @@
+"""Estimating how many persons a rule selects, from a uniform sample of profiles.
+
+Profiles are spread over the token ring by the hash of their person id, so a token-range shard holds
+a uniform random subset of them. The estimate scans whole shards, picked at random, until it has
+seen at least the asked sample size, and scales by the share of the ring scanned:
+
+    estimated total   = profiles scanned / share
+    estimated members = matches scanned / share
+    margin (95 %)     = total * (Wilson score half-width of p = matches / n) * sqrt(1 - share)
+
+(Wilson rather than the normal approximation so that a sample with no or only matches still has a
+margin; with the finite-population correction; it treats the sampled profiles as a simple random
+sample, which the hash makes close to true). When every shard
+was scanned the count is exact and the margin 0.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from services.segmentation.evaluation import matches
+from services.segmentation.recompute import ProfileSource, needs_events
+from services.segmentation.rules import Rule
+from shared.errors import InvalidArgument
+
+DEFAULT_SAMPLE = 1000
+MAX_SAMPLE = 100_000
+SHARDS = 64
+PARALLEL_SCANS = 4
+Z_95 = 1.959964
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    estimated_count: int
+    sample_size: int
+    sample_matches: int
+    estimated_total_profiles: int
+    margin_of_error: int
+
+
+def sample_size_of(requested: int) -> int:
+    if requested < 0 or requested > MAX_SAMPLE:
+        raise InvalidArgument.for_field("sample_size", f"must be 0 (default {DEFAULT_SAMPLE}) to {MAX_SAMPLE}, "
+                                                       f"got {requested}")
+    return requested or DEFAULT_SAMPLE
+
+
+def estimate_size(rule: Rule, rules: dict[str, Rule], source: ProfileSource, sample_size: int,
+                  chooser: random.Random | None = None) -> SizeEstimate:
+    """Scan random shards until `sample_size` profiles were seen, evaluating `rule` on each."""
+    as_of = datetime.now(UTC)
+    with_events = needs_events(rule, rules)
+    shards = source.shards(SHARDS)
+    (chooser or random.Random()).shuffle(shards)
+
+    def scan(shard: str) -> tuple[int, int]:
+        scanned = matched = 0
+        for batch in source.scan(shard, as_of, with_events):
+            scanned += len(batch)
+            matched += sum(1 for facts in batch if matches(rule, facts, as_of, rules.get))
+        return scanned, matched
+
+    scanned = matched = shards_done = 0
+    remaining = iter(shards)
+    with ThreadPoolExecutor(max_workers=PARALLEL_SCANS, thread_name_prefix="segment-estimate") as pool:
+        running: set[Future[tuple[int, int]]] = set()
+        while True:
+            # Keep PARALLEL_SCANS shards in flight until enough profiles were seen.
+            while len(running) < PARALLEL_SCANS and scanned < sample_size:
+                shard = next(remaining, None)
+                if shard is None:
+                    break
+                running.add(pool.submit(scan, shard))
+            if not running:
+                break
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                shard_scanned, shard_matched = future.result()
+                scanned += shard_scanned
+                matched += shard_matched
+                shards_done += 1
+    share = shards_done / len(shards)
+    if share >= 1.0 or scanned == 0:
+        return SizeEstimate(matched, scanned, matched, scanned, 0)
+    total = scanned / share
+    proportion = matched / scanned
+    z2 = Z_95 * Z_95
+    wilson = Z_95 / (1 + z2 / scanned) * math.sqrt(proportion * (1 - proportion) / scanned
+                                                   + z2 / (4 * scanned * scanned))
+    margin = total * wilson * math.sqrt(1 - share)
+    return SizeEstimate(round(matched / share), scanned, matched, round(total), math.ceil(margin))

@@ -1,0 +1,222 @@
+"""Real-time memberships: follow profile's change feed, re-evaluate the segments a change can affect, and
+re-evaluate persons again when a time window moves past one of their facts.
+
+`Memberships.refresh` is the one place enters and exits are decided outside a batch recompute: it
+reads the persons' facts as of now (traits, computed traits and only the events the rules count),
+evaluates with the same `evaluation.matches` as recompute and EvaluatePersonSegments, diffs against
+the stored members, records the difference in the same tables (`members`, `membership_changes`),
+and schedules each person's next time-driven re-evaluation (`realtime.next_change_time`).
+
+`FeedFollower` runs it in a background thread: each round applies one page of profile changes
+(cursor saved in `feed_positions` after the page) and then the re-evaluations that are due. With
+several replicas, a lease (`follower_leases`, lightweight transactions with a TTL) lets one of them
+follow at a time; the others take over within the TTL if it stops. Every step is idempotent (members
+rows are overwritten, a re-applied page evaluates to the same state), so a page applied twice after a
+crash or a lost lease records nothing new, except that an enter/exit decided by two replicas in the
+same instant could be logged twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Protocol
+
+from services.segmentation.catalog import SegmentCatalog
+from services.segmentation.evaluation import ProfileFacts, matches
+from services.segmentation.profile_source import CHANGE_ERASE, CHANGE_MERGE, CHANGE_SPLIT, FeedChange
+from services.segmentation.realtime import dependencies_of, event_names_read, next_change_time
+from services.segmentation.rules import Rule
+from services.segmentation.store import SegmentStore
+
+log = logging.getLogger(__name__)
+
+PROFILE_FEED = "profile"
+EXPIRY_FEED = "expiry"
+LEASE = "profile-feed"
+FEED_PAGE = 1000
+DUE_PAGE = 1000
+CAUSE_REALTIME = "realtime"
+CAUSE_MERGE = "merge"
+CAUSE_EXPIRY = "expiry"
+
+
+class PersonSource(Protocol):
+    def changes(self, cursor: str, limit: int) -> tuple[list[FeedChange], str]: ...
+
+    def persons(self, person_ids: Sequence[str], as_of: datetime,
+                event_names: frozenset[str]) -> Mapping[str, ProfileFacts | None]: ...
+
+
+class Memberships:
+    """Decides and records enters/exits of persons in segments, outside batch recomputes."""
+
+    def __init__(self, catalog: SegmentCatalog, store: SegmentStore, source: PersonSource,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._catalog = catalog
+        self._store = store
+        self._source = source
+        self._clock = clock
+
+    def apply_changes(self, changes: Sequence[FeedChange]) -> int:
+        """Re-evaluate what `changes` can affect; returns how many (person, segment) pairs were evaluated."""
+        if not changes:
+            return 0
+        now = self._clock()
+        rules = self._catalog.rules()
+        dependencies = {segment_id: dependencies_of(rule, rules, now) for segment_id, rule in rules.items()}
+        wanted: dict[str, dict[str, set[str]]] = {CAUSE_REALTIME: {}, CAUSE_MERGE: {}}
+        for change in changes:
+            if change.change_type in (CHANGE_MERGE, CHANGE_SPLIT, CHANGE_ERASE):
+                # Who is who changed: every segment, for the person and the persons merged into it.
+                cause = CAUSE_MERGE if change.change_type == CHANGE_MERGE else CAUSE_REALTIME
+                for person_id in (change.person_id, *change.merged_person_ids):
+                    wanted[cause].setdefault(person_id, set()).update(rules)
+                continue
+            affected = {segment_id for segment_id, needs in dependencies.items()
+                        if needs.affected_by(change.trait_names, change.event_names)}
+            if affected:
+                wanted[CAUSE_REALTIME].setdefault(change.person_id, set()).update(affected)
+        return sum(self.refresh(persons, cause, rules, now) for cause, persons in wanted.items() if persons)
+
+    def refresh(self, persons: Mapping[str, set[str]], cause: str, rules: Mapping[str, Rule] | None = None,
+                now: datetime | None = None) -> int:
+        """Evaluate each person against the given segments now; record enters/exits with `cause`."""
+        now = now or self._clock()
+        rules = rules if rules is not None else self._catalog.rules()
+        segments_of = {p: {s for s in segment_ids if s in rules} for p, segment_ids in persons.items()}
+        segments_of = {p: segment_ids for p, segment_ids in segments_of.items() if segment_ids}
+        if not segments_of:
+            return 0
+        evaluated_rules = [rules[s] for segment_ids in segments_of.values() for s in segment_ids]
+        facts = self._source.persons(sorted(segments_of), now, event_names_read(set(evaluated_rules), rules))
+        pairs = [(segment_id, person_id) for person_id, segment_ids in segments_of.items()
+                 for segment_id in sorted(segment_ids)]
+        current = self._store.memberships(pairs)
+        entered: dict[str, list[str]] = {}
+        exited: dict[str, list[str]] = {}
+        due: list[tuple[str, datetime]] = []
+        for person_id, segment_ids in segments_of.items():
+            person = facts.get(person_id)
+            next_times = []
+            for segment_id in sorted(segment_ids):
+                rule = rules[segment_id]
+                matched = person is not None and matches(rule, person, now, rules.get)
+                member = (segment_id, person_id) in current
+                if matched and not member:
+                    entered.setdefault(segment_id, []).append(person_id)
+                elif member and not matched:
+                    exited.setdefault(segment_id, []).append(person_id)
+                if person is not None:
+                    next_times.append(next_change_time(rule, person, now, rules.get))
+            upcoming = [when for when in next_times if when is not None]
+            if upcoming:
+                due.append((person_id, min(upcoming)))
+        for segment_id in sorted(set(entered) | set(exited)):
+            self._store.apply_changes(segment_id, entered.get(segment_id, []), exited.get(segment_id, []), cause, now)
+        self._store.schedule(due)
+        return len(pairs)
+
+    def sweep_due(self, day: date, now: datetime, limit: int = DUE_PAGE) -> int:
+        """Evaluate again, against every segment, the persons due on `day` by `now`; returns how many."""
+        rows = self._store.due(day, now, limit)
+        if not rows:
+            return 0
+        rules = self._catalog.rules()
+        self.refresh({person_id: set(rules) for _, person_id in rows}, CAUSE_EXPIRY, rules, now)
+        self._store.delete_due(day, rows)
+        return len(rows)
+
+
+class FeedFollower:
+    """Background thread: apply profile changes and due re-evaluations while holding the follower lease."""
+
+    def __init__(self, memberships: Memberships, store: SegmentStore, source: PersonSource, *,
+                 poll_seconds: float = 0.1, lease_seconds: int = 15, error_backoff_seconds: float = 2.0,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._memberships = memberships
+        self._store = store
+        self._source = source
+        self._poll_seconds = poll_seconds
+        self._lease_seconds = lease_seconds
+        self._error_backoff = error_backoff_seconds
+        self._clock = clock
+        self._owner = uuid.uuid4().hex
+        self._lease_renewed_at = float("-inf")
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="segment-feed-follower", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=30)
+        if self._lease_renewed_at > float("-inf"):
+            try:
+                self._store.release_lease(LEASE, self._owner)
+            except Exception:  # the TTL frees it anyway
+                log.warning("could not release the follower lease; it expires by itself")
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                if not self._hold_lease():
+                    self._stopping.wait(self._lease_seconds / 3)
+                    continue
+                busy = self.follow_once() + self.sweep_once()
+                failures = 0
+            except Exception as error:  # keep following: the next round retries from the saved position
+                failures += 1
+                # A profile service that is down would otherwise fill the log ten times a second.
+                if failures == 1 or failures % 30 == 0:
+                    log.warning("following profile changes failed; retrying",
+                                extra={"error": f"{type(error).__name__}: {error}", "failures": failures})
+                self._stopping.wait(min(self._error_backoff * failures, 30.0))
+                continue
+            if not busy:
+                self._stopping.wait(self._poll_seconds)
+
+    def _hold_lease(self) -> bool:
+        if time.monotonic() - self._lease_renewed_at < self._lease_seconds / 3:
+            return True
+        if self._store.take_lease(LEASE, self._owner, self._lease_seconds):
+            self._lease_renewed_at = time.monotonic()
+            return True
+        self._lease_renewed_at = float("-inf")
+        return False
+
+    def follow_once(self) -> int:
+        """Apply one page of profile changes; returns how many changes it held."""
+        cursor = self._store.feed_position(PROFILE_FEED) or ""
+        changes, following = self._source.changes(cursor, FEED_PAGE)
+        self._memberships.apply_changes(changes)
+        if following and following != cursor:
+            self._store.save_feed_position(PROFILE_FEED, following, self._clock())
+        return len(changes)
+
+    def sweep_once(self) -> int:
+        """Re-evaluate the persons whose next time-driven change is due; returns how many."""
+        now = self._clock()
+        saved = self._store.feed_position(EXPIRY_FEED)
+        # Rows are always scheduled after the moment they are computed at, so nothing is due before the
+        # first day this service swept; on the first round that is yesterday (clock skew between replicas).
+        day = date.fromisoformat(saved) if saved else now.date() - timedelta(days=1)
+        swept = 0
+        while day <= now.date():
+            count = self._memberships.sweep_due(day, now)
+            swept += count
+            if count >= DUE_PAGE:
+                return swept  # more of this day next round
+            if day == now.date():
+                break
+            day += timedelta(days=1)
+            self._store.save_feed_position(EXPIRY_FEED, day.isoformat(), now)
+        if not saved:
+            self._store.save_feed_position(EXPIRY_FEED, day.isoformat(), now)
+        return swept
