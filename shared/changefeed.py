@@ -82,15 +82,24 @@ class ChangeFeed:
 
     def record(self, values: Sequence[Any]) -> FeedEntry:
         """Append one change with payload `values` (in `columns` order)."""
-        if len(values) != len(self._columns):
-            raise ValueError(f"expected {len(self._columns)} values, got {len(values)}")
-        change_id = uuid.uuid1()
-        when = time_of(change_id)
-        if self._known_day != when.date():
-            self._session.execute("INSERT INTO change_days (feed, bucket) VALUES (?, ?)", (self._feed, when.date()))
-            self._known_day = when.date()
-        self._session.execute(self._insert, (when.date(), change_id, *values))
-        return FeedEntry(change_id, when, None)
+        return self.record_many([values])[0]
+
+    def record_many(self, changes: Sequence[Sequence[Any]]) -> list[FeedEntry]:
+        """Append several changes at once (written concurrently), in the order given."""
+        entries = []
+        for values in changes:
+            if len(values) != len(self._columns):
+                raise ValueError(f"expected {len(self._columns)} values, got {len(values)}")
+            change_id = uuid.uuid1()
+            entries.append(FeedEntry(change_id, time_of(change_id), values))
+        for day in sorted({e.change_time.date() for e in entries} - {self._known_day}):
+            self._session.execute("INSERT INTO change_days (feed, bucket) VALUES (?, ?)", (self._feed, day))
+            self._known_day = day
+        futures = [self._session.execute_async(self._insert, (e.change_time.date(), e.change_id, *e.row))
+                   for e in entries]
+        for future in futures:
+            self._session.result(future)
+        return entries
 
     def read(self, after: uuid.UUID | None, limit: int,
              now: datetime | None = None) -> tuple[list[FeedEntry], uuid.UUID]:

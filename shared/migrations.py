@@ -27,6 +27,9 @@ from shared.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
+# Schema changes wait for every node to agree on the new schema; on a busy or small cluster that takes
+# longer than an ordinary query may, and a timed-out DDL statement is ambiguous, so they get longer.
+SCHEMA_TIMEOUT_SECONDS = 60.0
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.cql$")
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
@@ -77,12 +80,11 @@ def create_keyspace(session: CassandraSession, keyspace: str, settings: Cassandr
         raise ValueError(f"unsafe datacenter name {settings.local_dc!r}")
     session.execute(
         f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
-        f"{{'class': 'NetworkTopologyStrategy', '{settings.local_dc}': {settings.replication_factor}}}"
-    )
+        f"{{'class': 'NetworkTopologyStrategy', '{settings.local_dc}': {settings.replication_factor}}}",
+        timeout=SCHEMA_TIMEOUT_SECONDS)
     session.execute(
         f"CREATE TABLE IF NOT EXISTS {keyspace}.schema_migrations ("
-        "version int PRIMARY KEY, name text, checksum text, applied_at timestamp)"
-    )
+        "version int PRIMARY KEY, name text, checksum text, applied_at timestamp)", timeout=SCHEMA_TIMEOUT_SECONDS)
 
 
 def apply_migrations(session: CassandraSession, keyspace: str, migrations: list[Migration],
@@ -102,7 +104,7 @@ def apply_migrations(session: CassandraSession, keyspace: str, migrations: list[
                     reason="MIGRATION_CHECKSUM_MISMATCH")
             continue
         for statement in migration.statements:
-            session.execute(statement.replace("{keyspace}", keyspace))
+            session.execute(statement.replace("{keyspace}", keyspace), timeout=SCHEMA_TIMEOUT_SECONDS)
         session.execute(
             f"INSERT INTO {keyspace}.schema_migrations (version, name, checksum, applied_at) "
             "VALUES (?, ?, ?, ?) IF NOT EXISTS",

@@ -21,6 +21,7 @@ from services.identity.server import DEFINITION as IDENTITY
 from services.profile.server import DEFINITION as PROFILE
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import CassandraSettings, GrpcSettings
+from shared.migrations import SCHEMA_TIMEOUT_SECONDS
 from shared.runner import RunningService, start_service
 
 
@@ -59,7 +60,7 @@ def cassandra_settings(cassandra_base_settings: CassandraSettings,
     rows = admin_session.execute("SELECT keyspace_name FROM system_schema.keyspaces")
     for row in rows:
         if row.keyspace_name.startswith(f"{prefix}_"):
-            admin_session.execute(f"DROP KEYSPACE IF EXISTS {row.keyspace_name}")
+            admin_session.execute(f"DROP KEYSPACE IF EXISTS {row.keyspace_name}", timeout=SCHEMA_TIMEOUT_SECONDS)
 
 
 @pytest.fixture

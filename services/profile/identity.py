@@ -23,12 +23,20 @@ from onecdp.identity.v1 import identity_service_pb2 as identity_pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as identity_grpc
 
 from shared import deadline
-from shared.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
+from shared.errors import (
+    DeadlineExceeded,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 _ERASED_GUARD = identity_pb.GUARD_KIND_ERASED
 _OBSERVATION_INDEX = re.compile(r"^(?:observations|persons)\[(\d+)\]")
 # How many times a batch is re-sent after dropping the observations identity named as invalid.
 _MAX_INVALID_ROUNDS = 3
+MAX_LOOKUPS_PER_CALL = 1000
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,8 @@ class IdentityResolver(Protocol):
 
     def person(self, person_id: str = "", identifier: tuple[str, str] | None = None) -> PersonView: ...
 
+    def lookup(self, selectors: Sequence[tuple[str, tuple[str, str] | None]]) -> list[PersonView | None]: ...
+
     def persons(self, person_ids: Sequence[str]) -> dict[str, PersonView]: ...
 
     def changes(self, cursor: str, limit: int) -> tuple[list[IdentityChange], str]: ...
@@ -92,9 +102,15 @@ class GrpcIdentityResolver:
 
     def _lookup_singles(self, observations: Sequence[Observation]) -> list[Resolution | None]:
         """Persons of single-identifier observations; None where nobody holds the identifier yet."""
-        results: list[Resolution | None] = [None] * len(observations)
-        selectors = {i: common_pb2.PersonSelector(identifier=common_pb2.Identifier(
-            type=o.identifiers[0][0], value=o.identifiers[0][1])) for i, o in enumerate(observations)}
+        # A batch often repeats an identifier (a customer's orders): each distinct one is looked up once.
+        position = {identifier: i for i, identifier in enumerate(dict.fromkeys(o.identifiers[0] for o in observations))}
+        found = self._lookup_identifiers(list(position))
+        return [found[position[o.identifiers[0]]] for o in observations]
+
+    def _lookup_identifiers(self, identifiers: Sequence[tuple[str, str]]) -> list[Resolution | None]:
+        results: list[Resolution | None] = [None] * len(identifiers)
+        selectors = {i: common_pb2.PersonSelector(identifier=common_pb2.Identifier(type=t, value=v))
+                     for i, (t, v) in enumerate(identifiers)}
         for _ in range(_MAX_INVALID_ROUNDS):
             if not selectors:
                 break
@@ -136,9 +152,18 @@ class GrpcIdentityResolver:
         return results
 
     def person(self, person_id: str = "", identifier: tuple[str, str] | None = None) -> PersonView:
-        selector = (common_pb2.PersonSelector(identifier=common_pb2.Identifier(type=identifier[0], value=identifier[1]))
-                    if identifier else common_pb2.PersonSelector(person_id=person_id))
-        return _person_view(self._call(self._stub.LookupPerson, identity_pb.LookupPersonRequest(person=selector)))
+        request = identity_pb.LookupPersonRequest(person=_selector(person_id, identifier))
+        return _person_view(self._call(self._stub.LookupPerson, request))
+
+    def lookup(self, selectors: Sequence[tuple[str, tuple[str, str] | None]]) -> list[PersonView | None]:
+        """Persons by (person id, or identifier) in one call per 1,000; None where nobody matches."""
+        found: list[PersonView | None] = []
+        for start in range(0, len(selectors), MAX_LOOKUPS_PER_CALL):
+            chunk = selectors[start:start + MAX_LOOKUPS_PER_CALL]
+            request = identity_pb.BatchLookupPersonsRequest(persons=[_selector(p, i) for p, i in chunk])
+            response: identity_pb.BatchLookupPersonsResponse = self._call(self._stub.BatchLookupPersons, request)
+            found += [_person_view(r.person) if r.found else None for r in response.results]
+        return found
 
     def persons(self, person_ids: Sequence[str]) -> dict[str, PersonView]:
         if not person_ids:
@@ -174,9 +199,16 @@ def _translate(error: grpc.RpcError) -> Exception:
     code = error.code()
     details = error.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        messages = _violations_by_observation(error)
+        violations = _field_violations(error)
+        messages: dict[int, str] = {}
+        for violation in violations:
+            match = _OBSERVATION_INDEX.match(violation.field)
+            if match:
+                messages.setdefault(int(match.group(1)),
+                                    f"{violation.field[match.end():].lstrip('.')}: {violation.description}")
         if messages:
             return _InvalidObservations(messages)
+        return InvalidArgument(details, reason="INVALID_IDENTIFIER", field_violations=violations)
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(details, reason="PERSON_NOT_FOUND")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -188,19 +220,16 @@ def _translate(error: grpc.RpcError) -> Exception:
                        "backoff", reason="IDENTITY_UNAVAILABLE")
 
 
-def _violations_by_observation(error: grpc.RpcError) -> dict[int, str]:
+def _field_violations(error: grpc.RpcError) -> list[FieldViolation]:
+    """The BadRequest field violations of an INVALID_ARGUMENT from identity (field paths as identity named them)."""
     status = rpc_status.from_call(error)
-    messages: dict[int, str] = {}
+    violations: list[FieldViolation] = []
     for detail in status.details if status else ():
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad_request = error_details_pb2.BadRequest()
             detail.Unpack(bad_request)
-            for violation in bad_request.field_violations:
-                match = _OBSERVATION_INDEX.match(violation.field)
-                if match:
-                    field_path = violation.field[match.end():].lstrip(".")
-                    messages.setdefault(int(match.group(1)), f"{field_path}: {violation.description}")
-    return messages
+            violations += [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
+    return violations
 
 
 def _observation(observation: Observation) -> identity_pb.Observation:
@@ -211,6 +240,12 @@ def _observation(observation: Observation) -> identity_pb.Observation:
     if observation.event_time is not None:
         message.provenance.event_time.FromDatetime(observation.event_time)
     return message
+
+
+def _selector(person_id: str, identifier: tuple[str, str] | None) -> common_pb2.PersonSelector:
+    if identifier is not None:
+        return common_pb2.PersonSelector(identifier=common_pb2.Identifier(type=identifier[0], value=identifier[1]))
+    return common_pb2.PersonSelector(person_id=person_id)
 
 
 def _person_view(person: identity_pb.Person) -> PersonView:

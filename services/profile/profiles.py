@@ -136,15 +136,13 @@ class Profiles:
             change.event_names.add(event.name)
             if event.event_type == EventType.IDENTIFY:
                 change.trait_names.update(event.traits)
-        for person_id, change in sorted(changes.items()):
-            self._record(person_id, ChangeType.EVENTS, trait_names=change.trait_names,
-                         event_names=change.event_names)
+        self.feed.record_many([(person_id, int(ChangeType.EVENTS), sorted(change.trait_names),
+                                sorted(change.event_names), []) for person_id, change in sorted(changes.items())])
 
     def write_traits(self, writes: Sequence[TraitWrite]) -> int:
         now = self._clock()
         written = self.store.write_traits(writes, now)
-        for write in writes:
-            self._record(write.person_id, ChangeType.TRAITS, trait_names=set(write.traits))
+        self.feed.record_many([(w.person_id, int(ChangeType.TRAITS), sorted(w.traits), [], []) for w in writes])
         return written
 
     # ---- reading ----------------------------------------------------------------------------------
@@ -165,19 +163,38 @@ class Profiles:
         return [person_id, *dict.fromkeys(m for m in merged if m != person_id)], row
 
     def view(self, person: PersonView, as_of: datetime | None, *, with_events: bool = True,
-             with_traits: bool = True) -> ProfileView:
-        partitions, row = self.partitions(person.person_id)
-        return self._view(person.person_id, person.identifiers, partitions, row, as_of, with_events=with_events,
-                          with_traits=with_traits)
+             with_traits: bool = True, with_computed: bool = True) -> ProfileView:
+        return self.views([person], as_of, with_events=with_events, with_traits=with_traits,
+                          with_computed=with_computed)[0]
 
-    def _view(self, person_id: str, identifiers: list[tuple[str, str]], partitions: list[str],
-              row: ProfileRow | None, as_of: datetime | None, *, with_events: bool, with_traits: bool) -> ProfileView:
-        events = self.store.timeline(partitions) if with_events else []
-        return ProfileView(
-            person_id=person_id, identifiers=identifiers,
-            traits=self.store.traits(partitions) if with_traits else {},
-            computed=compute(events, as_of or self._clock(), self.policy) if with_events else None,
-            events=events, merged_person_ids=partitions[1:], update_time=row.update_time if row else None)
+    def views(self, persons: Sequence[PersonView], as_of: datetime | None, *, with_events: bool = True,
+              with_traits: bool = True, with_computed: bool = True,
+              rows: dict[str, ProfileRow] | None = None) -> list[ProfileView]:
+        """The profiles of many persons, with every read issued concurrently.
+
+        `with_events` reads the timelines (needed for computed traits too), `with_computed` derives
+        the computed traits, `with_traits` reads the trait writes; skip what the caller does not ask for.
+        """
+        if rows is None:
+            rows = self.store.profile_rows(p.person_id for p in persons)
+        groups = []
+        for person in persons:
+            row = rows.get(person.person_id)
+            merged = row.merged_person_ids if row else []
+            groups.append([person.person_id, *dict.fromkeys(m for m in merged if m != person.person_id)])
+        need_events = with_events or with_computed
+        timelines = self.store.timelines(groups) if need_events else [[] for _ in groups]
+        traits = self.store.traits_of_groups(groups) if with_traits else [{} for _ in groups]
+        when = as_of or self._clock()
+        views = []
+        for person, group, events, trait_values in zip(persons, groups, timelines, traits, strict=True):
+            row = rows.get(person.person_id)
+            views.append(ProfileView(
+                person_id=person.person_id, identifiers=person.identifiers, traits=trait_values,
+                computed=compute(events, when, self.policy) if with_computed else None,
+                events=events if with_events else [], merged_person_ids=group[1:],
+                update_time=row.update_time if row else None))
+        return views
 
     def events_page(self, person: PersonView, start: datetime | None, end: datetime | None, *,
                     names: Sequence[str], after: tuple[datetime, str] | None, page_size: int,
@@ -194,7 +211,8 @@ class Profiles:
         return page, following
 
     def scan(self, start_token: int, end_token: int, as_of: datetime | None, batch_size: int, *,
-             with_events: bool = True, with_traits: bool = True) -> Iterator[list[ProfileView]]:
+             with_events: bool = True, with_traits: bool = True,
+             with_computed: bool = True) -> Iterator[list[ProfileView]]:
         """The profiles of one token range, in batches; persons merged into others and erased ones are skipped."""
         batch: list[ProfileRow] = []
         for row in self.store.scan(start_token, end_token, batch_size):
@@ -202,15 +220,16 @@ class Profiles:
                 continue
             batch.append(row)
             if len(batch) >= batch_size:
-                yield self._views(batch, as_of, with_events, with_traits)
+                yield self._scanned(batch, as_of, with_events, with_traits, with_computed)
                 batch = []
         if batch:
-            yield self._views(batch, as_of, with_events, with_traits)
+            yield self._scanned(batch, as_of, with_events, with_traits, with_computed)
 
-    def _views(self, rows: Sequence[ProfileRow], as_of: datetime | None, with_events: bool,
-               with_traits: bool) -> list[ProfileView]:
-        return [self._view(r.person_id, [], [r.person_id, *r.merged_person_ids], r, as_of,
-                           with_events=with_events, with_traits=with_traits) for r in rows]
+    def _scanned(self, rows: Sequence[ProfileRow], as_of: datetime | None, with_events: bool, with_traits: bool,
+                 with_computed: bool) -> list[ProfileView]:
+        return self.views([PersonView(r.person_id, [], []) for r in rows], as_of, with_events=with_events,
+                          with_traits=with_traits, with_computed=with_computed,
+                          rows={r.person_id: r for r in rows})
 
     # ---- following identity -----------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -21,10 +21,10 @@ from services.profile.identity import GrpcIdentityResolver, PersonView
 from services.profile.model import Event, EventResult, EventStatus, Order, OrderLine, TimelineEvent, TraitWrite
 from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, ProfileView
 from services.profile.shards import format_shard, parse_shard, split_ring
-from services.profile.store import ProfileStore
+from services.profile.store import ProfileStore, from_micros, micros
 from shared.changefeed import ChangeFeed, parse_cursor
 from shared.clients import identity_stub
-from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Violations
+from shared.errors import InvalidArgument, ResourceExhausted, Violations
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
@@ -248,20 +248,28 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         if not request.persons:
             raise InvalidArgument.for_field("persons", "at least one selector is required")
         mask = ReadMask(request.read_mask)
-        as_of = _optional_time(request, "as_of_time")
+        start = _optional_time(request, "events_start_time")
+        end = _optional_time(request, "events_end_time")
         selectors = [_selector(s, f"persons[{i}]") for i, s in enumerate(request.persons)]
+        persons = self._profiles.identity.lookup(selectors)
+        found = [p for p in persons if p is not None]
+        views = iter(self._profiles.views(found, _optional_time(request, "as_of_time"),
+                                          with_events=request.include_events, with_traits=mask.wants("traits"),
+                                          with_computed=mask.needs_events))
         results = []
-        for person_id, identifier in selectors:
-            try:
-                person = self._profiles.person(person_id, identifier)
-            except NotFound:
+        for person in persons:
+            if person is None:
                 results.append(pb.ProfileLookupResult(found=False))
-            else:
-                results.append(pb.ProfileLookupResult(found=True, profile=self._read(person, mask, as_of)))
+                continue
+            view = next(views)
+            result = pb.ProfileLookupResult(found=True, profile=mask.apply(_profile(view)))
+            result.events.extend(_stored_event(e) for e in _oldest_first_within(view.events, start, end))
+            results.append(result)
         return pb.BatchGetProfilesResponse(results=results)
 
     def _read(self, person: PersonView, mask: ReadMask, as_of: datetime | None) -> pb.Profile:
-        view = self._profiles.view(person, as_of, with_events=mask.needs_events, with_traits=mask.wants("traits"))
+        view = self._profiles.view(person, as_of, with_events=False, with_traits=mask.wants("traits"),
+                                   with_computed=mask.needs_events)
         return mask.apply(_profile(view))
 
     def ListProfileEvents(self, request: pb.ListProfileEventsRequest,
@@ -276,7 +284,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         person = self._profiles.person(person_id, identifier)
         events, following = self._profiles.events_page(person, start, end, names=request.event_names, after=after,
                                                        page_size=page_size)
-        token = f"{int(following[0].timestamp() * 1e6)}|{following[1]}" if following else ""
+        token = f"{micros(following[0])}|{following[1]}" if following else ""
         return pb.ListProfileEventsResponse(events=[_stored_event(e) for e in events], next_page_token=token)
 
     def BatchWriteTraits(self, request: pb.BatchWriteTraitsRequest,
@@ -321,9 +329,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         events_start = _optional_time(request, "events_start_time")
         events_end = _optional_time(request, "events_end_time")
         as_of = _optional_time(request, "as_of_time")
-        with_events = mask.needs_events or request.include_events
-        for views in self._profiles.scan(start, end, as_of, batch_size, with_events=with_events,
-                                         with_traits=mask.wants("traits")):
+        for views in self._profiles.scan(start, end, as_of, batch_size, with_events=request.include_events,
+                                         with_traits=mask.wants("traits"), with_computed=mask.needs_events):
             if mask.wants("identifiers"):
                 identities = self._profiles.identity.persons([v.person_id for v in views])
                 for view in views:
@@ -332,10 +339,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             response = pb.ScanProfilesResponse()
             for view in views:
                 scanned = response.profiles.add(profile=mask.apply(_profile(view)))
-                if request.include_events:
-                    scanned.events.extend(_stored_event(e) for e in reversed(view.events)
-                                          if (events_start is None or e.event_time >= events_start)
-                                          and (events_end is None or e.event_time < events_end))
+                scanned.events.extend(_stored_event(e) for e in _oldest_first_within(view.events, events_start,
+                                                                                     events_end))
             yield response
 
     def ListProfileChanges(self, request: pb.ListProfileChangesRequest,
@@ -351,6 +356,13 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             yield from (_change(c) for c in changes)
             if len(changes) < MAX_PAGE_SIZE:
                 time.sleep(WATCH_POLL_SECONDS)
+
+
+def _oldest_first_within(events: Sequence[TimelineEvent], start: datetime | None,
+                         end: datetime | None) -> list[TimelineEvent]:
+    """Events (stored newest first) in [start, end), oldest first."""
+    return [e for e in reversed(events) if (start is None or e.event_time >= start)
+            and (end is None or e.event_time < end)]
 
 
 def _check_batch(count: int, field_path: str) -> None:
@@ -370,11 +382,11 @@ def _page_size(requested: int, field_path: str = "page_size") -> int:
 def _event_cursor(token: str) -> tuple[datetime, str] | None:
     if not token:
         return None
-    micros, separator, message_id = token.partition("|")
-    if not separator or not micros.lstrip("-").isdigit() or not message_id:
+    exact, separator, message_id = token.partition("|")
+    if not separator or not exact.lstrip("-").isdigit() or not message_id:
         raise InvalidArgument.for_field("page_token", "not a token returned by this method; start without one",
                                         reason="INVALID_PAGE_TOKEN")
-    return datetime.fromtimestamp(int(micros) / 1e6, UTC), message_id
+    return from_micros(int(exact)), message_id
 
 
 class IdentityFollower:

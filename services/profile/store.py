@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cassandra.cluster import ResponseFuture
@@ -20,18 +20,28 @@ from cassandra.cluster import ResponseFuture
 from services.profile.model import Event, EventType, TimelineEvent, TraitValue, TraitWrite, bucket_of
 from shared.cassandra import CassandraSession
 
-_TIMELINE_COLUMNS = ("person_id, bucket, event_time, message_id, event_type, event_name, order_id, amount, "
-                     "currency_code, item_count, categories, brands, payload, receive_time")
+_TIMELINE_COLUMNS = ("person_id, bucket, event_time, message_id, event_micros, event_type, event_name, order_id, "
+                     "amount, currency_code, item_count, categories, brands, payload, receive_time")
 _INSERT_TIMELINE = (f"INSERT INTO timeline ({_TIMELINE_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_BUCKET = "INSERT INTO timeline_buckets (person_id, bucket) VALUES (?, ?)"
 _INSERT_TRAIT = ("INSERT INTO trait_writes (person_id, name, event_time, message_id, value, deleted, source, party) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_EVENT_ID = ("INSERT INTO events_by_id (message_id, person_id, bucket, event_time, identifiers, receive_time) "
                     "VALUES (?, ?, ?, ?, ?, ?)")
 _TOUCH_PROFILE = "UPDATE profiles SET update_time = ? WHERE person_id = ?"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Trait writes of BatchWriteTraits are keyed by this prefix plus their source, not by an event.
 DIRECT_WRITE_PREFIX = "write:"
+
+
+def micros(value: datetime) -> int:
+    """Microseconds since the epoch, exactly (datetime arithmetic, no float rounding)."""
+    return (value - EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(value: int) -> datetime:
+    return EPOCH + timedelta(microseconds=value)
 
 
 def utc(value: datetime) -> datetime:
@@ -89,7 +99,8 @@ class ProfileStore:
             categories, brands = event.preference_weights()
             order = event.order
             futures.append(self._session.execute_async(_INSERT_TIMELINE, (
-                person_id, bucket, event.event_time, event.message_id, event.event_type, event.name,
+                person_id, bucket, event.event_time, event.message_id, micros(event.event_time), event.event_type,
+                event.name,
                 order.order_id if order else None, event.amount,
                 (order.currency_code or "USD") if order else None,
                 sum(item.quantity for item in order.items) if order else None,
@@ -120,9 +131,14 @@ class ProfileStore:
     # ---- reading ----------------------------------------------------------------------------------
 
     def profile_row(self, person_id: str) -> ProfileRow | None:
-        row = self._session.execute("SELECT person_id, merged_into, merged_person_ids, erased, update_time "
-                                    "FROM profiles WHERE person_id = ?", (person_id,)).one()
-        return _profile_row(row) if row is not None else None
+        return self.profile_rows([person_id]).get(person_id)
+
+    def profile_rows(self, person_ids: Iterable[str]) -> dict[str, ProfileRow]:
+        futures = {p: self._session.execute_async(
+            "SELECT person_id, merged_into, merged_person_ids, erased, update_time FROM profiles WHERE person_id = ?",
+            (p,)) for p in dict.fromkeys(person_ids)}
+        rows = {p: self._session.result(f).one() for p, f in futures.items()}
+        return {p: _profile_row(row) for p, row in rows.items() if row is not None}
 
     def buckets(self, person_ids: Iterable[str]) -> list[tuple[str, int]]:
         futures = [(p, self._session.execute_async("SELECT bucket FROM timeline_buckets WHERE person_id = ?", (p,)))
@@ -131,26 +147,45 @@ class ProfileStore:
 
     def timeline(self, person_ids: Iterable[str]) -> list[TimelineEvent]:
         """All events stored under these persons, newest first."""
+        return self.timelines([list(person_ids)])[0]
+
+    def timelines(self, groups: Sequence[Sequence[str]]) -> list[list[TimelineEvent]]:
+        """For each group of person ids, all events stored under them, newest first (all reads concurrent)."""
         futures = [self._session.execute_async(f"SELECT {_TIMELINE_COLUMNS} FROM timeline "
                                                "WHERE person_id = ? AND bucket = ?", key)
-                   for key in self.buckets(person_ids)]
-        events = [_timeline_event(row) for future in futures for row in self._session.result(future)]
-        events.sort(key=lambda e: (e.event_time, e.message_id), reverse=True)
-        return events
+                   for key in self.buckets(p for group in groups for p in group)]
+        by_person: dict[str, list[TimelineEvent]] = {}
+        for future in futures:
+            for row in self._session.result(future):
+                by_person.setdefault(row.person_id, []).append(_timeline_event(row))
+        result = []
+        for group in groups:
+            events = [e for p in dict.fromkeys(group) for e in by_person.get(p, ())]
+            events.sort(key=lambda e: (e.event_time, e.message_id), reverse=True)
+            result.append(events)
+        return result
 
     def traits(self, person_ids: Iterable[str]) -> dict[str, TraitValue]:
         """The current traits of these persons: per name, the latest write by event time (a null deletes)."""
-        futures = [self._session.execute_async(
+        return self.traits_of_groups([list(person_ids)])[0]
+
+    def traits_of_groups(self, groups: Sequence[Sequence[str]]) -> list[dict[str, TraitValue]]:
+        """For each group of person ids, its current traits (all reads concurrent)."""
+        futures = {p: self._session.execute_async(
             "SELECT name, event_time, message_id, value, deleted, source, party FROM trait_writes "
-            "WHERE person_id = ?", (p,)) for p in dict.fromkeys(person_ids)]
-        latest: dict[str, Any] = {}
-        for future in futures:
-            for row in self._session.result(future):
-                known = latest.get(row.name)
-                if known is None or (row.event_time, row.message_id) > (known.event_time, known.message_id):
-                    latest[row.name] = row
-        return {name: TraitValue(name, json.loads(row.value), utc(row.event_time), row.source or "", row.party or 0)
-                for name, row in sorted(latest.items()) if not row.deleted}
+            "WHERE person_id = ?", (p,)) for group in groups for p in group}
+        rows_of = {p: list(self._session.result(f)) for p, f in futures.items()}
+        result = []
+        for group in groups:
+            latest: dict[str, Any] = {}
+            for person_id in dict.fromkeys(group):
+                for row in rows_of[person_id]:
+                    known = latest.get(row.name)
+                    if known is None or (row.event_time, row.message_id) > (known.event_time, known.message_id):
+                        latest[row.name] = row
+            result.append({name: TraitValue(name, json.loads(row.value), utc(row.event_time), row.source or "",
+                                            row.party or 0) for name, row in sorted(latest.items()) if not row.deleted})
+        return result
 
     def scan(self, start_token: int, end_token: int, page_size: int) -> Iterator[ProfileRow]:
         """Profile rows whose partition token is in (start_token, end_token]; merged and erased ones included."""
@@ -179,7 +214,8 @@ class ProfileStore:
                 continue
             bucket = bucket_of(event.event_time)
             inserts.append(self._session.execute_async(_INSERT_TIMELINE, (
-                target, bucket, event.event_time, event.message_id, event.event_type, event.event_name,
+                target, bucket, event.event_time, event.message_id, micros(event.event_time), event.event_type,
+                event.event_name,
                 event.order_id or None, event.amount, event.currency_code or None, event.item_count,
                 event.categories, event.brands, event.payload, event.receive_time)))
             inserts.append(self._session.execute_async(_INSERT_BUCKET, (target, bucket)))
@@ -261,7 +297,8 @@ def _profile_row(row: Any) -> ProfileRow:
 def _timeline_event(row: Any) -> TimelineEvent:
     return TimelineEvent(
         message_id=row.message_id, person_id=row.person_id, event_type=row.event_type, event_name=row.event_name,
-        event_time=utc(row.event_time), order_id=row.order_id or "", amount=row.amount,
+        event_time=from_micros(row.event_micros) if row.event_micros is not None else utc(row.event_time),
+        order_id=row.order_id or "", amount=row.amount,
         currency_code=row.currency_code or "", item_count=row.item_count or 0,
         categories=dict(row.categories or {}), brands=dict(row.brands or {}), payload=row.payload or b"",
         receive_time=utc(row.receive_time) if row.receive_time else None)

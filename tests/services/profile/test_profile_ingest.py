@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from onecdp.profile.v1 import profile_service_pb2 as pb
@@ -220,3 +221,35 @@ def test_as_of_time_gives_a_point_in_time_view(profiles: Stub) -> None:
     assert (computed.frequency, computed.monetary) == (1, 10.0)
     assert computed.recency_days == pytest.approx(31.0)
     assert computed.lifecycle_stage == pb.LIFECYCLE_STAGE_SILENT
+
+
+def test_time_filters_use_the_exact_event_time(profiles: Stub) -> None:
+    exact = datetime(2026, 1, 5, 12, 0, 0, 513736, tzinfo=UTC)
+    ingest(profiles, track("crm_id:us1", name="tick", when=exact))
+    request = pb.ListProfileEventsRequest(person=selector("crm_id:us1"))
+    request.end_time.FromDatetime(exact)
+    assert not profiles.ListProfileEvents(request, timeout=10).events, "end_time is exclusive to the microsecond"
+    request.end_time.FromDatetime(exact + timedelta(microseconds=1))
+    (stored,) = profiles.ListProfileEvents(request, timeout=10).events
+    assert stored.event.event_time.ToDatetime(tzinfo=UTC) == exact
+
+
+def test_batch_get_reads_many_profiles_and_their_events_in_one_call(profiles: Stub) -> None:
+    ingest(profiles, order("crm_id:b1", order_id="o1", amount=5.0, when="2026-01-01"),
+           track("crm_id:b1", name="open", when="2026-01-03"), track("crm_id:b2", name="open", when="2026-01-02"))
+    request = pb.BatchGetProfilesRequest(persons=[selector("crm_id:b1"), selector("crm_id:nobody"),
+                                                  selector("crm_id:b2")], include_events=True,
+                                         read_mask=field_mask_pb2.FieldMask(paths=["person_id", "computed.frequency"]))
+    request.events_end_time.FromDatetime(datetime(2026, 1, 3, tzinfo=UTC))
+    first, missing, second = profiles.BatchGetProfiles(request, timeout=10).results
+    assert (first.found, missing.found, second.found) == (True, False, True)
+    assert first.profile.computed.frequency == 1 and not first.profile.traits
+    assert [e.event.type for e in first.events] == [pb.EVENT_TYPE_ORDER], "oldest first, before events_end_time"
+    assert [e.event.event_name for e in second.events] == ["open"]
+
+
+def test_an_invalid_identifier_in_a_read_is_invalid_argument_not_unavailable(profiles: Stub) -> None:
+    with pytest.raises(grpc.RpcError) as bad:
+        profile_of(profiles, "email:not-an-email")
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not an email" in (bad.value.details() or "")

@@ -931,6 +931,13 @@ class BatchGetProfilesRequest(_message.Message):
     PERSONS_FIELD_NUMBER: _builtins.int
     READ_MASK_FIELD_NUMBER: _builtins.int
     AS_OF_TIME_FIELD_NUMBER: _builtins.int
+    INCLUDE_EVENTS_FIELD_NUMBER: _builtins.int
+    EVENTS_START_TIME_FIELD_NUMBER: _builtins.int
+    EVENTS_END_TIME_FIELD_NUMBER: _builtins.int
+    include_events: _builtins.bool
+    """When true, each result also carries the person's events in [`events_start_time`,
+    `events_end_time`), oldest first: many persons' histories in one call (e.g. for scoring).
+    """
     @_builtins.property
     def persons(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PersonSelector]:
         """The persons: 1-1,000."""
@@ -943,16 +950,27 @@ class BatchGetProfilesRequest(_message.Message):
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
         """As in GetProfileRequest."""
 
+    @_builtins.property
+    def events_start_time(self) -> _timestamp_pb2.Timestamp:
+        """Lower bound (inclusive) of included events. Absent: none."""
+
+    @_builtins.property
+    def events_end_time(self) -> _timestamp_pb2.Timestamp:
+        """Upper bound (exclusive) of included events, compared with the exact event time. Absent: none."""
+
     def __init__(
         self,
         *,
         persons: _abc.Iterable[_common_pb2.PersonSelector] | None = ...,
         read_mask: _field_mask_pb2.FieldMask | None = ...,
         as_of_time: _timestamp_pb2.Timestamp | None = ...,
+        include_events: _builtins.bool = ...,
+        events_start_time: _timestamp_pb2.Timestamp | None = ...,
+        events_end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "read_mask", b"read_mask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "persons", b"persons", "read_mask", b"read_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "include_events", b"include_events", "persons", b"persons", "read_mask", b"read_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -990,21 +1008,27 @@ class ProfileLookupResult(_message.Message):
 
     FOUND_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """Whether a profile matched."""
     @_builtins.property
     def profile(self) -> Global___Profile:
         """The profile when found."""
 
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredEvent]:
+        """Its events, oldest first, when `include_events` was set."""
+
     def __init__(
         self,
         *,
         found: _builtins.bool = ...,
         profile: Global___Profile | None = ...,
+        events: _abc.Iterable[Global___StoredEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "found", b"found", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1285,7 +1309,9 @@ class ScanProfilesRequest(_message.Message):
 
     @_builtins.property
     def events_end_time(self) -> _timestamp_pb2.Timestamp:
-        """Upper bound (exclusive) of included events. Absent: none."""
+        """Upper bound (exclusive) of included events, compared with the exact event time. Absent:
+        none.
+        """
 
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
