@@ -1,0 +1,297 @@
+"""Segmentation service figures, each next to what it is compared with in the same run.
+
+    .venv/bin/python -m bench.segmentation [--persons 1500] [--latency-seconds 15] [--rate 4]
+
+(a) real-time latency: from IngestEvents returning (a new person's `ping` event) to that person's
+    enter being visible in ListSegmentMembershipChanges of a segment `event("ping").count(last 1d) >= 1`,
+    p50/p99 (aim p99 <= 1 s), events sent open loop at `--rate` per second while a poller reads the
+    changes every 20 ms;
+(b) batch recompute throughput: RecomputeSegment of a rule that needs traits and events, in profiles/s
+    (the operation's own elapsed time), vs raw parallel token-range scans with the driver from this
+    process, same parallelism: of the rows a profile is built from (profiles + timeline + trait_writes
+    tables, persons/s) and of the profiles table alone (rows/s); and profile's ScanProfiles alone (what a
+    recompute reads), to show where the time goes.
+
+Identity, profile and segmentation run as separate processes on free ports, against keyspaces of the
+benchmark's own that are dropped at the end. Data: synthetic persons, one identify event and three
+orders each, ingested through profile's StreamIngestEvents. Figures, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+from google.longrunning import operations_pb2
+from onecdp.common.v1 import common_pb2
+from onecdp.profile.v1 import profile_service_pb2 as profile_pb
+from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
+from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
+from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+
+from bench.common import LoadResult, bench_cassandra, console, figures_table, open_loop
+from deploy.stack import health_status
+from services.profile.shards import split_ring
+from shared.cassandra import CassandraSession, connect_cluster, open_session
+from shared.config import SERVICE_NAMES, CassandraSettings
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICES = ("identity", "profile", "segmentation")
+PARALLELISM = 8
+BATCH_RULE = 'traits.plan = "pro" AND event("order").count(last 30d) >= 2'
+PING_RULE = 'event("ping").count(last 1d) >= 1'
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def service_processes(settings: CassandraSettings) -> Iterator[dict[str, int]]:
+    """The three services as `python -m services.<name>` processes (as deployed); their ports."""
+    ports = {name: _free_port() for name in SERVICES}
+    env = {**os.environ, "CASSANDRA_KEYSPACE_PREFIX": settings.keyspace_prefix, "ONECDP_BIND_HOST": "127.0.0.1",
+           "ONECDP_LOG_LEVEL": "WARNING", "ONECDP_GRACE_PERIOD_SECONDS": "1"}
+    for name, port in ports.items():
+        env[f"ONECDP_{name.upper()}_PORT"] = str(port)
+        env[f"ONECDP_{name.upper()}_TARGET"] = f"127.0.0.1:{port}"
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for name in SERVICES:
+            process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=REPO, env=env,
+                                       stdout=subprocess.DEVNULL)
+            processes.append(process)
+            deadline = time.monotonic() + 120
+            while health_status(ports[name], timeout=0.5) != "SERVING":
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"{name} did not start (exit status {process.poll()})")
+                time.sleep(0.2)
+        yield ports
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+
+
+def _event(message_id: str, person: str, when: datetime, **fields: object) -> profile_pb.Event:
+    event = profile_pb.Event(message_id=message_id, identifiers=[common_pb2.Identifier(type="crm_id", value=person)],
+                             source="bench", **fields)  # type: ignore[arg-type]
+    event.event_time.FromDatetime(when)
+    return event
+
+
+def synthetic_events(persons: int, now: datetime) -> list[list[profile_pb.Event]]:
+    """Per person: an identify (plan pro for every third) and three orders in the last 60 days."""
+    batches = []
+    for index in range(persons):
+        person = f"bench-{index:06d}"
+        identify = _event(f"{person}-identify", person, now - timedelta(days=90), type=profile_pb.EVENT_TYPE_IDENTIFY)
+        identify.traits.update({"plan": "pro" if index % 3 == 0 else "free"})
+        orders = [_event(f"{person}-order-{k}", person, now - timedelta(days=5 + 17 * k + index % 7),
+                         type=profile_pb.EVENT_TYPE_ORDER,
+                         order=profile_pb.Order(order_id=f"{person}-{k}", amount=10.0 + k, currency_code="USD"))
+                  for k in range(3)]
+        batches.append([identify, *orders])
+    return batches
+
+
+def ingest(stub: profile_grpc.ProfileServiceStub, events: Sequence[profile_pb.Event], streams: int = 4) -> None:
+    chunk = -(-len(events) // streams)
+
+    def stream(part: Sequence[profile_pb.Event]) -> None:
+        requests = (profile_pb.StreamIngestEventsRequest(events=part[i:i + 500]) for i in range(0, len(part), 500))
+        response = stub.StreamIngestEvents(requests, timeout=3600)
+        if response.rejected_count:
+            raise RuntimeError(f"{response.rejected_count} events rejected")
+
+    with ThreadPoolExecutor(max_workers=streams) as pool:
+        for future in [pool.submit(stream, events[i:i + chunk]) for i in range(0, len(events), chunk)]:
+            future.result()
+
+
+def wait_operation(stub: pb_grpc.SegmentationServiceStub, operation: operations_pb2.Operation
+                   ) -> pb.RecomputeSegmentResponse:
+    while not operation.done:
+        time.sleep(0.2)
+        operation = stub.GetOperation(operations_pb2.GetOperationRequest(name=operation.name), timeout=10)
+    response = pb.RecomputeSegmentResponse()
+    if not operation.response.Unpack(response):
+        raise RuntimeError(f"recompute failed: {operation.error.message}")
+    return response
+
+
+def raw_scan(session: CassandraSession, tables: Sequence[tuple[str, str]], parallelism: int) -> tuple[int, float]:
+    """Read every row of `tables` ((table, partition key columns)) over `parallelism * 2` token ranges with
+    `parallelism` threads; returns (distinct persons, seconds)."""
+    ranges = split_ring(parallelism * 2)
+
+    def scan(table: str, key: str, start: int, end: int) -> set[str]:
+        rows = session.execute(f"SELECT * FROM {table} WHERE token({key}) > ? AND token({key}) <= ?",
+                               (start, end), fetch_size=1000)
+        return {row.person_id for row in rows}
+
+    started = time.perf_counter()
+    persons: set[str] = set()
+    with ThreadPoolExecutor(max_workers=parallelism) as pool:
+        futures = [pool.submit(scan, table, key, start, end) for table, key in tables for start, end in ranges]
+        for future in futures:
+            persons |= future.result()
+    return len(persons), time.perf_counter() - started
+
+
+def profile_scan(stub: profile_grpc.ProfileServiceStub, parallelism: int) -> tuple[int, float]:
+    """What a recompute reads, alone: profile's ScanProfiles with events over the same number of shards."""
+    shards = stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=parallelism * 2),
+                                    timeout=10).shards
+    now = datetime.now(UTC)
+
+    def scan(shard: str) -> int:
+        request = profile_pb.ScanProfilesRequest(shard=shard, include_events=True, batch_size=500)
+        request.as_of_time.FromDatetime(now)
+        return sum(len(response.profiles) for response in stub.ScanProfiles(request, timeout=600))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=parallelism) as pool:
+        total = sum(pool.map(scan, shards))
+    return total, time.perf_counter() - started
+
+
+def realtime_latency(profiles: profile_grpc.ProfileServiceStub, stub: pb_grpc.SegmentationServiceStub,
+                     rate: float, seconds: float) -> LoadResult:
+    """Open loop: a new person pings every 1/rate s; latency from the ingest returning to the enter visible."""
+    returned: dict[str, float] = {}
+    visible: dict[str, float] = {}
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def poll() -> None:
+        token = stub.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
+            parent="segments/pinged", page_size=1), timeout=10).next_page_token
+        while not stop.is_set():
+            page = stub.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
+                parent="segments/pinged", page_token=token, page_size=1000), timeout=10)
+            seen = time.perf_counter()
+            with lock:
+                for change in page.changes:
+                    visible.setdefault(change.person_id, seen)
+            token = page.next_page_token
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll, name="bench-poller")
+    poller.start()
+    pool = ThreadPoolExecutor(max_workers=8)
+
+    def send(index: int) -> Future[object]:
+        def call() -> object:
+            event = _event(f"ping-{index}", f"pinger-{index:05d}", datetime.now(UTC), type=profile_pb.EVENT_TYPE_TRACK,
+                           event_name="ping")
+            result = profiles.IngestEvents(profile_pb.IngestEventsRequest(events=[event]), timeout=10).results[0]
+            with lock:
+                returned[result.person_id] = time.perf_counter()
+            return result
+        return pool.submit(call)
+
+    sent = open_loop(send, rate=rate, seconds=seconds)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with lock:
+            if set(returned) <= set(visible):
+                break
+        time.sleep(0.1)
+    stop.set()
+    poller.join()
+    pool.shutdown()
+    with lock:
+        latencies = [visible[p] - t for p, t in returned.items() if p in visible]
+        missing = len(set(returned) - set(visible))
+    return LoadResult(len(latencies), sent.seconds, latencies, errors=sent.errors + missing)
+
+
+def drop_keyspaces(admin: CassandraSession, settings: CassandraSettings) -> None:
+    for name in SERVICE_NAMES:
+        admin.execute(f"DROP KEYSPACE IF EXISTS {settings.keyspace(name)}", timeout=60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--persons", type=int, default=1500, help="synthetic persons for the batch figure")
+    parser.add_argument("--latency-seconds", type=float, default=15.0, help="how long to send pings")
+    parser.add_argument("--rate", type=float, default=4.0, help="pings per second (each a new person)")
+    args = parser.parse_args(argv)
+
+    with bench_cassandra("segmentation") as (settings, admin), service_processes(settings) as ports:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{ports['profile']}") as profile_channel, \
+                    grpc.insecure_channel(f"127.0.0.1:{ports['segmentation']}") as channel:
+                profiles = profile_grpc.ProfileServiceStub(profile_channel)
+                stub = pb_grpc.SegmentationServiceStub(channel)
+                now = datetime.now(UTC)
+                events = [e for person in synthetic_events(args.persons, now) for e in person]
+                started = time.perf_counter()
+                ingest(profiles, events)
+                console.print(f"ingested {len(events):,} events of {args.persons:,} persons through profile in "
+                              f"{time.perf_counter() - started:.1f} s")
+                # Real time first catches up with the ingest (a segment on something nobody did yet).
+                stub.CreateSegment(pb.CreateSegmentRequest(segment_id="pinged", segment=pb.Segment(
+                    rule_text=PING_RULE)), timeout=10)
+                stub.CreateSegment(pb.CreateSegmentRequest(segment_id="pro-buyers", segment=pb.Segment(
+                    rule_text=BATCH_RULE)), timeout=10)
+                caught_up = realtime_latency(profiles, stub, 1.0, 1.0)  # waits until real time has caught up
+                console.print(f"real time caught up with the ingest: first ping visible after "
+                              f"{caught_up.percentile_ms(100) / 1e3:.1f} s")
+                latency = realtime_latency(profiles, stub, args.rate, args.latency_seconds)
+
+                wait_operation(stub, stub.RecomputeSegment(pb.RecomputeSegmentRequest(  # warm up
+                    name="segments/pro-buyers", parallelism=PARALLELISM), timeout=10))
+                batch = wait_operation(stub, stub.RecomputeSegment(pb.RecomputeSegmentRequest(
+                    name="segments/pro-buyers", parallelism=PARALLELISM), timeout=10))
+                batch_rate = batch.profiles_scanned / batch.elapsed_seconds
+                scanned, scan_seconds = profile_scan(profiles, PARALLELISM)
+
+            cluster = connect_cluster(settings)
+            try:
+                session = open_session(cluster, settings.keyspace("profile"), 60)
+                persons, seconds = raw_scan(session, [("profiles", "person_id"), ("timeline", "person_id, bucket"),
+                                                      ("trait_writes", "person_id")], PARALLELISM)
+                profile_rows, profile_seconds = raw_scan(session, [("profiles", "person_id")], PARALLELISM)
+            finally:
+                cluster.shutdown()
+        finally:
+            drop_keyspaces(admin, settings)
+
+    raw_rate = persons / seconds
+    table_rate = profile_rows / profile_seconds
+    console.print(figures_table(f"segmentation service ({args.persons + latency.operations:,} profiles, "
+                                f"parallelism {PARALLELISM})", [
+        ("real time: IngestEvents returned -> enter visible, p50 / p99",
+         f"{latency.percentile_ms(50):,.0f} / {latency.percentile_ms(99):,.0f} ms",
+         f"{latency.operations} new persons at {args.rate:g}/s, {latency.errors} failed or unseen; aim p99 <= 1 s"),
+        ("batch RecomputeSegment (scan + evaluate + diff)", f"{batch_rate:,.0f} profiles/s",
+         f"{batch.profiles_scanned:,} profiles in {batch.elapsed_seconds:.2f} s"),
+        ("profile's ScanProfiles alone (what a recompute reads)", f"{scanned / scan_seconds:,.0f} profiles/s",
+         f"ratio recompute / ScanProfiles {batch_rate / (scanned / scan_seconds):.2f}"),
+        ("raw token-range scan: profiles + timeline + trait_writes", f"{raw_rate:,.0f} persons/s",
+         f"ratio recompute / raw {batch_rate / raw_rate:.2f} (aim >= 0.5)"),
+        ("raw token-range scan: profiles table alone", f"{table_rate:,.0f} rows/s",
+         f"ratio recompute / raw {batch_rate / table_rate:.3f}"),
+    ]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
