@@ -32,7 +32,7 @@ from cassandra.cluster import (
 )
 from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
-from cassandra.query import PreparedStatement
+from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
 from shared import deadline
 from shared.config import CassandraSettings
@@ -116,6 +116,17 @@ class CassandraSession:
         statement = self.prepare(cql)
         limit = deadline.timeout_within(timeout or self._request_timeout)
         return self._call(self._session.execute_async, statement, params, timeout=limit)
+
+    def execute_batch_async(self, cql: str, rows: Sequence[Sequence[Any]], *, logged: bool = False,
+                            timeout: float | None = None) -> ResponseFuture:
+        """One batch of the same prepared statement bound to each row (e.g. conditional writes to one
+        partition, which Cassandra applies in a single Paxos round); wait with `result`."""
+        statement = self.prepare(cql)
+        batch = BatchStatement(batch_type=BatchType.LOGGED if logged else BatchType.UNLOGGED)
+        for row in rows:
+            batch.add(statement, row)
+        limit = deadline.timeout_within(timeout or self._request_timeout)
+        return self._call(self._session.execute_async, batch, timeout=limit)
 
     def result(self, future: ResponseFuture) -> Any:
         """Wait for an execute_async future, translating driver errors."""

@@ -21,9 +21,6 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any
 
-from cassandra.query import BatchStatement, BatchType
-
-from shared import deadline
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession, translate_driver_error
 from shared.errors import DomainError, Unavailable
 
@@ -205,14 +202,7 @@ class Leases:
         return {b: self._wait(f) for b, f in futures.items()}
 
     def _start_batch(self, cql: str, rows: Sequence[Sequence[Any]]) -> Any:
-        statement = self._session.prepare(cql)
-        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-        for row in rows:
-            batch.add(statement, row)
-        try:
-            return self._session.driver_session.execute_async(batch, timeout=deadline.timeout_within(10.0))
-        except Exception as error:
-            raise translate_driver_error(error) from error
+        return self._session.execute_batch_async(cql, rows, timeout=10.0)
 
     @staticmethod
     def _wait(future: Any) -> Any:
