@@ -50,6 +50,24 @@ class PersonHistory:
     events: Sequence[ActivityEvent]
 
 
+class PendingHistories(Protocol):
+    """Histories requested and on their way: `result()` waits for them."""
+
+    def result(self) -> list[PersonHistory | DomainError]:
+        """In request order; a person that cannot be read is its error (e.g. NotFound)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ReadHistories:
+    """Histories that are already here (a PendingHistories that does not wait)."""
+
+    histories: list[PersonHistory | DomainError]
+
+    def result(self) -> list[PersonHistory | DomainError]:
+        return self.histories
+
+
 class ProfileSource(Protocol):
     """Where persons' histories come from (the profile service in production)."""
 
@@ -67,6 +85,10 @@ class ProfileSource(Protocol):
 
     def histories_of(self, persons: Sequence[PersonRef], before: datetime) -> list[PersonHistory | DomainError]:
         """Many persons at once, in request order; a person that cannot be read is its error (e.g. NotFound)."""
+        ...
+
+    def start_histories_of(self, persons: Sequence[PersonRef], before: datetime) -> PendingHistories:
+        """`histories_of` without waiting, so the caller can do other work while the reads travel."""
         ...
 
     def history(self, person: PersonRef, before: datetime) -> PersonHistory:
@@ -102,6 +124,9 @@ class InMemoryProfileSource:
             except DomainError as error:
                 results.append(error)
         return results
+
+    def start_histories_of(self, persons: Sequence[PersonRef], before: datetime) -> PendingHistories:
+        return ReadHistories(self.histories_of(persons, before))
 
     def history(self, person: PersonRef, before: datetime) -> PersonHistory:
         person_id = person.person_id

@@ -170,11 +170,10 @@ def _refresh_batch(writer: ScoreWriter, scoring: ScoringVersion, batch: Sequence
     """Score one batch and write the scores; returns (scored, ineligible)."""
     if not batch:
         return 0, 0
-    results = score_histories(scoring, batch, as_of, top_features=0)
-    scores = [r for r in results if isinstance(r, PersonScore)]
-    if scores:
-        writer.write_scores(scoring.model.model_id, scores, written_at)
-    return len(scores), len(results) - len(scores)
+    scored = score_histories(scoring, batch, as_of, top_features=0)
+    if len(scored.batch):
+        writer.write_scores(scoring.model.model_id, scored.batch.scores(), written_at)
+    return len(scored.batch), len(scored) - len(scored.batch)
 
 
 def abandon_operation(registry: ModelRegistry, operation: Operation, now: Callable[[], datetime] = _utc_now) -> None:

@@ -4,9 +4,11 @@ What it reads from profile (onecdp.profile.v1):
 - ListProfileShards(shard_count) -> shards; then per shard ScanProfiles(shard, include_events=true,
   events_end_time=before, read_mask=person_id) streaming ScannedProfile{profile.person_id, events
   oldest first}: every person's history for training and score refresh.
-- ListProfileEvents(person, end_time=before, page_size=1000, page_token) newest first: one person's
-  history for scoring; GetProfile(person, read_mask=person_id) only to resolve the person id of
-  someone selected by identifier who has no events. Batches read up to MAX_IN_FLIGHT persons at once.
+- BatchGetProfiles(persons (up to 1,000), include_events=true, events_end_time=before,
+  read_mask=person_id): the histories of the persons being scored, one call per 1,000 (up to
+  MAX_READS_IN_FLIGHT calls at once). One call covers identity lookups and reads of every person, so
+  scoring one person is one round trip to profile. A selector profile refuses (INVALID_ARGUMENT naming
+  `persons[i]`) becomes that person's error and the others are read again without it.
 - BatchWriteTraits: refreshed scores written back as traits `score_<model_id>` and
   `score_<model_id>_percentile`, source `onecdp-prediction`, event time = when they were computed.
 
@@ -20,17 +22,20 @@ so counts stay right and nothing from after a cutoff alters the order as it look
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 
 import grpc
 from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 
-from services.prediction.history import ORDER_EVENT, ActivityEvent, PersonHistory, PersonRef
+from services.prediction.history import ORDER_EVENT, ActivityEvent, PendingHistories, PersonHistory, PersonRef
 from services.prediction.jobs import SCORES_SOURCE, score_trait_names
 from services.prediction.scoring import PersonScore
 from shared import deadline
@@ -39,16 +44,20 @@ from shared.errors import DeadlineExceeded, DomainError, InvalidArgument, NotFou
 ORDER_UPDATE_EVENT = "order_update"
 DEFAULT_SHARDS = 16
 SCAN_BATCH_SIZE = 500
-EVENTS_PAGE_SIZE = 1000
-# Concurrent reads of one batch: enough to hide round trips, below profile's 32 worker threads.
-MAX_IN_FLIGHT = 16
-READ_TIMEOUT_SECONDS = 10.0
+# Profile's BatchGetProfiles limit.
+MAX_PERSONS_PER_READ = 1000
+# BatchGetProfiles calls of one batch at once: each keeps one of profile's worker threads busy.
+MAX_READS_IN_FLIGHT = 4
+# A batch with bad selectors is read again without them; identity names one per call.
+MAX_INVALID_ROUNDS = 8
+READ_TIMEOUT_SECONDS = 30.0
 WRITE_TIMEOUT_SECONDS = 30.0
 # Profile's BatchWriteTraits limit.
 MAX_TRAIT_WRITES = 1000
 _SKIPPED_TYPES = frozenset({profile_pb.EVENT_TYPE_IDENTIFY, profile_pb.EVENT_TYPE_ALIAS,
                             profile_pb.EVENT_TYPE_UNSPECIFIED})
 _PERSON_ID_ONLY = field_mask_pb2.FieldMask(paths=["person_id"])
+_PERSON_INDEX = re.compile(r"^persons\[(\d+)\]")
 
 
 def _selector(person: PersonRef) -> common_pb2.PersonSelector:
@@ -61,9 +70,8 @@ def _selector(person: PersonRef) -> common_pb2.PersonSelector:
 def activity_events(stored: Iterable[profile_pb.StoredEvent], before: datetime | None = None) -> list[ActivityEvent]:
     """Profile's stored events (any order) as a time-sorted history, only those strictly before `before`.
 
-    Profile filters by time too, but on its stored event time, which Cassandra keeps to the millisecond:
-    an event at 12:00:00.000500 passes its `< 12:00:00.000500` filter. The exact time is in the event
-    itself, so the boundary is applied again here; point-in-time correctness must not depend on it.
+    Profile filters on the exact event time too; the boundary is applied again here (one comparison per
+    event) so that point-in-time correctness does not rest on another service's filter alone.
     """
     ordered = sorted(stored, key=lambda s: (s.event.event_time.seconds, s.event.event_time.nanos,
                                             s.event.message_id))
@@ -142,59 +150,159 @@ class GrpcProfileSource:
             yield from self.histories_of_shard(shard, before)
 
     def history(self, person: PersonRef, before: datetime) -> PersonHistory:
-        result = self._finish_history(person, before, self._first_events_page(person, before))
+        (result,) = self.histories_of([person], before)
         if isinstance(result, DomainError):
             raise result
         return result
 
     def histories_of(self, persons: Sequence[PersonRef], before: datetime) -> list[PersonHistory | DomainError]:
-        """Many persons with at most MAX_IN_FLIGHT reads outstanding: a batch costs about one round trip per
-        MAX_IN_FLIGHT persons instead of one per person, without flooding profile's worker threads."""
-        results: list[PersonHistory | DomainError | None] = [None] * len(persons)
-        in_flight: deque[tuple[int, grpc.Future]] = deque()
-        for index, person in enumerate(persons):
-            in_flight.append((index, self._first_events_page(person, before)))
-            if len(in_flight) >= MAX_IN_FLIGHT:
-                done, future = in_flight.popleft()
-                results[done] = self._finish_history(persons[done], before, future)
-        while in_flight:
-            done, future = in_flight.popleft()
-            results[done] = self._finish_history(persons[done], before, future)
-        return [result for result in results if result is not None]
+        return self.start_histories_of(persons, before).result()
 
-    def _events_request(self, person: PersonRef, before: datetime,
-                        token: str = "") -> profile_pb.ListProfileEventsRequest:
-        request = profile_pb.ListProfileEventsRequest(person=_selector(person), page_size=EVENTS_PAGE_SIZE,
-                                                      page_token=token)
-        request.end_time.FromDatetime(before)
-        return request
+    def start_histories_of(self, persons: Sequence[PersonRef], before: datetime) -> PendingHistories:
+        return _PendingReads(self, persons, before)
 
-    def _first_events_page(self, person: PersonRef, before: datetime) -> grpc.Future:
-        future: grpc.Future = self._stub.ListProfileEvents.future(
-            self._events_request(person, before), timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
+    def start_read(self, persons: Sequence[PersonRef], before: datetime) -> grpc.Future:
+        """One BatchGetProfiles call (at most MAX_PERSONS_PER_READ persons), not waited for."""
+        request = profile_pb.BatchGetProfilesRequest(persons=[_selector(p) for p in persons], include_events=True,
+                                                     read_mask=_PERSON_ID_ONLY)
+        request.events_end_time.FromDatetime(before)
+        future: grpc.Future = self._stub.BatchGetProfiles.future(
+            request, timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
         return future
 
-    def _finish_history(self, person: PersonRef, before: datetime,
-                        first_page: grpc.Future) -> PersonHistory | DomainError:
+    def finish_read(self, persons: Sequence[PersonRef], before: datetime,
+                    started: grpc.Future) -> list[PersonHistory | DomainError]:
+        """The histories of a started read, in order. Selectors profile refuses get their own error and the
+        others are read again, at most MAX_INVALID_ROUNDS times (identity names one bad selector per call)."""
+        results: list[PersonHistory | DomainError | None] = [None] * len(persons)
+        pending = list(range(len(persons)))  # positions in `persons` that the current call reads
+        future = started
+        for _ in range(MAX_INVALID_ROUNDS):
+            try:
+                response: profile_pb.BatchGetProfilesResponse = future.result()
+            except grpc.RpcError as error:
+                refused = _refused_selectors(error)
+                if not refused and _is_internal(error):
+                    # Profile answers INTERNAL instead of INVALID_ARGUMENT when a selector of a batch read is
+                    # an invalid identifier (profile/identity.py `lookup` lets identity's refusal escape):
+                    # halve the batch until the selector is found, so only that person fails.
+                    return self._merge(results, pending, self._read_halves([persons[i] for i in pending], before,
+                                                                           error))
+                failure = _domain_error(error, "reading persons' events")
+                if not refused:
+                    return [failure if r is None else r for r in results]
+                for position, message in refused.items():
+                    results[pending[position]] = InvalidArgument.for_field(
+                        "person", f"profile refused the selector: {message}", reason="BAD_PERSON_SELECTOR")
+                pending = [index for position, index in enumerate(pending) if position not in refused]
+                if not pending:
+                    break
+                try:
+                    future = self.start_read([persons[i] for i in pending], before)
+                except DomainError as deadline_passed:
+                    return [deadline_passed if r is None else r for r in results]
+                continue
+            for index, found in zip(pending, response.results, strict=True):
+                results[index] = (PersonHistory(found.profile.person_id, activity_events(found.events, before))
+                                  if found.found else NotFound("no person matches the selector",
+                                                               reason="PERSON_NOT_FOUND"))
+            pending = []
+            break
+        too_many = InvalidArgument.for_field("person", "profile refused too many selectors of this batch",
+                                             reason="BAD_PERSON_SELECTOR")
+        return [too_many if r is None else r for r in results]
+
+
+    @staticmethod
+    def _merge(results: list[PersonHistory | DomainError | None], positions: Sequence[int],
+               read: Sequence[PersonHistory | DomainError]) -> list[PersonHistory | DomainError]:
+        for position, history in zip(positions, read, strict=True):
+            results[position] = history
+        return [r for r in results if r is not None]
+
+    def _read_halves(self, persons: Sequence[PersonRef], before: datetime,
+                     error: grpc.RpcError) -> list[PersonHistory | DomainError]:
+        if len(persons) == 1:
+            return [self._why_unreadable(persons[0], error)]
+        middle = len(persons) // 2
+        halves = [persons[:middle], persons[middle:]]
         try:
-            page = first_page.result()
-            stored: list[profile_pb.StoredEvent] = list(page.events)
-            while page.next_page_token:
-                page = self._stub.ListProfileEvents(self._events_request(person, before, page.next_page_token),
-                                                    timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
-                stored.extend(page.events)
-            person_id = stored[0].person_id if stored else person.person_id
-            if person_id is None:
-                # Selected by identifier and without events before `before`: only profile knows who it is.
-                profile = self._stub.GetProfile(profile_pb.GetProfileRequest(person=_selector(person),
-                                                                             read_mask=_PERSON_ID_ONLY),
-                                                timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
-                person_id = profile.person_id
-        except grpc.RpcError as error:
-            return _domain_error(error, "reading the person's events")
-        except DomainError as error:  # the caller's deadline passed between pages
-            return error
-        return PersonHistory(person_id, activity_events(stored, before))
+            started = [self.start_read(half, before) for half in halves]
+        except DomainError as deadline_passed:
+            return [deadline_passed] * len(persons)
+        return [history for half, future in zip(halves, started, strict=True)
+                for history in self.finish_read(half, before, future)]
+
+    def _why_unreadable(self, person: PersonRef, error: grpc.RpcError) -> DomainError:
+        """GetProfile refuses an invalid identifier with INVALID_ARGUMENT; anything else keeps the read's error."""
+        try:
+            self._stub.GetProfile(profile_pb.GetProfileRequest(person=_selector(person), read_mask=_PERSON_ID_ONLY),
+                                  timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
+        except grpc.RpcError as probe_error:
+            if isinstance(probe_error, grpc.Call) and probe_error.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                                             grpc.StatusCode.NOT_FOUND):
+                return _domain_error(probe_error, "reading the person's events")
+        except DomainError as deadline_passed:
+            return deadline_passed
+        return _domain_error(error, "reading the person's events")
+
+
+class _PendingReads:
+    """A batch's BatchGetProfiles calls: MAX_READS_IN_FLIGHT are sent at once, the next when one returns."""
+
+    def __init__(self, source: GrpcProfileSource, persons: Sequence[PersonRef], before: datetime) -> None:
+        self._source = source
+        self._persons = list(persons)
+        self._before = before
+        self._chunks = [range(start, min(start + MAX_PERSONS_PER_READ, len(self._persons)))
+                        for start in range(0, len(self._persons), MAX_PERSONS_PER_READ)]
+        self._in_flight: deque[tuple[range, grpc.Future | DomainError]] = deque()
+        self._next = 0
+        while self._next < len(self._chunks) and len(self._in_flight) < MAX_READS_IN_FLIGHT:
+            self._start_next()
+
+    def _start_next(self) -> None:
+        chunk = self._chunks[self._next]
+        self._next += 1
+        try:
+            started: grpc.Future | DomainError = self._source.start_read([self._persons[i] for i in chunk],
+                                                                         self._before)
+        except DomainError as deadline_passed:
+            started = deadline_passed
+        self._in_flight.append((chunk, started))
+
+    def result(self) -> list[PersonHistory | DomainError]:
+        results: list[PersonHistory | DomainError] = []
+        while self._in_flight:
+            chunk, started = self._in_flight.popleft()
+            if self._next < len(self._chunks):
+                self._start_next()
+            if isinstance(started, DomainError):
+                results += [started] * len(chunk)
+            else:
+                results += self._source.finish_read([self._persons[i] for i in chunk], self._before, started)
+        return results
+
+
+def _is_internal(error: grpc.RpcError) -> bool:
+    return isinstance(error, grpc.Call) and error.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+
+
+def _refused_selectors(error: grpc.RpcError) -> dict[int, str]:
+    """INVALID_ARGUMENT naming `persons[i]` in its field violations: i -> why (empty for any other error)."""
+    if not isinstance(error, grpc.Call) or error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+        return {}
+    status = rpc_status.from_call(error)
+    refused: dict[int, str] = {}
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            for violation in bad_request.field_violations:
+                match = _PERSON_INDEX.match(violation.field)
+                if match:
+                    refused.setdefault(int(match.group(1)), violation.description)
+    return refused
 
 
 class GrpcScoreWriter:

@@ -3,6 +3,10 @@
 A `Scorer` is built once per model version (parsing a model string costs milliseconds) and reused.
 Every predict call uses one thread: single-row calls are dominated by per-call overhead, and threads
 of concurrent RPCs fighting over two cores make it far worse.
+
+A batch is scored with one `predict` (and, when explanations are asked for, one `pred_contrib`) call
+and stays columnar (`ScoreBatch`): per-person Python objects cost more than the booster itself on
+batches, so a `PersonScore` is only built when a caller asks for one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from services.prediction.spec import ModelSpec, PredictionKind
 from shared.errors import FailedPrecondition
 
 PREDICT_THREADS = 1
+_NO_TOP = np.empty((0, 0), dtype=np.intp)
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,45 @@ class PersonScore:
     base_value: float  # the SHAP base value (log-odds)
     top_features: tuple[FeatureContribution, ...]
     as_of: datetime
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """Scores of many persons as columns: row i is `person_ids[i]`.
+
+    `top_features[i]` are the indexes (into FEATURE_NAMES) of row i's largest contributions, largest
+    absolute effect first; `contributions` has one column per feature plus the base value last.
+    Both are empty when no explanations were asked for.
+    """
+
+    person_ids: Sequence[str]
+    probabilities: npt.NDArray[np.float64]
+    percentiles: npt.NDArray[np.float64]
+    features: npt.NDArray[np.float64]
+    contributions: npt.NDArray[np.float64] | None
+    top_features: npt.NDArray[np.intp]
+    as_of: datetime
+
+    def __len__(self) -> int:
+        return len(self.person_ids)
+
+    def base_value(self, row: int) -> float:
+        return float(self.contributions[row, -1]) if self.contributions is not None else 0.0
+
+    def top_contributions(self, row: int) -> tuple[FeatureContribution, ...]:
+        if self.contributions is None:
+            return ()
+        values, contributions = self.features[row], self.contributions[row]
+        return tuple(FeatureContribution(FEATURE_NAMES[i], float(values[i]), float(contributions[i]))
+                     for i in self.top_features[row].tolist())
+
+    def score(self, row: int) -> PersonScore:
+        return PersonScore(person_id=self.person_ids[row], probability=float(self.probabilities[row]),
+                           percentile=float(self.percentiles[row]), base_value=self.base_value(row),
+                           top_features=self.top_contributions(row), as_of=self.as_of)
+
+    def scores(self) -> list[PersonScore]:
+        return [self.score(row) for row in range(len(self))]
 
 
 class Scorer:
@@ -61,6 +105,12 @@ class Scorer:
             return 0.0
         return 100.0 * bisect_right(self._quantiles, probability) / len(self._quantiles)
 
+    def percentiles(self, probabilities: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """`percentile` of every probability at once."""
+        if not self._quantiles:
+            return np.zeros(len(probabilities))
+        return 100.0 * np.searchsorted(self._quantile_array, probabilities, side="right") / len(self._quantiles)
+
     def probabilities(self, features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         if len(features) == 0:
             return np.empty(0, dtype=np.float64)
@@ -71,42 +121,35 @@ class Scorer:
         return np.asarray(self._booster.predict(features, pred_contrib=True, num_threads=PREDICT_THREADS),
                           dtype=np.float64)
 
+    def score_matrix(self, person_ids: Sequence[str], features: npt.NDArray[np.float64], as_of: datetime,
+                     top_features: int = 0) -> ScoreBatch:
+        """One predict call for the whole matrix, one pred_contrib call when `top_features` > 0."""
+        probabilities = self.probabilities(features)
+        contributions = None
+        top = _NO_TOP
+        if top_features > 0 and len(features):
+            contributions = self.contributions(features)
+            # Largest absolute effect first; a stable sort keeps equal effects in feature order.
+            top = np.argsort(-np.abs(contributions[:, :-1]), axis=1, kind="stable")[:, :top_features]
+        return ScoreBatch(person_ids, probabilities, self.percentiles(probabilities), features, contributions, top,
+                          as_of)
+
     def score_rows(self, person_ids: Sequence[str], rows: Sequence[Sequence[float]], as_of: datetime,
                    top_features: int = 0) -> list[PersonScore]:
-        features = feature_matrix(rows)
-        probabilities = self.probabilities(features)
-        contributions = self.contributions(features) if top_features > 0 and len(rows) else None
-        base_values = contributions[:, -1] if contributions is not None else None
-        # Vectorised: per-row Python work, not the booster, bounds batch scoring (same result as percentile()).
-        percentiles = (100.0 * np.searchsorted(self._quantile_array, probabilities, side="right")
-                       / len(self._quantiles)) if self._quantiles else np.zeros(len(probabilities))
-        scores = []
-        for index, person_id in enumerate(person_ids):
-            top: tuple[FeatureContribution, ...] = ()
-            base = 0.0
-            if contributions is not None and base_values is not None:
-                top = _top_contributions(features[index], contributions[index, :-1], top_features)
-                base = float(base_values[index])
-            scores.append(PersonScore(person_id=person_id, probability=float(probabilities[index]),
-                                      percentile=float(percentiles[index]), base_value=base, top_features=top,
-                                      as_of=as_of))
-        return scores
+        return self.score_matrix(person_ids, feature_matrix(rows), as_of, top_features).scores()
 
 
-def _top_contributions(values: npt.NDArray[np.float64], contributions: npt.NDArray[np.float64],
-                       count: int) -> tuple[FeatureContribution, ...]:
-    # Largest absolute effect first; equal effects in feature order, so the answer is stable.
-    order = sorted(range(len(FEATURE_NAMES)), key=lambda i: (-abs(float(contributions[i])), i))[:count]
-    return tuple(FeatureContribution(FEATURE_NAMES[i], float(values[i]), float(contributions[i])) for i in order)
+def not_eligible(spec: ModelSpec, person_id: str, as_of: datetime) -> FailedPrecondition:
+    what = ("has no activity before" if spec.kind is PredictionKind.CONVERSION
+            else f"was not active within {spec.eligibility_days} days before")
+    return FailedPrecondition(f"person {person_id} {what} {as_of.isoformat()}, so the model does not score them",
+                              reason="PERSON_NOT_ELIGIBLE", metadata={"person_id": person_id})
 
 
 def score_history(scorer: Scorer, spec: ModelSpec, history: PersonHistory, as_of: datetime,
                   top_features: int) -> PersonScore:
     """Score one person as of a time; FailedPrecondition when the spec does not cover them then."""
     if not is_eligible(spec, history.events, as_of):
-        what = ("has no activity before" if spec.kind is PredictionKind.CONVERSION
-                else f"was not active within {spec.eligibility_days} days before")
-        raise FailedPrecondition(f"person {history.person_id} {what} {as_of.isoformat()}, so the model does not "
-                                 "score them", reason="PERSON_NOT_ELIGIBLE", metadata={"person_id": history.person_id})
-    (score,) = scorer.score_rows([history.person_id], [feature_row(history.events, as_of)], as_of, top_features)
-    return score
+        raise not_eligible(spec, history.person_id, as_of)
+    features = feature_matrix([feature_row(history.events, as_of)])
+    return scorer.score_matrix([history.person_id], features, as_of, top_features).score(0)

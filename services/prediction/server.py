@@ -36,7 +36,7 @@ from services.prediction.pages import decode_token, encode_token, page_size_of
 from services.prediction.profile_source import GrpcProfileSource, GrpcScoreWriter
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, Operation, OperationKind, VersionState
 from services.prediction.scoring import PersonScore
-from services.prediction.serving import Predictor, ScorerCache
+from services.prediction.serving import Predictor, ScoredBatch, ScorerCache
 from services.prediction.spec import (
     MAX_DISPLAY_NAME_LENGTH,
     MODEL_ID,
@@ -219,6 +219,31 @@ def _score_message(score: PersonScore, model_version: str) -> pb.Score:
     return message
 
 
+def _score_results(scored: ScoredBatch, model_version: str) -> list[pb.ScoreResult]:
+    """Results in request order, built from the batch's columns: no per-person domain objects on the way."""
+    batch = scored.batch
+    probabilities = batch.probabilities.tolist()
+    percentiles = batch.percentiles.tolist()
+    as_of = timestamp_pb2.Timestamp()
+    as_of.FromDatetime(batch.as_of)
+    explained = batch.contributions is not None
+    results = []
+    for index, row in enumerate(scored.rows):
+        if row < 0:
+            error = scored.errors[index]
+            results.append(pb.ScoreResult(error=pb.ScoreError(code=error.code.value, message=error.message)))
+            continue
+        score = pb.Score(person_id=batch.person_ids[row], model_version=model_version,
+                         probability=probabilities[row], percentile=percentiles[row], as_of_time=as_of)
+        if explained:
+            score.base_value = batch.base_value(row)
+            score.top_features.extend(pb.FeatureContribution(feature=c.feature, value=_finite(c.value),
+                                                             contribution=c.contribution)
+                                      for c in batch.top_contributions(row))
+        results.append(pb.ScoreResult(score=score))
+    return results
+
+
 def _score_result(result: PersonScore | DomainError, model_version: str) -> pb.ScoreResult:
     if isinstance(result, DomainError):
         return pb.ScoreResult(error=pb.ScoreError(code=result.code.value, message=result.message))
@@ -345,9 +370,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         top = _top_features(request.top_features, DEFAULT_TOP_FEATURES, "top_features", violations)
         violations.raise_if_any()
         assert model_id is not None and person is not None
-        scoring = self._predictor.scoring_version(model_id, version_id)
         as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"))
-        return _score_message(self._predictor.score(scoring, person, as_of, top), scoring.name)
+        scoring, score = self._predictor.score(model_id, version_id, person, as_of, top)
+        return _score_message(score, scoring.name)
 
     def BatchScorePersons(self, request: pb.BatchScorePersonsRequest,
                           context: grpc.ServicerContext) -> pb.BatchScorePersonsResponse:
@@ -364,8 +389,8 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         violations.raise_if_any()
         assert model_id is not None
         scoring = self._predictor.scoring_version(model_id, version_id)
-        results = self._predictor.score_many(scoring, [p for p in persons if p is not None], _now(), top)
-        return pb.BatchScorePersonsResponse(results=[_score_result(r, scoring.name) for r in results])
+        scored = self._predictor.score_many(scoring, [p for p in persons if p is not None], _now(), top)
+        return pb.BatchScorePersonsResponse(results=_score_results(scored, scoring.name))
 
     def StreamScorePersons(self, request_iterator: Iterable[pb.StreamScorePersonsRequest],
                            context: grpc.ServicerContext) -> Iterator[pb.StreamScorePersonsResponse]:
@@ -384,8 +409,8 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         top = _top_features(request.top_features, 0, f"requests[{index}].top_features", violations)
         violations.raise_if_any()
         assert model_id is not None and person is not None
-        scoring = self._predictor.scoring_version(model_id)
-        return self._predictor.score(scoring, person, _now(), top), scoring.name
+        scoring, score = self._predictor.score(model_id, None, person, _now(), top)
+        return score, scoring.name
 
     def GetPersonFeatures(self, request: pb.GetPersonFeaturesRequest,
                           context: grpc.ServicerContext) -> pb.PersonFeatures:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from services.prediction.datasets import is_eligible
-from services.prediction.features import FEATURE_NAMES, feature_row
+from services.prediction.features import FEATURE_NAMES, feature_matrix, feature_row
 from services.prediction.history import PersonHistory, PersonRef, ProfileSource
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, VersionState
-from services.prediction.scoring import PersonScore, Scorer, score_history
-from services.prediction.spec import PredictionKind, model_name, version_name
+from services.prediction.scoring import PersonScore, ScoreBatch, Scorer, not_eligible, score_history
+from services.prediction.spec import model_name, version_name
 from shared.errors import DomainError, FailedPrecondition
 
 # Versions kept parsed in memory; a booster of a few hundred trees is a few MB at most.
@@ -71,14 +71,6 @@ class ScorerCache:
         return version, scorer
 
 
-def not_eligible(version: ModelVersion, person_id: str, as_of: datetime) -> FailedPrecondition:
-    spec = version.spec
-    what = ("has no activity before" if spec.kind is PredictionKind.CONVERSION
-            else f"was not active within {spec.eligibility_days} days before")
-    return FailedPrecondition(f"person {person_id} {what} {as_of.isoformat()}, so the model does not score them",
-                              reason="PERSON_NOT_ELIGIBLE", metadata={"person_id": person_id})
-
-
 class Predictor:
     """Scores persons with a model's active (or a given) version, reading their histories from a ProfileSource."""
 
@@ -99,19 +91,26 @@ class Predictor:
         version, scorer = self._scorers.get(model, version_id)
         return ScoringVersion(model, version, scorer)
 
-    def score(self, scoring: ScoringVersion, person: PersonRef, as_of: datetime, top_features: int) -> PersonScore:
-        """One person; NotFound for nobody, FailedPrecondition when the spec does not cover them at `as_of`."""
-        history = self._source.history(person, as_of)
-        return score_history(scoring.scorer, scoring.version.spec, history, as_of, top_features)
+    def score(self, model_id: str, version_id: int | None, person: PersonRef, as_of: datetime,
+              top_features: int) -> tuple[ScoringVersion, PersonScore]:
+        """One person with the model's active (or a given) version, and the version that scored.
+
+        The person's history is requested from profile first and the model is read from the registry
+        while it travels: the two round trips overlap instead of adding up. Model errors (NotFound, no
+        active version) come first; then NotFound for nobody, FailedPrecondition when the spec does not
+        cover them at `as_of`.
+        """
+        pending = self._source.start_histories_of([person], as_of)
+        scoring = self.scoring_version(model_id, version_id)
+        (history,) = pending.result()
+        if isinstance(history, DomainError):
+            raise history
+        return scoring, score_history(scoring.scorer, scoring.version.spec, history, as_of, top_features)
 
     def score_many(self, scoring: ScoringVersion, persons: Sequence[PersonRef], as_of: datetime,
-                   top_features: int) -> list[PersonScore | DomainError]:
-        """Many persons in request order; a person that cannot be scored gets its error instead of a score.
-
-        The eligible persons are scored in one booster call: per-call overhead dominates single rows.
-        """
-        histories = self._source.histories_of(persons, as_of)
-        return score_histories(scoring, histories, as_of, top_features)
+                   top_features: int) -> ScoredBatch:
+        """Many persons; a person that cannot be scored gets its error instead of a score."""
+        return score_histories(scoring, self._source.histories_of(persons, as_of), as_of, top_features)
 
     def features(self, person: PersonRef, as_of: datetime) -> tuple[str, dict[str, float]]:
         """The person id and the feature values as of `as_of`, as training and scoring compute them."""
@@ -119,25 +118,43 @@ class Predictor:
         return history.person_id, dict(zip(FEATURE_NAMES, feature_row(history.events, as_of), strict=True))
 
 
+@dataclass(frozen=True)
+class ScoredBatch:
+    """The outcome of scoring persons in request order: the eligible ones as one `ScoreBatch`, the others
+    as their errors. `rows[i]` is the batch row of request position i, or -1 when `errors[i]` says why not."""
+
+    batch: ScoreBatch
+    rows: list[int]
+    errors: dict[int, DomainError]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def results(self) -> list[PersonScore | DomainError]:
+        return [self.errors[i] if row < 0 else self.batch.score(row) for i, row in enumerate(self.rows)]
+
+
 def score_histories(scoring: ScoringVersion, histories: Sequence[PersonHistory | DomainError], as_of: datetime,
-                    top_features: int) -> list[PersonScore | DomainError]:
-    """Scores (or errors) for read histories, in order; ineligible persons get FailedPrecondition."""
-    results: list[PersonScore | DomainError] = []
-    eligible: list[tuple[int, PersonHistory]] = []
-    for history in histories:
+                    top_features: int) -> ScoredBatch:
+    """Scores (or errors) for read histories, in order; ineligible persons get FailedPrecondition.
+
+    The eligible persons' features go into one matrix and through one booster call.
+    """
+    spec = scoring.version.spec
+    rows: list[int] = []
+    errors: dict[int, DomainError] = {}
+    person_ids: list[str] = []
+    feature_rows: list[list[float]] = []
+    for index, history in enumerate(histories):
         if isinstance(history, DomainError):
-            results.append(history)
-        elif not is_eligible(scoring.version.spec, history.events, as_of):
-            results.append(not_eligible(scoring.version, history.person_id, as_of))
+            errors[index] = history
+            rows.append(-1)
+        elif not is_eligible(spec, history.events, as_of):
+            errors[index] = not_eligible(spec, history.person_id, as_of)
+            rows.append(-1)
         else:
-            eligible.append((len(results), history))
-            results.append(history_placeholder)
-    scores = scoring.scorer.score_rows([h.person_id for _, h in eligible],
-                                       [feature_row(h.events, as_of) for _, h in eligible], as_of, top_features)
-    for (index, _), score in zip(eligible, scores, strict=True):
-        results[index] = score
-    return results
-
-
-# Holds an eligible person's place in the results until the one booster call has scored them all.
-history_placeholder = FailedPrecondition("not scored", reason="INTERNAL_PLACEHOLDER")
+            rows.append(len(person_ids))
+            person_ids.append(history.person_id)
+            feature_rows.append(feature_row(history.events, as_of))
+    batch = scoring.scorer.score_matrix(person_ids, feature_matrix(feature_rows), as_of, top_features)
+    return ScoredBatch(batch, rows, errors)

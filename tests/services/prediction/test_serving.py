@@ -34,7 +34,7 @@ from services.prediction.profile_source import GrpcProfileSource
 from services.prediction.registry import ModelRegistry
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import CassandraSettings
-from shared.errors import DomainError, NotFound
+from shared.errors import DomainError, InvalidArgument, NotFound
 from tests.services.prediction.stack import IDENTIFIER_TYPE, Stack, identifier_of, ingest, running_stack
 from tests.services.prediction.synthetic import day, synthetic_events
 from tests.services.prediction.test_server import create, error_of
@@ -148,9 +148,12 @@ def test_the_profile_source_reads_back_exactly_what_was_ingested(world: World) -
     refs += [PersonRef(person_id=world.person_ids[n]) for n in names[10:]]
     refs.insert(5, PersonRef(person_id="p_nobody"))
     refs.insert(7, PersonRef(identifier_type=IDENTIFIER_TYPE, identifier_value="never-seen"))
+    refs.insert(9, PersonRef(identifier_type="email", identifier_value="not-an-email"))
     histories = source.histories_of(refs, before)
     assert isinstance(histories[5], NotFound) and isinstance(histories[7], NotFound)
-    del histories[7], histories[5]
+    # A bad identifier fails profile's whole batch read; only that person's read fails in the end.
+    assert isinstance(histories[9], InvalidArgument) and histories[9].reason == "BAD_PERSON_SELECTOR"
+    del histories[9], histories[7], histories[5]
     for name, history in zip(names, histories, strict=True):
         assert isinstance(history, PersonHistory) and history.person_id == world.person_ids[name]
         assert _as_tuples(history) == _as_tuples(expected.history(PersonRef(person_id=name), before))
@@ -288,6 +291,20 @@ def test_batch_and_stream_answer_in_request_order_with_an_error_per_person(world
     code, _, fields, _ = error_of(predictions.BatchScorePersons, pb.BatchScorePersonsRequest(
         model=f"models/{MODEL}", persons=[by_id("p1"), common_pb2.PersonSelector()]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and fields == ["persons[1]"]
+
+
+def test_a_batch_above_profiles_read_limit_is_scored_in_request_order(world: World) -> None:
+    names = sorted(world.events)
+    # 2,500 selectors (profile reads at most 1,000 per call), every person many times, by id and identifier.
+    selectors = [by_identifier(names[i % PERSONS]) if i % 3 else by_id(world.person_ids[names[i % PERSONS]])
+                 for i in range(2_500)]
+    response = world.stack.predictions.BatchScorePersons(pb.BatchScorePersonsRequest(
+        model=f"models/{MODEL}", persons=selectors), timeout=120)
+    assert [r.score.person_id for r in response.results] == [world.person_ids[names[i % PERSONS]]
+                                                             for i in range(2_500)]
+    first_round = [r.score.probability for r in response.results[:PERSONS]]
+    assert all(r.score.probability == first_round[i % PERSONS] for i, r in enumerate(response.results))
+    assert all(r.score.top_features == [] and r.score.base_value == 0 for r in response.results)
 
 
 def test_person_features_are_what_training_computes(world: World) -> None:
