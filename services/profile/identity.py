@@ -161,7 +161,15 @@ class GrpcIdentityResolver:
         for start in range(0, len(selectors), MAX_LOOKUPS_PER_CALL):
             chunk = selectors[start:start + MAX_LOOKUPS_PER_CALL]
             request = identity_pb.BatchLookupPersonsRequest(persons=[_selector(p, i) for p, i in chunk])
-            response: identity_pb.BatchLookupPersonsResponse = self._call(self._stub.BatchLookupPersons, request)
+            try:
+                response: identity_pb.BatchLookupPersonsResponse = self._call(self._stub.BatchLookupPersons,
+                                                                              request)
+            except _InvalidObservations as error:
+                raise InvalidArgument(
+                    "some selectors are invalid; nothing was read",
+                    reason="INVALID_IDENTIFIER",
+                    field_violations=[FieldViolation(f"persons[{start + i}].identifier", message)
+                                      for i, message in sorted(error.messages.items())]) from error
             found += [_person_view(r.person) if r.found else None for r in response.results]
         return found
 

@@ -253,3 +253,16 @@ def test_an_invalid_identifier_in_a_read_is_invalid_argument_not_unavailable(pro
         profile_of(profiles, "email:not-an-email")
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not an email" in (bad.value.details() or "")
+
+
+def test_batch_get_names_an_invalid_selector(profiles: Stub) -> None:
+    ingest(profiles, track("crm_id:v1", name="open"))
+    with pytest.raises(grpc.RpcError) as bad:
+        profiles.BatchGetProfiles(pb.BatchGetProfilesRequest(
+            persons=[selector("crm_id:v1"), selector("email:nope")]), timeout=10)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(bad.value)
+    assert status is not None
+    violations = error_details_pb2.BadRequest()
+    assert any(d.Unpack(violations) for d in status.details if d.Is(violations.DESCRIPTOR))
+    assert [v.field for v in violations.field_violations] == ["persons[1].identifier"]

@@ -1,0 +1,44 @@
+"""BatchLookupPersons: results in request order, misses as found=false, bad selectors named."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from onecdp.common.v1 import common_pb2
+from onecdp.identity.v1 import identity_service_pb2 as pb
+from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
+
+from tests.services.identity.conftest import ids, link, observation
+
+pytestmark = pytest.mark.integration
+
+
+def _by_identifier(pair: str) -> common_pb2.PersonSelector:
+    (identifier,) = ids(pair)
+    return common_pb2.PersonSelector(identifier=identifier)
+
+
+def test_batch_lookup_answers_every_selector_in_order(identity: pb_grpc.IdentityServiceStub) -> None:
+    persons = [link(identity, observation(f"crm_id:b{i}", f"cookie:c-b{i}"))[0].person_id for i in range(40)]
+    selectors = []
+    for i, person_id in enumerate(persons):
+        selectors.append(_by_identifier(f"cookie:c-b{i}") if i % 2 else common_pb2.PersonSelector(person_id=person_id))
+        selectors.append(_by_identifier(f"crm_id:missing-{i}"))
+    results = identity.BatchLookupPersons(pb.BatchLookupPersonsRequest(persons=selectors), timeout=30).results
+    assert [r.found for r in results] == [True, False] * 40
+    assert [r.person.person_id for r in results[::2]] == persons
+
+
+def test_batch_lookup_names_every_invalid_selector(identity: pb_grpc.IdentityServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as bad:
+        identity.BatchLookupPersons(pb.BatchLookupPersonsRequest(persons=[
+            _by_identifier("email:bad"), _by_identifier("cookie:fine"), _by_identifier("phone:nope")]), timeout=10)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(bad.value)
+    assert status is not None
+    violations = error_details_pb2.BadRequest()
+    assert any(d.Unpack(violations) for d in status.details if d.Is(violations.DESCRIPTOR))
+    assert [v.field for v in violations.field_violations] == ["persons[0].identifier.value",
+                                                              "persons[2].identifier.value"]
