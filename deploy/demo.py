@@ -6,7 +6,7 @@ a day later, so identity links five identifiers into one person. Every purchase 
 event carrying only the crm id, as a CRM import would. Message ids are derived from the data, so
 loading twice stores everything once (the second run reports duplicates).
 
-    python -m deploy.demo load [--customers N] [--streams 4] [--target localhost:50052]
+    python -m deploy.demo load [--customers N] [--streams 8] [--target localhost:50052]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import itertools
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -34,6 +34,10 @@ from shared.config import GrpcSettings
 
 SOURCE = "cdnow-import"
 BATCH_SIZE = 500
+# Batches per StreamIngestEvents call (10,000 events): short enough to finish well within a connection's
+# maximum age, long enough that per-call costs vanish.
+BATCHES_PER_CALL = 20
+MAX_ATTEMPTS = 5
 console = Console()
 
 
@@ -114,6 +118,7 @@ class LoadSummary:
     duplicate: int = 0
     rejected: int = 0
     seconds: float = 0.0
+    retried: int = 0
     rejections: list[pb.EventResult] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -131,7 +136,16 @@ def _batches(events: Sequence[pb.Event], size: int) -> Iterator[list[pb.Event]]:
         yield list(events[start:start + size])
 
 
-def load(stub: pb_grpc.ProfileServiceStub, purchases: Sequence[CdnowPurchase], *, streams: int = 4,
+def _requests(events: Sequence[pb.Event], batch_size: int, sent: list[int],
+              advance: Callable[[int], None]) -> Iterator[pb.StreamIngestEventsRequest]:
+    """The stream's messages; counts (and reports) what was handed to gRPC, to undo on a retry."""
+    for batch in _batches(events, batch_size):
+        yield pb.StreamIngestEventsRequest(events=batch)
+        sent[0] += len(batch)
+        advance(len(batch))
+
+
+def load(stub: pb_grpc.ProfileServiceStub, purchases: Sequence[CdnowPurchase], *, streams: int = 8,
          batch_size: int = BATCH_SIZE, progress: Progress | None = None) -> LoadSummary:
     """Ingest the demo events over `streams` concurrent StreamIngestEvents calls."""
     identifies, orders = demo_events(purchases)
@@ -139,13 +153,28 @@ def load(stub: pb_grpc.ProfileServiceStub, purchases: Sequence[CdnowPurchase], *
     task = progress.add_task("events", total=len(identifies) + len(orders)) if progress else None
     started = time.perf_counter()
 
+    def advance(events: int) -> None:
+        if progress is not None and task is not None:
+            progress.advance(task, events)
+
     def stream(events: list[pb.Event]) -> None:
-        def requests() -> Iterator[pb.StreamIngestEventsRequest]:
-            for batch in _batches(events, batch_size):
-                yield pb.StreamIngestEventsRequest(events=batch)
-                if progress is not None and task is not None:
-                    progress.advance(task, len(batch))
-        summary.add(stub.StreamIngestEvents(requests(), timeout=3600))
+        # Bounded calls, so none outlives the servers' maximum connection age; a call cut short (a
+        # server restarting, a connection recycled) is sent again: ingestion is idempotent, so what
+        # it had stored comes back as duplicates.
+        for start in range(0, len(events), batch_size * BATCHES_PER_CALL):
+            chunk = events[start:start + batch_size * BATCHES_PER_CALL]
+            for attempt in itertools.count(1):
+                sent = [0]
+                try:
+                    response = stub.StreamIngestEvents(_requests(chunk, batch_size, sent, advance), timeout=600)
+                    break
+                except grpc.RpcError as error:
+                    advance(-sent[0])
+                    if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == MAX_ATTEMPTS:
+                        raise
+                    summary.retried += 1
+                    time.sleep(min(2.0 ** attempt, 30.0))
+            summary.add(response)
 
     # Identify events first (they link the identifiers), then the orders; each phase split across streams.
     for phase in (identifies, orders):
@@ -163,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     load_parser = commands.add_parser("load", help="ingest CDNOW customers as events")
     load_parser.add_argument("--customers", type=int, default=None, help="only the first N customers (default: all)")
-    load_parser.add_argument("--streams", type=int, default=4, help="concurrent ingest streams")
+    load_parser.add_argument("--streams", type=int, default=8, help="concurrent ingest streams")
     load_parser.add_argument("--target", default=None, help="profile service address (default ONECDP_PROFILE_TARGET)")
     args = parser.parse_args(argv)
     settings = GrpcSettings()
@@ -181,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     rate = summary.events / summary.seconds if summary.seconds else 0.0
     console.print(f"[bold]Done:[/bold] {summary.events:,} events in {summary.seconds:.1f} s ({rate:,.0f} events/s): "
                   f"{summary.accepted:,} accepted, {summary.duplicate:,} duplicates, {summary.rejected:,} rejected; "
-                  f"{customers:,} customer profiles")
+                  f"{customers:,} customer profiles"
+                  + (f"; {summary.retried} calls cut short were sent again" if summary.retried else ""))
     for rejected in summary.rejections[:5]:
         console.print(f"  rejected {rejected.message_id}: {rejected.message}")
     first = min(p.customer_id for p in purchases)
