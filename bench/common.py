@@ -7,19 +7,25 @@ measured in the same run (a ratio), and say what load they were measured at.
 from __future__ import annotations
 
 import math
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from deploy import cassandra as launcher
+from deploy.stack import health_status
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import CassandraSettings
 
@@ -154,3 +160,55 @@ def figures_table(title: str, rows: Sequence[tuple[str, str, str]]) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+# ---- services as processes, as deployed --------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def service_env(settings: CassandraSettings, ports: Mapping[str, int]) -> dict[str, str]:
+    """The environment of a service process: the benchmark's keyspaces, and where every service listens."""
+    env = {**os.environ, "CASSANDRA_KEYSPACE_PREFIX": settings.keyspace_prefix, "ONECDP_BIND_HOST": "127.0.0.1",
+           "ONECDP_LOG_LEVEL": "WARNING", "ONECDP_GRACE_PERIOD_SECONDS": "1"}
+    for name, port in ports.items():
+        env[f"ONECDP_{name.upper()}_PORT"] = str(port)
+        env[f"ONECDP_{name.upper()}_TARGET"] = f"127.0.0.1:{port}"
+    return env
+
+
+def start_service_process(name: str, port: int, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """`python -m services.<name>` on `port`, once it answers SERVING."""
+    process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=REPO,
+                               env={**env, f"ONECDP_{name.upper()}_PORT": str(port)}, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while health_status(port, timeout=0.5) != "SERVING":
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"{name} did not start (exit status {process.poll()})")
+        time.sleep(0.2)
+    return process
+
+
+@contextmanager
+def service_processes(settings: CassandraSettings, services: Sequence[str]) -> Iterator[dict[str, int]]:
+    """The services as processes on free ports, started in order and stopped in reverse; their ports."""
+    ports = {name: free_port() for name in services}
+    env = service_env(settings, ports)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for name in services:
+            processes.append(start_service_process(name, ports[name], env))
+        yield ports
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)

@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
@@ -37,13 +34,20 @@ import grpc
 import lightgbm as lgb
 from google.longrunning import operations_pb2
 from google.protobuf import timestamp_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onecdp.common.v1 import common_pb2
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 
-from bench.common import LoadResult, bench_cassandra, closed_loop, console, figures_table, open_loop
+from bench.common import (
+    LoadResult,
+    bench_cassandra,
+    closed_loop,
+    console,
+    figures_table,
+    open_loop,
+    service_processes,
+)
 from services.prediction.features import feature_matrix, feature_row
 from services.prediction.history import PersonRef
 from services.prediction.profile_source import GrpcProfileSource
@@ -61,58 +65,10 @@ VALIDATION_CUTOFF = day("2024-06-01")
 SERVICES = ("identity", "profile", "prediction")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     message = timestamp_pb2.Timestamp()
     message.FromDatetime(value)
     return message
-
-
-@contextmanager
-def service_processes(settings: CassandraSettings) -> Iterator[dict[str, int]]:
-    """Identity, profile and prediction as `python -m services.<name>` processes; their ports."""
-    ports = {name: _free_port() for name in SERVICES}
-    env = {**os.environ, "CASSANDRA_KEYSPACE_PREFIX": settings.keyspace_prefix, "ONECDP_BIND_HOST": "127.0.0.1",
-           "ONECDP_LOG_LEVEL": "WARNING", "ONECDP_GRACE_PERIOD_SECONDS": "1"}
-    for name, port in ports.items():
-        env[f"ONECDP_{name.upper()}_PORT"] = str(port)
-        env[f"ONECDP_{name.upper()}_TARGET"] = f"127.0.0.1:{port}"
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        for name in SERVICES:
-            processes.append(subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env,
-                                              stdout=subprocess.DEVNULL))
-            _wait_serving(ports[name], processes[-1])
-        yield ports
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
-
-
-def _wait_serving(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"a service exited with status {process.returncode} before serving")
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no service answered on port {port} within 120 s")
-            time.sleep(0.2)
 
 
 def train(stub: pb_grpc.PredictionServiceStub) -> pb.ModelVersion:
@@ -177,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="open-loop ScorePerson run per selector kind")
     args = parser.parse_args(argv)
 
-    with bench_cassandra("prediction") as (settings, admin), service_processes(settings) as ports:
+    with bench_cassandra("prediction") as (settings, admin), service_processes(settings, SERVICES) as ports:
         try:
             events = synthetic_events(args.persons, seed=11)
             with grpc.insecure_channel(f"127.0.0.1:{ports['profile']}") as profile_channel, \

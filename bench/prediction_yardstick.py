@@ -30,8 +30,8 @@ from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 
-from bench.common import bench_cassandra, console, figures_table
-from bench.prediction import _timestamp, drop_keyspaces, service_processes
+from bench.common import bench_cassandra, console, figures_table, service_processes
+from bench.prediction import SERVICES, _timestamp, drop_keyspaces
 from deploy.cdnow import read_cdnow
 from deploy.demo import crm_id, customers_of, load
 from services.prediction.metrics import roc_auc
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     bought = {p.customer_id for p in purchases if CUTOFF.date() <= p.date < horizon_end}
     labels = np.array([c in bought for c in customers], dtype=np.int8)
 
-    with bench_cassandra("prediction") as (settings, admin), service_processes(settings) as ports:
+    with bench_cassandra("prediction") as (settings, admin), service_processes(settings, SERVICES) as ports:
         try:
             with grpc.insecure_channel(f"127.0.0.1:{ports['profile']}") as profile_channel, \
                     grpc.insecure_channel(f"127.0.0.1:{ports['prediction']}") as channel:

@@ -14,56 +14,32 @@ Prints events/s for each and the ratios. Figures, not a test.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import grpc
 from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
-from bench.common import bench_cassandra, console, figures_table
-from deploy.stack import health_status
+from bench.common import bench_cassandra, console, figures_table, free_port, service_env, start_service_process
 from services.profile.model import bucket_of
 from shared.cassandra import CassandraSession, connect_cluster, open_session
-from shared.config import CassandraSettings
 from shared.migrations import migrate_service
 
-REPO = Path(__file__).resolve().parent.parent
 BATCH = 500
 STREAMS = 4
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
-def service_process(name: str, port: int, settings: CassandraSettings, identity_port: int) -> Iterator[None]:
-    env = {**os.environ, "CASSANDRA_KEYSPACE_PREFIX": settings.keyspace_prefix,
-           f"ONECDP_{name.upper()}_PORT": str(port),
-           "ONECDP_IDENTITY_TARGET": f"127.0.0.1:{identity_port}", "ONECDP_LOG_LEVEL": "WARNING",
-           "ONECDP_MIGRATE_ON_START": "false"}
-    process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def service_process(name: str, port: int, env: Mapping[str, str]) -> Iterator[None]:
+    process = start_service_process(name, port, {**env, "ONECDP_MIGRATE_ON_START": "false"})
     try:
-        deadline = time.monotonic() + 60
-        while health_status(port, timeout=0.5) != "SERVING":
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{name} did not start: {process.stderr.read().decode() if process.stderr else ''}")
-            time.sleep(0.2)
         yield
     finally:
         process.terminate()
@@ -163,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(admin.execute, f"DROP KEYSPACE IF EXISTS {settings.keyspace('identity')}", timeout=60)
         for service in ("identity", "profile"):
             migrate_service(admin, service, settings)
-        identity_port, profile_ports = _free_port(), [_free_port(), _free_port()]
-        stack.enter_context(service_process("identity", identity_port, settings, identity_port))
-        stack.enter_context(service_process("profile", profile_ports[0], settings, identity_port))
+        identity_port, profile_ports = free_port(), [free_port(), free_port()]
+        env = service_env(settings, {"identity": identity_port, "profile": profile_ports[0]})
+        stack.enter_context(service_process("identity", identity_port, env))
+        stack.enter_context(service_process("profile", profile_ports[0], env))
         console.print(f"creating {args.persons:,} persons (not timed)")
         ingest(profile_ports[:1], identify_events(args.persons))
         one = ingest(profile_ports[:1], activity_events(args.events, args.persons, "one"))
-        stack.enter_context(service_process("profile", profile_ports[1], settings, identity_port))
+        stack.enter_context(service_process("profile", profile_ports[1], env))
         two = ingest(profile_ports, activity_events(args.events, args.persons, "two"))
         cluster = connect_cluster(settings)
         stack.callback(cluster.shutdown)

@@ -20,15 +20,11 @@ orders each, ingested through profile's StreamIngestEvents. Figures, not a test.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -40,8 +36,7 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
-from bench.common import LoadResult, bench_cassandra, console, figures_table, open_loop
-from deploy.stack import health_status
+from bench.common import LoadResult, bench_cassandra, console, figures_table, open_loop, service_processes
 from services.profile.shards import split_ring
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import SERVICE_NAMES, CassandraSettings
@@ -51,41 +46,6 @@ SERVICES = ("identity", "profile", "segmentation")
 PARALLELISM = 8
 BATCH_RULE = 'traits.plan = "pro" AND event("order").count(last 30d) >= 2'
 PING_RULE = 'event("ping").count(last 1d) >= 1'
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@contextmanager
-def service_processes(settings: CassandraSettings) -> Iterator[dict[str, int]]:
-    """The three services as `python -m services.<name>` processes (as deployed); their ports."""
-    ports = {name: _free_port() for name in SERVICES}
-    env = {**os.environ, "CASSANDRA_KEYSPACE_PREFIX": settings.keyspace_prefix, "ONECDP_BIND_HOST": "127.0.0.1",
-           "ONECDP_LOG_LEVEL": "WARNING", "ONECDP_GRACE_PERIOD_SECONDS": "1"}
-    for name, port in ports.items():
-        env[f"ONECDP_{name.upper()}_PORT"] = str(port)
-        env[f"ONECDP_{name.upper()}_TARGET"] = f"127.0.0.1:{port}"
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        for name in SERVICES:
-            process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=REPO, env=env,
-                                       stdout=subprocess.DEVNULL)
-            processes.append(process)
-            deadline = time.monotonic() + 120
-            while health_status(ports[name], timeout=0.5) != "SERVING":
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"{name} did not start (exit status {process.poll()})")
-                time.sleep(0.2)
-        yield ports
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
 
 
 def _event(message_id: str, person: str, when: datetime, **fields: object) -> profile_pb.Event:
@@ -234,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=4.0, help="pings per second (each a new person)")
     args = parser.parse_args(argv)
 
-    with bench_cassandra("segmentation") as (settings, admin), service_processes(settings) as ports:
+    with bench_cassandra("segmentation") as (settings, admin), service_processes(settings, SERVICES) as ports:
         try:
             with grpc.insecure_channel(f"127.0.0.1:{ports['profile']}") as profile_channel, \
                     grpc.insecure_channel(f"127.0.0.1:{ports['segmentation']}") as channel:

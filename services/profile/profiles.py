@@ -123,11 +123,19 @@ class Profiles:
         if accepted:
             self.store.write_events(accepted, now)
             self._record_ingest(accepted)
-        # Duplicates within the batch report the person of the event they repeat.
-        person_of = {r.message_id: r.person_id for r in results if r is not None and r.person_id}
-        return [r if r is not None and (r.person_id or r.status != EventStatus.DUPLICATE)
-                else EventResult(events[i].message_id, EventStatus.DUPLICATE, person_of.get(events[i].message_id, ""))
-                for i, r in enumerate(results)]
+        # A repeat within the batch shares the fate of the event it repeats: its person, or its rejection.
+        first = {m: results[i] for m, i in first_of.items()}
+        final = []
+        for event, result in zip(events, results, strict=True):
+            original = first.get(event.message_id)
+            if result is not None and (result.status != EventStatus.DUPLICATE or result.person_id):
+                final.append(result)
+            elif original is not None and original.status == EventStatus.REJECTED:
+                final.append(original)
+            else:
+                final.append(EventResult(event.message_id, EventStatus.DUPLICATE,
+                                         original.person_id if original is not None else ""))
+        return final
 
     def _record_ingest(self, accepted: Sequence[tuple[Event, str]]) -> None:
         changes: dict[str, _PersonChanges] = {}

@@ -1,4 +1,4 @@
-"""An identity service per test, in process, on a free port, against the test's own keyspace."""
+"""Identity test helpers; the identity service fixture (in process, own keyspace) is in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -11,20 +11,9 @@ from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
-from services.identity.server import DEFINITION
-from shared.config import CassandraSettings, GrpcSettings
-from shared.runner import RunningService, start_service
+from shared.runner import RunningService
 
 _message_ids = itertools.count()
-
-
-@pytest.fixture
-def identity_service(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings) -> Iterator[RunningService]:
-    service = start_service(DEFINITION, grpc_settings, cassandra_settings, port=0)
-    try:
-        yield service
-    finally:
-        service.stop(None)
 
 
 @pytest.fixture

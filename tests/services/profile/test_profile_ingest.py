@@ -140,6 +140,10 @@ def test_each_rejection_reason_and_one_bad_event_never_sinks_its_batch(profiles:
     }
     assert {m: _reason(results, m) for m in expected} == expected
     assert "not an email" in next(r for r in results if r.message_id == "bad-email").message
+    # A repeat of a rejected event in the same batch is rejected alike, not reported as stored.
+    twice = ingest(profiles, track("email:still-bad", message_id="bad-twice"),
+                   track("email:still-bad", message_id="bad-twice"))
+    assert [r.status for r in twice] == [pb.EVENT_STATUS_REJECTED] * 2
     good = [r for r in results if r.message_id.startswith("good")]
     assert [r.status for r in good] == [pb.EVENT_STATUS_ACCEPTED] * 2
     # Nothing of a rejected event was written: only the two good events are on the profile.

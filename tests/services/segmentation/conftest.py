@@ -1,4 +1,4 @@
-"""Identity, profile and segmentation per test, in process, on free ports, against the test's own keyspaces."""
+"""Segmentation per test, in process, on a free port (identity and profile come from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,27 +15,11 @@ from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
-from services.identity.server import DEFINITION as IDENTITY
-from services.profile.server import DEFINITION as PROFILE
 from services.segmentation.server import DEFINITION as SEGMENTATION
 from shared.config import CassandraSettings, GrpcSettings
 from shared.runner import RunningService, start_service
 
 _message_ids = itertools.count()
-
-
-@pytest.fixture
-def profile_service(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings) -> Iterator[RunningService]:
-    identity = start_service(IDENTITY, grpc_settings, cassandra_settings, port=0)
-    try:
-        settings = grpc_settings.model_copy(update={"identity_target": f"127.0.0.1:{identity.port}"})
-        profile = start_service(PROFILE, settings, cassandra_settings, port=0)
-        try:
-            yield profile
-        finally:
-            profile.stop(None)
-    finally:
-        identity.stop(None)
 
 
 @pytest.fixture
@@ -71,12 +55,6 @@ def stack(segmentation_service: RunningService) -> Iterator[pb_grpc.Segmentation
     """Segmentation in front of profile and identity."""
     with grpc.insecure_channel(f"127.0.0.1:{segmentation_service.port}") as channel:
         yield pb_grpc.SegmentationServiceStub(channel)
-
-
-@pytest.fixture
-def profiles(profile_service: RunningService) -> Iterator[profile_grpc.ProfileServiceStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{profile_service.port}") as channel:
-        yield profile_grpc.ProfileServiceStub(channel)
 
 
 def at(text: str) -> datetime:
