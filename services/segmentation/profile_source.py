@@ -182,7 +182,9 @@ class GrpcProfileSource:
         return list(response.shards)
 
     def _scan(self, shard: str, as_of: datetime, with_events: bool) -> Iterator[list[ProfileFacts]]:
-        request = profile_pb.ScanProfilesRequest(shard=shard, include_events=with_events, batch_size=SCAN_BATCH)
+        # Only what evaluation reads: no identifiers, which would cost profile an identity call per batch.
+        request = profile_pb.ScanProfilesRequest(shard=shard, include_events=with_events, batch_size=SCAN_BATCH,
+                                                 read_mask=_FACTS_MASK)
         request.as_of_time.FromDatetime(as_of)
         for response in self._stub.ScanProfiles(request):
             yield [facts_of(p.profile, list(p.events)) for p in response.profiles]

@@ -24,9 +24,11 @@ from services.segmentation.evaluation import ProfileFacts, matches
 from services.segmentation.realtime import next_change_time
 from services.segmentation.rules import EventAggregateCondition, EventCountCondition, Rule, conditions
 from services.segmentation.store import OperationRecord, SegmentStore
-from shared.errors import DomainError, InvalidArgument, NotFound
+from shared.errors import DomainError, InvalidArgument, NotFound, StatusCode
 
 log = logging.getLogger(__name__)
+RECOMPUTE_ATTEMPTS = 4
+_RETRYABLE = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED})
 
 DEFAULT_PARALLELISM = 8
 MAX_PARALLELISM = 64
@@ -89,13 +91,28 @@ class Recomputer:
     def stop(self) -> None:
         self._runner.shutdown(wait=True, cancel_futures=True)
 
+    def _recompute_retrying(self, operation: OperationRecord, workers: int, started: float) -> OperationRecord:
+        """A recompute that a passing profile or Cassandra failure (UNAVAILABLE, DEADLINE_EXCEEDED) does not
+        end: nobody waits on the operation of a segment's first computation, so it must finish by itself.
+        Rerunning is safe: memberships are written idempotently and diffed against what is stored."""
+        for attempt in range(1, RECOMPUTE_ATTEMPTS + 1):
+            try:
+                return self._recompute(operation, workers, started)
+            except DomainError as error:
+                if error.code not in _RETRYABLE or attempt == RECOMPUTE_ATTEMPTS:
+                    raise
+                log.warning("recompute interrupted; retrying", extra={"segment": operation.segment_id,
+                                                                      "attempt": attempt, "error": error.message})
+                time.sleep(min(2.0 ** attempt, 30.0))
+        raise AssertionError("unreachable")
+
     def _run(self, operation: OperationRecord, workers: int) -> None:
         started = time.perf_counter()
         with self._locks_lock:
             segment_lock = self._segment_locks.setdefault(operation.segment_id, threading.Lock())
         try:
             with segment_lock:
-                operation = self._recompute(operation, workers, started)
+                operation = self._recompute_retrying(operation, workers, started)
         except DomainError as error:
             log.warning("recompute failed", extra={"segment": operation.segment_id, "error": error.message})
             operation = replace(operation, done=True, error_code=error.code.value, error_message=error.message)
