@@ -67,23 +67,22 @@ def cached_named_tuple_factory(column_names: Sequence[str], rows: Sequence[Seque
     return [row_type(*row) for row in rows]
 
 
+def _execution_profile(settings: CassandraSettings, **options: Any) -> ExecutionProfile:
+    return ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=settings.local_dc)),
+        consistency_level=ConsistencyLevel.name_to_value[settings.consistency],
+        serial_consistency_level=SERIAL_CONSISTENCY,
+        request_timeout=settings.request_timeout_seconds,
+        **options,
+    )
+
+
 def connect_cluster(settings: CassandraSettings) -> Cluster:
     """A connected driver Cluster for the settings; call `.shutdown()` when done."""
-    profile = ExecutionProfile(
-        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=settings.local_dc)),
-        consistency_level=ConsistencyLevel.name_to_value[settings.consistency],
-        serial_consistency_level=SERIAL_CONSISTENCY,
-        request_timeout=settings.request_timeout_seconds,
-    )
+    profile = _execution_profile(settings)
     # The same, with rows built by the cached factory. Lightweight transactions keep the driver's own
     # factory: ResultSet.was_applied only accepts the driver's factories.
-    rows_profile = ExecutionProfile(
-        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=settings.local_dc)),
-        consistency_level=ConsistencyLevel.name_to_value[settings.consistency],
-        serial_consistency_level=SERIAL_CONSISTENCY,
-        request_timeout=settings.request_timeout_seconds,
-        row_factory=cached_named_tuple_factory,
-    )
+    rows_profile = _execution_profile(settings, row_factory=cached_named_tuple_factory)
     auth = None
     if settings.username:
         password = settings.password.get_secret_value() if settings.password else ""

@@ -6,6 +6,7 @@ changes, readers stay a settle window behind now); this module gives it identity
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ class Change:
     reason: str
 
 
+@functools.lru_cache(maxsize=64)
 def _feed(session: CassandraSession) -> ChangeFeed:
+    # One feed per session, so its prepared CQL and the day it last recorded are kept between changes.
     return ChangeFeed(session, _COLUMNS)
 
 

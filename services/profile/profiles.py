@@ -159,16 +159,9 @@ class Profiles:
         """The person (the survivor of merges) by id or identifier; NotFound when nobody matches."""
         return self.identity.person(person_id, identifier)
 
-    def partitions(self, person_id: str) -> tuple[list[str], ProfileRow | None]:
-        """Every person id whose rows make up this person's profile (itself first), and its profile row.
-
-        The merged ids are this service's own record of the merges it applied (at ingest, or from
-        the identity feed), not identity's list: after a split identity may still name a person that
-        owns its rows again.
-        """
-        row = self.store.profile_row(person_id)
-        merged = row.merged_person_ids if row else []
-        return [person_id, *dict.fromkeys(m for m in merged if m != person_id)], row
+    def partitions(self, person_id: str) -> list[str]:
+        """Every person id whose rows make up this person's profile, itself first (see `partitions_of`)."""
+        return partitions_of(person_id, self.store.profile_row(person_id))
 
     def view(self, person: PersonView, as_of: datetime | None, *, with_events: bool = True,
              with_traits: bool = True, with_computed: bool = True) -> ProfileView:
@@ -185,11 +178,7 @@ class Profiles:
         """
         if rows is None:
             rows = self.store.profile_rows(p.person_id for p in persons)
-        groups = []
-        for person in persons:
-            row = rows.get(person.person_id)
-            merged = row.merged_person_ids if row else []
-            groups.append([person.person_id, *dict.fromkeys(m for m in merged if m != person.person_id)])
+        groups = [partitions_of(p.person_id, rows.get(p.person_id)) for p in persons]
         need_events = with_events or with_computed
         timelines = self.store.timelines(groups) if need_events else [[] for _ in groups]
         traits = self.store.traits_of_groups(groups) if with_traits else [{} for _ in groups]
@@ -208,7 +197,7 @@ class Profiles:
                     names: Sequence[str], after: tuple[datetime, str] | None, page_size: int,
                     ) -> tuple[list[TimelineEvent], tuple[datetime, str] | None]:
         """A page of the person's events, newest first, and where the next page starts (None at the end)."""
-        partitions, _ = self.partitions(person.person_id)
+        partitions = self.partitions(person.person_id)
         wanted = set(names)
         selected = [e for e in self.store.timeline(partitions)
                     if (start is None or e.event_time >= start) and (end is None or e.event_time < end)
@@ -248,7 +237,7 @@ class Profiles:
         for loser in losers:
             if loser == winner:
                 continue
-            partitions, _ = self.partitions(loser)
+            partitions = self.partitions(loser)
             self.store.move_events([(e, winner) for e in self.store.timeline(partitions)])
             for partition in partitions:
                 self.store.copy_direct_traits(partition, winner)
@@ -259,7 +248,7 @@ class Profiles:
 
     def apply_split(self, source: str, results: Sequence[str]) -> None:
         """Re-resolve every event stored under `source` and move those identity now gives to someone else."""
-        partitions, _ = self.partitions(source)
+        partitions = self.partitions(source)
         events = self.store.timeline(partitions)
         refs = self.store.stored_events(e.message_id for e in events)
         observations = [Observation(e.message_id, tuple(refs[e.message_id].identifiers)) for e in events
@@ -273,7 +262,7 @@ class Profiles:
             self._record(person_id, ChangeType.SPLIT)
 
     def apply_erase(self, person_id: str) -> int:
-        partitions, _ = self.partitions(person_id)
+        partitions = self.partitions(person_id)
         erased = self.store.erase(partitions, self._clock())
         self._record(person_id, ChangeType.ERASE)
         return erased
@@ -308,6 +297,17 @@ class Profiles:
         return [ProfileChange(str(e.change_id), e.row.person_id, e.change_time, ChangeType(e.row.change_type),
                               list(e.row.trait_names or ()), list(e.row.event_names or ()),
                               list(e.row.merged_person_ids or ())) for e in entries], cursor
+
+
+def partitions_of(person_id: str, row: ProfileRow | None) -> list[str]:
+    """The person id and those merged into it, per its profile row: whose rows make up its profile.
+
+    The merged ids are this service's own record of the merges it applied (at ingest, or from the
+    identity feed), not identity's list: after a split identity may still name a person that owns its
+    rows again.
+    """
+    merged = row.merged_person_ids if row else []
+    return [person_id, *dict.fromkeys(m for m in merged if m != person_id)]
 
 
 def _observation(event: Event) -> Observation:
