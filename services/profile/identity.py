@@ -78,7 +78,8 @@ class IdentityResolver(Protocol):
 
     def person(self, person_id: str = "", identifier: tuple[str, str] | None = None) -> PersonView: ...
 
-    def lookup(self, selectors: Sequence[tuple[str, tuple[str, str] | None]]) -> list[PersonView | None]: ...
+    def lookup(self, selectors: Sequence[tuple[str, tuple[str, str] | None]],
+               field_paths: Sequence[str] | None = None) -> list[PersonView | None]: ...
 
     def persons(self, person_ids: Sequence[str]) -> dict[str, PersonView]: ...
 
@@ -155,8 +156,12 @@ class GrpcIdentityResolver:
         request = identity_pb.LookupPersonRequest(person=_selector(person_id, identifier))
         return _person_view(self._call(self._stub.LookupPerson, request))
 
-    def lookup(self, selectors: Sequence[tuple[str, tuple[str, str] | None]]) -> list[PersonView | None]:
-        """Persons by (person id, or identifier) in one call per 1,000; None where nobody matches."""
+    def lookup(self, selectors: Sequence[tuple[str, tuple[str, str] | None]],
+               field_paths: Sequence[str] | None = None) -> list[PersonView | None]:
+        """Persons by (person id, or identifier) in one call per 1,000; None where nobody matches.
+
+        An invalid identifier is INVALID_ARGUMENT naming `field_paths[i]` (default `persons[i]`).
+        """
         found: list[PersonView | None] = []
         for start in range(0, len(selectors), MAX_LOOKUPS_PER_CALL):
             chunk = selectors[start:start + MAX_LOOKUPS_PER_CALL]
@@ -168,8 +173,9 @@ class GrpcIdentityResolver:
                 raise InvalidArgument(
                     "some selectors are invalid; nothing was read",
                     reason="INVALID_IDENTIFIER",
-                    field_violations=[FieldViolation(f"persons[{start + i}].identifier", message)
-                                      for i, message in sorted(error.messages.items())]) from error
+                    field_violations=[FieldViolation(
+                        f"{field_paths[start + i] if field_paths else f'persons[{start + i}]'}.identifier", message)
+                        for i, message in sorted(error.messages.items())]) from error
             found += [_person_view(r.person) if r.found else None for r in response.results]
         return found
 

@@ -183,13 +183,37 @@ class TraitValue:
 
 @dataclass(frozen=True)
 class TraitWrite:
-    """One write of traits for a person (BatchWriteTraits); a None value deletes the trait."""
+    """One write of traits for a person (BatchWriteTraits); a None value deletes the trait.
+
+    `person_id` is the person the traits are stored under now. `origin` is what the write belongs to
+    when identity later splits that person: the identifier it was written for, or else the person id
+    the caller named (see `TraitOrigin`).
+    """
 
     person_id: str
     traits: dict[str, Any]
     event_time: datetime
     source: str
     party: int
+    origin: TraitOrigin
+
+
+@dataclass(frozen=True)
+class TraitOrigin:
+    """Whom a BatchWriteTraits write follows: an identifier (whoever holds it) or else a person id."""
+
+    person_id: str
+    identifier: tuple[str, str] | None = None
+
+    @property
+    def selector(self) -> tuple[str, tuple[str, str] | None]:
+        """How identity is asked whom this origin belongs to now: by the identifier if any, else by person id."""
+        return ("", self.identifier) if self.identifier else (self.person_id, None)
+
+    @property
+    def key(self) -> str:
+        """Distinguishes writes of different origins in the same row key, so moving them never collides."""
+        return f"{self.identifier[0]}:{self.identifier[1]}" if self.identifier else self.person_id
 
 
 @dataclass

@@ -239,15 +239,22 @@ class Profiles:
                 continue
             partitions = self.partitions(loser)
             self.store.move_events([(e, winner) for e in self.store.timeline(partitions)])
+            self.store.move_direct_traits([(w, winner) for w in self.store.direct_trait_writes(partitions)])
             for partition in partitions:
-                self.store.copy_direct_traits(partition, winner)
                 self.store.mark_merged(partition, winner, now)
                 moved.append(partition)
         if moved:
             self._record(winner, ChangeType.MERGE, merged_person_ids=moved)
 
     def apply_split(self, source: str, results: Sequence[str]) -> None:
-        """Re-resolve every event stored under `source` and move those identity now gives to someone else."""
+        """Re-resolve every event and trait write stored under `source`; move those identity now gives to
+        someone else.
+
+        An event goes to the person of its identifiers (as at ingest). A BatchWriteTraits write goes to
+        whoever holds the identifier it was written for, or, written by person id alone, to the person
+        that id resolves to now (itself when the split kept or restored it); it stays where it is when
+        identity knows neither any more.
+        """
         partitions = self.partitions(source)
         events = self.store.timeline(partitions)
         refs = self.store.stored_events(e.message_id for e in events)
@@ -256,6 +263,10 @@ class Profiles:
         targets = {o.message_id: r.person_id
                    for o, r in zip(observations, self.identity.resolve(observations), strict=True)}
         self.store.move_events([(e, targets.get(e.message_id) or source) for e in events])
+        writes = self.store.direct_trait_writes(partitions)
+        selectors = list(dict.fromkeys(w.origin.selector for w in writes))
+        holders = {s: p.person_id for s, p in zip(selectors, self.identity.lookup(selectors), strict=True) if p}
+        self.store.move_direct_traits([(w, holders.get(w.origin.selector, w.person_id)) for w in writes])
         persons = list(dict.fromkeys([source, *results]))
         self.store.mark_split(persons, self._clock())
         for person_id in persons:

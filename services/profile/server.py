@@ -18,7 +18,16 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
 from services.profile.computed import ComputedTraits
 from services.profile.identity import GrpcIdentityResolver, PersonView
-from services.profile.model import Event, EventResult, EventStatus, Order, OrderLine, TimelineEvent, TraitWrite
+from services.profile.model import (
+    Event,
+    EventResult,
+    EventStatus,
+    Order,
+    OrderLine,
+    TimelineEvent,
+    TraitOrigin,
+    TraitWrite,
+)
 from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, ProfileView
 from services.profile.shards import format_shard, parse_shard, split_ring
 from services.profile.store import ProfileStore, from_micros, micros
@@ -295,23 +304,46 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         violations = Violations()
         violations.check(bool(request.writes), "writes", "at least one write is required")
         for index, write in enumerate(request.writes):
-            violations.check(bool(write.person_id), f"writes[{index}].person_id", "required")
+            has_identifier = write.HasField("identifier")
+            violations.check(bool(write.person_id) or has_identifier, f"writes[{index}].person_id",
+                             "set person_id, identifier, or both")
+            violations.check(not has_identifier or bool(write.identifier.type and write.identifier.value),
+                             f"writes[{index}].identifier", "type and value are both required")
             violations.check(bool(write.traits.fields), f"writes[{index}].traits", "at least one trait is required")
             for name in write.traits.fields:
                 violations.check(0 < len(name) <= MAX_TRAIT_NAME_LENGTH, f"writes[{index}].traits",
                                  f"trait names are 1-{MAX_TRAIT_NAME_LENGTH} characters")
         violations.raise_if_any("some trait writes are invalid; nothing was written")
-        persons = self._profiles.identity.persons(list(dict.fromkeys(w.person_id for w in request.writes)))
+        persons = self._profiles.identity.persons(list(dict.fromkeys(w.person_id for w in request.writes
+                                                                     if w.person_id)))
+        by_identifier = [i for i, w in enumerate(request.writes) if w.HasField("identifier")]
+        holders = dict(zip(by_identifier, self._profiles.identity.lookup(
+            [("", (request.writes[i].identifier.type, request.writes[i].identifier.value)) for i in by_identifier],
+            [f"writes[{i}]" for i in by_identifier]), strict=True))
         for index, write in enumerate(request.writes):
-            violations.check(write.person_id in persons, f"writes[{index}].person_id",
+            named = persons.get(write.person_id) if write.person_id else None
+            violations.check(not write.person_id or named is not None, f"writes[{index}].person_id",
                              f"no person {write.person_id!r} (never issued, or erased)")
+            if index in holders:
+                holder = holders[index]
+                violations.check(holder is not None, f"writes[{index}].identifier",
+                                 "nobody holds this identifier; ingest an event with it first")
+                violations.check(holder is None or named is None or holder.person_id == named.person_id,
+                                 f"writes[{index}].identifier",
+                                 f"held by person {holder.person_id if holder else ''!r}, not by "
+                                 f"{write.person_id!r}; drop person_id to write for whoever holds it")
         violations.raise_if_any("some trait writes name unknown persons; nothing was written",
                                 reason="UNKNOWN_PERSONS")
         now = datetime.now(UTC)
-        writes = [TraitWrite(persons[w.person_id].person_id,
-                             {k: json_format.MessageToDict(v) for k, v in w.traits.fields.items()},
-                             _optional_time(w, "event_time") or now, w.source,
-                             int(w.party) or common_pb2.DATA_PARTY_FIRST) for w in request.writes]
+        writes = []
+        for index, write in enumerate(request.writes):
+            holder = holders.get(index) or persons[write.person_id]
+            identifier = (write.identifier.type, write.identifier.value) if index in holders else None
+            writes.append(TraitWrite(holder.person_id, {k: json_format.MessageToDict(v)
+                                                        for k, v in write.traits.fields.items()},
+                                     _optional_time(write, "event_time") or now, write.source,
+                                     int(write.party) or common_pb2.DATA_PARTY_FIRST,
+                                     TraitOrigin(write.person_id or holder.person_id, identifier)))
         return pb.BatchWriteTraitsResponse(written_count=self._profiles.write_traits(writes))
 
     def ListProfileShards(self, request: pb.ListProfileShardsRequest,

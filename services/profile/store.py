@@ -17,7 +17,15 @@ from typing import Any
 
 from cassandra.cluster import ResponseFuture
 
-from services.profile.model import Event, EventType, TimelineEvent, TraitValue, TraitWrite, bucket_of
+from services.profile.model import (
+    Event,
+    EventType,
+    TimelineEvent,
+    TraitOrigin,
+    TraitValue,
+    TraitWrite,
+    bucket_of,
+)
 from shared.cassandra import CassandraSession
 
 _TIMELINE_COLUMNS = ("person_id, bucket, event_time, message_id, event_micros, event_type, event_name, order_id, "
@@ -27,12 +35,22 @@ _INSERT_TIMELINE = (f"INSERT INTO timeline ({_TIMELINE_COLUMNS}) "
 _INSERT_BUCKET = "INSERT INTO timeline_buckets (person_id, bucket) VALUES (?, ?)"
 _INSERT_TRAIT = ("INSERT INTO trait_writes (person_id, name, event_time, message_id, value, deleted, source, party) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_DIRECT_TRAIT = ("INSERT INTO trait_writes (person_id, name, event_time, message_id, value, deleted, source, "
+                        "party, origin_person_id, identifier) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_DELETE_TRAIT = "DELETE FROM trait_writes WHERE person_id = ? AND name = ? AND event_time = ? AND message_id = ?"
 _INSERT_EVENT_ID = ("INSERT INTO events_by_id (message_id, person_id, bucket, event_time, identifiers, receive_time) "
                     "VALUES (?, ?, ?, ?, ?, ?)")
 _TOUCH_PROFILE = "UPDATE profiles SET update_time = ? WHERE person_id = ?"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Trait writes of BatchWriteTraits are keyed by this prefix plus their source, not by an event.
+# Trait writes of BatchWriteTraits are keyed by this prefix plus their source and origin, not by an event.
 DIRECT_WRITE_PREFIX = "write:"
+
+
+def direct_write_id(source: str, origin: TraitOrigin) -> str:
+    """The message id of a BatchWriteTraits write: the same source writing again for the same origin at
+    the same event time overwrites itself; writes of different origins never share a row, even once
+    merged under one person."""
+    return f"{DIRECT_WRITE_PREFIX}{source}|{origin.key}"
 
 
 def micros(value: datetime) -> int:
@@ -56,6 +74,21 @@ class ProfileRow:
     merged_person_ids: list[str]
     erased: bool
     update_time: datetime | None
+
+
+@dataclass(frozen=True)
+class DirectTraitRow:
+    """A stored BatchWriteTraits write: where it is (`person_id`, the row key) and whom it follows."""
+
+    person_id: str
+    name: str
+    event_time: datetime
+    message_id: str
+    value: str
+    deleted: bool
+    source: str
+    party: int
+    origin: TraitOrigin
 
 
 @dataclass(frozen=True)
@@ -120,10 +153,11 @@ class ProfileStore:
     def write_traits(self, writes: Sequence[TraitWrite], receive_time: datetime) -> int:
         futures = []
         for write in writes:
+            message_id = direct_write_id(write.source, write.origin)
             for name, value in write.traits.items():
-                futures.append(self._session.execute_async(_INSERT_TRAIT, (
-                    write.person_id, name, write.event_time, f"{DIRECT_WRITE_PREFIX}{write.source}",
-                    json.dumps(value), value is None, write.source, write.party)))
+                futures.append(self._session.execute_async(_INSERT_DIRECT_TRAIT, (
+                    write.person_id, name, write.event_time, message_id, json.dumps(value), value is None,
+                    write.source, write.party, write.origin.person_id, write.origin.identifier)))
             futures.append(self._session.execute_async(_TOUCH_PROFILE, (receive_time, write.person_id)))
         self._wait(futures)
         return sum(len(w.traits) for w in writes)
@@ -226,22 +260,33 @@ class ProfileStore:
                     inserts.append(self._session.execute_async(_INSERT_TRAIT, (
                         target, row.name, row.event_time, row.message_id, row.value, row.deleted, row.source,
                         row.party)))
-                    deletes.append(("DELETE FROM trait_writes WHERE person_id = ? AND name = ? AND event_time = ? "
-                                    "AND message_id = ?", (event.person_id, row.name, row.event_time,
-                                                           row.message_id)))
+                    deletes.append((_DELETE_TRAIT, (event.person_id, row.name, row.event_time, row.message_id)))
             inserts.append(self._session.execute_async(
                 "UPDATE events_by_id SET person_id = ? WHERE message_id = ?", (target, event.message_id)))
         self._wait(inserts)
         self._wait([self._session.execute_async(cql, params) for cql, params in deletes])
 
-    def copy_direct_traits(self, source: str, target: str) -> None:
-        """Copy the BatchWriteTraits writes of `source` to `target` (a merge keeps the loser's traits)."""
-        rows = self._session.execute(
-            "SELECT name, event_time, message_id, value, deleted, source, party FROM trait_writes "
-            "WHERE person_id = ?", (source,))
-        self._wait([self._session.execute_async(_INSERT_TRAIT, (
-            target, r.name, r.event_time, r.message_id, r.value, r.deleted, r.source, r.party))
-            for r in rows if r.message_id.startswith(DIRECT_WRITE_PREFIX)])
+    def direct_trait_writes(self, person_ids: Iterable[str]) -> list[DirectTraitRow]:
+        """The BatchWriteTraits writes stored under these persons (not those of identify events)."""
+        futures = [self._session.execute_async(
+            "SELECT person_id, name, event_time, message_id, value, deleted, source, party, origin_person_id, "
+            "identifier FROM trait_writes WHERE person_id = ?", (p,)) for p in dict.fromkeys(person_ids)]
+        return [DirectTraitRow(
+            row.person_id, row.name, row.event_time, row.message_id, row.value, bool(row.deleted), row.source or "",
+            row.party or 0,
+            # Writes stored before origins were recorded follow the person they were stored under.
+            TraitOrigin(row.origin_person_id or row.person_id, tuple(row.identifier) if row.identifier else None))
+            for future in futures for row in self._session.result(future)
+            if row.message_id.startswith(DIRECT_WRITE_PREFIX)]
+
+    def move_direct_traits(self, moves: Sequence[tuple[DirectTraitRow, str]]) -> None:
+        """Move each BatchWriteTraits write to the given person (insert there first, then delete here)."""
+        moves = [(row, target) for row, target in moves if target != row.person_id]
+        self._wait([self._session.execute_async(_INSERT_DIRECT_TRAIT, (
+            target, row.name, row.event_time, row.message_id, row.value, row.deleted, row.source, row.party,
+            row.origin.person_id, row.origin.identifier)) for row, target in moves])
+        self._wait([self._session.execute_async(_DELETE_TRAIT, (row.person_id, row.name, row.event_time,
+                                                                row.message_id)) for row, _ in moves])
 
     def mark_merged(self, loser: str, winner: str, now: datetime) -> None:
         self._session.execute("UPDATE profiles SET merged_into = ?, update_time = ? WHERE person_id = ?",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from onecdp.common.v1 import common_pb2
@@ -62,6 +64,67 @@ def test_a_split_gives_each_person_their_own_events_back(profiles: Stub, identit
     assert "identify" in names_a | names_b
     assert link.person_id in (profile_of(profiles, "cookie:s-a").person_id,
                               profile_of(profiles, "email:s-b@example.com").person_id)
+
+
+def _write_traits(profiles: Stub, traits: dict[str, Any], *, person_id: str = "", identifier: str = "",
+                  source: str = "test-writer") -> pb.BatchWriteTraitsResponse:
+    write = pb.TraitWrite(person_id=person_id, source=source)
+    if identifier:
+        write.identifier.CopyFrom(ident(identifier))
+    write.traits.update(traits)
+    response: pb.BatchWriteTraitsResponse = profiles.BatchWriteTraits(pb.BatchWriteTraitsRequest(writes=[write]),
+                                                                      timeout=10)
+    return response
+
+
+def test_trait_writes_follow_their_identifier_or_person_id_through_merge_and_split(
+        profiles: Stub, identity: IdentityStub) -> None:
+    cookie_person = ingest(profiles, track("cookie:t-a", name="a_only", when="2026-02-01"))[0].person_id
+    email_person = ingest(profiles, track("email:t-b@example.com", name="b_only", when="2026-02-02"))[0].person_id
+    # Written before the merge by person id alone: stays with that id wherever the id goes.
+    _write_traits(profiles, {"email_score": 0.3}, person_id=email_person)
+    _write_traits(profiles, {"cookie_score": 0.4}, person_id=cookie_person)
+    survivor = ingest(profiles, identify("cookie:t-a", "email:t-b@example.com", when="2026-02-03"))[0].person_id
+    assert survivor in (cookie_person, email_person)
+    # Written for an identifier: follows it. By the survivor's id alone: stays with the survivor's id.
+    _write_traits(profiles, {"device_model": "pixel"}, identifier="cookie:t-a")
+    _write_traits(profiles, {"newsletter": True}, identifier="email:t-b@example.com", person_id=survivor)
+    _write_traits(profiles, {"churn_score": 0.9}, person_id=survivor)
+    merged = profile_of(profiles, "cookie:t-a")
+    assert set(merged.traits) == {"email_score", "cookie_score", "device_model", "newsletter", "churn_score"}
+    identity.UnlinkIdentifiers(identity_pb.UnlinkIdentifiersRequest(
+        link=identity_pb.IdentifierPair(a=ident("cookie:t-a"), b=ident("email:t-b@example.com")),
+        reason="wrong link"), timeout=30)
+
+    def split_apart() -> tuple[pb.Profile, pb.Profile] | None:
+        a, b = profile_of(profiles, "cookie:t-a"), profile_of(profiles, "email:t-b@example.com")
+        applied = a.person_id != b.person_id and a.traits and b.traits and len(a.traits) + len(b.traits) == 5
+        return (a, b) if applied else None
+    apart = eventually(split_apart)
+    assert apart is not None, "the split did not reach the profiles"
+    by_cookie, by_email = apart
+    # Identity restores the ids the two persons had before the merge.
+    assert (by_cookie.person_id, by_email.person_id) == (cookie_person, email_person)
+    survivor_traits = {"churn_score"}
+    assert set(by_cookie.traits) == {"cookie_score", "device_model"} | (
+        survivor_traits if survivor == cookie_person else set())
+    assert set(by_email.traits) == {"email_score", "newsletter"} | (
+        survivor_traits if survivor == email_person else set())
+    assert by_cookie.traits["device_model"].value.string_value == "pixel"
+    assert by_email.traits["newsletter"].value.bool_value is True
+
+
+def test_trait_writes_for_identifiers_nobody_holds_or_another_person_holds_are_refused(profiles: Stub) -> None:
+    first = ingest(profiles, track("crm_id:tw-1"))[0].person_id
+    ingest(profiles, track("crm_id:tw-2"))
+    for identifier, person_id, field in (("crm_id:tw-nobody", "", "writes[0].identifier"),
+                                         ("crm_id:tw-2", first, "writes[0].identifier"),
+                                         ("", "", "writes[0].person_id")):
+        with pytest.raises(grpc.RpcError) as refused:
+            _write_traits(profiles, {"x": 1}, identifier=identifier, person_id=person_id)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (refused.value.details() or "")
+    assert "x" not in profile_of(profiles, "crm_id:tw-1").traits
 
 
 def _event_names(profiles: Stub, pair: str) -> set[str]:

@@ -1172,7 +1172,14 @@ Global___BatchWriteTraitsRequest: _TypeAlias = BatchWriteTraitsRequest  # noqa: 
 
 @_typing.final
 class TraitWrite(_message.Message):
-    """Traits to write for one person."""
+    """Traits to write for one person.
+
+    Where the traits stay when identity changes who is who: a merge moves them to the surviving
+    person. A split gives them to whoever holds `identifier` then, or, for a write by `person_id`
+    alone, to the person that id resolves to then (the id itself when the split keeps or restores
+    it). So traits of a device written for its device id follow the device, and traits computed for
+    a person (a score) stay with that person id.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1181,8 +1188,9 @@ class TraitWrite(_message.Message):
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     PARTY_FIELD_NUMBER: _builtins.int
+    IDENTIFIER_FIELD_NUMBER: _builtins.int
     person_id: _builtins.str
-    """The person id."""
+    """The person id. Required unless `identifier` is set; a merged-away id writes to the survivor."""
     source: _builtins.str
     """The writing system, e.g. `onecdp-prediction`."""
     party: _common_pb2.DataParty.ValueType
@@ -1195,6 +1203,13 @@ class TraitWrite(_message.Message):
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """Event time of the write. Absent means now."""
 
+    @_builtins.property
+    def identifier(self) -> _common_pb2.Identifier:
+        """The identifier these traits describe, e.g. a device's model for its `device_id`. The write goes
+        to the person holding it now and follows it when identity splits that person. Required unless
+        `person_id` is set; with both set, the identifier must belong to that person.
+        """
+
     def __init__(
         self,
         *,
@@ -1203,10 +1218,11 @@ class TraitWrite(_message.Message):
         event_time: _timestamp_pb2.Timestamp | None = ...,
         source: _builtins.str = ...,
         party: _common_pb2.DataParty.ValueType = ...,
+        identifier: _common_pb2.Identifier | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "traits", b"traits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "identifier", b"identifier", "traits", b"traits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "party", b"party", "person_id", b"person_id", "source", b"source", "traits", b"traits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "identifier", b"identifier", "party", b"party", "person_id", b"person_id", "source", b"source", "traits", b"traits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

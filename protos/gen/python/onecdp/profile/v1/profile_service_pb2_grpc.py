@@ -150,9 +150,11 @@ class ProfileServiceServicer:
 
     def BatchWriteTraits(self, request, context):
         """Writes traits for many persons at once, e.g. prediction scores written back. Last write wins
-        by `event_time`. Up to 1,000 writes.
+        by `event_time`. Up to 1,000 writes. Each write names a person id, an identifier, or both;
+        see TraitWrite for where a write goes when identity later merges or splits the person.
 
-        Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written).
+        Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written), including
+        a person id or identifier nobody holds, and an identifier held by another person than `person_id`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -68,9 +68,11 @@ class ProfileServiceStub:
     """
     BatchWriteTraits: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.BatchWriteTraitsRequest, _profile_service_pb2.BatchWriteTraitsResponse]
     """Writes traits for many persons at once, e.g. prediction scores written back. Last write wins
-    by `event_time`. Up to 1,000 writes.
+    by `event_time`. Up to 1,000 writes. Each write names a person id, an identifier, or both;
+    see TraitWrite for where a write goes when identity later merges or splits the person.
 
-    Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written).
+    Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written), including
+    a person id or identifier nobody holds, and an identifier held by another person than `person_id`.
     """
     ListProfileShards: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileShardsRequest, _profile_service_pb2.ListProfileShardsResponse]
     """Lists the shards (token ranges) of the profile table, for parallel full scans."""
@@ -126,9 +128,11 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     """
     BatchWriteTraits: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.BatchWriteTraitsRequest, _profile_service_pb2.BatchWriteTraitsResponse]  # type: ignore[assignment]
     """Writes traits for many persons at once, e.g. prediction scores written back. Last write wins
-    by `event_time`. Up to 1,000 writes.
+    by `event_time`. Up to 1,000 writes. Each write names a person id, an identifier, or both;
+    see TraitWrite for where a write goes when identity later merges or splits the person.
 
-    Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written).
+    Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written), including
+    a person id or identifier nobody holds, and an identifier held by another person than `person_id`.
     """
     ListProfileShards: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileShardsRequest, _profile_service_pb2.ListProfileShardsResponse]  # type: ignore[assignment]
     """Lists the shards (token ranges) of the profile table, for parallel full scans."""
@@ -217,9 +221,11 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_service_pb2.BatchWriteTraitsResponse, _abc.Awaitable[_profile_service_pb2.BatchWriteTraitsResponse]]:
         """Writes traits for many persons at once, e.g. prediction scores written back. Last write wins
-        by `event_time`. Up to 1,000 writes.
+        by `event_time`. Up to 1,000 writes. Each write names a person id, an identifier, or both;
+        see TraitWrite for where a write goes when identity later merges or splits the person.
 
-        Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written).
+        Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written), including
+        a person id or identifier nobody holds, and an identifier held by another person than `person_id`.
         """
 
     @_abc_1.abstractmethod
