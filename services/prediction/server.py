@@ -388,8 +388,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         top = _top_features(request.top_features, 0, "top_features", violations)
         violations.raise_if_any()
         assert model_id is not None
+        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"))
         scoring = self._predictor.scoring_version(model_id, version_id)
-        scored = self._predictor.score_many(scoring, [p for p in persons if p is not None], _now(), top)
+        scored = self._predictor.score_many(scoring, [p for p in persons if p is not None], as_of, top)
         return pb.BatchScorePersonsResponse(results=_score_results(scored, scoring.name))
 
     def StreamScorePersons(self, request_iterator: Iterable[pb.StreamScorePersonsRequest],

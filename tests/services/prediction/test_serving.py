@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -29,13 +29,20 @@ from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 
 from services.prediction.features import FEATURE_NAMES, features_as_of
-from services.prediction.history import ActivityEvent, InMemoryProfileSource, PersonHistory, PersonRef
+from services.prediction.history import ORDER_EVENT, ActivityEvent, InMemoryProfileSource, PersonHistory, PersonRef
 from services.prediction.profile_source import GrpcProfileSource
 from services.prediction.registry import ModelRegistry
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import CassandraSettings
 from shared.errors import DomainError, InvalidArgument, NotFound
-from tests.services.prediction.stack import IDENTIFIER_TYPE, Stack, identifier_of, ingest, running_stack
+from tests.services.prediction.stack import (
+    IDENTIFIER_TYPE,
+    Stack,
+    identifier_of,
+    ingest,
+    profile_events,
+    running_stack,
+)
 from tests.services.prediction.synthetic import day, synthetic_events
 from tests.services.prediction.test_server import create, error_of
 
@@ -305,6 +312,45 @@ def test_a_batch_above_profiles_read_limit_is_scored_in_request_order(world: Wor
     first_round = [r.score.probability for r in response.results[:PERSONS]]
     assert all(r.score.probability == first_round[i % PERSONS] for i, r in enumerate(response.results))
     assert all(r.score.top_features == [] and r.score.base_value == 0 for r in response.results)
+
+
+def test_batch_scores_as_of_a_time_cannot_be_changed_by_a_later_event(world: World) -> None:
+    predictions = world.stack.predictions
+    name = sorted(world.events)[40]
+    person_id = world.person_ids[name]
+
+    def batch_as_of(as_of: datetime) -> list[pb.Score]:
+        response = predictions.BatchScorePersons(pb.BatchScorePersonsRequest(
+            model=f"models/{MODEL}", persons=[by_id(person_id), by_identifier(name)], top_features=ALL_FEATURES,
+            as_of_time=timestamp(as_of)), timeout=30)
+        assert [r.WhichOneof("outcome") for r in response.results] == ["score", "score"]
+        return [r.score for r in response.results]
+
+    before = batch_as_of(AS_OF)
+    assert all(s.as_of_time.ToDatetime(tzinfo=UTC) == AS_OF for s in before)
+    assert before[0].probability == pytest.approx(local_probability(world, name, AS_OF), abs=1e-12)
+
+    # Orders at the cutoff itself and a day after it: neither is strictly before AS_OF.
+    late = [ActivityEvent(ORDER_EVENT, AS_OF, 50.0, "books"), ActivityEvent(ORDER_EVENT, AS_OF + timedelta(days=1),
+                                                                            70.0, "music")]
+    messages = profile_events(name, late)
+    for index, message in enumerate(messages):
+        message.message_id, message.order.order_id = f"{name}-late-{index}", f"{name}-late-o{index}"
+    response = world.stack.profiles.IngestEvents(profile_pb.IngestEventsRequest(events=messages), timeout=30)
+    assert all(r.status == profile_pb.EVENT_STATUS_ACCEPTED for r in response.results), response
+    world.events[name] = sorted([*world.events[name], *late], key=lambda e: e.time)  # later tests see them too
+
+    after = batch_as_of(AS_OF)
+    for old, new in zip(before, after, strict=True):
+        assert new.probability == old.probability and new.base_value == old.base_value
+        assert [(c.feature, c.value, c.contribution) for c in new.top_features] == \
+            [(c.feature, c.value, c.contribution) for c in old.top_features]
+    # The orders were stored and do count for a later time, so the equality above is not vacuous.
+    later = AS_OF + timedelta(days=2)
+    features = predictions.GetPersonFeatures(pb.GetPersonFeaturesRequest(person=by_id(person_id),
+                                                                         as_of_time=timestamp(later)), timeout=10)
+    assert features.values["order_count"] == features_as_of(world.events[name], AS_OF)["order_count"] + 2
+    assert batch_as_of(later)[0].probability == pytest.approx(local_probability(world, name, later), abs=1e-12)
 
 
 def test_person_features_are_what_training_computes(world: World) -> None:

@@ -786,6 +786,7 @@ class BatchScorePersonsRequest(_message.Message):
     PERSONS_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     TOP_FEATURES_FIELD_NUMBER: _builtins.int
+    AS_OF_TIME_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """`models/{model_id}`."""
     model_version: _builtins.str
@@ -796,6 +797,13 @@ class BatchScorePersonsRequest(_message.Message):
     def persons(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PersonSelector]:
         """The persons (1-10,000)."""
 
+    @_builtins.property
+    def as_of_time(self) -> _timestamp_pb2.Timestamp:
+        """Score every person as of this time: features only from events strictly before it, exactly
+        as a model trained with this time as a cutoff would see them (point-in-time correct; events
+        stored later, or dated later, cannot change these scores). Default now.
+        """
+
     def __init__(
         self,
         *,
@@ -803,10 +811,11 @@ class BatchScorePersonsRequest(_message.Message):
         persons: _abc.Iterable[_common_pb2.PersonSelector] | None = ...,
         model_version: _builtins.str = ...,
         top_features: _builtins.int = ...,
+        as_of_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_version", b"model_version", "persons", b"persons", "top_features", b"top_features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "model", b"model", "model_version", b"model_version", "persons", b"persons", "top_features", b"top_features"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -216,7 +216,8 @@ class PredictionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def BatchScorePersons(self, request, context):
-        """Scores many persons at once (1-10,000), one result per selector in request order.
+        """Scores many persons at once (1-10,000), one result per selector in request order, all as of
+        the same time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -93,7 +93,9 @@ class PredictionServiceStub:
     active version, or the person is not eligible (e.g. churn for someone never active).
     """
     BatchScorePersons: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.BatchScorePersonsRequest, _prediction_service_pb2.BatchScorePersonsResponse]
-    """Scores many persons at once (1-10,000), one result per selector in request order."""
+    """Scores many persons at once (1-10,000), one result per selector in request order, all as of
+    the same time.
+    """
     StreamScorePersons: _grpc.StreamStreamMultiCallable[_prediction_service_pb2.StreamScorePersonsRequest, _prediction_service_pb2.StreamScorePersonsResponse]
     """Scores a stream of persons; answers one result per request, in order."""
     RefreshScores: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.RefreshScoresRequest, _operations_pb2.Operation]
@@ -174,7 +176,9 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     active version, or the person is not eligible (e.g. churn for someone never active).
     """
     BatchScorePersons: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.BatchScorePersonsRequest, _prediction_service_pb2.BatchScorePersonsResponse]  # type: ignore[assignment]
-    """Scores many persons at once (1-10,000), one result per selector in request order."""
+    """Scores many persons at once (1-10,000), one result per selector in request order, all as of
+    the same time.
+    """
     StreamScorePersons: _aio.StreamStreamMultiCallable[_prediction_service_pb2.StreamScorePersonsRequest, _prediction_service_pb2.StreamScorePersonsResponse]  # type: ignore[assignment]
     """Scores a stream of persons; answers one result per request, in order."""
     RefreshScores: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.RefreshScoresRequest, _operations_pb2.Operation]  # type: ignore[assignment]
@@ -318,7 +322,9 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _prediction_service_pb2.BatchScorePersonsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_prediction_service_pb2.BatchScorePersonsResponse, _abc.Awaitable[_prediction_service_pb2.BatchScorePersonsResponse]]:
-        """Scores many persons at once (1-10,000), one result per selector in request order."""
+        """Scores many persons at once (1-10,000), one result per selector in request order, all as of
+        the same time.
+        """
 
     @_abc_1.abstractmethod
     def StreamScorePersons(
