@@ -1,8 +1,5 @@
-"""The gRPC adapter of the identity service: onecdp.identity.v1 messages in, IdentityGraph calls, messages out.
-
-Methods not overridden here are inherited from the generated servicer, which answers UNIMPLEMENTED;
-the shared interceptor names the method in that message, so nothing pretends to work.
-"""
+"""The gRPC adapter of the identity service: onecdp.identity.v1 messages in, IdentityGraph and
+IdentitySettings calls, messages out."""
 
 from __future__ import annotations
 
@@ -32,8 +29,18 @@ from services.identity.graph import (
     Provenance,
     RawObservation,
 )
-from services.identity.identifiers import IdentifierType
+from services.identity.identifiers import GuardPolicy, IdentifierType, Normalization
 from services.identity.partition import IdKey
+from services.identity.settings import (
+    POLICY_NAME,
+    IdentitySettings,
+    PolicyDraft,
+    SharedRule,
+    TypeDraft,
+    policy_etag,
+    type_etag,
+    type_name_of,
+)
 from shared.cassandra import CassandraSession
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Violations
 from shared.runner import ServiceContext, ServiceDefinition
@@ -117,22 +124,52 @@ def _check_reason(reason: str) -> None:
         raise InvalidArgument.for_field("reason", f"at most {MAX_REASON_LENGTH} characters", reason="REASON_TOO_LONG")
 
 
+# Normalization.TRIM is the proto's NORMALIZATION_UNSPECIFIED ("trimmed of surrounding white space only").
+_NORMALIZATION_OF_PROTO = {pb.NORMALIZATION_UNSPECIFIED: Normalization.TRIM, **{
+    pb.Normalization.Value(f"NORMALIZATION_{n.name}"): n for n in Normalization if n is not Normalization.TRIM}}
+_PROTO_OF_NORMALIZATION = {n: value for value, n in _NORMALIZATION_OF_PROTO.items()}
+
+
 def _identifier_type(identifier_type: IdentifierType) -> pb.IdentifierType:
     return pb.IdentifierType(
         name=f"identifierTypes/{identifier_type.type}", type=identifier_type.type,
         display_name=identifier_type.display_name,
-        normalization=pb.Normalization.Value(f"NORMALIZATION_{identifier_type.normalization.name}")
-        if identifier_type.normalization.name != "TRIM" else pb.NORMALIZATION_UNSPECIFIED,
+        normalization=_PROTO_OF_NORMALIZATION[identifier_type.normalization],
         priority=identifier_type.priority, max_per_person=identifier_type.max_per_person,
         blocked_values=sorted(identifier_type.blocked_values), blocked_patterns=identifier_type.blocked_patterns,
-        hash_values=identifier_type.hash_values, built_in=identifier_type.built_in)
+        hash_values=identifier_type.hash_values, built_in=identifier_type.built_in,
+        etag=type_etag(identifier_type))
+
+
+def _type_draft(message: pb.IdentifierType) -> TypeDraft:
+    return TypeDraft(type=message.type, normalization=_NORMALIZATION_OF_PROTO.get(message.normalization),
+                     display_name=message.display_name, priority=message.priority,
+                     max_per_person=message.max_per_person, blocked_values=tuple(message.blocked_values),
+                     blocked_patterns=tuple(message.blocked_patterns), hash_values=message.hash_values)
+
+
+def _guard_policy(policy: GuardPolicy) -> pb.GuardPolicy:
+    return pb.GuardPolicy(
+        name=POLICY_NAME, blocked_values=sorted(policy.blocked_values), blocked_patterns=policy.blocked_patterns,
+        shared_identifier_rules=[
+            pb.SharedIdentifierRule(identifier_type=shared, distinct_type=counted, max_distinct=limit)
+            for (shared, counted), limit in sorted(policy.shared_identifier_limits.items())],
+        etag=policy_etag(policy))
+
+
+def _policy_draft(message: pb.GuardPolicy) -> PolicyDraft:
+    return PolicyDraft(blocked_values=tuple(message.blocked_values), blocked_patterns=tuple(message.blocked_patterns),
+                       shared_identifier_rules=tuple(SharedRule(r.identifier_type, r.distinct_type, r.max_distinct)
+                                                     for r in message.shared_identifier_rules))
 
 
 class IdentityServicer(pb_grpc.IdentityServiceServicer):
-    def __init__(self, graph: IdentityGraph, session: CassandraSession, lookups: ThreadPoolExecutor) -> None:
+    def __init__(self, graph: IdentityGraph, session: CassandraSession, lookups: ThreadPoolExecutor,
+                 settings: IdentitySettings) -> None:
         self._graph = graph
         self._session = session
         self._lookups = lookups
+        self._settings = settings
 
     def LinkIdentifiers(self, request: pb.LinkIdentifiersRequest,
                         context: grpc.ServicerContext) -> pb.LinkIdentifiersResponse:
@@ -252,7 +289,8 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     def ListIdentifierTypes(self, request: pb.ListIdentifierTypesRequest,
                             context: grpc.ServicerContext) -> pb.ListIdentifierTypesResponse:
         page_size = _page_size(request.page_size)
-        types = self._graph.registry.all()
+        self._settings.refresh()  # read through to storage: a change made via another process shows at once
+        types = self._settings.registry.all()
         start = _page_start(request.page_token, len(types))
         page = types[start:start + page_size]
         next_token = str(start + page_size) if start + page_size < len(types) else ""
@@ -261,12 +299,36 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
 
     def GetIdentifierType(self, request: pb.GetIdentifierTypeRequest,
                           context: grpc.ServicerContext) -> pb.IdentifierType:
-        type_name = request.name.removeprefix("identifierTypes/")
-        identifier_type = self._graph.registry.get(type_name)
-        if identifier_type is None:
-            raise NotFound(f"no identifier type {request.name!r}; ListIdentifierTypes lists them",
-                           reason="IDENTIFIER_TYPE_NOT_FOUND")
-        return _identifier_type(identifier_type)
+        type_name = type_name_of(request.name, "name")
+        self._settings.refresh()
+        return _identifier_type(self._settings.identifier_type(type_name))
+
+    def CreateIdentifierType(self, request: pb.CreateIdentifierTypeRequest,
+                             context: grpc.ServicerContext) -> pb.IdentifierType:
+        if not request.HasField("identifier_type"):
+            raise InvalidArgument.for_field("identifier_type", "required", reason="IDENTIFIER_TYPE_REQUIRED")
+        created = self._settings.create_type(_type_draft(request.identifier_type),
+                                             validate_only=request.validate_only)
+        return _identifier_type(created)
+
+    def UpdateIdentifierType(self, request: pb.UpdateIdentifierTypeRequest,
+                             context: grpc.ServicerContext) -> pb.IdentifierType:
+        message = request.identifier_type
+        updated = self._settings.update_type(message.name, _type_draft(message), list(request.update_mask.paths),
+                                             message.etag)
+        return _identifier_type(updated)
+
+    def GetGuardPolicy(self, request: pb.GetGuardPolicyRequest, context: grpc.ServicerContext) -> pb.GuardPolicy:
+        _check_policy_name(request.name, "name")
+        self._settings.refresh()
+        return _guard_policy(self._settings.policy)
+
+    def UpdateGuardPolicy(self, request: pb.UpdateGuardPolicyRequest,
+                          context: grpc.ServicerContext) -> pb.GuardPolicy:
+        message = request.guard_policy
+        _check_policy_name(message.name, "guard_policy.name")
+        updated = self._settings.update_policy(_policy_draft(message), list(request.update_mask.paths), message.etag)
+        return _guard_policy(updated)
 
     def _person_id(self, selector: common_pb2.PersonSelector, field_path: str) -> str:
         which = selector.WhichOneof("selector")
@@ -277,6 +339,12 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
                                                     f"{field_path}.identifier")
         raise InvalidArgument.for_field(field_path, "set exactly one of person_id or identifier",
                                         reason="PERSON_SELECTOR_EMPTY")
+
+
+def _check_policy_name(name: str, field_path: str) -> None:
+    if name not in ("", POLICY_NAME):
+        raise InvalidArgument.for_field(field_path, f"the guard policy's name is {POLICY_NAME} (or empty), "
+                                        f"not {name!r}", reason="INVALID_GUARD_POLICY_NAME")
 
 
 def _page_size(requested: int) -> int:
@@ -296,10 +364,14 @@ def _page_start(token: str, total: int) -> int:
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
     graph = IdentityGraph(context.session)
+    # The stored identifier types and guard policy are in force before the first call, and followed after.
+    settings = IdentitySettings(context.session, graph)
+    settings.refresh()
+    settings.follow()
+    context.on_stop(settings.stop)
     lookups = ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="identity-lookup")
     context.on_stop(lookups.shutdown)
-    # Methods not built yet stay abstract in the typed stubs; at run time they answer UNIMPLEMENTED.
-    servicer = IdentityServicer(graph, context.session, lookups)  # type: ignore[abstract]
+    servicer = IdentityServicer(graph, context.session, lookups, settings)
     return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_IdentityServiceServicer_to_server, servicer))]
 
 
