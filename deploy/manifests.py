@@ -40,6 +40,7 @@ from pydantic_settings import BaseSettings
 from rich.console import Console
 from rich.table import Table
 
+from deploy import migration_job
 from shared.config import SERVICE_NAMES, CassandraSettings, GrpcSettings, env_var_names
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +50,10 @@ OVERLAYS_DIR = REPO / "k8s" / "overlays"
 KUBERNETES_VERSIONS = ("1.31", "1.37")
 # Custom resources: their schemas come with their operators, not with Kubernetes.
 CUSTOM_RESOURCE_KINDS = frozenset({("cassandra.datastax.com/v1beta1", "CassandraDatacenter")})
-MIGRATIONS_COMMAND = ("python", "-m", "shared.migrations")
+# The migration Job's command: it waits for Cassandra, then runs shared.migrations.
+MIGRATIONS_COMMAND = ("python", "-m", "deploy.migration_job")
+# Time the migrations themselves take once Cassandra is there (schema changes wait for agreement).
+MIGRATIONS_RUN_SECONDS = 120
 # Time a service needs after its grace period: closing the Cassandra session and exiting.
 SHUTDOWN_MARGIN_SECONDS = 5
 # The kubelet's default when a pod does not say.
@@ -265,7 +269,7 @@ def wiring_problems(containers: list[OneCdpContainer], resources: list[Resource]
         if service not in services:
             problems.append(Problem("overlay", f"no workload runs the {service} service"))
     if not any(c.runs == "migrations" for c in containers):
-        problems.append(Problem("overlay", "no Job runs the schema migrations (python -m shared.migrations)"))
+        problems.append(Problem("overlay", f"no Job runs the schema migrations ({' '.join(MIGRATIONS_COMMAND)})"))
     for container in containers:
         env, _ = container_env(container.container, resources, container.where)
         try:
@@ -277,6 +281,8 @@ def wiring_problems(containers: list[OneCdpContainer], resources: list[Resource]
         if container.runs in SERVICE_NAMES:
             problems += _service_problems(container, grpc_settings, resources)
             problems += _target_problems(container, grpc_settings, services, resources)
+        else:
+            problems += _migration_job_problems(container)
     return problems
 
 
@@ -358,6 +364,26 @@ def _shutdown_problems(container: OneCdpContainer, settings: GrpcSettings) -> li
         return [Problem(container.where, f"terminationGracePeriodSeconds {budget} < preStop {pause} s + "
                                          f"ONECDP_GRACE_PERIOD_SECONDS {settings.grace_period_seconds:g} s + "
                                          f"{SHUTDOWN_MARGIN_SECONDS} s to exit: in-flight RPCs would be killed")]
+    return []
+
+
+def _migration_job_problems(container: OneCdpContainer) -> list[Problem]:
+    """A Job (not a long-running workload) whose deadline outlasts its wait for Cassandra."""
+    job = container.workload
+    if job.get("kind") != "Job":
+        return [Problem(container.where, f"the migrations run in a {job.get('kind')}, not a Job")]
+    arguments = [*container.container["command"][len(MIGRATIONS_COMMAND):], *container.container.get("args", [])]
+    wait = migration_job.DEFAULT_WAIT_SECONDS
+    for index, argument in enumerate(arguments):
+        if argument == "--wait-seconds" and index + 1 < len(arguments):
+            wait = float(arguments[index + 1])
+        elif argument.startswith("--wait-seconds="):
+            wait = float(argument.partition("=")[2])
+    deadline = job["spec"].get("activeDeadlineSeconds")
+    if deadline is not None and deadline < wait + MIGRATIONS_RUN_SECONDS:
+        return [Problem(container.where, f"activeDeadlineSeconds {deadline} < --wait-seconds {wait:g} + "
+                                         f"{MIGRATIONS_RUN_SECONDS} s to migrate: the Job would be killed while "
+                                         "Cassandra may still be starting")]
     return []
 
 

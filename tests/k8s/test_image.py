@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy import manifests
 from shared.config import SERVICE_NAMES
 
 pytestmark = pytest.mark.unit
@@ -123,4 +124,6 @@ def test_the_wheel_installs_the_entrypoints_the_manifests_run(wheel: zipfile.Zip
     scripts = dict(entry_points["console_scripts"])
     for service in SERVICE_NAMES:
         assert scripts[f"onecdp-{service}"] == f"services.{service}.__main__:main"
-    assert "shared/migrations.py" in wheel.namelist()
+    # The migration Job's `python -m <module>`, and what it runs.
+    job_module = manifests.MIGRATIONS_COMMAND[2].replace(".", "/") + ".py"
+    assert {job_module, "shared/migrations.py"} <= set(wheel.namelist())
