@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -121,6 +122,24 @@ def test_prod_runs_three_cassandra_nodes_with_three_replicas_and_mtls(rendered: 
             volumes = {v["name"]: v for v in container.pod_spec["volumes"]}
             for path in tls:
                 assert volumes[mounts[str(path.parent)]]["secret"]["secretName"] == "onecdp-tls"
+
+
+def test_prod_adds_the_cassandra_login_without_dropping_what_the_base_sets(tmp_path: Path) -> None:
+    # A variable the base sets on a container directly must survive the prod overlay's credentials patch.
+    k8s = tmp_path / "k8s"
+    shutil.copytree(REPO / "k8s", k8s)
+    settings_ref = "                name: onecdp-settings\n"
+    direct_env = settings_ref + "          env:\n            - name: ONECDP_LOG_LEVEL\n              value: WARNING\n"
+    for name in ("profile.yaml", "migrations.yaml"):
+        path = k8s / "base" / name
+        assert path.read_text().count(settings_ref) == 1
+        path.write_text(path.read_text().replace(settings_ref, direct_env))
+    resources = manifests.render(k8s / "overlays" / "prod")
+    for container in _containers(resources):
+        env = {variable["name"]: variable for variable in container.container.get("env", [])}
+        assert env["CASSANDRA_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "onecdp-cassandra", "key": "password"}
+        assert "CASSANDRA_USERNAME" in env
+        assert ("ONECDP_LOG_LEVEL" in env) == (container.runs in {"profile", "migrations"}), container.where
 
 
 def test_dev_runs_one_cassandra_node_in_plaintext(rendered: dict[str, list[Resource]]) -> None:
