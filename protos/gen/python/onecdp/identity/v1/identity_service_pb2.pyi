@@ -1059,25 +1059,35 @@ class IdentifierType(_message.Message):
     """How values are normalized before comparison."""
     priority: _builtins.int
     """Higher wins: the person of the highest-priority identifier names the result when guards keep
-    identifiers apart, and explanations prefer it. 0-1000; default 100.
+    identifiers apart, and explanations prefer it. 0-1000; 0 (absent) means the default, 100.
     """
     max_per_person: _builtins.int
     """The most identifiers of this type one person may hold; 0 means unlimited. With 1 (e.g.
     `account_id`), evidence that would give a person two values of the type does not merge them.
     """
     hash_values: _builtins.bool
-    """When true the value is stored as a salted SHA-256 hash, never in clear (e.g. email, phone)."""
+    """When true the value is stored as a salted SHA-256 hash, never in clear (e.g. email, phone).
+    Not supported for custom types yet: creating one with it set is INVALID_ARGUMENT.
+    """
     built_in: _builtins.bool
     """True for the types OneCDP ships with; they cannot be deleted."""
     etag: _builtins.str
-    """Concurrency token for UpdateIdentifierType."""
+    """A digest of the type's configuration (a quoted strong etag, AIP-154). Send it back in
+    UpdateIdentifierType to apply the update only if the type did not change since.
+    """
     @_builtins.property
     def blocked_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Values of this type that are junk (compared after normalization), e.g. `00000000-0000-...`."""
+        """Values of this type that are junk, e.g. `00000000-0000-...`. Each must be a valid value of the
+        type; it is stored normalized like one, since it is compared with normalized values. At most
+        1,000.
+        """
 
     @_builtins.property
     def blocked_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """RE2-style regular expressions; a normalized value matching any is junk. At most 50."""
+        """Regular expressions (Python `re` syntax) searched in the normalized value; a value matching
+        any is junk. At most 50, each 1-256 characters; a pattern that matches the empty string is
+        refused, as it would match almost every value.
+        """
 
     def __init__(
         self,
@@ -1221,7 +1231,8 @@ class UpdateIdentifierTypeRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to update: `display_name`, `priority`, `max_per_person`, `blocked_values`,
-        `blocked_patterns`. Other paths get INVALID_ARGUMENT.
+        `blocked_patterns`, or `*` for all of them. Other paths (`type`, `normalization` and
+        `hash_values` cannot change) get INVALID_ARGUMENT.
         """
 
     def __init__(
@@ -1240,7 +1251,9 @@ Global___UpdateIdentifierTypeRequest: _TypeAlias = UpdateIdentifierTypeRequest  
 
 @_typing.final
 class GuardPolicy(_message.Message):
-    """The guards against over-merging, applied to all identifier types."""
+    """The guards against over-merging, applied to all identifier types. The per-type limits (how
+    many identifiers of one type a person may hold) are `IdentifierType.max_per_person`.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1252,20 +1265,25 @@ class GuardPolicy(_message.Message):
     name: _builtins.str
     """Resource name, always `guardPolicy`."""
     etag: _builtins.str
-    """Concurrency token for UpdateGuardPolicy."""
+    """A digest of the policy (a quoted strong etag, AIP-154). Send it back in UpdateGuardPolicy to
+    apply the update only if the policy did not change since.
+    """
     @_builtins.property
     def blocked_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Junk values of any type (compared after normalization, case-insensitively), e.g. `unknown`,
-        `null`, `undefined`, `anonymous`, `-1`, `0`.
+        """Junk values of any type (compared after normalization, case-insensitively, so stored
+        lower-cased), e.g. `unknown`, `null`, `undefined`, `anonymous`, `-1`, `0`. At most 1,000.
         """
 
     @_builtins.property
     def blocked_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """RE2-style patterns; a value matching any is junk, e.g. `^0+$`, `^(.)\\1+$`. At most 50."""
+        """Regular expressions (Python `re` syntax) searched in the normalized value of any type; a
+        value matching any is junk, e.g. `^0+$`, `^(.)\\1{5,}$`. At most 50, each 1-256 characters; a
+        pattern that matches the empty string is refused, as it would match almost every value.
+        """
 
     @_builtins.property
     def shared_identifier_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedIdentifierRule]:
-        """Rules that mark an identifier as shared."""
+        """Rules that mark an identifier as shared: at most 50, one per pair of types, each type known."""
 
     def __init__(
         self,
@@ -1352,7 +1370,9 @@ class UpdateGuardPolicyRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to update: `blocked_values`, `blocked_patterns`, `shared_identifier_rules`."""
+        """Fields to update: `blocked_values`, `blocked_patterns`, `shared_identifier_rules`, or `*` for
+        all of them. Other paths get INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,

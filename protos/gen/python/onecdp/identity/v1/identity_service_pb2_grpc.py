@@ -232,51 +232,77 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetIdentifierType(self, request, context):
-        """Gets one identifier type's configuration.
+        """Gets one identifier type's configuration, built in or custom.
 
-        Errors: NOT_FOUND for an unknown type name.
+        Errors: NOT_FOUND for an unknown type; INVALID_ARGUMENT for a name that is not
+        `identifierTypes/{type}`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListIdentifierTypes(self, request, context):
-        """Lists the identifier types: the built-in ones and custom ones.
+        """Lists the identifier types, built in and custom, by name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateIdentifierType(self, request, context):
-        """Creates a custom identifier type.
+        """Creates a custom identifier type. It is in force at once in the process that handled the
+        call and within 2 seconds in every other identity process: LinkIdentifiers accepts its
+        identifiers from then on.
 
-        Errors: ALREADY_EXISTS when the name is taken; INVALID_ARGUMENT for a bad name or pattern.
+        Errors: ALREADY_EXISTS when the name is taken, built-in names included; INVALID_ARGUMENT with
+        a field violation per bad field (name, normalization, priority, limit, a blocked value that is
+        not a value of the type, a pattern that does not compile or matches the empty string, or
+        `hash_values`, which is not supported yet).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateIdentifierType(self, request, context):
-        """Updates an identifier type (priority, limits, blocked values). Changes that affect guards
-        trigger re-evaluation of the affected components from the edge log.
+        """Updates the fields of an identifier type, built in or custom, that `update_mask` names. With
+        `etag` set, the update applies only if the type did not change since it was read. In force at
+        once in the process that handled the call, within 2 seconds in every other one.
 
-        Errors: NOT_FOUND; FAILED_PRECONDITION when `etag` does not match the stored one.
+        Identifiers already linked are not swept: each person is judged again under the new
+        settings the next time its component is recomputed, i.e. when new evidence (LinkIdentifiers
+        or UnlinkIdentifiers) touches one of its identifiers. Then a newly blocked value links nothing
+        and persons merged through it are split, and a lower `max_per_person` splits persons over it.
+
+        Errors: NOT_FOUND for an unknown type; ABORTED when `etag` is stale (AIP-154);
+        INVALID_ARGUMENT for a bad field or `update_mask` path.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetGuardPolicy(self, request, context):
-        """Gets the guard policy against over-merging.
+        """Gets the guard policy against over-merging, as stored (a change made through any identity
+        process shows at once).
+
+        Errors: INVALID_ARGUMENT for a name other than `guardPolicy`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateGuardPolicy(self, request, context):
-        """Updates the guard policy. Components that the change affects are recomputed from the edge log.
+        """Updates the fields of the guard policy that `update_mask` names. With `etag` set, the update
+        applies only if the policy did not change since it was read. Concurrent updates never lose
+        each other's changes (compare-and-set). In force at once in the process that handled the
+        call, within 2 seconds in every other one.
 
-        Errors: INVALID_ARGUMENT for a bad pattern or rule; FAILED_PRECONDITION on an etag mismatch.
+        Identifiers already linked are not swept: each person is judged again under the new policy
+        the next time its component is recomputed, i.e. when new evidence (LinkIdentifiers or
+        UnlinkIdentifiers) touches one of its identifiers. Then a newly blocked value links nothing
+        and persons merged through it are split; a lower shared-identifier limit splits the persons a
+        now-shared identifier had merged.
+
+        Errors: ABORTED when `etag` is stale (AIP-154); INVALID_ARGUMENT with a field violation per
+        bad value, pattern or rule (e.g. `guard_policy.blocked_patterns[1]`) or `update_mask` path.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

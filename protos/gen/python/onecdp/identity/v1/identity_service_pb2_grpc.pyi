@@ -98,29 +98,56 @@ class IdentityServiceStub:
     with the last change's `cursor` to resume without gaps or repeats.
     """
     GetIdentifierType: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.GetIdentifierTypeRequest, _identity_service_pb2.IdentifierType]
-    """Gets one identifier type's configuration.
+    """Gets one identifier type's configuration, built in or custom.
 
-    Errors: NOT_FOUND for an unknown type name.
+    Errors: NOT_FOUND for an unknown type; INVALID_ARGUMENT for a name that is not
+    `identifierTypes/{type}`.
     """
     ListIdentifierTypes: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ListIdentifierTypesRequest, _identity_service_pb2.ListIdentifierTypesResponse]
-    """Lists the identifier types: the built-in ones and custom ones."""
+    """Lists the identifier types, built in and custom, by name."""
     CreateIdentifierType: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.CreateIdentifierTypeRequest, _identity_service_pb2.IdentifierType]
-    """Creates a custom identifier type.
+    """Creates a custom identifier type. It is in force at once in the process that handled the
+    call and within 2 seconds in every other identity process: LinkIdentifiers accepts its
+    identifiers from then on.
 
-    Errors: ALREADY_EXISTS when the name is taken; INVALID_ARGUMENT for a bad name or pattern.
+    Errors: ALREADY_EXISTS when the name is taken, built-in names included; INVALID_ARGUMENT with
+    a field violation per bad field (name, normalization, priority, limit, a blocked value that is
+    not a value of the type, a pattern that does not compile or matches the empty string, or
+    `hash_values`, which is not supported yet).
     """
     UpdateIdentifierType: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.UpdateIdentifierTypeRequest, _identity_service_pb2.IdentifierType]
-    """Updates an identifier type (priority, limits, blocked values). Changes that affect guards
-    trigger re-evaluation of the affected components from the edge log.
+    """Updates the fields of an identifier type, built in or custom, that `update_mask` names. With
+    `etag` set, the update applies only if the type did not change since it was read. In force at
+    once in the process that handled the call, within 2 seconds in every other one.
 
-    Errors: NOT_FOUND; FAILED_PRECONDITION when `etag` does not match the stored one.
+    Identifiers already linked are not swept: each person is judged again under the new
+    settings the next time its component is recomputed, i.e. when new evidence (LinkIdentifiers
+    or UnlinkIdentifiers) touches one of its identifiers. Then a newly blocked value links nothing
+    and persons merged through it are split, and a lower `max_per_person` splits persons over it.
+
+    Errors: NOT_FOUND for an unknown type; ABORTED when `etag` is stale (AIP-154);
+    INVALID_ARGUMENT for a bad field or `update_mask` path.
     """
     GetGuardPolicy: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.GetGuardPolicyRequest, _identity_service_pb2.GuardPolicy]
-    """Gets the guard policy against over-merging."""
-    UpdateGuardPolicy: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.UpdateGuardPolicyRequest, _identity_service_pb2.GuardPolicy]
-    """Updates the guard policy. Components that the change affects are recomputed from the edge log.
+    """Gets the guard policy against over-merging, as stored (a change made through any identity
+    process shows at once).
 
-    Errors: INVALID_ARGUMENT for a bad pattern or rule; FAILED_PRECONDITION on an etag mismatch.
+    Errors: INVALID_ARGUMENT for a name other than `guardPolicy`.
+    """
+    UpdateGuardPolicy: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.UpdateGuardPolicyRequest, _identity_service_pb2.GuardPolicy]
+    """Updates the fields of the guard policy that `update_mask` names. With `etag` set, the update
+    applies only if the policy did not change since it was read. Concurrent updates never lose
+    each other's changes (compare-and-set). In force at once in the process that handled the
+    call, within 2 seconds in every other one.
+
+    Identifiers already linked are not swept: each person is judged again under the new policy
+    the next time its component is recomputed, i.e. when new evidence (LinkIdentifiers or
+    UnlinkIdentifiers) touches one of its identifiers. Then a newly blocked value links nothing
+    and persons merged through it are split; a lower shared-identifier limit splits the persons a
+    now-shared identifier had merged.
+
+    Errors: ABORTED when `etag` is stale (AIP-154); INVALID_ARGUMENT with a field violation per
+    bad value, pattern or rule (e.g. `guard_policy.blocked_patterns[1]`) or `update_mask` path.
     """
 
 @_typing.type_check_only
@@ -192,29 +219,56 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     with the last change's `cursor` to resume without gaps or repeats.
     """
     GetIdentifierType: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.GetIdentifierTypeRequest, _identity_service_pb2.IdentifierType]  # type: ignore[assignment]
-    """Gets one identifier type's configuration.
+    """Gets one identifier type's configuration, built in or custom.
 
-    Errors: NOT_FOUND for an unknown type name.
+    Errors: NOT_FOUND for an unknown type; INVALID_ARGUMENT for a name that is not
+    `identifierTypes/{type}`.
     """
     ListIdentifierTypes: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ListIdentifierTypesRequest, _identity_service_pb2.ListIdentifierTypesResponse]  # type: ignore[assignment]
-    """Lists the identifier types: the built-in ones and custom ones."""
+    """Lists the identifier types, built in and custom, by name."""
     CreateIdentifierType: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.CreateIdentifierTypeRequest, _identity_service_pb2.IdentifierType]  # type: ignore[assignment]
-    """Creates a custom identifier type.
+    """Creates a custom identifier type. It is in force at once in the process that handled the
+    call and within 2 seconds in every other identity process: LinkIdentifiers accepts its
+    identifiers from then on.
 
-    Errors: ALREADY_EXISTS when the name is taken; INVALID_ARGUMENT for a bad name or pattern.
+    Errors: ALREADY_EXISTS when the name is taken, built-in names included; INVALID_ARGUMENT with
+    a field violation per bad field (name, normalization, priority, limit, a blocked value that is
+    not a value of the type, a pattern that does not compile or matches the empty string, or
+    `hash_values`, which is not supported yet).
     """
     UpdateIdentifierType: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.UpdateIdentifierTypeRequest, _identity_service_pb2.IdentifierType]  # type: ignore[assignment]
-    """Updates an identifier type (priority, limits, blocked values). Changes that affect guards
-    trigger re-evaluation of the affected components from the edge log.
+    """Updates the fields of an identifier type, built in or custom, that `update_mask` names. With
+    `etag` set, the update applies only if the type did not change since it was read. In force at
+    once in the process that handled the call, within 2 seconds in every other one.
 
-    Errors: NOT_FOUND; FAILED_PRECONDITION when `etag` does not match the stored one.
+    Identifiers already linked are not swept: each person is judged again under the new
+    settings the next time its component is recomputed, i.e. when new evidence (LinkIdentifiers
+    or UnlinkIdentifiers) touches one of its identifiers. Then a newly blocked value links nothing
+    and persons merged through it are split, and a lower `max_per_person` splits persons over it.
+
+    Errors: NOT_FOUND for an unknown type; ABORTED when `etag` is stale (AIP-154);
+    INVALID_ARGUMENT for a bad field or `update_mask` path.
     """
     GetGuardPolicy: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.GetGuardPolicyRequest, _identity_service_pb2.GuardPolicy]  # type: ignore[assignment]
-    """Gets the guard policy against over-merging."""
-    UpdateGuardPolicy: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.UpdateGuardPolicyRequest, _identity_service_pb2.GuardPolicy]  # type: ignore[assignment]
-    """Updates the guard policy. Components that the change affects are recomputed from the edge log.
+    """Gets the guard policy against over-merging, as stored (a change made through any identity
+    process shows at once).
 
-    Errors: INVALID_ARGUMENT for a bad pattern or rule; FAILED_PRECONDITION on an etag mismatch.
+    Errors: INVALID_ARGUMENT for a name other than `guardPolicy`.
+    """
+    UpdateGuardPolicy: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.UpdateGuardPolicyRequest, _identity_service_pb2.GuardPolicy]  # type: ignore[assignment]
+    """Updates the fields of the guard policy that `update_mask` names. With `etag` set, the update
+    applies only if the policy did not change since it was read. Concurrent updates never lose
+    each other's changes (compare-and-set). In force at once in the process that handled the
+    call, within 2 seconds in every other one.
+
+    Identifiers already linked are not swept: each person is judged again under the new policy
+    the next time its component is recomputed, i.e. when new evidence (LinkIdentifiers or
+    UnlinkIdentifiers) touches one of its identifiers. Then a newly blocked value links nothing
+    and persons merged through it are split; a lower shared-identifier limit splits the persons a
+    now-shared identifier had merged.
+
+    Errors: ABORTED when `etag` is stale (AIP-154); INVALID_ARGUMENT with a field violation per
+    bad value, pattern or rule (e.g. `guard_policy.blocked_patterns[1]`) or `update_mask` path.
     """
 
 class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -349,9 +403,10 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_service_pb2.GetIdentifierTypeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.IdentifierType, _abc.Awaitable[_identity_service_pb2.IdentifierType]]:
-        """Gets one identifier type's configuration.
+        """Gets one identifier type's configuration, built in or custom.
 
-        Errors: NOT_FOUND for an unknown type name.
+        Errors: NOT_FOUND for an unknown type; INVALID_ARGUMENT for a name that is not
+        `identifierTypes/{type}`.
         """
 
     @_abc_1.abstractmethod
@@ -360,7 +415,7 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_service_pb2.ListIdentifierTypesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.ListIdentifierTypesResponse, _abc.Awaitable[_identity_service_pb2.ListIdentifierTypesResponse]]:
-        """Lists the identifier types: the built-in ones and custom ones."""
+        """Lists the identifier types, built in and custom, by name."""
 
     @_abc_1.abstractmethod
     def CreateIdentifierType(
@@ -368,9 +423,14 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_service_pb2.CreateIdentifierTypeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.IdentifierType, _abc.Awaitable[_identity_service_pb2.IdentifierType]]:
-        """Creates a custom identifier type.
+        """Creates a custom identifier type. It is in force at once in the process that handled the
+        call and within 2 seconds in every other identity process: LinkIdentifiers accepts its
+        identifiers from then on.
 
-        Errors: ALREADY_EXISTS when the name is taken; INVALID_ARGUMENT for a bad name or pattern.
+        Errors: ALREADY_EXISTS when the name is taken, built-in names included; INVALID_ARGUMENT with
+        a field violation per bad field (name, normalization, priority, limit, a blocked value that is
+        not a value of the type, a pattern that does not compile or matches the empty string, or
+        `hash_values`, which is not supported yet).
         """
 
     @_abc_1.abstractmethod
@@ -379,10 +439,17 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_service_pb2.UpdateIdentifierTypeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.IdentifierType, _abc.Awaitable[_identity_service_pb2.IdentifierType]]:
-        """Updates an identifier type (priority, limits, blocked values). Changes that affect guards
-        trigger re-evaluation of the affected components from the edge log.
+        """Updates the fields of an identifier type, built in or custom, that `update_mask` names. With
+        `etag` set, the update applies only if the type did not change since it was read. In force at
+        once in the process that handled the call, within 2 seconds in every other one.
 
-        Errors: NOT_FOUND; FAILED_PRECONDITION when `etag` does not match the stored one.
+        Identifiers already linked are not swept: each person is judged again under the new
+        settings the next time its component is recomputed, i.e. when new evidence (LinkIdentifiers
+        or UnlinkIdentifiers) touches one of its identifiers. Then a newly blocked value links nothing
+        and persons merged through it are split, and a lower `max_per_person` splits persons over it.
+
+        Errors: NOT_FOUND for an unknown type; ABORTED when `etag` is stale (AIP-154);
+        INVALID_ARGUMENT for a bad field or `update_mask` path.
         """
 
     @_abc_1.abstractmethod
@@ -391,7 +458,11 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_service_pb2.GetGuardPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.GuardPolicy, _abc.Awaitable[_identity_service_pb2.GuardPolicy]]:
-        """Gets the guard policy against over-merging."""
+        """Gets the guard policy against over-merging, as stored (a change made through any identity
+        process shows at once).
+
+        Errors: INVALID_ARGUMENT for a name other than `guardPolicy`.
+        """
 
     @_abc_1.abstractmethod
     def UpdateGuardPolicy(
@@ -399,9 +470,19 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_service_pb2.UpdateGuardPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.GuardPolicy, _abc.Awaitable[_identity_service_pb2.GuardPolicy]]:
-        """Updates the guard policy. Components that the change affects are recomputed from the edge log.
+        """Updates the fields of the guard policy that `update_mask` names. With `etag` set, the update
+        applies only if the policy did not change since it was read. Concurrent updates never lose
+        each other's changes (compare-and-set). In force at once in the process that handled the
+        call, within 2 seconds in every other one.
 
-        Errors: INVALID_ARGUMENT for a bad pattern or rule; FAILED_PRECONDITION on an etag mismatch.
+        Identifiers already linked are not swept: each person is judged again under the new policy
+        the next time its component is recomputed, i.e. when new evidence (LinkIdentifiers or
+        UnlinkIdentifiers) touches one of its identifiers. Then a newly blocked value links nothing
+        and persons merged through it are split; a lower shared-identifier limit splits the persons a
+        now-shared identifier had merged.
+
+        Errors: ABORTED when `etag` is stale (AIP-154); INVALID_ARGUMENT with a field violation per
+        bad value, pattern or rule (e.g. `guard_policy.blocked_patterns[1]`) or `update_mask` path.
         """
 
 def add_IdentityServiceServicer_to_server(servicer: IdentityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
