@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy import migration_job
+from services.prediction import worker as prediction_worker
 from shared.config import SERVICE_NAMES, CassandraSettings, GrpcSettings, env_var_names
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,8 +55,16 @@ CUSTOM_RESOURCE_KINDS = frozenset({("cassandra.datastax.com/v1beta1", "Cassandra
 MIGRATIONS_COMMAND = ("python", "-m", "deploy.migration_job")
 # Time the migrations themselves take once Cassandra is there (schema changes wait for agreement).
 MIGRATIONS_RUN_SECONDS = 120
-# Time a service needs after its grace period: closing the Cassandra session and exiting.
+# Time a service needs after its grace period and background stops: closing the Cassandra session and exiting.
 SHUTDOWN_MARGIN_SECONDS = 5
+# After the gRPC server has drained, shared.runner runs each service's stop callbacks before closing
+# Cassandra. The longest each may block, from the services' code:
+BACKGROUND_STOP_SECONDS = {
+    "identity": 0.0,  # the BatchLookupPersons pool, idle once the server has drained
+    "profile": 10.0,  # IdentityFollower.stop joins its thread for up to 10 s (services/profile/server.py)
+    "segmentation": 30.0,  # FeedFollower.stop joins for up to 30 s (services/segmentation/follower.py)
+    "prediction": prediction_worker.STOP_TIMEOUT_SECONDS,  # BackgroundWorker.stop
+}
 # The kubelet's default when a pod does not say.
 DEFAULT_TERMINATION_GRACE_SECONDS = 30
 _CLUSTER_SERVICE = re.compile(r"^(?P<service>[a-z0-9-]+)\.(?P<namespace>[a-z0-9-]+)\.svc\.cluster\.local$")
@@ -359,11 +368,13 @@ def _shutdown_problems(container: OneCdpContainer, settings: GrpcSettings) -> li
     if pause is None:
         return [Problem(container.where, "no preStop sleep: SIGTERM would race the endpoint removal")]
     budget = container.pod_spec.get("terminationGracePeriodSeconds", DEFAULT_TERMINATION_GRACE_SECONDS)
-    needed = pause + settings.grace_period_seconds + SHUTDOWN_MARGIN_SECONDS
+    background = BACKGROUND_STOP_SECONDS[container.runs]
+    needed = pause + settings.grace_period_seconds + background + SHUTDOWN_MARGIN_SECONDS
     if budget < needed:
         return [Problem(container.where, f"terminationGracePeriodSeconds {budget} < preStop {pause} s + "
                                          f"ONECDP_GRACE_PERIOD_SECONDS {settings.grace_period_seconds:g} s + "
-                                         f"{SHUTDOWN_MARGIN_SECONDS} s to exit: in-flight RPCs would be killed")]
+                                         f"{background:g} s for {container.runs}'s background work to stop + "
+                                         f"{SHUTDOWN_MARGIN_SECONDS} s to exit: the pod would be killed mid-shutdown")]
     return []
 
 

@@ -196,6 +196,11 @@ def _grace_longer_than_the_pod_allows(resources: list[Resource]) -> None:
     _settings_map(resources)["ONECDP_GRACE_PERIOD_SECONDS"] = "60"
 
 
+def _prediction_with_the_default_termination_grace(resources: list[Resource]) -> None:
+    # 5 s preStop + 15 s grace fit 30 s, but not with the 30 s prediction's worker may take to stop.
+    _one(resources, "Deployment", "prediction")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30
+
+
 def _writable_root_filesystem(resources: list[Resource]) -> None:
     _deployment_container(resources, "profile")["securityContext"]["readOnlyRootFilesystem"] = False
 
@@ -245,7 +250,9 @@ BREAKAGES: list[tuple[Callable[[list[Resource]], None], str]] = [
     (_service_with_a_cluster_ip, "Service segmentation is not headless"),
     (_target_in_another_namespace, "names Service 'prediction' in namespace 'default'"),
     (_probe_on_the_mtls_port, "readinessProbe checks port 50051, but health is served in plaintext on 8081"),
-    (_grace_longer_than_the_pod_allows, "in-flight RPCs would be killed"),
+    (_grace_longer_than_the_pod_allows, "the pod would be killed mid-shutdown"),
+    (_prediction_with_the_default_termination_grace,
+     "terminationGracePeriodSeconds 30 < preStop 5 s + ONECDP_GRACE_PERIOD_SECONDS 15 s + 30 s for prediction's"),
     (_writable_root_filesystem, "the root filesystem is not read-only"),
     (_unknown_field, "Additional properties are not allowed ('prot' was unexpected)"),
     (_unknown_custom_resource, "Couldn't find schema for kind Widget"),
