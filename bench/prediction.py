@@ -65,18 +65,19 @@ VALIDATION_CUTOFF = day("2024-06-01")
 SERVICES = ("identity", "profile", "prediction")
 
 
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     message = timestamp_pb2.Timestamp()
     message.FromDatetime(value)
     return message
 
 
-def train(stub: pb_grpc.PredictionServiceStub) -> pb.ModelVersion:
-    stub.CreateModel(pb.CreateModelRequest(model_id=MODEL, model=pb.Model(spec=pb.ModelSpec(
-        kind=pb.PREDICTION_KIND_CONVERSION, horizon_days=60))), timeout=10)
+def train(stub: pb_grpc.PredictionServiceStub, model_id: str, spec: pb.ModelSpec, training_cutoffs: Sequence[datetime],
+          validation_cutoff: datetime) -> pb.ModelVersion:
+    """CreateModel, then TrainModel (activating the version), polled until done; the trained version."""
+    stub.CreateModel(pb.CreateModelRequest(model_id=model_id, model=pb.Model(spec=spec)), timeout=10)
     operation = stub.TrainModel(pb.TrainModelRequest(
-        name=f"models/{MODEL}", training_cutoffs=[_timestamp(t) for t in TRAINING_CUTOFFS],
-        validation_cutoff=_timestamp(VALIDATION_CUTOFF), activate=True), timeout=10)
+        name=f"models/{model_id}", training_cutoffs=[timestamp(t) for t in training_cutoffs],
+        validation_cutoff=timestamp(validation_cutoff), activate=True), timeout=10)
     while not operation.done:
         time.sleep(0.2)
         operation = stub.GetOperation(operations_pb2.GetOperationRequest(name=operation.name), timeout=10)
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"through profile in {time.perf_counter() - started:.1f} s")
                 stub = pb_grpc.PredictionServiceStub(channel)
                 started = time.perf_counter()
-                version = train(stub)
+                version = train(stub, MODEL, pb.ModelSpec(kind=pb.PREDICTION_KIND_CONVERSION, horizon_days=60),
+                                TRAINING_CUTOFFS, VALIDATION_CUTOFF)
                 console.print(f"trained {version.name} through TrainModel in {time.perf_counter() - started:.1f} s "
                               f"(validation ROC AUC {version.metrics.roc_auc:.3f})")
                 names = sorted(person_ids)
