@@ -8,7 +8,8 @@ overlay is checked three ways:
 
 1. **Schemas.** Every object against the Kubernetes API schemas shipped in kubernetes-validate, strict
    (unknown fields fail), for each version in KUBERNETES_VERSIONS. Custom resources have no schema
-   there: the kinds in CUSTOM_RESOURCE_KINDS are skipped explicitly and reported; any other kind
+   there: the kinds in CUSTOM_RESOURCE_SCHEMAS are checked instead against the fields of their
+   operator's CRD that we transcribed (noted with the operator version), and reported; any other kind
    without a schema is a problem, not a warning.
 2. **Settings.** Every environment variable a OneCDP container gets (`env`, and the keys of the
    ConfigMaps/Secrets in `envFrom`) is one that shared.config reads, and the values parse with the
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import jsonschema  # type: ignore[import-untyped]  # comes with kubernetes-validate, without type hints
 import yaml  # type: ignore[import-untyped]  # types-PyYAML is not a dev dependency
 from kubernetes_validate import utils as kubernetes_validate
 from pydantic import ValidationError
@@ -49,8 +51,57 @@ OVERLAYS_DIR = REPO / "k8s" / "overlays"
 # The oldest Kubernetes we support (native gRPC probes are GA since 1.27, the preStop `sleep` action is
 # on by default since 1.30) and the newest whose schemas the pinned kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.31", "1.37")
-# Custom resources: their schemas come with their operators, not with Kubernetes.
-CUSTOM_RESOURCE_KINDS = frozenset({("cassandra.datastax.com/v1beta1", "CassandraDatacenter")})
+# Custom resources: their schemas come with their operators, not with Kubernetes, so the parts we use
+# are transcribed here. CassandraDatacenter: cass-operator's v1beta1 CRD (apis/cassandra/v1beta1/
+# cassandradatacenter_types.go, as of v1.23). Its spec preserves unknown fields, so the API server would
+# accept a misspelt field and ignore it; here every spec, rack, user and storage field must be one the CRD
+# declares, and serverVersion must match the CRD's pattern (5.x accepted since v1.16; Cassandra 5.0
+# configuration generated properly since v1.21, the oldest operator the prod overlay supports).
+_OBJECT = {"type": "object"}
+# The rest of the CRD's spec fields: allowed, their values not checked here.
+_OTHER_DATACENTER_FIELDS = (
+    "serverImage", "dockerImageRunsAsCassandra", "configSecret", "managementApiAuth",
+    "nodeAffinityLabels", "systemLoggerResources", "configBuilderResources", "replaceNodes", "stopped",
+    "configBuilderImage", "canaryUpgrade", "canaryUpgradeCount", "allowMultipleNodesPerWorker",
+    "superuserSecretName", "serviceAccount", "serviceAccountName", "rollingRestartRequested",
+    "nodeSelector", "forceUpgradeRacks", "dseWorkloads", "podTemplateSpec", "networking",
+    "additionalSeeds", "disableSystemLoggerSidecar", "systemLoggerImage", "additionalServiceConfig",
+    "tolerations", "additionalLabels", "additionalAnnotations", "cdc", "datacenterName",
+    "minReadySeconds", "readOnlyRootFilesystem",
+)
+CASSANDRA_DATACENTER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {"spec": {
+        "type": "object",
+        "required": ["clusterName", "serverType", "serverVersion", "size", "storageConfig"],
+        "additionalProperties": False,
+        "properties": {
+            "size": {"type": "integer", "minimum": 1},
+            "serverVersion": {"type": "string",
+                              "pattern": r"(6\.[89]\.\d+)|(3\.11\.\d+)|(4\.\d+\.\d+)|(5\.\d+\.\d+)|(1\.\d+\.\d+)"},
+            "serverType": {"enum": ["cassandra", "dse", "hcd"]},
+            "clusterName": {"type": "string", "minLength": 2},
+            "racks": {"type": "array", "items": {
+                "type": "object", "required": ["name"], "additionalProperties": False,
+                "properties": {"name": {"type": "string", "minLength": 2}, "zone": {"type": "string"},
+                               "nodeAffinityLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                               "affinity": _OBJECT}}},
+            "storageConfig": {"type": "object", "additionalProperties": False,
+                              "properties": {"cassandraDataVolumeClaimSpec": _OBJECT,
+                                             "additionalVolumes": {"type": "array"}}},
+            "users": {"type": "array", "items": {
+                "type": "object", "required": ["secretName", "superuser"], "additionalProperties": False,
+                "properties": {"secretName": {"type": "string"}, "superuser": {"type": "boolean"}}}},
+            "config": _OBJECT,
+            "resources": _OBJECT,
+            **{field: {} for field in _OTHER_DATACENTER_FIELDS},
+        },
+    }},
+}
+CUSTOM_RESOURCE_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("cassandra.datastax.com/v1beta1", "CassandraDatacenter"): CASSANDRA_DATACENTER_SCHEMA,
+}
 # The migration Job's command: it waits for Cassandra, then runs shared.migrations.
 MIGRATIONS_COMMAND = ("python", "-m", "deploy.migration_job")
 # Time the migrations themselves take once Cassandra is there (schema changes wait for agreement).
@@ -139,12 +190,17 @@ def render(kustomization_dir: Path) -> list[Resource]:
 
 def schema_problems(resources: list[Resource], versions: tuple[str, ...] = KUBERNETES_VERSIONS,
                     ) -> tuple[list[Problem], list[str]]:
-    """Strict schema validation; returns the problems and the custom resources skipped on purpose."""
+    """Strict schema validation; returns the problems and the custom resources that kubernetes-validate
+    has no schema for (checked against CUSTOM_RESOURCE_SCHEMAS instead)."""
     problems: list[Problem] = []
     skipped: list[str] = []
     for resource in resources:
-        if (resource.get("apiVersion"), resource.get("kind")) in CUSTOM_RESOURCE_KINDS:
+        custom_schema = CUSTOM_RESOURCE_SCHEMAS.get((str(resource.get("apiVersion")), str(resource.get("kind"))))
+        if custom_schema is not None:
             skipped.append(_name(resource))
+            problems += [Problem(_name(resource), f"CRD fields: {'.'.join(map(str, error.path)) or '(top level)'}: "
+                                                  f"{error.message}")
+                         for error in jsonschema.Draft7Validator(custom_schema).iter_errors(resource)]
             continue
         serialized = json.dumps(resource, sort_keys=True)
         problems += [Problem(_name(resource), error) for version in versions
@@ -162,7 +218,7 @@ def _schema_error(serialized_resource: str, version: str) -> str | None:
         path = ".".join(str(part) for part in error.path) or "(top level)"
         return f"Kubernetes {version} schema: {path}: {error.message}"
     except kubernetes_validate.SchemaNotFoundError as error:
-        return (f"{error.message}; if it is a custom resource, add it to CUSTOM_RESOURCE_KINDS in "
+        return (f"{error.message}; if it is a custom resource, add it to CUSTOM_RESOURCE_SCHEMAS in "
                 "deploy/manifests.py")
     return None
 
@@ -590,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_dump(render(OVERLAYS_DIR / args.overlay)), end="")
         return 0
     table = Table(title=f"k8s/overlays, checked against Kubernetes {' and '.join(KUBERNETES_VERSIONS)}")
-    for column in ("overlay", "objects", "custom resources (no schema, skipped)", "problems"):
+    for column in ("overlay", "objects", "custom resources (CRD fields checked)", "problems"):
         table.add_column(column)
     failed: list[CheckedOverlay] = []
     for checked in check_overlays():

@@ -214,6 +214,16 @@ def _unknown_custom_resource(resources: list[Resource]) -> None:
                       "metadata": {"name": "w", "namespace": "onecdp"}})
 
 
+def _server_version_the_operator_rejects(resources: list[Resource]) -> None:
+    _one(resources, "CassandraDatacenter", "dc1")["spec"]["serverVersion"] = "5.0"
+
+
+def _misspelt_datacenter_field(resources: list[Resource]) -> None:
+    # The CRD preserves unknown spec fields: the cluster would accept this and run without the zones.
+    rack = _one(resources, "CassandraDatacenter", "dc1")["spec"]["racks"][0]
+    rack["nodeAffinityLabel"] = rack.pop("nodeAffinityLabels")
+
+
 def _more_replicas_than_nodes(resources: list[Resource]) -> None:
     _settings_map(resources)["CASSANDRA_REPLICATION_FACTOR"] = "5"
 
@@ -256,6 +266,8 @@ BREAKAGES: list[tuple[Callable[[list[Resource]], None], str]] = [
     (_writable_root_filesystem, "the root filesystem is not read-only"),
     (_unknown_field, "Additional properties are not allowed ('prot' was unexpected)"),
     (_unknown_custom_resource, "Couldn't find schema for kind Widget"),
+    (_server_version_the_operator_rejects, "CRD fields: spec.serverVersion: '5.0' does not match"),
+    (_misspelt_datacenter_field, "('nodeAffinityLabel' was unexpected)"),
     (_more_replicas_than_nodes, "CASSANDRA_REPLICATION_FACTOR 5 > 3 Cassandra nodes"),
     (_wrong_datacenter, "CASSANDRA_LOCAL_DC is 'datacenter1' but the datacenter is 'dc1'"),
     (_migrating_on_start, "ONECDP_MIGRATE_ON_START is not false"),
