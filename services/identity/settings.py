@@ -49,7 +49,7 @@ TYPE_NAME_PREFIX = "identifierTypes/"
 POLICY_NAME = "guardPolicy"
 # How stale another process's settings may be: a change is in force everywhere this long after it is stored.
 RELOAD_INTERVAL_SECONDS = 2.0
-MAX_WRITE_ATTEMPTS = 8
+MAX_WRITE_ATTEMPTS = 16  # each failed attempt means another writer succeeded; settings writers are few
 
 DEFAULT_PRIORITY = 100
 MAX_PRIORITY = 1000
@@ -411,7 +411,7 @@ class IdentitySettings:
             if self._compare_and_set(row_name, current, proposed):
                 self._install({row_name: proposed})
                 return result
-            time.sleep(random.uniform(0, 0.02 * 2 ** attempt))
+            time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** attempt)))  # jittered, capped backoff
         raise Aborted(f"the {row_name.replace('_', ' ')} kept changing under concurrent updates; retry",
                       reason="CONCURRENT_SETTINGS_UPDATE")
 
