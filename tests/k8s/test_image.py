@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -85,6 +86,20 @@ def test_the_runtime_is_non_root_and_starts_a_service() -> None:
     command = next(json.loads(line.split(None, 1)[1]) for line in reversed(_lines(DOCKERFILE))
                    if line.upper().startswith("CMD "))
     assert command == ["onecdp-identity"]
+
+
+def test_the_runtime_imports_every_command_the_manifests_run() -> None:
+    """The runtime stage's import check covers each console script and the migration Job, and passes here."""
+    instructions = _lines(DOCKERFILE)
+    last_stage = max(i for i, line in enumerate(instructions) if line.upper().startswith("FROM "))
+    (check,) = [shlex.split(line)[1:] for line in instructions[last_stage:]
+                if line.upper().startswith("RUN ") and " -c " in line and "import " in line]
+    assert check[1] == "-c"
+    imported = {name.strip() for name in check[2].removeprefix("import ").split(",")}
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    entry_modules = {target.split(":")[0] for target in scripts.values()}
+    assert entry_modules | {manifests.MIGRATIONS_COMMAND[2]} <= imported
+    subprocess.run([sys.executable, "-c", check[2]], check=True, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
