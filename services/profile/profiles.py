@@ -278,11 +278,19 @@ class Profiles:
         self._record(person_id, ChangeType.ERASE)
         return erased
 
-    def follow_identity(self, limit: int = 500) -> int:
-        """Apply the next page of identity changes; returns how many were applied."""
+    def follow_identity(self, limit: int = 500, still_leading: Callable[[], bool] = lambda: True) -> int:
+        """Apply the next page of identity changes; returns how many were applied.
+
+        `still_leading` is asked before each change: once it says no (another replica took the
+        follower lease), the rest of the page is left to that replica. The position is saved after
+        each change, so a replica taking over re-applies at most the change in progress (each is
+        idempotent).
+        """
         cursor = self.store.feed_position(IDENTITY_FEED)
         changes, next_cursor = self.identity.changes(cursor, limit)
-        for change in changes:
+        for applied, change in enumerate(changes):
+            if not still_leading():
+                return applied
             if change.change_type == IDENTITY_MERGE and change.result_person_ids:
                 winner = change.result_person_ids[0]
                 self.apply_merge(winner, [p for p in change.source_person_ids if p != winner])

@@ -34,6 +34,7 @@ from services.profile.store import ProfileStore, from_micros, micros
 from shared.changefeed import ChangeFeed, parse_cursor
 from shared.clients import identity_stub
 from shared.errors import InvalidArgument, ResourceExhausted, Violations
+from shared.leases import FollowerLease
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
@@ -50,6 +51,7 @@ DEFAULT_SHARDS = 16
 MAX_SHARDS = 1024
 WATCH_POLL_SECONDS = 0.2
 FOLLOW_POLL_SECONDS = 0.5
+IDENTITY_FEED_LEASE = "identity-feed"
 _PROFILE_FIELDS = frozenset(pb.Profile.DESCRIPTOR.fields_by_name)
 _COMPUTED_FIELDS = frozenset(pb.ComputedTraits.DESCRIPTOR.fields_by_name)
 
@@ -422,10 +424,16 @@ def _event_cursor(token: str) -> tuple[datetime, str] | None:
 
 
 class IdentityFollower:
-    """Applies the identity change feed to the stored profiles, in a background thread."""
+    """Applies the identity change feed to the stored profiles, in a background thread.
 
-    def __init__(self, profiles: Profiles, poll_seconds: float = FOLLOW_POLL_SECONDS) -> None:
+    Every replica runs one, but only the holder of the `identity-feed` lease applies changes; the
+    others try to take the lease every third of its TTL, so one of them takes over when the holder
+    stops (at once: it gives the lease back) or dies (within the TTL).
+    """
+
+    def __init__(self, profiles: Profiles, lease: FollowerLease, poll_seconds: float = FOLLOW_POLL_SECONDS) -> None:
         self._profiles = profiles
+        self._lease = lease
         self._poll_seconds = poll_seconds
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="profile-identity-follower", daemon=True)
@@ -436,22 +444,32 @@ class IdentityFollower:
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=10)
+        try:
+            self._lease.release()
+        except Exception:  # the TTL frees it anyway
+            log.warning("could not give back the identity follower lease; it expires by itself")
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                applied = self._profiles.follow_identity()
+                if not self._lease.hold():
+                    self._stopping.wait(self._lease.retry_seconds)
+                    continue
+                applied = self._profiles.follow_identity(still_leading=self._still_leading)
             except Exception:  # keep following: the next poll retries from the saved position
                 log.exception("applying identity changes failed; retrying")
                 applied = 0
             if not applied:
                 self._stopping.wait(self._poll_seconds)
 
+    def _still_leading(self) -> bool:
+        return not self._stopping.is_set() and self._lease.hold()
+
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
     profiles = Profiles(ProfileStore(context.session), GrpcIdentityResolver(identity_stub(context.grpc_settings)),
                         ChangeFeed(context.session, FEED_COLUMNS))
-    follower = IdentityFollower(profiles)
+    follower = IdentityFollower(profiles, FollowerLease(context.session, IDENTITY_FEED_LEASE))
     follower.start()
     context.on_stop(follower.stop)
     servicer = ProfileServicer(profiles)
