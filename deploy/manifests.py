@@ -32,7 +32,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import jsonschema  # type: ignore[import-untyped]  # comes with kubernetes-validate, without type hints
 import yaml  # type: ignore[import-untyped]  # types-PyYAML is not a dev dependency
@@ -108,13 +108,25 @@ MIGRATIONS_COMMAND = ("python", "-m", "deploy.migration_job")
 MIGRATIONS_RUN_SECONDS = 120
 # Time a service needs after its grace period and background stops: closing the Cassandra session and exiting.
 SHUTDOWN_MARGIN_SECONDS = 5
+
+
+class BackgroundStop(NamedTuple):
+    """How long a service's stop callbacks may block: thread joins, plus Cassandra calls (each bounded by
+    CASSANDRA_REQUEST_TIMEOUT_SECONDS)."""
+
+    join_seconds: float
+    cassandra_calls: int
+
+
 # After the gRPC server has drained, shared.runner runs each service's stop callbacks before closing
 # Cassandra. The longest each may block, from the services' code:
-BACKGROUND_STOP_SECONDS = {
-    "identity": 0.0,  # the BatchLookupPersons pool, idle once the server has drained
-    "profile": 10.0,  # IdentityFollower.stop joins its thread for up to 10 s (services/profile/server.py)
-    "segmentation": 30.0,  # FeedFollower.stop joins for up to 30 s (services/segmentation/follower.py)
-    "prediction": prediction_worker.STOP_TIMEOUT_SECONDS,  # BackgroundWorker.stop
+BACKGROUND_STOPS = {
+    "identity": BackgroundStop(0.0, 0),  # the BatchLookupPersons pool, idle once the server has drained
+    # IdentityFollower.stop: joins for up to 10 s, then gives its lease back (services/profile/server.py)
+    "profile": BackgroundStop(10.0, 1),
+    # FeedFollower.stop: joins for up to 30 s, then releases its lease (services/segmentation/follower.py)
+    "segmentation": BackgroundStop(30.0, 1),
+    "prediction": BackgroundStop(prediction_worker.STOP_TIMEOUT_SECONDS, 0),  # BackgroundWorker.stop
 }
 # The kubelet's default when a pod does not say.
 DEFAULT_TERMINATION_GRACE_SECONDS = 30
@@ -344,7 +356,7 @@ def wiring_problems(containers: list[OneCdpContainer], resources: list[Resource]
         problems += _security_problems(container)
         problems += _cassandra_problems(container, cassandra, resources)
         if container.runs in SERVICE_NAMES:
-            problems += _service_problems(container, grpc_settings, resources)
+            problems += _service_problems(container, grpc_settings, cassandra, resources)
             problems += _target_problems(container, grpc_settings, services, resources)
         else:
             problems += _migration_job_problems(container)
@@ -384,7 +396,8 @@ def _security_problems(container: OneCdpContainer) -> list[Problem]:
     return [Problem(container.where, message) for message in problems]
 
 
-def _service_problems(container: OneCdpContainer, settings: GrpcSettings, resources: list[Resource]) -> list[Problem]:
+def _service_problems(container: OneCdpContainer, settings: GrpcSettings, cassandra: CassandraSettings,
+                      resources: list[Resource]) -> list[Problem]:
     where, spec = container.where, container.container
     problems: list[Problem] = []
     port = settings.port_of(container.runs)
@@ -411,20 +424,22 @@ def _service_problems(container: OneCdpContainer, settings: GrpcSettings, resour
         elif _port_number(probe["grpc"]["port"], spec) != probe_port:
             problems.append(Problem(where, f"{probe_name} checks port {probe['grpc']['port']}, but health is "
                                            f"served in plaintext on {probe_port}"))
-    problems += _shutdown_problems(container, settings)
+    problems += _shutdown_problems(container, settings, cassandra)
     deployment = container.workload
     if deployment.get("kind") == "Deployment":
         problems += _scaling_problems(deployment, container.pod_labels, resources)
     return problems
 
 
-def _shutdown_problems(container: OneCdpContainer, settings: GrpcSettings) -> list[Problem]:
+def _shutdown_problems(container: OneCdpContainer, settings: GrpcSettings,
+                       cassandra: CassandraSettings) -> list[Problem]:
     pre_stop = container.container.get("lifecycle", {}).get("preStop", {})
     pause = pre_stop.get("sleep", {}).get("seconds")
     if pause is None:
         return [Problem(container.where, "no preStop sleep: SIGTERM would race the endpoint removal")]
     budget = container.pod_spec.get("terminationGracePeriodSeconds", DEFAULT_TERMINATION_GRACE_SECONDS)
-    background = BACKGROUND_STOP_SECONDS[container.runs]
+    stop = BACKGROUND_STOPS[container.runs]
+    background = stop.join_seconds + stop.cassandra_calls * cassandra.request_timeout_seconds
     needed = pause + settings.grace_period_seconds + background + SHUTDOWN_MARGIN_SECONDS
     if budget < needed:
         return [Problem(container.where, f"terminationGracePeriodSeconds {budget} < preStop {pause} s + "
