@@ -5,6 +5,13 @@ takes its UUID just before it writes, so a change can land slightly after a late
 Readers therefore stop `SETTLE_SECONDS` short of now: a change stamped earlier than that has been
 written (a write taking longer than that is reported as failed to its caller, who retries).
 
+A reader that wants changes at once (real-time segments) asks for the *unsettled tail* too, with a
+page token ending in `UNSETTLED_SUFFIX` (`with_unsettled`): it then gets the changes through now,
+while the cursor it gets back still stops at the settled horizon (and keeps the suffix). The next
+read therefore returns the unsettled changes again, together with any earlier-stamped change that
+landed late; the reader skips the ones it has applied (`UnsettledTail`). Nothing is skipped, and a
+change is seen as soon as it is written.
+
 Each service keeps its feed in its own keyspace, in two tables it creates in a migration:
 
     CREATE TABLE change_days (feed int, bucket date, PRIMARY KEY ((feed), bucket));
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -31,6 +38,25 @@ _UUID_EPOCH_OFFSET = 0x01B21DD213814000  # 100-ns intervals between 1582-10-15 a
 # The cursor before every change (a version-1 UUID at the UUID epoch), so a feed's token is never empty.
 FEED_START = uuid.UUID(fields=(0, 0, 0x1000, 0x80, 0, 0))
 _COLUMN = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+# Ends the page token of a reader that also wants the unsettled tail (see the module's docstring).
+UNSETTLED_SUFFIX = "+unsettled"
+
+
+class UnsettledCursor(uuid.UUID):
+    """A cursor whose reader also wants the unsettled changes: `ChangeFeed.read` returns changes through
+    now for it, and its token form (`str`) carries `UNSETTLED_SUFFIX`, so a reader that sends back
+    each next_page_token unchanged stays in this mode."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return super().__str__() + UNSETTLED_SUFFIX
+
+
+def with_unsettled(token: str) -> str:
+    """The page token that reads from `token` (a cursor or next_page_token; empty: the feed's start) and
+    also returns the unsettled changes."""
+    return token if token.endswith(UNSETTLED_SUFFIX) else token + UNSETTLED_SUFFIX
 
 
 def time_of(change_id: uuid.UUID) -> datetime:
@@ -48,17 +74,47 @@ class FeedEntry:
 
 
 def parse_cursor(token: str, field_path: str = "page_token") -> uuid.UUID | None:
-    """The cursor a client sent back (empty: the feed's start); INVALID_ARGUMENT for anything else."""
+    """The cursor a client sent back (empty: the feed's start), an `UnsettledCursor` when it asks for the
+    unsettled tail too; INVALID_ARGUMENT for anything else."""
     if not token:
         return None
+    unsettled = token.endswith(UNSETTLED_SUFFIX)
+    position = token.removesuffix(UNSETTLED_SUFFIX) if unsettled else token
     try:
-        cursor = uuid.UUID(token)
+        cursor = uuid.UUID(position) if position else FEED_START
     except ValueError:
         cursor = None
     if cursor is None or cursor.version != 1:
         raise InvalidArgument.for_field(field_path, "not a cursor of this feed; start without one",
                                         reason="INVALID_CURSOR")
-    return cursor
+    return UnsettledCursor(int=cursor.int) if unsettled else cursor
+
+
+class UnsettledTail:
+    """What a reader of the unsettled tail has applied past its settled cursor, so that each change it
+    reads again (until the cursor passes it) is applied once. Kept in memory: after a restart the tail
+    is applied again, which a reader whose application is idempotent accepts."""
+
+    def __init__(self) -> None:
+        self._applied: set[uuid.UUID] = set()
+
+    def unapplied(self, change_ids: Iterable[uuid.UUID]) -> list[uuid.UUID]:
+        """The ids among `change_ids` not applied yet, in the order given."""
+        return [change_id for change_id in change_ids if change_id not in self._applied]
+
+    def applied(self, change_ids: Iterable[uuid.UUID]) -> None:
+        self._applied.update(uuid.UUID(int=c.int) for c in change_ids)
+
+    def settled_through(self, cursor: uuid.UUID) -> None:
+        """Forget what the settled cursor has passed (reads after it never return those again)."""
+        horizon = time_of(cursor)
+        self._applied = {c for c in self._applied if time_of(c) >= horizon}
+
+    def clear(self) -> None:
+        self._applied.clear()
+
+    def __len__(self) -> int:
+        return len(self._applied)
 
 
 class ChangeFeed:
@@ -103,8 +159,16 @@ class ChangeFeed:
 
     def read(self, after: uuid.UUID | None, limit: int,
              now: datetime | None = None) -> tuple[list[FeedEntry], uuid.UUID]:
-        """Up to `limit` settled changes after `after`, oldest first, and the cursor to continue from."""
-        horizon = (now or datetime.now(UTC)) - timedelta(seconds=SETTLE_SECONDS)
+        """Up to `limit` settled changes after `after`, oldest first, and the cursor to continue from.
+
+        For an `UnsettledCursor`, the changes through now, and an `UnsettledCursor` at the last settled
+        one of them (or `after` when none is): see the module's docstring."""
+        now = now or datetime.now(UTC)
+        settled = now - timedelta(seconds=SETTLE_SECONDS)
+        unsettled = isinstance(after, UnsettledCursor)
+        horizon = now if unsettled else settled
+        if after is not None and (unsettled or after == FEED_START):
+            after = None if after == FEED_START else uuid.UUID(int=after.int)
         # The driver returns cassandra.util.Date for `date` columns.
         days = [row.bucket.date() for row in self._session.execute(
             "SELECT bucket FROM change_days WHERE feed = ?", (self._feed,))]
@@ -125,4 +189,8 @@ class ChangeFeed:
                 last = row.change_id
             if len(entries) >= limit:
                 break
-        return entries, last or FEED_START
+        if not unsettled:
+            return entries, last or FEED_START
+        # Changes are in time order, so the settled ones are a prefix.
+        through = next((e.change_id for e in reversed(entries) if e.change_time <= settled), after)
+        return entries, UnsettledCursor(int=(through or FEED_START).int)

@@ -7,13 +7,17 @@ evaluates with the same `evaluation.matches` as recompute and EvaluatePersonSegm
 the stored members, records the difference in the same tables (`members`, `membership_changes`),
 and schedules each person's next time-driven re-evaluation (`realtime.next_change_time`).
 
-`FeedFollower` runs it in a background thread: each round applies one page of profile changes
-(cursor saved in `feed_positions` after the page) and then the re-evaluations that are due. With
-several replicas, a lease (`follower_leases`, lightweight transactions with a TTL) lets one of them
-follow at a time; the others take over within the TTL if it stops. Every step is idempotent (members
-rows are overwritten, a re-applied page evaluates to the same state), so a page applied twice after a
-crash or a lost lease records nothing new, except that an enter/exit decided by two replicas in the
-same instant could be logged twice.
+`FeedFollower` runs it in a background thread: each round applies the profile changes it has not
+applied yet and then the re-evaluations that are due. It reads the feed's unsettled tail too
+(shared.changefeed), so a change is applied as soon as profile has written it, not a settle time
+later; the cursor it saves in `feed_positions` stays at the settled horizon, and the changes past it
+that it re-reads on each round are skipped when already applied (`UnsettledTail`, in memory), so an
+earlier-stamped change that lands late is still applied. With several replicas, a lease
+(`follower_leases`, lightweight transactions with a TTL) lets one of them follow at a time; the
+others take over within the TTL if it stops. Every step is idempotent (members rows are overwritten,
+a re-applied change evaluates to the same state), so the tail applied twice after a crash or a lost
+lease records nothing new, except that an enter/exit decided by two replicas in the same instant
+could be logged twice.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from services.segmentation.profile_source import CHANGE_ERASE, CHANGE_MERGE, CHA
 from services.segmentation.realtime import dependencies_of, event_names_read, next_change_time
 from services.segmentation.rules import Rule
 from services.segmentation.store import SegmentStore
+from shared.changefeed import UnsettledTail, parse_cursor, with_unsettled
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +152,10 @@ class FeedFollower:
         self._clock = clock
         self._owner = uuid.uuid4().hex
         self._lease_renewed_at = float("-inf")
+        # Where this follower reads from while it holds the lease (None: load the saved position first),
+        # and what it applied past that settled position.
+        self._cursor: str | None = None
+        self._tail = UnsettledTail()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="segment-feed-follower", daemon=True)
 
@@ -189,16 +198,26 @@ class FeedFollower:
             self._lease_renewed_at = time.monotonic()
             return True
         self._lease_renewed_at = float("-inf")
+        self._cursor = None  # another replica follows now: start from its saved position when back
         return False
 
     def follow_once(self) -> int:
-        """Apply one page of profile changes; returns how many changes it held."""
-        cursor = self._store.feed_position(PROFILE_FEED) or ""
-        changes, following = self._source.changes(cursor, FEED_PAGE)
-        self._memberships.apply_changes(changes)
-        if following and following != cursor:
+        """Apply the next profile changes not applied yet, settled or not; returns how many."""
+        if self._cursor is None:
+            self._cursor = with_unsettled(self._store.feed_position(PROFILE_FEED) or "")
+            self._tail.clear()
+        changes, following = self._source.changes(self._cursor, FEED_PAGE)
+        unapplied = set(self._tail.unapplied(c.change_id for c in changes))
+        fresh = [c for c in changes if c.change_id in unapplied]
+        self._memberships.apply_changes(fresh)
+        self._tail.applied(c.change_id for c in fresh)
+        if following and following != self._cursor:
             self._store.save_feed_position(PROFILE_FEED, following, self._clock())
-        return len(changes)
+            self._cursor = following
+            settled = parse_cursor(following)
+            if settled is not None:
+                self._tail.settled_through(settled)
+        return len(fresh)
 
     def sweep_once(self) -> int:
         """Re-evaluate the persons whose next time-driven change is due; returns how many."""

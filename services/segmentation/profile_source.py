@@ -6,6 +6,7 @@ service computes computed traits as of the time asked, so facts and windows shar
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ CHANGE_MERGE, CHANGE_SPLIT, CHANGE_ERASE = 3, 4, 5
 class FeedChange:
     """One entry of profile's change feed, as the segmentation follower needs it."""
 
+    change_id: uuid.UUID
     person_id: str
     change_type: int
     trait_names: tuple[str, ...]
@@ -124,13 +126,14 @@ class GrpcProfileSource:
             raise profile_error(error) from error
 
     def changes(self, cursor: str, limit: int) -> tuple[list[FeedChange], str]:
-        """The next settled profile changes after `cursor` ("" for the feed's start), and where to go on."""
+        """The next profile changes after `cursor` ("" for the feed's start), and where to go on (a cursor
+        with shared.changefeed's UNSETTLED_SUFFIX also returns the changes not settled yet)."""
         try:
             page = self._stub.ListProfileChanges(profile_pb.ListProfileChangesRequest(page_size=limit,
                                                                                      page_token=cursor))
         except grpc.RpcError as error:
             raise profile_error(error) from error
-        return [FeedChange(c.person_id, c.type, tuple(c.trait_names), tuple(c.event_names),
+        return [FeedChange(uuid.UUID(c.cursor), c.person_id, c.type, tuple(c.trait_names), tuple(c.event_names),
                            tuple(c.merged_person_ids)) for c in page.changes], page.next_page_token
 
     def persons(self, person_ids: Sequence[str], as_of: datetime,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +56,16 @@ def stack(segmentation_service: RunningService) -> Iterator[pb_grpc.Segmentation
     """Segmentation in front of profile and identity."""
     with grpc.insecure_channel(f"127.0.0.1:{segmentation_service.port}") as channel:
         yield pb_grpc.SegmentationServiceStub(channel)
+
+
+def eventually(check: Callable[[], Any], expected: Any, timeout: float = 30) -> Any:
+    """`check()` once it returns `expected`, or its last answer after `timeout` (the caller asserts)."""
+    end = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got == expected or time.monotonic() > end:
+            return got
+        time.sleep(0.1)
 
 
 def at(text: str) -> datetime:

@@ -12,13 +12,14 @@ import grpc
 import pandas as pd
 import pytest
 from google.longrunning import operations_pb2
+from google.protobuf import field_mask_pb2
 from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
-from tests.services.segmentation.conftest import identify, ingest, order, track
+from tests.services.segmentation.conftest import eventually, identify, ingest, order, track
 
 pytestmark = pytest.mark.integration
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -147,22 +148,47 @@ def test_recompute_matches_an_independent_evaluation(stack: pb_grpc.Segmentation
     assert [c.condition_text for c in frequent] == ["computed.frequency >= 3", 'segment("pros")']
     assert frequent[0].matched and frequent[0].observed_value.number_value >= 3 and not frequent[1].matched
 
-    # New orders move people: a recompute records exactly the enters and exits, oldest first.
+    # New orders move a person in real time (at once); a recompute afterwards has nothing to record.
     buyer = next(p for p in PERSONS if person_ids[p] not in expected["recent-buyers"])
-    ingest(profiles, order(buyer, f"{buyer}-late-1", 5.0, days_ago(1)), order(buyer, f"{buyer}-late-2", 5.0,
-                                                                            days_ago(0.5)))
     before = stack.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
-        parent="segments/recent-buyers"), timeout=10)
+        parent="segments/recent-buyers", page_size=1000), timeout=10)
     assert [(c.person_id, c.type, c.cause) for c in before.changes] == [
         (p, pb.MEMBERSHIP_CHANGE_TYPE_ENTER, "recompute") for p in sorted(expected["recent-buyers"])]
+    ingest(profiles, order(buyer, f"{buyer}-late-1", 5.0, days_ago(1)), order(buyer, f"{buyer}-late-2", 5.0,
+                                                                            days_ago(0.5)))
+
+    def changes_after(token: str) -> pb.ListSegmentMembershipChangesResponse:
+        page: pb.ListSegmentMembershipChangesResponse = stack.ListSegmentMembershipChanges(
+            pb.ListSegmentMembershipChangesRequest(parent="segments/recent-buyers", page_token=token, page_size=1000),
+            timeout=10)
+        return page
+
+    entered = [(person_ids[buyer], pb.MEMBERSHIP_CHANGE_TYPE_ENTER, "realtime")]
+    assert eventually(lambda: [(c.person_id, c.type, c.cause) for c in changes_after(before.next_page_token).changes],
+                      entered) == entered
     operation = finished(stack, stack.RecomputeSegment(pb.RecomputeSegmentRequest(name="segments/recent-buyers"),
                                                        timeout=10))
     operation.response.Unpack(response)
-    assert (response.entered_count, response.exited_count) == (1, 0)
-    after = stack.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
-        parent="segments/recent-buyers", page_token=before.next_page_token), timeout=10)
-    assert [(c.person_id, c.type) for c in after.changes] == [(person_ids[buyer], pb.MEMBERSHIP_CHANGE_TYPE_ENTER)]
-    assert after.next_page_token  # a poller can always resume
+    assert (response.entered_count, response.exited_count) == (0, 0)
+
+    # A rule change is computed at once: exactly the difference enters and leaves, enters first, oldest first.
+    late = pd.DataFrame([{"person": buyer, "name": "order", "days_ago": d, "amount": 5.0, "url": ""} for d in (1, 0.5)])
+    now_expected = {segment: {person_ids[p] for p in persons}
+                    for segment, persons in reference(traits, pd.concat([facts, late])).items()}
+    old = now_expected["recent-buyers"]
+    assert old == expected["recent-buyers"] | {person_ids[buyer]}
+    # Another segment's rule, one that some members do not meet and some non-members do.
+    target = next(s for s in RULES if now_expected[s] - old and old - now_expected[s])
+    new = now_expected[target]
+    seen = changes_after(before.next_page_token).next_page_token
+    stack.UpdateSegment(pb.UpdateSegmentRequest(segment=pb.Segment(name="segments/recent-buyers",
+                                                                   rule_text=RULES[target]),
+                                                update_mask=field_mask_pb2.FieldMask(paths=["rule_text"])), timeout=10)
+    assert wait_ready(stack, "segments/recent-buyers").member_count == len(new)
+    assert [(c.person_id, c.type, c.cause) for c in changes_after(seen).changes] == [
+        *[(p, pb.MEMBERSHIP_CHANGE_TYPE_ENTER, "recompute") for p in sorted(new - old)],
+        *[(p, pb.MEMBERSHIP_CHANGE_TYPE_EXIT, "recompute") for p in sorted(old - new)]]
+    assert changes_after(seen).next_page_token  # a poller can always resume
 
 
 def test_batch_errors(stack: pb_grpc.SegmentationServiceStub) -> None:

@@ -3,10 +3,7 @@ time windows expire people without any new event, and size estimates say how big
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import grpc
 import pytest
@@ -16,7 +13,7 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
-from tests.services.segmentation.conftest import identify, ingest, order, track
+from tests.services.segmentation.conftest import eventually, identify, ingest, order, track
 from tests.services.segmentation.test_batch import finished, members_of, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -24,16 +21,6 @@ pytestmark = pytest.mark.integration
 
 def stamp(when: datetime) -> str:
     return when.astimezone(UTC).replace(tzinfo=None).isoformat()
-
-
-def eventually(check: Callable[[], Any], expected: Any, timeout: float = 30) -> Any:
-    """`check()` once it returns `expected`, or its last answer after `timeout` (the caller asserts)."""
-    end = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got == expected or time.monotonic() > end:
-            return got
-        time.sleep(0.1)
 
 
 def changes_of(stub: pb_grpc.SegmentationServiceStub, segment_id: str) -> list[tuple[str, int, str]]:
