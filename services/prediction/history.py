@@ -68,7 +68,45 @@ class ReadHistories:
         return self.histories
 
 
-class ProfileSource(Protocol):
+class HistoryReader(Protocol):
+    """Reads of chosen persons' histories (what scoring needs): a ProfileSource, or the online store over one."""
+
+    def histories_of(self, persons: Sequence[PersonRef],
+                     before: datetime | None) -> list[PersonHistory | DomainError]:
+        """Many persons at once, in request order; a person that cannot be read is its error (e.g. NotFound).
+
+        `before` None reads every event (the online store keeps whole histories and cuts them per score).
+        """
+        ...
+
+    def start_histories_of(self, persons: Sequence[PersonRef], before: datetime | None) -> PendingHistories:
+        """`histories_of` without waiting, so the caller can do other work while the reads travel."""
+        ...
+
+    def history(self, person: PersonRef, before: datetime | None) -> PersonHistory:
+        """One person's events strictly before `before` (all when None), oldest first; NotFound for an unknown
+        person."""
+        ...
+
+
+class ReadsByStarting:
+    """`history` and `histories_of` of a HistoryReader, in terms of its `start_histories_of`."""
+
+    def start_histories_of(self, persons: Sequence[PersonRef], before: datetime | None) -> PendingHistories:
+        raise NotImplementedError
+
+    def histories_of(self, persons: Sequence[PersonRef],
+                     before: datetime | None) -> list[PersonHistory | DomainError]:
+        return self.start_histories_of(persons, before).result()
+
+    def history(self, person: PersonRef, before: datetime | None) -> PersonHistory:
+        (result,) = self.histories_of([person], before)
+        if isinstance(result, DomainError):
+            raise result
+        return result
+
+
+class ProfileSource(HistoryReader, Protocol):
     """Where persons' histories come from (the profile service in production)."""
 
     def histories(self, before: datetime) -> Iterator[PersonHistory]:
@@ -81,18 +119,6 @@ class ProfileSource(Protocol):
 
     def histories_of_shard(self, shard: str, before: datetime) -> Iterator[PersonHistory]:
         """The persons of one shard, as `histories` gives them."""
-        ...
-
-    def histories_of(self, persons: Sequence[PersonRef], before: datetime) -> list[PersonHistory | DomainError]:
-        """Many persons at once, in request order; a person that cannot be read is its error (e.g. NotFound)."""
-        ...
-
-    def start_histories_of(self, persons: Sequence[PersonRef], before: datetime) -> PendingHistories:
-        """`histories_of` without waiting, so the caller can do other work while the reads travel."""
-        ...
-
-    def history(self, person: PersonRef, before: datetime) -> PersonHistory:
-        """One person's events strictly before `before`, oldest first; NotFound for an unknown person."""
         ...
 
 
@@ -116,7 +142,8 @@ class InMemoryProfileSource:
             raise InvalidArgument.for_field("shard", f"unknown shard {shard!r}", reason="INVALID_SHARD")
         yield from self.histories(before)
 
-    def histories_of(self, persons: Sequence[PersonRef], before: datetime) -> list[PersonHistory | DomainError]:
+    def histories_of(self, persons: Sequence[PersonRef],
+                     before: datetime | None) -> list[PersonHistory | DomainError]:
         results: list[PersonHistory | DomainError] = []
         for person in persons:
             try:
@@ -125,13 +152,13 @@ class InMemoryProfileSource:
                 results.append(error)
         return results
 
-    def start_histories_of(self, persons: Sequence[PersonRef], before: datetime) -> PendingHistories:
+    def start_histories_of(self, persons: Sequence[PersonRef], before: datetime | None) -> PendingHistories:
         return ReadHistories(self.histories_of(persons, before))
 
-    def history(self, person: PersonRef, before: datetime) -> PersonHistory:
+    def history(self, person: PersonRef, before: datetime | None) -> PersonHistory:
         person_id = person.person_id
         if person_id is None:
             person_id = self._identifiers.get((person.identifier_type or "", person.identifier_value or ""))
         if person_id is None or person_id not in self._events:
             raise NotFound("no person matches the selector", reason="PERSON_NOT_FOUND")
-        return PersonHistory(person_id, [e for e in self._events[person_id] if e.time < before])
+        return PersonHistory(person_id, [e for e in self._events[person_id] if before is None or e.time < before])

@@ -9,6 +9,9 @@ What it reads from profile (onecdp.profile.v1):
   MAX_READS_IN_FLIGHT calls at once). One call covers identity lookups and reads of every person, so
   scoring one person is one round trip to profile. A selector profile refuses (INVALID_ARGUMENT naming
   `persons[i]`) becomes that person's error and the others are read again without it.
+- ListProfileChanges(page_token=cursor): the changes the online store follows (online.py). The feed's
+  cursors are time UUIDs (shared.changefeed), so the follower starts at a cursor made for its start time
+  instead of paging through the whole retained feed.
 - BatchWriteTraits: refreshed scores written back as traits `score_<model_id>` and
   `score_<model_id>_percentile`, source `onecdp-prediction`, event time = when they were computed.
 
@@ -23,6 +26,7 @@ so counts stay right and nothing from after a cutoff alters the order as it look
 from __future__ import annotations
 
 import re
+import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -35,8 +39,16 @@ from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 
-from services.prediction.history import ORDER_EVENT, ActivityEvent, PendingHistories, PersonHistory, PersonRef
+from services.prediction.history import (
+    ORDER_EVENT,
+    ActivityEvent,
+    PendingHistories,
+    PersonHistory,
+    PersonRef,
+    ReadsByStarting,
+)
 from services.prediction.jobs import SCORES_SOURCE, score_trait_names
+from services.prediction.online import ChangeKind, HistoryChange
 from services.prediction.scoring import PersonScore
 from shared import deadline
 from shared.errors import DeadlineExceeded, DomainError, InvalidArgument, NotFound, Unavailable
@@ -58,6 +70,13 @@ _SKIPPED_TYPES = frozenset({profile_pb.EVENT_TYPE_IDENTIFY, profile_pb.EVENT_TYP
                             profile_pb.EVENT_TYPE_UNSPECIFIED})
 _PERSON_ID_ONLY = field_mask_pb2.FieldMask(paths=["person_id"])
 _PERSON_INDEX = re.compile(r"^persons\[(\d+)\]")
+_CHANGE_KINDS = {profile_pb.PROFILE_CHANGE_TYPE_EVENTS: ChangeKind.EVENTS,
+                 profile_pb.PROFILE_CHANGE_TYPE_TRAITS: ChangeKind.TRAITS,
+                 profile_pb.PROFILE_CHANGE_TYPE_MERGE: ChangeKind.MERGE,
+                 profile_pb.PROFILE_CHANGE_TYPE_SPLIT: ChangeKind.SPLIT,
+                 profile_pb.PROFILE_CHANGE_TYPE_ERASE: ChangeKind.ERASE}
+# 100-ns intervals between the UUID epoch (1582-10-15) and the Unix epoch.
+_UUID_EPOCH_OFFSET = 0x01B21DD213814000
 
 
 def _selector(person: PersonRef) -> common_pb2.PersonSelector:
@@ -120,7 +139,7 @@ def _domain_error(error: grpc.RpcError, what: str) -> DomainError:
                        "retry with backoff", reason="PROFILE_UNAVAILABLE")
 
 
-class GrpcProfileSource:
+class GrpcProfileSource(ReadsByStarting):
     """Histories from the profile service."""
 
     def __init__(self, stub: profile_grpc.ProfileServiceStub, shard_count: int = DEFAULT_SHARDS) -> None:
@@ -149,28 +168,20 @@ class GrpcProfileSource:
         for shard in self.shards():
             yield from self.histories_of_shard(shard, before)
 
-    def history(self, person: PersonRef, before: datetime) -> PersonHistory:
-        (result,) = self.histories_of([person], before)
-        if isinstance(result, DomainError):
-            raise result
-        return result
-
-    def histories_of(self, persons: Sequence[PersonRef], before: datetime) -> list[PersonHistory | DomainError]:
-        return self.start_histories_of(persons, before).result()
-
-    def start_histories_of(self, persons: Sequence[PersonRef], before: datetime) -> PendingHistories:
+    def start_histories_of(self, persons: Sequence[PersonRef], before: datetime | None) -> PendingHistories:
         return _PendingReads(self, persons, before)
 
-    def start_read(self, persons: Sequence[PersonRef], before: datetime) -> grpc.Future:
+    def start_read(self, persons: Sequence[PersonRef], before: datetime | None) -> grpc.Future:
         """One BatchGetProfiles call (at most MAX_PERSONS_PER_READ persons), not waited for."""
         request = profile_pb.BatchGetProfilesRequest(persons=[_selector(p) for p in persons], include_events=True,
                                                      read_mask=_PERSON_ID_ONLY)
-        request.events_end_time.FromDatetime(before)
+        if before is not None:
+            request.events_end_time.FromDatetime(before)
         future: grpc.Future = self._stub.BatchGetProfiles.future(
             request, timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
         return future
 
-    def finish_read(self, persons: Sequence[PersonRef], before: datetime,
+    def finish_read(self, persons: Sequence[PersonRef], before: datetime | None,
                     started: grpc.Future) -> list[PersonHistory | DomainError]:
         """The histories of a started read, in order. Selectors profile refuses get their own error and the
         others are read again, at most MAX_INVALID_ROUNDS times (identity names one bad selector per call)."""
@@ -220,7 +231,7 @@ class GrpcProfileSource:
             results[position] = history
         return [r for r in results if r is not None]
 
-    def _read_halves(self, persons: Sequence[PersonRef], before: datetime,
+    def _read_halves(self, persons: Sequence[PersonRef], before: datetime | None,
                      error: grpc.RpcError) -> list[PersonHistory | DomainError]:
         if len(persons) == 1:
             return [self._why_unreadable(persons[0], error)]
@@ -247,10 +258,30 @@ class GrpcProfileSource:
         return _domain_error(error, "reading the person's events")
 
 
+    def cursor_at(self, time: datetime) -> str:
+        """Profile's feed cursor before every change taken at or after `time`: the version-1 UUID of that
+        instant with the lowest clock sequence and node."""
+        ticks = int(time.timestamp() * 10_000_000) + _UUID_EPOCH_OFFSET
+        return str(uuid.UUID(fields=(ticks & 0xFFFFFFFF, (ticks >> 32) & 0xFFFF, 0x1000 | (ticks >> 48) & 0x0FFF,
+                                     0x80, 0, 0)))
+
+    def changes(self, cursor: str, limit: int) -> tuple[list[HistoryChange], str]:
+        """The next settled profile changes after `cursor`, and where to go on (ListProfileChanges)."""
+        try:
+            page = self._stub.ListProfileChanges(profile_pb.ListProfileChangesRequest(page_size=limit,
+                                                                                     page_token=cursor),
+                                                 timeout=READ_TIMEOUT_SECONDS)
+        except grpc.RpcError as error:
+            raise _domain_error(error, "reading profile's changes") from error
+        # A kind this release does not know may change anything: treat it as a merge (drop the persons).
+        return [HistoryChange(c.person_id, _CHANGE_KINDS.get(c.type, ChangeKind.MERGE), tuple(c.merged_person_ids))
+                for c in page.changes], page.next_page_token
+
+
 class _PendingReads:
     """A batch's BatchGetProfiles calls: MAX_READS_IN_FLIGHT are sent at once, the next when one returns."""
 
-    def __init__(self, source: GrpcProfileSource, persons: Sequence[PersonRef], before: datetime) -> None:
+    def __init__(self, source: GrpcProfileSource, persons: Sequence[PersonRef], before: datetime | None) -> None:
         self._source = source
         self._persons = list(persons)
         self._before = before

@@ -1,9 +1,10 @@
 """The gRPC adapter of the prediction service: onecdp.prediction.v1 messages in, domain calls, messages out.
 
 Models and versions are registry calls. Training and score refresh answer at once with an operation
-and run on the service's background worker (stopped with the service). Scoring and features read
-persons' histories from the profile service (GrpcProfileSource); scores go back through
-BatchWriteTraits (GrpcScoreWriter).
+and run on the service's background worker (stopped with the service) and read histories from the
+profile service (GrpcProfileSource). Scoring and features read them through the online store
+(OnlineHistories, kept current by a ChangeFollower of profile's feed, stopped with the service), which
+reads from profile what it does not hold. Scores go back through BatchWriteTraits (GrpcScoreWriter).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from services.prediction.jobs import (
     start_refresh,
     start_training,
 )
+from services.prediction.online import ChangeFollower, OnlineHistories
 from services.prediction.pages import decode_token, encode_token, page_size_of
 from services.prediction.profile_source import GrpcProfileSource, GrpcScoreWriter
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, Operation, OperationKind, VersionState
@@ -251,13 +253,13 @@ def _score_result(result: PersonScore | DomainError, model_version: str) -> pb.S
 
 
 class PredictionServicer(pb_grpc.PredictionServiceServicer):
-    def __init__(self, registry: ModelRegistry, source: GrpcProfileSource, writer: GrpcScoreWriter,
-                 worker: BackgroundWorker) -> None:
+    def __init__(self, registry: ModelRegistry, source: GrpcProfileSource, online: OnlineHistories,
+                 writer: GrpcScoreWriter, worker: BackgroundWorker) -> None:
         self._registry = registry
         self._source = source
         self._writer = writer
         self._worker = worker
-        self._predictor = Predictor(registry, source, ScorerCache(registry))
+        self._predictor = Predictor(registry, online, ScorerCache(registry))
 
     def CreateModel(self, request: pb.CreateModelRequest, context: grpc.ServicerContext) -> pb.Model:
         violations = Violations()
@@ -271,6 +273,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         spec = _requested_spec(request, violations)
         violations.raise_if_any("the model is invalid", reason="INVALID_MODEL")
         assert spec is not None
+        self._predictor.forget_model(request.model_id)
         return _model_message(self._registry.create_model(request.model_id, request.model.display_name, spec,
                                                           _now()))
 
@@ -287,7 +290,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                                      next_page_token=encode_token("models", next_after) if next_after else "")
 
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext) -> pb.DeleteModelResponse:
-        self._registry.delete_model(parse_model_name(request.name))
+        model_id = parse_model_name(request.name)
+        self._registry.delete_model(model_id)
+        self._predictor.forget_model(model_id)
         return pb.DeleteModelResponse()
 
     def GetModelVersion(self, request: pb.GetModelVersionRequest, context: grpc.ServicerContext) -> pb.ModelVersion:
@@ -310,7 +315,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     def ActivateModelVersion(self, request: pb.ActivateModelVersionRequest,
                              context: grpc.ServicerContext) -> pb.Model:
         model_id, version_id = parse_version_name(request.name)
-        return _model_message(self._registry.activate(model_id, version_id, _now()))
+        activated = self._registry.activate(model_id, version_id, _now())
+        self._predictor.forget_model(model_id)
+        return _model_message(activated)
 
     def GetOperation(self, request: operations_pb2.GetOperationRequest,
                      context: grpc.ServicerContext) -> operations_pb2.Operation:
@@ -432,7 +439,12 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
     profiles = profile_stub(context.grpc_settings)
     worker = BackgroundWorker()
     context.on_stop(worker.stop)
-    servicer = PredictionServicer(registry, GrpcProfileSource(profiles), GrpcScoreWriter(profiles), worker)
+    source = GrpcProfileSource(profiles)
+    online = OnlineHistories(source)
+    follower = ChangeFollower(online, source)
+    follower.start()
+    context.on_stop(follower.stop)
+    servicer = PredictionServicer(registry, source, online, GrpcScoreWriter(profiles), worker)
     return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_PredictionServiceServicer_to_server, servicer))]
 
 

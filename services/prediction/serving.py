@@ -1,21 +1,28 @@
-"""Serving: which version scores, its parsed booster (cached), and scoring persons read from a ProfileSource.
+"""Serving: which version scores, its parsed booster (cached), and scoring persons read from a HistoryReader.
 
 Parsing a model string costs milliseconds, so each version's `Scorer` is built once and kept. A
 version is immutable once READY, but a model id can be deleted and created again with new version
 1, so the cache key includes the model's create time: a recreated model never gets an old booster.
+
+Which version is active is read from the registry (a Cassandra read, 1-2 ms, more under load: more
+than the rest of a score from the online store) at most once a second per model (`ActiveModels`).
+Activations, deletions and creations through this replica are seen at once; through another replica,
+or by a training job that activates, within that second. A model without an active version is never
+kept, so the first activation is seen at once everywhere.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from services.prediction.datasets import is_eligible
 from services.prediction.features import FEATURE_NAMES, feature_matrix, feature_row
-from services.prediction.history import PersonHistory, PersonRef, ProfileSource
+from services.prediction.history import HistoryReader, PersonHistory, PersonRef
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, VersionState
 from services.prediction.scoring import PersonScore, ScoreBatch, Scorer, not_eligible, score_history
 from services.prediction.spec import model_name, version_name
@@ -23,6 +30,8 @@ from shared.errors import DomainError, FailedPrecondition
 
 # Versions kept parsed in memory; a booster of a few hundred trees is a few MB at most.
 MAX_CACHED_SCORERS = 32
+# How long a model (its active version) read from the registry is used before it is read again.
+MODEL_REFRESH_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,17 +80,52 @@ class ScorerCache:
         return version, scorer
 
 
-class Predictor:
-    """Scores persons with a model's active (or a given) version, reading their histories from a ProfileSource."""
+class ActiveModels:
+    """Models with an active version, read from the registry at most every `refresh_seconds` each."""
 
-    def __init__(self, registry: ModelRegistry, source: ProfileSource, scorers: ScorerCache) -> None:
+    def __init__(self, registry: ModelRegistry, refresh_seconds: float = MODEL_REFRESH_SECONDS,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._registry = registry
+        self._refresh_seconds = refresh_seconds
+        self._monotonic = monotonic
+        self._models: dict[str, tuple[float, Model]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model_id: str) -> Model:
+        now = self._monotonic()
+        with self._lock:
+            kept = self._models.get(model_id)
+        if kept is not None and now - kept[0] < self._refresh_seconds:
+            return kept[1]
+        model = self._registry.get_model(model_id)
+        with self._lock:
+            if model.active_version is None:
+                self._models.pop(model_id, None)
+            else:
+                self._models[model_id] = (now, model)
+        return model
+
+    def forget(self, model_id: str) -> None:
+        """The model changed through this replica: read it again next time."""
+        with self._lock:
+            self._models.pop(model_id, None)
+
+
+class Predictor:
+    """Scores persons with a model's active (or a given) version, reading their histories from `source`."""
+
+    def __init__(self, registry: ModelRegistry, source: HistoryReader, scorers: ScorerCache) -> None:
+        self._models = ActiveModels(registry)
         self._source = source
         self._scorers = scorers
 
+    def forget_model(self, model_id: str) -> None:
+        """The model was activated, deleted or created through this replica."""
+        self._models.forget(model_id)
+
     def scoring_version(self, model_id: str, version_id: int | None = None) -> ScoringVersion:
         """The version to score with: `version_id`, or the active one (FailedPrecondition when none is)."""
-        model = self._registry.get_model(model_id)
+        model = self._models.get(model_id)
         if version_id is None:
             if model.active_version is None:
                 raise FailedPrecondition(

@@ -9,6 +9,7 @@ import lightgbm as lgb
 import pytest
 
 from services.prediction.registry import ModelRegistry, OperationKind, VersionState
+from services.prediction.serving import ActiveModels
 from services.prediction.spec import PredictionKind, resolve_spec
 from services.prediction.training import TrainedModel, train_version
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound, StatusCode
@@ -123,3 +124,28 @@ def test_operations_record_progress_and_outcome(registry: ModelRegistry) -> None
     assert finished.error_message == "too few" and finished.elapsed_seconds == 1.5
     with pytest.raises(NotFound):
         registry.get_operation("0" * 32)
+
+
+def test_active_models_are_read_again_after_the_refresh_time_or_when_forgotten(registry: ModelRegistry,
+                                                                                trained: TrainedModel) -> None:
+    clock = [0.0]
+    models = ActiveModels(registry, refresh_seconds=1.0, monotonic=lambda: clock[0])
+    registry.create_model("kept", "", SPEC, NOW)
+    assert models.get("kept").active_version is None
+    for version_id in (1, 2):
+        registry.start_version("kept", CUTOFFS, VALIDATION, NOW)
+        registry.finish_version("kept", version_id, trained, NOW)
+    registry.activate("kept", 1, NOW)
+    assert models.get("kept").active_version == 1  # a model without an active version is never kept
+    registry.activate("kept", 2, NOW)  # by another replica
+    clock[0] = 0.9
+    assert models.get("kept").active_version == 1
+    clock[0] = 1.0
+    assert models.get("kept").active_version == 2
+    registry.activate("kept", 1, NOW)
+    models.forget("kept")  # activated through this replica
+    assert models.get("kept").active_version == 1
+    registry.delete_model("kept")
+    models.forget("kept")
+    with pytest.raises(NotFound):
+        models.get("kept")

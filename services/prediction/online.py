@@ -1,0 +1,287 @@
+"""The online path: persons' histories kept near the model, current through profile's change feed.
+
+Reading one person through profile (BatchGetProfiles: an identity lookup, then the timeline reads)
+costs 10-15 ms on this machine when it is quiet and several times that under load: far more than
+the features and the booster together (well under a millisecond). Serving systems keep an online
+copy of what scoring reads next to the model; `OnlineHistories` is ours. It keeps each history it
+read from profile whole (every event, no time bound, so one entry answers any `as_of`: the cut at
+`as_of` is made per score, by the same rule as everywhere else) and remembers which selector led to
+which person. `ChangeFollower` reads profile's change feed and drops a person's entry when profile
+reports new events, a merge, a split or an erasure of them (trait changes, such as written-back
+scores, do not touch a history), together with the selectors that led to the persons a merge, split
+or erasure changed. The next read of a dropped person goes to profile again, and is kept.
+
+Freshness: profile's feed is read a settle time behind now (shared.changefeed), so a score made
+from the store reflects every event stored more than about settle + poll (~1.2 s) before it; a
+person not read before, or changed since, is read from profile. The store only answers while its
+follower is current (its last poll reached the end of the feed less than `max_lag` ago); otherwise,
+e.g. while profile's feed cannot be read, every read goes to profile as if there were no store.
+
+A read that was in flight when a change for its person was applied is not kept (its answer may
+predate the change). Entries are evicted least recently used beyond a budget of events.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from services.prediction.features import events_before
+from services.prediction.history import (
+    ActivityEvent,
+    HistoryReader,
+    PendingHistories,
+    PersonHistory,
+    PersonRef,
+    ReadsByStarting,
+)
+from shared.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+# About 200 bytes an event in memory: ~100 MB, well inside the deployment's memory limit.
+MAX_CACHED_EVENTS = 500_000
+# The store answers only while the follower reached the end of the feed this recently.
+MAX_FOLLOWER_LAG_SECONDS = 5.0
+# Applied change batches remembered for reads in flight (far more than a read's timeout at any poll rate).
+REMEMBERED_BATCHES = 1024
+FEED_PAGE = 1000
+POLL_SECONDS = 0.2
+# The follower starts this far before its start time: harmless (nothing is kept yet), and it absorbs
+# clock skew between this host and profile's.
+START_MARGIN = timedelta(minutes=1)
+
+
+class ChangeKind(enum.Enum):
+    EVENTS = "events"
+    TRAITS = "traits"
+    MERGE = "merge"
+    SPLIT = "split"
+    ERASE = "erase"
+
+
+# Changes after which the persons a selector leads to may differ.
+_REASSIGNING = frozenset({ChangeKind.MERGE, ChangeKind.SPLIT, ChangeKind.ERASE})
+
+
+@dataclass(frozen=True)
+class HistoryChange:
+    """A change of a person in profile: what kind, and for merges the persons merged into them."""
+
+    person_id: str
+    kind: ChangeKind
+    merged_person_ids: tuple[str, ...] = ()
+
+
+class ProfileChangeFeed(Protocol):
+    """Profile's change feed (the profile service's ListProfileChanges in production)."""
+
+    def cursor_at(self, time: datetime) -> str:
+        """A cursor before every change stored at or after `time`."""
+        ...
+
+    def changes(self, cursor: str, limit: int) -> tuple[list[HistoryChange], str]:
+        """Up to `limit` settled changes after `cursor`, oldest first, and the cursor to continue from."""
+        ...
+
+
+@dataclass
+class _Store:
+    """The entries and what leads to them; guarded by OnlineHistories' lock."""
+
+    entries: OrderedDict[str, Sequence[ActivityEvent]] = field(default_factory=OrderedDict)
+    person_of: dict[PersonRef, str] = field(default_factory=dict)
+    selectors_of: dict[str, set[PersonRef]] = field(default_factory=dict)
+    events: int = 0
+    # Batches of applied changes: (generation after the batch, persons it touched).
+    generation: int = 0
+    recent: deque[tuple[int, frozenset[str]]] = field(default_factory=lambda: deque(maxlen=REMEMBERED_BATCHES))
+
+
+class OnlineHistories(ReadsByStarting):
+    """A HistoryReader for scoring: histories from memory when current, from `source` (profile) otherwise."""
+
+    def __init__(self, source: HistoryReader, *, max_events: int = MAX_CACHED_EVENTS,
+                 max_lag_seconds: float = MAX_FOLLOWER_LAG_SECONDS,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._source = source
+        self._max_events = max_events
+        self._max_lag = max_lag_seconds
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._store = _Store()
+        self._current_at = float("-inf")  # when the last poll that reached the feed's end started
+
+    # ---- reads (HistoryReader) ------------------------------------------------------
+
+    def is_current(self) -> bool:
+        return self._monotonic() - self._current_at <= self._max_lag
+
+    def start_histories_of(self, persons: Sequence[PersonRef], before: datetime | None) -> PendingHistories:
+        if not self.is_current():
+            return self._source.start_histories_of(persons, before)
+        found: dict[int, PersonHistory] = {}
+        missing: list[int] = []
+        with self._lock:
+            store = self._store
+            generation = store.generation
+            for index, person in enumerate(persons):
+                person_id = store.person_of.get(person)
+                events = store.entries.get(person_id) if person_id is not None else None
+                if person_id is None or events is None:
+                    missing.append(index)
+                    continue
+                store.entries.move_to_end(person_id)
+                found[index] = PersonHistory(person_id, events)
+        reading = self._source.start_histories_of([persons[i] for i in missing], None) if missing else None
+        return _OnlineRead(self, persons, before, found, missing, reading, generation)
+
+    def keep(self, person: PersonRef, history: PersonHistory, generation: int) -> None:
+        """Keep a whole history read from profile, unless a change of the person was applied since the read
+        started (`generation`): then the answer may predate it."""
+        with self._lock:
+            store = self._store
+            if _changed_since(store, history.person_id, generation):
+                return
+            previous = store.entries.pop(history.person_id, None)
+            store.events -= len(previous) if previous is not None else 0
+            store.entries[history.person_id] = history.events
+            store.events += len(history.events)
+            store.person_of[person] = history.person_id
+            store.selectors_of.setdefault(history.person_id, set()).add(person)
+            while store.events > self._max_events and store.entries:
+                evicted, events = store.entries.popitem(last=False)
+                store.events -= len(events)
+                _forget_selectors(store, evicted)
+
+    # ---- the follower's side -----------------------------------------------------------------------
+
+    def apply(self, changes: Sequence[HistoryChange]) -> None:
+        """Drop what the changes make stale."""
+        touched: set[str] = set()
+        with self._lock:
+            store = self._store
+            for change in changes:
+                if change.kind is ChangeKind.TRAITS:
+                    continue
+                persons = {change.person_id, *change.merged_person_ids}
+                touched |= persons
+                for person_id in persons:
+                    events = store.entries.pop(person_id, None)
+                    store.events -= len(events) if events is not None else 0
+                    if change.kind in _REASSIGNING:
+                        _forget_selectors(store, person_id)
+            if touched:
+                store.generation += 1
+                store.recent.append((store.generation, frozenset(touched)))
+
+    def mark_current(self, poll_started: float) -> None:
+        """The follower's poll that started at `poll_started` (monotonic) reached the end of the feed."""
+        self._current_at = max(self._current_at, poll_started)
+
+    def size(self) -> tuple[int, int]:
+        """Persons and events held."""
+        with self._lock:
+            return len(self._store.entries), self._store.events
+
+
+def _changed_since(store: _Store, person_id: str, generation: int) -> bool:
+    if store.generation == generation:
+        return False
+    if not store.recent or store.recent[0][0] > generation + 1:
+        return True  # batches after the read started were forgotten: assume the worst
+    return any(after > generation and person_id in persons for after, persons in store.recent)
+
+
+def _forget_selectors(store: _Store, person_id: str) -> None:
+    for selector in store.selectors_of.pop(person_id, ()):
+        if store.person_of.get(selector) == person_id:
+            del store.person_of[selector]
+
+
+@dataclass
+class _OnlineRead:
+    """Histories partly from memory (`found`), partly on their way from profile (`reading`, for `missing`)."""
+
+    histories: OnlineHistories
+    persons: Sequence[PersonRef]
+    before: datetime | None
+    found: dict[int, PersonHistory]
+    missing: list[int]
+    reading: PendingHistories | None
+    generation: int
+
+    def result(self) -> list[PersonHistory | DomainError]:
+        """In request order, each history cut at `before`."""
+        whole: dict[int, PersonHistory | DomainError] = dict(self.found)
+        if self.reading is not None:
+            for index, read in zip(self.missing, self.reading.result(), strict=True):
+                if isinstance(read, PersonHistory):
+                    self.histories.keep(self.persons[index], read, self.generation)
+                whole[index] = read
+        return [self._cut(whole[index]) for index in range(len(self.persons))]
+
+    def _cut(self, read: PersonHistory | DomainError) -> PersonHistory | DomainError:
+        if isinstance(read, DomainError) or self.before is None:
+            return read
+        return PersonHistory(read.person_id, events_before(read.events, self.before))
+
+
+class ChangeFollower:
+    """Background thread: applies profile's changes to an OnlineHistories and keeps it current."""
+
+    def __init__(self, histories: OnlineHistories, feed: ProfileChangeFeed, *, poll_seconds: float = POLL_SECONDS,
+                 error_backoff_seconds: float = 1.0, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._histories = histories
+        self._feed = feed
+        self._poll_seconds = poll_seconds
+        self._error_backoff = error_backoff_seconds
+        self._clock = clock
+        self._monotonic = monotonic
+        self._cursor: str | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prediction-history-follower", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=30)
+
+    def follow_once(self) -> int:
+        """Apply the next page of changes; returns how many were read."""
+        started = self._monotonic()
+        if self._cursor is None:
+            self._cursor = self._feed.cursor_at(self._clock() - START_MARGIN)
+        changes, following = self._feed.changes(self._cursor, FEED_PAGE)
+        self._histories.apply(changes)
+        self._cursor = following
+        if len(changes) < FEED_PAGE:
+            self._histories.mark_current(started)
+        return len(changes)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                read = self.follow_once()
+                failures = 0
+            except Exception as error:  # keep following from the same cursor; reads go to profile meanwhile
+                failures += 1
+                # A profile service that is down would otherwise fill the log five times a second.
+                if failures == 1 or failures % 60 == 0:
+                    log.warning("following profile changes failed; scoring reads profile until it works again",
+                                extra={"error": f"{type(error).__name__}: {error}", "failures": failures})
+                self._stopping.wait(min(self._error_backoff * failures, 10.0))
+                continue
+            if read < FEED_PAGE:
+                self._stopping.wait(self._poll_seconds)
