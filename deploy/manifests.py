@@ -121,7 +121,8 @@ class BackgroundStop(NamedTuple):
 # After the gRPC server has drained, shared.runner runs each service's stop callbacks before closing
 # Cassandra. The longest each may block, from the services' code:
 BACKGROUND_STOPS = {
-    "identity": BackgroundStop(0.0, 0),  # the BatchLookupPersons pool, idle once the server has drained
+    # IdentitySettings.stop: joins the settings reloader for up to 10 s (services/identity/settings.py)
+    "identity": BackgroundStop(10.0, 0),
     # IdentityFollower.stop: joins for up to 10 s, then gives its lease back (services/profile/server.py)
     "profile": BackgroundStop(10.0, 1),
     # FeedFollower.stop: joins for up to 30 s, then releases its lease (services/segmentation/follower.py)
