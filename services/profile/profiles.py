@@ -34,7 +34,7 @@ from services.profile.model import (
     TraitWrite,
     validate,
 )
-from services.profile.store import ProfileRow, ProfileStore
+from services.profile.store import ProfileRow, ProfileStore, partitions_of
 from shared.changefeed import ChangeFeed
 
 log = logging.getLogger(__name__)
@@ -171,35 +171,29 @@ class Profiles:
     def views(self, persons: Sequence[PersonView], as_of: datetime | None, *, with_events: bool = True,
               with_traits: bool = True, with_computed: bool = True,
               rows: dict[str, ProfileRow] | None = None) -> list[ProfileView]:
-        """The profiles of many persons, with every read issued concurrently.
+        """The profiles of many persons, read together (see `ProfileStore.read_persons`).
 
         `with_events` reads the timelines (needed for computed traits too), `with_computed` derives
         the computed traits, `with_traits` reads the trait writes; skip what the caller does not ask for.
         """
-        if rows is None:
-            rows = self.store.profile_rows(p.person_id for p in persons)
-        groups = [partitions_of(p.person_id, rows.get(p.person_id)) for p in persons]
         need_events = with_events or with_computed
-        timelines = self.store.timelines(groups) if need_events else [[] for _ in groups]
-        traits = self.store.traits_of_groups(groups) if with_traits else [{} for _ in groups]
+        contents = self.store.read_persons([p.person_id for p in persons], events=need_events, traits=with_traits,
+                                           rows=rows)
         when = as_of or self._clock()
-        views = []
-        for person, group, events, trait_values in zip(persons, groups, timelines, traits, strict=True):
-            row = rows.get(person.person_id)
-            views.append(ProfileView(
-                person_id=person.person_id, identifiers=person.identifiers, traits=trait_values,
-                computed=compute(events, when, self.policy) if with_computed else None,
-                events=events if with_events else [], merged_person_ids=group[1:],
-                update_time=row.update_time if row else None))
-        return views
+        return [ProfileView(
+            person_id=person.person_id, identifiers=person.identifiers, traits=stored.traits,
+            computed=compute(stored.events, when, self.policy) if with_computed else None,
+            events=stored.events if with_events else [], merged_person_ids=stored.partitions[1:],
+            update_time=stored.row.update_time if stored.row else None)
+            for person, stored in zip(persons, contents, strict=True)]
 
     def events_page(self, person: PersonView, start: datetime | None, end: datetime | None, *,
                     names: Sequence[str], after: tuple[datetime, str] | None, page_size: int,
                     ) -> tuple[list[TimelineEvent], tuple[datetime, str] | None]:
         """A page of the person's events, newest first, and where the next page starts (None at the end)."""
-        partitions = self.partitions(person.person_id)
+        stored = self.store.read_persons([person.person_id], events=True, traits=False)[0]
         wanted = set(names)
-        selected = [e for e in self.store.timeline(partitions)
+        selected = [e for e in stored.events
                     if (start is None or e.event_time >= start) and (end is None or e.event_time < end)
                     and (not wanted or e.event_name in wanted)
                     and (after is None or (e.event_time, e.message_id) < after)]
@@ -316,17 +310,6 @@ class Profiles:
         return [ProfileChange(str(e.change_id), e.row.person_id, e.change_time, ChangeType(e.row.change_type),
                               list(e.row.trait_names or ()), list(e.row.event_names or ()),
                               list(e.row.merged_person_ids or ())) for e in entries], cursor
-
-
-def partitions_of(person_id: str, row: ProfileRow | None) -> list[str]:
-    """The person id and those merged into it, per its profile row: whose rows make up its profile.
-
-    The merged ids are this service's own record of the merges it applied (at ingest, or from the
-    identity feed), not identity's list: after a split identity may still name a person that owns its
-    rows again.
-    """
-    merged = row.merged_person_ids if row else []
-    return [person_id, *dict.fromkeys(m for m in merged if m != person_id)]
 
 
 def _observation(event: Event) -> Observation:
