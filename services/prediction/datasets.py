@@ -1,7 +1,7 @@
 """Point-in-time correct training sets.
 
 For a cutoff T and horizon H, a person's row has features from events strictly before T
-(`features.feature_row`) and a label from events in [T, T+H) only. Who gets a row at T is decided
+(`features.features_at`) and a label from events in [T, T+H) only. Who gets a row at T is decided
 from events before T too: conversion needs some history before T (a person who did not exist yet
 cannot be scored), churn needs qualifying activity within `eligibility_days` before T. Several
 rolling cutoffs give one row per (person, cutoff).
@@ -17,9 +17,12 @@ from datetime import datetime, timedelta
 import numpy as np
 import numpy.typing as npt
 
-from services.prediction.features import FEATURE_NAMES, feature_matrix, feature_row
+from services.prediction.features import FEATURE_NAMES, feature_matrix, features_at
 from services.prediction.history import ActivityEvent, PersonHistory
 from services.prediction.spec import ModelSpec, PredictionKind
+
+# Persons whose features are computed together while training sets are built (also the progress step).
+FEATURE_BATCH = 1000
 
 
 def horizon_of(spec: ModelSpec) -> timedelta:
@@ -97,24 +100,41 @@ def build_training_sets(spec: ModelSpec, histories: Iterable[PersonHistory], tra
     """
     training, validation = TrainingSet(), TrainingSet()
     processed = 0
-    for history in histories:
+    chunk: list[PersonHistory] = []
+
+    def add_chunk(persons: Sequence[PersonHistory]) -> None:
         for cutoff in training_cutoffs:
-            add_example(training, spec, history, cutoff)
-        add_example(validation, spec, history, validation_cutoff)
-        processed += 1
-        if progress is not None and processed % 1000 == 0:
-            progress(processed)
+            add_examples(training, spec, persons, cutoff)
+        add_examples(validation, spec, persons, validation_cutoff)
+
+    for history in histories:
+        chunk.append(history)
+        if len(chunk) == FEATURE_BATCH:
+            add_chunk(chunk)
+            processed += len(chunk)
+            chunk = []
+            if progress is not None:
+                progress(processed)
+    add_chunk(chunk)
+    processed += len(chunk)
     if progress is not None:
         progress(processed)
     return training, validation
 
 
+def add_examples(dataset: TrainingSet, spec: ModelSpec, histories: Sequence[PersonHistory], cutoff: datetime) -> int:
+    """Add the row at `cutoff` of each person eligible then (their features computed together); returns how
+    many rows were added."""
+    eligible = [h for h in histories if is_eligible(spec, h.events, cutoff)]
+    if not eligible:
+        return 0
+    dataset.person_ids += [h.person_id for h in eligible]
+    dataset.cutoffs += [cutoff] * len(eligible)
+    dataset.rows += features_at([h.columns for h in eligible], cutoff).tolist()
+    dataset.label_list += [label_of(spec, h.events, cutoff) for h in eligible]
+    return len(eligible)
+
+
 def add_example(dataset: TrainingSet, spec: ModelSpec, history: PersonHistory, cutoff: datetime) -> bool:
     """Add the person's row at `cutoff` when they are eligible; returns whether a row was added."""
-    if not is_eligible(spec, history.events, cutoff):
-        return False
-    dataset.person_ids.append(history.person_id)
-    dataset.cutoffs.append(cutoff)
-    dataset.rows.append(feature_row(history.events, cutoff))
-    dataset.label_list.append(label_of(spec, history.events, cutoff))
-    return True
+    return add_examples(dataset, spec, [history], cutoff) == 1

@@ -9,14 +9,13 @@ mean gap with fewer than two orders) are NaN, which LightGBM treats as missing r
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 from collections.abc import Sequence
 from datetime import datetime
 
 import numpy as np
 import numpy.typing as npt
 
-from services.prediction.history import ORDER_EVENT, ActivityEvent
+from services.prediction.history import ActivityEvent, EventColumns, columns_of, micros_of
 
 WINDOWS_DAYS = (7, 30, 90, 180, 365)
 TREND_DAYS = 90
@@ -53,17 +52,13 @@ FEATURE_NAMES: tuple[str, ...] = (
     "lifecycle_stage",
 )
 FEATURE_INDEX = {name: index for index, name in enumerate(FEATURE_NAMES)}
+# Without any event before the cutoff these are missing (NaN); every other feature is 0.
+_MISSING_WITHOUT_HISTORY = [FEATURE_INDEX[name] for name in (
+    "days_since_last_event", "tenure_days", "days_since_last_order", "days_since_first_order", "average_order_value",
+    "max_order_amount", "mean_days_between_orders", "order_overdue_ratio", "orders_per_30d_of_tenure")]
 
 NAN = math.nan
-
-
-def _days_before(cutoff: datetime, time: datetime) -> float:
-    return (cutoff - time).total_seconds() / SECONDS_PER_DAY
-
-
-def events_before(events: Sequence[ActivityEvent], cutoff: datetime) -> Sequence[ActivityEvent]:
-    """The prefix of a time-sorted history strictly before `cutoff`."""
-    return events[:bisect_left(events, cutoff, key=lambda e: e.time)]
+_MICROS_PER_DAY = 86_400_000_000
 
 
 def features_as_of(events: Sequence[ActivityEvent], cutoff: datetime) -> dict[str, float]:
@@ -75,65 +70,107 @@ def features_as_of(events: Sequence[ActivityEvent], cutoff: datetime) -> dict[st
 
 
 def feature_row(events: Sequence[ActivityEvent], cutoff: datetime) -> list[float]:
-    """The feature values in FEATURE_NAMES order; the hot path of training-set building and scoring."""
-    past = events_before(events, cutoff)
-    # Ages in days, oldest event first (largest age first).
-    ages = [_days_before(cutoff, e.time) for e in past]
-    order_ages = [age for age, e in zip(ages, past, strict=True) if e.name == ORDER_EVENT]
-    order_amounts = [e.amount or 0.0 for e in past if e.name == ORDER_EVENT]
-
-    row: list[float] = []
-    if ages:
-        row += [ages[-1], ages[0], float(len(ages))]
-    else:
-        row += [NAN, NAN, 0.0]
-    row += [float(sum(1 for age in ages if age < days)) for days in WINDOWS_DAYS]
-    row.append(float(len({math.floor(age) for age in ages if age < 90})))
-    row.append(_trend(ages))
-
-    order_count = len(order_ages)
-    amount_sum = float(sum(order_amounts))
-    if order_count:
-        row += [order_ages[-1], order_ages[0], float(order_count), amount_sum, amount_sum / order_count,
-                max(order_amounts)]
-    else:
-        row += [NAN, NAN, 0.0, 0.0, NAN, NAN]
-    row += [float(sum(1 for age in order_ages if age < days)) for days in WINDOWS_DAYS]
-    row += [float(sum(amount for age, amount in zip(order_ages, order_amounts, strict=True) if age < days))
-            for days in WINDOWS_DAYS]
-    # Several orders on one day are one purchase occasion (the BG/NBD view of frequency).
-    order_days = len({math.floor(age) for age in order_ages})
-    row.append(float(order_days))
-    if order_count >= 2 and order_ages[0] > order_ages[-1]:
-        mean_gap = (order_ages[0] - order_ages[-1]) / (order_count - 1)
-        row += [mean_gap, order_ages[-1] / mean_gap]
-    else:
-        row += [NAN, NAN]
-    tenure = ages[0] if ages else NAN
-    row.append(order_count / max(tenure / 30.0, 1.0) if ages else NAN)
-    row.append(_trend(order_ages))
-    row.append(float(len({e.category for e in past if e.category})))
-    row.append(_lifecycle(ages))
+    """The feature values in FEATURE_NAMES order (one person: `features_at` for many)."""
+    row: list[float] = features_at([columns_of(events)], cutoff)[0].tolist()
     return row
 
 
-def _trend(ages: Sequence[float]) -> float:
-    """Events in the last 90 days minus events in the 90 days before those: positive means speeding up."""
-    recent = sum(1 for age in ages if age < TREND_DAYS)
-    prior = sum(1 for age in ages if TREND_DAYS <= age < 2 * TREND_DAYS)
-    return float(recent - prior)
+def features_at(histories: Sequence[EventColumns], cutoff: datetime) -> npt.NDArray[np.float64]:
+    """The feature matrix of many persons at one cutoff, row i for `histories[i]`, columns in FEATURE_NAMES
+    order: the one feature function, computed for the whole batch at once (events at or after `cutoff`
+    are ignored). A missing value is NaN.
 
+    The events of all persons are laid end to end (each person's a contiguous, time-sorted run), so
+    every count and sum is one segment reduction over one indicator matrix, and every "distinct"
+    count one sort, whatever the batch size.
+    """
+    persons = len(histories)
+    matrix = np.zeros((persons, len(FEATURE_NAMES)))
+    cutoff_micros = micros_of(cutoff)
+    # Each person's events strictly before the cutoff: a prefix of the time-sorted arrays.
+    counts = np.fromiter((h.micros.searchsorted(cutoff_micros) for h in histories), dtype=np.int64,
+                         count=persons)
+    matrix[np.ix_(counts == 0, _MISSING_WITHOUT_HISTORY)] = NAN  # lifecycle stage 0: LIFECYCLE_NONE
+    active = np.flatnonzero(counts)  # persons with a history before the cutoff
+    if len(active) == 0:
+        return matrix
+    column = FEATURE_INDEX
+    past = [histories[i].prefix(int(counts[i])) for i in active.tolist()]
+    if len(past) == 1:  # one person (single scores): views, no copies
+        micros, is_order, amounts, categories = past[0].micros, past[0].is_order, past[0].amounts, past[0].categories
+    else:
+        micros = np.concatenate([h.micros for h in past])
+        is_order = np.concatenate([h.is_order for h in past])
+        amounts = np.concatenate([h.amounts for h in past])
+        categories = np.concatenate([h.categories for h in past])
+    sizes = counts[active]
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    age_micros = cutoff_micros - micros
+    # As timedelta.total_seconds() / SECONDS_PER_DAY gives it: exact microseconds, then the divisions.
+    ages = age_micros / 1e6 / SECONDS_PER_DAY
+    whole_days = age_micros // _MICROS_PER_DAY
 
-def _lifecycle(ages: Sequence[float]) -> float:
-    if not ages:
-        return LIFECYCLE_NONE
-    if ages[0] < NEW_DAYS:
-        return LIFECYCLE_NEW
-    if ages[-1] < ACTIVE_DAYS:
-        return LIFECYCLE_ACTIVE
-    if ages[-1] < SILENT_DAYS:
-        return LIFECYCLE_SILENT
-    return LIFECYCLE_CHURNED
+    # Counts and sums per person: one segment reduction over all the indicator columns at once.
+    recent, prior = ages < TREND_DAYS, (ages >= TREND_DAYS) & (ages < 2 * TREND_DAYS)
+    within = dict(zip(WINDOWS_DAYS, (ages < days for days in WINDOWS_DAYS), strict=True))
+    order_amounts = np.where(is_order, amounts, 0.0)
+    indicators = {
+        "event_count": np.ones(len(ages)),
+        **{f"event_count_{days}d": mask for days, mask in within.items()},
+        "event_count_prior": prior,
+        "order_count": is_order,
+        "order_amount_sum": order_amounts,
+        **{f"order_count_{days}d": mask & is_order for days, mask in within.items()},
+        **{f"order_amount_{days}d": np.where(mask, order_amounts, 0.0) for days, mask in within.items()},
+        "order_count_prior": prior & is_order,
+    }
+    sums = dict(zip(indicators, np.add.reduceat(np.column_stack(list(indicators.values())), starts, axis=0).T,
+                    strict=True))
+    rows = matrix[active]
+    for name, total in sums.items():
+        if name in column:
+            rows[:, column[name]] = total
+    order_counts, amount_sum = sums["order_count"], sums["order_amount_sum"]
+    rows[:, column["event_count_trend_90d"]] = sums[f"event_count_{TREND_DAYS}d"] - sums["event_count_prior"]
+    rows[:, column["order_count_trend_90d"]] = sums[f"order_count_{TREND_DAYS}d"] - sums["order_count_prior"]
+
+    latest, tenure = ages[ends - 1], ages[starts]
+    rows[:, column["days_since_last_event"]] = latest
+    rows[:, column["tenure_days"]] = tenure
+    has_orders = order_counts > 0
+    # Oldest first, so the first order has the largest age and the last order the smallest.
+    last_order = np.minimum.reduceat(np.where(is_order, ages, np.inf), starts)
+    first_order = np.maximum.reduceat(np.where(is_order, ages, -np.inf), starts)
+    max_amount = np.maximum.reduceat(np.where(is_order, amounts, -np.inf), starts)
+    rows[:, column["days_since_last_order"]] = np.where(has_orders, last_order, NAN)
+    rows[:, column["days_since_first_order"]] = np.where(has_orders, first_order, NAN)
+    rows[:, column["max_order_amount"]] = np.where(has_orders, max_amount, NAN)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows[:, column["average_order_value"]] = np.where(has_orders, amount_sum / order_counts, NAN)
+        gapped = (order_counts >= 2) & (first_order > last_order)
+        mean_gap = np.where(gapped, (first_order - last_order) / (order_counts - 1), NAN)
+        rows[:, column["mean_days_between_orders"]] = mean_gap
+        rows[:, column["order_overdue_ratio"]] = np.where(gapped, last_order / mean_gap, NAN)
+    rows[:, column["orders_per_30d_of_tenure"]] = order_counts / np.maximum(tenure / 30.0, 1.0)
+
+    # Distinct values per person, three kinds in one sort: days active within 90 days, order days (several
+    # orders on one day are one purchase occasion, the BG/NBD view of frequency), and categories.
+    owner = np.repeat(np.arange(len(active)), sizes)
+    kinds = len(active)
+    groups = np.concatenate([owner[recent], kinds + owner[is_order], 2 * kinds + owner[categories >= 0]])
+    values = np.concatenate([whole_days[recent], whole_days[is_order], categories[categories >= 0]])
+    span = int(values.max()) + 1 if len(values) else 1
+    keys = np.unique(groups * span + values)
+    distinct = np.bincount(keys // span, minlength=3 * kinds).reshape(3, kinds)
+    rows[:, column["active_days_90d"]] = distinct[0]
+    rows[:, column["order_days"]] = distinct[1]
+    rows[:, column["distinct_categories"]] = distinct[2]
+    rows[:, column["lifecycle_stage"]] = np.select(
+        [tenure < NEW_DAYS, latest < ACTIVE_DAYS, latest < SILENT_DAYS],
+        [LIFECYCLE_NEW, LIFECYCLE_ACTIVE, LIFECYCLE_SILENT], LIFECYCLE_CHURNED)
+    matrix[active] = rows
+    return matrix
 
 
 def feature_matrix(rows: Sequence[Sequence[float]]) -> npt.NDArray[np.float64]:

@@ -7,16 +7,23 @@ trains or scores takes a `ProfileSource`, so the same code runs on a laptop list
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from shared.errors import DomainError, InvalidArgument, NotFound
 
 # Transactions arrive as events of this name whose amount is the order amount.
 ORDER_EVENT = "order"
 _ONLY_SHARD = "all"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +52,65 @@ class PersonRef:
 
 
 @dataclass(frozen=True)
+class EventColumns:
+    """A person's time-sorted history as arrays: what the feature function reads, one entry per event.
+
+    Times are integer microseconds since the Unix epoch, so "strictly before the cutoff" and the
+    window bounds are exact comparisons. Categories are codes local to the person (-1: none): only
+    how many distinct ones there are matters.
+    """
+
+    micros: npt.NDArray[np.int64]
+    is_order: npt.NDArray[np.bool_]
+    amounts: npt.NDArray[np.float64]  # order amounts, 0 when none
+    categories: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.micros)
+
+    def prefix(self, count: int) -> EventColumns:
+        """The first `count` events (views, no copies)."""
+        return EventColumns(self.micros[:count], self.is_order[:count], self.amounts[:count],
+                            self.categories[:count])
+
+
+def micros_of(time: datetime) -> int:
+    return (time - _EPOCH) // _MICROSECOND
+
+
+def columns_of(events: Sequence[ActivityEvent]) -> EventColumns:
+    """The arrays of a time-sorted history (one pass over the events)."""
+    codes: dict[str, int] = {}
+    count = len(events)
+    return EventColumns(
+        np.fromiter((micros_of(e.time) for e in events), dtype=np.int64, count=count),
+        np.fromiter((e.name == ORDER_EVENT for e in events), dtype=np.bool_, count=count),
+        np.fromiter(((e.amount or 0.0) if e.name == ORDER_EVENT else 0.0 for e in events), dtype=np.float64,
+                    count=count),
+        np.fromiter((codes.setdefault(e.category, len(codes)) if e.category else -1 for e in events),
+                    dtype=np.int64, count=count))
+
+
+@dataclass(frozen=True)
 class PersonHistory:
+    """A person's time-sorted events."""
+
     person_id: str
     events: Sequence[ActivityEvent]
+
+    @cached_property
+    def columns(self) -> EventColumns:
+        """The events as the arrays the feature function reads, computed once per history (the online store
+        keeps them with the history it holds)."""
+        return columns_of(self.events)
+
+    def before(self, cutoff: datetime) -> PersonHistory:
+        """The history strictly before `cutoff`; its columns are views of these, when these were computed."""
+        count = bisect_left(self.events, cutoff, key=lambda e: e.time)
+        cut = PersonHistory(self.person_id, self.events[:count])
+        if "columns" in self.__dict__:
+            cut.__dict__["columns"] = self.columns.prefix(count)  # where cached_property keeps its value
+        return cut
 
 
 class PendingHistories(Protocol):

@@ -6,10 +6,10 @@ the features and the booster together (well under a millisecond). Serving system
 copy of what scoring reads next to the model; `OnlineHistories` is ours. It keeps each history it
 read from profile whole (every event, no time bound, so one entry answers any `as_of`: the cut at
 `as_of` is made per score, by the same rule as everywhere else) and remembers which selector led to
-which person. `ChangeFollower` reads profile's change feed and drops a person's entry when profile
-reports new events, a merge, a split or an erasure of them (trait changes, such as written-back
-scores, do not touch a history), together with the selectors that led to the persons a merge, split
-or erasure changed. The next read of a dropped person goes to profile again, and is kept.
+which person. `ChangeFollower` reads profile's change feed and drops a person's entry, and the
+selectors that led to it, when profile reports new events, a merge, a split or an erasure of them
+(trait changes, such as written-back scores, do not touch a history). The next read of a dropped
+person goes to profile again, and is kept.
 
 Freshness: profile's feed is read a settle time behind now (shared.changefeed), so a score made
 from the store reflects every event stored more than about settle + poll (~1.2 s) before it; a
@@ -33,9 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from services.prediction.features import events_before
 from services.prediction.history import (
-    ActivityEvent,
     HistoryReader,
     PendingHistories,
     PersonHistory,
@@ -67,10 +65,6 @@ class ChangeKind(enum.Enum):
     ERASE = "erase"
 
 
-# Changes after which the persons a selector leads to may differ.
-_REASSIGNING = frozenset({ChangeKind.MERGE, ChangeKind.SPLIT, ChangeKind.ERASE})
-
-
 @dataclass(frozen=True)
 class HistoryChange:
     """A change of a person in profile: what kind, and for merges the persons merged into them."""
@@ -96,7 +90,7 @@ class ProfileChangeFeed(Protocol):
 class _Store:
     """The entries and what leads to them; guarded by OnlineHistories' lock."""
 
-    entries: OrderedDict[str, Sequence[ActivityEvent]] = field(default_factory=OrderedDict)
+    entries: OrderedDict[str, PersonHistory] = field(default_factory=OrderedDict)
     person_of: dict[PersonRef, str] = field(default_factory=dict)
     selectors_of: dict[str, set[PersonRef]] = field(default_factory=dict)
     events: int = 0
@@ -134,31 +128,32 @@ class OnlineHistories(ReadsByStarting):
             generation = store.generation
             for index, person in enumerate(persons):
                 person_id = store.person_of.get(person)
-                events = store.entries.get(person_id) if person_id is not None else None
-                if person_id is None or events is None:
+                kept = store.entries.get(person_id) if person_id is not None else None
+                if person_id is None or kept is None:
                     missing.append(index)
                     continue
                 store.entries.move_to_end(person_id)
-                found[index] = PersonHistory(person_id, events)
+                found[index] = kept
         reading = self._source.start_histories_of([persons[i] for i in missing], None) if missing else None
         return _OnlineRead(self, persons, before, found, missing, reading, generation)
 
     def keep(self, person: PersonRef, history: PersonHistory, generation: int) -> None:
         """Keep a whole history read from profile, unless a change of the person was applied since the read
         started (`generation`): then the answer may predate it."""
+        _ = history.columns  # computed once, outside the lock, and kept with the history
         with self._lock:
             store = self._store
             if _changed_since(store, history.person_id, generation):
                 return
             previous = store.entries.pop(history.person_id, None)
-            store.events -= len(previous) if previous is not None else 0
-            store.entries[history.person_id] = history.events
+            store.events -= len(previous.events) if previous is not None else 0
+            store.entries[history.person_id] = history
             store.events += len(history.events)
             store.person_of[person] = history.person_id
             store.selectors_of.setdefault(history.person_id, set()).add(person)
             while store.events > self._max_events and store.entries:
-                evicted, events = store.entries.popitem(last=False)
-                store.events -= len(events)
+                evicted, dropped = store.entries.popitem(last=False)
+                store.events -= len(dropped.events)
                 _forget_selectors(store, evicted)
 
     # ---- the follower's side -----------------------------------------------------------------------
@@ -174,10 +169,11 @@ class OnlineHistories(ReadsByStarting):
                 persons = {change.person_id, *change.merged_person_ids}
                 touched |= persons
                 for person_id in persons:
-                    events = store.entries.pop(person_id, None)
-                    store.events -= len(events) if events is not None else 0
-                    if change.kind in _REASSIGNING:
-                        _forget_selectors(store, person_id)
+                    dropped = store.entries.pop(person_id, None)
+                    store.events -= len(dropped.events) if dropped is not None else 0
+                    # After a merge, split or erasure a selector may lead elsewhere; after new events it is
+                    # simply read again with the person.
+                    _forget_selectors(store, person_id)
             if touched:
                 store.generation += 1
                 store.recent.append((store.generation, frozenset(touched)))
@@ -231,7 +227,7 @@ class _OnlineRead:
     def _cut(self, read: PersonHistory | DomainError) -> PersonHistory | DomainError:
         if isinstance(read, DomainError) or self.before is None:
             return read
-        return PersonHistory(read.person_id, events_before(read.events, self.before))
+        return read.before(self.before)
 
 
 class ChangeFollower:

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.prediction.datasets import is_eligible
-from services.prediction.features import FEATURE_NAMES, feature_matrix, feature_row
+from services.prediction.features import FEATURE_NAMES, feature_matrix, features_at
 from services.prediction.history import PersonHistory
 from services.prediction.spec import ModelSpec, PredictionKind
 from shared.errors import FailedPrecondition
@@ -96,6 +96,9 @@ class Scorer:
                 "the model version was trained on a different feature list than this release computes; "
                 "train a new version", reason="FEATURES_CHANGED")
         self._booster = lgb.Booster(model_str=model_string)
+        # Binary log loss with the plain sigmoid: a probability is the sigmoid of the contributions' sum, so
+        # an explained score needs one booster call, not two.
+        self._logistic = "objective=binary sigmoid:1" in model_string.splitlines()
         self._quantiles = list(score_quantiles)
         self._quantile_array = np.asarray(self._quantiles, dtype=np.float64)
 
@@ -123,14 +126,17 @@ class Scorer:
 
     def score_matrix(self, person_ids: Sequence[str], features: npt.NDArray[np.float64], as_of: datetime,
                      top_features: int = 0) -> ScoreBatch:
-        """One predict call for the whole matrix, one pred_contrib call when `top_features` > 0."""
-        probabilities = self.probabilities(features)
+        """One predict call for the whole matrix, or one pred_contrib call when `top_features` > 0."""
         contributions = None
         top = _NO_TOP
         if top_features > 0 and len(features):
             contributions = self.contributions(features)
+            probabilities = (1.0 / (1.0 + np.exp(-contributions.sum(axis=1))) if self._logistic
+                             else self.probabilities(features))
             # Largest absolute effect first; a stable sort keeps equal effects in feature order.
             top = np.argsort(-np.abs(contributions[:, :-1]), axis=1, kind="stable")[:, :top_features]
+        else:
+            probabilities = self.probabilities(features)
         return ScoreBatch(person_ids, probabilities, self.percentiles(probabilities), features, contributions, top,
                           as_of)
 
@@ -151,5 +157,5 @@ def score_history(scorer: Scorer, spec: ModelSpec, history: PersonHistory, as_of
     """Score one person as of a time; FailedPrecondition when the spec does not cover them then."""
     if not is_eligible(spec, history.events, as_of):
         raise not_eligible(spec, history.person_id, as_of)
-    features = feature_matrix([feature_row(history.events, as_of)])
+    features = features_at([history.columns], as_of)
     return scorer.score_matrix([history.person_id], features, as_of, top_features).score(0)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from services.prediction.datasets import is_eligible
-from services.prediction.features import FEATURE_NAMES, feature_matrix, feature_row
-from services.prediction.history import HistoryReader, PersonHistory, PersonRef
+from services.prediction.features import FEATURE_NAMES, features_at
+from services.prediction.history import EventColumns, HistoryReader, PersonHistory, PersonRef
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, VersionState
 from services.prediction.scoring import PersonScore, ScoreBatch, Scorer, not_eligible, score_history
 from services.prediction.spec import model_name, version_name
@@ -159,7 +159,8 @@ class Predictor:
     def features(self, person: PersonRef, as_of: datetime) -> tuple[str, dict[str, float]]:
         """The person id and the feature values as of `as_of`, as training and scoring compute them."""
         history = self._source.history(person, as_of)
-        return history.person_id, dict(zip(FEATURE_NAMES, feature_row(history.events, as_of), strict=True))
+        return history.person_id, dict(zip(FEATURE_NAMES, features_at([history.columns], as_of)[0].tolist(),
+                                           strict=True))
 
 
 @dataclass(frozen=True)
@@ -182,13 +183,13 @@ def score_histories(scoring: ScoringVersion, histories: Sequence[PersonHistory |
                     top_features: int) -> ScoredBatch:
     """Scores (or errors) for read histories, in order; ineligible persons get FailedPrecondition.
 
-    The eligible persons' features go into one matrix and through one booster call.
+    The eligible persons' features are computed together (`features_at`) and go through one booster call.
     """
     spec = scoring.version.spec
     rows: list[int] = []
     errors: dict[int, DomainError] = {}
     person_ids: list[str] = []
-    feature_rows: list[list[float]] = []
+    eligible: list[EventColumns] = []
     for index, history in enumerate(histories):
         if isinstance(history, DomainError):
             errors[index] = history
@@ -199,6 +200,6 @@ def score_histories(scoring: ScoringVersion, histories: Sequence[PersonHistory |
         else:
             rows.append(len(person_ids))
             person_ids.append(history.person_id)
-            feature_rows.append(feature_row(history.events, as_of))
-    batch = scoring.scorer.score_matrix(person_ids, feature_matrix(feature_rows), as_of, top_features)
+            eligible.append(history.columns)
+    batch = scoring.scorer.score_matrix(person_ids, features_at(eligible, as_of), as_of, top_features)
     return ScoredBatch(batch, rows, errors)

@@ -7,8 +7,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.prediction.features import FEATURE_NAMES, LIFECYCLE_ACTIVE, LIFECYCLE_NONE, features_as_of
-from services.prediction.history import ActivityEvent
+from services.prediction.features import (
+    FEATURE_NAMES,
+    LIFECYCLE_ACTIVE,
+    LIFECYCLE_NONE,
+    features_as_of,
+    features_at,
+)
+from services.prediction.history import ActivityEvent, columns_of
+from tests.services.prediction.synthetic import day, synthetic_events
 
 pytestmark = pytest.mark.unit
 
@@ -76,3 +83,54 @@ def test_events_at_or_after_the_cutoff_are_invisible() -> None:
     # One microsecond earlier, the event counts.
     just_before = [*HISTORY, ActivityEvent("order", CUTOFF - timedelta(microseconds=1), 999.0)]
     assert features_as_of(just_before, CUTOFF)["order_count"] == 4
+
+
+def reference_row(events: list[ActivityEvent], cutoff: datetime) -> list[float]:
+    """The features one event at a time in plain Python (what features_at computed before it was vectorized):
+    an independent statement of every definition, to check the batch computation against."""
+    past = [e for e in events if e.time < cutoff]
+    ages = [(cutoff - e.time).total_seconds() / 86_400 for e in past]
+    orders = [(age, e.amount or 0.0) for age, e in zip(ages, past, strict=True) if e.name == "order"]
+    order_ages = [age for age, _ in orders]
+    nan = math.nan
+
+    def trend(values: list[float]) -> float:
+        return float(sum(1 for a in values if a < 90) - sum(1 for a in values if 90 <= a < 180))
+
+    row = [min(ages, default=nan), max(ages, default=nan), float(len(ages))]
+    row += [float(sum(1 for a in ages if a < d)) for d in (7, 30, 90, 180, 365)]
+    row += [float(len({math.floor(a) for a in ages if a < 90})), trend(ages)]
+    total = sum(amount for _, amount in orders)
+    row += [min(order_ages, default=nan), max(order_ages, default=nan), float(len(orders)), total,
+            total / len(orders) if orders else nan, max((amount for _, amount in orders), default=nan)]
+    row += [float(sum(1 for a in order_ages if a < d)) for d in (7, 30, 90, 180, 365)]
+    row += [sum(amount for a, amount in orders if a < d) for d in (7, 30, 90, 180, 365)]
+    row.append(float(len({math.floor(a) for a in order_ages})))
+    gap = ((max(order_ages) - min(order_ages)) / (len(orders) - 1)
+           if len(orders) >= 2 and max(order_ages) > min(order_ages) else nan)
+    row += [gap, min(order_ages) / gap if not math.isnan(gap) else nan]
+    row.append(len(orders) / max(max(ages) / 30, 1.0) if ages else nan)
+    row.append(trend(order_ages))
+    row.append(float(len({e.category for e in past if e.category})))
+    stage = (LIFECYCLE_NONE if not ages else 1.0 if max(ages) < 30 else LIFECYCLE_ACTIVE if min(ages) < 30
+             else 3.0 if min(ages) < 90 else 4.0)
+    row.append(stage)
+    return row
+
+
+def test_the_batch_computation_is_the_per_event_definition_for_every_person_and_cutoff() -> None:
+    histories = synthetic_events(300, seed=5)
+    # Extra shapes: same-day orders, an order update (an event, not an order), empty categories, ties in time.
+    histories["edge"] = [ActivityEvent("order", ago(10), 5.0, ""), ActivityEvent("order", ago(10), 7.0, "books"),
+                         ActivityEvent("order_update", ago(9), -5.0, "books"), ActivityEvent("order", ago(1), None)]
+    histories["nobody"] = []
+    names = sorted(histories)
+    columns = [columns_of(histories[n]) for n in names]
+    for cutoff in (day("2023-03-01"), day("2024-01-01"), day("2024-06-01") + timedelta(microseconds=1), CUTOFF,
+                   day("2026-01-01")):
+        matrix = features_at(columns, cutoff)
+        assert matrix.shape == (len(names), len(FEATURE_NAMES))
+        for row, name in zip(matrix, names, strict=True):
+            assert row.tolist() == pytest.approx(reference_row(histories[name], cutoff), nan_ok=True, rel=1e-12)
+        # A person's row does not depend on who else is in the batch.
+        assert features_at(columns[5:6], cutoff)[0].tolist() == pytest.approx(matrix[5].tolist(), nan_ok=True)

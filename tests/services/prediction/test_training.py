@@ -110,7 +110,11 @@ def test_scores_come_with_percentiles_and_contributions(conversion_model: Traine
     scores = scorer.score_rows([h.person_id for h in histories], rows, as_of, top_features=5)
     raw = lgb.Booster(model_str=conversion_model.model_string)
     expected = raw.predict(np.asarray(rows))
-    assert [s.probability for s in scores] == pytest.approx(list(expected))
+    # Explained scores take the probability from the contributions (one booster call): the same numbers.
+    assert "objective=binary sigmoid:1" in conversion_model.model_string.splitlines()
+    assert [s.probability for s in scores] == pytest.approx(list(expected), abs=1e-12)
+    unexplained = scorer.score_rows([h.person_id for h in histories], rows, as_of)
+    assert [s.probability for s in unexplained] == list(expected)
     for score, row in zip(scores, rows, strict=True):
         assert 0 <= score.percentile <= 100 and score.percentile == scorer.percentile(score.probability)
         assert len(score.top_features) == 5

@@ -89,6 +89,11 @@ class PredictionServiceStub:
     ScorePerson: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.ScorePersonRequest, _prediction_service_pb2.Score]
     """Scores one person (by person id or any identifier) with the active version, or a given one.
 
+    Scoring reads persons' histories from an online store kept current by profile's change feed
+    (about a second behind; a person not held, or changed since, is read from profile), so a score
+    reflects every event stored more than about a second before the call. Which version is active
+    is re-read at most once a second (at once after an activation through the same replica).
+
     Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
     active version, or the person is not eligible (e.g. churn for someone never active).
     """
@@ -171,6 +176,11 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     """
     ScorePerson: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.ScorePersonRequest, _prediction_service_pb2.Score]  # type: ignore[assignment]
     """Scores one person (by person id or any identifier) with the active version, or a given one.
+
+    Scoring reads persons' histories from an online store kept current by profile's change feed
+    (about a second behind; a person not held, or changed since, is read from profile), so a score
+    reflects every event stored more than about a second before the call. Which version is active
+    is re-read at most once a second (at once after an activation through the same replica).
 
     Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
     active version, or the person is not eligible (e.g. churn for someone never active).
@@ -311,6 +321,11 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_prediction_service_pb2.Score, _abc.Awaitable[_prediction_service_pb2.Score]]:
         """Scores one person (by person id or any identifier) with the active version, or a given one.
+
+        Scoring reads persons' histories from an online store kept current by profile's change feed
+        (about a second behind; a person not held, or changed since, is read from profile), so a score
+        reflects every event stored more than about a second before the call. Which version is active
+        is re-read at most once a second (at once after an activation through the same replica).
 
         Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
         active version, or the person is not eligible (e.g. churn for someone never active).
