@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ class SegmentState(IntEnum):
     # Values match onecdp.segmentation.v1.SegmentState.
     COMPUTING = 1
     READY = 2
+    FAILED = 3
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,12 @@ def page_size_of(requested: int, default: int, maximum: int, field_path: str = "
     if requested < 0:
         raise InvalidArgument.for_field(field_path, f"must not be negative, got {requested}")
     return min(requested or default, maximum)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(rule_text: str) -> Rule:
+    # Real time reads every rule for each page of changes; a rule's text rarely changes, and rules are immutable.
+    return parse(rule_text)
 
 
 def _etag(record: SegmentRecord) -> str:
@@ -222,7 +230,7 @@ class SegmentCatalog:
 
     def rules(self) -> dict[str, Rule]:
         """Every segment's current rule, for evaluating `segment(...)` references."""
-        return {record.segment_id: parse(record.rule_text) for record in self.store.all()}
+        return {record.segment_id: _parsed(record.rule_text) for record in self.store.all()}
 
     def _segment(self, record: SegmentRecord) -> Segment:
         return Segment(record.segment_id, record.display_name, record.description, parse(record.rule_text),

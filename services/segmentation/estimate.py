@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from services.segmentation.evaluation import matches
-from services.segmentation.recompute import ProfileSource, needs_events
+from services.segmentation.realtime import events_read
+from services.segmentation.recompute import ProfileSource
 from services.segmentation.rules import Rule
 from shared.errors import InvalidArgument
 
@@ -54,13 +55,13 @@ def estimate_size(rule: Rule, rules: dict[str, Rule], source: ProfileSource, sam
                   chooser: random.Random | None = None) -> SizeEstimate:
     """Scan random shards until `sample_size` profiles were seen, evaluating `rule` on each."""
     as_of = datetime.now(UTC)
-    with_events = needs_events(rule, rules)
+    events = events_read([rule], rules, as_of)
     shards = source.shards(SHARDS)
     (chooser or random.Random()).shuffle(shards)
 
     def scan(shard: str) -> tuple[int, int]:
         scanned = matched = 0
-        for batch in source.scan(shard, as_of, with_events):
+        for batch in source.scan(shard, as_of, events):
             scanned += len(batch)
             matched += sum(1 for facts in batch if matches(rule, facts, as_of, rules.get))
         return scanned, matched

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
@@ -33,7 +32,7 @@ from typing import Protocol
 from services.segmentation.catalog import SegmentCatalog
 from services.segmentation.evaluation import ProfileFacts, matches
 from services.segmentation.profile_source import CHANGE_ERASE, CHANGE_MERGE, CHANGE_SPLIT, FeedChange
-from services.segmentation.realtime import dependencies_of, event_names_read, next_change_time
+from services.segmentation.realtime import EventReads, dependencies_of, events_read, next_change_time
 from services.segmentation.rules import Rule
 from services.segmentation.store import SegmentStore
 from shared.changefeed import UnsettledTail, parse_cursor, with_unsettled
@@ -45,6 +44,10 @@ EXPIRY_FEED = "expiry"
 LEASE = "profile-feed"
 FEED_PAGE = 1000
 DUE_PAGE = 1000
+# An idle follower asks profile for new changes this often (what a change waits at most before it is read).
+POLL_SECONDS = 0.05
+# Due re-evaluations are looked for this often (how late past its time a window expires someone at most).
+SWEEP_SECONDS = 1.0
 CAUSE_REALTIME = "realtime"
 CAUSE_MERGE = "merge"
 CAUSE_EXPIRY = "expiry"
@@ -54,7 +57,7 @@ class PersonSource(Protocol):
     def changes(self, cursor: str, limit: int) -> tuple[list[FeedChange], str]: ...
 
     def persons(self, person_ids: Sequence[str], as_of: datetime,
-                event_names: frozenset[str]) -> Mapping[str, ProfileFacts | None]: ...
+                events: EventReads) -> Mapping[str, ProfileFacts | None]: ...
 
 
 class Memberships:
@@ -98,7 +101,7 @@ class Memberships:
         if not segments_of:
             return 0
         evaluated_rules = [rules[s] for segment_ids in segments_of.values() for s in segment_ids]
-        facts = self._source.persons(sorted(segments_of), now, event_names_read(set(evaluated_rules), rules))
+        facts = self._source.persons(sorted(segments_of), now, events_read(set(evaluated_rules), rules, now))
         pairs = [(segment_id, person_id) for person_id, segment_ids in segments_of.items()
                  for segment_id in sorted(segment_ids)]
         current = self._store.memberships(pairs)
@@ -141,21 +144,23 @@ class FeedFollower:
     """Background thread: apply profile changes and due re-evaluations while holding the follower lease."""
 
     def __init__(self, memberships: Memberships, store: SegmentStore, source: PersonSource, *,
-                 poll_seconds: float = 0.1, lease_seconds: int = 15, error_backoff_seconds: float = 2.0,
+                 poll_seconds: float = POLL_SECONDS, sweep_seconds: float = SWEEP_SECONDS, lease_seconds: int = 15,
+                 error_backoff_seconds: float = 2.0,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._memberships = memberships
         self._store = store
         self._source = source
         self._poll_seconds = poll_seconds
-        self._lease_seconds = lease_seconds
+        self._sweep_seconds = sweep_seconds
+        self._next_sweep = float("-inf")
         self._error_backoff = error_backoff_seconds
         self._clock = clock
-        self._owner = uuid.uuid4().hex
-        self._lease_renewed_at = float("-inf")
+        self._lease = store.lease(LEASE, lease_seconds)
         # Where this follower reads from while it holds the lease (None: load the saved position first),
         # and what it applied past that settled position.
         self._cursor: str | None = None
         self._tail = UnsettledTail()
+        self._expiry_day: date | None = None  # the first day of due re-evaluations not swept (None: load it)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="segment-feed-follower", daemon=True)
 
@@ -165,20 +170,27 @@ class FeedFollower:
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=30)
-        if self._lease_renewed_at > float("-inf"):
-            try:
-                self._store.release_lease(LEASE, self._owner)
-            except Exception:  # the TTL frees it anyway
-                log.warning("could not release the follower lease; it expires by itself")
+        try:
+            self._lease.release()
+        except Exception:  # the TTL frees it anyway
+            log.warning("could not release the follower lease; it expires by itself")
 
     def _run(self) -> None:
         failures = 0
         while not self._stopping.is_set():
             try:
-                if not self._hold_lease():
-                    self._stopping.wait(self._lease_seconds / 3)
+                if not self._lease.hold():
+                    # Another replica follows now: start from its saved positions when this one is back.
+                    self._cursor = None
+                    self._expiry_day = None
+                    self._stopping.wait(self._lease.retry_seconds)
                     continue
-                busy = self.follow_once() + self.sweep_once()
+                busy = self.follow_once()
+                if time.monotonic() >= self._next_sweep:
+                    swept = self.sweep_once()
+                    busy += swept
+                    # A full page means more are due now; otherwise the next ones can wait a sweep period.
+                    self._next_sweep = time.monotonic() + (0.0 if swept >= DUE_PAGE else self._sweep_seconds)
                 failures = 0
             except Exception as error:  # keep following: the next round retries from the saved position
                 failures += 1
@@ -190,16 +202,6 @@ class FeedFollower:
                 continue
             if not busy:
                 self._stopping.wait(self._poll_seconds)
-
-    def _hold_lease(self) -> bool:
-        if time.monotonic() - self._lease_renewed_at < self._lease_seconds / 3:
-            return True
-        if self._store.take_lease(LEASE, self._owner, self._lease_seconds):
-            self._lease_renewed_at = time.monotonic()
-            return True
-        self._lease_renewed_at = float("-inf")
-        self._cursor = None  # another replica follows now: start from its saved position when back
-        return False
 
     def follow_once(self) -> int:
         """Apply the next profile changes not applied yet, settled or not; returns how many."""
@@ -222,20 +224,18 @@ class FeedFollower:
     def sweep_once(self) -> int:
         """Re-evaluate the persons whose next time-driven change is due; returns how many."""
         now = self._clock()
-        saved = self._store.feed_position(EXPIRY_FEED)
-        # Rows are always scheduled after the moment they are computed at, so nothing is due before the
-        # first day this service swept; on the first round that is yesterday (clock skew between replicas).
-        day = date.fromisoformat(saved) if saved else now.date() - timedelta(days=1)
+        if self._expiry_day is None:
+            saved = self._store.feed_position(EXPIRY_FEED)
+            # Rows are always scheduled after the moment they are computed at, so nothing is due before the
+            # first day this service swept; on the first round that is yesterday (clock skew between replicas).
+            self._expiry_day = date.fromisoformat(saved) if saved else now.date() - timedelta(days=1)
+            if not saved:
+                self._store.save_feed_position(EXPIRY_FEED, self._expiry_day.isoformat(), now)
         swept = 0
-        while day <= now.date():
-            count = self._memberships.sweep_due(day, now)
+        while True:
+            count = self._memberships.sweep_due(self._expiry_day, now)
             swept += count
-            if count >= DUE_PAGE:
-                return swept  # more of this day next round
-            if day == now.date():
-                break
-            day += timedelta(days=1)
-            self._store.save_feed_position(EXPIRY_FEED, day.isoformat(), now)
-        if not saved:
-            self._store.save_feed_position(EXPIRY_FEED, day.isoformat(), now)
-        return swept
+            if count >= DUE_PAGE or self._expiry_day >= now.date():
+                return swept  # a full page: more of this day next round
+            self._expiry_day += timedelta(days=1)
+            self._store.save_feed_position(EXPIRY_FEED, self._expiry_day.isoformat(), now)

@@ -1,14 +1,15 @@
 """Profiles as evaluation facts, read from the profile service over its gRPC contract (part of the adapter).
 
-Shards and ScanProfiles for batch work, GetProfile + ListProfileEvents for one person. The profile
-service computes computed traits as of the time asked, so facts and windows share one `as_of`.
+Shards and ScanProfiles for batch work, BatchGetProfiles for the persons real time re-evaluates (one call,
+events included), GetProfile + ListProfileEvents for one person. The profile service computes computed
+traits as of the time asked, so facts and windows share one `as_of`. Batch and real-time reads ask only
+for events from the earliest window on, and keep only the event names the rules read.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +21,7 @@ from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 
 from services.segmentation.evaluation import EventFact, ProfileFacts
+from services.segmentation.realtime import EventReads
 from shared.errors import DeadlineExceeded, DomainError, InvalidArgument, NotFound, Unavailable
 
 _DEFAULT_EVENT_NAMES = {profile_pb.EVENT_TYPE_ORDER: "order", profile_pb.EVENT_TYPE_IDENTIFY: "identify",
@@ -29,7 +31,6 @@ _LIFECYCLE = {profile_pb.LIFECYCLE_STAGE_NEW: "new", profile_pb.LIFECYCLE_STAGE_
 SCAN_BATCH = 500
 EVENTS_PAGE = 1000
 BATCH_GET_LIMIT = 1000  # profile's BatchGetProfiles limit
-EVENT_FETCHERS = 8
 # What an evaluation reads of a profile (no recent transactions, no identifiers).
 _FACTS_MASK = field_mask_pb2.FieldMask(paths=["person_id", "traits", "computed", "preferences"])
 # onecdp.profile.v1.ProfileChangeType values.
@@ -55,8 +56,7 @@ def event_fact(stored: profile_pb.StoredEvent) -> EventFact:
         # An order's own fields are properties too, so rules can sum `amount` of `order` events.
         properties.update(amount=event.order.amount, order_id=event.order.order_id,
                           currency_code=event.order.currency_code or "USD")
-    name = event.event_name or _DEFAULT_EVENT_NAMES.get(event.type, "")
-    return EventFact(name, event.event_time.ToDatetime(tzinfo=UTC), properties)
+    return EventFact(event_name_of(event), event.event_time.ToDatetime(tzinfo=UTC), properties)
 
 
 def computed_of(profile: profile_pb.Profile) -> dict[str, Any]:
@@ -83,8 +83,17 @@ def computed_of(profile: profile_pb.Profile) -> dict[str, Any]:
     return values
 
 
-def facts_of(profile: profile_pb.Profile, events: list[profile_pb.StoredEvent]) -> ProfileFacts:
+def event_name_of(event: profile_pb.Event) -> str:
+    return event.event_name or _DEFAULT_EVENT_NAMES.get(event.type, "")
+
+
+def facts_of(profile: profile_pb.Profile, events: Sequence[profile_pb.StoredEvent],
+             wanted: EventReads | None = None) -> ProfileFacts:
+    """A profile's facts with its events (only those `wanted` reads, when given: converting an event's
+    properties is what costs)."""
     traits = {name: json_format.MessageToDict(trait.value) for name, trait in profile.traits.items()}
+    if wanted is not None:
+        events = [e for e in events if wanted.wants(event_name_of(e.event), e.event.event_time.ToDatetime(tzinfo=UTC))]
     return ProfileFacts(profile.person_id, traits, computed_of(profile), [event_fact(e) for e in events])
 
 
@@ -113,9 +122,9 @@ class GrpcProfileSource:
         except grpc.RpcError as error:
             raise profile_error(error) from error
 
-    def scan(self, shard: str, as_of: datetime, with_events: bool) -> Iterator[list[ProfileFacts]]:
+    def scan(self, shard: str, as_of: datetime, events: EventReads) -> Iterator[list[ProfileFacts]]:
         try:
-            yield from self._scan(shard, as_of, with_events)
+            yield from self._scan(shard, as_of, events)
         except grpc.RpcError as error:
             raise profile_error(error) from error
 
@@ -136,61 +145,44 @@ class GrpcProfileSource:
         return [FeedChange(uuid.UUID(c.cursor), c.person_id, c.type, tuple(c.trait_names), tuple(c.event_names),
                            tuple(c.merged_person_ids)) for c in page.changes], page.next_page_token
 
-    def persons(self, person_ids: Sequence[str], as_of: datetime,
-                event_names: Collection[str]) -> dict[str, ProfileFacts | None]:
-        """Facts of each person as of `as_of`, with only the events named (none when empty); None for a person
-        that has no profile of its own any more (merged into another, erased, never stored)."""
+    def persons(self, person_ids: Sequence[str], as_of: datetime, events: EventReads) -> dict[str, ProfileFacts | None]:
+        """Facts of each person as of `as_of`, with the events `events` reads; None for a person that has no
+        profile of its own any more (merged into another, erased, never stored)."""
         try:
-            return self._persons(person_ids, as_of, event_names)
+            return self._persons(person_ids, as_of, events)
         except grpc.RpcError as error:
             raise profile_error(error) from error
 
     def _persons(self, person_ids: Sequence[str], as_of: datetime,
-                 event_names: Collection[str]) -> dict[str, ProfileFacts | None]:
-        found: dict[str, profile_pb.Profile | None] = {}
+                 events: EventReads) -> dict[str, ProfileFacts | None]:
+        found: dict[str, ProfileFacts | None] = {}
         for start in range(0, len(person_ids), BATCH_GET_LIMIT):
             chunk = person_ids[start:start + BATCH_GET_LIMIT]
             request = profile_pb.BatchGetProfilesRequest(
-                persons=[common_pb2.PersonSelector(person_id=p) for p in chunk], read_mask=_FACTS_MASK)
+                persons=[common_pb2.PersonSelector(person_id=p) for p in chunk], read_mask=_FACTS_MASK,
+                include_events=events.since is not None)
             request.as_of_time.FromDatetime(as_of)
+            if events.since is not None:
+                request.events_start_time.FromDatetime(events.since)
             for person_id, result in zip(chunk, self._stub.BatchGetProfiles(request).results, strict=True):
                 # Identity answers a merged person's id with the survivor's profile: not this person's any more.
-                found[person_id] = result.profile if result.found and result.profile.person_id == person_id \
-                    else None
-        present = [p for p, profile in found.items() if profile is not None]
-        events: dict[str, list[profile_pb.StoredEvent]] = {p: [] for p in present}
-        if event_names and present:
-            with ThreadPoolExecutor(max_workers=min(EVENT_FETCHERS, len(present)),
-                                    thread_name_prefix="segment-events") as pool:
-                for person_id, stored in zip(present, pool.map(
-                        lambda p: self._events(p, event_names), present), strict=True):
-                    events[person_id] = stored
-        return {p: facts_of(profile, events[p]) if profile is not None else None for p, profile in found.items()}
-
-    def _events(self, person_id: str, event_names: Collection[str]) -> list[profile_pb.StoredEvent]:
-        events: list[profile_pb.StoredEvent] = []
-        token = ""
-        while True:
-            request = profile_pb.ListProfileEventsRequest(
-                person=common_pb2.PersonSelector(person_id=person_id), event_names=sorted(event_names),
-                page_size=EVENTS_PAGE, page_token=token)
-            page = self._stub.ListProfileEvents(request)
-            events.extend(page.events)
-            token = page.next_page_token
-            if not token:
-                return events
+                mine = result.found and result.profile.person_id == person_id
+                found[person_id] = facts_of(result.profile, result.events, events) if mine else None
+        return found
 
     def _shards(self, count: int) -> list[str]:
         response = self._stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=count))
         return list(response.shards)
 
-    def _scan(self, shard: str, as_of: datetime, with_events: bool) -> Iterator[list[ProfileFacts]]:
+    def _scan(self, shard: str, as_of: datetime, events: EventReads) -> Iterator[list[ProfileFacts]]:
         # Only what evaluation reads: no identifiers, which would cost profile an identity call per batch.
-        request = profile_pb.ScanProfilesRequest(shard=shard, include_events=with_events, batch_size=SCAN_BATCH,
-                                                 read_mask=_FACTS_MASK)
+        request = profile_pb.ScanProfilesRequest(shard=shard, include_events=events.since is not None,
+                                                 batch_size=SCAN_BATCH, read_mask=_FACTS_MASK)
         request.as_of_time.FromDatetime(as_of)
+        if events.since is not None:
+            request.events_start_time.FromDatetime(events.since)
         for response in self._stub.ScanProfiles(request):
-            yield [facts_of(p.profile, list(p.events)) for p in response.profiles]
+            yield [facts_of(p.profile, p.events, events) for p in response.profiles]
 
     def _person(self, selector: common_pb2.PersonSelector, as_of: datetime) -> ProfileFacts:
         request = profile_pb.GetProfileRequest(person=selector)

@@ -92,14 +92,38 @@ def dependencies_of(rule: Rule, rules: Mapping[str, Rule], as_of: datetime) -> D
                         matches(rule, empty, as_of, rules.get))
 
 
-def event_names_read(rules: Iterable[Rule], all_rules: Mapping[str, Rule]) -> frozenset[str]:
-    """The event names any of `rules` (with their references) counts or aggregates."""
+@dataclass(frozen=True)
+class EventReads:
+    """The events that evaluating some rules at `as_of` looks at: these names, at or after `since` (no window
+    of them starts earlier, and an event before every window neither matches nor changes anything later)."""
+
+    names: frozenset[str]
+    since: datetime | None  # None when no rule reads events
+
+    def wants(self, name: str, when: datetime) -> bool:
+        return name in self.names and self.since is not None and when >= self.since
+
+
+NO_EVENTS = EventReads(frozenset(), None)
+# The profile service compared event times at millisecond precision once: a margin that costs nothing.
+_SINCE_MARGIN = timedelta(milliseconds=1)
+
+
+def events_read(rules: Iterable[Rule], all_rules: Mapping[str, Rule], as_of: datetime) -> EventReads:
+    """The events any of `rules` (with their references) counts or aggregates at `as_of`."""
     names: set[str] = set()
+    starts: list[datetime] = []
     for rule in rules:
         for reached in _reachable(rule, all_rules):
-            names.update(c.event_name for c in conditions(reached)
-                         if isinstance(c, EventCountCondition | EventAggregateCondition))
-    return frozenset(names)
+            for condition in conditions(reached):
+                if isinstance(condition, EventCountCondition | EventAggregateCondition):
+                    names.add(condition.event_name)
+                    window = condition.window
+                    starts.append(as_of - timedelta(days=window.days) if isinstance(window, LastDays)
+                                  else window.start)
+    if not names:
+        return NO_EVENTS
+    return EventReads(frozenset(names), min(starts) - _SINCE_MARGIN)
 
 
 def next_change_time(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> datetime | None:

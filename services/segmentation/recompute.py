@@ -1,10 +1,20 @@
-"""Batch recompute of one segment over every profile, in parallel over token-range shards, as an operation.
+"""Batch recompute of one segment over every profile, in parallel over token-range shards, as an operation
+that outlives the process running it.
 
 Each shard is scanned (profile's ScanProfiles) by its own worker and evaluated with the same
 `evaluation.matches` the rest of the service uses; the matches are then diffed against the stored
 members and the difference recorded as enters/exits with cause `recompute`. Persons whose value can change
 with time alone (a `last N days` window) are scheduled for the real-time sweeper. Progress (shards done,
 profiles scanned) is saved after every shard so GetOperation can show it.
+
+An operation is owned: the process running it holds its lease (`follower_leases`, name
+`operations/<id>`) and lists it in `running_operations` until it is done. Each process's supervisor
+thread renews the leases of its own runs every third of the lease time and looks for listed operations
+whose lease has expired (their process died or hung): it takes the lease and runs the operation again
+from the start, as the next attempt. A run that loses its lease stops at its next batch. An operation
+interrupted `MAX_ATTEMPTS` times ends with ABORTED; one that fails ends with its error; either way a
+segment still COMPUTING for that revision becomes FAILED, never COMPUTING forever. Running again is safe:
+memberships are diffed against what is stored and written idempotently.
 """
 
 from __future__ import annotations
@@ -15,20 +25,25 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
 from services.segmentation.catalog import SegmentCatalog, SegmentState
 from services.segmentation.evaluation import ProfileFacts, matches
-from services.segmentation.realtime import next_change_time
-from services.segmentation.rules import EventAggregateCondition, EventCountCondition, Rule, conditions
+from services.segmentation.realtime import EventReads, events_read, next_change_time
 from services.segmentation.store import OperationRecord, SegmentStore
 from shared.errors import DomainError, InvalidArgument, NotFound, StatusCode
+from shared.leases import FollowerLease, new_owner
 
 log = logging.getLogger(__name__)
-RECOMPUTE_ATTEMPTS = 4
+# Within one run, a passing profile or Cassandra failure is retried this many times in all.
+RECOMPUTE_TRIES = 4
 _RETRYABLE = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED})
+# A running operation's owner renews its lease every third of this; past it, another process takes over.
+LEASE_SECONDS = 15
+# Runs of one operation (the first and the takeovers) before it ends with ABORTED.
+MAX_ATTEMPTS = 3
 
 DEFAULT_PARALLELISM = 8
 MAX_PARALLELISM = 64
@@ -39,47 +54,66 @@ CAUSE = "recompute"
 class ProfileSource(Protocol):
     def shards(self, count: int) -> list[str]: ...
 
-    def scan(self, shard: str, as_of: datetime, with_events: bool) -> Iterator[list[ProfileFacts]]: ...
+    def scan(self, shard: str, as_of: datetime, events: EventReads) -> Iterator[list[ProfileFacts]]: ...
 
 
-def needs_events(rule: Rule, rules: dict[str, Rule]) -> bool:
-    """Whether evaluating `rule` (and the segments it refers to) looks at events."""
-    seen: set[str] = set()
-    pending = [rule]
-    while pending:
-        current = pending.pop()
-        for condition in conditions(current):
-            if isinstance(condition, EventCountCondition | EventAggregateCondition):
-                return True
-            segment_id = getattr(condition, "segment_id", None)
-            if isinstance(segment_id, str) and segment_id not in seen and segment_id in rules:
-                seen.add(segment_id)
-                pending.append(rules[segment_id])
-    return False
+@dataclass(frozen=True)
+class _Owned:
+    """An operation this process owns: the lease it renews, and the event that stops its run."""
+
+    lease: FollowerLease
+    stop: threading.Event
+
+
+class RunStopped(Exception):
+    """A run ends early: its lease was lost (another process runs the operation now) or its process stops."""
+
+
+def lease_name(operation_id: str) -> str:
+    return f"operations/{operation_id}"
 
 
 class Recomputer:
     def __init__(self, catalog: SegmentCatalog, store: SegmentStore, source: ProfileSource,
-                 max_running: int = 2) -> None:
+                 max_running: int = 2, *, lease_seconds: int = LEASE_SECONDS, max_attempts: int = MAX_ATTEMPTS,
+                 retry_base_seconds: float = 2.0) -> None:
         self._catalog = catalog
         self._store = store
         self._source = source
+        self._lease_seconds = lease_seconds
+        self._max_attempts = max_attempts
+        self._retry_base = retry_base_seconds
+        self._owner = new_owner()
         self._runner = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="segment-recompute")
+        # The operations this process owns, running or queued.
+        self._runs: dict[str, _Owned] = {}
+        self._runs_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, name="recompute-supervisor", daemon=True)
         # One recompute of a segment at a time in this process: two diffs against the same members would
         # record the same enters twice.
         self._segment_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
+    def start_supervisor(self) -> None:
+        """Renew this process's leases and take over abandoned operations, in the background."""
+        self._supervisor.start()
+
     def start(self, segment_id: str, parallelism: int = 0) -> OperationRecord:
         if parallelism < 0 or parallelism > MAX_PARALLELISM:
             raise InvalidArgument.for_field("parallelism", f"must be 0 (default {DEFAULT_PARALLELISM}) to "
                                                            f"{MAX_PARALLELISM}, got {parallelism}")
-        self._catalog.record(segment_id)  # NOT_FOUND before an operation exists
+        record = self._catalog.record(segment_id)  # NOT_FOUND before an operation exists
         workers = parallelism or DEFAULT_PARALLELISM
         operation = OperationRecord(uuid.uuid4().hex, segment_id, False, 0, workers * SHARDS_PER_WORKER, 0,
-                                    datetime.now(UTC), 0, 0, 0, 0.0, None, None)
+                                    datetime.now(UTC), 0, 0, 0, 0.0, None, None, attempt=1, parallelism=workers,
+                                    revision=record.revision)
+        lease = self._lease(operation.operation_id)
+        lease.hold()  # a new name: free
         self._store.save_operation(operation)
-        self._runner.submit(self._run, operation, workers)
+        stop = self._own(operation.operation_id, lease)  # before it is listed: the supervisor never takes it twice
+        self._store.add_running(operation.operation_id)
+        self._runner.submit(self._run, operation, stop)
         return operation
 
     def operation(self, operation_id: str) -> OperationRecord:
@@ -89,54 +123,152 @@ class Recomputer:
         return operation
 
     def stop(self) -> None:
+        """Stop the runs at their next batch and hand their operations over: their leases are released, so
+        another process takes them over at once rather than after the lease time."""
+        self._stopping.set()
+        with self._runs_lock:
+            for owned in self._runs.values():
+                owned.stop.set()
         self._runner.shutdown(wait=True, cancel_futures=True)
+        if self._supervisor.is_alive():
+            self._supervisor.join(timeout=30)
+        with self._runs_lock:
+            queued = list(self._runs.values())  # never started: cancelled above
+            self._runs.clear()
+        for owned in queued:
+            self._release(owned.lease)
 
-    def _recompute_retrying(self, operation: OperationRecord, workers: int, started: float) -> OperationRecord:
-        """A recompute that a passing profile or Cassandra failure (UNAVAILABLE, DEADLINE_EXCEEDED) does not
-        end: nobody waits on the operation of a segment's first computation, so it must finish by itself.
-        Rerunning is safe: memberships are written idempotently and diffed against what is stored."""
-        for attempt in range(1, RECOMPUTE_ATTEMPTS + 1):
+    def resume_abandoned(self) -> int:
+        """Take over the operations whose owner stopped renewing their lease; returns how many were taken."""
+        taken = 0
+        for operation_id in self._store.running_operations():
+            with self._runs_lock:
+                if operation_id in self._runs or self._stopping.is_set():
+                    continue
+            lease = self._lease(operation_id)
+            if not lease.hold():
+                continue  # its owner is alive
+            operation = self._store.get_operation(operation_id)
+            if operation is None or operation.done:  # finished just before its owner could unlist it
+                self._unlist(operation_id, lease)
+                continue
+            if operation.attempt >= self._max_attempts:
+                self._fail(operation, lease, StatusCode.ABORTED.value,
+                           f"the recompute of segments/{operation.segment_id} was interrupted {operation.attempt} "
+                           "times (the process running it stopped); call RecomputeSegment to try again")
+                continue
+            operation = replace(operation, attempt=operation.attempt + 1, shards_done=0, profiles_scanned=0)
+            log.warning("taking over an interrupted recompute", extra={
+                "operation": operation_id, "segment": operation.segment_id, "attempt": operation.attempt})
+            self._store.save_operation(operation)
+            self._runner.submit(self._run, operation, self._own(operation_id, lease))
+            taken += 1
+        return taken
+
+    def renew_leases(self) -> None:
+        """Renew the lease of every operation this process owns; stop the runs whose lease was lost."""
+        with self._runs_lock:
+            runs = dict(self._runs)
+        for operation_id, owned in runs.items():
+            if not owned.lease.hold():
+                log.warning("lost the lease of a running recompute; its new owner runs it",
+                            extra={"operation": operation_id})
+                owned.stop.set()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(self._lease_seconds / 3):
             try:
-                return self._recompute(operation, workers, started)
+                self.renew_leases()
+                self.resume_abandoned()
+            except Exception as error:  # the next round tries again, well within the lease time
+                log.warning("supervising recomputes failed", extra={"error": f"{type(error).__name__}: {error}"})
+
+    def _lease(self, operation_id: str) -> FollowerLease:
+        return self._store.lease(lease_name(operation_id), self._lease_seconds, self._owner)
+
+    def _own(self, operation_id: str, lease: FollowerLease) -> threading.Event:
+        stop = threading.Event()
+        with self._runs_lock:
+            self._runs[operation_id] = _Owned(lease, stop)
+        return stop
+
+    def _release(self, lease: FollowerLease) -> None:
+        try:
+            lease.release()
+        except DomainError:  # the TTL frees it anyway
+            log.warning("could not release a recompute's lease; it expires by itself", extra={"lease": lease.name})
+
+    def _unlist(self, operation_id: str, lease: FollowerLease) -> None:
+        self._store.remove_running(operation_id)
+        self._release(lease)
+
+    def _fail(self, operation: OperationRecord, lease: FollowerLease, code: str, message: str,
+              elapsed: float = 0.0) -> None:
+        """End the operation with the google.rpc code `code`; its segment, if still COMPUTING, is FAILED."""
+        failed = replace(operation, done=True, error_code=code, error_message=message, elapsed_seconds=elapsed)
+        self._store.save_operation(failed)
+        self._store.mark_failed(operation.segment_id, SegmentState.FAILED, SegmentState.COMPUTING, operation.revision)
+        self._unlist(operation.operation_id, lease)
+
+    def _recompute_retrying(self, operation: OperationRecord, stop: threading.Event,
+                            started: float) -> OperationRecord:
+        """A recompute that a passing profile or Cassandra failure (UNAVAILABLE, DEADLINE_EXCEEDED) does not
+        end: nobody waits on the operation of a segment's first computation, so it must finish by itself."""
+        for attempt in range(1, RECOMPUTE_TRIES + 1):
+            try:
+                return self._recompute(operation, stop, started)
             except DomainError as error:
-                if error.code not in _RETRYABLE or attempt == RECOMPUTE_ATTEMPTS:
+                if error.code not in _RETRYABLE or attempt == RECOMPUTE_TRIES:
                     raise
                 log.warning("recompute interrupted; retrying", extra={"segment": operation.segment_id,
                                                                       "attempt": attempt, "error": error.message})
-                time.sleep(min(2.0 ** attempt, 30.0))
+                if stop.wait(min(self._retry_base ** attempt, 30.0)):
+                    raise RunStopped() from error
         raise AssertionError("unreachable")
 
-    def _run(self, operation: OperationRecord, workers: int) -> None:
+    def _run(self, operation: OperationRecord, stop: threading.Event) -> None:
         started = time.perf_counter()
+        with self._runs_lock:
+            lease = self._runs[operation.operation_id].lease
         with self._locks_lock:
             segment_lock = self._segment_locks.setdefault(operation.segment_id, threading.Lock())
         try:
             with segment_lock:
-                operation = self._recompute_retrying(operation, workers, started)
+                operation = self._recompute_retrying(operation, stop, started)
+            self._store.save_operation(replace(operation, elapsed_seconds=time.perf_counter() - started))
+            self._unlist(operation.operation_id, lease)
+        except RunStopped:
+            if self._stopping.is_set():
+                self._release(lease)  # handed over at once
         except DomainError as error:
             log.warning("recompute failed", extra={"segment": operation.segment_id, "error": error.message})
-            operation = replace(operation, done=True, error_code=error.code.value, error_message=error.message)
+            self._fail(operation, lease, error.code.value, error.message, time.perf_counter() - started)
         except Exception as error:  # a bug: recorded on the operation, traceback in the log
             log.exception("recompute failed", extra={"segment": operation.segment_id})
-            operation = replace(operation, done=True, error_code="INTERNAL",
-                                error_message=f"recompute failed: {type(error).__name__}")
-        self._store.save_operation(replace(operation, elapsed_seconds=time.perf_counter() - started))
+            self._fail(operation, lease, "INTERNAL", f"recompute failed: {type(error).__name__}",
+                       time.perf_counter() - started)
+        finally:
+            with self._runs_lock:
+                self._runs.pop(operation.operation_id, None)
 
-    def _recompute(self, operation: OperationRecord, workers: int, started: float) -> OperationRecord:
+    def _recompute(self, operation: OperationRecord, stop: threading.Event, started: float) -> OperationRecord:
         segment_id = operation.segment_id
         record = self._catalog.record(segment_id)
         rules = self._catalog.rules()
         rule = rules[segment_id]
         as_of = datetime.now(UTC)
-        with_events = needs_events(rule, rules)
+        events = events_read([rule], rules, as_of)
         shards = self._source.shards(operation.shards_total)
-        operation = replace(operation, shards_total=len(shards))
+        operation = replace(operation, shards_total=len(shards), shards_done=0, profiles_scanned=0,
+                            revision=record.revision)
         matched: set[str] = set()
 
         def scan(shard: str) -> tuple[set[str], int]:
             members: set[str] = set()
             scanned = 0
-            for batch in self._source.scan(shard, as_of, with_events):
+            for batch in self._source.scan(shard, as_of, events):
+                if stop.is_set():
+                    raise RunStopped()
                 scanned += len(batch)
                 members.update(f.person_id for f in batch if matches(rule, f, as_of, rules.get))
                 # The real-time sweeper evaluates these persons again when a window moves past their events.
@@ -145,6 +277,7 @@ class Recomputer:
                 self._store.schedule(due)
             return members, scanned
 
+        workers = operation.parallelism or DEFAULT_PARALLELISM
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"scan-{segment_id}") as pool:
             for future in as_completed([pool.submit(scan, shard) for shard in shards]):
                 members, scanned = future.result()
@@ -153,6 +286,8 @@ class Recomputer:
                                     profiles_scanned=operation.profiles_scanned + scanned,
                                     elapsed_seconds=time.perf_counter() - started)
                 self._store.save_operation(operation)
+        if stop.is_set():
+            raise RunStopped()  # the diff below belongs to whoever owns the operation now
         current = self._store.member_ids(segment_id)
         entered = sorted(matched - current)
         exited = sorted(current - matched)

@@ -85,7 +85,7 @@ def operation_message(operation: OperationRecord) -> operations_pb2.Operation:
     message = operations_pb2.Operation(name=f"{OPERATIONS}{operation.operation_id}", done=operation.done)
     metadata = pb.RecomputeSegmentMetadata(segment=f"segments/{operation.segment_id}",
                                            shards_done=operation.shards_done, shards_total=operation.shards_total,
-                                           profiles_scanned=operation.profiles_scanned)
+                                           profiles_scanned=operation.profiles_scanned, attempt=operation.attempt)
     metadata.start_time.FromDatetime(operation.start_time)
     message.metadata.Pack(metadata)
     if operation.done and operation.error_code:
@@ -294,6 +294,7 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
         recomputer.start(segment_id)
 
     catalog.on_rule_changed = compute_at_once
+    recomputer.start_supervisor()
     follower = FeedFollower(Memberships(catalog, store, source), store, source)
     follower.start()
     # Stopped in order: the follower first (it may be mid-page), then the recomputes.

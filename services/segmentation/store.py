@@ -13,8 +13,12 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
+from shared.leases import FollowerLease
 
-CATALOG = 0  # the one partition of the segments table
+CATALOG = 0  # the one partition of the segments table (and of running_operations)
+_OPERATION_COLUMNS = ("operation_id, segment_id, done, shards_done, shards_total, profiles_scanned, start_time, "
+                      "member_count, entered_count, exited_count, elapsed_seconds, error_code, error_message, "
+                      "attempt, parallelism, revision")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -56,6 +60,9 @@ class OperationRecord:
     elapsed_seconds: float
     error_code: str | None
     error_message: str | None
+    attempt: int = 1  # which run: 1, then +1 per takeover after the running process stopped
+    parallelism: int = 0  # scan workers (0: the recompute's default)
+    revision: int = 0  # the segment revision the current run computes
 
 
 _SEGMENT_COLUMNS = ("segment_id, display_name, description, rule_text, referenced, revision, state, "
@@ -97,6 +104,14 @@ class SegmentStore:
             (record.display_name, record.description, record.rule_text, set(record.referenced), record.revision,
              record.state, record.last_recompute_time, record.update_time, record.etag, CATALOG, record.segment_id,
              expected_etag))
+        return bool(result.was_applied)
+
+    def mark_failed(self, segment_id: str, failed: int, computing: int, revision: int) -> bool:
+        """Record that the computation of `revision` failed: state `computing` becomes `failed` (a segment
+        whose members were complete before stays as it is); a no-op when the rule changed meanwhile."""
+        result = self._session.execute(
+            "UPDATE segments SET state = ? WHERE catalog = ? AND segment_id = ? IF revision = ? AND state = ?",
+            (failed, CATALOG, segment_id, revision, computing))
         return bool(result.was_applied)
 
     def set_state(self, segment_id: str, state: int, revision: int, last_recompute_time: datetime | None) -> bool:
@@ -194,18 +209,9 @@ class SegmentStore:
         self._session.execute("INSERT INTO feed_positions (feed, cursor, update_time) VALUES (?, ?, ?)",
                               (feed, cursor, when))
 
-    def take_lease(self, name: str, owner: str, ttl_seconds: int) -> bool:
-        """Take the lease `name` if free, or renew it if `owner` holds it; False while someone else holds it."""
-        taken = self._session.execute("INSERT INTO follower_leases (name, owner) VALUES (?, ?) IF NOT EXISTS "
-                                      "USING TTL ?", (name, owner, ttl_seconds))
-        if taken.was_applied:
-            return True
-        renewed = self._session.execute("UPDATE follower_leases USING TTL ? SET owner = ? WHERE name = ? "
-                                        "IF owner = ?", (ttl_seconds, owner, name, owner))
-        return bool(renewed.was_applied)
-
-    def release_lease(self, name: str, owner: str) -> None:
-        self._session.execute("DELETE FROM follower_leases WHERE name = ? IF owner = ?", (name, owner))
+    def lease(self, name: str, ttl_seconds: int, owner: str | None = None) -> FollowerLease:
+        """The lease `name` in `follower_leases` (the profile feed's follower, a running operation)."""
+        return FollowerLease(self._session, name, ttl_seconds=ttl_seconds, owner=owner)
 
     def schedule(self, due: Iterable[tuple[str, datetime]]) -> None:
         """Evaluate each person again at its time (rows in the day partition of that time)."""
@@ -227,25 +233,35 @@ class SegmentStore:
 
     def save_operation(self, operation: OperationRecord) -> None:
         self._session.execute(
-            "INSERT INTO operations (operation_id, segment_id, done, shards_done, shards_total, profiles_scanned, "
-            "start_time, member_count, entered_count, exited_count, elapsed_seconds, error_code, error_message) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO operations ({_OPERATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (operation.operation_id, operation.segment_id, operation.done, operation.shards_done,
              operation.shards_total, operation.profiles_scanned, operation.start_time, operation.member_count,
              operation.entered_count, operation.exited_count, operation.elapsed_seconds, operation.error_code,
-             operation.error_message))
+             operation.error_message, operation.attempt, operation.parallelism, operation.revision))
 
     def get_operation(self, operation_id: str) -> OperationRecord | None:
-        row = self._session.execute(
-            "SELECT operation_id, segment_id, done, shards_done, shards_total, profiles_scanned, start_time, "
-            "member_count, entered_count, exited_count, elapsed_seconds, error_code, error_message FROM operations "
-            "WHERE operation_id = ?", (operation_id,)).one()
+        row = self._session.execute(f"SELECT {_OPERATION_COLUMNS} FROM operations WHERE operation_id = ?",
+                                    (operation_id,)).one()
         if row is None:
             return None
         return OperationRecord(row.operation_id, row.segment_id, row.done, row.shards_done, row.shards_total,
                                row.profiles_scanned, _utc(row.start_time) or _EPOCH, row.member_count,
                                row.entered_count, row.exited_count, row.elapsed_seconds, row.error_code,
-                               row.error_message)
+                               row.error_message, attempt=row.attempt or 1, parallelism=row.parallelism or 0,
+                               revision=row.revision or 0)
+
+    def add_running(self, operation_id: str) -> None:
+        self._session.execute("INSERT INTO running_operations (catalog, operation_id) VALUES (?, ?)",
+                              (CATALOG, operation_id))
+
+    def remove_running(self, operation_id: str) -> None:
+        self._session.execute("DELETE FROM running_operations WHERE catalog = ? AND operation_id = ?",
+                              (CATALOG, operation_id))
+
+    def running_operations(self) -> list[str]:
+        """The operations not done yet, whichever process runs them (or ran them and stopped)."""
+        rows = self._session.execute("SELECT operation_id FROM running_operations WHERE catalog = ?", (CATALOG,))
+        return [row.operation_id for row in rows]
 
 
 def _values(record: SegmentRecord) -> Iterable[object]:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from services.segmentation.evaluation import EventFact, ProfileFacts, matches
-from services.segmentation.realtime import DAILY, dependencies_of, event_names_read, next_change_time
+from services.segmentation.realtime import DAILY, NO_EVENTS, dependencies_of, events_read, next_change_time
 from services.segmentation.rules import Rule
 from services.segmentation.text import parse
 
@@ -40,7 +40,15 @@ def test_dependencies_follow_segment_references_and_name_what_is_read() -> None:
     both = dependencies_of(RULES["pro-buyers"], RULES, AS_OF)
     assert (both.trait_names, both.event_names) == (frozenset({"plan"}), frozenset({"order"}))
     assert dependencies_of(RULES["frequent"], RULES, AS_OF).uses_computed
-    assert event_names_read([RULES["pro-buyers"], RULES["books"]], RULES) == {"order", "view"}
+    read = events_read([RULES["pro-buyers"], RULES["books"]], RULES, AS_OF)
+    # The earliest window: "books" from 2030-01-01 (the 7 days of "buyers" start later), less a millisecond.
+    assert read.names == {"order", "view"}
+    assert read.since == datetime(2030, 1, 1, tzinfo=UTC) - timedelta(milliseconds=1)
+    assert events_read([RULES["buyers"]], RULES, AS_OF).since == AS_OF - timedelta(days=7, milliseconds=1)
+    assert events_read([RULES["frequent"], RULES["pros"]], RULES, AS_OF) == NO_EVENTS
+    assert read.wants("view", datetime(2030, 1, 1, tzinfo=UTC)) and not read.wants("view", datetime(2029, 12, 31,
+                                                                                                    tzinfo=UTC))
+    assert not read.wants("click", AS_OF)
 
 
 @pytest.mark.parametrize(("segment", "traits", "events", "affected"), [

@@ -35,6 +35,10 @@ class _SegmentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SegmentS
     """The initial computation after create or rule change is running; members may be incomplete."""
     SEGMENT_STATE_READY: _SegmentState.ValueType  # 2
     """Memberships are complete and kept current in real time."""
+    SEGMENT_STATE_FAILED: _SegmentState.ValueType  # 3
+    """The computation after create or rule change failed (its operation's error says why); members
+    may be incomplete, though real time keeps changing them. RecomputeSegment to try again.
+    """
 
 class SegmentState(_SegmentState, metaclass=_SegmentStateEnumTypeWrapper):
     """The state of a segment's memberships."""
@@ -45,6 +49,10 @@ SEGMENT_STATE_COMPUTING: SegmentState.ValueType  # 1
 """The initial computation after create or rule change is running; members may be incomplete."""
 SEGMENT_STATE_READY: SegmentState.ValueType  # 2
 """Memberships are complete and kept current in real time."""
+SEGMENT_STATE_FAILED: SegmentState.ValueType  # 3
+"""The computation after create or rule change failed (its operation's error says why); members
+may be incomplete, though real time keeps changing them. RecomputeSegment to try again.
+"""
 Global___SegmentState: _TypeAlias = SegmentState  # noqa: Y015
 
 class _Operator:
@@ -1045,6 +1053,7 @@ class RecomputeSegmentMetadata(_message.Message):
     SHARDS_TOTAL_FIELD_NUMBER: _builtins.int
     PROFILES_SCANNED_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     segment: _builtins.str
     """The segment."""
     shards_done: _builtins.int
@@ -1053,6 +1062,10 @@ class RecomputeSegmentMetadata(_message.Message):
     """Token ranges in all."""
     profiles_scanned: _builtins.int
     """Profiles evaluated so far."""
+    attempt: _builtins.int
+    """Which run of the operation this is: 1 for the first; each takeover of an operation whose
+    replica stopped starts it again from the start (progress counts from zero) as the next run.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the operation started."""
@@ -1065,10 +1078,11 @@ class RecomputeSegmentMetadata(_message.Message):
         shards_total: _builtins.int = ...,
         profiles_scanned: _builtins.int = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["profiles_scanned", b"profiles_scanned", "segment", b"segment", "shards_done", b"shards_done", "shards_total", b"shards_total", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "profiles_scanned", b"profiles_scanned", "segment", b"segment", "shards_done", b"shards_done", "shards_total", b"shards_total", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

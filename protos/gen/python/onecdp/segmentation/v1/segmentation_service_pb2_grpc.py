@@ -186,6 +186,13 @@ class SegmentationServiceServicer:
         operation whose metadata is RecomputeSegmentMetadata (progress) and whose response is
         RecomputeSegmentResponse. Poll it with GetOperation.
 
+        A running operation is owned by one replica through a lease it renews; when that replica stops,
+        another (or the same one, restarted) takes the operation over within the lease time (15 s) and
+        runs it again from the start (`attempt` in the metadata counts the runs). An operation whose
+        runs were interrupted 3 times ends with ABORTED; an operation that fails ends with the error's
+        code (e.g. UNAVAILABLE when the profile service stayed unreachable through the retries). A failed
+        first computation leaves the segment in SEGMENT_STATE_FAILED.
+
         Errors: NOT_FOUND for an unknown segment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
