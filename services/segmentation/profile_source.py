@@ -32,7 +32,7 @@ SCAN_BATCH = 500
 EVENTS_PAGE = 1000
 BATCH_GET_LIMIT = 1000  # profile's BatchGetProfiles limit
 # What an evaluation reads of a profile (no recent transactions, no identifiers).
-_FACTS_MASK = field_mask_pb2.FieldMask(paths=["person_id", "traits", "computed", "preferences"])
+FACTS_MASK = field_mask_pb2.FieldMask(paths=["person_id", "traits", "computed", "preferences"])
 # onecdp.profile.v1.ProfileChangeType values.
 CHANGE_MERGE, CHANGE_SPLIT, CHANGE_ERASE = 3, 4, 5
 
@@ -159,7 +159,7 @@ class GrpcProfileSource:
         for start in range(0, len(person_ids), BATCH_GET_LIMIT):
             chunk = person_ids[start:start + BATCH_GET_LIMIT]
             request = profile_pb.BatchGetProfilesRequest(
-                persons=[common_pb2.PersonSelector(person_id=p) for p in chunk], read_mask=_FACTS_MASK,
+                persons=[common_pb2.PersonSelector(person_id=p) for p in chunk], read_mask=FACTS_MASK,
                 include_events=events.since is not None)
             request.as_of_time.FromDatetime(as_of)
             if events.since is not None:
@@ -177,7 +177,7 @@ class GrpcProfileSource:
     def _scan(self, shard: str, as_of: datetime, events: EventReads) -> Iterator[list[ProfileFacts]]:
         # Only what evaluation reads: no identifiers, which would cost profile an identity call per batch.
         request = profile_pb.ScanProfilesRequest(shard=shard, include_events=events.since is not None,
-                                                 batch_size=SCAN_BATCH, read_mask=_FACTS_MASK)
+                                                 batch_size=SCAN_BATCH, read_mask=FACTS_MASK)
         request.as_of_time.FromDatetime(as_of)
         if events.since is not None:
             request.events_start_time.FromDatetime(events.since)
