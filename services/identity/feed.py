@@ -16,7 +16,7 @@ from enum import IntEnum
 from shared.cassandra import CassandraSession
 from shared.changefeed import FEED_START, SETTLE_SECONDS, ChangeFeed, parse_cursor
 
-__all__ = ["FEED_START", "SETTLE_SECONDS", "Change", "ChangeType", "parse_cursor", "read", "record"]
+__all__ = ["FEED_START", "SETTLE_SECONDS", "Change", "ChangeType", "parse_cursor", "read", "record", "record_many"]
 
 _COLUMNS = ("change_type", "source_person_ids", "result_person_ids", "reason")
 
@@ -48,6 +48,16 @@ def record(session: CassandraSession, change_type: ChangeType, sources: Sequence
            reason: str) -> Change:
     entry = _feed(session).record((int(change_type), list(sources), list(results), reason))
     return Change(str(entry.change_id), change_type, entry.change_time, list(sources), list(results), reason)
+
+
+def record_many(session: CassandraSession,
+                changes: Sequence[tuple[ChangeType, Sequence[str], Sequence[str], str]]) -> list[Change]:
+    """Record several changes at once, in the order given."""
+    if not changes:
+        return []
+    entries = _feed(session).record_many([(int(t), list(s), list(r), reason) for t, s, r, reason in changes])
+    return [Change(str(e.change_id), t, e.change_time, list(s), list(r), reason)
+            for e, (t, s, r, reason) in zip(entries, changes, strict=True)]
 
 
 def read(session: CassandraSession, after: uuid.UUID | None, limit: int,

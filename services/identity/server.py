@@ -3,10 +3,8 @@ IdentitySettings calls, messages out."""
 
 from __future__ import annotations
 
-import contextvars
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC
 from functools import partial
 
@@ -42,13 +40,12 @@ from services.identity.settings import (
     type_name_of,
 )
 from shared.cassandra import CassandraSession
-from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Violations
+from shared.errors import InvalidArgument, ResourceExhausted, Violations
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IdentityService"].full_name
 MAX_LOOKUPS = 1000
-LOOKUP_THREADS = 16
 MAX_REASON_LENGTH = 512
 WATCH_POLL_SECONDS = 0.2
 MAX_PAGE_SIZE = 1000
@@ -164,11 +161,10 @@ def _policy_draft(message: pb.GuardPolicy) -> PolicyDraft:
 
 
 class IdentityServicer(pb_grpc.IdentityServiceServicer):
-    def __init__(self, graph: IdentityGraph, session: CassandraSession, lookups: ThreadPoolExecutor,
+    def __init__(self, graph: IdentityGraph, session: CassandraSession,
                  settings: IdentitySettings) -> None:
         self._graph = graph
         self._session = session
-        self._lookups = lookups
         self._settings = settings
 
     def LinkIdentifiers(self, request: pb.LinkIdentifiersRequest,
@@ -184,25 +180,35 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         if len(request.persons) > MAX_LOOKUPS:
             raise ResourceExhausted(f"{len(request.persons)} lookups in one call; at most {MAX_LOOKUPS} are allowed",
                                     reason="BATCH_TOO_LARGE")
-        # Each lookup is a few dependent reads; running them side by side makes a batch cost about one.
-        futures = [self._lookups.submit(contextvars.copy_context().run, self._lookup, selector, f"persons[{index}]")
-                   for index, selector in enumerate(request.persons)]
-        results: list[pb.PersonLookupResult] = []
+        # All selectors are checked first (every invalid one is named); then the batch costs two rounds of
+        # IN reads, whatever its size: identifiers to person ids, then persons with their members.
         violations = Violations()
-        for future in futures:
+        person_ids: list[str | None] = []
+        keys: dict[int, IdKey] = {}
+        for index, selector in enumerate(request.persons):
+            field_path = f"persons[{index}]"
+            which = selector.WhichOneof("selector")
             try:
-                results.append(future.result())
+                if which == "person_id":
+                    person_ids.append(selector.person_id)
+                elif which == "identifier":
+                    keys[index] = self._graph.normalize_one(selector.identifier.type, selector.identifier.value,
+                                                            f"{field_path}.identifier")
+                    person_ids.append(None)
+                else:
+                    raise InvalidArgument.for_field(field_path, "set exactly one of person_id or identifier",
+                                                    reason="PERSON_SELECTOR_EMPTY")
             except InvalidArgument as error:
                 violations.items.extend(error.field_violations)
+                person_ids.append(None)
         violations.raise_if_any("some selectors are invalid; nothing was looked up", reason="INVALID_SELECTORS")
-        return pb.BatchLookupPersonsResponse(results=results)
-
-    def _lookup(self, selector: common_pb2.PersonSelector, field_path: str) -> pb.PersonLookupResult:
-        try:
-            person = self._graph.get_person(self._person_id(selector, field_path))
-        except NotFound:
-            return pb.PersonLookupResult(found=False)
-        return pb.PersonLookupResult(found=True, person=_person(person))
+        held = self._graph.persons_of(keys.values())
+        for index, key in keys.items():
+            person_ids[index] = held[key]
+        persons = self._graph.get_persons(p for p in person_ids if p)
+        return pb.BatchLookupPersonsResponse(results=[
+            pb.PersonLookupResult(found=True, person=_person(persons[p])) if p and p in persons
+            else pb.PersonLookupResult(found=False) for p in person_ids])
 
     def ListPersonIdentifiers(self, request: pb.ListPersonIdentifiersRequest,
                               context: grpc.ServicerContext) -> pb.ListPersonIdentifiersResponse:
@@ -369,9 +375,7 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
     settings.refresh()
     settings.follow()
     context.on_stop(settings.stop)
-    lookups = ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="identity-lookup")
-    context.on_stop(lookups.shutdown)
-    servicer = IdentityServicer(graph, context.session, lookups, settings)
+    servicer = IdentityServicer(graph, context.session, settings)
     return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_IdentityServiceServicer_to_server, servicer))]
 
 

@@ -23,7 +23,6 @@ def graph(cassandra_settings: CassandraSettings, admin_session: CassandraSession
     try:
         yield graph
     finally:
-        graph.close()
         cluster.shutdown()
 
 
