@@ -13,7 +13,7 @@
     selectors, store lookups and result messages;
 (b) single-person ScorePerson latency p50/p99 including the feature fetch (5 top features), by person
     id and by identifier, on other persons than the batches': the first score of each person, one caller
-    (cold: read from profile), then,
+    (cold: read from profile), the second (warm: from the online store, one caller: no queueing), then,
     with every person in the store, the maximum rate with 4 callers back to back (closed loop) and
     p50/p99 in an open loop at half that rate (latency counted from when each call was due).
 
@@ -111,6 +111,7 @@ def timed(action: Callable[[], object]) -> float:
 @dataclass(frozen=True)
 class Latency:
     cold: LoadResult  # the first score of each person, one caller
+    serial: LoadResult  # the second score of each person, one caller (in the online store, no queueing)
     max_rate: float  # calls/s with 4 callers back to back, every person in the online store
     offered: LoadResult  # the open loop at half of max_rate
 
@@ -128,11 +129,15 @@ def single_latency(stub: pb_grpc.PredictionServiceStub, selectors: Sequence[comm
         # A grpc future has the add_done_callback/exception that open_loop uses.
         return cast(Future[object], stub.ScorePerson.future(request(index), timeout=10))
 
-    started = time.perf_counter()
-    cold = [timed(partial(score_one, index)) for index in range(len(selectors))]
-    first = LoadResult(len(cold), time.perf_counter() - started, cold)
+    def one_caller() -> LoadResult:
+        started = time.perf_counter()
+        latencies = [timed(partial(score_one, index)) for index in range(len(selectors))]
+        return LoadResult(len(latencies), time.perf_counter() - started, latencies)
+
+    first, second = one_caller(), one_caller()
     maximum = closed_loop(score_one, threads=4, seconds=seconds / 2)
-    return Latency(first, maximum.rate, open_loop(start_one, rate=max(maximum.rate / 2, 1.0), seconds=seconds))
+    return Latency(first, second, maximum.rate,
+                   open_loop(start_one, rate=max(maximum.rate / 2, 1.0), seconds=seconds))
 
 
 def drop_keyspaces(admin: CassandraSession, settings: CassandraSettings) -> None:
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             drop_keyspaces(admin, settings)
 
     def latency_rows(what: str, latency: Latency) -> list[tuple[str, str, str]]:
-        offered, cold = latency.offered, latency.cold
+        offered, cold, serial = latency.offered, latency.cold, latency.serial
         return [
             (f"ScorePerson {what}, warm, p50 / p99",
              f"{offered.percentile_ms(50):.1f} / {offered.percentile_ms(99):.1f} ms",
@@ -216,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             (f"ScorePerson {what}, cold (read from profile), p50 / p99",
              f"{cold.percentile_ms(50):.1f} / {cold.percentile_ms(99):.1f} ms",
              f"the first score of each of {cold.operations} persons, one caller"),
+            (f"ScorePerson {what}, warm, one caller, p50 / p99",
+             f"{serial.percentile_ms(50):.1f} / {serial.percentile_ms(99):.1f} ms",
+             f"the second score of each person, back to back ({serial.rate:,.0f}/s): no queueing"),
         ]
 
     def per_batch(seconds: float) -> str:

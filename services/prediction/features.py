@@ -52,6 +52,15 @@ FEATURE_NAMES: tuple[str, ...] = (
     "lifecycle_stage",
 )
 FEATURE_INDEX = {name: index for index, name in enumerate(FEATURE_NAMES)}
+# The per-person sums features_at reduces, in the column order of its indicator matrix (names that are not
+# features are the trends' second terms).
+_SUMMED: tuple[str, ...] = (
+    "event_count", "event_count_prior", "order_count", "order_amount_sum", "order_count_prior",
+    *(f"event_count_{days}d" for days in WINDOWS_DAYS),
+    *(f"order_count_{days}d" for days in WINDOWS_DAYS),
+    *(f"order_amount_{days}d" for days in WINDOWS_DAYS),
+)
+_WINDOWS = np.asarray(WINDOWS_DAYS, dtype=np.float64)
 # Without any event before the cutoff these are missing (NaN); every other feature is 0.
 _MISSING_WITHOUT_HISTORY = [FEATURE_INDEX[name] for name in (
     "days_since_last_event", "tenure_days", "days_since_last_order", "days_since_first_order", "average_order_value",
@@ -111,22 +120,22 @@ def features_at(histories: Sequence[EventColumns], cutoff: datetime) -> npt.NDAr
     ages = age_micros / 1e6 / SECONDS_PER_DAY
     whole_days = age_micros // _MICROS_PER_DAY
 
-    # Counts and sums per person: one segment reduction over all the indicator columns at once.
+    # Counts and sums per person: one segment reduction over all the indicator columns at once, laid out in
+    # one float matrix (each block written in place: no per-column arrays to stack).
     recent, prior = ages < TREND_DAYS, (ages >= TREND_DAYS) & (ages < 2 * TREND_DAYS)
-    within = dict(zip(WINDOWS_DAYS, (ages < days for days in WINDOWS_DAYS), strict=True))
+    within = ages[:, None] < _WINDOWS  # one column per window
     order_amounts = np.where(is_order, amounts, 0.0)
-    indicators = {
-        "event_count": np.ones(len(ages)),
-        **{f"event_count_{days}d": mask for days, mask in within.items()},
-        "event_count_prior": prior,
-        "order_count": is_order,
-        "order_amount_sum": order_amounts,
-        **{f"order_count_{days}d": mask & is_order for days, mask in within.items()},
-        **{f"order_amount_{days}d": np.where(mask, order_amounts, 0.0) for days, mask in within.items()},
-        "order_count_prior": prior & is_order,
-    }
-    sums = dict(zip(indicators, np.add.reduceat(np.column_stack(list(indicators.values())), starts, axis=0).T,
-                    strict=True))
+    windows = len(WINDOWS_DAYS)
+    indicators = np.empty((len(ages), len(_SUMMED)))
+    indicators[:, 0] = 1.0
+    indicators[:, 1] = prior
+    indicators[:, 2] = is_order
+    indicators[:, 3] = order_amounts
+    indicators[:, 4] = prior & is_order
+    indicators[:, 5:5 + windows] = within
+    indicators[:, 5 + windows:5 + 2 * windows] = within & is_order[:, None]
+    indicators[:, 5 + 2 * windows:] = np.where(within, order_amounts[:, None], 0.0)
+    sums = dict(zip(_SUMMED, np.add.reduceat(indicators, starts, axis=0).T, strict=True))
     rows = matrix[active]
     for name, total in sums.items():
         if name in column:

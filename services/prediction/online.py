@@ -86,13 +86,21 @@ class ProfileChangeFeed(Protocol):
         ...
 
 
+# A PersonRef as a plain tuple: hashed and compared in C (a dataclass's __eq__ is Python, per lookup).
+_Selector = tuple[str | None, str | None, str | None]
+
+
+def _selector(person: PersonRef) -> _Selector:
+    return person.person_id, person.identifier_type, person.identifier_value
+
+
 @dataclass
 class _Store:
     """The entries and what leads to them; guarded by OnlineHistories' lock."""
 
     entries: OrderedDict[str, PersonHistory] = field(default_factory=OrderedDict)
-    person_of: dict[PersonRef, str] = field(default_factory=dict)
-    selectors_of: dict[str, set[PersonRef]] = field(default_factory=dict)
+    person_of: dict[_Selector, str] = field(default_factory=dict)
+    selectors_of: dict[str, set[_Selector]] = field(default_factory=dict)
     events: int = 0
     # Batches of applied changes: (generation after the batch, persons it touched).
     generation: int = 0
@@ -127,7 +135,7 @@ class OnlineHistories(ReadsByStarting):
             store = self._store
             generation = store.generation
             for index, person in enumerate(persons):
-                person_id = store.person_of.get(person)
+                person_id = store.person_of.get(_selector(person))
                 kept = store.entries.get(person_id) if person_id is not None else None
                 if person_id is None or kept is None:
                     missing.append(index)
@@ -149,8 +157,9 @@ class OnlineHistories(ReadsByStarting):
             store.events -= len(previous.events) if previous is not None else 0
             store.entries[history.person_id] = history
             store.events += len(history.events)
-            store.person_of[person] = history.person_id
-            store.selectors_of.setdefault(history.person_id, set()).add(person)
+            selector = _selector(person)
+            store.person_of[selector] = history.person_id
+            store.selectors_of.setdefault(history.person_id, set()).add(selector)
             while store.events > self._max_events and store.entries:
                 evicted, dropped = store.entries.popitem(last=False)
                 store.events -= len(dropped.events)
