@@ -96,9 +96,6 @@ class Scorer:
                 "the model version was trained on a different feature list than this release computes; "
                 "train a new version", reason="FEATURES_CHANGED")
         self._booster = lgb.Booster(model_str=model_string)
-        # Binary log loss with the plain sigmoid: a probability is the sigmoid of the contributions' sum, so
-        # an explained score needs one booster call, not two.
-        self._logistic = "objective=binary sigmoid:1" in model_string.splitlines()
         self._quantiles = list(score_quantiles)
         self._quantile_array = np.asarray(self._quantiles, dtype=np.float64)
 
@@ -126,17 +123,18 @@ class Scorer:
 
     def score_matrix(self, person_ids: Sequence[str], features: npt.NDArray[np.float64], as_of: datetime,
                      top_features: int = 0) -> ScoreBatch:
-        """One predict call for the whole matrix, or one pred_contrib call when `top_features` > 0."""
+        """One predict call for the whole matrix, one pred_contrib call when `top_features` > 0.
+
+        The probability always comes from predict, never from the contributions' sum: the sum can differ in
+        the last bit, and a percentile among tied validation scores would then jump (the score quantiles
+        were computed with predict)."""
+        probabilities = self.probabilities(features)
         contributions = None
         top = _NO_TOP
         if top_features > 0 and len(features):
             contributions = self.contributions(features)
-            probabilities = (1.0 / (1.0 + np.exp(-contributions.sum(axis=1))) if self._logistic
-                             else self.probabilities(features))
             # Largest absolute effect first; a stable sort keeps equal effects in feature order.
             top = np.argsort(-np.abs(contributions[:, :-1]), axis=1, kind="stable")[:, :top_features]
-        else:
-            probabilities = self.probabilities(features)
         return ScoreBatch(person_ids, probabilities, self.percentiles(probabilities), features, contributions, top,
                           as_of)
 
