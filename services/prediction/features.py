@@ -104,7 +104,8 @@ def features_at(histories: Sequence[EventColumns], cutoff: datetime) -> npt.NDAr
     if len(active) == 0:
         return matrix
     column = FEATURE_INDEX
-    past = [histories[i].prefix(int(counts[i])) for i in active.tolist()]
+    past = [history if len(history) == count else history.prefix(count)
+            for history, count in ((histories[i], int(counts[i])) for i in active.tolist())]
     if len(past) == 1:  # one person (single scores): views, no copies
         micros, is_order, amounts, categories = past[0].micros, past[0].is_order, past[0].amounts, past[0].categories
     else:

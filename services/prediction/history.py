@@ -106,10 +106,14 @@ class PersonHistory:
 
     def before(self, cutoff: datetime) -> PersonHistory:
         """The history strictly before `cutoff`; its columns are views of these, when these were computed."""
-        count = bisect_left(self.events, cutoff, key=lambda e: e.time)
+        columns: EventColumns | None = self.__dict__.get("columns")  # where cached_property keeps its value
+        count = (int(columns.micros.searchsorted(micros_of(cutoff))) if columns is not None
+                 else bisect_left(self.events, cutoff, key=lambda e: e.time))
+        if count == len(self.events):
+            return self  # the common case of scoring as of now: nothing to cut
         cut = PersonHistory(self.person_id, self.events[:count])
-        if "columns" in self.__dict__:
-            cut.__dict__["columns"] = self.columns.prefix(count)  # where cached_property keeps its value
+        if columns is not None:
+            cut.__dict__["columns"] = columns.prefix(count)
         return cut
 
 
