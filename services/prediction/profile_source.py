@@ -63,6 +63,8 @@ MAX_READS_IN_FLIGHT = 4
 # A batch with bad selectors is read again without them; identity names one per call.
 MAX_INVALID_ROUNDS = 8
 READ_TIMEOUT_SECONDS = 30.0
+# A feed poll is small; a short deadline also bounds how long stopping the follower can wait for one.
+FEED_TIMEOUT_SECONDS = 5.0
 WRITE_TIMEOUT_SECONDS = 30.0
 # Profile's BatchWriteTraits limit.
 MAX_TRAIT_WRITES = 1000
@@ -270,7 +272,7 @@ class GrpcProfileSource(ReadsByStarting):
         try:
             page = self._stub.ListProfileChanges(profile_pb.ListProfileChangesRequest(page_size=limit,
                                                                                      page_token=cursor),
-                                                 timeout=READ_TIMEOUT_SECONDS)
+                                                 timeout=FEED_TIMEOUT_SECONDS)
         except grpc.RpcError as error:
             raise _domain_error(error, "reading profile's changes") from error
         # A kind this release does not know may change anything: treat it as a merge (drop the persons).
