@@ -11,11 +11,14 @@ selectors that led to it, when profile reports new events, a merge, a split or a
 (trait changes, such as written-back scores, do not touch a history). The next read of a dropped
 person goes to profile again, and is kept.
 
-Freshness: profile's feed is read a settle time behind now (shared.changefeed), so a score made
-from the store reflects every event stored more than about settle + poll (~1.2 s) before it; a
-person not read before, or changed since, is read from profile. The store only answers while its
-follower is current (its last poll reached the end of the feed less than `max_lag` ago); otherwise,
-e.g. while profile's feed cannot be read, every read goes to profile as if there were no store.
+Freshness: the follower reads the feed's unsettled tail too (shared.changefeed), so a change is
+applied about one poll (0.2 s) after profile wrote it; the tail is read again until the settled
+cursor passes it, and a change already applied is skipped (`UnsettledTail`), so an earlier-stamped
+change that lands late is still applied. A score from the store therefore reflects every event
+stored more than a poll before it; a person not read before, or changed since, is read from profile.
+The store only answers while its follower is current (its last poll reached the end of the feed less
+than `max_lag` ago); otherwise, e.g. while profile's feed cannot be read, every read goes to profile
+as if there were no store.
 
 A read that was in flight when a change for its person was applied is not kept (its answer may
 predate the change). Entries are evicted least recently used beyond a budget of events.
@@ -27,6 +30,7 @@ import enum
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +44,7 @@ from services.prediction.history import (
     PersonRef,
     ReadsByStarting,
 )
+from shared.changefeed import UnsettledTail, parse_cursor, with_unsettled
 from shared.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -67,8 +72,10 @@ class ChangeKind(enum.Enum):
 
 @dataclass(frozen=True)
 class HistoryChange:
-    """A change of a person in profile: what kind, and for merges the persons merged into them."""
+    """A change of a person in profile: its id in the feed, what kind, and for merges the persons merged
+    into them."""
 
+    change_id: uuid.UUID
     person_id: str
     kind: ChangeKind
     merged_person_ids: tuple[str, ...] = ()
@@ -82,7 +89,8 @@ class ProfileChangeFeed(Protocol):
         ...
 
     def changes(self, cursor: str, limit: int) -> tuple[list[HistoryChange], str]:
-        """Up to `limit` settled changes after `cursor`, oldest first, and the cursor to continue from."""
+        """Up to `limit` changes after `cursor`, oldest first, and the cursor to continue from (a cursor made
+        with `with_unsettled` also returns the unsettled ones, again on each read until settled)."""
         ...
 
 
@@ -252,6 +260,7 @@ class ChangeFollower:
         self._clock = clock
         self._monotonic = monotonic
         self._cursor: str | None = None
+        self._tail = UnsettledTail()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-history-follower", daemon=True)
 
@@ -266,10 +275,17 @@ class ChangeFollower:
         """Apply the next page of changes; returns how many were read."""
         started = self._monotonic()
         if self._cursor is None:
-            self._cursor = self._feed.cursor_at(self._clock() - START_MARGIN)
+            self._cursor = with_unsettled(self._feed.cursor_at(self._clock() - START_MARGIN))
         changes, following = self._feed.changes(self._cursor, FEED_PAGE)
-        self._histories.apply(changes)
-        self._cursor = following
+        unapplied = set(self._tail.unapplied(c.change_id for c in changes))
+        fresh = [c for c in changes if c.change_id in unapplied]
+        self._histories.apply(fresh)
+        self._tail.applied(c.change_id for c in fresh)
+        if following != self._cursor:
+            self._cursor = following
+            settled = parse_cursor(following)
+            if settled is not None:
+                self._tail.settled_through(settled)
         if len(changes) < FEED_PAGE:
             self._histories.mark_current(started)
         return len(changes)

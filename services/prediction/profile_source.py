@@ -9,7 +9,8 @@ What it reads from profile (onecdp.profile.v1):
   MAX_READS_IN_FLIGHT calls at once). One call covers identity lookups and reads of every person, so
   scoring one person is one round trip to profile. A selector profile refuses (INVALID_ARGUMENT naming
   `persons[i]`) becomes that person's error and the others are read again without it.
-- ListProfileChanges(page_token=cursor): the changes the online store follows (online.py). The feed's
+- ListProfileChanges(page_token=cursor, with the unsettled tail): the changes the online store follows
+  (online.py). The feed's
   cursors are time UUIDs (shared.changefeed), so the follower starts at a cursor made for its start time
   instead of paging through the whole retained feed.
 - BatchWriteTraits: refreshed scores written back as traits `score_<model_id>` and
@@ -268,7 +269,7 @@ class GrpcProfileSource(ReadsByStarting):
                                      0x80, 0, 0)))
 
     def changes(self, cursor: str, limit: int) -> tuple[list[HistoryChange], str]:
-        """The next settled profile changes after `cursor`, and where to go on (ListProfileChanges)."""
+        """The next profile changes after `cursor`, and where to go on (ListProfileChanges)."""
         try:
             page = self._stub.ListProfileChanges(profile_pb.ListProfileChangesRequest(page_size=limit,
                                                                                      page_token=cursor),
@@ -276,7 +277,8 @@ class GrpcProfileSource(ReadsByStarting):
         except grpc.RpcError as error:
             raise _domain_error(error, "reading profile's changes") from error
         # A kind this release does not know may change anything: treat it as a merge (drop the persons).
-        return [HistoryChange(c.person_id, _CHANGE_KINDS.get(c.type, ChangeKind.MERGE), tuple(c.merged_person_ids))
+        return [HistoryChange(uuid.UUID(c.cursor), c.person_id, _CHANGE_KINDS.get(c.type, ChangeKind.MERGE),
+                              tuple(c.merged_person_ids))
                 for c in page.changes], page.next_page_token
 
 

@@ -6,6 +6,7 @@ and which counts the persons it is asked for; the feed is a list of changes the 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -25,6 +26,7 @@ from services.prediction.online import (
     HistoryChange,
     OnlineHistories,
 )
+from shared.changefeed import FEED_START, parse_cursor, with_unsettled
 from shared.errors import DomainError, NotFound
 
 pytestmark = pytest.mark.unit
@@ -60,18 +62,30 @@ class CountingProfile(InMemoryProfileSource):
 
 
 class ListFeed:
-    """A change feed whose cursor is the position in `log`."""
+    """A change feed over `log`: every change is returned (unsettled) until `settle()` moves the settled
+    cursor past it, so a reader gets it again on each read until then, as from profile's feed."""
 
     def __init__(self) -> None:
         self.log: list[HistoryChange] = []
+        self.settled = 0  # changes before this position are settled
+
+    def add(self, person_id: str, kind: ChangeKind, merged: tuple[str, ...] = ()) -> None:
+        self.log.append(HistoryChange(uuid.uuid1(), person_id, kind, merged))
+
+    def settle(self) -> None:
+        self.settled = len(self.log)
 
     def cursor_at(self, time: datetime) -> str:
-        return "0"
+        return str(FEED_START)
 
     def changes(self, cursor: str, limit: int) -> tuple[list[HistoryChange], str]:
-        start = int(cursor)
+        after = parse_cursor(cursor)
+        ids = [c.change_id for c in self.log]
+        start = 0 if after is None or after == FEED_START else ids.index(after) + 1
         page = self.log[start:start + limit]
-        return page, str(start + len(page))
+        settled = max(start, min(self.settled, start + len(page)))
+        following = ids[settled - 1] if settled else FEED_START
+        return page, with_unsettled(str(following))
 
 
 class Clock:
@@ -137,8 +151,8 @@ def test_a_change_drops_the_person_so_the_next_read_sees_it() -> None:
     online.history(BOB, None)
     profile.set_events("ann", [order(1), order(5), order(9), order(12)])
     assert times(online.history(ANN, None))[-1] == at(9)  # profile's change not followed yet: stale
-    feed.log.append(HistoryChange("ann", ChangeKind.EVENTS))
-    feed.log.append(HistoryChange("bob", ChangeKind.TRAITS))  # a score written back: history unchanged
+    feed.add("ann", ChangeKind.EVENTS)
+    feed.add("bob", ChangeKind.TRAITS)  # a score written back: history unchanged
     follower.follow_once()
     reads = profile.reads
     assert times(online.history(ANN, None))[-1] == at(12)
@@ -153,16 +167,16 @@ def test_a_merge_split_or_erasure_forgets_where_selectors_lead() -> None:
     # Identity merged ann into bob: the email now leads to bob, whose history includes ann's.
     profile.set_identifier(EMAIL, "bob")
     profile.set_events("bob", [order(1), order(2), order(5), order(9)])
-    feed.log.append(HistoryChange("bob", ChangeKind.MERGE, ("ann",)))
+    feed.add("bob", ChangeKind.MERGE, ("ann",))
     follower.follow_once()
     merged = online.history(ANN_BY_EMAIL, None)
     assert merged.person_id == "bob" and len(merged.events) == 4
     profile.set_identifier(EMAIL, "ann")
-    feed.log.append(HistoryChange("bob", ChangeKind.SPLIT))
+    feed.add("bob", ChangeKind.SPLIT)
     follower.follow_once()
     assert online.history(ANN_BY_EMAIL, None).person_id == "ann"
     del profile._identifiers[EMAIL]
-    feed.log.append(HistoryChange("ann", ChangeKind.ERASE))
+    feed.add("ann", ChangeKind.ERASE)
     follower.follow_once()
     with pytest.raises(NotFound):
         online.history(ANN_BY_EMAIL, None)
@@ -172,7 +186,7 @@ def test_a_read_in_flight_when_its_person_changed_is_not_kept() -> None:
     profile, feed, _, online, follower = world()
     follower.follow_once()
     pending = online.start_histories_of([ANN, BOB], None)  # ReadHistories: answered as of now
-    feed.log.append(HistoryChange("ann", ChangeKind.EVENTS))
+    feed.add("ann", ChangeKind.EVENTS)
     follower.follow_once()
     assert [h.person_id for h in pending.result() if isinstance(h, PersonHistory)] == ["ann", "bob"]
     reads = profile.reads
@@ -195,6 +209,24 @@ def test_least_recently_used_persons_go_first_beyond_the_event_budget() -> None:
 
 def test_the_follower_is_current_only_at_the_end_of_the_feed() -> None:
     _, feed, _, online, follower = world()
-    feed.log.extend(HistoryChange(f"p{i}", ChangeKind.EVENTS) for i in range(FEED_PAGE + 1))
+    for number in range(FEED_PAGE + 1):
+        feed.add(f"p{number}", ChangeKind.EVENTS)
+    feed.settle()
     assert follower.follow_once() == FEED_PAGE and not online.is_current()
     assert follower.follow_once() == 1 and online.is_current()
+
+
+def test_a_change_read_again_before_it_settles_is_applied_once() -> None:
+    profile, feed, _, online, follower = world()
+    follower.follow_once()
+    online.history(ANN, None)
+    feed.add("ann", ChangeKind.EVENTS)
+    follower.follow_once()  # unsettled: applied at once
+    online.history(ANN, None)
+    reads = profile.reads
+    follower.follow_once()  # the same change again, still unsettled: not applied twice
+    feed.settle()
+    follower.follow_once()
+    follower.follow_once()
+    online.history(ANN, None)
+    assert reads == profile.reads == 2

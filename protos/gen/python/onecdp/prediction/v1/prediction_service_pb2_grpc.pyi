@@ -90,9 +90,9 @@ class PredictionServiceStub:
     """Scores one person (by person id or any identifier) with the active version, or a given one.
 
     Scoring reads persons' histories from an online store kept current by profile's change feed
-    (about a second behind; a person not held, or changed since, is read from profile), so a score
-    reflects every event stored more than about a second before the call. Which version is active
-    is re-read at most once a second (at once after an activation through the same replica).
+    (polled every 0.2 s; a person not held, or changed since, is read from profile), so a score
+    reflects every event stored more than about 0.2 s before the call. Which version is active is
+    re-read at most once a second (at once after an activation through the same replica).
 
     Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
     active version, or the person is not eligible (e.g. churn for someone never active).
@@ -178,9 +178,9 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     """Scores one person (by person id or any identifier) with the active version, or a given one.
 
     Scoring reads persons' histories from an online store kept current by profile's change feed
-    (about a second behind; a person not held, or changed since, is read from profile), so a score
-    reflects every event stored more than about a second before the call. Which version is active
-    is re-read at most once a second (at once after an activation through the same replica).
+    (polled every 0.2 s; a person not held, or changed since, is read from profile), so a score
+    reflects every event stored more than about 0.2 s before the call. Which version is active is
+    re-read at most once a second (at once after an activation through the same replica).
 
     Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
     active version, or the person is not eligible (e.g. churn for someone never active).
@@ -323,9 +323,9 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Scores one person (by person id or any identifier) with the active version, or a given one.
 
         Scoring reads persons' histories from an online store kept current by profile's change feed
-        (about a second behind; a person not held, or changed since, is read from profile), so a score
-        reflects every event stored more than about a second before the call. Which version is active
-        is re-read at most once a second (at once after an activation through the same replica).
+        (polled every 0.2 s; a person not held, or changed since, is read from profile), so a score
+        reflects every event stored more than about 0.2 s before the call. Which version is active is
+        re-read at most once a second (at once after an activation through the same replica).
 
         Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
         active version, or the person is not eligible (e.g. churn for someone never active).
