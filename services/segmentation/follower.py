@@ -7,17 +7,17 @@ evaluates with the same `evaluation.matches` as recompute and EvaluatePersonSegm
 the stored members, records the difference in the same tables (`members`, `membership_changes`),
 and schedules each person's next time-driven re-evaluation (`realtime.next_change_time`).
 
-`FeedFollower` runs it in a background thread: each round applies the profile changes it has not
-applied yet and then the re-evaluations that are due. It reads the feed's unsettled tail too
-(shared.changefeed), so a change is applied as soon as profile has written it, not a settle time
-later; the cursor it saves in `feed_positions` stays at the settled horizon, and the changes past it
-that it re-reads on each round are skipped when already applied (`UnsettledTail`, in memory), so an
-earlier-stamped change that lands late is still applied. With several replicas, a lease
-(`follower_leases`, lightweight transactions with a TTL) lets one of them follow at a time; the
-others take over within the TTL if it stops. Every step is idempotent (members rows are overwritten,
-a re-applied change evaluates to the same state), so the tail applied twice after a crash or a lost
-lease records nothing new, except that an enter/exit decided by two replicas in the same instant
-could be logged twice.
+`FeedFollower` runs it in a background thread: each round applies the profile changes it has not applied
+yet and then the re-evaluations that are due. It reads the feed's unsettled tail too
+(shared.changefeed), so a change is applied as soon as profile has written it, not a settle time later;
+the cursor it saves in `feed_positions` stays at the settled horizon, and the changes past it that it
+reads again (every `TAIL_REREAD_SECONDS`; other rounds read on from the last change seen) are skipped
+when already applied (`UnsettledTail`, in memory), so an earlier-stamped change that lands late is still
+applied. With several replicas, a lease (`follower_leases`, lightweight transactions with a TTL) lets
+one of them follow at a time; the others take over within the TTL if it stops. Every step is idempotent
+(members rows are overwritten, a re-applied change evaluates to the same state), so the tail applied
+twice after a crash or a lost lease records nothing new, except that an enter/exit decided by two
+replicas in the same instant could be logged twice.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
@@ -46,6 +47,9 @@ FEED_PAGE = 1000
 DUE_PAGE = 1000
 # An idle follower asks profile for new changes this often (what a change waits at most before it is read).
 POLL_SECONDS = 0.05
+# The unsettled tail is read again this often, for changes stamped earlier than ones already read that landed
+# after them (rare: a slow write): how late such a change is applied at most, past its landing.
+TAIL_REREAD_SECONDS = 0.25
 # Due re-evaluations are looked for this often (how late past its time a window expires someone at most).
 SWEEP_SECONDS = 1.0
 CAUSE_REALTIME = "realtime"
@@ -144,7 +148,8 @@ class FeedFollower:
     """Background thread: apply profile changes and due re-evaluations while holding the follower lease."""
 
     def __init__(self, memberships: Memberships, store: SegmentStore, source: PersonSource, *,
-                 poll_seconds: float = POLL_SECONDS, sweep_seconds: float = SWEEP_SECONDS, lease_seconds: int = 15,
+                 poll_seconds: float = POLL_SECONDS, sweep_seconds: float = SWEEP_SECONDS,
+                 tail_reread_seconds: float = TAIL_REREAD_SECONDS, lease_seconds: int = 15,
                  error_backoff_seconds: float = 2.0,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._memberships = memberships
@@ -160,6 +165,9 @@ class FeedFollower:
         # and what it applied past that settled position.
         self._cursor: str | None = None
         self._tail = UnsettledTail()
+        self._last_seen: uuid.UUID | None = None  # the latest change read, settled or not
+        self._tail_reread_seconds = tail_reread_seconds
+        self._next_tail_reread = float("-inf")
         self._expiry_day: date | None = None  # the first day of due re-evaluations not swept (None: load it)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="segment-feed-follower", daemon=True)
@@ -204,21 +212,33 @@ class FeedFollower:
                 self._stopping.wait(self._poll_seconds)
 
     def follow_once(self) -> int:
-        """Apply the next profile changes not applied yet, settled or not; returns how many."""
+        """Apply the next profile changes not applied yet, settled or not; returns how many.
+
+        Most rounds read only what follows the last change seen, so that a busy feed's unsettled tail is
+        not read again on every round; every `tail_reread_seconds` (and while catching up) a round reads
+        from the settled cursor instead, applying the changes that landed late and moving the cursor."""
         if self._cursor is None:
             self._cursor = with_unsettled(self._store.feed_position(PROFILE_FEED) or "")
             self._tail.clear()
-        changes, following = self._source.changes(self._cursor, FEED_PAGE)
+            self._last_seen = None
+        from_settled = self._last_seen is None or time.monotonic() >= self._next_tail_reread
+        start = self._cursor if from_settled else with_unsettled(str(self._last_seen))
+        changes, following = self._source.changes(start, FEED_PAGE)
         unapplied = set(self._tail.unapplied(c.change_id for c in changes))
         fresh = [c for c in changes if c.change_id in unapplied]
         self._memberships.apply_changes(fresh)
         self._tail.applied(c.change_id for c in fresh)
-        if following and following != self._cursor:
-            self._store.save_feed_position(PROFILE_FEED, following, self._clock())
-            self._cursor = following
-            settled = parse_cursor(following)
-            if settled is not None:
-                self._tail.settled_through(settled)
+        if changes:
+            self._last_seen = changes[-1].change_id  # the feed's order: later than every change read so far
+        if from_settled:
+            caught_up = len(changes) < FEED_PAGE
+            self._next_tail_reread = time.monotonic() + (self._tail_reread_seconds if caught_up else 0.0)
+            if following and following != self._cursor:
+                self._store.save_feed_position(PROFILE_FEED, following, self._clock())
+                self._cursor = following
+                settled = parse_cursor(following)
+                if settled is not None:
+                    self._tail.settled_through(settled)
         return len(fresh)
 
     def sweep_once(self) -> int:
