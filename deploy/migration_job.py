@@ -24,7 +24,7 @@ from cassandra.cluster import NoHostAvailable
 from pydantic import ValidationError
 
 from shared import migrations
-from shared.config import SERVICE_NAMES, GrpcSettings
+from shared.config import GrpcSettings
 from shared.errors import Unavailable
 from shared.telemetry import configure_logging
 
@@ -68,15 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Wait for Cassandra, then apply OneCDP schema migrations.")
     parser.add_argument("--wait-seconds", type=float, default=DEFAULT_WAIT_SECONDS,
                         help=f"how long to wait for Cassandra (default {DEFAULT_WAIT_SECONDS:g})")
-    # No `choices` here: Python 3.11's argparse checks a `nargs="*"` default list against them as one
-    # value and rejects it, so a run without arguments would fail (shared.migrations' own CLI does).
-    parser.add_argument("services", nargs="*", metavar="service",
-                        help=f"services to migrate: {', '.join(SERVICE_NAMES)} (default: all)")
+    migrations.add_services_argument(parser)
     args = parser.parse_args(argv)
-    services = args.services or list(SERVICE_NAMES)
-    unknown = sorted(set(services) - set(SERVICE_NAMES))
-    if unknown:
-        parser.error(f"unknown service {', '.join(unknown)}; expected some of {', '.join(SERVICE_NAMES)}")
+    services = migrations.chosen_services(parser, args.services)
     try:
         configure_logging("migrations", GrpcSettings())
         # The driver logs a traceback for every failed connection; while waiting, that is one per attempt.

@@ -121,16 +121,35 @@ def migrate_service(session: CassandraSession, service: str, settings: Cassandra
                             settings)
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_services_argument(parser: argparse.ArgumentParser) -> None:
+    """The positional `service ...` argument of the commands that migrate (see `chosen_services`)."""
+    # Checked in chosen_services, not with `choices`: argparse (3.11) checks the empty list of a bare
+    # `nargs="*"` against the choices as one value and refuses it, so no arguments would be an error.
+    parser.add_argument("services", nargs="*", metavar="service",
+                        help=f"services to migrate: {', '.join(SERVICE_NAMES)} (default: all)")
+
+
+def chosen_services(parser: argparse.ArgumentParser, services: list[str]) -> list[str]:
+    """The services named on the command line; all of them when none is; a usage error for others."""
+    unknown = [s for s in services if s not in SERVICE_NAMES]
+    if unknown:
+        parser.error(f"unknown service {', '.join(unknown)}; expected some of {', '.join(SERVICE_NAMES)}")
+    return services or list(SERVICE_NAMES)
+
+
+def services_to_migrate(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description="Apply OneCDP schema migrations.")
-    parser.add_argument("services", nargs="*", default=list(SERVICE_NAMES), choices=SERVICE_NAMES,
-                        help="services to migrate (default: all)")
-    args = parser.parse_args(argv)
+    add_services_argument(parser)
+    return chosen_services(parser, parser.parse_args(argv).services)
+
+
+def main(argv: list[str] | None = None) -> int:
+    services = services_to_migrate(argv)
     settings = CassandraSettings()
     cluster = connect_cluster(settings)
     try:
         session = open_session(cluster, None, settings.request_timeout_seconds)
-        for service in args.services:
+        for service in services:
             applied = migrate_service(session, service, settings)
             names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied) or "already current"
             print(f"{settings.keyspace(service)}: {names}")

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from shared.cassandra import CassandraSession
-from shared.config import CassandraSettings
+from shared.config import SERVICE_NAMES, CassandraSettings
 from shared.errors import FailedPrecondition
-from shared.migrations import apply_migrations, load_migrations, split_statements
+from shared.migrations import apply_migrations, load_migrations, services_to_migrate, split_statements
 
 
 def test_split_statements_drops_comments_and_splits_on_line_end_semicolons() -> None:
@@ -48,3 +48,11 @@ def test_migrations_apply_once_in_order_and_refuse_edits(
     _write(tmp_path, "0002_email.cql", "ALTER TABLE {keyspace}.people ADD IF NOT EXISTS phone text;")
     with pytest.raises(FailedPrecondition, match="edited after it was applied"):
         apply_migrations(admin_session, keyspace, load_migrations(tmp_path), cassandra_settings)
+
+
+@pytest.mark.unit
+def test_the_command_line_migrates_every_service_unless_told_which() -> None:
+    assert services_to_migrate([]) == list(SERVICE_NAMES)
+    assert services_to_migrate(["profile", "identity"]) == ["profile", "identity"]
+    with pytest.raises(SystemExit):
+        services_to_migrate(["nonsense"])
