@@ -26,7 +26,7 @@ stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   step "installing OneCDP and its dependencies into $VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev,demo]'
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
