@@ -26,7 +26,7 @@ from services.profile.model import (
     TraitWrite,
     bucket_of,
 )
-from shared.cassandra import CassandraSession
+from shared.cassandra import CassandraSession, PendingRows
 
 _TIMELINE_COLUMNS = ("person_id, bucket, event_time, message_id, event_micros, event_type, event_name, order_id, "
                      "amount, currency_code, item_count, categories, brands, payload, receive_time")
@@ -41,9 +41,8 @@ _DELETE_TRAIT = "DELETE FROM trait_writes WHERE person_id = ? AND name = ? AND e
 _INSERT_EVENT_ID = ("INSERT INTO events_by_id (message_id, person_id, bucket, event_time, identifiers, receive_time) "
                     "VALUES (?, ?, ?, ?, ?, ?)")
 _TOUCH_PROFILE = "UPDATE profiles SET update_time = ? WHERE person_id = ?"
-# Reads of many persons name up to IN_KEYS of them per statement: each statement costs the driver
-# ~0.2-0.5 ms of this process's CPU, each key in an IN list a few microseconds.
-IN_KEYS = 100
+# Reads of many persons name them in IN lists (CassandraSession.select_in): each statement costs the
+# driver ~0.2-0.5 ms of this process's CPU, each key in an IN list a few microseconds.
 _SELECT_PROFILES = ("SELECT person_id, merged_into, merged_person_ids, erased, update_time FROM profiles "
                     "WHERE person_id IN ?")
 _SELECT_MONTHS = "SELECT person_id, bucket FROM timeline_buckets WHERE person_id IN ?"
@@ -129,10 +128,10 @@ class ProfileStore:
 
     def stored_events(self, message_ids: Iterable[str]) -> dict[str, StoredEventRef]:
         """The idempotency records of those message ids that were accepted before."""
-        futures = _start_in(self._session, "SELECT message_id, person_id, identifiers FROM events_by_id "
-                                           "WHERE message_id IN ?", message_ids)
+        rows = self._session.select_in("SELECT message_id, person_id, identifiers FROM events_by_id "
+                                       "WHERE message_id IN ?", (), message_ids).rows()
         return {row.message_id: StoredEventRef(row.message_id, row.person_id, [tuple(i) for i in row.identifiers or ()])
-                for row in _rows(self._session, futures)}
+                for row in rows}
 
     def write_events(self, items: Sequence[tuple[Event, str]], receive_time: datetime) -> None:
         """Store accepted events under their persons; the idempotency records go last."""
@@ -183,11 +182,10 @@ class ProfileStore:
         return self.profile_rows([person_id]).get(person_id)
 
     def profile_rows(self, person_ids: Iterable[str]) -> dict[str, ProfileRow]:
-        return _profile_rows(self._session, _start_in(self._session, _SELECT_PROFILES, person_ids))
+        return _profile_rows(self._session.select_in(_SELECT_PROFILES, (), person_ids))
 
     def buckets(self, person_ids: Iterable[str]) -> list[tuple[str, int]]:
-        return [(row.person_id, row.bucket)
-                for row in _rows(self._session, _start_in(self._session, _SELECT_MONTHS, person_ids))]
+        return [(row.person_id, row.bucket) for row in self._session.select_in(_SELECT_MONTHS, (), person_ids).rows()]
 
     def timeline(self, person_ids: Iterable[str]) -> list[TimelineEvent]:
         """All events stored under these persons, newest first."""
@@ -207,11 +205,11 @@ class ProfileStore:
         reading the rows, then the months, then one query per month took three plus the trait reads.
         """
         distinct = list(dict.fromkeys(person_ids))
-        row_futures = None if rows is not None else _start_in(self._session, _SELECT_PROFILES, distinct)
+        pending_rows = None if rows is not None else self._session.select_in(_SELECT_PROFILES, (), distinct)
         reads = _PartitionReads(self._session, events=events, traits=traits)
         reads.start(distinct)
-        if row_futures is not None:
-            rows = _profile_rows(self._session, row_futures)
+        if pending_rows is not None:
+            rows = _profile_rows(pending_rows)
         assert rows is not None
         groups = {p: partitions_of(p, rows.get(p)) for p in distinct}
         reads.start(p for group in groups.values() for p in group)
@@ -332,7 +330,7 @@ class ProfileStore:
 
 class _PartitionReads:
     """Reads of person partitions in flight: each partition's months and trait writes are requested once,
-    as soon as the partition is known (IN_KEYS partitions per statement); `finish` then reads each
+    as soon as the partition is known (in IN lists); `finish` then reads each
     partition's timeline with one query over all its months."""
 
     def __init__(self, session: CassandraSession, *, events: bool, traits: bool) -> None:
@@ -340,45 +338,35 @@ class _PartitionReads:
         self._events = events
         self._traits = traits
         self._started: set[str] = set()
-        self._months: list[ResponseFuture] = []
-        self._trait_rows: list[ResponseFuture] = []
+        self._months: list[PendingRows] = []
+        self._trait_rows: list[PendingRows] = []
 
     def start(self, partitions: Iterable[str]) -> None:
         new = [p for p in dict.fromkeys(partitions) if p not in self._started]
         self._started.update(new)
-        if self._events:
-            self._months += _start_in(self._session, _SELECT_MONTHS, new)
-        if self._traits:
-            self._trait_rows += _start_in(self._session, _SELECT_TRAITS, new)
+        if self._events and new:
+            self._months.append(self._session.select_in(_SELECT_MONTHS, (), new))
+        if self._traits and new:
+            self._trait_rows.append(self._session.select_in(_SELECT_TRAITS, (), new))
 
     def finish(self) -> tuple[dict[str, list[TimelineEvent]], dict[str, list[Any]]]:
         """Each partition's events (in no particular order) and its trait write rows."""
         months: dict[str, list[int]] = {}
-        for row in _rows(self._session, self._months):
+        for row in (row for pending in self._months for row in pending.rows()):
             months.setdefault(row.person_id, []).append(row.bucket)
-        timelines = [self._session.execute_async(_SELECT_TIMELINE, key) for key in months.items()]
+        timelines = [self._session.select_in(_SELECT_TIMELINE, (partition,), buckets)
+                     for partition, buckets in months.items()]
         events: dict[str, list[TimelineEvent]] = {}
-        for row in _rows(self._session, timelines):
+        for row in (row for pending in timelines for row in pending.rows()):
             events.setdefault(row.person_id, []).append(_timeline_event(row))
         trait_rows: dict[str, list[Any]] = {}
-        for row in _rows(self._session, self._trait_rows):
+        for row in (row for pending in self._trait_rows for row in pending.rows()):
             trait_rows.setdefault(row.person_id, []).append(row)
         return events, trait_rows
 
 
-def _start_in(session: CassandraSession, cql: str, keys: Iterable[str]) -> list[ResponseFuture]:
-    """Start `cql` (whose only bind marker is an IN list) for the keys, IN_KEYS per statement."""
-    distinct = list(dict.fromkeys(keys))
-    return [session.execute_async(cql, (distinct[i:i + IN_KEYS],)) for i in range(0, len(distinct), IN_KEYS)]
-
-
-def _rows(session: CassandraSession, futures: Iterable[ResponseFuture]) -> Iterator[Any]:
-    for future in futures:
-        yield from session.result(future)
-
-
-def _profile_rows(session: CassandraSession, futures: Iterable[ResponseFuture]) -> dict[str, ProfileRow]:
-    return {row.person_id: _profile_row(row) for row in _rows(session, futures)}
+def _profile_rows(pending: PendingRows) -> dict[str, ProfileRow]:
+    return {row.person_id: _profile_row(row) for row in pending.rows()}
 
 
 def _newest_first(events: Mapping[str, list[TimelineEvent]], partitions: Sequence[str]) -> list[TimelineEvent]:
