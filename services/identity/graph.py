@@ -52,6 +52,7 @@ MAX_OBSERVATIONS_PER_CALL = 1000
 MAX_IDENTIFIERS_PER_OBSERVATION = 32
 MAX_COMPONENT_IDENTIFIERS = 20_000
 LEASE_WAIT_SECONDS = 60.0
+DEADLINE_MARGIN_SECONDS = 0.25
 REDIRECT_HOPS = 16
 
 
@@ -441,12 +442,22 @@ class IdentityGraph:
         with the leases it now needs; one whose leases other writers hold waits, with backoff, until
         they are given back. `persons` may give the seeds' current persons, read by the caller.
         """
-        give_up = time.monotonic() + min(LEASE_WAIT_SECONDS, deadline.remaining() or LEASE_WAIT_SECONDS)
+        # Give up a little before the caller's deadline, so that it learns why (COMPONENT_CONTENDED).
+        left = deadline.remaining()
+        give_up = time.monotonic() + (LEASE_WAIT_SECONDS if left is None
+                                      else min(LEASE_WAIT_SECONDS, max(0.0, left - DEADLINE_MARGIN_SECONDS)))
         results: dict[int, _Reconciled] = {}
         needed = self._seed_lease_keys(seed_sets, persons)
         waiting = set(range(len(seed_sets)))
-        attempt = 0
+        attempt = rounds = 0
         while waiting:
+            # Checked on every round, not only after waiting: a component that other writers keep
+            # extending could otherwise ask for more leases round after round.
+            if rounds and time.monotonic() > give_up:
+                raise Unavailable("the identity component is busy with other writers; retry the call",
+                                  reason="COMPONENT_CONTENDED",
+                                  metadata={"components_waiting": str(len(waiting))})
+            rounds += 1
             clusters = _overlapping(sorted(waiting), needed)
             key_sets = [set().union(*(needed[i] for i in cluster)) for cluster in clusters]
             owner = uuid.uuid4().hex
@@ -469,14 +480,10 @@ class IdentityGraph:
             blocked = [keys for keys, ok in zip(key_sets, held, strict=True) if not ok]
             if blocked:
                 attempt += 1
-                if time.monotonic() > give_up:
-                    raise Unavailable("the identity component is busy with other writers; retry the call",
-                                      reason="COMPONENT_CONTENDED",
-                                      metadata={"components_waiting": str(len(blocked))})
                 # Woken when a lease comes back in this process; leases of other processes are polled
                 # for, with backoff.
                 pause = min(0.2, 0.005 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.5)
-                self._leases.wait(set().union(*blocked), pause)
+                self._leases.wait(set().union(*blocked), min(pause, max(0.0, give_up - time.monotonic())))
         return [results[i] for i in range(len(seed_sets))]
 
     def _seed_lease_keys(self, seed_sets: Sequence[set[IdKey]],
