@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -74,33 +73,11 @@ def unbuilt_methods(definition: ServiceDefinition) -> list[MethodDescriptor]:
     return [m for m in service.methods if getattr(servicer, m.name) is getattr(base, m.name)]
 
 
-def call_with_empty_request(channel: grpc.Channel, service: str, method: MethodDescriptor) -> None:
-    """Call `method` with an empty request (of any streaming shape) and read the whole answer."""
-    path = f"/{service}/{method.name}"
-    request = message_factory.GetMessageClass(method.input_type)()
-    serialize = request.SerializeToString
-    parse = message_factory.GetMessageClass(method.output_type).FromString
-    if method.client_streaming and method.server_streaming:
-        list(channel.stream_stream(path, serialize, parse)(iter([request]), timeout=5))
-    elif method.client_streaming:
-        channel.stream_unary(path, serialize, parse)(iter([request]), timeout=5)
-    elif method.server_streaming:
-        list(channel.unary_stream(path, serialize, parse)(request, timeout=5))
-    else:
-        channel.unary_unary(path, serialize, parse)(request, timeout=5)
+def test_every_method_of_every_service_is_built() -> None:
+    """No RPC a proto declares is left to the generated base class (which would answer UNIMPLEMENTED).
 
-
-def test_methods_not_built_yet_say_so(services: dict[str, RunningService]) -> None:
-    """Every method not built yet, in any service, answers UNIMPLEMENTED naming itself (nothing pretends)."""
-    called = 0
-    for definition in DEFINITIONS:
-        service = FULL_NAMES[definition.name]
-        for method in unbuilt_methods(definition):
-            with grpc.insecure_channel(f"127.0.0.1:{services[definition.name].port}") as channel, \
-                    pytest.raises(grpc.RpcError) as caught:
-                call_with_empty_request(channel, service, method)
-            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED, method.full_name
-            assert f"{service}/{method.name} is not implemented yet" in caught.value.details()
-            called += 1
-    if not called:
-        pytest.skip("every method of every service is built: no UNIMPLEMENTED path is left to check")
+    A new method in a proto fails this until it is built; how the UNIMPLEMENTED answer of an unbuilt
+    method reads is checked in tests/shared/test_errors_over_grpc.py.
+    """
+    unbuilt = {d.name: [m.name for m in unbuilt_methods(d)] for d in DEFINITIONS}
+    assert unbuilt == {d.name: [] for d in DEFINITIONS}

@@ -24,7 +24,7 @@ from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
 from deploy.cdnow import read_cdnow
 from deploy.demo import crm_id, customers_of, load
-from tests.services.segmentation.test_batch import finished
+from tests.services.segmentation.test_batch import finished, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -122,6 +122,10 @@ def test_cdnow_segments_match_pandas_in_real_time_and_in_batch(stack: pb_grpc.Se
     for segment_id, text in RULES.items():
         stack.CreateSegment(pb.CreateSegmentRequest(segment_id=segment_id, segment=pb.Segment(rule_text=text)),
                             timeout=10)
+    # A new segment is computed at once; that (empty) recompute ends before the data comes, or a slow one
+    # on a loaded machine would still be scanning while the first events arrive and record some enters.
+    for segment_id in RULES:
+        assert wait_ready(stack, f"segments/{segment_id}", timeout=120).state == pb.SEGMENT_STATE_READY, segment_id
     purchases = customers_of(read_cdnow(), CUSTOMERS)
     summary = load(profiles, purchases, streams=2)
     assert summary.rejected == 0 and summary.accepted == len(purchases) + 2 * CUSTOMERS
