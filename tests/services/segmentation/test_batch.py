@@ -152,8 +152,10 @@ def test_recompute_matches_an_independent_evaluation(stack: pb_grpc.Segmentation
     buyer = next(p for p in PERSONS if person_ids[p] not in expected["recent-buyers"])
     before = stack.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
         parent="segments/recent-buyers", page_size=1000), timeout=10)
-    assert [(c.person_id, c.type, c.cause) for c in before.changes] == [
-        (p, pb.MEMBERSHIP_CHANGE_TYPE_ENTER, "recompute") for p in sorted(expected["recent-buyers"])]
+    # Real time follows the same ingest as the recompute: either may record a person's enter first.
+    assert sorted((c.person_id, c.type) for c in before.changes) == [
+        (p, pb.MEMBERSHIP_CHANGE_TYPE_ENTER) for p in sorted(expected["recent-buyers"])]
+    assert {c.cause for c in before.changes} <= {"recompute", "realtime"}
     ingest(profiles, order(buyer, f"{buyer}-late-1", 5.0, days_ago(1)), order(buyer, f"{buyer}-late-2", 5.0,
                                                                             days_ago(0.5)))
 
