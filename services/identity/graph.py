@@ -892,11 +892,11 @@ class IdentityGraph:
             raise InvalidArgument.for_field(f"{field_path}.{field_name}", str(error),
                                             reason="INVALID_IDENTIFIER") from error
 
-    def person_of_identifier(self, type_name: str, value: str, field_path: str = "identifier") -> str:
-        key = self.normalize_one(type_name, value, field_path)
+    def person_holding(self, key: IdKey) -> str:
+        """The person an identifier (normalized) belongs to; NotFound when none does."""
         person_id = self.persons_of([key])[key]
         if not person_id:
-            raise NotFound(f"no person holds {key.type} {value!r}", reason="PERSON_NOT_FOUND",
+            raise NotFound(f"no person holds {key.type} {key.value!r}", reason="PERSON_NOT_FOUND",
                            metadata={"identifier_type": key.type})
         return person_id
 

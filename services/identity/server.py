@@ -186,21 +186,14 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         person_ids: list[str | None] = []
         keys: dict[int, IdKey] = {}
         for index, selector in enumerate(request.persons):
-            field_path = f"persons[{index}]"
-            which = selector.WhichOneof("selector")
             try:
-                if which == "person_id":
-                    person_ids.append(selector.person_id)
-                elif which == "identifier":
-                    keys[index] = self._graph.normalize_one(selector.identifier.type, selector.identifier.value,
-                                                            f"{field_path}.identifier")
-                    person_ids.append(None)
-                else:
-                    raise InvalidArgument.for_field(field_path, "set exactly one of person_id or identifier",
-                                                    reason="PERSON_SELECTOR_EMPTY")
+                selected = self._selected(selector, f"persons[{index}]")
             except InvalidArgument as error:
                 violations.items.extend(error.field_violations)
-                person_ids.append(None)
+                selected = ""
+            if isinstance(selected, IdKey):
+                keys[index] = selected
+            person_ids.append(selected if isinstance(selected, str) else None)
         violations.raise_if_any("some selectors are invalid; nothing was looked up", reason="INVALID_SELECTORS")
         held = self._graph.persons_of(keys.values())
         for index, key in keys.items():
@@ -337,12 +330,17 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         return _guard_policy(updated)
 
     def _person_id(self, selector: common_pb2.PersonSelector, field_path: str) -> str:
+        selected = self._selected(selector, field_path)
+        return selected if isinstance(selected, str) else self._graph.person_holding(selected)
+
+    def _selected(self, selector: common_pb2.PersonSelector, field_path: str) -> str | IdKey:
+        """The person id a selector names, or its identifier normalized; INVALID_ARGUMENT naming the field."""
         which = selector.WhichOneof("selector")
         if which == "person_id":
             return selector.person_id
         if which == "identifier":
-            return self._graph.person_of_identifier(selector.identifier.type, selector.identifier.value,
-                                                    f"{field_path}.identifier")
+            return self._graph.normalize_one(selector.identifier.type, selector.identifier.value,
+                                             f"{field_path}.identifier")
         raise InvalidArgument.for_field(field_path, "set exactly one of person_id or identifier",
                                         reason="PERSON_SELECTOR_EMPTY")
 

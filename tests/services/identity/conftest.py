@@ -11,9 +11,30 @@ from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
+from services.identity.graph import IdentityGraph
+from shared.cassandra import CassandraSession, connect_cluster, open_session
+from shared.config import CassandraSettings
+from shared.migrations import migrate_service
 from shared.runner import RunningService
 
 _message_ids = itertools.count()
+
+
+@pytest.fixture
+def identity_session(cassandra_settings: CassandraSettings,
+                     admin_session: CassandraSession) -> Iterator[CassandraSession]:
+    """A session on a migrated identity keyspace of this test's own, for tests of the domain code."""
+    migrate_service(admin_session, "identity", cassandra_settings)
+    cluster = connect_cluster(cassandra_settings)
+    try:
+        yield open_session(cluster, cassandra_settings.keyspace("identity"), 10)
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture
+def graph(identity_session: CassandraSession) -> IdentityGraph:
+    return IdentityGraph(identity_session)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -12,37 +11,27 @@ from services.identity.graph import Evidence, IdentityGraph, RawObservation
 from services.identity.leases import Leases
 from services.identity.partition import IdKey
 from shared import deadline
-from shared.cassandra import CassandraSession, connect_cluster, open_session
-from shared.config import CassandraSettings
+from shared.cassandra import CassandraSession
 from shared.errors import Unavailable
-from shared.migrations import migrate_service
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def graph(cassandra_settings: CassandraSettings, admin_session: CassandraSession) -> Iterator[IdentityGraph]:
-    migrate_service(admin_session, "identity", cassandra_settings)
-    cluster = connect_cluster(cassandra_settings)
-    try:
-        yield IdentityGraph(open_session(cluster, cassandra_settings.keyspace("identity"), 10))
-    finally:
-        cluster.shutdown()
 
-
-def _held_by_another_writer(graph: IdentityGraph, person_id: str) -> tuple[Leases, set[str]]:
+def _held_by_another_writer(session: CassandraSession, person_id: str) -> tuple[Leases, set[str]]:
     # Another process's leases: a Leases of its own, so this process does not know they are held.
-    other = Leases(graph._session)
+    other = Leases(session)
     keys = {f"p:{person_id}"}
     assert other.acquire_all(keys, "another-writer")
     return other, keys
 
 
-def test_a_held_component_makes_the_link_wait_until_its_lease_comes_back(graph: IdentityGraph) -> None:
+def test_a_held_component_makes_the_link_wait_until_its_lease_comes_back(
+        graph: IdentityGraph, identity_session: CassandraSession) -> None:
     graph.link([RawObservation([("email", "held@x.io"), ("cookie", "c-held")], Evidence("m1"))])
     person = graph.persons_of([IdKey("email", "held@x.io")])[IdKey("email", "held@x.io")]
     assert person
-    other, keys = _held_by_another_writer(graph, person)
+    other, keys = _held_by_another_writer(identity_session, person)
     threading.Timer(1.0, lambda: other.release(keys, "another-writer")).start()
     started = time.monotonic()
     outcome = graph.link([RawObservation([("email", "held@x.io"), ("cookie", "c-new")], Evidence("m2"))])[0]
@@ -51,11 +40,12 @@ def test_a_held_component_makes_the_link_wait_until_its_lease_comes_back(graph: 
     assert graph.persons_of([IdKey("cookie", "c-new")])[IdKey("cookie", "c-new")] == person
 
 
-def test_a_component_held_past_the_deadline_is_unavailable_and_says_why(graph: IdentityGraph) -> None:
+def test_a_component_held_past_the_deadline_is_unavailable_and_says_why(
+        graph: IdentityGraph, identity_session: CassandraSession) -> None:
     graph.link([RawObservation([("email", "busy@x.io"), ("cookie", "c-busy")], Evidence("m1"))])
     person = graph.persons_of([IdKey("email", "busy@x.io")])[IdKey("email", "busy@x.io")]
     assert person
-    other, keys = _held_by_another_writer(graph, person)
+    other, keys = _held_by_another_writer(identity_session, person)
     try:
         with deadline.deadline_after(1.5), pytest.raises(Unavailable) as raised:
             graph.link([RawObservation([("email", "busy@x.io"), ("cookie", "c-late")], Evidence("m2"))])

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from services.identity.graph import Evidence, GuardKind, IdentityGraph, RawObservation
 from services.identity.partition import IdKey
-from shared.cassandra import CassandraSession, connect_cluster, open_session
-from shared.config import CassandraSettings
-from shared.migrations import migrate_service
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def graph(cassandra_settings: CassandraSettings, admin_session: CassandraSession) -> Iterator[IdentityGraph]:
-    migrate_service(admin_session, "identity", cassandra_settings)
-    cluster = connect_cluster(cassandra_settings)
-    graph = IdentityGraph(open_session(cluster, cassandra_settings.keyspace("identity"), 10))
-    try:
-        yield graph
-    finally:
-        cluster.shutdown()
 
 
 def test_evidence_appended_after_an_erasure_is_dropped_under_the_lease(graph: IdentityGraph) -> None:

@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from services.identity.leases import Leases, bucket_of
-from shared.cassandra import CassandraSession, connect_cluster, open_session
-from shared.config import CassandraSettings
-from shared.migrations import migrate_service
+from shared.cassandra import CassandraSession
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def leases(cassandra_settings: CassandraSettings, admin_session: CassandraSession) -> Iterator[Leases]:
-    migrate_service(admin_session, "identity", cassandra_settings)
-    cluster = connect_cluster(cassandra_settings)
-    try:
-        yield Leases(open_session(cluster, cassandra_settings.keyspace("identity"), 10))
-    finally:
-        cluster.shutdown()
+def leases(identity_session: CassandraSession) -> Leases:
+    return Leases(identity_session)
 
 
 def _same_bucket(count: int) -> list[str]:
