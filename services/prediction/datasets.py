@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.prediction.features import FEATURE_NAMES, feature_matrix, features_at
-from services.prediction.history import ActivityEvent, PersonHistory
+from services.prediction.history import ActivityEvent, EventRuns, PersonHistory, columns_of, micros_of
 from services.prediction.spec import ModelSpec, PredictionKind
 
 # Persons whose features are computed together while training sets are built (also the progress step).
@@ -43,11 +43,19 @@ def _qualifies(spec: ModelSpec, event: ActivityEvent) -> bool:
 
 def is_eligible(spec: ModelSpec, events: Sequence[ActivityEvent], cutoff: datetime) -> bool:
     """Whether the person can be scored at `cutoff`, judged from events strictly before it."""
-    before = events[:_index_at(events, cutoff)]
+    return bool(eligible_at(spec, EventRuns.of([columns_of(events)]), cutoff)[0])
+
+
+def eligible_at(spec: ModelSpec, runs: EventRuns, cutoff: datetime) -> npt.NDArray[np.bool_]:
+    """`is_eligible` of every person in `runs` at once (one flag per run)."""
+    events = runs.columns
+    before = events.micros < micros_of(cutoff)
     if spec.kind is PredictionKind.CONVERSION:
-        return bool(before)
-    window_start = cutoff - timedelta(days=spec.eligibility_days)
-    return any(_qualifies(spec, e) for e in before[_index_at(before, window_start):])
+        return runs.count(before) > 0
+    window = before & (events.micros >= micros_of(cutoff - timedelta(days=spec.eligibility_days)))
+    if spec.event_names:
+        window &= np.isin(events.names, list(spec.event_names))
+    return runs.count(window) > 0
 
 
 def label_of(spec: ModelSpec, events: Sequence[ActivityEvent], cutoff: datetime) -> int:
@@ -125,7 +133,8 @@ def build_training_sets(spec: ModelSpec, histories: Iterable[PersonHistory], tra
 def add_examples(dataset: TrainingSet, spec: ModelSpec, histories: Sequence[PersonHistory], cutoff: datetime) -> int:
     """Add the row at `cutoff` of each person eligible then (their features computed together); returns how
     many rows were added."""
-    eligible = [h for h in histories if is_eligible(spec, h.events, cutoff)]
+    flags = eligible_at(spec, EventRuns.of([h.columns for h in histories]), cutoff)
+    eligible = [h for h, flag in zip(histories, flags.tolist(), strict=True) if flag]
     if not eligible:
         return 0
     dataset.person_ids += [h.person_id for h in eligible]

@@ -15,7 +15,7 @@ from datetime import datetime
 import numpy as np
 import numpy.typing as npt
 
-from services.prediction.history import ActivityEvent, EventColumns, columns_of, micros_of
+from services.prediction.history import ActivityEvent, EventColumns, EventRuns, columns_of, micros_of
 
 WINDOWS_DAYS = (7, 30, 90, 180, 365)
 TREND_DAYS = 90
@@ -62,9 +62,9 @@ _SUMMED: tuple[str, ...] = (
 )
 _WINDOWS = np.asarray(WINDOWS_DAYS, dtype=np.float64)
 # Without any event before the cutoff these are missing (NaN); every other feature is 0.
-_MISSING_WITHOUT_HISTORY = [FEATURE_INDEX[name] for name in (
+_MISSING_WITHOUT_HISTORY = np.asarray([FEATURE_INDEX[name] for name in (
     "days_since_last_event", "tenure_days", "days_since_last_order", "days_since_first_order", "average_order_value",
-    "max_order_amount", "mean_days_between_orders", "order_overdue_ratio", "orders_per_30d_of_tenure")]
+    "max_order_amount", "mean_days_between_orders", "order_overdue_ratio", "orders_per_30d_of_tenure")])
 
 NAN = math.nan
 _MICROS_PER_DAY = 86_400_000_000
@@ -87,33 +87,37 @@ def feature_row(events: Sequence[ActivityEvent], cutoff: datetime) -> list[float
 def features_at(histories: Sequence[EventColumns], cutoff: datetime) -> npt.NDArray[np.float64]:
     """The feature matrix of many persons at one cutoff, row i for `histories[i]`, columns in FEATURE_NAMES
     order: the one feature function, computed for the whole batch at once (events at or after `cutoff`
-    are ignored). A missing value is NaN.
+    are ignored). A missing value is NaN."""
+    return features_of_runs(EventRuns.of(histories), cutoff)
 
-    The events of all persons are laid end to end (each person's a contiguous, time-sorted run), so
-    every count and sum is one segment reduction over one indicator matrix, and every "distinct"
-    count one sort, whatever the batch size.
+
+def features_of_runs(runs: EventRuns, cutoff: datetime) -> npt.NDArray[np.float64]:
+    """`features_at` of persons whose histories are already laid end to end (row i for run i).
+
+    Every count and sum is one segment reduction over one indicator matrix, and every "distinct"
+    count one sort, whatever the batch size: no Python step per person or per event.
     """
-    persons = len(histories)
-    matrix = np.zeros((persons, len(FEATURE_NAMES)))
-    cutoff_micros = micros_of(cutoff)
-    # Each person's events strictly before the cutoff: a prefix of the time-sorted arrays.
-    counts = np.fromiter((h.micros.searchsorted(cutoff_micros) for h in histories), dtype=np.int64,
-                         count=persons)
-    matrix[np.ix_(counts == 0, _MISSING_WITHOUT_HISTORY)] = NAN  # lifecycle stage 0: LIFECYCLE_NONE
-    active = np.flatnonzero(counts)  # persons with a history before the cutoff
-    if len(active) == 0:
+    persons = len(runs)
+    past = runs.before(cutoff)
+    counts = past.sizes
+    active = counts > 0  # persons with a history before the cutoff
+    if not active.all():
+        matrix = np.zeros((persons, len(FEATURE_NAMES)))
+        matrix[np.ix_(~active, _MISSING_WITHOUT_HISTORY)] = NAN  # lifecycle stage 0: LIFECYCLE_NONE
+        if active.any():
+            matrix[active] = _features_of_histories(past.select(active), micros_of(cutoff))
         return matrix
+    return _features_of_histories(past, micros_of(cutoff))
+
+
+def _features_of_histories(past: EventRuns, cutoff_micros: int) -> npt.NDArray[np.float64]:
+    """The feature rows of runs that each hold at least one event, all before the cutoff."""
     column = FEATURE_INDEX
-    past = [history if len(history) == count else history.prefix(count)
-            for history, count in ((histories[i], int(counts[i])) for i in active.tolist())]
-    if len(past) == 1:  # one person (single scores): views, no copies
-        micros, is_order, amounts, categories = past[0].micros, past[0].is_order, past[0].amounts, past[0].categories
-    else:
-        micros = np.concatenate([h.micros for h in past])
-        is_order = np.concatenate([h.is_order for h in past])
-        amounts = np.concatenate([h.amounts for h in past])
-        categories = np.concatenate([h.categories for h in past])
-    sizes = counts[active]
+    events = past.columns
+    micros, is_order, amounts, categories = events.micros, events.is_order, events.amounts, events.categories
+    sizes = past.sizes
+    persons = len(sizes)
+    rows = np.empty((persons, len(FEATURE_NAMES)))
     ends = np.cumsum(sizes)
     starts = ends - sizes
     age_micros = cutoff_micros - micros
@@ -121,23 +125,22 @@ def features_at(histories: Sequence[EventColumns], cutoff: datetime) -> npt.NDAr
     ages = age_micros / 1e6 / SECONDS_PER_DAY
     whole_days = age_micros // _MICROS_PER_DAY
 
-    # Counts and sums per person: one segment reduction over all the indicator columns at once, laid out in
-    # one float matrix (each block written in place: no per-column arrays to stack).
+    # Counts and sums per person: one segment reduction over all the indicator rows at once, laid out in
+    # one float matrix, one row per indicator (contiguous per indicator: reduceat runs along memory).
     recent, prior = ages < TREND_DAYS, (ages >= TREND_DAYS) & (ages < 2 * TREND_DAYS)
-    within = ages[:, None] < _WINDOWS  # one column per window
+    within = ages < _WINDOWS[:, None]  # one row per window
     order_amounts = np.where(is_order, amounts, 0.0)
     windows = len(WINDOWS_DAYS)
-    indicators = np.empty((len(ages), len(_SUMMED)))
-    indicators[:, 0] = 1.0
-    indicators[:, 1] = prior
-    indicators[:, 2] = is_order
-    indicators[:, 3] = order_amounts
-    indicators[:, 4] = prior & is_order
-    indicators[:, 5:5 + windows] = within
-    indicators[:, 5 + windows:5 + 2 * windows] = within & is_order[:, None]
-    indicators[:, 5 + 2 * windows:] = np.where(within, order_amounts[:, None], 0.0)
-    sums = dict(zip(_SUMMED, np.add.reduceat(indicators, starts, axis=0).T, strict=True))
-    rows = matrix[active]
+    indicators = np.empty((len(_SUMMED), len(ages)))
+    indicators[0] = 1.0
+    indicators[1] = prior
+    indicators[2] = is_order
+    indicators[3] = order_amounts
+    indicators[4] = prior & is_order
+    indicators[5:5 + windows] = within
+    indicators[5 + windows:5 + 2 * windows] = within & is_order
+    indicators[5 + 2 * windows:] = np.where(within, order_amounts, 0.0)
+    sums = dict(zip(_SUMMED, np.add.reduceat(indicators, starts, axis=1), strict=True))
     for name, total in sums.items():
         if name in column:
             rows[:, column[name]] = total
@@ -165,22 +168,24 @@ def features_at(histories: Sequence[EventColumns], cutoff: datetime) -> npt.NDAr
     rows[:, column["orders_per_30d_of_tenure"]] = order_counts / np.maximum(tenure / 30.0, 1.0)
 
     # Distinct values per person, three kinds in one sort: days active within 90 days, order days (several
-    # orders on one day are one purchase occasion, the BG/NBD view of frequency), and categories.
-    owner = np.repeat(np.arange(len(active)), sizes)
-    kinds = len(active)
-    groups = np.concatenate([owner[recent], kinds + owner[is_order], 2 * kinds + owner[categories >= 0]])
-    values = np.concatenate([whole_days[recent], whole_days[is_order], categories[categories >= 0]])
+    # orders on one day are one purchase occasion, the BG/NBD view of frequency), and categories. A sort
+    # and a comparison of neighbours (np.unique's hash table costs ten times more here).
+    owner = np.repeat(np.arange(persons), sizes)
+    has_category = categories >= 0
+    groups = np.concatenate([owner[recent], persons + owner[is_order], 2 * persons + owner[has_category]])
+    values = np.concatenate([whole_days[recent], whole_days[is_order], categories[has_category]])
     span = int(values.max()) + 1 if len(values) else 1
-    keys = np.unique(groups * span + values)
-    distinct = np.bincount(keys // span, minlength=3 * kinds).reshape(3, kinds)
+    keys = np.sort(groups * span + values)
+    first_of_value = np.ones(len(keys), dtype=np.bool_)
+    np.not_equal(keys[1:], keys[:-1], out=first_of_value[1:])
+    distinct = np.bincount(keys[first_of_value] // span, minlength=3 * persons).reshape(3, persons)
     rows[:, column["active_days_90d"]] = distinct[0]
     rows[:, column["order_days"]] = distinct[1]
     rows[:, column["distinct_categories"]] = distinct[2]
     rows[:, column["lifecycle_stage"]] = np.select(
         [tenure < NEW_DAYS, latest < ACTIVE_DAYS, latest < SILENT_DAYS],
         [LIFECYCLE_NEW, LIFECYCLE_ACTIVE, LIFECYCLE_SILENT], LIFECYCLE_CHURNED)
-    matrix[active] = rows
-    return matrix
+    return rows
 
 
 def feature_matrix(rows: Sequence[Sequence[float]]) -> npt.NDArray[np.float64]:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -36,19 +36,16 @@ class ActivityEvent:
     category: str | None = None
 
 
-@dataclass(frozen=True)
-class PersonRef:
-    """A person by id or by any identifier (exactly one of the two)."""
+class PersonRef(NamedTuple):
+    """A person by id or by any identifier: exactly one of the two is set (the gRPC adapter checks selectors).
+
+    A tuple on purpose: batches build one per requested person, and the online store keys its index by
+    them, so construction, hashing and comparison run in C (a dataclass costs a Python call for each).
+    """
 
     person_id: str | None = None
     identifier_type: str | None = None
     identifier_value: str | None = None
-
-    def __post_init__(self) -> None:
-        by_identifier = self.identifier_type is not None or self.identifier_value is not None
-        if (self.person_id is None) == (not by_identifier):
-            raise InvalidArgument.for_field("person", "set exactly one of person_id and identifier",
-                                            reason="BAD_PERSON_SELECTOR")
 
 
 @dataclass(frozen=True)
@@ -57,13 +54,15 @@ class EventColumns:
 
     Times are integer microseconds since the Unix epoch, so "strictly before the cutoff" and the
     window bounds are exact comparisons. Categories are codes local to the person (-1: none): only
-    how many distinct ones there are matters.
+    how many distinct ones there are matters. Names are the events' names (for specs that name the
+    events they count).
     """
 
     micros: npt.NDArray[np.int64]
     is_order: npt.NDArray[np.bool_]
     amounts: npt.NDArray[np.float64]  # order amounts, 0 when none
     categories: npt.NDArray[np.int64]
+    names: npt.NDArray[np.object_]
 
     def __len__(self) -> int:
         return len(self.micros)
@@ -71,7 +70,12 @@ class EventColumns:
     def prefix(self, count: int) -> EventColumns:
         """The first `count` events (views, no copies)."""
         return EventColumns(self.micros[:count], self.is_order[:count], self.amounts[:count],
-                            self.categories[:count])
+                            self.categories[:count], self.names[:count])
+
+    def where(self, keep: npt.NDArray[np.bool_]) -> EventColumns:
+        """The events where `keep` is true, in order."""
+        return EventColumns(self.micros[keep], self.is_order[keep], self.amounts[keep], self.categories[keep],
+                            self.names[keep])
 
 
 def micros_of(time: datetime) -> int:
@@ -88,7 +92,62 @@ def columns_of(events: Sequence[ActivityEvent]) -> EventColumns:
         np.fromiter(((e.amount or 0.0) if e.name == ORDER_EVENT else 0.0 for e in events), dtype=np.float64,
                     count=count),
         np.fromiter((codes.setdefault(e.category, len(codes)) if e.category else -1 for e in events),
-                    dtype=np.int64, count=count))
+                    dtype=np.int64, count=count),
+        np.fromiter((e.name for e in events), dtype=np.object_, count=count))
+
+
+@dataclass(frozen=True)
+class EventRuns:
+    """Many persons' histories laid end to end: run i (`sizes[i]` events, time-sorted) is person i's.
+
+    What batch computations read: every count, sum or test over "each person's events" is one
+    vectorised operation over `columns` and a segment reduction by run, whatever the batch size,
+    instead of a Python step per person.
+    """
+
+    columns: EventColumns
+    sizes: npt.NDArray[np.int64]
+
+    @classmethod
+    def of(cls, histories: Sequence[EventColumns]) -> EventRuns:
+        if len(histories) == 1:  # one person (single scores): the arrays themselves, no copies
+            return cls(histories[0], np.asarray([len(histories[0].micros)], dtype=np.int64))
+        micros = [h.micros for h in histories]
+        sizes = np.fromiter(map(len, micros), dtype=np.int64, count=len(histories))
+        if not histories:
+            return cls(columns_of([]), sizes)
+        return cls(EventColumns(np.concatenate(micros), np.concatenate([h.is_order for h in histories]),
+                                np.concatenate([h.amounts for h in histories]),
+                                np.concatenate([h.categories for h in histories]),
+                                np.concatenate([h.names for h in histories])), sizes)
+
+    def __len__(self) -> int:
+        """Runs (persons)."""
+        return len(self.sizes)
+
+    def count(self, events: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+        """How many events of each run are true in `events` (one flag per event): exact, 0 for an empty run."""
+        running = np.zeros(len(events) + 1, dtype=np.int64)
+        np.cumsum(events, out=running[1:])
+        ends = np.cumsum(self.sizes)
+        counts: npt.NDArray[np.int64] = running[ends] - running[ends - self.sizes]
+        return counts
+
+    def where(self, events: npt.NDArray[np.bool_]) -> EventRuns:
+        """The same runs holding only the events that are true in `events` (order kept)."""
+        if events.all():
+            return self
+        return EventRuns(self.columns.where(events), self.count(events))
+
+    def before(self, cutoff: datetime) -> EventRuns:
+        """Each person's events strictly before `cutoff` (a prefix of each run)."""
+        return self.where(self.columns.micros < micros_of(cutoff))
+
+    def select(self, persons: npt.NDArray[np.bool_]) -> EventRuns:
+        """Only the runs where `persons` (one flag per run) is true."""
+        if persons.all():
+            return self
+        return EventRuns(self.columns.where(np.repeat(persons, self.sizes)), self.sizes[persons])
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from itertools import repeat
+from typing import Protocol, cast
 
 from services.prediction.history import (
     HistoryReader,
@@ -94,21 +95,13 @@ class ProfileChangeFeed(Protocol):
         ...
 
 
-# A PersonRef as a plain tuple: hashed and compared in C (a dataclass's __eq__ is Python, per lookup).
-_Selector = tuple[str | None, str | None, str | None]
-
-
-def _selector(person: PersonRef) -> _Selector:
-    return person.person_id, person.identifier_type, person.identifier_value
-
-
 @dataclass
 class _Store:
     """The entries and what leads to them; guarded by OnlineHistories' lock."""
 
     entries: OrderedDict[str, PersonHistory] = field(default_factory=OrderedDict)
-    person_of: dict[_Selector, str] = field(default_factory=dict)
-    selectors_of: dict[str, set[_Selector]] = field(default_factory=dict)
+    person_of: dict[PersonRef, str] = field(default_factory=dict)
+    selectors_of: dict[str, set[PersonRef]] = field(default_factory=dict)
     events: int = 0
     # Batches of applied changes: (generation after the batch, persons it touched).
     generation: int = 0
@@ -137,19 +130,16 @@ class OnlineHistories(ReadsByStarting):
     def start_histories_of(self, persons: Sequence[PersonRef], before: datetime | None) -> PendingHistories:
         if not self.is_current():
             return self._source.start_histories_of(persons, before)
-        found: dict[int, PersonHistory] = {}
-        missing: list[int] = []
         with self._lock:
             store = self._store
             generation = store.generation
-            for index, person in enumerate(persons):
-                person_id = store.person_of.get(_selector(person))
-                kept = store.entries.get(person_id) if person_id is not None else None
-                if person_id is None or kept is None:
-                    missing.append(index)
-                    continue
-                store.entries.move_to_end(person_id)
-                found[index] = kept
+            # Lookups by map: a batch of thousands costs a C loop, not a Python step per person ("": unknown).
+            person_ids = list(map(store.person_of.get, persons, repeat("")))
+            found: list[PersonHistory | None] = list(map(store.entries.get, person_ids))
+            for person_id, kept in zip(person_ids, found, strict=True):
+                if kept is not None:
+                    store.entries.move_to_end(person_id)
+        missing = [index for index, kept in enumerate(found) if kept is None]
         reading = self._source.start_histories_of([persons[i] for i in missing], None) if missing else None
         return _OnlineRead(self, persons, before, found, missing, reading, generation)
 
@@ -165,9 +155,8 @@ class OnlineHistories(ReadsByStarting):
             store.events -= len(previous.events) if previous is not None else 0
             store.entries[history.person_id] = history
             store.events += len(history.events)
-            selector = _selector(person)
-            store.person_of[selector] = history.person_id
-            store.selectors_of.setdefault(history.person_id, set()).add(selector)
+            store.person_of[person] = history.person_id
+            store.selectors_of.setdefault(history.person_id, set()).add(person)
             while store.events > self._max_events and store.entries:
                 evicted, dropped = store.entries.popitem(last=False)
                 store.events -= len(dropped.events)
@@ -226,25 +215,24 @@ class _OnlineRead:
     histories: OnlineHistories
     persons: Sequence[PersonRef]
     before: datetime | None
-    found: dict[int, PersonHistory]
+    found: list[PersonHistory | None]  # in request order; None where missing
     missing: list[int]
     reading: PendingHistories | None
     generation: int
 
     def result(self) -> list[PersonHistory | DomainError]:
         """In request order, each history cut at `before`."""
-        whole: dict[int, PersonHistory | DomainError] = dict(self.found)
+        whole: list[PersonHistory | DomainError | None] = list(self.found)
         if self.reading is not None:
             for index, read in zip(self.missing, self.reading.result(), strict=True):
                 if isinstance(read, PersonHistory):
                     self.histories.keep(self.persons[index], read, self.generation)
                 whole[index] = read
-        return [self._cut(whole[index]) for index in range(len(self.persons))]
-
-    def _cut(self, read: PersonHistory | DomainError) -> PersonHistory | DomainError:
-        if isinstance(read, DomainError) or self.before is None:
-            return read
-        return read.before(self.before)
+        complete = cast(list[PersonHistory | DomainError], whole)
+        if self.before is None:
+            return complete
+        before = self.before
+        return [read if isinstance(read, DomainError) else read.before(before) for read in complete]
 
 
 class ChangeFollower:

@@ -20,9 +20,10 @@ import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
-from services.prediction.datasets import is_eligible
-from services.prediction.features import FEATURE_NAMES, feature_matrix, features_at
-from services.prediction.history import PersonHistory
+from services.prediction.compiled import BackgroundCompile
+from services.prediction.datasets import eligible_at
+from services.prediction.features import FEATURE_NAMES, feature_matrix, features_of_runs
+from services.prediction.history import EventRuns, PersonHistory
 from services.prediction.spec import ModelSpec, PredictionKind
 from shared.errors import FailedPrecondition
 
@@ -89,7 +90,10 @@ class ScoreBatch:
 class Scorer:
     """One model version, ready to score feature rows."""
 
-    def __init__(self, model_string: str, feature_names: Sequence[str], score_quantiles: Sequence[float]) -> None:
+    def __init__(self, model_string: str, feature_names: Sequence[str], score_quantiles: Sequence[float], *,
+                 name: str = "", rows_before_compile: int | None = None) -> None:
+        """`rows_before_compile`: compile the forest (`compiled.py`) in the background once this many rows were
+        scored with LightGBM; None never compiles (what one-off scorers want)."""
         if tuple(feature_names) != FEATURE_NAMES:
             # Scoring with a different feature function than training saw would silently skew every score.
             raise FailedPrecondition(
@@ -98,6 +102,8 @@ class Scorer:
         self._booster = lgb.Booster(model_str=model_string)
         self._quantiles = list(score_quantiles)
         self._quantile_array = np.asarray(self._quantiles, dtype=np.float64)
+        self.compiling = (BackgroundCompile(model_string, self._booster, rows_before_compile, name)
+                          if rows_before_compile is not None else None)
 
     def percentile(self, probability: float) -> float:
         """Share of the validation scores at or below `probability`, in percent."""
@@ -112,8 +118,15 @@ class Scorer:
         return 100.0 * np.searchsorted(self._quantile_array, probabilities, side="right") / len(self._quantiles)
 
     def probabilities(self, features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """LightGBM's predict of every row, by the compiled forest once it is ready (the same numbers)."""
         if len(features) == 0:
             return np.empty(0, dtype=np.float64)
+        compiling = self.compiling
+        if compiling is not None:
+            forest = compiling.forest
+            if forest is not None:
+                return forest.probabilities(features)
+            compiling.scored(len(features))
         return np.asarray(self._booster.predict(features, num_threads=PREDICT_THREADS), dtype=np.float64)
 
     def contributions(self, features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -153,7 +166,7 @@ def not_eligible(spec: ModelSpec, person_id: str, as_of: datetime) -> FailedPrec
 def score_history(scorer: Scorer, spec: ModelSpec, history: PersonHistory, as_of: datetime,
                   top_features: int) -> PersonScore:
     """Score one person as of a time; FailedPrecondition when the spec does not cover them then."""
-    if not is_eligible(spec, history.events, as_of):
+    runs = EventRuns.of([history.columns])
+    if not eligible_at(spec, runs, as_of)[0]:
         raise not_eligible(spec, history.person_id, as_of)
-    features = features_at([history.columns], as_of)
-    return scorer.score_matrix([history.person_id], features, as_of, top_features).score(0)
+    return scorer.score_matrix([history.person_id], features_of_runs(runs, as_of), as_of, top_features).score(0)

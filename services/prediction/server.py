@@ -10,7 +10,7 @@ reads from profile what it does not hold. Scores go back through BatchWriteTrait
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
@@ -62,6 +62,7 @@ T = TypeVar("T")
 MAX_BATCH_PERSONS = 10_000
 DEFAULT_TOP_FEATURES = 5
 MAX_TOP_FEATURES = 50
+_SCORE_VIEWS = frozenset(pb.ScoreView.values())
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
 
@@ -188,6 +189,18 @@ def _person_ref(selector: common_pb2.PersonSelector, field_path: str, violations
     return None
 
 
+def _person_refs(selectors: Sequence[common_pb2.PersonSelector], field_path: str,
+                 violations: Violations) -> list[PersonRef]:
+    """`_person_ref` of every selector; those by person id (the usual batch) take one attribute read each."""
+    person_ids = [selector.person_id for selector in selectors]  # "" unless the selector is a non-empty id
+    refs = list(map(PersonRef, person_ids))
+    for index in [index for index, person_id in enumerate(person_ids) if not person_id]:
+        ref = _person_ref(selectors[index], f"{field_path}[{index}]", violations)
+        if ref is not None:
+            refs[index] = ref
+    return refs
+
+
 def _top_features(requested: int, default: int, field_path: str, violations: Violations) -> int:
     violations.check(0 <= requested <= MAX_TOP_FEATURES, field_path,
                      f"must be 0-{MAX_TOP_FEATURES} (0: default {default}), got {requested}")
@@ -221,29 +234,35 @@ def _score_message(score: PersonScore, model_version: str) -> pb.Score:
     return message
 
 
-def _score_results(scored: ScoredBatch, model_version: str) -> list[pb.ScoreResult]:
-    """Results in request order, built from the batch's columns: no per-person domain objects on the way."""
+def _add_score_results(response: pb.BatchScorePersonsResponse, scored: ScoredBatch, model_version: str,
+                       full: bool) -> None:
+    """Results in request order, built from the batch's columns: no per-person domain objects on the way, and
+    each score's fields set in place (a Score built apart and then copied into its result costs twice)."""
     batch = scored.batch
+    person_ids = batch.person_ids
     probabilities = batch.probabilities.tolist()
     percentiles = batch.percentiles.tolist()
-    as_of = timestamp_pb2.Timestamp()
-    as_of.FromDatetime(batch.as_of)
+    as_of = response.as_of_time
     explained = batch.contributions is not None
-    results = []
+    add = response.results.add
     for index, row in enumerate(scored.rows):
         if row < 0:
             error = scored.errors[index]
-            results.append(pb.ScoreResult(error=pb.ScoreError(code=error.code.value, message=error.message)))
+            add(error=pb.ScoreError(code=error.code.value, message=error.message))
             continue
-        score = pb.Score(person_id=batch.person_ids[row], model_version=model_version,
-                         probability=probabilities[row], percentile=percentiles[row], as_of_time=as_of)
+        score = add().score
+        score.person_id = person_ids[row]
+        score.probability = probabilities[row]
+        if not full:
+            continue
+        score.model_version = model_version
+        score.percentile = percentiles[row]
+        score.as_of_time.CopyFrom(as_of)
         if explained:
             score.base_value = batch.base_value(row)
             score.top_features.extend(pb.FeatureContribution(feature=c.feature, value=_finite(c.value),
                                                              contribution=c.contribution)
                                       for c in batch.top_contributions(row))
-        results.append(pb.ScoreResult(score=score))
-    return results
 
 
 def _score_result(result: PersonScore | DomainError, model_version: str) -> pb.ScoreResult:
@@ -389,16 +408,22 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         violations = Violations()
         model_id = _collect(violations, lambda: parse_model_name(request.model, "model"))
         violations.check(bool(request.persons), "persons", "at least one person is required")
-        persons = [_person_ref(selector, f"persons[{index}]", violations)
-                   for index, selector in enumerate(request.persons)]
+        persons = _person_refs(request.persons, "persons", violations)
         version_id = _version_id(model_id, request.model_version, "model_version", violations)
         top = _top_features(request.top_features, 0, "top_features", violations)
+        violations.check(request.view in _SCORE_VIEWS, "view", f"unknown view {request.view}")
+        full = request.view != pb.SCORE_VIEW_BASIC
+        violations.check(full or not top, "top_features",
+                         "top features come with the FULL view; ask for SCORE_VIEW_FULL or leave top_features 0")
         violations.raise_if_any()
         assert model_id is not None
         as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"))
         scoring = self._predictor.scoring_version(model_id, version_id)
-        scored = self._predictor.score_many(scoring, [p for p in persons if p is not None], as_of, top)
-        return pb.BatchScorePersonsResponse(results=_score_results(scored, scoring.name))
+        scored = self._predictor.score_many(scoring, persons, as_of, top)
+        response = pb.BatchScorePersonsResponse(model_version=scoring.name)
+        response.as_of_time.FromDatetime(as_of)
+        _add_score_results(response, scored, scoring.name, full)
+        return response
 
     def StreamScorePersons(self, request_iterator: Iterable[pb.StreamScorePersonsRequest],
                            context: grpc.ServicerContext) -> Iterator[pb.StreamScorePersonsResponse]:

@@ -19,10 +19,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from services.prediction.datasets import is_eligible
-from services.prediction.features import FEATURE_NAMES, features_at
-from services.prediction.history import EventColumns, HistoryReader, PersonHistory, PersonRef
+import numpy as np
+
+from services.prediction.datasets import eligible_at
+from services.prediction.features import FEATURE_NAMES, features_at, features_of_runs
+from services.prediction.history import EventRuns, HistoryReader, PersonHistory, PersonRef
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, VersionState
 from services.prediction.scoring import PersonScore, ScoreBatch, Scorer, not_eligible, score_history
 from services.prediction.spec import model_name, version_name
@@ -32,6 +35,9 @@ from shared.errors import DomainError, FailedPrecondition
 MAX_CACHED_SCORERS = 32
 # How long a model (its active version) read from the registry is used before it is read again.
 MODEL_REFRESH_SECONDS = 1.0
+# A version is compiled to machine code (compiled.py) once it has scored this many rows: a few seconds of
+# background compile pay off for a version in use, not for one scored a handful of times.
+ROWS_BEFORE_COMPILE = 5_000
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,8 @@ class ScorerCache:
                                      "training can score", reason="MODEL_VERSION_NOT_READY",
                                      metadata={"model_version": name, "state": version.state.value})
         scorer = Scorer(self._registry.load_booster(model.model_id, version_id), version.feature_names,
-                        version.score_quantiles)
+                        version.score_quantiles, name=version_name(model.model_id, version_id),
+                        rows_before_compile=ROWS_BEFORE_COMPILE)
         with self._lock:
             self._entries[key] = (version, scorer)
             self._entries.move_to_end(key)
@@ -154,7 +161,8 @@ class Predictor:
     def score_many(self, scoring: ScoringVersion, persons: Sequence[PersonRef], as_of: datetime,
                    top_features: int) -> ScoredBatch:
         """Many persons; a person that cannot be scored gets its error instead of a score."""
-        return score_histories(scoring, self._source.histories_of(persons, as_of), as_of, top_features)
+        # Whole histories: score_histories reads only the events before as_of, without a cut per person.
+        return score_histories(scoring, self._source.histories_of(persons, None), as_of, top_features)
 
     def features(self, person: PersonRef, as_of: datetime) -> tuple[str, dict[str, float]]:
         """The person id and the feature values as of `as_of`, as training and scoring compute them."""
@@ -183,23 +191,23 @@ def score_histories(scoring: ScoringVersion, histories: Sequence[PersonHistory |
                     top_features: int) -> ScoredBatch:
     """Scores (or errors) for read histories, in order; ineligible persons get FailedPrecondition.
 
-    The eligible persons' features are computed together (`features_at`) and go through one booster call.
+    Histories may hold events at or after `as_of` (the online store keeps them whole): eligibility and
+    features read only the events before it. Both are computed for all persons at once over their
+    histories laid end to end, and the eligible go through one booster call.
     """
     spec = scoring.version.spec
-    rows: list[int] = []
-    errors: dict[int, DomainError] = {}
-    person_ids: list[str] = []
-    eligible: list[EventColumns] = []
-    for index, history in enumerate(histories):
-        if isinstance(history, DomainError):
-            errors[index] = history
-            rows.append(-1)
-        elif not is_eligible(spec, history.events, as_of):
-            errors[index] = not_eligible(spec, history.person_id, as_of)
-            rows.append(-1)
-        else:
-            rows.append(len(person_ids))
-            person_ids.append(history.person_id)
-            eligible.append(history.columns)
-    batch = scoring.scorer.score_matrix(person_ids, features_at(eligible, as_of), as_of, top_features)
-    return ScoredBatch(batch, rows, errors)
+    errors = {index: history for index, history in enumerate(histories) if isinstance(history, DomainError)}
+    read: Sequence[PersonHistory] = (cast(Sequence[PersonHistory], histories) if not errors
+                                     else [h for h in histories if not isinstance(h, DomainError)])
+    read_positions = np.flatnonzero(np.isin(np.arange(len(histories)), list(errors), invert=True))
+    runs = EventRuns.of([history.columns for history in read])
+    eligible = eligible_at(spec, runs, as_of)
+    rows = np.full(len(histories), -1, dtype=np.int64)
+    rows[read_positions[eligible]] = np.arange(int(np.count_nonzero(eligible)))
+    if not eligible.all():
+        for index in np.flatnonzero(~eligible).tolist():
+            errors[int(read_positions[index])] = not_eligible(spec, read[index].person_id, as_of)
+        read = [read[index] for index in np.flatnonzero(eligible).tolist()]
+    person_ids = [history.person_id for history in read]
+    features = features_of_runs(runs.select(eligible), as_of)
+    return ScoredBatch(scoring.scorer.score_matrix(person_ids, features, as_of, top_features), rows.tolist(), errors)

@@ -8,9 +8,16 @@ from datetime import timedelta
 
 import pytest
 
-from services.prediction.datasets import TrainingSet, add_example, build_training_sets, is_eligible, label_of
+from services.prediction.datasets import (
+    TrainingSet,
+    add_example,
+    build_training_sets,
+    eligible_at,
+    is_eligible,
+    label_of,
+)
 from services.prediction.features import feature_row
-from services.prediction.history import ActivityEvent, PersonHistory
+from services.prediction.history import ActivityEvent, EventRuns, PersonHistory, columns_of
 from services.prediction.spec import PredictionKind, resolve_spec
 from tests.services.prediction.synthetic import day, synthetic_events
 
@@ -90,6 +97,24 @@ def test_churn_eligibility_and_label() -> None:
 def test_conversion_needs_history_before_the_cutoff() -> None:
     assert not is_eligible(CONVERSION, [ActivityEvent("order", T, 1.0)], T)
     assert is_eligible(CONVERSION, [ActivityEvent("page_view", T - timedelta(days=700))], T)
+
+
+def test_eligibility_of_a_batch_is_each_persons_by_the_definition() -> None:
+    """eligible_at over many persons at once against the definition, one event at a time."""
+    events = synthetic_events(200, seed=4)
+    events["nobody"] = []
+    events["late"] = [ActivityEvent("order", T + timedelta(days=1), 1.0)]
+    names = sorted(events)
+    runs = EventRuns.of([columns_of(events[n]) for n in names])
+    named = resolve_spec(PredictionKind.CHURN, ["page_view"], 30, eligibility_days=45, min_class_count=0)
+    for spec in (CONVERSION, CHURN, named):
+        for cutoff in (day("2023-02-01"), day("2023-09-01"), T, day("2024-11-01")):
+            start = cutoff - timedelta(days=spec.eligibility_days)
+            expected = [any(e.time < cutoff for e in events[n]) if spec.kind is PredictionKind.CONVERSION
+                        else any(start <= e.time < cutoff and (not spec.event_names or e.name in spec.event_names)
+                                 for e in events[n]) for n in names]
+            assert eligible_at(spec, runs, cutoff).tolist() == expected
+            assert 0 < sum(expected) < len(names) or cutoff == day("2023-02-01")
 
 
 def test_every_row_equals_features_of_the_truncated_history() -> None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import lightgbm as lgb
@@ -325,6 +325,43 @@ def test_a_batch_above_profiles_read_limit_is_scored_in_request_order(world: Wor
     first_round = [r.score.probability for r in response.results[:PERSONS]]
     assert all(r.score.probability == first_round[i % PERSONS] for i, r in enumerate(response.results))
     assert all(r.score.top_features == [] and r.score.base_value == 0 for r in response.results)
+
+
+def test_the_basic_view_carries_the_same_probabilities_and_nothing_per_person_that_the_batch_shares(
+        world: World) -> None:
+    predictions = world.stack.predictions
+    names = sorted(world.events)[:20]
+    selectors = [by_identifier(n) if i % 2 else by_id(world.person_ids[n]) for i, n in enumerate(names)]
+    selectors.insert(3, by_id("p_nobody"))
+
+    def batch(view: pb.ScoreView.ValueType) -> pb.BatchScorePersonsResponse:
+        response: pb.BatchScorePersonsResponse = predictions.BatchScorePersons(pb.BatchScorePersonsRequest(
+            model=f"models/{MODEL}", persons=selectors, as_of_time=timestamp(AS_OF), view=view), timeout=30)
+        return response
+
+    full, basic, default = batch(pb.SCORE_VIEW_FULL), batch(pb.SCORE_VIEW_BASIC), batch(pb.SCORE_VIEW_UNSPECIFIED)
+    assert default == full
+    for response in (full, basic):
+        assert response.model_version == f"models/{MODEL}/versions/1"
+        assert response.as_of_time.ToDatetime(tzinfo=UTC) == AS_OF
+        assert response.results[3].error.code == "NOT_FOUND"
+    scored_full = [r.score for i, r in enumerate(full.results) if i != 3]
+    scored_basic = [r.score for i, r in enumerate(basic.results) if i != 3]
+    assert [s.person_id for s in scored_basic] == [s.person_id for s in scored_full]
+    assert [s.probability for s in scored_basic] == [s.probability for s in scored_full]
+    assert all(s.probability == pytest.approx(local_probability(world, n), abs=1e-12)
+               for n, s in zip(names, scored_basic, strict=True))
+    assert all(s.model_version == f"models/{MODEL}/versions/1" and s.as_of_time == full.as_of_time
+               for s in scored_full)
+    assert any(s.percentile > 0 for s in scored_full)
+    assert all(pb.Score(person_id=s.person_id, probability=s.probability) == s for s in scored_basic)
+
+    code, _, fields, message = error_of(predictions.BatchScorePersons, pb.BatchScorePersonsRequest(
+        model=f"models/{MODEL}", persons=selectors, view=pb.SCORE_VIEW_BASIC, top_features=3))
+    assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["top_features"]) and "FULL" in message
+    code, _, fields, _ = error_of(predictions.BatchScorePersons, pb.BatchScorePersonsRequest(
+        model=f"models/{MODEL}", persons=selectors, view=cast(pb.ScoreView.ValueType, 9)))
+    assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["view"])
 
 
 def test_batch_scores_as_of_a_time_cannot_be_changed_by_a_later_event(world: World) -> None:

@@ -77,6 +77,38 @@ MODEL_VERSION_STATE_FAILED: ModelVersionState.ValueType  # 3
 """Training failed; see `failure_message`."""
 Global___ModelVersionState: _TypeAlias = ModelVersionState  # noqa: Y015
 
+class _ScoreView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScoreViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScoreView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCORE_VIEW_UNSPECIFIED: _ScoreView.ValueType  # 0
+    """Not specified: FULL."""
+    SCORE_VIEW_BASIC: _ScoreView.ValueType  # 1
+    """`person_id` and `probability` only. The version and the time scored as of are the
+    response's `model_version` and `as_of_time`, the same for every score of a batch.
+    """
+    SCORE_VIEW_FULL: _ScoreView.ValueType  # 2
+    """Every field of Score: also `model_version`, `percentile`, `as_of_time`, and `base_value` and
+    `top_features` when `top_features` is set.
+    """
+
+class ScoreView(_ScoreView, metaclass=_ScoreViewEnumTypeWrapper):
+    """Which fields of a Score a batch returns (AIP-157)."""
+
+SCORE_VIEW_UNSPECIFIED: ScoreView.ValueType  # 0
+"""Not specified: FULL."""
+SCORE_VIEW_BASIC: ScoreView.ValueType  # 1
+"""`person_id` and `probability` only. The version and the time scored as of are the
+response's `model_version` and `as_of_time`, the same for every score of a batch.
+"""
+SCORE_VIEW_FULL: ScoreView.ValueType  # 2
+"""Every field of Score: also `model_version`, `percentile`, `as_of_time`, and `base_value` and
+`top_features` when `top_features` is set.
+"""
+Global___ScoreView: _TypeAlias = ScoreView  # noqa: Y015
+
 @_typing.final
 class ModelSpec(_message.Message):
     """The definition of a prediction: data, not code."""
@@ -787,12 +819,19 @@ class BatchScorePersonsRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     TOP_FEATURES_FIELD_NUMBER: _builtins.int
     AS_OF_TIME_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """`models/{model_id}`."""
     model_version: _builtins.str
     """A specific version; default the active one."""
     top_features: _builtins.int
-    """How many top features per person (default 0: none, which is faster)."""
+    """How many top features per person (default 0: none, which is faster). Only with the FULL
+    view.
+    """
+    view: Global___ScoreView.ValueType
+    """Which fields each score carries (default FULL). BASIC is for callers that want many
+    probabilities and nothing else: building fewer fields per person makes the call faster.
+    """
     @_builtins.property
     def persons(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PersonSelector]:
         """The persons (1-10,000)."""
@@ -812,10 +851,11 @@ class BatchScorePersonsRequest(_message.Message):
         model_version: _builtins.str = ...,
         top_features: _builtins.int = ...,
         as_of_time: _timestamp_pb2.Timestamp | None = ...,
+        view: Global___ScoreView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "model", b"model", "model_version", b"model_version", "persons", b"persons", "top_features", b"top_features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "model", b"model", "model_version", b"model_version", "persons", b"persons", "top_features", b"top_features", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -828,18 +868,28 @@ class BatchScorePersonsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    AS_OF_TIME_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.str
+    """The version that scored every person, `models/{model_id}/versions/{version_id}`."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreResult]:
         """One result per requested person, in request order."""
+
+    @_builtins.property
+    def as_of_time(self) -> _timestamp_pb2.Timestamp:
+        """The time every person was scored as of."""
 
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___ScoreResult] | None = ...,
+        model_version: _builtins.str = ...,
+        as_of_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "model_version", b"model_version", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
