@@ -105,9 +105,10 @@ def _member(person_id: str, enter_time: datetime) -> pb.SegmentMember:
     return member
 
 
-def _observed(value: Any) -> struct_pb2.Value:
+def _observed(value: Any) -> struct_pb2.Value | None:
     if value is None:
-        return struct_pb2.Value()
+        # Unset, not an empty Value: a Value without a kind is not valid JSON for protojson (grpcurl, gateways).
+        return None
     if isinstance(value, datetime):
         value = value.isoformat()
     message = struct_pb2.Value()

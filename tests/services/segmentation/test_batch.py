@@ -147,6 +147,13 @@ def test_recompute_matches_an_independent_evaluation(stack: pb_grpc.Segmentation
     frequent = by_segment["segments/frequent-free"].conditions
     assert [c.condition_text for c in frequent] == ["computed.frequency >= 3", 'segment("pros")']
     assert frequent[0].matched and frequent[0].observed_value.number_value >= 3 and not frequent[1].matched
+    # A trait the person does not have is an unset value, not an empty one (which protojson cannot print).
+    stack.CreateSegment(pb.CreateSegmentRequest(segment_id="nicknamed",
+                                                segment=pb.Segment(rule_text='traits.nickname = "ace"')), timeout=10)
+    missing = stack.EvaluatePersonSegments(pb.EvaluatePersonSegmentsRequest(
+        person=common_pb2.PersonSelector(person_id=someone), segments=["segments/nicknamed"]), timeout=10)
+    [condition] = missing.evaluations[0].conditions
+    assert not condition.matched and not condition.HasField("observed_value")
 
     # New orders move a person in real time (at once); a recompute afterwards has nothing to record.
     buyer = next(p for p in PERSONS if person_ids[p] not in expected["recent-buyers"])

@@ -999,7 +999,7 @@ class ConditionResult(_message.Message):
     """Whether it held."""
     @_builtins.property
     def observed_value(self) -> _struct_pb2.Value:
-        """The value it compared, e.g. the event count or the trait value; empty when missing."""
+        """The value it compared, e.g. the event count or the trait value; unset when the person has none."""
 
     def __init__(
         self,
