@@ -23,7 +23,6 @@ replicas in the same instant could be logged twice.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from services.segmentation.realtime import EventReads, dependencies_of, events_r
 from services.segmentation.rules import Rule
 from services.segmentation.store import SegmentStore
 from shared.changefeed import UnsettledTail, parse_cursor, with_unsettled
+from shared.polling import RepeatingWorker
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +155,8 @@ class FeedFollower:
         self._memberships = memberships
         self._store = store
         self._source = source
-        self._poll_seconds = poll_seconds
         self._sweep_seconds = sweep_seconds
         self._next_sweep = float("-inf")
-        self._error_backoff = error_backoff_seconds
         self._clock = clock
         self._lease = store.lease(LEASE, lease_seconds)
         # Where this follower reads from while it holds the lease (None: load the saved position first),
@@ -169,47 +167,32 @@ class FeedFollower:
         self._tail_reread_seconds = tail_reread_seconds
         self._next_tail_reread = float("-inf")
         self._expiry_day: date | None = None  # the first day of due re-evaluations not swept (None: load it)
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="segment-feed-follower", daemon=True)
+        self._worker = RepeatingWorker(
+            "segment-feed-follower", self.round, idle_seconds=poll_seconds, lease=self._lease,
+            on_lease_lost=self._forget_positions, error_backoff_seconds=error_backoff_seconds,
+            failure_message="following profile changes failed; retrying")
 
     def start(self) -> None:
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=30)
-        try:
-            self._lease.release()
-        except Exception:  # the TTL frees it anyway
-            log.warning("could not release the follower lease; it expires by itself")
+        self._worker.stop()
 
-    def _run(self) -> None:
-        failures = 0
-        while not self._stopping.is_set():
-            try:
-                if not self._lease.hold():
-                    # Another replica follows now: start from its saved positions when this one is back.
-                    self._cursor = None
-                    self._expiry_day = None
-                    self._stopping.wait(self._lease.retry_seconds)
-                    continue
-                busy = self.follow_once()
-                if time.monotonic() >= self._next_sweep:
-                    swept = self.sweep_once()
-                    busy += swept
-                    # A full page means more are due now; otherwise the next ones can wait a sweep period.
-                    self._next_sweep = time.monotonic() + (0.0 if swept >= DUE_PAGE else self._sweep_seconds)
-                failures = 0
-            except Exception as error:  # keep following: the next round retries from the saved position
-                failures += 1
-                # A profile service that is down would otherwise fill the log ten times a second.
-                if failures == 1 or failures % 30 == 0:
-                    log.warning("following profile changes failed; retrying",
-                                extra={"error": f"{type(error).__name__}: {error}", "failures": failures})
-                self._stopping.wait(min(self._error_backoff * failures, 30.0))
-                continue
-            if not busy:
-                self._stopping.wait(self._poll_seconds)
+    def round(self) -> bool:
+        """One round: the changes not applied yet, then (every sweep period) the re-evaluations that are due;
+        True when it did anything (the next round then starts at once)."""
+        busy = self.follow_once()
+        if time.monotonic() >= self._next_sweep:
+            swept = self.sweep_once()
+            busy += swept
+            # A full page means more are due now; otherwise the next ones can wait a sweep period.
+            self._next_sweep = time.monotonic() + (0.0 if swept >= DUE_PAGE else self._sweep_seconds)
+        return busy > 0
+
+    def _forget_positions(self) -> None:
+        # Another replica follows now: start from its saved positions when this one leads again.
+        self._cursor = None
+        self._expiry_day = None
 
     def follow_once(self) -> int:
         """Apply the next profile changes not applied yet, settled or not; returns how many.
