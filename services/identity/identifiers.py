@@ -31,8 +31,10 @@ class InvalidIdentifierValue(ValueError):
 
 TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 MAX_VALUE_BYTES = 512
-# Deliberately permissive local part (RFC 5322 allows much), strict shape: local@label(.label)+ with a TLD.
-_EMAIL = re.compile(r"^[^\s@]{1,64}@(?=.{4,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+# Deliberately permissive local part (RFC 5322 and 6531 allow much), strict shape: local@label(.label)+ with a
+# TLD, the domain in its ASCII (IDNA) form.
+_EMAIL = re.compile(r"^[^\s@]{1,64}@(?=.{4,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
+                    r"(?:[a-z]{2,63}|xn--[a-z0-9-]{1,59})$")
 
 
 @dataclass(frozen=True)
@@ -77,18 +79,39 @@ class IdentifierType:
 
 
 def _normalize_email(text: str) -> str:
-    email = text.lower()
+    local, at, domain = text.rpartition("@")
+    if at and not domain.isascii():
+        # An internationalized domain (例子.中国, exämple.de) is one identifier with its ASCII form
+        # (xn--fsqu00a.xn--fiqs8s), which is how it is stored; the local part stays as written (RFC 6531).
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError as error:
+            raise InvalidIdentifierValue(f"{text!r} is not an email address: its domain is not a valid "
+                                         "internationalized domain name") from error
+    email = f"{local}@{domain}".lower() if at else text.lower()
     if not _EMAIL.match(email):
         raise InvalidIdentifierValue(f"{text!r} is not an email address (expected local@domain.tld)")
     return email
+
+
+# What each of libphonenumber's parse errors means for the caller.
+_PHONE_PARSE_ERRORS = {
+    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE: "its country code is missing or unknown",
+    phonenumbers.NumberParseException.NOT_A_NUMBER: "it does not look like a phone number",
+    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "it is too short after the international prefix",
+    phonenumbers.NumberParseException.TOO_SHORT_NSN: "it is too short",
+    phonenumbers.NumberParseException.TOO_LONG: "it is too long",
+}
 
 
 def _normalize_phone(text: str, default_region: str | None) -> str:
     try:
         number = phonenumbers.parse(text, None if text.startswith("+") else default_region)
     except phonenumbers.NumberParseException as error:
-        hint = "" if text.startswith("+") or default_region else " (national numbers need a +country prefix)"
-        raise InvalidIdentifierValue(f"{text!r} is not a phone number: {error}{hint}") from error
+        reason = _PHONE_PARSE_ERRORS.get(error.error_type, "it cannot be parsed")
+        hint = "" if text.startswith("+") or default_region else \
+            "; write national numbers with their +country prefix, e.g. +8613800138000"
+        raise InvalidIdentifierValue(f"{text!r} is not a phone number: {reason}{hint}") from error
     if not phonenumbers.is_possible_number(number):
         raise InvalidIdentifierValue(f"{text!r} is not a possible phone number")
     return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))

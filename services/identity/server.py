@@ -10,6 +10,7 @@ from functools import partial
 
 import grpc
 from google.protobuf import empty_pb2
+from google.protobuf.message import Message
 from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
@@ -177,6 +178,9 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
 
     def BatchLookupPersons(self, request: pb.BatchLookupPersonsRequest,
                            context: grpc.ServicerContext) -> pb.BatchLookupPersonsResponse:
+        if not request.persons:
+            raise InvalidArgument.for_field("persons", f"required: 1 to {MAX_LOOKUPS} selectors",
+                                            reason="PERSONS_REQUIRED")
         if len(request.persons) > MAX_LOOKUPS:
             raise ResourceExhausted(f"{len(request.persons)} lookups in one call; at most {MAX_LOOKUPS} are allowed",
                                     reason="BATCH_TOO_LARGE")
@@ -217,8 +221,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
             next_page_token=next_token)
 
     def ExplainLink(self, request: pb.ExplainLinkRequest, context: grpc.ServicerContext) -> pb.ExplainLinkResponse:
-        a = self._graph.normalize_one(request.a.type, request.a.value, "a")
-        b = self._graph.normalize_one(request.b.type, request.b.value, "b")
+        a, b = self._required_key(request, "a", "a"), self._required_key(request, "b", "b")
         result = explain(self._graph, a, b)
         return pb.ExplainLinkResponse(
             same_person=result.same_person, person_id_a=result.person_a, person_id_b=result.person_b,
@@ -233,15 +236,13 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
             return pb.UnlinkIdentifiersResponse.FromString(bytes.fromhex(stored))
         target = request.WhichOneof("target")
         if target == "link":
-            retraction = self._graph.unlink_pair(
-                self._graph.normalize_one(request.link.a.type, request.link.a.value, "link.a"),
-                self._graph.normalize_one(request.link.b.type, request.link.b.value, "link.b"), request.reason)
+            retraction = self._graph.unlink_pair(self._required_key(request.link, "a", "link.a"),
+                                                 self._required_key(request.link, "b", "link.b"), request.reason)
         elif target == "message_id":
             retraction = self._graph.unlink_message(request.message_id, request.reason)
         elif target == "identifier":
-            retraction = self._graph.unlink_identifier(
-                self._graph.normalize_one(request.identifier.type, request.identifier.value, "identifier"),
-                request.reason)
+            retraction = self._graph.unlink_identifier(self._required_key(request, "identifier", "identifier"),
+                                                       request.reason)
         else:
             raise InvalidArgument.for_field("target", "set exactly one of link, message_id or identifier",
                                             reason="UNLINK_TARGET_REQUIRED")
@@ -265,8 +266,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
 
     def DeleteErasureTombstone(self, request: pb.DeleteErasureTombstoneRequest,
                                context: grpc.ServicerContext) -> empty_pb2.Empty:
-        self._graph.delete_tombstone(
-            self._graph.normalize_one(request.identifier.type, request.identifier.value, "identifier"))
+        self._graph.delete_tombstone(self._required_key(request, "identifier", "identifier"))
         return empty_pb2.Empty()
 
     def ListIdentityChanges(self, request: pb.ListIdentityChangesRequest,
@@ -332,6 +332,15 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     def _person_id(self, selector: common_pb2.PersonSelector, field_path: str) -> str:
         selected = self._selected(selector, field_path)
         return selected if isinstance(selected, str) else self._graph.person_holding(selected)
+
+    def _required_key(self, holder: Message, field: str, field_path: str) -> IdKey:
+        """The identifier in `holder.field`, normalized; INVALID_ARGUMENT naming `field_path` when it is
+        missing (rather than an "unknown identifier type ''") or invalid."""
+        if not holder.HasField(field):
+            raise InvalidArgument.for_field(field_path, "required: an identifier with its type and value",
+                                            reason="IDENTIFIER_REQUIRED")
+        identifier: common_pb2.Identifier = getattr(holder, field)
+        return self._graph.normalize_one(identifier.type, identifier.value, field_path)
 
     def _selected(self, selector: common_pb2.PersonSelector, field_path: str) -> str | IdKey:
         """The person id a selector names, or its identifier normalized; INVALID_ARGUMENT naming the field."""

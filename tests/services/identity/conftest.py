@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
@@ -70,3 +72,19 @@ def person_of(stub: pb_grpc.IdentityServiceStub, pair: str) -> pb.Person:
 
 def members(person: pb.Person) -> set[str]:
     return {f"{i.type}:{i.value}" for i in person.identifiers}
+
+
+def failure(call: Callable[[], object]) -> tuple[grpc.StatusCode, str, list[str]]:
+    """The status code, ErrorInfo reason and field-violation paths of a call that must fail."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    status = rpc_status.from_call(caught.value)
+    assert status is not None, caught.value
+    reason, fields = "", []
+    for detail in status.details:
+        info, bad_request = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            reason = info.reason
+        elif detail.Unpack(bad_request):
+            fields = [v.field for v in bad_request.field_violations]
+    return caught.value.code(), reason, fields

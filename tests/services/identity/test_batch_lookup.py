@@ -10,7 +10,7 @@ from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
-from tests.services.identity.conftest import ids, link, observation
+from tests.services.identity.conftest import failure, ids, link, observation
 
 pytestmark = pytest.mark.integration
 
@@ -42,3 +42,18 @@ def test_batch_lookup_names_every_invalid_selector(identity: pb_grpc.IdentitySer
     assert any(d.Unpack(violations) for d in status.details if d.Is(violations.DESCRIPTOR))
     assert [v.field for v in violations.field_violations] == ["persons[0].identifier.value",
                                                               "persons[2].identifier.value"]
+
+
+def test_an_empty_batch_is_refused(identity: pb_grpc.IdentityServiceStub) -> None:
+    assert failure(lambda: identity.BatchLookupPersons(pb.BatchLookupPersonsRequest(), timeout=10)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "PERSONS_REQUIRED", ["persons"])
+
+
+def test_a_missing_identifier_is_named_as_required(identity: pb_grpc.IdentityServiceStub) -> None:
+    (cookie,) = ids("cookie:c-present")
+    required = (grpc.StatusCode.INVALID_ARGUMENT, "IDENTIFIER_REQUIRED")
+    assert failure(lambda: identity.ExplainLink(pb.ExplainLinkRequest(b=cookie), timeout=10)) == (*required, ["a"])
+    assert failure(lambda: identity.UnlinkIdentifiers(pb.UnlinkIdentifiersRequest(
+        link=pb.IdentifierPair(a=cookie), reason="test"), timeout=10)) == (*required, ["link.b"])
+    assert failure(lambda: identity.DeleteErasureTombstone(pb.DeleteErasureTombstoneRequest(), timeout=10)) == (
+        *required, ["identifier"])

@@ -18,6 +18,10 @@ pytestmark = pytest.mark.unit
 
 @pytest.mark.parametrize(("type_name", "raw", "normalized"), [
     ("email", "  Ada.Lovelace@Example.COM ", "ada.lovelace@example.com"),
+    # Internationalized domains are stored in their ASCII form, so both spellings are one identifier.
+    ("email", "张伟@例子.中国", "张伟@xn--fsqu00a.xn--fiqs8s"),
+    ("email", "张伟@xn--fsqu00a.xn--fiqs8s", "张伟@xn--fsqu00a.xn--fiqs8s"),
+    ("email", "Muller@Exämple.DE", "muller@xn--exmple-cua.de"),
     ("phone", "+86 138 0013 8000", "+8613800138000"),
     ("phone", "+1 (415) 555-2671", "+14155552671"),
     ("device_id", "6d92078a-8246-4ba4-ae5b-76104861e7dc", "6D92078A-8246-4BA4-AE5B-76104861E7DC"),
@@ -34,7 +38,9 @@ def test_values_are_normalized_before_comparison(type_name: str, raw: str, norma
 @pytest.mark.parametrize(("type_name", "raw", "message"), [
     ("email", "ada-at-example.com", "not an email address"),
     ("email", "ada@localhost", "not an email address"),
-    ("phone", "13800138000", r"need a \+country prefix"),
+    ("phone", "13800138000", r"country code is missing or unknown; write national numbers with their \+country"),
+    ("phone", "call me", "does not look like a phone number"),
+    ("email", "ada@exa mple.中国", "not an email address"),
     ("phone", "+1 12", "not a possible phone number"),
     ("device_id", "not a device id!", "not a device id"),
     ("cookie", "   ", "must not be empty"),

@@ -11,8 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
@@ -20,7 +18,7 @@ from bench.common import free_port, service_env, start_service_process
 from services.identity.identifiers import BUILT_IN_TYPES
 from services.identity.settings import RELOAD_INTERVAL_SECONDS
 from shared.config import CassandraSettings
-from tests.services.identity.conftest import link, members, observation, person_of
+from tests.services.identity.conftest import failure, link, members, observation, person_of
 
 pytestmark = pytest.mark.integration
 
@@ -29,22 +27,6 @@ Stub = pb_grpc.IdentityServiceStub
 
 def _mask(*paths: str) -> field_mask_pb2.FieldMask:
     return field_mask_pb2.FieldMask(paths=list(paths))
-
-
-def _failure(call: Callable[[], object]) -> tuple[grpc.StatusCode, str, list[str]]:
-    """The status code, ErrorInfo reason and field-violation paths of a call that must fail."""
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    status = rpc_status.from_call(caught.value)
-    assert status is not None, caught.value
-    reason, fields = "", []
-    for detail in status.details:
-        info, bad_request = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
-        if detail.Unpack(info):
-            reason = info.reason
-        elif detail.Unpack(bad_request):
-            fields = [v.field for v in bad_request.field_violations]
-    return caught.value.code(), reason, fields
 
 
 def _create(stub: Stub, **fields: object) -> pb.IdentifierType:
@@ -89,20 +71,20 @@ def test_list_and_get_show_the_built_in_types_with_etags(identity: Stub) -> None
     email = _get_type(identity, "email")
     assert (email.normalization, email.built_in) == (pb.NORMALIZATION_EMAIL, True)
     assert email.etag == next(t.etag for t in listed if t.type == "email")
-    assert _failure(lambda: _get_type(identity, "loyalty_card"))[:2] == (
+    assert failure(lambda: _get_type(identity, "loyalty_card"))[:2] == (
         grpc.StatusCode.NOT_FOUND, "IDENTIFIER_TYPE_NOT_FOUND")
-    assert _failure(lambda: identity.GetIdentifierType(pb.GetIdentifierTypeRequest(name="email"), timeout=10)) == (
+    assert failure(lambda: identity.GetIdentifierType(pb.GetIdentifierTypeRequest(name="email"), timeout=10)) == (
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_IDENTIFIER_TYPE_NAME", ["name"])
 
 
 def test_a_created_type_is_listed_and_links_with_its_normalization_and_limit(identity: Stub) -> None:
-    code, _, fields = _failure(lambda: link(identity, observation("email:ann@example.com", "loyalty_card:LC-1")))
+    code, _, fields = failure(lambda: link(identity, observation("email:ann@example.com", "loyalty_card:LC-1")))
     assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["observations[0].identifiers[1].type"])
 
     checked = identity.CreateIdentifierType(pb.CreateIdentifierTypeRequest(
         identifier_type=pb.IdentifierType(type="loyalty_card"), validate_only=True), timeout=30)
     assert checked.type == "loyalty_card"
-    assert _failure(lambda: _get_type(identity, "loyalty_card"))[0] == grpc.StatusCode.NOT_FOUND  # nothing stored
+    assert failure(lambda: _get_type(identity, "loyalty_card"))[0] == grpc.StatusCode.NOT_FOUND  # nothing stored
 
     created = _create(identity, type="loyalty_card", display_name="Loyalty card",
                       normalization=pb.NORMALIZATION_LOWERCASE, priority=140, max_per_person=1,
@@ -129,14 +111,14 @@ def test_a_created_type_is_listed_and_links_with_its_normalization_and_limit(ide
 
 def test_create_refuses_taken_and_built_in_names(identity: Stub) -> None:
     _create(identity, type="member_no")
-    assert _failure(lambda: _create(identity, type="member_no", priority=5)) == (
+    assert failure(lambda: _create(identity, type="member_no", priority=5)) == (
         grpc.StatusCode.ALREADY_EXISTS, "IDENTIFIER_TYPE_EXISTS", [])
-    assert _failure(lambda: _create(identity, type="email")) == (
+    assert failure(lambda: _create(identity, type="email")) == (
         grpc.StatusCode.ALREADY_EXISTS, "IDENTIFIER_TYPE_BUILT_IN", [])
 
 
 def test_create_names_every_invalid_field(identity: Stub) -> None:
-    code, reason, fields = _failure(lambda: _create(
+    code, reason, fields = failure(lambda: _create(
         identity, type="Loyalty Card", normalization=42, priority=5000, max_per_person=-1, hash_values=True,
         blocked_patterns=["^ok$", "(unclosed", "x*"]))
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_IDENTIFIER_TYPE")
@@ -144,10 +126,10 @@ def test_create_names_every_invalid_field(identity: Stub) -> None:
                       "identifier_type.max_per_person", "identifier_type.hash_values",
                       "identifier_type.blocked_patterns[1]", "identifier_type.blocked_patterns[2]"]
     # A blocked value that is not a value of the type could never match: refused, named.
-    assert _failure(lambda: _create(identity, type="work_email", normalization=pb.NORMALIZATION_EMAIL,
+    assert failure(lambda: _create(identity, type="work_email", normalization=pb.NORMALIZATION_EMAIL,
                                     blocked_values=["nobody@example.com", "not an email"]))[2] == [
         "identifier_type.blocked_values[1]"]
-    assert _failure(lambda: identity.CreateIdentifierType(pb.CreateIdentifierTypeRequest(), timeout=10)) == (
+    assert failure(lambda: identity.CreateIdentifierType(pb.CreateIdentifierTypeRequest(), timeout=10)) == (
         grpc.StatusCode.INVALID_ARGUMENT, "IDENTIFIER_TYPE_REQUIRED", ["identifier_type"])
 
 
@@ -165,17 +147,17 @@ def test_update_changes_only_masked_fields_and_refuses_a_stale_etag(identity: St
         return identity.UpdateIdentifierType(pb.UpdateIdentifierTypeRequest(
             identifier_type=message, update_mask=_mask(*paths)), timeout=30)
 
-    assert _failure(lambda: update(change, "display_name")) == (grpc.StatusCode.ABORTED, "ETAG_MISMATCH", [])
+    assert failure(lambda: update(change, "display_name")) == (grpc.StatusCode.ABORTED, "ETAG_MISMATCH", [])
     fresh = pb.IdentifierType(name="identifierTypes/member_no", etag=updated.etag)
-    assert _failure(lambda: update(fresh, "normalization", "built_in", "colour")) == (
+    assert failure(lambda: update(fresh, "normalization", "built_in", "colour")) == (
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_UPDATE_MASK",
         ["update_mask.paths[0]", "update_mask.paths[1]", "update_mask.paths[2]"])
-    assert _failure(lambda: update(fresh)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_UPDATE_MASK",
+    assert failure(lambda: update(fresh)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_UPDATE_MASK",
                                                ["update_mask"])
     bad_pattern = pb.IdentifierType(name="identifierTypes/member_no", blocked_patterns=["[z-a]"])
-    assert _failure(lambda: update(bad_pattern, "blocked_patterns")) == (
+    assert failure(lambda: update(bad_pattern, "blocked_patterns")) == (
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_IDENTIFIER_TYPE", ["identifier_type.blocked_patterns[0]"])
-    assert _failure(lambda: update(pb.IdentifierType(name="identifierTypes/nothing_here"), "priority"))[:2] == (
+    assert failure(lambda: update(pb.IdentifierType(name="identifierTypes/nothing_here"), "priority"))[:2] == (
         grpc.StatusCode.NOT_FOUND, "IDENTIFIER_TYPE_NOT_FOUND")
     assert _get_type(identity, "member_no") == updated  # no failed update changed anything
 
@@ -221,18 +203,18 @@ def test_guard_policy_reads_and_updates_with_an_etag(identity: Stub) -> None:
     assert "walk-in" in updated.blocked_values  # compared case-insensitively, so stored lower-cased
     assert updated.blocked_patterns == policy.blocked_patterns
     assert updated.etag != policy.etag and _policy(identity) == updated
-    assert _failure(lambda: _update_policy(identity, stale, "blocked_values")) == (
+    assert failure(lambda: _update_policy(identity, stale, "blocked_values")) == (
         grpc.StatusCode.ABORTED, "ETAG_MISMATCH", [])
 
     bad = pb.GuardPolicy(etag=updated.etag, blocked_patterns=["^ok$", "*oops"], shared_identifier_rules=[
         pb.SharedIdentifierRule(identifier_type="device_id", distinct_type="shoe_size", max_distinct=2),
         pb.SharedIdentifierRule(identifier_type="cookie", distinct_type="account_id", max_distinct=0)])
-    assert _failure(lambda: _update_policy(identity, bad, "blocked_patterns", "shared_identifier_rules")) == (
+    assert failure(lambda: _update_policy(identity, bad, "blocked_patterns", "shared_identifier_rules")) == (
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GUARD_POLICY",
         ["guard_policy.blocked_patterns[1]", "guard_policy.shared_identifier_rules[0].distinct_type",
          "guard_policy.shared_identifier_rules[1].max_distinct"])
-    assert _failure(lambda: _update_policy(identity, updated, "etag"))[2] == ["update_mask.paths[0]"]
-    assert _failure(lambda: identity.GetGuardPolicy(pb.GetGuardPolicyRequest(name="policies/x"), timeout=10)) == (
+    assert failure(lambda: _update_policy(identity, updated, "etag"))[2] == ["update_mask.paths[0]"]
+    assert failure(lambda: identity.GetGuardPolicy(pb.GetGuardPolicyRequest(name="policies/x"), timeout=10)) == (
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GUARD_POLICY_NAME", ["name"])
     assert _policy(identity) == updated
 

@@ -103,9 +103,11 @@ class _NormalizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Normali
     NORMALIZATION_LOWERCASE: _Normalization.ValueType  # 2
     """Trimmed and lower-cased: account ids that are case-insensitive, hex device ids."""
     NORMALIZATION_EMAIL: _Normalization.ValueType  # 3
-    """An email address: trimmed, lower-cased, validated (`local@domain.tld`)."""
+    """An email address: trimmed, lower-cased, validated (`local@domain.tld`); an internationalized domain is
+    stored in its ASCII form (`张伟@例子.中国` is `张伟@xn--fsqu00a.xn--fiqs8s`), so both spellings match.
+    """
     NORMALIZATION_PHONE_E164: _Normalization.ValueType  # 4
-    """A phone number in E.164 (`+8613800138000`); national numbers need a default country."""
+    """A phone number in E.164 (`+8613800138000`); write national numbers with their `+country` prefix."""
     NORMALIZATION_DEVICE_ID: _Normalization.ValueType  # 5
     """A device advertising id (IDFA/AAID/OAID/IDFV): upper-cased UUID form, all-zero ids are junk."""
 
@@ -119,9 +121,11 @@ NORMALIZATION_EXACT: Normalization.ValueType  # 1
 NORMALIZATION_LOWERCASE: Normalization.ValueType  # 2
 """Trimmed and lower-cased: account ids that are case-insensitive, hex device ids."""
 NORMALIZATION_EMAIL: Normalization.ValueType  # 3
-"""An email address: trimmed, lower-cased, validated (`local@domain.tld`)."""
+"""An email address: trimmed, lower-cased, validated (`local@domain.tld`); an internationalized domain is
+stored in its ASCII form (`张伟@例子.中国` is `张伟@xn--fsqu00a.xn--fiqs8s`), so both spellings match.
+"""
 NORMALIZATION_PHONE_E164: Normalization.ValueType  # 4
-"""A phone number in E.164 (`+8613800138000`); national numbers need a default country."""
+"""A phone number in E.164 (`+8613800138000`); write national numbers with their `+country` prefix."""
 NORMALIZATION_DEVICE_ID: Normalization.ValueType  # 5
 """A device advertising id (IDFA/AAID/OAID/IDFV): upper-cased UUID form, all-zero ids are junk."""
 Global___Normalization: _TypeAlias = Normalization  # noqa: Y015
