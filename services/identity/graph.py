@@ -33,7 +33,7 @@ import secrets
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -176,6 +176,58 @@ class _Assignment:
 
 _UNASSIGNED = _Assignment(None, None, None)
 
+
+@dataclass
+class _Reads:
+    """Rows read under this call's leases, kept for as long as those leases stay held.
+
+    An identifier's row and links read while its lease was held stay current as long as the lease
+    is held: other writers change the row only under that lease, and evidence they append meanwhile
+    is reconciled by them, under that lease, after us. A person's members likewise under the
+    person's lease. So a component that reaches further keeps its leases, takes the ones it now
+    needs, and reads again only what it had read without them.
+    """
+
+    assignments: dict[IdKey, _Assignment] = field(default_factory=dict)
+    neighbours: dict[IdKey, set[IdKey]] = field(default_factory=dict)
+    members: dict[str, list[IdKey]] = field(default_factory=dict)
+
+    def keep_held(self, held: Set[str]) -> None:
+        """Forget every row whose lease is not in `held` (read without it, or given back since)."""
+        for key in [k for k, a in self.assignments.items() if _lease_key(k, a.person_id) not in held]:
+            del self.assignments[key]
+            self.neighbours.pop(key, None)
+        for person_id in [p for p in self.members if _person_lease_key(p) not in held]:
+            del self.members[person_id]
+
+    def clear(self) -> None:
+        self.assignments.clear()
+        self.neighbours.clear()
+        self.members.clear()
+
+
+@dataclass
+class _Job:
+    """Seed sets reconciled as one component: their indexes, seeds, the leases needed and those held."""
+
+    indexes: list[int]
+    seeds: set[IdKey]
+    needed: set[str]
+    held: set[str] = field(default_factory=set)
+
+
+def _merged(jobs: Sequence[_Job]) -> list[_Job]:
+    """Jobs whose needed leases overlap merged into one (they are one component)."""
+    merged = []
+    for cluster in _overlapping(range(len(jobs)), [job.needed for job in jobs]):
+        if len(cluster) == 1:
+            merged.append(jobs[cluster[0]])
+            continue
+        parts = [jobs[i] for i in cluster]
+        merged.append(_Job(sorted(i for part in parts for i in part.indexes), set().union(*(p.seeds for p in parts)),
+                           set().union(*(p.needed for p in parts)), set().union(*(p.held for p in parts))))
+    return merged
+
 _INSERT_LINK = ("INSERT INTO links (id_type, id_value, other_type, other_value, message_id, source, source_kind, "
                 "event_time, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_SIGHTING = "INSERT INTO identifier_sightings (id_type, id_value, message_id, event_time) VALUES (?, ?, ?, ?)"
@@ -217,7 +269,12 @@ def _changes(old_persons: set[str], merged_into: dict[str, str], members_by_old:
 
 def _lease_key(key: IdKey, person_id: str | None) -> str:
     """The lease guarding an identifier: its person's, or its own while it has no person."""
-    return f"p:{person_id}" if person_id else f"i:{key}"
+    return _person_lease_key(person_id) if person_id else f"i:{key}"
+
+
+def _person_lease_key(person_id: str) -> str:
+    """The lease guarding a person's identifiers (its members)."""
+    return f"p:{person_id}"
 
 
 def _erased_decision(key: IdKey) -> GuardDecision:
@@ -434,57 +491,77 @@ class IdentityGraph:
                        persons: Mapping[IdKey, str | None] | None = None) -> list[_Reconciled]:
         """Recompute the components around each seed set under leases; one result per seed set.
 
-        Works in rounds. Each round takes the leases of every component that can have them now (few
-        lightweight transactions for all of them, see leases.py), loads all those components
-        together (a few IN reads per breadth-first step, whatever their number), recomputes them,
-        writes them in batches and gives the leases back. Seed sets whose leases overlap are one
-        component. A component found to reach beyond the leases taken for it goes to the next round
-        with the leases it now needs; one whose leases other writers hold waits, with backoff, until
-        they are given back. `persons` may give the seeds' current persons, read by the caller.
+        Works in rounds. Each round takes the leases every component still lacks (few lightweight
+        transactions for all of them, see leases.py), loads all components that hold theirs together
+        (one IN read per identifier type per breadth-first step, whatever their number), recomputes
+        them and writes them in batches. Seed sets whose leases overlap are one component. A
+        component found to reach beyond its leases keeps them, takes the ones it now needs in the
+        next round and reads again only what it had read without them (see _Reads); one whose
+        leases other writers hold gives back what it has and waits, with backoff, until they are
+        given back. `persons` may give the seeds' current persons, read by the caller.
         """
         # Give up a little before the caller's deadline, so that it learns why (COMPONENT_CONTENDED).
         left = deadline.remaining()
         give_up = time.monotonic() + (LEASE_WAIT_SECONDS if left is None
                                       else min(LEASE_WAIT_SECONDS, max(0.0, left - DEADLINE_MARGIN_SECONDS)))
         results: dict[int, _Reconciled] = {}
-        needed = self._seed_lease_keys(seed_sets, persons)
-        waiting = set(range(len(seed_sets)))
+        jobs = [_Job([index], seeds, needed)
+                for index, (seeds, needed) in enumerate(zip(seed_sets, self._seed_lease_keys(seed_sets, persons),
+                                                            strict=True))]
+        owner = uuid.uuid4().hex
+        reads = _Reads()
         attempt = rounds = 0
-        while waiting:
-            # Checked on every round, not only after waiting: a component that other writers keep
-            # extending could otherwise ask for more leases round after round.
-            if rounds and time.monotonic() > give_up:
-                raise Unavailable("the identity component is busy with other writers; retry the call",
-                                  reason="COMPONENT_CONTENDED",
-                                  metadata={"components_waiting": str(len(waiting))})
-            rounds += 1
-            clusters = _overlapping(sorted(waiting), needed)
-            key_sets = [set().union(*(needed[i] for i in cluster)) for cluster in clusters]
-            owner = uuid.uuid4().hex
-            held = self._leases.acquire_groups(key_sets, owner)
-            ready = [(cluster, keys) for cluster, keys, ok in zip(clusters, key_sets, held, strict=True) if ok]
-            if ready:
-                try:
-                    outcomes = self._reconcile_held(
-                        [set().union(*(seed_sets[i] for i in cluster)) for cluster, _ in ready],
-                        [keys for _, keys in ready], [reasons[cluster[0]] for cluster, _ in ready])
-                finally:
-                    self._leases.release_held({k: owner for _, keys in ready for k in keys})
-                for (cluster, _), outcome in zip(ready, outcomes, strict=True):
-                    for index in cluster:
+        try:
+            while jobs:
+                # Checked on every round, not only after waiting: a component that other writers keep
+                # extending could otherwise ask for more leases round after round.
+                if rounds and time.monotonic() > give_up:
+                    raise Unavailable("the identity component is busy with other writers; retry the call",
+                                      reason="COMPONENT_CONTENDED", metadata={"components_waiting": str(len(jobs))})
+                rounds += 1
+                jobs = _merged(jobs)
+                short = [job for job in jobs if not job.needed <= job.held]
+                granted = self._leases.acquire_groups([job.needed - job.held for job in short], owner)
+                blocked = [job for job, ok in zip(short, granted, strict=True) if not ok]
+                for job, ok in zip(short, granted, strict=True):
+                    if ok:
+                        job.held |= job.needed
+                # Hold nothing while waiting: two writers each holding what the other needs would
+                # otherwise wait for each other until their leases expire.
+                self._give_back(blocked, owner, reads, jobs)
+                ready = [job for job in jobs if job.needed <= job.held]
+                if ready:
+                    outcomes = self._reconcile_held([job.seeds for job in ready], [job.held for job in ready],
+                                                    [reasons[job.indexes[0]] for job in ready], reads)
+                    finished = []
+                    for job, outcome in zip(ready, outcomes, strict=True):
                         if isinstance(outcome, _Reconciled):
-                            results[index] = outcome
-                            waiting.discard(index)
+                            results.update(dict.fromkeys(job.indexes, outcome))
+                            finished.append(job)
                         else:
-                            needed[index] = outcome
-            blocked = [keys for keys, ok in zip(key_sets, held, strict=True) if not ok]
-            if blocked:
-                attempt += 1
-                # Woken when a lease comes back in this process; leases of other processes are polled
-                # for, with backoff.
-                pause = min(0.2, 0.005 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.5)
-                self._leases.wait(set().union(*blocked), min(pause, max(0.0, give_up - time.monotonic())))
+                            job.needed = outcome | job.held
+                    self._give_back(finished, owner, reads, jobs)
+                    jobs = [job for job in jobs if job.indexes[0] not in results]
+                    reads.keep_held({k for job in jobs for k in job.held})
+                if blocked:
+                    attempt += 1
+                    # Woken when a lease comes back in this process; leases of other processes are
+                    # polled for, with backoff.
+                    pause = min(0.2, 0.005 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.5)
+                    self._leases.wait(set().union(*(job.needed for job in blocked)),
+                                      min(pause, max(0.0, give_up - time.monotonic())))
+        finally:
+            self._leases.release_held({k: owner for job in jobs for k in job.held})
         return [results[i] for i in range(len(seed_sets))]
+
+    def _give_back(self, jobs_done: Sequence[_Job], owner: str, reads: _Reads, jobs: Sequence[_Job]) -> None:
+        """Release the leases of `jobs_done`; what was read under them is no longer known to be current."""
+        owners = {k: owner for job in jobs_done for k in job.held}
+        for job in jobs_done:
+            job.held = set()
+        if owners:
+            self._leases.release_held(owners)
+            reads.keep_held({k for job in jobs for k in job.held})
 
     def _seed_lease_keys(self, seed_sets: Sequence[set[IdKey]],
                          persons: Mapping[IdKey, str | None] | None) -> list[set[str]]:
@@ -494,19 +571,26 @@ class IdentityGraph:
         return [{_lease_key(k, found[k]) for k in seeds if found[k] or not self._is_junk(k)} for seeds in seed_sets]
 
     def _reconcile_held(self, seed_sets: Sequence[set[IdKey]], helds: Sequence[set[str]],
-                        reasons: Sequence[str]) -> list[_Reconciled | set[str]]:
-        """Under the leases `helds`: each component recomputed, or the leases it needs when it reaches further."""
-        components = self._load_components(seed_sets)
+                        reasons: Sequence[str], reads: _Reads | None = None) -> list[_Reconciled | set[str]]:
+        """Under the leases `helds`: each component recomputed, or the leases it needs when it reaches further.
+
+        `reads` holds rows read earlier under leases still held (see _Reads); they are not read again.
+        """
+        reads = reads if reads is not None else _Reads()
         # An erasure may have tombstoned a seed after the caller checked it and before these leases
         # were taken (erase holds the leases of what it tombstones): drop the evidence just appended.
-        # Erasure deletes the identifier rows it tombstones, so only seeds without a person can be erased.
-        erased = self._tombstones_async({k for seeds, component in zip(seed_sets, components, strict=True)
-                                         for k in seeds if not component.person_of.get(k)})()
-        erased_seeds = [erased & seeds for seeds in seed_sets]
+        # Erasure deletes the identifier rows it tombstones, so only seeds without a person can be
+        # erased. Read alongside the components (the leases are held already).
+        read_erased = self._tombstones_async({k for seeds in seed_sets for k in seeds})
+        components = self._load_components(seed_sets, reads)
+        erased = read_erased()
+        erased_seeds = [{k for k in erased & seeds if not component.person_of.get(k)}
+                        for seeds, component in zip(seed_sets, components, strict=True)]
         for index, seeds in enumerate(seed_sets):
             if erased_seeds[index]:
                 self._drop_erased_evidence(erased_seeds[index], seeds)
-                components[index] = self._load_components([seeds - erased])[0]
+                reads.clear()  # the links just deleted may be among what was read
+                components[index] = self._load_components([seeds - erased_seeds[index]], reads)[0]
         outcomes: list[_Reconciled | set[str]] = []
         plans: list[_Plan] = []
         for component, held, reason, erased_here in zip(components, helds, reasons, erased_seeds, strict=True):
@@ -535,58 +619,70 @@ class IdentityGraph:
             + [("DELETE FROM identifier_sightings WHERE id_type = ? AND id_value = ?", (k.type, k.value))
                for k in erased])
 
-    def _load_components(self, seed_sets: Sequence[set[IdKey]]) -> list[_Component]:
+    def _load_components(self, seed_sets: Sequence[set[IdKey]], reads: _Reads) -> list[_Component]:
         """The components around each seed set, loaded breadth first, all together.
 
         A component is every identifier reachable through links that can merge (not through junk or
         shared identifiers) plus every member of every person touched, so that a person that must be
-        split is seen whole. Each step reads the rows of the whole frontier of every component at once.
+        split is seen whole. Each step reads, in one round trip, the rows and links of the whole
+        identifier frontier of every component and the members of the persons the previous step
+        found; rows already in `reads` are not read again.
         """
         components = [_Component() for _ in seed_sets]
-        frontiers = [set(seeds) for seeds in seed_sets]
+        node_frontiers = [set(seeds) for seeds in seed_sets]
+        person_frontiers: list[set[str]] = [set() for _ in seed_sets]
         loaded_persons: list[set[str]] = [set() for _ in seed_sets]
-        assignments: dict[IdKey, _Assignment] = {}
-        neighbours: dict[IdKey, set[IdKey]] = {}
-        members: dict[str, list[IdKey]] = {}
-        while any(frontiers):
-            unread = set().union(*frontiers) - assignments.keys()
-            read_assignments, read_neighbours = self._assignments_async(unread), self._neighbours_async(unread)
-            assignments.update(read_assignments())
-            neighbours.update(read_neighbours())
-            persons_found: list[set[str]] = []
+        while any(node_frontiers) or any(person_frontiers):
+            self._read(reads, set().union(*node_frontiers), set().union(*person_frontiers))
             for index, component in enumerate(components):
-                batch = sorted(frontiers[index] - component.nodes)
+                batch = sorted(node_frontiers[index] - component.nodes)
                 if len(component.nodes) + len(batch) > MAX_COMPONENT_IDENTIFIERS:
                     raise ResourceExhausted(
                         f"the component around these identifiers exceeds {MAX_COMPONENT_IDENTIFIERS} identifiers; a "
                         "junk or shared identifier is probably missing from the guard policy",
                         reason="COMPONENT_TOO_LARGE")
+                junk: set[IdKey] = set()
                 for key in batch:
-                    assignment = assignments[key]
+                    assignment = reads.assignments[key]
                     component.nodes.add(key)
                     component.person_of[key] = assignment.person_id
                     component.origin_of[key] = assignment.origin_person_id
                     component.guard_of[key] = assignment.guard
-                    component.neighbours[key] = neighbours[key]
-                junk = {k for k in batch if self._is_junk(k)}
+                    component.neighbours[key] = reads.neighbours[key]
+                    if self._is_junk(key):
+                        junk.add(key)
                 component.junk |= junk
                 shared = self._shared_among(batch, component, junk)
                 frontier: set[IdKey] = set()
                 for key in batch:
                     if key not in junk and key not in shared:
-                        frontier.update(n for n in neighbours[key] if not self._is_junk(n))
-                frontiers[index] = frontier
+                        frontier.update(n for n in reads.neighbours[key] if not self._is_junk(n))
+                for person_id in person_frontiers[index]:
+                    frontier.update(reads.members[person_id])
                 # Origin persons too: a group may only take back its original person id if that person is
                 # not still held by others, and that is only known when the origin's members are loaded.
-                found = {p for k in batch for p in (assignments[k].person_id, assignments[k].origin_person_id)
+                found = {p for k in batch for p in (component.person_of[k], component.origin_of[k])
                          if p} - loaded_persons[index]
                 loaded_persons[index] |= found
-                persons_found.append(found)
-            members.update(self._members_async(set().union(*persons_found) - members.keys())())
-            for index, component in enumerate(components):
-                frontiers[index].update(k for p in persons_found[index] for k in members[p])
-                frontiers[index] -= component.nodes
+                person_frontiers[index] = found
+                node_frontiers[index] = frontier - component.nodes
         return components
+
+    def _read(self, reads: _Reads, keys: set[IdKey], person_ids: set[str]) -> None:
+        """Read into `reads`, in one round trip, the rows and links of `keys` and the members of `person_ids`.
+
+        A junk identifier's links are not read: it links nothing, its neighbours list it among theirs,
+        and a junk value seen everywhere has the largest partition of all.
+        """
+        unread = keys - reads.assignments.keys()
+        linking = {k for k in unread if not self._is_junk(k)}
+        read_assignments = self._assignments_async(unread)
+        read_neighbours = self._neighbours_async(linking)
+        read_members = self._members_async(person_ids - reads.members.keys())
+        reads.assignments.update(read_assignments())
+        reads.neighbours.update({k: set() for k in unread - linking})
+        reads.neighbours.update(read_neighbours())
+        reads.members.update(read_members())
 
     def _is_junk(self, key: IdKey) -> bool:
         identifier_type = self.registry.get(key.type)

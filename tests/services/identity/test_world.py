@@ -25,6 +25,7 @@ from services.identity.partition import IdKey, fingerprint
 from services.identity.server import DEFINITION
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import CassandraSettings, GrpcSettings
+from shared.migrations import SCHEMA_TIMEOUT_SECONDS
 from shared.runner import start_service
 from tests.services.identity.world import World, accuracy, build_world
 
@@ -85,7 +86,7 @@ class _Run:
         self.channel.close()
         self.service.stop(None)
         self.cluster.shutdown()
-        admin.execute(f"DROP KEYSPACE IF EXISTS {self.settings.keyspace('identity')}")
+        admin.execute(f"DROP KEYSPACE IF EXISTS {self.settings.keyspace('identity')}", timeout=SCHEMA_TIMEOUT_SECONDS)
 
 
 @pytest.fixture
