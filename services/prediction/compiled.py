@@ -16,8 +16,8 @@ function never makes such values (counts, ages of at least a microsecond, amount
 holds one anyway is scored by LightGBM.
 
 Compiling costs seconds (LLVM optimises one function holding every tree: 3-17 s for 226 trees here,
-depending on load), so it runs in the background at the lowest CPU priority, and only for a version
-that has scored enough rows for the compile to pay off; until then LightGBM scores.
+depending on load), so it runs in the background, in a child process at the lowest CPU priority, and
+only for a version that has scored enough rows for the compile to pay off; until then LightGBM scores.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -45,6 +47,7 @@ _THRESHOLDS = re.compile(r"^threshold=(.*)$", re.MULTILINE)
 _PROBE_SEED = 20_261_124
 _PROBE_ROWS = 512
 _LOWEST_PRIORITY = 19
+COMPILE_TIMEOUT_SECONDS = 600.0
 # LightGBM's kZeroThreshold (1e-35 as a C float): values this close to zero go down a split's zero branch.
 _ZERO_BAND = float(np.float32(1e-35))
 
@@ -75,15 +78,24 @@ class CompiledForest:
 
     @classmethod
     def compile(cls, model_string: str, booster: lgb.Booster) -> CompiledForest | None:
-        """The compiled forest, or None when this model cannot be compiled to LightGBM's exact numbers."""
+        """The compiled forest, or None when this model cannot be compiled to LightGBM's exact numbers.
+
+        LLVM's input is built by Python code (llvmlite.ir: hundreds of thousands of objects for a few hundred
+        trees), so the compile runs in a child process at the lowest CPU priority: in this process it would
+        hold the GIL and fill the garbage collector for seconds while requests wait. This process only loads
+        the machine code the child wrote.
+        """
         if not _LOGISTIC.search(model_string):
             return None  # only the binary objective (what training uses) has its sigmoid applied here
         with tempfile.TemporaryDirectory(prefix="onecdp-model-") as directory:
-            path = Path(directory, "model.txt")
-            path.write_text(model_string)
-            model = lleaves.Model(model_file=str(path))
-            # One block of all trees: they are added in LightGBM's order (see the module docstring).
-            model.compile(raw_score=True, fblocksize=max(1, model.num_trees()))
+            model_file, machine_code = Path(directory, "model.txt"), Path(directory, "model.o")
+            model_file.write_text(model_string)
+            # The child imports this module as this process does (tests put the repository on sys.path).
+            subprocess.run([sys.executable, "-m", __name__, str(model_file), str(machine_code)], check=True,
+                           capture_output=True, timeout=COMPILE_TIMEOUT_SECONDS,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+            model = lleaves.Model(model_file=str(model_file))
+            model.compile(cache=str(machine_code))  # loads what the child compiled
         forest = cls(model, booster)
         probe = _probe_rows(model_string, booster.num_feature())
         expected = np.asarray(booster.predict(probe, num_threads=1), dtype=np.float64)
@@ -101,8 +113,8 @@ class CompiledForest:
 
 
 class BackgroundCompile:
-    """Compiles a forest once, in a thread at the lowest CPU priority, after `rows_before_compile` rows
-    were scored without it; `forest` is None until it is ready (and stays None if it cannot be had)."""
+    """Compiles a forest once, from a background thread, after `rows_before_compile` rows were scored without
+    it; `forest` is None until it is ready (and stays None if it cannot be had)."""
 
     def __init__(self, model_string: str, booster: lgb.Booster, rows_before_compile: int, name: str,
                  compile_forest: Callable[[str, lgb.Booster], CompiledForest | None] = CompiledForest.compile
@@ -127,9 +139,6 @@ class BackgroundCompile:
         threading.Thread(target=self._compile, name="prediction-compile", daemon=True).start()
 
     def _compile(self) -> None:
-        with contextlib.suppress(OSError):
-            # Linux gives each thread its own nice value: the compile only takes CPU that requests leave idle.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOWEST_PRIORITY)
         started = time.perf_counter()
         try:
             self.forest = self._compile_forest(self._model_string, self._booster)
@@ -142,3 +151,17 @@ class BackgroundCompile:
         finally:
             self._model_string = ""  # not needed any more
             self.done.set()
+
+
+def compile_to_file(model_file: str, machine_code: str) -> None:
+    """The child process of `CompiledForest.compile`: compile `model_file` into `machine_code`, at the lowest
+    CPU priority (it only takes CPU that requests leave idle)."""
+    with contextlib.suppress(OSError):
+        os.nice(_LOWEST_PRIORITY)
+    model = lleaves.Model(model_file=model_file)
+    # One block of all trees: they are added in LightGBM's order (see the module docstring).
+    model.compile(cache=machine_code, raw_score=True, fblocksize=max(1, model.num_trees()))
+
+
+if __name__ == "__main__":
+    compile_to_file(*sys.argv[1:3])

@@ -4,21 +4,25 @@ Parsing a model string costs milliseconds, so each version's `Scorer` is built o
 version is immutable once READY, but a model id can be deleted and created again with new version
 1, so the cache key includes the model's create time: a recreated model never gets an old booster.
 
-Which version is active is read from the registry (a Cassandra read, 1-2 ms, more under load: more
-than the rest of a score from the online store) at most once a second per model (`ActiveModels`).
-Activations, deletions and creations through this replica are seen at once; through another replica,
-or by a training job that activates, within that second. A model without an active version is never
-kept, so the first activation is seen at once everywhere.
+Which version is active is read from the registry (a Cassandra read, 1-2 ms, tens of ms under load:
+more than the rest of a score from the online store) at most once a second per model (`ActiveModels`),
+in the background while the kept model goes on answering. Activations, deletions and creations through
+this replica are seen at once; through another replica, or by a training job that activates, within
+that second and the background read after it. A model without an active version is never kept, so the
+first activation is seen at once everywhere.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import cast
 
 import numpy as np
@@ -29,12 +33,16 @@ from services.prediction.history import EventRuns, HistoryReader, PersonHistory,
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, VersionState
 from services.prediction.scoring import PersonScore, ScoreBatch, Scorer, not_eligible, score_history
 from services.prediction.spec import model_name, version_name
-from shared.errors import DomainError, FailedPrecondition
+from shared.errors import DomainError, FailedPrecondition, NotFound
+
+log = logging.getLogger(__name__)
 
 # Versions kept parsed in memory; a booster of a few hundred trees is a few MB at most.
 MAX_CACHED_SCORERS = 32
 # How long a model (its active version) read from the registry is used before it is read again.
 MODEL_REFRESH_SECONDS = 1.0
+# How long past MODEL_REFRESH_SECONDS a kept model still answers while a background read replaces it.
+MODEL_STALE_SECONDS = 5.0
 # A version is compiled to machine code (compiled.py) once it has scored this many rows: a few seconds of
 # background compile pay off for a version in use, not for one scored a handful of times.
 ROWS_BEFORE_COMPILE = 5_000
@@ -51,6 +59,10 @@ class ScoringVersion:
     @property
     def name(self) -> str:
         return version_name(self.version.model_id, self.version.version_id)
+
+
+def _in_background(work: Callable[[], None]) -> None:
+    threading.Thread(target=work, name="prediction-model-refresh", daemon=True).start()
 
 
 class ScorerCache:
@@ -88,34 +100,72 @@ class ScorerCache:
 
 
 class ActiveModels:
-    """Models with an active version, read from the registry at most every `refresh_seconds` each."""
+    """Models with an active version, read from the registry at most every `refresh_seconds` each.
+
+    A kept model past `refresh_seconds` is still answered, for up to `stale_seconds` more, while one
+    background read replaces it: a request never waits on the registry (a Cassandra read, tens of ms
+    under load) for a model this replica holds. Past that, or for a model not held, the read is inline.
+    """
 
     def __init__(self, registry: ModelRegistry, refresh_seconds: float = MODEL_REFRESH_SECONDS,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 stale_seconds: float = MODEL_STALE_SECONDS, monotonic: Callable[[], float] = time.monotonic,
+                 start: Callable[[Callable[[], None]], None] = _in_background) -> None:
         self._registry = registry
         self._refresh_seconds = refresh_seconds
+        self._stale_seconds = stale_seconds
         self._monotonic = monotonic
+        self._start = start
         self._models: dict[str, tuple[float, Model]] = {}
+        self._refreshing: set[str] = set()
+        self._generation = 0  # forget() moves it on, so that a read started before is not kept
         self._lock = threading.Lock()
 
     def get(self, model_id: str) -> Model:
         now = self._monotonic()
         with self._lock:
             kept = self._models.get(model_id)
-        if kept is not None and now - kept[0] < self._refresh_seconds:
-            return kept[1]
-        model = self._registry.get_model(model_id)
-        with self._lock:
-            if model.active_version is None:
-                self._models.pop(model_id, None)
-            else:
-                self._models[model_id] = (now, model)
-        return model
+            age = now - kept[0] if kept is not None else math.inf
+            usable = age < self._refresh_seconds + self._stale_seconds
+            refresh = usable and age >= self._refresh_seconds and model_id not in self._refreshing
+            if refresh:
+                self._refreshing.add(model_id)
+        if kept is None or not usable:
+            return self._read(model_id)
+        if refresh:
+            self._start(partial(self._refresh, model_id))
+        return kept[1]
 
     def forget(self, model_id: str) -> None:
         """The model changed through this replica: read it again next time."""
         with self._lock:
             self._models.pop(model_id, None)
+            self._generation += 1
+
+    def _read(self, model_id: str) -> Model:
+        with self._lock:
+            generation = self._generation
+        started = self._monotonic()
+        model = self._registry.get_model(model_id)
+        with self._lock:
+            if generation == self._generation:
+                if model.active_version is None:
+                    self._models.pop(model_id, None)
+                else:
+                    self._models[model_id] = (started, model)
+        return model
+
+    def _refresh(self, model_id: str) -> None:
+        try:
+            self._read(model_id)
+        except NotFound:  # deleted through another replica: the next request reads inline and says so
+            with self._lock:
+                self._models.pop(model_id, None)
+        except Exception as error:  # kept as it is; past the stale time a request reads inline and fails
+            log.warning("refreshing a model from the registry failed", extra={
+                "model": model_name(model_id), "error": f"{type(error).__name__}: {error}"})
+        finally:
+            with self._lock:
+                self._refreshing.discard(model_id)
 
 
 class Predictor:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import lightgbm as lgb
 import pytest
 
-from services.prediction.registry import ModelRegistry, OperationKind, VersionState
+from services.prediction.registry import Model, ModelRegistry, OperationKind, VersionState
 from services.prediction.serving import ActiveModels
 from services.prediction.spec import PredictionKind, resolve_spec
 from services.prediction.training import TrainedModel, train_version
@@ -129,7 +131,9 @@ def test_operations_record_progress_and_outcome(registry: ModelRegistry) -> None
 def test_active_models_are_read_again_after_the_refresh_time_or_when_forgotten(registry: ModelRegistry,
                                                                                 trained: TrainedModel) -> None:
     clock = [0.0]
-    models = ActiveModels(registry, refresh_seconds=1.0, monotonic=lambda: clock[0])
+    background: list[Callable[[], None]] = []  # reads started in the background, run when the test says
+    models = ActiveModels(registry, refresh_seconds=1.0, stale_seconds=5.0, monotonic=lambda: clock[0],
+                          start=background.append)
     registry.create_model("kept", "", SPEC, NOW)
     assert models.get("kept").active_version is None
     for version_id in (1, 2):
@@ -139,9 +143,25 @@ def test_active_models_are_read_again_after_the_refresh_time_or_when_forgotten(r
     assert models.get("kept").active_version == 1  # a model without an active version is never kept
     registry.activate("kept", 2, NOW)  # by another replica
     clock[0] = 0.9
-    assert models.get("kept").active_version == 1
-    clock[0] = 1.0
+    assert models.get("kept").active_version == 1 and background == []
+    clock[0] = 1.0  # due: the kept model answers while one background read replaces it
+    assert models.get("kept").active_version == 1 and models.get("kept").active_version == 1
+    assert len(background) == 1
+    background.pop()()
     assert models.get("kept").active_version == 2
+    registry.activate("kept", 1, NOW)  # by another replica, and nothing asks for 6 s: read inline
+    clock[0] = 7.0
+    assert models.get("kept").active_version == 1 and background == []
+    registry.delete_model("kept")  # through another replica: the background read drops it
+    clock[0] = 8.5
+    assert models.get("kept").active_version == 1
+    background.pop()()
+    with pytest.raises(NotFound):
+        models.get("kept")
+    registry.create_model("kept", "", SPEC, NOW)
+    for version_id in (1, 2):
+        registry.start_version("kept", CUTOFFS, VALIDATION, NOW)
+        registry.finish_version("kept", version_id, trained, NOW)
     registry.activate("kept", 1, NOW)
     models.forget("kept")  # activated through this replica
     assert models.get("kept").active_version == 1
@@ -149,3 +169,26 @@ def test_active_models_are_read_again_after_the_refresh_time_or_when_forgotten(r
     models.forget("kept")
     with pytest.raises(NotFound):
         models.get("kept")
+
+
+def test_a_model_read_that_an_activation_through_this_replica_overtakes_is_not_kept(
+        registry: ModelRegistry, trained: TrainedModel) -> None:
+    registry.create_model("raced", "", SPEC, NOW)
+    for version_id in (1, 2):
+        registry.start_version("raced", CUTOFFS, VALIDATION, NOW)
+        registry.finish_version("raced", version_id, trained, NOW)
+    registry.activate("raced", 1, NOW)
+
+    class ActivatedDuringTheRead:
+        """The registry, with this replica activating version 2 while a read of version 1 is on its way."""
+
+        def get_model(self, model_id: str) -> Model:
+            model = registry.get_model(model_id)
+            if model.active_version == 1:
+                registry.activate(model_id, 2, NOW)
+                models.forget(model_id)
+            return model
+
+    models = ActiveModels(cast(ModelRegistry, ActivatedDuringTheRead()), monotonic=lambda: 0.0)
+    assert models.get("raced").active_version == 1  # what that read saw ...
+    assert models.get("raced").active_version == 2  # ... was not kept over the activation
