@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -34,7 +34,7 @@ from services.profile.model import (
     TraitWrite,
     validate,
 )
-from services.profile.store import ProfileRow, ProfileStore, partitions_of
+from services.profile.store import ALL_EVENTS, EventSelection, ProfileRow, ProfileStore, partitions_of
 from shared.changefeed import ChangeFeed
 
 log = logging.getLogger(__name__)
@@ -170,15 +170,20 @@ class Profiles:
 
     def views(self, persons: Sequence[PersonView], as_of: datetime | None, *, with_events: bool = True,
               with_traits: bool = True, with_computed: bool = True,
-              rows: dict[str, ProfileRow] | None = None) -> list[ProfileView]:
+              rows: dict[str, ProfileRow] | None = None, selection: EventSelection = ALL_EVENTS,
+              trait_names: Iterable[str] | None = None, token_range: tuple[int, int] | None = None,
+              ) -> list[ProfileView]:
         """The profiles of many persons, read together (see `ProfileStore.read_persons`).
 
         `with_events` reads the timelines (needed for computed traits too), `with_computed` derives
-        the computed traits, `with_traits` reads the trait writes; skip what the caller does not ask for.
+        the computed traits, `with_traits` reads the trait writes (those in `trait_names`, all when None);
+        skip what the caller does not ask for. The events of a view are those `selection` selects, unless
+        computed traits are asked for: they derive from every event, so then all are read and returned.
         """
-        need_events = with_events or with_computed
-        contents = self.store.read_persons([p.person_id for p in persons], events=need_events, traits=with_traits,
-                                           rows=rows)
+        contents = self.store.read_persons([p.person_id for p in persons], events=with_events or with_computed,
+                                           traits=with_traits, rows=rows,
+                                           selection=ALL_EVENTS if with_computed else selection,
+                                           trait_names=trait_names, token_range=token_range)
         when = as_of or self._clock()
         return [ProfileView(
             person_id=person.person_id, identifiers=person.identifiers, traits=stored.traits,
@@ -202,25 +207,32 @@ class Profiles:
         return page, following
 
     def scan(self, start_token: int, end_token: int, as_of: datetime | None, batch_size: int, *,
-             with_events: bool = True, with_traits: bool = True,
-             with_computed: bool = True) -> Iterator[list[ProfileView]]:
-        """The profiles of one token range, in batches; persons merged into others and erased ones are skipped."""
-        batch: list[ProfileRow] = []
-        for row in self.store.scan(start_token, end_token, batch_size):
-            if row.merged_into or row.erased:
-                continue
-            batch.append(row)
-            if len(batch) >= batch_size:
-                yield self._scanned(batch, as_of, with_events, with_traits, with_computed)
-                batch = []
-        if batch:
-            yield self._scanned(batch, as_of, with_events, with_traits, with_computed)
+             with_events: bool = True, with_traits: bool = True, with_computed: bool = True,
+             selection: EventSelection = ALL_EVENTS,
+             trait_names: Iterable[str] | None = None) -> Iterator[list[ProfileView]]:
+        """The profiles of the token range (start_token, end_token], in batches (read as `views` reads them);
+        persons merged into others and erased ones are skipped.
 
-    def _scanned(self, rows: Sequence[ProfileRow], as_of: datetime | None, with_events: bool, with_traits: bool,
-                 with_computed: bool) -> list[ProfileView]:
-        return self.views([PersonView(r.person_id, [], []) for r in rows], as_of, with_events=with_events,
-                          with_traits=with_traits, with_computed=with_computed,
-                          rows={r.person_id: r for r in rows})
+        A batch is the persons of a token range of its own, so their months and trait writes are read by
+        range; it ends where the token changes, so that persons sharing a token share a batch.
+        """
+        def scanned(rows: Sequence[ProfileRow], token_range: tuple[int, int]) -> list[ProfileView]:
+            return self.views([PersonView(r.person_id, [], []) for r in rows], as_of, with_events=with_events,
+                              with_traits=with_traits, with_computed=with_computed,
+                              rows={r.person_id: r for r in rows}, selection=selection, trait_names=trait_names,
+                              token_range=token_range)
+
+        batch: list[ProfileRow] = []
+        first = last = start_token
+        for token, row in self.store.scan(start_token, end_token, batch_size):
+            if len(batch) >= batch_size and token != last:
+                yield scanned(batch, (first, last))
+                batch, first = [], last
+            if not (row.merged_into or row.erased):
+                batch.append(row)
+                last = token
+        if batch:
+            yield scanned(batch, (first, end_token))
 
     # ---- following identity -----------------------------------------------------------------------
 

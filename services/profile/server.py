@@ -30,7 +30,7 @@ from services.profile.model import (
 )
 from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, ProfileView
 from services.profile.shards import format_shard, parse_shard, split_ring
-from services.profile.store import ProfileStore, from_micros, micros
+from services.profile.store import EventSelection, ProfileStore, from_micros, micros
 from shared.changefeed import ChangeFeed, parse_cursor
 from shared.clients import identity_stub
 from shared.errors import InvalidArgument, ResourceExhausted, Violations
@@ -259,14 +259,14 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         if not request.persons:
             raise InvalidArgument.for_field("persons", "at least one selector is required")
         mask = ReadMask(request.read_mask)
-        start = _optional_time(request, "events_start_time")
-        end = _optional_time(request, "events_end_time")
+        selection = _event_selection(request)
         selectors = [_selector(s, f"persons[{i}]") for i, s in enumerate(request.persons)]
         persons = self._profiles.identity.lookup(selectors)
         found = [p for p in persons if p is not None]
         views = iter(self._profiles.views(found, _optional_time(request, "as_of_time"),
                                           with_events=request.include_events, with_traits=mask.wants("traits"),
-                                          with_computed=mask.needs_events))
+                                          with_computed=mask.needs_events, selection=selection,
+                                          trait_names=mask.trait_names))
         results = []
         for person in persons:
             if person is None:
@@ -274,7 +274,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                 continue
             view = next(views)
             result = pb.ProfileLookupResult(found=True, profile=mask.apply(_profile(view)))
-            result.events.extend(_stored_event(e) for e in _oldest_first_within(view.events, start, end))
+            result.events.extend(_stored_event(e) for e in _oldest_first(view.events, selection))
             results.append(result)
         return pb.BatchGetProfilesResponse(results=results)
 
@@ -360,11 +360,11 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         start, end = parse_shard(request.shard, "shard")
         mask = ReadMask(request.read_mask)
         batch_size = _page_size(request.batch_size, "batch_size")
-        events_start = _optional_time(request, "events_start_time")
-        events_end = _optional_time(request, "events_end_time")
+        selection = _event_selection(request)
         as_of = _optional_time(request, "as_of_time")
         for views in self._profiles.scan(start, end, as_of, batch_size, with_events=request.include_events,
-                                         with_traits=mask.wants("traits"), with_computed=mask.needs_events):
+                                         with_traits=mask.wants("traits"), with_computed=mask.needs_events,
+                                         selection=selection, trait_names=mask.trait_names):
             if mask.wants("identifiers"):
                 identities = self._profiles.identity.persons([v.person_id for v in views])
                 for view in views:
@@ -373,8 +373,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             response = pb.ScanProfilesResponse()
             for view in views:
                 scanned = response.profiles.add(profile=mask.apply(_profile(view)))
-                scanned.events.extend(_stored_event(e) for e in _oldest_first_within(view.events, events_start,
-                                                                                     events_end))
+                scanned.events.extend(_stored_event(e) for e in _oldest_first(view.events, selection))
             yield response
 
     def ListProfileChanges(self, request: pb.ListProfileChangesRequest,
@@ -392,11 +391,15 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                 time.sleep(WATCH_POLL_SECONDS)
 
 
-def _oldest_first_within(events: Sequence[TimelineEvent], start: datetime | None,
-                         end: datetime | None) -> list[TimelineEvent]:
-    """Events (stored newest first) in [start, end), oldest first."""
-    return [e for e in reversed(events) if (start is None or e.event_time >= start)
-            and (end is None or e.event_time < end)]
+def _event_selection(request: pb.ScanProfilesRequest | pb.BatchGetProfilesRequest) -> EventSelection:
+    """The included events a request asks for: [events_start_time, events_end_time), of event_names if any."""
+    return EventSelection(_optional_time(request, "events_start_time"), _optional_time(request, "events_end_time"),
+                          frozenset(request.event_names) or None)
+
+
+def _oldest_first(events: Sequence[TimelineEvent], selection: EventSelection) -> list[TimelineEvent]:
+    """The events (stored newest first) `selection` selects, oldest first."""
+    return [e for e in reversed(events) if selection.selects(e)]
 
 
 def _check_batch(count: int, field_path: str) -> None:

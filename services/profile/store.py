@@ -46,11 +46,26 @@ _TOUCH_PROFILE = "UPDATE profiles SET update_time = ? WHERE person_id = ?"
 _SELECT_PROFILES = ("SELECT person_id, merged_into, merged_person_ids, erased, update_time FROM profiles "
                     "WHERE person_id IN ?")
 _SELECT_MONTHS = "SELECT person_id, bucket FROM timeline_buckets WHERE person_id IN ?"
-# All months of a partition at once: one request instead of one per month (a CDNOW customer spans 2.3
-# months on average, up to 18).
-_SELECT_TIMELINE = f"SELECT {_TIMELINE_COLUMNS} FROM timeline WHERE person_id = ? AND bucket IN ?"
+_SELECT_MONTHS_BETWEEN = ("SELECT person_id, bucket FROM timeline_buckets "
+                          "WHERE bucket >= ? AND bucket <= ? AND person_id IN ?")
+# The months and trait writes of the persons of a token range, in one range read per table: reading
+# partitions in token order costs Cassandra far less than naming them in IN lists (a scan's batches).
+_RANGE_MONTHS = ("SELECT person_id, bucket FROM timeline_buckets WHERE token(person_id) > ? AND token(person_id) <= ? "
+                 "AND bucket >= ? AND bucket <= ? ALLOW FILTERING")
+_RANGE_TRAITS = ("SELECT person_id, name, event_time, message_id, value, deleted, source, party FROM trait_writes "
+                 "WHERE token(person_id) > ? AND token(person_id) <= ?")
+_RANGE_NAMED_TRAITS = f"{_RANGE_TRAITS} AND name IN ? ALLOW FILTERING"
+# The timeline of persons with the same months, all of them at once (`person_id IN ? AND bucket IN ?`, at most
+# TIMELINE_PARTITIONS partitions a statement): a statement per person cost more than the rows it read.
+TIMELINE_PARTITIONS = 100
 _SELECT_TRAITS = ("SELECT person_id, name, event_time, message_id, value, deleted, source, party FROM trait_writes "
                   "WHERE person_id IN ?")
+_SELECT_NAMED_TRAITS = ("SELECT person_id, name, event_time, message_id, value, deleted, source, party "
+                        "FROM trait_writes WHERE name IN ? AND person_id IN ?")
+# Stored event times (`timeline.event_time`) keep milliseconds; a time bound in CQL is widened by one, and
+# the exact time (`event_micros`) decides.
+_MILLISECOND = timedelta(milliseconds=1)
+_LAST_BUCKET = 999912
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Trait writes of BatchWriteTraits are keyed by this prefix plus their source and origin, not by an event.
 DIRECT_WRITE_PREFIX = "write:"
@@ -75,6 +90,30 @@ def from_micros(value: int) -> datetime:
 def utc(value: datetime) -> datetime:
     """The driver returns naive UTC datetimes; the domain works with aware ones."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+@dataclass(frozen=True)
+class EventSelection:
+    """The events a read returns: event time (exact) in [start, end) and name in `names`; None: no bound.
+
+    A read touches only the months that can hold them, and builds only the events selected.
+    """
+
+    start: datetime | None = None
+    end: datetime | None = None
+    names: frozenset[str] | None = None
+
+    def selects(self, event: TimelineEvent) -> bool:
+        return ((self.start is None or event.event_time >= self.start)
+                and (self.end is None or event.event_time < self.end)
+                and (self.names is None or event.event_name in self.names))
+
+    @property
+    def bounded(self) -> bool:
+        return self.start is not None or self.end is not None
+
+
+ALL_EVENTS = EventSelection()
 
 
 @dataclass(frozen=True)
@@ -195,19 +234,27 @@ class ProfileStore:
         return _newest_first(reads.finish()[0], partitions)
 
     def read_persons(self, person_ids: Sequence[str], *, events: bool, traits: bool,
-                     rows: Mapping[str, ProfileRow] | None = None) -> list[PersonContents]:
-        """What is stored for each of these persons (survivors of merges), in as few waves of reads as it takes.
+                     rows: Mapping[str, ProfileRow] | None = None, selection: EventSelection = ALL_EVENTS,
+                     trait_names: Iterable[str] | None = None,
+                     token_range: tuple[int, int] | None = None) -> list[PersonContents]:
+        """What is stored for each of these persons (survivors of merges), in as few waves of reads as it takes:
+        the events `selection` selects (when `events`), the traits named (all when None; when `traits`).
 
         The profile rows (unless given), and the months and trait writes of each person's own partition
-        are read together; only persons with merged partitions wait for a further wave (their rows were
-        moved to the survivor, so those partitions are normally empty). Then each partition's timeline
-        is read with one query over all its months. Two round trips in all for the common case, where
-        reading the rows, then the months, then one query per month took three plus the trait reads.
+        are read together (by range when the persons are those of `token_range`, (start, end]: a scan's);
+        only persons with merged partitions wait for a further wave (their rows were moved to the
+        survivor, so those partitions are normally empty). Then the timelines are read, one query for the
+        partitions that have the same months. Two round trips in all for the common case, where reading
+        the rows, then the months, then one query per month took three plus the trait reads.
         """
         distinct = list(dict.fromkeys(person_ids))
         pending_rows = None if rows is not None else self._session.select_in(_SELECT_PROFILES, (), distinct)
-        reads = _PartitionReads(self._session, events=events, traits=traits)
-        reads.start(distinct)
+        reads = _PartitionReads(self._session, events=events, traits=traits, selection=selection,
+                                trait_names=trait_names)
+        if token_range is None:
+            reads.start(distinct)
+        else:
+            reads.start_range(token_range, distinct)
         if pending_rows is not None:
             rows = _profile_rows(pending_rows)
         assert rows is not None
@@ -217,13 +264,15 @@ class ProfileStore:
         return [PersonContents(rows.get(p), groups[p], _newest_first(timelines, groups[p]),
                                _latest_traits(trait_rows, groups[p])) for p in person_ids]
 
-    def scan(self, start_token: int, end_token: int, page_size: int) -> Iterator[ProfileRow]:
-        """Profile rows whose partition token is in (start_token, end_token]; merged and erased ones included."""
+    def scan(self, start_token: int, end_token: int, page_size: int) -> Iterator[tuple[int, ProfileRow]]:
+        """Profile rows whose partition token is in (start_token, end_token], in token order, with their token;
+        merged and erased ones included."""
         rows = self._session.execute(
-            "SELECT person_id, merged_into, merged_person_ids, erased, update_time FROM profiles "
-            "WHERE token(person_id) > ? AND token(person_id) <= ?", (start_token, end_token), fetch_size=page_size)
+            "SELECT token(person_id) AS person_token, person_id, merged_into, merged_person_ids, erased, update_time "
+            "FROM profiles WHERE token(person_id) > ? AND token(person_id) <= ?", (start_token, end_token),
+            fetch_size=page_size)
         for row in rows:
-            yield _profile_row(row)
+            yield row.person_token, _profile_row(row)
 
     # ---- moving rows between persons --------------------------------------------------------------
 
@@ -330,13 +379,16 @@ class ProfileStore:
 
 class _PartitionReads:
     """Reads of person partitions in flight: each partition's months and trait writes are requested once,
-    as soon as the partition is known (in IN lists); `finish` then reads each
-    partition's timeline with one query over all its months."""
+    as soon as the partition is known (in IN lists); `finish` then reads the timelines, one query for the
+    partitions that have the same months (few distinct sets when a selection bounds the time)."""
 
-    def __init__(self, session: CassandraSession, *, events: bool, traits: bool) -> None:
+    def __init__(self, session: CassandraSession, *, events: bool, traits: bool,
+                 selection: EventSelection = ALL_EVENTS, trait_names: Iterable[str] | None = None) -> None:
         self._session = session
         self._events = events
         self._traits = traits
+        self._selection = selection
+        self._trait_names = None if trait_names is None else sorted(set(trait_names))
         self._started: set[str] = set()
         self._months: list[PendingRows] = []
         self._trait_rows: list[PendingRows] = []
@@ -345,24 +397,73 @@ class _PartitionReads:
         new = [p for p in dict.fromkeys(partitions) if p not in self._started]
         self._started.update(new)
         if self._events and new:
-            self._months.append(self._session.select_in(_SELECT_MONTHS, (), new))
-        if self._traits and new:
-            self._trait_rows.append(self._session.select_in(_SELECT_TRAITS, (), new))
+            first, last = self._months_selected()
+            self._months.append(self._session.select_in(_SELECT_MONTHS_BETWEEN, (first, last), new)
+                                if self._selection.bounded else self._session.select_in(_SELECT_MONTHS, (), new))
+        if self._traits and new and self._trait_names != []:
+            if self._trait_names is None:
+                self._trait_rows.append(self._session.select_in(_SELECT_TRAITS, (), new))
+            else:
+                self._trait_rows.append(self._session.select_in(_SELECT_NAMED_TRAITS, (self._trait_names,), new))
+
+    def start_range(self, token_range: tuple[int, int], partitions: Iterable[str]) -> None:
+        """Like `start`, for `partitions` that are those wanted of the token range (start, end]: one range read
+        per table. Rows of other partitions in the range are left out."""
+        self._started.update(partitions)
+        if self._events:
+            self._months.append(PendingRows(self._session, [self._session.execute_async(
+                _RANGE_MONTHS, (*token_range, *self._months_selected()))]))
+        if self._traits and self._trait_names != []:
+            cql, params = ((_RANGE_TRAITS, token_range) if self._trait_names is None
+                           else (_RANGE_NAMED_TRAITS, (*token_range, self._trait_names)))
+            self._trait_rows.append(PendingRows(self._session, [self._session.execute_async(cql, params)]))
+
+    def _months_selected(self) -> tuple[int, int]:
+        """The first and last month that can hold selected events."""
+        start, end = self._selection.start, self._selection.end
+        return bucket_of(start) if start else 0, bucket_of(end) if end else _LAST_BUCKET
 
     def finish(self) -> tuple[dict[str, list[TimelineEvent]], dict[str, list[Any]]]:
-        """Each partition's events (in no particular order) and its trait write rows."""
-        months: dict[str, list[int]] = {}
+        """Each partition's selected events (in no particular order) and its trait write rows."""
+        # A partition read both by range and by name (merged into a person of the same range) counts once.
+        months: dict[str, set[int]] = {}
         for row in (row for pending in self._months for row in pending.rows()):
-            months.setdefault(row.person_id, []).append(row.bucket)
-        timelines = [self._session.select_in(_SELECT_TIMELINE, (partition,), buckets)
-                     for partition, buckets in months.items()]
+            if row.person_id in self._started:
+                months.setdefault(row.person_id, set()).add(row.bucket)
+        same_months: dict[tuple[int, ...], list[str]] = {}
+        for partition, of_partition in months.items():
+            same_months.setdefault(tuple(sorted(of_partition)), []).append(partition)
+        cql, bounds = _timeline_query(self._selection)
+        timelines = []
+        for buckets, partitions in same_months.items():
+            per_statement = max(1, TIMELINE_PARTITIONS // len(buckets))
+            timelines += [self._session.execute_async(cql, (*bounds, list(buckets), partitions[i:i + per_statement]))
+                          for i in range(0, len(partitions), per_statement)]
+        names = self._selection.names
         events: dict[str, list[TimelineEvent]] = {}
-        for row in (row for pending in timelines for row in pending.rows()):
-            events.setdefault(row.person_id, []).append(_timeline_event(row))
+        for future in timelines:
+            for row in self._session.result(future):
+                if names is None or row.event_name in names:
+                    events.setdefault(row.person_id, []).append(_timeline_event(row))
         trait_rows: dict[str, list[Any]] = {}
         for row in (row for pending in self._trait_rows for row in pending.rows()):
-            trait_rows.setdefault(row.person_id, []).append(row)
+            if row.person_id in self._started:
+                trait_rows.setdefault(row.person_id, []).append(row)  # one read twice: _latest_traits keeps one
         return events, trait_rows
+
+
+def _timeline_query(selection: EventSelection) -> tuple[str, tuple[datetime, ...]]:
+    """The timeline read of `selection`'s time bounds (widened by a millisecond: see _MILLISECOND), and its
+    bounds; the last two bind markers are the months and the person ids."""
+    clauses, bounds = [], []
+    if selection.start is not None:
+        clauses.append("event_time >= ?")
+        bounds.append(selection.start - _MILLISECOND)
+    if selection.end is not None:
+        clauses.append("event_time < ?")
+        bounds.append(selection.end + _MILLISECOND)
+    clauses += ["bucket IN ?", "person_id IN ?"]
+    return f"SELECT {_TIMELINE_COLUMNS} FROM timeline WHERE {' AND '.join(clauses)}", tuple(bounds)
 
 
 def _profile_rows(pending: PendingRows) -> dict[str, ProfileRow]:

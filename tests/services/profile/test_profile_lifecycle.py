@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as identity_pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
-from tests.services.profile.conftest import eventually, ident, identify, ingest, order, profile_of, track
+from tests.services.profile.conftest import at, eventually, ident, identify, ingest, order, profile_of, track
 
 pytestmark = pytest.mark.integration
 
@@ -169,6 +171,67 @@ def test_shards_cover_every_profile_exactly_once(profiles: Stub) -> None:
     with pytest.raises(grpc.RpcError) as bad:
         next(iter(profiles.ScanProfiles(pb.ScanProfilesRequest(shard="nope"), timeout=10)))
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _scan_all(profiles: Stub, **request: Any) -> dict[str, pb.ScannedProfile]:
+    shards = profiles.ListProfileShards(pb.ListProfileShardsRequest(shard_count=3), timeout=10).shards
+    return {scanned.profile.person_id: scanned for shard in shards
+            for response in profiles.ScanProfiles(pb.ScanProfilesRequest(shard=shard, batch_size=2, **request),
+                                                  timeout=30)
+            for scanned in response.profiles}
+
+
+def test_a_scan_reads_only_the_traits_named_and_the_events_selected(profiles: Stub) -> None:
+    """A scan with a trait mask, a time range and event names returns what a full scan does, narrowed; and
+    computed traits still count every event. Merged persons (rows in several partitions) included."""
+    for i in range(8):
+        ingest(profiles, identify(f"crm_id:sel-{i}", when="2026-01-03", traits={"plan": f"p{i}", "utm": "mail"}),
+               track(f"crm_id:sel-{i}", name="open", when="2026-01-20"),
+               order(f"crm_id:sel-{i}", order_id=f"o{i}", amount=5.0 + i, when="2026-02-10"),
+               track(f"crm_id:sel-{i}", name="open", when="2026-03-02T10:00"),
+               track(f"crm_id:sel-{i}", name="view_item", when="2026-03-03"))
+    ingest(profiles, track("cookie:sel-c", name="open", when="2026-02-20"))
+    ingest(profiles, identify("cookie:sel-c", "crm_id:sel-0", when="2026-03-04", traits={"plan": "merged"}))
+    merged = profile_of(profiles, "crm_id:sel-0")
+    assert merged.merged_person_ids
+    start = at("2026-02-01")
+    full = _scan_all(profiles, include_events=True)
+    narrowed_request: dict[str, Any] = {
+        "include_events": True, "event_names": ["open", "order"],
+        "read_mask": field_mask_pb2.FieldMask(paths=["person_id", "traits.plan"])}
+    narrowed = _scan_all(profiles, events_start_time=timestamp(start), **narrowed_request)
+    assert set(narrowed) == set(full) and len(full) == 8
+    for person_id, scanned in narrowed.items():
+        expected = [e for e in full[person_id].events
+                    if e.event.event_time.ToDatetime(tzinfo=UTC) >= start and _name(e) in ("open", "order")]
+        assert list(scanned.events) == expected and expected
+        assert set(scanned.profile.traits) == {"plan"}
+        assert scanned.profile.traits["plan"] == full[person_id].profile.traits["plan"]
+        assert not scanned.profile.HasField("computed")
+    assert [_name(e) for e in narrowed[merged.person_id].events] == ["order", "open", "open"]
+    assert narrowed[merged.person_id].profile.traits["plan"].value.string_value == "merged"
+    # Computed traits derive from every event, whatever the events returned.
+    with_computed = _scan_all(profiles, include_events=True, event_names=["view_item"],
+                              read_mask=field_mask_pb2.FieldMask(paths=["person_id", "computed"]))
+    for person_id, scanned in with_computed.items():
+        assert scanned.profile.computed.event_count == full[person_id].profile.computed.event_count
+        assert [e.event.event_name for e in scanned.events] == ["view_item"]
+    # BatchGetProfiles selects the same way.
+    batch = profiles.BatchGetProfiles(pb.BatchGetProfilesRequest(
+        persons=[common_pb2.PersonSelector(person_id=p) for p in sorted(narrowed)], events_start_time=timestamp(start),
+        **narrowed_request), timeout=30).results
+    assert [list(r.events) for r in batch] == [list(narrowed[p].events) for p in sorted(narrowed)]
+    assert all(set(r.profile.traits) == {"plan"} for r in batch)
+
+
+def _name(stored: pb.StoredEvent) -> str:
+    return stored.event.event_name or ("order" if stored.event.type == pb.EVENT_TYPE_ORDER else "")
+
+
+def timestamp(when: datetime) -> timestamp_pb2.Timestamp:
+    message = timestamp_pb2.Timestamp()
+    message.FromDatetime(when)
+    return message
 
 
 def test_trait_writes_land_on_the_profile_and_unknown_persons_are_refused(profiles: Stub) -> None:

@@ -934,6 +934,7 @@ class BatchGetProfilesRequest(_message.Message):
     INCLUDE_EVENTS_FIELD_NUMBER: _builtins.int
     EVENTS_START_TIME_FIELD_NUMBER: _builtins.int
     EVENTS_END_TIME_FIELD_NUMBER: _builtins.int
+    EVENT_NAMES_FIELD_NUMBER: _builtins.int
     include_events: _builtins.bool
     """When true, each result also carries the person's events in [`events_start_time`,
     `events_end_time`), oldest first: many persons' histories in one call (e.g. for scoring).
@@ -958,6 +959,10 @@ class BatchGetProfilesRequest(_message.Message):
     def events_end_time(self) -> _timestamp_pb2.Timestamp:
         """Upper bound (exclusive) of included events, compared with the exact event time. Absent: none."""
 
+    @_builtins.property
+    def event_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As in ScanProfilesRequest."""
+
     def __init__(
         self,
         *,
@@ -967,10 +972,11 @@ class BatchGetProfilesRequest(_message.Message):
         include_events: _builtins.bool = ...,
         events_start_time: _timestamp_pb2.Timestamp | None = ...,
         events_end_time: _timestamp_pb2.Timestamp | None = ...,
+        event_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "include_events", b"include_events", "persons", b"persons", "read_mask", b"read_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "event_names", b"event_names", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "include_events", b"include_events", "persons", b"persons", "read_mask", b"read_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1309,6 +1315,7 @@ class ScanProfilesRequest(_message.Message):
     EVENTS_END_TIME_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     AS_OF_TIME_FIELD_NUMBER: _builtins.int
+    EVENT_NAMES_FIELD_NUMBER: _builtins.int
     shard: _builtins.str
     """A shard token from ListProfileShards."""
     include_events: _builtins.bool
@@ -1335,6 +1342,14 @@ class ScanProfilesRequest(_message.Message):
         at or before it (a point-in-time view, e.g. for historical data). Absent: now.
         """
 
+    @_builtins.property
+    def event_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only included events with one of these names (an order, identify or alias event without a
+        name is named `order`, `identify`, `alias`), e.g. only the events a segment rule counts. Empty:
+        events of every name. Reading fewer events and months is what makes a scan with a name list
+        and a time range cheap; computed traits still count every event.
+        """
+
     def __init__(
         self,
         *,
@@ -1345,10 +1360,11 @@ class ScanProfilesRequest(_message.Message):
         events_end_time: _timestamp_pb2.Timestamp | None = ...,
         batch_size: _builtins.int = ...,
         as_of_time: _timestamp_pb2.Timestamp | None = ...,
+        event_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "batch_size", b"batch_size", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "include_events", b"include_events", "read_mask", b"read_mask", "shard", b"shard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "batch_size", b"batch_size", "event_names", b"event_names", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "include_events", b"include_events", "read_mask", b"read_mask", "shard", b"shard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
