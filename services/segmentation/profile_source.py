@@ -22,6 +22,7 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 
 from services.segmentation.evaluation import EventFact, ProfileFacts
 from services.segmentation.realtime import EventReads
+from services.segmentation.recompute import EVERY_FIELD, ProfileReads
 from shared.errors import DeadlineExceeded, DomainError, InvalidArgument, NotFound, Unavailable
 
 _DEFAULT_EVENT_NAMES = {profile_pb.EVENT_TYPE_ORDER: "order", profile_pb.EVENT_TYPE_IDENTIFY: "identify",
@@ -97,6 +98,29 @@ def facts_of(profile: profile_pb.Profile, events: Sequence[profile_pb.StoredEven
     return ProfileFacts(profile.person_id, traits, computed_of(profile), [event_fact(e) for e in events])
 
 
+def read_mask(fields: ProfileReads) -> field_mask_pb2.FieldMask:
+    """The Profile fields an evaluation reading `fields` needs (never identifiers, which would cost profile an
+    identity call per batch, nor recent transactions)."""
+    if fields == EVERY_FIELD:
+        return FACTS_MASK
+    traits = ["traits"] if fields.trait_names is None else [f"traits.{name}" for name in sorted(fields.trait_names)]
+    return field_mask_pb2.FieldMask(paths=["person_id", *traits, *(["computed", "preferences"] if fields.computed
+                                                                   else [])])
+
+
+def scan_request(shard: str, as_of: datetime, events: EventReads,
+                 fields: ProfileReads) -> profile_pb.ScanProfilesRequest:
+    """ScanProfiles of what evaluating rules that read `events` and `fields` needs: those fields, and the events
+    of those names from the earliest window on (profile then reads only the months holding them)."""
+    request = profile_pb.ScanProfilesRequest(shard=shard, include_events=events.since is not None,
+                                             batch_size=SCAN_BATCH, read_mask=read_mask(fields),
+                                             event_names=sorted(events.names))
+    request.as_of_time.FromDatetime(as_of)
+    if events.since is not None:
+        request.events_start_time.FromDatetime(events.since)
+    return request
+
+
 def profile_error(error: grpc.RpcError) -> DomainError:
     """The domain error of a failed profile call: its code and message carried over (never INTERNAL here)."""
     code: grpc.StatusCode = error.code()
@@ -122,9 +146,10 @@ class GrpcProfileSource:
         except grpc.RpcError as error:
             raise profile_error(error) from error
 
-    def scan(self, shard: str, as_of: datetime, events: EventReads) -> Iterator[list[ProfileFacts]]:
+    def scan(self, shard: str, as_of: datetime, events: EventReads,
+             fields: ProfileReads = EVERY_FIELD) -> Iterator[list[ProfileFacts]]:
         try:
-            yield from self._scan(shard, as_of, events)
+            yield from self._scan(shard, as_of, events, fields)
         except grpc.RpcError as error:
             raise profile_error(error) from error
 
@@ -160,7 +185,7 @@ class GrpcProfileSource:
             chunk = person_ids[start:start + BATCH_GET_LIMIT]
             request = profile_pb.BatchGetProfilesRequest(
                 persons=[common_pb2.PersonSelector(person_id=p) for p in chunk], read_mask=FACTS_MASK,
-                include_events=events.since is not None)
+                include_events=events.since is not None, event_names=sorted(events.names))
             request.as_of_time.FromDatetime(as_of)
             if events.since is not None:
                 request.events_start_time.FromDatetime(events.since)
@@ -174,14 +199,9 @@ class GrpcProfileSource:
         response = self._stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=count))
         return list(response.shards)
 
-    def _scan(self, shard: str, as_of: datetime, events: EventReads) -> Iterator[list[ProfileFacts]]:
-        # Only what evaluation reads: no identifiers, which would cost profile an identity call per batch.
-        request = profile_pb.ScanProfilesRequest(shard=shard, include_events=events.since is not None,
-                                                 batch_size=SCAN_BATCH, read_mask=FACTS_MASK)
-        request.as_of_time.FromDatetime(as_of)
-        if events.since is not None:
-            request.events_start_time.FromDatetime(events.since)
-        for response in self._stub.ScanProfiles(request):
+    def _scan(self, shard: str, as_of: datetime, events: EventReads,
+              fields: ProfileReads) -> Iterator[list[ProfileFacts]]:
+        for response in self._stub.ScanProfiles(scan_request(shard, as_of, events, fields)):
             yield [facts_of(p.profile, p.events, events) for p in response.profiles]
 
     def _person(self, selector: common_pb2.PersonSelector, as_of: datetime) -> ProfileFacts:

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -31,7 +31,8 @@ from typing import Protocol
 
 from services.segmentation.catalog import SegmentCatalog, SegmentState
 from services.segmentation.evaluation import ProfileFacts, matches
-from services.segmentation.realtime import EventReads, events_read, next_change_time
+from services.segmentation.realtime import EventReads, dependencies_of, events_read, next_change_time
+from services.segmentation.rules import Rule
 from services.segmentation.store import OperationRecord, SegmentStore
 from shared.errors import DomainError, InvalidArgument, NotFound, StatusCode
 from shared.leases import FollowerLease, new_owner
@@ -51,10 +52,30 @@ SHARDS_PER_WORKER = 2
 CAUSE = "recompute"
 
 
+@dataclass(frozen=True)
+class ProfileReads:
+    """What evaluating some rules reads of a profile besides its events: the traits named (None: every trait)
+    and whether computed traits. Profile derives computed traits from every event of a person, so a scan
+    that needs none of them reads only the events the rules count."""
+
+    trait_names: frozenset[str] | None = None
+    computed: bool = True
+
+
+EVERY_FIELD = ProfileReads()
+
+
+def profile_reads(rules: Iterable[Rule], all_rules: Mapping[str, Rule], as_of: datetime) -> ProfileReads:
+    """The traits and computed traits any of `rules` (with the segments they refer to) reads."""
+    read = [dependencies_of(rule, all_rules, as_of) for rule in rules]
+    return ProfileReads(frozenset().union(*(d.trait_names for d in read)), any(d.uses_computed for d in read))
+
+
 class ProfileSource(Protocol):
     def shards(self, count: int) -> list[str]: ...
 
-    def scan(self, shard: str, as_of: datetime, events: EventReads) -> Iterator[list[ProfileFacts]]: ...
+    def scan(self, shard: str, as_of: datetime, events: EventReads,
+             fields: ProfileReads = EVERY_FIELD) -> Iterator[list[ProfileFacts]]: ...
 
 
 @dataclass(frozen=True)
@@ -258,6 +279,7 @@ class Recomputer:
         rule = rules[segment_id]
         as_of = datetime.now(UTC)
         events = events_read([rule], rules, as_of)
+        fields = profile_reads([rule], rules, as_of)
         shards = self._source.shards(operation.shards_total)
         operation = replace(operation, shards_total=len(shards), shards_done=0, profiles_scanned=0,
                             revision=record.revision)
@@ -266,7 +288,7 @@ class Recomputer:
         def scan(shard: str) -> tuple[set[str], int]:
             members: set[str] = set()
             scanned = 0
-            for batch in self._source.scan(shard, as_of, events):
+            for batch in self._source.scan(shard, as_of, events, fields):
                 if stop.is_set():
                     raise RunStopped()
                 scanned += len(batch)

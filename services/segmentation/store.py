@@ -215,9 +215,9 @@ class SegmentStore:
 
     def schedule(self, due: Iterable[tuple[str, datetime]]) -> None:
         """Evaluate each person again at its time (rows in the day partition of that time)."""
-        rows = [(when.date(), when, person_id) for person_id, when in due]
-        if rows:
-            self._session.execute_many("INSERT INTO reevaluations (day, due_time, person_id) VALUES (?, ?, ?)", rows)
+        # In unlogged batches by day: a recompute schedules most of a segment's persons, in few day partitions.
+        self._session.write_all([("INSERT INTO reevaluations (day, due_time, person_id) VALUES (?, ?, ?)",
+                                  (when.date(), when, person_id)) for person_id, when in due])
 
     def due(self, day: date, now: datetime, limit: int) -> list[tuple[datetime, str]]:
         rows = self._session.execute("SELECT due_time, person_id FROM reevaluations WHERE day = ? AND due_time <= ? "

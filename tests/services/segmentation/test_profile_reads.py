@@ -1,0 +1,48 @@
+"""What a recompute asks profile for: only the traits, computed traits and events its rule reads (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.segmentation.profile_source import FACTS_MASK, scan_request
+from services.segmentation.realtime import events_read
+from services.segmentation.recompute import EVERY_FIELD, ProfileReads, profile_reads
+from services.segmentation.rules import Rule
+from services.segmentation.text import parse
+
+pytestmark = pytest.mark.unit
+
+AS_OF = datetime(2030, 6, 1, tzinfo=UTC)
+RULES: dict[str, Rule] = {
+    "pros": parse('traits.plan = "pro"'),
+    "buyers": parse('event("order").count(last 30d) >= 2'),
+    "pro-buyers": parse('segment("pros") AND segment("buyers") AND score("models/churn") < 0.5'),
+    "bookish": parse('computed.top_categories CONTAINS "books" OR traits.country = "FR"'),
+}
+
+
+def test_profile_reads_name_the_traits_of_the_rule_and_the_segments_it_refers_to() -> None:
+    assert profile_reads([RULES["pro-buyers"]], RULES, AS_OF) == ProfileReads(
+        frozenset({"plan", "score_churn"}), computed=False)
+    assert profile_reads([RULES["buyers"]], RULES, AS_OF) == ProfileReads(frozenset(), computed=False)
+    assert profile_reads([RULES["bookish"]], RULES, AS_OF) == ProfileReads(frozenset({"country"}), computed=True)
+
+
+def test_a_scan_request_asks_for_exactly_those_fields_and_events() -> None:
+    rule = [RULES["pro-buyers"]]
+    request = scan_request("0:1", AS_OF, events_read(rule, RULES, AS_OF), profile_reads(rule, RULES, AS_OF))
+    assert list(request.read_mask.paths) == ["person_id", "traits.plan", "traits.score_churn"]
+    assert list(request.event_names) == ["order"] and request.include_events
+    assert request.events_start_time.ToDatetime(tzinfo=UTC) == AS_OF - timedelta(days=30, milliseconds=1)
+    traits_only = [RULES["pros"]]
+    request = scan_request("0:1", AS_OF, events_read(traits_only, RULES, AS_OF),
+                           profile_reads(traits_only, RULES, AS_OF))
+    assert list(request.read_mask.paths) == ["person_id", "traits.plan"]
+    assert not request.include_events and not request.event_names and not request.HasField("events_start_time")
+    bookish = [RULES["bookish"]]
+    request = scan_request("0:1", AS_OF, events_read(bookish, RULES, AS_OF), profile_reads(bookish, RULES, AS_OF))
+    assert list(request.read_mask.paths) == ["person_id", "traits.country", "computed", "preferences"]
+    # Without a rule to go by (a size estimate), everything an evaluation can read.
+    assert scan_request("0:1", AS_OF, events_read(bookish, RULES, AS_OF), EVERY_FIELD).read_mask == FACTS_MASK
