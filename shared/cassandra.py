@@ -189,6 +189,13 @@ class CassandraSession:
         other (order what must be ordered with two calls). Every write in this project is idempotent:
         a failure (raised once every batch has finished) is retried by the caller as a whole.
         """
+        self.start_writes(statements)()
+
+    def start_writes(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> Callable[[], None]:
+        """`write_all`, returning as soon as the batches are sent: call the result to wait for them.
+
+        Lets a caller overlap the writes with other work that does not depend on them.
+        """
         by_partition: dict[Any, list[Any]] = {}
         for cql, params in statements:
             bound = self.prepare(cql).bind(params)
@@ -201,14 +208,17 @@ class CassandraSession:
                 batch.add(bound)
             futures.append(self._call(self._session.execute_async, batch, timeout=limit,
                                       execution_profile=ROWS_PROFILE))
-        failure: Exception | None = None
-        for future in futures:
-            try:
-                self.result(future)
-            except Exception as error:  # wait for every batch before raising the first failure
-                failure = failure or error
-        if failure is not None:
-            raise failure
+
+        def wait() -> None:
+            failure: Exception | None = None
+            for future in futures:
+                try:
+                    self.result(future)
+                except Exception as error:  # wait for every batch before raising the first failure
+                    failure = failure or error
+            if failure is not None:
+                raise failure
+        return wait
 
     def result(self, future: ResponseFuture) -> Any:
         """Wait for an execute_async future, translating driver errors."""

@@ -385,12 +385,14 @@ class IdentityGraph:
                 pending.append(index)
         # Observations in one call that share identifiers are reconciled together, in one component.
         seed_groups = _group_by_shared_identifiers([normalized[i] for i in pending])
-        self._append_evidence([(normalized[i], observations[i].evidence) for i in pending])
+        # Written while the leases are taken: a component is loaded only once its evidence is stored.
+        appended = self._start_appending_evidence([(normalized[i], observations[i].evidence) for i in pending])
         seed_groups = [g for g in seed_groups if any(normalized[pending[i]] for i in g)]
         reconciled_groups = self.reconcile_many(
             [{k for g in group for k in normalized[pending[g]]} for group in seed_groups],
             [f"observation {observations[pending[group[0]]].evidence.message_id}" for group in seed_groups],
-            persons={k: a.person_id for k, a in assignments.items()})
+            persons={k: a.person_id for k, a in assignments.items()}, appended=appended)
+        appended()
         results: dict[int, _Reconciled] = {}
         for group, reconciled in zip(seed_groups, reconciled_groups, strict=True):
             for g in group:
@@ -405,7 +407,8 @@ class IdentityGraph:
                 _describe_unchanged(outcome, persons, self.registry)
         return outcomes
 
-    def _append_evidence(self, items: Sequence[tuple[list[IdKey], Evidence]]) -> None:
+    def _start_appending_evidence(self, items: Sequence[tuple[list[IdKey], Evidence]]) -> Callable[[], None]:
+        """Start writing the links and sightings of `items`; call the result to wait for them."""
         recorded = _now()
         statements: list[tuple[str, Sequence[Any]]] = []
         for keys, evidence in items:
@@ -414,7 +417,7 @@ class IdentityGraph:
                 statements.append((_INSERT_SIGHTING, (a.type, a.value, evidence.message_id, event_time)))
                 statements += [(_INSERT_LINK, (a.type, a.value, b.type, b.value, evidence.message_id, evidence.source,
                                                evidence.source_kind, event_time, recorded)) for b in keys if a != b]
-        self._session.write_all(statements)
+        return self._session.start_writes(statements)
 
     def _record_observations(self, items: Sequence[tuple[list[IdKey], Evidence]]) -> None:
         recorded = _now()
@@ -488,7 +491,8 @@ class IdentityGraph:
         return self.reconcile_many([seeds], [reason])[0]
 
     def reconcile_many(self, seed_sets: Sequence[set[IdKey]], reasons: Sequence[str],
-                       persons: Mapping[IdKey, str | None] | None = None) -> list[_Reconciled]:
+                       persons: Mapping[IdKey, str | None] | None = None,
+                       appended: Callable[[], None] | None = None) -> list[_Reconciled]:
         """Recompute the components around each seed set under leases; one result per seed set.
 
         Works in rounds. Each round takes the leases every component still lacks (few lightweight
@@ -498,7 +502,8 @@ class IdentityGraph:
         component found to reach beyond its leases keeps them, takes the ones it now needs in the
         next round and reads again only what it had read without them (see _Reads); one whose
         leases other writers hold gives back what it has and waits, with backoff, until they are
-        given back. `persons` may give the seeds' current persons, read by the caller.
+        given back. `persons` may give the seeds' current persons, read by the caller; `appended`
+        waits for evidence still being written, which must be stored before a component is loaded.
         """
         # Give up a little before the caller's deadline, so that it learns why (COMPONENT_CONTENDED).
         left = deadline.remaining()
@@ -522,6 +527,9 @@ class IdentityGraph:
                 jobs = _merged(jobs)
                 short = [job for job in jobs if not job.needed <= job.held]
                 granted = self._leases.acquire_groups([job.needed - job.held for job in short], owner)
+                if appended is not None:
+                    appended()
+                    appended = None
                 blocked = [job for job, ok in zip(short, granted, strict=True) if not ok]
                 for job, ok in zip(short, granted, strict=True):
                     if ok:
@@ -532,7 +540,7 @@ class IdentityGraph:
                 ready = [job for job in jobs if job.needed <= job.held]
                 if ready:
                     outcomes = self._reconcile_held([job.seeds for job in ready], [job.held for job in ready],
-                                                    [reasons[job.indexes[0]] for job in ready], reads)
+                                                    [reasons[job.indexes[0]] for job in ready], reads, persons)
                     finished = []
                     for job, outcome in zip(ready, outcomes, strict=True):
                         if isinstance(outcome, _Reconciled):
@@ -571,10 +579,12 @@ class IdentityGraph:
         return [{_lease_key(k, found[k]) for k in seeds if found[k] or not self._is_junk(k)} for seeds in seed_sets]
 
     def _reconcile_held(self, seed_sets: Sequence[set[IdKey]], helds: Sequence[set[str]],
-                        reasons: Sequence[str], reads: _Reads | None = None) -> list[_Reconciled | set[str]]:
+                        reasons: Sequence[str], reads: _Reads | None = None,
+                        persons: Mapping[IdKey, str | None] | None = None) -> list[_Reconciled | set[str]]:
         """Under the leases `helds`: each component recomputed, or the leases it needs when it reaches further.
 
         `reads` holds rows read earlier under leases still held (see _Reads); they are not read again.
+        `persons`, the seeds' persons as the caller read them, lets the first step read their members.
         """
         reads = reads if reads is not None else _Reads()
         # An erasure may have tombstoned a seed after the caller checked it and before these leases
@@ -582,7 +592,7 @@ class IdentityGraph:
         # Erasure deletes the identifier rows it tombstones, so only seeds without a person can be
         # erased. Read alongside the components (the leases are held already).
         read_erased = self._tombstones_async({k for seeds in seed_sets for k in seeds})
-        components = self._load_components(seed_sets, reads)
+        components = self._load_components(seed_sets, reads, persons)
         erased = read_erased()
         erased_seeds = [{k for k in erased & seeds if not component.person_of.get(k)}
                         for seeds, component in zip(seed_sets, components, strict=True)]
@@ -604,9 +614,13 @@ class IdentityGraph:
             outcomes.append(plan.reconciled)
         # Identifier rows last: a writer that dies half way leaves them unchanged where anything else
         # was left undone, so the next recomputation sees those identifiers as changed and redoes it.
+        # The changes are recorded while the identifier rows are written (neither depends on the other):
+        # a writer that dies meanwhile may leave the feed short of a change or, retried, record one
+        # twice, as it could when they were written one after the other.
         self._session.write_all([s for plan in plans for s in plan.person_writes])
-        self._session.write_all([s for plan in plans for s in plan.identifier_writes])
+        identifiers_written = self._session.start_writes([s for plan in plans for s in plan.identifier_writes])
         recorded = iter(feed.record_many(self._session, [c for plan in plans for c in plan.changes]))
+        identifiers_written()
         for plan in plans:
             plan.reconciled.changes = [next(recorded) for _ in plan.changes]
         return outcomes
@@ -619,19 +633,22 @@ class IdentityGraph:
             + [("DELETE FROM identifier_sightings WHERE id_type = ? AND id_value = ?", (k.type, k.value))
                for k in erased])
 
-    def _load_components(self, seed_sets: Sequence[set[IdKey]], reads: _Reads) -> list[_Component]:
+    def _load_components(self, seed_sets: Sequence[set[IdKey]], reads: _Reads,
+                         persons: Mapping[IdKey, str | None] | None = None) -> list[_Component]:
         """The components around each seed set, loaded breadth first, all together.
 
         A component is every identifier reachable through links that can merge (not through junk or
         shared identifiers) plus every member of every person touched, so that a person that must be
         split is seen whole. Each step reads, in one round trip, the rows and links of the whole
         identifier frontier of every component and the members of the persons the previous step
-        found; rows already in `reads` are not read again.
+        found; rows already in `reads` are not read again. The first step also reads the members of
+        the seeds' persons as `persons` gives them (if a seed has moved since, its person's members
+        are one more closed part of the component, read for nothing).
         """
         components = [_Component() for _ in seed_sets]
         node_frontiers = [set(seeds) for seeds in seed_sets]
-        person_frontiers: list[set[str]] = [set() for _ in seed_sets]
-        loaded_persons: list[set[str]] = [set() for _ in seed_sets]
+        person_frontiers = [{p for k in seeds if (p := (persons or {}).get(k))} for seeds in seed_sets]
+        loaded_persons = [set(found) for found in person_frontiers]
         while any(node_frontiers) or any(person_frontiers):
             self._read(reads, set().union(*node_frontiers), set().union(*person_frontiers))
             for index, component in enumerate(components):

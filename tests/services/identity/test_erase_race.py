@@ -19,7 +19,7 @@ def test_evidence_appended_after_an_erasure_is_dropped_under_the_lease(graph: Id
     graph.erase(person, allow_relink=False, reason="test")
     # The late observation checked the tombstones before the erasure wrote them, and appends its
     # evidence after the erasure finished: what link() does between its check and its recomputation.
-    graph._append_evidence([([email, late_cookie], Evidence("m2"))])
+    graph._start_appending_evidence([([email, late_cookie], Evidence("m2"))])()
     reconciled = graph.reconcile({email, late_cookie}, "late observation")
     assert reconciled.erased == {email}
     assert graph.persons_of([email, cookie]) == {email: None, cookie: None}
