@@ -12,7 +12,9 @@
     start once a further 5 s of calls brought no faster one). Warm twice: the FULL view (every field
     of a score, the default) and the BASIC view (person id and probability only). And once with a
     batch of 10x the persons (each person 10 times) against raw predict on that 10x matrix: what a
-    call's fixed cost (gRPC, the request's set-up) weighs when spread over more persons. To show
+    call's fixed cost (gRPC, the request's set-up) weighs when spread over more persons. The floor: the
+    same call (same request, a FULL response of the same persons) answered by a server on the same
+    bootstrap, in this process, that does no work at all. To show
     where the time goes, the same batch in this process: profile's BatchGetProfiles alone (the cold
     path's fetch), the feature matrix (`features_at` on the kept histories) and the service's
     booster step (`Scorer.score_matrix`, compiled, as the service runs it once settled); the rest
@@ -62,7 +64,8 @@ from services.prediction.profile_source import GrpcProfileSource
 from services.prediction.registry import ModelRegistry
 from services.prediction.scoring import Scorer
 from shared.cassandra import CassandraSession, connect_cluster, open_session
-from shared.config import SERVICE_NAMES, CassandraSettings
+from shared.config import SERVICE_NAMES, CassandraSettings, GrpcSettings
+from shared.server import ServiceRegistration, create_server
 from tests.services.prediction.stack import identifier_of, ingest
 from tests.services.prediction.synthetic import day, synthetic_events
 
@@ -156,6 +159,32 @@ def single_latency(stub: pb_grpc.PredictionServiceStub, selectors: Sequence[comm
                    open_loop(start_one, rate=max(maximum.rate / 2, 1.0), seconds=seconds))
 
 
+def echo_seconds(response: pb.BatchScorePersonsResponse, selectors: Sequence[common_pb2.PersonSelector],
+                 rounds: int) -> float:
+    """The best time of a BatchScorePersons call with `selectors` to a server on the services' bootstrap
+    (shared.server.create_server: the same interceptors) that only returns `response`: what the call costs
+    before the service does anything, the floor under a warm call of the same size."""
+    service = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
+    answering = grpc.method_handlers_generic_handler(service, {"BatchScorePersons": grpc.unary_unary_rpc_method_handler(
+        lambda request, context: response, request_deserializer=pb.BatchScorePersonsRequest.FromString,
+        response_serializer=pb.BatchScorePersonsResponse.SerializeToString)})
+    registration = ServiceRegistration(service, lambda server: server.add_generic_rpc_handlers((answering,)))
+    echo = create_server([registration], GrpcSettings(bind_host="127.0.0.1", log_format="text",
+                                                      log_level="WARNING"), port=0, error_domain="onecdp.echo")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{echo.port}") as channel:
+            stub = pb_grpc.PredictionServiceStub(channel)
+
+            def call() -> None:
+                answer = stub.BatchScorePersons(pb.BatchScorePersonsRequest(
+                    model=f"models/{MODEL}", persons=selectors, view=pb.SCORE_VIEW_FULL), timeout=120)
+                assert all(r.WhichOneof("outcome") == "score" for r in answer.results)
+
+            return len(selectors) / best_rate(rounds * 4, len(selectors), call)
+    finally:
+        echo.stop(None).wait()
+
+
 def drop_keyspaces(admin: CassandraSession, settings: CassandraSettings) -> None:
     for name in SERVICE_NAMES:
         admin.execute(f"DROP KEYSPACE IF EXISTS {settings.keyspace(name)}", timeout=60)
@@ -195,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 cold_seconds = timed(batch_call)  # the online store is empty: every history comes from profile
                 settle(batch_call)
+                full_response = stub.BatchScorePersons(pb.BatchScorePersonsRequest(
+                    model=f"models/{MODEL}", persons=selectors, view=pb.SCORE_VIEW_FULL), timeout=120)
+                echo_rate = persons / echo_seconds(full_response, selectors, args.rounds)
                 warm_seconds = persons / best_rate(args.rounds, persons, batch_call)
                 basic_seconds = persons / best_rate(args.rounds, persons, partial(batch_call, pb.SCORE_VIEW_BASIC))
                 large_seconds = LARGE * persons / best_rate(args.rounds, LARGE * persons,
@@ -265,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
          f"raw Booster.predict {raw_rate:,.0f} rows/s: ratio {warm_rate / raw_rate:.4f} (aim >= 0.7)"),
         ("BatchScorePersons, warm, BASIC view", f"{basic_rate:,.0f} persons/s",
          f"raw Booster.predict: ratio {basic_rate / raw_rate:.4f}"),
+        ("  the same call answered by a server that does nothing", f"{echo_rate:,.0f} persons/s",
+         f"raw Booster.predict: ratio {echo_rate / raw_rate:.4f}, the most a warm call could reach "
+         f"({per_batch(persons / echo_rate)} a call: gRPC, interceptors, messages)"),
         (f"BatchScorePersons, warm, {LARGE * persons:,} persons a call", f"{large_rate:,.0f} persons/s",
          f"raw Booster.predict on those {LARGE * persons:,} rows {large_raw_rate:,.0f} rows/s: ratio "
          f"{large_rate / large_raw_rate:.4f}"),
