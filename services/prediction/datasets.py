@@ -46,6 +46,12 @@ def is_eligible(spec: ModelSpec, events: Sequence[ActivityEvent], cutoff: dateti
     return bool(eligible_at(spec, EventRuns.of([columns_of(events)]), cutoff)[0])
 
 
+def reads_names(spec: ModelSpec) -> bool:
+    """Whether `eligible_at` reads the events' names: only for churn that names its qualifying events (runs
+    for it are built `with_names`)."""
+    return spec.kind is PredictionKind.CHURN and bool(spec.event_names)
+
+
 def eligible_at(spec: ModelSpec, runs: EventRuns, cutoff: datetime) -> npt.NDArray[np.bool_]:
     """`is_eligible` of every person in `runs` at once (one flag per run)."""
     events = runs.columns
@@ -53,7 +59,9 @@ def eligible_at(spec: ModelSpec, runs: EventRuns, cutoff: datetime) -> npt.NDArr
     if spec.kind is PredictionKind.CONVERSION:
         return runs.count(before) > 0
     window = before & (events.micros >= micros_of(cutoff - timedelta(days=spec.eligibility_days)))
-    if spec.event_names:
+    if reads_names(spec):
+        if events.names is None:
+            raise ValueError("a spec that names its events needs runs built with_names")
         window &= np.isin(events.names, list(spec.event_names))
     return runs.count(window) > 0
 
@@ -133,7 +141,7 @@ def build_training_sets(spec: ModelSpec, histories: Iterable[PersonHistory], tra
 def add_examples(dataset: TrainingSet, spec: ModelSpec, histories: Sequence[PersonHistory], cutoff: datetime) -> int:
     """Add the row at `cutoff` of each person eligible then (their features computed together); returns how
     many rows were added."""
-    flags = eligible_at(spec, EventRuns.of([h.columns for h in histories]), cutoff)
+    flags = eligible_at(spec, EventRuns.of([h.columns for h in histories], with_names=reads_names(spec)), cutoff)
     eligible = [h for h, flag in zip(histories, flags.tolist(), strict=True) if flag]
     if not eligible:
         return 0

@@ -48,6 +48,10 @@ class PersonRef(NamedTuple):
     identifier_value: str | None = None
 
 
+# The rows of EventColumns.table.
+_MICROS, _IS_ORDER, _AMOUNT_BITS, _CATEGORY = range(4)
+
+
 @dataclass(frozen=True)
 class EventColumns:
     """A person's time-sorted history as arrays: what the feature function reads, one entry per event.
@@ -56,26 +60,46 @@ class EventColumns:
     window bounds are exact comparisons. Categories are codes local to the person (-1: none): only
     how many distinct ones there are matters. Names are the events' names (for specs that name the
     events they count).
+
+    The columns are the rows of one int64 table (an amount's row holds its float64 bits), so that a
+    batch lays many persons' histories end to end with one concatenation instead of one per column
+    (a few hundred ns per array: as much as the features of the person).
     """
 
-    micros: npt.NDArray[np.int64]
-    is_order: npt.NDArray[np.bool_]
-    amounts: npt.NDArray[np.float64]  # order amounts, 0 when none
-    categories: npt.NDArray[np.int64]
-    names: npt.NDArray[np.object_]
+    table: npt.NDArray[np.int64]  # (4, events): micros, is_order (0/1), amount bits, category
+    names: npt.NDArray[np.object_] | None  # None in runs built without them (EventRuns.of)
+
+    @property
+    def micros(self) -> npt.NDArray[np.int64]:
+        micros: npt.NDArray[np.int64] = self.table[_MICROS]
+        return micros
+
+    @property
+    def is_order(self) -> npt.NDArray[np.bool_]:
+        is_order: npt.NDArray[np.bool_] = self.table[_IS_ORDER] != 0
+        return is_order
+
+    @property
+    def amounts(self) -> npt.NDArray[np.float64]:
+        """Order amounts, 0 when none."""
+        amounts: npt.NDArray[np.float64] = self.table[_AMOUNT_BITS].view(np.float64)
+        return amounts
+
+    @property
+    def categories(self) -> npt.NDArray[np.int64]:
+        categories: npt.NDArray[np.int64] = self.table[_CATEGORY]
+        return categories
 
     def __len__(self) -> int:
-        return len(self.micros)
+        return int(self.table.shape[1])
 
     def prefix(self, count: int) -> EventColumns:
         """The first `count` events (views, no copies)."""
-        return EventColumns(self.micros[:count], self.is_order[:count], self.amounts[:count],
-                            self.categories[:count], self.names[:count])
+        return EventColumns(self.table[:, :count], self.names[:count] if self.names is not None else None)
 
     def where(self, keep: npt.NDArray[np.bool_]) -> EventColumns:
         """The events where `keep` is true, in order."""
-        return EventColumns(self.micros[keep], self.is_order[keep], self.amounts[keep], self.categories[keep],
-                            self.names[keep])
+        return EventColumns(self.table[:, keep], self.names[keep] if self.names is not None else None)
 
 
 def micros_of(time: datetime) -> int:
@@ -86,14 +110,14 @@ def columns_of(events: Sequence[ActivityEvent]) -> EventColumns:
     """The arrays of a time-sorted history (one pass over the events)."""
     codes: dict[str, int] = {}
     count = len(events)
-    return EventColumns(
-        np.fromiter((micros_of(e.time) for e in events), dtype=np.int64, count=count),
-        np.fromiter((e.name == ORDER_EVENT for e in events), dtype=np.bool_, count=count),
-        np.fromiter(((e.amount or 0.0) if e.name == ORDER_EVENT else 0.0 for e in events), dtype=np.float64,
-                    count=count),
-        np.fromiter((codes.setdefault(e.category, len(codes)) if e.category else -1 for e in events),
-                    dtype=np.int64, count=count),
-        np.fromiter((e.name for e in events), dtype=np.object_, count=count))
+    table = np.empty((4, count), dtype=np.int64)
+    table[_MICROS] = np.fromiter((micros_of(e.time) for e in events), dtype=np.int64, count=count)
+    table[_IS_ORDER] = np.fromiter((e.name == ORDER_EVENT for e in events), dtype=np.bool_, count=count)
+    table[_AMOUNT_BITS] = np.fromiter(((e.amount or 0.0) if e.name == ORDER_EVENT else 0.0 for e in events),
+                                      dtype=np.float64, count=count).view(np.int64)
+    table[_CATEGORY] = np.fromiter((codes.setdefault(e.category, len(codes)) if e.category else -1 for e in events),
+                                   dtype=np.int64, count=count)
+    return EventColumns(table, np.fromiter((e.name for e in events), dtype=np.object_, count=count))
 
 
 @dataclass(frozen=True)
@@ -109,17 +133,21 @@ class EventRuns:
     sizes: npt.NDArray[np.int64]
 
     @classmethod
-    def of(cls, histories: Sequence[EventColumns]) -> EventRuns:
+    def of(cls, histories: Sequence[EventColumns], *, with_names: bool = False) -> EventRuns:
+        """The runs of `histories`, in order; the events' names only `with_names` (a spec that names events)."""
         if len(histories) == 1:  # one person (single scores): the arrays themselves, no copies
-            return cls(histories[0], np.asarray([len(histories[0].micros)], dtype=np.int64))
-        micros = [h.micros for h in histories]
-        sizes = np.fromiter(map(len, micros), dtype=np.int64, count=len(histories))
+            return cls(histories[0], np.asarray([len(histories[0])], dtype=np.int64))
+        tables = [h.table for h in histories]
+        sizes = np.fromiter((table.shape[1] for table in tables), dtype=np.int64, count=len(tables))
         if not histories:
             return cls(columns_of([]), sizes)
-        return cls(EventColumns(np.concatenate(micros), np.concatenate([h.is_order for h in histories]),
-                                np.concatenate([h.amounts for h in histories]),
-                                np.concatenate([h.categories for h in histories]),
-                                np.concatenate([h.names for h in histories])), sizes)
+        names = None
+        if with_names:
+            parts = [h.names for h in histories if h.names is not None]
+            if len(parts) != len(histories):
+                raise ValueError("with_names needs every history's names")
+            names = np.concatenate(parts)
+        return cls(EventColumns(np.concatenate(tables, axis=1), names), sizes)
 
     def __len__(self) -> int:
         """Runs (persons)."""

@@ -23,11 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import cast
 
 import numpy as np
 
-from services.prediction.datasets import eligible_at
+from services.prediction.datasets import eligible_at, reads_names
 from services.prediction.features import FEATURE_NAMES, features_at, features_of_runs
 from services.prediction.history import EventRuns, HistoryReader, PersonHistory, PersonRef
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, VersionState
@@ -247,10 +246,9 @@ def score_histories(scoring: ScoringVersion, histories: Sequence[PersonHistory |
     """
     spec = scoring.version.spec
     errors = {index: history for index, history in enumerate(histories) if isinstance(history, DomainError)}
-    read: Sequence[PersonHistory] = (cast(Sequence[PersonHistory], histories) if not errors
-                                     else [h for h in histories if not isinstance(h, DomainError)])
+    read = [history for history in histories if not isinstance(history, DomainError)]
     read_positions = np.flatnonzero(np.isin(np.arange(len(histories)), list(errors), invert=True))
-    runs = EventRuns.of([history.columns for history in read])
+    runs = EventRuns.of([history.columns for history in read], with_names=reads_names(spec))
     eligible = eligible_at(spec, runs, as_of)
     rows = np.full(len(histories), -1, dtype=np.int64)
     rows[read_positions[eligible]] = np.arange(int(np.count_nonzero(eligible)))

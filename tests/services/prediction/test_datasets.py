@@ -105,7 +105,7 @@ def test_eligibility_of_a_batch_is_each_persons_by_the_definition() -> None:
     events["nobody"] = []
     events["late"] = [ActivityEvent("order", T + timedelta(days=1), 1.0)]
     names = sorted(events)
-    runs = EventRuns.of([columns_of(events[n]) for n in names])
+    runs = EventRuns.of([columns_of(events[n]) for n in names], with_names=True)
     named = resolve_spec(PredictionKind.CHURN, ["page_view"], 30, eligibility_days=45, min_class_count=0)
     for spec in (CONVERSION, CHURN, named):
         for cutoff in (day("2023-02-01"), day("2023-09-01"), T, day("2024-11-01")):
