@@ -4,6 +4,15 @@
 for cutoff T and a score computed "as of T" are the same numbers, and nothing from the label window
 [T, T+H) can leak into a feature. Values that do not exist (recency of a person who never ordered,
 mean gap with fewer than two orders) are NaN, which LightGBM treats as missing rather than as zero.
+
+Orders and refunds (the project's one meaning, docs in the proto's ModelSpec): every `order` event is a
+money movement with a signed amount, a refund being a negative one under the order's id. Amount sums
+(`order_amount_sum`, `order_amount_{D}d`) are net: they add every order event, refunds included. Every
+count and time of orders (`order_count*`, `days_since_*_order`, `order_days`, the gaps, `max_order_amount`)
+reads purchases only (amount >= 0): a refund is not an order placed. `average_order_value` is the net sum
+over the purchases. Activity (`event_count*`, `days_since_last_event`, `tenure_days`, the lifecycle stage)
+is every event the history holds, refunds included; identify and alias events are not in it (state, not
+behaviour: profile_source.py skips them).
 """
 
 from __future__ import annotations
@@ -115,6 +124,7 @@ def _features_of_histories(past: EventRuns, cutoff_micros: int) -> npt.NDArray[n
     column = FEATURE_INDEX
     events = past.columns
     micros, is_order, amounts, categories = events.micros, events.is_order, events.amounts, events.categories
+    is_purchase = is_order & (amounts >= 0.0)  # a refund (negative amount) moves money but is no order placed
     sizes = past.sizes
     persons = len(sizes)
     rows = np.empty((persons, len(FEATURE_NAMES)))
@@ -134,11 +144,11 @@ def _features_of_histories(past: EventRuns, cutoff_micros: int) -> npt.NDArray[n
     indicators = np.empty((len(_SUMMED), len(ages)))
     indicators[0] = 1.0
     indicators[1] = prior
-    indicators[2] = is_order
+    indicators[2] = is_purchase
     indicators[3] = order_amounts
-    indicators[4] = prior & is_order
+    indicators[4] = prior & is_purchase
     indicators[5:5 + windows] = within
-    indicators[5 + windows:5 + 2 * windows] = within & is_order
+    indicators[5 + windows:5 + 2 * windows] = within & is_purchase
     indicators[5 + 2 * windows:] = np.where(within, order_amounts, 0.0)
     sums = dict(zip(_SUMMED, np.add.reduceat(indicators, starts, axis=1), strict=True))
     for name, total in sums.items():
@@ -153,9 +163,9 @@ def _features_of_histories(past: EventRuns, cutoff_micros: int) -> npt.NDArray[n
     rows[:, column["tenure_days"]] = tenure
     has_orders = order_counts > 0
     # Oldest first, so the first order has the largest age and the last order the smallest.
-    last_order = np.minimum.reduceat(np.where(is_order, ages, np.inf), starts)
-    first_order = np.maximum.reduceat(np.where(is_order, ages, -np.inf), starts)
-    max_amount = np.maximum.reduceat(np.where(is_order, amounts, -np.inf), starts)
+    last_order = np.minimum.reduceat(np.where(is_purchase, ages, np.inf), starts)
+    first_order = np.maximum.reduceat(np.where(is_purchase, ages, -np.inf), starts)
+    max_amount = np.maximum.reduceat(np.where(is_purchase, amounts, -np.inf), starts)
     rows[:, column["days_since_last_order"]] = np.where(has_orders, last_order, NAN)
     rows[:, column["days_since_first_order"]] = np.where(has_orders, first_order, NAN)
     rows[:, column["max_order_amount"]] = np.where(has_orders, max_amount, NAN)
@@ -172,8 +182,8 @@ def _features_of_histories(past: EventRuns, cutoff_micros: int) -> npt.NDArray[n
     # and a comparison of neighbours (np.unique's hash table costs ten times more here).
     owner = np.repeat(np.arange(persons), sizes)
     has_category = categories >= 0
-    groups = np.concatenate([owner[recent], persons + owner[is_order], 2 * persons + owner[has_category]])
-    values = np.concatenate([whole_days[recent], whole_days[is_order], categories[has_category]])
+    groups = np.concatenate([owner[recent], persons + owner[is_purchase], 2 * persons + owner[has_category]])
+    values = np.concatenate([whole_days[recent], whole_days[is_purchase], categories[has_category]])
     span = int(values.max()) + 1 if len(values) else 1
     keys = np.sort(groups * span + values)
     first_of_value = np.ones(len(keys), dtype=np.bool_)

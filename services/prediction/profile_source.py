@@ -19,9 +19,10 @@ What it reads from profile (onecdp.profile.v1):
 Event mapping (StoredEvent.event -> ActivityEvent): ORDER -> name `order`, amount = order.amount,
 category = the first item's category; TRACK/PAGE/SCREEN -> event_name, amount = properties.revenue
 when numeric, category = properties.category when a string. IDENTIFY and ALIAS are state, not
-behaviour, and are skipped. A later event for an order id already seen is a correction of that
-transaction (e.g. a refund), not a new order: it becomes `order_update` with the change in amount,
-so counts stay right and nothing from after a cutoff alters the order as it looked before it.
+behaviour, and are skipped. Every ORDER event is kept as its own money movement with its signed amount
+(a refund is a later event with a negative amount under the same order id; it replaces nothing): the
+features tell purchases (amount >= 0) from refunds (see features.py), and an event
+after a cutoff cannot alter what the history looked like before it.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ from services.prediction.scoring import PersonScore
 from shared import deadline
 from shared.errors import DeadlineExceeded, DomainError, InvalidArgument, NotFound, Unavailable
 
-ORDER_UPDATE_EVENT = "order_update"
 DEFAULT_SHARDS = 16
 SCAN_BATCH_SIZE = 500
 # Profile's BatchGetProfiles limit.
@@ -97,7 +97,6 @@ def activity_events(stored: Iterable[profile_pb.StoredEvent], before: datetime |
     """
     ordered = sorted(stored, key=lambda s: (s.event.event_time.seconds, s.event.event_time.nanos,
                                             s.event.message_id))
-    amounts_by_order: dict[str, float] = {}
     events = []
     for item in ordered:
         event = item.event
@@ -109,12 +108,6 @@ def activity_events(stored: Iterable[profile_pb.StoredEvent], before: datetime |
         if event.type == profile_pb.EVENT_TYPE_ORDER:
             order = event.order
             category = next((i.category for i in order.items if i.category), None)
-            if order.order_id in amounts_by_order:
-                change = order.amount - amounts_by_order[order.order_id]
-                amounts_by_order[order.order_id] = order.amount
-                events.append(ActivityEvent(ORDER_UPDATE_EVENT, time, change, category))
-                continue
-            amounts_by_order[order.order_id] = order.amount
             events.append(ActivityEvent(ORDER_EVENT, time, order.amount, category))
             continue
         properties = event.properties.fields

@@ -76,6 +76,20 @@ def test_one_order_has_no_gap() -> None:
     assert math.isnan(values["mean_days_between_orders"]) and math.isnan(values["order_overdue_ratio"])
 
 
+def test_a_refund_nets_the_amounts_but_is_not_an_order() -> None:
+    # The outside review's case: an order of 100, then a refund of 30 under the same order id.
+    values = features_as_of([ActivityEvent("order", ago(5), 100.0), ActivityEvent("order", ago(4), -30.0)], CUTOFF)
+    assert values["order_amount_sum"] == pytest.approx(70) and values["order_count"] == 1
+    assert values["average_order_value"] == pytest.approx(70) and values["max_order_amount"] == 100
+    assert values["order_amount_7d"] == pytest.approx(70) and values["order_count_7d"] == 1
+    assert values["days_since_last_order"] == pytest.approx(5)  # the refund is no later order
+    assert values["order_days"] == 1
+    assert values["event_count"] == 2 and values["days_since_last_event"] == pytest.approx(4)  # but it is activity
+    # A full refund: the order still happened, the money did not stay.
+    full = features_as_of([ActivityEvent("order", ago(5), 100.0), ActivityEvent("order", ago(4), -100.0)], CUTOFF)
+    assert full["order_amount_sum"] == 0 and full["order_count"] == 1
+
+
 def test_events_at_or_after_the_cutoff_are_invisible() -> None:
     later = [*HISTORY, ActivityEvent("order", CUTOFF, 999.0, "games"),
              ActivityEvent("order", CUTOFF + timedelta(days=5), 1.0)]
@@ -90,7 +104,8 @@ def reference_row(events: list[ActivityEvent], cutoff: datetime) -> list[float]:
     an independent statement of every definition, to check the batch computation against."""
     past = [e for e in events if e.time < cutoff]
     ages = [(cutoff - e.time).total_seconds() / 86_400 for e in past]
-    orders = [(age, e.amount or 0.0) for age, e in zip(ages, past, strict=True) if e.name == "order"]
+    money = [(age, e.amount or 0.0) for age, e in zip(ages, past, strict=True) if e.name == "order"]
+    orders = [(age, amount) for age, amount in money if amount >= 0]  # purchases; refunds are negative
     order_ages = [age for age, _ in orders]
     nan = math.nan
 
@@ -100,11 +115,11 @@ def reference_row(events: list[ActivityEvent], cutoff: datetime) -> list[float]:
     row = [min(ages, default=nan), max(ages, default=nan), float(len(ages))]
     row += [float(sum(1 for a in ages if a < d)) for d in (7, 30, 90, 180, 365)]
     row += [float(len({math.floor(a) for a in ages if a < 90})), trend(ages)]
-    total = sum(amount for _, amount in orders)
+    total = sum(amount for _, amount in money)  # net of refunds
     row += [min(order_ages, default=nan), max(order_ages, default=nan), float(len(orders)), total,
             total / len(orders) if orders else nan, max((amount for _, amount in orders), default=nan)]
     row += [float(sum(1 for a in order_ages if a < d)) for d in (7, 30, 90, 180, 365)]
-    row += [sum(amount for a, amount in orders if a < d) for d in (7, 30, 90, 180, 365)]
+    row += [sum(amount for a, amount in money if a < d) for d in (7, 30, 90, 180, 365)]
     row.append(float(len({math.floor(a) for a in order_ages})))
     gap = ((max(order_ages) - min(order_ages)) / (len(orders) - 1)
            if len(orders) >= 2 and max(order_ages) > min(order_ages) else nan)
@@ -120,9 +135,10 @@ def reference_row(events: list[ActivityEvent], cutoff: datetime) -> list[float]:
 
 def test_the_batch_computation_is_the_per_event_definition_for_every_person_and_cutoff() -> None:
     histories = synthetic_events(300, seed=5)
-    # Extra shapes: same-day orders, an order update (an event, not an order), empty categories, ties in time.
+    # Extra shapes: same-day orders, a refund (money, not an order), a refund alone, empty categories, ties in time.
     histories["edge"] = [ActivityEvent("order", ago(10), 5.0, ""), ActivityEvent("order", ago(10), 7.0, "books"),
-                         ActivityEvent("order_update", ago(9), -5.0, "books"), ActivityEvent("order", ago(1), None)]
+                         ActivityEvent("order", ago(9), -5.0, "books"), ActivityEvent("order", ago(1), None)]
+    histories["refund only"] = [ActivityEvent("page_view", ago(200)), ActivityEvent("order", ago(3), -20.0)]
     histories["nobody"] = []
     names = sorted(histories)
     columns = [columns_of(histories[n]) for n in names]

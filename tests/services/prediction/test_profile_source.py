@@ -20,7 +20,7 @@ from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 
 from services.prediction.history import ORDER_EVENT, ActivityEvent, PersonHistory, PersonRef
-from services.prediction.profile_source import ORDER_UPDATE_EVENT, GrpcProfileSource, activity_events
+from services.prediction.profile_source import GrpcProfileSource, activity_events
 from shared.errors import InvalidArgument, NotFound, Unavailable
 
 pytestmark = pytest.mark.unit
@@ -47,7 +47,7 @@ EVENTS = {
             order_id="o1", amount=40.0, items=[profile_pb.OrderItem(sku="a"), profile_pb.OrderItem(category="books")])),
         stored("p1", "m1", 1, profile_pb.EVENT_TYPE_TRACK, "add_to_cart", revenue=12.5, category="books"),
         stored("p1", "m2", 2, profile_pb.EVENT_TYPE_IDENTIFY),
-        stored("p1", "m4", 10, profile_pb.EVENT_TYPE_ORDER, order=profile_pb.Order(order_id="o1", amount=25.0)),
+        stored("p1", "m4", 10, profile_pb.EVENT_TYPE_ORDER, order=profile_pb.Order(order_id="o1", amount=-15.0)),
         stored("p1", "m5", 20, profile_pb.EVENT_TYPE_PAGE, "home", revenue="n/a"),
     ],
     "p2": [stored("p2", f"n{i}", i, profile_pb.EVENT_TYPE_TRACK, "view") for i in range(25)],
@@ -59,8 +59,9 @@ def test_stored_events_become_activity() -> None:
     assert activity_events(EVENTS["p1"]) == [
         ActivityEvent("add_to_cart", T0 + timedelta(days=1), 12.5, "books"),
         ActivityEvent(ORDER_EVENT, T0 + timedelta(days=3), 40.0, "books"),
-        # The same order id again is a correction (a partial refund), not a second order.
-        ActivityEvent(ORDER_UPDATE_EVENT, T0 + timedelta(days=10), -15.0, None),
+        # A partial refund under the same order id is its own money movement: it replaces nothing (the
+        # features tell it from a purchase by its negative amount).
+        ActivityEvent(ORDER_EVENT, T0 + timedelta(days=10), -15.0, None),
         ActivityEvent("home", T0 + timedelta(days=20), None, None),
     ]
 
@@ -145,7 +146,7 @@ def test_histories_scan_every_shard_before_a_time(fake: tuple[FakeProfile, GrpcP
     before = T0 + timedelta(days=12)
     histories = {h.person_id: h.events for h in source.histories(before)}
     assert set(histories) == {"p1", "p2", "p3"}
-    assert [e.name for e in histories["p1"]] == ["add_to_cart", ORDER_EVENT, ORDER_UPDATE_EVENT]
+    assert [e.name for e in histories["p1"]] == ["add_to_cart", ORDER_EVENT, ORDER_EVENT]
     assert len(histories["p2"]) == 12 and histories["p3"] == []
     scans = [r for r in servicer.requests if isinstance(r, profile_pb.ScanProfilesRequest)]
     assert all(r.include_events and list(r.read_mask.paths) == ["person_id"] for r in scans)
