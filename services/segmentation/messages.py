@@ -31,6 +31,7 @@ from services.segmentation.rules import (
     SegmentCondition,
     TraitCondition,
     Window,
+    segment_id_of_reference,
 )
 from shared.errors import Violations
 
@@ -166,11 +167,7 @@ def rule_from_message(message: pb.Rule, path: str, violations: Violations) -> Ru
             else ScoreField.PROBABILITY
         return ScoreCondition(score.model, score_field, numeric) if numeric is not None else None
     if which == "segment":
-        name = message.segment.segment
-        if not name.startswith("segments/"):
-            violations.add(f"{path}.segment.segment", f"{name!r} is not a segment name like segments/vip")
-            return None
-        return SegmentCondition(name.removeprefix("segments/"))
+        return SegmentCondition(segment_id_of_reference(message.segment.segment))
     violations.add(path, "a rule node is required: all, any, negate, trait, event_count, event_aggregate, score or "
                          "segment")
     return None

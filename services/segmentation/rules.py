@@ -225,6 +225,12 @@ def segment_name(segment_id: str) -> str:
     return f"segments/{segment_id}"
 
 
+def segment_id_of_reference(reference: str) -> str:
+    """The segment a `segment(...)` condition names: `segments/{id}` and the bare `{id}` are both accepted
+    in both forms (validation then checks the id)."""
+    return reference.removeprefix("segments/")
+
+
 def conditions(rule: Rule) -> Iterator[Condition]:
     """The conditions of a rule, in rule order."""
     if isinstance(rule, AllOf | AnyOf):
@@ -433,7 +439,8 @@ def _check_numeric(comparison: Comparison, path: str, problem: Callable[[str, st
 def _check_segment(target: str, problem: Callable[[str, str], None], segment_id: str | None,
                    references_of: Callable[[str], frozenset[str] | None]) -> None:
     if not SEGMENT_ID.match(target):
-        problem(".segment.segment", f"{target!r} is not a segment id (lower-case letters, digits, hyphens)")
+        problem(".segment.segment", f"{target!r} is not a segment id (lower-case letters, digits, hyphens) "
+                                    "or name (segments/<id>)")
         return
     if target == segment_id:
         problem(".segment.segment", f"segments/{target} refers to itself")

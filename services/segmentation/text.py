@@ -39,6 +39,7 @@ from services.segmentation.rules import (
     TraitCondition,
     Window,
     parse_time,
+    segment_id_of_reference,
 )
 
 
@@ -152,7 +153,7 @@ class _Parser:
         if token.text in _FUNCTIONS and self.at("PUNCT", "("):
             self.take()
             if token.text == "segment":
-                segment_id = self.string()
+                segment_id = segment_id_of_reference(self.string())
                 self.expect("PUNCT", ")")
                 return SegmentCondition(segment_id, position=token.position)
             if token.text == "score":

@@ -156,6 +156,14 @@ def test_validation_names_the_offending_part(text: str, path: str, position: int
     assert fragment in problems[0][2]
 
 
+def test_a_segment_reference_may_be_its_id_or_its_name() -> None:
+    # The tree form documents `segments/{id}`, the text form writes the id: each accepts both spellings.
+    assert parse('segment("segments/vip")') == parse('segment("vip")') == SegmentCondition("vip")
+    assert format_rule(parse('NOT segment("segments/vip")')) == 'NOT segment("vip")'
+    assert problems_of('segment("segments/nope")') == [("segment.segment", 0, "segments/nope does not exist")]
+    assert problems_of('segment("segments/")')[0][2].startswith("'' is not a segment id")
+
+
 def test_cycles_and_self_references_are_refused() -> None:
     # vip <- loyal <- outer: vip referring to outer closes a cycle.
     assert problems_of('segment("outer")', segment_id="vip") == [

@@ -97,6 +97,23 @@ def test_create_get_list_update_delete(segmentation: Stub) -> None:
     assert not segmentation.ListSegments(pb.ListSegmentsRequest(), timeout=10).segments
 
 
+def test_a_segment_reference_is_its_name_or_its_id_in_both_forms(segmentation: Stub) -> None:
+    create(segmentation, "vip", "computed.monetary >= 500")
+    both = [segmentation.CreateSegment(pb.CreateSegmentRequest(segment_id=f"ref-{form}", segment=segment),
+                                       timeout=10)
+            for form, segment in (("text", pb.Segment(rule_text='NOT segment("segments/vip")')),
+                                  ("tree", pb.Segment(rule=pb.Rule(negate=pb.Rule(
+                                      segment=pb.SegmentMembershipCondition(segment="vip"))))))]
+    # The canonical forms are unchanged: the id in the text, the name in the tree.
+    assert [s.rule_text for s in both] == ['NOT segment("vip")'] * 2
+    assert [s.rule.negate.segment.segment for s in both] == ["segments/vip"] * 2
+    code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+        segment_id="ghost-ref", segment=pb.Segment(rule=pb.Rule(segment=pb.SegmentMembershipCondition(
+            segment="ghost")))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields == {"segment.rule.segment.segment": "segments/ghost does not exist"}
+
+
 def test_bad_segments_are_refused_naming_the_offending_part(segmentation: Stub) -> None:
     create(segmentation, "base", "traits.plan = \"pro\"")
     code, reason, _ = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(

@@ -219,6 +219,36 @@ class Segment(_message.Message):
     """The rule in text form, e.g.
     `computed.frequency >= 3 AND event("order").count(last 90d) >= 1 AND NOT segment("vip")`.
     It round-trips: parsing the canonical text gives the same rule tree.
+
+    Grammar (keywords in any case; the canonical text upper-cases them):
+    - Combining: `a AND b`, `a OR b`, `NOT a`, parentheses. NOT binds tighter than AND, AND
+      tighter than OR: `NOT a OR b AND c` is `(NOT a) OR (b AND c)`.
+    - Comparisons, written `<subject> <comparison>`: `= v`, `!= v`, `< v`, `<= v`, `> v`,
+      `>= v`, `IN [v1, v2, ...]`, `BETWEEN low AND high` (inclusive), `CONTAINS v` (a substring of
+      a text, an element of a list), `EXISTS` (the person has a value). A value `v` is a quoted
+      string `"gold"`, a number `3`, `-1.5`, `2e3`, or `true` / `false`. Ordering comparisons
+      (`<`, `<=`, `>`, `>=`, BETWEEN) apply to numbers and, for timestamp fields, to quoted
+      RFC 3339 times; not to categorical values such as `computed.lifecycle_stage`.
+    - Traits: `traits.<name>` (stored traits, any type: the value compared with decides), and
+      `computed.<name>` with one of: `first_seen_time`, `last_seen_time` (timestamps: compare with
+      `"1997-03-01T00:00:00Z"`), `recency_days`, `frequency`, `monetary`,
+      `average_order_value`, `lifetime_value`, `event_count`, `rfm.recency_score`,
+      `rfm.frequency_score`, `rfm.monetary_score` (numbers), `lifecycle_stage` (one of "new",
+      "active", "silent", "churned"), `rfm.segment` (one of "champions", "loyal", "new",
+      "promising", "need_attention", "at_risk", "hibernating"), `top_categories`, `top_brands`
+      (lists of strings: CONTAINS or EXISTS). The enumerated values are the lower-case names of the
+      onecdp.profile.v1 enum values, without their prefix.
+    - Events: `event("order").count(<window>) >= 2`, and aggregates of a numeric property
+      `event("order").sum(amount, <window>) > 100` with `sum`, `avg`, `min` or `max`. Filters on
+      event properties follow the event name: `event("order", category = "books",
+      quantity >= 2).count(last 30d) >= 1` (each filter is a comparison as above; all must hold).
+    - Windows: `last 90d` (the 90 days up to the evaluation time, moving with it; 1-3650 days) or
+      `from 1997-01-01T00:00:00Z to 1997-04-01T00:00:00Z` (start inclusive, end exclusive;
+      unquoted RFC 3339 times, or bare dates meaning midnight UTC).
+    - Scores: `score("models/churn-90d") >= 0.7` compares the probability (0-1) of the model's
+      active version, `score("models/churn-90d").percentile >= 90` its percentile (0-100).
+    - Segment membership: `segment("vip")`; `segment("segments/vip")` is accepted too (the
+      canonical text writes the id).
     """
     revision: _builtins.int
     """Increases by one every time the rule changes."""
@@ -649,7 +679,9 @@ class SegmentMembershipCondition(_message.Message):
 
     SEGMENT_FIELD_NUMBER: _builtins.int
     segment: _builtins.str
-    """The other segment's name, `segments/{segment_id}`."""
+    """The other segment's name, `segments/{segment_id}`. The bare `{segment_id}` is accepted too;
+    responses carry the name.
+    """
     def __init__(
         self,
         *,
