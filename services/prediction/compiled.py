@@ -17,7 +17,8 @@ holds one anyway is scored by LightGBM.
 
 Compiling costs seconds (LLVM optimises one function holding every tree: 3-17 s for 226 trees here,
 depending on load), so it runs in the background, in a child process at the lowest CPU priority, and
-only for a version that has scored enough rows for the compile to pay off; until then LightGBM scores.
+only for a version that has scored enough rows for the compile to pay off, and of at most
+MAX_COMPILED_TREES trees; until then, or otherwise, LightGBM scores.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ _PROBE_SEED = 20_261_124
 _PROBE_ROWS = 512
 _LOWEST_PRIORITY = 19
 COMPILE_TIMEOUT_SECONDS = 600.0
+# One function of all trees costs LLVM superlinear time and memory: 226 trees took 3-17 s and 240 MB, 1,000
+# trees 6 min and 1 GB (the pod's limit is 1.5 GiB). Larger models keep LightGBM.
+MAX_COMPILED_TREES = 400
 # LightGBM's kZeroThreshold (1e-35 as a C float): values this close to zero go down a split's zero branch.
 _ZERO_BAND = float(np.float32(1e-35))
 
@@ -77,8 +81,10 @@ class CompiledForest:
         self._booster = booster
 
     @classmethod
-    def compile(cls, model_string: str, booster: lgb.Booster) -> CompiledForest | None:
-        """The compiled forest, or None when this model cannot be compiled to LightGBM's exact numbers.
+    def compile(cls, model_string: str, booster: lgb.Booster,
+                max_trees: int = MAX_COMPILED_TREES) -> CompiledForest | None:
+        """The compiled forest, or None when this model cannot be compiled to LightGBM's exact numbers (or has
+        more than `max_trees` trees).
 
         LLVM's input is built by Python code (llvmlite.ir: hundreds of thousands of objects for a few hundred
         trees), so the compile runs in a child process at the lowest CPU priority: in this process it would
@@ -87,6 +93,10 @@ class CompiledForest:
         """
         if not _LOGISTIC.search(model_string):
             return None  # only the binary objective (what training uses) has its sigmoid applied here
+        if booster.num_trees() > max_trees:
+            log.info("not compiling a model of many trees; scoring with LightGBM",
+                     extra={"trees": booster.num_trees(), "max_trees": max_trees})
+            return None
         with tempfile.TemporaryDirectory(prefix="onecdp-model-") as directory:
             model_file, machine_code = Path(directory, "model.txt"), Path(directory, "model.o")
             model_file.write_text(model_string)

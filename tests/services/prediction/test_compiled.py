@@ -89,7 +89,9 @@ def test_a_failed_or_refused_compile_leaves_lightgbm_scoring(model: TrainedModel
     compiling.scored(50)  # already started: not again
     assert compiling.done.wait(30) and compiling.forest is None and calls == ["prediction-compile"]
 
-    # A model whose probability is not the logistic of its raw score is not compiled at all.
+    # A model of more trees than compiling is worth, or whose probability is not the logistic of its raw score,
+    # is not compiled at all.
+    assert booster.num_trees() > 5 and CompiledForest.compile(model.model_string, booster, max_trees=5) is None
     rng = np.random.default_rng(1)
     data = rng.random((200, 3))
     regression = lgb.train({"objective": "regression", "verbosity": -1, "num_threads": 1},
