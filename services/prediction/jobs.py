@@ -20,7 +20,14 @@ from services.prediction.history import PersonHistory, ProfileSource
 from services.prediction.registry import ModelRegistry, Operation, OperationKind
 from services.prediction.scoring import PersonScore
 from services.prediction.serving import ScoringVersion, score_histories
-from services.prediction.training import DEFAULT_TRAINING_THREADS, check_cutoffs, train_version
+from services.prediction.training import (
+    DEFAULT_TRAINING_THREADS,
+    STAGE_FEATURES,
+    STAGE_QUEUED,
+    STAGE_SAVING,
+    check_cutoffs,
+    train_version,
+)
 from shared.errors import Aborted, DomainError
 
 log = logging.getLogger(__name__)
@@ -50,7 +57,7 @@ def start_training(registry: ModelRegistry, request: TrainingRequest,
     check_cutoffs(spec, request.training_cutoffs, request.validation_cutoff)
     version = registry.start_version(request.model_id, request.training_cutoffs, request.validation_cutoff, now())
     return registry.create_operation(OperationKind.TRAIN, request.model_id, now(), version_id=version.version_id,
-                                     stage="features")
+                                     stage=STAGE_QUEUED)
 
 
 def _never() -> bool:
@@ -71,22 +78,26 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
     assert operation.version_id is not None
     model_id, version_id = request.model_id, operation.version_id
     last_report = [0.0]
+    scanned = [0]
 
     def progress(stage: str, persons: int) -> None:
+        # persons_processed only grows: persons scanned while features are built, then all of them. The
+        # total is known once the scan has ended (profile has no cheap count of persons).
         _check_stop(should_stop)
-        if stage == "features" and time.monotonic() - last_report[0] < PROGRESS_INTERVAL_SECONDS:
+        scanned[0] = max(scanned[0], persons)
+        if stage == STAGE_FEATURES and time.monotonic() - last_report[0] < PROGRESS_INTERVAL_SECONDS:
             return
         last_report[0] = time.monotonic()
-        registry.report_progress(operation.operation_id, now(), stage=stage, persons_processed=persons,
-                                 persons_total=persons if stage != "features" else 0)
+        registry.report_progress(operation.operation_id, now(), stage=stage, persons_processed=scanned[0],
+                                 persons_total=scanned[0] if stage != STAGE_FEATURES else 0)
 
     try:
         spec = registry.get_version(model_id, version_id).spec
+        progress(STAGE_FEATURES, 0)  # out of the queue: the stage says so before the first batch is scanned
         trained = train_version(spec, source, request.training_cutoffs, request.validation_cutoff,
                                 seed=request.seed, num_threads=num_threads, progress=progress)
-        registry.report_progress(operation.operation_id, now(), stage="saving",
-                                 persons_processed=trained.metrics.validation_examples,
-                                 persons_total=trained.metrics.validation_examples)
+        registry.report_progress(operation.operation_id, now(), stage=STAGE_SAVING, persons_processed=scanned[0],
+                                 persons_total=scanned[0])
         registry.finish_version(model_id, version_id, trained, now())
         if request.activate:
             registry.activate(model_id, version_id, now())

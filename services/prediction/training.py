@@ -34,6 +34,10 @@ SCORE_QUANTILES = 1001
 DEFAULT_TRAINING_THREADS = 1
 # The data's last event may fall on the horizon's last day (daily data such as CDNOW's).
 HORIZON_SLACK = timedelta(days=1)
+# The stages of a training operation, in order (TrainModelMetadata.stage documents them for clients).
+STAGE_QUEUED, STAGE_FEATURES, STAGE_TRAINING, STAGE_SAVING = "queued", "features", "training", "saving"
+# Which events the data-coverage check counts (what ListProfileEvents shows includes the others).
+ACTIVITY_NOTE = "identify and alias events are state, not activity, and do not count"
 
 
 @dataclass(frozen=True)
@@ -141,12 +145,14 @@ def train_version(spec: ModelSpec, source: ProfileSource, training_cutoffs: Sequ
                   progress: Callable[[str, int], None] | None = None) -> TrainedModel:
     """Build point-in-time training and validation sets from `source`, then train.
 
-    `progress(stage, persons_processed)` reports the stages `features` and `training`.
+    `progress(stage, persons_scanned)` reports the stages `features` (persons scanned so far) and `training`
+    (every person scanned: the count never goes back).
     Raises InvalidArgument for a bad window, FailedPrecondition when the data cannot support the spec.
     """
     check_cutoffs(spec, training_cutoffs, validation_cutoff)
     horizon_end = validation_cutoff + horizon_of(spec)
     latest: list[datetime] = []
+    scanned = [0]
 
     def histories_tracking_latest() -> Iterator[PersonHistory]:
         for history in source.histories(before=horizon_end):
@@ -157,8 +163,9 @@ def train_version(spec: ModelSpec, source: ProfileSource, training_cutoffs: Sequ
             yield history
 
     def on_persons(count: int) -> None:
+        scanned[0] = count
         if progress is not None:
-            progress("features", count)
+            progress(STAGE_FEATURES, count)
 
     training, validation = build_training_sets(spec, histories_tracking_latest(),
                                                sorted(training_cutoffs), validation_cutoff, on_persons)
@@ -166,10 +173,11 @@ def train_version(spec: ModelSpec, source: ProfileSource, training_cutoffs: Sequ
     if not latest or latest[0] < horizon_end - HORIZON_SLACK:
         seen = latest[0].isoformat() if latest else "none"
         raise FailedPrecondition(
-            f"the validation horizon ends at {horizon_end.isoformat()} but the latest event is {seen}; "
-            "choose an earlier validation cutoff", reason="VALIDATION_HORIZON_BEYOND_DATA",
+            f"the validation horizon ends at {horizon_end.isoformat()} but the latest activity event before it "
+            f"is {seen} ({ACTIVITY_NOTE}); choose an earlier validation cutoff",
+            reason="VALIDATION_HORIZON_BEYOND_DATA",
             metadata={"latest_event_time": seen, "validation_horizon_end": horizon_end.isoformat()})
     if progress is not None:
-        progress("training", len(training))
+        progress(STAGE_TRAINING, scanned[0])
     return train_booster(training, validation, spec.min_class_count, seed=seed, num_threads=num_threads)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import pytest
 
 from services.prediction.history import InMemoryProfileSource, PersonHistory
 from services.prediction.jobs import TrainingRequest, run_training, start_training
-from services.prediction.registry import ModelRegistry, VersionState
+from services.prediction.registry import ModelRegistry, Operation, VersionState
 from services.prediction.spec import PredictionKind, resolve_spec
 from shared.errors import InvalidArgument, NotFound
 from tests.services.prediction.synthetic import day, synthetic_source
@@ -38,6 +39,39 @@ def test_a_training_operation_ends_with_an_active_ready_version(registry: ModelR
     assert version.metrics.roc_auc > 0.8
     assert registry.get_model("buyers").active_version == 1
     assert registry.load_booster("buyers", 1)
+
+
+class ProgressRecorder(ModelRegistry):
+    """The real registry, also keeping every operation state it wrote (what GetOperation showed meanwhile)."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        super().__init__(registry._session)
+        self.seen: list[Operation] = []
+
+    def report_progress(self, operation_id: str, now: datetime, **progress: Any) -> None:
+        super().report_progress(operation_id, now, **progress)
+        self.seen.append(self.get_operation(operation_id))
+
+
+def test_training_progress_has_a_stage_from_the_queue_on_and_counts_that_never_go_back(
+        registry: ModelRegistry) -> None:
+    create(registry)
+    recorder = ProgressRecorder(registry)
+    operation = start_training(recorder, REQUEST)
+    assert (operation.stage, operation.persons_processed, operation.persons_total) == ("queued", 0, 0)
+    finished = run_training(recorder, SOURCE, operation, REQUEST)
+    assert finished.error_code is None
+    seen = [operation, *recorder.seen, finished]
+    stages = [state.stage for state in seen]
+    order = ["queued", "features", "training", "saving"]
+    assert sorted(stages, key=order.index) == stages and set(stages) == set(order)
+    processed = [state.persons_processed for state in seen]
+    assert processed == sorted(processed)
+    persons = len(list(SOURCE.histories(REQUEST.validation_cutoff)))  # every person, eligible or not
+    assert finished.persons_processed == finished.persons_total == persons
+    for state in seen:
+        # The total is unknown (0) until the scan ends, then it is every person scanned.
+        assert state.persons_total == (persons if state.stage in ("training", "saving") else 0)
 
 
 def test_too_few_examples_fail_the_version_and_say_how_many(registry: ModelRegistry) -> None:

@@ -99,6 +99,12 @@ def test_validation_horizon_beyond_the_data_is_refused() -> None:
     with pytest.raises(FailedPrecondition) as caught:
         train_version(spec(), SOURCE, [day("2024-10-01")], day("2024-12-01"))
     assert caught.value.reason == "VALIDATION_HORIZON_BEYOND_DATA"
+    # It names the date it judged by (the horizon ends 2025-01-30) and which events count (ListProfileEvents
+    # also shows identify events).
+    latest = caught.value.metadata["latest_event_time"]
+    assert latest == max(e.time for h in SOURCE.histories(day("2025-01-30")) for e in h.events).isoformat()
+    assert f"latest activity event before it is {latest}" in caught.value.message
+    assert "identify and alias events" in caught.value.message
 
 
 def test_scores_come_with_percentiles_and_contributions(conversion_model: TrainedModel) -> None:

@@ -132,8 +132,9 @@ class ModelSpec(_message.Message):
     """Minimum positives and negatives needed to train (default 100 each)."""
     @_builtins.property
     def event_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Conversion: the target events (default `order`). Churn: the qualifying activity events
-        (default: any event).
+        """Conversion: the target events (default `order`; an `order` counts only when it is a
+        purchase, amount >= 0, not a refund). Churn: the qualifying activity events (default: any
+        event except identify and alias events).
         """
 
     def __init__(
@@ -524,7 +525,9 @@ class TrainModelRequest(_message.Message):
     @_builtins.property
     def validation_cutoff(self) -> _timestamp_pb2.Timestamp:
         """The validation cutoff: a later, held-out period for early stopping and metrics. Its
-        horizon must end before the latest event in the data.
+        horizon must end no later than one day after the latest activity event in the data (identify
+        and alias events do not count), or the operation fails with FAILED_PRECONDITION
+        (VALIDATION_HORIZON_BEYOND_DATA).
         """
 
     def __init__(
@@ -546,7 +549,9 @@ Global___TrainModelRequest: _TypeAlias = TrainModelRequest  # noqa: Y015
 
 @_typing.final
 class TrainModelMetadata(_message.Message):
-    """Metadata of the TrainModel operation: progress."""
+    """Metadata of the TrainModel operation: progress. Stages only move forward and counts never go
+    back.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -558,11 +563,18 @@ class TrainModelMetadata(_message.Message):
     model_version: _builtins.str
     """The version being trained."""
     stage: _builtins.str
-    """Current stage: `features`, `training`, `evaluating`, `saving`."""
+    """Current stage, always set, in order: `queued` (waiting for the service's one training
+    worker), `features` (scanning every profile to build the training and validation rows),
+    `training` (fitting the booster), `saving`.
+    """
     persons_processed: _builtins.int
-    """Persons whose features are built so far."""
+    """Persons scanned so far (every profile, eligible or not). From `training` on, every person
+    scanned. The training and validation row counts are in the resulting version's metrics.
+    """
     persons_total: _builtins.int
-    """Persons in all."""
+    """Persons in all: 0 while unknown (queued, and during `features`, since the profile service has
+    no cheap count), then equal to `persons_processed` once the scan has ended.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When training started."""

@@ -34,6 +34,17 @@ class PredictionServiceStub:
     training is what it sees when scoring. Training sets are point-in-time correct: features only
     from events strictly before a cutoff, labels only from the horizon after it. Every score comes
     with its model version and the features that pushed it up or down for that person.
+
+    Activity: features, labels and eligibility read a person's behaviour, that is every stored event
+    except identify and alias events (those record who the person is, not what they did). So
+    `days_since_last_event` can be older than profile's `last_seen_time`, which counts every event.
+
+    Orders and refunds: an `order` event is a money movement with a signed amount; a refund is a
+    negative amount under the order's id and replaces nothing. Amount features (`order_amount_sum`,
+    `order_amount_{D}d`) are net: refunds included. Order counts and times (`order_count*`,
+    `days_since_last_order`, `days_since_first_order`, `order_days`, `max_order_amount`, the gaps)
+    read purchases only (amount >= 0); `average_order_value` is the net sum over the purchases.
+    A conversion label counts an `order` target event only when it is a purchase.
     """
 
     @_typing.overload
@@ -113,6 +124,9 @@ class PredictionServiceStub:
     """
     GetPersonFeatures: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.GetPersonFeaturesRequest, _prediction_service_pb2.PersonFeatures]
     """Returns the feature vector of a person as of a time, exactly as training and scoring see it.
+    Activity features (`days_since_last_event`, `tenure_days`, `event_count*`, `active_days_90d`,
+    `lifecycle_stage`) ignore identify and alias events (see the service comment), unlike profile's
+    `last_seen_time`; order features follow the service comment's orders and refunds.
 
     Errors: NOT_FOUND for an unknown person.
     """
@@ -125,6 +139,17 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     training is what it sees when scoring. Training sets are point-in-time correct: features only
     from events strictly before a cutoff, labels only from the horizon after it. Every score comes
     with its model version and the features that pushed it up or down for that person.
+
+    Activity: features, labels and eligibility read a person's behaviour, that is every stored event
+    except identify and alias events (those record who the person is, not what they did). So
+    `days_since_last_event` can be older than profile's `last_seen_time`, which counts every event.
+
+    Orders and refunds: an `order` event is a money movement with a signed amount; a refund is a
+    negative amount under the order's id and replaces nothing. Amount features (`order_amount_sum`,
+    `order_amount_{D}d`) are net: refunds included. Order counts and times (`order_count*`,
+    `days_since_last_order`, `days_since_first_order`, `order_days`, `max_order_amount`, the gaps)
+    read purchases only (amount >= 0); `average_order_value` is the net sum over the purchases.
+    A conversion label counts an `order` target event only when it is a purchase.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -201,6 +226,9 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     """
     GetPersonFeatures: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.GetPersonFeaturesRequest, _prediction_service_pb2.PersonFeatures]  # type: ignore[assignment]
     """Returns the feature vector of a person as of a time, exactly as training and scoring see it.
+    Activity features (`days_since_last_event`, `tenure_days`, `event_count*`, `active_days_90d`,
+    `lifecycle_stage`) ignore identify and alias events (see the service comment), unlike profile's
+    `last_seen_time`; order features follow the service comment's orders and refunds.
 
     Errors: NOT_FOUND for an unknown person.
     """
@@ -212,6 +240,17 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
     training is what it sees when scoring. Training sets are point-in-time correct: features only
     from events strictly before a cutoff, labels only from the horizon after it. Every score comes
     with its model version and the features that pushed it up or down for that person.
+
+    Activity: features, labels and eligibility read a person's behaviour, that is every stored event
+    except identify and alias events (those record who the person is, not what they did). So
+    `days_since_last_event` can be older than profile's `last_seen_time`, which counts every event.
+
+    Orders and refunds: an `order` event is a money movement with a signed amount; a refund is a
+    negative amount under the order's id and replaces nothing. Amount features (`order_amount_sum`,
+    `order_amount_{D}d`) are net: refunds included. Order counts and times (`order_count*`,
+    `days_since_last_order`, `days_since_first_order`, `order_days`, `max_order_amount`, the gaps)
+    read purchases only (amount >= 0); `average_order_value` is the net sum over the purchases.
+    A conversion label counts an `order` target event only when it is a purchase.
     """
 
     @_abc_1.abstractmethod
@@ -370,6 +409,9 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_prediction_service_pb2.PersonFeatures, _abc.Awaitable[_prediction_service_pb2.PersonFeatures]]:
         """Returns the feature vector of a person as of a time, exactly as training and scoring see it.
+        Activity features (`days_since_last_event`, `tenure_days`, `event_count*`, `active_days_90d`,
+        `lifecycle_stage`) ignore identify and alias events (see the service comment), unlike profile's
+        `last_seen_time`; order features follow the service comment's orders and refunds.
 
         Errors: NOT_FOUND for an unknown person.
         """
