@@ -48,12 +48,16 @@ class LifecyclePolicy:
 
 @dataclass(frozen=True)
 class Transaction:
+    """An order as its events leave it: the net of its purchase and refund events (each event a movement)."""
+
     order_id: str
-    amount: float
+    amount: float  # net: the sum of the amounts of the order's events
     currency_code: str
-    item_count: int
-    event_time: datetime
-    message_id: str
+    item_count: int  # the items of its purchase events
+    event_time: datetime  # its first purchase (its first event when it has only refunds)
+    message_id: str  # the event of `event_time`
+    update_time: datetime  # its latest event
+    purchased: bool  # whether it has a purchase event (amount >= 0): only then is it an order placed
 
 
 @dataclass(frozen=True)
@@ -95,17 +99,27 @@ class ComputedTraits:
     top_brands: list[str]
 
 
+def is_purchase(event: TimelineEvent) -> bool:
+    """A purchase is an order event with an amount of zero or more (a free order is an order); below zero, a refund."""
+    return (event.amount or 0.0) >= 0.0
+
+
 def transactions_of(events: Iterable[TimelineEvent]) -> list[Transaction]:
-    """One transaction per order id, newest first: a later event of the same order replaces it (refunds)."""
-    latest: dict[str, TimelineEvent] = {}
+    """One transaction per order id, newest first (by its first purchase): every event of an order is a money
+    movement, so a refund (a negative amount with the order's id) nets out of the order instead of replacing it."""
+    by_order: dict[str, list[TimelineEvent]] = {}
     for event in events:
-        if event.event_type != EventType.ORDER or not event.order_id:
-            continue
-        known = latest.get(event.order_id)
-        if known is None or (event.event_time, event.message_id) > (known.event_time, known.message_id):
-            latest[event.order_id] = event
-    transactions = [Transaction(e.order_id, e.amount or 0.0, e.currency_code, e.item_count, e.event_time,
-                                e.message_id) for e in latest.values()]
+        if event.event_type == EventType.ORDER and event.order_id:
+            by_order.setdefault(event.order_id, []).append(event)
+    transactions = []
+    for order_id, order_events in by_order.items():
+        order_events.sort(key=lambda e: (e.event_time, e.message_id))
+        purchases = [e for e in order_events if is_purchase(e)]
+        first = (purchases or order_events)[0]
+        transactions.append(Transaction(
+            order_id, sum(e.amount or 0.0 for e in order_events), first.currency_code,
+            sum(e.item_count for e in purchases), first.event_time, first.message_id,
+            order_events[-1].event_time, bool(purchases)))
     transactions.sort(key=lambda t: (t.event_time, t.order_id), reverse=True)
     return transactions
 
@@ -184,12 +198,15 @@ def compute(events: Sequence[TimelineEvent], as_of: datetime,
     first_seen = min((e.event_time for e in seen), default=None)
     last_seen = max((e.event_time for e in seen), default=None)
     transactions = transactions_of(seen)
-    frequency = len(transactions)
+    # Refunds lower the money but are not orders: an order id with only refunds adds none, and a fully
+    # refunded order still counts as an order placed.
+    purchases = [e for e in seen if e.event_type == EventType.ORDER and e.order_id and is_purchase(e)]
+    frequency = sum(t.purchased for t in transactions)
     monetary = sum(t.amount for t in transactions)
     recency_days = None
     rfm = None
-    if transactions:
-        last_order = max(t.event_time for t in transactions)
+    if purchases:
+        last_order = max(e.event_time for e in purchases)
         recency_days = (as_of - last_order).total_seconds() / 86400.0
         rfm = rfm_of(recency_days, frequency, monetary)
     categories: dict[str, int] = {}

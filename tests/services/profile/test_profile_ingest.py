@@ -6,13 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
-from tests.services.profile.conftest import event, ident, identify, ingest, order, profile_of, selector, track
+from tests.services.profile.conftest import at, event, ident, identify, ingest, order, profile_of, selector, track
 
 pytestmark = pytest.mark.integration
 
@@ -83,12 +83,55 @@ def test_late_events_land_in_their_place_in_time(profiles: Stub) -> None:
     assert computed.first_seen_time.ToDatetime(tzinfo=UTC) == datetime(2025, 11, 20, tzinfo=UTC)
 
 
-def test_a_refund_replaces_its_order(profiles: Stub) -> None:
-    ingest(profiles, order("crm_id:c4", order_id="o-9", amount=100.0, when="2026-01-01"),
-           order("crm_id:c4", order_id="o-10", amount=20.0, when="2026-01-02"))
-    ingest(profiles, order("crm_id:c4", order_id="o-9", amount=-100.0, when="2026-01-05"))
-    computed = profile_of(profiles, "crm_id:c4").computed
-    assert (computed.frequency, computed.monetary, computed.lifetime_value) == (2, -80.0, -80.0)
+def _as_of(text: str) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(at(text))
+    return stamp
+
+
+def test_a_partial_refund_nets_out_of_its_order(profiles: Stub) -> None:
+    ingest(profiles, order("crm_id:refund-partial", order_id="R-1", amount=100.0, when="2026-01-01T10:00",
+                           message_id="refund-partial-1"),
+           order("crm_id:refund-partial", order_id="R-1", amount=-30.0, when="2026-01-02T10:00"))
+    profile = profile_of(profiles, "crm_id:refund-partial", as_of_time=_as_of("2026-01-05"))
+    computed = profile.computed
+    assert (computed.monetary, computed.lifetime_value, computed.frequency, computed.average_order_value) == (
+        70.0, 70.0, 1, 70.0)
+    order_windows = [(w.window_days, w.count, w.sum) for w in computed.window_aggregates if w.event_name == "order"]
+    assert order_windows == [(7, 2, 70.0), (30, 2, 70.0), (90, 2, 70.0)]
+    (transaction,) = profile.recent_transactions
+    assert (transaction.order_id, transaction.amount, transaction.message_id) == ("R-1", 70.0, "refund-partial-1")
+    assert transaction.event_time.ToDatetime(tzinfo=UTC) == at("2026-01-01T10:00")
+    # Recency counts from the purchase: the refund is no order.
+    assert computed.recency_days == pytest.approx(3 + 14 / 24)
+
+
+def test_a_full_refund_leaves_an_order_placed_worth_nothing(profiles: Stub) -> None:
+    ingest(profiles, order("crm_id:refund-full", order_id="o-9", amount=100.0, when="2026-01-01"),
+           order("crm_id:refund-full", order_id="o-10", amount=20.0, when="2026-01-02"))
+    ingest(profiles, order("crm_id:refund-full", order_id="o-9", amount=-100.0, when="2026-01-05"))
+    profile = profile_of(profiles, "crm_id:refund-full")
+    computed = profile.computed
+    assert (computed.frequency, computed.monetary, computed.lifetime_value, computed.average_order_value) == (
+        2, 20.0, 20.0, 10.0)
+    assert [(t.order_id, t.amount) for t in profile.recent_transactions] == [("o-10", 20.0), ("o-9", 0.0)]
+    ingest(profiles, order("crm_id:refund-only-full", order_id="o-11", amount=50.0, when="2026-01-01"),
+           order("crm_id:refund-only-full", order_id="o-11", amount=-50.0, when="2026-01-03"))
+    computed = profile_of(profiles, "crm_id:refund-only-full").computed
+    assert (computed.frequency, computed.monetary, computed.average_order_value) == (1, 0.0, 0.0)
+
+
+def test_a_refund_of_an_unknown_order_adds_no_order(profiles: Stub) -> None:
+    ingest(profiles, order("crm_id:refund-orphan", order_id="kept", amount=40.0, when="2026-01-01"),
+           order("crm_id:refund-orphan", order_id="elsewhere", amount=-15.0, when="2026-01-02"))
+    profile = profile_of(profiles, "crm_id:refund-orphan")
+    computed = profile.computed
+    assert (computed.frequency, computed.monetary, computed.average_order_value) == (1, 25.0, 25.0)
+    assert [(t.order_id, t.amount) for t in profile.recent_transactions] == [("elsewhere", -15.0), ("kept", 40.0)]
+    ingest(profiles, order("crm_id:refund-orphan-only", order_id="x", amount=-5.0, when="2026-01-02"))
+    computed = profile_of(profiles, "crm_id:refund-orphan-only").computed
+    assert (computed.frequency, computed.monetary, computed.average_order_value) == (0, -5.0, 0.0)
+    assert not computed.HasField("recency_days") and not computed.HasField("rfm")
 
 
 def _reason(results: list[pb.EventResult], message_id: str) -> int:

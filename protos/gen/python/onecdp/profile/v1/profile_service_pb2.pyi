@@ -307,7 +307,9 @@ Global___Event: _TypeAlias = Event  # noqa: Y015
 
 @_typing.final
 class Order(_message.Message):
-    """A transaction."""
+    """A money movement of an order: a purchase or a refund. Every order event is kept (by its
+    `message_id`, like every event); a later event with the same order id never replaces an earlier one.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -316,11 +318,14 @@ class Order(_message.Message):
     CURRENCY_CODE_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
-    """The order id, unique per source: 1-128 characters. A later event with the same order id
-    replaces the transaction (e.g. a refund updating the amount).
+    """The order id, unique per source: 1-128 characters. A refund carries the id of the order it
+    refunds; the order's net amount is the sum of the amounts of all its events.
     """
     amount: _builtins.float
-    """The total amount in `currency_code` units, e.g. 12.50. Negative for refunds."""
+    """The signed amount moved, in `currency_code` units. Zero or positive: a purchase (a free order
+    is an order), e.g. 100. Negative: a refund of that much of the order, e.g. -30 for a partial
+    refund of 30, -100 for a full refund of an order of 100.
+    """
     currency_code: _builtins.str
     """ISO 4217 code, e.g. `USD`, `CNY`. Default `USD`."""
     @_builtins.property
@@ -591,7 +596,9 @@ class Profile(_message.Message):
 
     @_builtins.property
     def recent_transactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transaction]:
-        """The most recent transactions, newest first (at most 20)."""
+        """The most recent orders, one per order id with its net amount, newest first by the time they
+        were placed (at most 20).
+        """
 
     @_builtins.property
     def merged_person_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -679,15 +686,23 @@ class ComputedTraits(_message.Message):
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     AS_OF_TIME_FIELD_NUMBER: _builtins.int
     recency_days: _builtins.float
-    """Days from the last order to `as_of_time` (recency). Absent without orders."""
+    """Days from the last purchase (an order event with an amount of zero or more) to
+    `as_of_time` (recency). Absent without purchases.
+    """
     frequency: _builtins.int
-    """Number of distinct orders (frequency)."""
+    """Number of distinct order ids with at least one purchase event (amount >= 0): refunds add no
+    orders, and a fully refunded order still counts as an order placed.
+    """
     monetary: _builtins.float
-    """Sum of order amounts (monetary), in the orders' currency."""
+    """Sum of the amounts of all order events, refunds included (net), in the orders' currency:
+    an order of 100 and a refund of -30 give 70.
+    """
     average_order_value: _builtins.float
-    """Average order amount; 0 without orders."""
+    """`monetary` / `frequency`; 0 without orders."""
     lifetime_value: _builtins.float
-    """Historical lifetime value: sum of all order amounts net of refunds."""
+    """Historical lifetime value: the same as `monetary`, the sum of all order events' amounts net of
+    refunds.
+    """
     lifecycle_stage: Global___LifecycleStage.ValueType
     """Lifecycle stage at `as_of_time`."""
     event_count: _builtins.int
@@ -791,7 +806,9 @@ class WindowAggregate(_message.Message):
     count: _builtins.int
     """Number of events in the window."""
     sum: _builtins.float
-    """Sum of `revenue` (or order amount) in the window."""
+    """Sum of `revenue` (or order amount) of the events in the window: refunds inside the window
+    are included, so they net out (an order of 100 and its refund of -30: 70).
+    """
     def __init__(
         self,
         *,
@@ -840,7 +857,7 @@ Global___Preferences: _TypeAlias = Preferences  # noqa: Y015
 
 @_typing.final
 class Transaction(_message.Message):
-    """A stored transaction."""
+    """An order as its events leave it: one per order id."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -850,19 +867,26 @@ class Transaction(_message.Message):
     ITEM_COUNT_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order id."""
     amount: _builtins.float
-    """The amount."""
+    """The net amount: the sum of the amounts of the order's events (purchases and refunds)."""
     currency_code: _builtins.str
-    """ISO 4217 currency code."""
+    """ISO 4217 currency code of its first purchase."""
     item_count: _builtins.int
-    """The number of items."""
+    """The number of items of its purchase events."""
     message_id: _builtins.str
-    """The event that carried it."""
+    """The event of `event_time`."""
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
-        """When the order happened."""
+        """When the order was placed: its first purchase event (its first event when the id has only
+        refunds, which adds no order to `frequency`).
+        """
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the order last changed: its latest event, e.g. a refund."""
 
     def __init__(
         self,
@@ -873,10 +897,11 @@ class Transaction(_message.Message):
         item_count: _builtins.int = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
         message_id: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "currency_code", b"currency_code", "event_time", b"event_time", "item_count", b"item_count", "message_id", b"message_id", "order_id", b"order_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "currency_code", b"currency_code", "event_time", b"event_time", "item_count", b"item_count", "message_id", b"message_id", "order_id", b"order_id", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
