@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.prediction.features import FEATURE_NAMES, feature_matrix, features_at
-from services.prediction.history import ActivityEvent, EventRuns, PersonHistory, columns_of, micros_of
+from services.prediction.history import ORDER_EVENT, ActivityEvent, EventRuns, PersonHistory, columns_of, micros_of
 from services.prediction.spec import ModelSpec, PredictionKind
 
 # Persons whose features are computed together while training sets are built (also the progress step).
@@ -35,10 +35,18 @@ def _index_at(events: Sequence[ActivityEvent], time: datetime) -> int:
 
 
 def _qualifies(spec: ModelSpec, event: ActivityEvent) -> bool:
-    """Churn: does this event count as activity? Conversion: is it a target event?"""
-    if spec.kind is PredictionKind.CHURN and not spec.event_names:
-        return True
-    return event.name in spec.event_names
+    """Churn: does this event count as activity? Conversion: is it a target event?
+
+    A refund (an order event with a negative amount) is no conversion: "did they order" means a purchase.
+    For churn it is still activity (the person did something).
+    """
+    if spec.kind is PredictionKind.CHURN:
+        return not spec.event_names or event.name in spec.event_names
+    return event.name in spec.event_names and not is_refund(event)
+
+
+def is_refund(event: ActivityEvent) -> bool:
+    return event.name == ORDER_EVENT and (event.amount or 0.0) < 0.0
 
 
 def is_eligible(spec: ModelSpec, events: Sequence[ActivityEvent], cutoff: datetime) -> bool:

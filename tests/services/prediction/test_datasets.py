@@ -16,7 +16,7 @@ from services.prediction.datasets import (
     is_eligible,
     label_of,
 )
-from services.prediction.features import feature_row
+from services.prediction.features import FEATURE_NAMES, feature_row
 from services.prediction.history import ActivityEvent, EventRuns, PersonHistory, columns_of
 from services.prediction.spec import PredictionKind, resolve_spec
 from tests.services.prediction.synthetic import day, synthetic_events
@@ -77,6 +77,18 @@ def test_labels_come_only_from_the_horizon() -> None:
     assert row_of([*BASE, ActivityEvent("page_view", T + timedelta(days=1))])[1] == 0  # not a target event
     # An order just before T is a feature, never a label.
     assert row_of([*BASE, ActivityEvent("order", T - timedelta(seconds=1), 1.0)])[1] == 0
+
+
+def test_a_refund_is_not_a_conversion() -> None:
+    refund = ActivityEvent("order", T + timedelta(days=2), -35.0)  # refunds the order 5 days before T
+    assert row_of([*BASE, refund])[1] == 0  # a refund alone inside the horizon
+    assert row_of([*BASE, refund, ActivityEvent("order", T + timedelta(days=3), 12.0)])[1] == 1
+    assert row_of([*BASE, ActivityEvent("order", T + timedelta(days=3), 0.0)])[1] == 1  # a free order is an order
+    assert row_of([*BASE, refund], "churn")[1] == 0  # but it is activity: not churned
+    # The same refund before T nets the amounts and leaves the order count alone.
+    features, _ = row_of([*BASE, ActivityEvent("order", T - timedelta(days=1), -35.0)])
+    values = dict(zip(FEATURE_NAMES, features, strict=True))
+    assert values["order_amount_sum"] == 20.0 and values["order_count"] == 2
 
 
 def test_churn_eligibility_and_label() -> None:
