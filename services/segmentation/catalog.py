@@ -16,7 +16,14 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import IntEnum
 
-from services.segmentation.rules import SEGMENT_ID, Rule, RuleProblem, referenced_segments, validate
+from services.segmentation.rules import (
+    SEGMENT_ID,
+    ModelExists,
+    Rule,
+    RuleProblem,
+    referenced_segments,
+    validate,
+)
 from services.segmentation.store import SegmentRecord, SegmentStore
 from services.segmentation.text import format_rule, parse
 from shared.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
@@ -119,18 +126,22 @@ def _etag(record: SegmentRecord) -> str:
 
 
 class SegmentCatalog:
-    """The segments. `on_rule_changed(segment_id)` runs after a create or a rule change (recompute)."""
+    """The segments. `on_rule_changed(segment_id)` runs after a create or a rule change (recompute);
+    `model_exists` tells validation whether a score condition's model exists (None: unknown)."""
 
-    def __init__(self, store: SegmentStore, on_rule_changed: Callable[[str], None] | None = None) -> None:
+    def __init__(self, store: SegmentStore, on_rule_changed: Callable[[str], None] | None = None,
+                 model_exists: ModelExists = lambda _: None) -> None:
         self.store = store
         self.on_rule_changed = on_rule_changed
+        self.model_exists = model_exists
 
     def _references(self) -> dict[str, frozenset[str]]:
         return {record.segment_id: record.referenced for record in self.store.all()}
 
     def check_rule(self, rule_input: RuleInput, segment_id: str | None, violations: Violations) -> None:
         references = self._references()
-        problems = validate(rule_input.rule, segment_id=segment_id, references_of=references.get)
+        problems = validate(rule_input.rule, segment_id=segment_id, references_of=references.get,
+                            model_exists=functools.cache(self.model_exists))  # one question per model
         rule_problems_to_violations(problems, rule_input, violations)
 
     def create(self, segment_id: str, display_name: str, description: str, rule_input: RuleInput | None) -> Segment:

@@ -115,6 +115,13 @@ def _text_position() -> Any:
     return field(default=-1, compare=False, repr=False)
 
 
+def _text_parts() -> Any:
+    """Where the parts of a condition start in the text it was parsed from, by their proto field path
+    below the condition (`operator`, `value`, `value_upper`, `window`, `filters[0].value`, ...); not
+    part of equality. Empty when not parsed."""
+    return field(default_factory=dict, compare=False, repr=False)
+
+
 @dataclass(frozen=True)
 class Comparison:
     """`<subject> <operator> <operands>`; operand count as the operator requires."""
@@ -154,6 +161,7 @@ class TraitCondition:
     field: str
     comparison: Comparison
     position: int = _text_position()
+    parts: Mapping[str, int] = _text_parts()
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,7 @@ class EventCountCondition:
     window: Window
     comparison: Comparison  # numeric operands: counts
     position: int = _text_position()
+    parts: Mapping[str, int] = _text_parts()
 
 
 @dataclass(frozen=True)
@@ -174,6 +183,7 @@ class EventAggregateCondition:
     window: Window
     comparison: Comparison  # numeric operands
     position: int = _text_position()
+    parts: Mapping[str, int] = _text_parts()
 
 
 @dataclass(frozen=True)
@@ -184,12 +194,14 @@ class ScoreCondition:
     score_field: ScoreField
     comparison: Comparison  # numeric operands
     position: int = _text_position()
+    parts: Mapping[str, int] = _text_parts()
 
 
 @dataclass(frozen=True)
 class SegmentCondition:
     segment_id: str
     position: int = _text_position()
+    parts: Mapping[str, int] = _text_parts()
 
 
 @dataclass(frozen=True)
@@ -264,32 +276,46 @@ class RuleProblem:
     description: str
 
 
+ModelExists = Callable[[str], bool | None]
+
+
 def validate(rule: Rule, *, segment_id: str | None = None,
-             references_of: Callable[[str], frozenset[str] | None] = lambda _: None) -> list[RuleProblem]:
+             references_of: Callable[[str], frozenset[str] | None] = lambda _: None,
+             model_exists: ModelExists = lambda _: None) -> list[RuleProblem]:
     """Everything wrong with `rule`, in rule order.
 
     `references_of(id)` gives the segments a saved segment refers to, or None when there is no such
     segment; it lets validation refuse references to unknown segments and cycles through
-    `segment_id` (the segment the rule belongs to, None for an unsaved rule).
+    `segment_id` (the segment the rule belongs to, None for an unsaved rule). `model_exists(name)`
+    says whether a `models/{id}` exists, or None when that cannot be known (then only its shape is
+    checked).
     """
     problems: list[RuleProblem] = []
-    _check(rule, "", problems, segment_id, references_of)
+    _check(rule, "", problems, _Known(segment_id, references_of, model_exists))
     return problems
 
 
-def _check(rule: Rule, path: str, problems: list[RuleProblem], segment_id: str | None,
-           references_of: Callable[[str], frozenset[str] | None]) -> None:
+@dataclass(frozen=True)
+class _Known:
+    """What validation knows besides the rule: its own segment, the other segments, the models."""
+
+    segment_id: str | None
+    references_of: Callable[[str], frozenset[str] | None]
+    model_exists: ModelExists
+
+
+def _check(rule: Rule, path: str, problems: list[RuleProblem], known: _Known) -> None:
     def problem(sub_path: str, description: str) -> None:
-        problems.append(RuleProblem(f"{path}{sub_path}".lstrip("."), rule.position, description))
+        problems.append(RuleProblem(f"{path}{sub_path}".lstrip("."), _position_of(rule, sub_path), description))
 
     if isinstance(rule, AllOf | AnyOf):
         kind = "all" if isinstance(rule, AllOf) else "any"
         if not rule.rules:
             problem(f".{kind}.rules", "a group needs at least one rule")
         for index, child in enumerate(rule.rules):
-            _check(child, f"{path}.{kind}.rules[{index}]", problems, segment_id, references_of)
+            _check(child, f"{path}.{kind}.rules[{index}]", problems, known)
     elif isinstance(rule, Not):
-        _check(rule.rule, f"{path}.negate", problems, segment_id, references_of)
+        _check(rule.rule, f"{path}.negate", problems, known)
     elif isinstance(rule, TraitCondition):
         _check_trait(rule, problem)
     elif isinstance(rule, EventCountCondition):
@@ -308,10 +334,24 @@ def _check(rule: Rule, path: str, problems: list[RuleProblem], segment_id: str |
         model_id = rule.model.removeprefix("models/")
         if not rule.model.startswith("models/") or not SEGMENT_ID.match(model_id):
             problem(".score.model", f"{rule.model!r} is not a model name like models/churn-90d")
+        elif known.model_exists(rule.model) is False:
+            problem(".score.model", f"{rule.model} does not exist in the prediction service")
         upper = 1.0 if rule.score_field is ScoreField.PROBABILITY else 100.0
         _check_numeric(rule.comparison, ".score", problem, lower=0.0, upper=upper)
     elif isinstance(rule, SegmentCondition):
-        _check_segment(rule.segment_id, problem, segment_id, references_of)
+        _check_segment(rule.segment_id, problem, known.segment_id, known.references_of)
+
+
+def _position_of(rule: Rule, sub_path: str) -> int:
+    """Where in the text the part of `rule` at `sub_path` (`.trait.value`, ...) starts: the nearest part the
+    parser recorded, else the start of the rule."""
+    parts: Mapping[str, int] = getattr(rule, "parts", {})
+    part = sub_path.lstrip(".").partition(".")[2]  # below the condition's kind
+    while part:
+        if part in parts:
+            return parts[part]
+        part = part.rpartition(".")[0]
+    return rule.position
 
 
 def _check_trait(rule: TraitCondition, problem: Callable[[str, str], None]) -> None:
@@ -344,6 +384,10 @@ def _check_trait(rule: TraitCondition, problem: Callable[[str, str], None]) -> N
                 FieldType.STRING_LIST: "string"}[field_type]
     if kind != expected:
         problem(".trait.value", f"{rule.field} is a {field_type.value}; it cannot be compared with a {kind}")
+        return
+    if field_type is FieldType.STRING and operator in ORDERING:
+        problem(".trait.operator", f"{rule.field} is categorical: {operator.value} does not apply; use =, !=, IN or "
+                                   "EXISTS")
         return
     if field_type is FieldType.STRING_LIST and operator is not Operator.CONTAINS:
         problem(".trait.operator", f"{rule.field} is a list: use CONTAINS or EXISTS")

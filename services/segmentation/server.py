@@ -32,12 +32,13 @@ from services.segmentation.estimate import estimate_size, sample_size_of
 from services.segmentation.evaluation import evaluate
 from services.segmentation.follower import FeedFollower, Memberships
 from services.segmentation.messages import rule_from_message, rule_to_message
+from services.segmentation.model_directory import GrpcModelDirectory
 from services.segmentation.profile_source import GrpcProfileSource
 from services.segmentation.recompute import Recomputer
 from services.segmentation.store import OperationRecord, SegmentStore
 from services.segmentation.text import RuleSyntaxError, format_rule, parse
 from shared.changefeed import FEED_START, parse_cursor, time_of
-from shared.clients import profile_stub
+from shared.clients import prediction_stub, profile_stub
 from shared.errors import InvalidArgument, Violations
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
@@ -286,7 +287,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
     store = SegmentStore(context.session)
-    catalog = SegmentCatalog(store)
+    models = GrpcModelDirectory(prediction_stub(context.grpc_settings))
+    catalog = SegmentCatalog(store, model_exists=models.model_exists)
     source = GrpcProfileSource(profile_stub(context.grpc_settings))
     recomputer = Recomputer(catalog, store, source)
 

@@ -100,6 +100,10 @@ class _Parser:
     def current(self) -> Token:
         return self.tokens[self.index]
 
+    def ahead(self, count: int) -> int:
+        """The position of the token `count` tokens after the current one (the end when there is none)."""
+        return self.tokens[min(self.index + count, len(self.tokens) - 1)].position
+
     def take(self) -> Token:
         token = self.current
         self.index += 1
@@ -153,15 +157,18 @@ class _Parser:
         if token.text in _FUNCTIONS and self.at("PUNCT", "("):
             self.take()
             if token.text == "segment":
+                parts = {"segment": self.current.position}
                 segment_id = segment_id_of_reference(self.string())
                 self.expect("PUNCT", ")")
-                return SegmentCondition(segment_id, position=token.position)
+                return SegmentCondition(segment_id, position=token.position, parts=parts)
             if token.text == "score":
                 return self.score(token.position)
             return self.event(token.position)
-        return TraitCondition(token.text, self.comparison(), position=token.position)
+        parts = {}
+        return TraitCondition(token.text, self.comparison(parts), position=token.position, parts=parts)
 
     def score(self, start: int) -> ScoreCondition:
+        parts = {"model": self.current.position}
         model = self.string()
         self.expect("PUNCT", ")")
         score_field = ScoreField.PROBABILITY
@@ -171,40 +178,49 @@ class _Parser:
             if name.text not in ScoreField.__members__.values():
                 raise RuleSyntaxError(f"a score has a probability or a percentile, not {name.text!r}", name.position)
             score_field = ScoreField(name.text)
-        return ScoreCondition(model, score_field, self.comparison(), position=start)
+        return ScoreCondition(model, score_field, self.comparison(parts), position=start, parts=parts)
 
     def event(self, start: int) -> EventCountCondition | EventAggregateCondition:
+        parts = {"event_name": self.current.position}
         event_name = self.string()
         filters: list[PropertyFilter] = []
         while self.at("PUNCT", ","):
             self.take()
             name = self.expect("NAME", what="a property name")
-            filters.append(PropertyFilter(name.text, self.comparison()))
+            prefix = f"filters[{len(filters)}]"
+            parts[prefix] = parts[f"{prefix}.property"] = name.position
+            filters.append(PropertyFilter(name.text, self.comparison(parts, f"{prefix}.")))
         self.expect("PUNCT", ")")
         self.expect("PUNCT", ".")
         function = self.expect("NAME", what="count, sum, avg, min or max")
         self.expect("PUNCT", "(")
         if function.text == "count":
-            window = self.window()
+            window = self.window(parts)
             self.expect("PUNCT", ")")
-            return EventCountCondition(event_name, tuple(filters), window, self.comparison(), position=start)
+            return EventCountCondition(event_name, tuple(filters), window, self.comparison(parts), position=start,
+                                       parts=parts)
         if function.text not in {a.value for a in Aggregation}:
             raise RuleSyntaxError(f"expected count, sum, avg, min or max, found {function.text!r}", function.position)
-        prop = self.expect("NAME", what="the property to aggregate").text
+        prop = self.expect("NAME", what="the property to aggregate")
+        parts["property"] = prop.position
         self.expect("PUNCT", ",")
-        window = self.window()
+        window = self.window(parts)
         self.expect("PUNCT", ")")
-        return EventAggregateCondition(event_name, prop, Aggregation(function.text), tuple(filters), window,
-                                       self.comparison(), position=start)
+        return EventAggregateCondition(event_name, prop.text, Aggregation(function.text), tuple(filters), window,
+                                       self.comparison(parts), position=start, parts=parts)
 
-    def window(self) -> Window:
+    def window(self, parts: dict[str, int]) -> Window:
         token = self.expect("NAME", what="a window: last <N>d or from <time> to <time>")
+        parts["window"] = token.position
         if token.text == "last":
             days = self.expect("DAYS", what="a number of days like 90d")
+            parts["window.last_days"] = days.position
             return LastDays(int(days.text[:-1]))
         if token.text == "from":
+            parts["window.between.start_time"] = self.current.position
             start = self.time()
             self.expect("NAME", "to")
+            parts["window.between.end_time"] = self.current.position
             return FixedRange(start, self.time())
         raise RuleSyntaxError(f"expected a window (last <N>d or from <time> to <time>), found {token.text!r}",
                               token.position)
@@ -216,8 +232,18 @@ class _Parser:
             raise RuleSyntaxError(f"{token.text!r} is not a valid time", token.position)
         return value.astimezone(UTC)
 
-    def comparison(self) -> Comparison:
+    def comparison(self, parts: dict[str, int], prefix: str = "") -> Comparison:
+        """A comparison; records where its operator and operands start in `parts` (under `prefix`), by the
+        proto field names validation reports them with."""
         token = self.current
+        parts[f"{prefix}operator"] = token.position
+        # `op v`, `IN [v, ...]`, `BETWEEN low AND high`: how many tokens after the operator the operands start
+        first = self.ahead(2 if token.text == "IN" else 1)
+        second = self.ahead(3) if token.text == "BETWEEN" else first
+        for name in ("value", "values", "count"):
+            parts[f"{prefix}{name}"] = first
+        for name in ("value_upper", "count_upper"):
+            parts[f"{prefix}{name}"] = second
         if token.kind == "OP":
             self.take()
             return Comparison(Operator(token.text), (self.value(),))

@@ -16,6 +16,7 @@ from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
+from services.prediction.server import DEFINITION as PREDICTION
 from services.segmentation.server import DEFINITION as SEGMENTATION
 from shared.config import CassandraSettings, GrpcSettings
 from shared.runner import RunningService, start_service
@@ -26,12 +27,30 @@ _message_ids = itertools.count()
 @pytest.fixture
 def segmentation_alone(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings) -> Iterator[RunningService]:
     """Segmentation without a profile service behind it (enough for segments as resources)."""
-    settings = grpc_settings.model_copy(update={"profile_target": "127.0.0.1:9"})
+    # Nothing listens on port 9: no profile, and no prediction (score conditions are checked by shape only).
+    settings = grpc_settings.model_copy(update={"profile_target": "127.0.0.1:9", "prediction_target": "127.0.0.1:9"})
     service = start_service(SEGMENTATION, settings, cassandra_settings, port=0)
     try:
         yield service
     finally:
         service.stop(None)
+
+
+@pytest.fixture
+def segmentation_with_prediction(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings,
+                                 ) -> Iterator[tuple[RunningService, RunningService]]:
+    """Segmentation (no profile) and the prediction service it asks about score conditions' models."""
+    prediction = start_service(PREDICTION, grpc_settings, cassandra_settings, port=0)
+    try:
+        settings = grpc_settings.model_copy(update={"profile_target": "127.0.0.1:9",
+                                                    "prediction_target": f"127.0.0.1:{prediction.port}"})
+        segmentation = start_service(SEGMENTATION, settings, cassandra_settings, port=0)
+        try:
+            yield segmentation, prediction
+        finally:
+            segmentation.stop(None)
+    finally:
+        prediction.stop(None)
 
 
 @pytest.fixture
@@ -43,7 +62,8 @@ def segmentation(segmentation_alone: RunningService) -> Iterator[pb_grpc.Segment
 @pytest.fixture
 def segmentation_service(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings,
                          profile_service: RunningService) -> Iterator[RunningService]:
-    settings = grpc_settings.model_copy(update={"profile_target": f"127.0.0.1:{profile_service.port}"})
+    settings = grpc_settings.model_copy(update={"profile_target": f"127.0.0.1:{profile_service.port}",
+                                                "prediction_target": "127.0.0.1:9"})
     service = start_service(SEGMENTATION, settings, cassandra_settings, port=0)
     try:
         yield service

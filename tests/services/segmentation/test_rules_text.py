@@ -120,39 +120,47 @@ def test_a_valid_rule_has_no_problems() -> None:
                        'AND score("models/churn-90d") >= 0.7 AND computed.lifecycle_stage = "active"') == []
 
 
-@pytest.mark.parametrize(("text", "path", "position", "fragment"), [
-    ("computed.favourite_colour = 1", "trait.field", 0, "unknown field 'computed.favourite_colour'"),
-    ("profile.name = 1", "trait.field", 0, "unknown field"),
-    ('traits.a = 1 AND computed.frequency = "many"', "all.rules[1].trait.value", 17,
+# `pointed`: the text from the reported position on starts with it (the offending part, not the condition).
+@pytest.mark.parametrize(("text", "path", "pointed", "fragment"), [
+    ("computed.favourite_colour = 1", "trait.field", "computed.favourite_colour", "unknown field "
+                                                                                  "'computed.favourite_colour'"),
+    ("profile.name = 1", "trait.field", "profile.name", "unknown field"),
+    ('traits.a = 1 AND computed.frequency = "many"', "all.rules[1].trait.value", '"many"',
      "computed.frequency is a number; it cannot be compared with a string"),
-    ("computed.lifecycle_stage = 3", "trait.value", 0, "is a string"),
-    ('computed.lifecycle_stage = "zombie"', "trait.value", 0, "not a value of computed.lifecycle_stage"),
-    ('computed.top_categories = "music"', "trait.operator", 0, "use CONTAINS or EXISTS"),
-    ('computed.frequency CONTAINS 3', "trait.operator", 0, "CONTAINS does not apply"),
-    ('computed.first_seen_time < "last tuesday"', "trait.value", 0, "not an RFC 3339 time"),
-    ('traits.vip > true', "trait.operator", 0, "does not apply to true/false"),
-    ('traits.a IN [1, "x"]', "trait.values", 0, "must share a type"),
-    ('traits.a BETWEEN 5 AND 1', "trait.values", 0, "lower bound first"),
-    ('event("order").count(last 0d) >= 1', "event_count.window.last_days", 0, "must be 1-3650 days"),
-    ('event("order").count(last 4000d) >= 1', "event_count.window.last_days", 0, "must be 1-3650 days"),
+    ("computed.lifecycle_stage = 3", "trait.value", "3", "is a string"),
+    ('computed.lifecycle_stage = "zombie"', "trait.value", '"zombie"', "not a value of computed.lifecycle_stage"),
+    ('computed.top_categories = "music"', "trait.operator", '= "music"', "use CONTAINS or EXISTS"),
+    ('computed.frequency CONTAINS 3', "trait.operator", "CONTAINS 3", "CONTAINS does not apply"),
+    ('computed.first_seen_time < "last tuesday"', "trait.value", '"last tuesday"', "not an RFC 3339 time"),
+    ('traits.vip > true', "trait.operator", "> true", "does not apply to true/false"),
+    ('traits.a IN [1, "x"]', "trait.values", '1, "x"]', "must share a type"),
+    ('traits.a BETWEEN 5 AND 1', "trait.values", "5 AND 1", "lower bound first"),
+    ('event("order").count(last 0d) >= 1', "event_count.window.last_days", "0d)", "must be 1-3650 days"),
+    ('event("order").count(last 4000d) >= 1', "event_count.window.last_days", "4000d", "must be 1-3650 days"),
     ('NOT event("order").count(from 1997-02-01 to 1997-01-01) >= 1', "negate.event_count.window.between.end_time",
-     4, "the window is empty"),
-    ('event("order").count(last 9d) >= 1.5', "event_count.count", 0, "whole number"),
-    ('event("order").count(last 9d) >= -1', "event_count.value", 0, "at least 0"),
-    ('event("order").count(last 9d) CONTAINS 1', "event_count.operator", 0, "does not apply to a number"),
-    ('event("order").sum(amount, last 9d) > "lots"', "event_aggregate.value", 0, "expected a number"),
-    ('event("order").sum(amount, last 9d) BETWEEN 9 AND 1', "event_aggregate.value_upper", 0, "lower <= upper"),
-    ('score("models/churn") > 1.5', "score.value", 0, "at most 1"),
-    ('score("churn") > 0.5', "score.model", 0, "not a model name"),
-    ('score("models/churn").percentile > 101', "score.value", 0, "at most 100"),
-    ('segment("nope")', "segment.segment", 0, "segments/nope does not exist"),
-    ('segment("Bad_Id")', "segment.segment", 0, "not a segment id"),
+     "1997-01-01)", "the window is empty"),
+    ('event("order").count(last 9d) >= 1.5', "event_count.count", "1.5", "whole number"),
+    ('event("order").count(last 9d) >= -1', "event_count.value", "-1", "at least 0"),
+    ('event("order").count(last 9d) CONTAINS 1', "event_count.operator", "CONTAINS", "does not apply to a number"),
+    ('event("order").sum(amount, last 9d) > "lots"', "event_aggregate.value", '"lots"', "expected a number"),
+    ('event("order").sum(amount, last 9d) BETWEEN 9 AND 1', "event_aggregate.value_upper", "1", "lower <= upper"),
+    ('event("order", paid > true).count(last 9d) > 1', "event_count.filters[0].operator", "> true)",
+     "does not apply to true/false"),
+    ('event("").count(last 9d) > 1', "event_count.event_name", '"")', "an event name of 1-128 characters"),
+    ('score("models/churn") > 1.5', "score.value", "1.5", "at most 1"),
+    ('score("churn") > 0.5', "score.model", '"churn"', "not a model name"),
+    ('score("models/churn").percentile > 101', "score.value", "101", "at most 100"),
+    ('computed.lifecycle_stage > "new"', "trait.operator", '> "new"', "is categorical: > does not apply"),
+    ('computed.rfm.segment BETWEEN "at_risk" AND "loyal"', "trait.operator", "BETWEEN", "is categorical"),
+    ('computed.lifecycle_stage >= 2', "trait.value", "2", "cannot be compared with a number"),
+    ('segment("nope")', "segment.segment", '"nope"', "segments/nope does not exist"),
+    ('segment("Bad_Id")', "segment.segment", '"Bad_Id"', "not a segment id"),
 ])
-def test_validation_names_the_offending_part(text: str, path: str, position: int, fragment: str) -> None:
+def test_validation_names_the_offending_part(text: str, path: str, pointed: str, fragment: str) -> None:
     problems = problems_of(text)
     assert len(problems) == 1, problems
     assert problems[0][0] == path
-    assert problems[0][1] == position
+    assert text[problems[0][1]:].startswith(pointed)
     assert fragment in problems[0][2]
 
 
@@ -160,17 +168,34 @@ def test_a_segment_reference_may_be_its_id_or_its_name() -> None:
     # The tree form documents `segments/{id}`, the text form writes the id: each accepts both spellings.
     assert parse('segment("segments/vip")') == parse('segment("vip")') == SegmentCondition("vip")
     assert format_rule(parse('NOT segment("segments/vip")')) == 'NOT segment("vip")'
-    assert problems_of('segment("segments/nope")') == [("segment.segment", 0, "segments/nope does not exist")]
+    assert problems_of('segment("segments/nope")') == [("segment.segment", 8, "segments/nope does not exist")]
     assert problems_of('segment("segments/")')[0][2].startswith("'' is not a segment id")
+
+
+def test_a_score_on_an_unknown_model_is_refused_when_that_is_known() -> None:
+    text = 'traits.a = 1 AND score("models/nope") >= 0.7 AND score("models/churn").percentile > 50'
+    asked: list[str] = []
+
+    def model_exists(model: str) -> bool:
+        asked.append(model)
+        return model == "models/churn"
+
+    problems = validate(parse(text), model_exists=model_exists)
+    assert [(p.path, p.description) for p in problems] == [
+        ("all.rules[1].score.model", "models/nope does not exist in the prediction service")]
+    assert asked == ["models/nope", "models/churn"]
+    # Prediction unreachable (None): the shape alone is checked.
+    assert validate(parse(text), model_exists=lambda _: None) == []
+    assert [p.path for p in validate(parse('score("nope") > 0.5'), model_exists=model_exists)] == ["score.model"]
 
 
 def test_cycles_and_self_references_are_refused() -> None:
     # vip <- loyal <- outer: vip referring to outer closes a cycle.
     assert problems_of('segment("outer")', segment_id="vip") == [
-        ("segment.segment", 0, "cycle of segment references: segments/vip -> segments/outer -> segments/loyal -> "
+        ("segment.segment", 8, "cycle of segment references: segments/vip -> segments/outer -> segments/loyal -> "
                                "segments/vip")]
     assert problems_of('traits.a = 1 OR segment("vip")', segment_id="vip")[0][:2] == ("any.rules[1].segment.segment",
-                                                                                       16)
+                                                                                       24)
     assert problems_of('segment("vip")', segment_id="outer") == []
 
 

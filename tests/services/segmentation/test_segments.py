@@ -11,8 +11,12 @@ import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from onecdp.prediction.v1 import prediction_service_pb2 as prediction_pb
+from onecdp.prediction.v1 import prediction_service_pb2_grpc as prediction_pb_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+
+from shared.runner import RunningService
 
 pytestmark = pytest.mark.integration
 Stub = pb_grpc.SegmentationServiceStub
@@ -146,10 +150,12 @@ def test_bad_segments_are_refused_naming_the_offending_part(segmentation: Stub) 
     assert set(fields) == {"segment.rule.all.rules[0].trait.field", "segment.rule.all.rules[1].event_count.window"
                                                                     ".last_days"}
 
-    # A wrong type in text form points at the condition's character.
+    # A wrong type in text form points at the offending part: the value, at character 46 (1-based).
+    text = 'traits.plan = "pro" AND computed.frequency > "many"'
     code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
-        segment_id="typed", segment=pb.Segment(rule_text='traits.plan = "pro" AND computed.frequency > "many"')))
-    assert fields["segment.rule_text"].startswith("at character 25: computed.frequency is a number")
+        segment_id="typed", segment=pb.Segment(rule_text=text)))
+    assert text[45:] == '"many"'
+    assert fields["segment.rule_text"].startswith("at character 46: computed.frequency is a number")
 
     # A cycle: base -> uses-base, then base changed to use uses-base.
     create(segmentation, "uses-base", 'segment("base") AND traits.plan EXISTS')
@@ -164,6 +170,32 @@ def test_bad_segments_are_refused_naming_the_offending_part(segmentation: Stub) 
         update_mask=field_mask_pb2.FieldMask(paths=["display_name", "revision"])))
     assert list(fields) == ["update_mask.paths[1]"]
     assert failure(segmentation.GetSegment, pb.GetSegmentRequest(name="base"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_score_condition_names_a_model_the_prediction_service_has(
+        segmentation_with_prediction: tuple[RunningService, RunningService]) -> None:
+    segmentation_service, prediction_service = segmentation_with_prediction
+    with grpc.insecure_channel(f"127.0.0.1:{segmentation_service.port}") as channel, \
+            grpc.insecure_channel(f"127.0.0.1:{prediction_service.port}") as prediction_channel:
+        segmentation = Stub(channel)
+        prediction_pb_grpc.PredictionServiceStub(prediction_channel).CreateModel(prediction_pb.CreateModelRequest(
+            model_id="churn", model=prediction_pb.Model(spec=prediction_pb.ModelSpec(
+                kind=prediction_pb.PREDICTION_KIND_CHURN, horizon_days=30))), timeout=10)
+        known = create(segmentation, "at-risk", 'score("models/churn") >= 0.7')
+        assert known.rule.score.model == "models/churn"
+        code, reason, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+            segment_id="unknown-model", segment=pb.Segment(rule_text='traits.a = 1 AND score("models/nope") >= 0.7')))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SEGMENT")
+        assert "models/nope does not exist in the prediction service (rule.all.rules[1].score.model)" in \
+            fields["segment.rule_text"]
+
+
+def test_a_score_condition_is_checked_by_shape_when_prediction_is_unreachable(segmentation: Stub) -> None:
+    # The `segmentation` fixture's prediction target has nothing listening.
+    assert create(segmentation, "maybe", 'score("models/nope") >= 0.7').rule_text == 'score("models/nope") >= 0.7'
+    code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+        segment_id="bad-model", segment=pb.Segment(rule_text='score("nope") >= 0.7')))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "is not a model name" in fields["segment.rule_text"]
 
 
 def test_parse_segment_rule(segmentation: Stub) -> None:

@@ -228,7 +228,8 @@ class Segment(_message.Message):
       a text, an element of a list), `EXISTS` (the person has a value). A value `v` is a quoted
       string `"gold"`, a number `3`, `-1.5`, `2e3`, or `true` / `false`. Ordering comparisons
       (`<`, `<=`, `>`, `>=`, BETWEEN) apply to numbers and, for timestamp fields, to quoted
-      RFC 3339 times; not to categorical values such as `computed.lifecycle_stage`.
+      RFC 3339 times; not to the categorical `computed.lifecycle_stage` and `computed.rfm.segment`
+      (refused). A stored trait has no declared type: ordering a text compares it as text.
     - Traits: `traits.<name>` (stored traits, any type: the value compared with decides), and
       `computed.<name>` with one of: `first_seen_time`, `last_seen_time` (timestamps: compare with
       `"1997-03-01T00:00:00Z"`), `recency_days`, `frequency`, `monetary`,
@@ -645,7 +646,12 @@ class ScoreCondition(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     VALUE_UPPER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's resource name in the prediction service, e.g. `models/churn-90d`."""
+    """The model's resource name in the prediction service, e.g. `models/churn-90d`. A rule naming a
+    model the prediction service does not have is refused (INVALID_ARGUMENT naming this field).
+    When the prediction service cannot be asked (unreachable, or no answer within 2 s), only the
+    name's shape is checked and the rule is accepted (a person has no score of a model that does
+    not score anyone, so such a condition holds for nobody).
+    """
     score_field: Global___ScoreField.ValueType
     """Compare the probability (0-1) or the percentile (0-100)."""
     operator: Global___Operator.ValueType
