@@ -2,7 +2,10 @@
 
 Profiles are spread over the token ring by the hash of their person id, so a token-range shard holds
 a uniform random subset of them. The estimate scans whole shards, picked at random, until it has
-seen at least the asked sample size, and scales by the share of the ring scanned:
+seen at least the asked sample size, and scales by the share of the ring scanned. Whole shards keep
+that share known, so the sample overshoots the asked size by part of a shard: the ring is cut into
+small shards (1/256), and shards are scanned in parallel only as far as the profiles per shard seen
+so far say the asked size is still out of reach.
 
     estimated total   = profiles scanned / share
     estimated members = matches scanned / share
@@ -30,7 +33,7 @@ from shared.errors import InvalidArgument
 
 DEFAULT_SAMPLE = 1000
 MAX_SAMPLE = 100_000
-SHARDS = 64
+SHARDS = 256
 PARALLEL_SCANS = 4
 Z_95 = 1.959964
 
@@ -71,8 +74,11 @@ def estimate_size(rule: Rule, rules: dict[str, Rule], source: ProfileSource, sam
     with ThreadPoolExecutor(max_workers=PARALLEL_SCANS, thread_name_prefix="segment-estimate") as pool:
         running: set[Future[tuple[int, int]]] = set()
         while True:
-            # Keep PARALLEL_SCANS shards in flight until enough profiles were seen.
-            while len(running) < PARALLEL_SCANS and scanned < sample_size:
+            # Up to PARALLEL_SCANS shards in flight, but no more than the sample still needs: one shard
+            # first, then as many as the profiles per shard so far say (none seen yet counts as 1).
+            while len(running) < PARALLEL_SCANS and scanned < sample_size and (
+                    not running or (shards_done > 0
+                                    and scanned + len(running) * max(scanned, 1) / shards_done < sample_size)):
                 shard = next(remaining, None)
                 if shard is None:
                     break

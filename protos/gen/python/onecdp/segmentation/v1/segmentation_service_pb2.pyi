@@ -1183,7 +1183,11 @@ class EstimateSegmentSizeRequest(_message.Message):
     rule_text: _builtins.str
     """An unsaved rule in text form."""
     sample_size: _builtins.int
-    """Profiles to sample (default 1,000, max 100,000)."""
+    """Profiles to sample (default 1,000, max 100,000): the least number of profiles to evaluate.
+    The sample is made of whole shards (each about 1/256 of the profiles), so the response's
+    `sample_size` is at least this (or every profile, when there are fewer) and usually exceeds it
+    by less than one shard's profiles.
+    """
     @_builtins.property
     def rule(self) -> Global___Rule:
         """An unsaved rule."""
@@ -1220,7 +1224,9 @@ class EstimateSegmentSizeResponse(_message.Message):
     estimated_count: _builtins.int
     """Estimated number of matching persons."""
     sample_size: _builtins.int
-    """Profiles actually sampled."""
+    """Profiles actually evaluated: the requested sample size rounded up to whole shards (see the
+    request's `sample_size`); every profile when the count is exact.
+    """
     sample_matches: _builtins.int
     """Matching profiles in the sample."""
     estimated_total_profiles: _builtins.int
