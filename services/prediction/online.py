@@ -27,7 +27,6 @@ predate the change). Entries are evicted least recently used beyond a budget of 
 from __future__ import annotations
 
 import enum
-import logging
 import threading
 import time
 import uuid
@@ -47,8 +46,7 @@ from services.prediction.history import (
 )
 from shared.changefeed import UnsettledTail, parse_cursor, with_unsettled
 from shared.errors import DomainError
-
-log = logging.getLogger(__name__)
+from shared.polling import RepeatingWorker
 
 # About 200 bytes an event in memory: ~100 MB, well inside the deployment's memory limit.
 MAX_CACHED_EVENTS = 500_000
@@ -243,21 +241,21 @@ class ChangeFollower:
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._histories = histories
         self._feed = feed
-        self._poll_seconds = poll_seconds
-        self._error_backoff = error_backoff_seconds
         self._clock = clock
         self._monotonic = monotonic
         self._cursor: str | None = None
         self._tail = UnsettledTail()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prediction-history-follower", daemon=True)
+        # Reads go to profile while following fails, so failures are logged rarely and retried soon.
+        self._worker = RepeatingWorker(
+            "prediction-history-follower", lambda: self.follow_once() >= FEED_PAGE, idle_seconds=poll_seconds,
+            error_backoff_seconds=error_backoff_seconds, max_backoff_seconds=10.0, log_every=60,
+            failure_message="following profile changes failed; scoring reads profile until it works again")
 
     def start(self) -> None:
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=30)
+        self._worker.stop()
 
     def follow_once(self) -> int:
         """Apply the next page of changes; returns how many were read."""
@@ -277,20 +275,3 @@ class ChangeFollower:
         if len(changes) < FEED_PAGE:
             self._histories.mark_current(started)
         return len(changes)
-
-    def _run(self) -> None:
-        failures = 0
-        while not self._stopping.is_set():
-            try:
-                read = self.follow_once()
-                failures = 0
-            except Exception as error:  # keep following from the same cursor; reads go to profile meanwhile
-                failures += 1
-                # A profile service that is down would otherwise fill the log five times a second.
-                if failures == 1 or failures % 60 == 0:
-                    log.warning("following profile changes failed; scoring reads profile until it works again",
-                                extra={"error": f"{type(error).__name__}: {error}", "failures": failures})
-                self._stopping.wait(min(self._error_backoff * failures, 10.0))
-                continue
-            if read < FEED_PAGE:
-                self._stopping.wait(self._poll_seconds)
