@@ -1,6 +1,6 @@
 """Segmentation service figures, each next to what it is compared with in the same run.
 
-    .venv/bin/python -m bench.segmentation [--persons 1500] [--latency-seconds 15] [--rate 4]
+    .venv/bin/python -m bench.segmentation [--persons 1500] [--latency-seconds 15] [--rate 4] [--rounds 3]
 
 (a) real-time latency: from IngestEvents returning (a new person's `ping` event) to that person's
     enter being visible in ListSegmentMembershipChanges of a segment `event("ping").count(last 1d) >= 1`,
@@ -12,7 +12,7 @@
     tables, persons/s: the issue's baseline), of the rows and columns the recompute reads (the rule's
     trait, its events from its window's start: ScanProfiles reads no more than that), and of the profiles
     table alone (rows/s); and profile's ScanProfiles alone (what a recompute reads), to show where the
-    time goes.
+    time goes. Each is measured in `--rounds` rounds (all figures in turn) and reported as the median.
 
 Identity, profile and segmentation run as separate processes on free ports, against keyspaces of the
 benchmark's own that are dropped at the end. Data: synthetic persons, one identify event and three
@@ -25,11 +25,12 @@ import argparse
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from statistics import median
 
 import grpc
 from google.longrunning import operations_pb2
@@ -227,6 +228,16 @@ def realtime_latency(profiles: profile_grpc.ProfileServiceStub, stub: pb_grpc.Se
     return LoadResult(len(latencies), sent.seconds, latencies, errors=sent.errors + missing), missing
 
 
+def measure_rounds(figures: Mapping[str, Callable[[], tuple[int, float]]], rounds: int) -> dict[str, list[float]]:
+    """Each figure's rate (count / seconds) in each of `rounds` rounds; a round measures every figure once."""
+    rates: dict[str, list[float]] = {name: [] for name in figures}
+    for _ in range(rounds):
+        for name, measure in figures.items():
+            count, seconds = measure()
+            rates[name].append(count / seconds)
+    return rates
+
+
 def drop_keyspaces(admin: CassandraSession, settings: CassandraSettings) -> None:
     for name in SERVICE_NAMES:
         admin.execute(f"DROP KEYSPACE IF EXISTS {settings.keyspace(name)}", timeout=60)
@@ -237,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--persons", type=int, default=1500, help="synthetic persons for the batch figure")
     parser.add_argument("--latency-seconds", type=float, default=15.0, help="how long to send pings")
     parser.add_argument("--rate", type=float, default=4.0, help="pings per second (each a new person)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the batch figures (medians are reported)")
     args = parser.parse_args(argv)
 
     with bench_cassandra("segmentation") as (settings, admin), service_processes(settings, SERVICES) as ports:
@@ -261,41 +273,45 @@ def main(argv: list[str] | None = None) -> int:
                               f"{caught_up.percentile_ms(100) / 1e3:.1f} s")
                 latency, unseen = realtime_latency(profiles, stub, args.rate, args.latency_seconds, "measured")
 
-                wait_operation(stub, stub.RecomputeSegment(pb.RecomputeSegmentRequest(  # warm up
-                    name="segments/pro-buyers", parallelism=PARALLELISM), timeout=10))
-                batch = wait_operation(stub, stub.RecomputeSegment(pb.RecomputeSegmentRequest(
-                    name="segments/pro-buyers", parallelism=PARALLELISM), timeout=10))
-                batch_rate = batch.profiles_scanned / batch.elapsed_seconds
-                scanned, scan_seconds = profile_scan(profiles, PARALLELISM)
+                def recompute() -> tuple[int, float]:
+                    done = wait_operation(stub, stub.RecomputeSegment(pb.RecomputeSegmentRequest(
+                        name="segments/pro-buyers", parallelism=PARALLELISM), timeout=10))
+                    return done.profiles_scanned, done.elapsed_seconds
 
-            cluster = connect_cluster(settings)
-            try:
-                session = open_session(cluster, settings.keyspace("profile"), 60)
-                persons, seconds = raw_scan(session, WHOLE_PROFILES, PARALLELISM)
-                since = batch_rule_reads(datetime.now(UTC))[0].since
-                assert since is not None
-                read_persons, read_seconds = raw_scan(session, rule_reads(since), PARALLELISM)
-                profile_rows, profile_seconds = raw_scan(session, WHOLE_PROFILES[:1], PARALLELISM)
-            finally:
-                cluster.shutdown()
+                recompute()  # warm up
+                cluster = connect_cluster(settings)
+                try:
+                    session = open_session(cluster, settings.keyspace("profile"), 60)
+                    since = batch_rule_reads(datetime.now(UTC))[0].since
+                    assert since is not None
+                    # Rounds of every figure in turn, so that a change of the machine's load reaches them all.
+                    rates = measure_rounds({
+                        "recompute": recompute,
+                        "scan": lambda: profile_scan(profiles, PARALLELISM),
+                        "raw": lambda: raw_scan(session, WHOLE_PROFILES, PARALLELISM),
+                        "read": lambda: raw_scan(session, rule_reads(since), PARALLELISM),
+                        "table": lambda: raw_scan(session, WHOLE_PROFILES[:1], PARALLELISM),
+                    }, args.rounds)
+                finally:
+                    cluster.shutdown()
         finally:
             drop_keyspaces(admin, settings)
 
-    raw_rate = persons / seconds
-    read_rate = read_persons / read_seconds
-    table_rate = profile_rows / profile_seconds
+    batch_rate, scan_rate, raw_rate, read_rate, table_rate = (
+        median(rates[name]) for name in ("recompute", "scan", "raw", "read", "table"))
     console.print(figures_table(f"segmentation service ({args.persons + latency.operations:,} profiles, "
-                                f"parallelism {PARALLELISM})", [
+                                f"parallelism {PARALLELISM}; rates are medians of {args.rounds} rounds)", [
         ("real time: IngestEvents returned -> enter visible, p50 / p99",
          f"{latency.percentile_ms(50):,.0f} / {latency.percentile_ms(99):,.0f} ms",
          f"{latency.operations} new persons at {args.rate:g}/s, {latency.errors - unseen} ingest calls failed, "
          f"{unseen} never seen; aim p99 <= 1 s"),
         ("batch RecomputeSegment (scan + evaluate + diff)", f"{batch_rate:,.0f} profiles/s",
-         f"{batch.profiles_scanned:,} profiles in {batch.elapsed_seconds:.2f} s"),
-        ("profile's ScanProfiles alone (what a recompute reads)", f"{scanned / scan_seconds:,.0f} profiles/s",
-         f"ratio recompute / ScanProfiles {batch_rate / (scanned / scan_seconds):.2f}"),
+         "rounds: " + ", ".join(f"{rate:,.0f}" for rate in rates["recompute"])),
+        ("profile's ScanProfiles alone (what a recompute reads)", f"{scan_rate:,.0f} profiles/s",
+         f"ratio recompute / ScanProfiles {batch_rate / scan_rate:.2f}"),
         ("raw token-range scan: profiles + timeline + trait_writes", f"{raw_rate:,.0f} persons/s",
-         f"ratio recompute / raw {batch_rate / raw_rate:.2f} (aim >= 0.5)"),
+         f"ratio recompute / raw {batch_rate / raw_rate:.2f} (aim >= 0.5); rounds: "
+         + ", ".join(f"{rate:,.0f}" for rate in rates["raw"])),
         ("raw token-range scan: what the recompute reads (profiles; trait_writes of `plan`; timeline from the "
          "window's start)", f"{read_rate:,.0f} persons/s", f"ratio recompute / raw {batch_rate / read_rate:.2f}"),
         ("raw token-range scan: profiles table alone", f"{table_rate:,.0f} rows/s",

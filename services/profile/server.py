@@ -95,9 +95,23 @@ def _selector(selector: common_pb2.PersonSelector, field_path: str) -> tuple[str
 # ---- domain to messages ---------------------------------------------------------------------------
 
 def _value(value: Any) -> struct_pb2.Value:
+    # Scalars directly: json_format's generic conversion costs several times more, on every trait read.
+    if isinstance(value, str):
+        return struct_pb2.Value(string_value=value)
+    if isinstance(value, bool):
+        return struct_pb2.Value(bool_value=value)
+    if isinstance(value, float):
+        return struct_pb2.Value(number_value=value)
     message = struct_pb2.Value()
     json_format.ParseDict(value, message)
     return message
+
+
+def _set_time(message: timestamp_pb2.Timestamp, when: datetime) -> None:
+    """`message.FromDatetime(when)` for an aware `when`, exactly, in a third of the time (reads set it per row)."""
+    seconds, micro = divmod(micros(when), 1_000_000)
+    message.seconds = seconds
+    message.nanos = micro * 1000
 
 
 def _result(result: EventResult) -> pb.EventResult:
@@ -137,7 +151,7 @@ def _profile(view: ProfileView) -> pb.Profile:
     for name, trait in view.traits.items():
         entry = message.traits[name]
         entry.value.CopyFrom(_value(trait.value))
-        entry.event_time.FromDatetime(trait.event_time)
+        _set_time(entry.event_time, trait.event_time)
         entry.source = trait.source
         entry.party = common_pb2.DataParty.ValueType(trait.party)
     if view.computed is not None:
@@ -151,15 +165,22 @@ def _profile(view: ProfileView) -> pb.Profile:
                                                           message_id=t.message_id)
             transaction.event_time.FromDatetime(t.event_time)
     if view.update_time:
-        message.update_time.FromDatetime(view.update_time)
+        _set_time(message.update_time, view.update_time)
     return message
 
 
 def _stored_event(event: TimelineEvent) -> pb.StoredEvent:
-    message = pb.StoredEvent(event=pb.Event.FromString(event.payload), person_id=event.person_id)
-    if event.receive_time:
-        message.receive_time.FromDatetime(event.receive_time)
+    message = pb.StoredEvent()
+    _fill_stored_event(message, event)
     return message
+
+
+def _fill_stored_event(message: pb.StoredEvent, event: TimelineEvent) -> None:
+    """Fill an empty StoredEvent in place (e.g. one just added to a response: no copy of the event)."""
+    message.person_id = event.person_id
+    message.event.MergeFromString(event.payload)
+    if event.receive_time:
+        _set_time(message.receive_time, event.receive_time)
 
 
 def _change(change: ProfileChange) -> pb.ProfileChange:
@@ -274,7 +295,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                 continue
             view = next(views)
             result = pb.ProfileLookupResult(found=True, profile=mask.apply(_profile(view)))
-            result.events.extend(_stored_event(e) for e in _oldest_first(view.events, selection))
+            for event in _oldest_first(view.events, selection):
+                _fill_stored_event(result.events.add(), event)
             results.append(result)
         return pb.BatchGetProfilesResponse(results=results)
 
@@ -373,7 +395,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             response = pb.ScanProfilesResponse()
             for view in views:
                 scanned = response.profiles.add(profile=mask.apply(_profile(view)))
-                scanned.events.extend(_stored_event(e) for e in _oldest_first(view.events, selection))
+                for event in _oldest_first(view.events, selection):
+                    _fill_stored_event(scanned.events.add(), event)
             yield response
 
     def ListProfileChanges(self, request: pb.ListProfileChangesRequest,

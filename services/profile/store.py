@@ -67,6 +67,8 @@ _SELECT_NAMED_TRAITS = ("SELECT person_id, name, event_time, message_id, value, 
 _MILLISECOND = timedelta(milliseconds=1)
 _LAST_BUCKET = 999912
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# One constant: building timedelta(microseconds=1) on each call cost five times the arithmetic (per row read).
+_MICROSECOND = timedelta(microseconds=1)
 # Trait writes of BatchWriteTraits are keyed by this prefix plus their source and origin, not by an event.
 DIRECT_WRITE_PREFIX = "write:"
 
@@ -80,11 +82,11 @@ def direct_write_id(source: str, origin: TraitOrigin) -> str:
 
 def micros(value: datetime) -> int:
     """Microseconds since the epoch, exactly (datetime arithmetic, no float rounding)."""
-    return (value - EPOCH) // timedelta(microseconds=1)
+    return (value - EPOCH) // _MICROSECOND
 
 
 def from_micros(value: int) -> datetime:
-    return EPOCH + timedelta(microseconds=value)
+    return EPOCH + _MICROSECOND * value
 
 
 def utc(value: datetime) -> datetime:

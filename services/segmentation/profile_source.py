@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from google.protobuf import field_mask_pb2, json_format
+from google.protobuf import field_mask_pb2, json_format, struct_pb2
 from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
@@ -50,14 +50,23 @@ class FeedChange:
     merged_person_ids: tuple[str, ...]
 
 
-def event_fact(stored: profile_pb.StoredEvent) -> EventFact:
-    event = stored.event
+def _properties(event: profile_pb.Event) -> dict[str, Any]:
     properties: dict[str, Any] = json_format.MessageToDict(event.properties) if event.HasField("properties") else {}
     if event.HasField("order"):
         # An order's own fields are properties too, so rules can sum `amount` of `order` events.
         properties.update(amount=event.order.amount, order_id=event.order.order_id,
                           currency_code=event.order.currency_code or "USD")
-    return EventFact(event_name_of(event), event.event_time.ToDatetime(tzinfo=UTC), properties)
+    return properties
+
+
+def _plain(value: struct_pb2.Value) -> Any:
+    """A trait's value as JSON would give it; strings and booleans directly (json_format costs several times more)."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return json_format.MessageToDict(value)
 
 
 def computed_of(profile: profile_pb.Profile) -> dict[str, Any]:
@@ -92,10 +101,13 @@ def facts_of(profile: profile_pb.Profile, events: Sequence[profile_pb.StoredEven
              wanted: EventReads | None = None) -> ProfileFacts:
     """A profile's facts with its events (only those `wanted` reads, when given: converting an event's
     properties is what costs)."""
-    traits = {name: json_format.MessageToDict(trait.value) for name, trait in profile.traits.items()}
-    if wanted is not None:
-        events = [e for e in events if wanted.wants(event_name_of(e.event), e.event.event_time.ToDatetime(tzinfo=UTC))]
-    return ProfileFacts(profile.person_id, traits, computed_of(profile), [event_fact(e) for e in events])
+    traits = {name: _plain(trait.value) for name, trait in profile.traits.items()}
+    facts = []
+    for stored in events:
+        name, when = event_name_of(stored.event), stored.event.event_time.ToDatetime(tzinfo=UTC)
+        if wanted is None or wanted.wants(name, when):
+            facts.append(EventFact(name, when, _properties(stored.event)))
+    return ProfileFacts(profile.person_id, traits, computed_of(profile), facts)
 
 
 def read_mask(fields: ProfileReads) -> field_mask_pb2.FieldMask:
