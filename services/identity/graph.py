@@ -40,6 +40,7 @@ from enum import IntEnum
 from typing import Any
 
 from services.identity import feed
+from services.identity.combining import Combiner
 from services.identity.feed import Change, ChangeType
 from services.identity.identifiers import GuardPolicy, IdentifierRegistry, InvalidIdentifierValue
 from services.identity.leases import Leases
@@ -49,6 +50,9 @@ from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, Violations
 
 MAX_OBSERVATIONS_PER_CALL = 1000
+# Concurrent link calls are combined into batches of up to this many observations, this many at once.
+MAX_COMBINED_OBSERVATIONS = 2000
+LINK_BATCHES_AT_ONCE = 2
 MAX_IDENTIFIERS_PER_OBSERVATION = 32
 MAX_COMPONENT_IDENTIFIERS = 20_000
 LEASE_WAIT_SECONDS = 60.0
@@ -327,6 +331,9 @@ class IdentityGraph:
         self.policy = policy or GuardPolicy()
         self._leases = Leases(session)
         self._tombstone_salt: bytes | None = None
+        self._links: Combiner[tuple[Sequence[RawObservation], list[list[IdKey]]], list[LinkOutcome]] = Combiner(
+            self._link_calls, size_of=lambda call: len(call[0]), max_size=MAX_COMBINED_OBSERVATIONS,
+            concurrency=LINK_BATCHES_AT_ONCE)
 
     # ---- validation -------------------------------------------------------------------------------
 
@@ -360,8 +367,26 @@ class IdentityGraph:
     # ---- linking ----------------------------------------------------------------------------------
 
     def link(self, observations: Sequence[RawObservation]) -> list[LinkOutcome]:
-        """Apply observations in order; one outcome per observation."""
+        """Apply observations in order; one outcome per observation.
+
+        Calls made concurrently in this process are applied together (see combining.py).
+        """
         normalized = self.normalize_observations(observations)
+        return self._links.submit((observations, normalized))
+
+    def _link_calls(self, calls: Sequence[tuple[Sequence[RawObservation], list[list[IdKey]]]]
+                    ) -> list[list[LinkOutcome]]:
+        """The observations of several calls applied at once; the outcomes of each call."""
+        outcomes = self._link_normalized([o for observations, _ in calls for o in observations],
+                                         [keys for _, normalized in calls for keys in normalized])
+        split = []
+        for observations, _ in calls:
+            split.append(outcomes[:len(observations)])
+            outcomes = outcomes[len(observations):]
+        return split
+
+    def _link_normalized(self, observations: Sequence[RawObservation],
+                         normalized: list[list[IdKey]]) -> list[LinkOutcome]:
         outcomes = [LinkOutcome(normalized=keys) for keys in normalized]
         # Three independent reads for the whole call, issued together and waited for once.
         all_keys = {k for keys in normalized for k in keys}
@@ -391,13 +416,13 @@ class IdentityGraph:
         reconciled_groups = self.reconcile_many(
             [{k for g in group for k in normalized[pending[g]]} for group in seed_groups],
             [f"observation {observations[pending[group[0]]].evidence.message_id}" for group in seed_groups],
-            persons={k: a.person_id for k, a in assignments.items()}, appended=appended)
+            persons={k: a.person_id for k, a in assignments.items()}, appended=appended,
+            then=lambda: self._record_observations([(normalized[i], observations[i].evidence) for i in pending]))
         appended()
         results: dict[int, _Reconciled] = {}
         for group, reconciled in zip(seed_groups, reconciled_groups, strict=True):
             for g in group:
                 results[pending[g]] = reconciled
-        self._record_observations([(normalized[i], observations[i].evidence) for i in pending])
         duplicates = [outcome for index, outcome in enumerate(outcomes) if index not in results]
         persons = self.persons_of({k for outcome in duplicates for k in outcome.normalized})
         for index, outcome in enumerate(outcomes):
@@ -492,7 +517,8 @@ class IdentityGraph:
 
     def reconcile_many(self, seed_sets: Sequence[set[IdKey]], reasons: Sequence[str],
                        persons: Mapping[IdKey, str | None] | None = None,
-                       appended: Callable[[], None] | None = None) -> list[_Reconciled]:
+                       appended: Callable[[], None] | None = None,
+                       then: Callable[[], None] | None = None) -> list[_Reconciled]:
         """Recompute the components around each seed set under leases; one result per seed set.
 
         Works in rounds. Each round takes the leases every component still lacks (few lightweight
@@ -503,7 +529,8 @@ class IdentityGraph:
         next round and reads again only what it had read without them (see _Reads); one whose
         leases other writers hold gives back what it has and waits, with backoff, until they are
         given back. `persons` may give the seeds' current persons, read by the caller; `appended`
-        waits for evidence still being written, which must be stored before a component is loaded.
+        waits for evidence still being written, which must be stored before a component is loaded;
+        `then` is work to do once every component is reconciled, while the last leases are given back.
         """
         # Give up a little before the caller's deadline, so that it learns why (COMPONENT_CONTENDED).
         left = deadline.remaining()
@@ -515,6 +542,8 @@ class IdentityGraph:
                                                             strict=True))]
         owner = uuid.uuid4().hex
         reads = _Reads()
+        # Leases of finished components, given back while the next round takes its own: (keys, wait).
+        releasing: list[tuple[set[str], Callable[[], None]]] = []
         attempt = rounds = 0
         try:
             while jobs:
@@ -526,7 +555,17 @@ class IdentityGraph:
                 rounds += 1
                 jobs = _merged(jobs)
                 short = [job for job in jobs if not job.needed <= job.held]
+                missing = {k for job in short for k in job.needed - job.held}
+                for keys, wait in [r for r in releasing if r[0] & missing]:
+                    wait()  # ours until given back: taken again once they are
+                    releasing.remove((keys, wait))
                 granted = self._leases.acquire_groups([job.needed - job.held for job in short], owner)
+                # The rest were given back while taking these; nothing is left pending while this call
+                # works or waits (two calls each waiting for what the other is giving back would wait
+                # until their deadlines).
+                for _, wait in releasing:
+                    wait()
+                releasing.clear()
                 if appended is not None:
                     appended()
                     appended = None
@@ -536,7 +575,7 @@ class IdentityGraph:
                         job.held |= job.needed
                 # Hold nothing while waiting: two writers each holding what the other needs would
                 # otherwise wait for each other until their leases expire.
-                self._give_back(blocked, owner, reads, jobs)
+                self._give_back(blocked, owner, reads, jobs)[1]()
                 ready = [job for job in jobs if job.needed <= job.held]
                 if ready:
                     outcomes = self._reconcile_held([job.seeds for job in ready], [job.held for job in ready],
@@ -548,7 +587,7 @@ class IdentityGraph:
                             finished.append(job)
                         else:
                             job.needed = outcome | job.held
-                    self._give_back(finished, owner, reads, jobs)
+                    releasing.append(self._give_back(finished, owner, reads, jobs))
                     jobs = [job for job in jobs if job.indexes[0] not in results]
                     reads.keep_held({k for job in jobs for k in job.held})
                 if blocked:
@@ -558,18 +597,27 @@ class IdentityGraph:
                     pause = min(0.2, 0.005 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.5)
                     self._leases.wait(set().union(*(job.needed for job in blocked)),
                                       min(pause, max(0.0, give_up - time.monotonic())))
+            if then is not None:
+                then()
         finally:
-            self._leases.release_held({k: owner for job in jobs for k in job.held})
+            releasing.append(self._give_back(jobs, owner, reads, jobs))
+            for _, wait in releasing:
+                wait()
         return [results[i] for i in range(len(seed_sets))]
 
-    def _give_back(self, jobs_done: Sequence[_Job], owner: str, reads: _Reads, jobs: Sequence[_Job]) -> None:
-        """Release the leases of `jobs_done`; what was read under them is no longer known to be current."""
+    def _give_back(self, jobs_done: Sequence[_Job], owner: str, reads: _Reads,
+                   jobs: Sequence[_Job]) -> tuple[set[str], Callable[[], None]]:
+        """Start releasing the leases of `jobs_done`: (the leases, a function that waits for the release).
+
+        What was read under them is forgotten at once: it is no longer known to be current.
+        """
         owners = {k: owner for job in jobs_done for k in job.held}
+        if not owners:
+            return set(), lambda: None
         for job in jobs_done:
             job.held = set()
-        if owners:
-            self._leases.release_held(owners)
-            reads.keep_held({k for job in jobs for k in job.held})
+        reads.keep_held({k for job in jobs for k in job.held})
+        return set(owners), self._leases.start_release(owners)
 
     def _seed_lease_keys(self, seed_sets: Sequence[set[IdKey]],
                          persons: Mapping[IdKey, str | None] | None) -> list[set[str]]:

@@ -95,10 +95,21 @@ class Leases:
 
     def release_held(self, owners: Mapping[str, str]) -> None:
         """Give back leases taken by several acquisitions at once: `owners` maps each key to its owner."""
-        try:
-            self._give_back(owners)
-        finally:
-            self._release_local(owners)
+        self.start_release(owners)()
+
+    def start_release(self, owners: Mapping[str, str]) -> Callable[[], None]:
+        """`release_held`, returning once the releases are sent: call the result to wait for them.
+
+        The leases count as held in this process until then.
+        """
+        given_back = self._start_give_back(owners)
+
+        def wait() -> None:
+            try:
+                given_back()
+            finally:
+                self._release_local(owners)
+        return wait
 
     def wanted(self, keys: Iterable[str]) -> bool:
         """Whether a thread of this process waits for any of `keys`."""
@@ -159,18 +170,34 @@ class Leases:
         return [index not in blocked for index in range(count)]
 
     def _give_back(self, owners: Mapping[str, str]) -> None:
+        self._start_give_back(owners)()
+
+    def _start_give_back(self, owners: Mapping[str, str]) -> Callable[[], None]:
+        """Send the conditional deletes of `owners`' leases; the result waits for them. Neither raises:
+        a lease that could not be given back expires on its own."""
         buckets = _by_bucket(owners)
-        try:
-            results = self._batches(_GIVE_BACK, {b: [(b, k, owners[k]) for k in sorted(ks)]
-                                                 for b, ks in buckets.items()})
-            for bucket, result in results.items():
-                if not result.was_applied:
-                    # A lease of ours expired and was taken by another writer: give back the rest one by one.
-                    for key in buckets[bucket]:
-                        self._session.execute(_GIVE_BACK, (bucket, key, owners[key]))
-        except DomainError as error:
+        futures: dict[int, Any] = {}
+
+        def failed(error: DomainError) -> None:
             log.warning("could not release identity leases; they expire within 30 s",
                         extra={"leases": len(owners), "error": error.message})
+
+        try:
+            for bucket, keys in buckets.items():
+                futures[bucket] = self._start_batch(_GIVE_BACK, [(bucket, k, owners[k]) for k in sorted(keys)])
+        except DomainError as error:
+            failed(error)
+
+        def wait() -> None:
+            try:
+                for bucket, future in futures.items():
+                    if not self._wait(future).was_applied:
+                        # A lease of ours expired and was taken by another writer: give back the rest one by one.
+                        for key in buckets[bucket]:
+                            self._session.execute(_GIVE_BACK, (bucket, key, owners[key]))
+            except DomainError as error:
+                failed(error)
+        return wait
 
     def _take(self, wanted: Mapping[int, set[str]], owner: str) -> dict[int, set[str] | None]:
         """Per bucket: None when its batch applied, else the keys found held by others."""
@@ -196,10 +223,6 @@ class Leases:
         if keys and all(owners.get(k) == owner for k in keys):
             return None
         return {k for k, o in owners.items() if o != owner}
-
-    def _batches(self, cql: str, rows_by_bucket: Mapping[int, Sequence[Sequence[Any]]]) -> dict[int, Any]:
-        futures = {b: self._start_batch(cql, rows) for b, rows in rows_by_bucket.items() if rows}
-        return {b: self._wait(f) for b, f in futures.items()}
 
     def _start_batch(self, cql: str, rows: Sequence[Sequence[Any]]) -> Any:
         return self._session.execute_batch_async(cql, rows, timeout=10.0)
