@@ -54,6 +54,7 @@ class Segment:
     create_time: datetime
     update_time: datetime
     etag: str
+    operation_id: str = ""  # the latest recompute operation of the current revision ("" for none)
 
     @property
     def name(self) -> str:
@@ -165,6 +166,7 @@ class SegmentCatalog:
         self.store.add_revision(segment_id, 1, rule_text, now)
         if self.on_rule_changed is not None:
             self.on_rule_changed(segment_id)
+            return self.get(segment_id)  # with the operation computing it
         return self._segment(record)
 
     def record(self, segment_id: str) -> SegmentRecord:
@@ -223,6 +225,7 @@ class SegmentCatalog:
                           reason="CONCURRENT_UPDATE")
         if rule_changed and self.on_rule_changed is not None:
             self.on_rule_changed(segment_id)
+            return self.get(segment_id)  # with the operation computing it
         return self._segment(updated)
 
     def delete(self, segment_id: str, etag: str) -> None:
@@ -247,4 +250,5 @@ class SegmentCatalog:
         return Segment(record.segment_id, record.display_name, record.description, parse(record.rule_text),
                        record.rule_text, record.revision, SegmentState(record.state),
                        self.store.member_count(record.segment_id), record.last_recompute_time, record.create_time,
-                       record.update_time, record.etag)
+                       record.update_time, record.etag,
+                       record.operation_id if record.operation_revision == record.revision else "")

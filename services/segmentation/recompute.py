@@ -13,7 +13,9 @@ thread renews the leases of its own runs every third of the lease time and looks
 whose lease has expired (their process died or hung): it takes the lease and runs the operation again
 from the start, as the next attempt. A run that loses its lease stops at its next batch. An operation
 interrupted `MAX_ATTEMPTS` times ends with ABORTED; one that fails ends with its error; either way a
-segment still COMPUTING for that revision becomes FAILED, never COMPUTING forever. Running again is safe:
+segment still COMPUTING for that revision becomes FAILED, never COMPUTING forever. A segment COMPUTING
+with no live operation of its revision (its process stopped between saving the segment and starting the
+operation) gets one from the supervisor after the lease time (`complete_stuck`). Running again is safe:
 memberships are diffed against what is stored and written idempotently.
 """
 
@@ -26,14 +28,14 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from services.segmentation.catalog import SegmentCatalog, SegmentState
 from services.segmentation.evaluation import ProfileFacts, matches
 from services.segmentation.realtime import EventReads, dependencies_of, events_read, next_change_time
 from services.segmentation.rules import Rule
-from services.segmentation.store import OperationRecord, SegmentStore
+from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore
 from shared.errors import DomainError, InvalidArgument, NotFound, StatusCode
 from shared.leases import FollowerLease, new_owner
 
@@ -125,8 +127,12 @@ class Recomputer:
             raise InvalidArgument.for_field("parallelism", f"must be 0 (default {DEFAULT_PARALLELISM}) to "
                                                            f"{MAX_PARALLELISM}, got {parallelism}")
         record = self._catalog.record(segment_id)  # NOT_FOUND before an operation exists
-        workers = parallelism or DEFAULT_PARALLELISM
-        operation = OperationRecord(uuid.uuid4().hex, segment_id, False, 0, workers * SHARDS_PER_WORKER, 0,
+        operation_id = uuid.uuid4().hex
+        self._store.set_operation(segment_id, record.revision, operation_id)
+        return self._launch(operation_id, record, parallelism or DEFAULT_PARALLELISM)
+
+    def _launch(self, operation_id: str, record: SegmentRecord, workers: int) -> OperationRecord:
+        operation = OperationRecord(operation_id, record.segment_id, False, 0, workers * SHARDS_PER_WORKER, 0,
                                     datetime.now(UTC), 0, 0, 0, 0.0, None, None, attempt=1, parallelism=workers,
                                     revision=record.revision)
         lease = self._lease(operation.operation_id)
@@ -136,6 +142,37 @@ class Recomputer:
         self._store.add_running(operation.operation_id)
         self._runner.submit(self._run, operation, stop)
         return operation
+
+    def complete_stuck(self, now: datetime | None = None) -> list[str]:
+        """Start an operation for every segment COMPUTING for longer than the grace time without a live
+        operation of its revision (its process stopped between saving the segment and starting the
+        operation, or between finishing the operation and recording its outcome); returns their ids.
+
+        An operation that is not done and still listed as running is live: `resume_abandoned` takes it
+        over when its owner stops. Of several processes finding the same segment, the one whose claim
+        on the segment row wins starts the operation.
+        """
+        now = now or datetime.now(UTC)
+        grace = timedelta(seconds=self._lease_seconds)
+        running = set(self._store.running_operations())
+        started = []
+        for record in self._store.all():
+            if record.state != SegmentState.COMPUTING or now - record.update_time < grace:
+                continue
+            current = record.operation_id if record.operation_revision == record.revision else ""
+            operation = self._store.get_operation(current) if current else None
+            if operation is not None and (now - operation.start_time < grace
+                                          or (not operation.done and current in running)):
+                continue
+            operation_id = uuid.uuid4().hex
+            if not self._store.claim_operation(record.segment_id, record.revision, record.operation_id,
+                                               operation_id):
+                continue  # another process claimed it, or the rule changed (its change starts an operation)
+            log.warning("a segment was left computing without an operation; starting one", extra={
+                "segment": record.segment_id, "revision": record.revision, "operation": operation_id})
+            self._launch(operation_id, record, DEFAULT_PARALLELISM)
+            started.append(record.segment_id)
+        return started
 
     def operation(self, operation_id: str) -> OperationRecord:
         operation = self._store.get_operation(operation_id)
@@ -201,6 +238,7 @@ class Recomputer:
             try:
                 self.renew_leases()
                 self.resume_abandoned()
+                self.complete_stuck()
             except Exception as error:  # the next round tries again, well within the lease time
                 log.warning("supervising recomputes failed", extra={"error": f"{type(error).__name__}: {error}"})
 

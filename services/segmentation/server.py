@@ -73,7 +73,8 @@ def segment_message(segment: Segment) -> pb.Segment:
     message = pb.Segment(name=segment.name, display_name=segment.display_name, description=segment.description,
                          rule=rule_to_message(segment.rule), rule_text=segment.rule_text, revision=segment.revision,
                          member_count=segment.member_count, state=pb.SegmentState.ValueType(segment.state),
-                         etag=segment.etag)
+                         etag=segment.etag,
+                         operation=f"{OPERATIONS}{segment.operation_id}" if segment.operation_id else "")
     message.create_time.FromDatetime(segment.create_time)
     message.update_time.FromDatetime(segment.update_time)
     if segment.last_recompute_time is not None:

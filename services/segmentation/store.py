@@ -35,6 +35,8 @@ class SegmentRecord:
     create_time: datetime
     update_time: datetime
     etag: str
+    operation_id: str = ""  # the latest recompute operation started for the segment ("" for none)
+    operation_revision: int = 0  # the revision that operation computes
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,10 @@ _SEGMENT_COLUMNS = ("segment_id, display_name, description, rule_text, reference
                     "last_recompute_time, create_time, update_time, etag")
 
 
+# Read also what only the recompute writes (`set_operation`/`claim_operation`).
+_SEGMENT_READ_COLUMNS = f"{_SEGMENT_COLUMNS}, operation_id, operation_revision"
+
+
 def _utc(value: datetime | None) -> datetime | None:
     # The driver returns naive UTC datetimes for timestamp columns.
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
@@ -79,7 +85,8 @@ def _segment(row: Any) -> SegmentRecord:
         segment_id=row.segment_id, display_name=row.display_name or "", description=row.description or "",
         rule_text=row.rule_text, referenced=frozenset(row.referenced or ()), revision=row.revision, state=row.state,
         last_recompute_time=_utc(row.last_recompute_time), create_time=_utc(row.create_time) or _EPOCH,
-        update_time=_utc(row.update_time) or _EPOCH, etag=row.etag)
+        update_time=_utc(row.update_time) or _EPOCH, etag=row.etag, operation_id=row.operation_id or "",
+        operation_revision=row.operation_revision or 0)
 
 
 class SegmentStore:
@@ -121,24 +128,43 @@ class SegmentStore:
             "IF revision = ?", (state, last_recompute_time, CATALOG, segment_id, revision))
         return bool(result.was_applied)
 
+    def set_operation(self, segment_id: str, revision: int, operation_id: str) -> bool:
+        """Record `operation_id` as the segment's latest operation, computing `revision`; a no-op when the rule
+        changed meanwhile."""
+        result = self._session.execute(
+            "UPDATE segments SET operation_id = ?, operation_revision = ? WHERE catalog = ? AND segment_id = ? "
+            "IF revision = ?", (operation_id, revision, CATALOG, segment_id, revision))
+        return bool(result.was_applied)
+
+    def claim_operation(self, segment_id: str, revision: int, expected_operation_id: str,
+                        operation_id: str) -> bool:
+        """Like `set_operation`, only if the latest operation is still `expected_operation_id` ("" for none):
+        of the processes that found the same segment stuck, one starts the operation that completes it."""
+        result = self._session.execute(
+            "UPDATE segments SET operation_id = ?, operation_revision = ? WHERE catalog = ? AND segment_id = ? "
+            "IF revision = ? AND operation_id = ?",
+            (operation_id, revision, CATALOG, segment_id, revision, expected_operation_id or None))
+        return bool(result.was_applied)
+
     def delete(self, segment_id: str, expected_etag: str) -> bool:
         result = self._session.execute("DELETE FROM segments WHERE catalog = ? AND segment_id = ? IF etag = ?",
                                        (CATALOG, segment_id, expected_etag))
         return bool(result.was_applied)
 
     def get(self, segment_id: str, *, serial: bool = False) -> SegmentRecord | None:
-        rows = self._session.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE catalog = ? AND segment_id = ?",
-                                     (CATALOG, segment_id), consistency=SERIAL_CONSISTENCY if serial else None)
+        rows = self._session.execute(f"SELECT {_SEGMENT_READ_COLUMNS} FROM segments WHERE catalog = ? "
+                                     "AND segment_id = ?", (CATALOG, segment_id),
+                                     consistency=SERIAL_CONSISTENCY if serial else None)
         row = rows.one()
         return _segment(row) if row is not None else None
 
     def page(self, after: str, limit: int) -> list[SegmentRecord]:
-        rows = self._session.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE catalog = ? AND segment_id > ? "
-                                     "LIMIT ?", (CATALOG, after, limit))
+        rows = self._session.execute(f"SELECT {_SEGMENT_READ_COLUMNS} FROM segments WHERE catalog = ? "
+                                     "AND segment_id > ? LIMIT ?", (CATALOG, after, limit))
         return [_segment(row) for row in rows]
 
     def all(self) -> list[SegmentRecord]:
-        rows = self._session.execute(f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE catalog = ?", (CATALOG,),
+        rows = self._session.execute(f"SELECT {_SEGMENT_READ_COLUMNS} FROM segments WHERE catalog = ?", (CATALOG,),
                                      fetch_size=1000)
         return [_segment(row) for row in rows]
 

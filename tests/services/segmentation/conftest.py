@@ -18,7 +18,9 @@ from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
 from services.prediction.server import DEFINITION as PREDICTION
 from services.segmentation.server import DEFINITION as SEGMENTATION
+from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import CassandraSettings, GrpcSettings
+from shared.migrations import migrate_service
 from shared.runner import RunningService, start_service
 
 _message_ids = itertools.count()
@@ -34,6 +36,18 @@ def segmentation_alone(grpc_settings: GrpcSettings, cassandra_settings: Cassandr
         yield service
     finally:
         service.stop(None)
+
+
+@pytest.fixture
+def segmentation_session(cassandra_settings: CassandraSettings) -> Iterator[CassandraSession]:
+    """A session on the test's migrated segmentation keyspace (for domain-level tests)."""
+    cluster = connect_cluster(cassandra_settings)
+    try:
+        session = open_session(cluster, None, 30)
+        migrate_service(session, "segmentation", cassandra_settings)
+        yield open_session(cluster, cassandra_settings.keyspace("segmentation"), 10)
+    finally:
+        cluster.shutdown()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ segment FAILED, never COMPUTING forever."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -14,9 +15,14 @@ from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
 from bench.common import free_port, service_env, start_service_process
-from services.segmentation.recompute import MAX_ATTEMPTS, lease_name
+from services.segmentation.catalog import RuleInput, SegmentCatalog, SegmentState
+from services.segmentation.profile_source import GrpcProfileSource
+from services.segmentation.recompute import LEASE_SECONDS, MAX_ATTEMPTS, Recomputer, lease_name
 from services.segmentation.server import DEFINITION as SEGMENTATION
+from services.segmentation.store import SegmentStore
+from services.segmentation.text import parse
 from shared.cassandra import CassandraSession
+from shared.clients import profile_stub
 from shared.config import CassandraSettings, GrpcSettings
 from shared.runner import RunningService, start_service
 from tests.services.segmentation.conftest import identify, ingest
@@ -102,3 +108,55 @@ def test_operations_of_a_killed_process_are_taken_over(
                                                   "WHERE catalog = 0"))
     finally:
         service.stop(None)
+
+
+def test_a_segment_left_computing_without_an_operation_is_completed(
+        segmentation_session: CassandraSession, grpc_settings: GrpcSettings, profile_service: RunningService,
+        profiles: profile_grpc.ProfileServiceStub) -> None:
+    week_ago = stamp(datetime.now(UTC) - timedelta(days=7))
+    persons = ingest(profiles, identify("ann", week_ago, {"plan": "pro"}), identify("bob", week_ago, {"plan": "free"}))
+    store = SegmentStore(segmentation_session)
+    # A catalog that starts no computation leaves what a process dying between saving a new segment and
+    # starting its operation leaves: a COMPUTING segment and no operation.
+    catalog = SegmentCatalog(store)
+    for segment_id, text in [("pros", 'traits.plan = "pro"'), ("frees", 'traits.plan = "free"')]:
+        created = catalog.create(segment_id, "", "", RuleInput(parse(text), "segment.rule_text", from_text=True))
+        assert (created.state, created.operation_id) == (SegmentState.COMPUTING, "")
+    source = GrpcProfileSource(profile_stub(grpc_settings.model_copy(
+        update={"profile_target": f"127.0.0.1:{profile_service.port}"})))
+
+    recomputer = Recomputer(catalog, store, source)
+    try:
+        # Within the grace time the segment's own process may still be starting its operation.
+        assert recomputer.complete_stuck() == []
+        later = datetime.now(UTC) + timedelta(seconds=LEASE_SECONDS + 1)
+        assert recomputer.complete_stuck(later) == ["frees", "pros"]
+        operation_id = catalog.get("pros").operation_id
+        assert operation_id and store.get_operation(operation_id) is not None
+        assert recomputer.complete_stuck(later) == []  # their operations are live now
+        for segment_id, person in [("pros", "ann"), ("frees", "bob")]:
+            end = time.monotonic() + 60
+            while catalog.get(segment_id).state is SegmentState.COMPUTING and time.monotonic() < end:
+                time.sleep(0.2)
+            segment = catalog.get(segment_id)
+            assert segment.state is SegmentState.READY and store.member_ids(segment_id) == {persons[person]}
+            operation = store.get_operation(segment.operation_id)
+            assert operation is not None and operation.done and operation.revision == segment.revision
+    finally:
+        recomputer.stop()
+
+    # The supervisor does it by itself: a rule change whose operation was never started (lease time 1 s).
+    updated = catalog.update("pros", ["rule_text"], display_name="", description="", etag="",
+                             rule_input=RuleInput(parse('traits.plan EXISTS'), "segment.rule_text", from_text=True))
+    assert (updated.state, updated.revision, updated.operation_id) == (SegmentState.COMPUTING, 2, "")
+    supervised = Recomputer(catalog, store, source, lease_seconds=1)
+    supervised.start_supervisor()
+    try:
+        end = time.monotonic() + 60
+        while catalog.get("pros").state is SegmentState.COMPUTING and time.monotonic() < end:
+            time.sleep(0.2)
+        segment = catalog.get("pros")
+        assert segment.state is SegmentState.READY and segment.operation_id
+        assert store.member_ids("pros") == {persons["ann"], persons["bob"]}
+    finally:
+        supervised.stop()

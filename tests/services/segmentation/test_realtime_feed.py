@@ -4,7 +4,6 @@ change stamped earlier but written later than one already applied is still appli
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -17,24 +16,12 @@ from services.segmentation.profile_source import GrpcProfileSource
 from services.segmentation.store import SegmentStore
 from services.segmentation.text import parse
 from shared import changefeed
-from shared.cassandra import CassandraSession, connect_cluster, open_session
+from shared.cassandra import CassandraSession
 from shared.config import CassandraSettings
-from shared.migrations import migrate_service
 from shared.runner import RunningService
 from tests.services.segmentation.conftest import ingest, track
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def segmentation_session(cassandra_settings: CassandraSettings) -> Iterator[CassandraSession]:
-    cluster = connect_cluster(cassandra_settings)
-    try:
-        session = open_session(cluster, None, 30)
-        migrate_service(session, "segmentation", cassandra_settings)
-        yield open_session(cluster, cassandra_settings.keyspace("segmentation"), 10)
-    finally:
-        cluster.shutdown()
 
 
 def stamp(when: datetime) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.longrunning import operations_pb2
 from google.protobuf import field_mask_pb2, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -111,6 +112,12 @@ def test_a_segment_reference_is_its_name_or_its_id_in_both_forms(segmentation: S
     # The canonical forms are unchanged: the id in the text, the name in the tree.
     assert [s.rule_text for s in both] == ['NOT segment("vip")'] * 2
     assert [s.rule.negate.segment.segment for s in both] == ["segments/vip"] * 2
+    # Each names the operation computing it (started on create), and GetSegment shows the same.
+    assert all(s.operation.startswith("operations/") for s in both)
+    fetched = segmentation.GetSegment(pb.GetSegmentRequest(name="segments/ref-text"), timeout=10)
+    assert fetched.operation == both[0].operation
+    assert segmentation.GetOperation(operations_pb2.GetOperationRequest(name=fetched.operation),
+                                     timeout=10).name == fetched.operation
     code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
         segment_id="ghost-ref", segment=pb.Segment(rule=pb.Rule(segment=pb.SegmentMembershipCondition(
             segment="ghost")))))

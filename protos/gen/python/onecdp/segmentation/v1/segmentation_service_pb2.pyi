@@ -209,6 +209,7 @@ class Segment(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `segments/{segment_id}`."""
     display_name: _builtins.str
@@ -259,6 +260,12 @@ class Segment(_message.Message):
     """State of the memberships."""
     etag: _builtins.str
     """Checksum of the segment for optimistic concurrency; send it back on update."""
+    operation: _builtins.str
+    """The latest recompute operation of the current revision, `operations/{operation_id}` (poll it
+    with GetOperation): started on create, on a rule change, or by RecomputeSegment. Empty while
+    none was started for this revision. A segment left COMPUTING without a live operation (its
+    process stopped before starting one) gets one from the recompute supervisor within about 30 s.
+    """
     @_builtins.property
     def rule(self) -> Global___Rule:
         """The rule as a tree. On create/update give this or `rule_text`; responses carry both."""
@@ -290,10 +297,11 @@ class Segment(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        operation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_recompute_time", b"last_recompute_time", "rule", b"rule", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "last_recompute_time", b"last_recompute_time", "member_count", b"member_count", "name", b"name", "revision", b"revision", "rule", b"rule", "rule_text", b"rule_text", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "last_recompute_time", b"last_recompute_time", "member_count", b"member_count", "name", b"name", "operation", b"operation", "revision", b"revision", "rule", b"rule", "rule_text", b"rule_text", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
