@@ -5,15 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
-from shared.cassandra import CassandraSession, connect_cluster, open_session
-from shared.config import CassandraSettings
+from shared.cassandra import CassandraSession
 from shared.leases import FollowerLease
-from shared.migrations import apply_migrations, load_migrations
 from shared.polling import RepeatingWorker
 
 
@@ -113,21 +110,6 @@ def test_a_worker_without_the_lease_does_not_work_and_is_told_so_until_it_gets_i
     finally:
         worker.stop()
     assert lease.released and not worker.still_leading()
-
-
-@pytest.fixture
-def lease_session(tmp_path: Path, admin_session: CassandraSession,
-                  cassandra_settings: CassandraSettings) -> Iterator[CassandraSession]:
-    """A session on a keyspace of this test's own holding the table shared.leases documents."""
-    keyspace = cassandra_settings.keyspace("segmentation")
-    (tmp_path / "0001_leases.cql").write_text(
-        "CREATE TABLE IF NOT EXISTS {keyspace}.follower_leases (name text PRIMARY KEY, owner text);")
-    apply_migrations(admin_session, keyspace, load_migrations(tmp_path), cassandra_settings)
-    cluster = connect_cluster(cassandra_settings)
-    try:
-        yield open_session(cluster, keyspace, cassandra_settings.request_timeout_seconds)
-    finally:
-        cluster.shutdown()
 
 
 @pytest.mark.integration
