@@ -149,6 +149,7 @@ class EventResult:
     status: EventStatus
     person_id: str = ""
     rejection: Rejection | None = None
+    note: str = ""  # on an accepted event: what of it was stored but has no effect (see `unused_parts`)
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,18 @@ def validate(event: Event, now: datetime) -> Rejection | None:
             return Rejection(RejectionReason.OVERSIZED_PAYLOAD,
                              f"{name} are {size} bytes serialized; at most {MAX_PAYLOAD_BYTES} are allowed")
     return _check_fields(event)
+
+
+def unused_parts(event: Event) -> str:
+    """What an acceptable event carries that nothing reads, said back to the caller ("" when nothing).
+
+    Traits are applied from identify events only; on other events they are kept in the stored payload
+    but set no trait, which a caller otherwise never learns.
+    """
+    if event.traits and event.event_type != EventType.IDENTIFY:
+        return (f"traits are applied from identify events only; the {len(event.traits)} trait(s) of this event "
+                "set nothing (send them in an identify event, or as properties)")
+    return ""
 
 
 def _check_fields(event: Event) -> Rejection | None:

@@ -32,6 +32,7 @@ from services.profile.model import (
     TimelineEvent,
     TraitValue,
     TraitWrite,
+    unused_parts,
     validate,
 )
 from services.profile.store import ALL_EVENTS, EventSelection, ProfileRow, ProfileStore, partitions_of
@@ -117,7 +118,8 @@ class Profiles:
             accepted.append((event, resolution.person_id))
             if resolution.merged_person_ids:
                 merges.setdefault(resolution.person_id, set()).update(resolution.merged_person_ids)
-            results[index] = EventResult(event.message_id, EventStatus.ACCEPTED, resolution.person_id)
+            results[index] = EventResult(event.message_id, EventStatus.ACCEPTED, resolution.person_id,
+                                         note=unused_parts(event))
         for winner, losers in sorted(merges.items()):
             self.apply_merge(winner, sorted(losers))
         if accepted:
@@ -179,11 +181,12 @@ class Profiles:
         the computed traits, `with_traits` reads the trait writes (those in `trait_names`, all when None);
         skip what the caller does not ask for. The events of a view are those `selection` selects, unless
         computed traits are asked for: they derive from every event, so then all are read and returned.
+        `as_of` (None: now) cuts off the computed traits' events and the trait writes after it.
         """
         contents = self.store.read_persons([p.person_id for p in persons], events=with_events or with_computed,
                                            traits=with_traits, rows=rows,
                                            selection=ALL_EVENTS if with_computed else selection,
-                                           trait_names=trait_names, token_range=token_range)
+                                           trait_names=trait_names, token_range=token_range, traits_as_of=as_of)
         when = as_of or self._clock()
         return [ProfileView(
             person_id=person.person_id, identifiers=person.identifiers, traits=stored.traits,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -11,7 +12,7 @@ from functools import partial
 from typing import Any
 
 import grpc
-from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import descriptor, field_mask_pb2, json_format, struct_pb2, timestamp_pb2
 from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
@@ -19,6 +20,9 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 from services.profile.computed import ComputedTraits
 from services.profile.identity import GrpcIdentityResolver, PersonView
 from services.profile.model import (
+    EARLIEST_EVENT_TIME,
+    MAX_FUTURE_SKEW,
+    MAX_MESSAGE_ID_LENGTH,
     Event,
     EventResult,
     EventStatus,
@@ -52,8 +56,12 @@ MAX_SHARDS = 1024
 WATCH_POLL_SECONDS = 0.2
 FOLLOW_POLL_SECONDS = 0.5
 IDENTITY_FEED_LEASE = "identity-feed"
-_PROFILE_FIELDS = frozenset(pb.Profile.DESCRIPTOR.fields_by_name)
-_COMPUTED_FIELDS = frozenset(pb.ComputedTraits.DESCRIPTOR.fields_by_name)
+# A page of events stops before passing this many serialized bytes, well under the 4 MiB a gRPC client
+# accepts by default (100 events of up to 64 KiB of properties each would not fit).
+MAX_PAGE_BYTES = 3 * 1024 * 1024
+# What a repeated message field adds per element besides the element: its tag and length prefix.
+_ELEMENT_OVERHEAD_BYTES = 6
+_TOKEN_MICROS = re.compile(r"[0-9]{1,19}")
 
 
 # ---- messages to domain ---------------------------------------------------------------------------
@@ -120,6 +128,8 @@ def _result(result: EventResult) -> pb.EventResult:
     if result.rejection is not None:
         message.rejection_reason = pb.EventRejectionReason.ValueType(result.rejection.reason)
         message.message = result.rejection.message
+    else:
+        message.message = result.note
     return message
 
 
@@ -164,14 +174,9 @@ def _profile(view: ProfileView) -> pb.Profile:
                                                           currency_code=t.currency_code, item_count=t.item_count,
                                                           message_id=t.message_id)
             transaction.event_time.FromDatetime(t.event_time)
+            transaction.update_time.FromDatetime(t.update_time)
     if view.update_time:
         _set_time(message.update_time, view.update_time)
-    return message
-
-
-def _stored_event(event: TimelineEvent) -> pb.StoredEvent:
-    message = pb.StoredEvent()
-    _fill_stored_event(message, event)
     return message
 
 
@@ -204,11 +209,11 @@ class ReadMask:
         violations = Violations()
         for index, path in enumerate(self.paths):
             head, _, rest = path.partition(".")
-            if head not in _PROFILE_FIELDS or (rest and head not in ("traits", "computed")) or (
-                    head == "computed" and rest and rest not in _COMPUTED_FIELDS):
+            problem = "" if head == "traits" else _field_path_problem(pb.Profile.DESCRIPTOR, path)
+            if problem:
                 violations.add(f"{field_path}.paths[{index}]",
-                               f"unknown Profile field path {path!r}; e.g. traits, traits.<name>, computed, "
-                               "computed.frequency, preferences, recent_transactions, identifiers")
+                               f"unknown Profile field path {path!r}: {problem}; e.g. traits, traits.<name>, "
+                               "computed, computed.rfm.segment, preferences, recent_transactions, identifiers")
             elif head == "traits" and rest:
                 if self.trait_names is None or "traits" not in self.paths:
                     self.trait_names = (self.trait_names or set()) | {rest}
@@ -238,6 +243,24 @@ class ReadMask:
         return masked
 
 
+def _field_path_problem(message: descriptor.Descriptor, path: str) -> str:
+    """Why `path` is not a field path of `message` a FieldMask can select ("" when it is): each name a field
+    of the message before it, and only the last one repeated or not a message (AIP-161)."""
+    names = path.split(".")
+    for depth, name in enumerate(names):
+        field = message.fields_by_name.get(name)
+        if field is None:
+            return f"{name!r} is not a field of {message.name}"
+        if depth == len(names) - 1:
+            return ""
+        if field.is_repeated:
+            return f"{'.'.join(names[:depth + 1])} is a repeated field; a path cannot select inside its elements"
+        if field.message_type is None:
+            return f"{'.'.join(names[:depth + 1])} is a single value with no fields"
+        message = field.message_type
+    return ""
+
+
 # ---- the servicer ---------------------------------------------------------------------------------
 
 class ProfileServicer(pb_grpc.ProfileServiceServicer):
@@ -252,7 +275,14 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                            context: grpc.ServicerContext) -> pb.StreamIngestEventsResponse:
         response = pb.StreamIngestEventsResponse()
         for index, request in enumerate(request_iterator):
-            _check_batch(len(request.events), f"requests[{index}].events")
+            if not request.events:  # nothing to store; failing here would hide that earlier messages were stored
+                continue
+            if len(request.events) > MAX_EVENTS_PER_CALL:
+                stored = f"requests[0] to requests[{index - 1}] were stored" if index else "nothing was stored"
+                raise ResourceExhausted(
+                    f"requests[{index}] has {len(request.events)} events; at most {MAX_EVENTS_PER_CALL} per message "
+                    f"are allowed, split it. {stored}; resending them is safe (they come back as duplicates)",
+                    reason="BATCH_TOO_LARGE")
             for result in self._ingest(request.events):
                 response.results.append(_result(result))
                 if result.status == EventStatus.ACCEPTED:
@@ -312,13 +342,23 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         if start and end and start >= end:
             raise InvalidArgument.for_field("end_time", "must be after start_time", reason="EMPTY_TIME_RANGE")
         page_size = _page_size(request.page_size)
-        after = _event_cursor(request.page_token)
+        after = _event_cursor(request.page_token, datetime.now(UTC))
         person_id, identifier = _selector(request.person, "person")
         person = self._profiles.person(person_id, identifier)
         events, following = self._profiles.events_page(person, start, end, names=request.event_names, after=after,
                                                        page_size=page_size)
-        token = f"{micros(following[0])}|{following[1]}" if following else ""
-        return pb.ListProfileEventsResponse(events=[_stored_event(e) for e in events], next_page_token=token)
+        response = pb.ListProfileEventsResponse()
+        page_bytes = 0
+        for index, event in enumerate(events):
+            stored = response.events.add()
+            _fill_stored_event(stored, event)
+            page_bytes += stored.ByteSize() + _ELEMENT_OVERHEAD_BYTES
+            if index and page_bytes > MAX_PAGE_BYTES:
+                del response.events[index]
+                following = (events[index - 1].event_time, events[index - 1].message_id)
+                break
+        response.next_page_token = f"{micros(following[0])}|{following[1]}" if following else ""
+        return response
 
     def BatchWriteTraits(self, request: pb.BatchWriteTraitsRequest,
                          context: grpc.ServicerContext) -> pb.BatchWriteTraitsResponse:
@@ -439,14 +479,21 @@ def _page_size(requested: int, field_path: str = "page_size") -> int:
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
-def _event_cursor(token: str) -> tuple[datetime, str] | None:
+def _event_cursor(token: str, now: datetime) -> tuple[datetime, str] | None:
+    """Where a page continues: the (event time, message id) of the last event of the page before.
+
+    A token names a stored event, so its time is one ingest accepts (from 1990-01-01 to at most a day after
+    it was stored, so a day after `now`) and its message id is 1-128 characters; anything else (an edited or
+    made-up token) is refused rather than turned into an overflow or a silently empty page.
+    """
     if not token:
         return None
     exact, separator, message_id = token.partition("|")
-    if not separator or not exact.lstrip("-").isdigit() or not message_id:
-        raise InvalidArgument.for_field("page_token", "not a token returned by this method; start without one",
-                                        reason="INVALID_PAGE_TOKEN")
-    return from_micros(int(exact)), message_id
+    if (separator and _TOKEN_MICROS.fullmatch(exact) and 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH
+            and micros(EARLIEST_EVENT_TIME) <= int(exact) <= micros(now + MAX_FUTURE_SKEW)):
+        return from_micros(int(exact)), message_id
+    raise InvalidArgument.for_field("page_token", "not a token returned by this method; start without one",
+                                    reason="INVALID_PAGE_TOKEN")
 
 
 class IdentityFollower:

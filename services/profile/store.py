@@ -237,10 +237,11 @@ class ProfileStore:
 
     def read_persons(self, person_ids: Sequence[str], *, events: bool, traits: bool,
                      rows: Mapping[str, ProfileRow] | None = None, selection: EventSelection = ALL_EVENTS,
-                     trait_names: Iterable[str] | None = None,
-                     token_range: tuple[int, int] | None = None) -> list[PersonContents]:
+                     trait_names: Iterable[str] | None = None, token_range: tuple[int, int] | None = None,
+                     traits_as_of: datetime | None = None) -> list[PersonContents]:
         """What is stored for each of these persons (survivors of merges), in as few waves of reads as it takes:
-        the events `selection` selects (when `events`), the traits named (all when None; when `traits`).
+        the events `selection` selects (when `events`), the traits named (all when None; when `traits`), as the
+        writes at or before `traits_as_of` leave them (all writes when None).
 
         The profile rows (unless given), and the months and trait writes of each person's own partition
         are read together (by range when the persons are those of `token_range`, (start, end]: a scan's);
@@ -264,7 +265,7 @@ class ProfileStore:
         reads.start(p for group in groups.values() for p in group)
         timelines, trait_rows = reads.finish()
         return [PersonContents(rows.get(p), groups[p], _newest_first(timelines, groups[p]),
-                               _latest_traits(trait_rows, groups[p])) for p in person_ids]
+                               _latest_traits(trait_rows, groups[p], traits_as_of)) for p in person_ids]
 
     def scan(self, start_token: int, end_token: int, page_size: int) -> Iterator[tuple[int, ProfileRow]]:
         """Profile rows whose partition token is in (start_token, end_token], in token order, with their token;
@@ -478,11 +479,17 @@ def _newest_first(events: Mapping[str, list[TimelineEvent]], partitions: Sequenc
     return merged
 
 
-def _latest_traits(rows_of: Mapping[str, list[Any]], partitions: Sequence[str]) -> dict[str, TraitValue]:
-    """The current traits: per name, the latest write by event time across the partitions (a null deletes)."""
+def _latest_traits(rows_of: Mapping[str, list[Any]], partitions: Sequence[str],
+                   as_of: datetime | None = None) -> dict[str, TraitValue]:
+    """The traits as of `as_of` (now when None): per name, the latest write by event time at or before it
+    across the partitions (a null deletes). Trait writes keep milliseconds, so that is what is compared."""
+    # The driver reads timestamps as naive UTC: compare with a naive `as_of` rather than convert every row.
+    cutoff = as_of.astimezone(UTC).replace(tzinfo=None) if as_of is not None else None
     latest: dict[str, Any] = {}
     for partition in partitions:
         for row in rows_of.get(partition, ()):
+            if cutoff is not None and row.event_time > cutoff:
+                continue
             known = latest.get(row.name)
             if known is None or (row.event_time, row.message_id) > (known.event_time, known.message_id):
                 latest[row.name] = row

@@ -102,6 +102,7 @@ def test_a_partial_refund_nets_out_of_its_order(profiles: Stub) -> None:
     (transaction,) = profile.recent_transactions
     assert (transaction.order_id, transaction.amount, transaction.message_id) == ("R-1", 70.0, "refund-partial-1")
     assert transaction.event_time.ToDatetime(tzinfo=UTC) == at("2026-01-01T10:00")
+    assert transaction.update_time.ToDatetime(tzinfo=UTC) == at("2026-01-02T10:00")
     # Recency counts from the purchase: the refund is no order.
     assert computed.recency_days == pytest.approx(3 + 14 / 24)
 

@@ -447,7 +447,7 @@ class StreamIngestEventsRequest(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
-        """A batch of events: 1-1,000 per message."""
+        """A batch of events: at most 1,000 per message; a message with none is skipped."""
 
     def __init__(
         self,
@@ -519,7 +519,9 @@ class EventResult(_message.Message):
     """Why it was rejected."""
     message: _builtins.str
     """Details of a rejection a caller can act on, e.g. `event_time 2031-01-01T00:00:00Z is more
-    than 1 day in the future`.
+    than 1 day in the future`. On an accepted event: a note on what it carries that has no
+    effect, e.g. `traits` on an event that is not an identify event (traits are applied from
+    identify events only); empty when everything is used.
     """
     def __init__(
         self,
@@ -923,13 +925,18 @@ class GetProfileRequest(_message.Message):
     @_builtins.property
     def read_mask(self) -> _field_mask_pb2.FieldMask:
         """Profile fields to return, e.g. `traits,computed.frequency`. Absent returns everything.
-        `traits.<name>` selects single traits.
+        Any field path of Profile at any depth is accepted, e.g. `computed.rfm.segment`;
+        `traits.<name>` selects single traits (the name may contain dots, e.g. `traits.scores.churn`).
+        A path that is not a field of Profile, or that goes through a repeated or map field other
+        than `traits`, is INVALID_ARGUMENT.
         """
 
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
-        """Computes recency, the windows and the lifecycle stage as of this time, counting only events
-        at or before it (a point-in-time view, e.g. for historical data). Absent: now.
+        """A point-in-time view as of this time, e.g. for historical data: traits are the latest write
+        at or before it (compared to the millisecond; a trait first written later is absent), and
+        computed traits, preferences and recent transactions count only events at or before it.
+        Identifiers and merged person ids are always current. Absent: now.
         """
 
     def __init__(
@@ -1078,9 +1085,13 @@ class ListProfileEventsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Maximum events per page: default 100, at most 1,000."""
+    """Maximum events per page: default 100, at most 1,000 (larger values are treated as 1,000).
+    A page also stops before its serialized size passes 3 MiB (it always holds at least one event),
+    so that it fits the 4 MiB a gRPC client accepts by default: with large events a page holds
+    fewer than `page_size` events and `next_page_token` continues after them.
+    """
     page_token: _builtins.str
-    """`next_page_token` of the previous page."""
+    """`next_page_token` of the previous page. Anything else is INVALID_ARGUMENT."""
     @_builtins.property
     def person(self) -> _common_pb2.PersonSelector:
         """The person, by id or by any identifier."""
@@ -1346,7 +1357,9 @@ class ScanProfilesRequest(_message.Message):
     include_events: _builtins.bool
     """When true, each profile also carries its events in [`events_start_time`, `events_end_time`)."""
     batch_size: _builtins.int
-    """Profiles per streamed message: default 100, at most 1,000."""
+    """Profiles per streamed message: default 100, at most 1,000 (larger values are treated as
+    1,000, as page sizes are); negative is INVALID_ARGUMENT.
+    """
     @_builtins.property
     def read_mask(self) -> _field_mask_pb2.FieldMask:
         """Profile fields to return, as in GetProfileRequest. Absent returns everything."""
@@ -1363,9 +1376,7 @@ class ScanProfilesRequest(_message.Message):
 
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
-        """Computes recency, the windows and the lifecycle stage as of this time, counting only events
-        at or before it (a point-in-time view, e.g. for historical data). Absent: now.
-        """
+        """As in GetProfileRequest."""
 
     @_builtins.property
     def event_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

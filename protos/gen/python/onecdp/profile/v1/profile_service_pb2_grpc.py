@@ -116,7 +116,11 @@ class ProfileServiceServicer:
 
     def StreamIngestEvents(self, request_iterator, context):
         """Bulk load: the client streams batches of events; the server answers once at the end with a
-        result per event and totals. Same semantics per event as IngestEvents.
+        result per event and totals. Same semantics per event as IngestEvents. Each message is
+        stored when it arrives, so a call that fails part way has stored the messages before the
+        failing one: resending them is safe (their events come back as duplicates). A message with no
+        events is skipped; RESOURCE_EXHAUSTED for a message of more than 1,000 events names it and
+        says how many messages before it were stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

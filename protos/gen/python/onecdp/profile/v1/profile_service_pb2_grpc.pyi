@@ -50,7 +50,11 @@ class ProfileServiceStub:
     """
     StreamIngestEvents: _grpc.StreamUnaryMultiCallable[_profile_service_pb2.StreamIngestEventsRequest, _profile_service_pb2.StreamIngestEventsResponse]
     """Bulk load: the client streams batches of events; the server answers once at the end with a
-    result per event and totals. Same semantics per event as IngestEvents.
+    result per event and totals. Same semantics per event as IngestEvents. Each message is
+    stored when it arrives, so a call that fails part way has stored the messages before the
+    failing one: resending them is safe (their events come back as duplicates). A message with no
+    events is skipped; RESOURCE_EXHAUSTED for a message of more than 1,000 events names it and
+    says how many messages before it were stored.
     """
     GetProfile: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.GetProfileRequest, _profile_service_pb2.Profile]
     """Gets a person's profile by person id or by any identifier, optionally only some fields.
@@ -110,7 +114,11 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     """
     StreamIngestEvents: _aio.StreamUnaryMultiCallable[_profile_service_pb2.StreamIngestEventsRequest, _profile_service_pb2.StreamIngestEventsResponse]  # type: ignore[assignment]
     """Bulk load: the client streams batches of events; the server answers once at the end with a
-    result per event and totals. Same semantics per event as IngestEvents.
+    result per event and totals. Same semantics per event as IngestEvents. Each message is
+    stored when it arrives, so a call that fails part way has stored the messages before the
+    failing one: resending them is safe (their events come back as duplicates). A message with no
+    events is skipped; RESOURCE_EXHAUSTED for a message of more than 1,000 events names it and
+    says how many messages before it were stored.
     """
     GetProfile: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.GetProfileRequest, _profile_service_pb2.Profile]  # type: ignore[assignment]
     """Gets a person's profile by person id or by any identifier, optionally only some fields.
@@ -179,7 +187,11 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_service_pb2.StreamIngestEventsResponse, _abc.Awaitable[_profile_service_pb2.StreamIngestEventsResponse]]:
         """Bulk load: the client streams batches of events; the server answers once at the end with a
-        result per event and totals. Same semantics per event as IngestEvents.
+        result per event and totals. Same semantics per event as IngestEvents. Each message is
+        stored when it arrives, so a call that fails part way has stored the messages before the
+        failing one: resending them is safe (their events come back as duplicates). A message with no
+        events is skipped; RESOURCE_EXHAUSTED for a message of more than 1,000 events names it and
+        says how many messages before it were stored.
         """
 
     @_abc_1.abstractmethod
