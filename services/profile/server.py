@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import re
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -39,10 +37,9 @@ from shared.changefeed import ChangeFeed, parse_cursor
 from shared.clients import identity_stub
 from shared.errors import InvalidArgument, ResourceExhausted, Violations
 from shared.leases import FollowerLease
+from shared.polling import RepeatingWorker
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProfileService"].full_name
 MAX_EVENTS_PER_CALL = 1000
@@ -496,53 +493,20 @@ def _event_cursor(token: str, now: datetime) -> tuple[datetime, str] | None:
                                     reason="INVALID_PAGE_TOKEN")
 
 
-class IdentityFollower:
-    """Applies the identity change feed to the stored profiles, in a background thread.
-
-    Every replica runs one, but only the holder of the `identity-feed` lease applies changes; the
-    others try to take the lease every third of its TTL, so one of them takes over when the holder
-    stops (at once: it gives the lease back) or dies (within the TTL).
-    """
-
-    def __init__(self, profiles: Profiles, lease: FollowerLease, poll_seconds: float = FOLLOW_POLL_SECONDS) -> None:
-        self._profiles = profiles
-        self._lease = lease
-        self._poll_seconds = poll_seconds
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="profile-identity-follower", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=10)
-        try:
-            self._lease.release()
-        except Exception:  # the TTL frees it anyway
-            log.warning("could not give back the identity follower lease; it expires by itself")
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                if not self._lease.hold():
-                    self._stopping.wait(self._lease.retry_seconds)
-                    continue
-                applied = self._profiles.follow_identity(still_leading=self._still_leading)
-            except Exception:  # keep following: the next poll retries from the saved position
-                log.exception("applying identity changes failed; retrying")
-                applied = 0
-            if not applied:
-                self._stopping.wait(self._poll_seconds)
-
-    def _still_leading(self) -> bool:
-        return not self._stopping.is_set() and self._lease.hold()
-
-
 def build(context: ServiceContext) -> list[ServiceRegistration]:
     profiles = Profiles(ProfileStore(context.session), GrpcIdentityResolver(identity_stub(context.grpc_settings)),
                         ChangeFeed(context.session, FEED_COLUMNS))
-    follower = IdentityFollower(profiles, FollowerLease(context.session, IDENTITY_FEED_LEASE))
+    # Every replica runs a follower of identity's changes, but only the holder of the `identity-feed` lease
+    # applies them; the others try for the lease every third of its TTL, so one of them takes over when the
+    # holder stops (at once: it gives the lease back) or dies (within the TTL).
+    follower: RepeatingWorker
+
+    def follow_round() -> bool:
+        return profiles.follow_identity(still_leading=follower.still_leading) > 0
+
+    follower = RepeatingWorker("profile-identity-follower", follow_round, idle_seconds=FOLLOW_POLL_SECONDS,
+                               lease=FollowerLease(context.session, IDENTITY_FEED_LEASE), join_seconds=10,
+                               failure_message="applying identity changes failed; retrying")
     follower.start()
     context.on_stop(follower.stop)
     servicer = ProfileServicer(profiles)
