@@ -143,7 +143,11 @@ class IdentityServiceServicer:
 
         Errors: INVALID_ARGUMENT (with a BadRequest field violation per bad identifier, e.g.
         `observations[3].identifiers[1].value`) when any observation is malformed; nothing is written
-        then. RESOURCE_EXHAUSTED above 1,000 observations.
+        then. RESOURCE_EXHAUSTED above 1,000 observations, and (reason COMPONENT_TOO_LARGE) when a
+        component would pass the size limit (a junk or shared identifier missing from the guard policy).
+        UNAVAILABLE, retryable with the same message ids, a little before the call's deadline: reason
+        COMPONENT_CONTENDED when other writers kept the persons it touches busy, LINK_BUSY when it was still
+        queued behind other calls of this process (concurrent calls are combined into shared batches).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

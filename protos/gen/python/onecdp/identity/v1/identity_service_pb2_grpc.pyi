@@ -49,7 +49,11 @@ class IdentityServiceStub:
 
     Errors: INVALID_ARGUMENT (with a BadRequest field violation per bad identifier, e.g.
     `observations[3].identifiers[1].value`) when any observation is malformed; nothing is written
-    then. RESOURCE_EXHAUSTED above 1,000 observations.
+    then. RESOURCE_EXHAUSTED above 1,000 observations, and (reason COMPONENT_TOO_LARGE) when a
+    component would pass the size limit (a junk or shared identifier missing from the guard policy).
+    UNAVAILABLE, retryable with the same message ids, a little before the call's deadline: reason
+    COMPONENT_CONTENDED when other writers kept the persons it touches busy, LINK_BUSY when it was still
+    queued behind other calls of this process (concurrent calls are combined into shared batches).
     """
     LookupPerson: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.LookupPersonRequest, _identity_service_pb2.Person]
     """Looks up the person holding an identifier, or a person by id. A person id that was merged
@@ -170,7 +174,11 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
 
     Errors: INVALID_ARGUMENT (with a BadRequest field violation per bad identifier, e.g.
     `observations[3].identifiers[1].value`) when any observation is malformed; nothing is written
-    then. RESOURCE_EXHAUSTED above 1,000 observations.
+    then. RESOURCE_EXHAUSTED above 1,000 observations, and (reason COMPONENT_TOO_LARGE) when a
+    component would pass the size limit (a junk or shared identifier missing from the guard policy).
+    UNAVAILABLE, retryable with the same message ids, a little before the call's deadline: reason
+    COMPONENT_CONTENDED when other writers kept the persons it touches busy, LINK_BUSY when it was still
+    queued behind other calls of this process (concurrent calls are combined into shared batches).
     """
     LookupPerson: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.LookupPersonRequest, _identity_service_pb2.Person]  # type: ignore[assignment]
     """Looks up the person holding an identifier, or a person by id. A person id that was merged
@@ -294,7 +302,11 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (with a BadRequest field violation per bad identifier, e.g.
         `observations[3].identifiers[1].value`) when any observation is malformed; nothing is written
-        then. RESOURCE_EXHAUSTED above 1,000 observations.
+        then. RESOURCE_EXHAUSTED above 1,000 observations, and (reason COMPONENT_TOO_LARGE) when a
+        component would pass the size limit (a junk or shared identifier missing from the guard policy).
+        UNAVAILABLE, retryable with the same message ids, a little before the call's deadline: reason
+        COMPONENT_CONTENDED when other writers kept the persons it touches busy, LINK_BUSY when it was still
+        queued behind other calls of this process (concurrent calls are combined into shared batches).
         """
 
     @_abc_1.abstractmethod
