@@ -1073,7 +1073,10 @@ class RecomputeSegmentRequest(_message.Message):
     name: _builtins.str
     """`segments/{segment_id}`."""
     parallelism: _builtins.int
-    """Number of token-range scans run in parallel (default 8, max 64)."""
+    """Number of token-range scans run in parallel (max 64). Default: the number of CPU cores of the
+    service's machine, at least 2 and at most 8 (more workers compete with real-time membership
+    updates for the same process).
+    """
     def __init__(
         self,
         *,
