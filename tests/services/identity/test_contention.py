@@ -18,6 +18,15 @@ pytestmark = pytest.mark.integration
 
 
 
+def _linked_and_held(graph: IdentityGraph, session: CassandraSession,
+                     name: str) -> tuple[str, tuple[Leases, set[str]]]:
+    """A person of `name`@x.io and cookie c-`name`, whose lease another writer then holds."""
+    graph.link([RawObservation([("email", f"{name}@x.io"), ("cookie", f"c-{name}")], Evidence("m1"))])
+    person = graph.persons_of([IdKey("email", f"{name}@x.io")])[IdKey("email", f"{name}@x.io")]
+    assert person
+    return person, _held_by_another_writer(session, person)
+
+
 def _held_by_another_writer(session: CassandraSession, person_id: str) -> tuple[Leases, set[str]]:
     # Another process's leases: a Leases of its own, so this process does not know they are held.
     other = Leases(session)
@@ -28,10 +37,7 @@ def _held_by_another_writer(session: CassandraSession, person_id: str) -> tuple[
 
 def test_a_held_component_makes_the_link_wait_until_its_lease_comes_back(
         graph: IdentityGraph, identity_session: CassandraSession) -> None:
-    graph.link([RawObservation([("email", "held@x.io"), ("cookie", "c-held")], Evidence("m1"))])
-    person = graph.persons_of([IdKey("email", "held@x.io")])[IdKey("email", "held@x.io")]
-    assert person
-    other, keys = _held_by_another_writer(identity_session, person)
+    person, (other, keys) = _linked_and_held(graph, identity_session, "held")
     threading.Timer(1.0, lambda: other.release(keys, "another-writer")).start()
     started = time.monotonic()
     outcome = graph.link([RawObservation([("email", "held@x.io"), ("cookie", "c-new")], Evidence("m2"))])[0]
@@ -42,10 +48,7 @@ def test_a_held_component_makes_the_link_wait_until_its_lease_comes_back(
 
 def test_a_component_held_past_the_deadline_is_unavailable_and_says_why(
         graph: IdentityGraph, identity_session: CassandraSession) -> None:
-    graph.link([RawObservation([("email", "busy@x.io"), ("cookie", "c-busy")], Evidence("m1"))])
-    person = graph.persons_of([IdKey("email", "busy@x.io")])[IdKey("email", "busy@x.io")]
-    assert person
-    other, keys = _held_by_another_writer(identity_session, person)
+    person, (other, keys) = _linked_and_held(graph, identity_session, "busy")
     try:
         with deadline.deadline_after(1.5), pytest.raises(Unavailable) as raised:
             graph.link([RawObservation([("email", "busy@x.io"), ("cookie", "c-late")], Evidence("m2"))])
