@@ -2,8 +2,8 @@
 
 The session uses the cluster named by CASSANDRA_CONTACT_POINTS when set; otherwise it reuses a node
 already answering on 127.0.0.1:9042, or starts one with the project's launcher (fast mode: no fsync)
-and stops it at the end. Tests isolate themselves by keyspace prefix, so they never see each other's
-rows and need no cleanup order.
+in an empty state directory of its own and deletes it at the end. Tests isolate themselves by keyspace
+prefix, so they never see each other's rows and need no cleanup order.
 """
 
 from __future__ import annotations
@@ -30,15 +30,26 @@ def cassandra_base_settings() -> Iterator[CassandraSettings]:
     if os.environ.get("CASSANDRA_CONTACT_POINTS"):
         yield CassandraSettings()
         return
-    started_here = not launcher.is_running()
-    ready_seconds = launcher.ensure_running(nodes=1, fast=True)
-    if ready_seconds is not None:
-        print(f"\nCassandra started for the test session, ready in {ready_seconds:.1f} s")
-    try:
-        yield CassandraSettings(contact_points=["127.0.0.1"])
-    finally:
-        if started_here:
-            launcher.stop()
+    # A node the session starts lives in a state directory of its own, emptied before and after: a
+    # developer's data dir (thousands of keyspaces from benchmarks and killed runs) takes minutes to
+    # open, and a test run must not depend on what earlier runs left behind.
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("ONECDP_STATE_DIR", str(launcher.state_dir().parent / "test-session"))
+        left_by_a_killed_session = bool(launcher.running_nodes())
+        if launcher.is_running() and not left_by_a_killed_session:
+            # Someone's node (e.g. `make up`) answers on 9042: reuse it; tests isolate by keyspace prefix.
+            environment.undo()
+            yield CassandraSettings(contact_points=["127.0.0.1"])
+            return
+        if not left_by_a_killed_session:
+            launcher.wipe()
+        ready_seconds = launcher.ensure_running(nodes=1, fast=True)
+        if ready_seconds is not None:
+            print(f"\nCassandra started for the test session, ready in {ready_seconds:.1f} s")
+        try:
+            yield CassandraSettings(contact_points=["127.0.0.1"])
+        finally:
+            launcher.wipe()
 
 
 @pytest.fixture(scope="session")
