@@ -164,13 +164,13 @@ class Node:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _process_alive(pid) else None
+        return pid if process_alive(pid) else None
 
     def answers_cql(self) -> bool:
         return _port_open(self.address, CQL_PORT)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -435,11 +435,11 @@ def stop_node(node: Node, *, timeout: float = STOP_TIMEOUT_SECONDS, kill: bool =
         return
     os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _process_alive(pid):
+    while time.monotonic() < deadline and process_alive(pid):
         time.sleep(0.2)
-    if _process_alive(pid):
+    if process_alive(pid):
         os.kill(pid, signal.SIGKILL)
-        while _process_alive(pid):
+        while process_alive(pid):
             time.sleep(0.1)
     node.pid_file.unlink(missing_ok=True)
 

@@ -2,15 +2,17 @@
 
 The session uses the cluster named by CASSANDRA_CONTACT_POINTS when set; otherwise it reuses a node
 already answering on 127.0.0.1:9042, or starts one with the project's launcher (fast mode: no fsync)
-in an empty state directory of its own and deletes it at the end. Tests isolate themselves by keyspace
-prefix, so they never see each other's rows and need no cleanup order.
+in an empty state directory of its own, which the last session using it deletes. Tests isolate
+themselves by keyspace prefix, so they never see each other's rows and need no cleanup order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -30,26 +32,46 @@ def cassandra_base_settings() -> Iterator[CassandraSettings]:
     if os.environ.get("CASSANDRA_CONTACT_POINTS"):
         yield CassandraSettings()
         return
-    # A node the session starts lives in a state directory of its own, emptied before and after: a
-    # developer's data dir (thousands of keyspaces from benchmarks and killed runs) takes minutes to
-    # open, and a test run must not depend on what earlier runs left behind.
+    # A node test sessions start lives in a state directory of its own, emptied when the first session
+    # starts it and when the last one still using it ends: a developer's data dir (thousands of keyspaces
+    # from benchmarks and killed runs) takes minutes to open, and a test run must not depend on what
+    # earlier runs left behind. Sessions running side by side (two checkouts) share the node.
+    test_state = launcher.state_dir().parent / "test-session"
     with pytest.MonkeyPatch.context() as environment:
-        environment.setenv("ONECDP_STATE_DIR", str(launcher.state_dir().parent / "test-session"))
-        left_by_a_killed_session = bool(launcher.running_nodes())
-        if launcher.is_running() and not left_by_a_killed_session:
-            # Someone's node (e.g. `make up`) answers on 9042: reuse it; tests isolate by keyspace prefix.
+        environment.setenv("ONECDP_STATE_DIR", str(test_state))
+        if launcher.is_running() and not launcher.running_nodes():
+            # Someone's own node (e.g. `make up`) answers on 9042: reuse it; tests isolate by keyspace prefix.
             environment.undo()
             yield CassandraSettings(contact_points=["127.0.0.1"])
             return
-        if not left_by_a_killed_session:
-            launcher.wipe()
-        ready_seconds = launcher.ensure_running(nodes=1, fast=True)
-        if ready_seconds is not None:
-            print(f"\nCassandra started for the test session, ready in {ready_seconds:.1f} s")
-        try:
-            yield CassandraSettings(contact_points=["127.0.0.1"])
-        finally:
-            launcher.wipe()
+        with _registered_session(test_state / "sessions") as others_alive:
+            if not launcher.running_nodes() and not others_alive():
+                launcher.wipe()
+            ready_seconds = launcher.ensure_running(nodes=1, fast=True)
+            if ready_seconds is not None:
+                print(f"\nCassandra started for the test session, ready in {ready_seconds:.1f} s")
+            try:
+                yield CassandraSettings(contact_points=["127.0.0.1"])
+            finally:
+                if not others_alive():
+                    launcher.wipe()
+
+
+@contextlib.contextmanager
+def _registered_session(sessions: Path) -> Iterator[Callable[[], bool]]:
+    """Registers this process as a user of the test node; yields "does a live session besides us use it?"."""
+    sessions.mkdir(parents=True, exist_ok=True)
+    mine = sessions / str(os.getpid())
+    mine.touch()
+
+    def others_alive() -> bool:
+        return any(entry != mine and entry.name.isdigit() and launcher.process_alive(int(entry.name))
+                   for entry in sessions.iterdir())
+
+    try:
+        yield others_alive
+    finally:
+        mine.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
