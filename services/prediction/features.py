@@ -61,15 +61,23 @@ FEATURE_NAMES: tuple[str, ...] = (
     "lifecycle_stage",
 )
 FEATURE_INDEX = {name: index for index, name in enumerate(FEATURE_NAMES)}
-# The per-person sums features_at reduces, in the column order of its indicator matrix (names that are not
-# features are the trends' second terms).
-_SUMMED: tuple[str, ...] = (
-    "event_count", "event_count_prior", "order_count", "order_amount_sum", "order_count_prior",
-    *(f"event_count_{days}d" for days in WINDOWS_DAYS),
-    *(f"order_count_{days}d" for days in WINDOWS_DAYS),
-    *(f"order_amount_{days}d" for days in WINDOWS_DAYS),
-)
 _WINDOWS = np.asarray(WINDOWS_DAYS, dtype=np.float64)
+# Age classes of an event: 0 within the shortest window ... len(WINDOWS_DAYS) beyond the longest.
+_AGE_CLASSES = len(WINDOWS_DAYS) + 1
+# The trend's two windows are windows of their own (the last TREND_DAYS, and twice that).
+_TREND, _TREND_TWICE = WINDOWS_DAYS.index(TREND_DAYS), WINDOWS_DAYS.index(2 * TREND_DAYS)
+
+
+def _window_columns(prefix: str) -> slice:
+    """The feature columns `{prefix}_{D}d` of every window, which FEATURE_NAMES lists together in window order."""
+    first = FEATURE_INDEX[f"{prefix}_{WINDOWS_DAYS[0]}d"]
+    if [FEATURE_INDEX[f"{prefix}_{days}d"] for days in WINDOWS_DAYS] != list(range(first, first + len(WINDOWS_DAYS))):
+        raise AssertionError(f"{prefix}_*d columns must be adjacent in FEATURE_NAMES")
+    return slice(first, first + len(WINDOWS_DAYS))
+
+
+_EVENT_WINDOWS, _ORDER_WINDOWS, _AMOUNT_WINDOWS = (
+    _window_columns("event_count"), _window_columns("order_count"), _window_columns("order_amount"))
 # Without any event before the cutoff these are missing (NaN); every other feature is 0.
 _MISSING_WITHOUT_HISTORY = np.asarray([FEATURE_INDEX[name] for name in (
     "days_since_last_event", "tenure_days", "days_since_last_order", "days_since_first_order", "average_order_value",
@@ -130,33 +138,36 @@ def _features_of_histories(past: EventRuns, cutoff_micros: int) -> npt.NDArray[n
     rows = np.empty((persons, len(FEATURE_NAMES)))
     ends = np.cumsum(sizes)
     starts = ends - sizes
+    owner = np.repeat(np.arange(persons), sizes)
     age_micros = cutoff_micros - micros
     # As timedelta.total_seconds() / SECONDS_PER_DAY gives it: exact microseconds, then the divisions.
     ages = age_micros / 1e6 / SECONDS_PER_DAY
     whole_days = age_micros // _MICROS_PER_DAY
 
-    # Counts and sums per person: one segment reduction over all the indicator rows at once, laid out in
-    # one float matrix, one row per indicator (contiguous per indicator: reduceat runs along memory).
-    recent, prior = ages < TREND_DAYS, (ages >= TREND_DAYS) & (ages < 2 * TREND_DAYS)
-    within = ages < _WINDOWS[:, None]  # one row per window
-    order_amounts = np.where(is_order, amounts, 0.0)
-    windows = len(WINDOWS_DAYS)
-    indicators = np.empty((len(_SUMMED), len(ages)))
-    indicators[0] = 1.0
-    indicators[1] = prior
-    indicators[2] = is_purchase
-    indicators[3] = order_amounts
-    indicators[4] = prior & is_purchase
-    indicators[5:5 + windows] = within
-    indicators[5 + windows:5 + 2 * windows] = within & is_purchase
-    indicators[5 + 2 * windows:] = np.where(within, order_amounts, 0.0)
-    sums = dict(zip(_SUMMED, np.add.reduceat(indicators, starts, axis=1), strict=True))
-    for name, total in sums.items():
-        if name in column:
-            rows[:, column[name]] = total
-    order_counts, amount_sum = sums["order_count"], sums["order_amount_sum"]
-    rows[:, column["event_count_trend_90d"]] = sums[f"event_count_{TREND_DAYS}d"] - sums["event_count_prior"]
-    rows[:, column["order_count_trend_90d"]] = sums[f"order_count_{TREND_DAYS}d"] - sums["order_count_prior"]
+    # Every count and sum over a window from one histogram per person: the windows are nested, so an event's
+    # age class (how many windows, shortest first, it is too old for: 0 within the shortest, len(WINDOWS_DAYS)
+    # beyond the longest) says every window it is in, and "within D days" is the running total of the classes
+    # up to D's. Three bincounts instead of a segment reduction per window and indicator.
+    age_class = np.searchsorted(_WINDOWS, ages, side="right")  # ages < _WINDOWS[k] exactly when class <= k
+    # One row per class, one column per person: the running totals go down contiguous rows.
+    bins = age_class * persons + owner
+    shape = (_AGE_CLASSES, persons)
+    bin_count = persons * _AGE_CLASSES
+    events_within = np.cumsum(np.bincount(bins, minlength=bin_count).reshape(shape), axis=0)
+    purchases_within = np.cumsum(np.bincount(bins[is_purchase], minlength=bin_count).reshape(shape), axis=0)
+    amounts_within = np.cumsum(np.bincount(bins, weights=np.where(is_order, amounts, 0.0),
+                                           minlength=bin_count).reshape(shape), axis=0)
+    windows = len(WINDOWS_DAYS)  # row `windows` of the running totals is every event
+    rows[:, _EVENT_WINDOWS] = events_within[:windows].T
+    rows[:, _ORDER_WINDOWS] = purchases_within[:windows].T
+    rows[:, _AMOUNT_WINDOWS] = amounts_within[:windows].T
+    order_counts, amount_sum = purchases_within[windows], amounts_within[windows]
+    rows[:, column["event_count"]] = events_within[windows]
+    rows[:, column["order_count"]] = order_counts
+    rows[:, column["order_amount_sum"]] = amount_sum
+    # The trend: the last TREND_DAYS minus the TREND_DAYS before them (within 2 * TREND_DAYS, not within TREND_DAYS).
+    rows[:, column["event_count_trend_90d"]] = 2 * events_within[_TREND] - events_within[_TREND_TWICE]
+    rows[:, column["order_count_trend_90d"]] = 2 * purchases_within[_TREND] - purchases_within[_TREND_TWICE]
 
     latest, tenure = ages[ends - 1], ages[starts]
     rows[:, column["days_since_last_event"]] = latest
@@ -177,25 +188,30 @@ def _features_of_histories(past: EventRuns, cutoff_micros: int) -> npt.NDArray[n
         rows[:, column["order_overdue_ratio"]] = np.where(gapped, last_order / mean_gap, NAN)
     rows[:, column["orders_per_30d_of_tenure"]] = order_counts / np.maximum(tenure / 30.0, 1.0)
 
-    # Distinct values per person, three kinds in one sort: days active within 90 days, order days (several
-    # orders on one day are one purchase occasion, the BG/NBD view of frequency), and categories. A sort
-    # and a comparison of neighbours (np.unique's hash table costs ten times more here).
-    owner = np.repeat(np.arange(persons), sizes)
-    has_category = categories >= 0
-    groups = np.concatenate([owner[recent], persons + owner[is_purchase], 2 * persons + owner[has_category]])
-    values = np.concatenate([whole_days[recent], whole_days[is_purchase], categories[has_category]])
-    span = int(values.max()) + 1 if len(values) else 1
-    keys = np.sort(groups * span + values)
-    first_of_value = np.ones(len(keys), dtype=np.bool_)
-    np.not_equal(keys[1:], keys[:-1], out=first_of_value[1:])
-    distinct = np.bincount(keys[first_of_value] // span, minlength=3 * persons).reshape(3, persons)
-    rows[:, column["active_days_90d"]] = distinct[0]
-    rows[:, column["order_days"]] = distinct[1]
-    rows[:, column["distinct_categories"]] = distinct[2]
-    rows[:, column["lifecycle_stage"]] = np.select(
-        [tenure < NEW_DAYS, latest < ACTIVE_DAYS, latest < SILENT_DAYS],
-        [LIFECYCLE_NEW, LIFECYCLE_ACTIVE, LIFECYCLE_SILENT], LIFECYCLE_CHURNED)
+    # Distinct values per person. Days: a run is oldest first, so its whole days of age never increase and equal
+    # days are neighbours; a day is new where it differs from the one before it. Several orders on one day are
+    # one purchase occasion (the BG/NBD view of frequency). Categories are numbered in order of first
+    # appearance (EventColumns), and the past is a prefix of each run: its categories are 0 .. (largest + 1).
+    rows[:, column["active_days_90d"]] = _distinct_per_run(owner, whole_days, age_class <= _TREND, persons)
+    rows[:, column["order_days"]] = _distinct_per_run(owner, whole_days, is_purchase, persons)
+    rows[:, column["distinct_categories"]] = np.maximum.reduceat(categories, starts) + 1
+    rows[:, column["lifecycle_stage"]] = np.where(
+        tenure < NEW_DAYS, LIFECYCLE_NEW,
+        np.where(latest < ACTIVE_DAYS, LIFECYCLE_ACTIVE, np.where(latest < SILENT_DAYS, LIFECYCLE_SILENT,
+                                                                   LIFECYCLE_CHURNED)))
     return rows
+
+
+def _distinct_per_run(owner: npt.NDArray[np.int64], values: npt.NDArray[np.int64], chosen: npt.NDArray[np.bool_],
+                      persons: int) -> npt.NDArray[np.int64]:
+    """How many distinct `values` each person's `chosen` events hold, for values in order within each run (equal
+    values are neighbours)."""
+    owners, chosen_values = owner[chosen], values[chosen]
+    new = np.ones(len(owners), dtype=np.bool_)
+    np.not_equal(chosen_values[1:], chosen_values[:-1], out=new[1:])
+    new[1:] |= owners[1:] != owners[:-1]
+    distinct: npt.NDArray[np.int64] = np.bincount(owners[new], minlength=persons)
+    return distinct
 
 
 def feature_matrix(rows: Sequence[Sequence[float]]) -> npt.NDArray[np.float64]:

@@ -8,11 +8,13 @@ trains or scores takes a `ProfileSource`, so the same code runs on a laptop list
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import NamedTuple, Protocol
+from itertools import repeat
+from operator import attrgetter
+from typing import NamedTuple, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -48,8 +50,19 @@ class PersonRef(NamedTuple):
     identifier_value: str | None = None
 
 
+def refs_by_person_id(person_ids: Iterable[str]) -> list[PersonRef]:
+    """`PersonRef(person_id=...)` of each id, made in C: `tuple.__new__` builds the named tuple without calling
+    its Python `__new__` (which costs as much as the rest of a person's lookup in the online store)."""
+    make = cast(Callable[[type[PersonRef], tuple[str, None, None]], PersonRef], tuple.__new__)
+    return list(map(make, repeat(PersonRef), zip(person_ids, repeat(None), repeat(None))))
+
+
 # The rows of EventColumns.table.
-_MICROS, _IS_ORDER, _AMOUNT_BITS, _CATEGORY = range(4)
+_TABLE_ROWS = 4
+_MICROS, _IS_ORDER, _AMOUNT_BITS, _CATEGORY = range(_TABLE_ROWS)
+# For batches: a history's table, and its size (rows times events), both by C calls.
+_table_of = attrgetter("table")
+_size_of = attrgetter("size")
 
 
 @dataclass(frozen=True)
@@ -57,8 +70,9 @@ class EventColumns:
     """A person's time-sorted history as arrays: what the feature function reads, one entry per event.
 
     Times are integer microseconds since the Unix epoch, so "strictly before the cutoff" and the
-    window bounds are exact comparisons. Categories are codes local to the person (-1: none): only
-    how many distinct ones there are matters. Names are the events' names (for specs that name the
+    window bounds are exact comparisons. Categories are codes local to the person (-1: none), numbered
+    0, 1, ... in order of first appearance, so that any prefix of the history holds codes 0 to its
+    largest: only how many distinct ones there are matters, and that is the largest code plus one. Names are the events' names (for specs that name the
     events they count).
 
     The columns are the rows of one int64 table (an amount's row holds its float64 bits), so that a
@@ -110,7 +124,7 @@ def columns_of(events: Sequence[ActivityEvent]) -> EventColumns:
     """The arrays of a time-sorted history (one pass over the events)."""
     codes: dict[str, int] = {}
     count = len(events)
-    table = np.empty((4, count), dtype=np.int64)
+    table = np.empty((_TABLE_ROWS, count), dtype=np.int64)
     table[_MICROS] = np.fromiter((micros_of(e.time) for e in events), dtype=np.int64, count=count)
     table[_IS_ORDER] = np.fromiter((e.name == ORDER_EVENT for e in events), dtype=np.bool_, count=count)
     table[_AMOUNT_BITS] = np.fromiter(((e.amount or 0.0) if e.name == ORDER_EVENT else 0.0 for e in events),
@@ -137,8 +151,8 @@ class EventRuns:
         """The runs of `histories`, in order; the events' names only `with_names` (a spec that names events)."""
         if len(histories) == 1:  # one person (single scores): the arrays themselves, no copies
             return cls(histories[0], np.asarray([len(histories[0])], dtype=np.int64))
-        tables = [h.table for h in histories]
-        sizes = np.fromiter((table.shape[1] for table in tables), dtype=np.int64, count=len(tables))
+        tables = list(map(_table_of, histories))
+        sizes = np.fromiter(map(_size_of, tables), dtype=np.int64, count=len(tables)) // _TABLE_ROWS
         if not histories:
             return cls(columns_of([]), sizes)
         names = None

@@ -134,10 +134,14 @@ class OnlineHistories(ReadsByStarting):
             # Lookups by map: a batch of thousands costs a C loop, not a Python step per person ("": unknown).
             person_ids = list(map(store.person_of.get, persons, repeat("")))
             found: list[PersonHistory | None] = list(map(store.entries.get, person_ids))
-            for person_id, kept in zip(person_ids, found, strict=True):
-                if kept is not None:
-                    store.entries.move_to_end(person_id)
-        missing = [index for index, kept in enumerate(found) if kept is None]
+            all_found = all(found)
+            if all_found:  # the usual warm batch: least recently used order kept by a C loop too
+                deque(map(store.entries.move_to_end, person_ids), maxlen=0)
+            else:
+                for person_id, kept in zip(person_ids, found, strict=True):
+                    if kept is not None:
+                        store.entries.move_to_end(person_id)
+        missing = [] if all_found else [index for index, kept in enumerate(found) if kept is None]
         reading = self._source.start_histories_of([persons[i] for i in missing], None) if missing else None
         return _OnlineRead(self, persons, before, found, missing, reading, generation)
 

@@ -9,7 +9,6 @@ reads from profile what it does not hold. Scores go back through BatchWriteTrait
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -24,7 +23,8 @@ from onecdp.common.v1 import common_pb2
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
-from services.prediction.history import PersonRef
+from services.prediction.batch_response import add_score_results, finite
+from services.prediction.history import PersonRef, refs_by_person_id
 from services.prediction.jobs import (
     TrainingRequest,
     abandon_operation,
@@ -38,7 +38,7 @@ from services.prediction.pages import decode_token, encode_token, page_size_of
 from services.prediction.profile_source import GrpcProfileSource, GrpcScoreWriter
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, Operation, OperationKind, VersionState
 from services.prediction.scoring import PersonScore
-from services.prediction.serving import Predictor, ScoredBatch, ScorerCache
+from services.prediction.serving import Predictor, ScorerCache
 from services.prediction.spec import (
     MAX_DISPLAY_NAME_LENGTH,
     MODEL_ID,
@@ -78,11 +78,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _finite(value: float) -> float:
-    # Proto doubles can carry NaN, but a client comparing metrics should get 0 rather than NaN surprises.
-    return value if math.isfinite(value) else 0.0
-
-
 def _spec_message(spec: ModelSpec) -> pb.ModelSpec:
     return pb.ModelSpec(kind=_KIND_TO_PROTO[spec.kind], event_names=spec.event_names,
                         horizon_days=spec.horizon_days, eligibility_days=spec.eligibility_days,
@@ -112,8 +107,8 @@ def _version_message(version: ModelVersion) -> pb.ModelVersion:
     if version.metrics is not None:
         metrics = version.metrics
         message.metrics.CopyFrom(pb.ModelMetrics(
-            roc_auc=_finite(metrics.roc_auc), log_loss=_finite(metrics.log_loss),
-            calibration_error=_finite(metrics.calibration_error), top_decile_lift=_finite(metrics.top_decile_lift),
+            roc_auc=finite(metrics.roc_auc), log_loss=finite(metrics.log_loss),
+            calibration_error=finite(metrics.calibration_error), top_decile_lift=finite(metrics.top_decile_lift),
             training_examples=metrics.training_examples, validation_examples=metrics.validation_examples,
             training_positive_rate=metrics.training_positive_rate,
             validation_positive_rate=metrics.validation_positive_rate))
@@ -193,7 +188,9 @@ def _person_refs(selectors: Sequence[common_pb2.PersonSelector], field_path: str
                  violations: Violations) -> list[PersonRef]:
     """`_person_ref` of every selector; those by person id (the usual batch) take one attribute read each."""
     person_ids = [selector.person_id for selector in selectors]  # "" unless the selector is a non-empty id
-    refs = list(map(PersonRef, person_ids))
+    refs = refs_by_person_id(person_ids)
+    if all(person_ids):
+        return refs
     for index in [index for index, person_id in enumerate(person_ids) if not person_id]:
         ref = _person_ref(selectors[index], f"{field_path}[{index}]", violations)
         if ref is not None:
@@ -227,42 +224,11 @@ def _time_or_now(holder: timestamp_pb2.Timestamp, present: bool) -> datetime:
 def _score_message(score: PersonScore, model_version: str) -> pb.Score:
     message = pb.Score(person_id=score.person_id, model_version=model_version, probability=score.probability,
                        percentile=score.percentile, base_value=score.base_value,
-                       top_features=[pb.FeatureContribution(feature=c.feature, value=_finite(c.value),
+                       top_features=[pb.FeatureContribution(feature=c.feature, value=finite(c.value),
                                                             contribution=c.contribution)
                                      for c in score.top_features])
     message.as_of_time.FromDatetime(score.as_of)
     return message
-
-
-def _add_score_results(response: pb.BatchScorePersonsResponse, scored: ScoredBatch, model_version: str,
-                       full: bool) -> None:
-    """Results in request order, built from the batch's columns: no per-person domain objects on the way, and
-    each score's fields set in place (a Score built apart and then copied into its result costs twice)."""
-    batch = scored.batch
-    person_ids = batch.person_ids
-    probabilities = batch.probabilities.tolist()
-    percentiles = batch.percentiles.tolist()
-    as_of = response.as_of_time
-    explained = batch.contributions is not None
-    add = response.results.add
-    for index, row in enumerate(scored.rows):
-        if row < 0:
-            error = scored.errors[index]
-            add(error=pb.ScoreError(code=error.code.value, message=error.message))
-            continue
-        score = add().score
-        score.person_id = person_ids[row]
-        score.probability = probabilities[row]
-        if not full:
-            continue
-        score.model_version = model_version
-        score.percentile = percentiles[row]
-        score.as_of_time.CopyFrom(as_of)
-        if explained:
-            score.base_value = batch.base_value(row)
-            score.top_features.extend(pb.FeatureContribution(feature=c.feature, value=_finite(c.value),
-                                                             contribution=c.contribution)
-                                      for c in batch.top_contributions(row))
 
 
 def _score_result(result: PersonScore | DomainError, model_version: str) -> pb.ScoreResult:
@@ -422,7 +388,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         scored = self._predictor.score_many(scoring, persons, as_of, top)
         response = pb.BatchScorePersonsResponse(model_version=scoring.name)
         response.as_of_time.FromDatetime(as_of)
-        _add_score_results(response, scored, scoring.name, full)
+        add_score_results(response, scored, scoring.name, full)
         return response
 
     def StreamScorePersons(self, request_iterator: Iterable[pb.StreamScorePersonsRequest],
