@@ -9,16 +9,18 @@
     (the first call: the service's online store is empty and every history is read from profile) and
     warm (the store holds them; the best of the rounds, after the service has settled: a version in
     use is compiled to machine code in the background after its first 5,000 rows, so warm rounds
-    start once a further 5 s of calls brought no faster one). Warm twice: the FULL view (every field
-    of a score, the default) and the BASIC view (person id and probability only). And once with a
-    batch of 10x the persons (each person 10 times) against raw predict on that 10x matrix: what a
-    call's fixed cost (gRPC, the request's set-up) weighs when spread over more persons. The floor: the
-    same call (same request, a FULL response of the same persons) answered by a server on the same
-    bootstrap, in this process, that does no work at all. To show
-    where the time goes, the same batch in this process: profile's BatchGetProfiles alone (the cold
-    path's fetch), the feature matrix (`features_at` on the kept histories) and the service's
-    booster step (`Scorer.score_matrix`, compiled, as the service runs it once settled); the rest
-    of a warm call is gRPC, selectors, store lookups and result messages;
+    start once a further 15 s of calls brought no faster one: the compile runs at the lowest CPU
+    priority and takes tens of seconds on a busy machine, and a shorter wait measured LightGBM).
+    Warm twice: the FULL view (every field of a score, the default) and the BASIC view (person id
+    and probability only). And once with a batch of 10x the persons (each person 10 times) against
+    raw predict on that 10x matrix: what a call's fixed cost (gRPC, the request's set-up) weighs when
+    spread over more persons. The floor: the same call (same request, a FULL response of the same
+    persons) answered by a server on the same bootstrap, in this process, that does no work at all.
+    To show where the time goes, the same batch in this process: profile's BatchGetProfiles alone
+    (the cold path's fetch), the feature matrix (`features_at` on the kept histories), the
+    service's booster step (`Scorer.score_matrix`, compiled, as the service runs it once settled)
+    and the result messages (`add_score_results`, FULL view); the rest of a warm call is gRPC,
+    selectors, store lookups and the histories laid end to end;
 (b) single-person ScorePerson latency p50/p99 including the feature fetch (5 top features), by person
     id and by identifier, on other persons than the batches': the first score of each person, one caller
     (cold: read from profile), the second (warm: from the online store, one caller: no queueing), then,
@@ -58,11 +60,13 @@ from bench.common import (
     open_loop,
     service_processes,
 )
+from services.prediction.batch_response import add_score_results
 from services.prediction.features import features_at
 from services.prediction.history import PersonHistory, PersonRef
 from services.prediction.profile_source import GrpcProfileSource
 from services.prediction.registry import ModelRegistry
 from services.prediction.scoring import Scorer
+from services.prediction.serving import ScoredBatch
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import SERVICE_NAMES, CassandraSettings, GrpcSettings
 from shared.server import ServiceRegistration, create_server
@@ -115,7 +119,7 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def settle(action: Callable[[], object], quiet_seconds: float = 5.0, most_seconds: float = 120.0) -> None:
+def settle(action: Callable[[], object], quiet_seconds: float = 15.0, most_seconds: float = 180.0) -> None:
     """Call `action` until `quiet_seconds` of calls bring none more than 5 % faster than the best so far
     (or `most_seconds` pass): the service has compiled and warmed what it compiles and warms."""
     started = last_gain = time.perf_counter()
@@ -261,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
                 ids = [h.person_id for h in histories]
                 predict_seconds = persons / best_rate(args.rounds * 4, persons,
                                                       lambda: scorer.score_matrix(ids, matrix, now))
+                scored = ScoredBatch(scorer.score_matrix(ids, matrix, now), list(range(persons)), {})
+
+                def result_messages() -> None:
+                    response = pb.BatchScorePersonsResponse(model_version=version.name)
+                    response.as_of_time.FromDatetime(now)
+                    add_score_results(response, scored, version.name, True)
+
+                messages_seconds = persons / best_rate(args.rounds * 4, persons, result_messages)
 
                 # Selectors the service has not seen: the first score of each reads profile.
                 by_id = single_latency(stub, [common_pb2.PersonSelector(person_id=person_ids[n]) for n in singles],
@@ -289,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"{seconds * 1e3:,.1f} ms"
 
     warm_rate, cold_rate, basic_rate = persons / warm_seconds, persons / cold_seconds, persons / basic_seconds
+    rest_seconds = warm_seconds - features_seconds - predict_seconds - messages_seconds
     large_rate = LARGE * persons / large_seconds
     load = os.getloadavg()
     console.print(figures_table(f"prediction service ({persons} persons per batch, 1 predict thread; "
@@ -311,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         (f"    booster step (Scorer.score_matrix, {'compiled' if compiled else 'LightGBM: did not compile'})",
          per_batch(predict_seconds),
          f"{predict_seconds / warm_seconds:.0%}; raw Booster.predict alone {per_batch(persons / raw_rate)}"),
-        ("    the rest (gRPC, selectors, store, result messages)",
-         per_batch(warm_seconds - features_seconds - predict_seconds),
-         f"{(warm_seconds - features_seconds - predict_seconds) / warm_seconds:.0%}"),
+        ("    result messages (add_score_results, FULL view)", per_batch(messages_seconds),
+         f"{messages_seconds / warm_seconds:.0%}"),
+        ("    the rest (gRPC, selectors, store, histories laid end to end)", per_batch(rest_seconds),
+         f"{rest_seconds / warm_seconds:.0%}; the server that does nothing {per_batch(persons / echo_rate)}"),
         ("  a cold call", per_batch(cold_seconds), "the whole RPC"),
         ("    profile BatchGetProfiles alone (the fetch)", per_batch(fetch_seconds),
          f"{fetch_seconds / cold_seconds:.0%} of a cold call ({persons / fetch_seconds:,.0f} persons/s)"),
