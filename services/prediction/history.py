@@ -72,8 +72,8 @@ class EventColumns:
     Times are integer microseconds since the Unix epoch, so "strictly before the cutoff" and the
     window bounds are exact comparisons. Categories are codes local to the person (-1: none), numbered
     0, 1, ... in order of first appearance, so that any prefix of the history holds codes 0 to its
-    largest: only how many distinct ones there are matters, and that is the largest code plus one. Names are the events' names (for specs that name the
-    events they count).
+    largest: only how many distinct ones there are matters, and that is the largest code plus one.
+    Names are the events' names (for specs that name the events they count).
 
     The columns are the rows of one int64 table (an amount's row holds its float64 bits), so that a
     batch lays many persons' histories end to end with one concatenation instead of one per column
