@@ -193,7 +193,8 @@ def _features_of_histories(past: EventRuns, cutoff_micros: int) -> npt.NDArray[n
     # Distinct values per person. Days: a run is oldest first, so its whole days of age never increase and equal
     # days are neighbours; a day is new where it differs from the one before it. Several orders on one day are
     # one purchase occasion (the BG/NBD view of frequency). Categories are numbered in order of first
-    # appearance (EventColumns), and the past is a prefix of each run: its categories are 0 .. (largest + 1).
+    # appearance (EventColumns), and the past is a prefix of each run: it holds codes 0 to its largest, one more
+    # category than the largest code (0 when none has a category: the largest is -1).
     rows[:, column["active_days_90d"]] = _distinct_per_run(owner, whole_days, age_class <= _TREND, persons)
     rows[:, column["order_days"]] = _distinct_per_run(owner, whole_days, is_purchase, persons)
     rows[:, column["distinct_categories"]] = np.maximum.reduceat(categories, starts) + 1

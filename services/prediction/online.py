@@ -134,7 +134,7 @@ class OnlineHistories(ReadsByStarting):
             # Lookups by map: a batch of thousands costs a C loop, not a Python step per person ("": unknown).
             person_ids = list(map(store.person_of.get, persons, repeat("")))
             found: list[PersonHistory | None] = list(map(store.entries.get, person_ids))
-            all_found = all(found)
+            all_found = all(found)  # a kept history is always true; None where missing
             if all_found:  # the usual warm batch: least recently used order kept by a C loop too
                 deque(map(store.entries.move_to_end, person_ids), maxlen=0)
             else:
