@@ -10,14 +10,17 @@ Writes follow one protocol, whatever the operation:
    that a person that must be split is seen whole. A component that needs more leases than were
    taken (it reaches other persons) gives them back and starts over with all it needs. Two writers
    whose evidence meets always share a lease, so their recomputations are serialized, and the later
-   one sees both edges.
+   one sees both edges. Evidence that provably leaves one person whole and only adds new identifiers
+   to it (a new cookie seen with a known device, or links the person already has, under new message
+   ids) stops after the first step: the seeds and that person's members (IdentityGraph._attaches_to).
 4. The partition of the component is computed (services.identity.partition) and person ids are
    assigned deterministically: a group keeps the oldest free person id among its identifiers'
    original persons (so merges converge on the oldest person and splits restore the merged ids).
 5. The derived rows are written and the change is recorded in the feed; the leases are released.
 
-A writer that dies half way leaves derived rows that the next recomputation of the component
-overwrites from the edge log; its leases expire after 30 s.
+A writer that dies half way leaves derived rows that the next full recomputation of the component
+overwrites from the edge log (or the retry of its call: its observations are recorded only at the
+end); its leases expire after 30 s.
 
 A call works on all of its observations at once, because the Python driver spends ~0.2 ms of CPU per
 statement and only ~5-20 us per key of an IN list or row of a batch: every read of a step is an IN
@@ -58,6 +61,7 @@ MAX_COMPONENT_IDENTIFIERS = 20_000
 LEASE_WAIT_SECONDS = 60.0
 DEADLINE_MARGIN_SECONDS = 0.25
 REDIRECT_HOPS = 16
+JUNK_MEMO_SIZE = 100_000
 
 
 class GuardKind(IntEnum):
@@ -150,6 +154,8 @@ class _Component:
     origin_of: dict[IdKey, str | None] = field(default_factory=dict)
     guard_of: dict[IdKey, str | None] = field(default_factory=dict)
     junk: set[IdKey] = field(default_factory=set)
+    # Set when the component's new identifiers only attach to this person (see _attaches_to).
+    attaches_to: str | None = None
 
     def lease_keys(self) -> set[str]:
         # Unassigned junk identifiers need none: they join no person, and every writer writes the same row.
@@ -331,6 +337,11 @@ class IdentityGraph:
         self.policy = policy or GuardPolicy()
         self._leases = Leases(session)
         self._tombstone_salt: bytes | None = None
+        self._junk_memo: dict[IdKey, bool] = {}
+        # Replaced by IdentitySettings when stored settings are installed (see _attaches_to).
+        self._initial_policy, self._initial_registry = self.policy, self.registry
+        self._junk_memo_policy: GuardPolicy | None = None
+        self._junk_memo_registry: IdentifierRegistry | None = None
         self._links: Combiner[tuple[Sequence[RawObservation], list[list[IdKey]]], list[LinkOutcome]] = Combiner(
             self._link_calls, size_of=lambda call: len(call[0]), max_size=MAX_COMBINED_OBSERVATIONS,
             concurrency=LINK_BATCHES_AT_ONCE)
@@ -638,10 +649,16 @@ class IdentityGraph:
         # An erasure may have tombstoned a seed after the caller checked it and before these leases
         # were taken (erase holds the leases of what it tombstones): drop the evidence just appended.
         # Erasure deletes the identifier rows it tombstones, so only seeds without a person can be
-        # erased. Read alongside the components (the leases are held already).
-        read_erased = self._tombstones_async({k for seeds in seed_sets for k in seeds})
+        # erased: those the caller found without one are read alongside the components (the leases
+        # are held already), and those it found with one but that have none now, after them.
+        unassigned = {k for seeds in seed_sets for k in seeds if persons is None or not persons.get(k)}
+        read_erased = self._tombstones_async(unassigned)
         components = self._load_components(seed_sets, reads, persons)
         erased = read_erased()
+        gone = {k for seeds, component in zip(seed_sets, components, strict=True) for k in seeds
+                if k not in unassigned and not component.person_of.get(k)}
+        if gone:
+            erased |= self._tombstones_async(gone)()
         erased_seeds = [{k for k in erased & seeds if not component.person_of.get(k)}
                         for seeds, component in zip(seed_sets, components, strict=True)]
         for index, seeds in enumerate(seed_sets):
@@ -656,7 +673,7 @@ class IdentityGraph:
             if not needed <= held:
                 outcomes.append(needed)
                 continue
-            plan = self._plan(component, reason)
+            plan = self._plan_attachment(component) if component.attaches_to else self._plan(component, reason)
             plan.reconciled.erased = erased_here
             plans.append(plan)
             outcomes.append(plan.reconciled)
@@ -697,6 +714,7 @@ class IdentityGraph:
         node_frontiers = [set(seeds) for seeds in seed_sets]
         person_frontiers = [{p for k in seeds if (p := (persons or {}).get(k))} for seeds in seed_sets]
         loaded_persons = [set(found) for found in person_frontiers]
+        first_step = True
         while any(node_frontiers) or any(person_frontiers):
             self._read(reads, set().union(*node_frontiers), set().union(*person_frontiers))
             for index, component in enumerate(components):
@@ -731,7 +749,61 @@ class IdentityGraph:
                 loaded_persons[index] |= found
                 person_frontiers[index] = found
                 node_frontiers[index] = frontier - component.nodes
+                if first_step and persons is not None:
+                    component.attaches_to = self._attaches_to(component, persons, reads)
+                    if component.attaches_to is not None:
+                        person_frontiers[index], node_frontiers[index] = set(), set()
+            first_step = False
         return components
+
+    def _attaches_to(self, component: _Component, persons: Mapping[IdKey, str | None], reads: _Reads) -> str | None:
+        """The person P when the component's new evidence keeps P whole and only adds new identifiers to it.
+
+        Then the partition of the whole component is the stored one with the new identifiers added to
+        P, so it need not be loaded past the seeds (`component.nodes`, read under their leases) and P's
+        members. The conditions: every assigned seed belongs to P (as the caller read it too), has no
+        guard and is not junk; every other seed is new (no row, no links beyond the seeds), of a type
+        without a per-person limit and not junk; no seed is shared once the new links count; P's
+        strongest identifier stays the same. Why they suffice for partition.partition: links between
+        identifiers of one final group never change the groups (a union they add early joins parts
+        that end up together anyway, within the limits, and every union blocked before stays blocked);
+        a type without a limit takes part in no limit conflict, so adding it to P's group blocks or
+        unblocks no union; new links only change the neighbourhoods of seeds, so only seeds can become
+        shared; and with P's strongest identifier unchanged, groups take person ids in the same order
+        (_assign_person_ids). A replay of links already made, under new message ids, is such a case.
+
+        It relies on the stored rows being the partition of the stored evidence under the policy in
+        force, which every full recomputation leaves behind. Hence only while the policy and types
+        this graph started with are in force: persons judged under an older policy are judged again
+        when new evidence touches them, by a full recomputation. Evidence left unreconciled by a writer
+        that died is reconciled by the retry of its call (its observation is not recorded until then)
+        or by the next full recomputation of the component.
+        """
+        if self.policy is not self._initial_policy or self.registry is not self._initial_registry:
+            return None
+        assigned = {k for k in component.nodes if component.person_of.get(k)}
+        person_id = component.person_of[min(assigned)] if assigned else None
+        if person_id is None or person_id not in reads.members:
+            return None
+        members = reads.members[person_id]
+        for key in assigned:
+            if component.person_of[key] != person_id or persons.get(key) != person_id or component.guard_of.get(key) \
+                    or self._is_junk(key) or key not in members:
+                return None
+        new = component.nodes - assigned
+        for key in new:
+            identifier_type = self.registry.get(key.type)
+            if identifier_type is None or identifier_type.max_per_person > 0 or self._is_junk(key) \
+                    or component.origin_of.get(key) or component.guard_of.get(key) \
+                    or not component.neighbours[key] <= component.nodes:
+                return None
+        neighbourhoods = {k: component.neighbours[k] for k in component.nodes}
+        junk = {n for adjacent in neighbourhoods.values() for n in adjacent if self._is_junk(n)}
+        if shared_identifiers(neighbourhoods, self.policy, junk):
+            return None
+        if new and _strongest(members, self.registry) != _strongest([*members, *new], self.registry):
+            return None
+        return person_id
 
     def _read(self, reads: _Reads, keys: set[IdKey], person_ids: set[str]) -> None:
         """Read into `reads`, in one round trip, the rows and links of `keys` and the members of `person_ids`.
@@ -750,8 +822,18 @@ class IdentityGraph:
         reads.members.update(read_members())
 
     def _is_junk(self, key: IdKey) -> bool:
-        identifier_type = self.registry.get(key.type)
-        return identifier_type is None or self.policy.is_junk(identifier_type, key.value)
+        # Asked several times per identifier per call (each pattern a regex search): remembered per
+        # policy and registry in force, and forgotten when either is replaced or the memo grows large.
+        policy, registry = self.policy, self.registry
+        if self._junk_memo_policy is not policy or self._junk_memo_registry is not registry \
+                or len(self._junk_memo) > JUNK_MEMO_SIZE:
+            self._junk_memo_policy, self._junk_memo_registry = policy, registry
+            self._junk_memo = {}
+        junk = self._junk_memo.get(key)
+        if junk is None:
+            identifier_type = registry.get(key.type)
+            junk = self._junk_memo[key] = identifier_type is None or policy.is_junk(identifier_type, key.value)
+        return junk
 
     def _shared_among(self, batch: Sequence[IdKey], component: _Component, junk: set[IdKey]) -> set[IdKey]:
         return set(shared_identifiers({k: component.neighbours[k] for k in batch}, self.policy, junk))
@@ -803,6 +885,22 @@ class IdentityGraph:
             person_writes=self._person_rows(group_ids, component, merged_into, changed_persons, now) + member_writes,
             identifier_writes=identifier_writes,
             changes=_changes(old_persons, merged_into, members_by_old, reason))
+
+    def _plan_attachment(self, component: _Component) -> _Plan:
+        """The new seeds of a component that attaches to one person (see _attaches_to) join that person."""
+        person_id = component.attaches_to
+        assert person_id is not None
+        new = sorted(k for k in component.nodes if component.person_of.get(k) is None)
+        return _Plan(
+            reconciled=_Reconciled(Partition(groups=[frozenset(component.nodes)]), [person_id], {}),
+            person_writes=[("UPDATE persons SET merged_into = null, update_time = ? WHERE person_id = ?",
+                            (_now(), person_id))] * bool(new)
+            + [("INSERT INTO person_identifiers (person_id, id_type, id_value) VALUES (?, ?, ?)",
+                (person_id, k.type, k.value)) for k in new],
+            identifier_writes=[("UPDATE identifiers SET person_id = ?, origin_person_id = ?, guard = ? "
+                                "WHERE id_type = ? AND id_value = ?", (person_id, person_id, None, k.type, k.value))
+                               for k in new],
+            changes=[])
 
     def _assign_person_ids(self, result: Partition, component: _Component) -> list[str]:
         def rank(group: frozenset[IdKey]) -> tuple[int, IdKey]:

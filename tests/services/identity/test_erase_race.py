@@ -28,3 +28,22 @@ def test_evidence_appended_after_an_erasure_is_dropped_under_the_lease(graph: Id
     # A call that sees the tombstone at once says so.
     outcome = graph.link([RawObservation([("email", "gone@x.io"), ("cookie", "late")], Evidence("m3"))])[0]
     assert [d.guard for d in outcome.guard_decisions] == [GuardKind.ERASED]
+
+
+def test_a_seed_the_caller_found_assigned_and_that_was_erased_since_is_dropped_under_the_lease(
+        graph: IdentityGraph) -> None:
+    email, late_cookie = IdKey("email", "went@x.io"), IdKey("cookie", "later")
+    graph.link([RawObservation([("email", "went@x.io"), ("cookie", "c2")], Evidence("m1"))])
+    person = graph.persons_of([email])[email]
+    assert person
+    # The caller read the email's person (and no tombstone) just before the erasure, and appended its
+    # evidence just after it: only identifiers found without a person are checked alongside the
+    # load, so this one must be checked once it is found without one.
+    graph.erase(person, allow_relink=False, reason="test")
+    graph._start_appending_evidence([([email, late_cookie], Evidence("m2"))])()
+    reconciled = graph.reconcile_many([{email, late_cookie}], ["late observation"],
+                                      persons={email: person, late_cookie: None})[0]
+    assert reconciled.erased == {email}
+    assert graph.persons_of([email])[email] is None
+    assert graph.neighbours_of(email) == set() and graph.neighbours_of(late_cookie) == set()
+    assert graph.persons_of([late_cookie])[late_cookie]
