@@ -23,9 +23,12 @@ from datetime import datetime, timedelta
 
 from services.segmentation.evaluation import ProfileFacts, RuleLookup, matches, passes
 from services.segmentation.rules import (
+    AllOf,
+    AnyOf,
     EventAggregateCondition,
     EventCountCondition,
     LastDays,
+    Not,
     Rule,
     ScoreCondition,
     SegmentCondition,
@@ -127,7 +130,11 @@ def events_read(rules: Iterable[Rule], all_rules: Mapping[str, Rule], as_of: dat
 
 
 def next_change_time(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> datetime | None:
-    """The earliest time after `as_of` at which the rule's value may change with no new data, if any."""
+    """The earliest time after `as_of` at which the rule's value may change with no new data, if any (none when
+    conditions that time cannot change decide it, e.g. `traits.plan = "pro" AND ...` for a person on another
+    plan: a recompute then schedules only the persons whose membership time can still change)."""
+    if _settled_value(rule, facts, as_of, rule_of) is not None:
+        return None
     candidates: list[datetime] = []
     pending, seen = [rule], set()
     while pending:
@@ -157,3 +164,28 @@ def next_change_time(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: 
                                    and not isinstance(bound, bool)]
     future = [when for when in candidates if when > as_of]
     return min(future) if future else None
+
+
+def _settled_value(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> bool | None:
+    """The rule's value at `as_of` when no passing of time can change it without new data (conditions on traits,
+    scores and computed traits that do not move with time decide it); None when it may change."""
+    if isinstance(rule, AllOf | AnyOf):
+        deciding = isinstance(rule, AnyOf)  # the value of one child that decides the whole: true for OR
+        values = [_settled_value(child, facts, as_of, rule_of) for child in rule.rules]
+        if deciding in values:
+            return deciding
+        return None if None in values else not deciding
+    if isinstance(rule, Not):
+        value = _settled_value(rule.rule, facts, as_of, rule_of)
+        return None if value is None else not value
+    if isinstance(rule, SegmentCondition):
+        other = rule_of(rule.segment_id)  # references have no cycles
+        return False if other is None else _settled_value(other, facts, as_of, rule_of)
+    if isinstance(rule, ScoreCondition) or (isinstance(rule, TraitCondition) and not _moves_with_time(rule.field)):
+        return matches(rule, facts, as_of, rule_of)
+    return None
+
+
+def _moves_with_time(field: str) -> bool:
+    head, _, name = field.partition(".")
+    return head == "computed" and (name in TIME_DEPENDENT_COMPUTED or name == "recency_days")

@@ -29,6 +29,7 @@ RULES: dict[str, Rule] = {
     "frequent": parse("computed.frequency >= 3"),
     "lapsing": parse("computed.recency_days > 30"),
     "stage": parse('computed.lifecycle_stage = "active"'),
+    "pro-recent": parse('traits.plan = "pro" AND (event("order").count(last 7d) >= 2 OR NOT segment("pros"))'),
     "books": parse('event("view", category = "books").count(from 2030-01-01T00:00:00Z to 2030-07-01T00:00:00Z) >= 1'),
 }
 
@@ -95,3 +96,20 @@ def test_recency_crosses_its_bound_and_profile_owned_thresholds_are_checked_dail
     person = facts(computed={"recency_days": 10.0})
     assert next_change_time(RULES["lapsing"], person, AS_OF, RULES.get) == AS_OF + timedelta(days=20)
     assert next_change_time(RULES["stage"], person, AS_OF, RULES.get) == AS_OF + DAILY
+
+
+def test_no_change_is_due_when_conditions_time_cannot_change_decide_the_rule() -> None:
+    orders = (EventFact("order", ago(1), {}), EventFact("order", ago(5), {}))
+    free = ProfileFacts("p", {"plan": "free"}, {}, orders)
+    # `plan = "pro"` is false whatever the time: the orders leaving their window change nothing.
+    assert next_change_time(RULES["pro-buyers"], free, AS_OF, RULES.get) is None
+    assert next_change_time(RULES["pro-recent"], free, AS_OF, RULES.get) is None
+    assert next_change_time(RULES["not-pro"], facts(*orders), AS_OF, RULES.get) is None
+    # Still due when the time-bound part decides: a pro whose orders leave the window, through OR and NOT too.
+    assert next_change_time(RULES["pro-recent"], facts(*orders), AS_OF, RULES.get) == ago(5) + timedelta(days=7)
+    assert next_change_time(RULES["buyers"], free, AS_OF, RULES.get) == ago(5) + timedelta(days=7)
+    lapsing_pro = parse('traits.plan = "pro" AND computed.recency_days > 30')
+    assert next_change_time(lapsing_pro, facts(computed={"recency_days": 10.0}), AS_OF, RULES.get) == \
+        AS_OF + timedelta(days=20)
+    assert next_change_time(lapsing_pro, ProfileFacts("p", {"plan": "free"}, {"recency_days": 10.0}), AS_OF,
+                            RULES.get) is None
