@@ -21,18 +21,30 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 
 from services.prediction.serving import ScoredBatch
 
-# Wire tags (field number << 3 | wire type): 2 is a length-delimited field, 1 a 64-bit one.
-_RESULTS = 1 << 3 | 2  # BatchScorePersonsResponse.results
-_RESULT_SCORE = 1 << 3 | 2  # ScoreResult.score
-_PERSON_ID = 1 << 3 | 2  # Score.person_id
-_MODEL_VERSION = 2 << 3 | 2  # Score.model_version
-_PROBABILITY = 3 << 3 | 1  # Score.probability
-_PERCENTILE = 4 << 3 | 1  # Score.percentile
-_AS_OF_TIME = 7 << 3 | 2  # Score.as_of_time
+# Wire types: 2 is a length-delimited field, 1 a 64-bit one.
+_LENGTH_DELIMITED, _FIXED_64 = 2, 1
+
+
+def _tag(message: type[Message], field: str, wire_type: int) -> int:
+    """The wire tag of `message.field`, from the descriptor (so the layout follows the proto); one byte."""
+    tag = message.DESCRIPTOR.fields_by_name[field].number << 3 | wire_type
+    if tag >= 128:
+        raise ValueError(f"{message.__name__}.{field}'s tag takes more than one byte on the wire")
+    return tag
+
+
+_RESULTS = _tag(pb.BatchScorePersonsResponse, "results", _LENGTH_DELIMITED)
+_RESULT_SCORE = _tag(pb.ScoreResult, "score", _LENGTH_DELIMITED)
+_PERSON_ID = _tag(pb.Score, "person_id", _LENGTH_DELIMITED)
+_MODEL_VERSION = _tag(pb.Score, "model_version", _LENGTH_DELIMITED)
+_PROBABILITY = _tag(pb.Score, "probability", _FIXED_64)
+_PERCENTILE = _tag(pb.Score, "percentile", _FIXED_64)
+_AS_OF_TIME = _tag(pb.Score, "as_of_time", _LENGTH_DELIMITED)
 # A length below this takes one byte on the wire (a varint of 7 bits).
 _ONE_BYTE = 128
 # A score's row starts with the result's tag and length, then the score's tag and length.
