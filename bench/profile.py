@@ -6,7 +6,7 @@ Runs identity and profile as real processes (as deployed), against their own key
 1. creates the persons (identify events, not timed);
 2. ingests `--events` track/order events for them through StreamIngestEvents, 4 client streams of
    500-event batches, with 1 and then 2 profile server processes;
-3. writes the same rows (person_timeline row, idempotency record per event) with the raw
+3. writes the same rows (timeline row, bucket row, idempotency record per event) with the raw
    driver's execute_concurrent from this process: the baseline, measured in the same run.
 4. the same identifiers looked up in identity alone (BatchLookupPersons, the same batches and streams):
    what ingest asks identity, so the profile-only part of ingest shows. The timed events name
@@ -16,7 +16,7 @@ months each on average, and an identify event with traits) are loaded (not timed
 `--seconds` each, in a closed loop:
 5. GetProfile by identifier (traits and computed traits), 8 callers;
 6. BatchGetProfiles of 100 customers with their events, 2 callers;
-7. the baseline: the rows those reads need (the person_timeline partition and trait writes of a person),
+7. the baseline: the rows those reads need (each timeline month and the trait writes of a person),
    read with the raw driver from this process, one person per call (8 callers) and 100 per call
    (execute_concurrent, 2 callers); and identity's BatchLookupPersons of the same selectors alone.
 Prints events/s and persons/s for each and the ratios. Figures, not a test.
@@ -229,21 +229,21 @@ def identity_reads(port: int, crm_ids: Sequence[str], seconds: float) -> LoadRes
     return result
 
 
-_RAW_TIMELINE = ("SELECT person_id, event_time, message_id, event_micros, event_type, event_name, order_id, "
-                 "amount, currency_code, item_count, categories, brands, payload, receive_time FROM person_timeline "
-                 "WHERE person_id = ?")
+_RAW_TIMELINE = ("SELECT person_id, bucket, event_time, message_id, event_micros, event_type, event_name, order_id, "
+                 "amount, currency_code, item_count, categories, brands, payload, receive_time FROM timeline "
+                 "WHERE person_id = ? AND bucket = ?")
 _RAW_TRAITS = ("SELECT name, event_time, message_id, value, deleted, source, party FROM trait_writes "
                "WHERE person_id = ?")
 
 
 def raw_reads(session: CassandraSession, persons: Mapping[str, set[int]], seconds: float,
               ) -> tuple[LoadResult, LoadResult]:
-    """The rows a profile read needs (the timeline, the trait writes), straight from Cassandra, knowing
+    """The rows a profile read needs (each timeline month, the trait writes), straight from Cassandra, knowing
     where they are: one person per call, then READ_BATCH persons per call."""
     person_ids = list(persons)
 
     def read(chosen: Sequence[str]) -> int:
-        futures = [session.execute_async(_RAW_TIMELINE, (p,)) for p in chosen]
+        futures = [session.execute_async(_RAW_TIMELINE, (p, month)) for p in chosen for month in sorted(persons[p])]
         futures += [session.execute_async(_RAW_TRAITS, (p,)) for p in chosen]
         for future in futures:
             session.result(future)
@@ -269,24 +269,28 @@ def lookup_persons(port: int, crm_ids: Sequence[str]) -> dict[str, str]:
 
 
 def raw_writes(session: CassandraSession, events: Sequence[pb.Event]) -> float:
-    """Seconds to write the rows the service writes per event (person_timeline, idempotency record)."""
+    """Seconds to write the rows the service writes per event (timeline, bucket, idempotency record)."""
     now = datetime.now(UTC)
     timeline: list[tuple[object, ...]] = []
+    buckets: set[tuple[str, int]] = set()
     ids: list[tuple[object, ...]] = []
     for event in events:
         when = event.event_time.ToDatetime(tzinfo=UTC)
         person = f"raw-{event.identifiers[0].value}"
         order = event.order if event.HasField("order") else None
-        timeline.append((person, when, event.message_id, int(event.type),
+        timeline.append((person, bucket_of(when), when, event.message_id, int(event.type),
                          event.event_name or "order", order.order_id if order else None,
                          order.amount if order else None, "USD" if order else None, 1 if order else None,
                          {"books": 1}, {}, event.SerializeToString(), now))
+        buckets.add((person, bucket_of(when)))
         ids.append((event.message_id, person, bucket_of(when), when, [(i.type, i.value) for i in event.identifiers],
                     now))
     started = time.perf_counter()
-    session.execute_many("INSERT INTO person_timeline (person_id, event_time, message_id, event_type, event_name, "
+    session.execute_many("INSERT INTO timeline (person_id, bucket, event_time, message_id, event_type, event_name, "
                          "order_id, amount, currency_code, item_count, categories, brands, payload, receive_time) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", timeline, concurrency=128)
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", timeline, concurrency=128)
+    session.execute_many("INSERT INTO timeline_buckets (person_id, bucket) VALUES (?, ?)", sorted(buckets),
+                         concurrency=128)
     session.execute_many("INSERT INTO events_by_id (message_id, person_id, bucket, event_time, identifiers, "
                          "receive_time) VALUES (?, ?, ?, ?, ?, ?)", ids, concurrency=128)
     return time.perf_counter() - started

@@ -8,8 +8,8 @@
     changes every 20 ms;
 (b) batch recompute throughput: RecomputeSegment of a rule that needs traits and events, in profiles/s
     (the operation's own elapsed time), vs raw parallel token-range scans with the driver from this
-    process, same parallelism: of the rows a profile is built from (profiles + person_timeline +
-    trait_writes tables, persons/s: the issue's baseline), of the rows and columns the recompute reads (the rule's
+    process, same parallelism: of the rows a profile is built from (profiles + timeline + trait_writes
+    tables, persons/s: the issue's baseline), of the rows and columns the recompute reads (the rule's
     trait, its events from its window's start: ScanProfiles reads no more than that), and of the profiles
     table alone (rows/s); and profile's ScanProfiles alone (what a recompute reads), to show where the
     time goes. Each is measured in `--rounds` rounds (all figures in turn) and reported as the median.
@@ -116,7 +116,7 @@ class RawRead:
 
 
 # Everything a profile is built from: the baseline.
-WHOLE_PROFILES = [RawRead("profiles", "person_id"), RawRead("person_timeline", "person_id"),
+WHOLE_PROFILES = [RawRead("profiles", "person_id"), RawRead("timeline", "person_id, bucket"),
                   RawRead("trait_writes", "person_id")]
 
 
@@ -126,9 +126,10 @@ def rule_reads(since: datetime) -> list[RawRead]:
             RawRead("trait_writes", "person_id",
                     "person_id, name, event_time, message_id, value, deleted, source, party",
                     "AND name IN ('plan') ALLOW FILTERING"),
-            RawRead("person_timeline", "person_id", "person_id, event_time, message_id, event_micros, event_type, "
-                    "event_name, order_id, amount, currency_code, item_count, categories, brands, payload, "
-                    "receive_time", "AND event_time >= ? ALLOW FILTERING", (since,))]
+            RawRead("timeline", "person_id, bucket", "person_id, bucket, event_time, message_id, event_micros, "
+                    "event_type, event_name, order_id, amount, currency_code, item_count, categories, brands, payload, "
+                    "receive_time", "AND bucket >= ? AND event_time >= ? ALLOW FILTERING",
+                    (since.year * 100 + since.month, since))]
 
 
 def raw_scan(session: CassandraSession, reads: Sequence[RawRead], parallelism: int) -> tuple[int, float]:
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
          "rounds: " + ", ".join(f"{rate:,.0f}" for rate in rates["recompute"])),
         ("profile's ScanProfiles alone (what a recompute reads)", f"{scan_rate:,.0f} profiles/s",
          f"ratio recompute / ScanProfiles {batch_rate / scan_rate:.2f}"),
-        ("raw token-range scan: profiles + person_timeline + trait_writes", f"{raw_rate:,.0f} persons/s",
+        ("raw token-range scan: profiles + timeline + trait_writes", f"{raw_rate:,.0f} persons/s",
          f"ratio recompute / raw {batch_rate / raw_rate:.2f} (aim >= 0.5); rounds: "
          + ", ".join(f"{rate:,.0f}" for rate in rates["raw"])),
         ("raw token-range scan: what the recompute reads (profiles; trait_writes of `plan`; timeline from the "

@@ -15,7 +15,6 @@ from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
-from services.profile.backfill import copy_timeline
 from services.profile.computed import ComputedTraits
 from services.profile.identity import GrpcIdentityResolver, PersonView
 from services.profile.model import (
@@ -495,7 +494,6 @@ def _event_cursor(token: str, now: datetime) -> tuple[datetime, str] | None:
 
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
-    copy_timeline(context.session)  # before serving: reads see only person_timeline
     profiles = Profiles(ProfileStore(context.session), GrpcIdentityResolver(identity_stub(context.grpc_settings)),
                         ChangeFeed(context.session, FEED_COLUMNS))
     # Every replica runs a follower of identity's changes, but only the holder of the `identity-feed` lease

@@ -28,11 +28,11 @@ from services.profile.model import (
 )
 from shared.cassandra import CassandraSession, PendingRows
 
-_TIMELINE_COLUMNS = ("person_id, event_time, message_id, event_micros, event_type, event_name, order_id, amount, "
-                     "currency_code, item_count, categories, brands, payload, receive_time")
-_INSERT_TIMELINE = (f"INSERT INTO person_timeline ({_TIMELINE_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_DELETE_TIMELINE_ROW = "DELETE FROM person_timeline WHERE person_id = ? AND event_time = ? AND message_id = ?"
+_TIMELINE_COLUMNS = ("person_id, bucket, event_time, message_id, event_micros, event_type, event_name, order_id, "
+                     "amount, currency_code, item_count, categories, brands, payload, receive_time")
+_INSERT_TIMELINE = (f"INSERT INTO timeline ({_TIMELINE_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_BUCKET = "INSERT INTO timeline_buckets (person_id, bucket) VALUES (?, ?)"
 _INSERT_TRAIT = ("INSERT INTO trait_writes (person_id, name, event_time, message_id, value, deleted, source, party) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_DIRECT_TRAIT = ("INSERT INTO trait_writes (person_id, name, event_time, message_id, value, deleted, source, "
@@ -45,15 +45,19 @@ _TOUCH_PROFILE = "UPDATE profiles SET update_time = ? WHERE person_id = ?"
 # driver ~0.2-0.5 ms of this process's CPU, each key in an IN list a few microseconds.
 _SELECT_PROFILES = ("SELECT person_id, merged_into, merged_person_ids, erased, update_time FROM profiles "
                     "WHERE person_id IN ?")
-# The months of the month-bucketed `timeline` table this service wrote before `person_timeline` (see
-# services/profile/backfill.py): an erasure deletes what is left there too.
 _SELECT_MONTHS = "SELECT person_id, bucket FROM timeline_buckets WHERE person_id IN ?"
-# The trait writes of the persons of a token range, in one range read: reading partitions in token order
-# costs Cassandra far less than naming them in IN lists (a scan's batches). The timeline is read the same
-# way (see _timeline_query), as its partitions share the person's token.
+_SELECT_MONTHS_BETWEEN = ("SELECT person_id, bucket FROM timeline_buckets "
+                          "WHERE bucket >= ? AND bucket <= ? AND person_id IN ?")
+# The months and trait writes of the persons of a token range, in one range read per table: reading
+# partitions in token order costs Cassandra far less than naming them in IN lists (a scan's batches).
+_RANGE_MONTHS = ("SELECT person_id, bucket FROM timeline_buckets WHERE token(person_id) > ? AND token(person_id) <= ? "
+                 "AND bucket >= ? AND bucket <= ? ALLOW FILTERING")
 _RANGE_TRAITS = ("SELECT person_id, name, event_time, message_id, value, deleted, source, party FROM trait_writes "
                  "WHERE token(person_id) > ? AND token(person_id) <= ?")
 _RANGE_NAMED_TRAITS = f"{_RANGE_TRAITS} AND name IN ? ALLOW FILTERING"
+# The timeline of persons with the same months, all of them at once (`person_id IN ? AND bucket IN ?`, at most
+# TIMELINE_PARTITIONS partitions a statement): a statement per person cost more than the rows it read.
+TIMELINE_PARTITIONS = 100
 _SELECT_TRAITS = ("SELECT person_id, name, event_time, message_id, value, deleted, source, party FROM trait_writes "
                   "WHERE person_id IN ?")
 _SELECT_NAMED_TRAITS = ("SELECT person_id, name, event_time, message_id, value, deleted, source, party "
@@ -61,6 +65,7 @@ _SELECT_NAMED_TRAITS = ("SELECT person_id, name, event_time, message_id, value, 
 # Stored event times (`timeline.event_time`) keep milliseconds; a time bound in CQL is widened by one, and
 # the exact time (`event_micros`) decides.
 _MILLISECOND = timedelta(milliseconds=1)
+_LAST_BUCKET = 999912
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # One constant: building timedelta(microseconds=1) on each call cost five times the arithmetic (per row read).
 _MICROSECOND = timedelta(microseconds=1)
@@ -172,14 +177,17 @@ class ProfileStore:
     def write_events(self, items: Sequence[tuple[Event, str]], receive_time: datetime) -> None:
         """Store accepted events under their persons; the idempotency records go last."""
         futures: list[ResponseFuture] = []
+        buckets: set[tuple[str, int]] = set()
         persons: set[str] = set()
         for event, person_id in items:
             assert event.event_time is not None  # validated before
+            bucket = bucket_of(event.event_time)
+            buckets.add((person_id, bucket))
             persons.add(person_id)
             categories, brands = event.preference_weights()
             order = event.order
             futures.append(self._session.execute_async(_INSERT_TIMELINE, (
-                person_id, event.event_time, event.message_id, micros(event.event_time), event.event_type,
+                person_id, bucket, event.event_time, event.message_id, micros(event.event_time), event.event_type,
                 event.name,
                 order.order_id if order else None, event.amount,
                 (order.currency_code or "USD") if order else None,
@@ -190,6 +198,7 @@ class ProfileStore:
                     futures.append(self._session.execute_async(_INSERT_TRAIT, (
                         person_id, name, event.event_time, event.message_id, json.dumps(value), value is None,
                         event.source, event.party)))
+        futures += [self._session.execute_async(_INSERT_BUCKET, key) for key in sorted(buckets)]
         futures += [self._session.execute_async(_TOUCH_PROFILE, (receive_time, p)) for p in sorted(persons)]
         self._wait(futures)
         self._wait([self._session.execute_async(_INSERT_EVENT_ID, (
@@ -216,8 +225,7 @@ class ProfileStore:
     def profile_rows(self, person_ids: Iterable[str]) -> dict[str, ProfileRow]:
         return _profile_rows(self._session.select_in(_SELECT_PROFILES, (), person_ids))
 
-    def old_buckets(self, person_ids: Iterable[str]) -> list[tuple[str, int]]:
-        """The months these persons have in the month-bucketed `timeline` table of before `person_timeline`."""
+    def buckets(self, person_ids: Iterable[str]) -> list[tuple[str, int]]:
         return [(row.person_id, row.bucket) for row in self._session.select_in(_SELECT_MONTHS, (), person_ids).rows()]
 
     def timeline(self, person_ids: Iterable[str]) -> list[TimelineEvent]:
@@ -235,12 +243,12 @@ class ProfileStore:
         the events `selection` selects (when `events`), the traits named (all when None; when `traits`), as the
         writes at or before `traits_as_of` leave them (all writes when None).
 
-        The profile rows (unless given), and the timelines and trait writes of each person's own partition
-        are read together (by range when the persons are those of `token_range`, (start, end]: a scan's;
-        the three tables share each person's token); only persons with merged partitions wait for a
-        further wave (their rows were moved to the survivor, so those partitions are normally empty).
-        One round trip in all for a scan's batch, where reading months and then each person's months by
-        key took two and a read per partition and month.
+        The profile rows (unless given), and the months and trait writes of each person's own partition
+        are read together (by range when the persons are those of `token_range`, (start, end]: a scan's);
+        only persons with merged partitions wait for a further wave (their rows were moved to the
+        survivor, so those partitions are normally empty). Then the timelines are read, one query for the
+        partitions that have the same months. Two round trips in all for the common case, where reading
+        the rows, then the months, then one query per month took three plus the trait reads.
         """
         distinct = list(dict.fromkeys(person_ids))
         pending_rows = None if rows is not None else self._session.select_in(_SELECT_PROFILES, (), distinct)
@@ -284,12 +292,15 @@ class ProfileStore:
         for event, target in moves:
             if target == event.person_id:
                 continue
+            bucket = bucket_of(event.event_time)
             inserts.append(self._session.execute_async(_INSERT_TIMELINE, (
-                target, event.event_time, event.message_id, micros(event.event_time), event.event_type,
+                target, bucket, event.event_time, event.message_id, micros(event.event_time), event.event_type,
                 event.event_name,
                 event.order_id or None, event.amount, event.currency_code or None, event.item_count,
                 event.categories, event.brands, event.payload, event.receive_time)))
-            deletes.append((_DELETE_TIMELINE_ROW, (event.person_id, event.event_time, event.message_id)))
+            inserts.append(self._session.execute_async(_INSERT_BUCKET, (target, bucket)))
+            deletes.append(("DELETE FROM timeline WHERE person_id = ? AND bucket = ? AND event_time = ? "
+                            "AND message_id = ?", (event.person_id, bucket, event.event_time, event.message_id)))
             for row in trait_rows[event.person_id]:
                 if row.message_id == event.message_id:
                     inserts.append(self._session.execute_async(_INSERT_TRAIT, (
@@ -341,13 +352,10 @@ class ProfileStore:
         events = self.timeline(person_ids)
         futures = [self._session.execute_async("DELETE FROM events_by_id WHERE message_id = ?", (e.message_id,))
                    for e in events]
-        # What the month-bucketed tables of before `person_timeline` still hold goes too (it was copied, not moved).
-        for person_id, bucket in self.old_buckets(person_ids):
+        for person_id, bucket in self.buckets(person_ids):
             futures.append(self._session.execute_async(
                 "DELETE FROM timeline WHERE person_id = ? AND bucket = ?", (person_id, bucket)))
         for person_id in person_ids:
-            futures.append(self._session.execute_async("DELETE FROM person_timeline WHERE person_id = ?",
-                                                       (person_id,)))
             futures.append(self._session.execute_async("DELETE FROM timeline_buckets WHERE person_id = ?",
                                                        (person_id,)))
             futures.append(self._session.execute_async("DELETE FROM trait_writes WHERE person_id = ?", (person_id,)))
@@ -373,9 +381,9 @@ class ProfileStore:
 
 
 class _PartitionReads:
-    """Reads of person partitions in flight: each partition's timeline (the selected time span) and trait
-    writes are requested once, as soon as the partition is known (in IN lists, or by token range for the
-    persons of a scan's batch); `finish` waits for them."""
+    """Reads of person partitions in flight: each partition's months and trait writes are requested once,
+    as soon as the partition is known (in IN lists); `finish` then reads the timelines, one query for the
+    partitions that have the same months (few distinct sets when a selection bounds the time)."""
 
     def __init__(self, session: CassandraSession, *, events: bool, traits: bool,
                  selection: EventSelection = ALL_EVENTS, trait_names: Iterable[str] | None = None) -> None:
@@ -385,15 +393,16 @@ class _PartitionReads:
         self._selection = selection
         self._trait_names = None if trait_names is None else sorted(set(trait_names))
         self._started: set[str] = set()
-        self._timelines: list[PendingRows] = []
+        self._months: list[PendingRows] = []
         self._trait_rows: list[PendingRows] = []
 
     def start(self, partitions: Iterable[str]) -> None:
         new = [p for p in dict.fromkeys(partitions) if p not in self._started]
         self._started.update(new)
         if self._events and new:
-            cql, bounds = _timeline_query(self._selection, "person_id IN ?")
-            self._timelines.append(self._session.select_in(cql, bounds, new))
+            first, last = self._months_selected()
+            self._months.append(self._session.select_in(_SELECT_MONTHS_BETWEEN, (first, last), new)
+                                if self._selection.bounded else self._session.select_in(_SELECT_MONTHS, (), new))
         if self._traits and new and self._trait_names != []:
             if self._trait_names is None:
                 self._trait_rows.append(self._session.select_in(_SELECT_TRAITS, (), new))
@@ -405,35 +414,50 @@ class _PartitionReads:
         per table. Rows of other partitions in the range are left out."""
         self._started.update(partitions)
         if self._events:
-            cql, bounds = _timeline_query(self._selection, "token(person_id) > ? AND token(person_id) <= ?")
-            # Cassandra wants ALLOW FILTERING for a time slice over a token range, yet reads it as a slice of each
-            # partition's clustering order (no row is read to be dropped).
-            self._timelines.append(PendingRows(self._session, [self._session.execute_async(
-                f"{cql} ALLOW FILTERING", (*bounds, *token_range))]))
+            self._months.append(PendingRows(self._session, [self._session.execute_async(
+                _RANGE_MONTHS, (*token_range, *self._months_selected()))]))
         if self._traits and self._trait_names != []:
             cql, params = ((_RANGE_TRAITS, token_range) if self._trait_names is None
                            else (_RANGE_NAMED_TRAITS, (*token_range, self._trait_names)))
             self._trait_rows.append(PendingRows(self._session, [self._session.execute_async(cql, params)]))
 
+    def _months_selected(self) -> tuple[int, int]:
+        """The first and last month that can hold selected events."""
+        start, end = self._selection.start, self._selection.end
+        return bucket_of(start) if start else 0, bucket_of(end) if end else _LAST_BUCKET
+
     def finish(self) -> tuple[dict[str, list[TimelineEvent]], dict[str, list[Any]]]:
         """Each partition's selected events (in no particular order) and its trait write rows."""
         # A partition read both by range and by name (merged into a person of the same range) counts once.
+        months: dict[str, set[int]] = {}
+        for row in (row for pending in self._months for row in pending.rows()):
+            if row.person_id in self._started:
+                months.setdefault(row.person_id, set()).add(row.bucket)
+        same_months: dict[tuple[int, ...], list[str]] = {}
+        for partition, of_partition in months.items():
+            same_months.setdefault(tuple(sorted(of_partition)), []).append(partition)
+        cql, bounds = _timeline_query(self._selection)
+        timelines = []
+        for buckets, partitions in same_months.items():
+            per_statement = max(1, TIMELINE_PARTITIONS // len(buckets))
+            timelines += [self._session.execute_async(cql, (*bounds, list(buckets), partitions[i:i + per_statement]))
+                          for i in range(0, len(partitions), per_statement)]
         names = self._selection.names
-        events: dict[str, dict[str, TimelineEvent]] = {}
-        for row in (row for pending in self._timelines for row in pending.rows()):
-            if row.person_id in self._started and (names is None or row.event_name in names):
-                events.setdefault(row.person_id, {})[row.message_id] = _timeline_event(row)
+        events: dict[str, list[TimelineEvent]] = {}
+        for future in timelines:
+            for row in self._session.result(future):
+                if names is None or row.event_name in names:
+                    events.setdefault(row.person_id, []).append(_timeline_event(row))
         trait_rows: dict[str, list[Any]] = {}
         for row in (row for pending in self._trait_rows for row in pending.rows()):
             if row.person_id in self._started:
                 trait_rows.setdefault(row.person_id, []).append(row)  # one read twice: _latest_traits keeps one
-        return {p: list(of_partition.values()) for p, of_partition in events.items()}, trait_rows
+        return events, trait_rows
 
 
-def _timeline_query(selection: EventSelection, partitions: str) -> tuple[str, tuple[datetime, ...]]:
-    """The timeline read of the `partitions` restriction (its bind markers last) and `selection`'s time bounds
-    (widened by a millisecond: see _MILLISECOND), with the bounds' values. The time bounds are a slice of
-    each partition's clustering order, never a filter of its rows."""
+def _timeline_query(selection: EventSelection) -> tuple[str, tuple[datetime, ...]]:
+    """The timeline read of `selection`'s time bounds (widened by a millisecond: see _MILLISECOND), and its
+    bounds; the last two bind markers are the months and the person ids."""
     clauses, bounds = [], []
     if selection.start is not None:
         clauses.append("event_time >= ?")
@@ -441,8 +465,8 @@ def _timeline_query(selection: EventSelection, partitions: str) -> tuple[str, tu
     if selection.end is not None:
         clauses.append("event_time < ?")
         bounds.append(selection.end + _MILLISECOND)
-    clauses.append(partitions)
-    return f"SELECT {_TIMELINE_COLUMNS} FROM person_timeline WHERE {' AND '.join(clauses)}", tuple(bounds)
+    clauses += ["bucket IN ?", "person_id IN ?"]
+    return f"SELECT {_TIMELINE_COLUMNS} FROM timeline WHERE {' AND '.join(clauses)}", tuple(bounds)
 
 
 def _profile_rows(pending: PendingRows) -> dict[str, ProfileRow]:
