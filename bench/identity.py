@@ -3,7 +3,10 @@
     .venv/bin/python -m bench.identity [--persons 1000] [--writers 4] [--seconds 5]
 
 (a) link throughput (observations/s through gRPC, batched) vs raw lightweight-transaction throughput
-    of the same Cassandra from this process (`INSERT ... IF NOT EXISTS`, driver-concurrent);
+    of the same Cassandra from this process (`INSERT ... IF NOT EXISTS`, driver-concurrent), for new
+    observations and for the same observations again under new message ids (links already made), with
+    the CQL requests, lightweight transactions, rows written in batches and partitions read through
+    IN lists per observation that each took;
 (b) lookup throughput and p50/p99 latency vs a bare gRPC echo (grpc.health.v1 Check on a server
     built by the same bootstrap, shared.server.create_server, with no service of its own), and p99
     of both at half of their maximum load.
@@ -16,14 +19,19 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from cassandra.cluster import Session
+from cassandra.query import BatchStatement
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
@@ -50,6 +58,67 @@ class LatencyFigures:
     half_rate: float
     half_p50_ms: float
     half_p99_ms: float
+
+
+@dataclass
+class StatementCounts:
+    """What the driver sent while counting: requests, conditional ones, rows in batches, IN-list keys."""
+
+    requests: int = 0
+    lightweight_transactions: int = 0
+    batch_rows: int = 0
+    in_list_keys: int = 0
+
+    def per(self, observations: int) -> str:
+        return (f"{self.requests / observations:.2f} requests, {self.lightweight_transactions / observations:.2f} "
+                f"LWT, {self.batch_rows / observations:.1f} batch rows, {self.in_list_keys / observations:.1f} "
+                "IN keys")
+
+
+_CONDITIONAL = re.compile(r"\sIF\s", re.IGNORECASE)
+
+
+@contextmanager
+def counting_statements() -> Iterator[StatementCounts]:
+    """Count every statement any driver session of this process sends (the service runs in process).
+
+    Instrumentation only: each statement still goes to Cassandra unchanged. A batch's statements are
+    prepared ones, named by id; their text is found in the cluster's prepared-statement registry.
+    """
+    counts = StatementCounts()
+    lock = threading.Lock()
+    original = Session.execute_async
+
+    def text_of(statement: Any) -> str:
+        prepared = getattr(statement, "prepared_statement", None)
+        if prepared is not None:
+            return str(prepared.query_string)
+        return str(getattr(statement, "query_string", statement))
+
+    def counted(session: Session, query: Any, parameters: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(query, BatchStatement):
+            entries = query._statements_and_parameters  # the driver keeps no public list
+            registry = getattr(session.cluster, "_prepared_statements", {})
+            first = entries[0][1] if entries else ""
+            text = registry[first].query_string if entries and entries[0][0] and first in registry else str(first)
+            rows, keys = len(entries), 0
+        else:
+            text = text_of(query)
+            values = parameters if parameters is not None else getattr(query, "values", None)
+            rows = 0
+            keys = len(values[-1]) if " IN ?" in text and values and isinstance(values[-1], list | tuple) else 0
+        with lock:
+            counts.requests += 1
+            counts.lightweight_transactions += bool(_CONDITIONAL.search(text))
+            counts.batch_rows += rows
+            counts.in_list_keys += keys
+        return original(session, query, parameters, *args, **kwargs)
+
+    Session.execute_async = counted
+    try:
+        yield counts
+    finally:
+        Session.execute_async = original
 
 
 def _identifier(text: str) -> common_pb2.Identifier:
@@ -133,7 +202,12 @@ def main() -> None:
                 world = build_world(args.persons, seed=11)
                 console.print(f"linking {len(world.observations)} observations of {args.persons} persons "
                               f"({args.writers} writers, batches of {args.batch}) ...")
-                linked = measure_link(stub, world.observations, batch=args.batch, writers=args.writers)
+                with counting_statements() as new_counts:
+                    linked = measure_link(stub, world.observations, batch=args.batch, writers=args.writers)
+                console.print("the same observations again under new message ids ...")
+                again = [(f"again-{message_id}", identifiers) for message_id, identifiers in world.observations]
+                with counting_statements() as again_counts:
+                    relinked = measure_link(stub, again, batch=args.batch, writers=args.writers)
 
                 owned = sorted(world.uniquely_owned())
                 requests = [pb.LookupPersonRequest(person=common_pb2.PersonSelector(identifier=_identifier(i)))
@@ -171,6 +245,10 @@ def main() -> None:
         ("link / raw LWT", f"{link_rate / lwt_rate:.2f}", "aim >= 0.5"),
         ("link call p50 / p99", f"{linked.percentile_ms(50):,.0f} / {linked.percentile_ms(99):,.0f} ms",
          f"{args.batch} observations per call"),
+        ("link, CQL per observation", new_counts.per(len(world.observations)), ""),
+        ("link again, new message ids", f"{relinked.rate:,.0f} /s", "the same links"),
+        ("link again / raw LWT", f"{relinked.rate / lwt_rate:.2f}", ""),
+        ("link again, CQL per observation", again_counts.per(len(again)), ""),
         ("echo max (closed loop)", f"{echo_figures.max_rate:,.0f} /s", f"{LOOKUP_THREADS} callers"),
         ("lookup max (closed loop)", f"{lookup_figures.max_rate:,.0f} /s", f"{LOOKUP_THREADS} callers"),
         ("lookup / echo", f"{lookup_figures.max_rate / echo_figures.max_rate:.2f}", "aim >= 0.5"),
