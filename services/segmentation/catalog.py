@@ -27,6 +27,7 @@ from services.segmentation.rules import (
 from services.segmentation.store import SegmentRecord, SegmentStore
 from services.segmentation.text import format_rule, parse
 from shared.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
+from shared.etags import etag_matches, strong_etag
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -121,6 +122,7 @@ def _parsed(rule_text: str) -> Rule:
 
 
 def _etag(record: SegmentRecord) -> str:
+    # Stored bare, as the compare-and-set value of the row; shown quoted (strong_etag) in every response.
     text = "|".join((record.segment_id, str(record.revision), record.display_name, record.description,
                      record.rule_text, record.update_time.isoformat()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -201,7 +203,7 @@ class SegmentCatalog:
             self.check_rule(rule_input, segment_id, violations)
         violations.raise_if_any("the update is invalid", reason="INVALID_UPDATE")
         current = self.record(segment_id)
-        if etag and etag != current.etag:
+        if etag and not etag_matches(etag, current.etag):
             raise Aborted(f"segments/{segment_id} changed since etag {etag!r} was read; get it again and retry",
                           reason="ETAG_MISMATCH")
         now = datetime.now(UTC)
@@ -230,7 +232,7 @@ class SegmentCatalog:
 
     def delete(self, segment_id: str, etag: str) -> None:
         current = self.record(segment_id)
-        if etag and etag != current.etag:
+        if etag and not etag_matches(etag, current.etag):
             raise Aborted(f"segments/{segment_id} changed since etag {etag!r} was read", reason="ETAG_MISMATCH")
         users = sorted(s for s, refs in self._references().items() if segment_id in refs and s != segment_id)
         if users:
@@ -250,5 +252,5 @@ class SegmentCatalog:
         return Segment(record.segment_id, record.display_name, record.description, parse(record.rule_text),
                        record.rule_text, record.revision, SegmentState(record.state),
                        self.store.member_count(record.segment_id), record.last_recompute_time, record.create_time,
-                       record.update_time, record.etag,
+                       record.update_time, strong_etag(record.etag),
                        record.operation_id if record.operation_revision == record.revision else "")

@@ -3,6 +3,7 @@ etags, references, and the rule parser endpoint."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -101,6 +102,35 @@ def test_create_get_list_update_delete(segmentation: Stub) -> None:
         grpc.StatusCode.NOT_FOUND
     assert not segmentation.ListSegments(pb.ListSegmentsRequest(), timeout=10).segments
 
+
+
+def test_etags_are_quoted_and_update_and_delete_take_what_get_returns(segmentation: Stub) -> None:
+    created = create(segmentation, "quoted", "computed.monetary >= 500")
+    fetched = segmentation.GetSegment(pb.GetSegmentRequest(name="segments/quoted"), timeout=10)
+    # A quoted strong etag (AIP-154), as identity shows its etags.
+    assert fetched.etag == created.etag and re.fullmatch(r'"[0-9a-f]{16}"', fetched.etag)
+    mask = field_mask_pb2.FieldMask(paths=["display_name"])
+    for malformed in ('W/' + fetched.etag, '""', fetched.etag[:-2] + '"', "garbage"):
+        code, reason, _ = failure(segmentation.UpdateSegment, pb.UpdateSegmentRequest(
+            segment=pb.Segment(name="segments/quoted", display_name="x", etag=malformed), update_mask=mask))
+        assert (code, reason) == (grpc.StatusCode.ABORTED, "ETAG_MISMATCH"), malformed
+        code, reason, _ = failure(segmentation.DeleteSegment,
+                                  pb.DeleteSegmentRequest(name="segments/quoted", etag=malformed))
+        assert (code, reason) == (grpc.StatusCode.ABORTED, "ETAG_MISMATCH"), malformed
+    renamed = segmentation.UpdateSegment(pb.UpdateSegmentRequest(
+        segment=pb.Segment(name="segments/quoted", display_name="renamed", etag=fetched.etag), update_mask=mask),
+        timeout=10)
+    assert renamed.display_name == "renamed" and re.fullmatch(r'"[0-9a-f]{16}"', renamed.etag)
+    assert renamed.etag != fetched.etag
+    # The etag an update returned is the one Get returns, and Delete takes it.
+    again = segmentation.GetSegment(pb.GetSegmentRequest(name="segments/quoted"), timeout=10)
+    assert again.etag == renamed.etag
+    code, reason, _ = failure(segmentation.DeleteSegment,
+                              pb.DeleteSegmentRequest(name="segments/quoted", etag=fetched.etag))
+    assert (code, reason) == (grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
+    segmentation.DeleteSegment(pb.DeleteSegmentRequest(name="segments/quoted", etag=again.etag), timeout=10)
+    assert failure(segmentation.GetSegment, pb.GetSegmentRequest(name="segments/quoted"))[0] == \
+        grpc.StatusCode.NOT_FOUND
 
 def test_a_segment_reference_is_its_name_or_its_id_in_both_forms(segmentation: Stub) -> None:
     create(segmentation, "vip", "computed.monetary >= 500")

@@ -259,7 +259,11 @@ class Segment(_message.Message):
     state: Global___SegmentState.ValueType
     """State of the memberships."""
     etag: _builtins.str
-    """Checksum of the segment for optimistic concurrency; send it back on update."""
+    """A digest of the segment (a quoted strong etag, AIP-154, e.g. `"985cb8519d3d6e65"`), changed by
+    every update. Send it back as it is in UpdateSegment or DeleteSegment to apply the change only if
+    the segment did not change since it was read; a stale or malformed etag fails with ABORTED.
+    Empty in a request: no check.
+    """
     operation: _builtins.str
     """The latest recompute operation of the current revision, `operations/{operation_id}` (poll it
     with GetOperation): started on create, on a rule change, or by RecomputeSegment. Empty while
@@ -854,7 +858,9 @@ class DeleteSegmentRequest(_message.Message):
     name: _builtins.str
     """`segments/{segment_id}`."""
     etag: _builtins.str
-    """If set, the request fails with ABORTED unless it matches the current etag."""
+    """The segment's `etag` as read; if set, the request fails with ABORTED unless it matches the
+    current etag.
+    """
     def __init__(
         self,
         *,
