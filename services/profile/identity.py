@@ -173,9 +173,11 @@ class GrpcIdentityResolver:
                 raise InvalidArgument(
                     "some selectors are invalid; nothing was read",
                     reason="INVALID_IDENTIFIER",
-                    field_violations=[FieldViolation(
-                        f"{field_paths[start + i] if field_paths else f'persons[{start + i}]'}.identifier", message)
-                        for i, message in sorted(error.messages.items())]) from error
+                    field_violations=[
+                        FieldViolation(_join_path(field_paths[start + i] if field_paths else f"persons[{start + i}]",
+                                                  path), description)
+                        for i, found_violations in sorted(error.violations.items())
+                        for path, description in found_violations]) from error
             found += [_person_view(r.person) if r.found else None for r in response.results]
         return found
 
@@ -202,11 +204,23 @@ class GrpcIdentityResolver:
 
 
 class _InvalidObservations(Exception):
-    """INVALID_ARGUMENT from identity naming observations: their index in the request -> why."""
+    """INVALID_ARGUMENT from identity naming observations: their index in the request -> why.
 
-    def __init__(self, messages: dict[int, str]) -> None:
-        super().__init__(f"{len(messages)} invalid observations")
-        self.messages = messages
+    `violations` keeps identity's own (path inside the observation, description) pairs, so a caller can
+    name the field under its own path; `messages` says the first of them in one line (for event results).
+    """
+
+    def __init__(self, violations: dict[int, list[tuple[str, str]]]) -> None:
+        super().__init__(f"{len(violations)} invalid observations")
+        self.violations = violations
+        self.messages = {index: f"{path}: {description}" if path else description
+                         for index, [(path, description), *_] in violations.items()}
+
+
+def _join_path(prefix: str, path: str) -> str:
+    """`prefix` (a selector's path in our request) followed by `path` (identity's path inside it), e.g.
+    `persons[2]` and `identifier.value` give `persons[2].identifier.value`."""
+    return f"{prefix}.{path}" if path else prefix
 
 
 def _translate(error: grpc.RpcError) -> Exception:
@@ -214,14 +228,14 @@ def _translate(error: grpc.RpcError) -> Exception:
     details = error.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         violations = _field_violations(error)
-        messages: dict[int, str] = {}
+        by_index: dict[int, list[tuple[str, str]]] = {}
         for violation in violations:
             match = _OBSERVATION_INDEX.match(violation.field)
             if match:
-                messages.setdefault(int(match.group(1)),
-                                    f"{violation.field[match.end():].lstrip('.')}: {violation.description}")
-        if messages:
-            return _InvalidObservations(messages)
+                by_index.setdefault(int(match.group(1)), []).append(
+                    (violation.field[match.end():].lstrip("."), violation.description))
+        if by_index:
+            return _InvalidObservations(by_index)
         return InvalidArgument(details, reason="INVALID_IDENTIFIER", field_violations=violations)
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(details, reason="PERSON_NOT_FOUND")

@@ -313,4 +313,7 @@ def test_batch_get_names_an_invalid_selector(profiles: Stub) -> None:
     assert status is not None
     violations = error_details_pb2.BadRequest()
     assert any(d.Unpack(violations) for d in status.details if d.Is(violations.DESCRIPTOR))
-    assert [v.field for v in violations.field_violations] == ["persons[1].identifier"]
+    # The path of the bad part in this request, and a description that does not repeat it.
+    assert [v.field for v in violations.field_violations] == ["persons[1].identifier.value"]
+    (description,) = [v.description for v in violations.field_violations]
+    assert "'nope' is not an email" in description and not description.startswith("identifier")
