@@ -10,7 +10,7 @@ import base64
 import binascii
 import functools
 import hashlib
-import json
+import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -89,21 +89,50 @@ def rule_problems_to_violations(problems: Sequence[RuleProblem], rule_input: Rul
             violations.add(f"{rule_input.field_path}.{problem.path}", problem.description)
 
 
+# Page tokens (AIP-158) are opaque and bound to the list they page: urlsafe base64 of a version byte, a checksum
+# over the list's kind (which names its parent) and the position, and the position masked with a keystream
+# drawn from that checksum, so a token reads as noise. A token sent to another list, or with any character
+# changed, fails the checksum and is refused rather than paging from a wrong place. The checksum is not a
+# secret (the format is open source): a forged position could only start the same list elsewhere, which
+# the caller may read anyway; what it stops is reading, editing and mixing up tokens.
+_PAGE_TOKEN_VERSION = b"\x01"
+_PAGE_TOKEN_CHECKSUM_BYTES = 8
+
+
+def _page_token_checksum(kind: str, position: bytes) -> bytes:
+    return hashlib.blake2b(kind.encode() + b"\0" + position, digest_size=_PAGE_TOKEN_CHECKSUM_BYTES,
+                           person=b"onecdp.page").digest()
+
+
+def _page_token_mask(checksum: bytes, data: bytes) -> bytes:
+    # Its own inverse: masking the masked position gives the position back.
+    keystream = hashlib.shake_256(_PAGE_TOKEN_VERSION + checksum).digest(len(data))
+    return bytes(a ^ b for a, b in zip(data, keystream, strict=True))
+
+
 def encode_page_token(kind: str, position: str) -> str:
-    payload = json.dumps({"k": kind, "p": position}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(payload).decode().rstrip("=")
+    raw = position.encode()
+    checksum = _page_token_checksum(kind, raw)
+    token = _PAGE_TOKEN_VERSION + checksum + _page_token_mask(checksum, raw)
+    return base64.urlsafe_b64encode(token).decode().rstrip("=")
 
 
 def decode_page_token(token: str, kind: str, field_path: str = "page_token") -> str | None:
-    """The position a token continues from (None for no token); INVALID_ARGUMENT for a foreign token."""
+    """The position a token continues from (None for no token); INVALID_ARGUMENT for a token this list did
+    not issue (another list's, a changed one, or none at all)."""
     if not token:
         return None
+    position: str | None = None
     try:
-        payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        position = payload["p"] if payload["k"] == kind else None
-    except (binascii.Error, ValueError, TypeError, KeyError):
+        data = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        checksum = data[1:1 + _PAGE_TOKEN_CHECKSUM_BYTES]
+        if data[:1] == _PAGE_TOKEN_VERSION and len(checksum) == _PAGE_TOKEN_CHECKSUM_BYTES:
+            raw = _page_token_mask(checksum, data[1 + _PAGE_TOKEN_CHECKSUM_BYTES:])
+            if hmac.compare_digest(checksum, _page_token_checksum(kind, raw)):
+                position = raw.decode()
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
         position = None
-    if not isinstance(position, str):
+    if position is None:
         raise InvalidArgument.for_field(field_path, "not a page token of this list; pass next_page_token of the "
                                         "previous response unchanged", reason="INVALID_PAGE_TOKEN")
     return position

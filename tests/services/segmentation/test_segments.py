@@ -132,6 +132,38 @@ def test_etags_are_quoted_and_update_and_delete_take_what_get_returns(segmentati
     assert failure(segmentation.GetSegment, pb.GetSegmentRequest(name="segments/quoted"))[0] == \
         grpc.StatusCode.NOT_FOUND
 
+
+def test_a_page_token_pages_only_the_list_that_issued_it(segmentation: Stub) -> None:
+    for segment_id in ("alpha", "beta", "gamma"):
+        create(segmentation, segment_id, "computed.monetary >= 500")
+    first = segmentation.ListSegments(pb.ListSegmentsRequest(page_size=1), timeout=10)
+    assert [s.name for s in first.segments] == ["segments/alpha"]
+    assert "alpha" not in first.next_page_token  # opaque
+    second = segmentation.ListSegments(pb.ListSegmentsRequest(page_size=1, page_token=first.next_page_token),
+                                       timeout=10)
+    assert [s.name for s in second.segments] == ["segments/beta"]
+    alpha_changes = segmentation.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
+        parent="segments/alpha"), timeout=10).next_page_token
+    assert alpha_changes  # a resume cursor even with no changes
+    assert not segmentation.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
+        parent="segments/alpha", page_token=alpha_changes), timeout=10).changes
+    token = first.next_page_token
+    tampered = token[:3] + ("B" if token[3] != "B" else "C") + token[4:]
+    for call, request in [
+        (segmentation.ListSegments, pb.ListSegmentsRequest(page_token=tampered)),
+        (segmentation.ListSegments, pb.ListSegmentsRequest(page_token=alpha_changes)),
+        (segmentation.ListSegmentMembers, pb.ListSegmentMembersRequest(parent="segments/alpha", page_token=token)),
+        (segmentation.ListSegmentMembers, pb.ListSegmentMembersRequest(parent="segments/alpha",
+                                                                       page_token=alpha_changes)),
+        (segmentation.ListSegmentMembershipChanges, pb.ListSegmentMembershipChangesRequest(
+            parent="segments/beta", page_token=alpha_changes)),
+        (segmentation.ListSegmentMembershipChanges, pb.ListSegmentMembershipChangesRequest(
+            parent="segments/alpha", page_token=alpha_changes[:-2])),
+    ]:
+        code, reason, fields = failure(call, request)
+        assert (code, reason, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN",
+                                                ["page_token"]), request
+
 def test_a_segment_reference_is_its_name_or_its_id_in_both_forms(segmentation: Stub) -> None:
     create(segmentation, "vip", "computed.monetary >= 500")
     both = [segmentation.CreateSegment(pb.CreateSegmentRequest(segment_id=f"ref-{form}", segment=segment),

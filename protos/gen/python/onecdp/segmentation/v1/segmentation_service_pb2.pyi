@@ -774,7 +774,9 @@ class ListSegmentsRequest(_message.Message):
     page_size: _builtins.int
     """At most this many segments (default 50, max 1,000)."""
     page_token: _builtins.str
-    """From a previous response's `next_page_token`."""
+    """A previous ListSegments response's `next_page_token`, unchanged (an opaque token); any other
+    value fails with INVALID_ARGUMENT naming `page_token`. Empty: the first page.
+    """
     def __init__(
         self,
         *,
@@ -1281,7 +1283,9 @@ class ListSegmentMembersRequest(_message.Message):
     page_size: _builtins.int
     """At most this many members (default 100, max 10,000)."""
     page_token: _builtins.str
-    """From a previous response's `next_page_token`."""
+    """A previous response's `next_page_token` for the same `parent`, unchanged (an opaque token); any
+    other value fails with INVALID_ARGUMENT naming `page_token`. Empty: the first page.
+    """
     def __init__(
         self,
         *,
@@ -1414,7 +1418,9 @@ class ListSegmentMembershipChangesRequest(_message.Message):
     page_size: _builtins.int
     """At most this many changes (default 100, max 10,000)."""
     page_token: _builtins.str
-    """From a previous response's `next_page_token`; also a resume cursor for polling."""
+    """A previous response's `next_page_token` for the same `parent`, unchanged (an opaque token); also
+    a resume cursor for polling. Any other value fails with INVALID_ARGUMENT naming `page_token`.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Changes at or after this time (ignored when `page_token` is set)."""
