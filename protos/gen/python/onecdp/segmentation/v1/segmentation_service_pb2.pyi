@@ -1343,11 +1343,11 @@ class SegmentMember(_message.Message):
     def enter_time(self) -> _timestamp_pb2.Timestamp:
         """When the person last entered: the service's clock when it recorded the entry (processing time),
         never the time of the event that made the person qualify, on either path. Real time (causes
-        `realtime`, `expiry`, `merge`): when the service evaluated the profile change, shortly after
-        profile recorded it. Recompute (cause `recompute`): when the recompute finished its scan and
-        recorded the difference, which can be long after the profile changed. So the same entry carries a
-        different time depending on which path recorded it first. Unchanged while the person stays a
-        member; a new entry after an exit gets a new time.
+        `realtime`, `expiry`, `merge`): when the service evaluated the person after a profile change
+        (shortly after profile recorded it) or a time window passing. Recompute (cause `recompute`): when
+        the recompute finished its scan and recorded the difference, which can be long after the profile
+        changed. So the same entry carries a different time depending on which path recorded it first.
+        Unchanged while the person stays a member; a new entry after an exit gets a new time.
         """
 
     def __init__(
