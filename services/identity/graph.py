@@ -32,15 +32,18 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import secrets
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from typing import Any
+
+from onecdp.common.v1 import common_pb2
 
 from services.identity import feed
 from services.identity.combining import Combiner
@@ -62,6 +65,13 @@ LEASE_WAIT_SECONDS = 60.0
 DEADLINE_MARGIN_SECONDS = 0.25
 REDIRECT_HOPS = 16
 JUNK_MEMO_SIZE = 100_000
+# The event times the profile service accepts (services/profile/model.py): evidence from outside them
+# is a client's clock or unit bug, and would skew first/last seen. Kept here so that identity does not
+# depend on profile's code.
+EARLIEST_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC)
+MAX_FUTURE_SKEW = timedelta(days=1)
+# onecdp.common.v1.SourceKind: an undefined number is a client bug, not a new kind of source.
+SOURCE_KINDS = frozenset(common_pb2.SourceKind.values())
 
 
 class GuardKind(IntEnum):
@@ -320,8 +330,40 @@ def new_person_id() -> str:
     return f"p_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
 
 
+# What a person id can look like. new_person_id mints "p_" and 24 lowercase hex digits; the form is
+# the wider "p_" and lowercase letters and digits because callers (profile, prediction) pass ids like
+# "p_nobody" that must stay NOT_FOUND / found=false, while an id outside it (spaces, capitals, no
+# prefix) can never exist and is INVALID_ARGUMENT naming the field (AIP-193).
+PERSON_ID_PATTERN = re.compile(r"p_[0-9a-z]{1,62}")
+PERSON_ID_FORM = "'p_' followed by lowercase letters and digits, as LinkIdentifiers returns it"
+
+
+def check_person_id(person_id: str, field_path: str) -> str:
+    """`person_id` if it has the form of a person id; InvalidArgument naming `field_path` otherwise."""
+    if not person_id:
+        raise InvalidArgument.for_field(field_path, f"required: a person id, {PERSON_ID_FORM}",
+                                        reason="PERSON_ID_REQUIRED")
+    if not PERSON_ID_PATTERN.fullmatch(person_id):
+        raise InvalidArgument.for_field(field_path, f"{person_id[:80]!r} is not a person id: expected "
+                                        f"{PERSON_ID_FORM}", reason="INVALID_PERSON_ID")
+    return person_id
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _check_evidence(evidence: Evidence, path: str, now: datetime, violations: Violations) -> None:
+    """Adds to `violations` what is wrong with an observation's provenance besides its message id."""
+    if evidence.event_time is not None:
+        event_time = evidence.event_time.isoformat()
+        violations.check(evidence.event_time <= now + MAX_FUTURE_SKEW, f"{path}.event_time",
+                         f"{event_time} is more than 1 day in the future; send the time the event happened, in UTC")
+        violations.check(evidence.event_time >= EARLIEST_EVENT_TIME, f"{path}.event_time",
+                         f"{event_time} is before 1990-01-01; send the time the event happened, in UTC")
+    violations.check(evidence.source_kind in SOURCE_KINDS, f"{path}.source_kind",
+                     f"{evidence.source_kind} is not a onecdp.common.v1.SourceKind value; use one of "
+                     f"{sorted(SOURCE_KINDS)} (0: unspecified)")
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -356,6 +398,7 @@ class IdentityGraph:
                                     reason="BATCH_TOO_LARGE")
         violations = Violations()
         violations.check(bool(observations), "observations", "at least one observation is required")
+        now = _now()
         normalized: list[list[IdKey]] = []
         for i, observation in enumerate(observations):
             path = f"observations[{i}]"
@@ -364,6 +407,7 @@ class IdentityGraph:
                              "required, 1-128 characters")
             violations.check(0 < len(observation.identifiers) <= MAX_IDENTIFIERS_PER_OBSERVATION,
                              f"{path}.identifiers", f"1-{MAX_IDENTIFIERS_PER_OBSERVATION} identifiers required")
+            _check_evidence(observation.evidence, f"{path}.provenance", now, violations)
             keys: list[IdKey] = []
             for j, (type_name, value) in enumerate(observation.identifiers):
                 try:
@@ -1154,6 +1198,10 @@ class IdentityGraph:
     def person_holding(self, key: IdKey) -> str:
         """The person an identifier (normalized) belongs to; NotFound when none does."""
         person_id = self.persons_of([key])[key]
+        if not person_id and self._is_junk(key):
+            raise NotFound(f"no person holds {key.type} {key.value!r}: the value is blocked by the guard policy "
+                           "as junk, so it never links to a person; look the person up by another identifier",
+                           reason="PERSON_NOT_FOUND", metadata={"identifier_type": key.type, "guard": "BLOCKED_VALUE"})
         if not person_id:
             raise NotFound(f"no person holds {key.type} {key.value!r}", reason="PERSON_NOT_FOUND",
                            metadata={"identifier_type": key.type})

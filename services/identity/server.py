@@ -27,6 +27,7 @@ from services.identity.graph import (
     Person,
     Provenance,
     RawObservation,
+    check_person_id,
 )
 from services.identity.identifiers import GuardPolicy, IdentifierType, Normalization
 from services.identity.partition import IdKey
@@ -209,9 +210,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
 
     def ListPersonIdentifiers(self, request: pb.ListPersonIdentifiersRequest,
                               context: grpc.ServicerContext) -> pb.ListPersonIdentifiersResponse:
-        if not request.person_id:
-            raise InvalidArgument.for_field("person_id", "required", reason="PERSON_ID_REQUIRED")
-        members = sorted(self._graph.get_person(request.person_id).identifiers)
+        members = sorted(self._graph.get_person(check_person_id(request.person_id, "person_id")).identifiers)
         page_size = _page_size(request.page_size)
         start = _page_start(request.page_token, len(members))
         page = members[start:start + page_size]
@@ -346,7 +345,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         """The person id a selector names, or its identifier normalized; INVALID_ARGUMENT naming the field."""
         which = selector.WhichOneof("selector")
         if which == "person_id":
-            return selector.person_id
+            return check_person_id(selector.person_id, f"{field_path}.person_id")
         if which == "identifier":
             return self._graph.normalize_one(selector.identifier.type, selector.identifier.value,
                                              f"{field_path}.identifier")
