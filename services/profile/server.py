@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -60,10 +58,6 @@ IDENTITY_FEED_LEASE = "identity-feed"
 MAX_PAGE_BYTES = 3 * 1024 * 1024
 # What a repeated message field adds per element besides the element: its tag and length prefix.
 _ELEMENT_OVERHEAD_BYTES = 6
-# What a StoredEvent in a repeated field takes at most besides its event's bytes and its person id: tags and
-# length prefixes (its own, the event's, the person id's) and the receive time. BatchGetProfiles and
-# ScanProfiles size their events with it instead of serializing them twice.
-_STORED_EVENT_OVERHEAD_BYTES = 32
 _TOKEN_MICROS = re.compile(r"[0-9]{1,19}")
 
 
@@ -321,22 +315,16 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                                           with_events=request.include_events, with_traits=mask.wants("traits"),
                                           with_computed=mask.needs_events, selection=selection,
                                           trait_names=mask.trait_names))
-        results: list[pb.ProfileLookupResult] = []
-        included: list[tuple[pb.ProfileLookupResult, list[TimelineEvent]]] = []
+        results = []
         for person in persons:
             if person is None:
                 results.append(pb.ProfileLookupResult(found=False))
                 continue
             view = next(views)
-            results.append(pb.ProfileLookupResult(found=True, profile=mask.apply(_profile(view))))
-            included.append((results[-1], _oldest_first(view.events, selection)))
-        # Events go in last: the profiles take what they take, and the events share what is left of the budget.
-        profile_bytes = sum(r.ByteSize() + _ELEMENT_OVERHEAD_BYTES for r in results)
-        counts = _events_that_fit([_event_sizes(events) for _, events in included], MAX_PAGE_BYTES - profile_bytes)
-        for (result, events), count in zip(included, counts, strict=True):
-            for event in events[:count]:
+            result = pb.ProfileLookupResult(found=True, profile=mask.apply(_profile(view)))
+            for event in _oldest_first(view.events, selection):
                 _fill_stored_event(result.events.add(), event)
-            result.events_truncated = count < len(events)
+            results.append(result)
         return pb.BatchGetProfilesResponse(results=results)
 
     def _read(self, person: PersonView, mask: ReadMask, as_of: datetime | None) -> pb.Profile:
@@ -442,25 +430,11 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                     if view.person_id in identities:
                         view.identifiers = identities[view.person_id].identifiers
             response = pb.ScanProfilesResponse()
-            response_bytes = 0
             for view in views:
-                profile = mask.apply(_profile(view))
-                events = _oldest_first(view.events, selection)
-                sizes = _event_sizes(events)
-                profile_bytes = profile.ByteSize() + 2 * _ELEMENT_OVERHEAD_BYTES
-                (count,) = _events_that_fit([sizes], MAX_PAGE_BYTES - profile_bytes)
-                scanned_bytes = profile_bytes + sum(sizes[:count])
-                # A message stops before passing the budget, so large events give messages of fewer profiles.
-                if response.profiles and response_bytes + scanned_bytes > MAX_PAGE_BYTES:
-                    yield response
-                    response = pb.ScanProfilesResponse()
-                    response_bytes = 0
-                scanned = response.profiles.add(profile=profile, events_truncated=count < len(events))
-                for event in events[:count]:
+                scanned = response.profiles.add(profile=mask.apply(_profile(view)))
+                for event in _oldest_first(view.events, selection):
                     _fill_stored_event(scanned.events.add(), event)
-                response_bytes += scanned_bytes
-            if response.profiles:
-                yield response
+            yield response
 
     def ListProfileChanges(self, request: pb.ListProfileChangesRequest,
                            context: grpc.ServicerContext) -> pb.ListProfileChangesResponse:
@@ -486,38 +460,6 @@ def _event_selection(request: pb.ScanProfilesRequest | pb.BatchGetProfilesReques
 def _oldest_first(events: Sequence[TimelineEvent], selection: EventSelection) -> list[TimelineEvent]:
     """The events (stored newest first) `selection` selects, oldest first."""
     return [e for e in reversed(events) if selection.selects(e)]
-
-
-def _event_sizes(events: Sequence[TimelineEvent]) -> list[int]:
-    """At most how many bytes each event takes as a StoredEvent in a repeated field."""
-    return [len(e.payload) + len(e.person_id) + _STORED_EVENT_OVERHEAD_BYTES for e in events]
-
-
-def _events_that_fit(sizes: Sequence[Sequence[int]], budget: int) -> list[int]:
-    """How many of each person's events (their sizes, in the order returned) fit in `budget` bytes together.
-
-    All of them when they fit. Otherwise every person gets the same byte allowance, the largest that keeps
-    the total within `budget`, and takes the longest prefix of its events within it (a person needing less
-    takes all of its events), so one person with a huge history does not crowd out the others.
-    """
-    totals = [list(itertools.accumulate(s)) for s in sizes]
-    if sum(t[-1] for t in totals if t) <= budget:
-        return [len(t) for t in totals]
-
-    def counts(allowance: int) -> list[int]:
-        return [bisect.bisect_right(t, allowance) for t in totals]
-
-    def used(allowance: int) -> int:
-        return sum(t[n - 1] for t, n in zip(totals, counts(allowance), strict=True) if n)
-
-    low, high = 0, max(budget, 0)  # used(low) <= budget always holds
-    while low < high:
-        middle = (low + high + 1) // 2
-        if used(middle) <= budget:
-            low = middle
-        else:
-            high = middle - 1
-    return counts(low)
 
 
 def _check_batch(count: int, field_path: str) -> None:

@@ -1047,16 +1047,8 @@ class ProfileLookupResult(_message.Message):
     FOUND_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
-    EVENTS_TRUNCATED_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """Whether a profile matched."""
-    events_truncated: _builtins.bool
-    """True when `events` stops before the end of the requested range to keep the response under
-    3 MiB (see BatchGetProfiles): `events` are then the oldest events of the range, and
-    ListProfileEvents with `start_time` set to the last returned event's `event_time` (and the same
-    `event_names`) pages through the rest, newest first; skip the message ids already returned.
-    False when `events` are all the events of the range.
-    """
     @_builtins.property
     def profile(self) -> Global___Profile:
         """The profile when found."""
@@ -1071,11 +1063,10 @@ class ProfileLookupResult(_message.Message):
         found: _builtins.bool = ...,
         profile: Global___Profile | None = ...,
         events: _abc.Iterable[Global___StoredEvent] | None = ...,
-        events_truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "events_truncated", b"events_truncated", "found", b"found", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "found", b"found", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1332,9 +1323,7 @@ class ListProfileShardsResponse(_message.Message):
     SHARDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def shards(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Shards that together cover every profile exactly once: token ranges `<start>:<end>` (see
-        ScanProfilesRequest.shard).
-        """
+        """Opaque shard tokens that together cover every profile exactly once."""
 
     def __init__(
         self,
@@ -1364,12 +1353,7 @@ class ScanProfilesRequest(_message.Message):
     AS_OF_TIME_FIELD_NUMBER: _builtins.int
     EVENT_NAMES_FIELD_NUMBER: _builtins.int
     shard: _builtins.str
-    """The token range to scan, `<start>:<end>`: the profiles whose Murmur3 partition token is in
-    (start, end]. A shard from ListProfileShards, or any other range of integers with
-    -9223372036854775808 <= start < end <= 9223372036854775807, e.g. half of a listed shard to
-    split the work further (a range holding no profile streams nothing). Anything else, e.g.
-    `5:1`, is INVALID_ARGUMENT naming `shard`.
-    """
+    """A shard token from ListProfileShards."""
     include_events: _builtins.bool
     """When true, each profile also carries its events in [`events_start_time`, `events_end_time`)."""
     batch_size: _builtins.int
@@ -1454,13 +1438,6 @@ class ScannedProfile(_message.Message):
 
     PROFILE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
-    EVENTS_TRUNCATED_FIELD_NUMBER: _builtins.int
-    events_truncated: _builtins.bool
-    """True when this profile's events alone would pass the 3 MiB a streamed message may hold:
-    `events` are then the oldest events of the requested range, and ListProfileEvents with
-    `start_time` set to the last returned event's `event_time` pages through the rest (as in
-    ProfileLookupResult.events_truncated). False when `events` are all the events of the range.
-    """
     @_builtins.property
     def profile(self) -> Global___Profile:
         """The profile."""
@@ -1474,11 +1451,10 @@ class ScannedProfile(_message.Message):
         *,
         profile: Global___Profile | None = ...,
         events: _abc.Iterable[Global___StoredEvent] | None = ...,
-        events_truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "events_truncated", b"events_truncated", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

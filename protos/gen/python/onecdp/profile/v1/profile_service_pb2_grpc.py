@@ -137,10 +137,7 @@ class ProfileServiceServicer:
 
     def BatchGetProfiles(self, request, context):
         """Gets many profiles at once (1-1,000), one result per selector in request order; selectors
-        matching nobody come back with `found = false`. With `include_events`, the response stays under
-        3 MiB so that a client with gRPC's default 4 MiB receive limit can read it: when the events of
-        all persons would pass that, each person gets the same byte allowance for its events (persons
-        with fewer get all of theirs) and a result cut short says so with `events_truncated`.
+        matching nobody come back with `found = false`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -175,13 +172,9 @@ class ProfileServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ScanProfiles(self, request, context):
-        """Streams every profile of one shard, for batch work (segment recompute, training sets). Each
-        streamed message stays under 3 MiB (the default gRPC client accepts 4 MiB): a message holds
-        fewer than `batch_size` profiles when their events are large, and a profile whose events alone
-        would pass that comes with the oldest of them and `events_truncated`.
+        """Streams every profile of one shard, for batch work (segment recompute, training sets).
 
-        Errors: INVALID_ARGUMENT naming `shard` for a shard that is not a token range (see
-        ScanProfilesRequest.shard); naming `batch_size` for a negative batch size.
+        Errors: INVALID_ARGUMENT for a shard token not returned by ListProfileShards.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,10 +63,7 @@ class ProfileServiceStub:
     """
     BatchGetProfiles: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.BatchGetProfilesRequest, _profile_service_pb2.BatchGetProfilesResponse]
     """Gets many profiles at once (1-1,000), one result per selector in request order; selectors
-    matching nobody come back with `found = false`. With `include_events`, the response stays under
-    3 MiB so that a client with gRPC's default 4 MiB receive limit can read it: when the events of
-    all persons would pass that, each person gets the same byte allowance for its events (persons
-    with fewer get all of theirs) and a result cut short says so with `events_truncated`.
+    matching nobody come back with `found = false`.
     """
     ListProfileEvents: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileEventsRequest, _profile_service_pb2.ListProfileEventsResponse]
     """Lists a person's events, newest first, with a time range and event-name filter.
@@ -84,13 +81,9 @@ class ProfileServiceStub:
     ListProfileShards: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileShardsRequest, _profile_service_pb2.ListProfileShardsResponse]
     """Lists the shards (token ranges) of the profile table, for parallel full scans."""
     ScanProfiles: _grpc.UnaryStreamMultiCallable[_profile_service_pb2.ScanProfilesRequest, _profile_service_pb2.ScanProfilesResponse]
-    """Streams every profile of one shard, for batch work (segment recompute, training sets). Each
-    streamed message stays under 3 MiB (the default gRPC client accepts 4 MiB): a message holds
-    fewer than `batch_size` profiles when their events are large, and a profile whose events alone
-    would pass that comes with the oldest of them and `events_truncated`.
+    """Streams every profile of one shard, for batch work (segment recompute, training sets).
 
-    Errors: INVALID_ARGUMENT naming `shard` for a shard that is not a token range (see
-    ScanProfilesRequest.shard); naming `batch_size` for a negative batch size.
+    Errors: INVALID_ARGUMENT for a shard token not returned by ListProfileShards.
     """
     ListProfileChanges: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileChangesRequest, _profile_service_pb2.ListProfileChangesResponse]
     """Lists profile changes (which person, what changed) in order, from a cursor. The segmentation
@@ -134,10 +127,7 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     """
     BatchGetProfiles: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.BatchGetProfilesRequest, _profile_service_pb2.BatchGetProfilesResponse]  # type: ignore[assignment]
     """Gets many profiles at once (1-1,000), one result per selector in request order; selectors
-    matching nobody come back with `found = false`. With `include_events`, the response stays under
-    3 MiB so that a client with gRPC's default 4 MiB receive limit can read it: when the events of
-    all persons would pass that, each person gets the same byte allowance for its events (persons
-    with fewer get all of theirs) and a result cut short says so with `events_truncated`.
+    matching nobody come back with `found = false`.
     """
     ListProfileEvents: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileEventsRequest, _profile_service_pb2.ListProfileEventsResponse]  # type: ignore[assignment]
     """Lists a person's events, newest first, with a time range and event-name filter.
@@ -155,13 +145,9 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     ListProfileShards: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileShardsRequest, _profile_service_pb2.ListProfileShardsResponse]  # type: ignore[assignment]
     """Lists the shards (token ranges) of the profile table, for parallel full scans."""
     ScanProfiles: _aio.UnaryStreamMultiCallable[_profile_service_pb2.ScanProfilesRequest, _profile_service_pb2.ScanProfilesResponse]  # type: ignore[assignment]
-    """Streams every profile of one shard, for batch work (segment recompute, training sets). Each
-    streamed message stays under 3 MiB (the default gRPC client accepts 4 MiB): a message holds
-    fewer than `batch_size` profiles when their events are large, and a profile whose events alone
-    would pass that comes with the oldest of them and `events_truncated`.
+    """Streams every profile of one shard, for batch work (segment recompute, training sets).
 
-    Errors: INVALID_ARGUMENT naming `shard` for a shard that is not a token range (see
-    ScanProfilesRequest.shard); naming `batch_size` for a negative batch size.
+    Errors: INVALID_ARGUMENT for a shard token not returned by ListProfileShards.
     """
     ListProfileChanges: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileChangesRequest, _profile_service_pb2.ListProfileChangesResponse]  # type: ignore[assignment]
     """Lists profile changes (which person, what changed) in order, from a cursor. The segmentation
@@ -226,10 +212,7 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_service_pb2.BatchGetProfilesResponse, _abc.Awaitable[_profile_service_pb2.BatchGetProfilesResponse]]:
         """Gets many profiles at once (1-1,000), one result per selector in request order; selectors
-        matching nobody come back with `found = false`. With `include_events`, the response stays under
-        3 MiB so that a client with gRPC's default 4 MiB receive limit can read it: when the events of
-        all persons would pass that, each person gets the same byte allowance for its events (persons
-        with fewer get all of theirs) and a result cut short says so with `events_truncated`.
+        matching nobody come back with `found = false`.
         """
 
     @_abc_1.abstractmethod
@@ -271,13 +254,9 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _profile_service_pb2.ScanProfilesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_profile_service_pb2.ScanProfilesResponse], _abc.AsyncIterator[_profile_service_pb2.ScanProfilesResponse]]:
-        """Streams every profile of one shard, for batch work (segment recompute, training sets). Each
-        streamed message stays under 3 MiB (the default gRPC client accepts 4 MiB): a message holds
-        fewer than `batch_size` profiles when their events are large, and a profile whose events alone
-        would pass that comes with the oldest of them and `events_truncated`.
+        """Streams every profile of one shard, for batch work (segment recompute, training sets).
 
-        Errors: INVALID_ARGUMENT naming `shard` for a shard that is not a token range (see
-        ScanProfilesRequest.shard); naming `batch_size` for a negative batch size.
+        Errors: INVALID_ARGUMENT for a shard token not returned by ListProfileShards.
         """
 
     @_abc_1.abstractmethod
