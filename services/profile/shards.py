@@ -1,8 +1,9 @@
 """Shards of the profile table for parallel full scans: equal slices of the Murmur3 token ring.
 
-A shard is the token range (start, end]; together the ranges of `split_ring(n)` cover the ring
-exactly once. The token is opaque to callers (`"<start>:<end>"`), so the split can change later
-(e.g. to follow the cluster's own token ranges) without changing the API.
+A shard is the token range (start, end], written `"<start>:<end>"`; together the ranges of
+`split_ring(n)` cover the ring exactly once. ScanProfiles takes any valid range, not only listed ones,
+so a caller can split a shard further; the split itself can still change later (e.g. to follow the
+cluster's own token ranges) without changing the API.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def parse_shard(shard: str, field_path: str) -> tuple[int, int]:
     except ValueError:
         start = end = 0
     if not separator or not MIN_TOKEN <= start < end <= MAX_TOKEN:
-        raise InvalidArgument.for_field(field_path, "not a shard returned by ListProfileShards",
-                                        reason="INVALID_SHARD")
+        raise InvalidArgument.for_field(
+            field_path, f"{shard[:64]!r} is not a token range '<start>:<end>' of integers with "
+            f"{MIN_TOKEN} <= start < end <= {MAX_TOKEN}; use a shard returned by ListProfileShards",
+            reason="INVALID_SHARD")
     return start, end
