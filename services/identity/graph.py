@@ -459,8 +459,13 @@ class IdentityGraph:
                 normalized[index] = [k for k in keys if k not in erased]
         pending: list[int] = []
         for index, observation in enumerate(observations):
-            if observation.evidence.message_id in known:
-                outcomes[index].duplicate = True
+            applied = known.get(observation.evidence.message_id)
+            if applied is not None:
+                # A replay answers with what was applied under its message id, which is not what this
+                # call sent when the payload differs (nothing of it is linked).
+                outcome = outcomes[index]
+                outcome.duplicate, outcome.normalized = True, applied
+                outcome.guard_decisions = [d for d in outcome.guard_decisions if d.identifier in applied]
             else:
                 pending.append(index)
         # Observations in one call that share identifiers are reconciled together, in one component.
@@ -559,10 +564,11 @@ class IdentityGraph:
                                        (), sorted(key_of_hash))
         return lambda: {key_of_hash[r.identifier_hash] for r in rows.rows()}
 
-    def _known_observations_async(self, message_ids: Iterable[str]) -> Callable[[], set[str]]:
-        rows = self._session.select_in("SELECT message_id FROM observations WHERE message_id IN ?", (),
+    def _known_observations_async(self, message_ids: Iterable[str]) -> Callable[[], dict[str, list[IdKey]]]:
+        """Message ids already applied -> the identifiers applied under each (normalized, sorted)."""
+        rows = self._session.select_in("SELECT message_id, identifiers FROM observations WHERE message_id IN ?", (),
                                        sorted(set(message_ids)))
-        return lambda: {r.message_id for r in rows.rows()}
+        return lambda: {r.message_id: sorted(IdKey(t, v) for t, v in r.identifiers or ()) for r in rows.rows()}
 
     # ---- reconciliation ---------------------------------------------------------------------------
 

@@ -96,6 +96,18 @@ def test_a_replayed_observation_is_a_duplicate_and_changes_nothing(identity: Stu
     assert replay.person_id == original.person_id
 
 
+def test_a_replay_with_a_different_payload_answers_what_was_applied(identity: Stub) -> None:
+    original = link(identity, observation("cookie:r2", "email:R2@Example.com", message_id="replay-2"))[0]
+    replay = link(identity, observation("cookie:r2-other", "crm_id:r2-other", message_id="replay-2"))[0]
+    assert replay.duplicate and replay.person_id == original.person_id
+    assert [(i.type, i.value) for i in replay.normalized_identifiers] == [
+        ("cookie", "r2"), ("email", "r2@example.com")]
+    # The replay's own identifiers were not linked.
+    with pytest.raises(grpc.RpcError) as missing:
+        person_of(identity, "crm_id:r2-other")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_invalid_identifiers_name_the_field_and_link_nothing(identity: Stub) -> None:
     with pytest.raises(grpc.RpcError) as error:
         link(identity, observation("cookie:fine", "email:not-an-email"), observation("shoe_size:42", "cookie:x"))

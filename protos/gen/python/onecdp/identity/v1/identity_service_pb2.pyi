@@ -267,7 +267,9 @@ class LinkResult(_message.Message):
     identifiers apart (e.g. a shared device), the person of the highest-priority identifier.
     """
     duplicate: _builtins.bool
-    """True when the observation's message_id had been applied before; nothing changed."""
+    """True when the observation's message_id had been applied before; nothing changed, and
+    `normalized_identifiers` are those applied then.
+    """
     @_builtins.property
     def person_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """All persons the observation's identifiers belong to, including `person_id` (more than one
@@ -280,7 +282,10 @@ class LinkResult(_message.Message):
 
     @_builtins.property
     def normalized_identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Identifier]:
-        """The identifiers as normalized and stored (e.g. a lower-cased email)."""
+        """The identifiers as normalized and stored (e.g. a lower-cased email). For a duplicate, those
+        applied under the message_id the first time, whatever this observation sent (a replay with a
+        different payload links none of its identifiers); `person_id` and `person_ids` are theirs.
+        """
 
     @_builtins.property
     def guard_decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuardDecision]:
