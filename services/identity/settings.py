@@ -40,6 +40,7 @@ from services.identity.identifiers import (
 )
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
 from shared.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, Unavailable, Violations
+from shared.etags import etag_matches, strong_etag
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,8 @@ def _policy_from_document(document: Mapping[str, Any]) -> GuardPolicy:
 
 
 def _digest(document: Mapping[str, Any]) -> str:
-    # A quoted strong etag (RFC 7232): equal content, equal etag, in every process.
-    return '"' + hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:24] + '"'
+    # Equal content, equal etag, in every process.
+    return strong_etag(hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:24])
 
 
 def type_etag(identifier_type: IdentifierType) -> str:
@@ -152,10 +153,6 @@ def type_etag(identifier_type: IdentifierType) -> str:
 
 def policy_etag(policy: GuardPolicy) -> str:
     return _digest(_policy_document(policy))
-
-
-def _same_etag(sent: str, current: str) -> bool:
-    return sent.strip().strip('"') == current.strip('"')
 
 
 def registry_from(stored_types: Mapping[str, Mapping[str, Any]],
@@ -370,7 +367,7 @@ class IdentitySettings:
                 raise NotFound(f"no identifier type {TYPE_NAME_PREFIX}{type_name}; CreateIdentifierType creates it",
                                reason="IDENTIFIER_TYPE_NOT_FOUND")
             current_etag = type_etag(current)
-            if etag and not _same_etag(etag, current_etag):
+            if etag and not etag_matches(etag, current_etag):
                 raise _stale(f"{TYPE_NAME_PREFIX}{type_name}", etag, current_etag)
             base = TypeDraft(type_name, current.normalization, current.display_name, current.priority,
                              current.max_per_person, tuple(sorted(current.blocked_values)), current.blocked_patterns,
@@ -390,7 +387,7 @@ class IdentitySettings:
         def update(body: Mapping[str, Any] | None) -> tuple[dict[str, Any], GuardPolicy]:
             current = _policy_from_document(body) if body else GuardPolicy()
             current_etag = policy_etag(current)
-            if etag and not _same_etag(etag, current_etag):
+            if etag and not etag_matches(etag, current_etag):
                 raise _stale(POLICY_NAME, etag, current_etag)
             base = PolicyDraft(tuple(sorted(current.blocked_values)), current.blocked_patterns, tuple(
                 SharedRule(shared, counted, limit) for (shared, counted), limit
