@@ -186,7 +186,12 @@ class GrpcIdentityResolver:
             return {}
         request = identity_pb.BatchLookupPersonsRequest(
             persons=[common_pb2.PersonSelector(person_id=p) for p in person_ids])
-        response: identity_pb.BatchLookupPersonsResponse = self._call(self._stub.BatchLookupPersons, request)
+        try:
+            response: identity_pb.BatchLookupPersonsResponse = self._call(self._stub.BatchLookupPersons, request)
+        except _InvalidObservations as error:
+            # An id identity calls malformed names nobody: absent here, like an unknown one, so the caller
+            # names its own field for it. The rest are looked up again.
+            return self.persons([p for index, p in enumerate(person_ids) if index not in error.violations])
         return {p: _person_view(r.person) for p, r in zip(person_ids, response.results, strict=True) if r.found}
 
     def changes(self, cursor: str, limit: int) -> tuple[list[IdentityChange], str]:

@@ -249,6 +249,14 @@ def test_trait_writes_land_on_the_profile_and_unknown_persons_are_refused(profil
         profiles.BatchWriteTraits(pb.BatchWriteTraitsRequest(writes=[write, unknown]), timeout=10)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "writes[1].person_id" in (refused.value.details() or "")
+    # An id identity calls malformed is refused the same way, naming the write, not as a server error.
+    malformed = pb.TraitWrite(person_id="garbage id with spaces")
+    malformed.traits.update({"x": 1})
+    with pytest.raises(grpc.RpcError) as refused:
+        profiles.BatchWriteTraits(pb.BatchWriteTraitsRequest(writes=[unknown, write, malformed]), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = refused.value.details() or ""
+    assert "writes[0].person_id" in details and "writes[2].person_id" in details
 
 
 def test_the_change_feed_is_ordered_and_resumable(profiles: Stub) -> None:
