@@ -39,7 +39,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
 
@@ -54,6 +54,7 @@ from services.identity.partition import IdKey, Partition, partition, shared_iden
 from shared import deadline
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, Violations
+from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
 
 MAX_OBSERVATIONS_PER_CALL = 1000
 # Concurrent link calls are combined into batches of up to this many observations, this many at once.
@@ -65,11 +66,6 @@ LEASE_WAIT_SECONDS = 60.0
 DEADLINE_MARGIN_SECONDS = 0.25
 REDIRECT_HOPS = 16
 JUNK_MEMO_SIZE = 100_000
-# The event times the profile service accepts (services/profile/model.py): evidence from outside them
-# is a client's clock or unit bug, and would skew first/last seen. Kept here so that identity does not
-# depend on profile's code.
-EARLIEST_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC)
-MAX_FUTURE_SKEW = timedelta(days=1)
 # onecdp.common.v1.SourceKind: an undefined number is a client bug, not a new kind of source.
 SOURCE_KINDS = frozenset(common_pb2.SourceKind.values())
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from enum import IntEnum
 from typing import Any
+
+from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
 
 MAX_MESSAGE_ID_LENGTH = 128
 MAX_NAME_LENGTH = 128
 MAX_IDENTIFIERS = 32
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_ORDER_ITEMS = 500
-EARLIEST_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC)
-MAX_FUTURE_SKEW = timedelta(days=1)
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 

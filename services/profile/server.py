@@ -18,8 +18,6 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 from services.profile.computed import ComputedTraits
 from services.profile.identity import GrpcIdentityResolver, PersonView
 from services.profile.model import (
-    EARLIEST_EVENT_TIME,
-    MAX_FUTURE_SKEW,
     MAX_MESSAGE_ID_LENGTH,
     Event,
     EventResult,
@@ -36,6 +34,7 @@ from services.profile.store import EventSelection, ProfileStore, from_micros, mi
 from shared.changefeed import ChangeFeed, parse_cursor
 from shared.clients import identity_stub
 from shared.errors import InvalidArgument, ResourceExhausted, Violations
+from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
 from shared.leases import FollowerLease
 from shared.polling import RepeatingWorker
 from shared.runner import ServiceContext, ServiceDefinition
