@@ -135,12 +135,9 @@ class OnlineHistories(ReadsByStarting):
             person_ids = list(map(store.person_of.get, persons, repeat("")))
             found: list[PersonHistory | None] = list(map(store.entries.get, person_ids))
             all_found = all(found)  # a kept history is always true; None where missing
-            if all_found:  # the usual warm batch: least recently used order kept by a C loop too
-                deque(map(store.entries.move_to_end, person_ids), maxlen=0)
-            else:
-                for person_id, kept in zip(person_ids, found, strict=True):
-                    if kept is not None:
-                        store.entries.move_to_end(person_id)
+            kept_ids = person_ids if all_found else [
+                person_id for person_id, kept in zip(person_ids, found, strict=True) if kept is not None]
+            deque(map(store.entries.move_to_end, kept_ids), maxlen=0)  # least recently used order, in a C loop
         missing = [] if all_found else [index for index, kept in enumerate(found) if kept is None]
         reading = self._source.start_histories_of([persons[i] for i in missing], None) if missing else None
         return _OnlineRead(self, persons, before, found, missing, reading, generation)
