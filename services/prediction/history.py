@@ -57,9 +57,9 @@ def refs_by_person_id(person_ids: Iterable[str]) -> list[PersonRef]:
     return list(map(make, repeat(PersonRef), zip(person_ids, repeat(None), repeat(None))))
 
 
-# The rows of EventColumns.table.
-_TABLE_ROWS = 4
-_MICROS, _IS_ORDER, _AMOUNT_BITS, _CATEGORY = range(_TABLE_ROWS)
+# The rows of EventColumns.table (laid out as these in the online store's table too).
+TABLE_ROWS = 4
+_MICROS, _IS_ORDER, _AMOUNT_BITS, _CATEGORY = range(TABLE_ROWS)
 # For batches: a history's table, and its size (rows times events), both by C calls.
 _table_of = attrgetter("table")
 _size_of = attrgetter("size")
@@ -124,7 +124,7 @@ def columns_of(events: Sequence[ActivityEvent]) -> EventColumns:
     """The arrays of a time-sorted history (one pass over the events)."""
     codes: dict[str, int] = {}
     count = len(events)
-    table = np.empty((_TABLE_ROWS, count), dtype=np.int64)
+    table = np.empty((TABLE_ROWS, count), dtype=np.int64)
     table[_MICROS] = np.fromiter((micros_of(e.time) for e in events), dtype=np.int64, count=count)
     table[_IS_ORDER] = np.fromiter((e.name == ORDER_EVENT for e in events), dtype=np.bool_, count=count)
     table[_AMOUNT_BITS] = np.fromiter(((e.amount or 0.0) if e.name == ORDER_EVENT else 0.0 for e in events),
@@ -152,7 +152,7 @@ class EventRuns:
         if len(histories) == 1:  # one person (single scores): the arrays themselves, no copies
             return cls(histories[0], np.asarray([len(histories[0])], dtype=np.int64))
         tables = list(map(_table_of, histories))
-        sizes = np.fromiter(map(_size_of, tables), dtype=np.int64, count=len(tables)) // _TABLE_ROWS
+        sizes = np.fromiter(map(_size_of, tables), dtype=np.int64, count=len(tables)) // TABLE_ROWS
         if not histories:
             return cls(columns_of([]), sizes)
         names = None
@@ -190,6 +190,38 @@ class EventRuns:
         if persons.all():
             return self
         return EventRuns(self.columns.where(np.repeat(persons, self.sizes)), self.sizes[persons])
+
+
+@dataclass(frozen=True)
+class ReadRuns:
+    """Persons requested for scoring, as read: the histories that were read laid end to end (run i is request
+    position `positions[i]`, person `person_ids[i]`), and an error for each request position that was not."""
+
+    runs: EventRuns
+    person_ids: list[str]
+    positions: npt.NDArray[np.int64]
+    errors: dict[int, DomainError]
+    requested: int
+
+    @classmethod
+    def of(cls, histories: Sequence[PersonHistory | DomainError], *, with_names: bool) -> ReadRuns:
+        """The runs of read histories (whole or cut), in request order; errors where a person was not read."""
+        # Per-person steps by map (C loops): on a warm batch they are most of what is left besides the arrays.
+        is_read = list(map(isinstance, histories, repeat(PersonHistory)))
+        if all(is_read):
+            read = cast(list[PersonHistory], list(histories))
+            positions = np.arange(len(histories), dtype=np.int64)
+            errors: dict[int, DomainError] = {}
+        else:
+            errors = {index: history for index, history in enumerate(histories) if isinstance(history, DomainError)}
+            read = [history for history in histories if isinstance(history, PersonHistory)]
+            positions = np.flatnonzero(is_read).astype(np.int64)
+        runs = EventRuns.of(list(map(_columns_of, read)), with_names=with_names)
+        return cls(runs, list(map(_person_id_of, read)), positions, errors, len(histories))
+
+
+_columns_of = attrgetter("columns")
+_person_id_of = attrgetter("person_id")
 
 
 @dataclass(frozen=True)
@@ -256,6 +288,11 @@ class HistoryReader(Protocol):
         person."""
         ...
 
+    def whole_runs_of(self, persons: Sequence[PersonRef], *, with_names: bool) -> ReadRuns:
+        """Many persons' whole histories (every event) laid end to end, for a batch score: `histories_of(persons,
+        None)` as runs, which the online store lays out from its table without a step per person."""
+        ...
+
 
 class ReadsByStarting:
     """`history` and `histories_of` of a HistoryReader, in terms of its `start_histories_of`."""
@@ -272,6 +309,9 @@ class ReadsByStarting:
         if isinstance(result, DomainError):
             raise result
         return result
+
+    def whole_runs_of(self, persons: Sequence[PersonRef], *, with_names: bool) -> ReadRuns:
+        return ReadRuns.of(self.histories_of(persons, None), with_names=with_names)
 
 
 class ProfileSource(HistoryReader, Protocol):
@@ -290,7 +330,7 @@ class ProfileSource(HistoryReader, Protocol):
         ...
 
 
-class InMemoryProfileSource:
+class InMemoryProfileSource(ReadsByStarting):
     """A ProfileSource over a dict, for tests, benchmarks and the CDNOW yardstick."""
 
     def __init__(self, events_by_person: Mapping[str, Iterable[ActivityEvent]],

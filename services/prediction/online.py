@@ -22,6 +22,10 @@ as if there were no store.
 
 A read that was in flight when a change for its person was applied is not kept (its answer may
 predate the change). Entries are evicted least recently used beyond a budget of events.
+
+The kept histories' columns live in one table (`history_table.py`): a batch whose persons are all kept
+is laid out for the feature function by one gather, with no step per person besides its selector's
+dictionary lookup (in a C loop).
 """
 
 from __future__ import annotations
@@ -30,20 +34,24 @@ import enum
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from typing import Protocol, cast
 
+import numpy as np
+
 from services.prediction.history import (
     HistoryReader,
     PendingHistories,
     PersonHistory,
     PersonRef,
+    ReadRuns,
     ReadsByStarting,
 )
+from services.prediction.history_table import HistoryTable
 from shared.changefeed import UnsettledTail, parse_cursor, with_unsettled
 from shared.errors import DomainError
 from shared.polling import RepeatingWorker
@@ -95,12 +103,12 @@ class ProfileChangeFeed(Protocol):
 
 @dataclass
 class _Store:
-    """The entries and what leads to them; guarded by OnlineHistories' lock."""
+    """The kept histories and what leads to them; guarded by OnlineHistories' lock."""
 
-    entries: OrderedDict[str, PersonHistory] = field(default_factory=OrderedDict)
-    person_of: dict[PersonRef, str] = field(default_factory=dict)
+    table: HistoryTable = field(default_factory=HistoryTable)
+    slot_of: dict[str, int] = field(default_factory=dict)  # person id -> table slot
+    slot_of_selector: dict[PersonRef, int] = field(default_factory=dict)  # only selectors of kept persons
     selectors_of: dict[str, set[PersonRef]] = field(default_factory=dict)
-    events: int = 0
     # Batches of applied changes: (generation after the batch, persons it touched).
     generation: int = 0
     recent: deque[tuple[int, frozenset[str]]] = field(default_factory=lambda: deque(maxlen=REMEMBERED_BATCHES))
@@ -131,16 +139,27 @@ class OnlineHistories(ReadsByStarting):
         with self._lock:
             store = self._store
             generation = store.generation
-            # Lookups by map: a batch of thousands costs a C loop, not a Python step per person ("": unknown).
-            person_ids = list(map(store.person_of.get, persons, repeat("")))
-            found: list[PersonHistory | None] = list(map(store.entries.get, person_ids))
-            all_found = all(found)  # a kept history is always true; None where missing
-            kept_ids = person_ids if all_found else [
-                person_id for person_id, kept in zip(person_ids, found, strict=True) if kept is not None]
-            deque(map(store.entries.move_to_end, kept_ids), maxlen=0)  # least recently used order, in a C loop
-        missing = [] if all_found else [index for index, kept in enumerate(found) if kept is None]
+            slots = list(map(store.slot_of_selector.get, persons))
+            found: list[PersonHistory | None] = [None if slot is None else store.table.history(slot)
+                                                 for slot in slots]
+            store.table.touch(np.asarray([slot for slot in slots if slot is not None], dtype=np.int64))
+        missing = [index for index, kept in enumerate(found) if kept is None]
         reading = self._source.start_histories_of([persons[i] for i in missing], None) if missing else None
         return _OnlineRead(self, persons, before, found, missing, reading, generation)
+
+    def whole_runs_of(self, persons: Sequence[PersonRef], *, with_names: bool) -> ReadRuns:
+        """From the table when every person is kept (one gather for the batch), otherwise as `histories_of`."""
+        if persons and self.is_current():
+            with self._lock:
+                store = self._store
+                # A batch of thousands costs a C loop here, not a Python step per person (-1: not kept).
+                slots = np.fromiter(map(store.slot_of_selector.get, persons, repeat(-1)), dtype=np.int64,
+                                    count=len(persons))
+                if slots.min() >= 0:
+                    store.table.touch(slots)
+                    runs, person_ids = store.table.runs(slots, with_names=with_names)
+                    return ReadRuns(runs, person_ids, np.arange(len(persons), dtype=np.int64), {}, len(persons))
+        return ReadRuns.of(self.histories_of(persons, None), with_names=with_names)
 
     def keep(self, person: PersonRef, history: PersonHistory, generation: int) -> None:
         """Keep a whole history read from profile, unless a change of the person was applied since the read
@@ -150,16 +169,21 @@ class OnlineHistories(ReadsByStarting):
             store = self._store
             if _changed_since(store, history.person_id, generation):
                 return
-            previous = store.entries.pop(history.person_id, None)
-            store.events -= len(previous.events) if previous is not None else 0
-            store.entries[history.person_id] = history
-            store.events += len(history.events)
-            store.person_of[person] = history.person_id
-            store.selectors_of.setdefault(history.person_id, set()).add(person)
-            while store.events > self._max_events and store.entries:
-                evicted, dropped = store.entries.popitem(last=False)
-                store.events -= len(dropped.events)
-                _forget_selectors(store, evicted)
+            previous = store.slot_of.pop(history.person_id, None)
+            if previous is not None:
+                store.table.remove(previous)
+            slot = store.table.add(history)
+            store.slot_of[history.person_id] = slot
+            selectors = store.selectors_of.setdefault(history.person_id, set())
+            selectors.add(person)
+            for selector in selectors:  # the person's selectors that led to the old slot lead to the new one
+                if selector == person or store.slot_of_selector.get(selector) == previous:
+                    store.slot_of_selector[selector] = slot
+            while store.table.events > self._max_events:
+                evicted = store.table.least_recently_used()
+                if evicted is None:
+                    break
+                _drop(store, store.table.person_id(evicted))
 
     # ---- the follower's side -----------------------------------------------------------------------
 
@@ -174,11 +198,9 @@ class OnlineHistories(ReadsByStarting):
                 persons = {change.person_id, *change.merged_person_ids}
                 touched |= persons
                 for person_id in persons:
-                    dropped = store.entries.pop(person_id, None)
-                    store.events -= len(dropped.events) if dropped is not None else 0
                     # After a merge, split or erasure a selector may lead elsewhere; after new events it is
                     # simply read again with the person.
-                    _forget_selectors(store, person_id)
+                    _drop(store, person_id)
             if touched:
                 store.generation += 1
                 store.recent.append((store.generation, frozenset(touched)))
@@ -190,7 +212,7 @@ class OnlineHistories(ReadsByStarting):
     def size(self) -> tuple[int, int]:
         """Persons and events held."""
         with self._lock:
-            return len(self._store.entries), self._store.events
+            return self._store.table.persons, self._store.table.events
 
 
 def _changed_since(store: _Store, person_id: str, generation: int) -> bool:
@@ -201,10 +223,14 @@ def _changed_since(store: _Store, person_id: str, generation: int) -> bool:
     return any(after > generation and person_id in persons for after, persons in store.recent)
 
 
-def _forget_selectors(store: _Store, person_id: str) -> None:
+def _drop(store: _Store, person_id: str) -> None:
+    """Forget the person's history, when kept, and every selector that led to them."""
+    slot = store.slot_of.pop(person_id, None)
+    if slot is not None:
+        store.table.remove(slot)
     for selector in store.selectors_of.pop(person_id, ()):
-        if store.person_of.get(selector) == person_id:
-            del store.person_of[selector]
+        if store.slot_of_selector.get(selector) == slot:  # not when it leads to someone else by now
+            del store.slot_of_selector[selector]
 
 
 @dataclass

@@ -23,15 +23,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from itertools import repeat
-from operator import attrgetter
-from typing import cast
 
 import numpy as np
 
 from services.prediction.datasets import eligible_at, reads_names
 from services.prediction.features import FEATURE_NAMES, features_at, features_of_runs
-from services.prediction.history import EventRuns, HistoryReader, PersonHistory, PersonRef
+from services.prediction.history import HistoryReader, PersonHistory, PersonRef, ReadRuns
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, VersionState
 from services.prediction.scoring import PersonScore, ScoreBatch, Scorer, not_eligible, score_history
 from services.prediction.spec import model_name, version_name
@@ -213,8 +210,9 @@ class Predictor:
     def score_many(self, scoring: ScoringVersion, persons: Sequence[PersonRef], as_of: datetime,
                    top_features: int) -> ScoredBatch:
         """Many persons; a person that cannot be scored gets its error instead of a score."""
-        # Whole histories: score_histories reads only the events before as_of, without a cut per person.
-        return score_histories(scoring, self._source.histories_of(persons, None), as_of, top_features)
+        # Whole histories: score_runs reads only the events before as_of, without a cut per person.
+        read = self._source.whole_runs_of(persons, with_names=reads_names(scoring.version.spec))
+        return score_runs(scoring, read, as_of, top_features)
 
     def features(self, person: PersonRef, as_of: datetime) -> tuple[str, dict[str, float]]:
         """The person id and the feature values as of `as_of`, as training and scoring compute them."""
@@ -239,37 +237,30 @@ class ScoredBatch:
         return [self.errors[i] if row < 0 else self.batch.score(row) for i, row in enumerate(self.rows)]
 
 
-_columns_of = attrgetter("columns")
-_person_id_of = attrgetter("person_id")
-
-
 def score_histories(scoring: ScoringVersion, histories: Sequence[PersonHistory | DomainError], as_of: datetime,
                     top_features: int) -> ScoredBatch:
-    """Scores (or errors) for read histories, in order; ineligible persons get FailedPrecondition.
+    """Scores (or errors) for read histories, in order (`score_runs` of them)."""
+    return score_runs(scoring, ReadRuns.of(histories, with_names=reads_names(scoring.version.spec)), as_of,
+                      top_features)
+
+
+def score_runs(scoring: ScoringVersion, read: ReadRuns, as_of: datetime, top_features: int) -> ScoredBatch:
+    """Scores (or errors) for persons as read, in request order; ineligible persons get FailedPrecondition.
 
     Histories may hold events at or after `as_of` (the online store keeps them whole): eligibility and
     features read only the events before it. Both are computed for all persons at once over their
     histories laid end to end, and the eligible go through one booster call.
     """
     spec = scoring.version.spec
-    # Per-person steps by map (C loops): on a warm batch they are most of what is left besides the arrays.
-    is_read = list(map(isinstance, histories, repeat(PersonHistory)))
-    errors: dict[int, DomainError] = {}
-    if all(is_read):
-        read = cast(list[PersonHistory], list(histories))
-        read_positions = np.arange(len(histories))
-    else:
-        errors = {index: history for index, history in enumerate(histories) if isinstance(history, DomainError)}
-        read = [history for history in histories if isinstance(history, PersonHistory)]
-        read_positions = np.flatnonzero(is_read)
-    runs = EventRuns.of(list(map(_columns_of, read)), with_names=reads_names(spec))
-    eligible = eligible_at(spec, runs, as_of)
-    rows = np.full(len(histories), -1, dtype=np.int64)
-    rows[read_positions[eligible]] = np.arange(int(np.count_nonzero(eligible)))
+    eligible = eligible_at(spec, read.runs, as_of)
+    rows = np.full(read.requested, -1, dtype=np.int64)
+    rows[read.positions[eligible]] = np.arange(int(np.count_nonzero(eligible)))
+    errors = read.errors
+    person_ids = read.person_ids
     if not eligible.all():
+        errors = dict(errors)
         for index in np.flatnonzero(~eligible).tolist():
-            errors[int(read_positions[index])] = not_eligible(spec, read[index].person_id, as_of)
-        read = [read[index] for index in np.flatnonzero(eligible).tolist()]
-    person_ids = list(map(_person_id_of, read))
-    features = features_of_runs(runs.select(eligible), as_of)
+            errors[int(read.positions[index])] = not_eligible(spec, person_ids[index], as_of)
+        person_ids = [person_ids[index] for index in np.flatnonzero(eligible).tolist()]
+    features = features_of_runs(read.runs.select(eligible), as_of)
     return ScoredBatch(scoring.scorer.score_matrix(person_ids, features, as_of, top_features), rows.tolist(), errors)
