@@ -439,20 +439,17 @@ class IdentityGraph:
     def _link_normalized(self, observations: Sequence[RawObservation],
                          normalized: list[list[IdKey]]) -> list[LinkOutcome]:
         outcomes = [LinkOutcome(normalized=keys) for keys in normalized]
-        # Three independent reads for the whole call, issued together and waited for once.
+        # Two independent reads for the whole call, issued together and waited for once. Erasure
+        # tombstones are not read here: identifiers of erased persons must not be linked again (a late
+        # or replayed event must not bring back what a privacy request removed), but that is decided
+        # under the leases anyway (an erasure may come between a check here and the leases, see
+        # _reconcile_held), and only identifiers without a person can be erased. A check here too
+        # read every identifier's tombstone twice, about a fifth of the partitions a link call reads,
+        # to spare the rare replay of erased identifiers appending evidence that is then dropped.
         all_keys = {k for keys in normalized for k in keys}
-        read_tombstones = self._tombstones_async(all_keys)
         read_known = self._known_observations_async(o.evidence.message_id for o in observations)
         read_assignments = self._assignments_async(all_keys)
-        erased, known, assignments = read_tombstones(), read_known(), read_assignments()
-        if erased:
-            # Identifiers of erased persons are not linked again: a late or replayed event must not
-            # bring back what a privacy request removed.
-            for index, keys in enumerate(normalized):
-                for key in keys:
-                    if key in erased:
-                        outcomes[index].guard_decisions.append(_erased_decision(key))
-                normalized[index] = [k for k in keys if k not in erased]
+        known, assignments = read_known(), read_assignments()
         pending: list[int] = []
         for index, observation in enumerate(observations):
             applied = known.get(observation.evidence.message_id)
@@ -461,19 +458,24 @@ class IdentityGraph:
                 # call sent when the payload differs (nothing of it is linked).
                 outcome = outcomes[index]
                 outcome.duplicate, outcome.normalized = True, applied
-                outcome.guard_decisions = [d for d in outcome.guard_decisions if d.identifier in applied]
             else:
                 pending.append(index)
         # Observations in one call that share identifiers are reconciled together, in one component.
         seed_groups = _group_by_shared_identifiers([normalized[i] for i in pending])
         # Written while the leases are taken: a component is loaded only once its evidence is stored.
         appended = self._start_appending_evidence([(normalized[i], observations[i].evidence) for i in pending])
-        seed_groups = [g for g in seed_groups if any(normalized[pending[i]] for i in g)]
+
+        def record(reconciled: Sequence[_Reconciled]) -> None:
+            # Erased identifiers found under the leases are not part of what was applied: a replay
+            # answers without them, like a first call after the erasure.
+            erased = {k for r in reconciled for k in r.erased}
+            self._record_observations([([k for k in normalized[i] if k not in erased], observations[i].evidence)
+                                       for i in pending])
+
         reconciled_groups = self.reconcile_many(
             [{k for g in group for k in normalized[pending[g]]} for group in seed_groups],
             [f"observation {observations[pending[group[0]]].evidence.message_id}" for group in seed_groups],
-            persons={k: a.person_id for k, a in assignments.items()}, appended=appended,
-            then=lambda: self._record_observations([(normalized[i], observations[i].evidence) for i in pending]))
+            persons={k: a.person_id for k, a in assignments.items()}, appended=appended, then=record)
         appended()
         results: dict[int, _Reconciled] = {}
         for group, reconciled in zip(seed_groups, reconciled_groups, strict=True):
@@ -575,7 +577,7 @@ class IdentityGraph:
     def reconcile_many(self, seed_sets: Sequence[set[IdKey]], reasons: Sequence[str],
                        persons: Mapping[IdKey, str | None] | None = None,
                        appended: Callable[[], None] | None = None,
-                       then: Callable[[], None] | None = None) -> list[_Reconciled]:
+                       then: Callable[[Sequence[_Reconciled]], None] | None = None) -> list[_Reconciled]:
         """Recompute the components around each seed set under leases; one result per seed set.
 
         Works in rounds. Each round takes the leases every component still lacks (few lightweight
@@ -587,7 +589,8 @@ class IdentityGraph:
         leases other writers hold gives back what it has and waits, with backoff, until they are
         given back. `persons` may give the seeds' current persons, read by the caller; `appended`
         waits for evidence still being written, which must be stored before a component is loaded;
-        `then` is work to do once every component is reconciled, while the last leases are given back.
+        `then` is work to do once every component is reconciled, while the last leases are given back;
+        it is given the results, one per seed set.
         """
         # Give up a little before the caller's deadline, so that it learns why (COMPONENT_CONTENDED).
         left = deadline.remaining()
@@ -655,7 +658,7 @@ class IdentityGraph:
                     self._leases.wait(set().union(*(job.needed for job in blocked)),
                                       min(pause, max(0.0, give_up - time.monotonic())))
             if then is not None:
-                then()
+                then([results[i] for i in range(len(seed_sets))])
         finally:
             releasing.append(self._give_back(jobs, owner, reads, jobs))
             for _, wait in releasing:
@@ -692,8 +695,8 @@ class IdentityGraph:
         `persons`, the seeds' persons as the caller read them, lets the first step read their members.
         """
         reads = reads if reads is not None else _Reads()
-        # An erasure may have tombstoned a seed after the caller checked it and before these leases
-        # were taken (erase holds the leases of what it tombstones): drop the evidence just appended.
+        # Seeds erased by a privacy request (before the call, or before these leases were taken: erase
+        # holds the leases of what it tombstones) are not linked again: drop the evidence just appended.
         # Erasure deletes the identifier rows it tombstones, so only seeds without a person can be
         # erased: those the caller found without one are read alongside the components (the leases
         # are held already), and those it found with one but that have none now, after them.
@@ -707,11 +710,14 @@ class IdentityGraph:
             erased |= self._tombstones_async(gone)()
         erased_seeds = [{k for k in erased & seeds if not component.person_of.get(k)}
                         for seeds, component in zip(seed_sets, components, strict=True)]
-        for index, seeds in enumerate(seed_sets):
-            if erased_seeds[index]:
-                self._drop_erased_evidence(erased_seeds[index], seeds)
-                reads.clear()  # the links just deleted may be among what was read
-                components[index] = self._load_components([seeds - erased_seeds[index]], reads)[0]
+        dropping = [index for index, erased_here in enumerate(erased_seeds) if erased_here]
+        if dropping:
+            # All at once: a call replaying many erased identifiers drops them in one round of writes.
+            self._drop_erased_evidence([(erased_seeds[i], seed_sets[i]) for i in dropping])
+            reads.clear()  # the links just deleted may be among what was read
+            reloaded = self._load_components([seed_sets[i] - erased_seeds[i] for i in dropping], reads)
+            for index, component in zip(dropping, reloaded, strict=True):
+                components[index] = component
         outcomes: list[_Reconciled | set[str]] = []
         plans: list[_Plan] = []
         for component, held, reason, erased_here in zip(components, helds, reasons, erased_seeds, strict=True):
@@ -736,13 +742,18 @@ class IdentityGraph:
             plan.reconciled.changes = [next(recorded) for _ in plan.changes]
         return outcomes
 
-    def _drop_erased_evidence(self, erased: set[IdKey], seeds: set[IdKey]) -> None:
-        self._delete_pair_links([(a, b) for a in erased for b in seeds if a != b]
-                                + [(b, a) for a in erased for b in seeds if a != b and b not in erased])
+    def _drop_erased_evidence(self, erased_in: Sequence[tuple[set[IdKey], set[IdKey]]]) -> None:
+        """Delete the evidence just appended for erased identifiers: (erased, the seeds linked with them)."""
+        pairs: list[tuple[IdKey, IdKey]] = []
+        for erased, seeds in erased_in:
+            pairs += [(a, b) for a in erased for b in seeds if a != b]
+            # The other direction lives in the seeds' partitions; the erased ones' go whole below.
+            pairs += [(b, a) for a in erased for b in seeds if b not in erased]
         self._session.write_all(
-            [("DELETE FROM links WHERE id_type = ? AND id_value = ?", (k.type, k.value)) for k in erased]
-            + [("DELETE FROM identifier_sightings WHERE id_type = ? AND id_value = ?", (k.type, k.value))
-               for k in erased])
+            [("DELETE FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? AND other_value = ?",
+              (a.type, a.value, b.type, b.value)) for a, b in pairs]
+            + [(f"DELETE FROM {table} WHERE id_type = ? AND id_value = ?", (k.type, k.value))
+               for erased, _ in erased_in for k in erased for table in ("links", "identifier_sightings")])
 
     def _load_components(self, seed_sets: Sequence[set[IdKey]], reads: _Reads,
                          persons: Mapping[IdKey, str | None] | None = None) -> list[_Component]:

@@ -47,3 +47,31 @@ def test_a_seed_the_caller_found_assigned_and_that_was_erased_since_is_dropped_u
     assert graph.persons_of([email])[email] is None
     assert graph.neighbours_of(email) == set() and graph.neighbours_of(late_cookie) == set()
     assert graph.persons_of([late_cookie])[late_cookie]
+
+
+def test_a_call_replaying_erased_identifiers_links_none_of_them_and_records_without_them(
+        graph: IdentityGraph) -> None:
+    first, second = IdKey("email", "one@x.io"), IdKey("phone", "+14155550123")
+    graph.link([RawObservation([("email", "one@x.io"), ("cookie", "o1")], Evidence("e1")),
+                RawObservation([("phone", "+1 415 555 0123"), ("cookie", "o2")], Evidence("e2"))])
+    for key in (first, second):
+        person = graph.persons_of([key])[key]
+        assert person
+        graph.erase(person, allow_relink=False, reason="test")
+    # One call: two late observations of erased identifiers (checked under the leases, together) and
+    # one that has nothing to do with them.
+    outcomes = graph.link([RawObservation([("email", "one@x.io"), ("cookie", "n1")], Evidence("late-1")),
+                           RawObservation([("phone", "+1 415 555 0123"), ("cookie", "n2")], Evidence("late-2")),
+                           RawObservation([("cookie", "n3"), ("device_id", "dev-3")], Evidence("late-3"))])
+    assert [[(d.identifier, d.guard) for d in o.guard_decisions] for o in outcomes] == [
+        [(first, GuardKind.ERASED)], [(second, GuardKind.ERASED)], []]
+    assert graph.persons_of([first, second]) == {first: None, second: None}
+    assert graph.neighbours_of(first) == set() and graph.neighbours_of(second) == set()
+    assert graph.neighbours_of(IdKey("cookie", "n1")) == set()
+    assert graph.neighbours_of(IdKey("cookie", "n3")) == {IdKey("device_id", "DEV-3")}
+    new_persons = graph.persons_of([IdKey("cookie", "n1"), IdKey("cookie", "n2"), IdKey("cookie", "n3")])
+    assert all(new_persons.values()) and len(set(new_persons.values())) == 3
+    # A replay answers with what was applied: the erased identifier was not.
+    replayed = graph.link([RawObservation([("email", "one@x.io"), ("cookie", "n1")], Evidence("late-1"))])[0]
+    assert replayed.duplicate and replayed.normalized == [IdKey("cookie", "n1")]
+    assert replayed.person_id == new_persons[IdKey("cookie", "n1")]
