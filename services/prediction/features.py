@@ -62,7 +62,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "lifecycle_stage",
 )
 FEATURE_INDEX = {name: index for index, name in enumerate(FEATURE_NAMES)}
-_WINDOWS = np.asarray(WINDOWS_DAYS, dtype=np.float64)
+_MICROS_PER_DAY = 86_400_000_000
+_WINDOW_MICROS = np.asarray(WINDOWS_DAYS, dtype=np.int64) * _MICROS_PER_DAY
 # Age classes of an event: 0 within the shortest window ... len(WINDOWS_DAYS) beyond the longest.
 _AGE_CLASSES = len(WINDOWS_DAYS) + 1
 # The trend's two windows are windows of their own (the last TREND_DAYS, and twice that).
@@ -86,7 +87,6 @@ _MISSING_WITHOUT_HISTORY = np.asarray([FEATURE_INDEX[name] for name in (
 
 NAN = math.nan
 T = TypeVar("T", bound=np.generic)
-_MICROS_PER_DAY = 86_400_000_000
 
 
 def features_as_of(events: Sequence[ActivityEvent], cutoff: datetime) -> dict[str, float]:
@@ -133,32 +133,33 @@ def _features_of_histories(past: EventRuns, cutoff_micros: int) -> npt.NDArray[n
     """The feature rows of runs that each hold at least one event, all before the cutoff."""
     column = FEATURE_INDEX
     events = past.columns
-    micros, is_order, amounts, categories = events.micros, events.is_order, events.amounts, events.categories
-    is_purchase = is_order & (amounts >= 0.0)  # a refund (negative amount) moves money but is no order placed
+    micros, amounts = events.micros, events.amounts  # amounts: 0 for every event but an order
     sizes = past.sizes
     persons = len(sizes)
     rows = np.empty((persons, len(FEATURE_NAMES)))
     ends = np.cumsum(sizes)
     starts = ends - sizes
     owner = np.repeat(np.arange(persons), sizes)
-    age_micros = cutoff_micros - micros
-    # As timedelta.total_seconds() / SECONDS_PER_DAY gives it: exact microseconds, then the divisions.
-    ages = age_micros / 1e6 / SECONDS_PER_DAY
-    whole_days = age_micros // _MICROS_PER_DAY
+    # Purchases by position: a refund (negative amount) moves money but is no order placed.
+    purchases = np.flatnonzero(events.is_order & (amounts >= 0.0))
 
     # Every count and sum over a window from one histogram per person: the windows are nested, so an event's
     # age class (how many windows, shortest first, it is too old for: 0 within the shortest, len(WINDOWS_DAYS)
     # beyond the longest) says every window it is in, and "within D days" is the running total of the classes
-    # up to D's. Three bincounts instead of a segment reduction per window and indicator.
-    age_class = np.searchsorted(_WINDOWS, ages, side="right")  # ages < _WINDOWS[k] exactly when class <= k
+    # up to D's. Three bincounts instead of a segment reduction per window and indicator. The class compares
+    # integer microseconds: an event is within D days exactly when its age in microseconds is below D days'
+    # (the float age in days, as timedelta.total_seconds() / SECONDS_PER_DAY gives it, is below D exactly
+    # then: both divisions are monotonic and exact at D).
+    age_class = np.zeros(len(micros), dtype=np.int64)
+    for oldest in cutoff_micros - _WINDOW_MICROS:
+        age_class += micros <= oldest
     # One row per class, one column per person: the running totals go down contiguous rows.
     bins = age_class * persons + owner
     shape = (_AGE_CLASSES, persons)
     bin_count = persons * _AGE_CLASSES
     events_within = _running_totals(np.bincount(bins, minlength=bin_count).reshape(shape))
-    purchases_within = _running_totals(np.bincount(bins[is_purchase], minlength=bin_count).reshape(shape))
-    amounts_within = _running_totals(np.bincount(bins, weights=np.where(is_order, amounts, 0.0),
-                                                 minlength=bin_count).reshape(shape))
+    purchases_within = _running_totals(np.bincount(bins[purchases], minlength=bin_count).reshape(shape))
+    amounts_within = _running_totals(np.bincount(bins, weights=amounts, minlength=bin_count).reshape(shape))
     windows = len(WINDOWS_DAYS)  # row `windows` of the running totals is every event
     rows[:, _EVENT_WINDOWS] = events_within[:windows].T
     rows[:, _ORDER_WINDOWS] = purchases_within[:windows].T
@@ -171,17 +172,25 @@ def _features_of_histories(past: EventRuns, cutoff_micros: int) -> npt.NDArray[n
     rows[:, column["event_count_trend_90d"]] = 2 * events_within[_TREND] - events_within[_TREND_TWICE]
     rows[:, column["order_count_trend_90d"]] = 2 * purchases_within[_TREND] - purchases_within[_TREND_TWICE]
 
-    latest, tenure = ages[ends - 1], ages[starts]
+    # A run is oldest first: its first event is the tenure, its last the recency, and the same holds for the
+    # purchases of each person, which `purchases` lists person by person (order_counts of each).
+    latest, tenure = _ages(cutoff_micros, micros[ends - 1]), _ages(cutoff_micros, micros[starts])
     rows[:, column["days_since_last_event"]] = latest
     rows[:, column["tenure_days"]] = tenure
     has_orders = order_counts > 0
-    # Oldest first, so the first order has the largest age and the last order the smallest.
-    last_order = np.minimum.reduceat(np.where(is_purchase, ages, np.inf), starts)
-    first_order = np.maximum.reduceat(np.where(is_purchase, ages, -np.inf), starts)
-    max_amount = np.maximum.reduceat(np.where(is_purchase, amounts, -np.inf), starts)
-    rows[:, column["days_since_last_order"]] = np.where(has_orders, last_order, NAN)
-    rows[:, column["days_since_first_order"]] = np.where(has_orders, first_order, NAN)
-    rows[:, column["max_order_amount"]] = np.where(has_orders, max_amount, NAN)
+    purchase_ends = np.cumsum(order_counts)
+    purchase_starts = (purchase_ends - order_counts)[has_orders]
+    last_order = np.full(persons, NAN)
+    first_order = np.full(persons, NAN)
+    max_amount = np.full(persons, NAN)
+    if len(purchases):
+        last_order[has_orders] = _ages(cutoff_micros, micros[purchases[purchase_ends[has_orders] - 1]])
+        first_order[has_orders] = _ages(cutoff_micros, micros[purchases[purchase_starts]])
+        # Each person's purchases up to the next buyer's: persons between them have none.
+        max_amount[has_orders] = np.maximum.reduceat(amounts[purchases], purchase_starts)
+    rows[:, column["days_since_last_order"]] = last_order
+    rows[:, column["days_since_first_order"]] = first_order
+    rows[:, column["max_order_amount"]] = max_amount
     with np.errstate(divide="ignore", invalid="ignore"):
         rows[:, column["average_order_value"]] = np.where(has_orders, amount_sum / order_counts, NAN)
         gapped = (order_counts >= 2) & (first_order > last_order)
@@ -195,14 +204,22 @@ def _features_of_histories(past: EventRuns, cutoff_micros: int) -> npt.NDArray[n
     # one purchase occasion (the BG/NBD view of frequency). Categories are numbered in order of first
     # appearance (EventColumns), and the past is a prefix of each run: it holds codes 0 to its largest, one more
     # category than the largest code (0 when none has a category: the largest is -1).
-    rows[:, column["active_days_90d"]] = _distinct_per_run(owner, whole_days, age_class <= _TREND, persons)
-    rows[:, column["order_days"]] = _distinct_per_run(owner, whole_days, is_purchase, persons)
-    rows[:, column["distinct_categories"]] = np.maximum.reduceat(categories, starts) + 1
+    recent = np.flatnonzero(age_class <= _TREND)
+    rows[:, column["active_days_90d"]] = _distinct_days(cutoff_micros, micros[recent], owner[recent], persons)
+    rows[:, column["order_days"]] = _distinct_days(cutoff_micros, micros[purchases], owner[purchases], persons)
+    rows[:, column["distinct_categories"]] = np.maximum.reduceat(events.categories, starts) + 1
     rows[:, column["lifecycle_stage"]] = np.where(
         tenure < NEW_DAYS, LIFECYCLE_NEW,
         np.where(latest < ACTIVE_DAYS, LIFECYCLE_ACTIVE, np.where(latest < SILENT_DAYS, LIFECYCLE_SILENT,
                                                                    LIFECYCLE_CHURNED)))
     return rows
+
+
+def _ages(cutoff_micros: int, micros: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """Ages in days at the cutoff, as timedelta.total_seconds() / SECONDS_PER_DAY gives them: exact
+    microseconds, then the divisions."""
+    ages: npt.NDArray[np.float64] = (cutoff_micros - micros) / 1e6 / SECONDS_PER_DAY
+    return ages
 
 
 def _running_totals(by_class: npt.NDArray[T]) -> npt.NDArray[T]:
@@ -212,13 +229,13 @@ def _running_totals(by_class: npt.NDArray[T]) -> npt.NDArray[T]:
     return by_class
 
 
-def _distinct_per_run(owner: npt.NDArray[np.int64], values: npt.NDArray[np.int64], chosen: npt.NDArray[np.bool_],
-                      persons: int) -> npt.NDArray[np.int64]:
-    """How many distinct `values` each person's `chosen` events hold, for values in order within each run (equal
-    values are neighbours)."""
-    owners, chosen_values = owner[chosen], values[chosen]
-    new = np.ones(len(owners), dtype=np.bool_)
-    np.not_equal(chosen_values[1:], chosen_values[:-1], out=new[1:])
+def _distinct_days(cutoff_micros: int, micros: npt.NDArray[np.int64], owners: npt.NDArray[np.int64],
+                   persons: int) -> npt.NDArray[np.int64]:
+    """How many distinct whole days of age each person's events (`micros`, in order within each person, persons
+    in order) fall on: equal days are neighbours."""
+    days = (cutoff_micros - micros) // _MICROS_PER_DAY
+    new = np.ones(len(days), dtype=np.bool_)
+    np.not_equal(days[1:], days[:-1], out=new[1:])
     new[1:] |= owners[1:] != owners[:-1]
     distinct: npt.NDArray[np.int64] = np.bincount(owners[new], minlength=persons)
     return distinct
