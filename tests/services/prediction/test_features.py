@@ -140,6 +140,9 @@ def test_the_batch_computation_is_the_per_event_definition_for_every_person_and_
                          ActivityEvent("order", ago(9), -5.0, "books"), ActivityEvent("order", ago(1), None)]
     histories["refund only"] = [ActivityEvent("page_view", ago(200)), ActivityEvent("order", ago(3), -20.0)]
     histories["nobody"] = []
+    for days in (7, 30, 90, 180, 365):  # an event on each window's edge at CUTOFF, and a microsecond either side
+        histories[f"edge {days}d"] = [ActivityEvent("order", ago(days) + timedelta(microseconds=shift), 2.0, "books")
+                                      for shift in (-1, 0, 1)]
     names = sorted(histories)
     columns = [columns_of(histories[n]) for n in names]
     for cutoff in (day("2023-03-01"), day("2024-01-01"), day("2024-06-01") + timedelta(microseconds=1), CUTOFF,
