@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from itertools import repeat
 from operator import attrgetter
-from typing import NamedTuple, Protocol, cast
+from typing import NamedTuple, Protocol, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -55,6 +55,33 @@ def refs_by_person_id(person_ids: Iterable[str]) -> list[PersonRef]:
     its Python `__new__` (which costs as much as the rest of a person's lookup in the online store)."""
     make = cast(Callable[[type[PersonRef], tuple[str, None, None]], PersonRef], tuple.__new__)
     return list(map(make, repeat(PersonRef), zip(person_ids, repeat(None), repeat(None))))
+
+
+class RefsByPersonId(Sequence[PersonRef]):
+    """Selectors that are all person ids (a batch's usual form), kept as the ids: `PersonRef`s are only made when
+    asked for, and the online store looks the ids up as they are (no tuple per person to build and hash)."""
+
+    __slots__ = ("person_ids",)
+
+    def __init__(self, person_ids: list[str]) -> None:
+        self.person_ids = person_ids
+
+    def __len__(self) -> int:
+        return len(self.person_ids)
+
+    @overload
+    def __getitem__(self, index: int) -> PersonRef: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[PersonRef]: ...
+
+    def __getitem__(self, index: int | slice) -> PersonRef | list[PersonRef]:
+        if isinstance(index, slice):
+            return refs_by_person_id(self.person_ids[index])
+        return PersonRef(person_id=self.person_ids[index])
+
+    def __iter__(self) -> Iterator[PersonRef]:
+        return iter(refs_by_person_id(self.person_ids))
 
 
 # The rows of EventColumns.table (laid out as these in the online store's table too).

@@ -50,6 +50,7 @@ from services.prediction.history import (
     PersonRef,
     ReadRuns,
     ReadsByStarting,
+    RefsByPersonId,
 )
 from services.prediction.history_table import HistoryTable
 from shared.changefeed import UnsettledTail, parse_cursor, with_unsettled
@@ -107,7 +108,9 @@ class _Store:
 
     table: HistoryTable = field(default_factory=HistoryTable)
     slot_of: dict[str, int] = field(default_factory=dict)  # person id -> table slot
-    slot_of_selector: dict[PersonRef, int] = field(default_factory=dict)  # only selectors of kept persons
+    # Where the selectors of kept persons lead; those by person id also by the id alone (RefsByPersonId).
+    slot_of_selector: dict[PersonRef, int] = field(default_factory=dict)
+    slot_of_person_id: dict[str, int] = field(default_factory=dict)
     selectors_of: dict[str, set[PersonRef]] = field(default_factory=dict)
     # Batches of applied changes: (generation after the batch, persons it touched).
     generation: int = 0
@@ -153,8 +156,10 @@ class OnlineHistories(ReadsByStarting):
             with self._lock:
                 store = self._store
                 # A batch of thousands costs a C loop here, not a Python step per person (-1: not kept).
-                slots = np.fromiter(map(store.slot_of_selector.get, persons, repeat(-1)), dtype=np.int64,
-                                    count=len(persons))
+                found = (map(store.slot_of_person_id.get, persons.person_ids, repeat(-1))
+                         if isinstance(persons, RefsByPersonId)
+                         else map(store.slot_of_selector.get, persons, repeat(-1)))
+                slots = np.fromiter(found, dtype=np.int64, count=len(persons))
                 if slots.min() >= 0:
                     store.table.touch(slots)
                     runs, person_ids = store.table.runs(slots, with_names=with_names)
@@ -178,7 +183,7 @@ class OnlineHistories(ReadsByStarting):
             selectors.add(person)
             for selector in selectors:  # the person's selectors that led to the old slot lead to the new one
                 if selector == person or store.slot_of_selector.get(selector) == previous:
-                    store.slot_of_selector[selector] = slot
+                    _lead(store, selector, slot)
             while store.table.events > self._max_events:
                 evicted = store.table.least_recently_used()
                 if evicted is None:
@@ -231,6 +236,14 @@ def _drop(store: _Store, person_id: str) -> None:
     for selector in store.selectors_of.pop(person_id, ()):
         if store.slot_of_selector.get(selector) == slot:  # not when it leads to someone else by now
             del store.slot_of_selector[selector]
+            if selector.person_id is not None:
+                del store.slot_of_person_id[selector.person_id]
+
+
+def _lead(store: _Store, selector: PersonRef, slot: int) -> None:
+    store.slot_of_selector[selector] = slot
+    if selector.person_id is not None:
+        store.slot_of_person_id[selector.person_id] = slot
 
 
 @dataclass

@@ -24,7 +24,7 @@ from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
 from services.prediction.batch_response import add_score_results, finite
-from services.prediction.history import PersonRef, refs_by_person_id
+from services.prediction.history import PersonRef, RefsByPersonId, refs_by_person_id
 from services.prediction.jobs import (
     TrainingRequest,
     abandon_operation,
@@ -185,12 +185,12 @@ def _person_ref(selector: common_pb2.PersonSelector, field_path: str, violations
 
 
 def _person_refs(selectors: Sequence[common_pb2.PersonSelector], field_path: str,
-                 violations: Violations) -> list[PersonRef]:
+                 violations: Violations) -> Sequence[PersonRef]:
     """`_person_ref` of every selector; those by person id (the usual batch) take one attribute read each."""
     person_ids = [selector.person_id for selector in selectors]  # "" unless the selector is a non-empty id
-    refs = refs_by_person_id(person_ids)
     if all(person_ids):
-        return refs
+        return RefsByPersonId(person_ids)
+    refs = refs_by_person_id(person_ids)
     for index in [index for index, person_id in enumerate(person_ids) if not person_id]:
         ref = _person_ref(selectors[index], f"{field_path}[{index}]", violations)
         if ref is not None:

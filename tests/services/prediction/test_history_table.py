@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -17,6 +18,7 @@ from services.prediction.history import (
     PersonHistory,
     PersonRef,
     ReadRuns,
+    RefsByPersonId,
     columns_of,
 )
 from services.prediction.history_table import HistoryTable
@@ -108,16 +110,28 @@ def test_a_batch_from_the_store_has_the_features_of_each_person_computed_alone()
 def test_selectors_never_lead_to_a_slot_reused_by_someone_else() -> None:
     rng = random.Random(5)
     histories = {f"p{n}": random_history(rng, f"p{n}").events for n in range(40)}
-    source = InMemoryProfileSource(histories)
+    source = InMemoryProfileSource(histories, {("email", f"e{n}"): f"p{n}" for n in range(40)})
     online = current_store(source, max_events=300)  # evictions all along
-    for _ in range(400):
-        refs = [PersonRef(person_id=f"p{rng.randrange(40)}") for _ in range(rng.randrange(1, 8))]
+    for _ in range(600):
+        numbers = [rng.randrange(40) for _ in range(rng.randrange(1, 8))]
         if rng.random() < 0.2:
-            online.apply([HistoryChange(uuid.uuid1(), rng.choice(refs).person_id or "", ChangeKind.EVENTS)])
+            online.apply([HistoryChange(uuid.uuid1(), f"p{rng.choice(numbers)}", ChangeKind.EVENTS)])
+        refs: Sequence[PersonRef]
+        if rng.random() < 0.5:  # as the server passes a batch of ids
+            refs = RefsByPersonId([f"p{n}" for n in numbers])
+        else:
+            refs = [PersonRef(person_id=f"p{n}") if rng.random() < 0.5 else
+                    PersonRef(identifier_type="email", identifier_value=f"e{n}") for n in numbers]
         read = online.whole_runs_of(refs, with_names=True)
-        assert read.person_ids == [ref.person_id for ref in refs]
-        assert read.runs.sizes.tolist() == [len(histories[ref.person_id or ""]) for ref in refs]
+        assert read.person_ids == [f"p{n}" for n in numbers]
+        assert read.runs.sizes.tolist() == [len(histories[f"p{n}"]) for n in numbers]
         assert online.size()[1] <= 300
+
+
+def test_refs_by_person_id_are_the_refs_of_the_ids() -> None:
+    refs = RefsByPersonId(["a", "b", "c"])
+    assert list(refs) == [PersonRef(person_id=i) for i in "abc"] and len(refs) == 3
+    assert refs[1] == PersonRef(person_id="b") and refs[1:] == [PersonRef(person_id="b"), PersonRef(person_id="c")]
 
 
 def test_a_batch_with_an_unknown_person_has_its_error_at_its_position() -> None:
