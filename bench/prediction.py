@@ -7,10 +7,9 @@
     compares a whole RPC (request, histories, features, booster, one result message per person,
     response) with LightGBM's booster step alone, so it says how much of a call the booster is. Cold
     (the first call: the service's online store is empty and every history is read from profile) and
-    warm (the store holds them; the best of the rounds, after the service has settled: a version in
-    use is compiled to machine code in the background after its first 5,000 rows, so warm rounds
-    start once a further 15 s of calls brought no faster one: the compile runs at the lowest CPU
-    priority and takes tens of seconds on a busy machine, and a shorter wait measured LightGBM).
+    warm (the store holds them; the best of the rounds, after the service has settled: the training
+    job compiled the version to machine code before activating it, so warm rounds start once 5 s of
+    calls brought no faster one, which only lets the store and the process warm up).
     Warm twice: the FULL view (every field of a score, the default) and the BASIC view (person id
     and probability only). And once with a batch of 10x the persons (each person 10 times) against
     raw predict on that 10x matrix: what a call's fixed cost (gRPC, the request's set-up) weighs when
@@ -119,7 +118,7 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def settle(action: Callable[[], object], quiet_seconds: float = 15.0, most_seconds: float = 180.0) -> None:
+def settle(action: Callable[[], object], quiet_seconds: float = 5.0, most_seconds: float = 180.0) -> None:
     """Call `action` until `quiet_seconds` of calls bring none more than 5 % faster than the best so far
     (or `most_seconds` pass): the service has compiled and warmed what it compiles and warms."""
     started = last_gain = time.perf_counter()

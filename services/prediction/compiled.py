@@ -148,6 +148,16 @@ class BackgroundCompile:
             self._started = True
         threading.Thread(target=self._compile, name="prediction-compile", daemon=True).start()
 
+    def compile_now(self) -> None:
+        """Compile in the calling thread (unless a compile already started: then wait for it), e.g. on the training
+        job's thread, so that a new version scores compiled from its first call."""
+        with self._lock:
+            started, self._started = self._started, True
+        if started:
+            self.done.wait(COMPILE_TIMEOUT_SECONDS)
+        else:
+            self._compile()
+
     def _compile(self) -> None:
         started = time.perf_counter()
         try:

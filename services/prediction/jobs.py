@@ -72,8 +72,14 @@ def _check_stop(should_stop: Callable[[], bool]) -> None:
 
 def run_training(registry: ModelRegistry, source: ProfileSource, operation: Operation, request: TrainingRequest,
                  *, num_threads: int = DEFAULT_TRAINING_THREADS, now: Callable[[], datetime] = _utc_now,
-                 should_stop: Callable[[], bool] = _never) -> Operation:
-    """Train the operation's version and record the outcome; never raises for a domain failure."""
+                 should_stop: Callable[[], bool] = _never,
+                 compile_version: Callable[[str, int], None] | None = None) -> Operation:
+    """Train the operation's version and record the outcome; never raises for a domain failure.
+
+    `compile_version(model_id, version_id)` (the service's Predictor.compile_version) is called once the
+    version is READY and before it is activated, so that it scores compiled from its first call; a failure
+    there only costs speed (LightGBM scores) and is logged.
+    """
     started = time.monotonic()
     assert operation.version_id is not None
     model_id, version_id = request.model_id, operation.version_id
@@ -99,6 +105,8 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
         registry.report_progress(operation.operation_id, now(), stage=STAGE_SAVING, persons_processed=scanned[0],
                                  persons_total=scanned[0])
         registry.finish_version(model_id, version_id, trained, now())
+        if compile_version is not None:
+            _compile_quietly(compile_version, model_id, version_id)
         if request.activate:
             registry.activate(model_id, version_id, now())
     except DomainError as error:
@@ -113,6 +121,15 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
                                          error_message=f"internal error ({type(error).__name__}); it has been logged")
     return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started)
 
+
+
+def _compile_quietly(compile_version: Callable[[str, int], None], model_id: str, version_id: int) -> None:
+    try:
+        compile_version(model_id, version_id)
+    except Exception as error:  # the version is trained and READY: scoring compiles it on use instead
+        log.warning("compiling a trained version failed; it is compiled once it has scored enough rows",
+                    extra={"model_id": model_id, "version_id": version_id,
+                           "error": f"{type(error).__name__}: {error}"})
 
 
 # Scores written back per BatchWriteTraits call (profile's limit) and persons scored per booster call.

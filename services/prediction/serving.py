@@ -80,6 +80,27 @@ class ScorerCache:
             if entry is not None:
                 self._entries.move_to_end(key)
                 return entry
+        version, scorer = self._build(model, version_id)
+        with self._lock:
+            self._keep(key, version, scorer)
+        return version, scorer
+
+    def compile_now(self, model: Model, version_id: int) -> None:
+        """Build the version's scorer and compile its forest before it scores anything (the training job calls it
+        before activating: the first scores of a new version are compiled ones, with no compile in the
+        background while requests are served); a version already kept compiled is left as it is."""
+        key = (model.model_id, model.create_time, version_id)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None:
+            entry = self._build(model, version_id)
+        compiling = entry[1].compiling
+        if compiling is not None:
+            compiling.compile_now()
+        with self._lock:
+            self._keep(key, *entry)
+
+    def _build(self, model: Model, version_id: int) -> tuple[ModelVersion, Scorer]:
         # Built outside the lock: two first calls may both parse, which is cheaper than serialising every miss.
         version = self._registry.get_version(model.model_id, version_id, with_quantiles=True)
         if version.state is not VersionState.READY:
@@ -90,12 +111,14 @@ class ScorerCache:
         scorer = Scorer(self._registry.load_booster(model.model_id, version_id), version.feature_names,
                         version.score_quantiles, name=version_name(model.model_id, version_id),
                         rows_before_compile=ROWS_BEFORE_COMPILE)
-        with self._lock:
-            self._entries[key] = (version, scorer)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
         return version, scorer
+
+    def _keep(self, key: tuple[str, datetime, int], version: ModelVersion, scorer: Scorer) -> None:
+        """Under the lock."""
+        self._entries[key] = (version, scorer)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
 
 
 class ActiveModels:
@@ -171,9 +194,14 @@ class Predictor:
     """Scores persons with a model's active (or a given) version, reading their histories from `source`."""
 
     def __init__(self, registry: ModelRegistry, source: HistoryReader, scorers: ScorerCache) -> None:
+        self._registry = registry
         self._models = ActiveModels(registry)
         self._source = source
         self._scorers = scorers
+
+    def compile_version(self, model_id: str, version_id: int) -> None:
+        """Make a READY version's scorer and compile it now (ScorerCache.compile_now), e.g. right after training."""
+        self._scorers.compile_now(self._registry.get_model(model_id), version_id)
 
     def forget_model(self, model_id: str) -> None:
         """The model was activated, deleted or created through this replica."""

@@ -11,6 +11,7 @@ import pytest
 from services.prediction.history import InMemoryProfileSource, PersonHistory
 from services.prediction.jobs import TrainingRequest, run_training, start_training
 from services.prediction.registry import ModelRegistry, Operation, VersionState
+from services.prediction.serving import ScorerCache
 from services.prediction.spec import PredictionKind, resolve_spec
 from shared.errors import InvalidArgument, NotFound
 from tests.services.prediction.synthetic import day, synthetic_source
@@ -108,3 +109,33 @@ def test_bad_requests_fail_before_any_version_exists(registry: ModelRegistry) ->
     with pytest.raises(InvalidArgument):
         start_training(registry, TrainingRequest("buyers", (day("2024-05-01"),), day("2024-06-01")))
     assert registry.list_versions("buyers", 10) == ([], None)
+
+
+def test_a_trained_version_is_compiled_before_it_is_activated(registry: ModelRegistry) -> None:
+    create(registry)
+    cache = ScorerCache(registry)
+    compiled: list[tuple[str, int, int | None]] = []
+
+    def compile_version(model_id: str, version_id: int) -> None:
+        model = registry.get_model(model_id)
+        cache.compile_now(model, version_id)
+        compiled.append((model_id, version_id, model.active_version))
+
+    operation = start_training(registry, REQUEST)
+    finished = run_training(registry, SOURCE, operation, REQUEST, compile_version=compile_version)
+    assert finished.error_code is None and compiled == [("buyers", 1, None)]  # before activation
+    _, scorer = cache.get(registry.get_model("buyers"), 1)
+    # Compiled without a single row scored: the first scores of the version are the compiled forest's.
+    assert scorer.compiling is not None and scorer.compiling.forest is not None
+
+
+def test_a_failed_compile_leaves_the_version_trained_and_active(registry: ModelRegistry) -> None:
+    create(registry)
+
+    def failing(model_id: str, version_id: int) -> None:
+        raise RuntimeError("no compiler here")
+
+    operation = start_training(registry, REQUEST)
+    finished = run_training(registry, SOURCE, operation, REQUEST, compile_version=failing)
+    assert finished.error_code is None
+    assert registry.get_model("buyers").active_version == 1
