@@ -153,22 +153,30 @@ class EventResult:
 
 
 @dataclass(frozen=True)
-class TimelineEvent:
-    """An event as stored on a person's timeline."""
+class StoredEventRecord:
+    """An event on a person's timeline as a read returns it: enough to select it (name, exact time), order it
+    and return it as ingested (`payload`). Reads that derive nothing from events (a scan without computed
+    traits) read no more than this."""
 
     message_id: str
-    person_id: str
-    event_type: int
+    person_id: str  # the partition it is stored under (a merged person's, until moved)
     event_name: str
     event_time: datetime
+    payload: bytes
+    receive_time: datetime | None
+
+
+@dataclass(frozen=True)
+class TimelineEvent(StoredEventRecord):
+    """An event as stored on a person's timeline, with what computed traits derive from."""
+
+    event_type: int
     order_id: str
     amount: float | None
     currency_code: str
     item_count: int
     categories: dict[str, int]
     brands: dict[str, int]
-    payload: bytes
-    receive_time: datetime | None
 
 
 @dataclass(frozen=True)

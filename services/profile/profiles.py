@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
 from services.profile.computed import ComputedTraits, LifecyclePolicy, compute
 from services.profile.identity import IdentityResolver, Observation, PersonView, Resolution
@@ -29,6 +30,7 @@ from services.profile.model import (
     EventType,
     Rejection,
     RejectionReason,
+    StoredEventRecord,
     TimelineEvent,
     TraitValue,
     TraitWrite,
@@ -66,7 +68,7 @@ class ProfileView:
     identifiers: list[tuple[str, str]]
     traits: dict[str, TraitValue]
     computed: ComputedTraits | None
-    events: list[TimelineEvent]
+    events: list[StoredEventRecord]
     merged_person_ids: list[str]
     update_time: datetime | None
 
@@ -174,7 +176,7 @@ class Profiles:
               with_traits: bool = True, with_computed: bool = True,
               rows: dict[str, ProfileRow] | None = None, selection: EventSelection = ALL_EVENTS,
               trait_names: Iterable[str] | None = None, token_range: tuple[int, int] | None = None,
-              ) -> list[ProfileView]:
+              records_only: bool = False) -> list[ProfileView]:
         """The profiles of many persons, read together (see `ProfileStore.read_persons`).
 
         `with_events` reads the timelines (needed for computed traits too), `with_computed` derives
@@ -182,22 +184,26 @@ class Profiles:
         skip what the caller does not ask for. The events of a view are those `selection` selects, unless
         computed traits are asked for: they derive from every event, so then all are read and returned.
         `as_of` (None: now) cuts off the computed traits' events and the trait writes after it.
+        `records_only` (without computed traits) reads the events as StoredEventRecords: fewer columns.
         """
+        records_only = records_only and not with_computed
         contents = self.store.read_persons([p.person_id for p in persons], events=with_events or with_computed,
                                            traits=with_traits, rows=rows,
                                            selection=ALL_EVENTS if with_computed else selection,
-                                           trait_names=trait_names, token_range=token_range, traits_as_of=as_of)
+                                           trait_names=trait_names, token_range=token_range, traits_as_of=as_of,
+                                           records_only=records_only)
         when = as_of or self._clock()
         return [ProfileView(
             person_id=person.person_id, identifiers=person.identifiers, traits=stored.traits,
-            computed=compute(stored.events, when, self.policy) if with_computed else None,
+            # Computed traits are never read as records only: the events are TimelineEvents then.
+            computed=compute(cast(list[TimelineEvent], stored.events), when, self.policy) if with_computed else None,
             events=stored.events if with_events else [], merged_person_ids=stored.partitions[1:],
             update_time=stored.row.update_time if stored.row else None)
             for person, stored in zip(persons, contents, strict=True)]
 
     def events_page(self, person: PersonView, start: datetime | None, end: datetime | None, *,
                     names: Sequence[str], after: tuple[datetime, str] | None, page_size: int,
-                    ) -> tuple[list[TimelineEvent], tuple[datetime, str] | None]:
+                    ) -> tuple[list[StoredEventRecord], tuple[datetime, str] | None]:
         """A page of the person's events, newest first, and where the next page starts (None at the end)."""
         stored = self.store.read_persons([person.person_id], events=True, traits=False)[0]
         wanted = set(names)
@@ -223,7 +229,7 @@ class Profiles:
             return self.views([PersonView(r.person_id, [], []) for r in rows], as_of, with_events=with_events,
                               with_traits=with_traits, with_computed=with_computed,
                               rows={r.person_id: r for r in rows}, selection=selection, trait_names=trait_names,
-                              token_range=token_range)
+                              token_range=token_range, records_only=True)
 
         batch: list[ProfileRow] = []
         first = last = start_token

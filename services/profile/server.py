@@ -24,8 +24,9 @@ from services.profile.model import (
     EventStatus,
     Order,
     OrderLine,
-    TimelineEvent,
+    StoredEventRecord,
     TraitOrigin,
+    TraitValue,
     TraitWrite,
 )
 from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, ProfileView
@@ -154,12 +155,7 @@ def _profile(view: ProfileView) -> pb.Profile:
     message = pb.Profile(name=f"profiles/{view.person_id}", person_id=view.person_id,
                          identifiers=[common_pb2.Identifier(type=t, value=v) for t, v in view.identifiers],
                          merged_person_ids=view.merged_person_ids)
-    for name, trait in view.traits.items():
-        entry = message.traits[name]
-        entry.value.CopyFrom(_value(trait.value))
-        _set_time(entry.event_time, trait.event_time)
-        entry.source = trait.source
-        entry.party = common_pb2.DataParty.ValueType(trait.party)
+    _fill_traits(message, view.traits.values())
     if view.computed is not None:
         computed = view.computed
         message.computed.CopyFrom(_computed(computed))
@@ -176,7 +172,37 @@ def _profile(view: ProfileView) -> pb.Profile:
     return message
 
 
-def _fill_stored_event(message: pb.StoredEvent, event: TimelineEvent) -> None:
+def _fill_traits(message: pb.Profile, traits: Iterable[TraitValue]) -> None:
+    for trait in traits:
+        entry = message.traits[trait.name]
+        entry.value.CopyFrom(_value(trait.value))
+        _set_time(entry.event_time, trait.event_time)
+        entry.source = trait.source
+        entry.party = common_pb2.DataParty.ValueType(trait.party)
+
+
+def _fill_profile(message: pb.Profile, view: ProfileView, mask: ReadMask) -> None:
+    """Fill an empty Profile with what `mask` selects of `view`, the same as `mask.apply(_profile(view))`; built
+    directly, without a whole message first, when the mask names only traits and _DIRECT_PATHS (a scan fills
+    thousands: building, masking and copying each cost it more than reading the rows)."""
+    if not mask.direct:
+        message.CopyFrom(mask.apply(_profile(view)))
+        return
+    paths = mask.paths
+    if "name" in paths:
+        message.name = f"profiles/{view.person_id}"
+    if "person_id" in paths:
+        message.person_id = view.person_id
+    if "merged_person_ids" in paths:
+        message.merged_person_ids.extend(view.merged_person_ids)
+    if "update_time" in paths and view.update_time:
+        _set_time(message.update_time, view.update_time)
+    if mask.wants("traits"):
+        names = mask.trait_names
+        _fill_traits(message, (t for t in view.traits.values() if names is None or t.name in names))
+
+
+def _fill_stored_event(message: pb.StoredEvent, event: StoredEventRecord) -> None:
     """Fill an empty StoredEvent in place (e.g. one just added to a response: no copy of the event)."""
     message.person_id = event.person_id
     message.event.MergeFromString(event.payload)
@@ -194,6 +220,10 @@ def _change(change: ProfileChange) -> pb.ProfileChange:
 
 
 # ---- read masks -----------------------------------------------------------------------------------
+
+# Profile fields that `_fill_profile` sets straight from a view when a mask names only them and traits.
+_DIRECT_PATHS = frozenset({"name", "person_id", "merged_person_ids", "update_time"})
+
 
 class ReadMask:
     """A validated read_mask: which Profile fields to fill, and which of them need which reads."""
@@ -218,6 +248,8 @@ class ReadMask:
         violations.raise_if_any("the read mask names unknown fields", reason="INVALID_READ_MASK")
         if "traits" in self.paths:
             self.trait_names = None
+        # `_fill_profile` can fill what this mask selects without building the whole profile first.
+        self.direct = bool(self.paths) and set(self._other_paths) <= _DIRECT_PATHS
 
     def wants(self, *heads: str) -> bool:
         return not self.paths or any(p.partition(".")[0] in heads for p in self.paths)
@@ -430,7 +462,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                         view.identifiers = identities[view.person_id].identifiers
             response = pb.ScanProfilesResponse()
             for view in views:
-                scanned = response.profiles.add(profile=mask.apply(_profile(view)))
+                scanned = response.profiles.add()
+                _fill_profile(scanned.profile, view, mask)
                 for event in _oldest_first(view.events, selection):
                     _fill_stored_event(scanned.events.add(), event)
             yield response
@@ -456,7 +489,7 @@ def _event_selection(request: pb.ScanProfilesRequest | pb.BatchGetProfilesReques
                           frozenset(request.event_names) or None)
 
 
-def _oldest_first(events: Sequence[TimelineEvent], selection: EventSelection) -> list[TimelineEvent]:
+def _oldest_first(events: Sequence[StoredEventRecord], selection: EventSelection) -> list[StoredEventRecord]:
     """The events (stored newest first) `selection` selects, oldest first."""
     return [e for e in reversed(events) if selection.selects(e)]
 
