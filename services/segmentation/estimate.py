@@ -25,7 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from services.segmentation.evaluation import matches
+from services.segmentation.evaluation import compile_rule
 from services.segmentation.realtime import events_read
 from services.segmentation.recompute import ProfileSource
 from services.segmentation.rules import Rule
@@ -61,12 +61,13 @@ def estimate_size(rule: Rule, rules: dict[str, Rule], source: ProfileSource, sam
     events = events_read([rule], rules, as_of)
     shards = source.shards(SHARDS)
     (chooser or random.Random()).shuffle(shards)
+    member = compile_rule(rule, as_of, rules.get)
 
     def scan(shard: str) -> tuple[int, int]:
         scanned = matched = 0
         for batch in source.scan(shard, as_of, events):
             scanned += len(batch)
-            matched += sum(1 for facts in batch if matches(rule, facts, as_of, rules.get))
+            matched += sum(1 for facts in batch if member(facts))
         return scanned, matched
 
     scanned = matched = shards_done = 0

@@ -81,6 +81,8 @@ class Evaluation:
 
 
 RuleLookup = Callable[[str], Rule | None]
+# Whether one person's facts match a rule compiled for one evaluation time (see `compile_rule`).
+Predicate = Callable[[ProfileFacts], bool]
 
 
 def evaluate(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> Evaluation:
@@ -91,55 +93,103 @@ def evaluate(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLook
 
 
 def matches(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> bool:
-    return _evaluate(rule, facts, as_of, rule_of, None)
+    return compile_rule(rule, as_of, rule_of)(facts)
+
+
+def compile_rule(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Predicate:
+    """`matches(rule, facts, as_of, rule_of)` as a function of the facts alone: the tree is walked, the
+    segments referred to are looked up and the windows placed once, not per person (a recompute evaluates
+    one rule for every profile). Groups short-circuit: nothing is recorded."""
+    if isinstance(rule, AllOf | AnyOf):
+        children = tuple(compile_rule(child, as_of, rule_of) for child in rule.rules)
+        if isinstance(rule, AllOf):
+            return lambda facts: all(child(facts) for child in children)
+        return lambda facts: any(child(facts) for child in children)
+    if isinstance(rule, Not):
+        negated = compile_rule(rule.rule, as_of, rule_of)
+        return lambda facts: not negated(facts)
+    if isinstance(rule, SegmentCondition):
+        other = rule_of(rule.segment_id)
+        return (lambda facts: False) if other is None else compile_rule(other, as_of, rule_of)
+    observe = _observer(rule, as_of)
+    comparison = rule.comparison
+    return lambda facts: _compared(observe(facts), comparison)
+
+
+def _compared(observed: Any, comparison: Comparison) -> bool:
+    return observed is not _NO_VALUE and compare(observed, comparison)
+
+
+# What an aggregate over no values observes: the condition is false whatever it compares with.
+_NO_VALUE: Any = object()
+
+
+def _observer(rule: TraitCondition | EventCountCondition | EventAggregateCondition | ScoreCondition,
+              as_of: datetime) -> Callable[[ProfileFacts], Any]:
+    """What a condition compares, as a function of the facts (_NO_VALUE: an aggregate with no value)."""
+    if isinstance(rule, TraitCondition):
+        head, _, name = rule.field.partition(".")
+        if head == "traits":
+            return lambda facts: facts.traits.get(name)
+        return lambda facts: facts.computed.get(name)
+    if isinstance(rule, ScoreCondition):
+        trait = score_trait(rule.model, rule.score_field)
+        return lambda facts: facts.traits.get(trait)
+    selects = event_selector(rule.event_name, rule.filters, rule.window, as_of)
+    if isinstance(rule, EventCountCondition):
+        return lambda facts: float(sum(1 for e in facts.events if selects(e)))
+    aggregation, name = rule.aggregation, rule.property
+
+    def aggregate(facts: ProfileFacts) -> Any:
+        value = aggregate_of(aggregation, [e.properties.get(name) for e in facts.events if selects(e)])
+        return _NO_VALUE if value is None else value
+    return aggregate
+
+
+def event_selector(name: str, filters: Sequence[PropertyFilter], window: Window,
+                   as_of: datetime) -> Callable[[EventFact], bool]:
+    """Whether an event is one a condition counts: its name, passing its filters, at or before `as_of` and in
+    its window: (as_of - N days, as_of] for `last N days`, [start, end) for a fixed range."""
+    if isinstance(window, LastDays):
+        after = as_of - timedelta(days=window.days)
+
+        def in_place(when: datetime) -> bool:
+            return after < when <= as_of
+    else:
+        start, end = window.start, window.end
+
+        def in_place(when: datetime) -> bool:
+            return start <= when < end and when <= as_of
+    if not filters:
+        return lambda event: event.name == name and in_place(event.time)
+    return lambda event: event.name == name and in_place(event.time) and passes(event, filters)
 
 
 def _evaluate(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup,
-              outcomes: list[ConditionOutcome] | None) -> bool:
+              outcomes: list[ConditionOutcome]) -> bool:
     if isinstance(rule, AllOf | AnyOf):
         combine = all if isinstance(rule, AllOf) else any
-        if outcomes is None:
-            return combine(_evaluate(child, facts, as_of, rule_of, None) for child in rule.rules)
         # Reasons list every condition, so nothing is short-circuited.
         return combine([_evaluate(child, facts, as_of, rule_of, outcomes) for child in rule.rules])
     if isinstance(rule, Not):
         return not _evaluate(rule.rule, facts, as_of, rule_of, outcomes)
     matched, observed = _condition(rule, facts, as_of, rule_of)
-    if outcomes is not None:
-        outcomes.append(ConditionOutcome(format_condition(rule), matched, observed))
+    outcomes.append(ConditionOutcome(format_condition(rule), matched, observed))
     return matched
 
 
 def _condition(rule: TraitCondition | EventCountCondition | EventAggregateCondition | ScoreCondition
                | SegmentCondition, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> tuple[bool, Any]:
-    if isinstance(rule, TraitCondition):
-        head, _, name = rule.field.partition(".")
-        value = (facts.traits if head == "traits" else facts.computed).get(name)
-        return compare(value, rule.comparison), value
-    if isinstance(rule, ScoreCondition):
-        score = facts.traits.get(score_trait(rule.model, rule.score_field))
-        return compare(score, rule.comparison), score
     if isinstance(rule, SegmentCondition):
         other = rule_of(rule.segment_id)
-        member = other is not None and _evaluate(other, facts, as_of, rule_of, None)
+        member = other is not None and matches(other, facts, as_of, rule_of)
         return member, member
-    selected = [e for e in facts.events
-                if e.name == rule.event_name and in_window(e.time, rule.window, as_of) and passes(e, rule.filters)]
+    observed = _observer(rule, as_of)(facts)
     if isinstance(rule, EventCountCondition):
-        count = float(len(selected))
-        return compare(count, rule.comparison), len(selected)
-    aggregate = aggregate_of(rule.aggregation, [e.properties.get(rule.property) for e in selected])
-    if aggregate is None:
+        return compare(observed, rule.comparison), int(observed)
+    if observed is _NO_VALUE:
         return False, None
-    return compare(aggregate, rule.comparison), aggregate
-
-
-def in_window(when: datetime, window: Window, as_of: datetime) -> bool:
-    if when > as_of:
-        return False
-    if isinstance(window, LastDays):
-        return when > as_of - timedelta(days=window.days)
-    return window.start <= when < window.end
+    return compare(observed, rule.comparison), observed
 
 
 def passes(event: EventFact, filters: Sequence[PropertyFilter]) -> bool:

@@ -9,13 +9,14 @@ for events from the earliest window on, and keep only the event names the rules 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 from typing import Any
 
 import grpc
-from google.protobuf import field_mask_pb2, json_format, struct_pb2
+from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
 from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
@@ -29,6 +30,9 @@ _DEFAULT_EVENT_NAMES = {profile_pb.EVENT_TYPE_ORDER: "order", profile_pb.EVENT_T
                         profile_pb.EVENT_TYPE_ALIAS: "alias"}
 _LIFECYCLE = {profile_pb.LIFECYCLE_STAGE_NEW: "new", profile_pb.LIFECYCLE_STAGE_ACTIVE: "active",
               profile_pb.LIFECYCLE_STAGE_SILENT: "silent", profile_pb.LIFECYCLE_STAGE_CHURNED: "churned"}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_NO_PROPERTIES: Mapping[str, Any] = MappingProxyType({})
 SCAN_BATCH = 500
 EVENTS_PAGE = 1000
 BATCH_GET_LIMIT = 1000  # profile's BatchGetProfiles limit
@@ -97,16 +101,28 @@ def event_name_of(event: profile_pb.Event) -> str:
     return event.event_name or _DEFAULT_EVENT_NAMES.get(event.type, "")
 
 
+def time_of(timestamp: timestamp_pb2.Timestamp) -> datetime:
+    """`timestamp.ToDatetime(tzinfo=UTC)` in a third of the time (a scan converts every event's). A valid
+    Timestamp's nanos are 0-999,999,999, so flooring them to microseconds is ToDatetime's rounding."""
+    return _EPOCH + _MICROSECOND * (timestamp.seconds * 1_000_000 + timestamp.nanos // 1000)
+
+
 def facts_of(profile: profile_pb.Profile, events: Sequence[profile_pb.StoredEvent],
              wanted: EventReads | None = None) -> ProfileFacts:
-    """A profile's facts with its events (only those `wanted` reads, when given: converting an event's
-    properties is what costs)."""
-    traits = {name: _plain(trait.value) for name, trait in profile.traits.items()}
+    """A profile's facts with its events (only those `wanted` reads, when given, and their properties only when
+    it reads properties: converting those is what costs)."""
+    stored_traits = profile.traits  # by key: a map's items() costs several times more
+    traits = {name: _plain(stored_traits[name].value) for name in stored_traits}
+    with_properties = wanted is None or wanted.properties
     facts = []
     for stored in events:
-        name, when = event_name_of(stored.event), stored.event.event_time.ToDatetime(tzinfo=UTC)
+        event = stored.event
+        name = event.event_name or _DEFAULT_EVENT_NAMES.get(event.type, "")
+        if wanted is not None and name not in wanted.names:  # before converting its time (`wants` checks both)
+            continue
+        when = time_of(event.event_time)
         if wanted is None or wanted.wants(name, when):
-            facts.append(EventFact(name, when, _properties(stored.event)))
+            facts.append(EventFact(name, when, _properties(event) if with_properties else _NO_PROPERTIES))
     return ProfileFacts(profile.person_id, traits, computed_of(profile), facts)
 
 

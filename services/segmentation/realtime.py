@@ -17,11 +17,11 @@ about a rule keep that cheap and exact:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from services.segmentation.evaluation import ProfileFacts, RuleLookup, matches, passes
+from services.segmentation.evaluation import ProfileFacts, RuleLookup, compile_rule, matches, passes
 from services.segmentation.rules import (
     AllOf,
     AnyOf,
@@ -102,6 +102,9 @@ class EventReads:
 
     names: frozenset[str]
     since: datetime | None  # None when no rule reads events
+    # Whether any rule filters or aggregates event properties: if none does, facts need no properties (their
+    # conversion is most of what turning a scanned profile into facts costs).
+    properties: bool = True
 
     def wants(self, name: str, when: datetime) -> bool:
         return name in self.names and self.since is not None and when >= self.since
@@ -116,26 +119,37 @@ def events_read(rules: Iterable[Rule], all_rules: Mapping[str, Rule], as_of: dat
     """The events any of `rules` (with their references) counts or aggregates at `as_of`."""
     names: set[str] = set()
     starts: list[datetime] = []
+    properties = False
     for rule in rules:
         for reached in _reachable(rule, all_rules):
             for condition in conditions(reached):
                 if isinstance(condition, EventCountCondition | EventAggregateCondition):
                     names.add(condition.event_name)
+                    properties |= isinstance(condition, EventAggregateCondition) or bool(condition.filters)
                     window = condition.window
                     starts.append(as_of - timedelta(days=window.days) if isinstance(window, LastDays)
                                   else window.start)
     if not names:
         return NO_EVENTS
-    return EventReads(frozenset(names), min(starts) - _SINCE_MARGIN)
+    return EventReads(frozenset(names), min(starts) - _SINCE_MARGIN, properties)
+
+
+ChangeTime = Callable[[ProfileFacts], datetime | None]
 
 
 def next_change_time(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> datetime | None:
     """The earliest time after `as_of` at which the rule's value may change with no new data, if any (none when
     conditions that time cannot change decide it, e.g. `traits.plan = "pro" AND ...` for a person on another
     plan: a recompute then schedules only the persons whose membership time can still change)."""
-    if _settled_value(rule, facts, as_of, rule_of) is not None:
-        return None
-    candidates: list[datetime] = []
+    return compile_next_change(rule, as_of, rule_of)(facts)
+
+
+def compile_next_change(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> ChangeTime:
+    """`next_change_time(rule, facts, as_of, rule_of)` as a function of the facts alone, the rule walked once (a
+    recompute asks it for every profile)."""
+    settled = _compile_settled(rule, as_of, rule_of)
+    sources: list[Callable[[ProfileFacts], Iterable[datetime]]] = []
+    tomorrow = (as_of + DAILY,)
     pending, seen = [rule], set()
     while pending:
         current = pending.pop()
@@ -146,44 +160,80 @@ def next_change_time(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: 
                     seen.add(condition.segment_id)
                     pending.append(other)
             elif isinstance(condition, EventCountCondition | EventAggregateCondition):
-                for event in facts.events:
-                    if event.name != condition.event_name or not passes(event, condition.filters):
-                        continue
-                    if event.time > as_of:
-                        candidates.append(event.time)  # enters its window when its time comes
-                    elif isinstance(condition.window, LastDays):
-                        candidates.append(event.time + timedelta(days=condition.window.days))  # leaves it
+                sources.append(_window_passages(condition, as_of))
             elif isinstance(condition, TraitCondition) and condition.field.startswith("computed."):
                 name = condition.field.removeprefix("computed.")
                 if name in TIME_DEPENDENT_COMPUTED:
-                    candidates.append(as_of + DAILY)
-                elif name == "recency_days" and isinstance(facts.computed.get(name), int | float):
-                    last_order = as_of - timedelta(days=float(facts.computed[name]))
-                    candidates += [last_order + timedelta(days=float(bound))
-                                   for bound in condition.comparison.operands if isinstance(bound, int | float)
-                                   and not isinstance(bound, bool)]
-    future = [when for when in candidates if when > as_of]
-    return min(future) if future else None
+                    sources.append(lambda facts: tomorrow)
+                elif name == "recency_days":
+                    sources.append(_recency_crossings(condition, as_of))
+
+    def next_change(facts: ProfileFacts) -> datetime | None:
+        if settled(facts) is not None:
+            return None
+        future = [when for source in sources for when in source(facts) if when > as_of]
+        return min(future) if future else None
+    return next_change
 
 
-def _settled_value(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> bool | None:
+def _window_passages(condition: EventCountCondition | EventAggregateCondition,
+                     as_of: datetime) -> Callable[[ProfileFacts], Iterable[datetime]]:
+    """When each event the condition counts enters its window (a future event, at its time) or leaves it (a
+    `last N days` window, N days after)."""
+    name, filters, window = condition.event_name, condition.filters, condition.window
+    span = timedelta(days=window.days) if isinstance(window, LastDays) else None
+
+    def passages(facts: ProfileFacts) -> Iterator[datetime]:
+        for event in facts.events:
+            if event.name != name or not passes(event, filters):
+                continue
+            if event.time > as_of:
+                yield event.time  # enters its window when its time comes
+            elif span is not None:
+                yield event.time + span  # leaves it
+    return passages
+
+
+def _recency_crossings(condition: TraitCondition, as_of: datetime) -> Callable[[ProfileFacts], Iterable[datetime]]:
+    """When `computed.recency_days` reaches each of the condition's bounds."""
+    bounds = [timedelta(days=float(bound)) for bound in condition.comparison.operands
+              if isinstance(bound, int | float) and not isinstance(bound, bool)]
+
+    def crossings(facts: ProfileFacts) -> list[datetime]:
+        recency = facts.computed.get("recency_days")
+        if not isinstance(recency, int | float):
+            return []
+        last_order = as_of - timedelta(days=float(recency))
+        return [last_order + bound for bound in bounds]
+    return crossings
+
+
+def _compile_settled(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Callable[[ProfileFacts], bool | None]:
     """The rule's value at `as_of` when no passing of time can change it without new data (conditions on traits,
     scores and computed traits that do not move with time decide it); None when it may change."""
     if isinstance(rule, AllOf | AnyOf):
         deciding = isinstance(rule, AnyOf)  # the value of one child that decides the whole: true for OR
-        values = [_settled_value(child, facts, as_of, rule_of) for child in rule.rules]
-        if deciding in values:
-            return deciding
-        return None if None in values else not deciding
+        children = [_compile_settled(child, as_of, rule_of) for child in rule.rules]
+
+        def group(facts: ProfileFacts) -> bool | None:
+            values = [child(facts) for child in children]
+            if deciding in values:
+                return deciding
+            return None if None in values else not deciding
+        return group
     if isinstance(rule, Not):
-        value = _settled_value(rule.rule, facts, as_of, rule_of)
-        return None if value is None else not value
+        negated = _compile_settled(rule.rule, as_of, rule_of)
+
+        def negation(facts: ProfileFacts) -> bool | None:
+            value = negated(facts)
+            return None if value is None else not value
+        return negation
     if isinstance(rule, SegmentCondition):
         other = rule_of(rule.segment_id)  # references have no cycles
-        return False if other is None else _settled_value(other, facts, as_of, rule_of)
+        return (lambda facts: False) if other is None else _compile_settled(other, as_of, rule_of)
     if isinstance(rule, ScoreCondition) or (isinstance(rule, TraitCondition) and not _moves_with_time(rule.field)):
-        return matches(rule, facts, as_of, rule_of)
-    return None
+        return compile_rule(rule, as_of, rule_of)
+    return lambda facts: None
 
 
 def _moves_with_time(field: str) -> bool:

@@ -33,8 +33,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from services.segmentation.catalog import SegmentCatalog, SegmentState
-from services.segmentation.evaluation import ProfileFacts, matches
-from services.segmentation.realtime import EventReads, dependencies_of, events_read, next_change_time
+from services.segmentation.evaluation import ProfileFacts, compile_rule
+from services.segmentation.realtime import EventReads, compile_next_change, dependencies_of, events_read
 from services.segmentation.rules import Rule
 from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore
 from shared.errors import DomainError, InvalidArgument, NotFound, StatusCode
@@ -327,6 +327,8 @@ class Recomputer:
         operation = replace(operation, shards_total=len(shards), shards_done=0, profiles_scanned=0,
                             revision=record.revision)
         matched: set[str] = set()
+        member = compile_rule(rule, as_of, rules.get)
+        next_change = compile_next_change(rule, as_of, rules.get)
 
         def scan(shard: str) -> tuple[set[str], int]:
             members: set[str] = set()
@@ -335,10 +337,9 @@ class Recomputer:
                 if stop.is_set():
                     raise RunStopped()
                 scanned += len(batch)
-                members.update(f.person_id for f in batch if matches(rule, f, as_of, rules.get))
+                members.update(f.person_id for f in batch if member(f))
                 # The real-time sweeper evaluates these persons again when a window moves past their events.
-                due = [(f.person_id, when) for f in batch
-                       if (when := next_change_time(rule, f, as_of, rules.get)) is not None]
+                due = [(f.person_id, when) for f in batch if (when := next_change(f)) is not None]
                 self._store.schedule(due)
             return members, scanned
 

@@ -6,8 +6,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.segmentation.evaluation import EventFact, ProfileFacts, matches
-from services.segmentation.realtime import DAILY, NO_EVENTS, dependencies_of, events_read, next_change_time
+from services.segmentation.evaluation import EventFact, ProfileFacts, compile_rule, matches
+from services.segmentation.realtime import (
+    DAILY,
+    NO_EVENTS,
+    compile_next_change,
+    dependencies_of,
+    events_read,
+    next_change_time,
+)
 from services.segmentation.rules import Rule
 from services.segmentation.text import parse
 
@@ -113,3 +120,27 @@ def test_no_change_is_due_when_conditions_time_cannot_change_decide_the_rule() -
         AS_OF + timedelta(days=20)
     assert next_change_time(lapsing_pro, ProfileFacts("p", {"plan": "free"}, {"recency_days": 10.0}), AS_OF,
                             RULES.get) is None
+
+
+def test_rules_compiled_once_answer_as_evaluated_per_person() -> None:
+    """A recompute compiles its rule once for every profile: the compiled functions give what the per-person
+    calls give, whatever the facts."""
+    histories: list[tuple[str | None, float | None, list[tuple[str, float, str]]]] = [
+        ("pro", 3.0, [("order", 1, "books"), ("order", 6.5, "music"), ("order", -2, "books")]),
+        ("pro", None, [("order", 8, "books"), ("view", 10, "books")]),
+        ("free", 40.0, [("order", 0.5, "music"), ("order", 2, "music")]),
+        (None, None, []),
+        ("pro", 12.0, [("view", 200, "books"), ("order", 7, "books"), ("order", 0, "books")]),  # 7 days: outside
+    ]
+    people = [ProfileFacts(f"p{i}", {"plan": plan} if plan else {}, {"recency_days": recency} if recency else {},
+                           [EventFact(name, ago(days), {"category": category}) for name, days, category in events])
+              for i, (plan, recency, events) in enumerate(histories)]
+    for name, rule in RULES.items():
+        member = compile_rule(rule, AS_OF, RULES.get)
+        next_change = compile_next_change(rule, AS_OF, RULES.get)
+        for facts in people:
+            assert member(facts) == matches(rule, facts, AS_OF, RULES.get), (name, facts.person_id)
+            assert next_change(facts) == next_change_time(rule, facts, AS_OF, RULES.get), (name, facts.person_id)
+    pro_buyers = compile_rule(RULES["pro-buyers"], AS_OF, RULES.get)
+    assert [pro_buyers(p) for p in people] == [True, False, False, False, False]
+    assert compile_next_change(RULES["pro-buyers"], AS_OF, RULES.get)(people[0]) == AS_OF + timedelta(days=0.5)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 
-from services.segmentation.profile_source import FACTS_MASK, scan_request
+from services.segmentation.profile_source import FACTS_MASK, facts_of, scan_request
 from services.segmentation.realtime import events_read
 from services.segmentation.recompute import EVERY_FIELD, ProfileReads, profile_reads
 from services.segmentation.rules import Rule
@@ -46,3 +47,31 @@ def test_a_scan_request_asks_for_exactly_those_fields_and_events() -> None:
     assert list(request.read_mask.paths) == ["person_id", "traits.country", "computed", "preferences"]
     # Without a rule to go by (a size estimate), everything an evaluation can read.
     assert scan_request("0:1", AS_OF, events_read(bookish, RULES, AS_OF), EVERY_FIELD).read_mask == FACTS_MASK
+
+
+def test_facts_carry_event_properties_only_when_a_rule_filters_or_aggregates_them() -> None:
+    rules = {**RULES, "big": parse('event("order").sum(amount, last 30d) > 100'),
+             "books": parse('event("order", category = "books").count(last 30d) >= 1')}
+    order = profile_pb.Event(type=profile_pb.EVENT_TYPE_ORDER, order=profile_pb.Order(order_id="o1", amount=12.5))
+    order.properties.update({"category": "books"})
+    order.event_time.FromDatetime(AS_OF - timedelta(days=1, microseconds=7))
+    old = profile_pb.Event(type=profile_pb.EVENT_TYPE_ORDER, order=profile_pb.Order(order_id="o0", amount=1.0))
+    old.event_time.FromDatetime(AS_OF - timedelta(days=40))
+    page = profile_pb.Event(type=profile_pb.EVENT_TYPE_TRACK, event_name="page")
+    page.event_time.FromDatetime(AS_OF)
+    profile = profile_pb.Profile(person_id="p1")
+    profile.traits["plan"].value.string_value = "pro"
+    stored = [profile_pb.StoredEvent(event=e) for e in (old, order, page)]
+    counted = facts_of(profile, stored, events_read([RULES["buyers"]], rules, AS_OF))
+    assert events_read([RULES["buyers"]], rules, AS_OF).properties is False
+    # Only the orders of the window, with their exact time; no properties: nothing reads them.
+    assert [(e.name, e.time, dict(e.properties)) for e in counted.events] == [
+        ("order", AS_OF - timedelta(days=1, microseconds=7), {})]
+    assert counted.traits == {"plan": "pro"}
+    for segment in ("big", "books"):
+        read = events_read([rules[segment]], rules, AS_OF)
+        assert read.properties
+        assert [dict(e.properties) for e in facts_of(profile, stored, read).events] == [
+            {"category": "books", "amount": 12.5, "order_id": "o1", "currency_code": "USD"}]
+    # Without a selection (one person's explanation): every event, with its properties.
+    assert [e.name for e in facts_of(profile, stored).events] == ["order", "order", "page"]
