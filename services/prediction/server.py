@@ -23,7 +23,7 @@ from onecdp.common.v1 import common_pb2
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
-from services.prediction.batch_response import add_score_results, finite
+from services.prediction.batch_response import batch_response_bytes, finite
 from services.prediction.history import PersonRef, RefsByPersonId, refs_by_person_id
 from services.prediction.jobs import (
     TrainingRequest,
@@ -368,6 +368,11 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
 
     def BatchScorePersons(self, request: pb.BatchScorePersonsRequest,
                           context: grpc.ServicerContext) -> pb.BatchScorePersonsResponse:
+        """The response `batch_score_persons_wire` encodes, as a message (the server sends the bytes)."""
+        return pb.BatchScorePersonsResponse.FromString(self.batch_score_persons_wire(request, context))
+
+    def batch_score_persons_wire(self, request: pb.BatchScorePersonsRequest, context: grpc.ServicerContext) -> bytes:
+        """BatchScorePersons, answered with the response's wire bytes (batch_response.batch_response_bytes)."""
         if len(request.persons) > MAX_BATCH_PERSONS:
             raise ResourceExhausted(f"{len(request.persons)} persons in one call; at most {MAX_BATCH_PERSONS} are "
                                     "allowed, split the batch", reason="BATCH_TOO_LARGE")
@@ -386,10 +391,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"))
         scoring = self._predictor.scoring_version(model_id, version_id)
         scored = self._predictor.score_many(scoring, persons, as_of, top)
-        response = pb.BatchScorePersonsResponse(model_version=scoring.name)
-        response.as_of_time.FromDatetime(as_of)
-        add_score_results(response, scored, scoring.name, full)
-        return response
+        return batch_response_bytes(scored, scoring.name, as_of, full)
 
     def StreamScorePersons(self, request_iterator: Iterable[pb.StreamScorePersonsRequest],
                            context: grpc.ServicerContext) -> Iterator[pb.StreamScorePersonsResponse]:
@@ -436,7 +438,20 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
     follower.start()
     context.on_stop(follower.stop)
     servicer = PredictionServicer(registry, source, online, GrpcScoreWriter(profiles), worker)
-    return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_PredictionServiceServicer_to_server, servicer))]
+    return [ServiceRegistration(SERVICE_NAME, partial(_add_to_server, servicer))]
+
+
+def _add_to_server(servicer: PredictionServicer, server: grpc.Server) -> None:
+    pb_grpc.add_PredictionServiceServicer_to_server(servicer, server)
+    # BatchScorePersons sends the bytes it encodes (a registered handler replaces the generated one of the same
+    # method): results built as a message cost a parse here and a serialization in gRPC, ~0.2 µs a person.
+    server.add_registered_method_handlers(SERVICE_NAME, {"BatchScorePersons": grpc.unary_unary_rpc_method_handler(
+        servicer.batch_score_persons_wire, request_deserializer=pb.BatchScorePersonsRequest.FromString,
+        response_serializer=_wire_bytes)})
+
+
+def _wire_bytes(response: bytes) -> bytes:
+    return response
 
 
 DEFINITION = ServiceDefinition(name="prediction", build=build)

@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 
-from services.prediction.batch_response import _encoded_results, add_score_results, add_score_results_by_field
+from services.prediction.batch_response import (
+    _encoded_results,
+    add_score_results,
+    add_score_results_by_field,
+    batch_response_bytes,
+)
 from services.prediction.features import FEATURE_NAMES
 from services.prediction.scoring import ScoreBatch
 from services.prediction.serving import ScoredBatch
@@ -117,3 +122,14 @@ def test_explained_scores_carry_their_top_features() -> None:
     first = bulk.results[0].score
     assert len(first.top_features) == 3
     assert first.base_value == pytest.approx(float(scored.batch.contributions[0, -1]))  # type: ignore[index]
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["FULL", "BASIC"])
+def test_the_response_bytes_are_the_response_built_field_by_field(full: bool) -> None:
+    errors: dict[int, DomainError] = {1: NotFound("no person matches the selector")}
+    for scored in (scored_batch(uuids(50)), scored_batch(uuids(9), errors),
+                   scored_batch(uuids(7), explained=full), scored_batch([])):
+        expected = pb.BatchScorePersonsResponse(model_version=VERSION)
+        expected.as_of_time.FromDatetime(AS_OF)
+        add_score_results_by_field(expected, scored, VERSION, full)
+        assert pb.BatchScorePersonsResponse.FromString(batch_response_bytes(scored, VERSION, AS_OF, full)) == expected

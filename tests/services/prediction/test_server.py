@@ -4,7 +4,8 @@ the real profile service: test_serving.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from concurrent import futures
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
 from services.prediction.registry import ModelRegistry, OperationKind
+from services.prediction.server import PredictionServicer, _add_to_server
 from services.prediction.spec import PredictionKind, resolve_spec
 from services.prediction.training import TrainedModel, train_version
 from shared.cassandra import connect_cluster, open_session
@@ -240,3 +242,37 @@ def test_operations_report_progress_then_the_version_or_the_error(
         name="operations/" + "0" * 32))
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "OPERATION_NOT_FOUND")
 
+
+
+class WireOrMessage:
+    """Answers BatchScorePersons both ways, saying which way was called (no other method is called)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        return lambda request, context: None
+
+    def batch_score_persons_wire(self, request: pb.BatchScorePersonsRequest, context: grpc.ServicerContext) -> bytes:
+        self.calls.append("wire")
+        return pb.BatchScorePersonsResponse(model_version="from the bytes").SerializeToString()
+
+    def BatchScorePersons(self, request: pb.BatchScorePersonsRequest,
+                          context: grpc.ServicerContext) -> pb.BatchScorePersonsResponse:
+        self.calls.append("message")
+        return pb.BatchScorePersonsResponse(model_version="from the message")
+
+
+def test_batch_scores_leave_the_server_as_the_bytes_the_service_encoded() -> None:
+    servicer = WireOrMessage()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    _add_to_server(cast(PredictionServicer, servicer), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            response = pb_grpc.PredictionServiceStub(channel).BatchScorePersons(pb.BatchScorePersonsRequest(),
+                                                                                timeout=10)
+    finally:
+        server.stop(None)
+    assert response.model_version == "from the bytes" and servicer.calls == ["wire"]
