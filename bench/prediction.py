@@ -16,10 +16,11 @@
     spread over more persons. The floor: the same call (same request, a FULL response of the same
     persons) answered by a server on the same bootstrap, in this process, that does no work at all.
     To show where the time goes, the same batch in this process: profile's BatchGetProfiles alone
-    (the cold path's fetch), the feature matrix (`features_at` on the kept histories), the
-    service's booster step (`Scorer.score_matrix`, compiled, as the service runs it once settled)
-    and the result messages (`add_score_results`, FULL view); the rest of a warm call is gRPC,
-    selectors, store lookups and the histories laid end to end;
+    (the cold path's fetch), the feature matrix (`features_of_runs` on the histories laid end to end,
+    as the online store's table gives them to a warm call), the service's booster step
+    (`Scorer.score_matrix`, compiled, as the service runs it once settled) and the response's bytes
+    (`batch_response_bytes`, FULL view); the rest of a warm call is gRPC, selectors, and the store's
+    lookups and gather from its table;
 (b) single-person ScorePerson latency p50/p99 including the feature fetch (5 top features), by person
     id and by identifier, on other persons than the batches': the first score of each person, one caller
     (cold: read from profile), the second (warm: from the online store, one caller: no queueing), then,
@@ -59,9 +60,9 @@ from bench.common import (
     open_loop,
     service_processes,
 )
-from services.prediction.batch_response import add_score_results
-from services.prediction.features import features_at
-from services.prediction.history import PersonHistory, PersonRef
+from services.prediction.batch_response import batch_response_bytes
+from services.prediction.features import features_of_runs
+from services.prediction.history import EventRuns, PersonHistory, PersonRef
 from services.prediction.profile_source import GrpcProfileSource
 from services.prediction.registry import ModelRegistry
 from services.prediction.scoring import Scorer
@@ -242,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                 histories = [h for h in source.histories_of(refs, None) if isinstance(h, PersonHistory)]
                 columns = [h.columns for h in histories]  # as the online store keeps them
                 now = datetime.now(UTC)
-                matrix = features_at(columns, now)
-                features_seconds = persons / best_rate(args.rounds * 4, persons, lambda: features_at(columns, now))
+                runs = EventRuns.of(columns)
+                matrix = features_of_runs(runs, now)
+                features_seconds = persons / best_rate(args.rounds * 4, persons, lambda: features_of_runs(runs, now))
                 cluster = connect_cluster(settings)
                 try:
                     registry = ModelRegistry(open_session(cluster, settings.keyspace("prediction"), 30))
@@ -266,12 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       lambda: scorer.score_matrix(ids, matrix, now))
                 scored = ScoredBatch(scorer.score_matrix(ids, matrix, now), list(range(persons)), {})
 
-                def result_messages() -> None:
-                    response = pb.BatchScorePersonsResponse(model_version=version.name)
-                    response.as_of_time.FromDatetime(now)
-                    add_score_results(response, scored, version.name, True)
-
-                messages_seconds = persons / best_rate(args.rounds * 4, persons, result_messages)
+                messages_seconds = persons / best_rate(args.rounds * 4, persons,
+                                                       lambda: batch_response_bytes(scored, version.name, now, True))
 
                 # Selectors the service has not seen: the first score of each reads profile.
                 by_id = single_latency(stub, [common_pb2.PersonSelector(person_id=person_ids[n]) for n in singles],
@@ -318,14 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         ("BatchScorePersons, cold (histories read from profile)", f"{cold_rate:,.0f} persons/s",
          f"raw Booster.predict: ratio {cold_rate / raw_rate:.4f}; one call"),
         ("  a warm call", per_batch(warm_seconds), "the whole RPC, as the client sees it"),
-        ("    features (features_at on kept histories)", per_batch(features_seconds),
+        ("    features (features_of_runs on the histories laid end to end)", per_batch(features_seconds),
          f"{features_seconds / warm_seconds:.0%} of a warm call"),
         (f"    booster step (Scorer.score_matrix, {'compiled' if compiled else 'LightGBM: did not compile'})",
          per_batch(predict_seconds),
          f"{predict_seconds / warm_seconds:.0%}; raw Booster.predict alone {per_batch(persons / raw_rate)}"),
-        ("    result messages (add_score_results, FULL view)", per_batch(messages_seconds),
+        ("    response bytes (batch_response_bytes, FULL view)", per_batch(messages_seconds),
          f"{messages_seconds / warm_seconds:.0%}"),
-        ("    the rest (gRPC, selectors, store, histories laid end to end)", per_batch(rest_seconds),
+        ("    the rest (gRPC, selectors, the store's lookups and gather)", per_batch(rest_seconds),
          f"{rest_seconds / warm_seconds:.0%}; the server that does nothing {per_batch(persons / echo_rate)}"),
         ("  a cold call", per_batch(cold_seconds), "the whole RPC"),
         ("    profile BatchGetProfiles alone (the fetch)", per_batch(fetch_seconds),
