@@ -39,6 +39,7 @@ from services.segmentation.rules import (
     SegmentCondition,
     TraitCondition,
     Window,
+    conditions,
     parse_time,
     score_trait,
 )
@@ -101,7 +102,9 @@ def compile_rule(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Predicate:
     segments referred to are looked up and the windows placed once, not per person (a recompute evaluates
     one rule for every profile). Groups short-circuit: nothing is recorded."""
     if isinstance(rule, AllOf | AnyOf):
-        children = tuple(compile_rule(child, as_of, rule_of) for child in rule.rules)
+        # Conditions on events last: what decides without them saves looking at (and converting) the events.
+        ordered = sorted(rule.rules, key=lambda child: _reads_events(child, rule_of))
+        children = tuple(compile_rule(child, as_of, rule_of) for child in ordered)
         if isinstance(rule, AllOf):
             return lambda facts: all(child(facts) for child in children)
         return lambda facts: any(child(facts) for child in children)
@@ -114,6 +117,17 @@ def compile_rule(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Predicate:
     observe = _observer(rule, as_of)
     comparison = rule.comparison
     return lambda facts: _compared(observe(facts), comparison)
+
+
+def _reads_events(rule: Rule, rule_of: RuleLookup) -> bool:
+    for condition in conditions(rule):
+        if isinstance(condition, EventCountCondition | EventAggregateCondition):
+            return True
+        if isinstance(condition, SegmentCondition):
+            other = rule_of(condition.segment_id)  # references have no cycles
+            if other is not None and _reads_events(other, rule_of):
+                return True
+    return False
 
 
 def _compared(observed: Any, comparison: Comparison) -> bool:

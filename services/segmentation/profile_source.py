@@ -9,11 +9,11 @@ for events from the earliest window on, and keep only the event names the rules 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar, overload
 
 import grpc
 from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
@@ -109,10 +109,17 @@ def time_of(timestamp: timestamp_pb2.Timestamp) -> datetime:
 
 def facts_of(profile: profile_pb.Profile, events: Sequence[profile_pb.StoredEvent],
              wanted: EventReads | None = None) -> ProfileFacts:
-    """A profile's facts with its events (only those `wanted` reads, when given, and their properties only when
-    it reads properties: converting those is what costs)."""
+    """A profile's facts with its events: only those `wanted` reads, when given, converted when first looked at
+    (see EventsOnDemand), and with their properties only when it reads properties (converting those is what
+    costs)."""
     stored_traits = profile.traits  # by key: a map's items() costs several times more
     traits = {name: _plain(stored_traits[name].value) for name in stored_traits}
+    facts = EventsOnDemand(events, wanted) if wanted is not None else event_facts(events, None)
+    return ProfileFacts(profile.person_id, traits, computed_of(profile), facts)
+
+
+def event_facts(events: Iterable[profile_pb.StoredEvent], wanted: EventReads | None) -> list[EventFact]:
+    """The events `wanted` reads (all when None) as EventFacts, with properties if it reads them."""
     with_properties = wanted is None or wanted.properties
     facts = []
     for stored in events:
@@ -123,7 +130,47 @@ def facts_of(profile: profile_pb.Profile, events: Sequence[profile_pb.StoredEven
         when = time_of(event.event_time)
         if wanted is None or wanted.wants(name, when):
             facts.append(EventFact(name, when, _properties(event) if with_properties else _NO_PROPERTIES))
-    return ProfileFacts(profile.person_id, traits, computed_of(profile), facts)
+    return facts
+
+
+class EventsOnDemand(Sequence[EventFact]):
+    """A profile's events, converted from its StoredEvents when first looked at. A compiled rule looks at traits
+    first (see evaluation.compile_rule), so a person a trait condition decides never has its events converted:
+    a recompute of `traits.plan = "pro" AND event("order")...` converts the events of the pros only."""
+
+    def __init__(self, events: Sequence[profile_pb.StoredEvent], wanted: EventReads) -> None:
+        self._stored: Sequence[profile_pb.StoredEvent] = events
+        self._wanted = wanted
+        self._events: list[EventFact] | None = None
+
+    def _converted(self) -> list[EventFact]:
+        if self._events is None:
+            self._events = event_facts(self._stored, self._wanted)
+            self._stored = ()  # the messages can go
+        return self._events
+
+    @overload
+    def __getitem__(self, index: int) -> EventFact: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[EventFact]: ...
+
+    def __getitem__(self, index: int | slice) -> EventFact | Sequence[EventFact]:
+        return self._converted()[index]
+
+    def __len__(self) -> int:
+        return len(self._converted())
+
+    def __iter__(self) -> Iterator[EventFact]:
+        return iter(self._converted())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and self._converted() == list(other)
+
+    __hash__: ClassVar[None]  # type: ignore[assignment]  # unhashable, like the list it stands for
+
+    def __repr__(self) -> str:
+        return repr(self._converted())
 
 
 def read_mask(fields: ProfileReads) -> field_mask_pb2.FieldMask:
