@@ -197,7 +197,7 @@ def _fill_profile(message: pb.Profile, view: ProfileView, mask: ReadMask) -> Non
         message.merged_person_ids.extend(view.merged_person_ids)
     if "update_time" in paths and view.update_time:
         _set_time(message.update_time, view.update_time)
-    if mask.wants("traits"):
+    if mask.wants_traits:
         names = mask.trait_names
         _fill_traits(message, (t for t in view.traits.values() if names is None or t.name in names))
 
@@ -250,6 +250,7 @@ class ReadMask:
             self.trait_names = None
         # `_fill_profile` can fill what this mask selects without building the whole profile first.
         self.direct = bool(self.paths) and set(self._other_paths) <= _DIRECT_PATHS
+        self.wants_traits = self.wants("traits")  # asked once per profile filled
 
     def wants(self, *heads: str) -> bool:
         return not self.paths or any(p.partition(".")[0] in heads for p in self.paths)

@@ -272,8 +272,9 @@ class ProfileStore:
         groups = {p: partitions_of(p, rows.get(p)) for p in distinct}
         reads.start(p for group in groups.values() for p in group)
         timelines, trait_rows = reads.finish()
+        cutoff = _naive_cutoff(traits_as_of)
         return [PersonContents(rows.get(p), groups[p], _newest_first(timelines, groups[p]),
-                               _latest_traits(trait_rows, groups[p], traits_as_of)) for p in person_ids]
+                               _latest_traits(trait_rows, groups[p], cutoff)) for p in person_ids]
 
     def scan(self, start_token: int, end_token: int, page_size: int) -> Iterator[tuple[int, ProfileRow]]:
         """Profile rows whose partition token is in (start_token, end_token], in token order, with their token;
@@ -495,12 +496,16 @@ def _newest_first(events: Mapping[str, list[StoredEventRecord]],
 _TIME_ORDER = attrgetter("event_time", "message_id")
 
 
+def _naive_cutoff(as_of: datetime | None) -> datetime | None:
+    """`as_of` as the driver reads timestamps (naive UTC), to compare rows with rather than convert every row."""
+    return as_of.astimezone(UTC).replace(tzinfo=None) if as_of is not None else None
+
+
 def _latest_traits(rows_of: Mapping[str, list[Any]], partitions: Sequence[str],
-                   as_of: datetime | None = None) -> dict[str, TraitValue]:
-    """The traits as of `as_of` (now when None): per name, the latest write by event time at or before it
-    across the partitions (a null deletes). Trait writes keep milliseconds, so that is what is compared."""
-    # The driver reads timestamps as naive UTC: compare with a naive `as_of` rather than convert every row.
-    cutoff = as_of.astimezone(UTC).replace(tzinfo=None) if as_of is not None else None
+                   cutoff: datetime | None = None) -> dict[str, TraitValue]:
+    """The traits as of the naive `cutoff` (see _naive_cutoff; now when None): per name, the latest write by event
+    time at or before it across the partitions (a null deletes). Trait writes keep milliseconds, so that is what
+    is compared."""
     latest: dict[str, Any] = {}
     for partition in partitions:
         for row in rows_of.get(partition, ()):
