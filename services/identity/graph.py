@@ -247,6 +247,17 @@ def _merged(jobs: Sequence[_Job]) -> list[_Job]:
 _INSERT_LINK = ("INSERT INTO links (id_type, id_value, other_type, other_value, message_id, source, source_kind, "
                 "event_time, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_SIGHTING = "INSERT INTO identifier_sightings (id_type, id_value, message_id, event_time) VALUES (?, ?, ?, ?)"
+# A person's own columns live in `persons` and, since schema 0004, also as static columns of its members'
+# partition in `person_identifiers`, so that a lookup reads a person with its identifiers in one request.
+# Both are written by every change (one partition mutation: the same key in one keyspace); a person whose
+# static create_time is null was created before 0004 (or erased) and is read from `persons`.
+_PERSON_TABLES = ("persons", "person_identifiers")
+_PERSON_COLUMNS = "person_id, merged_into, merged_from, erased, create_time, update_time"
+
+
+def _person_writes(cql: str, params: Sequence[Any]) -> list[tuple[str, Sequence[Any]]]:
+    """A write of a person's own columns (`cql` names the table `{table}`), made to both tables that hold them."""
+    return [(cql.format(table=table), params) for table in _PERSON_TABLES]
 
 
 @dataclass
@@ -552,7 +563,8 @@ class IdentityGraph:
         def collect() -> dict[str, list[IdKey]]:
             members: dict[str, list[IdKey]] = {p: [] for p in wanted}
             for r in rows.rows():
-                members[r.person_id].append(IdKey(r.id_type, r.id_value))
+                if r.id_type is not None:  # a partition holding only the person's static columns
+                    members[r.person_id].append(IdKey(r.id_type, r.id_value))
             return members
         return collect
 
@@ -950,8 +962,8 @@ class IdentityGraph:
         new = sorted(k for k in component.nodes if component.person_of.get(k) is None)
         return _Plan(
             reconciled=_Reconciled(Partition(groups=[frozenset(component.nodes)]), [person_id], {}),
-            person_writes=[("UPDATE persons SET merged_into = null, update_time = ? WHERE person_id = ?",
-                            (_now(), person_id))] * bool(new)
+            person_writes=_person_writes("UPDATE {table} SET merged_into = null, update_time = ? WHERE person_id = ?",
+                                         (_now(), person_id)) * bool(new)
             + [("INSERT INTO person_identifiers (person_id, id_type, id_value) VALUES (?, ?, ?)",
                 (person_id, k.type, k.value)) for k in new],
             identifier_writes=[("UPDATE identifiers SET person_id = ?, origin_person_id = ?, guard = ? "
@@ -992,15 +1004,16 @@ class IdentityGraph:
                 continue  # same identifiers as before: nothing about the person changed
             if person_id in existing:
                 # Restores a person merged away before (a split), or keeps a live one live.
-                rows.append(("UPDATE persons SET merged_into = null, update_time = ? WHERE person_id = ?",
-                             (now, person_id)))
+                rows += _person_writes("UPDATE {table} SET merged_into = null, update_time = ? WHERE person_id = ?",
+                                       (now, person_id))
             else:
-                rows.append(("INSERT INTO persons (person_id, create_time, update_time) VALUES (?, ?, ?)",
-                             (person_id, now, now)))
+                rows += _person_writes("INSERT INTO {table} (person_id, create_time, update_time) VALUES (?, ?, ?)",
+                                       (person_id, now, now))
         for loser, winner in merged_into.items():
-            rows.append(("UPDATE persons SET merged_into = ?, update_time = ? WHERE person_id = ?",
-                         (winner, now, loser)))
-            rows.append(("UPDATE persons SET merged_from = merged_from + ? WHERE person_id = ?", ({loser}, winner)))
+            rows += _person_writes("UPDATE {table} SET merged_into = ?, update_time = ? WHERE person_id = ?",
+                                   (winner, now, loser))
+            rows += _person_writes("UPDATE {table} SET merged_from = merged_from + ? WHERE person_id = ?",
+                                   ({loser}, winner))
         return rows
 
     # ---- erasure tombstones ----------------------------------------------------------------------
@@ -1120,8 +1133,9 @@ class IdentityGraph:
             deletes += [("DELETE FROM observations WHERE message_id = ?", (m,)) for m in message_ids]
             deletes.append(("DELETE FROM person_identifiers WHERE person_id = ?", (person.person_id,)))
             self._session.write_all(deletes)
-            self._session.execute("UPDATE persons SET erased = true, merged_into = null, update_time = ? "
-                                  "WHERE person_id = ?", (now, person.person_id))
+            # After the deletes (a later timestamp): the members' partition was deleted whole, statics too.
+            self._session.write_all(_person_writes("UPDATE {table} SET erased = true, merged_into = null, "
+                                                   "update_time = ? WHERE person_id = ?", (now, person.person_id)))
             change = feed.record(self._session, ChangeType.ERASE, [person.person_id], [],
                                  reason or "erased by a privacy request")
         finally:
@@ -1171,7 +1185,8 @@ class IdentityGraph:
         if not person_id:
             return []
         return [IdKey(r.id_type, r.id_value) for r in self._session.execute(
-            "SELECT id_type, id_value FROM person_identifiers WHERE person_id = ?", (person_id,))]
+            "SELECT id_type, id_value FROM person_identifiers WHERE person_id = ?", (person_id,))
+            if r.id_type is not None]  # a partition holding only the person's static columns
 
     def link_provenance(self, a: IdKey, b: IdKey) -> list[Provenance]:
         return [Provenance(r.message_id, r.source or "", r.source_kind or 0, _utc(r.event_time))
@@ -1230,8 +1245,10 @@ class IdentityGraph:
     def get_persons(self, person_ids: Iterable[str]) -> dict[str, Person]:
         """Each person found, by the id asked for, following merge redirects to the survivor.
 
-        Ids never issued, or erased, are absent. Every hop reads the persons rows and members of all
-        the ids it follows at once (members alongside: one round trip when there is no redirect).
+        Ids never issued, or erased, are absent. Every hop reads the members of all the ids it follows,
+        with the person's own columns (static columns, schema 0004), in one request: one round trip
+        when there is no redirect. Persons without them (created before 0004, or erased) are read
+        from `persons` in a second one.
         """
         current = {p: p for p in set(person_ids) if p}
         rows: dict[str, Any] = {}
@@ -1240,13 +1257,20 @@ class IdentityGraph:
             unread = set(current.values()) - rows.keys()
             if not unread:
                 break
-            read_rows = self._session.select_in(
-                "SELECT person_id, merged_into, merged_from, erased, create_time, update_time FROM persons "
-                "WHERE person_id IN ?", (), sorted(unread))
-            read_members = self._members_async(unread)
+            read = self._session.select_in(f"SELECT {_PERSON_COLUMNS}, id_type, id_value FROM person_identifiers "
+                                           "WHERE person_id IN ?", (), sorted(unread))
             rows.update(dict.fromkeys(unread))
-            rows.update({r.person_id: r for r in read_rows.rows()})
-            members.update(read_members())
+            for row in read.rows():
+                found_members = members.setdefault(row.person_id, [])
+                if row.id_type is not None:  # else a partition holding only the person's static columns
+                    found_members.append(IdKey(row.id_type, row.id_value))
+                if row.create_time is not None:
+                    rows[row.person_id] = row
+            earlier = sorted(p for p in unread if rows[p] is None)
+            if earlier:
+                read = self._session.select_in(f"SELECT {_PERSON_COLUMNS} FROM persons WHERE person_id IN ?", (),
+                                               earlier)
+                rows.update({row.person_id: row for row in read.rows()})
             current = {p: (row.merged_into if (row := rows[c]) is not None and row.merged_into else c)
                        for p, c in current.items()}
         found = {}

@@ -27,7 +27,8 @@ def _observations(pairs: Iterable[tuple[str, list[str]]], prefix: str = "") -> l
 
 def _stored_persons(session: CassandraSession) -> dict[IdKey, str]:
     return {IdKey(r.id_type, r.id_value): r.person_id
-            for r in session.execute("SELECT person_id, id_type, id_value FROM person_identifiers")}
+            for r in session.execute("SELECT person_id, id_type, id_value FROM person_identifiers")
+            if r.id_type is not None}  # not a partition holding only a person's static columns
 
 
 def _groups(persons: dict[IdKey, str]) -> list[list[IdKey]]:

@@ -60,7 +60,8 @@ def _ingest(stub: pb_grpc.IdentityServiceStub, observations: Sequence[tuple[str,
 
 def _persons(session: CassandraSession) -> dict[str, str]:
     return {f"{r.id_type}:{r.id_value}": r.person_id
-            for r in session.execute("SELECT person_id, id_type, id_value FROM person_identifiers")}
+            for r in session.execute("SELECT person_id, id_type, id_value FROM person_identifiers")
+            if r.id_type is not None}  # not a partition holding only a person's static columns
 
 
 def _fingerprint(predicted: dict[str, str]) -> str:
