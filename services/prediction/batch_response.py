@@ -28,10 +28,10 @@ from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from services.prediction.serving import ScoredBatch
 
 # Wire types: 2 is a length-delimited field, 1 a 64-bit one.
-_LENGTH_DELIMITED, _FIXED_64 = 2, 1
+LENGTH_DELIMITED, FIXED_64 = 2, 1
 
 
-def _tag(message: type[Message], field: str, wire_type: int) -> int:
+def field_tag(message: type[Message], field: str, wire_type: int) -> int:
     """The wire tag of `message.field`, from the descriptor (so the layout follows the proto); one byte."""
     tag = message.DESCRIPTOR.fields_by_name[field].number << 3 | wire_type
     if tag >= 128:
@@ -39,15 +39,15 @@ def _tag(message: type[Message], field: str, wire_type: int) -> int:
     return tag
 
 
-_RESULTS = _tag(pb.BatchScorePersonsResponse, "results", _LENGTH_DELIMITED)
-_RESULT_SCORE = _tag(pb.ScoreResult, "score", _LENGTH_DELIMITED)
-_PERSON_ID = _tag(pb.Score, "person_id", _LENGTH_DELIMITED)
-_MODEL_VERSION = _tag(pb.Score, "model_version", _LENGTH_DELIMITED)
-_PROBABILITY = _tag(pb.Score, "probability", _FIXED_64)
-_PERCENTILE = _tag(pb.Score, "percentile", _FIXED_64)
-_AS_OF_TIME = _tag(pb.Score, "as_of_time", _LENGTH_DELIMITED)
+_RESULTS = field_tag(pb.BatchScorePersonsResponse, "results", LENGTH_DELIMITED)
+_RESULT_SCORE = field_tag(pb.ScoreResult, "score", LENGTH_DELIMITED)
+_PERSON_ID = field_tag(pb.Score, "person_id", LENGTH_DELIMITED)
+_MODEL_VERSION = field_tag(pb.Score, "model_version", LENGTH_DELIMITED)
+_PROBABILITY = field_tag(pb.Score, "probability", FIXED_64)
+_PERCENTILE = field_tag(pb.Score, "percentile", FIXED_64)
+_AS_OF_TIME = field_tag(pb.Score, "as_of_time", LENGTH_DELIMITED)
 # A length below this takes one byte on the wire (a varint of 7 bits).
-_ONE_BYTE = 128
+ONE_BYTE = 128
 # A score's row starts with the result's tag and length, then the score's tag and length.
 _HEADS = 4
 
@@ -146,13 +146,13 @@ def _encoded_results(scored: ScoredBatch, model_version: str, full: bool,
     shared = b""
     if full:
         version_bytes, time_bytes = model_version.encode(), as_of.SerializeToString()
-        if max(len(version_bytes), len(time_bytes)) >= _ONE_BYTE:
+        if max(len(version_bytes), len(time_bytes)) >= ONE_BYTE:
             return None
         shared = (bytes([_MODEL_VERSION, len(version_bytes)]) + version_bytes
                   + bytes([_AS_OF_TIME, len(time_bytes)]) + time_bytes)
     fixed = 9 * (1 + full) + len(shared)
     score_lengths = fixed + 2 + id_lengths
-    if scores and int(score_lengths.max()) + 2 >= _ONE_BYTE:
+    if scores and int(score_lengths.max()) + 2 >= ONE_BYTE:
         return None
     id_at = _HEADS + fixed + 2  # where the id's bytes start in a score's row
     score_rows = np.empty((scores, id_at + longest), dtype=np.uint8)
@@ -197,7 +197,7 @@ def _double_bytes(values: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
 
 def _varint(value: int) -> bytes:
     out = bytearray()
-    while value >= _ONE_BYTE:
+    while value >= ONE_BYTE:
         out.append(value & 0x7F | 0x80)
         value >>= 7
     out.append(value)

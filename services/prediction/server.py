@@ -23,6 +23,7 @@ from onecdp.common.v1 import common_pb2
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
+from services.prediction.batch_request import BatchRequest
 from services.prediction.batch_response import batch_response_bytes, finite
 from services.prediction.history import PersonRef, RefsByPersonId, refs_by_person_id
 from services.prediction.jobs import (
@@ -369,17 +370,21 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     def BatchScorePersons(self, request: pb.BatchScorePersonsRequest,
                           context: grpc.ServicerContext) -> pb.BatchScorePersonsResponse:
         """The response `batch_score_persons_wire` encodes, as a message (the server sends the bytes)."""
-        return pb.BatchScorePersonsResponse.FromString(self.batch_score_persons_wire(request, context))
+        return pb.BatchScorePersonsResponse.FromString(self.batch_score_persons_wire(BatchRequest.of(request), context))
 
-    def batch_score_persons_wire(self, request: pb.BatchScorePersonsRequest, context: grpc.ServicerContext) -> bytes:
-        """BatchScorePersons, answered with the response's wire bytes (batch_response.batch_response_bytes)."""
+    def batch_score_persons_wire(self, received: BatchRequest, context: grpc.ServicerContext) -> bytes:
+        """BatchScorePersons on the request as it arrived (its person ids read from its bytes when they allow it,
+        batch_request.py), answered with the response's wire bytes (batch_response.batch_response_bytes)."""
+        request = received.message
         if len(request.persons) > MAX_BATCH_PERSONS:
             raise ResourceExhausted(f"{len(request.persons)} persons in one call; at most {MAX_BATCH_PERSONS} are "
                                     "allowed, split the batch", reason="BATCH_TOO_LARGE")
         violations = Violations()
         model_id = _collect(violations, lambda: parse_model_name(request.model, "model"))
         violations.check(bool(request.persons), "persons", "at least one person is required")
-        persons = _person_refs(request.persons, "persons", violations)
+        person_ids = received.person_ids()
+        persons = (RefsByPersonId(person_ids) if person_ids is not None
+                   else _person_refs(request.persons, "persons", violations))
         version_id = _version_id(model_id, request.model_version, "model_version", violations)
         top = _top_features(request.top_features, 0, "top_features", violations)
         violations.check(request.view in _SCORE_VIEWS, "view", f"unknown view {request.view}")
@@ -446,8 +451,7 @@ def _add_to_server(servicer: PredictionServicer, server: grpc.Server) -> None:
     # BatchScorePersons sends the bytes it encodes (a registered handler replaces the generated one of the same
     # method): results built as a message cost a parse here and a serialization in gRPC, ~0.2 µs a person.
     server.add_registered_method_handlers(SERVICE_NAME, {"BatchScorePersons": grpc.unary_unary_rpc_method_handler(
-        servicer.batch_score_persons_wire, request_deserializer=pb.BatchScorePersonsRequest.FromString,
-        response_serializer=_wire_bytes)})
+        servicer.batch_score_persons_wire, request_deserializer=BatchRequest.parse, response_serializer=_wire_bytes)})
 
 
 def _wire_bytes(response: bytes) -> bytes:
