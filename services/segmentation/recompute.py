@@ -26,7 +26,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -330,9 +330,12 @@ class Recomputer:
         member = compile_rule(rule, as_of, rules.get)
         next_change = compile_next_change(rule, as_of, rules.get)
 
-        def scan(shard: str) -> tuple[set[str], int]:
+        def scan(shard: str) -> tuple[set[str], int, list[Callable[[], None]]]:
+            """The shard's members and profile count, and the waits of its schedule writes: its worker goes on
+            to the next shard while they land (the shard counts as done once they have)."""
             members: set[str] = set()
             scanned = 0
+            writes = []
             for batch in self._source.scan(shard, as_of, events, fields):
                 if stop.is_set():
                     raise RunStopped()
@@ -340,13 +343,15 @@ class Recomputer:
                 members.update(f.person_id for f in batch if member(f))
                 # The real-time sweeper evaluates these persons again when a window moves past their events.
                 due = [(f.person_id, when) for f in batch if (when := next_change(f)) is not None]
-                self._store.schedule(due)
-            return members, scanned
+                writes.append(self._store.start_schedule(due))
+            return members, scanned, writes
 
         workers = operation.parallelism or DEFAULT_PARALLELISM
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"scan-{segment_id}") as pool:
             for future in as_completed([pool.submit(scan, shard) for shard in shards]):
-                members, scanned = future.result()
+                members, scanned, writes = future.result()
+                for wait in writes:
+                    wait()
                 matched |= members
                 operation = replace(operation, shards_done=operation.shards_done + 1,
                                     profiles_scanned=operation.profiles_scanned + scanned,

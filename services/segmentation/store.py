@@ -7,7 +7,7 @@ lightweight transactions (create IF NOT EXISTS, update/delete IF etag), never mi
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -241,9 +241,13 @@ class SegmentStore:
 
     def schedule(self, due: Iterable[tuple[str, datetime]]) -> None:
         """Evaluate each person again at its time (rows in the day partition of that time)."""
+        self.start_schedule(due)()
+
+    def start_schedule(self, due: Iterable[tuple[str, datetime]]) -> Callable[[], None]:
+        """`schedule`, returning once the writes are sent: call the result to wait for them."""
         # In unlogged batches by day: a recompute schedules most of a segment's persons, in few day partitions.
-        self._session.write_all([("INSERT INTO reevaluations (day, due_time, person_id) VALUES (?, ?, ?)",
-                                  (when.date(), when, person_id)) for person_id, when in due])
+        return self._session.start_writes([("INSERT INTO reevaluations (day, due_time, person_id) VALUES (?, ?, ?)",
+                                            (when.date(), when, person_id)) for person_id, when in due])
 
     def due(self, day: date, now: datetime, limit: int) -> list[tuple[datetime, str]]:
         rows = self._session.execute("SELECT due_time, person_id FROM reevaluations WHERE day = ? AND due_time <= ? "
