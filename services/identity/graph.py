@@ -207,6 +207,8 @@ class _Reads:
     assignments: dict[IdKey, _Assignment] = field(default_factory=dict)
     neighbours: dict[IdKey, set[IdKey]] = field(default_factory=dict)
     members: dict[str, list[IdKey]] = field(default_factory=dict)
+    # Persons among `members` whose own columns are stored with their members (see _PERSON_TABLES).
+    with_person_columns: set[str] = field(default_factory=set)
 
     def keep_held(self, held: Set[str]) -> None:
         """Forget every row whose lease is not in `held` (read without it, or given back since)."""
@@ -215,11 +217,13 @@ class _Reads:
             self.neighbours.pop(key, None)
         for person_id in [p for p in self.members if _person_lease_key(p) not in held]:
             del self.members[person_id]
+        self.with_person_columns &= self.members.keys()
 
     def clear(self) -> None:
         self.assignments.clear()
         self.neighbours.clear()
         self.members.clear()
+        self.with_person_columns.clear()
 
 
 @dataclass
@@ -251,13 +255,18 @@ _INSERT_SIGHTING = "INSERT INTO identifier_sightings (id_type, id_value, message
 # partition in `person_identifiers`, so that a lookup reads a person with its identifiers in one request.
 # Both are written by every change (one partition mutation: the same key in one keyspace); a person whose
 # static create_time is null was created before 0004 (or erased) and is read from `persons`.
+# A person created since then has no `persons` row at all: its columns are written to its members'
+# partition only, and so are those of every person whose members were read with a create_time.
 _PERSON_TABLES = ("persons", "person_identifiers")
 _PERSON_COLUMNS = "person_id, merged_into, merged_from, erased, create_time, update_time"
 
 
-def _person_writes(cql: str, params: Sequence[Any]) -> list[tuple[str, Sequence[Any]]]:
-    """A write of a person's own columns (`cql` names the table `{table}`), made to both tables that hold them."""
-    return [(cql.format(table=table), params) for table in _PERSON_TABLES]
+def _person_writes(cql: str, params: Sequence[Any], *, columns_with_members: bool = False
+                   ) -> list[tuple[str, Sequence[Any]]]:
+    """A write of a person's own columns (`cql` names the table `{table}`): to both tables that may hold
+    them, or only to its members' partition when they are known to be there (`columns_with_members`)."""
+    tables = _PERSON_TABLES[1:] if columns_with_members else _PERSON_TABLES
+    return [(cql.format(table=table), params) for table in tables]
 
 
 @dataclass
@@ -555,17 +564,22 @@ class IdentityGraph:
             return neighbours
         return collect
 
-    def _members_async(self, person_ids: Iterable[str]) -> Callable[[], dict[str, list[IdKey]]]:
+    def _members_async(self, person_ids: Iterable[str]) -> Callable[[], tuple[dict[str, list[IdKey]], set[str]]]:
+        """Start reading persons' members; the result waits: (members, persons whose own columns are with them)."""
         wanted = set(person_ids)
         rows = self._session.select_in(
-            "SELECT person_id, id_type, id_value FROM person_identifiers WHERE person_id IN ?", (), sorted(wanted))
+            "SELECT person_id, id_type, id_value, create_time FROM person_identifiers WHERE person_id IN ?", (),
+            sorted(wanted))
 
-        def collect() -> dict[str, list[IdKey]]:
+        def collect() -> tuple[dict[str, list[IdKey]], set[str]]:
             members: dict[str, list[IdKey]] = {p: [] for p in wanted}
+            with_columns: set[str] = set()
             for r in rows.rows():
-                if r.id_type is not None:  # a partition holding only the person's static columns
+                if r.id_type is not None:  # else a partition holding only the person's static columns
                     members[r.person_id].append(IdKey(r.id_type, r.id_value))
-            return members
+                if r.create_time is not None:
+                    with_columns.add(r.person_id)
+            return members, with_columns
         return collect
 
     def _tombstones_async(self, keys: Iterable[IdKey]) -> Callable[[], set[IdKey]]:
@@ -737,7 +751,8 @@ class IdentityGraph:
             if not needed <= held:
                 outcomes.append(needed)
                 continue
-            plan = self._plan_attachment(component) if component.attaches_to else self._plan(component, reason)
+            plan = (self._plan_attachment(component, reads.with_person_columns) if component.attaches_to
+                    else self._plan(component, reason, reads.with_person_columns))
             plan.reconciled.erased = erased_here
             plans.append(plan)
             outcomes.append(plan.reconciled)
@@ -888,7 +903,9 @@ class IdentityGraph:
         reads.assignments.update(read_assignments())
         reads.neighbours.update({k: set() for k in unread - linking})
         reads.neighbours.update(read_neighbours())
-        reads.members.update(read_members())
+        members, with_person_columns = read_members()
+        reads.members.update(members)
+        reads.with_person_columns |= with_person_columns
 
     def _is_junk(self, key: IdKey) -> bool:
         # Asked several times per identifier per call (each pattern a regex search): remembered per
@@ -907,7 +924,7 @@ class IdentityGraph:
     def _shared_among(self, batch: Sequence[IdKey], component: _Component, junk: set[IdKey]) -> set[IdKey]:
         return set(shared_identifiers({k: component.neighbours[k] for k in batch}, self.policy, junk))
 
-    def _plan(self, component: _Component, reason: str) -> _Plan:
+    def _plan(self, component: _Component, reason: str, with_person_columns: Set[str]) -> _Plan:
         """The partition of a loaded component, and the writes and changes that make the stored rows match it."""
         result = partition(component.nodes, component.links(), self.registry, self.policy,
                            neighbours=component.neighbours)
@@ -951,11 +968,12 @@ class IdentityGraph:
                 merged_into[old] = min(set(targets), key=lambda t: (-targets.count(t), t))
         return _Plan(
             reconciled=_Reconciled(result, group_ids, merged_into),
-            person_writes=self._person_rows(group_ids, component, merged_into, changed_persons, now) + member_writes,
+            person_writes=self._person_rows(group_ids, component, merged_into, changed_persons, now,
+                                            with_person_columns=with_person_columns) + member_writes,
             identifier_writes=identifier_writes,
             changes=_changes(old_persons, merged_into, members_by_old, reason))
 
-    def _plan_attachment(self, component: _Component) -> _Plan:
+    def _plan_attachment(self, component: _Component, with_person_columns: Set[str]) -> _Plan:
         """The new seeds of a component that attaches to one person (see _attaches_to) join that person."""
         person_id = component.attaches_to
         assert person_id is not None
@@ -963,7 +981,8 @@ class IdentityGraph:
         return _Plan(
             reconciled=_Reconciled(Partition(groups=[frozenset(component.nodes)]), [person_id], {}),
             person_writes=_person_writes("UPDATE {table} SET merged_into = null, update_time = ? WHERE person_id = ?",
-                                         (_now(), person_id)) * bool(new)
+                                         (_now(), person_id), columns_with_members=person_id in with_person_columns)
+            * bool(new)
             + [("INSERT INTO person_identifiers (person_id, id_type, id_value) VALUES (?, ?, ?)",
                 (person_id, k.type, k.value)) for k in new],
             identifier_writes=[("UPDATE identifiers SET person_id = ?, origin_person_id = ?, guard = ? "
@@ -995,25 +1014,30 @@ class IdentityGraph:
 
     @staticmethod
     def _person_rows(group_ids: list[str], component: _Component, merged_into: dict[str, str],
-                     changed: set[str], now: datetime) -> list[tuple[str, Sequence[Any]]]:
+                     changed: set[str], now: datetime, *,
+                     with_person_columns: Set[str]) -> list[tuple[str, Sequence[Any]]]:
         live = {p for p in component.person_of.values() if p}
         existing = live | {p for p in component.origin_of.values() if p}
         rows: list[tuple[str, Sequence[Any]]] = []
+
+        def write(cql: str, params: Sequence[Any], person_id: str) -> None:
+            rows.extend(_person_writes(cql, params, columns_with_members=person_id in with_person_columns))
+
         for person_id in group_ids:
             if person_id in live and person_id not in changed:
                 continue  # same identifiers as before: nothing about the person changed
             if person_id in existing:
                 # Restores a person merged away before (a split), or keeps a live one live.
-                rows += _person_writes("UPDATE {table} SET merged_into = null, update_time = ? WHERE person_id = ?",
-                                       (now, person_id))
+                write("UPDATE {table} SET merged_into = null, update_time = ? WHERE person_id = ?", (now, person_id),
+                      person_id)
             else:
-                rows += _person_writes("INSERT INTO {table} (person_id, create_time, update_time) VALUES (?, ?, ?)",
-                                       (person_id, now, now))
+                # A new person: its columns live with its members only.
+                rows.append(("INSERT INTO person_identifiers (person_id, create_time, update_time) VALUES (?, ?, ?)",
+                             (person_id, now, now)))
         for loser, winner in merged_into.items():
-            rows += _person_writes("UPDATE {table} SET merged_into = ?, update_time = ? WHERE person_id = ?",
-                                   (winner, now, loser))
-            rows += _person_writes("UPDATE {table} SET merged_from = merged_from + ? WHERE person_id = ?",
-                                   ({loser}, winner))
+            write("UPDATE {table} SET merged_into = ?, update_time = ? WHERE person_id = ?", (winner, now, loser),
+                  loser)
+            write("UPDATE {table} SET merged_from = merged_from + ? WHERE person_id = ?", ({loser}, winner), winner)
         return rows
 
     # ---- erasure tombstones ----------------------------------------------------------------------

@@ -41,12 +41,12 @@ def _groups(persons: dict[IdKey, str]) -> list[list[IdKey]]:
 def _count_attachments(graph: IdentityGraph) -> list[int]:
     """How many components took the attach path since (a spy on our own code, not on the database)."""
     count = [0]
-    plan: Callable[[Any], Any] = graph._plan_attachment
+    plan: Callable[..., Any] = graph._plan_attachment
 
-    def counting(component: Any) -> Any:
+    def counting(*args: Any) -> Any:
         count[0] += 1
-        return plan(component)
-    graph._plan_attachment = counting  # type: ignore[method-assign]
+        return plan(*args)
+    graph._plan_attachment = counting  # type: ignore[method-assign,assignment]
     return count
 
 
