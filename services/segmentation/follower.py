@@ -3,7 +3,8 @@ re-evaluate persons again when a time window moves past one of their facts.
 
 `Memberships.refresh` is the one place enters and exits are decided outside a batch recompute: it
 reads the persons' facts as of now (traits, computed traits and only the events the rules count),
-evaluates with the same `evaluation.matches` as recompute and EvaluatePersonSegments, diffs against
+evaluates each rule compiled once for the round (`evaluation.compile_rule`, what `matches` and recompute run;
+EvaluatePersonSegments explains with the same conditions), diffs against
 the stored members, records the difference in the same tables (`members`, `membership_changes`),
 and schedules each person's next time-driven re-evaluation (`realtime.next_change_time`).
 
@@ -30,9 +31,9 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 
 from services.segmentation.catalog import SegmentCatalog
-from services.segmentation.evaluation import ProfileFacts, matches
+from services.segmentation.evaluation import ProfileFacts, compile_rule
 from services.segmentation.profile_source import CHANGE_ERASE, CHANGE_MERGE, CHANGE_SPLIT, FeedChange
-from services.segmentation.realtime import EventReads, dependencies_of, events_read, next_change_time
+from services.segmentation.realtime import EventReads, compile_next_change, dependencies_of, events_read
 from services.segmentation.rules import Rule
 from services.segmentation.store import SegmentStore
 from shared.changefeed import UnsettledTail, parse_cursor, with_unsettled
@@ -109,6 +110,10 @@ class Memberships:
         pairs = [(segment_id, person_id) for person_id, segment_ids in segments_of.items()
                  for segment_id in sorted(segment_ids)]
         current = self._store.memberships(pairs)
+        # Each rule compiled once for every person of this round.
+        evaluated = {s for segment_ids in segments_of.values() for s in segment_ids}
+        member_of = {s: compile_rule(rules[s], now, rules.get) for s in evaluated}
+        next_change_of = {s: compile_next_change(rules[s], now, rules.get) for s in evaluated}
         entered: dict[str, list[str]] = {}
         exited: dict[str, list[str]] = {}
         due: list[tuple[str, datetime]] = []
@@ -116,15 +121,14 @@ class Memberships:
             person = facts.get(person_id)
             next_times = []
             for segment_id in sorted(segment_ids):
-                rule = rules[segment_id]
-                matched = person is not None and matches(rule, person, now, rules.get)
+                matched = person is not None and member_of[segment_id](person)
                 member = (segment_id, person_id) in current
                 if matched and not member:
                     entered.setdefault(segment_id, []).append(person_id)
                 elif member and not matched:
                     exited.setdefault(segment_id, []).append(person_id)
                 if person is not None:
-                    next_times.append(next_change_time(rule, person, now, rules.get))
+                    next_times.append(next_change_of[segment_id](person))
             upcoming = [when for when in next_times if when is not None]
             if upcoming:
                 due.append((person_id, min(upcoming)))
