@@ -38,8 +38,6 @@ EVENTS_PAGE = 1000
 BATCH_GET_LIMIT = 1000  # profile's BatchGetProfiles limit
 # What an evaluation reads of a profile (no recent transactions, no identifiers).
 FACTS_MASK = field_mask_pb2.FieldMask(paths=["person_id", "traits", "computed", "preferences"])
-# What reading events for facts read before asks for besides the events: whose profile answered.
-_PERSON_ID_MASK = field_mask_pb2.FieldMask(paths=["person_id"])
 # onecdp.profile.v1.ProfileChangeType values.
 CHANGE_MERGE, CHANGE_SPLIT, CHANGE_ERASE = 3, 4, 5
 
@@ -255,44 +253,22 @@ class GrpcProfileSource:
         except grpc.RpcError as error:
             raise profile_error(error) from error
 
-    def with_events(self, persons: Sequence[ProfileFacts], as_of: datetime,
-                    events: EventReads) -> list[ProfileFacts]:
-        """`persons` (facts read without events) with the events `events` reads as of `as_of`, read now in one
-        BatchGetProfiles per 1,000 persons; a person that has no profile of its own any more (merged into
-        another or erased since) is left out, as a scan reaching it then would have skipped it."""
-        try:
-            return self._with_events(persons, as_of, events)
-        except grpc.RpcError as error:
-            raise profile_error(error) from error
-
     def _persons(self, person_ids: Sequence[str], as_of: datetime,
                  events: EventReads) -> dict[str, ProfileFacts | None]:
-        return {person_id: None if result is None else facts_of(result.profile, result.events, events)
-                for person_id, result in self._batch_get(person_ids, as_of, events, FACTS_MASK)}
-
-    def _with_events(self, persons: Sequence[ProfileFacts], as_of: datetime,
-                     events: EventReads) -> list[ProfileFacts]:
-        by_id = {facts.person_id: facts for facts in persons}
-        return [ProfileFacts(person_id, by_id[person_id].traits, by_id[person_id].computed,
-                             EventsOnDemand(result.events, events))
-                for person_id, result in self._batch_get(list(by_id), as_of, events, _PERSON_ID_MASK)
-                if result is not None]
-
-    def _batch_get(self, person_ids: Sequence[str], as_of: datetime, events: EventReads,
-                   mask: field_mask_pb2.FieldMask) -> Iterator[tuple[str, profile_pb.ProfileLookupResult | None]]:
-        """Each person's BatchGetProfiles result (`mask` and the events `events` reads), None for a person that
-        has no profile of its own any more (merged, erased, never stored)."""
+        found: dict[str, ProfileFacts | None] = {}
         for start in range(0, len(person_ids), BATCH_GET_LIMIT):
             chunk = person_ids[start:start + BATCH_GET_LIMIT]
             request = profile_pb.BatchGetProfilesRequest(
-                persons=[common_pb2.PersonSelector(person_id=p) for p in chunk], read_mask=mask,
+                persons=[common_pb2.PersonSelector(person_id=p) for p in chunk], read_mask=FACTS_MASK,
                 include_events=events.since is not None, event_names=sorted(events.names))
             request.as_of_time.FromDatetime(as_of)
             if events.since is not None:
                 request.events_start_time.FromDatetime(events.since)
             for person_id, result in zip(chunk, self._stub.BatchGetProfiles(request).results, strict=True):
                 # Identity answers a merged person's id with the survivor's profile: not this person's any more.
-                yield person_id, result if result.found and result.profile.person_id == person_id else None
+                mine = result.found and result.profile.person_id == person_id
+                found[person_id] = facts_of(result.profile, result.events, events) if mine else None
+        return found
 
     def _shards(self, count: int) -> list[str]:
         response = self._stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=count))

@@ -147,7 +147,7 @@ def next_change_time(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: 
 def compile_next_change(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> ChangeTime:
     """`next_change_time(rule, facts, as_of, rule_of)` as a function of the facts alone, the rule walked once (a
     recompute asks it for every profile)."""
-    settled = compile_settled(rule, as_of, rule_of)
+    settled = _compile_settled(rule, as_of, rule_of)
     sources: list[Callable[[ProfileFacts], Iterable[datetime]]] = []
     tomorrow = (as_of + DAILY,)
     pending, seen = [rule], set()
@@ -208,12 +208,12 @@ def _recency_crossings(condition: TraitCondition, as_of: datetime) -> Callable[[
     return crossings
 
 
-def compile_settled(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Callable[[ProfileFacts], bool | None]:
+def _compile_settled(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Callable[[ProfileFacts], bool | None]:
     """The rule's value at `as_of` when no passing of time can change it without new data (conditions on traits,
     scores and computed traits that do not move with time decide it); None when it may change."""
     if isinstance(rule, AllOf | AnyOf):
         deciding = isinstance(rule, AnyOf)  # the value of one child that decides the whole: true for OR
-        children = [compile_settled(child, as_of, rule_of) for child in rule.rules]
+        children = [_compile_settled(child, as_of, rule_of) for child in rule.rules]
 
         def group(facts: ProfileFacts) -> bool | None:
             values = [child(facts) for child in children]
@@ -222,7 +222,7 @@ def compile_settled(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Callabl
             return None if None in values else not deciding
         return group
     if isinstance(rule, Not):
-        negated = compile_settled(rule.rule, as_of, rule_of)
+        negated = _compile_settled(rule.rule, as_of, rule_of)
 
         def negation(facts: ProfileFacts) -> bool | None:
             value = negated(facts)
@@ -230,28 +230,10 @@ def compile_settled(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Callabl
         return negation
     if isinstance(rule, SegmentCondition):
         other = rule_of(rule.segment_id)  # references have no cycles
-        return (lambda facts: False) if other is None else compile_settled(other, as_of, rule_of)
+        return (lambda facts: False) if other is None else _compile_settled(other, as_of, rule_of)
     if isinstance(rule, ScoreCondition) or (isinstance(rule, TraitCondition) and not _moves_with_time(rule.field)):
         return compile_rule(rule, as_of, rule_of)
     return lambda facts: None
-
-
-def settling_values(rule: Rule, rule_of: RuleLookup) -> frozenset[bool]:
-    """The values `compile_settled` can give some person for `rule` (empty: None for everybody, e.g. a rule on
-    events alone). A recompute reads the events of only the persons it leaves unsettled when this is not empty."""
-    if isinstance(rule, AllOf | AnyOf):
-        deciding = isinstance(rule, AnyOf)  # as in compile_settled
-        children = [settling_values(child, rule_of) for child in rule.rules]
-        return frozenset([deciding] if any(deciding in child for child in children) else []) | frozenset(
-            [not deciding] if all((not deciding) in child for child in children) else [])
-    if isinstance(rule, Not):
-        return frozenset(not value for value in settling_values(rule.rule, rule_of))
-    if isinstance(rule, SegmentCondition):
-        other = rule_of(rule.segment_id)  # references have no cycles
-        return frozenset({False}) if other is None else settling_values(other, rule_of)
-    if isinstance(rule, ScoreCondition) or (isinstance(rule, TraitCondition) and not _moves_with_time(rule.field)):
-        return frozenset({False, True})
-    return frozenset()
 
 
 def _moves_with_time(field: str) -> bool:

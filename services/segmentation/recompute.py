@@ -3,10 +3,8 @@ that outlives the process running it.
 
 Each shard is scanned (profile's ScanProfiles) by its own worker and evaluated with the same
 `evaluation.matches` the rest of the service uses; the matches are then diffed against the stored
-members and the difference recorded as enters/exits with cause `recompute`. When traits settle the rule for
-some persons, the scan reads no events and only the other persons' events are read (BatchGetProfiles).
-Persons whose value can change with time alone (a `last N days` window) are scheduled for the real-time
-sweeper. Progress (shards done,
+members and the difference recorded as enters/exits with cause `recompute`. Persons whose value can change
+with time alone (a `last N days` window) are scheduled for the real-time sweeper. Progress (shards done,
 profiles scanned) is saved after every shard so GetOperation can show it.
 
 An operation is owned: the process running it holds its lease (`follower_leases`, name
@@ -28,7 +26,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -36,15 +34,7 @@ from typing import Protocol
 
 from services.segmentation.catalog import SegmentCatalog, SegmentState
 from services.segmentation.evaluation import ProfileFacts, compile_rule
-from services.segmentation.realtime import (
-    NO_EVENTS,
-    EventReads,
-    compile_next_change,
-    compile_settled,
-    dependencies_of,
-    events_read,
-    settling_values,
-)
+from services.segmentation.realtime import EventReads, compile_next_change, dependencies_of, events_read
 from services.segmentation.rules import Rule
 from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore
 from shared.errors import DomainError, InvalidArgument, NotFound, StatusCode
@@ -93,9 +83,6 @@ class ProfileSource(Protocol):
 
     def scan(self, shard: str, as_of: datetime, events: EventReads,
              fields: ProfileReads = EVERY_FIELD) -> Iterator[list[ProfileFacts]]: ...
-
-    def with_events(self, persons: Sequence[ProfileFacts], as_of: datetime,
-                    events: EventReads) -> list[ProfileFacts]: ...
 
 
 @dataclass(frozen=True)
@@ -342,27 +329,6 @@ class Recomputer:
         matched: set[str] = set()
         member = compile_rule(rule, as_of, rules.get)
         next_change = compile_next_change(rule, as_of, rules.get)
-        # Two phases when traits settle the rule for some persons (`traits.plan = "pro" AND event(...)` for
-        # those on other plans): the scan reads no events, and only the persons left unsettled have theirs read
-        # (BatchGetProfiles), which spares profile the timeline reads of the others. A settled person's
-        # membership is its settled value and time cannot change it (no schedule), so its events decide
-        # nothing. Computed traits make profile read every event of everybody anyway: one phase then.
-        two_phases = events.since is not None and not fields.computed and bool(settling_values(rule, rules.get))
-        settled = compile_settled(rule, as_of, rules.get)
-
-        def with_events(batch: list[ProfileFacts], members: set[str]) -> Sequence[ProfileFacts]:
-            """The batch's persons whose events decide: all (one phase), or those traits leave unsettled, with
-            their events read now; the members the others' traits settle are added to `members`."""
-            if not two_phases:
-                return batch
-            unsettled = []
-            for facts in batch:
-                value = settled(facts)
-                if value is None:
-                    unsettled.append(facts)
-                elif value:
-                    members.add(facts.person_id)
-            return self._source.with_events(unsettled, as_of, events) if unsettled else []
 
         def scan(shard: str) -> tuple[set[str], int, list[Callable[[], None]]]:
             """The shard's members and profile count, and the waits of its schedule writes: its worker goes on
@@ -370,11 +336,10 @@ class Recomputer:
             members: set[str] = set()
             scanned = 0
             writes = []
-            for scanned_batch in self._source.scan(shard, as_of, NO_EVENTS if two_phases else events, fields):
+            for batch in self._source.scan(shard, as_of, events, fields):
                 if stop.is_set():
                     raise RunStopped()
-                scanned += len(scanned_batch)
-                batch = with_events(scanned_batch, members)
+                scanned += len(batch)
                 members.update(f.person_id for f in batch if member(f))
                 # The real-time sweeper evaluates these persons again when a window moves past their events.
                 due = [(f.person_id, when) for f in batch if (when := next_change(f)) is not None]
