@@ -4,8 +4,10 @@ A batch score of a few thousand persons makes dozens of numpy temporaries of a f
 (one value per event). glibc's malloc hands blocks that large out as fresh mappings (mmap) or gives
 the top of the heap back to the kernel when they are freed (trim), so every temporary is faulted in
 page by page again on each call: on this machine that made the features of a 4,000-person batch take
-~1.6x as long as with the memory kept. Keeping up to TRIM_BYTES of freed heap and serving blocks up to
-MMAP_BYTES from the heap costs at most that much resident memory, far below the pod's limit.
+~1.6x as long as with the memory kept (measured in process, on one thread). glibc keeps freed memory per
+arena, and gRPC's worker threads get arenas of their own, so what stays resident is up to TRIM_BYTES per
+arena in use, in practice about one batch's temporaries (a few MB at 4,000 persons) per worker thread that
+scored a batch: far below the pod's limit, but not bounded by TRIM_BYTES alone.
 """
 
 from __future__ import annotations
