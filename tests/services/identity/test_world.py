@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
@@ -24,6 +23,7 @@ from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from services.identity.partition import IdKey, fingerprint
 from services.identity.server import DEFINITION
 from shared.cassandra import CassandraSession, connect_cluster, open_session
+from shared.clients import open_channel
 from shared.config import CassandraSettings, GrpcSettings
 from shared.migrations import SCHEMA_TIMEOUT_SECONDS
 from shared.runner import start_service
@@ -78,7 +78,10 @@ class _Run:
     def __init__(self, base: CassandraSettings, grpc_settings: GrpcSettings) -> None:
         self.settings = base.model_copy(update={"keyspace_prefix": f"w{uuid.uuid4().hex[:12]}"})
         self.service = start_service(DEFINITION, grpc_settings, self.settings, port=0)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.service.port}")
+        # The channel internal callers use: LinkIdentifiers is idempotent per message id, so it retries
+        # UNAVAILABLE, e.g. a call still running when the server closes a connection at its maximum age.
+        self.channel = open_channel(f"127.0.0.1:{self.service.port}",
+                                    [pb.DESCRIPTOR.services_by_name["IdentityService"]], grpc_settings)
         self.stub = pb_grpc.IdentityServiceStub(self.channel)
         self.cluster = connect_cluster(self.settings)
         self.session = open_session(self.cluster, self.settings.keyspace("identity"), 30)
