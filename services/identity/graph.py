@@ -740,7 +740,11 @@ class IdentityGraph:
         if dropping:
             # All at once: a call replaying many erased identifiers drops them in one round of writes.
             self._drop_erased_evidence([(erased_seeds[i], seed_sets[i]) for i in dropping])
-            reads.clear()  # the links just deleted may be among what was read
+            # The links just deleted may be among what was read. Which persons keep their columns with their
+            # members does not depend on links: the components not reloaded still plan with it.
+            with_person_columns = set(reads.with_person_columns)
+            reads.clear()
+            reads.with_person_columns |= with_person_columns
             reloaded = self._load_components([seed_sets[i] - erased_seeds[i] for i in dropping], reads)
             for index, component in zip(dropping, reloaded, strict=True):
                 components[index] = component
