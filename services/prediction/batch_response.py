@@ -46,6 +46,7 @@ _MODEL_VERSION = field_tag(pb.Score, "model_version", LENGTH_DELIMITED)
 _PROBABILITY = field_tag(pb.Score, "probability", FIXED_64)
 _PERCENTILE = field_tag(pb.Score, "percentile", FIXED_64)
 _AS_OF_TIME = field_tag(pb.Score, "as_of_time", LENGTH_DELIMITED)
+_STREAMED_BATCH = field_tag(pb.StreamScorePersonsResponse, "batch", LENGTH_DELIMITED)
 # A length below this takes one byte on the wire (a varint of 7 bits).
 ONE_BYTE = 128
 # A score's row starts with the result's tag and length, then the score's tag and length.
@@ -70,6 +71,12 @@ def batch_response_bytes(scored: ScoredBatch, model_version: str, as_of: datetim
             return head.SerializeToString() + encoded
     add_score_results_by_field(head, scored, model_version, full)
     return head.SerializeToString()
+
+
+def streamed_batch_response_bytes(batch_response: bytes) -> bytes:
+    """The StreamScorePersonsResponse whose batch is `batch_response` (a BatchScorePersonsResponse's wire bytes), as
+    the wire carries it: the field's tag and length, then the bytes as they are."""
+    return bytes([_STREAMED_BATCH]) + _varint(len(batch_response)) + batch_response
 
 
 def add_score_results(response: pb.BatchScorePersonsResponse, scored: ScoredBatch, model_version: str,

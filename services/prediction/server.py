@@ -23,8 +23,8 @@ from onecdp.common.v1 import common_pb2
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
-from services.prediction.batch_request import BatchRequest
-from services.prediction.batch_response import batch_response_bytes, finite
+from services.prediction.batch_request import BatchRequest, StreamedRequest
+from services.prediction.batch_response import batch_response_bytes, finite, streamed_batch_response_bytes
 from services.prediction.history import PersonRef, RefsByPersonId, refs_by_person_id
 from services.prediction.jobs import (
     TrainingRequest,
@@ -375,21 +375,25 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     def batch_score_persons_wire(self, received: BatchRequest, context: grpc.ServicerContext) -> bytes:
         """BatchScorePersons on the request as it arrived (its person ids read from its bytes when they allow it,
         batch_request.py), answered with the response's wire bytes (batch_response.batch_response_bytes)."""
+        return self._score_batch_wire(received, "")
+
+    def _score_batch_wire(self, received: BatchRequest, field_prefix: str) -> bytes:
+        """`batch_score_persons_wire` of a batch at `field_prefix` (e.g. `requests[3].batch.`) in its request."""
         request = received.message
         if len(request.persons) > MAX_BATCH_PERSONS:
             raise ResourceExhausted(f"{len(request.persons)} persons in one call; at most {MAX_BATCH_PERSONS} are "
                                     "allowed, split the batch", reason="BATCH_TOO_LARGE")
         violations = Violations()
-        model_id = _collect(violations, lambda: parse_model_name(request.model, "model"))
-        violations.check(bool(request.persons), "persons", "at least one person is required")
+        model_id = _collect(violations, lambda: parse_model_name(request.model, f"{field_prefix}model"))
+        violations.check(bool(request.persons), f"{field_prefix}persons", "at least one person is required")
         person_ids = received.person_ids()
         persons = (RefsByPersonId(person_ids) if person_ids is not None
-                   else _person_refs(request.persons, "persons", violations))
-        version_id = _version_id(model_id, request.model_version, "model_version", violations)
-        top = _top_features(request.top_features, 0, "top_features", violations)
-        violations.check(request.view in _SCORE_VIEWS, "view", f"unknown view {request.view}")
+                   else _person_refs(request.persons, f"{field_prefix}persons", violations))
+        version_id = _version_id(model_id, request.model_version, f"{field_prefix}model_version", violations)
+        top = _top_features(request.top_features, 0, f"{field_prefix}top_features", violations)
+        violations.check(request.view in _SCORE_VIEWS, f"{field_prefix}view", f"unknown view {request.view}")
         full = request.view != pb.SCORE_VIEW_BASIC
-        violations.check(full or not top, "top_features",
+        violations.check(full or not top, f"{field_prefix}top_features",
                          "top features come with the FULL view; ask for SCORE_VIEW_FULL or leave top_features 0")
         violations.raise_if_any()
         assert model_id is not None
@@ -400,13 +404,28 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
 
     def StreamScorePersons(self, request_iterator: Iterable[pb.StreamScorePersonsRequest],
                            context: grpc.ServicerContext) -> Iterator[pb.StreamScorePersonsResponse]:
-        # A bad or unscorable request gets an error result; the stream goes on with the next one.
-        for index, request in enumerate(request_iterator):
+        """The responses `stream_score_persons_wire` encodes, as messages (the server sends the bytes)."""
+        requests = (StreamedRequest.parse(request.SerializeToString()) for request in request_iterator)
+        return map(pb.StreamScorePersonsResponse.FromString, self.stream_score_persons_wire(requests, context))
+
+    def stream_score_persons_wire(self, requests: Iterable[StreamedRequest],
+                                  context: grpc.ServicerContext) -> Iterator[bytes]:
+        """StreamScorePersons on the requests as they arrived, answered with each response's wire bytes: a batch
+        goes the way of BatchScorePersons (its bytes read and written in bulk), a person is scored alone.
+        A bad or unscorable request gets an error result; the stream goes on with the next one."""
+        for index, request in enumerate(requests):
+            if request.batch is not None:
+                try:
+                    yield streamed_batch_response_bytes(
+                        self._score_batch_wire(request.batch, f"requests[{index}].batch."))
+                except DomainError as error:
+                    yield pb.StreamScorePersonsResponse(result=_score_result(error, "")).SerializeToString()
+                continue
             try:
-                result = _score_result(*self._score_streamed(request, index))
+                result = _score_result(*self._score_streamed(request.message, index))
             except DomainError as error:
                 result = _score_result(error, "")
-            yield pb.StreamScorePersonsResponse(result=result)
+            yield pb.StreamScorePersonsResponse(result=result).SerializeToString()
 
     def _score_streamed(self, request: pb.StreamScorePersonsRequest, index: int) -> tuple[PersonScore, str]:
         violations = Violations()
@@ -448,10 +467,16 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
 
 def _add_to_server(servicer: PredictionServicer, server: grpc.Server) -> None:
     pb_grpc.add_PredictionServiceServicer_to_server(servicer, server)
-    # BatchScorePersons sends the bytes it encodes (a registered handler replaces the generated one of the same
-    # method): results built as a message cost a parse here and a serialization in gRPC, ~0.2 µs a person.
-    server.add_registered_method_handlers(SERVICE_NAME, {"BatchScorePersons": grpc.unary_unary_rpc_method_handler(
-        servicer.batch_score_persons_wire, request_deserializer=BatchRequest.parse, response_serializer=_wire_bytes)})
+    # BatchScorePersons and StreamScorePersons send the bytes they encode (a registered handler replaces the
+    # generated one of the same method): results built as a message cost a parse here and a serialization in
+    # gRPC, ~0.2 µs a person.
+    server.add_registered_method_handlers(SERVICE_NAME, {
+        "BatchScorePersons": grpc.unary_unary_rpc_method_handler(
+            servicer.batch_score_persons_wire, request_deserializer=BatchRequest.parse,
+            response_serializer=_wire_bytes),
+        "StreamScorePersons": grpc.stream_stream_rpc_method_handler(
+            servicer.stream_score_persons_wire, request_deserializer=StreamedRequest.parse,
+            response_serializer=_wire_bytes)})
 
 
 def _wire_bytes(response: bytes) -> bytes:

@@ -1,4 +1,5 @@
-"""Person ids read from a BatchScorePersons request's bytes are the parsed message's, or not read at all."""
+"""Person ids read from a BatchScorePersons request's bytes are the parsed message's, or not read at all; a batch
+streamed in StreamScorePersons is read the same way, from its own bytes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from onecdp.common.v1 import common_pb2
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 
-from services.prediction.batch_request import BatchRequest
+from services.prediction.batch_request import BatchRequest, StreamedRequest
 
 pytestmark = pytest.mark.unit
 
@@ -71,3 +72,33 @@ def test_persons_split_by_another_field_are_left_to_the_message() -> None:
 def test_a_message_built_in_process_reads_the_same() -> None:
     ids = minted(5)
     assert BatchRequest.of(pb.BatchScorePersonsRequest(persons=[by_id(i) for i in ids])).person_ids() == ids
+
+
+def test_a_streamed_batch_is_read_from_its_own_bytes() -> None:
+    ids = minted(400)
+    batch = pb.BatchScorePersonsRequest(model="models/buyers", persons=[by_id(i) for i in ids],
+                                        view=pb.SCORE_VIEW_BASIC)
+    # Fields around the batch (a client may set them; the service ignores them when a batch is set).
+    wire = pb.StreamScorePersonsRequest(model="models/other", top_features=2, batch=batch).SerializeToString()
+    received = StreamedRequest.parse(wire)
+    assert received.batch is not None
+    assert received.batch.wire == batch.SerializeToString()
+    assert received.batch.message == batch
+    assert received.batch.person_ids() == ids
+
+
+def test_a_streamed_batch_in_two_pieces_is_the_merged_batch() -> None:
+    ids = minted(6)
+    first = pb.StreamScorePersonsRequest(batch=pb.BatchScorePersonsRequest(persons=[by_id(i) for i in ids[:3]]))
+    second = pb.StreamScorePersonsRequest(batch=pb.BatchScorePersonsRequest(model="models/buyers",
+                                                                            persons=[by_id(i) for i in ids[3:]]))
+    received = StreamedRequest.parse(first.SerializeToString() + second.SerializeToString())
+    assert received.batch is not None
+    assert received.batch.message == pb.BatchScorePersonsRequest(model="models/buyers", persons=[by_id(i) for i in ids])
+    assert received.batch.person_ids() == ids
+
+
+def test_a_streamed_person_has_no_batch() -> None:
+    request = pb.StreamScorePersonsRequest(model="models/buyers", person=by_id("p_1"))
+    received = StreamedRequest.parse(request.SerializeToString())
+    assert received.batch is None and received.message == request

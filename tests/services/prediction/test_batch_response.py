@@ -16,6 +16,7 @@ from services.prediction.batch_response import (
     add_score_results,
     add_score_results_by_field,
     batch_response_bytes,
+    streamed_batch_response_bytes,
 )
 from services.prediction.features import FEATURE_NAMES
 from services.prediction.scoring import ScoreBatch
@@ -133,3 +134,12 @@ def test_the_response_bytes_are_the_response_built_field_by_field(full: bool) ->
         expected.as_of_time.FromDatetime(AS_OF)
         add_score_results_by_field(expected, scored, VERSION, full)
         assert pb.BatchScorePersonsResponse.FromString(batch_response_bytes(scored, VERSION, AS_OF, full)) == expected
+
+
+def test_a_streamed_batch_response_carries_the_batch_response_bytes() -> None:
+    scored = scored_batch(uuids(300), {5: NotFound("no person matches the selector")})
+    expected = pb.BatchScorePersonsResponse.FromString(batch_response_bytes(scored, VERSION, AS_OF, True))
+    streamed = pb.StreamScorePersonsResponse.FromString(
+        streamed_batch_response_bytes(batch_response_bytes(scored, VERSION, AS_OF, True)))
+    assert streamed == pb.StreamScorePersonsResponse(batch=expected)
+    assert len(streamed.batch.results) == len(scored) > 2  # a length of more than one byte on the wire

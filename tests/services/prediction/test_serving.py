@@ -313,6 +313,43 @@ def test_batch_and_stream_answer_in_request_order_with_an_error_per_person(world
     assert code == grpc.StatusCode.INVALID_ARGUMENT and fields == ["persons[1]"]
 
 
+def test_a_streamed_batch_is_answered_exactly_as_batch_score_persons_answers_it(world: World) -> None:
+    predictions = world.stack.predictions
+    names = sorted(world.events)
+    model = f"models/{MODEL}"
+    by_ids = pb.BatchScorePersonsRequest(model=model, persons=[by_id(world.person_ids[n]) for n in names],
+                                         as_of_time=timestamp(AS_OF))  # ids of one length: read from the bytes
+    mixed = pb.BatchScorePersonsRequest(
+        model=model, top_features=3, as_of_time=timestamp(AS_OF),
+        persons=[by_identifier(n) if i % 2 else by_id(world.person_ids[n]) for i, n in enumerate(names[:40])])
+    mixed.persons.insert(5, by_id("p_nobody"))
+    basic = pb.BatchScorePersonsRequest(model=model, persons=by_ids.persons[::-1], view=pb.SCORE_VIEW_BASIC,
+                                        as_of_time=timestamp(AS_OF + timedelta(days=30)))
+    empty = pb.BatchScorePersonsRequest(model=model)
+    single = pb.StreamScorePersonsRequest(model=model, person=by_identifier(names[0]))
+    requests = [pb.StreamScorePersonsRequest(batch=by_ids), single, pb.StreamScorePersonsRequest(batch=mixed),
+                pb.StreamScorePersonsRequest(batch=empty), pb.StreamScorePersonsRequest(batch=basic),
+                pb.StreamScorePersonsRequest(batch=pb.BatchScorePersonsRequest(
+                    model=model, persons=[by_id("p1")] * 10_001))]
+    streamed = list(predictions.StreamScorePersons(iter(requests), timeout=60))
+
+    assert len(streamed) == len(requests)
+    for index in (0, 2, 4):
+        expected = predictions.BatchScorePersons(requests[index].batch, timeout=30)
+        assert streamed[index] == pb.StreamScorePersonsResponse(batch=expected)
+    assert len(streamed[0].batch.results) == PERSONS
+    assert [r.WhichOneof("outcome") for r in streamed[2].batch.results[4:7]] == ["score", "error", "score"]
+    assert all(len(r.score.top_features) == 3 for i, r in enumerate(streamed[2].batch.results) if i != 5)
+    assert streamed[1].result.score.person_id == world.person_ids[names[0]]
+    # A streamed person is scored as of now, as before.
+    assert streamed[1].result.score.probability == pytest.approx(
+        local_probability(world, names[0], datetime.now(UTC)), abs=1e-12)
+    invalid, too_large = streamed[3].result.error, streamed[5].result.error
+    assert invalid.code == "INVALID_ARGUMENT" and "requests[3].batch.persons" in invalid.message
+    assert too_large.code == "RESOURCE_EXHAUSTED" and "10001 persons" in too_large.message
+    assert not streamed[3].HasField("batch") and not streamed[5].HasField("batch")
+
+
 def test_a_batch_above_profiles_read_limit_is_scored_in_request_order(world: World) -> None:
     names = sorted(world.events)
     # 2,500 selectors (profile reads at most 1,000 per call), every person many times, by id and identifier.

@@ -967,20 +967,27 @@ Global___ScoreError: _TypeAlias = ScoreError  # noqa: Y015
 
 @_typing.final
 class StreamScorePersonsRequest(_message.Message):
-    """Request of StreamScorePersons."""
+    """Request of StreamScorePersons: one person (`model`, `person`, `top_features`), or a batch."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     PERSON_FIELD_NUMBER: _builtins.int
     TOP_FEATURES_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """`models/{model_id}`."""
+    """`models/{model_id}`. Required unless `batch` is set."""
     top_features: _builtins.int
     """How many top features (default 0)."""
     @_builtins.property
     def person(self) -> _common_pb2.PersonSelector:
-        """The person."""
+        """The person. Required unless `batch` is set."""
+
+    @_builtins.property
+    def batch(self) -> Global___BatchScorePersonsRequest:
+        """Many persons scored as one BatchScorePersons call (its limits, view and errors): set it
+        instead of the fields above. The response answers it in `batch`.
+        """
 
     def __init__(
         self,
@@ -988,10 +995,11 @@ class StreamScorePersonsRequest(_message.Message):
         model: _builtins.str = ...,
         person: _common_pb2.PersonSelector | None = ...,
         top_features: _builtins.int = ...,
+        batch: Global___BatchScorePersonsRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["person", b"person"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "person", b"person"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "person", b"person", "top_features", b"top_features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "model", b"model", "person", b"person", "top_features", b"top_features"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1004,18 +1012,26 @@ class StreamScorePersonsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def result(self) -> Global___ScoreResult:
-        """The score, or why there is none."""
+        """The score of a request's `person`, or why there is none; for a request's `batch`, the error
+        BatchScorePersons would have failed the call with (e.g. INVALID_ARGUMENT), if any.
+        """
+
+    @_builtins.property
+    def batch(self) -> Global___BatchScorePersonsResponse:
+        """The answer to a request's `batch`, as BatchScorePersons gives it."""
 
     def __init__(
         self,
         *,
         result: Global___ScoreResult | None = ...,
+        batch: Global___BatchScorePersonsResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

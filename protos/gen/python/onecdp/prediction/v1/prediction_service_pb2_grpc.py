@@ -251,7 +251,10 @@ class PredictionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamScorePersons(self, request_iterator, context):
-        """Scores a stream of persons; answers one result per request, in order.
+        """Scores a stream of persons; answers one response per request, in order. A request scores
+        one person (`person`) or many at once (`batch`, exactly as BatchScorePersons scores it).
+        Each message costs the stream far more than scoring a person does (hundreds of
+        microseconds against a few), so a large job streams batches of hundreds to thousands.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -113,7 +113,11 @@ class PredictionServiceStub:
     the same time.
     """
     StreamScorePersons: _grpc.StreamStreamMultiCallable[_prediction_service_pb2.StreamScorePersonsRequest, _prediction_service_pb2.StreamScorePersonsResponse]
-    """Scores a stream of persons; answers one result per request, in order."""
+    """Scores a stream of persons; answers one response per request, in order. A request scores
+    one person (`person`) or many at once (`batch`, exactly as BatchScorePersons scores it).
+    Each message costs the stream far more than scoring a person does (hundreds of
+    microseconds against a few), so a large job streams batches of hundreds to thousands.
+    """
     RefreshScores: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.RefreshScoresRequest, _operations_pb2.Operation]
     """Scores all eligible profiles with the active version and writes the scores back to the
     profiles as traits (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`), so
@@ -215,7 +219,11 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     the same time.
     """
     StreamScorePersons: _aio.StreamStreamMultiCallable[_prediction_service_pb2.StreamScorePersonsRequest, _prediction_service_pb2.StreamScorePersonsResponse]  # type: ignore[assignment]
-    """Scores a stream of persons; answers one result per request, in order."""
+    """Scores a stream of persons; answers one response per request, in order. A request scores
+    one person (`person`) or many at once (`batch`, exactly as BatchScorePersons scores it).
+    Each message costs the stream far more than scoring a person does (hundreds of
+    microseconds against a few), so a large job streams batches of hundreds to thousands.
+    """
     RefreshScores: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.RefreshScoresRequest, _operations_pb2.Operation]  # type: ignore[assignment]
     """Scores all eligible profiles with the active version and writes the scores back to the
     profiles as traits (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`), so
@@ -386,7 +394,11 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_prediction_service_pb2.StreamScorePersonsRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_prediction_service_pb2.StreamScorePersonsResponse], _abc.AsyncIterator[_prediction_service_pb2.StreamScorePersonsResponse]]:
-        """Scores a stream of persons; answers one result per request, in order."""
+        """Scores a stream of persons; answers one response per request, in order. A request scores
+        one person (`person`) or many at once (`batch`, exactly as BatchScorePersons scores it).
+        Each message costs the stream far more than scoring a person does (hundreds of
+        microseconds against a few), so a large job streams batches of hundreds to thousands.
+        """
 
     @_abc_1.abstractmethod
     def RefreshScores(
