@@ -184,9 +184,10 @@ def service_env(settings: CassandraSettings, ports: Mapping[str, int]) -> dict[s
     return env
 
 
-def start_service_process(name: str, port: int, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    """`python -m services.<name>` on `port`, once it answers SERVING."""
-    process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=REPO,
+def start_service_process(name: str, port: int, env: Mapping[str, str], *,
+                          module: str | None = None) -> subprocess.Popen[bytes]:
+    """`python -m services.<name>` (or `module`) on `port`, once it answers SERVING."""
+    process = subprocess.Popen([sys.executable, "-m", module or f"services.{name}"], cwd=REPO,
                                env={**env, f"ONECDP_{name.upper()}_PORT": str(port)}, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while health_status(port, timeout=0.5) != "SERVING":
@@ -198,14 +199,20 @@ def start_service_process(name: str, port: int, env: Mapping[str, str]) -> subpr
 
 
 @contextmanager
-def service_processes(settings: CassandraSettings, services: Sequence[str]) -> Iterator[dict[str, int]]:
-    """The services as processes on free ports, started in order and stopped in reverse; their ports."""
+def service_processes(settings: CassandraSettings, services: Sequence[str], *,
+                      modules: Mapping[str, str] | None = None,
+                      environment: Mapping[str, str] | None = None) -> Iterator[dict[str, int]]:
+    """The services as processes on free ports, started in order and stopped in reverse; their ports.
+
+    `modules` runs a name as another module than `services.<name>` (e.g. a baseline server);
+    `environment` adds to (or overrides) every process's environment.
+    """
     ports = {name: free_port() for name in services}
-    env = service_env(settings, ports)
+    env = {**service_env(settings, ports), **(environment or {})}
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for name in services:
-            processes.append(start_service_process(name, ports[name], env))
+            processes.append(start_service_process(name, ports[name], env, module=(modules or {}).get(name)))
         yield ports
     finally:
         for process in reversed(processes):
