@@ -13,8 +13,14 @@
     Warm twice: the FULL view (every field of a score, the default) and the BASIC view (person id
     and probability only). And once with a batch of 10x the persons (each person 10 times) against
     raw predict on that 10x matrix: what a call's fixed cost (gRPC, the request's set-up) weighs when
-    spread over more persons. The floor: the same call (same request, a FULL response of the same
-    persons) answered by a server on the same bootstrap, in this process, that does no work at all.
+    spread over more persons. StreamScorePersons, as a large batch job would score: 10 messages of a
+    batch of the persons each (FULL view) over one call, the answers read as they come, against raw
+    predict on the same 10x matrix; and the same persons one a message (what a stream message costs).
+    The client builds each request once (a batch job holds its ids) and per call only serializes it,
+    parses the whole response and counts the results (that each is a score is checked once, untimed);
+    both run on the same two cores as the service, so they count in every ratio. The floor: the same
+    call (same request, a FULL response of the same persons) answered by a server on the same
+    bootstrap, in this process, that does no work at all.
     To show where the time goes, the same batch in this process: profile's BatchGetProfiles alone
     (the cold path's fetch), the feature matrix (`features_of_runs` on the histories laid end to end,
     as the online store's table gives them to a warm call), the service's booster step
@@ -34,8 +40,9 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -69,6 +76,7 @@ from services.prediction.scoring import Scorer
 from services.prediction.serving import ScoredBatch
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import SERVICE_NAMES, CassandraSettings, GrpcSettings
+from shared.errors import Unavailable
 from shared.server import ServiceRegistration, create_server
 from tests.services.prediction.stack import identifier_of, ingest
 from tests.services.prediction.synthetic import day, synthetic_events
@@ -163,9 +171,8 @@ def single_latency(stub: pb_grpc.PredictionServiceStub, selectors: Sequence[comm
                    open_loop(start_one, rate=max(maximum.rate / 2, 1.0), seconds=seconds))
 
 
-def echo_seconds(response: pb.BatchScorePersonsResponse, selectors: Sequence[common_pb2.PersonSelector],
-                 rounds: int) -> float:
-    """The best time of a BatchScorePersons call with `selectors` to a server on the services' bootstrap
+def echo_seconds(response: pb.BatchScorePersonsResponse, request: pb.BatchScorePersonsRequest, rounds: int) -> float:
+    """The best time of a BatchScorePersons call with `request` to a server on the services' bootstrap
     (shared.server.create_server: the same interceptors) that only returns `response`: what the call costs
     before the service does anything, the floor under a warm call of the same size."""
     service = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
@@ -180,18 +187,30 @@ def echo_seconds(response: pb.BatchScorePersonsResponse, selectors: Sequence[com
             stub = pb_grpc.PredictionServiceStub(channel)
 
             def call() -> None:
-                answer = stub.BatchScorePersons(pb.BatchScorePersonsRequest(
-                    model=f"models/{MODEL}", persons=selectors, view=pb.SCORE_VIEW_FULL), timeout=120)
-                assert all(r.WhichOneof("outcome") == "score" for r in answer.results)
+                assert len(stub.BatchScorePersons(request, timeout=120).results) == len(request.persons)
 
-            return len(selectors) / best_rate(rounds * 4, len(selectors), call)
+            return len(request.persons) / best_rate(rounds * 4, len(request.persons), call)
     finally:
         echo.stop(None).wait()
 
 
+@contextmanager
+def keyspaces_dropped(admin: CassandraSession, settings: CassandraSettings) -> Iterator[None]:
+    """Drop the run's keyspaces on the way out; one that Cassandra does not drop in time (a loaded node) is named,
+    not raised: the figures of the run are still printed."""
+    try:
+        yield
+    finally:
+        drop_keyspaces(admin, settings)
+
+
 def drop_keyspaces(admin: CassandraSession, settings: CassandraSettings) -> None:
     for name in SERVICE_NAMES:
-        admin.execute(f"DROP KEYSPACE IF EXISTS {settings.keyspace(name)}", timeout=60)
+        keyspace = settings.keyspace(name)
+        try:
+            admin.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=180)
+        except Unavailable as error:
+            console.print(f"[red]keyspace {keyspace} was not dropped ({error}); drop it by hand[/red]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,82 +221,105 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="open-loop ScorePerson run per selector kind")
     args = parser.parse_args(argv)
 
-    with bench_cassandra("prediction") as (settings, admin), service_processes(settings, SERVICES) as ports:
-        try:
-            events = synthetic_events(args.persons + args.singles, seed=11)
-            with grpc.insecure_channel(f"127.0.0.1:{ports['profile']}") as profile_channel, \
-                    grpc.insecure_channel(f"127.0.0.1:{ports['prediction']}") as channel:
-                started = time.perf_counter()
-                person_ids = ingest(profile_grpc.ProfileServiceStub(profile_channel), events)
-                console.print(f"ingested {sum(map(len, events.values())):,} events of {len(events):,} persons "
-                              f"through profile in {time.perf_counter() - started:.1f} s")
-                stub = pb_grpc.PredictionServiceStub(channel)
-                started = time.perf_counter()
-                version = train(stub, MODEL, pb.ModelSpec(kind=pb.PREDICTION_KIND_CONVERSION, horizon_days=60),
-                                TRAINING_CUTOFFS, VALIDATION_CUTOFF)
-                console.print(f"trained {version.name} through TrainModel in {time.perf_counter() - started:.1f} s "
-                              f"(validation ROC AUC {version.metrics.roc_auc:.3f})")
-                names, singles = sorted(person_ids)[:args.persons], sorted(person_ids)[args.persons:]
-                selectors = [common_pb2.PersonSelector(person_id=person_ids[n]) for n in names]
-                persons = len(selectors)
+    # Dropped afterwards even when a service does not start (after others made their keyspaces).
+    with bench_cassandra("prediction") as (settings, admin), keyspaces_dropped(admin, settings), \
+            service_processes(settings, SERVICES) as ports:
+        events = synthetic_events(args.persons + args.singles, seed=11)
+        with grpc.insecure_channel(f"127.0.0.1:{ports['profile']}") as profile_channel, \
+                grpc.insecure_channel(f"127.0.0.1:{ports['prediction']}") as channel:
+            started = time.perf_counter()
+            person_ids = ingest(profile_grpc.ProfileServiceStub(profile_channel), events)
+            console.print(f"ingested {sum(map(len, events.values())):,} events of {len(events):,} persons "
+                          f"through profile in {time.perf_counter() - started:.1f} s")
+            stub = pb_grpc.PredictionServiceStub(channel)
+            started = time.perf_counter()
+            version = train(stub, MODEL, pb.ModelSpec(kind=pb.PREDICTION_KIND_CONVERSION, horizon_days=60),
+                            TRAINING_CUTOFFS, VALIDATION_CUTOFF)
+            console.print(f"trained {version.name} through TrainModel in {time.perf_counter() - started:.1f} s "
+                          f"(validation ROC AUC {version.metrics.roc_auc:.3f})")
+            names, singles = sorted(person_ids)[:args.persons], sorted(person_ids)[args.persons:]
+            selectors = [common_pb2.PersonSelector(person_id=person_ids[n]) for n in names]
+            persons = len(selectors)
 
-                def batch_call(view: pb.ScoreView.ValueType = pb.SCORE_VIEW_FULL, repeat: int = 1) -> None:
-                    response = stub.BatchScorePersons(pb.BatchScorePersonsRequest(
-                        model=f"models/{MODEL}", persons=selectors * repeat, view=view), timeout=120)
-                    assert all(r.WhichOneof("outcome") == "score" for r in response.results)
+            # Each request is built once, as a batch job holds its ids; every call still serializes it
+            # and parses the whole response (gRPC does both), and says how many results came back. That
+            # every result is a score is checked once per request, untimed (a Python step per person).
+            full, basic, large = (pb.BatchScorePersonsRequest(model=f"models/{MODEL}", persons=selectors * repeat,
+                                                              view=view)
+                                  for view, repeat in ((pb.SCORE_VIEW_FULL, 1), (pb.SCORE_VIEW_BASIC, 1),
+                                                       (pb.SCORE_VIEW_FULL, LARGE)))
+            streamed = pb.StreamScorePersonsRequest(batch=full)
+            one_by_one = [pb.StreamScorePersonsRequest(model=f"models/{MODEL}", person=selector)
+                          for selector in selectors]
 
-                cold_seconds = timed(batch_call)  # the online store is empty: every history comes from profile
-                settle(batch_call)
-                full_response = stub.BatchScorePersons(pb.BatchScorePersonsRequest(
-                    model=f"models/{MODEL}", persons=selectors, view=pb.SCORE_VIEW_FULL), timeout=120)
-                echo_rate = persons / echo_seconds(full_response, selectors, args.rounds)
-                warm_seconds = persons / best_rate(args.rounds, persons, batch_call)
-                basic_seconds = persons / best_rate(args.rounds, persons, partial(batch_call, pb.SCORE_VIEW_BASIC))
-                large_seconds = LARGE * persons / best_rate(args.rounds, LARGE * persons,
-                                                            partial(batch_call, pb.SCORE_VIEW_FULL, LARGE))
+            def batch_call(request: pb.BatchScorePersonsRequest) -> Sequence[pb.ScoreResult]:
+                response: pb.BatchScorePersonsResponse = stub.BatchScorePersons(request, timeout=120)
+                assert len(response.results) == len(request.persons)
+                return response.results
 
-                # The fetch the cold call makes, from here: profile's BatchGetProfiles with events.
-                source = GrpcProfileSource(profile_grpc.ProfileServiceStub(profile_channel))
-                refs = [PersonRef(person_id=person_ids[n]) for n in names]
-                fetch_seconds = persons / best_rate(args.rounds, persons, lambda: source.histories_of(refs, None))
-                histories = [h for h in source.histories_of(refs, None) if isinstance(h, PersonHistory)]
-                columns = [h.columns for h in histories]  # as the online store keeps them
-                now = datetime.now(UTC)
-                runs = EventRuns.of(columns)
-                matrix = features_of_runs(runs, now)
-                features_seconds = persons / best_rate(args.rounds * 4, persons, lambda: features_of_runs(runs, now))
-                cluster = connect_cluster(settings)
-                try:
-                    registry = ModelRegistry(open_session(cluster, settings.keyspace("prediction"), 30))
-                    model_string = registry.load_booster(MODEL, 1)
-                    stored = registry.get_version(MODEL, 1, with_quantiles=True)
-                finally:
-                    cluster.shutdown()
-                booster = lgb.Booster(model_str=model_string)
-                raw_rate = best_rate(args.rounds * 4, persons, lambda: booster.predict(matrix, num_threads=1))
-                large_matrix = np.tile(matrix, (LARGE, 1))
-                large_raw_rate = best_rate(args.rounds * 4, len(large_matrix),
-                                           lambda: booster.predict(large_matrix, num_threads=1))
-                # The service's booster step as it runs once settled: compiled (when the model compiles).
-                scorer = Scorer(model_string, stored.feature_names, stored.score_quantiles, rows_before_compile=0)
-                scorer.probabilities(matrix[:1])
-                compiled = scorer.compiling is not None and scorer.compiling.done.wait(300) \
-                    and scorer.compiling.forest is not None
-                ids = [h.person_id for h in histories]
-                predict_seconds = persons / best_rate(args.rounds * 4, persons,
-                                                      lambda: scorer.score_matrix(ids, matrix, now))
-                scored = ScoredBatch(scorer.score_matrix(ids, matrix, now), list(range(persons)), {})
+            def stream_call() -> None:
+                """LARGE messages of a batch each over one StreamScorePersons call, answers read as they come."""
+                answers = stub.StreamScorePersons(iter([streamed] * LARGE), timeout=120)
+                assert sum(len(answer.batch.results) for answer in answers) == LARGE * persons
 
-                messages_seconds = persons / best_rate(args.rounds * 4, persons,
-                                                       lambda: batch_response_bytes(scored, version.name, now, True))
+            def one_by_one_call() -> None:
+                answers = list(stub.StreamScorePersons(iter(one_by_one), timeout=120))
+                assert len(answers) == persons and all(a.result.HasField("score") for a in answers)
 
-                # Selectors the service has not seen: the first score of each reads profile.
-                by_id = single_latency(stub, [common_pb2.PersonSelector(person_id=person_ids[n]) for n in singles],
-                                       args.seconds)
-                by_identifier = single_latency(
-                    stub, [common_pb2.PersonSelector(identifier=identifier_of(n)) for n in singles], args.seconds)
-        finally:
-            drop_keyspaces(admin, settings)
+            cold_seconds = timed(partial(batch_call, full))  # the online store is empty: histories from profile
+            settle(partial(batch_call, full))
+            for request in (full, basic, large):
+                assert all(r.WhichOneof("outcome") == "score" for r in batch_call(request))
+            for answer in stub.StreamScorePersons(iter([streamed] * 2), timeout=120):
+                assert all(r.WhichOneof("outcome") == "score" for r in answer.batch.results)
+            full_response = stub.BatchScorePersons(full, timeout=120)
+            echo_rate = persons / echo_seconds(full_response, full, args.rounds)
+            warm_seconds = persons / best_rate(args.rounds, persons, partial(batch_call, full))
+            basic_seconds = persons / best_rate(args.rounds, persons, partial(batch_call, basic))
+            large_seconds = LARGE * persons / best_rate(args.rounds, LARGE * persons, partial(batch_call, large))
+            stream_seconds = LARGE * persons / best_rate(args.rounds, LARGE * persons, stream_call)
+            one_by_one_seconds = persons / best_rate(1, persons, one_by_one_call)
+
+            # The fetch the cold call makes, from here: profile's BatchGetProfiles with events.
+            source = GrpcProfileSource(profile_grpc.ProfileServiceStub(profile_channel))
+            refs = [PersonRef(person_id=person_ids[n]) for n in names]
+            fetch_seconds = persons / best_rate(args.rounds, persons, lambda: source.histories_of(refs, None))
+            histories = [h for h in source.histories_of(refs, None) if isinstance(h, PersonHistory)]
+            columns = [h.columns for h in histories]  # as the online store keeps them
+            now = datetime.now(UTC)
+            runs = EventRuns.of(columns)
+            matrix = features_of_runs(runs, now)
+            features_seconds = persons / best_rate(args.rounds * 4, persons, lambda: features_of_runs(runs, now))
+            cluster = connect_cluster(settings)
+            try:
+                registry = ModelRegistry(open_session(cluster, settings.keyspace("prediction"), 30))
+                model_string = registry.load_booster(MODEL, 1)
+                stored = registry.get_version(MODEL, 1, with_quantiles=True)
+            finally:
+                cluster.shutdown()
+            booster = lgb.Booster(model_str=model_string)
+            raw_rate = best_rate(args.rounds * 4, persons, lambda: booster.predict(matrix, num_threads=1))
+            large_matrix = np.tile(matrix, (LARGE, 1))
+            large_raw_rate = best_rate(args.rounds * 4, len(large_matrix),
+                                       lambda: booster.predict(large_matrix, num_threads=1))
+            # The service's booster step as it runs once settled: compiled (when the model compiles).
+            scorer = Scorer(model_string, stored.feature_names, stored.score_quantiles, rows_before_compile=0)
+            scorer.probabilities(matrix[:1])
+            compiled = scorer.compiling is not None and scorer.compiling.done.wait(300) \
+                and scorer.compiling.forest is not None
+            ids = [h.person_id for h in histories]
+            predict_seconds = persons / best_rate(args.rounds * 4, persons,
+                                                  lambda: scorer.score_matrix(ids, matrix, now))
+            scored = ScoredBatch(scorer.score_matrix(ids, matrix, now), list(range(persons)), {})
+
+            messages_seconds = persons / best_rate(args.rounds * 4, persons,
+                                                   lambda: batch_response_bytes(scored, version.name, now, True))
+
+            # Selectors the service has not seen: the first score of each reads profile.
+            by_id = single_latency(stub, [common_pb2.PersonSelector(person_id=person_ids[n]) for n in singles],
+                                   args.seconds)
+            by_identifier = single_latency(
+                stub, [common_pb2.PersonSelector(identifier=identifier_of(n)) for n in singles], args.seconds)
 
     def latency_rows(what: str, latency: Latency) -> list[tuple[str, str, str]]:
         offered, cold, serial = latency.offered, latency.cold, latency.serial
@@ -300,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_rate, cold_rate, basic_rate = persons / warm_seconds, persons / cold_seconds, persons / basic_seconds
     rest_seconds = warm_seconds - features_seconds - predict_seconds - messages_seconds
     large_rate = LARGE * persons / large_seconds
+    stream_rate, one_by_one_rate = LARGE * persons / stream_seconds, persons / one_by_one_seconds
     load = os.getloadavg()
     console.print(figures_table(f"prediction service ({persons} persons per batch, 1 predict thread; "
                                 f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f})", [
@@ -313,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         (f"BatchScorePersons, warm, {LARGE * persons:,} persons a call", f"{large_rate:,.0f} persons/s",
          f"raw Booster.predict on those {LARGE * persons:,} rows {large_raw_rate:,.0f} rows/s: ratio "
          f"{large_rate / large_raw_rate:.4f}"),
+        (f"StreamScorePersons, warm, {LARGE} messages of {persons:,} persons (a batch each)",
+         f"{stream_rate:,.0f} persons/s",
+         f"raw Booster.predict on the {LARGE * persons:,} rows: ratio {stream_rate / large_raw_rate:.4f}"),
+        ("StreamScorePersons, warm, one person a message", f"{one_by_one_rate:,.0f} persons/s",
+         f"raw Booster.predict: ratio {one_by_one_rate / raw_rate:.4f}; {persons:,} messages, "
+         f"{per_batch(1 / one_by_one_rate)} a message"),
         ("BatchScorePersons, cold (histories read from profile)", f"{cold_rate:,.0f} persons/s",
          f"raw Booster.predict: ratio {cold_rate / raw_rate:.4f}; one call"),
         ("  a warm call", per_batch(warm_seconds), "the whole RPC, as the client sees it"),
