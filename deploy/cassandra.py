@@ -11,7 +11,7 @@ Commands (``python -m deploy.cassandra <command>``)::
     stop                      stop every node this project started (SIGTERM, then SIGKILL)
     status                    which nodes run, where, with which pid
     logs [--node N] [-n 50]   tail a node's system.log
-    wipe                      stop and delete all node data
+    wipe                      stop and delete all node data (logs are kept in cassandra-last-logs/)
 
 ``--fast`` is for tests only: it skips fsync and system-table flushes (``cassandra.skip_sync``,
 ``cassandra.unsafesystem``); data survives a clean stop but not a power cut.
@@ -304,9 +304,23 @@ def _java() -> str:
     return java
 
 
+def heap_size(cluster_size: int) -> str:
+    """The JVM heap of one node: ONECDP_CASSANDRA_HEAP if set (e.g. "4G"), else Cassandra's own rule for a
+    node alone on its machine (cassandra-env.sh: the larger of half the RAM up to 1 GiB and a quarter of
+    it up to 8 GiB), and 768M for each node of a cluster sharing this machine. A fixed 1G was too little
+    for a node serving several identity services at once (many large IN-list reads and batches)."""
+    configured = os.environ.get("ONECDP_CASSANDRA_HEAP")
+    if configured:
+        return configured
+    if cluster_size > 1:
+        return "768M"
+    ram_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    return f"{max(min(ram_mib // 2, 1024), min(ram_mib // 4, 8192))}M"
+
+
 def java_command(node: Node, *, fast: bool) -> list[str]:
     home = node.home
-    heap = "1G" if node.cluster_size == 1 else "768M"
+    heap = heap_size(node.cluster_size)
     flags = [
         _java(),
         f"-Xms{heap}", f"-Xmx{heap}", "-Xss512k",
@@ -456,8 +470,21 @@ def stop() -> list[Node]:
     return stopped
 
 
+def last_logs_dir() -> Path:
+    return state_dir().parent / "cassandra-last-logs"
+
+
 def wipe() -> None:
+    """Stop every node and delete its data. The nodes' logs move to `last_logs_dir()` first (replacing
+    the ones kept by the wipe before): a node that died before the wipe can still say why."""
     stop()
+    logs = sorted(state_dir().glob("*-node/node*/logs"))
+    if logs:
+        shutil.rmtree(last_logs_dir(), ignore_errors=True)
+        for node_logs in logs:
+            kept = last_logs_dir() / node_logs.parent.parent.name / node_logs.parent.name
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(node_logs, kept)
     shutil.rmtree(state_dir(), ignore_errors=True)
 
 
@@ -486,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     logs_parser = commands.add_parser("logs", help="tail a node's system.log")
     logs_parser.add_argument("--node", type=int, default=1)
     logs_parser.add_argument("-n", "--lines", type=int, default=50)
-    commands.add_parser("wipe", help="stop all nodes and delete their data")
+    commands.add_parser("wipe", help="stop all nodes and delete their data (their logs are kept)")
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":

@@ -9,6 +9,7 @@ themselves by keyspace prefix, so they never see each other's rows and need no c
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,17 +45,33 @@ def cassandra_base_settings() -> Iterator[CassandraSettings]:
             environment.undo()
             yield CassandraSettings(contact_points=["127.0.0.1"])
             return
-        with _registered_session(test_state / "sessions") as others_alive:
-            if not launcher.running_nodes() and not others_alive():
-                launcher.wipe()
-            ready_seconds = launcher.ensure_running(nodes=1, fast=True)
+        sessions = test_state / "sessions"
+        with _registered_session(sessions) as others_alive:
+            with _one_session_at_a_time(sessions):
+                if not launcher.running_nodes() and not others_alive():
+                    launcher.wipe()
+                ready_seconds = launcher.ensure_running(nodes=1, fast=True)
             if ready_seconds is not None:
                 print(f"\nCassandra started for the test session, ready in {ready_seconds:.1f} s")
             try:
                 yield CassandraSettings(contact_points=["127.0.0.1"])
             finally:
-                if not others_alive():
-                    launcher.wipe()
+                with _one_session_at_a_time(sessions):
+                    if not others_alive():
+                        launcher.wipe()
+
+
+@contextlib.contextmanager
+def _one_session_at_a_time(sessions: Path) -> Iterator[None]:
+    """Sessions decide to wipe, start or keep the node one at a time: without it a session ending while
+    another starts deleted the data directory under the node the other one was starting."""
+    sessions.mkdir(parents=True, exist_ok=True)
+    with (sessions / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -45,6 +46,32 @@ def test_fast_mode_flags_are_only_added_when_asked(tmp_path, monkeypatch) -> Non
     assert f"-javaagent:{launcher.lib_dir() / 'jamm-0.4.0.jar'}" in safe
     assert "--add-opens=java.base/java.nio=ALL-UNNAMED" in safe
     assert safe[-1] == "org.apache.cassandra.service.CassandraDaemon"
+
+
+@pytest.mark.unit
+def test_heap_follows_cassandras_own_rule_for_a_node_alone_unless_configured(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("ONECDP_CASSANDRA_HEAP", raising=False)
+    for ram_gib, heap in ((2, "1024M"), (8, "2048M"), (24, "6144M"), (64, "8192M")):
+        pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": ram_gib * 2**18}
+        monkeypatch.setattr(os, "sysconf", pages.__getitem__)
+        assert launcher.heap_size(1) == heap, ram_gib
+        assert launcher.heap_size(3) == "768M"
+    monkeypatch.setenv("ONECDP_CASSANDRA_HEAP", "3G")
+    assert launcher.heap_size(1) == launcher.heap_size(3) == "3G"
+
+
+@pytest.mark.unit
+def test_wipe_deletes_node_data_but_keeps_the_logs_of_the_last_nodes(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("ONECDP_STATE_DIR", str(tmp_path))
+    for wiped in ("first", "second"):
+        node = launcher.Node(1, 1)
+        (node.home / "logs").mkdir(parents=True)
+        (node.home / "data").mkdir()
+        node.log_file.write_text(f"{wiped} node's log\n")
+        launcher.wipe()  # no pid file: nothing to stop
+        assert not launcher.state_dir().exists()
+        kept = launcher.last_logs_dir() / node.home.parent.name / node.home.name / "system.log"
+        assert kept.read_text() == f"{wiped} node's log\n"
 
 
 @pytest.mark.integration
