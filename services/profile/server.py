@@ -30,6 +30,7 @@ from services.profile.model import (
     TraitWrite,
 )
 from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, ProfileView
+from services.profile.scan_response import profile_bytes, scan_response_bytes
 from services.profile.shards import format_shard, parse_shard, split_ring
 from services.profile.store import EventSelection, ProfileStore, from_micros, micros
 from shared.changefeed import ChangeFeed, parse_cursor
@@ -181,25 +182,12 @@ def _fill_traits(message: pb.Profile, traits: Iterable[TraitValue]) -> None:
         entry.party = common_pb2.DataParty.ValueType(trait.party)
 
 
-def _fill_profile(message: pb.Profile, view: ProfileView, mask: ReadMask) -> None:
-    """Fill an empty Profile with what `mask` selects of `view`, the same as `mask.apply(_profile(view))`; built
-    directly, without a whole message first, when the mask names only traits and _DIRECT_PATHS (a scan fills
-    thousands: building, masking and copying each cost it more than reading the rows)."""
-    if not mask.direct:
-        message.CopyFrom(mask.apply(_profile(view)))
-        return
-    paths = mask.paths
-    if "name" in paths:
-        message.name = f"profiles/{view.person_id}"
-    if "person_id" in paths:
-        message.person_id = view.person_id
-    if "merged_person_ids" in paths:
-        message.merged_person_ids.extend(view.merged_person_ids)
-    if "update_time" in paths and view.update_time:
-        _set_time(message.update_time, view.update_time)
-    if mask.wants_traits:
-        names = mask.trait_names
-        _fill_traits(message, (t for t in view.traits.values() if names is None or t.name in names))
+def _profile_bytes(view: ProfileView, mask: ReadMask) -> bytes:
+    """`mask.apply(_profile(view))` as wire bytes; encoded straight from the view when the mask is direct (a scan
+    encodes thousands: building, masking and copying each cost it more than reading the rows)."""
+    if mask.direct:
+        return profile_bytes(view, mask.paths, mask.wants_traits, mask.trait_names)
+    return mask.apply(_profile(view)).SerializeToString()
 
 
 def _fill_stored_event(message: pb.StoredEvent, event: StoredEventRecord) -> None:
@@ -221,8 +209,8 @@ def _change(change: ProfileChange) -> pb.ProfileChange:
 
 # ---- read masks -----------------------------------------------------------------------------------
 
-# Profile fields that `_fill_profile` sets straight from a view when a mask names only them and traits.
-_DIRECT_PATHS = frozenset({"name", "person_id", "merged_person_ids", "update_time"})
+# Profile fields that `_profile_bytes` encodes straight from a view when a mask names only them and traits.
+_DIRECT_PATHS = frozenset({"name", "person_id", "traits", "merged_person_ids", "update_time"})
 
 
 class ReadMask:
@@ -248,7 +236,7 @@ class ReadMask:
         violations.raise_if_any("the read mask names unknown fields", reason="INVALID_READ_MASK")
         if "traits" in self.paths:
             self.trait_names = None
-        # `_fill_profile` can fill what this mask selects without building the whole profile first.
+        # `_profile_bytes` can encode what this mask selects without building the whole profile first.
         self.direct = bool(self.paths) and set(self._other_paths) <= _DIRECT_PATHS
         self.wants_traits = self.wants("traits")  # asked once per profile filled
 
@@ -448,6 +436,12 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
 
     def ScanProfiles(self, request: pb.ScanProfilesRequest,
                      context: grpc.ServicerContext) -> Iterator[pb.ScanProfilesResponse]:
+        """The responses `scan_profiles_wire` encodes, as messages (the server sends the bytes)."""
+        return map(pb.ScanProfilesResponse.FromString, self.scan_profiles_wire(request, context))
+
+    def scan_profiles_wire(self, request: pb.ScanProfilesRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """ScanProfiles, answered with each response's wire bytes (scan_response.py; registered in
+        `_add_to_server`)."""
         start, end = parse_shard(request.shard, "shard")
         mask = ReadMask(request.read_mask)
         batch_size = _page_size(request.batch_size, "batch_size")
@@ -461,13 +455,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                 for view in views:
                     if view.person_id in identities:
                         view.identifiers = identities[view.person_id].identifiers
-            response = pb.ScanProfilesResponse()
-            for view in views:
-                scanned = response.profiles.add()
-                _fill_profile(scanned.profile, view, mask)
-                for event in _oldest_first(view.events, selection):
-                    _fill_stored_event(scanned.events.add(), event)
-            yield response
+            yield scan_response_bytes((_profile_bytes(view, mask), _oldest_first(view.events, selection))
+                                      for view in views)
 
     def ListProfileChanges(self, request: pb.ListProfileChangesRequest,
                            context: grpc.ServicerContext) -> pb.ListProfileChangesResponse:
@@ -543,7 +532,20 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
     follower.start()
     context.on_stop(follower.stop)
     servicer = ProfileServicer(profiles)
-    return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_ProfileServiceServicer_to_server, servicer))]
+    return [ServiceRegistration(SERVICE_NAME, partial(_add_to_server, servicer))]
+
+
+def _add_to_server(servicer: ProfileServicer, server: grpc.Server) -> None:
+    pb_grpc.add_ProfileServiceServicer_to_server(servicer, server)
+    # ScanProfiles sends the bytes it encodes (a registered handler replaces the generated one of the same
+    # method): a scan's responses built as messages cost profile more than reading their rows.
+    server.add_registered_method_handlers(SERVICE_NAME, {"ScanProfiles": grpc.unary_stream_rpc_method_handler(
+        servicer.scan_profiles_wire, request_deserializer=pb.ScanProfilesRequest.FromString,
+        response_serializer=_wire_bytes)})
+
+
+def _wire_bytes(response: bytes) -> bytes:
+    return response
 
 
 DEFINITION = ServiceDefinition(name="profile", build=build)

@@ -1,0 +1,155 @@
+"""ScanProfiles responses as the wire carries them, encoded from the views directly (part of the gRPC adapter).
+
+A scan sends thousands of profiles with their events. Built as messages, each event's stored payload (the
+Event as ingested, already wire bytes) was parsed into the response only for gRPC to serialize it again,
+and every field of every profile and event was set by a Python step into the protobuf runtime: more of
+profile's time than reading the rows. Here a ScannedProfile is laid out as bytes: the payload goes in as it
+is stored, and the few other fields (person id, traits, receive time) are encoded by hand. The result is
+the same message (the tests parse both and compare); the layout follows the proto's field numbers, read
+from the descriptors.
+
+Profiles whose read mask names more than `profile_bytes`' direct fields (computed traits, preferences,
+identifiers, ...) are built as messages by the adapter and serialized.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
+from onecdp.profile.v1 import profile_service_pb2 as pb
+
+from services.profile.model import StoredEventRecord, TraitValue
+from services.profile.profiles import ProfileView
+from services.profile.store import micros
+
+# Wire types: 0 a varint, 1 a 64-bit field, 2 a length-delimited one.
+VARINT, FIXED_64, LENGTH_DELIMITED = 0, 1, 2
+
+
+def field_tag(message: type[Message], field: str, wire_type: int) -> bytes:
+    """The wire tag of `message.field`, from the descriptor (so the layout follows the proto); one byte."""
+    tag = message.DESCRIPTOR.fields_by_name[field].number << 3 | wire_type
+    if tag >= 128:
+        raise ValueError(f"{message.__name__}.{field}'s tag takes more than one byte on the wire")
+    return bytes([tag])
+
+
+_PROFILES = field_tag(pb.ScanProfilesResponse, "profiles", LENGTH_DELIMITED)
+_SCANNED_PROFILE = field_tag(pb.ScannedProfile, "profile", LENGTH_DELIMITED)
+_SCANNED_EVENTS = field_tag(pb.ScannedProfile, "events", LENGTH_DELIMITED)
+_NAME = field_tag(pb.Profile, "name", LENGTH_DELIMITED)
+_PERSON_ID = field_tag(pb.Profile, "person_id", LENGTH_DELIMITED)
+_TRAITS = field_tag(pb.Profile, "traits", LENGTH_DELIMITED)
+_MERGED_PERSON_IDS = field_tag(pb.Profile, "merged_person_ids", LENGTH_DELIMITED)
+_UPDATE_TIME = field_tag(pb.Profile, "update_time", LENGTH_DELIMITED)
+_ENTRY_KEY = field_tag(pb.Profile.TraitsEntry, "key", LENGTH_DELIMITED)
+_ENTRY_VALUE = field_tag(pb.Profile.TraitsEntry, "value", LENGTH_DELIMITED)
+_TRAIT_VALUE = field_tag(pb.Trait, "value", LENGTH_DELIMITED)
+_TRAIT_EVENT_TIME = field_tag(pb.Trait, "event_time", LENGTH_DELIMITED)
+_TRAIT_SOURCE = field_tag(pb.Trait, "source", LENGTH_DELIMITED)
+_TRAIT_PARTY = field_tag(pb.Trait, "party", VARINT)
+_STRING_VALUE = field_tag(struct_pb2.Value, "string_value", LENGTH_DELIMITED)
+_NUMBER_VALUE = field_tag(struct_pb2.Value, "number_value", FIXED_64)
+_BOOL_VALUE = field_tag(struct_pb2.Value, "bool_value", VARINT)
+_SECONDS = field_tag(timestamp_pb2.Timestamp, "seconds", VARINT)
+_NANOS = field_tag(timestamp_pb2.Timestamp, "nanos", VARINT)
+_EVENT = field_tag(pb.StoredEvent, "event", LENGTH_DELIMITED)
+_EVENT_PERSON_ID = field_tag(pb.StoredEvent, "person_id", LENGTH_DELIMITED)
+_RECEIVE_TIME = field_tag(pb.StoredEvent, "receive_time", LENGTH_DELIMITED)
+_ONE_BYTE_VARINTS = [bytes([value]) for value in range(128)]
+_UINT64 = (1 << 64) - 1
+_DOUBLE = struct.Struct("<d")
+
+
+def varint(value: int) -> bytes:
+    """`value` as a protobuf varint; a negative one as its 64-bit two's complement (int32/int64 fields)."""
+    if 0 <= value < 128:
+        return _ONE_BYTE_VARINTS[value]
+    value &= _UINT64
+    encoded = bytearray()
+    while value >= 128:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+def _length_delimited(tag: bytes, payload: bytes) -> bytes:
+    return tag + varint(len(payload)) + payload
+
+
+def timestamp_bytes(when: datetime) -> bytes:
+    """A Timestamp's fields for an aware `when`, exactly as `_set_time` sets them (zero fields left out, as the
+    runtime serializes them)."""
+    seconds, micro = divmod(micros(when), 1_000_000)
+    return (_SECONDS + varint(seconds) if seconds else b"") + (_NANOS + varint(micro * 1000) if micro else b"")
+
+
+def value_bytes(value: Any) -> bytes:
+    """A trait value (as JSON gives it) as a google.protobuf.Value's fields: scalars by hand, the rest by the
+    runtime (the same conversion as the adapter's `_value`)."""
+    if isinstance(value, str):
+        return _length_delimited(_STRING_VALUE, value.encode())
+    if isinstance(value, bool):
+        return _BOOL_VALUE + _ONE_BYTE_VARINTS[int(value)]
+    if isinstance(value, int | float):
+        return _NUMBER_VALUE + _DOUBLE.pack(float(value))
+    message = struct_pb2.Value()
+    json_format.ParseDict(value, message)
+    return message.SerializeToString()
+
+
+def trait_bytes(trait: TraitValue) -> bytes:
+    """One `traits` map entry of a Profile: the name, and the Trait as `_fill_traits` fills it."""
+    value = _length_delimited(_TRAIT_VALUE, value_bytes(trait.value))
+    value += _length_delimited(_TRAIT_EVENT_TIME, timestamp_bytes(trait.event_time))
+    if trait.source:
+        value += _length_delimited(_TRAIT_SOURCE, trait.source.encode())
+    if trait.party:
+        value += _TRAIT_PARTY + varint(trait.party)
+    return _length_delimited(_ENTRY_KEY, trait.name.encode()) + _length_delimited(_ENTRY_VALUE, value)
+
+
+def profile_bytes(view: ProfileView, paths: Sequence[str], traits: bool, trait_names: set[str] | None) -> bytes:
+    """The Profile of `view` with the fields a direct read mask names (`paths`: of name, person_id,
+    traits, merged_person_ids, update_time; `traits`: whether it selects traits, those in `trait_names`, all when None),
+    as the adapter's `mask.apply(_profile(view))` selects it."""
+    encoded = b""
+    if "name" in paths:
+        encoded += _length_delimited(_NAME, f"profiles/{view.person_id}".encode())
+    if "person_id" in paths and view.person_id:
+        encoded += _length_delimited(_PERSON_ID, view.person_id.encode())
+    if traits:
+        encoded += b"".join(_length_delimited(_TRAITS, trait_bytes(t)) for t in view.traits.values()
+                            if trait_names is None or t.name in trait_names)
+    if "merged_person_ids" in paths:
+        encoded += b"".join(_length_delimited(_MERGED_PERSON_IDS, m.encode()) for m in view.merged_person_ids)
+    if "update_time" in paths and view.update_time:
+        encoded += _length_delimited(_UPDATE_TIME, timestamp_bytes(view.update_time))
+    return encoded
+
+
+def stored_event_bytes(event: StoredEventRecord) -> bytes:
+    """A StoredEvent as the adapter's `_fill_stored_event` fills it: the stored payload is the Event's wire bytes
+    already."""
+    encoded = _length_delimited(_EVENT, event.payload)
+    if event.person_id:
+        encoded += _length_delimited(_EVENT_PERSON_ID, event.person_id.encode())
+    if event.receive_time:
+        encoded += _length_delimited(_RECEIVE_TIME, timestamp_bytes(event.receive_time))
+    return encoded
+
+
+def scan_response_bytes(scanned: Iterable[tuple[bytes, Iterable[StoredEventRecord]]]) -> bytes:
+    """A ScanProfilesResponse of (Profile wire bytes, its events in order) pairs."""
+    encoded = []
+    for profile, events in scanned:
+        item = _length_delimited(_SCANNED_PROFILE, profile)
+        item += b"".join(_length_delimited(_SCANNED_EVENTS, stored_event_bytes(e)) for e in events)
+        encoded.append(_length_delimited(_PROFILES, item))
+    return b"".join(encoded)
