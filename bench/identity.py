@@ -57,6 +57,7 @@ from bench.common import (
 from services.identity.server import DEFINITION
 from shared.cassandra import CassandraSession
 from shared.config import CassandraSettings, GrpcSettings
+from shared.errors import Unavailable
 from shared.migrations import migrate_service
 from shared.runner import start_service
 from tests.services.identity.world import World, build_world
@@ -194,6 +195,19 @@ def measure_latency(name: str, call: Callable[[int], Any], start_call: Callable[
                           half.rate, half.percentile_ms(50), half.percentile_ms(99))
 
 
+def migrate(admin: CassandraSession, settings: CassandraSettings, attempts: int = 3) -> None:
+    """The identity keyspace migrated; tried again when a schema change times out (a loaded machine:
+    migrations are idempotent, each change `IF NOT EXISTS` and recorded once applied)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            migrate_service(admin, "identity", settings)
+            return
+        except Unavailable as error:
+            if attempt == attempts:
+                raise
+            console.print(f"migration attempt {attempt} failed ({error.message[:80]}...); trying again")
+
+
 def count_statements(cassandra_settings: CassandraSettings, admin: CassandraSession, world: World,
                      again: Sequence[tuple[str, list[str]]], *, batch: int, writers: int
                      ) -> tuple[tuple[StatementCounts, LoadResult], tuple[StatementCounts, LoadResult]]:
@@ -205,7 +219,7 @@ def count_statements(cassandra_settings: CassandraSettings, admin: CassandraSess
     grpc_settings = GrpcSettings(bind_host="127.0.0.1", log_format="text", log_level="WARNING",
                                  migrate_on_start=False)
     try:
-        migrate_service(admin, "identity", settings)
+        migrate(admin, settings)
         service = start_service(DEFINITION, grpc_settings, settings, port=0)
         with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             stub = pb_grpc.IdentityServiceStub(channel)
@@ -231,7 +245,7 @@ def main() -> None:
 
     with bench_cassandra("identity") as (cassandra_settings, admin):
         # Migrated here, with the admin session's longer timeout: schema changes are slow on a loaded machine.
-        migrate_service(admin, "identity", cassandra_settings)
+        migrate(admin, cassandra_settings)
         with service_processes(cassandra_settings, ["identity", "echo"], modules={"echo": "bench.echo_server"},
                                environment={"ONECDP_MIGRATE_ON_START": "false"}) as ports, \
                 grpc.insecure_channel(f"127.0.0.1:{ports['identity']}") as channel, \
