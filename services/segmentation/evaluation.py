@@ -17,7 +17,7 @@ Semantics, the same everywhere:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -119,15 +119,33 @@ def compile_rule(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Predicate:
     return lambda facts: _compared(observe(facts), comparison)
 
 
+def reachable_rules(rule: Rule, rule_of: RuleLookup) -> list[Rule]:
+    """The rule and every rule it refers to, transitively, each once (references have no cycles); a segment
+    that does not exist refers to nothing."""
+    found, pending, seen = [], [rule], set()
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        for condition in conditions(current):
+            if isinstance(condition, SegmentCondition) and condition.segment_id not in seen:
+                seen.add(condition.segment_id)
+                other = rule_of(condition.segment_id)
+                if other is not None:
+                    pending.append(other)
+    return found
+
+
+def event_conditions(rule: Rule, rule_of: RuleLookup) -> Iterator[EventCountCondition | EventAggregateCondition]:
+    """The conditions on events of the rule and of the rules it refers to: what decides which events it reads
+    (realtime.events_read) and whether it reads any (compile_rule puts those last)."""
+    for reached in reachable_rules(rule, rule_of):
+        for condition in conditions(reached):
+            if isinstance(condition, EventCountCondition | EventAggregateCondition):
+                yield condition
+
+
 def _reads_events(rule: Rule, rule_of: RuleLookup) -> bool:
-    for condition in conditions(rule):
-        if isinstance(condition, EventCountCondition | EventAggregateCondition):
-            return True
-        if isinstance(condition, SegmentCondition):
-            other = rule_of(condition.segment_id)  # references have no cycles
-            if other is not None and _reads_events(other, rule_of):
-                return True
-    return False
+    return next(event_conditions(rule, rule_of), None) is not None
 
 
 def _compared(observed: Any, comparison: Comparison) -> bool:

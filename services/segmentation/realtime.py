@@ -21,7 +21,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from services.segmentation.evaluation import ProfileFacts, RuleLookup, compile_rule, matches, passes
+from services.segmentation.evaluation import (
+    ProfileFacts,
+    RuleLookup,
+    compile_rule,
+    event_conditions,
+    matches,
+    passes,
+    reachable_rules,
+)
 from services.segmentation.rules import (
     AllOf,
     AnyOf,
@@ -60,25 +68,11 @@ class Dependencies:
                 or bool(self.event_names & events) or (self.uses_computed and bool(events)))
 
 
-def _reachable(rule: Rule, rules: Mapping[str, Rule]) -> list[Rule]:
-    """The rule and every rule it refers to, transitively (references have no cycles)."""
-    found, pending, seen = [], [rule], set()
-    while pending:
-        current = pending.pop()
-        found.append(current)
-        for condition in conditions(current):
-            if isinstance(condition, SegmentCondition) and condition.segment_id not in seen:
-                seen.add(condition.segment_id)
-                if condition.segment_id in rules:
-                    pending.append(rules[condition.segment_id])
-    return found
-
-
 def dependencies_of(rule: Rule, rules: Mapping[str, Rule], as_of: datetime) -> Dependencies:
     traits: set[str] = set()
     events: set[str] = set()
     uses_computed = False
-    for reached in _reachable(rule, rules):
+    for reached in reachable_rules(rule, rules.get):
         for condition in conditions(reached):
             if isinstance(condition, TraitCondition):
                 head, _, name = condition.field.partition(".")
@@ -121,14 +115,11 @@ def events_read(rules: Iterable[Rule], all_rules: Mapping[str, Rule], as_of: dat
     starts: list[datetime] = []
     properties = False
     for rule in rules:
-        for reached in _reachable(rule, all_rules):
-            for condition in conditions(reached):
-                if isinstance(condition, EventCountCondition | EventAggregateCondition):
-                    names.add(condition.event_name)
-                    properties |= isinstance(condition, EventAggregateCondition) or bool(condition.filters)
-                    window = condition.window
-                    starts.append(as_of - timedelta(days=window.days) if isinstance(window, LastDays)
-                                  else window.start)
+        for condition in event_conditions(rule, all_rules.get):
+            names.add(condition.event_name)
+            properties |= isinstance(condition, EventAggregateCondition) or bool(condition.filters)
+            window = condition.window
+            starts.append(as_of - timedelta(days=window.days) if isinstance(window, LastDays) else window.start)
     if not names:
         return NO_EVENTS
     return EventReads(frozenset(names), min(starts) - _SINCE_MARGIN, properties)
