@@ -775,11 +775,9 @@ class IdentityGraph:
 
     def _drop_erased_evidence(self, erased_in: Sequence[tuple[set[IdKey], set[IdKey]]]) -> None:
         """Delete the evidence just appended for erased identifiers: (erased, the seeds linked with them)."""
-        pairs: list[tuple[IdKey, IdKey]] = []
-        for erased, seeds in erased_in:
-            pairs += [(a, b) for a in erased for b in seeds if a != b]
-            # The other direction lives in the seeds' partitions; the erased ones' go whole below.
-            pairs += [(b, a) for a in erased for b in seeds if b not in erased]
+        # The erased identifiers' own partitions go whole (below); only the other direction, in the
+        # partitions of the seeds that stay, is deleted pair by pair.
+        pairs = [(b, a) for erased, seeds in erased_in for a in erased for b in seeds if b not in erased]
         self._session.write_all(
             [("DELETE FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? AND other_value = ?",
               (a.type, a.value, b.type, b.value)) for a, b in pairs]
@@ -1161,9 +1159,10 @@ class IdentityGraph:
             deletes += [("DELETE FROM observations WHERE message_id = ?", (m,)) for m in message_ids]
             deletes.append(("DELETE FROM person_identifiers WHERE person_id = ?", (person.person_id,)))
             self._session.write_all(deletes)
-            # After the deletes (a later timestamp): the members' partition was deleted whole, statics too.
-            self._session.write_all(_person_writes("UPDATE {table} SET erased = true, merged_into = null, "
-                                                   "update_time = ? WHERE person_id = ?", (now, person.person_id)))
+            # After the deletes (a later timestamp). Only to `persons`: the members' partition was deleted
+            # whole, statics too, and a person without a static create_time is read from `persons`.
+            self._session.execute("UPDATE persons SET erased = true, merged_into = null, update_time = ? "
+                                  "WHERE person_id = ?", (now, person.person_id))
             change = feed.record(self._session, ChangeType.ERASE, [person.person_id], [],
                                  reason or "erased by a privacy request")
         finally:
