@@ -238,6 +238,16 @@ def _score_result(result: PersonScore | DomainError, model_version: str) -> pb.S
     return pb.ScoreResult(score=_score_message(result, model_version))
 
 
+def _check_batch_alone(request: pb.StreamScorePersonsRequest, index: int) -> None:
+    """A streamed batch comes without the one-person fields: a request with both would leave one of them unread."""
+    violations = Violations()
+    for field, present in (("model", bool(request.model)), ("person", request.HasField("person")),
+                           ("top_features", bool(request.top_features))):
+        violations.check(not present, f"requests[{index}].{field}",
+                         "set either batch or the one-person fields (model, person, top_features), not both")
+    violations.raise_if_any()
+
+
 class PredictionServicer(pb_grpc.PredictionServiceServicer):
     def __init__(self, registry: ModelRegistry, source: GrpcProfileSource, online: OnlineHistories,
                  writer: GrpcScoreWriter, worker: BackgroundWorker) -> None:
@@ -416,6 +426,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         for index, request in enumerate(requests):
             if request.batch is not None:
                 try:
+                    _check_batch_alone(request.message, index)
                     yield streamed_batch_response_bytes(
                         self._score_batch_wire(request.batch, f"requests[{index}].batch."))
                 except DomainError as error:

@@ -330,7 +330,8 @@ def test_a_streamed_batch_is_answered_exactly_as_batch_score_persons_answers_it(
     requests = [pb.StreamScorePersonsRequest(batch=by_ids), single, pb.StreamScorePersonsRequest(batch=mixed),
                 pb.StreamScorePersonsRequest(batch=empty), pb.StreamScorePersonsRequest(batch=basic),
                 pb.StreamScorePersonsRequest(batch=pb.BatchScorePersonsRequest(
-                    model=model, persons=[by_id("p1")] * 10_001))]
+                    model=model, persons=[by_id("p1")] * 10_001)),
+                pb.StreamScorePersonsRequest(batch=by_ids, person=single.person, top_features=2)]
     streamed = list(predictions.StreamScorePersons(iter(requests), timeout=60))
 
     assert len(streamed) == len(requests)
@@ -348,6 +349,9 @@ def test_a_streamed_batch_is_answered_exactly_as_batch_score_persons_answers_it(
     assert invalid.code == "INVALID_ARGUMENT" and "requests[3].batch.persons" in invalid.message
     assert too_large.code == "RESOURCE_EXHAUSTED" and "10001 persons" in too_large.message
     assert not streamed[3].HasField("batch") and not streamed[5].HasField("batch")
+    both = streamed[6].result.error
+    assert both.code == "INVALID_ARGUMENT" and not streamed[6].HasField("batch")
+    assert "requests[6].person" in both.message and "requests[6].top_features" in both.message
 
 
 def test_a_batch_above_profiles_read_limit_is_scored_in_request_order(world: World) -> None:

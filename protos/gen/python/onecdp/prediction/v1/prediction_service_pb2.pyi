@@ -986,7 +986,8 @@ class StreamScorePersonsRequest(_message.Message):
     @_builtins.property
     def batch(self) -> Global___BatchScorePersonsRequest:
         """Many persons scored as one BatchScorePersons call (its limits, view and errors): set it
-        instead of the fields above. The response answers it in `batch`.
+        instead of the fields above (a request with both gets an INVALID_ARGUMENT result). The
+        response answers it in `batch`.
         """
 
     def __init__(
