@@ -209,6 +209,10 @@ class _Reads:
     members: dict[str, list[IdKey]] = field(default_factory=dict)
     # Persons among `members` whose own columns are stored with their members (see _PERSON_TABLES).
     with_person_columns: set[str] = field(default_factory=set)
+    # What the persons' static columns say that a plan needs: persons erased by a privacy request (their
+    # ids are never given out again), and where each person merged away redirects.
+    erased_persons: set[str] = field(default_factory=set)
+    merged_into: dict[str, str] = field(default_factory=dict)
 
     def keep_held(self, held: Set[str]) -> None:
         """Forget every row whose lease is not in `held` (read without it, or given back since)."""
@@ -218,12 +222,15 @@ class _Reads:
         for person_id in [p for p in self.members if _person_lease_key(p) not in held]:
             del self.members[person_id]
         self.with_person_columns &= self.members.keys()
+        self.erased_persons &= self.members.keys()
+        self.merged_into = {p: s for p, s in self.merged_into.items() if p in self.members}
 
-    def clear(self) -> None:
+    def forget_links(self) -> None:
+        """Forget the rows that links decide (identifiers' rows and links, persons' members) after links
+        were deleted; keep what the persons' own columns say, which deleting links does not change."""
         self.assignments.clear()
         self.neighbours.clear()
         self.members.clear()
-        self.with_person_columns.clear()
 
 
 @dataclass
@@ -564,22 +571,25 @@ class IdentityGraph:
             return neighbours
         return collect
 
-    def _members_async(self, person_ids: Iterable[str]) -> Callable[[], tuple[dict[str, list[IdKey]], set[str]]]:
-        """Start reading persons' members; the result waits: (members, persons whose own columns are with them)."""
+    def _members_async(self, person_ids: Iterable[str], reads: _Reads) -> Callable[[], None]:
+        """Start reading persons' members, with what their static columns say, into `reads` (wait with the
+        returned function). Erased persons are known whatever layout they had: erase marks them here."""
         wanted = set(person_ids)
         rows = self._session.select_in(
-            "SELECT person_id, id_type, id_value, create_time FROM person_identifiers WHERE person_id IN ?", (),
-            sorted(wanted))
+            "SELECT person_id, id_type, id_value, create_time, erased, merged_into FROM person_identifiers "
+            "WHERE person_id IN ?", (), sorted(wanted))
 
-        def collect() -> tuple[dict[str, list[IdKey]], set[str]]:
-            members: dict[str, list[IdKey]] = {p: [] for p in wanted}
-            with_columns: set[str] = set()
+        def collect() -> None:
+            reads.members.update({p: [] for p in wanted})
             for r in rows.rows():
                 if r.id_type is not None:  # else a partition holding only the person's static columns
-                    members[r.person_id].append(IdKey(r.id_type, r.id_value))
+                    reads.members[r.person_id].append(IdKey(r.id_type, r.id_value))
                 if r.create_time is not None:
-                    with_columns.add(r.person_id)
-            return members, with_columns
+                    reads.with_person_columns.add(r.person_id)
+                if r.erased:
+                    reads.erased_persons.add(r.person_id)
+                if r.merged_into:
+                    reads.merged_into[r.person_id] = r.merged_into
         return collect
 
     def _tombstones_async(self, keys: Iterable[IdKey]) -> Callable[[], set[IdKey]]:
@@ -740,11 +750,9 @@ class IdentityGraph:
         if dropping:
             # All at once: a call replaying many erased identifiers drops them in one round of writes.
             self._drop_erased_evidence([(erased_seeds[i], seed_sets[i]) for i in dropping])
-            # The links just deleted may be among what was read. Which persons keep their columns with their
-            # members does not depend on links: the components not reloaded still plan with it.
-            with_person_columns = set(reads.with_person_columns)
-            reads.clear()
-            reads.with_person_columns |= with_person_columns
+            # The links just deleted may be among what was read. What the persons' own columns say does
+            # not depend on links: the components not reloaded still plan with it.
+            reads.forget_links()
             reloaded = self._load_components([seed_sets[i] - erased_seeds[i] for i in dropping], reads)
             for index, component in zip(dropping, reloaded, strict=True):
                 components[index] = component
@@ -756,7 +764,7 @@ class IdentityGraph:
                 outcomes.append(needed)
                 continue
             plan = (self._plan_attachment(component, reads.with_person_columns) if component.attaches_to
-                    else self._plan(component, reason, reads.with_person_columns))
+                    else self._plan(component, reason, reads))
             plan.reconciled.erased = erased_here
             plans.append(plan)
             outcomes.append(plan.reconciled)
@@ -901,13 +909,11 @@ class IdentityGraph:
         linking = {k for k in unread if not self._is_junk(k)}
         read_assignments = self._assignments_async(unread)
         read_neighbours = self._neighbours_async(linking)
-        read_members = self._members_async(person_ids - reads.members.keys())
+        read_members = self._members_async(person_ids - reads.members.keys(), reads)
         reads.assignments.update(read_assignments())
         reads.neighbours.update({k: set() for k in unread - linking})
         reads.neighbours.update(read_neighbours())
-        members, with_person_columns = read_members()
-        reads.members.update(members)
-        reads.with_person_columns |= with_person_columns
+        read_members()
 
     def _is_junk(self, key: IdKey) -> bool:
         # Asked several times per identifier per call (each pattern a regex search): remembered per
@@ -926,11 +932,12 @@ class IdentityGraph:
     def _shared_among(self, batch: Sequence[IdKey], component: _Component, junk: set[IdKey]) -> set[IdKey]:
         return set(shared_identifiers({k: component.neighbours[k] for k in batch}, self.policy, junk))
 
-    def _plan(self, component: _Component, reason: str, with_person_columns: Set[str]) -> _Plan:
+    def _plan(self, component: _Component, reason: str, reads: _Reads) -> _Plan:
         """The partition of a loaded component, and the writes and changes that make the stored rows match it."""
         result = partition(component.nodes, component.links(), self.registry, self.policy,
                            neighbours=component.neighbours)
-        group_ids = self._assign_person_ids(result, component)
+        erased = reads.erased_persons
+        group_ids = self._assign_person_ids(result, component, erased)
         now = _now()
         new_person: dict[IdKey, str | None] = dict.fromkeys(result.junk)
         for group, person_id in zip(result.groups, group_ids, strict=True):
@@ -943,7 +950,8 @@ class IdentityGraph:
             target = new_person.get(key)
             guard = "junk" if key in result.junk else "shared" if key in result.shared else None
             old = component.person_of.get(key)
-            origin = component.origin_of.get(key) or target
+            # An erased person is nobody's origin any more: its id is never given out again.
+            origin = (component.origin_of.get(key) if component.origin_of.get(key) not in erased else None) or target
             if (target, origin, guard) != (old, component.origin_of.get(key), component.guard_of.get(key)):
                 identifier_writes.append(("UPDATE identifiers SET person_id = ?, origin_person_id = ?, guard = ? "
                                           "WHERE id_type = ? AND id_value = ?", (target, origin, guard, key.type,
@@ -970,8 +978,8 @@ class IdentityGraph:
                 merged_into[old] = min(set(targets), key=lambda t: (-targets.count(t), t))
         return _Plan(
             reconciled=_Reconciled(result, group_ids, merged_into),
-            person_writes=self._person_rows(group_ids, component, merged_into, changed_persons, now,
-                                            with_person_columns=with_person_columns) + member_writes,
+            person_writes=self._person_rows(group_ids, component, merged_into, members_by_old=members_by_old,
+                                            changed=changed_persons, now=now, reads=reads) + member_writes,
             identifier_writes=identifier_writes,
             changes=_changes(old_persons, merged_into, members_by_old, reason))
 
@@ -992,14 +1000,14 @@ class IdentityGraph:
                                for k in new],
             changes=[])
 
-    def _assign_person_ids(self, result: Partition, component: _Component) -> list[str]:
+    def _assign_person_ids(self, result: Partition, component: _Component, erased: Set[str]) -> list[str]:
         def rank(group: frozenset[IdKey]) -> tuple[int, IdKey]:
             best = _strongest(group, self.registry)
             assert best is not None  # groups are never empty
             return (-self._priority(best), best)
 
         order = sorted(range(len(result.groups)), key=lambda i: rank(result.groups[i]))
-        taken: set[str] = set()
+        taken: set[str] = set(erased)
         ids = [""] * len(result.groups)
         for index in order:
             group = result.groups[index]
@@ -1015,15 +1023,15 @@ class IdentityGraph:
         return identifier_type.priority if identifier_type else 0
 
     @staticmethod
-    def _person_rows(group_ids: list[str], component: _Component, merged_into: dict[str, str],
-                     changed: set[str], now: datetime, *,
-                     with_person_columns: Set[str]) -> list[tuple[str, Sequence[Any]]]:
+    def _person_rows(group_ids: list[str], component: _Component, merged_into: dict[str, str], *,
+                     members_by_old: Mapping[str, list[str]], changed: set[str], now: datetime,
+                     reads: _Reads) -> list[tuple[str, Sequence[Any]]]:
         live = {p for p in component.person_of.values() if p}
         existing = live | {p for p in component.origin_of.values() if p}
         rows: list[tuple[str, Sequence[Any]]] = []
 
         def write(cql: str, params: Sequence[Any], person_id: str) -> None:
-            rows.extend(_person_writes(cql, params, columns_with_members=person_id in with_person_columns))
+            rows.extend(_person_writes(cql, params, columns_with_members=person_id in reads.with_person_columns))
 
         for person_id in group_ids:
             if person_id in live and person_id not in changed:
@@ -1032,6 +1040,17 @@ class IdentityGraph:
                 # Restores a person merged away before (a split), or keeps a live one live.
                 write("UPDATE {table} SET merged_into = null, update_time = ? WHERE person_id = ?", (now, person_id),
                       person_id)
+                if person_id not in live:
+                    # A restored person no longer redirects: the persons it was merged into stop listing it.
+                    # Those are where its members come from, and where its own row redirected (when its
+                    # columns were read: a person merged away before 0004 keeps them in `persons` only).
+                    # Persons whose layout was not read are not written, not to leave a partial row.
+                    survivors = {old for old, targets in members_by_old.items() if person_id in targets}
+                    survivors |= {reads.merged_into[person_id]} if person_id in reads.merged_into else set()
+                    for survivor in sorted(survivors - {person_id}):
+                        if survivor in reads.members:
+                            write("UPDATE {table} SET merged_from = merged_from - ? WHERE person_id = ?",
+                                  ({person_id}, survivor), survivor)
             else:
                 # A new person: its columns live with its members only.
                 rows.append(("INSERT INTO person_identifiers (person_id, create_time, update_time) VALUES (?, ?, ?)",
@@ -1159,10 +1178,16 @@ class IdentityGraph:
             deletes += [("DELETE FROM observations WHERE message_id = ?", (m,)) for m in message_ids]
             deletes.append(("DELETE FROM person_identifiers WHERE person_id = ?", (person.person_id,)))
             self._session.write_all(deletes)
-            # After the deletes (a later timestamp). Only to `persons`: the members' partition was deleted
-            # whole, statics too, and a person without a static create_time is read from `persons`.
-            self._session.execute("UPDATE persons SET erased = true, merged_into = null, update_time = ? "
-                                  "WHERE person_id = ?", (now, person.person_id))
+            # After the deletes (a later timestamp). The person's columns to `persons`: the members'
+            # partition was deleted whole, statics too, and a person without a static create_time is read
+            # from `persons`. A static `erased` (and nothing else) to the members' partition of the person
+            # and of every id merged into it: recomputations read it there with the members, for an
+            # identifier outside the person may still name one of those ids as its origin, and an erased
+            # id is never given out again.
+            self._session.write_all([("UPDATE persons SET erased = true, merged_into = null, update_time = ? "
+                                      "WHERE person_id = ?", (now, person.person_id))]
+                                    + [("UPDATE person_identifiers SET erased = true WHERE person_id = ?", (erased,))
+                                       for erased in sorted({person.person_id} | self._merged_ids(person))])
             change = feed.record(self._session, ChangeType.ERASE, [person.person_id], [],
                                  reason or "erased by a privacy request")
         finally:
@@ -1172,6 +1197,25 @@ class IdentityGraph:
             # no longer shared): recompute them from what evidence remains.
             self.reconcile(outside, f"neighbours of erased person {person.person_id}")
         return Erasure(person.person_id, len(members), link_count, change)
+
+    def _merged_ids(self, person: Person) -> set[str]:
+        """Every id merged into `person`, directly or through ids merged into those (as far as reads follow)."""
+        found: set[str] = set()
+        frontier = set(person.merged_person_ids)
+        for _ in range(REDIRECT_HOPS):
+            frontier -= found | {person.person_id}
+            if not frontier:
+                break
+            found |= frontier
+            rows = {r.person_id: r for r in self._session.select_in(
+                "SELECT person_id, merged_from, create_time FROM person_identifiers WHERE person_id IN ?", (),
+                sorted(frontier)).rows() if r.create_time is not None}
+            earlier = sorted(frontier - rows.keys())
+            if earlier:
+                rows.update({r.person_id: r for r in self._session.select_in(
+                    "SELECT person_id, merged_from FROM persons WHERE person_id IN ?", (), earlier).rows()})
+            frontier = {merged for r in rows.values() for merged in r.merged_from or ()}
+        return found
 
     def _lease_person(self, person_id: str) -> tuple[str, set[str], list[IdKey]]:
         """Leases on a person and on each of its identifiers: (owner, leases, the identifiers under them)."""
