@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from services.identity.server import DEFINITION as IDENTITY
 from services.profile.server import DEFINITION as PROFILE
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import CassandraSettings, GrpcSettings
+from shared.errors import Unavailable
 from shared.migrations import SCHEMA_TIMEOUT_SECONDS
 from shared.runner import RunningService, start_service
 
@@ -110,7 +112,12 @@ def cassandra_settings(cassandra_base_settings: CassandraSettings,
     rows = admin_session.execute("SELECT keyspace_name FROM system_schema.keyspaces")
     for row in rows:
         if row.keyspace_name.startswith(f"{prefix}_"):
-            admin_session.execute(f"DROP KEYSPACE IF EXISTS {row.keyspace_name}", timeout=SCHEMA_TIMEOUT_SECONDS)
+            try:
+                admin_session.execute(f"DROP KEYSPACE IF EXISTS {row.keyspace_name}", timeout=SCHEMA_TIMEOUT_SECONDS)
+            except Unavailable as error:
+                # Clean-up, not behaviour: on a loaded node a drop can outlast its timeout (the schema change
+                # goes on there). The keyspace has this test's own prefix and the session's wipe removes it.
+                warnings.warn(f"could not drop {row.keyspace_name}: {error.message}", stacklevel=1)
 
 
 @pytest.fixture
