@@ -61,6 +61,12 @@ SERIAL_CONSISTENCY = ConsistencyLevel.LOCAL_SERIAL
 # or a key inside an IN list costs ~5-20 us (bench: see `select_in` and `write_all`). Services that
 # touch many partitions per request therefore read with IN lists and write with unlogged batches.
 IN_LIST_SIZE = 100
+# An IN read carries this LIMIT, no larger than the page the driver asks for (its default fetch size):
+# Cassandra then reads the IN list's partitions all at once, where it pages a query without one through
+# its partitions one after the other (MultiPartitionPager), 2-3x its time and the wall time of a read of
+# 100 small partitions (measured here on profile's timeline reads). A read that fills the limit may have
+# more rows: it is read again without it, paged.
+IN_READ_ROWS = 5000
 # Cassandra warns about an unlogged batch spanning more than 10 partitions
 # (unlogged_batch_across_partitions_warn_threshold) and about a multi-partition batch larger than 5 KiB
 # (batch_size_warn_threshold; it refuses one over 50 KiB). Batches stay under both; a batch within one
@@ -232,8 +238,19 @@ class CassandraSession:
         them. Use it for many partitions of one table, e.g. `... WHERE id_type = ? AND id_value IN ?`.
         """
         ordered = list(dict.fromkeys(keys))
-        return PendingRows(self, [self.execute_async(cql, (*params, ordered[i:i + IN_LIST_SIZE]))
-                                  for i in range(0, len(ordered), IN_LIST_SIZE)])
+        return self.start_reads(cql, [(*params, ordered[i:i + IN_LIST_SIZE])
+                                      for i in range(0, len(ordered), IN_LIST_SIZE)])
+
+    def start_reads(self, cql: str, param_sets: Iterable[Sequence[Any]], *, limited: bool = True) -> PendingRows:
+        """Start `cql` once per parameter set, all concurrently: `PendingRows.rows()` waits for all of them.
+
+        `limited` (for reads of several partitions named in IN lists): each read carries LIMIT
+        IN_READ_ROWS (see there), and one that fills it is read again without it. Otherwise (e.g. a
+        token-range read, which ends with ALLOW FILTERING) each read is paged by the driver.
+        """
+        statement = f"{cql} LIMIT {IN_READ_ROWS}" if limited else cql
+        return PendingRows(self, [(cql if limited else None, params, self.execute_async(statement, params))
+                                  for params in param_sets])
 
     def write_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Apply many plain (not conditional) writes in unlogged batches, and wait for all of them.
@@ -331,12 +348,20 @@ def pack_batches(partitions: Sequence[list[Any]], size_of: Callable[[Any], int])
 class PendingRows:
     """The rows of several concurrent reads (see CassandraSession.select_in); `rows()` waits for them."""
 
-    def __init__(self, session: CassandraSession, futures: Sequence[ResponseFuture]) -> None:
+    def __init__(self, session: CassandraSession,
+                 reads: Sequence[tuple[str | None, Sequence[Any], ResponseFuture]]) -> None:
         self._session = session
-        self._futures = futures
+        # (the statement without its LIMIT, or None for a read without one; its parameters; the read)
+        self._reads = reads
 
     def rows(self) -> list[Any]:
-        return [row for future in self._futures for row in self._session.result(future)]
+        rows: list[Any] = []
+        for cql, params, future in self._reads:
+            result = self._session.result(future)
+            if cql is not None and len(result.current_rows) >= IN_READ_ROWS:
+                result = self._session.execute(cql, params)  # maybe cut off by the limit: all of them, paged
+            rows.extend(result)
+        return rows
 
 
 _CONDITIONAL_WRITE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\b.*\sIF\s", re.IGNORECASE | re.DOTALL)

@@ -62,11 +62,6 @@ _RANGE_NAMED_TRAITS = f"{_RANGE_TRAITS} AND name IN ? ALLOW FILTERING"
 # The timeline of persons with the same months, all of them at once (`person_id IN ? AND bucket IN ?`, at most
 # TIMELINE_PARTITIONS partitions a statement): a statement per person cost more than the rows it read.
 TIMELINE_PARTITIONS = 100
-# With a LIMIT no larger than the page size the driver asks for (5,000 rows by default), Cassandra reads an IN
-# query's partitions all at once; without one it pages the query, reading its partitions one after the other
-# (MultiPartitionPager): 2-3x Cassandra's time and the wall time of 100 partitions of two events each
-# (measured on this machine). A statement that fills its limit may have more rows: it is read again, paged.
-TIMELINE_ROWS = 5000
 _SELECT_TRAITS = ("SELECT person_id, name, event_time, message_id, value, deleted, source, party FROM trait_writes "
                   "WHERE person_id IN ?")
 _SELECT_NAMED_TRAITS = ("SELECT person_id, name, event_time, message_id, value, deleted, source, party "
@@ -430,12 +425,12 @@ class _PartitionReads:
         per table. Rows of other partitions in the range are left out."""
         self._started.update(partitions)
         if self._events:
-            self._months.append(PendingRows(self._session, [self._session.execute_async(
-                _RANGE_MONTHS, (*token_range, *self._months_selected()))]))
+            self._months.append(self._session.start_reads(
+                _RANGE_MONTHS, [(*token_range, *self._months_selected())], limited=False))
         if self._traits and self._trait_names != []:
             cql, params = ((_RANGE_TRAITS, token_range) if self._trait_names is None
                            else (_RANGE_NAMED_TRAITS, (*token_range, self._trait_names)))
-            self._trait_rows.append(PendingRows(self._session, [self._session.execute_async(cql, params)]))
+            self._trait_rows.append(self._session.start_reads(cql, [params], limited=False))
 
     def _months_selected(self) -> tuple[int, int]:
         """The first and last month that can hold selected events."""
@@ -454,23 +449,17 @@ class _PartitionReads:
             same_months.setdefault(tuple(sorted(of_partition)), []).append(partition)
         cql, bounds = _timeline_query(self._selection,
                                       _STORED_EVENT_COLUMNS if self._records_only else _TIMELINE_COLUMNS)
-        limited = f"{cql} LIMIT {TIMELINE_ROWS}"
         timelines = []
         for buckets, partitions in same_months.items():
             per_statement = max(1, TIMELINE_PARTITIONS // len(buckets))
-            for i in range(0, len(partitions), per_statement):
-                params = (*bounds, list(buckets), partitions[i:i + per_statement])
-                timelines.append((params, self._session.execute_async(limited, params)))
+            timelines.append(self._session.start_reads(cql, [(*bounds, list(buckets), partitions[i:i + per_statement])
+                                                             for i in range(0, len(partitions), per_statement)]))
         names = self._selection.names
         event_of = _stored_event_record if self._records_only else _timeline_event
         events: dict[str, list[StoredEventRecord]] = {}
-        for params, future in timelines:
-            rows = self._session.result(future)
-            if len(rows.current_rows) >= TIMELINE_ROWS:
-                rows = self._session.execute(cql, params)  # maybe cut off by the limit: all of them, paged
-            for row in rows:
-                if names is None or row.event_name in names:
-                    events.setdefault(row.person_id, []).append(event_of(row))
+        for row in (row for pending in timelines for row in pending.rows()):
+            if names is None or row.event_name in names:
+                events.setdefault(row.person_id, []).append(event_of(row))
         trait_rows: dict[str, list[Any]] = {}
         for row in (row for pending in self._trait_rows for row in pending.rows()):
             if row.person_id in self._started:

@@ -14,7 +14,7 @@ from onecdp.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
-from services.profile import store
+from shared import cassandra
 from tests.services.profile.conftest import at, eventually, ident, identify, ingest, order, profile_of, track
 
 pytestmark = pytest.mark.integration
@@ -280,12 +280,13 @@ def test_the_change_feed_is_ordered_and_resumable(profiles: Stub) -> None:
 
 def test_a_scan_reads_every_event_of_timeline_reads_cut_off_by_their_limit(
         profiles: Stub, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Timeline reads ask for at most TIMELINE_ROWS rows (so that Cassandra reads their partitions at once); one
-    that returns that many is read again without the limit, so no event is lost whatever the limit."""
+    """Reads over many partitions (the timeline's, the months' and the traits') ask for at most IN_READ_ROWS rows
+    (so that Cassandra reads their partitions at once); one that returns that many is read again without the
+    limit, so no event is lost whatever the limit."""
     for i in range(5):
         ingest(profiles, *(track(f"crm_id:cut-{i}", name="open", when=f"2026-0{1 + k % 3}-1{k}") for k in range(4)))
     full = _scan_all(profiles, include_events=True)
-    monkeypatch.setattr(store, "TIMELINE_ROWS", 3)
+    monkeypatch.setattr(cassandra, "IN_READ_ROWS", 3)
     cut = _scan_all(profiles, include_events=True)
     assert {p: list(s.events) for p, s in cut.items()} == {p: list(s.events) for p, s in full.items()}
     assert sum(len(s.events) for s in cut.values()) == 20
