@@ -24,8 +24,19 @@ Scalar = str | float | bool
 
 MAX_LAST_DAYS = 3650
 SEGMENT_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-# Names a rule may mention: what the text form can write without quoting.
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$")
+# Names a rule may mention: exactly what the text form's tokenizer reads as one name (it uses this
+# pattern), since the text form has no quoting for names and every saved rule is stored as text.
+NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_][A-Za-z0-9_\-]*)*"
+NAME = re.compile(NAME_PATTERN)
+# Words the text form reads as keywords in any case; a property cannot be named after one.
+KEYWORDS = frozenset({"AND", "OR", "NOT", "IN", "CONTAINS", "EXISTS", "BETWEEN"})
+# How deep groups and NOTs may nest. Deep enough for any rule a person writes, and the Rule message of a
+# rule this deep stays inside protobuf's 100-level decoding limit (a group is two message levels).
+MAX_RULE_DEPTH = 32
+# Event counts are int64 in the Rule message.
+MAX_COUNT = 2**63 - 1
+# Window times are written with four-digit years, and readers subtract margins from window starts.
+EARLIEST_WINDOW_TIME = datetime(1000, 1, 1, tzinfo=UTC)
 SCORE_TRAIT_PREFIX = "score_"
 PERCENTILE_SUFFIX = "_percentile"
 
@@ -291,7 +302,7 @@ def validate(rule: Rule, *, segment_id: str | None = None,
     checked).
     """
     problems: list[RuleProblem] = []
-    _check(rule, "", problems, _Known(segment_id, references_of, model_exists))
+    _check(rule, "", problems, _Known(segment_id, references_of, model_exists), 0)
     return problems
 
 
@@ -304,29 +315,33 @@ class _Known:
     model_exists: ModelExists
 
 
-def _check(rule: Rule, path: str, problems: list[RuleProblem], known: _Known) -> None:
+def _check(rule: Rule, path: str, problems: list[RuleProblem], known: _Known, depth: int) -> None:
+    """Adds the problems of `rule`, found at `path` below `depth` groups and NOTs."""
     def problem(sub_path: str, description: str) -> None:
         problems.append(RuleProblem(f"{path}{sub_path}".lstrip("."), _position_of(rule, sub_path), description))
 
-    if isinstance(rule, AllOf | AnyOf):
+    if isinstance(rule, AllOf | AnyOf | Not) and depth == MAX_RULE_DEPTH:
+        # Not descending further also keeps validation itself from recursing without bound.
+        problem("", f"groups and NOTs nest at most {MAX_RULE_DEPTH} levels deep; this one is nested deeper")
+    elif isinstance(rule, AllOf | AnyOf):
         kind = "all" if isinstance(rule, AllOf) else "any"
         if not rule.rules:
             problem(f".{kind}.rules", "a group needs at least one rule")
         for index, child in enumerate(rule.rules):
-            _check(child, f"{path}.{kind}.rules[{index}]", problems, known)
+            _check(child, f"{path}.{kind}.rules[{index}]", problems, known, depth + 1)
     elif isinstance(rule, Not):
-        _check(rule.rule, f"{path}.negate", problems, known)
+        _check(rule.rule, f"{path}.negate", problems, known, depth + 1)
     elif isinstance(rule, TraitCondition):
         _check_trait(rule, problem)
     elif isinstance(rule, EventCountCondition):
         _check_event_name(rule.event_name, ".event_count.event_name", problem)
         _check_filters(rule.filters, ".event_count.filters", problem)
         _check_window(rule.window, ".event_count.window", problem)
-        _check_numeric(rule.comparison, ".event_count", problem, lower=0.0, whole=True)
+        _check_numeric(rule.comparison, ".event_count", problem, fields=("count", "count_upper"), lower=0.0,
+                       whole=True)
     elif isinstance(rule, EventAggregateCondition):
         _check_event_name(rule.event_name, ".event_aggregate.event_name", problem)
-        if not NAME.match(rule.property):
-            problem(".event_aggregate.property", f"{rule.property!r} is not a property name (letters, digits, _ - .)")
+        _check_property_name(rule.property, ".event_aggregate.property", problem)
         _check_filters(rule.filters, ".event_aggregate.filters", problem)
         _check_window(rule.window, ".event_aggregate.window", problem)
         _check_numeric(rule.comparison, ".event_aggregate", problem)
@@ -350,7 +365,7 @@ def _position_of(rule: Rule, sub_path: str) -> int:
     while part:
         if part in parts:
             return parts[part]
-        part = part.rpartition(".")[0]
+        part = part[:part.rindex("[")] if part.endswith("]") else part.rpartition(".")[0]
     return rule.position
 
 
@@ -360,7 +375,7 @@ def _check_trait(rule: TraitCondition, problem: Callable[[str, str], None]) -> N
     field_type: FieldType | None = None
     if head == "computed" and name in COMPUTED_FIELDS:
         field_type = COMPUTED_FIELDS[name]
-    elif head == "traits" and name and NAME.match(name):
+    elif head == "traits" and NAME.fullmatch(name):
         field_type = None  # stored traits are untyped: their values carry the type
     else:
         problem(".trait.field", f"unknown field {rule.field!r}: use traits.<name> or computed.<name> with one of "
@@ -416,9 +431,9 @@ def _check_operands(comparison: Comparison, path: str, problem: Callable[[str, s
         target = f"{path}.values" if wanted == 2 or got > 1 else f"{path}.value"
         problem(target, f"{comparison.operator.value} takes {wanted} operand(s), got {got}")
         return False
-    for value in comparison.operands:
+    for index, value in enumerate(comparison.operands):
         if isinstance(value, float) and not math.isfinite(value):
-            problem(f"{path}.value", "numbers must be finite")
+            problem(f"{path}.value" if wanted == 1 else f"{path}.values[{index}]", "numbers must be finite")
             return False
     return True
 
@@ -434,10 +449,18 @@ def _check_event_name(name: str, path: str, problem: Callable[[str, str], None])
         problem(path, "an event name of 1-128 characters is required")
 
 
+def _check_property_name(name: str, path: str, problem: Callable[[str, str], None]) -> None:
+    if not NAME.fullmatch(name):
+        problem(path, f"{name!r} is not a property name (a letter or _, then letters, digits, _ and -; "
+                      "dots between such parts)")
+    elif name.upper() in KEYWORDS:
+        problem(path, f"{name!r} is a keyword of the rule text ({', '.join(sorted(KEYWORDS))}, in any case) and "
+                      "cannot name a property")
+
+
 def _check_filters(filters: tuple[PropertyFilter, ...], path: str, problem: Callable[[str, str], None]) -> None:
     for index, item in enumerate(filters):
-        if not NAME.match(item.property):
-            problem(f"{path}[{index}].property", f"{item.property!r} is not a property name (letters, digits, _ - .)")
+        _check_property_name(item.property, f"{path}[{index}].property", problem)
         if _check_operands(item.comparison, f"{path}[{index}]", problem):
             kinds = {_kind(v) for v in item.comparison.operands}
             if len(kinds) > 1:
@@ -450,34 +473,50 @@ def _check_window(window: Window, path: str, problem: Callable[[str, str], None]
     if isinstance(window, LastDays):
         if not 1 <= window.days <= MAX_LAST_DAYS:
             problem(f"{path}.last_days", f"must be 1-{MAX_LAST_DAYS} days, got {window.days}")
-    elif window.start >= window.end:
+        return
+    for name, time in (("start_time", window.start), ("end_time", window.end)):
+        if time < EARLIEST_WINDOW_TIME:
+            problem(f"{path}.between.{name}", f"must be in the years {EARLIEST_WINDOW_TIME.year}-9999, got "
+                                                f"{time.isoformat()}")
+            return
+    if window.start >= window.end:
         problem(f"{path}.between.end_time", "the window is empty: end_time must be after start_time")
 
 
 def _check_numeric(comparison: Comparison, path: str, problem: Callable[[str, str], None], *,
-                   lower: float | None = None, upper: float | None = None, whole: bool = False) -> None:
+                   fields: tuple[str, str] = ("value", "value_upper"), lower: float | None = None,
+                   upper: float | None = None, whole: bool = False) -> None:
+    """Checks a comparison of a number whose operands are the message fields `fields` (the operand, the
+    upper bound of BETWEEN); `whole` numbers are counts, int64 in the message."""
     operator = comparison.operator
     if operator not in NUMERIC_OPERATORS:
         problem(f"{path}.operator", f"{operator.value} does not apply to a number; use =, !=, <, <=, >, >= or BETWEEN")
         return
-    if not _check_operands(comparison, path, problem):
+    wanted = 2 if operator is Operator.BETWEEN else 1
+    if len(comparison.operands) != wanted:
+        problem(f"{path}.{fields[0]}", f"{operator.value} takes {wanted} operand(s), got {len(comparison.operands)}")
         return
     values: list[float] = []
-    for value in comparison.operands:
-        if _kind(value) != "number":
-            problem(f"{path}.value", f"expected a number, got {value!r}")
+    for field_name, operand in zip(fields, comparison.operands, strict=False):
+        where = f"{path}.{field_name}"
+        if _kind(operand) != "number":
+            problem(where, f"expected a number, got {operand!r}")
             return
-        values.append(float(value))
-    for value in values:
+        value = float(operand)
+        if not math.isfinite(value):
+            problem(where, "numbers must be finite")
+            return
         if whole and not value.is_integer():
-            problem(f"{path}.count", f"an event count is a whole number, got {value}")
+            problem(where, f"an event count is a whole number, got {value:g}")
+        if whole and value > MAX_COUNT:  # an exact comparison: float(MAX_COUNT) would round up to 2**63
+            problem(where, f"an event count is at most {MAX_COUNT} (int64), got {value:g}")
         if lower is not None and value < lower:
-            problem(f"{path}.value", f"must be at least {lower:g}, got {value:g}")
+            problem(where, f"must be at least {lower:g}, got {value:g}")
         if upper is not None and value > upper:
-            problem(f"{path}.value", f"must be at most {upper:g}, got {value:g}")
+            problem(where, f"must be at most {upper:g}, got {value:g}")
+        values.append(value)
     if operator is Operator.BETWEEN and values[0] > values[1]:
-        problem(f"{path}.value_upper" if not whole else f"{path}.count_upper",
-                f"BETWEEN needs lower <= upper, got {values[0]:g} and {values[1]:g}")
+        problem(f"{path}.{fields[1]}", f"BETWEEN needs lower <= upper, got {values[0]:g} and {values[1]:g}")
 
 
 def _check_segment(target: str, problem: Callable[[str, str], None], segment_id: str | None,

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from services.segmentation.rules import (
+    KEYWORDS,
+    MAX_RULE_DEPTH,
+    NAME_PATTERN,
     Aggregation,
     AllOf,
     AnyOf,
@@ -65,11 +68,10 @@ _TOKEN = re.compile(r"""
   | (?P<TIME>\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:\d{2}))?)
   | (?P<DAYS>\d+d\b)
   | (?P<NUMBER>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
-  | (?P<NAME>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_][A-Za-z0-9_\-]*)*)
+  | (?P<NAME>""" + NAME_PATTERN + r""")
   | (?P<OP>!=|<=|>=|=|<|>)
   | (?P<PUNCT>[()\[\],.])
 """, re.VERBOSE)
-_KEYWORDS = {"AND", "OR", "NOT", "IN", "CONTAINS", "EXISTS", "BETWEEN"}
 _FUNCTIONS = {"event", "score", "segment"}
 
 
@@ -83,7 +85,7 @@ def tokenize(text: str) -> list[Token]:
         kind = match.lastgroup or ""
         if kind != "space":
             value = match.group()
-            if kind == "NAME" and value.upper() in _KEYWORDS:
+            if kind == "NAME" and value.upper() in KEYWORDS:
                 kind, value = "KEYWORD", value.upper()
             tokens.append(Token(kind, value, position))
         position = match.end()
@@ -95,6 +97,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.tokens = tokenize(text)
         self.index = 0
+        self.depth = 0  # parentheses and NOTs open around the current token
 
     @property
     def current(self) -> Token:
@@ -142,14 +145,26 @@ class _Parser:
 
     def unary(self) -> Rule:
         if self.at("KEYWORD", "NOT"):
-            start = self.take().position
-            return Not(self.unary(), position=start)
+            start = self.nest().position
+            rule: Rule = Not(self.unary(), position=start)
+            self.depth -= 1
+            return rule
         if self.at("PUNCT", "("):
-            self.take()
+            self.nest()
             rule = self.any_of()
             self.expect("PUNCT", ")")
+            self.depth -= 1
             return rule
         return self.condition()
+
+    def nest(self) -> Token:
+        """Takes a NOT or a '(', refusing nesting deeper than a valid rule's: a rule validation accepts prints
+        with at most MAX_RULE_DEPTH of them open at once, and the parser's recursion stays bounded."""
+        if self.depth == MAX_RULE_DEPTH:
+            raise RuleSyntaxError(f"parentheses and NOTs nest at most {MAX_RULE_DEPTH} levels deep",
+                                  self.current.position)
+        self.depth += 1
+        return self.take()
 
     def condition(self) -> Condition:
         token = self.expect("NAME", what="a condition (traits.<name>, computed.<name>, event(...), score(...), "
@@ -230,7 +245,10 @@ class _Parser:
         value = parse_time(token.text)
         if value is None:
             raise RuleSyntaxError(f"{token.text!r} is not a valid time", token.position)
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:00:00-02:00 is in the year 10000 in UTC
+            raise RuleSyntaxError(f"{token.text!r} is not in the years 1-9999 in UTC", token.position) from None
 
     def comparison(self, parts: dict[str, int], prefix: str = "") -> Comparison:
         """A comparison; records where its operator and operands start in `parts` (under `prefix`), by the
@@ -274,8 +292,7 @@ class _Parser:
     def value(self) -> Scalar:
         token = self.take()
         if token.kind == "STRING":
-            text: str = json.loads(token.text)
-            return text
+            return _string_of(token)
         if token.kind == "NUMBER":
             return float(token.text)
         if token.kind == "NAME" and token.text in ("true", "false"):
@@ -286,9 +303,23 @@ class _Parser:
         raise RuleSyntaxError(f"expected a value (\"text\", a number, true or false), found {found}", token.position)
 
     def string(self) -> str:
-        token = self.expect("STRING", what="a quoted name")
+        return _string_of(self.expect("STRING", what="a quoted name"))
+
+
+def _string_of(token: Token) -> str:
+    """The text of a STRING token: a JSON string that is UTF-8 text (what a proto string and the stored rule
+    can hold)."""
+    try:
         text: str = json.loads(token.text)
-        return text
+        text.encode()
+    except json.JSONDecodeError as error:
+        raise RuleSyntaxError(f"not a valid string ({error.msg.removesuffix(' at').lower()}; strings are "
+                              "written as in JSON)",
+                              token.position + error.pos) from None
+    except UnicodeEncodeError:
+        raise RuleSyntaxError("not a valid string: a \\u escape of a lone surrogate is not text",
+                              token.position) from None
+    return text
 
 
 def parse(text: str) -> Rule:
@@ -312,7 +343,8 @@ def format_value(value: Scalar) -> str:
 def format_time(value: datetime) -> str:
     utc = value.astimezone(UTC)
     fraction = f".{utc.microsecond:06d}".rstrip("0") if utc.microsecond else ""
-    return f"{utc:%Y-%m-%dT%H:%M:%S}{fraction}Z"
+    # The year explicitly in four digits: strftime's %Y does not pad years before 1000 on every platform.
+    return f"{utc.year:04d}-{utc:%m-%dT%H:%M:%S}{fraction}Z"
 
 
 def format_comparison(subject: str, comparison: Comparison) -> str:

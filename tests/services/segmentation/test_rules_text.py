@@ -98,6 +98,17 @@ def test_parse_reads_every_condition_kind() -> None:
     ("traits.a ~ 1", 9, "unexpected character '~'"),
     ('traits.since > 1997-01-01', 15, "quote times"),
     ("traits.a", 8, "expected an operator"),
+    # Nesting is bounded (MAX_RULE_DEPTH) instead of recursing until Python gives up.
+    ("(" * 33 + "traits.a = 1" + ")" * 33, 32, "nest at most 32 levels deep"),
+    ("NOT " * 33 + "traits.a = 1", 128, "nest at most 32 levels deep"),
+    ("traits.a = 1 AND (" + "NOT (" * 16 + "traits.b = 2" + ")" * 17, 97, "nest at most 32 levels deep"),
+    ("(" * 400 + "traits.a = 1" + ")" * 400, 32, "nest at most 32 levels deep"),
+    ("NOT " * 1200 + "traits.a = 1", 128, "nest at most 32 levels deep"),
+    # Strings are JSON strings holding UTF-8 text; times stay in the years 1-9999 in UTC.
+    ('traits.a = "a\tb"', 13, "not a valid string (invalid control character"),
+    ('traits.a = "\\x"', 12, "not a valid string (invalid \\escape"),
+    ('event("\\ud800").count(last 9d) > 1', 6, "lone surrogate"),
+    ('event("e").count(from 9999-12-31T23:00:00-02:00 to 9999-12-31T23:30:00Z) > 1', 22, "years 1-9999 in UTC"),
 ])
 def test_syntax_errors_point_at_the_offending_character(text: str, position: int, message: str) -> None:
     with pytest.raises(RuleSyntaxError) as caught:
@@ -140,7 +151,19 @@ def test_a_valid_rule_has_no_problems() -> None:
     ('NOT event("order").count(from 1997-02-01 to 1997-01-01) >= 1', "negate.event_count.window.between.end_time",
      "1997-01-01)", "the window is empty"),
     ('event("order").count(last 9d) >= 1.5', "event_count.count", "1.5", "whole number"),
-    ('event("order").count(last 9d) >= -1', "event_count.value", "-1", "at least 0"),
+    ('event("order").count(last 9d) BETWEEN 1 AND 2.5', "event_count.count_upper", "2.5", "whole number"),
+    # Counts are int64 in the Rule message: larger ones are refused, not left to fail its conversion.
+    ('event("order").count(last 9d) >= 1e30', "event_count.count", "1e30", "at most 9223372036854775807"),
+    ('event("order").count(last 9d) BETWEEN 1 AND 99999999999999999999', "event_count.count_upper",
+     "99999999999999999999", "at most 9223372036854775807"),
+    ('event("order").count(last 9d) = 9223372036854775807', "event_count.count", "9223372036854775807",
+     "at most 9223372036854775807"),  # rounds to 2**63 as a float
+    ('event("order").count(last 9d) >= "x"', "event_count.count", '"x"', "expected a number"),
+    ('event("order").count(last 9d) BETWEEN 1 AND 1e999', "event_count.count_upper", "1e999", "must be finite"),
+    ('event("order").count(from 0999-12-31 to 1997-01-01) >= 1', "event_count.window.between.start_time",
+     "0999-12-31", "in the years 1000-9999"),
+    ('event("order").count(last 9d) >= -1', "event_count.count", "-1", "at least 0"),
+    ('event("order").count(last 9d) BETWEEN -1 AND 1', "event_count.count", "-1 AND", "at least 0"),
     ('event("order").count(last 9d) CONTAINS 1', "event_count.operator", "CONTAINS", "does not apply to a number"),
     ('event("order").sum(amount, last 9d) > "lots"', "event_aggregate.value", '"lots"', "expected a number"),
     ('event("order").sum(amount, last 9d) BETWEEN 9 AND 1', "event_aggregate.value_upper", "1", "lower <= upper"),
@@ -150,6 +173,10 @@ def test_a_valid_rule_has_no_problems() -> None:
     ('score("models/churn") > 1.5', "score.value", "1.5", "at most 1"),
     ('score("churn") > 0.5', "score.model", '"churn"', "not a model name"),
     ('score("models/churn").percentile > 101', "score.value", "101", "at most 100"),
+    ('score("models/churn") BETWEEN 0.5 AND 2', "score.value_upper", "2", "at most 1"),
+    ('traits.a IN [1, 1e999]', "trait.values[1]", "1, 1e999", "must be finite"),
+    ('(traits.a = 1 AND ' * 32 + 'traits.b = 2' + ')' * 32 + ' AND traits.c = 3',
+     "all.rules[0]" + ".all.rules[1]" * 31, "traits.a = 1 AND traits.b = 2)", "nest at most 32 levels deep"),
     ('computed.lifecycle_stage > "new"', "trait.operator", '> "new"', "is categorical: > does not apply"),
     ('computed.rfm.segment BETWEEN "at_risk" AND "loyal"', "trait.operator", "BETWEEN", "is categorical"),
     ('computed.lifecycle_stage >= 2', "trait.value", "2", "cannot be compared with a number"),
@@ -203,3 +230,67 @@ def test_every_problem_is_reported() -> None:
     problems = problems_of('computed.nope = 1 AND event("").count(last 0d) >= 1')
     assert [p[0] for p in problems] == ["all.rules[0].trait.field", "all.rules[1].event_count.event_name",
                                         "all.rules[1].event_count.window.last_days"]
+
+
+AT_LEAST_ONE = Comparison(Operator.GREATER_OR_EQUAL, (1.0,))
+IS_ONE = Comparison(Operator.EQUAL, (1.0,))
+
+
+def count_with_filter(property_name: str) -> EventCountCondition:
+    return EventCountCondition("order", (PropertyFilter(property_name, IS_ONE),), LastDays(9), AT_LEAST_ONE)
+
+
+def sum_of(property_name: str) -> EventAggregateCondition:
+    return EventAggregateCondition("order", property_name, Aggregation.SUM, (), LastDays(9), AT_LEAST_ONE)
+
+
+# Rules given as trees whose names the text form cannot write: a saved rule is stored as text and parsed
+# back on every read, so validation refuses them (their text does not parse).
+@pytest.mark.parametrize(("rule", "path", "fragment"), [
+    (count_with_filter("in"), "event_count.filters[0].property", "'in' is a keyword of the rule text"),
+    (count_with_filter("Not"), "event_count.filters[0].property", "is a keyword"),
+    (count_with_filter("EXISTS"), "event_count.filters[0].property", "is a keyword"),
+    (sum_of("between"), "event_aggregate.property", "is a keyword"),
+    (sum_of("and"), "event_aggregate.property", "is a keyword"),
+    (sum_of("amount.1"), "event_aggregate.property", "is not a property name"),
+    (count_with_filter("a.-b"), "event_count.filters[0].property", "is not a property name"),
+    (TraitCondition("traits.x.1", IS_ONE), "trait.field", "unknown field 'traits.x.1'"),
+    (TraitCondition("traits.a.-b", IS_ONE), "trait.field", "unknown field 'traits.a.-b'"),
+    (TraitCondition("traits.", IS_ONE), "trait.field", "unknown field"),
+])
+def test_names_the_text_form_cannot_write_are_refused(rule: EventCountCondition, path: str, fragment: str) -> None:
+    problems = validate(rule)
+    assert [p.path for p in problems] == [path]
+    assert fragment in problems[0].description
+    with pytest.raises(RuleSyntaxError):
+        parse(format_rule(rule))
+
+
+def test_window_times_stay_in_four_digit_years() -> None:
+    def window_from(year: int) -> EventCountCondition:
+        return EventCountCondition("order", (), FixedRange(datetime(year, 1, 1, tzinfo=UTC),
+                                                           datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
+                                   AT_LEAST_ONE)
+
+    # Year 1 printed as `1-01-01T...` once; it is written in four digits now, and still refused: readers
+    # subtract margins from window starts.
+    assert format_rule(window_from(1)).startswith('event("order").count(from 0001-01-01T00:00:00Z to ')
+    for year in (1, 999):
+        assert [(p.path, p.description) for p in validate(window_from(year))] == [
+            ("event_count.window.between.start_time",
+             f"must be in the years 1000-9999, got {year:04d}-01-01T00:00:00+00:00")]
+    edge = window_from(1000)
+    assert validate(edge) == []
+    assert format_rule(edge) == 'event("order").count(from 1000-01-01T00:00:00Z to 9999-12-31T23:59:59Z) >= 1'
+    assert parse(format_rule(edge)) == edge
+
+
+def test_names_and_nesting_at_the_limits_round_trip() -> None:
+    deepest = "NOT " * 32 + "traits.a = 1"
+    grouped = "(traits.a = 1 AND " * 31 + "traits.b = 2" + ")" * 31 + " AND traits.c = 3"
+    names = 'event("order", _in-stock.v2 = true).sum(in_, last 9d) > 1 AND traits.a-b.c_d.Not EXISTS'
+    for text in (deepest, grouped, names):
+        rule = parse(text)
+        assert validate(rule) == []
+        assert format_rule(rule) == text
+        assert parse(format_rule(rule)) == rule
