@@ -7,9 +7,9 @@ by `rules.validate`. One-child groups collapse to their child (one canonical tre
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 
 from services.segmentation.rules import (
@@ -37,6 +37,9 @@ from shared.errors import Violations
 
 _OPERATORS = list(Operator)  # in onecdp.segmentation.v1.Operator order, from 1
 _AGGREGATIONS = list(Aggregation)  # in onecdp.segmentation.v1.Aggregation order, from 1
+# The proto documents SCORE_FIELD_UNSPECIFIED as the probability.
+_SCORE_FIELDS = {pb.SCORE_FIELD_UNSPECIFIED: ScoreField.PROBABILITY, pb.SCORE_FIELD_PROBABILITY: ScoreField.PROBABILITY,
+                 pb.SCORE_FIELD_PERCENTILE: ScoreField.PERCENTILE}
 
 
 def _operator(value: int, path: str, violations: Violations) -> Operator | None:
@@ -98,19 +101,31 @@ def _window(message: pb.TimeWindow, has_window: bool, path: str, violations: Vio
         if not between.HasField("start_time") or not between.HasField("end_time"):
             violations.add(f"{path}.between", "start_time and end_time are required")
             return None
-        return FixedRange(between.start_time.ToDatetime(tzinfo=UTC), between.end_time.ToDatetime(tzinfo=UTC))
+        start = _time(between.start_time, f"{path}.between.start_time", violations)
+        end = _time(between.end_time, f"{path}.between.end_time", violations)
+        return FixedRange(start, end) if start is not None and end is not None else None
     violations.add(path, "a window is required: last_days or between")
     return None
 
 
-def _filters(filters: list[pb.PropertyFilter], path: str, violations: Violations) -> tuple[PropertyFilter, ...]:
+def _time(timestamp: timestamp_pb2.Timestamp, path: str, violations: Violations) -> datetime | None:
+    try:
+        return timestamp.ToDatetime(tzinfo=UTC)
+    except ValueError as error:  # seconds beyond the years 1-9999 or nanos beyond 0-999,999,999
+        violations.add(path, f"not a valid time: {error}")
+        return None
+
+
+def _filters(filters: list[pb.PropertyFilter], path: str,
+             violations: Violations) -> tuple[PropertyFilter, ...] | None:
+    """The filters, or None (violations added) when one of them is malformed: never a rule without it."""
     result = []
     for index, item in enumerate(filters):
         comparison = _comparison(item.operator, item.value, list(item.values), has_value=item.HasField("value"),
                                  path=f"{path}[{index}]", violations=violations)
         if comparison is not None:
             result.append(PropertyFilter(item.property, comparison))
-    return tuple(result)
+    return tuple(result) if len(result) == len(filters) else None
 
 
 def rule_from_message(message: pb.Rule, path: str, violations: Violations) -> Rule | None:
@@ -142,7 +157,7 @@ def rule_from_message(message: pb.Rule, path: str, violations: Violations) -> Ru
         filters = _filters(list(count.filters), f"{path}.event_count.filters", violations)
         window = _window(count.window, count.HasField("window"), f"{path}.event_count.window", violations)
         numeric = _numeric(count.operator, count.count, count.count_upper, f"{path}.event_count", violations)
-        if window is None or numeric is None:
+        if filters is None or window is None or numeric is None:
             return None
         return EventCountCondition(count.event_name, filters, window, numeric)
     if which == "event_aggregate":
@@ -156,16 +171,20 @@ def rule_from_message(message: pb.Rule, path: str, violations: Violations) -> Ru
             aggregation = _AGGREGATIONS[aggregate.aggregation - 1]
         else:
             violations.add(f"{here}.aggregation", "an aggregation is required: SUM, AVERAGE, MIN or MAX")
-        if window is None or numeric is None or aggregation is None:
+        if filters is None or window is None or numeric is None or aggregation is None:
             return None
         return EventAggregateCondition(aggregate.event_name, aggregate.property, aggregation, filters, window,
                                        numeric)
     if which == "score":
         score = message.score
         numeric = _numeric(score.operator, score.value, score.value_upper, f"{path}.score", violations)
-        score_field = ScoreField.PERCENTILE if score.score_field == pb.SCORE_FIELD_PERCENTILE \
-            else ScoreField.PROBABILITY
-        return ScoreCondition(score.model, score_field, numeric) if numeric is not None else None
+        score_field = _SCORE_FIELDS.get(score.score_field)
+        if score_field is None:
+            violations.add(f"{path}.score.score_field", f"unknown score field {score.score_field}: "
+                                                        "SCORE_FIELD_PROBABILITY or SCORE_FIELD_PERCENTILE")
+        if numeric is None or score_field is None:
+            return None
+        return ScoreCondition(score.model, score_field, numeric)
     if which == "segment":
         return SegmentCondition(segment_id_of_reference(message.segment.segment))
     violations.add(path, "a rule node is required: all, any, negate, trait, event_count, event_aggregate, score or "
