@@ -7,8 +7,10 @@
 
 NOT binds tighter than AND, AND tighter than OR. The canonical text (what `format_rule` writes)
 upper-cases keywords, writes times in UTC with `Z`, numbers without a needless `.0`, and puts a group
-inside another group in parentheses, so `parse(format_rule(rule)) == rule` for every rule and
-`format_rule(parse(text)) == text` for canonical text.
+inside another group in parentheses, so `parse(format_rule(rule)) == rule` for every rule
+`rules.validate` accepts and `format_rule(parse(text)) == text` for canonical text. Names are not
+quoted: validation refuses the ones the tokenizer would not read back (keywords, parts starting with a
+digit). Parentheses and NOTs nest at most MAX_RULE_DEPTH deep, which every valid rule's text respects.
 """
 
 from __future__ import annotations
