@@ -256,8 +256,29 @@ class SegmentCatalog:
                           reason="CONCURRENT_UPDATE")
         if rule_changed and self.on_rule_changed is not None:
             self.on_rule_changed(segment_id)
+            # Segments referring to this one evaluate its rule inline (`segment("x")` is x's rule, not x's
+            # stored members), so each recompute stands alone and their order does not matter; each is
+            # started as its own operation, shown on its segment.
+            for dependent in self.dependents_of(segment_id):
+                try:
+                    self.on_rule_changed(dependent)
+                except NotFound:  # deleted meanwhile: nothing to recompute
+                    continue
             return self.get(segment_id)  # with the operation computing it
         return self._segment(updated)
+
+    def dependents_of(self, segment_id: str) -> list[str]:
+        """The segments that refer to `segment_id`, directly or through others, each once, sorted."""
+        references = self._references()
+        found: set[str] = set()
+        pending = [segment_id]
+        while pending:
+            current = pending.pop()
+            for user, referenced in references.items():
+                if current in referenced and user not in found and user != segment_id:
+                    found.add(user)
+                    pending.append(user)
+        return sorted(found)
 
     def delete(self, segment_id: str, etag: str) -> None:
         current = self.record(segment_id)
