@@ -135,6 +135,16 @@ def _domain_error(error: grpc.RpcError, what: str) -> DomainError:
                        "retry with backoff", reason="PROFILE_UNAVAILABLE")
 
 
+def profile_shards(stub: profile_grpc.ProfileServiceStub, shard_count: int = DEFAULT_SHARDS) -> list[str]:
+    """Profile's shard tokens (ListProfileShards): together they cover every profile once."""
+    try:
+        response = stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=shard_count),
+                                          timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
+    except grpc.RpcError as error:
+        raise _domain_error(error, "listing profile shards") from error
+    return list(response.shards)
+
+
 class GrpcProfileSource(ReadsByStarting):
     """Histories from the profile service."""
 
@@ -143,11 +153,7 @@ class GrpcProfileSource(ReadsByStarting):
         self._shard_count = shard_count
 
     def shards(self) -> list[str]:
-        try:
-            response = self._stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=self._shard_count))
-        except grpc.RpcError as error:
-            raise _domain_error(error, "listing profile shards") from error
-        return list(response.shards)
+        return profile_shards(self._stub, self._shard_count)
 
     def histories_of_shard(self, shard: str, before: datetime) -> Iterator[PersonHistory]:
         request = profile_pb.ScanProfilesRequest(shard=shard, read_mask=_PERSON_ID_ONLY, include_events=True,
@@ -334,21 +340,80 @@ def _refused_selectors(error: grpc.RpcError) -> dict[int, str]:
 
 
 class GrpcScoreWriter:
-    """Writes scores back to profile as traits with BatchWriteTraits (at most 1,000 writes per call)."""
+    """Writes scores back to profile as traits with BatchWriteTraits (at most 1,000 writes per call), and
+    deletes the score traits that must not stay: those of persons a refresh found ineligible, and all of a
+    deleted model's. A delete is a write of null values dated when it is made, so a score written later (by
+    event time: a refresh of a model created again with the same id) is never undone by it."""
 
-    def __init__(self, stub: profile_grpc.ProfileServiceStub) -> None:
+    def __init__(self, stub: profile_grpc.ProfileServiceStub, shard_count: int = DEFAULT_SHARDS) -> None:
         self._stub = stub
+        self._shard_count = shard_count
 
     def write_scores(self, model_id: str, scores: Sequence[PersonScore], written_at: datetime) -> None:
         score_trait, percentile_trait = score_trait_names(model_id)
-        for start in range(0, len(scores), MAX_TRAIT_WRITES):
-            request = profile_pb.BatchWriteTraitsRequest()
-            for score in scores[start:start + MAX_TRAIT_WRITES]:
-                write = request.writes.add(person_id=score.person_id, source=SCORES_SOURCE,
-                                           party=common_pb2.DATA_PARTY_FIRST)
-                write.traits.update({score_trait: score.probability, percentile_trait: score.percentile})
-                write.event_time.FromDatetime(written_at)
+        self._write([(score.person_id, {score_trait: score.probability, percentile_trait: score.percentile})
+                     for score in scores], written_at, "writing scores back to profile")
+
+    def clear_scores(self, model_id: str, person_ids: Sequence[str], cleared_at: datetime) -> int:
+        """Delete the model's score traits of those of `person_ids` that hold one (a refresh's ineligible
+        persons: their old score would otherwise stay in segments); returns how many persons held one.
+
+        Persons are read first (BatchGetProfiles of the two traits) so that someone ineligible at every
+        refresh gets no new delete each time."""
+        names = score_trait_names(model_id)
+        holders: list[str] = []
+        for start in range(0, len(person_ids), MAX_PERSONS_PER_READ):
+            selectors = [common_pb2.PersonSelector(person_id=p) for p in person_ids[start:start + MAX_PERSONS_PER_READ]]
+            request = profile_pb.BatchGetProfilesRequest(persons=selectors, read_mask=_score_traits_mask(names))
             try:
-                self._stub.BatchWriteTraits(request, timeout=WRITE_TIMEOUT_SECONDS)
+                response = self._stub.BatchGetProfiles(request, timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
             except grpc.RpcError as error:
-                raise _domain_error(error, "writing scores back to profile") from error
+                raise _domain_error(error, "reading which persons hold a score") from error
+            holders += [result.profile.person_id for result in response.results
+                        if result.found and _holds_any(result.profile, names)]
+        self._delete(names, holders, cleared_at)
+        return len(holders)
+
+    def clear_all_scores(self, model_id: str, cleared_at: datetime) -> int:
+        """Delete the model's score traits from every profile holding one (a deleted model's scores must not
+        stay in segments); returns how many persons held one. Scans every profile (traits only, no events)."""
+        names = score_trait_names(model_id)
+        cleared = 0
+        for shard in profile_shards(self._stub, self._shard_count):
+            request = profile_pb.ScanProfilesRequest(shard=shard, read_mask=_score_traits_mask(names),
+                                                     batch_size=MAX_TRAIT_WRITES)
+            try:
+                for batch in self._stub.ScanProfiles(request, timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS)):
+                    holders = [scanned.profile.person_id for scanned in batch.profiles
+                               if _holds_any(scanned.profile, names)]
+                    self._delete(names, holders, cleared_at)
+                    cleared += len(holders)
+            except grpc.RpcError as error:
+                raise _domain_error(error, f"scanning profile shard {shard} for scores") from error
+        return cleared
+
+    def _delete(self, names: Sequence[str], person_ids: Sequence[str], cleared_at: datetime) -> None:
+        deleted: dict[str, float | None] = dict.fromkeys(names)
+        self._write([(person_id, deleted) for person_id in person_ids], cleared_at, "deleting scores from profile")
+
+    def _write(self, traits_by_person: Sequence[tuple[str, dict[str, float | None]]], event_time: datetime,
+               what: str) -> None:
+        """BatchWriteTraits of each person's traits (a None value deletes the trait), 1,000 persons a call."""
+        for start in range(0, len(traits_by_person), MAX_TRAIT_WRITES):
+            request = profile_pb.BatchWriteTraitsRequest()
+            for person_id, traits in traits_by_person[start:start + MAX_TRAIT_WRITES]:
+                write = request.writes.add(person_id=person_id, source=SCORES_SOURCE, party=common_pb2.DATA_PARTY_FIRST)
+                write.traits.update(traits)
+                write.event_time.FromDatetime(event_time)
+            try:
+                self._stub.BatchWriteTraits(request, timeout=deadline.timeout_within(WRITE_TIMEOUT_SECONDS))
+            except grpc.RpcError as error:
+                raise _domain_error(error, what) from error
+
+
+def _score_traits_mask(names: Sequence[str]) -> field_mask_pb2.FieldMask:
+    return field_mask_pb2.FieldMask(paths=["person_id", *(f"traits.{name}" for name in names)])
+
+
+def _holds_any(profile: profile_pb.Profile, names: Sequence[str]) -> bool:
+    return any(name in profile.traits for name in names)

@@ -287,6 +287,10 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
 
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext) -> pb.DeleteModelResponse:
         model_id = parse_model_name(request.name)
+        self._registry.get_model(model_id)  # NOT_FOUND before any profile is touched
+        # Scores first: when clearing fails the model is still there and the call can be retried, while a
+        # model deleted first would leave its scores in profiles (and segments) with nothing to retry.
+        self._writer.clear_all_scores(model_id, _now())
         self._registry.delete_model(model_id)
         self._predictor.forget_model(model_id)
         return pb.DeleteModelResponse()

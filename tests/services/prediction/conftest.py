@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -16,9 +17,8 @@ from shared.migrations import migrate_service
 from shared.runner import RunningService, start_service
 
 
-@pytest.fixture
-def prediction_service(grpc_settings: GrpcSettings,
-                       cassandra_settings: CassandraSettings) -> Iterator[RunningService]:
+@contextmanager
+def _running(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings) -> Iterator[RunningService]:
     service = start_service(DEFINITION, grpc_settings, cassandra_settings, port=0)
     try:
         yield service
@@ -26,10 +26,33 @@ def prediction_service(grpc_settings: GrpcSettings,
         service.stop(None)
 
 
+@contextmanager
+def _stub(service: RunningService) -> Iterator[pb_grpc.PredictionServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        yield pb_grpc.PredictionServiceStub(channel)
+
+
+@pytest.fixture
+def prediction_service(grpc_settings: GrpcSettings,
+                       cassandra_settings: CassandraSettings) -> Iterator[RunningService]:
+    """The service alone: for calls that never reach profile (models, versions, operations, bad requests)."""
+    with _running(grpc_settings, cassandra_settings) as service:
+        yield service
+
+
 @pytest.fixture
 def prediction(prediction_service: RunningService) -> Iterator[pb_grpc.PredictionServiceStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{prediction_service.port}") as channel:
-        yield pb_grpc.PredictionServiceStub(channel)
+    with _stub(prediction_service) as stub:
+        yield stub
+
+
+@pytest.fixture
+def prediction_over_profile(grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings,
+                            profile_service: RunningService) -> Iterator[pb_grpc.PredictionServiceStub]:
+    """The service with the real profile service behind it (DeleteModel clears scores from profiles)."""
+    settings = grpc_settings.model_copy(update={"profile_target": f"127.0.0.1:{profile_service.port}"})
+    with _running(settings, cassandra_settings) as service, _stub(service) as stub:
+        yield stub
 
 
 @pytest.fixture

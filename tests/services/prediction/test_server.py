@@ -75,7 +75,8 @@ def error_of(call: Callable[..., Any], request: Any) -> tuple[grpc.StatusCode, s
     return error.code(), reason, fields, error.details()
 
 
-def test_create_get_list_delete(prediction: Stub) -> None:
+def test_create_get_list_delete(prediction_over_profile: Stub) -> None:
+    prediction = prediction_over_profile
     model = create(prediction, "buyers-30", display_name="Will buy in 30 days")
     assert model.name == "models/buyers-30" and model.display_name == "Will buy in 30 days"
     # Defaults are resolved and shown: conversion targets `order`, 100 of each class.
@@ -149,8 +150,9 @@ def test_bad_names_and_tokens_are_invalid_argument(prediction: Stub, call: str, 
     assert code == grpc.StatusCode.INVALID_ARGUMENT and fields == [field]
 
 
-def test_versions_list_get_activate_and_roll_back(prediction: Stub, service_registry: ModelRegistry,
+def test_versions_list_get_activate_and_roll_back(prediction_over_profile: Stub, registry: ModelRegistry,
                                                   trained: TrainedModel) -> None:
+    prediction, service_registry = prediction_over_profile, registry
     create(prediction, "conv")
     cutoffs, validation = [day("2024-01-01")], day("2024-04-01")
     for _ in range(3):
