@@ -1,0 +1,69 @@
+"""Rules past the limits of the text form and the Rule message are INVALID_ARGUMENT naming the part, over
+real gRPC and Cassandra (they were INTERNAL: RecursionError, int64 overflow), and rules at the limits are
+stored and read back."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2, timestamp_pb2
+from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
+
+from tests.services.segmentation.test_segments import Stub, create, failure
+
+pytestmark = pytest.mark.integration
+
+DEEPEST = "NOT " * 32 + "traits.a = 1"
+LARGEST_COUNT = 2**63 - 1024  # the largest float below 2**63: counts are floats in rules, int64 in messages
+
+
+def test_rules_past_the_limits_are_refused_naming_the_part(segmentation: Stub) -> None:
+    too_deep = "(" * 400 + "traits.a = 1" + ")" * 400
+    for text, expected in [
+        (too_deep, "at character 33: parentheses and NOTs nest at most 32 levels deep"),
+        ("NOT " * 1200 + "traits.a = 1", "at character 129: parentheses and NOTs nest at most 32 levels deep"),
+        ('event("order").count(last 9d) >= 1e30',
+         "at character 34: an event count is at most 9223372036854775807 (int64), got 1e+30"),
+        ('event("order").count(last 9d) BETWEEN 1 AND 99999999999999999999',
+         "at character 45: an event count is at most 9223372036854775807 (int64), got 1e+20"),
+        ('score("models/churn") BETWEEN 0.5 AND 2',
+         "at character 39: must be at most 1, got 2 (rule.score.value_upper"),
+    ]:
+        code, _, fields = failure(segmentation.ParseSegmentRule, pb.ParseSegmentRuleRequest(rule_text=text))
+        assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["rule_text"]), text
+        assert fields["rule_text"].startswith(expected), fields
+        code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+            segment_id="past-limits", segment=pb.Segment(rule_text=text)))
+        assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["segment.rule_text"]), text
+        assert fields["segment.rule_text"].startswith(expected), fields
+
+    # The tree form: a property named after a keyword would be stored as text that does not parse back.
+    keyword = pb.Rule(event_count=pb.EventCountCondition(
+        event_name="order", window=pb.TimeWindow(last_days=9), operator=pb.OPERATOR_GREATER, count=1,
+        filters=[pb.PropertyFilter(property="in", operator=pb.OPERATOR_EQUAL, value=struct_pb2.Value(number_value=1))]))
+    unknown_score_field = pb.Rule(score=pb.ScoreCondition(model="models/churn", score_field=7,  # type: ignore[arg-type]
+                                                          operator=pb.OPERATOR_GREATER, value=0.5))
+    before_year_1 = pb.Rule(event_count=pb.EventCountCondition(
+        event_name="order", operator=pb.OPERATOR_GREATER, count=1, window=pb.TimeWindow(between=pb.FixedRange(
+            start_time=timestamp_pb2.Timestamp(seconds=-62135596801), end_time=timestamp_pb2.Timestamp(seconds=0)))))
+    for rule, field, expected in [
+        (keyword, "segment.rule.event_count.filters[0].property", "'in' is a keyword of the rule text"),
+        (unknown_score_field, "segment.rule.score.score_field", "unknown score field 7"),
+        (before_year_1, "segment.rule.event_count.window.between.start_time", "not a valid time"),
+    ]:
+        code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+            segment_id="past-limits", segment=pb.Segment(rule=rule)))
+        assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, [field])
+        assert fields[field].startswith(expected), fields
+
+
+def test_rules_at_the_limits_are_stored_and_read_back(segmentation: Stub) -> None:
+    deepest = create(segmentation, "deepest", DEEPEST)
+    largest = create(segmentation, "largest", f'event("order").count(last 9d) BETWEEN 0 AND {LARGEST_COUNT}')
+    assert deepest.rule_text == DEEPEST
+    assert largest.rule.event_count.count_upper == LARGEST_COUNT
+    listed = segmentation.ListSegments(pb.ListSegmentsRequest(), timeout=10)
+    assert {s.name: s.rule_text for s in listed.segments} == {
+        "segments/deepest": DEEPEST,
+        "segments/largest": 'event("order").count(last 9d) BETWEEN 0 AND 9.223372036854775e+18'}
+    assert segmentation.GetSegment(pb.GetSegmentRequest(name="segments/largest"), timeout=10).rule == largest.rule
