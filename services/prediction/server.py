@@ -41,6 +41,8 @@ from services.prediction.registry import Model, ModelRegistry, ModelVersion, Ope
 from services.prediction.scoring import PersonScore
 from services.prediction.serving import Predictor, ScorerCache
 from services.prediction.spec import (
+    EARLIEST_PREDICTION_TIME,
+    LATEST_PREDICTION_TIME,
     MAX_DISPLAY_NAME_LENGTH,
     MODEL_ID,
     ModelSpec,
@@ -218,8 +220,32 @@ def _version_id(model_id: str | None, requested: str, field_path: str, violation
     return version_id
 
 
-def _time_or_now(holder: timestamp_pb2.Timestamp, present: bool) -> datetime:
-    return holder.ToDatetime(tzinfo=UTC) if present else _now()
+_EARLIEST_SECONDS = int(EARLIEST_PREDICTION_TIME.timestamp())
+_LATEST_SECONDS = int(LATEST_PREDICTION_TIME.timestamp())
+_TIME_RANGE = (f"{EARLIEST_PREDICTION_TIME:%Y-%m-%dT%H:%M:%SZ} (no stored event is older) to "
+               f"{LATEST_PREDICTION_TIME:%Y-%m-%dT%H:%M:%SZ}")
+
+
+def _time(holder: timestamp_pb2.Timestamp, field_path: str, violations: Violations) -> datetime | None:
+    """The time a request names, or None after adding its violation: times outside the range would overflow
+    the date arithmetic of horizons and windows (or not be dates at all, from a binary client)."""
+    if not 0 <= holder.nanos < 1_000_000_000:
+        violations.add(field_path, f"nanos must be 0-999999999, got {holder.nanos}")
+        return None
+    if not _EARLIEST_SECONDS <= holder.seconds <= _LATEST_SECONDS:
+        try:
+            shown = holder.ToJsonString()
+        except ValueError:  # not a date protobuf can show (beyond years 1-9999)
+            shown = f"{holder.seconds} seconds from 1970-01-01"
+        violations.add(field_path, f"must be from {_TIME_RANGE}, got {shown}")
+        return None
+    return holder.ToDatetime(tzinfo=UTC)
+
+
+def _time_or_now(holder: timestamp_pb2.Timestamp, present: bool, field_path: str,
+                 violations: Violations) -> datetime | None:
+    """`_time` of the field when it is set, else now."""
+    return _time(holder, field_path, violations) if present else _now()
 
 
 def _score_message(score: PersonScore, model_version: str) -> pb.Score:
@@ -331,14 +357,17 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         violations = Violations()
         model_id = _collect(violations, lambda: parse_model_name(request.name))
         violations.check(bool(request.training_cutoffs), "training_cutoffs", "at least one training cutoff is required")
-        violations.check(request.HasField("validation_cutoff"), "validation_cutoff", "required")
+        cutoffs = [_time(cutoff, f"training_cutoffs[{index}]", violations)
+                   for index, cutoff in enumerate(request.training_cutoffs)]
+        validation_cutoff = (_time(request.validation_cutoff, "validation_cutoff", violations)
+                             if violations.check(request.HasField("validation_cutoff"), "validation_cutoff",
+                                                 "required") else None)
         violations.check(request.seed >= 0, "seed", f"must not be negative, got {request.seed}")
         violations.raise_if_any("the training request is invalid", reason="INVALID_TRAINING_REQUEST")
-        assert model_id is not None
+        assert model_id is not None and validation_cutoff is not None
         training = TrainingRequest(
-            model_id=model_id, training_cutoffs=tuple(t.ToDatetime(tzinfo=UTC) for t in request.training_cutoffs),
-            validation_cutoff=request.validation_cutoff.ToDatetime(tzinfo=UTC), seed=request.seed or 1,
-            activate=request.activate)
+            model_id=model_id, training_cutoffs=tuple(c for c in cutoffs if c is not None),
+            validation_cutoff=validation_cutoff, seed=request.seed or 1, activate=request.activate)
         operation = start_training(self._registry, training)
         self._submit(Job(
             name=f"train {model_name(model_id)}",
@@ -349,8 +378,11 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
 
     def RefreshScores(self, request: pb.RefreshScoresRequest,
                       context: grpc.ServicerContext) -> operations_pb2.Operation:
-        model_id = parse_model_name(request.name)
-        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"))
+        violations = Violations()
+        model_id = _collect(violations, lambda: parse_model_name(request.name))
+        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"), "as_of_time", violations)
+        violations.raise_if_any()
+        assert model_id is not None and as_of is not None
         scoring = self._predictor.scoring_version(model_id)
         operation = start_refresh(self._registry, scoring)
         self._submit(Job(
@@ -375,9 +407,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         person = _person_ref(request.person, "person", violations)
         version_id = _version_id(model_id, request.model_version, "model_version", violations)
         top = _top_features(request.top_features, DEFAULT_TOP_FEATURES, "top_features", violations)
+        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"), "as_of_time", violations)
         violations.raise_if_any()
-        assert model_id is not None and person is not None
-        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"))
+        assert model_id is not None and person is not None and as_of is not None
         scoring, score = self._predictor.score(model_id, version_id, person, as_of, top)
         return _score_message(score, scoring.name)
 
@@ -409,9 +441,10 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         full = request.view != pb.SCORE_VIEW_BASIC
         violations.check(full or not top, f"{field_prefix}top_features",
                          "top features come with the FULL view; ask for SCORE_VIEW_FULL or leave top_features 0")
+        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"), f"{field_prefix}as_of_time",
+                             violations)
         violations.raise_if_any()
-        assert model_id is not None
-        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"))
+        assert model_id is not None and as_of is not None
         scoring = self._predictor.scoring_version(model_id, version_id)
         scored = self._predictor.score_many(scoring, persons, as_of, top)
         return batch_response_bytes(scored, scoring.name, as_of, full)
@@ -456,9 +489,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                           context: grpc.ServicerContext) -> pb.PersonFeatures:
         violations = Violations()
         person = _person_ref(request.person, "person", violations)
+        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"), "as_of_time", violations)
         violations.raise_if_any()
-        assert person is not None
-        as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"))
+        assert person is not None and as_of is not None
         person_id, values = self._predictor.features(person, as_of)
         # NaN is kept: it is how training and scoring see a value that does not exist (LightGBM's missing).
         message = pb.PersonFeatures(person_id=person_id, values=values)

@@ -10,8 +10,10 @@ from typing import Any, cast
 import grpc
 import pytest
 from google.longrunning import operations_pb2
+from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
+from onecdp.common.v1 import common_pb2
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
@@ -148,6 +150,49 @@ def test_bad_names_and_tokens_are_invalid_argument(prediction: Stub, call: str, 
                                                    field: str) -> None:
     code, _, fields, _ = error_of(getattr(prediction, call), request_message)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and fields == [field]
+
+
+def _at(text: str) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromJsonString(text)
+    return stamp
+
+
+def test_times_outside_the_supported_range_are_invalid_argument_naming_the_field(prediction: Stub) -> None:
+    """Times a grpcurl user can type (years 1 and 9999) and ones only a binary client can send (beyond year
+    9999, bad nanos) are refused before any date arithmetic could overflow on them."""
+    create(prediction, "churners", pb.ModelSpec(kind=pb.PREDICTION_KIND_CHURN, horizon_days=90))
+    model, person = "models/churners", common_pb2.PersonSelector(person_id="p1")
+    year_1, year_9999 = _at("0001-01-01T00:00:00Z"), _at("9999-12-01T00:00:00Z")
+    beyond_9999 = timestamp_pb2.Timestamp(seconds=253_402_300_800)  # 10000-01-01
+    bad_nanos = timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=-1)
+
+    code, reason, fields, message = error_of(prediction.TrainModel, pb.TrainModelRequest(
+        name=model, training_cutoffs=[year_9999, _at("2024-01-01T00:00:00Z"), year_1],
+        validation_cutoff=_at("9999-12-31T00:00:00Z")))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TRAINING_REQUEST")
+    assert fields == ["training_cutoffs[0]", "training_cutoffs[2]", "validation_cutoff"]
+    assert "from 1990-01-01T00:00:00Z" in message and "to 9000-01-01T00:00:00Z, got 9999-12-01T00:00:00Z" in message
+    code, _, fields, message = error_of(prediction.TrainModel, pb.TrainModelRequest(
+        name=model, training_cutoffs=[beyond_9999], validation_cutoff=bad_nanos))
+    assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["training_cutoffs[0]", "validation_cutoff"])
+    assert "got 253402300800 seconds from 1970-01-01" in message and "nanos must be 0-999999999" in message
+
+    for call, request in [
+        (prediction.ScorePerson, pb.ScorePersonRequest(model=model, person=person, as_of_time=year_1)),
+        (prediction.ScorePerson, pb.ScorePersonRequest(model=model, person=person, as_of_time=bad_nanos)),
+        (prediction.BatchScorePersons, pb.BatchScorePersonsRequest(model=model, persons=[person],
+                                                                   as_of_time=year_1)),
+        (prediction.RefreshScores, pb.RefreshScoresRequest(name=model, as_of_time=year_1)),
+        (prediction.RefreshScores, pb.RefreshScoresRequest(name=model, as_of_time=year_9999)),
+        (prediction.GetPersonFeatures, pb.GetPersonFeaturesRequest(person=person, as_of_time=beyond_9999)),
+    ]:
+        code, _, fields, _ = error_of(call, request)
+        assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["as_of_time"]), request
+    streamed = list(prediction.StreamScorePersons(iter([pb.StreamScorePersonsRequest(
+        batch=pb.BatchScorePersonsRequest(model=model, persons=[person], as_of_time=year_9999))]), timeout=10))
+    assert streamed[0].result.error.code == "INVALID_ARGUMENT"
+    assert "requests[0].batch.as_of_time" in streamed[0].result.error.message
 
 
 def test_versions_list_get_activate_and_roll_back(prediction_over_profile: Stub, registry: ModelRegistry,
