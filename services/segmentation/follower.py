@@ -27,6 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 
@@ -65,6 +66,15 @@ class PersonSource(Protocol):
                 events: EventReads) -> Mapping[str, ProfileFacts | None]: ...
 
 
+@dataclass(frozen=True)
+class _Refreshed:
+    """What a refresh did: how many (person, segment) pairs it evaluated, who entered and who exited, by segment."""
+
+    evaluated: int
+    entered: dict[str, list[str]]
+    exited: dict[str, list[str]]
+
+
 class Memberships:
     """Decides and records enters/exits of persons in segments, outside batch recomputes."""
 
@@ -99,12 +109,22 @@ class Memberships:
     def refresh(self, persons: Mapping[str, set[str]], cause: str, rules: Mapping[str, Rule] | None = None,
                 now: datetime | None = None) -> int:
         """Evaluate each person against the given segments now; record enters/exits with `cause`."""
+        return self._refresh(persons, cause, rules, now).evaluated
+
+    def reconcile(self, segment_id: str, person_ids: Sequence[str], cause: str) -> tuple[list[str], list[str]]:
+        """`refresh` of one segment for these persons: their facts read now, decided against the members
+        stored now; returns who entered and who exited."""
+        refreshed = self._refresh({person_id: {segment_id} for person_id in person_ids}, cause, None, None)
+        return refreshed.entered.get(segment_id, []), refreshed.exited.get(segment_id, [])
+
+    def _refresh(self, persons: Mapping[str, set[str]], cause: str, rules: Mapping[str, Rule] | None,
+                 now: datetime | None) -> _Refreshed:
         now = now or self._clock()
         rules = rules if rules is not None else self._catalog.rules()
         segments_of = {p: {s for s in segment_ids if s in rules} for p, segment_ids in persons.items()}
         segments_of = {p: segment_ids for p, segment_ids in segments_of.items() if segment_ids}
         if not segments_of:
-            return 0
+            return _Refreshed(0, {}, {})
         evaluated_rules = [rules[s] for segment_ids in segments_of.values() for s in segment_ids]
         facts = self._source.persons(sorted(segments_of), now, events_read(set(evaluated_rules), rules, now))
         pairs = [(segment_id, person_id) for person_id, segment_ids in segments_of.items()
@@ -135,7 +155,7 @@ class Memberships:
         for segment_id in sorted(set(entered) | set(exited)):
             self._store.apply_changes(segment_id, entered.get(segment_id, []), exited.get(segment_id, []), cause, now)
         self._store.schedule(due)
-        return len(pairs)
+        return _Refreshed(len(pairs), entered, exited)
 
     def sweep_due(self, day: date, now: datetime, limit: int = DUE_PAGE) -> int:
         """Evaluate again, against every segment, the persons due on `day` by `now`; returns how many."""

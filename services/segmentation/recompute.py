@@ -3,9 +3,10 @@ that outlives the process running it.
 
 Each shard is scanned (profile's ScanProfiles) by its own worker and evaluated with the same
 `evaluation.matches` the rest of the service uses; the matches are then diffed against the stored
-members and the difference recorded as enters/exits with cause `recompute`. Persons whose value can change
-with time alone (a `last N days` window) are scheduled for the real-time sweeper. Progress (shards done,
-profiles scanned) is saved after every shard so GetOperation can show it.
+members and the difference recorded as enters/exits with cause `recompute`, except for the persons real time
+may have decided about during the scan: those are decided again from fresh facts (`Memberships.reconcile`).
+Persons whose value can change with time alone (a `last N days` window) are scheduled for the real-time
+sweeper. Progress (shards done, profiles scanned) is saved after every shard so GetOperation can show it.
 
 An operation is owned: the process running it holds its lease (`follower_leases`, name
 `operations/<id>`) and lists it in `running_operations` until it is done. Each process's supervisor
@@ -26,19 +27,24 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from services.segmentation.catalog import SegmentCatalog, SegmentState
 from services.segmentation.evaluation import ProfileFacts, compile_rule
 from services.segmentation.realtime import EventReads, compile_next_change, dependencies_of, events_read
 from services.segmentation.rules import Rule
-from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore
+from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore, cursor_before, ticks_of
+from shared import changefeed
+from shared.changefeed import with_unsettled
 from shared.errors import DomainError, InvalidArgument, NotFound, StatusCode
 from shared.leases import FollowerLease, new_owner
+
+if TYPE_CHECKING:  # profile_source imports this module
+    from services.segmentation.profile_source import FeedChange
 
 log = logging.getLogger(__name__)
 # Within one run, a passing profile or Cassandra failure is retried this many times in all.
@@ -57,6 +63,10 @@ DEFAULT_PARALLELISM = min(8, max(2, os.cpu_count() or 2))
 MAX_PARALLELISM = 64
 SHARDS_PER_WORKER = 2
 CAUSE = "recompute"
+# Persons decided again with fresh facts per round (one BatchGetProfiles read of them, chunked by profile).
+RECONCILE_BATCH = 1000
+CHANGES_PAGE = 5000
+PROFILE_CHANGES_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,8 @@ def profile_reads(rules: Iterable[Rule], all_rules: Mapping[str, Rule], as_of: d
 class ProfileSource(Protocol):
     def shards(self, count: int) -> list[str]: ...
 
+    def changes(self, cursor: str, limit: int) -> tuple[list[FeedChange], str]: ...
+
     def scan(self, shard: str, as_of: datetime, events: EventReads,
              fields: ProfileReads = EVERY_FIELD) -> Iterator[list[ProfileFacts]]: ...
 
@@ -93,6 +105,12 @@ class _Owned:
     stop: threading.Event
 
 
+class Reconciler(Protocol):
+    """Decides persons' membership of a segment again from fresh facts (follower.Memberships)."""
+
+    def reconcile(self, segment_id: str, person_ids: Sequence[str], cause: str) -> tuple[list[str], list[str]]: ...
+
+
 class RunStopped(Exception):
     """A run ends early: its lease was lost (another process runs the operation now) or its process stops."""
 
@@ -103,8 +121,8 @@ def lease_name(operation_id: str) -> str:
 
 class Recomputer:
     def __init__(self, catalog: SegmentCatalog, store: SegmentStore, source: ProfileSource,
-                 max_running: int = 2, *, lease_seconds: int = LEASE_SECONDS, max_attempts: int = MAX_ATTEMPTS,
-                 retry_base_seconds: float = 2.0) -> None:
+                 max_running: int = 2, *, reconciler: Reconciler, lease_seconds: int = LEASE_SECONDS,
+                 max_attempts: int = MAX_ATTEMPTS, retry_base_seconds: float = 2.0) -> None:
         self._catalog = catalog
         self._store = store
         self._source = source
@@ -112,6 +130,7 @@ class Recomputer:
         self._max_attempts = max_attempts
         self._retry_base = retry_base_seconds
         self._owner = new_owner()
+        self._reconciler = reconciler
         self._runner = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="segment-recompute")
         # The operations this process owns, running or queued.
         self._runs: dict[str, _Owned] = {}
@@ -360,9 +379,45 @@ class Recomputer:
         if stop.is_set():
             raise RunStopped()  # the diff below belongs to whoever owns the operation now
         current = self._store.member_ids(segment_id)
-        entered = sorted(matched - current)
-        exited = sorted(current - matched)
+        # The scan saw each profile as of its start; real time may have decided about some persons since, from
+        # newer facts. Those are decided again now, with fresh facts, against the members stored now (as real
+        # time decides), so that a recompute never undoes a newer decision; the others as the scan says.
+        moved = self._moved_since(segment_id, as_of) & (matched ^ current)
+        entered = sorted(matched - current - moved)
+        exited = sorted(current - matched - moved)
         self._store.apply_changes(segment_id, entered, exited, CAUSE, datetime.now(UTC))
+        members = matched - moved
+        pending = sorted(moved)
+        for start in range(0, len(pending), RECONCILE_BATCH):
+            if stop.is_set():
+                raise RunStopped()
+            persons = pending[start:start + RECONCILE_BATCH]
+            now_in, now_out = self._reconciler.reconcile(segment_id, persons, CAUSE)
+            members.update(p for p in persons if p in now_in or (p in current and p not in now_out))
+            entered += now_in
+            exited += now_out
         self._store.set_state(segment_id, SegmentState.READY, record.revision, datetime.now(UTC))
-        return replace(operation, done=True, member_count=len(matched), entered_count=len(entered),
+        return replace(operation, done=True, member_count=len(members), entered_count=len(entered),
                        exited_count=len(exited))
+
+    def _moved_since(self, segment_id: str, since: datetime) -> set[str]:
+        """The persons real time may have decided about since `since`: those of the profile changes stamped
+        from a settle time before it (a change lands up to that late), settled or not, and those whose
+        membership of the segment changed since (a time window passing)."""
+        moved: set[str] = set()
+        start = with_unsettled(str(cursor_before(ticks_of(since - timedelta(seconds=changefeed.SETTLE_SECONDS)))))
+        while True:
+            changes, _ = self._source.changes(start, PROFILE_CHANGES_PAGE)
+            for change in changes:
+                moved.add(change.person_id)
+                moved.update(change.merged_person_ids)
+            if len(changes) < PROFILE_CHANGES_PAGE:
+                break
+            start = with_unsettled(str(changes[-1].change_id))
+        after = cursor_before(ticks_of(since))
+        while True:
+            page = self._store.changes_page(segment_id, after, CHANGES_PAGE)
+            moved.update(change.person_id for change in page)
+            if len(page) < CHANGES_PAGE:
+                return moved
+            after = page[-1].change_id

@@ -6,15 +6,15 @@ time-window expiry) starts with the service and stops with it.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import grpc
-from cassandra.util import min_uuid_from_time
 from google.longrunning import operations_pb2
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
@@ -35,7 +35,7 @@ from services.segmentation.messages import rule_from_message, rule_to_message
 from services.segmentation.model_directory import GrpcModelDirectory
 from services.segmentation.profile_source import GrpcProfileSource
 from services.segmentation.recompute import Recomputer
-from services.segmentation.store import OperationRecord, SegmentStore
+from services.segmentation.store import LAST_CHANGE_TICKS, OperationRecord, SegmentStore, cursor_before
 from services.segmentation.text import RuleSyntaxError, format_rule, parse
 from shared.changefeed import FEED_START, parse_cursor, time_of
 from shared.clients import prediction_stub, profile_stub
@@ -99,6 +99,24 @@ def operation_message(operation: OperationRecord) -> operations_pb2.Operation:
             member_count=operation.member_count, entered_count=operation.entered_count,
             exited_count=operation.exited_count, elapsed_seconds=operation.elapsed_seconds))
     return message
+
+
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_TIMESTAMP_SECONDS = range(-62_135_596_800, 253_402_300_800)
+
+
+def cursor_from(start: timestamp_pb2.Timestamp, field_path: str) -> uuid.UUID:
+    """The change cursor that the changes at or after `start` follow (to the 100 ns of a change id). A start
+    before the first time a change id can name (1582-10-15) starts from the first change ("everything since
+    0001-01-01" is everything); one after the last (5236-03-31), or not a valid Timestamp, is INVALID_ARGUMENT
+    on `field_path`."""
+    if start.seconds not in _TIMESTAMP_SECONDS or not 0 <= start.nanos < 1_000_000_000:
+        raise InvalidArgument.for_field(field_path, f"not a valid Timestamp (seconds {start.seconds}, nanos "
+                                                    f"{start.nanos}): 0001-01-01 to 9999-12-31, nanos 0-999999999")
+    ticks = start.seconds * 10_000_000 + start.nanos // 100
+    if ticks >= LAST_CHANGE_TICKS:
+        raise InvalidArgument.for_field(field_path, "must be before 5236-03-31, the last time a change can have")
+    return cursor_before(ticks)
 
 
 def _member(person_id: str, enter_time: datetime) -> pb.SegmentMember:
@@ -170,9 +188,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         if position is not None:
             after = parse_cursor(position)
         elif request.HasField("start_time"):
-            # The smallest time UUID of the millisecond before start_time: changes at start_time are included.
-            start = request.start_time.ToDatetime(tzinfo=UTC).timestamp()
-            after = min_uuid_from_time(start - 0.001)
+            after = cursor_from(request.start_time, "start_time")
         else:
             after = None
         self._catalog.record(segment_id)
@@ -291,7 +307,8 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
     models = GrpcModelDirectory(prediction_stub(context.grpc_settings))
     catalog = SegmentCatalog(store, model_exists=models.model_exists)
     source = GrpcProfileSource(profile_stub(context.grpc_settings))
-    recomputer = Recomputer(catalog, store, source)
+    memberships = Memberships(catalog, store, source)
+    recomputer = Recomputer(catalog, store, source, reconciler=memberships)
 
     def compute_at_once(segment_id: str) -> None:
         # A new segment or rule is computed at once (state COMPUTING until it finishes).
@@ -299,7 +316,7 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
 
     catalog.on_rule_changed = compute_at_once
     recomputer.start_supervisor()
-    follower = FeedFollower(Memberships(catalog, store, source), store, source)
+    follower = FeedFollower(memberships, store, source)
     follower.start()
     # Stopped in order: the follower first (it may be mid-page), then the recomputes.
     context.on_stop(follower.stop)

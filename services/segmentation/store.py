@@ -9,10 +9,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
+from shared.changefeed import FEED_START
 from shared.leases import FollowerLease
 
 CATALOG = 0  # the one partition of the segments table (and of running_operations)
@@ -20,6 +21,31 @@ _OPERATION_COLUMNS = ("operation_id, segment_id, done, shards_done, shards_total
                       "member_count, entered_count, exited_count, elapsed_seconds, error_code, error_message, "
                       "attempt, parallelism, revision")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+_UUID_EPOCH_TICKS = 0x01B21DD213814000  # 100-ns ticks from 1582-10-15 (a time UUID's zero) to 1970-01-01
+LAST_CHANGE_TICKS = (1 << 60) - _UUID_EPOCH_TICKS  # a time UUID's 60-bit clock ends in 5236
+# The greatest clock sequence and node in Cassandra's timeuuid order (compared as signed bytes), as in
+# cassandra.util.max_uuid_from_time.
+_MAX_CLOCK_SEQ, _MAX_NODE = 0x3F7F, 0x7F7F7F7F7F7F
+
+
+def ticks_of(when: datetime) -> int:
+    """`when` in 100-ns ticks since 1970-01-01 UTC."""
+    return (when - _EPOCH) // timedelta(microseconds=1) * 10
+
+
+def cursor_before(ticks: int) -> uuid.UUID:
+    """The cursor that the changes stamped at or after `ticks` (100 ns since 1970, before
+    `LAST_CHANGE_TICKS`) follow: the last possible change id of the tick before. Before the first time a
+    change id can name (1582-10-15), the feed's start."""
+    if ticks >= LAST_CHANGE_TICKS:
+        raise ValueError(f"{ticks} is past the last time a change id can name")
+    before = ticks + _UUID_EPOCH_TICKS - 1
+    if before < 0:
+        return FEED_START
+    return uuid.UUID(fields=(before & 0xFFFFFFFF, (before >> 32) & 0xFFFF, 0x1000 | (before >> 48),
+                             0x80 | (_MAX_CLOCK_SEQ >> 8), _MAX_CLOCK_SEQ & 0xFF, _MAX_NODE))
 
 
 @dataclass(frozen=True)

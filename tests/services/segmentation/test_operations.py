@@ -16,6 +16,7 @@ from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
 from bench.common import free_port, service_env, start_service_process
 from services.segmentation.catalog import RuleInput, SegmentCatalog, SegmentState
+from services.segmentation.follower import Memberships
 from services.segmentation.profile_source import GrpcProfileSource
 from services.segmentation.recompute import LEASE_SECONDS, MAX_ATTEMPTS, Recomputer, lease_name
 from services.segmentation.server import DEFINITION as SEGMENTATION
@@ -131,7 +132,7 @@ def test_a_segment_left_computing_without_an_operation_is_completed(
     source = GrpcProfileSource(profile_stub(grpc_settings.model_copy(
         update={"profile_target": f"127.0.0.1:{profile_service.port}"})))
 
-    recomputer = Recomputer(catalog, store, source)
+    recomputer = Recomputer(catalog, store, source, reconciler=Memberships(catalog, store, source))
     try:
         # Within the grace time the segment's own process may still be starting its operation.
         assert recomputer.complete_stuck() == []
@@ -155,7 +156,8 @@ def test_a_segment_left_computing_without_an_operation_is_completed(
     updated = catalog.update("pros", ["rule_text"], display_name="", description="", etag="",
                              rule_input=RuleInput(parse('traits.plan EXISTS'), "segment.rule_text", from_text=True))
     assert (updated.state, updated.revision, updated.operation_id) == (SegmentState.COMPUTING, 2, "")
-    supervised = Recomputer(catalog, store, source, lease_seconds=1)
+    supervised = Recomputer(catalog, store, source, reconciler=Memberships(catalog, store, source),
+                            lease_seconds=1)
     supervised.start_supervisor()
     try:
         end = time.monotonic() + 60

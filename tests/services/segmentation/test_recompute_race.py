@@ -1,0 +1,92 @@
+"""A recompute never undoes a newer real-time decision: persons who entered or left through real time while
+the recompute scanned (from facts newer than its scan saw) keep that decision, over the real profile service
+and Cassandra."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
+
+from services.segmentation.catalog import RuleInput, SegmentCatalog
+from services.segmentation.evaluation import ProfileFacts
+from services.segmentation.follower import Memberships
+from services.segmentation.profile_source import GrpcProfileSource
+from services.segmentation.realtime import EventReads
+from services.segmentation.recompute import EVERY_FIELD, ProfileReads, Recomputer
+from services.segmentation.store import OperationRecord, SegmentStore
+from services.segmentation.text import parse
+from shared.cassandra import CassandraSession
+from shared.changefeed import FEED_START
+from tests.services.segmentation.conftest import identify, ingest
+
+pytestmark = pytest.mark.integration
+
+
+class ChangesAfterTheScan(GrpcProfileSource):
+    """The real profile source; once every shard is scanned, `after_scan` runs (what happens in the world
+    between a recompute's scan and its diff)."""
+
+    def __init__(self, stub: profile_grpc.ProfileServiceStub) -> None:
+        super().__init__(stub)
+        self.after_scan: Callable[[], None] = lambda: None
+        self._unscanned = 0
+
+    def shards(self, count: int) -> list[str]:
+        shards = super().shards(count)
+        self._unscanned = len(shards)
+        return shards
+
+    def scan(self, shard: str, as_of: datetime, events: EventReads,
+             fields: ProfileReads = EVERY_FIELD) -> Iterator[list[ProfileFacts]]:
+        yield from super().scan(shard, as_of, events, fields)
+        self._unscanned -= 1
+        if self._unscanned == 0:
+            self.after_scan()
+
+
+def recomputed(recomputer: Recomputer, store: SegmentStore, segment_id: str) -> OperationRecord:
+    started = recomputer.start(segment_id, parallelism=1)  # one worker: the shards are scanned one after another
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        operation = store.get_operation(started.operation_id)
+        if operation is not None and operation.done:
+            return operation
+        time.sleep(0.2)
+    raise AssertionError(f"the recompute of {segment_id} did not finish")
+
+
+def test_a_recompute_keeps_real_time_decisions_taken_during_its_scan(
+        segmentation_session: CassandraSession, profiles: profile_grpc.ProfileServiceStub) -> None:
+    long_ago = (datetime.now(UTC) - timedelta(days=3)).replace(tzinfo=None).isoformat()
+    ids = ingest(profiles, identify("ann", long_ago, {"plan": "free"}), identify("bob", long_ago, {"plan": "pro"}),
+                 identify("cat", long_ago, {"plan": "pro"}))
+    ann, bob, cat = ids["ann"], ids["bob"], ids["cat"]
+    store = SegmentStore(segmentation_session)
+    catalog = SegmentCatalog(store)  # recomputes started by hand
+    catalog.create("pros", "", "", RuleInput(parse('traits.plan = "pro"'), "segment.rule_text", True))
+    source = ChangesAfterTheScan(profiles)
+    recomputer = Recomputer(catalog, store, source, reconciler=Memberships(catalog, store, source))
+    try:
+        first = recomputed(recomputer, store, "pros")
+        assert (first.error_code, store.member_ids("pros")) == (None, {bob, cat})
+        seen = store.changes_page("pros", FEED_START, 100)[-1].change_id
+
+        def real_time_moves_ann_and_bob() -> None:
+            # Ann turns pro and bob free after the scan read them; real time applies both at once.
+            now = datetime.now(UTC).replace(tzinfo=None).isoformat()
+            ingest(profiles, identify("ann", now, {"plan": "pro"}), identify("bob", now, {"plan": "free"}))
+            Memberships(catalog, store, source).refresh({ann: {"pros"}, bob: {"pros"}}, "realtime")
+
+        source.after_scan = real_time_moves_ann_and_bob
+        second = recomputed(recomputer, store, "pros")
+    finally:
+        recomputer.stop()
+    assert second.error_code is None
+    assert store.member_ids("pros") == {ann, cat}
+    assert [(c.person_id, c.entered, c.cause) for c in store.changes_page("pros", seen, 100)] == [
+        (ann, True, "realtime"), (bob, False, "realtime")]
+    assert (second.member_count, second.entered_count, second.exited_count) == (2, 0, 0)
