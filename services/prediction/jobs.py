@@ -5,6 +5,15 @@ number the version or pick the active one, record the operation); `run_training`
 the long part on the service's worker thread and record progress and the outcome on the operation,
 so GetOperation can report it. Both check `should_stop` at each progress point, so a stopping
 service ends its operations as ABORTED instead of leaving them running forever.
+
+A process that dies without stopping (SIGKILL, OOM kill, node lost) cannot end its operations: the
+registry's operation leases do (see registry.py). The process that starts an operation holds its lease
+from before the operation exists until it is finished, queued or running; once the lease has expired,
+the next read of the operation (GetOperation) or of its version ends it as ABORTED, telling the caller
+to start it again. A run whose lease was taken that way stops at its next progress point. The
+operation is not taken over and run again by another replica: what kills a training process is most
+often the training itself (memory), so a second replica would likely die the same way, and the caller
+who asked for it is the one to decide whether to try again.
 """
 
 from __future__ import annotations
@@ -55,19 +64,33 @@ def start_training(registry: ModelRegistry, request: TrainingRequest,
     """Validate, create the TRAINING version and its operation; NotFound / InvalidArgument at once."""
     spec = registry.get_model(request.model_id).spec
     check_cutoffs(spec, request.training_cutoffs, request.validation_cutoff)
-    version = registry.start_version(request.model_id, request.training_cutoffs, request.validation_cutoff, now())
-    return registry.create_operation(OperationKind.TRAIN, request.model_id, now(), version_id=version.version_id,
-                                     stage=STAGE_QUEUED)
+    # Owned before the version exists: a version TRAINING is never without a live or expired lease.
+    operation_id = registry.own_new_operation()
+    try:
+        version = registry.start_version(request.model_id, request.training_cutoffs, request.validation_cutoff,
+                                         now(), operation_id=operation_id)
+        return registry.create_operation(OperationKind.TRAIN, request.model_id, now(),
+                                         version_id=version.version_id, stage=STAGE_QUEUED,
+                                         operation_id=operation_id)
+    except BaseException:
+        # A version written before the failure is failed by its next read, once the lease is free.
+        registry.leases.release(operation_id)
+        raise
 
 
 def _never() -> bool:
     return False
 
 
-def _check_stop(should_stop: Callable[[], bool]) -> None:
+def _check_stop(should_stop: Callable[[], bool], registry: ModelRegistry, operation_id: str) -> None:
     if should_stop():
         raise Aborted("the prediction service stopped before the operation finished; start it again",
                       reason="SERVICE_STOPPING")
+    if not registry.leases.holds(operation_id):
+        # Another process found the lease expired (this one was paused too long) and ended the operation:
+        # its outcome is recorded already, so this run only stops.
+        raise Aborted("this process lost the operation's lease; the operation was ended without it",
+                      reason="OPERATION_LEASE_LOST")
 
 
 def run_training(registry: ModelRegistry, source: ProfileSource, operation: Operation, request: TrainingRequest,
@@ -89,7 +112,7 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
     def progress(stage: str, persons: int) -> None:
         # persons_processed only grows: persons scanned while features are built, then all of them. The
         # total is known once the scan has ended (profile has no cheap count of persons).
-        _check_stop(should_stop)
+        _check_stop(should_stop, registry, operation.operation_id)
         scanned[0] = max(scanned[0], persons)
         if stage == STAGE_FEATURES and time.monotonic() - last_report[0] < PROGRESS_INTERVAL_SECONDS:
             return
@@ -172,7 +195,7 @@ def run_refresh(registry: ModelRegistry, source: ProfileSource, writer: ScoreWri
             for history in source.histories_of_shard(shard, as_of):
                 batch.append(history)
                 if len(batch) >= REFRESH_BATCH:
-                    _check_stop(should_stop)
+                    _check_stop(should_stop, registry, operation.operation_id)
                     batch_scored, batch_ineligible = _refresh_batch(writer, scoring, batch, as_of, now())
                     scored, ineligible = scored + batch_scored, ineligible + batch_ineligible
                     batch = []
@@ -180,7 +203,7 @@ def run_refresh(registry: ModelRegistry, source: ProfileSource, writer: ScoreWri
             scored, ineligible = scored + batch_scored, ineligible + batch_ineligible
             registry.report_progress(operation.operation_id, now(), stage="scoring", persons_processed=scored,
                                      shards_done=done, shards_total=len(shards))
-            _check_stop(should_stop)
+            _check_stop(should_stop, registry, operation.operation_id)
     except DomainError as error:
         return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
                                          error_code=error.code.value, error_message=error.message,

@@ -3,10 +3,24 @@
 Every statement is prepared once and bound through CassandraSession. Writes to a model row are
 lightweight transactions, so creation is exclusive, version numbers are never handed out twice and
 activation cannot resurrect a deleted model.
+
+An operation outlives the process running it. The registry that creates an operation holds its lease
+(shared.leases.FollowerLease, name `operations/<id>`, the mechanism segmentation's recomputes use) and
+renews it on a thread of its own until the operation is finished. Reading an operation that is not
+done, or a version still TRAINING, checks its lease: when it has expired (the process was killed,
+its node lost) the reader takes it and ends the operation as ABORTED and fails its version, so a
+caller polling GetOperation gets an answer within the lease time. The end of an operation (`done`)
+and of a version (`state`) are written only with lightweight transactions conditioned on their not
+having ended, so a reader ending an abandoned operation and its owner finishing it late cannot both
+win. Like every lease here it is a hint, not a fence: an owner paused longer than the lease finds its
+operation ended and stops at its next progress point.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -19,9 +33,13 @@ from services.prediction.metrics import ModelMetrics
 from services.prediction.spec import ModelSpec, PredictionKind, version_name
 from services.prediction.training import TrainedModel
 from shared.cassandra import CassandraSession
-from shared.errors import AlreadyExists, FailedPrecondition, NotFound
+from shared.errors import Aborted, AlreadyExists, DomainError, FailedPrecondition, NotFound
+from shared.leases import FollowerLease, new_owner
 
+log = logging.getLogger(__name__)
 SCOPE = "models"
+# The lease of a running operation: renewed every third of this, ended by a reader once it has expired.
+LEASE_SECONDS = 15
 # How many times version numbering retries a lost compare-and-set before giving up (each retry is a race lost).
 MAX_CAS_ATTEMPTS = 20
 
@@ -62,6 +80,7 @@ class ModelVersion:
     score_quantiles: tuple[float, ...] = ()
     best_iteration: int = 0
     failure_message: str = ""
+    operation_id: str = ""  # the operation training it ("" for versions trained before operations had leases)
 
 
 @dataclass(frozen=True)
@@ -106,7 +125,7 @@ _MODEL_COLUMNS = ("model_id, display_name, kind, event_names, horizon_days, elig
 _VERSION_COLUMNS = ("model_id, version_id, state, kind, event_names, horizon_days, eligibility_days, min_class_count, "
                     "feature_names, training_cutoffs, validation_cutoff, roc_auc, log_loss, calibration_error, "
                     "top_decile_lift, training_examples, validation_examples, training_positive_rate, "
-                    "validation_positive_rate, importance, best_iteration, failure_message, create_time")
+                    "validation_positive_rate, importance, best_iteration, failure_message, create_time, operation_id")
 _OPERATION_COLUMNS = ("operation_id, kind, model_id, version_id, stage, persons_processed, persons_total, "
                       "persons_ineligible, shards_done, shards_total, start_time, update_time, done, error_code, "
                       "error_message, elapsed_seconds")
@@ -133,7 +152,7 @@ def _version_of(row: Any, score_quantiles: Sequence[float] = ()) -> ModelVersion
         feature_names=tuple(row.feature_names or ()), metrics=metrics,
         importance=tuple((name, gain) for name, gain in row.importance or ()),
         score_quantiles=tuple(score_quantiles), best_iteration=row.best_iteration or 0,
-        failure_message=row.failure_message or "")
+        failure_message=row.failure_message or "", operation_id=row.operation_id or "")
 
 
 def _operation_of(row: Any) -> Operation:
@@ -158,9 +177,88 @@ def _version_not_found(model_id: str, version_id: int) -> NotFound:
                     metadata={"model_version": name})
 
 
-class ModelRegistry:
-    def __init__(self, session: CassandraSession) -> None:
+def lease_name(operation_id: str) -> str:
+    return f"operations/{operation_id}"
+
+
+def abandoned_message(kind: OperationKind) -> str:
+    """What a caller reads on an operation whose process stopped without finishing it."""
+    rpc = "TrainModel" if kind is OperationKind.TRAIN else "RefreshScores"
+    return (f"the process running this operation stopped (it was killed or its node was lost) before the "
+            f"operation finished; start it again with {rpc}")
+
+
+class OperationLeases:
+    """The leases of the operations one process owns, renewed every third of the lease time by a thread
+    that runs while there are any. A lease found taken by another (a reader ended the operation as
+    abandoned while this process was paused) is lost for good: its run stops at the next progress point."""
+
+    def __init__(self, session: CassandraSession, ttl_seconds: int) -> None:
         self._session = session
+        self.ttl_seconds = ttl_seconds
+        self.owner = new_owner()
+        self._held: dict[str, FollowerLease] = {}
+        self._lost: set[str] = set()
+        self._lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+
+    def take(self, operation_id: str) -> None:
+        """Own a new operation: its lease is taken before its rows exist, so none is ever seen unowned."""
+        lease = FollowerLease(self._session, lease_name(operation_id), ttl_seconds=self.ttl_seconds,
+                              owner=self.owner)
+        if not lease.hold():
+            raise Aborted(f"operation operations/{operation_id} is already owned by another process; retry",
+                          reason="OPERATION_OWNED")
+        with self._lock:
+            self._held[operation_id] = lease
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew, name="operation-leases", daemon=True)
+                self._renewer.start()
+
+    def holds(self, operation_id: str) -> bool:
+        with self._lock:
+            return operation_id in self._held and operation_id not in self._lost
+
+    def release(self, operation_id: str) -> None:
+        """Give an operation's lease back once the operation is done (or failed to start)."""
+        with self._lock:
+            lease = self._held.pop(operation_id, None)
+            self._lost.discard(operation_id)
+        if lease is None:
+            return
+        try:
+            lease.release()
+        except DomainError as error:  # the operation is done: its lease matters no more and expires anyway
+            log.warning("could not release an operation's lease; it expires by itself",
+                        extra={"operation": operation_id, "error": error.message})
+
+    def _renew(self) -> None:
+        while True:
+            time.sleep(self.ttl_seconds / 3)
+            with self._lock:
+                if not self._held:
+                    self._renewer = None  # the next take starts another
+                    return
+                renewing = [(operation_id, lease) for operation_id, lease in self._held.items()
+                            if operation_id not in self._lost]
+            for operation_id, lease in renewing:
+                try:
+                    held = lease.hold()
+                except DomainError as error:  # the next round tries again: two can fail within the lease time
+                    log.warning("could not renew an operation's lease",
+                                extra={"operation": operation_id, "error": error.message})
+                    continue
+                if not held:
+                    log.warning("lost the lease of a running operation; it was ended as abandoned",
+                                extra={"operation": operation_id})
+                    with self._lock:
+                        self._lost.add(operation_id)
+
+
+class ModelRegistry:
+    def __init__(self, session: CassandraSession, *, lease_seconds: int | None = None) -> None:
+        self._session = session
+        self.leases = OperationLeases(session, lease_seconds or LEASE_SECONDS)
 
     # ---- models
 
@@ -231,8 +329,9 @@ class ModelRegistry:
     # ---- versions
 
     def start_version(self, model_id: str, training_cutoffs: Sequence[datetime], validation_cutoff: datetime,
-                      now: datetime) -> ModelVersion:
-        """Number and record a new version in state TRAINING, with a copy of the model's spec."""
+                      now: datetime, operation_id: str = "") -> ModelVersion:
+        """Number and record a new version in state TRAINING, with a copy of the model's spec, trained by
+        `operation_id` (whose lease the caller holds already)."""
         for _ in range(MAX_CAS_ATTEMPTS):
             row = self._session.execute(
                 "SELECT last_version FROM models WHERE scope = ? AND model_id = ?", (SCOPE, model_id)).one()
@@ -249,43 +348,60 @@ class ModelRegistry:
                                      "trainings; retry", reason="VERSION_NUMBER_CONTENDED")
         version_id = last + 1
         spec = self.get_model(model_id).spec
+        # IF NOT EXISTS although the number is ours alone: `state` is only ever written by lightweight
+        # transactions, whose timestamps are Paxos ballots (a plain write's could order after them).
         self._session.execute(
             "INSERT INTO model_versions (model_id, version_id, state, kind, event_names, horizon_days, "
-            "eligibility_days, min_class_count, training_cutoffs, validation_cutoff, create_time) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "eligibility_days, min_class_count, training_cutoffs, validation_cutoff, create_time, operation_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
             (model_id, version_id, VersionState.TRAINING.value, spec.kind.value, list(spec.event_names),
              spec.horizon_days, spec.eligibility_days, spec.min_class_count, list(training_cutoffs),
-             validation_cutoff, now))
+             validation_cutoff, now, operation_id or None))
         return self.get_version(model_id, version_id)
 
     def finish_version(self, model_id: str, version_id: int, trained: TrainedModel, now: datetime) -> ModelVersion:
-        """Store a trained booster and its metrics; the version becomes READY."""
+        """Store a trained booster and its metrics; the version becomes READY. Aborted when the version is
+        no longer TRAINING (it was failed meanwhile, e.g. as abandoned while this process was paused)."""
         # The booster first: a READY version must always have its booster.
         self._session.execute(
             "INSERT INTO model_boosters (model_id, version_id, model_string) VALUES (?, ?, ?)",
             (model_id, version_id, zlib.compress(trained.model_string.encode(), 6)))
         metrics = trained.metrics
-        self._session.execute(
+        result = self._session.execute(
             "UPDATE model_versions SET state = ?, feature_names = ?, roc_auc = ?, log_loss = ?, "
             "calibration_error = ?, top_decile_lift = ?, training_examples = ?, validation_examples = ?, "
             "training_positive_rate = ?, validation_positive_rate = ?, importance = ?, score_quantiles = ?, "
-            "best_iteration = ?, create_time = ? WHERE model_id = ? AND version_id = ?",
+            "best_iteration = ?, create_time = ? WHERE model_id = ? AND version_id = ? IF state = ?",
             (VersionState.READY.value, list(trained.feature_names), metrics.roc_auc, metrics.log_loss,
              metrics.calibration_error, metrics.top_decile_lift, metrics.training_examples,
              metrics.validation_examples, metrics.training_positive_rate, metrics.validation_positive_rate,
              list(trained.importance), list(trained.score_quantiles), trained.best_iteration, now,
-             model_id, version_id))
+             model_id, version_id, VersionState.TRAINING.value))
+        if not result.was_applied:
+            version = self._read_version(model_id, version_id)
+            name = version_name(model_id, version_id)
+            raise Aborted(f"model version {name} is {version.state.value}, no longer training: "
+                          f"{version.failure_message or 'it ended meanwhile'}", reason="MODEL_VERSION_NOT_TRAINING",
+                          metadata={"model_version": name, "state": version.state.value})
         return self.get_version(model_id, version_id)
 
     def fail_version(self, model_id: str, version_id: int, message: str, now: datetime) -> ModelVersion:
+        """Fail a version that is still TRAINING; a version that ended already is left as it is."""
         self._session.execute(
             "UPDATE model_versions SET state = ?, failure_message = ?, create_time = ? "
-            "WHERE model_id = ? AND version_id = ?",
-            (VersionState.FAILED.value, message, now, model_id, version_id))
-        return self.get_version(model_id, version_id)
+            "WHERE model_id = ? AND version_id = ? IF state = ?",
+            (VersionState.FAILED.value, message, now, model_id, version_id, VersionState.TRAINING.value))
+        return self._read_version(model_id, version_id)
 
     def get_version(self, model_id: str, version_id: int, *, with_quantiles: bool = False) -> ModelVersion:
-        """One version; `with_quantiles` also reads the score distribution that scoring needs."""
+        """One version; `with_quantiles` also reads the score distribution that scoring needs. A version
+        TRAINING whose operation was abandoned is failed first."""
+        version = self._read_version(model_id, version_id, with_quantiles=with_quantiles)
+        if self._ended_abandoned_training(version):
+            version = self._read_version(model_id, version_id, with_quantiles=with_quantiles)
+        return version
+
+    def _read_version(self, model_id: str, version_id: int, *, with_quantiles: bool = False) -> ModelVersion:
         columns = f"{_VERSION_COLUMNS}, score_quantiles" if with_quantiles else _VERSION_COLUMNS
         row = self._session.execute(
             f"SELECT {columns} FROM model_versions WHERE model_id = ? AND version_id = ?",
@@ -303,7 +419,8 @@ class ModelRegistry:
             (model_id, before if before is not None else 2**31 - 1, page_size + 1))
         versions = [_version_of(row) for row in rows]
         more = len(versions) > page_size
-        versions = versions[:page_size]
+        versions = [self._read_version(model_id, version.version_id) if self._ended_abandoned_training(version)
+                    else version for version in versions[:page_size]]
         return versions, (versions[-1].version_id if more else None)
 
     def load_booster(self, model_id: str, version_id: int) -> str:
@@ -316,13 +433,26 @@ class ModelRegistry:
 
     # ---- operations
 
-    def create_operation(self, kind: OperationKind, model_id: str, now: datetime,
-                         version_id: int | None = None, stage: str = "") -> Operation:
+    def own_new_operation(self) -> str:
+        """A new operation id whose lease this registry holds (and renews) until the operation is finished."""
         operation_id = uuid.uuid4().hex
-        self._session.execute(
-            "INSERT INTO operations (operation_id, kind, model_id, version_id, stage, start_time, update_time, done) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (operation_id, kind.value, model_id, version_id, stage, now, now, False))
+        self.leases.take(operation_id)
+        return operation_id
+
+    def create_operation(self, kind: OperationKind, model_id: str, now: datetime, *,
+                         version_id: int | None = None, stage: str = "", operation_id: str = "") -> Operation:
+        """Record a running operation owned by this registry: `operation_id` from `own_new_operation`, or a
+        new one."""
+        operation_id = operation_id or self.own_new_operation()
+        try:
+            # IF NOT EXISTS although the id is new: `done` is only ever written by lightweight transactions.
+            self._session.execute(
+                "INSERT INTO operations (operation_id, kind, model_id, version_id, stage, start_time, update_time, "
+                "done) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+                (operation_id, kind.value, model_id, version_id, stage, now, now, False))
+        except DomainError:
+            self.leases.release(operation_id)
+            raise
         return self.get_operation(operation_id)
 
     def report_progress(self, operation_id: str, now: datetime, *, stage: str, persons_processed: int = 0,
@@ -335,17 +465,69 @@ class ModelRegistry:
     def finish_operation(self, operation_id: str, now: datetime, *, elapsed_seconds: float,
                          error_code: str | None = None, error_message: str = "",
                          persons_ineligible: int = 0) -> Operation:
-        self._session.execute(
-            "UPDATE operations SET done = ?, error_code = ?, error_message = ?, elapsed_seconds = ?, "
-            "persons_ineligible = ?, update_time = ? WHERE operation_id = ?",
-            (True, error_code, error_message, elapsed_seconds, persons_ineligible,
-             now, operation_id))
+        """Record the outcome of an operation not done yet (one ended already keeps its outcome), and give
+        its lease back."""
+        self._end_operation(operation_id, now, elapsed_seconds=elapsed_seconds, error_code=error_code,
+                            error_message=error_message, persons_ineligible=persons_ineligible)
+        self.leases.release(operation_id)
         return self.get_operation(operation_id)
 
+    def _end_operation(self, operation_id: str, now: datetime, *, elapsed_seconds: float, error_code: str | None,
+                       error_message: str, persons_ineligible: int = 0) -> bool:
+        result = self._session.execute(
+            "UPDATE operations SET done = ?, error_code = ?, error_message = ?, elapsed_seconds = ?, "
+            "persons_ineligible = ?, update_time = ? WHERE operation_id = ? IF done = ?",
+            (True, error_code, error_message, elapsed_seconds, persons_ineligible, now, operation_id, False))
+        return bool(result.was_applied)
+
     def get_operation(self, operation_id: str) -> Operation:
+        """One operation; one that is not done and whose process stopped is ended as ABORTED first."""
+        operation = self._read_operation(operation_id)
+        if not operation.done and self._ended_abandoned(operation_id, operation.kind, operation.model_id,
+                                                        operation.version_id, operation.start_time):
+            operation = self._read_operation(operation_id)
+        return operation
+
+    def _read_operation(self, operation_id: str) -> Operation:
         row = self._session.execute(f"SELECT {_OPERATION_COLUMNS} FROM operations WHERE operation_id = ?",
                                     (operation_id,)).one()
         if row is None:
             raise NotFound(f"operation operations/{operation_id} does not exist (operations are kept 30 days)",
                            reason="OPERATION_NOT_FOUND", metadata={"operation": f"operations/{operation_id}"})
         return _operation_of(row)
+
+    # ---- abandoned operations
+
+    def _ended_abandoned_training(self, version: ModelVersion) -> bool:
+        """End the training of a TRAINING version whose operation was abandoned; True if it was."""
+        if version.state is not VersionState.TRAINING or not version.operation_id:
+            return False  # ended, or trained before operations had leases (nothing tells whether it runs)
+        return self._ended_abandoned(version.operation_id, OperationKind.TRAIN, version.model_id,
+                                     version.version_id, version.create_time)
+
+    def _ended_abandoned(self, operation_id: str, kind: OperationKind, model_id: str, version_id: int | None,
+                         start_time: datetime) -> bool:
+        """If the lease of an operation not done has expired (its process stopped), take it and end the
+        operation as ABORTED, failing the version it trains; True if it was ended here."""
+        if self.leases.holds(operation_id):
+            return False
+        # A plain read first: a live owner's lease is there, and polling a running operation then costs
+        # no lightweight transaction.
+        if self._session.execute("SELECT owner FROM follower_leases WHERE name = ?",
+                                 (lease_name(operation_id),)).one() is not None:
+            return False
+        # Taken under a name of its own and left to expire: an owner that was only paused finds it taken
+        # and stops, instead of taking it back for an operation that has ended.
+        if not FollowerLease(self._session, lease_name(operation_id), ttl_seconds=self.leases.ttl_seconds).hold():
+            return False
+        now = datetime.now(UTC)
+        message = abandoned_message(kind)
+        log.warning("ending an operation whose process stopped", extra={"operation": operation_id,
+                                                                        "model_id": model_id})
+        # The operation first: once it is done, a late owner's outcome is refused (it fails its version,
+        # which it finds failed already, and stops).
+        self._end_operation(operation_id, now, elapsed_seconds=(now - start_time).total_seconds(),
+                            error_code=Aborted.code.value, error_message=message)
+        if kind is OperationKind.TRAIN and version_id is not None:
+            self.fail_version(model_id, version_id, message, now)
+        return True
