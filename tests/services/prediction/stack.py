@@ -8,6 +8,7 @@ modules share one `Stack` (module scope) with keyspaces of their own, dropped af
 from __future__ import annotations
 
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from services.prediction.server import DEFINITION as PREDICTION
 from services.profile.server import DEFINITION as PROFILE
 from shared.cassandra import CassandraSession
 from shared.config import CassandraSettings, GrpcSettings
+from shared.errors import Unavailable
 from shared.runner import RunningService, start_service
 
 IDENTIFIER_TYPE = "account_id"
@@ -68,7 +70,13 @@ def running_stack(base: CassandraSettings, admin: CassandraSession,
             service.stop(None)
         for row in admin.execute("SELECT keyspace_name FROM system_schema.keyspaces"):
             if row.keyspace_name.startswith(f"{cassandra.keyspace_prefix}_"):
-                admin.execute(f"DROP KEYSPACE IF EXISTS {row.keyspace_name}", timeout=60)
+                try:
+                    admin.execute(f"DROP KEYSPACE IF EXISTS {row.keyspace_name}", timeout=60)
+                except Unavailable as error:
+                    # Clean-up, not behaviour (as tests/conftest.py's cassandra_settings): on a loaded node a
+                    # drop can outlast its timeout; the keyspace has a prefix of its own and the session's
+                    # wipe removes it.
+                    warnings.warn(f"could not drop {row.keyspace_name}: {error.message}", stacklevel=1)
 
 
 def identifier_of(name: str) -> common_pb2.Identifier:

@@ -22,16 +22,18 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 from google.longrunning import operations_pb2
-from google.protobuf import timestamp_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.rpc import code_pb2
 from onecdp.common.v1 import common_pb2
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 
+from services.prediction.datasets import is_eligible
 from services.prediction.features import FEATURE_NAMES, features_as_of
 from services.prediction.history import ORDER_EVENT, ActivityEvent, InMemoryProfileSource, PersonHistory, PersonRef
 from services.prediction.profile_source import GrpcProfileSource
 from services.prediction.registry import ModelRegistry
+from services.prediction.spec import PredictionKind, resolve_spec
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import CassandraSettings
 from shared.errors import DomainError, InvalidArgument, NotFound
@@ -497,3 +499,116 @@ def test_refresh_scores_writes_every_eligible_persons_score_back_to_profile(worl
     create(stack.predictions, "untrained2")
     code, reason, _, _ = error_of(stack.predictions.RefreshScores, pb.RefreshScoresRequest(name="models/untrained2"))
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_ACTIVE_VERSION")
+
+
+# ---- churn: eligibility, refresh and deletion clear the scores that must not stay -----------------
+
+CHURN_MODEL = "churners"
+CHURN = pb.ModelSpec(kind=pb.PREDICTION_KIND_CHURN, horizon_days=60, eligibility_days=90, min_class_count=20)
+
+
+def score_traits_by_person(world: World, model_id: str) -> dict[str, float]:
+    """Profile's `score_<model_id>` trait of every synthetic person holding one, by person id."""
+    trait = f"score_{model_id}"
+    response = world.stack.profiles.BatchGetProfiles(profile_pb.BatchGetProfilesRequest(
+        persons=[by_id(p) for p in world.person_ids.values()],
+        read_mask=field_mask_pb2.FieldMask(paths=["person_id", f"traits.{trait}"])), timeout=30)
+    return {r.profile.person_id: r.profile.traits[trait].value.number_value
+            for r in response.results if r.found and trait in r.profile.traits}
+
+
+def refresh(world: World, model_id: str, as_of: datetime) -> pb.RefreshScoresResponse:
+    started = world.stack.predictions.RefreshScores(pb.RefreshScoresRequest(
+        name=f"models/{model_id}", as_of_time=timestamp(as_of)), timeout=10)
+    finished = wait_done(world.stack, started.name)
+    response = pb.RefreshScoresResponse()
+    assert finished.response.Unpack(response), finished.error
+    return response
+
+
+def test_churn_scores_only_the_eligible_and_refresh_and_delete_clear_scores_that_must_not_stay(
+        world: World) -> None:
+    predictions = world.stack.predictions
+    create(predictions, CHURN_MODEL, CHURN)
+    trained = wait_done(world.stack, train(world.stack, CHURN_MODEL).name)
+    assert trained.response.Is(pb.ModelVersion.DESCRIPTOR), trained.error
+    spec = resolve_spec(PredictionKind.CHURN, [], 60, eligibility_days=90, min_class_count=20)
+    earlier = AS_OF - timedelta(days=120)
+
+    def eligible_ids(as_of: datetime) -> set[str]:
+        return {world.person_ids[n] for n, events in world.events.items() if is_eligible(spec, events, as_of)}
+
+    eligible_earlier, eligible_now = eligible_ids(earlier), eligible_ids(AS_OF)
+    gone_silent = eligible_earlier - eligible_now  # scored at the earlier refresh, ineligible at the later one
+    assert gone_silent and eligible_now, "the synthetic shop must have both kinds of persons"
+
+    # Scoring someone inactive for more than the eligibility window is refused, as the proto says.
+    silent_name = next(n for n, p in world.person_ids.items() if p in gone_silent)
+    code, reason, _, message = error_of(predictions.ScorePerson, pb.ScorePersonRequest(
+        model=f"models/{CHURN_MODEL}", person=by_identifier(silent_name), as_of_time=timestamp(AS_OF)))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "PERSON_NOT_ELIGIBLE")
+    assert "was not active within 90 days" in message
+    active_name = next(n for n, p in world.person_ids.items() if p in eligible_now)
+    score = predictions.ScorePerson(pb.ScorePersonRequest(
+        model=f"models/{CHURN_MODEL}", person=by_identifier(active_name), as_of_time=timestamp(AS_OF)), timeout=10)
+    assert score.model_version == f"models/{CHURN_MODEL}/versions/1" and 0 <= score.probability <= 1
+
+    first = refresh(world, CHURN_MODEL, earlier)
+    assert (first.persons_scored, first.persons_ineligible) == (len(eligible_earlier), PERSONS - len(eligible_earlier))
+    assert set(score_traits_by_person(world, CHURN_MODEL)) == eligible_earlier
+    # A later refresh scores fewer persons: those gone silent lose their score instead of keeping the old one.
+    second = refresh(world, CHURN_MODEL, AS_OF)
+    assert (second.persons_scored, second.persons_ineligible) == (len(eligible_now), PERSONS - len(eligible_now))
+    assert second.persons_ineligible > 0
+    assert set(score_traits_by_person(world, CHURN_MODEL)) == eligible_now
+
+    # Deleting the model deletes its scores; a model created again with the same id starts without any.
+    predictions.DeleteModel(pb.DeleteModelRequest(name=f"models/{CHURN_MODEL}"), timeout=60)
+    assert score_traits_by_person(world, CHURN_MODEL) == {}
+    create(predictions, CHURN_MODEL, CHURN)
+    assert score_traits_by_person(world, CHURN_MODEL) == {}
+    code, reason, _, _ = error_of(predictions.ScorePerson, pb.ScorePersonRequest(
+        model=f"models/{CHURN_MODEL}", person=by_identifier(active_name)))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_ACTIVE_VERSION")
+    # Times whose windows would overflow are refused before any arithmetic (churn subtracts its window).
+    code, _, fields, _ = error_of(predictions.ScorePerson, pb.ScorePersonRequest(
+        model=f"models/{MODEL}", person=by_identifier(active_name),
+        as_of_time=timestamp(datetime(1, 1, 1, tzinfo=UTC))))
+    assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["as_of_time"])
+
+
+# ---- versions: scoring follows activation and rollback ---------------------------------------------
+
+def test_score_person_follows_activation_and_rollback(world: World) -> None:
+    predictions = world.stack.predictions
+    name = sorted(world.events)[5]
+
+    def scored() -> pb.Score:
+        score: pb.Score = predictions.ScorePerson(pb.ScorePersonRequest(
+            model=f"models/{MODEL}", person=by_identifier(name), as_of_time=timestamp(AS_OF)), timeout=10)
+        return score
+
+    def booster_probability(version_id: int) -> float:
+        booster = lgb.Booster(model_str=world.registry.load_booster(MODEL, version_id))
+        row = features_as_of(world.events[name], AS_OF)
+        return float(booster.predict(np.asarray([[row[f] for f in FEATURE_NAMES]]), num_threads=1)[0])
+
+    version_1 = scored()
+    assert version_1.model_version == f"models/{MODEL}/versions/1"
+    request = pb.TrainModelRequest(name=f"models/{MODEL}", training_cutoffs=[timestamp(t) for t in TRAINING_CUTOFFS],
+                                   validation_cutoff=timestamp(VALIDATION_CUTOFF), activate=True, seed=2)
+    trained = wait_done(world.stack, predictions.TrainModel(request, timeout=10).name)
+    version = pb.ModelVersion()
+    assert trained.response.Unpack(version) and version.name == f"models/{MODEL}/versions/2", trained.error
+    try:
+        version_2 = scored()
+        assert version_2.model_version == f"models/{MODEL}/versions/2"
+        assert version_2.probability == pytest.approx(booster_probability(2), abs=1e-12)
+        assert booster_probability(2) != booster_probability(1)  # a rollback must be visible in the score
+    finally:
+        model = predictions.ActivateModelVersion(pb.ActivateModelVersionRequest(
+            name=f"models/{MODEL}/versions/1"), timeout=10)
+    assert model.active_version == f"models/{MODEL}/versions/1"
+    rolled_back = scored()
+    assert rolled_back.model_version == f"models/{MODEL}/versions/1"
+    assert rolled_back.probability == version_1.probability == pytest.approx(booster_probability(1), abs=1e-12)
