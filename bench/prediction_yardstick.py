@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{len(customers):,} persons scored in {scoring_seconds:.1f} s"),
             ("ROC AUC, BG/NBD (lifetimes, expected purchases)", f"{baseline_auc:.4f}", "same customers and labels"),
             ("difference (ours - BG/NBD)", f"{our_auc - baseline_auc:+.4f}",
-             "full-data domain test: 0.7676 vs 0.7617"),
+             "ours ranks these customers better" if our_auc > baseline_auc else "ours is not better here"),
         ]))
     return 0
 
