@@ -76,12 +76,12 @@ def booster_params(examples: int, seed: int, num_threads: int) -> dict[str, obje
     }
 
 
-def check_class_counts(dataset: TrainingSet, minimum: int, what: str) -> None:
+def check_class_counts(dataset: TrainingSet, minimum: int, what: str, remedy: str) -> None:
     positives, negatives = dataset.positives, dataset.negatives
     if positives < minimum or negatives < minimum:
         raise FailedPrecondition(
             f"the {what} set has {positives} positives and {negatives} negatives; at least {minimum} of each "
-            "are needed (more history, more or earlier cutoffs, or a lower min_class_count)",
+            f"are needed ({remedy})",
             reason="TOO_FEW_EXAMPLES",
             metadata={"set": what, "positives": str(positives), "negatives": str(negatives),
                       "minimum": str(minimum)})
@@ -90,9 +90,12 @@ def check_class_counts(dataset: TrainingSet, minimum: int, what: str) -> None:
 def train_booster(training: TrainingSet, validation: TrainingSet, min_class_count: int, *, seed: int = 1,
                   num_threads: int = DEFAULT_TRAINING_THREADS) -> TrainedModel:
     """Fit on `training`, stop early on `validation` (a later period), and measure on `validation`."""
-    check_class_counts(training, min_class_count, "training")
-    # Validation only needs both classes for its metrics to exist.
-    check_class_counts(validation, 1, "validation")
+    check_class_counts(training, min_class_count, "training",
+                       "more history, more or earlier cutoffs, or a lower min_class_count")
+    # Validation only needs both classes for its metrics to exist (min_class_count does not apply to it).
+    check_class_counts(validation, 1, "validation",
+                       "the metrics need both outcomes in the validation period: choose a validation cutoff "
+                       "whose horizon has persons with and without the outcome")
     names = list(FEATURE_NAMES)
     train_data = lgb.Dataset(training.features, label=training.labels, feature_name=names, free_raw_data=True,
                              params={"verbosity": -1, "max_bin": 255})

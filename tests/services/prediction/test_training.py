@@ -15,7 +15,7 @@ from services.prediction.history import ActivityEvent, PersonHistory, PersonRef
 from services.prediction.metrics import roc_auc
 from services.prediction.scoring import Scorer, score_history
 from services.prediction.spec import ModelSpec, PredictionKind, resolve_spec
-from services.prediction.training import SCORE_QUANTILES, TrainedModel, train_version
+from services.prediction.training import SCORE_QUANTILES, TrainedModel, train_booster, train_version
 from shared.errors import FailedPrecondition, InvalidArgument
 from tests.services.prediction.synthetic import day, synthetic_source
 
@@ -155,3 +155,15 @@ def test_one_person_by_the_seam(conversion_model: TrainedModel) -> None:
 def test_a_model_of_another_feature_list_is_refused(conversion_model: TrainedModel) -> None:
     with pytest.raises(FailedPrecondition):
         Scorer(conversion_model.model_string, [*FEATURE_NAMES, "extra"], conversion_model.score_quantiles)
+
+
+def test_a_validation_set_with_one_outcome_is_refused_with_advice_that_can_help() -> None:
+    training, validation = build_training_sets(spec(), SOURCE.histories(VALIDATION_CUTOFF + timedelta(days=60)),
+                                               TRAINING_CUTOFFS, VALIDATION_CUTOFF)
+    validation.label_list = [0] * len(validation)  # nobody converted in the validation period
+    with pytest.raises(FailedPrecondition) as refused:
+        train_booster(training, validation, 50)
+    message = refused.value.message
+    assert f"the validation set has 0 positives and {len(validation)} negatives" in message
+    # min_class_count does not apply to validation: lowering it cannot help, so it is not suggested.
+    assert "min_class_count" not in message and "choose a validation cutoff" in message
