@@ -196,9 +196,9 @@ class GrpcProfileSource(ReadsByStarting):
             except grpc.RpcError as error:
                 refused = _refused_selectors(error)
                 if not refused and _is_internal(error):
-                    # Profile answers INTERNAL instead of INVALID_ARGUMENT when a selector of a batch read is
-                    # an invalid identifier (profile/identity.py `lookup` lets identity's refusal escape):
-                    # halve the batch until the selector is found, so only that person fails.
+                    # Profile names an invalid identifier of a batch read (INVALID_ARGUMENT, persons[i]: above).
+                    # An INTERNAL or UNKNOWN names nobody: a profile release from before it did, or one person
+                    # whose read trips a bug. Halving the batch until that person is found fails only them.
                     return self._merge(results, pending, self._read_halves([persons[i] for i in pending], before,
                                                                            error))
                 failure = _domain_error(error, "reading persons' events")
