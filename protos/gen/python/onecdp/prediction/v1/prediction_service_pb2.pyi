@@ -519,13 +519,15 @@ class TrainModelRequest(_message.Message):
     @_builtins.property
     def training_cutoffs(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
         """Training cutoffs T: features from events before T, labels from [T, T + horizon). At least
-        one; each cutoff plus the horizon must lie before `validation_cutoff`.
+        one; each cutoff plus the horizon must lie before `validation_cutoff`. Every time a request
+        names (cutoffs, `as_of_time`) must lie from 1990-01-01T00:00:00Z (no stored event is older) to
+        9000-01-01T00:00:00Z, or the call fails with INVALID_ARGUMENT naming the field.
         """
 
     @_builtins.property
     def validation_cutoff(self) -> _timestamp_pb2.Timestamp:
-        """The validation cutoff: a later, held-out period for early stopping and metrics. Its
-        horizon must end no later than one day after the latest activity event in the data (identify
+        """The validation cutoff (1990-01-01 to 9000-01-01): a later, held-out period for early stopping
+        and metrics. Its horizon must end no later than one day after the latest activity event in the data (identify
         and alias events do not count), or the operation fails with FAILED_PRECONDITION
         (VALIDATION_HORIZON_BEYOND_DATA).
         """
@@ -721,7 +723,9 @@ class ScorePersonRequest(_message.Message):
 
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
-        """Score as of this time (features from events before it); default now."""
+        """Score as of this time (features from events before it), 1990-01-01 to 9000-01-01; default
+        now.
+        """
 
     def __init__(
         self,
@@ -852,7 +856,8 @@ class BatchScorePersonsRequest(_message.Message):
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
         """Score every person as of this time: features only from events strictly before it, exactly
         as a model trained with this time as a cutoff would see them (point-in-time correct; events
-        stored later, or dated later, cannot change these scores). Default now.
+        stored later, or dated later, cannot change these scores). 1990-01-01 to 9000-01-01; default
+        now.
         """
 
     def __init__(
@@ -1050,7 +1055,7 @@ class RefreshScoresRequest(_message.Message):
     """`models/{model_id}`."""
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
-        """Score as of this time; default now."""
+        """Score as of this time, 1990-01-01 to 9000-01-01; default now."""
 
     def __init__(
         self,
@@ -1121,7 +1126,7 @@ class RefreshScoresResponse(_message.Message):
     persons_scored: _builtins.int
     """Persons scored and written back."""
     persons_ineligible: _builtins.int
-    """Persons skipped as not eligible."""
+    """Persons skipped as not eligible (their score traits from earlier refreshes deleted)."""
     elapsed_seconds: _builtins.float
     """Wall time in seconds."""
     def __init__(
@@ -1154,7 +1159,7 @@ class GetPersonFeaturesRequest(_message.Message):
 
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
-        """Features from events strictly before this time; default now."""
+        """Features from events strictly before this time, 1990-01-01 to 9000-01-01; default now."""
 
     def __init__(
         self,

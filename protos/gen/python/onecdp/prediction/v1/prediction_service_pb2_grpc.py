@@ -171,9 +171,14 @@ class PredictionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModel(self, request, context):
-        """Deletes a model, its versions and its stored scores.
+        """Deletes a model, its versions and its stored scores: the score traits RefreshScores wrote
+        (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`) are deleted from every
+        profile holding them first, so segments stop using them and a model created again with the
+        same id starts without scores. This scans every profile (their traits, not their events): give
+        the call a deadline that allows for it.
 
-        Errors: NOT_FOUND.
+        Errors: NOT_FOUND; UNAVAILABLE or DEADLINE_EXCEEDED when the scores could not all be deleted
+        (the model is then not deleted: retry the call).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,8 +189,12 @@ class PredictionServiceServicer:
         TrainModelMetadata (progress) and whose response is ModelVersion. The new version is not
         active unless `activate` is set.
 
-        Errors (as the operation's error): FAILED_PRECONDITION when the training set has too few
-        positives or negatives (the message says how many of each); NOT_FOUND for an unknown model.
+        Errors of the call: NOT_FOUND for an unknown model; INVALID_ARGUMENT for bad fields (a
+        cutoff out of range, a training cutoff whose horizon reaches past the validation cutoff).
+        Errors of the operation: FAILED_PRECONDITION when the training or validation set has too few
+        positives or negatives (the message says how many of each) or the validation horizon goes
+        past the data (VALIDATION_HORIZON_BEYOND_DATA); UNAVAILABLE when profile could not be read;
+        ABORTED when the service stopped first (start it again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -236,7 +245,8 @@ class PredictionServiceServicer:
         re-read at most once a second (at once after an activation through the same replica).
 
         Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
-        active version, or the person is not eligible (e.g. churn for someone never active).
+        active version, or the person is not eligible (e.g. churn for someone not active within the
+        eligibility window, PERSON_NOT_ELIGIBLE); INVALID_ARGUMENT for bad fields.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -245,6 +255,12 @@ class PredictionServiceServicer:
     def BatchScorePersons(self, request, context):
         """Scores many persons at once (1-10,000), one result per selector in request order, all as of
         the same time.
+
+        Errors of the call: INVALID_ARGUMENT for bad fields (every bad selector named as
+        `persons[i]`); RESOURCE_EXHAUSTED for more than 10,000 persons; NOT_FOUND for an unknown model
+        or version; FAILED_PRECONDITION when the model has no active version. A person who cannot be
+        scored gets an error result instead (NOT_FOUND, FAILED_PRECONDITION when not eligible) and the
+        others are scored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -263,10 +279,12 @@ class PredictionServiceServicer:
     def RefreshScores(self, request, context):
         """Scores all eligible profiles with the active version and writes the scores back to the
         profiles as traits (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`), so
-        segments can use them. A long-running operation: metadata RefreshScoresMetadata, response
+        segments can use them. A person not eligible any more loses the score traits an earlier
+        refresh wrote. A long-running operation: metadata RefreshScoresMetadata, response
         RefreshScoresResponse.
 
-        Errors: NOT_FOUND; FAILED_PRECONDITION when the model has no active version.
+        Errors: NOT_FOUND; FAILED_PRECONDITION when the model has no active version; INVALID_ARGUMENT
+        for bad fields.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -278,7 +296,7 @@ class PredictionServiceServicer:
         `lifecycle_stage`) ignore identify and alias events (see the service comment), unlike profile's
         `last_seen_time`; order features follow the service comment's orders and refunds.
 
-        Errors: NOT_FOUND for an unknown person.
+        Errors: NOT_FOUND for an unknown person; INVALID_ARGUMENT for bad fields.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -65,17 +65,26 @@ class PredictionServiceStub:
     ListModels: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.ListModelsRequest, _prediction_service_pb2.ListModelsResponse]
     """Lists models in name order, with pagination."""
     DeleteModel: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.DeleteModelRequest, _prediction_service_pb2.DeleteModelResponse]
-    """Deletes a model, its versions and its stored scores.
+    """Deletes a model, its versions and its stored scores: the score traits RefreshScores wrote
+    (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`) are deleted from every
+    profile holding them first, so segments stop using them and a model created again with the
+    same id starts without scores. This scans every profile (their traits, not their events): give
+    the call a deadline that allows for it.
 
-    Errors: NOT_FOUND.
+    Errors: NOT_FOUND; UNAVAILABLE or DEADLINE_EXCEEDED when the scores could not all be deleted
+    (the model is then not deleted: retry the call).
     """
     TrainModel: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.TrainModelRequest, _operations_pb2.Operation]
     """Trains a new version of a model. Returns a long-running operation whose metadata is
     TrainModelMetadata (progress) and whose response is ModelVersion. The new version is not
     active unless `activate` is set.
 
-    Errors (as the operation's error): FAILED_PRECONDITION when the training set has too few
-    positives or negatives (the message says how many of each); NOT_FOUND for an unknown model.
+    Errors of the call: NOT_FOUND for an unknown model; INVALID_ARGUMENT for bad fields (a
+    cutoff out of range, a training cutoff whose horizon reaches past the validation cutoff).
+    Errors of the operation: FAILED_PRECONDITION when the training or validation set has too few
+    positives or negatives (the message says how many of each) or the validation horizon goes
+    past the data (VALIDATION_HORIZON_BEYOND_DATA); UNAVAILABLE when profile could not be read;
+    ABORTED when the service stopped first (start it again).
     """
     GetOperation: _grpc.UnaryUnaryMultiCallable[_operations_pb2.GetOperationRequest, _operations_pb2.Operation]
     """Gets the state of a long-running operation started by this service.
@@ -106,11 +115,18 @@ class PredictionServiceStub:
     re-read at most once a second (at once after an activation through the same replica).
 
     Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
-    active version, or the person is not eligible (e.g. churn for someone never active).
+    active version, or the person is not eligible (e.g. churn for someone not active within the
+    eligibility window, PERSON_NOT_ELIGIBLE); INVALID_ARGUMENT for bad fields.
     """
     BatchScorePersons: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.BatchScorePersonsRequest, _prediction_service_pb2.BatchScorePersonsResponse]
     """Scores many persons at once (1-10,000), one result per selector in request order, all as of
     the same time.
+
+    Errors of the call: INVALID_ARGUMENT for bad fields (every bad selector named as
+    `persons[i]`); RESOURCE_EXHAUSTED for more than 10,000 persons; NOT_FOUND for an unknown model
+    or version; FAILED_PRECONDITION when the model has no active version. A person who cannot be
+    scored gets an error result instead (NOT_FOUND, FAILED_PRECONDITION when not eligible) and the
+    others are scored.
     """
     StreamScorePersons: _grpc.StreamStreamMultiCallable[_prediction_service_pb2.StreamScorePersonsRequest, _prediction_service_pb2.StreamScorePersonsResponse]
     """Scores a stream of persons; answers one response per request, in order. A request scores
@@ -121,10 +137,12 @@ class PredictionServiceStub:
     RefreshScores: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.RefreshScoresRequest, _operations_pb2.Operation]
     """Scores all eligible profiles with the active version and writes the scores back to the
     profiles as traits (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`), so
-    segments can use them. A long-running operation: metadata RefreshScoresMetadata, response
+    segments can use them. A person not eligible any more loses the score traits an earlier
+    refresh wrote. A long-running operation: metadata RefreshScoresMetadata, response
     RefreshScoresResponse.
 
-    Errors: NOT_FOUND; FAILED_PRECONDITION when the model has no active version.
+    Errors: NOT_FOUND; FAILED_PRECONDITION when the model has no active version; INVALID_ARGUMENT
+    for bad fields.
     """
     GetPersonFeatures: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.GetPersonFeaturesRequest, _prediction_service_pb2.PersonFeatures]
     """Returns the feature vector of a person as of a time, exactly as training and scoring see it.
@@ -132,7 +150,7 @@ class PredictionServiceStub:
     `lifecycle_stage`) ignore identify and alias events (see the service comment), unlike profile's
     `last_seen_time`; order features follow the service comment's orders and refunds.
 
-    Errors: NOT_FOUND for an unknown person.
+    Errors: NOT_FOUND for an unknown person; INVALID_ARGUMENT for bad fields.
     """
 
 @_typing.type_check_only
@@ -171,17 +189,26 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.ListModelsRequest, _prediction_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists models in name order, with pagination."""
     DeleteModel: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.DeleteModelRequest, _prediction_service_pb2.DeleteModelResponse]  # type: ignore[assignment]
-    """Deletes a model, its versions and its stored scores.
+    """Deletes a model, its versions and its stored scores: the score traits RefreshScores wrote
+    (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`) are deleted from every
+    profile holding them first, so segments stop using them and a model created again with the
+    same id starts without scores. This scans every profile (their traits, not their events): give
+    the call a deadline that allows for it.
 
-    Errors: NOT_FOUND.
+    Errors: NOT_FOUND; UNAVAILABLE or DEADLINE_EXCEEDED when the scores could not all be deleted
+    (the model is then not deleted: retry the call).
     """
     TrainModel: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.TrainModelRequest, _operations_pb2.Operation]  # type: ignore[assignment]
     """Trains a new version of a model. Returns a long-running operation whose metadata is
     TrainModelMetadata (progress) and whose response is ModelVersion. The new version is not
     active unless `activate` is set.
 
-    Errors (as the operation's error): FAILED_PRECONDITION when the training set has too few
-    positives or negatives (the message says how many of each); NOT_FOUND for an unknown model.
+    Errors of the call: NOT_FOUND for an unknown model; INVALID_ARGUMENT for bad fields (a
+    cutoff out of range, a training cutoff whose horizon reaches past the validation cutoff).
+    Errors of the operation: FAILED_PRECONDITION when the training or validation set has too few
+    positives or negatives (the message says how many of each) or the validation horizon goes
+    past the data (VALIDATION_HORIZON_BEYOND_DATA); UNAVAILABLE when profile could not be read;
+    ABORTED when the service stopped first (start it again).
     """
     GetOperation: _aio.UnaryUnaryMultiCallable[_operations_pb2.GetOperationRequest, _operations_pb2.Operation]  # type: ignore[assignment]
     """Gets the state of a long-running operation started by this service.
@@ -212,11 +239,18 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     re-read at most once a second (at once after an activation through the same replica).
 
     Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
-    active version, or the person is not eligible (e.g. churn for someone never active).
+    active version, or the person is not eligible (e.g. churn for someone not active within the
+    eligibility window, PERSON_NOT_ELIGIBLE); INVALID_ARGUMENT for bad fields.
     """
     BatchScorePersons: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.BatchScorePersonsRequest, _prediction_service_pb2.BatchScorePersonsResponse]  # type: ignore[assignment]
     """Scores many persons at once (1-10,000), one result per selector in request order, all as of
     the same time.
+
+    Errors of the call: INVALID_ARGUMENT for bad fields (every bad selector named as
+    `persons[i]`); RESOURCE_EXHAUSTED for more than 10,000 persons; NOT_FOUND for an unknown model
+    or version; FAILED_PRECONDITION when the model has no active version. A person who cannot be
+    scored gets an error result instead (NOT_FOUND, FAILED_PRECONDITION when not eligible) and the
+    others are scored.
     """
     StreamScorePersons: _aio.StreamStreamMultiCallable[_prediction_service_pb2.StreamScorePersonsRequest, _prediction_service_pb2.StreamScorePersonsResponse]  # type: ignore[assignment]
     """Scores a stream of persons; answers one response per request, in order. A request scores
@@ -227,10 +261,12 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     RefreshScores: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.RefreshScoresRequest, _operations_pb2.Operation]  # type: ignore[assignment]
     """Scores all eligible profiles with the active version and writes the scores back to the
     profiles as traits (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`), so
-    segments can use them. A long-running operation: metadata RefreshScoresMetadata, response
+    segments can use them. A person not eligible any more loses the score traits an earlier
+    refresh wrote. A long-running operation: metadata RefreshScoresMetadata, response
     RefreshScoresResponse.
 
-    Errors: NOT_FOUND; FAILED_PRECONDITION when the model has no active version.
+    Errors: NOT_FOUND; FAILED_PRECONDITION when the model has no active version; INVALID_ARGUMENT
+    for bad fields.
     """
     GetPersonFeatures: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.GetPersonFeaturesRequest, _prediction_service_pb2.PersonFeatures]  # type: ignore[assignment]
     """Returns the feature vector of a person as of a time, exactly as training and scoring see it.
@@ -238,7 +274,7 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     `lifecycle_stage`) ignore identify and alias events (see the service comment), unlike profile's
     `last_seen_time`; order features follow the service comment's orders and refunds.
 
-    Errors: NOT_FOUND for an unknown person.
+    Errors: NOT_FOUND for an unknown person; INVALID_ARGUMENT for bad fields.
     """
 
 class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -298,9 +334,14 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _prediction_service_pb2.DeleteModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_prediction_service_pb2.DeleteModelResponse, _abc.Awaitable[_prediction_service_pb2.DeleteModelResponse]]:
-        """Deletes a model, its versions and its stored scores.
+        """Deletes a model, its versions and its stored scores: the score traits RefreshScores wrote
+        (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`) are deleted from every
+        profile holding them first, so segments stop using them and a model created again with the
+        same id starts without scores. This scans every profile (their traits, not their events): give
+        the call a deadline that allows for it.
 
-        Errors: NOT_FOUND.
+        Errors: NOT_FOUND; UNAVAILABLE or DEADLINE_EXCEEDED when the scores could not all be deleted
+        (the model is then not deleted: retry the call).
         """
 
     @_abc_1.abstractmethod
@@ -313,8 +354,12 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         TrainModelMetadata (progress) and whose response is ModelVersion. The new version is not
         active unless `activate` is set.
 
-        Errors (as the operation's error): FAILED_PRECONDITION when the training set has too few
-        positives or negatives (the message says how many of each); NOT_FOUND for an unknown model.
+        Errors of the call: NOT_FOUND for an unknown model; INVALID_ARGUMENT for bad fields (a
+        cutoff out of range, a training cutoff whose horizon reaches past the validation cutoff).
+        Errors of the operation: FAILED_PRECONDITION when the training or validation set has too few
+        positives or negatives (the message says how many of each) or the validation horizon goes
+        past the data (VALIDATION_HORIZON_BEYOND_DATA); UNAVAILABLE when profile could not be read;
+        ABORTED when the service stopped first (start it again).
         """
 
     @_abc_1.abstractmethod
@@ -375,7 +420,8 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         re-read at most once a second (at once after an activation through the same replica).
 
         Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
-        active version, or the person is not eligible (e.g. churn for someone never active).
+        active version, or the person is not eligible (e.g. churn for someone not active within the
+        eligibility window, PERSON_NOT_ELIGIBLE); INVALID_ARGUMENT for bad fields.
         """
 
     @_abc_1.abstractmethod
@@ -386,6 +432,12 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_prediction_service_pb2.BatchScorePersonsResponse, _abc.Awaitable[_prediction_service_pb2.BatchScorePersonsResponse]]:
         """Scores many persons at once (1-10,000), one result per selector in request order, all as of
         the same time.
+
+        Errors of the call: INVALID_ARGUMENT for bad fields (every bad selector named as
+        `persons[i]`); RESOURCE_EXHAUSTED for more than 10,000 persons; NOT_FOUND for an unknown model
+        or version; FAILED_PRECONDITION when the model has no active version. A person who cannot be
+        scored gets an error result instead (NOT_FOUND, FAILED_PRECONDITION when not eligible) and the
+        others are scored.
         """
 
     @_abc_1.abstractmethod
@@ -408,10 +460,12 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_operations_pb2.Operation, _abc.Awaitable[_operations_pb2.Operation]]:
         """Scores all eligible profiles with the active version and writes the scores back to the
         profiles as traits (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`), so
-        segments can use them. A long-running operation: metadata RefreshScoresMetadata, response
+        segments can use them. A person not eligible any more loses the score traits an earlier
+        refresh wrote. A long-running operation: metadata RefreshScoresMetadata, response
         RefreshScoresResponse.
 
-        Errors: NOT_FOUND; FAILED_PRECONDITION when the model has no active version.
+        Errors: NOT_FOUND; FAILED_PRECONDITION when the model has no active version; INVALID_ARGUMENT
+        for bad fields.
         """
 
     @_abc_1.abstractmethod
@@ -425,7 +479,7 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         `lifecycle_stage`) ignore identify and alias events (see the service comment), unlike profile's
         `last_seen_time`; order features follow the service comment's orders and refunds.
 
-        Errors: NOT_FOUND for an unknown person.
+        Errors: NOT_FOUND for an unknown person; INVALID_ARGUMENT for bad fields.
         """
 
 def add_PredictionServiceServicer_to_server(servicer: PredictionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
