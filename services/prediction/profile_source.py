@@ -14,7 +14,9 @@ What it reads from profile (onecdp.profile.v1):
   cursors are time UUIDs (shared.changefeed), so the follower starts at a cursor made for its start time
   instead of paging through the whole retained feed.
 - BatchWriteTraits: refreshed scores written back as traits `score_<model_id>` and
-  `score_<model_id>_percentile`, source `onecdp-prediction`, event time = when they were computed.
+  `score_<model_id>_percentile`, source `onecdp-prediction`, event time = when they were computed;
+  null values (deletes) for those of a refresh's ineligible persons who hold a score
+  (BatchGetProfiles of those two traits) and, on DeleteModel, for every holder (ScanProfiles of them).
 
 Event mapping (StoredEvent.event -> ActivityEvent): ORDER -> name `order`, amount = order.amount,
 category = the first item's category; TRACK/PAGE/SCREEN -> event_name, amount = properties.revenue
