@@ -11,10 +11,11 @@ import binascii
 import functools
 import hashlib
 import hmac
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import IntEnum
+from typing import TypeVar
 
 from services.segmentation.rules import (
     SEGMENT_ID,
@@ -24,7 +25,7 @@ from services.segmentation.rules import (
     referenced_segments,
     validate,
 )
-from services.segmentation.store import SegmentRecord, SegmentStore
+from services.segmentation.store import CatalogChanged, SegmentRecord, SegmentStore
 from services.segmentation.text import format_rule, parse
 from shared.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
 from shared.etags import etag_matches, strong_etag
@@ -32,6 +33,9 @@ from shared.etags import etag_matches, strong_etag
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 UPDATABLE_FIELDS = frozenset({"display_name", "description", "rule", "rule_text"})
+# Checks of one rule change, each against the catalog as another rule change left it, before ABORTED.
+CATALOG_CHANGE_TRIES = 5
+_Result = TypeVar("_Result")
 
 
 class SegmentState(IntEnum):
@@ -150,6 +154,18 @@ def _parsed(rule_text: str) -> Rule:
     return parse(rule_text)
 
 
+def _serialised(change: Callable[[], _Result]) -> _Result:
+    """Run a rule change (check against the references of one catalog version, then save if the version has
+    not moved: store.CatalogChanged otherwise), checking it again while other rule changes get in between."""
+    for _ in range(CATALOG_CHANGE_TRIES):
+        try:
+            return change()
+        except CatalogChanged:
+            continue
+    raise Aborted(f"other segments kept changing while this change was checked ({CATALOG_CHANGE_TRIES} times); "
+                  "retry", reason="CONCURRENT_UPDATE")
+
+
 def _etag(record: SegmentRecord) -> str:
     # Stored bare, as the compare-and-set value of the row; shown quoted (strong_etag) in every response.
     text = "|".join((record.segment_id, str(record.revision), record.display_name, record.description,
@@ -170,20 +186,31 @@ class SegmentCatalog:
     def _references(self) -> dict[str, frozenset[str]]:
         return {record.segment_id: record.referenced for record in self.store.all()}
 
-    def check_rule(self, rule_input: RuleInput, segment_id: str | None, violations: Violations) -> None:
-        references = self._references()
+    def check_rule(self, rule_input: RuleInput, segment_id: str | None, violations: Violations,
+                   references: Mapping[str, frozenset[str]] | None = None) -> None:
+        references = references if references is not None else self._references()
         problems = validate(rule_input.rule, segment_id=segment_id, references_of=references.get,
                             model_exists=functools.cache(self.model_exists))  # one question per model
         rule_problems_to_violations(problems, rule_input, violations)
 
     def create(self, segment_id: str, display_name: str, description: str, rule_input: RuleInput | None) -> Segment:
+        record = _serialised(lambda: self._create(segment_id, display_name, description, rule_input))
+        self.store.add_revision(segment_id, 1, record.rule_text, record.create_time)
+        if self.on_rule_changed is not None:
+            self.on_rule_changed(segment_id)
+            return self.get(segment_id)  # with the operation computing it
+        return self._segment(record)
+
+    def _create(self, segment_id: str, display_name: str, description: str,
+                rule_input: RuleInput | None) -> SegmentRecord:
+        references, version = self.store.references()
         violations = Violations()
         violations.check(bool(SEGMENT_ID.match(segment_id)), "segment_id",
                          "1-63 lower-case letters, digits and hyphens, starting with a letter")
         if rule_input is None:
             violations.add("segment.rule", "give the rule as `rule` or `rule_text`")
         else:
-            self.check_rule(rule_input, segment_id if SEGMENT_ID.match(segment_id) else None, violations)
+            self.check_rule(rule_input, segment_id if SEGMENT_ID.match(segment_id) else None, violations, references)
         violations.raise_if_any("the segment is invalid", reason="INVALID_SEGMENT")
         assert rule_input is not None
         now = datetime.now(UTC)
@@ -191,14 +218,10 @@ class SegmentCatalog:
         record = SegmentRecord(segment_id, display_name, description, rule_text,
                                referenced_segments(rule_input.rule), 1, SegmentState.COMPUTING, None, now, now, "")
         record = replace(record, etag=_etag(record))
-        if not self.store.insert(record):
+        if not self.store.insert(record, version):
             raise AlreadyExists(f"segments/{segment_id} already exists", reason="SEGMENT_EXISTS",
                                 metadata={"segment": f"segments/{segment_id}"})
-        self.store.add_revision(segment_id, 1, rule_text, now)
-        if self.on_rule_changed is not None:
-            self.on_rule_changed(segment_id)
-            return self.get(segment_id)  # with the operation computing it
-        return self._segment(record)
+        return record
 
     def record(self, segment_id: str) -> SegmentRecord:
         record = self.store.get(segment_id)
@@ -219,6 +242,26 @@ class SegmentCatalog:
 
     def update(self, segment_id: str, paths: Sequence[str], *, display_name: str, description: str,
                rule_input: RuleInput | None, etag: str) -> Segment:
+        updated, rule_changed = _serialised(lambda: self._update(
+            segment_id, paths, display_name=display_name, description=description, rule_input=rule_input,
+            etag=etag))
+        if rule_changed:
+            self.store.add_revision(segment_id, updated.revision, updated.rule_text, updated.update_time)
+        if rule_changed and self.on_rule_changed is not None:
+            self.on_rule_changed(segment_id)
+            # Segments referring to this one evaluate its rule inline (`segment("x")` is x's rule, not x's
+            # stored members), so each recompute stands alone and their order does not matter; each is
+            # started as its own operation, shown on its segment.
+            for dependent in self.dependents_of(segment_id):
+                try:
+                    self.on_rule_changed(dependent)
+                except NotFound:  # deleted meanwhile: nothing to recompute
+                    continue
+            return self.get(segment_id)  # with the operation computing it
+        return self._segment(updated)
+
+    def _update(self, segment_id: str, paths: Sequence[str], *, display_name: str, description: str,
+                rule_input: RuleInput | None, etag: str) -> tuple[SegmentRecord, bool]:
         violations = Violations()
         updatable = ", ".join(sorted(UPDATABLE_FIELDS))
         violations.check(bool(paths), "update_mask", f"name the fields to update: {updatable}")
@@ -226,10 +269,12 @@ class SegmentCatalog:
             violations.check(path in UPDATABLE_FIELDS, f"update_mask.paths[{index}]",
                              f"{path!r} cannot be updated; updatable: {updatable}")
         wants_rule = bool({"rule", "rule_text"} & set(paths))
+        version = None
         if wants_rule and rule_input is None:
             violations.add("segment.rule", "the mask names the rule: give `rule` or `rule_text`")
         if wants_rule and rule_input is not None:
-            self.check_rule(rule_input, segment_id, violations)
+            references, version = self.store.references()
+            self.check_rule(rule_input, segment_id, violations, references)
         violations.raise_if_any("the update is invalid", reason="INVALID_UPDATE")
         current = self.record(segment_id)
         if etag and not etag_matches(etag, current.etag):
@@ -248,26 +293,15 @@ class SegmentCatalog:
                 rule_changed = True
                 updated = replace(updated, rule_text=rule_text, referenced=referenced_segments(rule_input.rule),
                                   revision=current.revision + 1, state=SegmentState.COMPUTING)
-                self.store.add_revision(segment_id, updated.revision, rule_text, now)
         updated = replace(updated, update_time=now)
         updated = replace(updated, etag=_etag(updated))
-        if not self.store.replace(updated, current.etag):
+        # Only a rule change is serialised with the others (its references are what the check read).
+        if not self.store.replace(updated, current.etag, version if rule_changed else None):
             raise Aborted(f"segments/{segment_id} was changed concurrently; get it again and retry",
                           reason="CONCURRENT_UPDATE")
-        if rule_changed and self.on_rule_changed is not None:
-            self.on_rule_changed(segment_id)
-            # Segments referring to this one evaluate its rule inline (`segment("x")` is x's rule, not x's
-            # stored members), so each recompute stands alone and their order does not matter; each is
-            # started as its own operation, shown on its segment.
-            for dependent in self.dependents_of(segment_id):
-                try:
-                    self.on_rule_changed(dependent)
-                except NotFound:  # deleted meanwhile: nothing to recompute
-                    continue
-            return self.get(segment_id)  # with the operation computing it
-        return self._segment(updated)
+        return updated, rule_changed
 
-    def dependents_of(self, segment_id: str) -> list[str]:
+    def dependents_of(self, segment_id: str) -> tuple[str, ...]:
         """The segments that refer to `segment_id`, directly or through others, each once, sorted."""
         references = self._references()
         found: set[str] = set()
@@ -278,21 +312,25 @@ class SegmentCatalog:
                 if current in referenced and user not in found and user != segment_id:
                     found.add(user)
                     pending.append(user)
-        return sorted(found)
+        return tuple(sorted(found))
 
     def delete(self, segment_id: str, etag: str) -> None:
+        _serialised(lambda: self._delete(segment_id, etag))
+        self.store.delete_history(segment_id)
+
+    def _delete(self, segment_id: str, etag: str) -> None:
+        references, version = self.store.references()
         current = self.record(segment_id)
         if etag and not etag_matches(etag, current.etag):
             raise Aborted(f"segments/{segment_id} changed since etag {etag!r} was read", reason="ETAG_MISMATCH")
-        users = sorted(s for s, refs in self._references().items() if segment_id in refs and s != segment_id)
+        users = sorted(s for s, refs in references.items() if segment_id in refs and s != segment_id)
         if users:
             raise FailedPrecondition(
                 f"segments/{segment_id} is used by {', '.join(f'segments/{s}' for s in users)}; change or delete "
                 "those first", reason="SEGMENT_IN_USE", metadata={"used_by": ",".join(f"segments/{s}" for s in users)})
-        if not self.store.delete(segment_id, current.etag):
+        if not self.store.delete(segment_id, current.etag, version):
             raise Aborted(f"segments/{segment_id} was changed concurrently; get it again and retry",
                           reason="CONCURRENT_UPDATE")
-        self.store.delete_history(segment_id)
 
     def rules(self) -> dict[str, Rule]:
         """Every segment's current rule, for evaluating `segment(...)` references."""

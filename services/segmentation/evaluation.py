@@ -10,12 +10,14 @@ Semantics, the same everywhere:
   every comparison except `!=` ("a missing field is not equal") and `EXISTS` is false;
 - sum over no events is 0, avg/min/max over no events has no value and the condition is false;
 - a prediction score is the trait `score_<model_id>` (`..._percentile` for the percentile);
-- `segment("x")` evaluates x's rule on the same facts (references have no cycles), so a
-  person's memberships are consistent with each other at one instant.
+- `segment("x")` evaluates x's rule on the same facts, so a person's memberships are consistent
+  with each other at one instant; a rule that reaches a cycle of references (which validation refuses,
+  but two concurrent rule changes could close) matches nobody.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +46,8 @@ from services.segmentation.rules import (
     score_trait,
 )
 from services.segmentation.text import format_condition
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,23 +104,77 @@ def matches(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLooku
 def compile_rule(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Predicate:
     """`matches(rule, facts, as_of, rule_of)` as a function of the facts alone: the tree is walked, the
     segments referred to are looked up and the windows placed once, not per person (a recompute evaluates
-    one rule for every profile). Groups short-circuit: nothing is recorded."""
+    one rule for every profile). Groups short-circuit: nothing is recorded. A rule that reaches a cycle of
+    references matches nobody (see `reference_cycle`)."""
+    if reported_cycle(rule, rule_of) is not None:
+        return lambda facts: False
+    return _compile(rule, as_of, rule_of)
+
+
+def _compile(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Predicate:
     if isinstance(rule, AllOf | AnyOf):
         # Conditions on events last: what decides without them saves looking at (and converting) the events.
         ordered = sorted(rule.rules, key=lambda child: _reads_events(child, rule_of))
-        children = tuple(compile_rule(child, as_of, rule_of) for child in ordered)
+        children = tuple(_compile(child, as_of, rule_of) for child in ordered)
         if isinstance(rule, AllOf):
             return lambda facts: all(child(facts) for child in children)
         return lambda facts: any(child(facts) for child in children)
     if isinstance(rule, Not):
-        negated = compile_rule(rule.rule, as_of, rule_of)
+        negated = _compile(rule.rule, as_of, rule_of)
         return lambda facts: not negated(facts)
     if isinstance(rule, SegmentCondition):
         other = rule_of(rule.segment_id)
-        return (lambda facts: False) if other is None else compile_rule(other, as_of, rule_of)
+        return (lambda facts: False) if other is None else _compile(other, as_of, rule_of)
     observe = _observer(rule, as_of)
     comparison = rule.comparison
     return lambda facts: _compared(observe(facts), comparison)
+
+
+def reference_cycle(rule: Rule, rule_of: RuleLookup) -> tuple[str, ...] | None:
+    """The segment ids around a cycle of `segment(...)` references reachable from `rule`, if there is one.
+
+    Validation refuses a rule that closes a cycle, but two rule changes validated at the same time can close
+    one together (a -> b and b -> a); evaluating such a rule would never end, so every evaluation checks."""
+    path: list[str] = []  # the segments being walked, each referring to the next
+    on_path: set[str] = set()
+    done: set[str] = set()
+    # Depth first, without recursion: (segment id, its references not walked yet); None for the root rule.
+    stack: list[tuple[str | None, Iterator[str]]] = [(None, _references(rule))]
+    while stack:
+        segment_id, pending = stack[-1]
+        following = next(pending, None)
+        if following is None:
+            stack.pop()
+            if segment_id is not None:
+                path.pop()
+                on_path.discard(segment_id)
+                done.add(segment_id)
+            continue
+        if following in on_path:
+            return (*path[path.index(following):], following)
+        other = rule_of(following) if following not in done else None
+        if other is not None:
+            path.append(following)
+            on_path.add(following)
+            stack.append((following, _references(other)))
+    return None
+
+
+def _references(rule: Rule) -> Iterator[str]:
+    return (condition.segment_id for condition in conditions(rule) if isinstance(condition, SegmentCondition))
+
+
+_reported_cycles: set[tuple[str, ...]] = set()
+
+
+def reported_cycle(rule: Rule, rule_of: RuleLookup) -> tuple[str, ...] | None:
+    """`reference_cycle`, logged once per process and cycle (evaluations run many times a second)."""
+    cycle = reference_cycle(rule, rule_of)
+    if cycle is not None and cycle not in _reported_cycles:
+        _reported_cycles.add(cycle)
+        log.error("segments refer to each other in a cycle: the rules reaching it match nobody until one of "
+                  "them changes", extra={"cycle": " -> ".join(f"segments/{s}" for s in cycle)})
+    return cycle
 
 
 def reachable_rules(rule: Rule, rule_of: RuleLookup) -> list[Rule]:

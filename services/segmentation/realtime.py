@@ -29,6 +29,7 @@ from services.segmentation.evaluation import (
     matches,
     passes,
     reachable_rules,
+    reported_cycle,
 )
 from services.segmentation.rules import (
     AllOf,
@@ -137,7 +138,10 @@ def next_change_time(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: 
 
 def compile_next_change(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> ChangeTime:
     """`next_change_time(rule, facts, as_of, rule_of)` as a function of the facts alone, the rule walked once (a
-    recompute asks it for every profile)."""
+    recompute asks it for every profile). A rule that reaches a cycle of references matches nobody, whatever
+    the time (evaluation.compile_rule)."""
+    if reported_cycle(rule, rule_of) is not None:
+        return lambda facts: None
     settled = _compile_settled(rule, as_of, rule_of)
     sources: list[Callable[[ProfileFacts], Iterable[datetime]]] = []
     tomorrow = (as_of + DAILY,)
@@ -220,7 +224,7 @@ def _compile_settled(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Callab
             return None if value is None else not value
         return negation
     if isinstance(rule, SegmentCondition):
-        other = rule_of(rule.segment_id)  # references have no cycles
+        other = rule_of(rule.segment_id)  # no cycle: compile_next_change checked
         return (lambda facts: False) if other is None else _compile_settled(other, as_of, rule_of)
     if isinstance(rule, ScoreCondition) or (isinstance(rule, TraitCondition) and not _moves_with_time(rule.field)):
         return compile_rule(rule, as_of, rule_of)

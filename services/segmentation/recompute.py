@@ -34,13 +34,13 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from services.segmentation.catalog import SegmentCatalog, SegmentState
-from services.segmentation.evaluation import ProfileFacts, compile_rule
+from services.segmentation.evaluation import ProfileFacts, compile_rule, reported_cycle
 from services.segmentation.realtime import EventReads, compile_next_change, dependencies_of, events_read
 from services.segmentation.rules import Rule
 from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore, cursor_before, ticks_of
 from shared import changefeed
 from shared.changefeed import with_unsettled
-from shared.errors import DomainError, InvalidArgument, NotFound, StatusCode
+from shared.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, StatusCode
 from shared.leases import FollowerLease, new_owner
 
 if TYPE_CHECKING:  # profile_source imports this module
@@ -113,6 +113,14 @@ class Reconciler(Protocol):
 
 class RunStopped(Exception):
     """A run ends early: its lease was lost (another process runs the operation now) or its process stops."""
+
+
+def _ring(cycle: tuple[str, ...], segment_id: str) -> str:
+    """The cycle (first id repeated last) as `segments/a -> segments/b -> segments/a`, from `segment_id` if on it."""
+    ring = list(cycle[:-1])
+    start = ring.index(segment_id) if segment_id in ring else 0
+    ordered = ring[start:] + ring[:start]
+    return " -> ".join(f"segments/{s}" for s in [*ordered, ordered[0]])
 
 
 def lease_name(operation_id: str) -> str:
@@ -339,6 +347,12 @@ class Recomputer:
         record = self._catalog.record(segment_id)
         rules = self._catalog.rules()
         rule = rules[segment_id]
+        cycle = reported_cycle(rule, rules.get)
+        if cycle is not None:
+            raise FailedPrecondition(
+                f"segments/{segment_id} reaches a cycle of segment references ({_ring(cycle, segment_id)}), so it "
+                "matches nobody; change one of those rules (then it is recomputed)", reason="SEGMENT_REFERENCE_CYCLE",
+                metadata={"cycle": ",".join(f"segments/{s}" for s in cycle[:-1])})
         as_of = datetime.now(UTC)
         events = events_read([rule], rules, as_of)
         fields = profile_reads([rule], rules, as_of)

@@ -1,7 +1,8 @@
 """Cassandra storage of the segmentation service (tables in schema/0001_segments.cql).
 
 Every statement is prepared once and bound (shared.cassandra). Segment rows are only written with
-lightweight transactions (create IF NOT EXISTS, update/delete IF etag), never mixed with plain writes.
+lightweight transactions (create IF NOT EXISTS, update/delete IF etag), never mixed with plain writes; rule
+changes also move the partition's `catalog_version` in the same conditional batch (schema 0005).
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def cursor_before(ticks: int) -> uuid.UUID:
         return FEED_START
     return uuid.UUID(fields=(before & 0xFFFFFFFF, (before >> 32) & 0xFFFF, 0x1000 | (before >> 48),
                              0x80 | (_MAX_CLOCK_SEQ >> 8), _MAX_CLOCK_SEQ & 0xFF, _MAX_NODE))
+
+
+@dataclass(frozen=True)
+class CatalogVersion:
+    """How many rule changes the catalog has saved (None: none yet), as read with the references."""
+
+    value: int | None
+
+
+class CatalogChanged(Exception):
+    """A rule change was saved since the catalog version a write was checked against: check it again."""
 
 
 @dataclass(frozen=True)
@@ -121,23 +133,51 @@ class SegmentStore:
 
     # ---- segments ----
 
-    def insert(self, record: SegmentRecord) -> bool:
-        """Create the segment; False when the id is taken."""
-        result = self._session.execute(
-            f"INSERT INTO segments (catalog, {_SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "IF NOT EXISTS", (CATALOG, *_values(record)))
-        return bool(result.was_applied)
+    def references(self) -> tuple[dict[str, frozenset[str]], CatalogVersion]:
+        """Every segment's references, and the catalog version they are at (read at SERIAL: the latest
+        rule change saved, even one whose lightweight transaction has not reached every replica)."""
+        rows = self._session.execute("SELECT segment_id, referenced, catalog_version FROM segments WHERE catalog = ?",
+                                     (CATALOG,), consistency=SERIAL_CONSISTENCY)
+        references, version = {}, None
+        for row in rows:
+            version = row.catalog_version
+            if row.segment_id is not None:  # a partition whose segments were all deleted keeps its version
+                references[row.segment_id] = frozenset(row.referenced or ())
+        return references, CatalogVersion(version)
 
-    def replace(self, record: SegmentRecord, expected_etag: str) -> bool:
-        """Overwrite the segment if its etag is still `expected_etag`."""
-        result = self._session.execute(
+    def insert(self, record: SegmentRecord, version: CatalogVersion | None = None) -> bool:
+        """Create the segment; False when the id is taken. With `version`, only if no rule change was saved
+        since it was read (CatalogChanged otherwise), moving it on."""
+        statement = (f"INSERT INTO segments (catalog, {_SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                     "IF NOT EXISTS")
+        return self._write(statement, (CATALOG, *_values(record)), version)
+
+    def replace(self, record: SegmentRecord, expected_etag: str, version: CatalogVersion | None = None) -> bool:
+        """Overwrite the segment if its etag is still `expected_etag` (and with `version`, as `insert`)."""
+        return self._write(
             "UPDATE segments SET display_name = ?, description = ?, rule_text = ?, referenced = ?, revision = ?, "
             "state = ?, last_recompute_time = ?, update_time = ?, etag = ? WHERE catalog = ? AND segment_id = ? "
             "IF etag = ?",
             (record.display_name, record.description, record.rule_text, set(record.referenced), record.revision,
              record.state, record.last_recompute_time, record.update_time, record.etag, CATALOG, record.segment_id,
-             expected_etag))
-        return bool(result.was_applied)
+             expected_etag), version)
+
+    def _write(self, statement: str, params: Sequence[Any], version: CatalogVersion | None) -> bool:
+        """Run a conditional write on one segment row; with `version`, in one conditional batch with moving the
+        catalog version on from it: one partition, so both conditions are checked and both writes applied
+        together, or neither. Rule changes are serialised this way: each is checked against the references
+        of one version and saved only if the version has not moved meanwhile."""
+        if version is None:
+            return bool(self._session.execute(statement, params).was_applied)
+        rows = list(self._session.execute(
+            f"BEGIN BATCH {statement}; UPDATE segments SET catalog_version = ? WHERE catalog = ? "
+            "IF catalog_version = ? APPLY BATCH", (*params, (version.value or 0) + 1, CATALOG, version.value)))
+        if rows[0][0]:  # [applied]
+            return True
+        # A refused batch returns the rows its conditions read: the version (static) is in every one.
+        if any(row.catalog_version != version.value for row in rows):
+            raise CatalogChanged()
+        return False
 
     def mark_failed(self, segment_id: str, failed: int, computing: int, revision: int) -> bool:
         """Record that the computation of `revision` failed: state `computing` becomes `failed` (a segment
@@ -172,10 +212,9 @@ class SegmentStore:
             (operation_id, revision, CATALOG, segment_id, revision, expected_operation_id or None))
         return bool(result.was_applied)
 
-    def delete(self, segment_id: str, expected_etag: str) -> bool:
-        result = self._session.execute("DELETE FROM segments WHERE catalog = ? AND segment_id = ? IF etag = ?",
-                                       (CATALOG, segment_id, expected_etag))
-        return bool(result.was_applied)
+    def delete(self, segment_id: str, expected_etag: str, version: CatalogVersion | None = None) -> bool:
+        return self._write("DELETE FROM segments WHERE catalog = ? AND segment_id = ? IF etag = ?",
+                           (CATALOG, segment_id, expected_etag), version)
 
     def get(self, segment_id: str, *, serial: bool = False) -> SegmentRecord | None:
         rows = self._session.execute(f"SELECT {_SEGMENT_READ_COLUMNS} FROM segments WHERE catalog = ? "
