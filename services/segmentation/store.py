@@ -175,7 +175,7 @@ class SegmentStore:
         if rows[0][0]:  # [applied]
             return True
         # A refused batch returns the rows its conditions read: the version (static) is in every one.
-        if any(row.catalog_version != version.value for row in rows):
+        if any(getattr(row, "catalog_version", version.value) != version.value for row in rows):
             raise CatalogChanged()
         return False
 
