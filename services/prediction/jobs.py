@@ -97,7 +97,9 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
                  *, num_threads: int = DEFAULT_TRAINING_THREADS, now: Callable[[], datetime] = _utc_now,
                  should_stop: Callable[[], bool] = _never,
                  compile_version: Callable[[str, int], None] | None = None) -> Operation:
-    """Train the operation's version and record the outcome; never raises for a domain failure.
+    """Train the operation's version and record the outcome; never raises for a domain failure. The
+    operation is one `registry` created (`start_training`): its lease, renewed by `registry`, is how
+    other processes know it still runs.
 
     `compile_version(model_id, version_id)` (the service's Predictor.compile_version) is called once the
     version is READY and before it is activated, so that it scores compiled from its first call; a failure
