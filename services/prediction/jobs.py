@@ -96,14 +96,17 @@ def _check_stop(should_stop: Callable[[], bool], registry: ModelRegistry, operat
 def run_training(registry: ModelRegistry, source: ProfileSource, operation: Operation, request: TrainingRequest,
                  *, num_threads: int = DEFAULT_TRAINING_THREADS, now: Callable[[], datetime] = _utc_now,
                  should_stop: Callable[[], bool] = _never,
-                 compile_version: Callable[[str, int], None] | None = None) -> Operation:
+                 compile_version: Callable[[str, int], None] | None = None,
+                 activated: Callable[[str], None] | None = None) -> Operation:
     """Train the operation's version and record the outcome; never raises for a domain failure. The
     operation is one `registry` created (`start_training`): its lease, renewed by `registry`, is how
     other processes know it still runs.
 
     `compile_version(model_id, version_id)` (the service's Predictor.compile_version) is called once the
     version is READY and before it is activated, so that it scores compiled from its first call; a failure
-    there only costs speed (LightGBM scores) and is logged.
+    there only costs speed (LightGBM scores) and is logged. `activated(model_id)` (Predictor.forget_model) is
+    called after an activation and before the operation is done, so that a score asked for once it is done
+    comes from the new version.
     """
     started = time.monotonic()
     assert operation.version_id is not None
@@ -134,6 +137,8 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
             _compile_quietly(compile_version, model_id, version_id)
         if request.activate:
             registry.activate(model_id, version_id, now())
+            if activated is not None:
+                activated(model_id)
     except DomainError as error:
         registry.fail_version(model_id, version_id, error.message, now())
         return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,

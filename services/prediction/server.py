@@ -372,7 +372,8 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         self._submit(Job(
             name=f"train {model_name(model_id)}",
             run=partial(run_training, self._registry, self._source, operation, training,
-                        should_stop=self._worker.stopping, compile_version=self._predictor.compile_version),
+                        should_stop=self._worker.stopping, compile_version=self._predictor.compile_version,
+                        activated=self._predictor.forget_model),
             abandon=partial(abandon_operation, self._registry, operation)), operation)
         return operation_message(operation, self._registry)
 
