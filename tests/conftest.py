@@ -8,13 +8,10 @@ themselves by keyspace prefix, so they never see each other's rows and need no c
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -28,6 +25,7 @@ from shared.config import CassandraSettings, GrpcSettings
 from shared.errors import Unavailable
 from shared.migrations import SCHEMA_TIMEOUT_SECONDS
 from shared.runner import RunningService, start_service
+from tests.node_users import NodeUsers
 
 
 @pytest.fixture(scope="session")
@@ -47,50 +45,19 @@ def cassandra_base_settings() -> Iterator[CassandraSettings]:
             environment.undo()
             yield CassandraSettings(contact_points=["127.0.0.1"])
             return
-        sessions = test_state / "sessions"
-        with _registered_session(sessions) as others_alive:
-            with _one_session_at_a_time(sessions):
-                if not launcher.running_nodes() and not others_alive():
-                    launcher.wipe()
-                ready_seconds = launcher.ensure_running(nodes=1, fast=True)
-            if ready_seconds is not None:
-                print(f"\nCassandra started for the test session, ready in {ready_seconds:.1f} s")
-            try:
-                yield CassandraSettings(contact_points=["127.0.0.1"])
-            finally:
-                with _one_session_at_a_time(sessions):
-                    if not others_alive():
-                        launcher.wipe()
-
-
-@contextlib.contextmanager
-def _one_session_at_a_time(sessions: Path) -> Iterator[None]:
-    """Sessions decide to wipe, start or keep the node one at a time: without it a session ending while
-    another starts deleted the data directory under the node the other one was starting."""
-    sessions.mkdir(parents=True, exist_ok=True)
-    with (sessions / "lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        users = NodeUsers(test_state / "sessions")
+        with users.deciding():
+            if users.use() and not launcher.running_nodes():
+                launcher.wipe()
+            ready_seconds = launcher.ensure_running(nodes=1, fast=True)
+        if ready_seconds is not None:
+            print(f"\nCassandra started for the test session, ready in {ready_seconds:.1f} s")
         try:
-            yield
+            yield CassandraSettings(contact_points=["127.0.0.1"])
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _registered_session(sessions: Path) -> Iterator[Callable[[], bool]]:
-    """Registers this process as a user of the test node; yields "does a live session besides us use it?"."""
-    sessions.mkdir(parents=True, exist_ok=True)
-    mine = sessions / str(os.getpid())
-    mine.touch()
-
-    def others_alive() -> bool:
-        return any(entry != mine and entry.name.isdigit() and launcher.process_alive(int(entry.name))
-                   for entry in sessions.iterdir())
-
-    try:
-        yield others_alive
-    finally:
-        mine.unlink(missing_ok=True)
+            with users.deciding():
+                if users.stop_using():
+                    launcher.wipe()
 
 
 @pytest.fixture(scope="session")
