@@ -42,7 +42,8 @@ def test_fast_mode_flags_are_only_added_when_asked(tmp_path, monkeypatch) -> Non
     node = launcher.Node(1, 1)
     safe = launcher.java_command(node, fast=False)
     fast = launcher.java_command(node, fast=True)
-    assert "-Dcassandra.skip_sync=true" not in safe and "-Dcassandra.skip_sync=true" in fast
+    for fast_only in ("-Dcassandra.skip_sync=true", "-Dcassandra.commitlog.ignorereplayerrors=true"):
+        assert fast_only not in safe and fast_only in fast
     assert f"-javaagent:{launcher.lib_dir() / 'jamm-0.4.0.jar'}" in safe
     assert "--add-opens=java.base/java.nio=ALL-UNNAMED" in safe
     assert safe[-1] == "org.apache.cassandra.service.CassandraDaemon"
