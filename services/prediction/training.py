@@ -30,6 +30,9 @@ MAX_BOOSTING_ROUNDS = 2000
 EARLY_STOPPING_ROUNDS = 50
 # Quantiles of the validation scores kept with a version, for percentiles at scoring time (0.1 steps).
 SCORE_QUANTILES = 1001
+# Every cutoff adds a row per person to the training set (held in memory while LightGBM trains): a year of
+# weekly cutoffs is as many as a model needs.
+MAX_TRAINING_CUTOFFS = 52
 # One thread: on a shared 2-core machine a second thread measured 3x slower (13 s vs 4.4 s on CDNOW).
 DEFAULT_TRAINING_THREADS = 1
 # The data's last event may fall on the horizon's last day (daily data such as CDNOW's).
@@ -133,6 +136,9 @@ def check_cutoffs(spec: ModelSpec, training_cutoffs: Sequence[datetime], validat
     """Training labels must end before the validation period starts, or validation would not be held out."""
     violations = Violations()
     violations.check(bool(training_cutoffs), "training_cutoffs", "at least one training cutoff is required")
+    violations.check(len(training_cutoffs) <= MAX_TRAINING_CUTOFFS, "training_cutoffs",
+                     f"at most {MAX_TRAINING_CUTOFFS} training cutoffs (each adds a row per person to the training "
+                     f"set), got {len(training_cutoffs)}")
     horizon = horizon_of(spec)
     for index, cutoff in enumerate(training_cutoffs):
         violations.check(cutoff + horizon <= validation_cutoff, f"training_cutoffs[{index}]",

@@ -15,7 +15,14 @@ from services.prediction.history import ActivityEvent, PersonHistory, PersonRef
 from services.prediction.metrics import roc_auc
 from services.prediction.scoring import Scorer, score_history
 from services.prediction.spec import ModelSpec, PredictionKind, resolve_spec
-from services.prediction.training import SCORE_QUANTILES, TrainedModel, train_booster, train_version
+from services.prediction.training import (
+    MAX_TRAINING_CUTOFFS,
+    SCORE_QUANTILES,
+    TrainedModel,
+    check_cutoffs,
+    train_booster,
+    train_version,
+)
 from shared.errors import FailedPrecondition, InvalidArgument
 from tests.services.prediction.synthetic import day, synthetic_source
 
@@ -93,6 +100,15 @@ def test_training_labels_must_end_before_validation() -> None:
     assert [v.field for v in caught.value.field_violations] == ["training_cutoffs[0]"]
     with pytest.raises(InvalidArgument):
         train_version(spec(), SOURCE, [], VALIDATION_CUTOFF)
+
+
+def test_at_most_a_year_of_weekly_training_cutoffs() -> None:
+    weekly = [day("2023-01-02") + timedelta(weeks=week) for week in range(MAX_TRAINING_CUTOFFS + 1)]
+    with pytest.raises(InvalidArgument) as caught:
+        check_cutoffs(spec(horizon=7), weekly, weekly[-1] + timedelta(days=30))
+    assert [(v.field, f"got {MAX_TRAINING_CUTOFFS + 1}" in v.description)
+            for v in caught.value.field_violations] == [("training_cutoffs", True)]
+    check_cutoffs(spec(horizon=7), weekly[:-1], weekly[-1] + timedelta(days=30))  # 52 are fine
 
 
 def test_validation_horizon_beyond_the_data_is_refused() -> None:
