@@ -519,7 +519,7 @@ class TrainModelRequest(_message.Message):
     @_builtins.property
     def training_cutoffs(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
         """Training cutoffs T: features from events before T, labels from [T, T + horizon). At least
-        one; each cutoff plus the horizon must lie before `validation_cutoff`. Every time a request
+        one and at most 52, distinct; each cutoff plus the horizon must lie before `validation_cutoff`. Every time a request
         names (cutoffs, `as_of_time`) must lie from 1990-01-01T00:00:00Z (no stored event is older) to
         9000-01-01T00:00:00Z, or the call fails with INVALID_ARGUMENT naming the field.
         """
