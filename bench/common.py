@@ -151,6 +151,17 @@ def bench_cassandra(service: str) -> Iterator[tuple[CassandraSettings, Cassandra
         cluster.shutdown()
 
 
+def wait_for_compactions(admin: CassandraSession, *, limit_seconds: float = 180.0) -> float:
+    """Wait until Cassandra runs no compaction (system_views.sstable_tasks is empty), at most `limit_seconds`;
+    the seconds waited. A phase that reads right after one that wrote much would otherwise share the cores
+    with compacting what was written, a cost of the writes, not of the reads."""
+    started = time.monotonic()
+    while (time.monotonic() - started < limit_seconds
+           and admin.execute("SELECT kind FROM system_views.sstable_tasks").one() is not None):
+        time.sleep(1.0)
+    return time.monotonic() - started
+
+
 def figures_table(title: str, rows: Sequence[tuple[str, str, str]]) -> Table:
     """A three-column table: what, measured, and the baseline or aim it is compared with."""
     table = Table(title=title, title_justify="left")

@@ -8,7 +8,8 @@
     ids (links already made);
 (b) lookup throughput and p50/p99 latency vs a bare gRPC echo (grpc.health.v1 Check on a server
     built by the same bootstrap, shared.server.create_server, with no service of its own), and p99
-    of both at half of their maximum load.
+    of both at half of their maximum load; both measured once Cassandra has finished compacting what
+    the link phases wrote (it waits at most 180 s and prints how long).
 
 The identity service and the echo run as processes of their own (`python -m services.identity`,
 `python -m bench.echo_server`), as deployed: the client threads that build and send requests do not
@@ -53,6 +54,7 @@ from bench.common import (
     figures_table,
     open_loop,
     service_processes,
+    wait_for_compactions,
 )
 from services.identity.server import DEFINITION
 from shared.cassandra import CassandraSession
@@ -284,6 +286,8 @@ def main() -> None:
                 future: Future[Any] = health.Check.future(check, timeout=10)
                 return future
 
+            waited = wait_for_compactions(admin)
+            console.print(f"waited {waited:.0f} s for Cassandra to finish compacting the links' writes")
             console.print("bare gRPC echo (health Check) ...")
             echo_figures = measure_latency("echo", echo_call, echo_future, args.seconds)
             console.print("LookupPerson by identifier ...")
