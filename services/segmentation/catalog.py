@@ -11,6 +11,7 @@ import binascii
 import functools
 import hashlib
 import hmac
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from services.segmentation.rules import (
     validate,
 )
 from services.segmentation.store import CatalogChanged, SegmentRecord, SegmentStore
-from services.segmentation.text import format_rule, parse
+from services.segmentation.text import RuleSyntaxError, format_rule, parse
 from shared.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
 from shared.etags import etag_matches, strong_etag
 
@@ -36,6 +37,8 @@ UPDATABLE_FIELDS = frozenset({"display_name", "description", "rule", "rule_text"
 # Checks of one rule change, each against the catalog as another rule change left it, before ABORTED.
 CATALOG_CHANGE_TRIES = 5
 _Result = TypeVar("_Result")
+
+log = logging.getLogger(__name__)
 
 
 class SegmentState(IntEnum):
@@ -50,7 +53,7 @@ class Segment:
     segment_id: str
     display_name: str
     description: str
-    rule: Rule
+    rule: Rule | None  # None: the stored text cannot be read by this version (`_parsed`); state is then FAILED
     rule_text: str
     revision: int
     state: SegmentState
@@ -149,9 +152,27 @@ def page_size_of(requested: int, default: int, maximum: int, field_path: str = "
 
 
 @functools.lru_cache(maxsize=4096)
-def _parsed(rule_text: str) -> Rule:
-    # Real time reads every rule for each page of changes; a rule's text rarely changes, and rules are immutable.
-    return parse(rule_text)
+def _parsed(rule_text: str) -> Rule | None:
+    """A stored rule, or None when this version cannot read it: stored by an older version under rules it
+    no longer accepts (a keyword as a property name, nesting deeper than 32 levels). Such a segment matches
+    nobody, is shown FAILED, and its recompute fails FAILED_PRECONDITION, until its rule is updated; the
+    other segments are not affected. Logged once per text and process (the result is cached: real time
+    reads every rule for each page of changes, and a rule's text rarely changes)."""
+    try:
+        return parse(rule_text)
+    except (RuleSyntaxError, ValueError, RecursionError) as error:
+        log.error("a stored segment rule cannot be read by this version: the segment matches nobody until its "
+                  "rule is updated", extra={"rule_text": rule_text[:500], "error": str(error)})
+        return None
+
+
+def unreadable_rule(segment_id: str) -> FailedPrecondition:
+    """The error of an operation that needs a segment's rule when its stored text cannot be read."""
+    return FailedPrecondition(
+        f"the stored rule of segments/{segment_id} cannot be read by this version (it was stored under older "
+        "rules: a keyword as a property name, or nesting deeper than 32 levels); update the segment's rule "
+        "(UpdateSegment with update_mask rule_text), then it is recomputed", reason="SEGMENT_RULE_UNREADABLE",
+        metadata={"segment": f"segments/{segment_id}"})
 
 
 def _serialised(change: Callable[[], _Result]) -> _Result:
@@ -238,7 +259,8 @@ class SegmentCatalog:
         after = decode_page_token(page_token, "segments") or ""
         records = self.store.page(after, size + 1)
         following = encode_page_token("segments", records[size - 1].segment_id) if len(records) > size else ""
-        return [self._segment(r) for r in records[:size]], following
+        counts = self.store.member_counts([r.segment_id for r in records[:size]])
+        return [self._segment(r, counts[r.segment_id]) for r in records[:size]], following
 
     def update(self, segment_id: str, paths: Sequence[str], *, display_name: str, description: str,
                rule_input: RuleInput | None, etag: str) -> Segment:
@@ -333,12 +355,33 @@ class SegmentCatalog:
                           reason="CONCURRENT_UPDATE")
 
     def rules(self) -> dict[str, Rule]:
-        """Every segment's current rule, for evaluating `segment(...)` references."""
-        return {record.segment_id: _parsed(record.rule_text) for record in self.store.all()}
+        """Every segment's current rule, for evaluating `segment(...)` references; a segment whose stored rule
+        cannot be read is left out (it, and a reference to it, match nobody)."""
+        parsed = {record.segment_id: _parsed(record.rule_text) for record in self.store.all()}
+        return {segment_id: rule for segment_id, rule in parsed.items() if rule is not None}
 
-    def _segment(self, record: SegmentRecord) -> Segment:
-        return Segment(record.segment_id, record.display_name, record.description, parse(record.rule_text),
-                       record.rule_text, record.revision, SegmentState(record.state),
-                       self.store.member_count(record.segment_id), record.last_recompute_time, record.create_time,
+    @staticmethod
+    def readable_rule(record: SegmentRecord) -> Rule:
+        """A stored segment's rule; FAILED_PRECONDITION when this version cannot read it."""
+        rule = _parsed(record.rule_text)
+        if rule is None:
+            raise unreadable_rule(record.segment_id)
+        return rule
+
+    @staticmethod
+    def rule_in(rules: Mapping[str, Rule], segment_id: str) -> Rule:
+        """`segment_id`'s rule from `rules()` (the segment exists); FAILED_PRECONDITION when it is unreadable."""
+        rule = rules.get(segment_id)
+        if rule is None:
+            raise unreadable_rule(segment_id)
+        return rule
+
+    def _segment(self, record: SegmentRecord, member_count: int | None = None) -> Segment:
+        rule = _parsed(record.rule_text)
+        return Segment(record.segment_id, record.display_name, record.description, rule,
+                       record.rule_text, record.revision,
+                       SegmentState(record.state) if rule is not None else SegmentState.FAILED,
+                       self.store.member_count(record.segment_id) if member_count is None else member_count,
+                       record.last_recompute_time, record.create_time,
                        record.update_time, strong_etag(record.etag),
                        record.operation_id if record.operation_revision == record.revision else "")

@@ -159,6 +159,7 @@ class Recomputer:
             raise InvalidArgument.for_field("parallelism", f"must be 0 (default {DEFAULT_PARALLELISM}) to "
                                                            f"{MAX_PARALLELISM}, got {parallelism}")
         record = self._catalog.record(segment_id)  # NOT_FOUND before an operation exists
+        self._catalog.readable_rule(record)  # FAILED_PRECONDITION before one exists
         operation_id = uuid.uuid4().hex
         self._store.set_operation(segment_id, record.revision, operation_id)
         return self._launch(operation_id, record, parallelism or DEFAULT_PARALLELISM)
@@ -346,7 +347,7 @@ class Recomputer:
         segment_id = operation.segment_id
         record = self._catalog.record(segment_id)
         rules = self._catalog.rules()
-        rule = rules[segment_id]
+        rule = self._catalog.rule_in(rules, segment_id)
         cycle = reported_cycle(rule, rules.get)
         if cycle is not None:
             raise FailedPrecondition(

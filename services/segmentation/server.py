@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -35,9 +35,9 @@ from services.segmentation.messages import rule_from_message, rule_to_message
 from services.segmentation.model_directory import GrpcModelDirectory
 from services.segmentation.profile_source import GrpcProfileSource
 from services.segmentation.recompute import Recomputer
-from services.segmentation.store import LAST_CHANGE_TICKS, OperationRecord, SegmentStore, cursor_before
+from services.segmentation.store import LAST_CHANGE_TICKS, OperationRecord, SegmentStore, cursor_before, ticks_of
 from services.segmentation.text import RuleSyntaxError, format_rule, parse
-from shared.changefeed import FEED_START, parse_cursor, time_of
+from shared.changefeed import FEED_START, SETTLE_SECONDS, parse_cursor, time_of
 from shared.clients import prediction_stub, profile_stub
 from shared.errors import InvalidArgument, Violations
 from shared.runner import ServiceContext, ServiceDefinition
@@ -71,7 +71,8 @@ def rule_input_of(rule: pb.Rule | None, rule_text: str, violations: Violations, 
 
 def segment_message(segment: Segment) -> pb.Segment:
     message = pb.Segment(name=segment.name, display_name=segment.display_name, description=segment.description,
-                         rule=rule_to_message(segment.rule), rule_text=segment.rule_text, revision=segment.revision,
+                         rule=rule_to_message(segment.rule) if segment.rule is not None else None,
+                         rule_text=segment.rule_text, revision=segment.revision,
                          member_count=segment.member_count, state=pb.SegmentState.ValueType(segment.state),
                          etag=segment.etag,
                          operation=f"{OPERATIONS}{segment.operation_id}" if segment.operation_id else "")
@@ -192,8 +193,19 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         else:
             after = None
         self._catalog.record(segment_id)
-        changes = self._store.changes_page(segment_id, after or FEED_START, size)
-        last = changes[-1].change_id if changes else (after or FEED_START)
+        # The change log is written concurrently, so a change can land up to SETTLE_SECONDS after a
+        # later-stamped one. A page stops that far short of now, so its cursor never passes a change not
+        # written yet; with include_unsettled it also returns the newer changes, but its cursor still stops
+        # at the horizon, so the next page returns them again (with any that landed late).
+        after = uuid.UUID(int=(after or FEED_START).int)  # an unsettled-mode cursor as a plain one
+        horizon = cursor_before(ticks_of(datetime.now(UTC) - timedelta(seconds=SETTLE_SECONDS)))
+        if request.include_unsettled:
+            changes = self._store.changes_page(segment_id, after, size)
+            settled = [c for c in changes if c.change_id.time <= horizon.time]
+            last = settled[-1].change_id if settled else after
+        else:
+            changes = self._store.changes_page(segment_id, after, size, through=horizon)
+            last = changes[-1].change_id if changes else after
         response = pb.ListSegmentMembershipChangesResponse(next_page_token=encode_page_token(kind, str(last)))
         for change in changes:
             message = response.changes.add(
@@ -212,6 +224,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         for segment_id in segment_ids:
             if segment_id not in rules:
                 self._catalog.record(segment_id)  # NOT_FOUND naming it
+                self._catalog.rule_in(rules, segment_id)  # else FAILED_PRECONDITION: its rule is unreadable
         as_of = datetime.now(UTC)
         facts = self._source.person(selector, as_of)
         response = pb.EvaluatePersonSegmentsResponse(person_id=facts.person_id)
@@ -233,7 +246,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         if which == "segment":
             segment_id = segment_id_of(request.segment, "segment")
             self._catalog.record(segment_id)  # NOT_FOUND naming it
-            rule = rules[segment_id]
+            rule = self._catalog.rule_in(rules, segment_id)
         else:
             violations = Violations()
             rule_input = rule_input_of(request.rule if which == "rule" else None, request.rule_text, violations,

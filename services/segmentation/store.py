@@ -245,9 +245,14 @@ class SegmentStore:
     # ---- members ----
 
     def member_count(self, segment_id: str) -> int:
-        row = self._session.execute("SELECT COUNT(*) AS members FROM members WHERE segment_id = ?",
-                                    (segment_id,)).one()
-        return int(row.members)
+        return self.member_counts([segment_id])[segment_id]
+
+    def member_counts(self, segment_ids: Sequence[str]) -> dict[str, int]:
+        """The current number of members of each segment, counted from `members` (the partitions concurrently)."""
+        futures = [(segment_id, self._session.execute_async("SELECT COUNT(*) AS members FROM members "
+                                                            "WHERE segment_id = ?", (segment_id,)))
+                   for segment_id in segment_ids]
+        return {segment_id: int(self._session.result(future).one().members) for segment_id, future in futures}
 
     def members_page(self, segment_id: str, after: str, limit: int) -> list[tuple[str, datetime]]:
         rows = self._session.execute("SELECT person_id, enter_time FROM members WHERE segment_id = ? AND person_id > ? "
@@ -267,11 +272,14 @@ class SegmentStore:
                       when: datetime) -> None:
         """Record enters and exits: the change log first, so a crash in between leaves the log ahead of the
         members (a recompute repairs members; a log missing a change could not be repaired)."""
-        changes = [(segment_id, uuid.uuid1(), person_id, True, cause) for person_id in entered]
-        changes += [(segment_id, uuid.uuid1(), person_id, False, cause) for person_id in exited]
-        if changes:
+        # Each change id is taken as its row is sent (the rows are a generator the concurrent writer pulls
+        # from), not all up front: a reader's settled horizon (`changes_page`) relies on a change being
+        # written within SETTLE_SECONDS of its stamp, and a recompute writes thousands of rows.
+        pairs = [(p, True) for p in entered] + [(p, False) for p in exited]
+        if pairs:
             self._session.execute_many("INSERT INTO membership_changes (segment_id, change_id, person_id, entered, "
-                                       "cause) VALUES (?, ?, ?, ?, ?)", changes)
+                                       "cause) VALUES (?, ?, ?, ?, ?)",
+                                       ((segment_id, uuid.uuid1(), p, e, cause) for p, e in pairs))
         if entered:
             self._session.execute_many("INSERT INTO members (segment_id, person_id, enter_time) VALUES (?, ?, ?)",
                                        [(segment_id, person_id, when) for person_id in entered])
@@ -279,9 +287,16 @@ class SegmentStore:
             self._session.execute_many("DELETE FROM members WHERE segment_id = ? AND person_id = ?",
                                        [(segment_id, person_id) for person_id in exited])
 
-    def changes_page(self, segment_id: str, after: uuid.UUID, limit: int) -> list[StoredChange]:
-        rows = self._session.execute("SELECT change_id, person_id, entered, cause FROM membership_changes "
-                                     "WHERE segment_id = ? AND change_id > ? LIMIT ?", (segment_id, after, limit))
+    def changes_page(self, segment_id: str, after: uuid.UUID, limit: int,
+                     through: uuid.UUID | None = None) -> list[StoredChange]:
+        """Up to `limit` changes after the cursor `after`, oldest first; with `through`, only those up to it."""
+        if through is None:
+            rows = self._session.execute("SELECT change_id, person_id, entered, cause FROM membership_changes "
+                                         "WHERE segment_id = ? AND change_id > ? LIMIT ?", (segment_id, after, limit))
+        else:
+            rows = self._session.execute("SELECT change_id, person_id, entered, cause FROM membership_changes "
+                                         "WHERE segment_id = ? AND change_id > ? AND change_id <= ? LIMIT ?",
+                                         (segment_id, after, through, limit))
         return [StoredChange(row.change_id, row.person_id, row.entered, row.cause) for row in rows]
 
     def memberships(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -157,20 +157,22 @@ def test_recompute_matches_an_independent_evaluation(stack: pb_grpc.Segmentation
 
     # New orders move a person in real time (at once); a recompute afterwards has nothing to record.
     buyer = next(p for p in PERSONS if person_ids[p] not in expected["recent-buyers"])
-    before = stack.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
-        parent="segments/recent-buyers", page_size=1000), timeout=10)
-    # Real time follows the same ingest as the recompute: either may record a person's enter first.
-    assert sorted((c.person_id, c.type) for c in before.changes) == [
-        (p, pb.MEMBERSHIP_CHANGE_TYPE_ENTER) for p in sorted(expected["recent-buyers"])]
-    assert {c.cause for c in before.changes} <= {"recompute", "realtime"}
-    ingest(profiles, order(buyer, f"{buyer}-late-1", 5.0, days_ago(1)), order(buyer, f"{buyer}-late-2", 5.0,
-                                                                            days_ago(0.5)))
 
     def changes_after(token: str) -> pb.ListSegmentMembershipChangesResponse:
         page: pb.ListSegmentMembershipChangesResponse = stack.ListSegmentMembershipChanges(
             pb.ListSegmentMembershipChangesRequest(parent="segments/recent-buyers", page_token=token, page_size=1000),
             timeout=10)
         return page
+
+    # Real time follows the same ingest as the recompute: either may record a person's enter first. A page
+    # holds a change once it has settled (a second after it was stamped).
+    entered_before = [(p, pb.MEMBERSHIP_CHANGE_TYPE_ENTER) for p in sorted(expected["recent-buyers"])]
+    assert eventually(lambda: sorted((c.person_id, c.type) for c in changes_after("").changes),
+                      entered_before) == entered_before
+    before = changes_after("")
+    assert {c.cause for c in before.changes} <= {"recompute", "realtime"}
+    ingest(profiles, order(buyer, f"{buyer}-late-1", 5.0, days_ago(1)), order(buyer, f"{buyer}-late-2", 5.0,
+                                                                            days_ago(0.5)))
 
     entered = [(person_ids[buyer], pb.MEMBERSHIP_CHANGE_TYPE_ENTER, "realtime")]
     assert eventually(lambda: [(c.person_id, c.type, c.cause) for c in changes_after(before.next_page_token).changes],

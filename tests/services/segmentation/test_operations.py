@@ -95,7 +95,7 @@ def test_operations_of_a_killed_process_are_taken_over(
             # Ann entered once: by the taken-over recompute, or first by this process's real time (its follower
             # reads the profile feed from the start, and can apply her identify before the recompute's diff).
             changes = stub.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
-                parent="segments/pros"), timeout=10).changes
+                parent="segments/pros", include_unsettled=True), timeout=10).changes
             assert [(c.person_id, c.type) for c in changes] == [(persons["ann"], pb.MEMBERSHIP_CHANGE_TYPE_ENTER)]
             assert response.entered_count == (1 if changes[0].cause == "recompute" else 0)
 

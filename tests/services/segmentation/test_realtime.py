@@ -24,8 +24,9 @@ def stamp(when: datetime) -> str:
 
 
 def changes_of(stub: pb_grpc.SegmentationServiceStub, segment_id: str) -> list[tuple[str, int, str]]:
+    # Everything through now in one page (the settled default stops a second short of now).
     page = stub.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
-        parent=f"segments/{segment_id}", page_size=1000), timeout=10)
+        parent=f"segments/{segment_id}", page_size=1000, include_unsettled=True), timeout=10)
     return [(c.person_id, c.type, c.cause) for c in page.changes]
 
 

@@ -3,6 +3,7 @@ recomputed too, over the real stack (identity + profile + segmentation, real gRP
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,6 +12,7 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
+from shared.changefeed import SETTLE_SECONDS
 from tests.services.segmentation.conftest import eventually, identify, ingest
 from tests.services.segmentation.test_batch import members_of, wait_ready
 
@@ -41,6 +43,7 @@ def test_a_rule_change_recomputes_the_segments_referring_to_it(
         assert eventually(lambda s=segment_id: members_of(stack, f"segments/{s}"),  # type: ignore[misc]
                           members) == members, segment_id
     adults_operation = stack.GetSegment(pb.GetSegmentRequest(name="segments/adults"), timeout=10).operation
+    time.sleep(SETTLE_SECONDS)  # the changes so far settle: the cursor below passes them all
     seen = stack.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
         parent="segments/not-adult-pros", page_size=100), timeout=10).next_page_token
 
@@ -52,10 +55,10 @@ def test_a_rule_change_recomputes_the_segments_referring_to_it(
         assert eventually(lambda s=segment_id: members_of(stack, f"segments/{s}"),  # type: ignore[misc]
                           members) == members, segment_id
     # The dependent's own operation recorded the difference.
-    changes = stack.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
-        parent="segments/not-adult-pros", page_size=100, page_token=seen), timeout=10).changes
-    assert [(c.person_id, c.type, c.cause) for c in changes] == [
-        (ann, pb.MEMBERSHIP_CHANGE_TYPE_ENTER, "recompute"), (bob, pb.MEMBERSHIP_CHANGE_TYPE_EXIT, "recompute")]
+    recorded = [(ann, pb.MEMBERSHIP_CHANGE_TYPE_ENTER, "recompute"), (bob, pb.MEMBERSHIP_CHANGE_TYPE_EXIT, "recompute")]
+    assert eventually(lambda: [(c.person_id, c.type, c.cause) for c in stack.ListSegmentMembershipChanges(
+        pb.ListSegmentMembershipChangesRequest(parent="segments/not-adult-pros", page_size=100, page_token=seen),
+        timeout=10).changes], recorded) == recorded
     dependent = stack.GetSegment(pb.GetSegmentRequest(name="segments/adult-pros"), timeout=10)
     assert dependent.operation and dependent.revision == 1  # recomputed, its own rule unchanged
     assert stack.GetSegment(pb.GetSegmentRequest(name="segments/adults"), timeout=10).operation == adults_operation

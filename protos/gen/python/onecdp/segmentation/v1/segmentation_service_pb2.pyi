@@ -38,6 +38,10 @@ class _SegmentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SegmentS
     SEGMENT_STATE_FAILED: _SegmentState.ValueType  # 3
     """The computation after create or rule change failed (its operation's error says why); members
     may be incomplete, though real time keeps changing them. RecomputeSegment to try again.
+    Also a segment whose stored rule this version cannot read (stored by an older version under
+    looser rules; `rule` is then unset and `rule_text` is the stored text): it matches nobody, and
+    what needs its rule fails FAILED_PRECONDITION (reason SEGMENT_RULE_UNREADABLE) until
+    UpdateSegment gives it a new rule.
     """
 
 class SegmentState(_SegmentState, metaclass=_SegmentStateEnumTypeWrapper):
@@ -52,6 +56,10 @@ SEGMENT_STATE_READY: SegmentState.ValueType  # 2
 SEGMENT_STATE_FAILED: SegmentState.ValueType  # 3
 """The computation after create or rule change failed (its operation's error says why); members
 may be incomplete, though real time keeps changing them. RecomputeSegment to try again.
+Also a segment whose stored rule this version cannot read (stored by an older version under
+looser rules; `rule` is then unset and `rule_text` is the stored text): it matches nobody, and
+what needs its rule fails FAILED_PRECONDITION (reason SEGMENT_RULE_UNREADABLE) until
+UpdateSegment gives it a new rule.
 """
 Global___SegmentState: _TypeAlias = SegmentState  # noqa: Y015
 
@@ -255,7 +263,7 @@ class Segment(_message.Message):
     revision: _builtins.int
     """Increases by one every time the rule changes."""
     member_count: _builtins.int
-    """Current number of members (exact; maintained with every enter/exit)."""
+    """Current number of members: exact, counted from the stored members when the segment is read."""
     state: Global___SegmentState.ValueType
     """State of the memberships."""
     etag: _builtins.str
@@ -1420,6 +1428,7 @@ class ListSegmentMembershipChangesRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_UNSETTLED_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """`segments/{segment_id}`."""
     page_size: _builtins.int
@@ -1427,6 +1436,15 @@ class ListSegmentMembershipChangesRequest(_message.Message):
     page_token: _builtins.str
     """A previous response's `next_page_token` for the same `parent`, unchanged (an opaque token); also
     a resume cursor for polling. Any other value fails with INVALID_ARGUMENT naming `page_token`.
+    """
+    include_unsettled: _builtins.bool
+    """Also return the changes of the last second. By default a page stops one second short of now: the
+    changes of a segment are written concurrently (a recompute writes thousands), so a change can land up
+    to that much after a later-stamped one, and a poller that resumes from `next_page_token` then never
+    misses one. With this set, a page also holds the newer changes (for a display that wants them at
+    once), but its `next_page_token` still stops at that horizon: the next page returns them again,
+    together with any that landed late, so skip the ones already seen (a change is identified by
+    `person_id`, `type` and `change_time`). Send it with every page.
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
@@ -1439,10 +1457,11 @@ class ListSegmentMembershipChangesRequest(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        include_unsettled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_unsettled", b"include_unsettled", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1460,7 +1479,9 @@ class ListSegmentMembershipChangesResponse(_message.Message):
     """Token to continue from; never empty, so a poller can resume from it."""
     @_builtins.property
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___MembershipChange]:
-        """The changes, oldest first."""
+        """The changes, oldest first: those stamped up to one second before the call (all of them with
+        `include_unsettled`).
+        """
 
     def __init__(
         self,
