@@ -40,6 +40,7 @@ from services.segmentation.text import RuleSyntaxError, format_rule, parse
 from shared.changefeed import FEED_START, SETTLE_SECONDS, parse_cursor, time_of
 from shared.clients import prediction_stub, profile_stub
 from shared.errors import InvalidArgument, Violations
+from shared.longrunning import Instead, operations_registration
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
@@ -335,7 +336,14 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
     context.on_stop(follower.stop)
     context.on_stop(recomputer.stop)
     servicer = SegmentationServicer(catalog, recomputer, source)
-    return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_SegmentationServiceServicer_to_server, servicer))]
+    return [ServiceRegistration(SERVICE_NAME, partial(pb_grpc.add_SegmentationServiceServicer_to_server, servicer)),
+            operations_registration(SERVICE_NAME, servicer.GetOperation, Instead(
+                list_operations="operations are stored by id only, so there is nothing to list them by; "
+                                "Segment.operation (GetSegment, ListSegments) names a segment's latest recompute: "
+                                "poll it with GetOperation or WaitOperation",
+                cancel_operation="a recompute runs to its end once started (done, or failed after its retries); "
+                                 "wait for it with WaitOperation",
+                delete_operation="recompute operations are kept as the record of each segment's recomputes"))]
 
 
 DEFINITION = ServiceDefinition(name="segmentation", build=build)
