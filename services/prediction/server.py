@@ -58,6 +58,7 @@ from services.prediction.spec import (
 from services.prediction.worker import BackgroundWorker, Job
 from shared.clients import profile_stub
 from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Violations
+from shared.longrunning import Instead, operations_registration
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
@@ -68,6 +69,15 @@ MAX_TOP_FEATURES = 50
 _SCORE_VIEWS = frozenset(pb.ScoreView.values())
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
+# What google.longrunning.Operations says instead of the methods the stored operations cannot support.
+OPERATIONS_INSTEAD = Instead(
+    list_operations="operations are stored by id only, so there is nothing to list them by; keep the name "
+                    "TrainModel or RefreshScores returned and poll it with GetOperation or WaitOperation "
+                    "(ListModelVersions shows each version's state: TRAINING, READY or FAILED)",
+    cancel_operation="a training or a score refresh runs to its end once started; to keep a new version from "
+                     "serving, train without `activate` (ActivateModelVersion activates a version later, or "
+                     "rolls back to an earlier one)",
+    delete_operation="operations expire by themselves 30 days after they were last written")
 
 _KIND_FROM_PROTO = {pb.PREDICTION_KIND_CONVERSION: PredictionKind.CONVERSION,
                     pb.PREDICTION_KIND_CHURN: PredictionKind.CHURN}
@@ -350,7 +360,6 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         operation = self._registry.get_operation(parse_operation_name(request.name))
         return operation_message(operation, self._registry)
 
-
     # ---- long-running operations
 
     def TrainModel(self, request: pb.TrainModelRequest, context: grpc.ServicerContext) -> operations_pb2.Operation:
@@ -511,7 +520,8 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
     follower.start()
     context.on_stop(follower.stop)
     servicer = PredictionServicer(registry, source, online, GrpcScoreWriter(profiles), worker)
-    return [ServiceRegistration(SERVICE_NAME, partial(_add_to_server, servicer))]
+    return [ServiceRegistration(SERVICE_NAME, partial(_add_to_server, servicer)),
+            operations_registration(SERVICE_NAME, servicer.GetOperation, OPERATIONS_INSTEAD)]
 
 
 def _add_to_server(servicer: PredictionServicer, server: grpc.Server) -> None:
