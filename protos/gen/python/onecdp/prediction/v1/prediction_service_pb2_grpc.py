@@ -203,6 +203,11 @@ class PredictionServiceServicer:
     def GetOperation(self, request, context):
         """Gets the state of a long-running operation started by this service.
 
+        The server also serves the standard google.longrunning.Operations for generic clients: its GetOperation
+        answers exactly as this method does, and its WaitOperation waits until the operation is done or its
+        `timeout` ends (10 s when unset, at most 60 s, and before the call's deadline), answering the latest
+        state. It answers ListOperations, CancelOperation and DeleteOperation with UNIMPLEMENTED.
+
         Errors: NOT_FOUND for an unknown operation name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -89,6 +89,11 @@ class PredictionServiceStub:
     GetOperation: _grpc.UnaryUnaryMultiCallable[_operations_pb2.GetOperationRequest, _operations_pb2.Operation]
     """Gets the state of a long-running operation started by this service.
 
+    The server also serves the standard google.longrunning.Operations for generic clients: its GetOperation
+    answers exactly as this method does, and its WaitOperation waits until the operation is done or its
+    `timeout` ends (10 s when unset, at most 60 s, and before the call's deadline), answering the latest
+    state. It answers ListOperations, CancelOperation and DeleteOperation with UNIMPLEMENTED.
+
     Errors: NOT_FOUND for an unknown operation name.
     """
     GetModelVersion: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.GetModelVersionRequest, _prediction_service_pb2.ModelVersion]
@@ -212,6 +217,11 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     """
     GetOperation: _aio.UnaryUnaryMultiCallable[_operations_pb2.GetOperationRequest, _operations_pb2.Operation]  # type: ignore[assignment]
     """Gets the state of a long-running operation started by this service.
+
+    The server also serves the standard google.longrunning.Operations for generic clients: its GetOperation
+    answers exactly as this method does, and its WaitOperation waits until the operation is done or its
+    `timeout` ends (10 s when unset, at most 60 s, and before the call's deadline), answering the latest
+    state. It answers ListOperations, CancelOperation and DeleteOperation with UNIMPLEMENTED.
 
     Errors: NOT_FOUND for an unknown operation name.
     """
@@ -369,6 +379,11 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_operations_pb2.Operation, _abc.Awaitable[_operations_pb2.Operation]]:
         """Gets the state of a long-running operation started by this service.
+
+        The server also serves the standard google.longrunning.Operations for generic clients: its GetOperation
+        answers exactly as this method does, and its WaitOperation waits until the operation is done or its
+        `timeout` ends (10 s when unset, at most 60 s, and before the call's deadline), answering the latest
+        state. It answers ListOperations, CancelOperation and DeleteOperation with UNIMPLEMENTED.
 
         Errors: NOT_FOUND for an unknown operation name.
         """
