@@ -73,7 +73,7 @@ def channel(server: RunningServer) -> Iterator[grpc.Channel]:
 
 @pytest.fixture
 def stub(channel: grpc.Channel) -> OperationsStub:
-    return OperationsStub(channel)
+    return OperationsStub(channel)  # type: ignore[no-untyped-call]
 
 
 def failure(call: grpc.UnaryUnaryMultiCallable, request: object,
@@ -82,7 +82,7 @@ def failure(call: grpc.UnaryUnaryMultiCallable, request: object,
     with pytest.raises(grpc.RpcError) as caught:
         call(request, timeout=timeout)
     error = caught.value
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     reason, fields = "", []
     for detail in status.details if status else []:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -93,7 +93,7 @@ def failure(call: grpc.UnaryUnaryMultiCallable, request: object,
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             fields = [v.field for v in bad.field_violations]
-    return error.code(), error.details(), reason, fields  # type: ignore[attr-defined]
+    return error.code(), error.details(), reason, fields
 
 
 def seconds(value: float) -> duration_pb2.Duration:
