@@ -11,18 +11,27 @@ renewing and the row expires, so another replica takes over within the TTL. A ho
 third of the TTL, so two renewals can fail before it loses the lease. Holding a lease is a hint, not
 a fence: a holder paused longer than the TTL finishes the step it is in while another replica
 already works, so the work done under a lease must be idempotent.
+
+`OwnedLeases` holds the leases of the long-running operations one process owns (name
+`operations/<id>`), renewed together from one thread: what segmentation's recomputes and
+prediction's trainings and score refreshes both need.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
+from shared.errors import Aborted, DomainError
 
+log = logging.getLogger(__name__)
 DEFAULT_TTL_SECONDS = 15
 
 
@@ -86,3 +95,135 @@ class FollowerLease:
         result = self._session.execute("UPDATE follower_leases USING TTL ? SET owner = ? WHERE name = ? "
                                        "IF owner = ?", (self.ttl_seconds, self.owner, self.name, self.owner))
         return bool(result.was_applied)
+
+
+def operation_lease_name(operation_id: str) -> str:
+    """The name of the lease of the long-running operation `operation_id`: `operations/<id>`."""
+    return f"operations/{operation_id}"
+
+
+class LeaseOpener(Protocol):
+    """Makes the FollowerLease `name` for `owner`: `functools.partial(FollowerLease, session)`, or a
+    store's method doing the same."""
+
+    def __call__(self, name: str, *, ttl_seconds: int, owner: str) -> FollowerLease: ...
+
+
+def _ignore_loss(operation_id: str) -> None:
+    return None
+
+
+class OwnedLeases:
+    """The leases of the operations one process owns, all under one owner name, renewed together every
+    third of the lease time: by a thread of their own (named `renewer`) that runs while there are any,
+    or, without `renewer`, by whoever calls `renew` that often (e.g. a supervisor thread doing more).
+
+    A lease found taken by another when it is renewed (the process was paused longer than the lease, and
+    another replica took the operation over or ended it) is lost for good: it is no longer renewed,
+    `holds` turns False, and `on_lost(operation_id)` is called once, from the renewing thread, so that
+    the owner stops the operation's run. `what` names the operations in log messages ("an operation").
+    """
+
+    def __init__(self, open_lease: LeaseOpener, ttl_seconds: int, *, what: str = "an operation",
+                 on_lost: Callable[[str], None] = _ignore_loss, renewer: str | None = None) -> None:
+        self._open_lease = open_lease
+        self.ttl_seconds = ttl_seconds
+        self.owner = new_owner()
+        self._what = what
+        self._on_lost = on_lost
+        self._renewer_name = renewer
+        self._held: dict[str, FollowerLease] = {}
+        self._lost: set[str] = set()
+        self._lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+
+    @property
+    def renew_seconds(self) -> float:
+        """How often `renew` must run: a third of the lease time, so two renewals can fail before it ends."""
+        return self.ttl_seconds / 3
+
+    def take(self, operation_id: str) -> bool:
+        """Take the operation's lease and own it; False (and nothing owned) while another process holds it."""
+        lease = self._open_lease(operation_lease_name(operation_id), ttl_seconds=self.ttl_seconds, owner=self.owner)
+        if not lease.hold():
+            return False
+        with self._lock:
+            self._held[operation_id] = lease
+            self._lost.discard(operation_id)
+            if self._renewer_name is not None and self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew_while_owned, name=self._renewer_name,
+                                                 daemon=True)
+                self._renewer.start()
+        return True
+
+    def take_new(self, operation_id: str) -> None:
+        """Own a new operation (a fresh id): its lease is taken before the operation is recorded, so none
+        is ever seen unowned. Aborted in the unlikely case another process owns the id already."""
+        if not self.take(operation_id):
+            raise Aborted(f"operation operations/{operation_id} is already owned by another process; retry",
+                          reason="OPERATION_OWNED")
+
+    def holds(self, operation_id: str) -> bool:
+        """True while this process owns the operation and has not lost its lease."""
+        with self._lock:
+            return operation_id in self._held and operation_id not in self._lost
+
+    def release(self, operation_id: str) -> None:
+        """Stop owning the operation and give its lease back (if still ours), so another process need not
+        wait for it to expire. A failure to give it back is logged: the lease expires by itself."""
+        lease = self._disown(operation_id)
+        if lease is None:
+            return
+        try:
+            lease.release()
+        except DomainError as error:
+            log.warning(f"could not release {self._what}'s lease; it expires by itself",
+                        extra={"operation": operation_id, "lease": lease.name, "error": error.message})
+
+    def forget(self, operation_id: str) -> None:
+        """Stop owning the operation without giving its lease back: it expires within the lease time, and
+        another process may take the operation over then."""
+        self._disown(operation_id)
+
+    def renew(self) -> list[str]:
+        """Renew every lease not lost yet (each when a third of the lease time has passed since it was
+        last renewed); returns the operations whose lease was found lost in this round, after calling
+        `on_lost` for each. A lease that could not be renewed (Cassandra failed) is tried again next round."""
+        with self._lock:
+            renewing = [(operation_id, lease) for operation_id, lease in self._held.items()
+                        if operation_id not in self._lost]
+        lost = []
+        for operation_id, lease in renewing:
+            try:
+                held = lease.hold()
+            except DomainError as error:  # the next round tries again: two can fail within the lease time
+                log.warning(f"could not renew {self._what}'s lease",
+                            extra={"operation": operation_id, "lease": lease.name, "error": error.message})
+                continue
+            if held:
+                continue
+            with self._lock:
+                if self._held.get(operation_id) is not lease:
+                    continue  # released (or taken again) meanwhile: not this round's to report
+                self._lost.add(operation_id)
+            lost.append(operation_id)
+            self._on_lost(operation_id)
+        return lost
+
+    def _disown(self, operation_id: str) -> FollowerLease | None:
+        with self._lock:
+            self._lost.discard(operation_id)
+            return self._held.pop(operation_id, None)
+
+    def _renew_while_owned(self) -> None:
+        while True:
+            time.sleep(self.renew_seconds)
+            with self._lock:
+                if not self._held:
+                    self._renewer = None  # the next take starts another
+                    return
+            try:
+                self.renew()
+            except Exception as error:  # e.g. a bug in on_lost: the thread must go on renewing the others
+                log.warning("renewing the leases of owned operations failed; the next round tries again",
+                            extra={"error": f"{type(error).__name__}: {error}"})
