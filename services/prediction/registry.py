@@ -5,7 +5,7 @@ lightweight transactions, so creation is exclusive, version numbers are never ha
 activation cannot resurrect a deleted model.
 
 An operation outlives the process running it. The registry that creates an operation holds its lease
-(shared.leases.FollowerLease, name `operations/<id>`, the mechanism segmentation's recomputes use) and
+(shared.leases.OwnedLeases, name `operations/<id>`, the mechanism segmentation's recomputes use) and
 renews it on a thread of its own until the operation is finished. Reading an operation that is not
 done, or a version still TRAINING, checks its lease: when it has expired (the process was killed,
 its node lost) the reader takes it and ends the operation as ABORTED and fails its version, so a
@@ -19,14 +19,13 @@ operation ended and stops at its next progress point.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
 from services.prediction.metrics import ModelMetrics
@@ -34,7 +33,7 @@ from services.prediction.spec import ModelSpec, PredictionKind, version_name
 from services.prediction.training import TrainedModel
 from shared.cassandra import CassandraSession
 from shared.errors import Aborted, AlreadyExists, DomainError, FailedPrecondition, NotFound
-from shared.leases import FollowerLease, new_owner
+from shared.leases import FollowerLease, OwnedLeases, operation_lease_name
 
 log = logging.getLogger(__name__)
 SCOPE = "models"
@@ -177,10 +176,6 @@ def _version_not_found(model_id: str, version_id: int) -> NotFound:
                     metadata={"model_version": name})
 
 
-def lease_name(operation_id: str) -> str:
-    return f"operations/{operation_id}"
-
-
 def abandoned_message(kind: OperationKind) -> str:
     """What a caller reads on an operation whose process stopped without finishing it."""
     rpc = "TrainModel" if kind is OperationKind.TRAIN else "RefreshScores"
@@ -188,77 +183,17 @@ def abandoned_message(kind: OperationKind) -> str:
             f"operation finished; start it again with {rpc}")
 
 
-class OperationLeases:
-    """The leases of the operations one process owns, renewed every third of the lease time by a thread
-    that runs while there are any. A lease found taken by another (a reader ended the operation as
-    abandoned while this process was paused) is lost for good: its run stops at the next progress point."""
-
-    def __init__(self, session: CassandraSession, ttl_seconds: int) -> None:
-        self._session = session
-        self.ttl_seconds = ttl_seconds
-        self.owner = new_owner()
-        self._held: dict[str, FollowerLease] = {}
-        self._lost: set[str] = set()
-        self._lock = threading.Lock()
-        self._renewer: threading.Thread | None = None
-
-    def take(self, operation_id: str) -> None:
-        """Own a new operation: its lease is taken before its rows exist, so none is ever seen unowned."""
-        lease = FollowerLease(self._session, lease_name(operation_id), ttl_seconds=self.ttl_seconds,
-                              owner=self.owner)
-        if not lease.hold():
-            raise Aborted(f"operation operations/{operation_id} is already owned by another process; retry",
-                          reason="OPERATION_OWNED")
-        with self._lock:
-            self._held[operation_id] = lease
-            if self._renewer is None:
-                self._renewer = threading.Thread(target=self._renew, name="operation-leases", daemon=True)
-                self._renewer.start()
-
-    def holds(self, operation_id: str) -> bool:
-        with self._lock:
-            return operation_id in self._held and operation_id not in self._lost
-
-    def release(self, operation_id: str) -> None:
-        """Give an operation's lease back once the operation is done (or failed to start)."""
-        with self._lock:
-            lease = self._held.pop(operation_id, None)
-            self._lost.discard(operation_id)
-        if lease is None:
-            return
-        try:
-            lease.release()
-        except DomainError as error:  # the operation is done: its lease matters no more and expires anyway
-            log.warning("could not release an operation's lease; it expires by itself",
-                        extra={"operation": operation_id, "error": error.message})
-
-    def _renew(self) -> None:
-        while True:
-            time.sleep(self.ttl_seconds / 3)
-            with self._lock:
-                if not self._held:
-                    self._renewer = None  # the next take starts another
-                    return
-                renewing = [(operation_id, lease) for operation_id, lease in self._held.items()
-                            if operation_id not in self._lost]
-            for operation_id, lease in renewing:
-                try:
-                    held = lease.hold()
-                except DomainError as error:  # the next round tries again: two can fail within the lease time
-                    log.warning("could not renew an operation's lease",
-                                extra={"operation": operation_id, "error": error.message})
-                    continue
-                if not held:
-                    log.warning("lost the lease of a running operation; it was ended as abandoned",
-                                extra={"operation": operation_id})
-                    with self._lock:
-                        self._lost.add(operation_id)
+def _log_lost_lease(operation_id: str) -> None:
+    # The run finds `leases.holds` False at its next progress point and stops (jobs._check_stop).
+    log.warning("lost the lease of a running operation; it was ended as abandoned", extra={"operation": operation_id})
 
 
 class ModelRegistry:
     def __init__(self, session: CassandraSession, *, lease_seconds: int | None = None) -> None:
         self._session = session
-        self.leases = OperationLeases(session, lease_seconds or LEASE_SECONDS)
+        # The leases of the operations this registry's process runs, renewed on a thread of their own.
+        self.leases = OwnedLeases(partial(FollowerLease, session), lease_seconds or LEASE_SECONDS,
+                                  what="an operation", on_lost=_log_lost_lease, renewer="operation-leases")
 
     # ---- models
 
@@ -436,7 +371,7 @@ class ModelRegistry:
     def own_new_operation(self) -> str:
         """A new operation id whose lease this registry holds (and renews) until the operation is finished."""
         operation_id = uuid.uuid4().hex
-        self.leases.take(operation_id)
+        self.leases.take_new(operation_id)
         return operation_id
 
     def create_operation(self, kind: OperationKind, model_id: str, now: datetime, *,
@@ -514,11 +449,12 @@ class ModelRegistry:
         # A plain read first: a live owner's lease is there, and polling a running operation then costs
         # no lightweight transaction.
         if self._session.execute("SELECT owner FROM follower_leases WHERE name = ?",
-                                 (lease_name(operation_id),)).one() is not None:
+                                 (operation_lease_name(operation_id),)).one() is not None:
             return False
         # Taken under a name of its own and left to expire: an owner that was only paused finds it taken
         # and stops, instead of taking it back for an operation that has ended.
-        if not FollowerLease(self._session, lease_name(operation_id), ttl_seconds=self.leases.ttl_seconds).hold():
+        lease = FollowerLease(self._session, operation_lease_name(operation_id), ttl_seconds=self.leases.ttl_seconds)
+        if not lease.hold():
             return False
         now = datetime.now(UTC)
         message = abandoned_message(kind)

@@ -41,7 +41,7 @@ from services.segmentation.store import OperationRecord, SegmentRecord, SegmentS
 from shared import changefeed
 from shared.changefeed import with_unsettled
 from shared.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, StatusCode
-from shared.leases import FollowerLease, new_owner
+from shared.leases import OwnedLeases, operation_lease_name
 
 if TYPE_CHECKING:  # profile_source imports this module
     from services.segmentation.profile_source import FeedChange
@@ -97,14 +97,6 @@ class ProfileSource(Protocol):
              fields: ProfileReads = EVERY_FIELD) -> Iterator[list[ProfileFacts]]: ...
 
 
-@dataclass(frozen=True)
-class _Owned:
-    """An operation this process owns: the lease it renews, and the event that stops its run."""
-
-    lease: FollowerLease
-    stop: threading.Event
-
-
 class Reconciler(Protocol):
     """Decides persons' membership of a segment again from fresh facts (follower.Memberships)."""
 
@@ -123,8 +115,8 @@ def _ring(cycle: tuple[str, ...], segment_id: str) -> str:
     return " -> ".join(f"segments/{s}" for s in [*ordered, ordered[0]])
 
 
-def lease_name(operation_id: str) -> str:
-    return f"operations/{operation_id}"
+# The lease of operation <id> is `operations/<id>`, as for every long-running operation.
+lease_name = operation_lease_name
 
 
 class Recomputer:
@@ -137,11 +129,12 @@ class Recomputer:
         self._lease_seconds = lease_seconds
         self._max_attempts = max_attempts
         self._retry_base = retry_base_seconds
-        self._owner = new_owner()
         self._reconciler = reconciler
         self._runner = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="segment-recompute")
-        # The operations this process owns, running or queued.
-        self._runs: dict[str, _Owned] = {}
+        # The leases of the operations this process owns, renewed by the supervisor.
+        self._leases = OwnedLeases(store.lease, lease_seconds, what="a recompute", on_lost=self._stop_lost_run)
+        # The operations this process owns, running or queued, and the events that stop their runs.
+        self._runs: dict[str, threading.Event] = {}
         self._runs_lock = threading.Lock()
         self._stopping = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, name="recompute-supervisor", daemon=True)
@@ -168,10 +161,13 @@ class Recomputer:
         operation = OperationRecord(operation_id, record.segment_id, False, 0, workers * SHARDS_PER_WORKER, 0,
                                     datetime.now(UTC), 0, 0, 0, 0.0, None, None, attempt=1, parallelism=workers,
                                     revision=record.revision)
-        lease = self._lease(operation.operation_id)
-        lease.hold()  # a new name: free
-        self._store.save_operation(operation)
-        stop = self._own(operation.operation_id, lease)  # before it is listed: the supervisor never takes it twice
+        self._leases.take_new(operation.operation_id)
+        try:
+            self._store.save_operation(operation)
+        except BaseException:
+            self._leases.forget(operation.operation_id)  # never recorded: its lease expires unrenewed
+            raise
+        stop = self._own(operation.operation_id)  # before it is listed: the supervisor never takes it twice
         self._store.add_running(operation.operation_id)
         self._runner.submit(self._run, operation, stop)
         return operation
@@ -218,16 +214,16 @@ class Recomputer:
         another process takes them over at once rather than after the lease time."""
         self._stopping.set()
         with self._runs_lock:
-            for owned in self._runs.values():
-                owned.stop.set()
+            for stop in self._runs.values():
+                stop.set()
         self._runner.shutdown(wait=True, cancel_futures=True)
         if self._supervisor.is_alive():
             self._supervisor.join(timeout=30)
         with self._runs_lock:
-            queued = list(self._runs.values())  # never started: cancelled above
+            queued = list(self._runs)  # never started: cancelled above
             self._runs.clear()
-        for owned in queued:
-            self._release(owned.lease)
+        for operation_id in queued:
+            self._leases.release(operation_id)
 
     def resume_abandoned(self) -> int:
         """Take over the operations whose owner stopped renewing their lease; returns how many were taken."""
@@ -236,35 +232,43 @@ class Recomputer:
             with self._runs_lock:
                 if operation_id in self._runs or self._stopping.is_set():
                     continue
-            lease = self._lease(operation_id)
-            if not lease.hold():
+            if not self._leases.take(operation_id):
                 continue  # its owner is alive
-            operation = self._store.get_operation(operation_id)
-            if operation is None or operation.done:  # finished just before its owner could unlist it
-                self._unlist(operation_id, lease)
-                continue
-            if operation.attempt >= self._max_attempts:
-                self._fail(operation, lease, StatusCode.ABORTED.value,
-                           f"the recompute of segments/{operation.segment_id} was interrupted {operation.attempt} "
-                           "times (the process running it stopped); call RecomputeSegment to try again")
-                continue
-            operation = replace(operation, attempt=operation.attempt + 1, shards_done=0, profiles_scanned=0)
-            log.warning("taking over an interrupted recompute", extra={
-                "operation": operation_id, "segment": operation.segment_id, "attempt": operation.attempt})
-            self._store.save_operation(operation)
-            self._runner.submit(self._run, operation, self._own(operation_id, lease))
-            taken += 1
+            try:
+                taken += self._take_over(operation_id)
+            except BaseException:
+                self._leases.forget(operation_id)  # its lease expires unrenewed, and a next round tries again
+                raise
         return taken
+
+    def _take_over(self, operation_id: str) -> bool:
+        """Run again (or end) an abandoned operation whose lease was just taken; True if it runs again."""
+        operation = self._store.get_operation(operation_id)
+        if operation is None or operation.done:  # finished just before its owner could unlist it
+            self._unlist(operation_id)
+            return False
+        if operation.attempt >= self._max_attempts:
+            self._fail(operation, StatusCode.ABORTED.value,
+                       f"the recompute of segments/{operation.segment_id} was interrupted {operation.attempt} "
+                       "times (the process running it stopped); call RecomputeSegment to try again")
+            return False
+        operation = replace(operation, attempt=operation.attempt + 1, shards_done=0, profiles_scanned=0)
+        log.warning("taking over an interrupted recompute", extra={
+            "operation": operation_id, "segment": operation.segment_id, "attempt": operation.attempt})
+        self._store.save_operation(operation)
+        self._runner.submit(self._run, operation, self._own(operation_id))
+        return True
 
     def renew_leases(self) -> None:
         """Renew the lease of every operation this process owns; stop the runs whose lease was lost."""
+        self._leases.renew()
+
+    def _stop_lost_run(self, operation_id: str) -> None:
+        log.warning("lost the lease of a running recompute; its new owner runs it", extra={"operation": operation_id})
         with self._runs_lock:
-            runs = dict(self._runs)
-        for operation_id, owned in runs.items():
-            if not owned.lease.hold():
-                log.warning("lost the lease of a running recompute; its new owner runs it",
-                            extra={"operation": operation_id})
-                owned.stop.set()
+            stop = self._runs.get(operation_id)
+        if stop is not None:
+            stop.set()
 
     def _supervise(self) -> None:
         while not self._stopping.wait(self._lease_seconds / 3):
@@ -275,32 +279,25 @@ class Recomputer:
             except Exception as error:  # the next round tries again, well within the lease time
                 log.warning("supervising recomputes failed", extra={"error": f"{type(error).__name__}: {error}"})
 
-    def _lease(self, operation_id: str) -> FollowerLease:
-        return self._store.lease(lease_name(operation_id), self._lease_seconds, self._owner)
-
-    def _own(self, operation_id: str, lease: FollowerLease) -> threading.Event:
+    def _own(self, operation_id: str) -> threading.Event:
+        """Run the operation whose lease was just taken; returns the event that stops its run."""
         stop = threading.Event()
         with self._runs_lock:
-            self._runs[operation_id] = _Owned(lease, stop)
+            self._runs[operation_id] = stop
+        if not self._leases.holds(operation_id):  # lost before its run was registered
+            stop.set()
         return stop
 
-    def _release(self, lease: FollowerLease) -> None:
-        try:
-            lease.release()
-        except DomainError:  # the TTL frees it anyway
-            log.warning("could not release a recompute's lease; it expires by itself", extra={"lease": lease.name})
-
-    def _unlist(self, operation_id: str, lease: FollowerLease) -> None:
+    def _unlist(self, operation_id: str) -> None:
         self._store.remove_running(operation_id)
-        self._release(lease)
+        self._leases.release(operation_id)
 
-    def _fail(self, operation: OperationRecord, lease: FollowerLease, code: str, message: str,
-              elapsed: float = 0.0) -> None:
+    def _fail(self, operation: OperationRecord, code: str, message: str, elapsed: float = 0.0) -> None:
         """End the operation with the google.rpc code `code`; its segment, if still COMPUTING, is FAILED."""
         failed = replace(operation, done=True, error_code=code, error_message=message, elapsed_seconds=elapsed)
         self._store.save_operation(failed)
         self._store.mark_failed(operation.segment_id, SegmentState.FAILED, SegmentState.COMPUTING, operation.revision)
-        self._unlist(operation.operation_id, lease)
+        self._unlist(operation.operation_id)
 
     def _recompute_retrying(self, operation: OperationRecord, stop: threading.Event,
                             started: float) -> OperationRecord:
@@ -320,28 +317,31 @@ class Recomputer:
 
     def _run(self, operation: OperationRecord, stop: threading.Event) -> None:
         started = time.perf_counter()
-        with self._runs_lock:
-            lease = self._runs[operation.operation_id].lease
+        operation_id = operation.operation_id
         with self._locks_lock:
             segment_lock = self._segment_locks.setdefault(operation.segment_id, threading.Lock())
         try:
             with segment_lock:
                 operation = self._recompute_retrying(operation, stop, started)
             self._store.save_operation(replace(operation, elapsed_seconds=time.perf_counter() - started))
-            self._unlist(operation.operation_id, lease)
+            self._unlist(operation_id)
         except RunStopped:
             if self._stopping.is_set():
-                self._release(lease)  # handed over at once
+                self._leases.release(operation_id)  # handed over at once
         except DomainError as error:
             log.warning("recompute failed", extra={"segment": operation.segment_id, "error": error.message})
-            self._fail(operation, lease, error.code.value, error.message, time.perf_counter() - started)
+            self._fail(operation, error.code.value, error.message, time.perf_counter() - started)
         except Exception as error:  # a bug: recorded on the operation, traceback in the log
             log.exception("recompute failed", extra={"segment": operation.segment_id})
-            self._fail(operation, lease, "INTERNAL", f"recompute failed: {type(error).__name__}",
+            self._fail(operation, "INTERNAL", f"recompute failed: {type(error).__name__}",
                        time.perf_counter() - started)
         finally:
+            # A lease still owned here was lost, or its outcome could not be recorded: it is no longer
+            # renewed, and expires (a process still listing the operation then takes it over). Forgotten
+            # before the run is unregistered, so that the supervisor cannot take it over in between.
+            self._leases.forget(operation_id)
             with self._runs_lock:
-                self._runs.pop(operation.operation_id, None)
+                self._runs.pop(operation_id, None)
 
     def _recompute(self, operation: OperationRecord, stop: threading.Event, started: float) -> OperationRecord:
         segment_id = operation.segment_id
