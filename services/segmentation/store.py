@@ -1,4 +1,5 @@
-"""Cassandra storage of the segmentation service (tables in schema/0001_segments.cql).
+"""Cassandra storage of the segmentation service (tables in schema/0001_segments.cql; the change log in
+day partitions per segment since schema/0006_membership_change_days.cql).
 
 Every statement is prepared once and bound (shared.cassandra). Segment rows are only written with
 lightweight transactions (create IF NOT EXISTS, update/delete IF etag), never mixed with plain writes; rule
@@ -47,6 +48,26 @@ def cursor_before(ticks: int) -> uuid.UUID:
         return FEED_START
     return uuid.UUID(fields=(before & 0xFFFFFFFF, (before >> 32) & 0xFFFF, 0x1000 | (before >> 48),
                              0x80 | (_MAX_CLOCK_SEQ >> 8), _MAX_CLOCK_SEQ & 0xFF, _MAX_NODE))
+
+
+_TICKS_PER_DAY = 864_000_000_000
+_DAY_ZERO = date(1970, 1, 1)
+# Rows of the change log written per chunk: each chunk's change ids are taken just before it is sent.
+_CHANGES_CHUNK = 256
+_INSERT_CHANGE = ("INSERT INTO membership_change_log (segment_id, day, change_id, person_id, entered, cause) "
+                  "VALUES (?, ?, ?, ?, ?, ?)")
+
+
+def day_of(change_id: uuid.UUID) -> date:
+    """The UTC day of the time a change id was taken: the day partition of the change log it is written to.
+    In whole ticks (no float rounding near midnight), so writers and readers always agree."""
+    return _DAY_ZERO + timedelta(days=(change_id.time - _UUID_EPOCH_TICKS) // _TICKS_PER_DAY)
+
+
+def timeuuid_order(change_id: uuid.UUID) -> tuple[int, bytes]:
+    """A sort key putting change ids in Cassandra's timeuuid order: by time, then the clock sequence and
+    node compared as signed bytes (flipping each byte's sign bit makes them compare as unsigned)."""
+    return change_id.time, bytes(b ^ 0x80 for b in change_id.bytes[8:])
 
 
 @dataclass(frozen=True)
@@ -130,6 +151,9 @@ def _segment(row: Any) -> SegmentRecord:
 class SegmentStore:
     def __init__(self, session: CassandraSession) -> None:
         self._session = session
+        # The latest day of each segment's change log this process recorded in the day index: one index
+        # write per segment a day instead of one per chunk of changes.
+        self._indexed_day: dict[str, date] = {}
 
     # ---- segments ----
 
@@ -238,9 +262,20 @@ class SegmentStore:
                               "VALUES (?, ?, ?, ?)", (segment_id, revision, rule_text, when))
 
     def delete_history(self, segment_id: str) -> None:
-        """Drop a deleted segment's revisions, members and changes (whole partitions)."""
+        """Drop a deleted segment's revisions, members and changes (whole partitions: the day partitions of
+        the change log listed in its day index, then the index but for its last two days: see below)."""
         for table in ("segment_revisions", "members", "membership_changes"):
             self._session.execute(f"DELETE FROM {table} WHERE segment_id = ?", (segment_id,))
+        days = self._change_days(segment_id, None, None)
+        self._session.execute_many("DELETE FROM membership_change_log WHERE segment_id = ? AND day = ?",
+                                   [(segment_id, day) for day in days])
+        # The index rows of the last two days stay (pointing at partitions now empty): another process that
+        # remembers having indexed one of them (`_indexed_day`) writes its next changes of that day without
+        # indexing it again, and a segment created again under this id must still find them. Two days, not
+        # one, for clocks a little apart around midnight.
+        self._indexed_day.pop(segment_id, None)
+        self._session.execute("DELETE FROM membership_change_days WHERE segment_id = ? AND day < ?",
+                              (segment_id, datetime.now(UTC).date() - timedelta(days=1)))
 
     # ---- members ----
 
@@ -272,14 +307,17 @@ class SegmentStore:
                       when: datetime) -> None:
         """Record enters and exits: the change log first, so a crash in between leaves the log ahead of the
         members (a recompute repairs members; a log missing a change could not be repaired)."""
-        # Each change id is taken as its row is sent (the rows are a generator the concurrent writer pulls
-        # from), not all up front: a reader's settled horizon (`changes_page`) relies on a change being
-        # written within SETTLE_SECONDS of its stamp, and a recompute writes thousands of rows.
         pairs = [(p, True) for p in entered] + [(p, False) for p in exited]
-        if pairs:
-            self._session.execute_many("INSERT INTO membership_changes (segment_id, change_id, person_id, entered, "
-                                       "cause) VALUES (?, ?, ?, ?, ?)",
-                                       ((segment_id, uuid.uuid1(), p, e, cause) for p, e in pairs))
+        # Change ids are taken a chunk at a time, just before the chunk is sent, not all up front: a
+        # reader's settled horizon (`changes_page`) relies on a change being written within SETTLE_SECONDS
+        # of its stamp, and a recompute writes thousands of rows.
+        for start in range(0, len(pairs), _CHANGES_CHUNK):
+            stamped = [(uuid.uuid1(), person_id, was_entered)
+                       for person_id, was_entered in pairs[start:start + _CHANGES_CHUNK]]
+            self._index_days(segment_id, {day_of(change_id) for change_id, _, _ in stamped})
+            self._session.write_all([(_INSERT_CHANGE, (segment_id, day_of(change_id), change_id, person_id,
+                                                       was_entered, cause))
+                                     for change_id, person_id, was_entered in stamped])
         if entered:
             self._session.execute_many("INSERT INTO members (segment_id, person_id, enter_time) VALUES (?, ?, ?)",
                                        [(segment_id, person_id, when) for person_id in entered])
@@ -287,17 +325,67 @@ class SegmentStore:
             self._session.execute_many("DELETE FROM members WHERE segment_id = ? AND person_id = ?",
                                        [(segment_id, person_id) for person_id in exited])
 
+    def _index_days(self, segment_id: str, days: set[date]) -> None:
+        """Record in the day index the days of changes about to be written (before them: a reader lists the
+        days first), except the one this process already recorded for the segment."""
+        for day in sorted(days - {self._indexed_day.get(segment_id)}):
+            self._session.execute("INSERT INTO membership_change_days (segment_id, day) VALUES (?, ?)",
+                                  (segment_id, day))
+            self._indexed_day[segment_id] = day
+
+    def _change_days(self, segment_id: str, first: date | None, last: date | None) -> list[date]:
+        """The days of the segment's change log from `first` through `last` (None: unbounded), in order."""
+        if first is None:
+            rows = self._session.execute("SELECT day FROM membership_change_days WHERE segment_id = ?",
+                                         (segment_id,), fetch_size=1000)
+        elif last is None:
+            rows = self._session.execute("SELECT day FROM membership_change_days WHERE segment_id = ? AND day >= ?",
+                                         (segment_id, first), fetch_size=1000)
+        else:
+            rows = self._session.execute("SELECT day FROM membership_change_days WHERE segment_id = ? AND day >= ? "
+                                         "AND day <= ?", (segment_id, first, last), fetch_size=1000)
+        # The driver returns cassandra.util.Date for `date` columns.
+        return [row.day.date() for row in rows]
+
     def changes_page(self, segment_id: str, after: uuid.UUID, limit: int,
                      through: uuid.UUID | None = None) -> list[StoredChange]:
-        """Up to `limit` changes after the cursor `after`, oldest first; with `through`, only those up to it."""
+        """Up to `limit` changes after the cursor `after`, oldest first; with `through`, only those up to it.
+
+        The history lives in two places: `membership_changes`, the one partition per segment written before
+        schema 0006 (and by processes not upgraded yet, during a rolling upgrade), and the day partitions of
+        `membership_change_log` listed in `membership_change_days`. The page is the merge of both in change
+        id order, not the old table read first as a bucket before the days: while old and new processes run
+        side by side both tables receive changes, and reading one before the other would return a change
+        after a later one and move the cursor past changes not returned yet. Once the old partition has no
+        change after the cursor, its read is one cheap, empty slice of one partition."""
+        if limit <= 0:
+            return []
         if through is None:
-            rows = self._session.execute("SELECT change_id, person_id, entered, cause FROM membership_changes "
-                                         "WHERE segment_id = ? AND change_id > ? LIMIT ?", (segment_id, after, limit))
+            legacy = self._session.execute_async(
+                "SELECT change_id, person_id, entered, cause FROM membership_changes WHERE segment_id = ? "
+                "AND change_id > ? LIMIT ?", (segment_id, after, limit))
         else:
-            rows = self._session.execute("SELECT change_id, person_id, entered, cause FROM membership_changes "
-                                         "WHERE segment_id = ? AND change_id > ? AND change_id <= ? LIMIT ?",
-                                         (segment_id, after, through, limit))
-        return [StoredChange(row.change_id, row.person_id, row.entered, row.cause) for row in rows]
+            legacy = self._session.execute_async(
+                "SELECT change_id, person_id, entered, cause FROM membership_changes WHERE segment_id = ? "
+                "AND change_id > ? AND change_id <= ? LIMIT ?", (segment_id, after, through, limit))
+        changes: list[StoredChange] = []
+        for day in self._change_days(segment_id, day_of(after), day_of(through) if through is not None else None):
+            if through is None:
+                rows = self._session.execute(
+                    "SELECT change_id, person_id, entered, cause FROM membership_change_log WHERE segment_id = ? "
+                    "AND day = ? AND change_id > ? LIMIT ?", (segment_id, day, after, limit - len(changes)))
+            else:
+                rows = self._session.execute(
+                    "SELECT change_id, person_id, entered, cause FROM membership_change_log WHERE segment_id = ? "
+                    "AND day = ? AND change_id > ? AND change_id <= ? LIMIT ?",
+                    (segment_id, day, after, through, limit - len(changes)))
+            changes += [StoredChange(row.change_id, row.person_id, row.entered, row.cause) for row in rows]
+            if len(changes) >= limit:
+                break
+        changes += [StoredChange(row.change_id, row.person_id, row.entered, row.cause)
+                    for row in self._session.result(legacy)]
+        # Each source gave its first `limit` changes after the cursor: the first `limit` of both are among them.
+        return sorted(changes, key=lambda change: timeuuid_order(change.change_id))[:limit]
 
     def memberships(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """The (segment id, person id) pairs of `pairs` that are current members (read concurrently)."""
