@@ -4,6 +4,12 @@ the ingest, and again from a batch recompute (which finds nothing to enter or ex
 
 CDNOW is 1997-98 and rules are evaluated now, so event windows here are fixed (`from ... to ...`); relative
 windows (`last N days`) and their expiry are proven on recent synthetic events in test_realtime.py.
+
+The demo's own identify traits are nearly the same for everyone (`signup_channel`, `app_user`), so the test also
+writes CRM-like traits per customer through BatchWriteTraits, derived from the raw purchases (`enrichment`): a tier
+from spend, a CD count, a list of badges, a referrer only some customers have. Every comparison operator of the
+rule language is applied to values that differ between persons, with persons on every bound, so an operator read
+wrongly (`<` as `<=`, `!=` false on a missing trait, IN on its first value only, ...) changes a member set.
 """
 
 from __future__ import annotations
@@ -30,10 +36,14 @@ pytestmark = pytest.mark.integration
 
 CUSTOMERS = int(os.environ.get("ONECDP_SEGMENT_YARDSTICK_CUSTOMERS", "300"))
 MODEL = "churn-90d"
+ENRICHMENT_SOURCE = "crm-enrichment"
+ALL_TIME = "from 1997-01-01T00:00:00Z to 1998-07-01T00:00:00Z"
+# Two frequent CDNOW line amounts (the most frequent and the third): many orders sit exactly on these bounds.
+LIST_PRICE, LOW_PRICE = 14.96, 11.77
 
-# Every condition kind: trait and computed-trait comparisons (=, IN, <, >=, BETWEEN, CONTAINS, EXISTS),
-# event counts (at least / at most / exactly, with a property filter), sum / avg / max over fixed windows,
-# a prediction score written back through BatchWriteTraits, segment membership, NOT and OR.
+# Every condition kind: trait and computed-trait comparisons (all ten operators), event counts (at least / at
+# most / exactly, with property filters), sum / avg / max over fixed windows, a prediction score written back
+# through BatchWriteTraits, segment membership, NOT and OR.
 RULES = {
     "web-signups-early": 'traits.signup_channel = "web" AND traits.first_purchase_date < "1997-01-15"',
     "repeat": "computed.frequency >= 3",
@@ -52,7 +62,27 @@ RULES = {
                                  'event("order").count(from 1998-01-01T00:00:00Z to 1998-07-01T00:00:00Z) >= 1',
     "spenders-or-fans": 'segment("h1-spenders") OR (traits.customer_id IN ["00003", "00010", "00042"] '
                         'AND NOT segment("one-and-done"))',
+    # Every operator on values that vary (the traits `enrichment` writes, the ingested first purchase date, order
+    # amounts), each bound some person's value (checked in the test), so each segment pins its operator.
+    "silver": 'traits.tier = "silver"',
+    "six-cds": "traits.total_cds = 6",
+    "not-friend-referred": 'traits.referrer != "friend"',  # the customers without a referrer are members
+    "not-one-cd": "traits.total_cds != 1",
+    "under-three-cds": "traits.total_cds < 3",
+    "up-to-four-cds": "traits.total_cds <= 4",
+    "over-ten-cds": "traits.total_cds > 10",
+    "five-cds-or-more": "traits.total_cds >= 5",
+    "two-to-four-cds": "traits.total_cds BETWEEN 2 AND 4",
+    "gold-or-bronze": 'traits.tier IN ["gold", "bronze"]',
+    "weekend-buyers": 'traits.badges CONTAINS "weekend"',  # an element of a list
+    "february-starters": 'traits.first_purchase_date CONTAINS "-02-"',  # a substring of a text
+    "referred": "traits.referrer EXISTS",
+    "only-list-price": f'event("order", amount != {LIST_PRICE}).count({ALL_TIME}) = 0',
+    "standard-prices": f'event("order", amount BETWEEN {LOW_PRICE} AND {LIST_PRICE}).count({ALL_TIME}) >= 2',
+    "chart-prices": f'event("order", amount IN [{LOW_PRICE}, {LIST_PRICE}]).count({ALL_TIME}) >= 1',
 }
+# Where the new segments' comparisons have persons exactly on the bound (asserted before anything is compared).
+CD_BOUNDS = {1, 2, 3, 4, 5, 6, 10}
 
 
 def score_of(customer_id: str) -> float | None:
@@ -61,12 +91,37 @@ def score_of(customer_id: str) -> float | None:
     return None if digest % 7 == 0 else round((digest % 1000) / 1000, 3)
 
 
+def enrichment(purchases: pd.DataFrame) -> pd.DataFrame:
+    """The traits the test writes for each customer (indexed by customer id), from the raw purchases.
+
+    `tier`: "gold" from 150 dollars spent, "silver" from 50, else "bronze". `total_cds`: CDs bought (a whole
+    number). `badges`: a list, possibly empty, of "multi-cd" (a purchase of 3 or more CDs), "big-order" (one over
+    50 dollars), "weekend" (one on a Saturday or Sunday) and "loyal" (4 or more purchases). `referrer`: "friend"
+    when the first purchase had 2 or more CDs, else "ad", for repeat customers only (None: not written).
+    """
+    weekend = pd.to_datetime(purchases["date"]).dt.day_of_week >= 5
+    grouped = purchases.assign(weekend=weekend).groupby("customer_id", sort=True)
+    spend, purchase_count, first_cds = grouped["dollars"].sum(), grouped.size(), grouped["cds"].first()
+    badges = {"multi-cd": grouped["cds"].max() >= 3, "big-order": grouped["dollars"].max() > 50,
+              "weekend": grouped["weekend"].any(), "loyal": purchase_count >= 4}
+    customers = spend.index
+    return pd.DataFrame({
+        "tier": ["gold" if s >= 150 else "silver" if s >= 50 else "bronze" for s in spend],
+        "total_cds": grouped["cds"].sum().astype(int),
+        "badges": pd.Series([[b for b, has in badges.items() if has[c]] for c in customers], index=customers,
+                            dtype=object),
+        "referrer": pd.Series([None if purchase_count[c] < 2 else "friend" if first_cds[c] >= 2 else "ad"
+                               for c in customers], index=customers, dtype=object),
+    }, index=customers)
+
+
 def at(text: str) -> pd.Timestamp:
     return pd.Timestamp(text, tz="UTC")
 
 
-def reference(purchases: pd.DataFrame) -> dict[str, set[str]]:
-    """The customers each rule selects, from the raw CDNOW rows (orders at noon UTC, as the loader stores them)."""
+def reference(purchases: pd.DataFrame, enriched: pd.DataFrame) -> dict[str, set[str]]:
+    """The customers each rule selects, from the raw CDNOW rows (orders at noon UTC, as the loader stores them)
+    and the traits written from them (`enrichment`)."""
     orders = purchases.assign(time=pd.to_datetime(purchases["date"]).dt.tz_localize("UTC") + pd.Timedelta(hours=12))
     customers = pd.Index(sorted(orders["customer_id"].unique()))
 
@@ -88,8 +143,10 @@ def reference(purchases: pd.DataFrame) -> dict[str, set[str]]:
     scores = pd.Series({c: score_of(c) for c in customers}, dtype="float64")  # NaN: no score written
     h1_sum = window("1997-01-01", "1997-07-01").groupby("customer_id")["dollars"].sum().reindex(customers,
                                                                                                 fill_value=0.0)
+    first_date = first_order.dt.strftime("%Y-%m-%d")  # the ingested trait first_purchase_date
+    cds, tier, referrer = enriched["total_cds"], enriched["tier"], enriched["referrer"]
     expected = {
-        "web-signups-early": members(first_order.dt.strftime("%Y-%m-%d") < "1997-01-15"),
+        "web-signups-early": members(first_date < "1997-01-15"),
         "repeat": members(frequency >= 3),
         "mid-basket": members(average.between(15, 40)),
         "first-seen-feb": members(first_seen >= at("1997-02-01")),
@@ -102,6 +159,23 @@ def reference(purchases: pd.DataFrame) -> dict[str, set[str]]:
         "high-average": members(all_time.groupby("customer_id")["dollars"].mean() >= 30),
         "top-order": members(all_time.groupby("customer_id")["dollars"].max().between(20, 60)),
         "at-risk": members(scores >= 0.6),
+        "silver": members(tier == "silver"),
+        "six-cds": members(cds == 6),
+        "not-friend-referred": members(referrer.isna() | (referrer != "friend")),
+        "not-one-cd": members(cds != 1),
+        "under-three-cds": members(cds < 3),
+        "up-to-four-cds": members(cds <= 4),
+        "over-ten-cds": members(cds > 10),
+        "five-cds-or-more": members(cds >= 5),
+        "two-to-four-cds": members((cds >= 2) & (cds <= 4)),
+        "gold-or-bronze": members(tier.isin(["gold", "bronze"])),
+        "weekend-buyers": members(enriched["badges"].map(lambda badges: "weekend" in badges).astype(bool)),
+        "february-starters": members(first_date.str.contains("-02-", regex=False)),
+        "referred": members(referrer.notna()),
+        "only-list-price": members(count(all_time[all_time["dollars"] != LIST_PRICE]) == 0),
+        "standard-prices": members(count(all_time[(all_time["dollars"] >= LOW_PRICE)
+                                                  & (all_time["dollars"] <= LIST_PRICE)]) >= 2),
+        "chart-prices": members(count(all_time[all_time["dollars"].isin([LOW_PRICE, LIST_PRICE])]) >= 1),
     }
     recent = count(window("1998-01-01", "1998-07-01")) >= 1
     expected["repeat-at-risk-not-recent"] = expected["repeat"] & members(scores >= 0.3) & members(~recent)
@@ -113,6 +187,24 @@ def reference(purchases: pd.DataFrame) -> dict[str, set[str]]:
 def export(stub: pb_grpc.SegmentationServiceStub, segment_id: str) -> set[str]:
     return {m.person_id for chunk in stub.ExportSegmentMembers(
         pb.ExportSegmentMembersRequest(parent=f"segments/{segment_id}"), timeout=30) for m in chunk.members}
+
+
+def change_log(stub: pb_grpc.SegmentationServiceStub, segment_id: str) -> list[pb.MembershipChange]:
+    """A segment's changes, oldest first, up to the settle horizon (a page stops a second short of now)."""
+    return list(stub.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
+        parent=f"segments/{segment_id}", page_size=10_000), timeout=30).changes)
+
+
+def replay(segment_id: str, changes: list[pb.MembershipChange]) -> set[str]:
+    """The members the changes give, applied in order."""
+    members: set[str] = set()
+    for change in changes:
+        if change.type == pb.MEMBERSHIP_CHANGE_TYPE_ENTER:
+            assert change.person_id not in members, f"{segment_id}: entered twice without leaving"
+            members.add(change.person_id)
+        else:
+            members.remove(change.person_id)
+    return members
 
 
 def test_cdnow_segments_match_pandas_in_real_time_and_in_batch(stack: pb_grpc.SegmentationServiceStub,
@@ -134,18 +226,32 @@ def test_cdnow_segments_match_pandas_in_real_time_and_in_batch(stack: pb_grpc.Se
         common_pb2.PersonSelector(identifier=common_pb2.Identifier(type="crm_id", value=crm_id(c)))
         for c in customer_ids]), timeout=60).results
     person_of = {c: r.profile.person_id for c, r in zip(customer_ids, found, strict=True)}
+    raw = pd.DataFrame(purchases, columns=["customer_id", "date", "cds", "dollars"])
+    enriched = enrichment(raw)
     writes = []
-    for customer in customer_ids:
+    for customer, tier, total_cds, badges, referrer in enriched.itertuples(name=None):
+        traits = struct_pb2.Struct()
+        traits.update({"tier": tier, "total_cds": int(total_cds), "badges": badges}
+                      | ({"referrer": referrer} if referrer is not None else {}))
+        writes.append(profile_pb.TraitWrite(person_id=person_of[customer], traits=traits, source=ENRICHMENT_SOURCE))
         score = score_of(customer)
         if score is not None:
             traits = struct_pb2.Struct()
             traits.update({f"score_{MODEL}": score})
             writes.append(profile_pb.TraitWrite(person_id=person_of[customer], traits=traits, source="prediction"))
-    profiles.BatchWriteTraits(profile_pb.BatchWriteTraitsRequest(writes=writes), timeout=60)
+    for start in range(0, len(writes), 1000):  # BatchWriteTraits takes up to 1,000 writes
+        profiles.BatchWriteTraits(profile_pb.BatchWriteTraitsRequest(writes=writes[start:start + 1000]), timeout=60)
     loaded = time.monotonic()
 
-    raw = pd.DataFrame(purchases, columns=["customer_id", "date", "cds", "dollars"])
-    expected = {segment_id: {person_of[c] for c in members} for segment_id, members in reference(raw).items()}
+    # The new segments pin their operators: persons sit on every bound they compare CD counts and amounts with,
+    # all three tiers occur, and both referrers and no referrer (`!=` must keep those without one).
+    assert set(enriched["total_cds"]) >= CD_BOUNDS, sorted(set(enriched["total_cds"]))
+    assert {LOW_PRICE, LIST_PRICE} <= set(raw["dollars"])
+    assert set(enriched["tier"]) == {"gold", "silver", "bronze"}
+    assert set(enriched["referrer"]) == {"friend", "ad", None}
+    expected = {segment_id: {person_of[c] for c in members}
+                for segment_id, members in reference(raw, enriched).items()}
+    assert set(expected) == set(RULES)
     sizes = {segment_id: len(members) for segment_id, members in expected.items()}
     # Not a trivial yardstick: every segment selects someone, and not everyone, except the tautology.
     assert all(0 < size < CUSTOMERS for segment_id, size in sizes.items() if segment_id != "music-fans"), sizes
@@ -161,18 +267,16 @@ def test_cdnow_segments_match_pandas_in_real_time_and_in_batch(stack: pb_grpc.Se
     wrong = {s: (len(realtime[s] - expected[s]), len(expected[s] - realtime[s])) for s in RULES
              if realtime[s] != expected[s]}
     assert not wrong, f"real time: (extra, missing) members by segment: {wrong}"
+    # The change log, applied in order, gives the members; its pages stop a settle second short of now, so the
+    # last changes real time made show up a moment after the members do.
+    settled = time.monotonic() + 15
     for segment_id in RULES:
-        changes = stack.ListSegmentMembershipChanges(pb.ListSegmentMembershipChangesRequest(
-            parent=f"segments/{segment_id}", page_size=10_000), timeout=30).changes
+        changes = change_log(stack, segment_id)
+        while replay(segment_id, changes) != expected[segment_id] and time.monotonic() < settled:
+            time.sleep(0.5)
+            changes = change_log(stack, segment_id)
         assert {c.cause for c in changes} == {"realtime"}, segment_id
-        replayed: set[str] = set()  # the change log, applied in order, gives the members
-        for change in changes:
-            if change.type == pb.MEMBERSHIP_CHANGE_TYPE_ENTER:
-                assert change.person_id not in replayed, f"{segment_id}: entered twice without leaving"
-                replayed.add(change.person_id)
-            else:
-                replayed.remove(change.person_id)
-        assert replayed == expected[segment_id], segment_id
+        assert replay(segment_id, changes) == expected[segment_id], segment_id
 
     # Batch: a recompute of every segment evaluates all profiles afresh and diffs with the members real time
     # left; no enter and no exit means the batch evaluation selected exactly the same persons.
