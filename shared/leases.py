@@ -70,6 +70,20 @@ class FollowerLease:
         self._renewed_at = started if held else None
         return held
 
+    def renew(self) -> bool:
+        """True while this owner still holds the lease it took: renewed when a third of the TTL has passed
+        since the last renewal. Never takes it again: once it has expired or another owner took it, it is
+        lost (False), even if nobody holds it now. For work that must not be resumed by a holder that was
+        paused longer than the TTL (another may have done it meanwhile, and released the lease)."""
+        if self._renewed_at is None:
+            return False
+        if self._clock() - self._renewed_at < self.ttl_seconds / 3:
+            return True
+        started = self._clock()
+        held = self._renew()
+        self._renewed_at = started if held else None
+        return held
+
     def release(self) -> None:
         """Give the lease back (if this owner holds it), so another replica need not wait for the TTL."""
         self._renewed_at = None
@@ -118,10 +132,11 @@ class OwnedLeases:
     third of the lease time: by a thread of their own (named `renewer`) that runs while there are any,
     or, without `renewer`, by whoever calls `renew` that often (e.g. a supervisor thread doing more).
 
-    A lease found taken by another when it is renewed (the process was paused longer than the lease, and
-    another replica took the operation over or ended it) is lost for good: it is no longer renewed,
-    `holds` turns False, and `on_lost(operation_id)` is called once, from the renewing thread, so that
-    the owner stops the operation's run. `what` names the operations in log messages ("an operation").
+    A lease found taken by another, or expired, when it is renewed (the process was paused longer than the
+    lease, and another replica may have taken the operation over, ended it, or finished it) is lost for
+    good: it is no longer renewed, `holds` turns False, and `on_lost(operation_id)` is called once, from
+    the renewing thread, so that the owner stops the operation's run. `what` names the operations in log
+    messages ("an operation").
     """
 
     def __init__(self, open_lease: LeaseOpener, ttl_seconds: int, *, what: str = "an operation",
@@ -195,7 +210,9 @@ class OwnedLeases:
         lost = []
         for operation_id, lease in renewing:
             try:
-                held = lease.hold()
+                # `renew`, not `hold`: a lease that expired is lost even if its row is gone (another process
+                # may have taken the operation over, finished it and released the lease meanwhile).
+                held = lease.renew()
             except DomainError as error:  # the next round tries again: two can fail within the lease time
                 log.warning(f"could not renew {self._what}'s lease",
                             extra={"operation": operation_id, "lease": lease.name, "error": error.message})

@@ -38,6 +38,11 @@ class FailingLease(FollowerLease):
             raise Unavailable("Cassandra could not serve the request", reason="STORAGE_UNAVAILABLE")
         return super().hold()
 
+    def renew(self) -> bool:
+        if self.failing.is_set():
+            raise Unavailable("Cassandra could not serve the request", reason="STORAGE_UNAVAILABLE")
+        return super().renew()
+
     def release(self) -> None:
         if self.failing.is_set():
             raise Unavailable("Cassandra could not serve the request", reason="STORAGE_UNAVAILABLE")
@@ -171,3 +176,21 @@ def test_a_forgotten_lease_is_neither_renewed_nor_given_back(lease_session: Cass
     leases.release(operation_id)  # nothing to give back
     assert holder(lease_session, operation_id) == thief.owner
     thief.release()
+
+
+def test_a_lease_that_expired_is_lost_even_when_nobody_holds_it_now(lease_session: CassandraSession) -> None:
+    # A process paused longer than the lease: another took the operation over, finished it and released the
+    # lease. The paused one must not take the free lease again and resume a finished operation.
+    clock = FakeClock()
+    lost: list[str] = []
+    leases = OwnedLeases(partial(FollowerLease, lease_session, clock=clock), 30, on_lost=lost.append)
+    operation_id = new_operation_id()
+    leases.take_new(operation_id)
+    FollowerLease(lease_session, operation_lease_name(operation_id), owner=leases.owner).release()  # as expired
+    other = FollowerLease(lease_session, operation_lease_name(operation_id), ttl_seconds=30)
+    assert other.hold()
+    other.release()  # the other process finished the operation
+    clock.now += 11
+    assert leases.renew() == [operation_id] and lost == [operation_id]
+    assert not leases.holds(operation_id)
+    assert holder(lease_session, operation_id) is None
