@@ -168,8 +168,21 @@ class Recomputer:
             self._leases.forget(operation.operation_id)  # never recorded: its lease expires unrenewed
             raise
         stop = self._own(operation.operation_id)  # before it is listed: the supervisor never takes it twice
-        self._store.add_running(operation.operation_id)
-        self._runner.submit(self._run, operation, stop)
+        try:
+            self._store.add_running(operation.operation_id)
+            self._runner.submit(self._run, operation, stop)
+        except BaseException:
+            # Recorded but neither listed nor running: stop owning it (else its lease is renewed forever) and
+            # end it. If even that fails, its segment stays COMPUTING without a live operation, which
+            # `complete_stuck` restarts after the grace time.
+            with self._runs_lock:
+                self._runs.pop(operation.operation_id, None)
+            try:
+                self._fail(operation, "UNAVAILABLE", "the recompute could not be started; call RecomputeSegment "
+                                                     "again")
+            except DomainError:
+                self._leases.forget(operation.operation_id)
+            raise
         return operation
 
     def complete_stuck(self, now: datetime | None = None) -> list[str]:
