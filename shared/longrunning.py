@@ -76,12 +76,12 @@ class LongRunningOperations(OperationsServicer):
 
     def WaitOperation(self, request: lro_pb.WaitOperationRequest, context: grpc.ServicerContext) -> lro_pb.Operation:
         wait_seconds = _wait_seconds(request)
+        end = time.monotonic() + wait_seconds  # from now: the first read's time counts against the deadline too
         get = lro_pb.GetOperationRequest(name=request.name)
         operation = self._get_operation(get, context)  # a bad name or an unknown operation fails here, at once
         if operation.done or wait_seconds <= 0 or not self._waiting.acquire(blocking=False):
             return operation
         try:
-            end = time.monotonic() + wait_seconds
             pause = FIRST_POLL_SECONDS
             while not operation.done and context.is_active():
                 left = end - time.monotonic()

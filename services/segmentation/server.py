@@ -6,6 +6,7 @@ time-window expiry) starts with the service and stops with it.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -46,6 +47,8 @@ from shared.server import ServiceRegistration
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
 OPERATIONS = "operations/"
+# Ids are uuid4 hex; the bound keeps any name a caller sends inside what Cassandra accepts as a key.
+_OPERATION_NAME = re.compile(r"^operations/([A-Za-z0-9_-]{1,64})$")
 DEFAULT_MEMBERS_PAGE = 100
 MAX_MEMBERS_PAGE = 10_000
 EXPORT_CHUNK = 1000
@@ -152,10 +155,12 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     def GetOperation(self, request: operations_pb2.GetOperationRequest,
                      context: grpc.ServicerContext) -> operations_pb2.Operation:
-        operation_id = request.name.removeprefix(OPERATIONS)
-        if not request.name.startswith(OPERATIONS) or not operation_id:
-            raise InvalidArgument.for_field("name", f"{request.name!r} is not an operation name like "
-                                                    f"{OPERATIONS}<id>", reason="INVALID_OPERATION_NAME")
+        match = _OPERATION_NAME.match(request.name)
+        if match is None:
+            raise InvalidArgument.for_field("name", f"{request.name[:200]!r} is not an operation name like "
+                                                    f"{OPERATIONS}<id> (an id of 1-64 letters, digits, _ or -)",
+                                            reason="INVALID_OPERATION_NAME")
+        operation_id = match.group(1)
         return operation_message(self._recomputer.operation(operation_id))
 
     def ListSegmentMembers(self, request: pb.ListSegmentMembersRequest,

@@ -129,10 +129,12 @@ def test_a_running_recompute_reads_the_same_and_a_wait_ends_at_its_timeout(alone
 def test_unknown_and_malformed_names_fail_the_same_through_both_services(alone: Stubs) -> None:
     for name, code in [("operations/" + "0" * 32, grpc.StatusCode.NOT_FOUND),
                        ("ops/1", grpc.StatusCode.INVALID_ARGUMENT), ("operations/", grpc.StatusCode.INVALID_ARGUMENT),
-                       ("", grpc.StatusCode.INVALID_ARGUMENT)]:
+                       ("", grpc.StatusCode.INVALID_ARGUMENT),
+                       # Longer than a Cassandra key may be: refused by name, not INTERNAL from the driver.
+                       ("operations/" + "x" * 70_000, grpc.StatusCode.INVALID_ARGUMENT)]:
         request = lro_pb.GetOperationRequest(name=name)
         own = status_of(alone.segmentation.GetOperation, request)
-        assert own[0] == code and name in own[1]
+        assert own[0] == code and name[:100] in own[1]
         assert status_of(alone.operations.GetOperation, request) == own
         assert status_of(alone.operations.WaitOperation, lro_pb.WaitOperationRequest(name=name)) == own
 
