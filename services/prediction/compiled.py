@@ -88,7 +88,7 @@ class CompiledForest:
         the machine code the child wrote.
         """
         if not _LOGISTIC.search(model_string):
-            return None  # only the binary objective (what training uses) has its sigmoid applied here
+            return None  # only the binary objective (what training uses) has its sigmoid compiled in
         if booster.num_trees() > max_trees:
             log.info("not compiling a model of many trees; scoring with LightGBM",
                      extra={"trees": booster.num_trees(), "max_trees": max_trees})

@@ -154,15 +154,17 @@ def page_size_of(requested: int, default: int, maximum: int, field_path: str = "
 @functools.lru_cache(maxsize=4096)
 def _parsed(rule_text: str) -> Rule | None:
     """A stored rule, or None when this version cannot read it: stored by an older version under rules it
-    no longer accepts (a keyword as a property name, nesting deeper than 32 levels). Such a segment matches
-    nobody, is shown FAILED, and its recompute fails FAILED_PRECONDITION, until its rule is updated; the
-    other segments are not affected. Logged once per text and process (the result is cached: real time
+    no longer accepts (a keyword as a property name, nesting deeper than 32 levels). Until its rule is
+    updated such a segment is shown FAILED, real time skips it (its stored members stay as they were), a
+    `segment(...)` reference to it matches nobody, and its recompute fails FAILED_PRECONDITION; the other
+    segments are not affected. Logged once per text and process (the result is cached: real time
     reads every rule for each page of changes, and a rule's text rarely changes)."""
     try:
         return parse(rule_text)
     except (RuleSyntaxError, ValueError, RecursionError) as error:
-        log.error("a stored segment rule cannot be read by this version: the segment matches nobody until its "
-                  "rule is updated", extra={"rule_text": rule_text[:500], "error": str(error)})
+        log.error("a stored segment rule cannot be read by this version: real time skips the segment, and "
+                  "references to it match nobody, until its rule is updated",
+                  extra={"rule_text": rule_text[:500], "error": str(error)})
         return None
 
 

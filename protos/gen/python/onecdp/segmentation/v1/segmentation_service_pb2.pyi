@@ -39,9 +39,10 @@ class _SegmentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SegmentS
     """The computation after create or rule change failed (its operation's error says why); members
     may be incomplete, though real time keeps changing them. RecomputeSegment to try again.
     Also a segment whose stored rule this version cannot read (stored by an older version under
-    looser rules; `rule` is then unset and `rule_text` is the stored text): it matches nobody, and
-    what needs its rule fails FAILED_PRECONDITION (reason SEGMENT_RULE_UNREADABLE) until
-    UpdateSegment gives it a new rule.
+    looser rules; `rule` is then unset and `rule_text` is the stored text): real time skips it (its
+    stored members stay as they were), a `segment(...)` reference to it matches nobody, and what
+    needs its rule fails FAILED_PRECONDITION (reason SEGMENT_RULE_UNREADABLE), until UpdateSegment
+    gives it a new rule.
     """
 
 class SegmentState(_SegmentState, metaclass=_SegmentStateEnumTypeWrapper):
@@ -57,9 +58,10 @@ SEGMENT_STATE_FAILED: SegmentState.ValueType  # 3
 """The computation after create or rule change failed (its operation's error says why); members
 may be incomplete, though real time keeps changing them. RecomputeSegment to try again.
 Also a segment whose stored rule this version cannot read (stored by an older version under
-looser rules; `rule` is then unset and `rule_text` is the stored text): it matches nobody, and
-what needs its rule fails FAILED_PRECONDITION (reason SEGMENT_RULE_UNREADABLE) until
-UpdateSegment gives it a new rule.
+looser rules; `rule` is then unset and `rule_text` is the stored text): real time skips it (its
+stored members stay as they were), a `segment(...)` reference to it matches nobody, and what
+needs its rule fails FAILED_PRECONDITION (reason SEGMENT_RULE_UNREADABLE), until UpdateSegment
+gives it a new rule.
 """
 Global___SegmentState: _TypeAlias = SegmentState  # noqa: Y015
 
