@@ -236,9 +236,11 @@ class SegmentationServiceServicer:
 
     def ListSegmentMembershipChanges(self, request, context):
         """Lists membership changes (enter / exit, with times) of a segment since a time or a cursor, in
-        order: the deltas an activation system applies.
+        order: the deltas an activation system applies. Apply them as set operations: a recompute that
+        is retried after a failure can record a change again (an enter of a person already entered).
 
-        Errors: NOT_FOUND for an unknown segment.
+        Errors: NOT_FOUND for an unknown segment; INVALID_ARGUMENT for a page token or start time that
+        is not valid.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

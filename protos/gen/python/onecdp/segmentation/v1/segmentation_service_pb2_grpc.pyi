@@ -111,9 +111,11 @@ class SegmentationServiceStub:
     """
     ListSegmentMembershipChanges: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.ListSegmentMembershipChangesRequest, _segmentation_service_pb2.ListSegmentMembershipChangesResponse]
     """Lists membership changes (enter / exit, with times) of a segment since a time or a cursor, in
-    order: the deltas an activation system applies.
+    order: the deltas an activation system applies. Apply them as set operations: a recompute that
+    is retried after a failure can record a change again (an enter of a person already entered).
 
-    Errors: NOT_FOUND for an unknown segment.
+    Errors: NOT_FOUND for an unknown segment; INVALID_ARGUMENT for a page token or start time that
+    is not valid.
     """
 
 @_typing.type_check_only
@@ -198,9 +200,11 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     """
     ListSegmentMembershipChanges: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.ListSegmentMembershipChangesRequest, _segmentation_service_pb2.ListSegmentMembershipChangesResponse]  # type: ignore[assignment]
     """Lists membership changes (enter / exit, with times) of a segment since a time or a cursor, in
-    order: the deltas an activation system applies.
+    order: the deltas an activation system applies. Apply them as set operations: a recompute that
+    is retried after a failure can record a change again (an enter of a person already entered).
 
-    Errors: NOT_FOUND for an unknown segment.
+    Errors: NOT_FOUND for an unknown segment; INVALID_ARGUMENT for a page token or start time that
+    is not valid.
     """
 
 class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -360,9 +364,11 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_segmentation_service_pb2.ListSegmentMembershipChangesResponse, _abc.Awaitable[_segmentation_service_pb2.ListSegmentMembershipChangesResponse]]:
         """Lists membership changes (enter / exit, with times) of a segment since a time or a cursor, in
-        order: the deltas an activation system applies.
+        order: the deltas an activation system applies. Apply them as set operations: a recompute that
+        is retried after a failure can record a change again (an enter of a person already entered).
 
-        Errors: NOT_FOUND for an unknown segment.
+        Errors: NOT_FOUND for an unknown segment; INVALID_ARGUMENT for a page token or start time that
+        is not valid.
         """
 
 def add_SegmentationServiceServicer_to_server(servicer: SegmentationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
