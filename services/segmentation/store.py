@@ -1,5 +1,6 @@
 """Cassandra storage of the segmentation service (tables in schema/0001_segments.cql; the change log in
-day partitions per segment since schema/0006_membership_change_days.cql).
+day partitions per segment since schema/0006_membership_change_days.cql; members in MEMBER_BUCKETS
+partitions per segment since schema/0007_member_buckets.cql).
 
 Every statement is prepared once and bound (shared.cassandra). Segment rows are only written with
 lightweight transactions (create IF NOT EXISTS, update/delete IF etag), never mixed with plain writes; rule
@@ -8,6 +9,8 @@ changes also move the partition's `catalog_version` in the same conditional batc
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -56,6 +59,21 @@ _DAY_ZERO = date(1970, 1, 1)
 _CHANGES_CHUNK = 256
 _INSERT_CHANGE = ("INSERT INTO membership_change_log (segment_id, day, change_id, person_id, entered, cause) "
                   "VALUES (?, ?, ?, ?, ?, ?)")
+
+
+# How many partitions of `segment_members` each segment's members are spread over. NEVER change it once
+# members are stored: a person's bucket is `bucket_of(person_id)`, so with another count reads would look
+# for stored members in the wrong partitions (changing it means a new table and a migration of the rows).
+MEMBER_BUCKETS = 16
+_INSERT_MEMBER = "INSERT INTO segment_members (segment_id, bucket, person_id, enter_time) VALUES (?, ?, ?, ?)"
+_DELETE_MEMBER = "DELETE FROM segment_members WHERE segment_id = ? AND bucket = ? AND person_id = ?"
+
+
+def bucket_of(person_id: str) -> int:
+    """The `segment_members` bucket of a person: the first 8 bytes of the BLAKE2b digest of its id, modulo
+    MEMBER_BUCKETS. Stable across processes and Python versions (unlike the salted built-in `hash`)."""
+    digest = hashlib.blake2b(person_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % MEMBER_BUCKETS
 
 
 def day_of(change_id: uuid.UUID) -> date:
@@ -266,6 +284,8 @@ class SegmentStore:
         the change log listed in its day index, then the index but for its last two days: see below)."""
         for table in ("segment_revisions", "members", "membership_changes"):
             self._session.execute(f"DELETE FROM {table} WHERE segment_id = ?", (segment_id,))
+        self._session.execute_many("DELETE FROM segment_members WHERE segment_id = ? AND bucket = ?",
+                                   [(segment_id, bucket) for bucket in range(MEMBER_BUCKETS)])
         days = self._change_days(segment_id, None, None)
         self._session.execute_many("DELETE FROM membership_change_log WHERE segment_id = ? AND day = ?",
                                    [(segment_id, day) for day in days])
@@ -278,30 +298,76 @@ class SegmentStore:
                               (segment_id, datetime.now(UTC).date() - timedelta(days=1)))
 
     # ---- members ----
+    #
+    # Members live in `segment_members`, MEMBER_BUCKETS partitions per segment (schema 0007). Those stored
+    # before it are still in `members`, one partition per segment, which CQL cannot copy: every read merges
+    # that partition in as one more source, and `apply_changes` moves a person out of it (deletes the row
+    # there, before writing the new table) whenever it records an enter or exit of someone found there. So
+    # the old partitions only shrink, and a person is never in both tables: counts add up without counting
+    # anyone twice. A crash between the delete and the insert loses an enter, which the next recompute
+    # repairs (as for a crash after the change log is written). Only persons found in the old table are
+    # deleted from it: a tombstone per enter or exit of a big recompute would make reads of the old
+    # partition fail (tombstone_failure_threshold) long after it is empty.
 
     def member_count(self, segment_id: str) -> int:
         return self.member_counts([segment_id])[segment_id]
 
     def member_counts(self, segment_ids: Sequence[str]) -> dict[str, int]:
-        """The current number of members of each segment, counted from `members` (the partitions concurrently)."""
-        futures = [(segment_id, self._session.execute_async("SELECT COUNT(*) AS members FROM members "
-                                                            "WHERE segment_id = ?", (segment_id,)))
-                   for segment_id in segment_ids]
-        return {segment_id: int(self._session.result(future).one().members) for segment_id, future in futures}
+        """The current number of members of each segment: the sum of the counts of its buckets and of its old
+        partition in `members`, all counted concurrently."""
+        segment_ids = list(dict.fromkeys(segment_ids))
+        # At most `concurrency` counts in flight (a page of segments makes MEMBER_BUCKETS + 1 counts each).
+        buckets = self._session.execute_many(
+            "SELECT COUNT(*) AS members FROM segment_members WHERE segment_id = ? AND bucket = ?",
+            [(segment_id, bucket) for segment_id in segment_ids for bucket in range(MEMBER_BUCKETS)])
+        legacy = self._session.execute_many("SELECT COUNT(*) AS members FROM members WHERE segment_id = ?",
+                                            [(segment_id,) for segment_id in segment_ids])
+        counts = {segment_id: int(rows.one().members) for segment_id, rows in zip(segment_ids, legacy, strict=True)}
+        for index, rows in enumerate(buckets):
+            counts[segment_ids[index // MEMBER_BUCKETS]] += int(rows.one().members)
+        return counts
 
     def members_page(self, segment_id: str, after: str, limit: int) -> list[tuple[str, datetime]]:
-        rows = self._session.execute("SELECT person_id, enter_time FROM members WHERE segment_id = ? AND person_id > ? "
-                                     "LIMIT ?", (segment_id, after, limit))
-        return [(row.person_id, _utc(row.enter_time) or _EPOCH) for row in rows]
+        """Up to `limit` members after the person id `after`, in person id order across all buckets (and the
+        old partition): each source's next `limit` rows are read concurrently, merged and cut; the first
+        `limit` of all sources are among them."""
+        if limit <= 0:
+            return []
+        futures = [self._session.execute_async(
+            "SELECT person_id, enter_time FROM segment_members WHERE segment_id = ? AND bucket = ? "
+            "AND person_id > ? LIMIT ?", (segment_id, bucket, after, limit)) for bucket in range(MEMBER_BUCKETS)]
+        futures.append(self._session.execute_async(
+            "SELECT person_id, enter_time FROM members WHERE segment_id = ? AND person_id > ? LIMIT ?",
+            (segment_id, after, limit)))
+        sources = [[(row.person_id, _utc(row.enter_time) or _EPOCH) for row in self._session.result(future)]
+                   for future in futures]
+        page: list[tuple[str, datetime]] = []
+        for person_id, enter_time in heapq.merge(*sources, key=lambda member: member[0]):
+            if page and page[-1][0] == person_id:
+                continue  # in both tables (only while a process not upgraded yet writes `members`)
+            page.append((person_id, enter_time))
+            if len(page) == limit:
+                break
+        return page
 
     def member_ids(self, segment_id: str) -> set[str]:
-        rows = self._session.execute("SELECT person_id FROM members WHERE segment_id = ?", (segment_id,),
-                                     fetch_size=5000)
-        return {row.person_id for row in rows}
+        futures = [self._session.execute_async(
+            "SELECT person_id FROM segment_members WHERE segment_id = ? AND bucket = ?", (segment_id, bucket))
+            for bucket in range(MEMBER_BUCKETS)]
+        futures.append(self._session.execute_async("SELECT person_id FROM members WHERE segment_id = ?",
+                                                   (segment_id,)))
+        # Iterating a result fetches its further pages.
+        return {row.person_id for future in futures for row in self._session.result(future)}
 
     def is_member(self, segment_id: str, person_id: str) -> bool:
-        return self._session.execute("SELECT person_id FROM members WHERE segment_id = ? AND person_id = ?",
-                                     (segment_id, person_id)).one() is not None
+        return (segment_id, person_id) in self.memberships([(segment_id, person_id)])
+
+    def _legacy_segments(self, segment_ids: Iterable[str]) -> set[str]:
+        """The segments of `segment_ids` that still have members in the old table (read concurrently)."""
+        futures = [(segment_id, self._session.execute_async(
+            "SELECT person_id FROM members WHERE segment_id = ? LIMIT 1", (segment_id,)))
+            for segment_id in dict.fromkeys(segment_ids)]
+        return {segment_id for segment_id, future in futures if self._session.result(future).one() is not None}
 
     def apply_changes(self, segment_id: str, entered: Sequence[str], exited: Sequence[str], cause: str,
                       when: datetime) -> None:
@@ -318,12 +384,18 @@ class SegmentStore:
             self._session.write_all([(_INSERT_CHANGE, (segment_id, day_of(change_id), change_id, person_id,
                                                        was_entered, cause))
                                      for change_id, person_id, was_entered in stamped])
-        if entered:
-            self._session.execute_many("INSERT INTO members (segment_id, person_id, enter_time) VALUES (?, ?, ?)",
-                                       [(segment_id, person_id, when) for person_id in entered])
-        if exited:
-            self._session.execute_many("DELETE FROM members WHERE segment_id = ? AND person_id = ?",
-                                       [(segment_id, person_id) for person_id in exited])
+        if not entered and not exited:
+            return
+        # Out of the old table first (see "members" above): whoever of these is still there.
+        if self._legacy_segments([segment_id]):
+            legacy = self._session.select_in("SELECT person_id FROM members WHERE segment_id = ? AND person_id IN ?",
+                                             (segment_id,), [*entered, *exited]).rows()
+            if legacy:
+                self._session.write_all([("DELETE FROM members WHERE segment_id = ? AND person_id = ?",
+                                          (segment_id, row.person_id)) for row in legacy])
+        self._session.write_all(
+            [(_INSERT_MEMBER, (segment_id, bucket_of(person_id), person_id, when)) for person_id in entered]
+            + [(_DELETE_MEMBER, (segment_id, bucket_of(person_id), person_id)) for person_id in exited])
 
     def _index_days(self, segment_id: str, days: set[date]) -> None:
         """Record in the day index the days of changes about to be written (before them: a reader lists the
@@ -389,8 +461,14 @@ class SegmentStore:
 
     def memberships(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """The (segment id, person id) pairs of `pairs` that are current members (read concurrently)."""
+        # The old table is read only for segments that still have rows there (one cheap probe per segment).
+        legacy = self._legacy_segments(segment_id for segment_id, _ in pairs)
         futures = [(pair, self._session.execute_async(
-            "SELECT person_id FROM members WHERE segment_id = ? AND person_id = ?", pair)) for pair in pairs]
+            "SELECT person_id FROM segment_members WHERE segment_id = ? AND bucket = ? AND person_id = ?",
+            (pair[0], bucket_of(pair[1]), pair[1]))) for pair in pairs]
+        futures += [(pair, self._session.execute_async(
+            "SELECT person_id FROM members WHERE segment_id = ? AND person_id = ?", pair))
+            for pair in pairs if pair[0] in legacy]
         return {pair for pair, future in futures if self._session.result(future).one() is not None}
 
     # ---- following the profile feed, and re-evaluations due at a time ----
