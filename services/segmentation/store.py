@@ -378,8 +378,14 @@ class SegmentStore:
         # reader's settled horizon (`changes_page`) relies on a change being written within SETTLE_SECONDS
         # of its stamp, and a recompute writes thousands of rows.
         for start in range(0, len(pairs), _CHANGES_CHUNK):
-            stamped = [(uuid.uuid1(), person_id, was_entered)
-                       for person_id, was_entered in pairs[start:start + _CHANGES_CHUNK]]
+            # The chunk's day is indexed after its first stamp but before the others, so at most one index
+            # write runs between a stamp and its row (a chunk stamped across midnight indexes the new day
+            # after stamping).
+            chunk = pairs[start:start + _CHANGES_CHUNK]
+            first = uuid.uuid1()
+            self._index_days(segment_id, {day_of(first)})
+            stamped = [(first, *chunk[0])] + [(uuid.uuid1(), person_id, was_entered)
+                                              for person_id, was_entered in chunk[1:]]
             self._index_days(segment_id, {day_of(change_id) for change_id, _, _ in stamped})
             self._session.write_all([(_INSERT_CHANGE, (segment_id, day_of(change_id), change_id, person_id,
                                                        was_entered, cause))
