@@ -8,18 +8,11 @@ import pytest
 
 from shared.cassandra import CassandraSession
 from shared.leases import FollowerLease
+from tests.shared.clocks import FakeClock
 
 pytestmark = pytest.mark.integration
 
 
-class FakeClock:
-    """Monotonic seconds that a test moves by hand, to make renewals due without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_one_owner_holds_the_lease_until_it_gives_it_back(lease_session: CassandraSession) -> None:

@@ -14,18 +14,11 @@ import pytest
 from shared.cassandra import CassandraSession
 from shared.errors import Aborted, Unavailable
 from shared.leases import FollowerLease, OwnedLeases, operation_lease_name
+from tests.shared.clocks import FakeClock
 
 pytestmark = pytest.mark.integration
 
 
-class FakeClock:
-    """Monotonic seconds that a test moves by hand, to make renewals due without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FailingLease(FollowerLease):

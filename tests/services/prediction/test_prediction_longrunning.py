@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import grpc
 import pytest
 from google.longrunning import operations_proto_pb2 as lro_pb
 from google.longrunning.operations_pb2_grpc import OperationsStub
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
@@ -26,6 +25,7 @@ from services.prediction.server import DEFINITION
 from shared.config import CassandraSettings, GrpcSettings
 from shared.errors import StatusCode
 from shared.runner import RunningService, start_service
+from tests.shared.longrunning_calls import seconds, settled_answers, status_of
 
 pytestmark = pytest.mark.integration
 
@@ -82,32 +82,10 @@ def train(stubs: Stubs) -> lro_pb.Operation:
     return operation
 
 
-def seconds(value: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(int(value * 1e9))
-    return duration
 
 
-def settled_answers(stubs: Stubs, name: str) -> tuple[lro_pb.Operation, lro_pb.Operation]:
-    """(the service's own answer, the standard service's answer) read between two equal own answers, so a
-    running operation's progress did not move between them."""
-    request = lro_pb.GetOperationRequest(name=name)
-    for _ in range(20):
-        before = stubs.prediction.GetOperation(request, timeout=10)
-        standard = stubs.operations.GetOperation(request, timeout=10)
-        if stubs.prediction.GetOperation(request, timeout=10) == before:
-            return before, standard
-        time.sleep(0.1)
-    raise AssertionError(f"{name} kept moving")
 
 
-def status_of(call: Callable[..., Any], request: Any) -> tuple[grpc.StatusCode, str, Any]:
-    """(code, message, rich status details) of a failing call."""
-    with pytest.raises(grpc.RpcError) as caught:
-        call(request, timeout=10)
-    error: Any = caught.value
-    details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    return error.code(), error.details(), details
 
 
 def test_a_finished_training_reads_the_same_through_both_services(over_profile: Stubs) -> None:
@@ -115,7 +93,8 @@ def test_a_finished_training_reads_the_same_through_both_services(over_profile: 
     waited = over_profile.operations.WaitOperation(lro_pb.WaitOperationRequest(
         name=started.name, timeout=seconds(30)), timeout=40)
     assert waited.done  # the empty profile service has nothing to train on: it ends, with an error
-    own, standard = settled_answers(over_profile, started.name)
+    own, standard = settled_answers(over_profile.prediction.GetOperation, over_profile.operations.GetOperation,
+                                    started.name)
     assert standard == own == waited and own.HasField("error")
     metadata = pb.TrainModelMetadata()
     assert standard.metadata.Unpack(metadata) and metadata.model_version == "models/buyers/versions/1"
@@ -140,7 +119,7 @@ def test_a_running_training_reads_the_same_and_a_wait_ends_at_its_timeout_or_its
     registry.report_progress(operation_id, now, stage="features", persons_processed=200, persons_total=400)
     name = f"operations/{operation_id}"
 
-    own, standard = settled_answers(alone, name)
+    own, standard = settled_answers(alone.prediction.GetOperation, alone.operations.GetOperation, name)
     assert standard == own and not own.done
     metadata = pb.TrainModelMetadata()
     assert standard.metadata.Unpack(metadata) and (metadata.stage, metadata.persons_processed) == ("features", 200)
@@ -161,7 +140,7 @@ def test_a_running_training_reads_the_same_and_a_wait_ends_at_its_timeout_or_its
     begun = time.monotonic()
     waited = alone.operations.WaitOperation(lro_pb.WaitOperationRequest(name=name, timeout=seconds(30)), timeout=40)
     assert waited.done and waited.error.message == "stopped by the test" and time.monotonic() - begun < 5
-    own, standard = settled_answers(alone, name)
+    own, standard = settled_answers(alone.prediction.GetOperation, alone.operations.GetOperation, name)
     assert standard == own == waited
 
 

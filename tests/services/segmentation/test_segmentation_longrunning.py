@@ -5,7 +5,7 @@ against the real Cassandra: the same answers as SegmentationService/GetOperation
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,7 +14,7 @@ import grpc
 import pytest
 from google.longrunning import operations_proto_pb2 as lro_pb
 from google.longrunning.operations_pb2_grpc import OperationsStub
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from onecdp.prediction.v1 import prediction_service_pb2 as prediction_pb
@@ -28,6 +28,7 @@ from services.segmentation.server import DEFINITION as SEGMENTATION
 from shared.config import CassandraSettings, GrpcSettings
 from shared.runner import RunningService, start_service
 from tests.services.segmentation.conftest import identify, ingest
+from tests.shared.longrunning_calls import seconds, settled_answers, status_of
 
 pytestmark = pytest.mark.integration
 
@@ -59,10 +60,6 @@ def full(segmentation_service: RunningService) -> Iterator[Stubs]:
     yield from _stubs(segmentation_service)
 
 
-def seconds(value: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(int(value * 1e9))
-    return duration
 
 
 def create_pros(stubs: Stubs) -> pb.Segment:
@@ -71,26 +68,8 @@ def create_pros(stubs: Stubs) -> pb.Segment:
     return segment
 
 
-def settled_answers(stubs: Stubs, name: str) -> tuple[lro_pb.Operation, lro_pb.Operation]:
-    """(the service's own answer, the standard service's answer) read between two equal own answers, so a
-    running operation's progress did not move between them."""
-    request = lro_pb.GetOperationRequest(name=name)
-    for _ in range(20):
-        before = stubs.segmentation.GetOperation(request, timeout=10)
-        standard = stubs.operations.GetOperation(request, timeout=10)
-        if stubs.segmentation.GetOperation(request, timeout=10) == before:
-            return before, standard
-        time.sleep(0.1)
-    raise AssertionError(f"{name} kept moving")
 
 
-def status_of(call: Callable[..., Any], request: Any) -> tuple[grpc.StatusCode, str, Any]:
-    """(code, message, rich status details) of a failing call."""
-    with pytest.raises(grpc.RpcError) as caught:
-        call(request, timeout=10)
-    error: Any = caught.value
-    details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    return error.code(), error.details(), details
 
 
 def test_a_finished_recompute_reads_the_same_through_both_services(
@@ -102,7 +81,7 @@ def test_a_finished_recompute_reads_the_same_through_both_services(
     waited = full.operations.WaitOperation(lro_pb.WaitOperationRequest(name=started.name, timeout=seconds(30)),
                                            timeout=40)
     assert waited.done and not waited.HasField("error")
-    own, standard = settled_answers(full, started.name)
+    own, standard = settled_answers(full.segmentation.GetOperation, full.operations.GetOperation, started.name)
     assert standard == own == waited
     response = pb.RecomputeSegmentResponse()
     assert standard.response.Unpack(response) and (response.segment, response.member_count) == ("segments/pros", 1)
@@ -115,7 +94,7 @@ def test_a_finished_recompute_reads_the_same_through_both_services(
 def test_a_running_recompute_reads_the_same_and_a_wait_ends_at_its_timeout(alone: Stubs) -> None:
     name = create_pros(alone).operation  # the first computation, retrying while profile does not answer
     assert name
-    own, standard = settled_answers(alone, name)
+    own, standard = settled_answers(alone.segmentation.GetOperation, alone.operations.GetOperation, name)
     assert standard == own and not own.done
     begun = time.monotonic()
     waited = alone.operations.WaitOperation(lro_pb.WaitOperationRequest(name=name, timeout=seconds(1)), timeout=10)
