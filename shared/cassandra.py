@@ -296,12 +296,10 @@ class CassandraSession:
         return self._call(future.result)
 
     def execute_many(self, cql: str, params: Iterable[Sequence[Any]], *, concurrency: int = 64) -> list[Any]:
-        """Run one statement for many parameter rows concurrently; raise the first failure.
-
-        `params` is consumed lazily, one row as each is sent (a generator can stamp rows at send time)."""
+        """Run one statement for many parameter rows concurrently; raise the first failure."""
         statement = self.prepare(cql)
         results = self._call(
-            execute_concurrent_with_args, self._session, statement, params,
+            execute_concurrent_with_args, self._session, statement, list(params),
             execution_profile=_profile_for(cql),
             concurrency=concurrency, raise_on_first_error=True,
         )

@@ -41,7 +41,7 @@ from services.segmentation.store import OperationRecord, SegmentRecord, SegmentS
 from shared import changefeed
 from shared.changefeed import with_unsettled
 from shared.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, StatusCode
-from shared.leases import OwnedLeases, operation_lease_name
+from shared.leases import OwnedLeases
 
 if TYPE_CHECKING:  # profile_source imports this module
     from services.segmentation.profile_source import FeedChange
@@ -113,10 +113,6 @@ def _ring(cycle: tuple[str, ...], segment_id: str) -> str:
     start = ring.index(segment_id) if segment_id in ring else 0
     ordered = ring[start:] + ring[:start]
     return " -> ".join(f"segments/{s}" for s in [*ordered, ordered[0]])
-
-
-# The lease of operation <id> is `operations/<id>`, as for every long-running operation.
-lease_name = operation_lease_name
 
 
 class Recomputer:

@@ -18,13 +18,14 @@ from bench.common import free_port, service_env, start_service_process
 from services.segmentation.catalog import RuleInput, SegmentCatalog, SegmentState
 from services.segmentation.follower import Memberships
 from services.segmentation.profile_source import GrpcProfileSource
-from services.segmentation.recompute import LEASE_SECONDS, MAX_ATTEMPTS, Recomputer, lease_name
+from services.segmentation.recompute import LEASE_SECONDS, MAX_ATTEMPTS, Recomputer
 from services.segmentation.server import DEFINITION as SEGMENTATION
 from services.segmentation.store import SegmentStore
 from services.segmentation.text import parse
 from shared.cassandra import CassandraSession
 from shared.clients import profile_stub
 from shared.config import CassandraSettings, GrpcSettings
+from shared.leases import operation_lease_name
 from shared.runner import RunningService, start_service
 from tests.services.segmentation.conftest import identify, ingest
 from tests.services.segmentation.test_batch import finished, members_of, wait_ready
@@ -78,7 +79,7 @@ def test_operations_of_a_killed_process_are_taken_over(
     # The lease time passes: expired now rather than in 15 s.
     for name in operations.values():
         admin_session.execute(f"DELETE FROM {keyspace}.follower_leases WHERE name = ?",
-                              (lease_name(name.removeprefix("operations/")),))
+                              (operation_lease_name(name.removeprefix("operations/")),))
 
     # A new process (in this one) with the profile service behind it takes both over.
     settings = grpc_settings.model_copy(update={"profile_target": f"127.0.0.1:{profile_service.port}"})
