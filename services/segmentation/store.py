@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
+from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession, translate_driver_error
 from shared.changefeed import FEED_START
+from shared.errors import DomainError
 from shared.leases import FollowerLease
 
 CATALOG = 0  # the one partition of the segments table (and of running_operations)
@@ -423,7 +424,7 @@ class SegmentStore:
             rows = self._session.execute("SELECT day FROM membership_change_days WHERE segment_id = ? AND day >= ? "
                                          "AND day <= ?", (segment_id, first, last), fetch_size=1000)
         # The driver returns cassandra.util.Date for `date` columns.
-        return [row.day.date() for row in rows]
+        return [row.day.date() for row in _every_row(rows)]
 
     def changes_page(self, segment_id: str, after: uuid.UUID, limit: int,
                      through: uuid.UUID | None = None) -> list[StoredChange]:
@@ -544,6 +545,18 @@ class SegmentStore:
         """The operations not done yet, whichever process runs them (or ran them and stopped)."""
         rows = self._session.execute("SELECT operation_id FROM running_operations WHERE catalog = ?", (CATALOG,))
         return [row.operation_id for row in rows]
+
+
+def _every_row(rows: Any) -> list[Any]:
+    """Every row of a paged driver result, read now. Iterating it fetches the later pages outside the
+    CassandraSession call that ran the statement: a driver error there (a timeout on page 2) is translated
+    here as that call translates the first page's, not left to reach the caller as INTERNAL."""
+    try:
+        return list(rows)
+    except DomainError:
+        raise
+    except Exception as error:  # translated below, or re-raised untouched
+        raise translate_driver_error(error) from error
 
 
 def _values(record: SegmentRecord) -> Iterable[object]:
