@@ -362,6 +362,23 @@ class SegmentCatalog:
         parsed = {record.segment_id: _parsed(record.rule_text) for record in self.store.all()}
         return {segment_id: rule for segment_id, rule in parsed.items() if rule is not None}
 
+    def rules_for(self, segment_ids: Sequence[str]) -> dict[str, Rule]:
+        """`rules()`, holding each of `segment_ids`: NOT_FOUND naming the first that does not exist, or
+        FAILED_PRECONDITION when its stored rule cannot be read (checked in order, one segment at a time).
+
+        `rules()` and `record()` are two reads: a segment created between them is found by the second but is
+        not in the first. Its rule is fine, so the catalog is read again (once): the new segment is in it,
+        and so are the segments its rule refers to, which may be as new. One deleted meanwhile keeps the rule
+        its record had."""
+        rules = self.rules()
+        created: dict[str, Rule] = {}
+        for segment_id in segment_ids:
+            if segment_id not in rules and segment_id not in created:
+                created[segment_id] = self.readable_rule(self.record(segment_id))
+        if created:
+            rules = {**created, **self.rules()}
+        return rules
+
     @staticmethod
     def readable_rule(record: SegmentRecord) -> Rule:
         """A stored segment's rule; FAILED_PRECONDITION when this version cannot read it."""

@@ -226,11 +226,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         if not selector.person_id and not (selector.identifier.type and selector.identifier.value):
             raise InvalidArgument.for_field("person", "set person_id or an identifier (type and value)")
         segment_ids = [segment_id_of(name, f"segments[{i}]") for i, name in enumerate(request.segments)]
-        rules = self._catalog.rules()
-        for segment_id in segment_ids:
-            if segment_id not in rules:
-                self._catalog.record(segment_id)  # NOT_FOUND naming it
-                self._catalog.rule_in(rules, segment_id)  # else FAILED_PRECONDITION: its rule is unreadable
+        rules = self._catalog.rules_for(segment_ids)  # NOT_FOUND, or FAILED_PRECONDITION for an unreadable rule
         as_of = datetime.now(UTC)
         facts = self._source.person(selector, as_of)
         response = pb.EvaluatePersonSegmentsResponse(person_id=facts.person_id)
@@ -248,11 +244,10 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                             context: grpc.ServicerContext) -> pb.EstimateSegmentSizeResponse:
         sample_size = sample_size_of(request.sample_size)
         which = request.WhichOneof("target")
-        rules = self._catalog.rules()
         if which == "segment":
             segment_id = segment_id_of(request.segment, "segment")
-            self._catalog.record(segment_id)  # NOT_FOUND naming it
-            rule = self._catalog.rule_in(rules, segment_id)
+            rules = self._catalog.rules_for([segment_id])  # NOT_FOUND, or FAILED_PRECONDITION: unreadable
+            rule = rules[segment_id]
         else:
             violations = Violations()
             rule_input = rule_input_of(request.rule if which == "rule" else None, request.rule_text, violations,
@@ -264,6 +259,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             violations.raise_if_any("the rule is invalid", reason="INVALID_RULE")
             assert rule_input is not None
             rule = rule_input.rule
+            rules = self._catalog.rules()
         estimate = estimate_size(rule, rules, self._source, sample_size)
         return pb.EstimateSegmentSizeResponse(
             estimated_count=estimate.estimated_count, sample_size=estimate.sample_size,
