@@ -20,6 +20,7 @@ nothing stops a running one, and they are kept (or expire) by the service's own 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,10 @@ MAX_POLL_SECONDS = 1.0
 # the last read and the answer fit in the deadline.
 DEADLINE_MARGIN_SHARE = 0.2
 MAX_DEADLINE_MARGIN_SECONDS = 0.5
+
+# An operation's name. Services give uuid4 hex ids; the bound keeps any name a caller sends inside what
+# Cassandra accepts as a key (refused by name, not INTERNAL from the driver).
+_OPERATION_NAME = re.compile(r"operations/([A-Za-z0-9_-]{1,64})")
 
 GetOperationHandler = Callable[[lro_pb.GetOperationRequest, grpc.ServicerContext], lro_pb.Operation]
 
@@ -128,6 +133,18 @@ def _wait_seconds(request: lro_pb.WaitOperationRequest) -> float:
     if left is None:
         return requested
     return min(requested, left - min(left * DEADLINE_MARGIN_SHARE, MAX_DEADLINE_MARGIN_SECONDS))
+
+
+def operation_id_of(name: str, field_path: str = "name") -> str:
+    """The id of an `operations/{id}` name, for every service's GetOperation; INVALID_ARGUMENT naming
+    `field_path` otherwise (reason INVALID_OPERATION_NAME, the same from every service)."""
+    match = _OPERATION_NAME.fullmatch(name)  # fullmatch: `$` would also accept a name ending in a newline
+    if match is None:
+        raise InvalidArgument.for_field(
+            field_path, f"{name[:200]!r} is not an operation name: expected operations/{{id}}, an id of 1-64 "
+                        "letters, digits, _ or - (use Operation.name exactly as the call that started it returned it)",
+            reason="INVALID_OPERATION_NAME")
+    return match.group(1)
 
 
 def operations_registration(service: str, get_operation: GetOperationHandler,

@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from shared.errors import InvalidArgument, Violations
 from shared.event_times import EARLIEST_EVENT_TIME
+from shared.longrunning import operation_id_of
 
 MIN_HORIZON_DAYS, MAX_HORIZON_DAYS = 1, 730
 MAX_ELIGIBILITY_DAYS = 730
@@ -32,7 +33,6 @@ LATEST_PREDICTION_TIME = datetime(9000, 1, 1, tzinfo=UTC)
 MODEL_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _MODEL_NAME = re.compile(r"^models/([^/]+)$")
 _VERSION_NAME = re.compile(r"^models/([^/]+)/versions/([^/]+)$")
-_OPERATION_NAME = re.compile(r"^operations/([A-Za-z0-9_-]{1,64})$")
 
 
 class PredictionKind(StrEnum):
@@ -132,8 +132,5 @@ def operation_name(operation_id: str) -> str:
 
 
 def parse_operation_name(name: str, field_path: str = "name") -> str:
-    match = _OPERATION_NAME.match(name)
-    if not match:
-        raise InvalidArgument.for_field(field_path, f"{name!r} is not an operation name `operations/{{id}}`",
-                                        reason="BAD_RESOURCE_NAME")
-    return match.group(1)
+    """The operation id of `operations/{id}`: shared.longrunning's parser, the same for every service."""
+    return operation_id_of(name, field_path)

@@ -6,7 +6,6 @@ time-window expiry) starts with the service and stops with it.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -41,14 +40,12 @@ from services.segmentation.text import RuleSyntaxError, format_rule, parse
 from shared.changefeed import FEED_START, SETTLE_SECONDS, parse_cursor, time_of
 from shared.clients import prediction_stub, profile_stub
 from shared.errors import InvalidArgument, Violations
-from shared.longrunning import Instead, operations_registration
+from shared.longrunning import Instead, operation_id_of, operations_registration
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
 OPERATIONS = "operations/"
-# Ids are uuid4 hex; the bound keeps any name a caller sends inside what Cassandra accepts as a key.
-_OPERATION_NAME = re.compile(r"^operations/([A-Za-z0-9_-]{1,64})$")
 DEFAULT_MEMBERS_PAGE = 100
 MAX_MEMBERS_PAGE = 10_000
 EXPORT_CHUNK = 1000
@@ -155,13 +152,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     def GetOperation(self, request: operations_pb2.GetOperationRequest,
                      context: grpc.ServicerContext) -> operations_pb2.Operation:
-        match = _OPERATION_NAME.match(request.name)
-        if match is None:
-            raise InvalidArgument.for_field("name", f"{request.name[:200]!r} is not an operation name like "
-                                                    f"{OPERATIONS}<id> (an id of 1-64 letters, digits, _ or -)",
-                                            reason="INVALID_OPERATION_NAME")
-        operation_id = match.group(1)
-        return operation_message(self._recomputer.operation(operation_id))
+        return operation_message(self._recomputer.operation(operation_id_of(request.name)))
 
     def ListSegmentMembers(self, request: pb.ListSegmentMembersRequest,
                            context: grpc.ServicerContext) -> pb.ListSegmentMembersResponse:

@@ -15,6 +15,7 @@ import pytest
 from google.longrunning import operations_proto_pb2 as lro_pb
 from google.longrunning.operations_pb2_grpc import OperationsStub
 from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from onecdp.prediction.v1 import prediction_service_pb2 as prediction_pb
@@ -169,6 +170,23 @@ def test_each_service_knows_only_its_own_operations(both: tuple[Stubs, Any]) -> 
         assert own.GetOperation(lro_pb.GetOperationRequest(name=name), timeout=10).name == name
         code, message, _ = status_of(other.GetOperation, lro_pb.GetOperationRequest(name=name))
         assert code == grpc.StatusCode.NOT_FOUND and name in message
+
+
+def test_a_malformed_operation_name_fails_the_same_in_every_service(both: tuple[Stubs, Any]) -> None:
+    segmentation, (prediction, prediction_operations) = both
+    request = lro_pb.GetOperationRequest(name="ops/1")
+    answers = [status_of(call, request) for call in (segmentation.segmentation.GetOperation,
+                                                     segmentation.operations.GetOperation,
+                                                     prediction.GetOperation, prediction_operations.GetOperation)]
+    for code, message, details in answers:
+        status = status_pb2.Status.FromString(details)
+        info, bad_request = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        assert [detail.Unpack(info) or detail.Unpack(bad_request) for detail in status.details] == [True, True]
+        assert (code, info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_OPERATION_NAME")
+        assert [violation.field for violation in bad_request.field_violations] == ["name"]
+        assert "'ops/1'" in message and "expected operations/{id}" in message
+    # Each service's own domain, the same answer otherwise.
+    assert len({(code, message) for code, message, _ in answers}) == 1
 
 
 def test_the_standard_service_is_reflected_and_healthy(alone: Stubs) -> None:
