@@ -7,6 +7,7 @@ driver exceptions into domain errors (UNAVAILABLE, DEADLINE_EXCEEDED) a caller c
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import re
@@ -74,6 +75,13 @@ IN_READ_ROWS = 5000
 BATCH_PARTITIONS = 10
 BATCH_BYTES = 4 * 1024
 BATCH_STATEMENTS = 200
+# The batches one start_writes/write_all keeps in flight. Sending every batch of a large write at once
+# (a recompute writes a million rows: thousands of batches) overflows Cassandra's native-transport queue
+# (overloaded errors, timeouts), holds them all in memory and queues the process's other requests behind
+# them: measured here, while a 200k-row write (20k batches) went out at once, a single-row read of the same
+# process waited up to 2-4 s; with 32 in flight, 0.2 s. A node applies writes on concurrent_writes (32 by
+# default) threads; 64 or 128 in flight wrote no faster than 32 here (noisy, shared 2-core machine).
+WRITE_BATCHES_IN_FLIGHT = 32
 
 
 @functools.lru_cache(maxsize=4096)
@@ -257,38 +265,34 @@ class CassandraSession:
 
         Batches run concurrently and in no particular order, so the writes must not depend on each
         other (order what must be ordered with two calls). Every write in this project is idempotent:
-        a failure (raised once every batch has finished) is retried by the caller as a whole.
+        a failure (raised once every batch sent has finished; see start_writes) is retried by the caller
+        as a whole.
         """
         self.start_writes(statements)()
 
     def start_writes(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> Callable[[], None]:
-        """`write_all`, returning as soon as the batches are sent: call the result to wait for them.
+        """`write_all`, returning as soon as the first batches are sent: call the result to wait for them.
 
-        Lets a caller overlap the writes with other work that does not depend on them.
+        Lets a caller overlap the writes with other work that does not depend on them. At most
+        WRITE_BATCHES_IN_FLIGHT batches run at a time; the rest are sent in the background, each as one
+        finishes, with a timeout clamped to the caller's deadline when it is sent. After the first
+        failure no further batch is sent (the caller retries the whole write); the result raises it once
+        every batch sent has finished.
         """
         by_partition: dict[Any, list[Any]] = {}
         serialized: dict[tuple[Any, type, Any], bytes] = {}
         for cql, params in statements:
             bound = bind_memoized(self.prepare(cql), params, serialized)
             by_partition.setdefault(bound.routing_key, []).append(bound)
-        limit = deadline.timeout_within(self._request_timeout)
-        futures = []
-        for statements_of_batch in pack_batches(list(by_partition.values()), _bound_size):
-            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-            for bound in statements_of_batch:
-                batch.add(bound)
-            futures.append(self._call(self._session.execute_async, batch, timeout=limit,
-                                      execution_profile=ROWS_PROFILE))
+        deadline.timeout_within(self._request_timeout)  # a deadline already passed fails here, before any send
+        writes = _BatchWrites(self._session, pack_batches(list(by_partition.values()), _bound_size),
+                              self._request_timeout)
+        writes.start()
 
         def wait() -> None:
-            failure: Exception | None = None
-            for future in futures:
-                try:
-                    self.result(future)
-                except Exception as error:  # wait for every batch before raising the first failure
-                    failure = failure or error
+            failure = writes.wait()
             if failure is not None:
-                raise failure
+                self._call(_raise, failure)  # translated here, against the caller's deadline
         return wait
 
     def result(self, future: ResponseFuture) -> Any:
@@ -312,6 +316,85 @@ class CassandraSession:
             raise
         except Exception as error:  # translated below, or re-raised untouched
             raise translate_driver_error(error) from error
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+class _BatchWrites:
+    """The unlogged batches of one `start_writes`, at most WRITE_BATCHES_IN_FLIGHT of them in flight.
+
+    Each batch that finishes sends the next one from its driver callback, on the driver's event loop
+    thread: that code must not block (it takes one short lock) and must not raise, since the driver
+    drops exceptions from callbacks. Every failure, of a batch or of sending one, is recorded and ends
+    the sending, so `wait` cannot hang on a batch that was never sent nor lose an error.
+    """
+
+    def __init__(self, session: Session, batches: list[list[Any]], request_timeout: float) -> None:
+        self._session = session
+        self._batches = batches
+        self._request_timeout = request_timeout
+        # The caller's context, for its RPC deadline (a contextvar) when a later batch is sent from a callback.
+        self._context = contextvars.copy_context()
+        self._lock = threading.Lock()
+        self._next = 0  # index of the next batch to send
+        self._in_flight = 0
+        self._failure: BaseException | None = None
+        self._finished = threading.Event()
+
+    def start(self) -> None:
+        for _ in range(min(WRITE_BATCHES_IN_FLIGHT, len(self._batches))):
+            self._send_next()
+        self._finish_if_done()
+
+    def wait(self) -> BaseException | None:
+        """Wait for every batch sent to finish; the first failure, or None."""
+        self._finished.wait()
+        return self._failure
+
+    def _send_next(self) -> None:
+        with self._lock:
+            if self._failure is not None or self._next == len(self._batches):
+                return
+            statements = self._batches[self._next]
+            self._batches[self._next] = []  # sent: let its statements go once the batch is done
+            self._next += 1
+            self._in_flight += 1
+        try:
+            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+            for bound in statements:
+                batch.add(bound)
+            # A copy per send: a Context can be entered by only one thread at a time, and this runs both
+            # in the caller's thread and in the event loop's. DeadlineExceeded once the deadline passed.
+            limit = self._context.copy().run(deadline.timeout_within, self._request_timeout)
+            future = self._session.execute_async(batch, timeout=limit, execution_profile=ROWS_PROFILE)
+        except Exception as error:  # recorded: ends the sending, raised by wait()
+            self._done(error)
+            return
+        # Runs the callback at once, in this thread, when the batch already finished: a failure sends nothing
+        # more, and a success needs a response, which the event loop cannot read while it runs this.
+        future.add_callbacks(self._succeeded, self._failed)
+
+    def _succeeded(self, _rows: Any) -> None:
+        self._done(None)
+        self._send_next()
+
+    def _failed(self, error: BaseException) -> None:
+        self._done(error)
+
+    def _done(self, failure: BaseException | None) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if failure is not None and self._failure is None:
+                self._failure = failure
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        with self._lock:
+            done = self._in_flight == 0 and (self._failure is not None or self._next == len(self._batches))
+        if done:
+            self._finished.set()
 
 
 def _bound_size(bound: Any) -> int:
