@@ -34,11 +34,12 @@ import hashlib
 import random
 import re
 import secrets
+import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
@@ -66,6 +67,8 @@ LEASE_WAIT_SECONDS = 60.0
 DEADLINE_MARGIN_SECONDS = 0.25
 REDIRECT_HOPS = 16
 JUNK_MEMO_SIZE = 100_000
+# Identifiers whose last holder a lookup remembers (see HolderHints): about 250 bytes each.
+HOLDER_HINTS_SIZE = 100_000
 # onecdp.common.v1.SourceKind: an undefined number is a client bug, not a new kind of source.
 SOURCE_KINDS = frozenset(common_pb2.SourceKind.values())
 
@@ -394,6 +397,40 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
+class HolderHints:
+    """The person each of the last HOLDER_HINTS_SIZE identifiers looked up was held by, as a hint.
+
+    A hint is never an answer: a lookup reads the hinted person (members and person columns in one
+    request) and takes it only if that person, read now, lists the identifier among its members. That
+    is what a lookup through `identifiers` would have answered, without that read: one round trip
+    instead of two. A hint gone stale (a merge, split, unlink or erasure by any process since) fails
+    the check, and the lookup reads `identifiers` as if there had been none. So hints need no
+    invalidation across replicas, and the oldest are simply dropped when the table is full.
+    """
+
+    def __init__(self, size: int = HOLDER_HINTS_SIZE) -> None:
+        self._size = size
+        self._hints: dict[IdKey, str] = {}
+        self._lock = threading.Lock()
+
+    def get(self, keys: Iterable[IdKey]) -> dict[IdKey, str]:
+        with self._lock:
+            return {key: person_id for key in keys if (person_id := self._hints.get(key))}
+
+    def remember(self, holders: Mapping[IdKey, str]) -> None:
+        with self._lock:
+            for key, person_id in holders.items():
+                self._hints.pop(key, None)  # re-inserted last: the oldest hints go first
+                self._hints[key] = person_id
+            while len(self._hints) > self._size:
+                del self._hints[next(iter(self._hints))]
+
+    def forget(self, keys: Iterable[IdKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self._hints.pop(key, None)
+
+
 class IdentityGraph:
     def __init__(self, session: CassandraSession, registry: IdentifierRegistry | None = None,
                  policy: GuardPolicy | None = None) -> None:
@@ -403,6 +440,7 @@ class IdentityGraph:
         self._leases = Leases(session)
         self._tombstone_salt: bytes | None = None
         self._junk_memo: dict[IdKey, bool] = {}
+        self._holder_hints = HolderHints()
         # Replaced by IdentitySettings when stored settings are installed (see _attaches_to).
         self._initial_policy, self._initial_registry = self.policy, self.registry
         self._junk_memo_policy: GuardPolicy | None = None
@@ -1285,6 +1323,57 @@ class IdentityGraph:
     def persons_of(self, keys: Iterable[IdKey]) -> dict[IdKey, str | None]:
         return {k: a.person_id for k, a in self._assignments_async(keys)().items()}
 
+    def lookup(self, keys: Iterable[IdKey], person_ids: Iterable[str] = ()
+               ) -> tuple[dict[IdKey, Person | None], dict[str, Person]]:
+        """The person each identifier (normalized) belongs to (None where nobody holds it, or its person is
+        erased), and the persons `person_ids` name (as get_persons finds them), in at most two round trips.
+
+        Identifiers looked up before are answered in one, through their holder hints (see HolderHints);
+        the others, and those whose hint is stale, in two: `identifiers`, then the persons. The hinted and
+        the named persons are read while `identifiers` is read for the others.
+        """
+        holding, named = self._holding(keys, person_ids)
+        return {key: person for key, (_, person) in holding.items()}, named
+
+    def person_of_identifier(self, key: IdKey) -> Person:
+        """The person an identifier (normalized) belongs to; NotFound saying why when none does."""
+        holder, person = self._holding([key])[0][key]
+        if person is not None:
+            return person
+        if holder:
+            raise NotFound(f"no person {holder!r} (never issued, or erased)", reason="PERSON_NOT_FOUND")
+        raise self._not_held(key)
+
+    def _holding(self, keys: Iterable[IdKey], person_ids: Iterable[str] = ()
+                 ) -> tuple[dict[IdKey, tuple[str | None, Person | None]], dict[str, Person]]:
+        """Each identifier's holder as `identifiers` names it (or as its valid hint does), and that person;
+        and the persons `person_ids` name."""
+        wanted = set(keys)
+        named_ids = set(person_ids)
+        hinted = self._holder_hints.get(wanted)
+        read_holders = self._assignments_async(wanted - hinted.keys()) if len(hinted) < len(wanted) else None
+        found: dict[IdKey, tuple[str | None, Person | None]] = {}
+        named: dict[str, Person] = {}
+        if hinted or named_ids:
+            persons = self.get_persons({*hinted.values(), *named_ids})
+            named = {p: persons[p] for p in named_ids if p in persons}
+            for key, person_id in hinted.items():
+                person = persons.get(person_id)
+                if person is not None and key in person.identifiers:
+                    # As a lookup through `identifiers` answers it: the person holding it, not a redirect.
+                    found[key] = (person.person_id, replace(person, redirected_from=""))
+        holders = {k: a.person_id for k, a in read_holders().items()} if read_holders is not None else {}
+        stale = hinted.keys() - found.keys()
+        if stale:
+            self._holder_hints.forget(stale)
+            holders.update(self.persons_of(stale))
+        persons = self.get_persons(p for p in holders.values() if p)
+        for key, holder in holders.items():
+            found[key] = (holder, persons.get(holder) if holder else None)
+        self._holder_hints.remember({key: person.person_id for key, (_, person) in found.items()
+                                     if person is not None and key in person.identifiers})
+        return found, named
+
     def normalize_one(self, type_name: str, value: str, field_path: str) -> IdKey:
         """One identifier normalized; InvalidArgument naming `field_path`.type or .value otherwise."""
         try:
@@ -1297,14 +1386,17 @@ class IdentityGraph:
     def person_holding(self, key: IdKey) -> str:
         """The person an identifier (normalized) belongs to; NotFound when none does."""
         person_id = self.persons_of([key])[key]
-        if not person_id and self._is_junk(key):
-            raise NotFound(f"no person holds {key.type} {key.value!r}: the value is blocked by the guard policy "
-                           "as junk, so it never links to a person; look the person up by another identifier",
-                           reason="PERSON_NOT_FOUND", metadata={"identifier_type": key.type, "guard": "BLOCKED_VALUE"})
         if not person_id:
-            raise NotFound(f"no person holds {key.type} {key.value!r}", reason="PERSON_NOT_FOUND",
-                           metadata={"identifier_type": key.type})
+            raise self._not_held(key)
         return person_id
+
+    def _not_held(self, key: IdKey) -> NotFound:
+        if self._is_junk(key):
+            return NotFound(f"no person holds {key.type} {key.value!r}: the value is blocked by the guard policy "
+                            "as junk, so it never links to a person; look the person up by another identifier",
+                            reason="PERSON_NOT_FOUND", metadata={"identifier_type": key.type, "guard": "BLOCKED_VALUE"})
+        return NotFound(f"no person holds {key.type} {key.value!r}", reason="PERSON_NOT_FOUND",
+                        metadata={"identifier_type": key.type})
 
     def get_person(self, person_id: str) -> Person:
         """The person, following merge redirects to the survivor."""

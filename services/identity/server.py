@@ -175,7 +175,9 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         return pb.LinkIdentifiersResponse(results=[_link_result(o) for o in outcomes])
 
     def LookupPerson(self, request: pb.LookupPersonRequest, context: grpc.ServicerContext) -> pb.Person:
-        return _person(self._graph.get_person(self._person_id(request.person, "person")))
+        selected = self._selected(request.person, "person")
+        return _person(self._graph.get_person(selected) if isinstance(selected, str)
+                       else self._graph.person_of_identifier(selected))
 
     def BatchLookupPersons(self, request: pb.BatchLookupPersonsRequest,
                            context: grpc.ServicerContext) -> pb.BatchLookupPersonsResponse:
@@ -185,8 +187,9 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         if len(request.persons) > MAX_LOOKUPS:
             raise ResourceExhausted(f"{len(request.persons)} lookups in one call; at most {MAX_LOOKUPS} are allowed",
                                     reason="BATCH_TOO_LARGE")
-        # All selectors are checked first (every invalid one is named); then the batch costs two rounds of
-        # IN reads, whatever its size: identifiers to person ids, then persons with their members.
+        # All selectors are checked first (every invalid one is named); then the batch costs at most two rounds
+        # of IN reads, whatever its size: identifiers to person ids (not for identifiers whose holder hint holds,
+        # see HolderHints), while persons named by id are read with their members.
         violations = Violations()
         person_ids: list[str | None] = []
         keys: dict[int, IdKey] = {}
@@ -200,13 +203,12 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
                 keys[index] = selected
             person_ids.append(selected if isinstance(selected, str) else None)
         violations.raise_if_any("some selectors are invalid; nothing was looked up", reason="INVALID_SELECTORS")
-        held = self._graph.persons_of(keys.values())
-        for index, key in keys.items():
-            person_ids[index] = held[key]
-        persons = self._graph.get_persons(p for p in person_ids if p)
+        held, named = self._graph.lookup(keys.values(), (p for p in person_ids if p))
+        results = [named.get(p) if p else held.get(keys[index]) if index in keys else None
+                   for index, p in enumerate(person_ids)]
         return pb.BatchLookupPersonsResponse(results=[
-            pb.PersonLookupResult(found=True, person=_person(persons[p])) if p and p in persons
-            else pb.PersonLookupResult(found=False) for p in person_ids])
+            pb.PersonLookupResult(found=True, person=_person(person)) if person is not None
+            else pb.PersonLookupResult(found=False) for person in results])
 
     def ListPersonIdentifiers(self, request: pb.ListPersonIdentifiersRequest,
                               context: grpc.ServicerContext) -> pb.ListPersonIdentifiersResponse:
