@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, descriptor_pool
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -32,7 +32,7 @@ from opentelemetry.instrumentation.grpc import server_interceptor
 
 from shared import deadline
 from shared.config import GrpcSettings, TlsFiles, read_pem
-from shared.errors import DomainError, NotImplementedYet
+from shared.errors import DomainError, InvalidArgument, NotImplementedYet
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,73 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
+class _MalformedRequest:
+    """What the request deserializer yields for bytes that do not parse: grpcio would answer a raising
+    deserializer with a bare INTERNAL "Exception deserializing request!", so the failure is carried to the
+    wrapped behavior instead, which raises it as INVALID_ARGUMENT with ErrorInfo like any domain error."""
+
+    __slots__ = ("deserializer", "error", "method")
+
+    def __init__(self, error: Exception, method: str, deserializer: Callable[[bytes], Any]) -> None:
+        self.error = error
+        self.method = method
+        self.deserializer = deserializer
+
+    def to_error(self, position: int | None = None) -> InvalidArgument:
+        message_name = _request_message_name(self.method, self.deserializer)
+        why = str(self.error).split("': ", 1)[-1] or type(self.error).__name__  # drop upb's "... type 'x': "
+        which = "the request bytes are" if position is None else f"the bytes of request message {position} " \
+            "(counting from 0) of the stream are"
+        metadata = {"message_type": message_name, "method": self.method.lstrip("/")}
+        if position is not None:
+            metadata["message_index"] = str(position)
+        return InvalidArgument(f"{which} not a valid {message_name}: {why[:200]}", reason="MALFORMED_REQUEST",
+                               metadata=metadata)
+
+
+def _request_message_name(method: str, deserializer: Callable[[bytes], Any]) -> str:
+    """The full name of `method`'s request message (`/pkg.Service/Method`), from the descriptor pool."""
+    try:
+        found = descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", "."))
+        return str(found.input_type.full_name)
+    except KeyError:
+        message_class = getattr(deserializer, "__self__", None)
+        descriptor = getattr(message_class, "DESCRIPTOR", None)
+        return str(getattr(descriptor, "full_name", f"request message of {method.lstrip('/')}"))
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning a _MalformedRequest instead of raising (None: grpcio passes bytes through)."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(serialized: bytes) -> Any:
+        try:
+            return parse(serialized)
+        except Exception as error:  # a DecodeError for protobuf; any failure means the bytes do not parse
+            return _MalformedRequest(error, method, parse)
+    return deserialize
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _MalformedRequest):
+        raise request.to_error()
+    return request
+
+
+def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    """The request stream, raising INVALID_ARGUMENT where a message did not parse (in the handler's loop,
+    so the interceptor turns it into the call's status)."""
+    for position, request in enumerate(requests):
+        if isinstance(request, _MalformedRequest):
+            raise request.to_error(position)
+        yield request
+
+
 class ErrorAndDeadlineInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Maps domain errors to statuses, exposes the caller's deadline, and logs each call."""
+    """Maps domain errors to statuses (request bytes that do not parse included), exposes the caller's
+    deadline, and logs each call."""
 
     def __init__(self, domain: str) -> None:
         self._domain = domain
@@ -121,32 +186,34 @@ class ErrorAndDeadlineInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method: str = handler_call_details.method
+        request_deserializer = _tolerant(handler.request_deserializer, method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.unary_unary, method, _checked),
+                request_deserializer=request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(handler.unary_stream, method, _checked),
+                request_deserializer=request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.stream_unary, method, _checked_stream),
+                request_deserializer=request_deserializer,
                 response_serializer=handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, method),
-            request_deserializer=handler.request_deserializer,
+            self._wrap_stream(handler.stream_stream, method, _checked_stream),
+            request_deserializer=request_deserializer,
             response_serializer=handler.response_serializer)
 
-    def _wrap_unary(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
+    def _wrap_unary(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str,
+                    check: Callable[[Any], Any]) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             with deadline.deadline_after(_deadline_of(context)):
                 try:
-                    response = behavior(request, context)
+                    response = behavior(check(request), context)
                     self._log(method, "OK", started)
                     return response
                 except Exception as error:  # every failure is turned into a status here, once
@@ -155,12 +222,12 @@ class ErrorAndDeadlineInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return wrapped
 
     def _wrap_stream(self, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
-                     method: str) -> Callable[..., Iterator[Any]]:
+                     method: str, check: Callable[[Any], Any]) -> Callable[..., Iterator[Any]]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started = time.perf_counter()
             with deadline.deadline_after(_deadline_of(context)):
                 try:
-                    yield from behavior(request, context)
+                    yield from behavior(check(request), context)
                 except Exception as error:  # every failure is turned into a status here, once
                     self._abort(error, method, context, started)
             self._log(method, "OK", started)
