@@ -24,12 +24,15 @@ Scalar = str | float | bool
 
 MAX_LAST_DAYS = 3650
 SEGMENT_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-# Names a rule may mention: exactly what the text form's tokenizer reads as one name (it uses this
-# pattern), since the text form has no quoting for names and every saved rule is stored as text.
+# Plain names: what the text form's tokenizer reads as one name (it uses this pattern). The text form
+# writes every other trait and property name quoted (`traits."Plan Name"`, `event("o", "类别" = "书")`).
 NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_][A-Za-z0-9_\-]*)*"
 NAME = re.compile(NAME_PATTERN)
-# Words the text form reads as keywords in any case; a property cannot be named after one.
+# Words the text form reads as keywords in any case; a property named after one is written quoted.
 KEYWORDS = frozenset({"AND", "OR", "NOT", "IN", "CONTAINS", "EXISTS", "BETWEEN"})
+# The profile service's rule for trait names (BatchWriteTraits: 1-128 characters, any characters): a rule
+# can name every trait profile accepts, and nothing profile would refuse.
+MAX_TRAIT_NAME_LENGTH = 128
 # How deep groups and NOTs may nest. Deep enough for any rule a person writes, and the Rule message of a
 # rule this deep stays inside protobuf's 100-level decoding limit (a group is two message levels).
 MAX_RULE_DEPTH = 32
@@ -201,11 +204,15 @@ class EventAggregateCondition:
 class ScoreCondition:
     """A prediction score, read from the trait the prediction service writes back (see `score_trait`)."""
 
-    model: str  # `models/{model_id}`
+    model: str  # `models/{model_id}`; a bare `{model_id}` given to the constructor is stored as the name
     score_field: ScoreField
     comparison: Comparison  # numeric operands
     position: int = _text_position()
     parts: Mapping[str, int] = _text_parts()
+
+    def __post_init__(self) -> None:
+        # Both forms accept the bare id, as segment(...) does; one canonical name keeps one rule one tree.
+        object.__setattr__(self, "model", model_name_of_reference(self.model))
 
 
 @dataclass(frozen=True)
@@ -242,6 +249,12 @@ def score_trait(model: str, score_field: ScoreField) -> str:
     model_id = model.removeprefix("models/")
     suffix = PERCENTILE_SUFFIX if score_field is ScoreField.PERCENTILE else ""
     return f"{SCORE_TRAIT_PREFIX}{model_id}{suffix}"
+
+
+def model_name_of_reference(reference: str) -> str:
+    """The model a `score(...)` condition names: `models/{id}`, or the bare `{id}` meaning the same (validation
+    then checks the id)."""
+    return f"models/{reference}" if reference and "/" not in reference else reference
 
 
 def segment_name(segment_id: str) -> str:
@@ -347,8 +360,9 @@ def _check(rule: Rule, path: str, problems: list[RuleProblem], known: _Known, de
         _check_numeric(rule.comparison, ".event_aggregate", problem)
     elif isinstance(rule, ScoreCondition):
         model_id = rule.model.removeprefix("models/")
-        if not rule.model.startswith("models/") or not SEGMENT_ID.match(model_id):
-            problem(".score.model", f"{rule.model!r} is not a model name like models/churn-90d")
+        if not rule.model.startswith("models/") or not SEGMENT_ID.fullmatch(model_id):
+            problem(".score.model", f"{rule.model!r} is not a model name like models/churn-90d or id like "
+                                    "churn-90d (1-63 lower-case letters, digits and hyphens, starting with a letter)")
         elif known.model_exists(rule.model) is False:
             problem(".score.model", f"{rule.model} does not exist in the prediction service")
         upper = 1.0 if rule.score_field is ScoreField.PROBABILITY else 100.0
@@ -375,10 +389,17 @@ def _check_trait(rule: TraitCondition, problem: Callable[[str, str], None]) -> N
     field_type: FieldType | None = None
     if head == "computed" and name in COMPUTED_FIELDS:
         field_type = COMPUTED_FIELDS[name]
-    elif head == "traits" and NAME.fullmatch(name):
+    elif rule.field.startswith("traits."):
+        if not 0 < len(name) <= MAX_TRAIT_NAME_LENGTH:
+            which = "'traits.' names no trait" if not name else f"the trait name has {len(name)} characters"
+            problem(".trait.field", f"{which}: a trait name is 1-{MAX_TRAIT_NAME_LENGTH} characters of any kind, as "
+                                    "the profile service accepts them (traits.plan; in the rule text a name that "
+                                    "is not plain is quoted: traits.\"Plan Name\")")
+            return
         field_type = None  # stored traits are untyped: their values carry the type
     else:
-        problem(".trait.field", f"unknown field {rule.field!r}: use traits.<name> or computed.<name> with one of "
+        problem(".trait.field", f"unknown field {rule.field!r}: use traits.<name> (any trait name of 1-"
+                                f"{MAX_TRAIT_NAME_LENGTH} characters) or computed.<name> with one of "
                                 f"{', '.join(sorted(COMPUTED_FIELDS))}")
         return
     if not _check_operands(comparison, ".trait", problem):
@@ -450,12 +471,10 @@ def _check_event_name(name: str, path: str, problem: Callable[[str, str], None])
 
 
 def _check_property_name(name: str, path: str, problem: Callable[[str, str], None]) -> None:
-    if not NAME.fullmatch(name):
-        problem(path, f"{name!r} is not a property name (a letter or _, then letters, digits, _ and -; "
-                      "dots between such parts)")
-    elif name.upper() in KEYWORDS:
-        problem(path, f"{name!r} is a keyword of the rule text ({', '.join(sorted(KEYWORDS))}, in any case) and "
-                      "cannot name a property")
+    # Profile stores event properties under any key; the text form quotes the names that are not plain.
+    if not name:
+        problem(path, "a property name is required (any text; the rule text quotes names that are not plain, "
+                      "e.g. \"unit price\")")
 
 
 def _check_filters(filters: tuple[PropertyFilter, ...], path: str, problem: Callable[[str, str], None]) -> None:

@@ -3,26 +3,33 @@
     computed.frequency >= 3 AND event("order").count(last 90d) >= 1 AND NOT segment("vip")
     traits.plan IN ["pro", "team"] OR (traits.age BETWEEN 18 AND 30 AND traits.email EXISTS)
     event("order", category = "books").sum(amount, from 1997-01-01T00:00:00Z to 1997-04-01T00:00:00Z) > 100
-    score("models/churn-90d") >= 0.7 AND score("models/churn-90d").percentile >= 90
+    score("models/churn-90d") >= 0.7 AND score("churn-90d").percentile >= 90
+    traits."会员等级" = "金卡" AND traits."Plan Name" = "pro" AND event("order", "商品 类别" = "书").count(last 30d) > 0
 
 NOT binds tighter than AND, AND tighter than OR. The canonical text (what `format_rule` writes)
 upper-cases keywords, writes times in UTC with `Z`, numbers without a needless `.0`, and puts a group
 inside another group in parentheses, so `parse(format_rule(rule)) == rule` for every rule
-`rules.validate` accepts and `format_rule(parse(text)) == text` for canonical text. Names are not
-quoted: validation refuses the ones the tokenizer would not read back (keywords, parts starting with a
-digit). Parentheses and NOTs nest at most MAX_RULE_DEPTH deep, which every valid rule's text respects.
+`rules.validate` accepts and `format_rule(parse(text)) == text` for canonical text. Plain names
+(`rules.NAME`: ASCII letters, digits, _ and -, dotted parts not starting with a digit) are written as
+they are; every other trait name (`traits."Plan Name"`, the quoted part right after the dot) and property
+name (`"unit price"`, and a property named after a keyword: `"in"`) is written as a JSON string, like
+values; the canonical text quotes exactly the names that are not plain. A bare model id in `score(...)`
+means `models/<id>`; the canonical text writes the name. Parentheses and NOTs nest at most
+MAX_RULE_DEPTH deep, which every valid rule's text respects.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from services.segmentation.rules import (
     KEYWORDS,
     MAX_RULE_DEPTH,
+    NAME,
     NAME_PATTERN,
     Aggregation,
     AllOf,
@@ -75,6 +82,8 @@ _TOKEN = re.compile(r"""
   | (?P<PUNCT>[()\[\],.])
 """, re.VERBOSE)
 _FUNCTIONS = {"event", "score", "segment"}
+# Characters that end a name in a text, for the example an unexpected character's error gives.
+_NAME_END = re.compile(r"""[\s()\[\],=!<>"]""")
 
 
 def tokenize(text: str) -> list[Token]:
@@ -83,7 +92,7 @@ def tokenize(text: str) -> list[Token]:
     while position < len(text):
         match = _TOKEN.match(text, position)
         if match is None:
-            raise RuleSyntaxError(f"unexpected character {text[position]!r}", position)
+            raise RuleSyntaxError(_unexpected(text, position), position)
         kind = match.lastgroup or ""
         if kind != "space":
             value = match.group()
@@ -95,8 +104,27 @@ def tokenize(text: str) -> list[Token]:
     return tokens
 
 
+def _unexpected(text: str, position: int) -> str:
+    """Why the character at `position` starts no token; for a letter outside ASCII (a name that needs quoting,
+    like 会员等级) with the quoted spelling of the name it is part of."""
+    char = text[position]
+    message = f"unexpected character {char!r}"
+    if char.isascii() or unicodedata.category(char)[0] not in "LMN":
+        return message
+    start = end = position
+    while start > 0 and not _NAME_END.match(text, start - 1):
+        start -= 1
+    while end < len(text) and not _NAME_END.match(text, end):
+        end += 1
+    head, dot, name = text[start:end].partition(".")
+    example = (f"{head}.{_quoted(name)}" if dot and name and NAME.fullmatch(head) else _quoted(text[start:end]))
+    return (f"{message}: a name with characters other than ASCII letters, digits, _ and - is written quoted, "
+            f"e.g. {example}")
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
+        self.text = text
         self.tokens = tokenize(text)
         self.index = 0
         self.depth = 0  # parentheses and NOTs open around the current token
@@ -182,7 +210,30 @@ class _Parser:
                 return self.score(token.position)
             return self.event(token.position)
         parts = {}
-        return TraitCondition(token.text, self.comparison(parts), position=token.position, parts=parts)
+        return TraitCondition(self.field(token), self.comparison(parts), position=token.position, parts=parts)
+
+    def field(self, head: Token) -> str:
+        """The field a condition starting with the name `head` compares: `traits.plan` is one name token;
+        `traits."Plan Name"` is the name, a dot and a string, written without spaces between them."""
+        if not (self.at("PUNCT", ".") and self.tokens[self.index + 1].kind == "STRING"):
+            return head.text
+        dot = self.take()
+        quoted = self.take()
+        if dot.position != head.position + len(head.text) or quoted.position != dot.position + 1:
+            raise RuleSyntaxError(f"write a quoted name right after its dot, without spaces: {head.text}."
+                                  f"{quoted.text}", dot.position)
+        return f"{head.text}.{_string_of(quoted)}"
+
+    def property_name(self, what: str) -> Token:
+        """A property name: a plain name, or any name quoted (a keyword's too); its text is the name."""
+        if self.at("STRING"):
+            token = self.take()
+            return Token("NAME", _string_of(token), token.position)
+        if self.at("KEYWORD"):
+            written = self.text[self.current.position:self.current.position + len(self.current.text)]
+            raise RuleSyntaxError(f"expected {what}, found the keyword {written!r}: a property of that name is "
+                                  f"written quoted, {_quoted(written)}", self.current.position)
+        return self.expect("NAME", what=what)
 
     def score(self, start: int) -> ScoreCondition:
         parts = {"model": self.current.position}
@@ -203,7 +254,7 @@ class _Parser:
         filters: list[PropertyFilter] = []
         while self.at("PUNCT", ","):
             self.take()
-            name = self.expect("NAME", what="a property name")
+            name = self.property_name("a property name")
             prefix = f"filters[{len(filters)}]"
             parts[prefix] = parts[f"{prefix}.property"] = name.position
             filters.append(PropertyFilter(name.text, self.comparison(parts, f"{prefix}.")))
@@ -218,7 +269,7 @@ class _Parser:
                                        parts=parts)
         if function.text not in {a.value for a in Aggregation}:
             raise RuleSyntaxError(f"expected count, sum, avg, min or max, found {function.text!r}", function.position)
-        prop = self.expect("NAME", what="the property to aggregate")
+        prop = self.property_name("the property to aggregate")
         parts["property"] = prop.position
         self.expect("PUNCT", ",")
         window = self.window(parts)
@@ -288,8 +339,11 @@ class _Parser:
             self.expect("PUNCT", "]")
             return Comparison(Operator.IN, tuple(values))
         found = repr(token.text) if token.kind != "END" else "the end of the rule"
+        # `traits.Plan Name = 1`: the second word of a name with a space ends up here.
+        hint = (" (a name with spaces or other characters outside A-Z, a-z, 0-9, _ and - is written quoted, "
+                "e.g. traits.\"Plan Name\")" if token.kind == "NAME" else "")
         raise RuleSyntaxError(f"expected an operator (=, !=, <, <=, >, >=, IN, CONTAINS, EXISTS, BETWEEN), "
-                              f"found {found}", token.position)
+                              f"found {found}{hint}", token.position)
 
     def value(self) -> Scalar:
         token = self.take()
@@ -331,11 +385,26 @@ def parse(text: str) -> Rule:
 
 # ---- formatting -----------------------------------------------------------------------------------
 
+def _quoted(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def format_field(field: str) -> str:
+    """`traits.plan`, or with the name quoted when it is not plain: `traits."Plan Name"`."""
+    head, dot, name = field.partition(".")
+    return f"{head}.{_quoted(name)}" if dot and not NAME.fullmatch(name) else field
+
+
+def format_property(name: str) -> str:
+    """A property name as written in the text: plain, or quoted (not plain, or a keyword)."""
+    return name if NAME.fullmatch(name) and name.upper() not in KEYWORDS else _quoted(name)
+
+
 def format_value(value: Scalar) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return _quoted(value)
     number = float(value)
     if number.is_integer() and abs(number) < 1e15:
         return str(int(number))
@@ -368,18 +437,19 @@ def format_window(window: Window) -> str:
 
 def format_condition(condition: Condition) -> str:
     if isinstance(condition, TraitCondition):
-        return format_comparison(condition.field, condition.comparison)
+        return format_comparison(format_field(condition.field), condition.comparison)
     if isinstance(condition, SegmentCondition):
         return f"segment({format_value(condition.segment_id)})"
     if isinstance(condition, ScoreCondition):
         suffix = ".percentile" if condition.score_field is ScoreField.PERCENTILE else ""
         return format_comparison(f"score({format_value(condition.model)}){suffix}", condition.comparison)
-    filters = "".join(f", {format_comparison(f.property, f.comparison)}" for f in condition.filters)
+    filters = "".join(f", {format_comparison(format_property(f.property), f.comparison)}" for f in condition.filters)
     head = f"event({format_value(condition.event_name)}{filters})"
     if isinstance(condition, EventCountCondition):
         return format_comparison(f"{head}.count({format_window(condition.window)})", condition.comparison)
     return format_comparison(
-        f"{head}.{condition.aggregation.value}({condition.property}, {format_window(condition.window)})",
+        f"{head}.{condition.aggregation.value}({format_property(condition.property)}, "
+        f"{format_window(condition.window)})",
         condition.comparison)
 
 

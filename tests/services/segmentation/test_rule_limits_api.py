@@ -37,17 +37,16 @@ def test_rules_past_the_limits_are_refused_naming_the_part(segmentation: Stub) -
         assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["segment.rule_text"]), text
         assert fields["segment.rule_text"].startswith(expected), fields
 
-    # The tree form: a property named after a keyword would be stored as text that does not parse back.
-    keyword = pb.Rule(event_count=pb.EventCountCondition(
-        event_name="order", window=pb.TimeWindow(last_days=9), operator=pb.OPERATOR_GREATER, count=1,
-        filters=[pb.PropertyFilter(property="in", operator=pb.OPERATOR_EQUAL, value=struct_pb2.Value(number_value=1))]))
+    # The tree form: a trait name profile would refuse (129 characters).
+    long_trait = pb.Rule(trait=pb.TraitCondition(field="traits." + "x" * 129, operator=pb.OPERATOR_EQUAL,
+                                                 value=struct_pb2.Value(number_value=1)))
     unknown_score_field = pb.Rule(score=pb.ScoreCondition(model="models/churn", score_field=7,  # type: ignore[arg-type]
                                                           operator=pb.OPERATOR_GREATER, value=0.5))
     before_year_1 = pb.Rule(event_count=pb.EventCountCondition(
         event_name="order", operator=pb.OPERATOR_GREATER, count=1, window=pb.TimeWindow(between=pb.FixedRange(
             start_time=timestamp_pb2.Timestamp(seconds=-62135596801), end_time=timestamp_pb2.Timestamp(seconds=0)))))
     for rule, field, expected in [
-        (keyword, "segment.rule.event_count.filters[0].property", "'in' is a keyword of the rule text"),
+        (long_trait, "segment.rule.trait.field", "the trait name has 129 characters"),
         (unknown_score_field, "segment.rule.score.score_field", "unknown score field 7"),
         (before_year_1, "segment.rule.event_count.window.between.start_time", "not a valid time"),
     ]:

@@ -40,7 +40,8 @@ Choice = TypeVar("Choice")
 
 # The first few of each list are ordinary; the rest sit on or past an edge.
 NAMES = ["amount", "plan", "category", "a-b.c_d", "_x", "in_", "true", "last", "event", "in", "In", "NOT", "exists",
-         "Between", "and", "or", "contains", "x.1", "a.-b", "1a", "-a", "a..b", "a.", "", "é", "a b", "a.b.C9"]
+         "Between", "and", "or", "contains", "x.1", "a.-b", "1a", "-a", "a..b", "a.", "", "é", "a b", "a.b.C9",
+         "会员等级", "Plan Name", 'a"b\\c', "\t\n", "x" * 128, "x" * 129]
 COMPUTED = ["computed.frequency", "computed.lifecycle_stage", "computed.top_categories", "computed.first_seen_time",
             "computed.rfm.segment", "computed.nope", "profile.x", "traits"]
 STRINGS = ["pro", "active", "new", "1997-03-01T00:00:00Z", "", 'a"b', "\\", "\n\t\x00", "Zoë", "🙂", "null", "NOT"]
