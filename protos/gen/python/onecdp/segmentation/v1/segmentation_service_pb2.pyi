@@ -241,6 +241,15 @@ class Segment(_message.Message):
       (`<`, `<=`, `>`, `>=`, BETWEEN) apply to numbers and, for timestamp fields, to quoted
       RFC 3339 times; not to the categorical `computed.lifecycle_stage` and `computed.rfm.segment`
       (refused). A stored trait has no declared type: ordering a text compares it as text.
+    - Names: a trait name is any name the profile service accepts (1-128 characters of any kind), a
+      property name any non-empty text. Plain names (ASCII letters, digits, `_` and `-`, in parts
+      that start with a letter or `_`, joined by dots) are written as they are: `traits.plan`,
+      `category = "books"`. Every other name is written as a quoted string with the escapes of
+      values (JSON: `\\"`, `\\\\`, `\\n`, `\\u00e9`, ...): a trait name right after the dot, without
+      spaces (`traits."会员等级"`, `traits."Plan Name"`, `traits."say \\"hi\\""`), a property name in
+      its place (`event("order", "商品类别" = "书")`, `sum("unit price", last 30d)`), and so a
+      property named after a keyword (`"in" = 1`). The canonical text quotes exactly the names that
+      are not plain.
     - Traits: `traits.<name>` (stored traits, any type: the value compared with decides), and
       `computed.<name>` with one of: `first_seen_time`, `last_seen_time` (timestamps: compare with
       `"1997-03-01T00:00:00Z"`), `recency_days`, `frequency`, `monetary`,
@@ -258,7 +267,8 @@ class Segment(_message.Message):
       `from 1997-01-01T00:00:00Z to 1997-04-01T00:00:00Z` (start inclusive, end exclusive;
       unquoted RFC 3339 times, or bare dates meaning midnight UTC).
     - Scores: `score("models/churn-90d") >= 0.7` compares the probability (0-1) of the model's
-      active version, `score("models/churn-90d").percentile >= 90` its percentile (0-100).
+      active version, `score("models/churn-90d").percentile >= 90` its percentile (0-100);
+      `score("churn-90d")` is accepted too (the canonical text writes the name).
     - Segment membership: `segment("vip")`; `segment("segments/vip")` is accepted too (the
       canonical text writes the id).
     """
@@ -426,7 +436,9 @@ class TraitCondition(_message.Message):
     field: _builtins.str
     """The field: `traits.<name>` for a stored trait, or `computed.<name>` for a computed trait
     (e.g. `computed.frequency`, `computed.monetary`, `computed.recency_days`,
-    `computed.lifecycle_stage`, `computed.rfm.segment`).
+    `computed.lifecycle_stage`, `computed.rfm.segment`). `<name>` is the trait name as stored,
+    unquoted here: any name the profile service accepts (1-128 characters of any kind), e.g.
+    `traits.会员等级` or `traits.Plan Name`.
     """
     operator: Global___Operator.ValueType
     """The operator."""
@@ -525,7 +537,7 @@ class PropertyFilter(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
     property: _builtins.str
-    """The property name."""
+    """The property name, as in the event's properties: any non-empty text (unquoted here)."""
     operator: Global___Operator.ValueType
     """The operator."""
     @_builtins.property
@@ -619,7 +631,9 @@ class EventAggregateCondition(_message.Message):
     event_name: _builtins.str
     """The event name, e.g. `order`."""
     property: _builtins.str
-    """The numeric property to aggregate, e.g. `amount` (for `order`, the order amount)."""
+    """The numeric property to aggregate, e.g. `amount` (for `order`, the order amount); any non-empty
+    text, unquoted here.
+    """
     aggregation: Global___Aggregation.ValueType
     """The aggregation."""
     operator: Global___Operator.ValueType
@@ -668,8 +682,9 @@ class ScoreCondition(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     VALUE_UPPER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's resource name in the prediction service, e.g. `models/churn-90d`. A rule naming a
-    model the prediction service does not have is refused (INVALID_ARGUMENT naming this field).
+    """The model's resource name in the prediction service, e.g. `models/churn-90d`; the bare model id
+    `churn-90d` is accepted too (responses carry the name). A rule naming a model the prediction
+    service does not have is refused (INVALID_ARGUMENT naming this field).
     When the prediction service cannot be asked (unreachable, or no answer within 2 s), only the
     name's shape is checked and the rule is accepted (a person has no score of a model that does
     not score anyone, so such a condition holds for nobody).
