@@ -246,12 +246,8 @@ def validate(event: Event, now: datetime) -> Rejection | None:
                          f"type {event.event_type} is not one of IDENTIFY, TRACK, PAGE, SCREEN, ALIAS, ORDER")
     if event.event_time is None:
         return Rejection(RejectionReason.BAD_TIMESTAMP, "event_time is required")
-    if event.event_time > now + MAX_FUTURE_SKEW:
-        return Rejection(RejectionReason.BAD_TIMESTAMP,
-                         f"event_time {event.event_time.isoformat()} is more than 1 day in the future")
-    if event.event_time < EARLIEST_EVENT_TIME:
-        return Rejection(RejectionReason.BAD_TIMESTAMP,
-                         f"event_time {event.event_time.isoformat()} is before 1990-01-01")
+    if problem := event_time_problem(event.event_time, now):
+        return Rejection(RejectionReason.BAD_TIMESTAMP, problem)
     if not event.identifiers:
         return Rejection(RejectionReason.MISSING_IDENTIFIER, "at least one identifier is required")
     if len(event.identifiers) > MAX_IDENTIFIERS:
@@ -265,6 +261,16 @@ def validate(event: Event, now: datetime) -> Rejection | None:
             return Rejection(RejectionReason.OVERSIZED_PAYLOAD,
                              f"{name} are {size} bytes serialized; at most {MAX_PAYLOAD_BYTES} are allowed")
     return _check_fields(event)
+
+
+def event_time_problem(when: datetime, now: datetime) -> str:
+    """Why `when` is not an event time OneCDP stores ("" when it is), worded for the caller: events and
+    trait writes take the same times, so a trait can never be written where no later write reaches it."""
+    if when > now + MAX_FUTURE_SKEW:
+        return f"event_time {when.isoformat()} is more than 1 day in the future"
+    if when < EARLIEST_EVENT_TIME:
+        return f"event_time {when.isoformat()} is before 1990-01-01"
+    return ""
 
 
 def unused_parts(event: Event) -> str:

@@ -28,6 +28,7 @@ from services.profile.model import (
     TraitOrigin,
     TraitValue,
     TraitWrite,
+    event_time_problem,
 )
 from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, ProfileView
 from services.profile.scan_response import profile_bytes, scan_response_bytes
@@ -70,6 +71,16 @@ def _time(message: timestamp_pb2.Timestamp) -> datetime:
 
 def _optional_time(holder: Any, field_name: str) -> datetime | None:
     return _time(getattr(holder, field_name)) if holder.HasField(field_name) else None
+
+
+def _request_time(stamp: timestamp_pb2.Timestamp, field_path: str, violations: Violations) -> datetime | None:
+    """A Timestamp of a request as a datetime, or None after adding its violation when it is no valid Timestamp
+    (seconds beyond years 1-9999 or nanos outside 0-999999999: only a binary client can send those)."""
+    try:
+        return _time(stamp)
+    except ValueError as error:
+        violations.add(field_path, f"not a valid timestamp: {error}")
+        return None
 
 
 def _event(message: pb.Event) -> Event:
@@ -382,6 +393,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         if len(request.writes) > MAX_TRAIT_WRITES:
             raise ResourceExhausted(f"{len(request.writes)} writes in one call; at most {MAX_TRAIT_WRITES} are "
                                     "allowed", reason="BATCH_TOO_LARGE")
+        now = datetime.now(UTC)
         violations = Violations()
         violations.check(bool(request.writes), "writes", "at least one write is required")
         for index, write in enumerate(request.writes):
@@ -394,6 +406,11 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             for name in write.traits.fields:
                 violations.check(0 < len(name) <= MAX_TRAIT_NAME_LENGTH, f"writes[{index}].traits",
                                  f"trait names are 1-{MAX_TRAIT_NAME_LENGTH} characters")
+            # The times events take: a write at year 9999 would be the latest forever (no write could change it).
+            if write.HasField("event_time"):
+                when = _request_time(write.event_time, f"writes[{index}].event_time", violations)
+                problem = event_time_problem(when, now) if when is not None else ""
+                violations.check(not problem, f"writes[{index}].event_time", problem)
         violations.raise_if_any("some trait writes are invalid; nothing was written")
         persons = self._profiles.identity.persons(list(dict.fromkeys(w.person_id for w in request.writes
                                                                      if w.person_id)))
@@ -415,7 +432,6 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                                  f"{write.person_id!r}; drop person_id to write for whoever holds it")
         violations.raise_if_any("some trait writes name unknown persons; nothing was written",
                                 reason="UNKNOWN_PERSONS")
-        now = datetime.now(UTC)
         writes = []
         for index, write in enumerate(request.writes):
             holder = holders.get(index) or persons[write.person_id]

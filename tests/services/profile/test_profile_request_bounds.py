@@ -1,0 +1,84 @@
+"""Times, ranges and tokens a caller can send that the profile service must refuse with INVALID_ARGUMENT
+naming the field (found by an outside tester with grpcurl): each test covers several requests, since every
+test pays for its own keyspaces."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2, timestamp_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from onecdp.profile.v1 import profile_service_pb2 as pb
+from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
+
+from tests.services.profile.conftest import ident, identify, ingest, profile_of
+
+pytestmark = pytest.mark.integration
+
+Stub = pb_grpc.ProfileServiceStub
+
+
+def _violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    status = rpc_status.from_call(error)
+    assert status is not None, error
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            return [(v.field, v.description) for v in bad_request.field_violations]
+    return []
+
+
+def _stamp(text: str) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromJsonString(text)
+    return stamp
+
+
+def _traits(**values: Any) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def _invalid(call: grpc.UnaryUnaryMultiCallable, request: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as bad:
+        call(request, timeout=30)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad.value.details()
+    return bad.value
+
+
+def test_trait_writes_take_the_event_times_events_take_and_nothing_is_written_otherwise(profiles: Stub) -> None:
+    (first,) = ingest(profiles, identify("crm_id:tw", traits={"plan": "basic"}))
+    person_id = first.person_id
+    # The same times an event is rejected for, with the same words.
+    far, ancient = "9999-01-01T00:00:00Z", "0001-01-01T00:00:00Z"
+    rejected = ingest(profiles, identify("crm_id:tw", when=_stamp(far).ToDatetime(tzinfo=UTC)),
+                      identify("crm_id:tw", when=_stamp(ancient).ToDatetime(tzinfo=UTC)))
+    assert [r.status for r in rejected] == [pb.EVENT_STATUS_REJECTED] * 2
+    good = _stamp("2026-01-03T00:00:00Z")
+    writes = [pb.TraitWrite(person_id=person_id, traits=_traits(plan="good"), event_time=good),
+              pb.TraitWrite(person_id=person_id, traits=_traits(plan="forever"), event_time=_stamp(far)),
+              pb.TraitWrite(person_id=person_id, traits=_traits(plan="never"), event_time=_stamp(ancient)),
+              pb.TraitWrite(identifier=ident("crm_id:tw"), traits=_traits(plan="forever"), event_time=_stamp(far)),
+              pb.TraitWrite(person_id=person_id, traits=_traits(plan="x"),
+                            event_time=timestamp_pb2.Timestamp(seconds=10**12))]
+    error = _invalid(profiles.BatchWriteTraits, pb.BatchWriteTraitsRequest(writes=writes))
+    violations = _violations(error)
+    assert violations[:3] == [("writes[1].event_time", rejected[0].message),
+                              ("writes[2].event_time", rejected[1].message),
+                              ("writes[3].event_time", rejected[0].message)]
+    assert "more than 1 day in the future" in rejected[0].message and "before 1990-01-01" in rejected[1].message
+    ((field, description),) = violations[3:]
+    assert field == "writes[4].event_time" and description.startswith("not a valid timestamp")
+    assert "nothing was written" in (error.details() or "")
+    # All or nothing: the valid write of the call was not written either.
+    assert profile_of(profiles, "crm_id:tw").traits["plan"].value.string_value == "basic"
+    # Within the bounds (and without a time: now) writes go through.
+    written = profiles.BatchWriteTraits(pb.BatchWriteTraitsRequest(writes=[
+        writes[0], pb.TraitWrite(identifier=ident("crm_id:tw"), traits=_traits(tier="a"))]), timeout=30)
+    assert written.written_count == 2
