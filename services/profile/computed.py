@@ -160,27 +160,36 @@ def rfm_of(recency_days: float, frequency: int, monetary: float) -> Rfm:
                rfm_segment(recency, frequency_score))
 
 
+def _days_before(when: datetime, days: float) -> datetime:
+    """`when` minus `days`, or the earliest datetime when that is before year 1: the service refuses such as-of
+    times, but a window reaching before year 1 simply starts at the beginning."""
+    try:
+        return when - timedelta(days=days)
+    except OverflowError:
+        return datetime.min.replace(tzinfo=when.tzinfo)
+
+
 def lifecycle_stage(first_seen: datetime | None, last_seen: datetime | None, as_of: datetime,
                     policy: LifecyclePolicy) -> LifecycleStage:
     if first_seen is None or last_seen is None:
         return LifecycleStage.UNSPECIFIED
-    if first_seen > as_of - timedelta(days=policy.new_days):
+    if first_seen > _days_before(as_of, policy.new_days):
         return LifecycleStage.NEW
-    if last_seen > as_of - timedelta(days=policy.active_days):
+    if last_seen > _days_before(as_of, policy.active_days):
         return LifecycleStage.ACTIVE
-    if last_seen > as_of - timedelta(days=policy.churn_days):
+    if last_seen > _days_before(as_of, policy.churn_days):
         return LifecycleStage.SILENT
     return LifecycleStage.CHURNED
 
 
 def window_aggregates(events: Sequence[TimelineEvent], as_of: datetime) -> list[WindowAggregate]:
     """Count and amount sum per event name over (as_of - D days, as_of], for every name seen in the widest window."""
-    widest = as_of - timedelta(days=max(WINDOW_DAYS))
+    widest = _days_before(as_of, max(WINDOW_DAYS))
     names = sorted({e.event_name for e in events if widest < e.event_time <= as_of})
     aggregates = []
     for name in names:
         for days in WINDOW_DAYS:
-            start = as_of - timedelta(days=days)
+            start = _days_before(as_of, days)
             inside = [e for e in events if e.event_name == name and start < e.event_time <= as_of]
             aggregates.append(WindowAggregate(name, days, len(inside), sum(e.amount or 0.0 for e in inside)))
     return aggregates

@@ -61,6 +61,15 @@ MAX_PAGE_BYTES = 3 * 1024 * 1024
 # What a repeated message field adds per element besides the element: its tag and length prefix.
 _ELEMENT_OVERHEAD_BYTES = 6
 _TOKEN_MICROS = re.compile(r"[0-9]{1,19}")
+# The as-of times a read may name: prediction's range for its as-of and cutoff times (services/prediction/spec.py),
+# in the same words. No stored event or trait write is older than EARLIEST_EVENT_TIME, so an earlier time sees
+# nobody's data; the latest leaves centuries below datetime's end for the windows computed back from it.
+EARLIEST_AS_OF_TIME = EARLIEST_EVENT_TIME
+LATEST_AS_OF_TIME = datetime(9000, 1, 1, tzinfo=UTC)
+_EARLIEST_AS_OF_SECONDS = int(EARLIEST_AS_OF_TIME.timestamp())
+_LATEST_AS_OF_SECONDS = int(LATEST_AS_OF_TIME.timestamp())
+_AS_OF_RANGE = (f"{EARLIEST_AS_OF_TIME:%Y-%m-%dT%H:%M:%SZ} (no stored event is older) to "
+                f"{LATEST_AS_OF_TIME:%Y-%m-%dT%H:%M:%SZ}")
 
 
 # ---- messages to domain ---------------------------------------------------------------------------
@@ -81,6 +90,23 @@ def _request_time(stamp: timestamp_pb2.Timestamp, field_path: str, violations: V
     except ValueError as error:
         violations.add(field_path, f"not a valid timestamp: {error}")
         return None
+
+
+def _as_of(request: pb.GetProfileRequest | pb.BatchGetProfilesRequest | pb.ScanProfilesRequest) -> datetime | None:
+    """The request's as_of_time (None: absent, meaning now); INVALID_ARGUMENT outside the as-of range, where the
+    read would see nothing or the windows computed back from it would overflow."""
+    if not request.HasField("as_of_time"):
+        return None
+    stamp = request.as_of_time
+    if not 0 <= stamp.nanos < 1_000_000_000:
+        raise InvalidArgument.for_field("as_of_time", f"nanos must be 0-999999999, got {stamp.nanos}")
+    if not _EARLIEST_AS_OF_SECONDS <= stamp.seconds <= _LATEST_AS_OF_SECONDS:
+        try:
+            shown = stamp.ToJsonString()
+        except ValueError:  # not a date protobuf can show (beyond years 1-9999)
+            shown = f"{stamp.seconds} seconds from 1970-01-01"
+        raise InvalidArgument.for_field("as_of_time", f"must be from {_AS_OF_RANGE}, got {shown}")
+    return _time(stamp)
 
 
 def _event(message: pb.Event) -> Event:
@@ -326,9 +352,10 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
 
     def GetProfile(self, request: pb.GetProfileRequest, context: grpc.ServicerContext) -> pb.Profile:
         mask = ReadMask(request.read_mask)
+        as_of = _as_of(request)
         person_id, identifier = _selector(request.person, "person")
         person = self._profiles.person(person_id, identifier)
-        return self._read(person, mask, _optional_time(request, "as_of_time"))
+        return self._read(person, mask, as_of)
 
     def BatchGetProfiles(self, request: pb.BatchGetProfilesRequest,
                          context: grpc.ServicerContext) -> pb.BatchGetProfilesResponse:
@@ -338,11 +365,12 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         if not request.persons:
             raise InvalidArgument.for_field("persons", "at least one selector is required")
         mask = ReadMask(request.read_mask)
+        as_of = _as_of(request)
         selection = _event_selection(request)
         selectors = [_selector(s, f"persons[{i}]") for i, s in enumerate(request.persons)]
         persons = self._profiles.identity.lookup(selectors)
         found = [p for p in persons if p is not None]
-        views = iter(self._profiles.views(found, _optional_time(request, "as_of_time"),
+        views = iter(self._profiles.views(found, as_of,
                                           with_events=request.include_events, with_traits=mask.wants("traits"),
                                           with_computed=mask.needs_events, selection=selection,
                                           trait_names=mask.trait_names))
@@ -462,7 +490,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         mask = ReadMask(request.read_mask)
         batch_size = _page_size(request.batch_size, "batch_size")
         selection = _event_selection(request)
-        as_of = _optional_time(request, "as_of_time")
+        as_of = _as_of(request)
         for views in self._profiles.scan(start, end, as_of, batch_size, with_events=request.include_events,
                                          with_traits=mask.wants("traits"), with_computed=mask.needs_events,
                                          selection=selection, trait_names=mask.trait_names):

@@ -4,7 +4,7 @@ test pays for its own keyspaces."""
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -15,7 +15,9 @@ from grpc_status import rpc_status
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
-from tests.services.profile.conftest import ident, identify, ingest, profile_of
+from services.profile.computed import compute
+from services.profile.shards import MAX_TOKEN, MIN_TOKEN
+from tests.services.profile.conftest import ident, identify, ingest, order, profile_of, selector
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +84,33 @@ def test_trait_writes_take_the_event_times_events_take_and_nothing_is_written_ot
     written = profiles.BatchWriteTraits(pb.BatchWriteTraitsRequest(writes=[
         writes[0], pb.TraitWrite(identifier=ident("crm_id:tw"), traits=_traits(tier="a"))]), timeout=30)
     assert written.written_count == 2
+
+
+def test_as_of_times_outside_the_prediction_range_are_refused_by_every_read(profiles: Stub) -> None:
+    ingest(profiles, identify("crm_id:asof", traits={"plan": "basic"}), order("crm_id:asof", order_id="o", amount=5.0))
+    person = selector("crm_id:asof")
+    full_range = "must be from 1990-01-01T00:00:00Z (no stored event is older) to 9000-01-01T00:00:00Z, got "
+    for text in ("0001-01-01T00:00:00Z", "0005-06-01T00:00:00Z", "1969-12-31T00:00:00Z",
+                 "1989-12-31T23:59:59.999Z", "9000-01-01T00:00:01Z", "9999-12-31T23:59:59Z"):
+        requests: list[tuple[Any, Any]] = [
+            (profiles.GetProfile, pb.GetProfileRequest(person=person, as_of_time=_stamp(text))),
+            (profiles.BatchGetProfiles, pb.BatchGetProfilesRequest(persons=[person], as_of_time=_stamp(text))),
+            (lambda request, timeout: list(profiles.ScanProfiles(request, timeout=timeout)),
+             pb.ScanProfilesRequest(shard=f"{MIN_TOKEN}:{MAX_TOKEN}", as_of_time=_stamp(text)))]
+        for call, request in requests:
+            assert _violations(_invalid(call, request)) == [("as_of_time", full_range + text)], (text, request)
+    # From a binary client: seconds beyond any date, nanos out of range.
+    for stamp, description in ((timestamp_pb2.Timestamp(seconds=-10**12),
+                                full_range + f"{-10**12} seconds from 1970-01-01"),
+                               (timestamp_pb2.Timestamp(seconds=1_800_000_000, nanos=-1),
+                                "nanos must be 0-999999999, got -1")):
+        error = _invalid(profiles.GetProfile, pb.GetProfileRequest(person=person, as_of_time=stamp))
+        assert _violations(error) == [("as_of_time", description)]
+    # Both ends are taken, with computed traits.
+    for text in ("1990-01-01T00:00:00Z", "9000-01-01T00:00:00Z"):
+        profile = profile_of(profiles, "crm_id:asof", as_of_time=_stamp(text))
+        assert profile.computed.as_of_time == _stamp(text)
+    assert profile.computed.frequency == 1 and profile.computed.lifecycle_stage == pb.LIFECYCLE_STAGE_CHURNED
+    # The computation itself never overflows, whatever time it is given.
+    for earliest in (datetime.min.replace(tzinfo=UTC), datetime(1, 2, 1, tzinfo=UTC)):
+        assert compute([], earliest).windows == []
