@@ -112,6 +112,7 @@ class LinkOutcome:
     normalized: list[IdKey] = field(default_factory=list)
     guard_decisions: list[GuardDecision] = field(default_factory=list)
     duplicate: bool = False
+    changes: list[Change] = field(default_factory=list)  # recorded by the reconciliation that applied it
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ class Provenance:
 @dataclass(frozen=True)
 class Retraction:
     person_ids: list[str]
-    change: Change | None
+    change: Change | None  # the first split of `changes`
+    changes: list[Change]
 
 
 @dataclass(frozen=True)
@@ -1176,7 +1178,7 @@ class IdentityGraph:
         group_of = reconciled.partition.group_of()
         person_ids = sorted({reconciled.group_ids[group_of[k]] for k in seeds if k in group_of})
         splits = [c for c in reconciled.changes if c.change_type == ChangeType.SPLIT]
-        return Retraction(person_ids, splits[0] if splits else None)
+        return Retraction(person_ids, splits[0] if splits else None, list(reconciled.changes))
 
     # ---- erasure ---------------------------------------------------------------------------------
 
@@ -1460,6 +1462,7 @@ def _describe_outcome(outcome: LinkOutcome, reconciled: _Reconciled, registry: I
     group_of = reconciled.partition.group_of()
     ids_by_key = {k: reconciled.group_ids[group_of[k]] for k in outcome.normalized if k in group_of}
     outcome.person_ids = sorted(set(ids_by_key.values()))
+    outcome.changes = list(reconciled.changes)
     for key in outcome.normalized:
         if key in reconciled.erased:
             outcome.guard_decisions.append(_erased_decision(key))

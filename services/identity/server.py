@@ -77,7 +77,8 @@ def _link_result(outcome: LinkOutcome) -> pb.LinkResult:
     return pb.LinkResult(
         person_id=outcome.person_id, person_ids=outcome.person_ids, merged_person_ids=outcome.merged_person_ids,
         normalized_identifiers=[_identifier(k) for k in outcome.normalized],
-        guard_decisions=[_guard(d) for d in outcome.guard_decisions], duplicate=outcome.duplicate)
+        guard_decisions=[_guard(d) for d in outcome.guard_decisions], duplicate=outcome.duplicate,
+        changes=[_change(c) for c in outcome.changes])
 
 
 def _person(person: Person, identifier_limit: int = 100) -> pb.Person:
@@ -247,7 +248,8 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         else:
             raise InvalidArgument.for_field("target", "set exactly one of link, message_id or identifier",
                                             reason="UNLINK_TARGET_REQUIRED")
-        response = pb.UnlinkIdentifiersResponse(person_ids=retraction.person_ids)
+        response = pb.UnlinkIdentifiersResponse(person_ids=retraction.person_ids,
+                                                changes=[_change(c) for c in retraction.changes])
         if retraction.change is not None:
             response.change.CopyFrom(_change(retraction.change))
         self._graph.remember_request(request.request_id, response.SerializeToString().hex())

@@ -262,6 +262,7 @@ class LinkResult(_message.Message):
     NORMALIZED_IDENTIFIERS_FIELD_NUMBER: _builtins.int
     GUARD_DECISIONS_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
     person_id: _builtins.str
     """The person the observation's identifiers belong to after it was applied. When guards keep the
     identifiers apart (e.g. a shared device), the person of the highest-priority identifier.
@@ -291,6 +292,15 @@ class LinkResult(_message.Message):
     def guard_decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuardDecision]:
         """Guards that kept identifiers of this observation from merging persons."""
 
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___IdentityChange]:
+        """Every change the reconciliation that applied this observation recorded in the change feed, in
+        feed order, with their cursors: merges, and splits (new evidence can join persons that a guard,
+        e.g. a per-type limit, then keeps apart in another grouping; `merged_person_ids` tells only the
+        merges into `person_id`). Observations of one call that share identifiers are reconciled
+        together and list the same changes. Empty for a duplicate, and when no person was merged or split.
+        """
+
     def __init__(
         self,
         *,
@@ -300,10 +310,11 @@ class LinkResult(_message.Message):
         normalized_identifiers: _abc.Iterable[_common_pb2.Identifier] | None = ...,
         guard_decisions: _abc.Iterable[Global___GuardDecision] | None = ...,
         duplicate: _builtins.bool = ...,
+        changes: _abc.Iterable[Global___IdentityChange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "guard_decisions", b"guard_decisions", "merged_person_ids", b"merged_person_ids", "normalized_identifiers", b"normalized_identifiers", "person_id", b"person_id", "person_ids", b"person_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "duplicate", b"duplicate", "guard_decisions", b"guard_decisions", "merged_person_ids", b"merged_person_ids", "normalized_identifiers", b"normalized_identifiers", "person_id", b"person_id", "person_ids", b"person_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -789,23 +800,31 @@ class UnlinkIdentifiersResponse(_message.Message):
 
     PERSON_IDS_FIELD_NUMBER: _builtins.int
     CHANGE_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def person_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The persons the affected identifiers belong to afterwards."""
 
     @_builtins.property
     def change(self) -> Global___IdentityChange:
-        """The recorded change (a split), or empty when retracting changed no person."""
+        """The first split of `changes`, or empty when retracting split no person."""
+
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___IdentityChange]:
+        """Every change the retraction recorded in the change feed, in feed order: splits, and merges
+        (e.g. when the retracted evidence was what made a guard keep persons apart).
+        """
 
     def __init__(
         self,
         *,
         person_ids: _abc.Iterable[_builtins.str] | None = ...,
         change: Global___IdentityChange | None = ...,
+        changes: _abc.Iterable[Global___IdentityChange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "person_ids", b"person_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "changes", b"changes", "person_ids", b"person_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
