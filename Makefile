@@ -10,7 +10,7 @@ test:    ## install everything, then run the whole suite (what CI runs)
 	bash deploy/bootstrap.sh
 	bash deploy/check.sh
 
-down:    ## stop the four services and Cassandra
+down:    ## stop the four services, and Cassandra if `make up` started it
 	.venv/bin/python -m deploy.stack down
 
 status:  ## where everything runs

@@ -2,7 +2,7 @@
 
     python -m deploy.stack up       # start what is not running yet, then print where everything listens
     python -m deploy.stack status   # what runs where
-    python -m deploy.stack down     # stop the services (SIGTERM, graceful) and Cassandra
+    python -m deploy.stack down     # stop the services (SIGTERM, graceful), and Cassandra if `up` started it
 
 Services run as detached processes (`python -m services.<name>`) with JSON logs in
 `$ONECDP_STATE_DIR/services/<name>.log` (default ~/.local/state/onecdp). Ports and the Cassandra
@@ -34,6 +34,12 @@ console = Console()
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_SECONDS = 60.0
 EXAMPLE_SERVICE = "onecdp.identity.v1.IdentityService"
+
+
+def _cassandra_marker() -> Path:
+    """Present while the Cassandra node `up` started runs: `down` stops only a node `up` started, not one
+    that was running before (a developer's node, or a test session's)."""
+    return _state_dir() / "cassandra.started-by-stack"
 
 
 def _state_dir() -> Path:
@@ -107,13 +113,26 @@ def _start_service(name: str, settings: GrpcSettings) -> None:
 
 def _print_summary(settings: GrpcSettings) -> None:
     table = Table(title="OneCDP services")
-    for column in ("service", "address", "pid", "health", "log"):
+    for column in ("service", "address", "pid", "health"):
         table.add_column(column)
+    table.add_column("log")
+    nodes = cassandra_launcher.running_nodes()
+    if nodes:
+        for node in nodes:
+            table.add_row("cassandra", f"{node.address}:{cassandra_launcher.CQL_PORT}", str(node.pid() or "-"),
+                          "started by `make up`" if _cassandra_marker().exists() else "running",
+                          "system.log (below)")
+    else:
+        table.add_row("cassandra", f"127.0.0.1:{cassandra_launcher.CQL_PORT}", "-",
+                      "answers CQL (not started here)" if cassandra_launcher.is_running() else "NOT RUNNING", "-")
     for name in SERVICE_NAMES:
         files = ServiceFiles(name)
         port = settings.port_of(name)
-        table.add_row(name, f"localhost:{port}", str(files.pid() or "-"), health_status(port), str(files.log_file))
+        table.add_row(name, f"localhost:{port}", str(files.pid() or "-"), health_status(port), files.log_file.name)
     console.print(table)
+    console.print(f"Service logs: {_state_dir()}/", soft_wrap=True, highlight=False)
+    for node in nodes:
+        console.print(f"Cassandra log: {node.home / 'logs' / 'system.log'}", soft_wrap=True, highlight=False)
     grpcurl = REPO / ".venv" / "bin" / "grpcurl"
     port = settings.port_of("identity")
     console.print("Try it (paste as is):", style="bold")
@@ -122,7 +141,7 @@ def _print_summary(settings: GrpcSettings) -> None:
                   highlight=False)
     console.print(f"  {grpcurl} -plaintext localhost:{port} grpc.health.v1.Health/Check", soft_wrap=True,
                   highlight=False)
-    console.print("Stop everything with: make down", style="bold")
+    console.print("Stop with: make down (the services, and Cassandra if `make up` started it)", style="bold")
 
 
 def up() -> None:
@@ -133,7 +152,10 @@ def up() -> None:
         console.print(f"Using the Cassandra cluster at {', '.join(cassandra_settings.contact_points)}")
     else:
         ready = cassandra_launcher.ensure_running(nodes=1)
-        console.print("Cassandra: " + (f"ready in {ready:.1f} s" if ready is not None else "already running"))
+        if ready is not None:
+            _cassandra_marker().touch()
+        console.print("Cassandra: " + (f"ready in {ready:.1f} s" if ready is not None else
+                                       "already running (`make down` will leave it running)"))
     cluster = connect_cluster(cassandra_settings)
     try:
         session = open_session(cluster, None, cassandra_settings.request_timeout_seconds)
@@ -167,9 +189,15 @@ def down() -> None:
             os.kill(pid, signal.SIGKILL)
         files.pid_file.unlink(missing_ok=True)
         console.print(f"  {name}: stopped")
-    if not os.environ.get("CASSANDRA_CONTACT_POINTS"):
+    if os.environ.get("CASSANDRA_CONTACT_POINTS"):
+        return
+    if _cassandra_marker().exists():
         cassandra_launcher.stop()
+        _cassandra_marker().unlink(missing_ok=True)
         console.print("  cassandra: stopped")
+    elif cassandra_launcher.is_running():
+        console.print("  cassandra: left running (it was running before `make up`); stop it with "
+                      "`.venv/bin/python -m deploy.cassandra stop`")
 
 
 def main(argv: list[str] | None = None) -> int:
