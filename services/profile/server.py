@@ -393,10 +393,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
 
     def ListProfileEvents(self, request: pb.ListProfileEventsRequest,
                           context: grpc.ServicerContext) -> pb.ListProfileEventsResponse:
-        start = _optional_time(request, "start_time")
-        end = _optional_time(request, "end_time")
-        if start and end and start >= end:
-            raise InvalidArgument.for_field("end_time", "must be after start_time", reason="EMPTY_TIME_RANGE")
+        start, end = _time_range(request, "start_time", "end_time")
         page_size = _page_size(request.page_size)
         after = _event_cursor(request.page_token, datetime.now(UTC))
         person_id, identifier = _selector(request.person, "person")
@@ -519,8 +516,20 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
 
 def _event_selection(request: pb.ScanProfilesRequest | pb.BatchGetProfilesRequest) -> EventSelection:
     """The included events a request asks for: [events_start_time, events_end_time), of event_names if any."""
-    return EventSelection(_optional_time(request, "events_start_time"), _optional_time(request, "events_end_time"),
-                          frozenset(request.event_names) or None)
+    start, end = _time_range(request, "events_start_time", "events_end_time")
+    return EventSelection(start, end, frozenset(request.event_names) or None)
+
+
+def _time_range(request: Any, start_field: str, end_field: str) -> tuple[datetime | None, datetime | None]:
+    """A request's [start, end) time bounds (None: absent); INVALID_ARGUMENT for an empty range (the same check,
+    in the same words, for every method that takes one) or a bound that is no valid Timestamp."""
+    violations = Violations()
+    start, end = (_request_time(getattr(request, name), name, violations) if request.HasField(name) else None
+                  for name in (start_field, end_field))
+    violations.raise_if_any("invalid time bounds")
+    if start is not None and end is not None and start >= end:
+        raise InvalidArgument.for_field(end_field, f"must be after {start_field}", reason="EMPTY_TIME_RANGE")
+    return start, end
 
 
 def _oldest_first(events: Sequence[StoredEventRecord], selection: EventSelection) -> list[StoredEventRecord]:

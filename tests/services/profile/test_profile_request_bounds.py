@@ -4,6 +4,7 @@ test pays for its own keyspaces."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +18,7 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
 from services.profile.computed import compute
 from services.profile.shards import MAX_TOKEN, MIN_TOKEN
-from tests.services.profile.conftest import ident, identify, ingest, order, profile_of, selector
+from tests.services.profile.conftest import ident, identify, ingest, order, profile_of, selector, track
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def _traits(**values: Any) -> struct_pb2.Struct:
     return struct
 
 
-def _invalid(call: grpc.UnaryUnaryMultiCallable, request: object) -> grpc.RpcError:
+def _invalid(call: Callable[..., Any], request: object) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as bad:
         call(request, timeout=30)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad.value.details()
@@ -95,7 +96,7 @@ def test_as_of_times_outside_the_prediction_range_are_refused_by_every_read(prof
         requests: list[tuple[Any, Any]] = [
             (profiles.GetProfile, pb.GetProfileRequest(person=person, as_of_time=_stamp(text))),
             (profiles.BatchGetProfiles, pb.BatchGetProfilesRequest(persons=[person], as_of_time=_stamp(text))),
-            (lambda request, timeout: list(profiles.ScanProfiles(request, timeout=timeout)),
+            (_scan(profiles),
              pb.ScanProfilesRequest(shard=f"{MIN_TOKEN}:{MAX_TOKEN}", as_of_time=_stamp(text)))]
         for call, request in requests:
             assert _violations(_invalid(call, request)) == [("as_of_time", full_range + text)], (text, request)
@@ -114,3 +115,40 @@ def test_as_of_times_outside_the_prediction_range_are_refused_by_every_read(prof
     # The computation itself never overflows, whatever time it is given.
     for earliest in (datetime.min.replace(tzinfo=UTC), datetime(1, 2, 1, tzinfo=UTC)):
         assert compute([], earliest).windows == []
+
+
+def test_every_event_time_range_must_end_after_it_starts(profiles: Stub) -> None:
+    ingest(profiles, track("crm_id:range", when="2026-03-01", message_id="r-1"),
+           track("crm_id:range", when="2026-03-05", message_id="r-2"))
+    person = selector("crm_id:range")
+    shard = f"{MIN_TOKEN}:{MAX_TOKEN}"
+    for start, end in (("2026-03-05T00:00:00Z", "2026-03-01T00:00:00Z"), ("2026-03-01T00:00:00Z",) * 2):
+        first, last = _stamp(start), _stamp(end)
+        requests: list[tuple[Callable[..., Any], Any]] = [
+            (profiles.BatchGetProfiles, pb.BatchGetProfilesRequest(persons=[person], include_events=True,
+                                                                   events_start_time=first, events_end_time=last)),
+            (_scan(profiles), pb.ScanProfilesRequest(shard=shard, include_events=True, events_start_time=first,
+                                                     events_end_time=last))]
+        for call, request in requests:
+            error = _invalid(call, request)
+            assert _violations(error) == [("events_end_time", "must be after events_start_time")], request
+            assert rpc_status.from_call(error) is not None
+        error = _invalid(profiles.ListProfileEvents, pb.ListProfileEventsRequest(
+            person=person, start_time=_stamp(start), end_time=_stamp(end)))
+        assert _violations(error) == [("end_time", "must be after start_time")]
+    # A bound no Timestamp can be (from a binary client) is named too, instead of an internal error.
+    error = _invalid(profiles.BatchGetProfiles, pb.BatchGetProfilesRequest(
+        persons=[person], include_events=True, events_start_time=timestamp_pb2.Timestamp(seconds=10**12)))
+    ((field, description),) = _violations(error)
+    assert field == "events_start_time" and description.startswith("not a valid timestamp")
+    # A proper range selects as before.
+    (result,) = profiles.BatchGetProfiles(pb.BatchGetProfilesRequest(
+        persons=[person], include_events=True, events_start_time=_stamp("2026-03-01T00:00:00Z"),
+        events_end_time=_stamp("2026-03-05T00:00:00Z")), timeout=30).results
+    assert [e.event.message_id for e in result.events] == ["r-1"]
+
+
+def _scan(profiles: Stub) -> Callable[[pb.ScanProfilesRequest, float], list[pb.ScanProfilesResponse]]:
+    def call(request: pb.ScanProfilesRequest, timeout: float) -> list[pb.ScanProfilesResponse]:
+        return list(profiles.ScanProfiles(request, timeout=timeout))
+    return call
