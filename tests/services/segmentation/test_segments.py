@@ -263,7 +263,7 @@ def test_a_score_condition_is_checked_by_shape_when_prediction_is_unreachable(se
     # The `segmentation` fixture's prediction target has nothing listening.
     assert create(segmentation, "maybe", 'score("models/nope") >= 0.7').rule_text == 'score("models/nope") >= 0.7'
     code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
-        segment_id="bad-model", segment=pb.Segment(rule_text='score("nope") >= 0.7')))
+        segment_id="bad-model", segment=pb.Segment(rule_text='score("Nope") >= 0.7')))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "is not a model name" in fields["segment.rule_text"]
 
 
