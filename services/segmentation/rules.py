@@ -23,7 +23,8 @@ from typing import Any
 Scalar = str | float | bool
 
 MAX_LAST_DAYS = 3650
-SEGMENT_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+# \Z, not $: `$` also matches before a trailing newline, and "vip\n" is no segment id.
+SEGMENT_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
 # Plain names: what the text form's tokenizer reads as one name (it uses this pattern). The text form
 # writes every other trait and property name quoted (`traits."Plan Name"`, `event("o", "类别" = "书")`).
 NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_][A-Za-z0-9_\-]*)*"

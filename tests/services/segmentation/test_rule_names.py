@@ -23,6 +23,7 @@ from services.segmentation.rules import (
     Rule,
     ScoreCondition,
     ScoreField,
+    SegmentCondition,
     TraitCondition,
     validate,
 )
@@ -155,6 +156,7 @@ RULE_TEXT = ("a trait name is 1-128 characters of any kind, as the profile servi
      "digits and hyphens, starting with a letter)"),
     (ScoreCondition("models/churn\n", ScoreField.PROBABILITY, IS_ONE), "score.model", "'models/churn\\n' is not"),
     (ScoreCondition("", ScoreField.PROBABILITY, IS_ONE), "score.model", "'' is not a model name"),
+    (SegmentCondition("vip\n"), "segment.segment", "'vip\\n' is not a segment id"),
 ])
 def test_names_profile_would_refuse_are_refused_stating_the_rule(rule: Rule | str, path: str,
                                                                  description: str) -> None:

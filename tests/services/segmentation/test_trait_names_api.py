@@ -161,6 +161,15 @@ def test_names_profile_would_refuse_are_refused_naming_the_field(segmentation: S
     assert segment.rule_text == f'traits."{longest}" = "x"'
 
 
+def test_a_segment_id_is_matched_whole(segmentation: Stub) -> None:
+    # `$` matched before a trailing newline: "vip\n" was stored as a segment id.
+    code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+        segment_id="vip\n", segment=pb.Segment(rule_text="traits.a = 1")))
+    assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["segment_id"])
+    code, _, fields = failure(segmentation.GetSegment, pb.GetSegmentRequest(name="segments/vip\n"))
+    assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["name"])
+
+
 def test_a_score_condition_takes_a_bare_model_id_in_both_forms(segmentation: Stub) -> None:
     # No prediction service behind this segmentation: the model is checked by shape only.
     by_text = segmentation.CreateSegment(pb.CreateSegmentRequest(
