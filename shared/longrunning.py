@@ -16,6 +16,9 @@ next ones answer the current state at once.
 ListOperations, CancelOperation and DeleteOperation answer UNIMPLEMENTED, naming the method and what to
 use instead (each service says what): operations are stored by id only (nothing to list them by),
 nothing stops a running one, and they are kept (or expire) by the service's own rules.
+
+`operation_error` is the one conversion of a failed operation's record to its `Operation.error`: a
+google.rpc.Status with an ErrorInfo (reason, domain, metadata), like the status of a synchronous error.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,6 +34,7 @@ import grpc
 from google.longrunning import operations_proto_pb2 as lro_pb
 from google.longrunning.operations_pb2_grpc import OperationsServicer, add_OperationsServicer_to_server
 from google.protobuf import empty_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from shared import deadline
 from shared.errors import InvalidArgument, NotImplementedYet
@@ -145,6 +149,18 @@ def operation_id_of(name: str, field_path: str = "name") -> str:
                         "letters, digits, _ or - (use Operation.name exactly as the call that started it returned it)",
             reason="INVALID_OPERATION_NAME")
     return match.group(1)
+
+
+def operation_error(code: str, message: str, *, domain: str, reason: str | None = None,
+                    metadata: Mapping[str, str] | None = None) -> status_pb2.Status:
+    """The `Operation.error` of an operation that ended with the google.rpc code named `code`: its message and
+    an ErrorInfo in the service's error `domain`, as a synchronous error would carry (shared.server.to_status).
+    `reason` and `metadata` are what the operation recorded when it ended; an operation recorded without a
+    reason (before reasons were stored) gets the code's name, the reason of a DomainError that gives none."""
+    status = status_pb2.Status(code=code_pb2.Code.Value(code), message=message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason or code, domain=domain,
+                                                          metadata=dict(metadata or {})))
+    return status
 
 
 def operations_registration(service: str, get_operation: GetOperationHandler,

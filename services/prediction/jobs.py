@@ -142,12 +142,13 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
     except DomainError as error:
         registry.fail_version(model_id, version_id, error.message, now())
         return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
-                                         error_code=error.code.value, error_message=error.message)
+                                         error_code=error.code.value, error_message=error.message,
+                                         error_reason=error.reason, error_metadata=error.metadata)
     except Exception as error:  # a bug: the operation must still end, without leaking internals
         log.exception("training failed", extra={"model_id": model_id, "version_id": version_id})
         registry.fail_version(model_id, version_id, "internal error; it has been logged", now())
         return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
-                                         error_code=INTERNAL,
+                                         error_code=INTERNAL, error_reason=INTERNAL,
                                          error_message=f"internal error ({type(error).__name__}); it has been logged")
     return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started)
 
@@ -214,11 +215,12 @@ def run_refresh(registry: ModelRegistry, source: ProfileSource, writer: ScoreWri
     except DomainError as error:
         return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
                                          error_code=error.code.value, error_message=error.message,
+                                         error_reason=error.reason, error_metadata=error.metadata,
                                          persons_ineligible=ineligible)
     except Exception as error:  # a bug: the operation must still end, without leaking internals
         log.exception("score refresh failed", extra={"model_id": model_id})
         return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
-                                         error_code=INTERNAL,
+                                         error_code=INTERNAL, error_reason=INTERNAL,
                                          error_message=f"internal error ({type(error).__name__}); it has been logged",
                                          persons_ineligible=ineligible)
     return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
@@ -244,4 +246,5 @@ def abandon_operation(registry: ModelRegistry, operation: Operation, now: Callab
     if operation.kind is OperationKind.TRAIN and operation.version_id is not None:
         registry.fail_version(operation.model_id, operation.version_id, message, now())
     registry.finish_operation(operation.operation_id, now(), elapsed_seconds=0.0, error_code=Aborted.code.value,
-                              error_message=message)
+                              error_message=message, error_reason="OPERATION_NOT_STARTED",
+                              error_metadata={"model": f"models/{operation.model_id}"})

@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import uuid
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import partial
@@ -100,6 +100,9 @@ class Operation:
     error_code: str | None = None  # a google.rpc.Code name, e.g. FAILED_PRECONDITION
     error_message: str = ""
     elapsed_seconds: float = 0.0
+    # The failure's ErrorInfo reason and metadata (schema 0003); None for failures recorded before.
+    error_reason: str | None = None
+    error_metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -127,7 +130,7 @@ _VERSION_COLUMNS = ("model_id, version_id, state, kind, event_names, horizon_day
                     "validation_positive_rate, importance, best_iteration, failure_message, create_time, operation_id")
 _OPERATION_COLUMNS = ("operation_id, kind, model_id, version_id, stage, persons_processed, persons_total, "
                       "persons_ineligible, shards_done, shards_total, start_time, update_time, done, error_code, "
-                      "error_message, elapsed_seconds")
+                      "error_message, elapsed_seconds, error_reason, error_metadata")
 
 
 def _model_of(row: Any) -> Model:
@@ -162,7 +165,8 @@ def _operation_of(row: Any) -> Operation:
         persons_total=row.persons_total or 0, persons_ineligible=row.persons_ineligible or 0,
         shards_done=row.shards_done or 0, shards_total=row.shards_total or 0, done=bool(row.done),
         error_code=row.error_code or None, error_message=row.error_message or "",
-        elapsed_seconds=row.elapsed_seconds or 0.0)
+        elapsed_seconds=row.elapsed_seconds or 0.0, error_reason=row.error_reason,
+        error_metadata=dict(row.error_metadata or {}))
 
 
 def _model_not_found(model_id: str) -> NotFound:
@@ -398,21 +402,24 @@ class ModelRegistry:
             (stage, persons_processed, persons_total, shards_done, shards_total, now, operation_id))
 
     def finish_operation(self, operation_id: str, now: datetime, *, elapsed_seconds: float,
-                         error_code: str | None = None, error_message: str = "",
-                         persons_ineligible: int = 0) -> Operation:
+                         error_code: str | None = None, error_message: str = "", error_reason: str | None = None,
+                         error_metadata: Mapping[str, str] | None = None, persons_ineligible: int = 0) -> Operation:
         """Record the outcome of an operation not done yet (one ended already keeps its outcome), and give
-        its lease back."""
+        its lease back. A failure has its google.rpc code name, message, and ErrorInfo reason and metadata."""
         self._end_operation(operation_id, now, elapsed_seconds=elapsed_seconds, error_code=error_code,
-                            error_message=error_message, persons_ineligible=persons_ineligible)
+                            error_message=error_message, error_reason=error_reason, error_metadata=error_metadata,
+                            persons_ineligible=persons_ineligible)
         self.leases.release(operation_id)
         return self.get_operation(operation_id)
 
     def _end_operation(self, operation_id: str, now: datetime, *, elapsed_seconds: float, error_code: str | None,
-                       error_message: str, persons_ineligible: int = 0) -> bool:
+                       error_message: str, error_reason: str | None = None,
+                       error_metadata: Mapping[str, str] | None = None, persons_ineligible: int = 0) -> bool:
         result = self._session.execute(
-            "UPDATE operations SET done = ?, error_code = ?, error_message = ?, elapsed_seconds = ?, "
-            "persons_ineligible = ?, update_time = ? WHERE operation_id = ? IF done = ?",
-            (True, error_code, error_message, elapsed_seconds, persons_ineligible, now, operation_id, False))
+            "UPDATE operations SET done = ?, error_code = ?, error_message = ?, error_reason = ?, error_metadata = ?, "
+            "elapsed_seconds = ?, persons_ineligible = ?, update_time = ? WHERE operation_id = ? IF done = ?",
+            (True, error_code, error_message, error_reason, dict(error_metadata or {}) or None, elapsed_seconds,
+             persons_ineligible, now, operation_id, False))
         return bool(result.was_applied)
 
     def get_operation(self, operation_id: str) -> Operation:
@@ -463,7 +470,8 @@ class ModelRegistry:
         # The operation first: once it is done, a late owner's outcome is refused (it fails its version,
         # which it finds failed already, and stops).
         self._end_operation(operation_id, now, elapsed_seconds=(now - start_time).total_seconds(),
-                            error_code=Aborted.code.value, error_message=message)
+                            error_code=Aborted.code.value, error_message=message,
+                            error_reason="OPERATION_INTERRUPTED", error_metadata={"model": f"models/{model_id}"})
         if kind is OperationKind.TRAIN and version_id is not None:
             self.fail_version(model_id, version_id, message, now)
         return True

@@ -18,7 +18,6 @@ import grpc
 from google.longrunning import operations_pb2
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
-from google.rpc import code_pb2, status_pb2
 from onecdp.common.v1 import common_pb2
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
@@ -58,7 +57,7 @@ from services.prediction.spec import (
 from services.prediction.worker import BackgroundWorker, Job
 from shared.clients import profile_stub
 from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Violations
-from shared.longrunning import Instead, operations_registration
+from shared.longrunning import Instead, operation_error, operations_registration
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
@@ -69,6 +68,8 @@ MAX_TOP_FEATURES = 50
 _SCORE_VIEWS = frozenset(pb.ScoreView.values())
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
+# The error domain of the service's statuses (shared.runner serves each service as onecdp.<name>).
+ERROR_DOMAIN = "onecdp.prediction"
 # What google.longrunning.Operations says instead of the methods the stored operations cannot support.
 OPERATIONS_INSTEAD = Instead(
     list_operations="operations are stored by id only, so there is nothing to list them by; keep the name "
@@ -153,8 +154,8 @@ def operation_message(operation: Operation, registry: ModelRegistry) -> operatio
     if not operation.done:
         return message
     if operation.error_code is not None:
-        message.error.CopyFrom(status_pb2.Status(code=code_pb2.Code.Value(operation.error_code),
-                                                 message=operation.error_message))
+        message.error.CopyFrom(operation_error(operation.error_code, operation.error_message, domain=ERROR_DOMAIN,
+                                               reason=operation.error_reason, metadata=operation.error_metadata))
     elif operation.kind is OperationKind.TRAIN and operation.version_id:
         message.response.CopyFrom(_pack(_version_message(
             registry.get_version(operation.model_id, operation.version_id))))

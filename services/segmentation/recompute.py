@@ -175,7 +175,7 @@ class Recomputer:
                 self._runs.pop(operation.operation_id, None)
             try:
                 self._fail(operation, "UNAVAILABLE", "the recompute could not be started; call RecomputeSegment "
-                                                     "again")
+                                                     "again", "OPERATION_NOT_STARTED")
             except DomainError:
                 self._leases.forget(operation.operation_id)
             raise
@@ -259,7 +259,8 @@ class Recomputer:
         if operation.attempt >= self._max_attempts:
             self._fail(operation, StatusCode.ABORTED.value,
                        f"the recompute of segments/{operation.segment_id} was interrupted {operation.attempt} "
-                       "times (the process running it stopped); call RecomputeSegment to try again")
+                       "times (the process running it stopped); call RecomputeSegment to try again",
+                       "OPERATION_INTERRUPTED", metadata={"attempts": str(operation.attempt)})
             return False
         operation = replace(operation, attempt=operation.attempt + 1, shards_done=0, profiles_scanned=0)
         log.warning("taking over an interrupted recompute", extra={
@@ -301,9 +302,13 @@ class Recomputer:
         self._store.remove_running(operation_id)
         self._leases.release(operation_id)
 
-    def _fail(self, operation: OperationRecord, code: str, message: str, elapsed: float = 0.0) -> None:
-        """End the operation with the google.rpc code `code`; its segment, if still COMPUTING, is FAILED."""
-        failed = replace(operation, done=True, error_code=code, error_message=message, elapsed_seconds=elapsed)
+    def _fail(self, operation: OperationRecord, code: str, message: str, reason: str, *,
+              metadata: Mapping[str, str] | None = None, elapsed: float = 0.0) -> None:
+        """End the operation with the google.rpc code `code` and the ErrorInfo `reason` and `metadata` (the
+        segment is added); its segment, if still COMPUTING, is FAILED."""
+        failed = replace(operation, done=True, error_code=code, error_message=message, error_reason=reason,
+                         error_metadata={"segment": f"segments/{operation.segment_id}", **(metadata or {})},
+                         elapsed_seconds=elapsed)
         self._store.save_operation(failed)
         self._store.mark_failed(operation.segment_id, SegmentState.FAILED, SegmentState.COMPUTING, operation.revision)
         self._unlist(operation.operation_id)
@@ -339,11 +344,12 @@ class Recomputer:
                 self._leases.release(operation_id)  # handed over at once
         except DomainError as error:
             log.warning("recompute failed", extra={"segment": operation.segment_id, "error": error.message})
-            self._fail(operation, error.code.value, error.message, time.perf_counter() - started)
+            self._fail(operation, error.code.value, error.message, error.reason, metadata=error.metadata,
+                       elapsed=time.perf_counter() - started)
         except Exception as error:  # a bug: recorded on the operation, traceback in the log
             log.exception("recompute failed", extra={"segment": operation.segment_id})
-            self._fail(operation, "INTERNAL", f"recompute failed: {type(error).__name__}",
-                       time.perf_counter() - started)
+            self._fail(operation, "INTERNAL", f"recompute failed: {type(error).__name__}", "INTERNAL",
+                       elapsed=time.perf_counter() - started)
         finally:
             # A lease still owned here was lost, or its outcome could not be recorded: it is no longer
             # renewed, and expires (a process still listing the operation then takes it over). Forgotten

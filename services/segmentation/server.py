@@ -15,7 +15,6 @@ from typing import Any
 import grpc
 from google.longrunning import operations_pb2
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from google.rpc import code_pb2, status_pb2
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
@@ -40,11 +39,13 @@ from services.segmentation.text import RuleSyntaxError, format_rule, parse
 from shared.changefeed import FEED_START, SETTLE_SECONDS, parse_cursor, time_of
 from shared.clients import prediction_stub, profile_stub
 from shared.errors import InvalidArgument, Violations
-from shared.longrunning import Instead, operation_id_of, operations_registration
+from shared.longrunning import Instead, operation_error, operation_id_of, operations_registration
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
+# The error domain of the service's statuses (shared.runner serves each service as onecdp.<name>).
+ERROR_DOMAIN = "onecdp.segmentation"
 OPERATIONS = "operations/"
 DEFAULT_MEMBERS_PAGE = 100
 MAX_MEMBERS_PAGE = 10_000
@@ -93,8 +94,8 @@ def operation_message(operation: OperationRecord) -> operations_pb2.Operation:
     metadata.start_time.FromDatetime(operation.start_time)
     message.metadata.Pack(metadata)
     if operation.done and operation.error_code:
-        message.error.CopyFrom(status_pb2.Status(code=code_pb2.Code.Value(operation.error_code),
-                                                 message=operation.error_message or ""))
+        message.error.CopyFrom(operation_error(operation.error_code, operation.error_message or "", domain=ERROR_DOMAIN,
+                                               reason=operation.error_reason, metadata=operation.error_metadata))
     elif operation.done:
         message.response.Pack(pb.RecomputeSegmentResponse(
             segment=f"segments/{operation.segment_id}", profiles_scanned=operation.profiles_scanned,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import heapq
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -25,7 +25,8 @@ from shared.leases import FollowerLease
 CATALOG = 0  # the one partition of the segments table (and of running_operations)
 _OPERATION_COLUMNS = ("operation_id, segment_id, done, shards_done, shards_total, profiles_scanned, start_time, "
                       "member_count, entered_count, exited_count, elapsed_seconds, error_code, error_message, "
-                      "attempt, parallelism, revision")
+                      "attempt, parallelism, revision, error_reason, error_metadata")
+_OPERATION_MARKERS = ", ".join("?" * (_OPERATION_COLUMNS.count(",") + 1))
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -143,6 +144,9 @@ class OperationRecord:
     attempt: int = 1  # which run: 1, then +1 per takeover after the running process stopped
     parallelism: int = 0  # scan workers (0: the recompute's default)
     revision: int = 0  # the segment revision the current run computes
+    # The failure's ErrorInfo reason and metadata (schema 0008); None for failures recorded before.
+    error_reason: str | None = None
+    error_metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 _SEGMENT_COLUMNS = ("segment_id, display_name, description, rule_text, referenced, revision, state, "
@@ -516,11 +520,12 @@ class SegmentStore:
 
     def save_operation(self, operation: OperationRecord) -> None:
         self._session.execute(
-            f"INSERT INTO operations ({_OPERATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO operations ({_OPERATION_COLUMNS}) VALUES ({_OPERATION_MARKERS})",
             (operation.operation_id, operation.segment_id, operation.done, operation.shards_done,
              operation.shards_total, operation.profiles_scanned, operation.start_time, operation.member_count,
              operation.entered_count, operation.exited_count, operation.elapsed_seconds, operation.error_code,
-             operation.error_message, operation.attempt, operation.parallelism, operation.revision))
+             operation.error_message, operation.attempt, operation.parallelism, operation.revision,
+             operation.error_reason, dict(operation.error_metadata) or None))
 
     def get_operation(self, operation_id: str) -> OperationRecord | None:
         row = self._session.execute(f"SELECT {_OPERATION_COLUMNS} FROM operations WHERE operation_id = ?",
@@ -531,7 +536,8 @@ class SegmentStore:
                                row.profiles_scanned, _utc(row.start_time) or _EPOCH, row.member_count,
                                row.entered_count, row.exited_count, row.elapsed_seconds, row.error_code,
                                row.error_message, attempt=row.attempt or 1, parallelism=row.parallelism or 0,
-                               revision=row.revision or 0)
+                               revision=row.revision or 0, error_reason=row.error_reason,
+                               error_metadata=dict(row.error_metadata or {}))
 
     def add_running(self, operation_id: str) -> None:
         self._session.execute("INSERT INTO running_operations (catalog, operation_id) VALUES (?, ?)",
