@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -34,7 +35,7 @@ from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, Pro
 from services.profile.scan_response import profile_bytes, scan_response_bytes
 from services.profile.shards import format_shard, parse_shard, split_ring
 from services.profile.store import EventSelection, ProfileStore, from_micros, micros
-from shared.changefeed import ChangeFeed, parse_cursor
+from shared.changefeed import UNSETTLED_SUFFIX, ChangeFeed, parse_cursor
 from shared.clients import identity_stub
 from shared.errors import InvalidArgument, ResourceExhausted, Violations
 from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
@@ -60,7 +61,9 @@ IDENTITY_FEED_LEASE = "identity-feed"
 MAX_PAGE_BYTES = 3 * 1024 * 1024
 # What a repeated message field adds per element besides the element: its tag and length prefix.
 _ELEMENT_OVERHEAD_BYTES = 6
-_TOKEN_MICROS = re.compile(r"[0-9]{1,19}")
+_TOKEN_MICROS = re.compile(r"[1-9][0-9]{0,18}")
+# The two characters an events page token escapes in its message id: `|` separates the fields, `%` escapes.
+_TOKEN_ESCAPE = re.compile(r"%(25|7C)")
 # The as-of times a read may name: prediction's range for its as-of and cutoff times (services/prediction/spec.py),
 # in the same words. No stored event or trait write is older than EARLIEST_EVENT_TIME, so an earlier time sees
 # nobody's data; the latest leaves centuries below datetime's end for the windows computed back from it.
@@ -410,7 +413,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                 del response.events[index]
                 following = (events[index - 1].event_time, events[index - 1].message_id)
                 break
-        response.next_page_token = f"{micros(following[0])}|{following[1]}" if following else ""
+        response.next_page_token = _event_token(*following) if following else ""
         return response
 
     def BatchWriteTraits(self, request: pb.BatchWriteTraitsRequest,
@@ -501,12 +504,13 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
 
     def ListProfileChanges(self, request: pb.ListProfileChangesRequest,
                            context: grpc.ServicerContext) -> pb.ListProfileChangesResponse:
-        changes, cursor = self._profiles.changes(parse_cursor(request.page_token), _page_size(request.page_size))
+        changes, cursor = self._profiles.changes(_feed_cursor(request.page_token, "page_token"),
+                                                 _page_size(request.page_size))
         return pb.ListProfileChangesResponse(changes=[_change(c) for c in changes], next_page_token=str(cursor))
 
     def WatchProfileChanges(self, request: pb.WatchProfileChangesRequest,
                             context: grpc.ServicerContext) -> Iterator[pb.ProfileChange]:
-        cursor = parse_cursor(request.cursor, "cursor")
+        cursor = _feed_cursor(request.cursor, "cursor")
         while context.is_active():
             changes, cursor = self._profiles.changes(cursor, MAX_PAGE_SIZE)
             yield from (_change(c) for c in changes)
@@ -551,21 +555,42 @@ def _page_size(requested: int, field_path: str = "page_size") -> int:
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
+def _event_token(event_time: datetime, message_id: str) -> str:
+    """The page token continuing after an event: `<event time in µs>|<message id>`, the message id's `%` and `|`
+    escaped (`%25`, `%7C`), so a token has exactly two fields whatever the id holds."""
+    return f"{micros(event_time)}|{message_id.replace('%', '%25').replace('|', '%7C')}"
+
+
 def _event_cursor(token: str, now: datetime) -> tuple[datetime, str] | None:
     """Where a page continues: the (event time, message id) of the last event of the page before.
 
     A token names a stored event, so its time is one ingest accepts (from 1990-01-01 to at most a day after
-    it was stored, so a day after `now`) and its message id is 1-128 characters; anything else (an edited or
-    made-up token) is refused rather than turned into an overflow or a silently empty page.
+    it was stored, so a day after `now`) and its message id is 1-128 characters; and it is exactly what
+    `_event_token` makes of them (no third field, no trailing text, no other escape). Anything else (an edited
+    or made-up token) is refused rather than turned into an overflow or a silently wrong page.
     """
     if not token:
         return None
-    exact, separator, message_id = token.partition("|")
+    exact, separator, escaped = token.partition("|")
+    message_id = _TOKEN_ESCAPE.sub(lambda match: "%" if match[1] == "25" else "|", escaped)
     if (separator and _TOKEN_MICROS.fullmatch(exact) and 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH
             and micros(EARLIEST_EVENT_TIME) <= int(exact) <= micros(now + MAX_FUTURE_SKEW)):
-        return from_micros(int(exact)), message_id
+        event_time = from_micros(int(exact))
+        if _event_token(event_time, message_id) == token:
+            return event_time, message_id
     raise InvalidArgument.for_field("page_token", "not a token returned by this method; start without one",
                                     reason="INVALID_PAGE_TOKEN")
+
+
+def _feed_cursor(token: str, field_path: str) -> uuid.UUID | None:
+    """`parse_cursor`, held to the tokens this service hands out (a cursor's `str`, or UNSETTLED_SUFFIX alone for
+    the feed's start): uuid.UUID also reads braces (any number at the end), `urn:uuid:` and hyphens anywhere, so
+    a cursor with text appended or rearranged was taken as that cursor."""
+    cursor = parse_cursor(token, field_path)
+    if cursor is not None and token not in (str(cursor), UNSETTLED_SUFFIX):
+        raise InvalidArgument.for_field(field_path, "not a cursor of this feed; start without one",
+                                        reason="INVALID_CURSOR")
+    return cursor
 
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:

@@ -9,11 +9,14 @@ cluster's own token ranges) without changing the API.
 from __future__ import annotations
 
 import itertools
+import re
 
 from shared.errors import InvalidArgument
 
 MIN_TOKEN = -(2**63)
 MAX_TOKEN = 2**63 - 1
+# What `format_shard` writes, in ASCII digits only: int() alone also takes spaces, `+`, `_` and other scripts' digits.
+_SHARD = re.compile(r"(-?[0-9]{1,19}):(-?[0-9]{1,19})")
 
 
 def split_ring(count: int) -> list[tuple[int, int]]:
@@ -28,12 +31,9 @@ def format_shard(token_range: tuple[int, int]) -> str:
 
 
 def parse_shard(shard: str, field_path: str) -> tuple[int, int]:
-    start_text, separator, end_text = shard.partition(":")
-    try:
-        start, end = int(start_text), int(end_text)
-    except ValueError:
-        start = end = 0
-    if not separator or not MIN_TOKEN <= start < end <= MAX_TOKEN:
+    bounds = _SHARD.fullmatch(shard)
+    start, end = (int(bounds[1]), int(bounds[2])) if bounds else (0, 0)
+    if not MIN_TOKEN <= start < end <= MAX_TOKEN:
         raise InvalidArgument.for_field(
             field_path, f"{shard[:64]!r} is not a token range '<start>:<end>' of integers with "
             f"{MIN_TOKEN} <= start < end <= {MAX_TOKEN}; use a shard returned by ListProfileShards",

@@ -18,7 +18,16 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
 from services.profile.computed import compute
 from services.profile.shards import MAX_TOKEN, MIN_TOKEN
-from tests.services.profile.conftest import ident, identify, ingest, order, profile_of, selector, track
+from tests.services.profile.conftest import (
+    eventually,
+    ident,
+    identify,
+    ingest,
+    order,
+    profile_of,
+    selector,
+    track,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +161,56 @@ def _scan(profiles: Stub) -> Callable[[pb.ScanProfilesRequest, float], list[pb.S
     def call(request: pb.ScanProfilesRequest, timeout: float) -> list[pb.ScanProfilesResponse]:
         return list(profiles.ScanProfiles(request, timeout=timeout))
     return call
+
+
+def test_page_tokens_cursors_and_shards_are_taken_only_as_handed_out(profiles: Stub) -> None:
+    ids = ["h53-e3x", "a|b", "p%7Cq", "%25|%", "plain"]
+    ingest(profiles, *[track("crm_id:tok", when=f"2026-05-0{i + 1}", message_id=m) for i, m in enumerate(ids)])
+    person = selector("crm_id:tok")
+    # Message ids with the token's separator or escape page through as any other.
+    seen, token, tokens = [], "", []
+    while True:
+        page = profiles.ListProfileEvents(pb.ListProfileEventsRequest(person=person, page_size=1, page_token=token),
+                                          timeout=30)
+        seen += [e.event.message_id for e in page.events]
+        token = page.next_page_token
+        if not token:
+            break
+        tokens.append(token)
+    assert seen == list(reversed(ids))
+    first = tokens[0]  # after "plain", the newest
+    exact = first.partition("|")[0]
+    assert first == f"{exact}|plain" and tokens[-1].endswith("|a%7Cb")
+    for forged in (f"{first}|extra", f"{exact}|pl|ain", f"{exact}|pl%61in", f"0{exact}|plain", f"{exact}|%",
+                   f"{exact}||", f"{exact}|plain%7c"):
+        error = _invalid(profiles.ListProfileEvents, pb.ListProfileEventsRequest(person=person, page_token=forged))
+        assert _violations(error) == [("page_token", "not a token returned by this method; start without one")], forged
+
+    def first_change() -> pb.ListProfileChangesResponse | None:
+        page = profiles.ListProfileChanges(pb.ListProfileChangesRequest(page_size=1), timeout=30)
+        return page if page.changes else None
+
+    changes = eventually(first_change)  # a change is listed once settled
+    assert changes is not None
+    cursor = changes.next_page_token
+    for good in (cursor, cursor + "+unsettled", "+unsettled", changes.changes[0].cursor):
+        profiles.ListProfileChanges(pb.ListProfileChangesRequest(page_token=good), timeout=30)
+    for forged in (cursor + "}", "{" + cursor + "}", "urn:uuid:" + cursor, cursor.replace("-", ""), cursor.upper(),
+                   cursor + "|extra", cursor + "+unsettled+unsettled", "{}+unsettled"):
+        if forged == cursor:  # upper case of a cursor without letters
+            continue
+        error = _invalid(profiles.ListProfileChanges, pb.ListProfileChangesRequest(page_token=forged))
+        assert _violations(error) == [("page_token", "not a cursor of this feed; start without one")], forged
+        error = _invalid(lambda request, timeout: next(iter(profiles.WatchProfileChanges(request, timeout=timeout))),
+                         pb.WatchProfileChangesRequest(cursor=forged))
+        assert _violations(error) == [("cursor", "not a cursor of this feed; start without one")], forged
+
+    (_, shard) = profiles.ListProfileShards(pb.ListProfileShardsRequest(shard_count=2), timeout=30).shards
+    start, _, end = shard.partition(":")
+    assert shard == f"{start}:{end}" and not end.startswith("-")
+    for forged in (f" {shard}", f"{shard}\n", f"{start}:+{end}", f"{start}:{end}:1", f"{start}:{end[:-1]}_{end[-1]}",
+                   "\u0661:\u0665", f"{start}: {end}"):
+        error = _invalid(_scan(profiles), pb.ScanProfilesRequest(shard=forged))
+        ((field, description),) = _violations(error)
+        assert field == "shard" and "use a shard returned by ListProfileShards" in description, forged
+    assert _scan(profiles)(pb.ScanProfilesRequest(shard=shard), 30) is not None
