@@ -113,10 +113,16 @@ class Event:
         return self.event_name
 
     @property
+    def transaction(self) -> Order | None:
+        """The order this event records: an order event's `order`. On any other event the order is kept in the
+        payload but read by nothing (not validated either: its amount may not even be finite); see `unused_parts`."""
+        return self.order if self.event_type == EventType.ORDER else None
+
+    @property
     def amount(self) -> float | None:
         """Order amount, or a numeric `revenue` property: what window sums and monetary add up."""
-        if self.order is not None:
-            return self.order.amount
+        if self.transaction is not None:
+            return self.transaction.amount
         revenue = self.properties.get("revenue")
         return float(revenue) if isinstance(revenue, int | float) and math.isfinite(revenue) else None
 
@@ -124,8 +130,8 @@ class Event:
         """Category and brand weights this event contributes to preferences (items weigh by quantity)."""
         categories: dict[str, int] = {}
         brands: dict[str, int] = {}
-        if self.order is not None:
-            for item in self.order.items:
+        if self.transaction is not None:
+            for item in self.transaction.items:
                 if item.category:
                     categories[item.category] = categories.get(item.category, 0) + item.quantity
                 if item.brand:
@@ -276,13 +282,18 @@ def event_time_problem(when: datetime, now: datetime) -> str:
 def unused_parts(event: Event) -> str:
     """What an acceptable event carries that nothing reads, said back to the caller ("" when nothing).
 
-    Traits are applied from identify events only; on other events they are kept in the stored payload
-    but set no trait, which a caller otherwise never learns.
+    Traits are applied from identify events only, an order is read from order events only; on other events
+    they are kept in the stored payload but set nothing, which a caller otherwise never learns.
     """
+    notes = []
     if event.traits and event.event_type != EventType.IDENTIFY:
-        return (f"traits are applied from identify events only; the {len(event.traits)} trait(s) of this event "
-                "set nothing (send them in an identify event, or as properties)")
-    return ""
+        notes.append(f"traits are applied from identify events only; the {len(event.traits)} trait(s) of this "
+                     "event set nothing (send them in an identify event, or as properties)")
+    if event.order is not None and event.transaction is None:
+        notes.append(f"order is read from order events only; the order {event.order.order_id!r} of this event "
+                     "counts as no transaction, amount or preference (send it in an order event, or its amount as "
+                     "the revenue property)")
+    return "; ".join(notes)
 
 
 def _check_fields(event: Event) -> Rejection | None:

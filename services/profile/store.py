@@ -192,7 +192,7 @@ class ProfileStore:
             buckets.add((person_id, bucket))
             persons.add(person_id)
             categories, brands = event.preference_weights()
-            order = event.order
+            order = event.transaction
             futures.append(self._session.execute_async(_INSERT_TIMELINE, (
                 person_id, bucket, event.event_time, event.message_id, micros(event.event_time), event.event_type,
                 event.name,

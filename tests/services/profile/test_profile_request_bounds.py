@@ -214,3 +214,24 @@ def test_page_tokens_cursors_and_shards_are_taken_only_as_handed_out(profiles: S
         ((field, description),) = _violations(error)
         assert field == "shard" and "use a shard returned by ListProfileShards" in description, forged
     assert _scan(profiles)(pb.ScanProfilesRequest(shard=shard), 30) is not None
+
+
+def test_an_order_on_an_event_that_is_no_order_event_counts_nowhere_and_the_result_says_so(profiles: Stub) -> None:
+    items = [pb.OrderItem(sku="s", category="shoes", brand="acme", quantity=3, unit_price=10.0)]
+    misplaced = track("crm_id:ord", name="checkout", message_id="t-1", when="2026-06-01",
+                      order=pb.Order(order_id="o-1", amount=100.0, items=items))
+    not_finite = track("crm_id:ord", name="checkout", message_id="t-2", when="2026-06-02",
+                       order=pb.Order(order_id="o-2", amount=float("nan")), traits={"plan": "x"})
+    placed = order("crm_id:ord", order_id="o-3", amount=40.0, when="2026-06-03", message_id="o-3")
+    results = ingest(profiles, misplaced, not_finite, placed)
+    assert [r.status for r in results] == [pb.EVENT_STATUS_ACCEPTED] * 3
+    assert "order is read from order events only" in results[0].message and "'o-1'" in results[0].message
+    # Each thing the event carries in vain is noted.
+    assert "identify events only" in results[1].message and "'o-2'" in results[1].message
+    assert not results[2].message
+    computed = profile_of(profiles, "crm_id:ord", as_of_time=_stamp("2026-06-10T00:00:00Z"))
+    assert [t.order_id for t in computed.recent_transactions] == ["o-3"]
+    assert (computed.computed.frequency, computed.computed.monetary) == (1, 40.0)
+    sums = {(w.event_name, w.window_days): w.sum for w in computed.computed.window_aggregates}
+    assert sums[("checkout", 30)] == 0.0 and sums[("order", 30)] == 40.0
+    assert list(computed.preferences.top_categories) == []
