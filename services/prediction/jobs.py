@@ -31,6 +31,7 @@ from services.prediction.scoring import PersonScore
 from services.prediction.serving import ScoringVersion, score_histories
 from services.prediction.training import (
     DEFAULT_TRAINING_THREADS,
+    STAGE_DONE,
     STAGE_FEATURES,
     STAGE_QUEUED,
     STAGE_SAVING,
@@ -150,7 +151,8 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
         return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
                                          error_code=INTERNAL, error_reason=INTERNAL,
                                          error_message=f"internal error ({type(error).__name__}); it has been logged")
-    return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started)
+    return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
+                                     stage=STAGE_DONE)
 
 
 

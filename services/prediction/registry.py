@@ -403,23 +403,30 @@ class ModelRegistry:
 
     def finish_operation(self, operation_id: str, now: datetime, *, elapsed_seconds: float,
                          error_code: str | None = None, error_message: str = "", error_reason: str | None = None,
-                         error_metadata: Mapping[str, str] | None = None, persons_ineligible: int = 0) -> Operation:
+                         error_metadata: Mapping[str, str] | None = None, persons_ineligible: int = 0,
+                         stage: str | None = None) -> Operation:
         """Record the outcome of an operation not done yet (one ended already keeps its outcome), and give
-        its lease back. A failure has its google.rpc code name, message, and ErrorInfo reason and metadata."""
+        its lease back. A failure has its google.rpc code name, message, and ErrorInfo reason and metadata;
+        `stage`, when given, is the operation's last stage (else it keeps the one it reached)."""
         self._end_operation(operation_id, now, elapsed_seconds=elapsed_seconds, error_code=error_code,
                             error_message=error_message, error_reason=error_reason, error_metadata=error_metadata,
-                            persons_ineligible=persons_ineligible)
+                            persons_ineligible=persons_ineligible, stage=stage)
         self.leases.release(operation_id)
         return self.get_operation(operation_id)
 
     def _end_operation(self, operation_id: str, now: datetime, *, elapsed_seconds: float, error_code: str | None,
                        error_message: str, error_reason: str | None = None,
-                       error_metadata: Mapping[str, str] | None = None, persons_ineligible: int = 0) -> bool:
+                       error_metadata: Mapping[str, str] | None = None, persons_ineligible: int = 0,
+                       stage: str | None = None) -> bool:
+        # One conditional update: the stage moves only with the outcome, so a reader never sees a last stage on
+        # an operation not done (nor on one another process ended first).
+        set_stage, stage_values = ("stage = ?, ", (stage,)) if stage is not None else ("", ())
         result = self._session.execute(
-            "UPDATE operations SET done = ?, error_code = ?, error_message = ?, error_reason = ?, error_metadata = ?, "
-            "elapsed_seconds = ?, persons_ineligible = ?, update_time = ? WHERE operation_id = ? IF done = ?",
-            (True, error_code, error_message, error_reason, dict(error_metadata or {}) or None, elapsed_seconds,
-             persons_ineligible, now, operation_id, False))
+            f"UPDATE operations SET {set_stage}done = ?, error_code = ?, error_message = ?, error_reason = ?, "
+            "error_metadata = ?, elapsed_seconds = ?, persons_ineligible = ?, update_time = ? "
+            "WHERE operation_id = ? IF done = ?",
+            (*stage_values, True, error_code, error_message, error_reason, dict(error_metadata or {}) or None,
+             elapsed_seconds, persons_ineligible, now, operation_id, False))
         return bool(result.was_applied)
 
     def get_operation(self, operation_id: str) -> Operation:

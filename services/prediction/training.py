@@ -37,8 +37,10 @@ MAX_TRAINING_CUTOFFS = 52
 DEFAULT_TRAINING_THREADS = 1
 # The data's last event may fall on the horizon's last day (daily data such as CDNOW's).
 HORIZON_SLACK = timedelta(days=1)
-# The stages of a training operation, in order (TrainModelMetadata.stage documents them for clients).
+# The stages of a training operation, in order (TrainModelMetadata.stage documents them for clients): `done`
+# once the version is saved; a training that fails keeps the stage it failed in.
 STAGE_QUEUED, STAGE_FEATURES, STAGE_TRAINING, STAGE_SAVING = "queued", "features", "training", "saving"
+STAGE_DONE = "done"
 # Which events the data-coverage check counts (what ListProfileEvents shows includes the others).
 ACTIVITY_NOTE = "identify and alias events are state, not activity, and do not count"
 

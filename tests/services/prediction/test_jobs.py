@@ -34,7 +34,7 @@ def test_a_training_operation_ends_with_an_active_ready_version(registry: ModelR
     assert operation.version_id == 1 and not operation.done
     assert registry.get_version("buyers", 1).state is VersionState.TRAINING
     finished = run_training(registry, SOURCE, operation, REQUEST)
-    assert finished.done and finished.error_code is None and finished.stage == "saving"
+    assert finished.done and finished.error_code is None and finished.stage == "done"
     version = registry.get_version("buyers", 1)
     assert version.state is VersionState.READY and version.metrics is not None
     assert version.metrics.roc_auc > 0.8
@@ -64,7 +64,7 @@ def test_training_progress_has_a_stage_from_the_queue_on_and_counts_that_never_g
     assert finished.error_code is None
     seen = [operation, *recorder.seen, finished]
     stages = [state.stage for state in seen]
-    order = ["queued", "features", "training", "saving"]
+    order = ["queued", "features", "training", "saving", "done"]
     assert sorted(stages, key=order.index) == stages and set(stages) == set(order)
     processed = [state.persons_processed for state in seen]
     assert processed == sorted(processed)
@@ -72,7 +72,7 @@ def test_training_progress_has_a_stage_from_the_queue_on_and_counts_that_never_g
     assert finished.persons_processed == finished.persons_total == persons
     for state in seen:
         # The total is unknown (0) until the scan ends, then it is every person scanned.
-        assert state.persons_total == (persons if state.stage in ("training", "saving") else 0)
+        assert state.persons_total == (persons if state.stage in ("training", "saving", "done") else 0)
 
 
 def test_too_few_examples_fail_the_version_and_say_how_many(registry: ModelRegistry) -> None:

@@ -200,7 +200,7 @@ def test_training_runs_as_an_operation_and_activates_a_ready_version(world: Worl
     assert world.stack.predictions.GetModel(pb.GetModelRequest(name=f"models/{MODEL}"),
                                             timeout=10).active_version == version.name
     stages = [m.stage for m in world.progress]
-    assert stages[-1] == "saving" and all(m.model_version == version.name for m in world.progress)
+    assert stages[-1] == "done" and all(m.model_version == version.name for m in world.progress)
     assert world.progress[-1].persons_processed > 0 and world.progress[0].start_time.seconds > 0
 
 

@@ -567,7 +567,9 @@ class TrainModelMetadata(_message.Message):
     stage: _builtins.str
     """Current stage, always set, in order: `queued` (waiting for the service's one training
     worker), `features` (scanning every profile to build the training and validation rows),
-    `training` (fitting the booster), `saving`.
+    `training` (fitting the booster), `saving` (storing the version), then `done` once the
+    operation has succeeded. An operation that failed keeps the stage it failed in (its `error`
+    says why).
     """
     persons_processed: _builtins.int
     """Persons scanned so far (every profile, eligible or not). From `training` on, every person
