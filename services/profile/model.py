@@ -100,6 +100,9 @@ class Event:
     properties_bytes: int
     # The event as ingested (the serialized onecdp.profile.v1.Event), returned by reads as is.
     payload: bytes
+    # Why the event_time sent is no time at all (a Timestamp beyond years 1-9999 or with nanos outside
+    # 0-999999999, which only a binary client can send); `event_time` is None then.
+    event_time_invalid: str = ""
 
     @property
     def name(self) -> str:
@@ -250,6 +253,8 @@ def validate(event: Event, now: datetime) -> Rejection | None:
     if event.event_type not in EventType.__members__.values():
         return Rejection(RejectionReason.UNKNOWN_TYPE,
                          f"type {event.event_type} is not one of IDENTIFY, TRACK, PAGE, SCREEN, ALIAS, ORDER")
+    if event.event_time_invalid:
+        return Rejection(RejectionReason.BAD_TIMESTAMP, event.event_time_invalid)
     if event.event_time is None:
         return Rejection(RejectionReason.BAD_TIMESTAMP, "event_time is required")
     if problem := event_time_problem(event.event_time, now):

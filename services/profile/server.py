@@ -117,15 +117,19 @@ def _event(message: pb.Event) -> Event:
     if message.HasField("order"):
         order = Order(message.order.order_id, message.order.amount, message.order.currency_code, tuple(
             OrderLine(i.sku, i.name, i.category, i.brand, i.quantity, i.unit_price) for i in message.order.items))
+    try:
+        event_time, time_invalid = _optional_time(message, "event_time"), ""
+    except ValueError as error:  # rejected as a bad timestamp, like any other time outside the bounds
+        event_time, time_invalid = None, f"event_time is not a valid timestamp: {error}"
     return Event(
         message_id=message.message_id, event_type=int(message.type),
         identifiers=tuple((i.type, i.value) for i in message.identifiers), event_name=message.event_name,
-        event_time=_optional_time(message, "event_time"), source=message.source,
+        event_time=event_time, source=message.source,
         source_kind=int(message.source_kind), party=int(message.party),
         traits=json_format.MessageToDict(message.traits) if message.HasField("traits") else {},
         properties=json_format.MessageToDict(message.properties) if message.HasField("properties") else {},
         order=order, traits_bytes=message.traits.ByteSize(), properties_bytes=message.properties.ByteSize(),
-        payload=message.SerializeToString())
+        payload=message.SerializeToString(), event_time_invalid=time_invalid)
 
 
 def _selector(selector: common_pb2.PersonSelector, field_path: str) -> tuple[str, tuple[str, str] | None]:

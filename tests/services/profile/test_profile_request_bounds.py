@@ -235,3 +235,16 @@ def test_an_order_on_an_event_that_is_no_order_event_counts_nowhere_and_the_resu
     sums = {(w.event_name, w.window_days): w.sum for w in computed.computed.window_aggregates}
     assert sums[("checkout", 30)] == 0.0 and sums[("order", 30)] == 40.0
     assert list(computed.preferences.top_categories) == []
+
+
+def test_an_event_time_no_timestamp_can_be_rejects_that_event_only(profiles: Stub) -> None:
+    beyond = identify("crm_id:bin", traits={"plan": "never"}, message_id="bin-1")
+    beyond.event_time.CopyFrom(timestamp_pb2.Timestamp(seconds=10**12))
+    bad_nanos = identify("crm_id:bin", traits={"plan": "never"}, message_id="bin-2")
+    bad_nanos.event_time.nanos = -1
+    results = ingest(profiles, beyond, bad_nanos, identify("crm_id:bin", traits={"plan": "ok"}, message_id="bin-3"))
+    assert [(r.status, r.rejection_reason) for r in results] == [
+        (pb.EVENT_STATUS_REJECTED, pb.EVENT_REJECTION_REASON_BAD_TIMESTAMP)] * 2 + [
+        (pb.EVENT_STATUS_ACCEPTED, pb.EVENT_REJECTION_REASON_UNSPECIFIED)]
+    assert all(r.message.startswith("event_time is not a valid timestamp") for r in results[:2])
+    assert profile_of(profiles, "crm_id:bin").traits["plan"].value.string_value == "ok"
