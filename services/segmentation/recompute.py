@@ -149,9 +149,29 @@ class Recomputer:
                                                            f"{MAX_PARALLELISM}, got {parallelism}")
         record = self._catalog.record(segment_id)  # NOT_FOUND before an operation exists
         self._catalog.readable_rule(record)  # FAILED_PRECONDITION before one exists
+        running = self._running(record)
+        if running is not None:
+            return running
         operation_id = uuid.uuid4().hex
-        self._store.set_operation(segment_id, record.revision, operation_id)
+        # Conditional on the operation read above: of concurrent calls, one starts an operation and the
+        # others answer with it (a double click recomputes once).
+        if not self._store.claim_operation(segment_id, record.revision, record.operation_id, operation_id):
+            record = self._catalog.record(segment_id)
+            running = self._running(record)
+            if running is not None:
+                return running
+            self._store.set_operation(segment_id, record.revision, operation_id)
         return self._launch(operation_id, record, parallelism or DEFAULT_PARALLELISM)
+
+    def _running(self, record: SegmentRecord) -> OperationRecord | None:
+        """The segment's latest operation if it computes the current rule and is still running (listed as
+        running: a replica runs it, or takes it over when its owner stopped), else None."""
+        if not record.operation_id or record.operation_revision != record.revision:
+            return None
+        operation = self._store.get_operation(record.operation_id)
+        if operation is None or operation.done or operation.operation_id not in self._store.running_operations():
+            return None
+        return operation
 
     def _launch(self, operation_id: str, record: SegmentRecord, workers: int) -> OperationRecord:
         operation = OperationRecord(operation_id, record.segment_id, False, 0, workers * SHARDS_PER_WORKER, 0,

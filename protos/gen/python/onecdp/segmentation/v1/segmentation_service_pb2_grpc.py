@@ -193,6 +193,10 @@ class SegmentationServiceServicer:
         code (e.g. UNAVAILABLE when the profile service stayed unreachable through the retries). A failed
         first computation leaves the segment in SEGMENT_STATE_FAILED.
 
+        While a recompute of the segment's current rule is running, answers with that operation (its
+        `parallelism` stays) instead of starting another: concurrent or repeated calls compute once. A
+        finished one, or a changed rule, starts a new operation.
+
         Errors: NOT_FOUND for an unknown segment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

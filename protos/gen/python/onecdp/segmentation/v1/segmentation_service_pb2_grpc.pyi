@@ -88,6 +88,10 @@ class SegmentationServiceStub:
     code (e.g. UNAVAILABLE when the profile service stayed unreachable through the retries). A failed
     first computation leaves the segment in SEGMENT_STATE_FAILED.
 
+    While a recompute of the segment's current rule is running, answers with that operation (its
+    `parallelism` stays) instead of starting another: concurrent or repeated calls compute once. A
+    finished one, or a changed rule, starts a new operation.
+
     Errors: NOT_FOUND for an unknown segment.
     """
     GetOperation: _grpc.UnaryUnaryMultiCallable[_operations_pb2.GetOperationRequest, _operations_pb2.Operation]
@@ -176,6 +180,10 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     runs were interrupted 3 times ends with ABORTED; an operation that fails ends with the error's
     code (e.g. UNAVAILABLE when the profile service stayed unreachable through the retries). A failed
     first computation leaves the segment in SEGMENT_STATE_FAILED.
+
+    While a recompute of the segment's current rule is running, answers with that operation (its
+    `parallelism` stays) instead of starting another: concurrent or repeated calls compute once. A
+    finished one, or a changed rule, starts a new operation.
 
     Errors: NOT_FOUND for an unknown segment.
     """
@@ -310,6 +318,10 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
         runs were interrupted 3 times ends with ABORTED; an operation that fails ends with the error's
         code (e.g. UNAVAILABLE when the profile service stayed unreachable through the retries). A failed
         first computation leaves the segment in SEGMENT_STATE_FAILED.
+
+        While a recompute of the segment's current rule is running, answers with that operation (its
+        `parallelism` stays) instead of starting another: concurrent or repeated calls compute once. A
+        finished one, or a changed rule, starts a new operation.
 
         Errors: NOT_FOUND for an unknown segment.
         """
