@@ -1047,13 +1047,27 @@ class IdentityGraph:
             return (-self._priority(best), best)
 
         order = sorted(range(len(result.groups)), key=lambda i: rank(result.groups[i]))
+        position = {index: place for place, index in enumerate(order)}
+        # Each existing id's home is the group holding most of the identifiers first given to it (ties: the
+        # group ranked first). A group takes the oldest (smallest) id homed in it, so a merge keeps the
+        # oldest person, and a split leaves an id with most of its identifiers: a group that took one of
+        # another person's identifiers does not take that person's id.
+        held: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        for index, group in enumerate(result.groups):
+            for key in group:
+                origin = component.origin_of.get(key)
+                if origin and origin not in erased:
+                    held[origin][index] += 1
+        home = {p: min(counts, key=lambda i: (-counts[i], position[i])) for p, counts in held.items()}
         taken: set[str] = set(erased)
         ids = [""] * len(result.groups)
         for index in order:
             group = result.groups[index]
-            origins = {component.origin_of.get(k) for k in group} - {None} - taken
-            current = {component.person_of.get(k) for k in group} - {None} - taken
-            candidates = sorted(p for p in (origins or current) if p)
+            homed = {p for p, h in home.items() if h == index} - taken
+            # Otherwise an id none of its identifiers came from (e.g. a survivor of an earlier merge), not
+            # one homed in another group.
+            current = {component.person_of.get(k) for k in group} - {None} - taken - home.keys()
+            candidates = sorted(p for p in (homed or current) if p)
             ids[index] = candidates[0] if candidates else new_person_id()
             taken.add(ids[index])
         return ids
