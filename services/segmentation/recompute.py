@@ -65,6 +65,9 @@ SHARDS_PER_WORKER = 2
 CAUSE = "recompute"
 # Persons decided again with fresh facts per round (one BatchGetProfiles read of them, chunked by profile).
 RECONCILE_BATCH = 1000
+# How long a RecomputeSegment that lost the claim to a concurrent one waits for that one's operation record
+# (written just after its claim) before starting its own.
+CLAIM_WAIT_SECONDS = 5.0
 CHANGES_PAGE = 5000
 PROFILE_CHANGES_PAGE = 1000
 
@@ -156,12 +159,28 @@ class Recomputer:
         # Conditional on the operation read above: of concurrent calls, one starts an operation and the
         # others answer with it (a double click recomputes once).
         if not self._store.claim_operation(segment_id, record.revision, record.operation_id, operation_id):
+            claimed = self._claimed_by_another(segment_id)
+            if claimed is not None:
+                return claimed
             record = self._catalog.record(segment_id)
-            running = self._running(record)
-            if running is not None:
-                return running
             self._store.set_operation(segment_id, record.revision, operation_id)
         return self._launch(operation_id, record, parallelism or DEFAULT_PARALLELISM)
+
+    def _claimed_by_another(self, segment_id: str) -> OperationRecord | None:
+        """The operation a concurrent call claimed for the segment's current rule, once that call has recorded
+        it (just after its claim); None if none appears within CLAIM_WAIT_SECONDS (that caller failed) or the
+        rule changed meanwhile."""
+        deadline = time.monotonic() + CLAIM_WAIT_SECONDS
+        while True:
+            record = self._catalog.record(segment_id)
+            if not record.operation_id or record.operation_revision != record.revision:
+                return None
+            operation = self._store.get_operation(record.operation_id)
+            if operation is not None:
+                return operation
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
 
     def _running(self, record: SegmentRecord) -> OperationRecord | None:
         """The segment's latest operation if it computes the current rule and is still running (listed as
@@ -169,7 +188,10 @@ class Recomputer:
         if not record.operation_id or record.operation_revision != record.revision:
             return None
         operation = self._store.get_operation(record.operation_id)
-        if operation is None or operation.done or operation.operation_id not in self._store.running_operations():
+        if operation is None:
+            # Claimed a moment ago by a concurrent call, which records it next: answer with it, not a rival.
+            return self._claimed_by_another(record.segment_id)
+        if operation.done or operation.operation_id not in self._store.running_operations():
             return None
         return operation
 
@@ -443,7 +465,11 @@ class Recomputer:
                 raise RunStopped()
             persons = pending[start:start + RECONCILE_BATCH]
             now_in, now_out = self._reconciler.reconcile(segment_id, persons, CAUSE)
-            members.update(p for p in persons if p in now_in or (p in current and p not in now_out))
+            # A person the reconciliation left as it was is a member if the store says so now: real time
+            # may have entered them after `current` was read.
+            unchanged = [(segment_id, p) for p in persons if p not in now_in and p not in now_out]
+            stored = self._store.memberships(unchanged) if unchanged else set()
+            members.update(p for p in persons if p in now_in or (segment_id, p) in stored)
             entered += now_in
             exited += now_out
         self._store.set_state(segment_id, SegmentState.READY, record.revision, datetime.now(UTC))
