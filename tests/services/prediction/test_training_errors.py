@@ -9,7 +9,7 @@ import time
 import pytest
 from google.longrunning import operations_proto_pb2 as lro_pb
 from google.protobuf import timestamp_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
@@ -18,21 +18,12 @@ from services.prediction.registry import ModelRegistry
 from services.prediction.server import operation_message
 from services.prediction.spec import PredictionKind, resolve_spec
 from tests.services.prediction.synthetic import day, synthetic_source
+from tests.status_details import error_info
 
 pytestmark = pytest.mark.integration
 
 REQUEST = TrainingRequest(model_id="buyers", training_cutoffs=(day("2024-01-01"), day("2024-03-01")),
                           validation_cutoff=day("2024-06-01"))
-
-
-def _error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo:
-    infos = []
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):  # False for another detail type
-            infos.append(info)
-    assert len(infos) == 1, status
-    return infos[0]
 
 
 def _create(registry: ModelRegistry, min_class_count: int) -> None:
@@ -45,7 +36,7 @@ def test_a_failed_training_gives_its_reason_and_metadata(registry: ModelRegistry
     finished = run_training(registry, synthetic_source(200), start_training(registry, REQUEST), REQUEST)
     error = operation_message(registry.get_operation(finished.operation_id), registry).error
     assert error.code == code_pb2.FAILED_PRECONDITION and error.message == finished.error_message
-    info = _error_info(error)
+    info = error_info(error)
     assert (info.reason, info.domain) == ("TOO_FEW_EXAMPLES", "onecdp.prediction")
     assert info.metadata["minimum"] == "100000" and set(info.metadata) == {"set", "positives", "negatives", "minimum"}
 
@@ -56,7 +47,7 @@ def test_an_operation_that_never_ran_says_so(registry: ModelRegistry) -> None:
     abandon_operation(registry, operation)
     error = operation_message(registry.get_operation(operation.operation_id), registry).error
     assert error.code == code_pb2.ABORTED
-    info = _error_info(error)
+    info = error_info(error)
     assert (info.reason, info.domain, dict(info.metadata)) == (
         "OPERATION_NOT_STARTED", "onecdp.prediction", {"model": "models/buyers"})
 
@@ -82,6 +73,6 @@ def test_get_operation_of_a_failed_training_has_error_info(
         operation = stub.GetOperation(lro_pb.GetOperationRequest(name=started.name), timeout=10)
     # The empty profile service has nothing to train on: the training fails, saying why.
     assert operation.done and operation.HasField("error"), operation
-    info = _error_info(operation.error)
+    info = error_info(operation.error)
     assert (info.domain, info.reason, info.metadata["latest_event_time"]) == (
         "onecdp.prediction", "VALIDATION_HORIZON_BEYOND_DATA", "none"), info

@@ -8,29 +8,17 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2, timestamp_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
 from tests.services.profile.conftest import at, identify, ingest, order, profile_of, selector, track
+from tests.status_details import field_violations
 
 pytestmark = pytest.mark.integration
 
 Stub = pb_grpc.ProfileServiceStub
 # What a gRPC client accepts by default: a page must fit it.
 DEFAULT_CLIENT_MAX_RECEIVE = 4 * 1024 * 1024
-
-
-def _violations(error: grpc.RpcError) -> list[tuple[str, str]]:
-    status = rpc_status.from_call(error)
-    assert status is not None, error
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            return [(v.field, v.description) for v in bad_request.field_violations]
-    return []
 
 
 def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
@@ -74,7 +62,7 @@ def test_pages_fit_a_default_client_and_forged_tokens_are_invalid_arguments(prof
         with pytest.raises(grpc.RpcError) as bad:
             profiles.ListProfileEvents(pb.ListProfileEventsRequest(person=person, page_token=forged), timeout=10)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, forged
-        assert _violations(bad.value) == [("page_token", "not a token returned by this method; start without one")]
+        assert field_violations(bad.value) == [("page_token", "not a token returned by this method; start without one")]
 
 
 def test_read_masks_take_any_profile_path_and_as_of_time_cuts_traits_off(profiles: Stub) -> None:
@@ -91,7 +79,7 @@ def test_read_masks_take_any_profile_path_and_as_of_time_cuts_traits_off(profile
         with pytest.raises(grpc.RpcError) as bad:
             profile_of(profiles, "crm_id:pit", read_mask=field_mask_pb2.FieldMask(paths=["traits", unknown]))
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, unknown
-        ((field, description),) = _violations(bad.value)
+        ((field, description),) = field_violations(bad.value)
         assert field == "read_mask.paths[1]" and repr(unknown) in description
 
     mask = field_mask_pb2.FieldMask(paths=["traits", "computed.event_count"])

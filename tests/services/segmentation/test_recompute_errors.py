@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2
 
 from services.segmentation.catalog import RuleInput, SegmentCatalog
 from services.segmentation.follower import Memberships
@@ -19,6 +19,7 @@ from services.segmentation.store import OperationRecord, SegmentStore
 from services.segmentation.text import parse
 from shared.cassandra import CassandraSession
 from shared.errors import FailedPrecondition, Unavailable
+from tests.status_details import error_info
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +35,6 @@ class RefusingSource:
 class ListingFails(SegmentStore):
     def add_running(self, operation_id: str) -> None:
         raise Unavailable("Cassandra could not serve the request", reason="STORAGE_UNAVAILABLE")
-
-
-def _error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo:
-    infos = []
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):  # False for another detail type
-            infos.append(info)
-    assert len(infos) == 1, status
-    return infos[0]
 
 
 def _finished(store: SegmentStore, operation_id: str) -> OperationRecord:
@@ -73,7 +64,7 @@ def test_a_failed_recompute_gives_its_reason_and_metadata(segmentation_session: 
         recomputer.stop()
     error = operation_message(operation).error
     assert (error.code, error.message) == (code_pb2.FAILED_PRECONDITION, "the profile service refused the scan")
-    info = _error_info(error)
+    info = error_info(error)
     assert (info.reason, info.domain, dict(info.metadata)) == (
         "PROFILE_SCAN_REFUSED", "onecdp.segmentation",
         {"segment": "segments/pros", "shards": str(operation.shards_total)})
@@ -93,7 +84,7 @@ def test_a_recompute_that_could_not_start_says_so(segmentation_session: Cassandr
     assert operation is not None and operation.done
     error = operation_message(operation).error
     assert error.code == code_pb2.UNAVAILABLE
-    info = _error_info(error)
+    info = error_info(error)
     assert (info.reason, info.domain, dict(info.metadata)) == (
         "OPERATION_NOT_STARTED", "onecdp.segmentation", {"segment": "segments/pros"})
 
@@ -111,5 +102,5 @@ def test_an_operation_failed_before_reasons_were_stored_gets_its_codes_name(
     store.save_operation(replace(operation, error_reason=None, error_metadata={}))  # as written before 0008
     old = store.get_operation(operation.operation_id)
     assert old is not None and old.error_reason is None
-    info = _error_info(operation_message(old).error)
+    info = error_info(operation_message(old).error)
     assert (info.reason, info.domain, dict(info.metadata)) == ("FAILED_PRECONDITION", "onecdp.segmentation", {})
