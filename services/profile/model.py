@@ -17,6 +17,8 @@ from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
 
 MAX_MESSAGE_ID_LENGTH = 128
 MAX_NAME_LENGTH = 128
+# Trait names: 1-128 characters of any kind, however a trait is written (identify event, BatchWriteTraits).
+MAX_TRAIT_NAME_LENGTH = 128
 MAX_IDENTIFIERS = 32
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_ORDER_ITEMS = 500
@@ -311,6 +313,12 @@ def _check_fields(event: Event) -> Rejection | None:
         if len(text) > MAX_NAME_LENGTH:
             return Rejection(RejectionReason.INVALID_FIELD,
                              f"{name} is {len(text)} characters; at most {MAX_NAME_LENGTH} are allowed")
+    if event.event_type == EventType.IDENTIFY:
+        for trait_name in event.traits:
+            if not 0 < len(trait_name) <= MAX_TRAIT_NAME_LENGTH:
+                return Rejection(RejectionReason.INVALID_FIELD,
+                                 f"trait name {trait_name[:40]!r}{'...' if len(trait_name) > 40 else ''} is "
+                                 f"{len(trait_name)} characters; trait names are 1-{MAX_TRAIT_NAME_LENGTH} characters")
     if event.event_type != EventType.ORDER:
         return None
     order = event.order

@@ -20,6 +20,7 @@ from services.profile.computed import ComputedTraits
 from services.profile.identity import GrpcIdentityResolver, PersonView
 from services.profile.model import (
     MAX_MESSAGE_ID_LENGTH,
+    MAX_TRAIT_NAME_LENGTH,
     Event,
     EventResult,
     EventStatus,
@@ -48,7 +49,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProfileService"].full_name
 MAX_EVENTS_PER_CALL = 1000
 MAX_SELECTORS = 1000
 MAX_TRAIT_WRITES = 1000
-MAX_TRAIT_NAME_LENGTH = 128
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_SHARDS = 16

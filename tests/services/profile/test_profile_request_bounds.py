@@ -11,7 +11,6 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
-from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
@@ -28,21 +27,11 @@ from tests.services.profile.conftest import (
     selector,
     track,
 )
+from tests.status_details import field_violations
 
 pytestmark = pytest.mark.integration
 
 Stub = pb_grpc.ProfileServiceStub
-
-
-def _violations(error: grpc.RpcError) -> list[tuple[str, str]]:
-    status = rpc_status.from_call(error)
-    assert status is not None, error
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            return [(v.field, v.description) for v in bad_request.field_violations]
-    return []
 
 
 def _stamp(text: str) -> timestamp_pb2.Timestamp:
@@ -80,7 +69,7 @@ def test_trait_writes_take_the_event_times_events_take_and_nothing_is_written_ot
               pb.TraitWrite(person_id=person_id, traits=_traits(plan="x"),
                             event_time=timestamp_pb2.Timestamp(seconds=10**12))]
     error = _invalid(profiles.BatchWriteTraits, pb.BatchWriteTraitsRequest(writes=writes))
-    violations = _violations(error)
+    violations = field_violations(error)
     assert violations[:3] == [("writes[1].event_time", rejected[0].message),
                               ("writes[2].event_time", rejected[1].message),
                               ("writes[3].event_time", rejected[0].message)]
@@ -108,14 +97,14 @@ def test_as_of_times_outside_the_prediction_range_are_refused_by_every_read(prof
             (_scan(profiles),
              pb.ScanProfilesRequest(shard=f"{MIN_TOKEN}:{MAX_TOKEN}", as_of_time=_stamp(text)))]
         for call, request in requests:
-            assert _violations(_invalid(call, request)) == [("as_of_time", full_range + text)], (text, request)
+            assert field_violations(_invalid(call, request)) == [("as_of_time", full_range + text)], (text, request)
     # From a binary client: seconds beyond any date, nanos out of range.
     for stamp, description in ((timestamp_pb2.Timestamp(seconds=-10**12),
                                 full_range + f"{-10**12} seconds from 1970-01-01"),
                                (timestamp_pb2.Timestamp(seconds=1_800_000_000, nanos=-1),
                                 "nanos must be 0-999999999, got -1")):
         error = _invalid(profiles.GetProfile, pb.GetProfileRequest(person=person, as_of_time=stamp))
-        assert _violations(error) == [("as_of_time", description)]
+        assert field_violations(error) == [("as_of_time", description)]
     # Both ends are taken, with computed traits.
     for text in ("1990-01-01T00:00:00Z", "9000-01-01T00:00:00Z"):
         profile = profile_of(profiles, "crm_id:asof", as_of_time=_stamp(text))
@@ -140,15 +129,15 @@ def test_every_event_time_range_must_end_after_it_starts(profiles: Stub) -> None
                                                      events_end_time=last))]
         for call, request in requests:
             error = _invalid(call, request)
-            assert _violations(error) == [("events_end_time", "must be after events_start_time")], request
+            assert field_violations(error) == [("events_end_time", "must be after events_start_time")], request
             assert rpc_status.from_call(error) is not None
         error = _invalid(profiles.ListProfileEvents, pb.ListProfileEventsRequest(
             person=person, start_time=_stamp(start), end_time=_stamp(end)))
-        assert _violations(error) == [("end_time", "must be after start_time")]
+        assert field_violations(error) == [("end_time", "must be after start_time")]
     # A bound no Timestamp can be (from a binary client) is named too, instead of an internal error.
     error = _invalid(profiles.BatchGetProfiles, pb.BatchGetProfilesRequest(
         persons=[person], include_events=True, events_start_time=timestamp_pb2.Timestamp(seconds=10**12)))
-    ((field, description),) = _violations(error)
+    ((field, description),) = field_violations(error)
     assert field == "events_start_time" and description.startswith("not a valid timestamp")
     # A proper range selects as before.
     (result,) = profiles.BatchGetProfiles(pb.BatchGetProfilesRequest(
@@ -184,7 +173,8 @@ def test_page_tokens_cursors_and_shards_are_taken_only_as_handed_out(profiles: S
     for forged in (f"{first}|extra", f"{exact}|pl|ain", f"{exact}|pl%61in", f"0{exact}|plain", f"{exact}|%",
                    f"{exact}||", f"{exact}|plain%7c"):
         error = _invalid(profiles.ListProfileEvents, pb.ListProfileEventsRequest(person=person, page_token=forged))
-        assert _violations(error) == [("page_token", "not a token returned by this method; start without one")], forged
+        assert field_violations(error) == [("page_token", "not a token returned by this method; start without one")], \
+            forged
 
     def first_change() -> pb.ListProfileChangesResponse | None:
         page = profiles.ListProfileChanges(pb.ListProfileChangesRequest(page_size=1), timeout=30)
@@ -200,10 +190,10 @@ def test_page_tokens_cursors_and_shards_are_taken_only_as_handed_out(profiles: S
         if forged == cursor:  # upper case of a cursor without letters
             continue
         error = _invalid(profiles.ListProfileChanges, pb.ListProfileChangesRequest(page_token=forged))
-        assert _violations(error) == [("page_token", "not a cursor of this feed; start without one")], forged
+        assert field_violations(error) == [("page_token", "not a cursor of this feed; start without one")], forged
         error = _invalid(lambda request, timeout: next(iter(profiles.WatchProfileChanges(request, timeout=timeout))),
                          pb.WatchProfileChangesRequest(cursor=forged))
-        assert _violations(error) == [("cursor", "not a cursor of this feed; start without one")], forged
+        assert field_violations(error) == [("cursor", "not a cursor of this feed; start without one")], forged
 
     (_, shard) = profiles.ListProfileShards(pb.ListProfileShardsRequest(shard_count=2), timeout=30).shards
     start, _, end = shard.partition(":")
@@ -211,7 +201,7 @@ def test_page_tokens_cursors_and_shards_are_taken_only_as_handed_out(profiles: S
     for forged in (f" {shard}", f"{shard}\n", f"{start}:+{end}", f"{start}:{end}:1", f"{start}:{end[:-1]}_{end[-1]}",
                    "\u0661:\u0665", f"{start}: {end}"):
         error = _invalid(_scan(profiles), pb.ScanProfilesRequest(shard=forged))
-        ((field, description),) = _violations(error)
+        ((field, description),) = field_violations(error)
         assert field == "shard" and "use a shard returned by ListProfileShards" in description, forged
     assert _scan(profiles)(pb.ScanProfilesRequest(shard=shard), 30) is not None
 
@@ -248,3 +238,18 @@ def test_an_event_time_no_timestamp_can_be_rejects_that_event_only(profiles: Stu
         (pb.EVENT_STATUS_ACCEPTED, pb.EVENT_REJECTION_REASON_UNSPECIFIED)]
     assert all(r.message.startswith("event_time is not a valid timestamp") for r in results[:2])
     assert profile_of(profiles, "crm_id:bin").traits["plan"].value.string_value == "ok"
+
+
+def test_an_identify_event_takes_only_trait_names_batch_writes_take(profiles: Stub) -> None:
+    """Trait names are 1-128 characters however a trait is written, so every stored trait can be named in a
+    segment rule (segmentation takes the same names)."""
+    long_name = "x" * 129
+    results = ingest(profiles, identify("crm_id:names", traits={"": "empty"}, message_id="names-1"),
+                     identify("crm_id:names", traits={long_name: "long"}, message_id="names-2"),
+                     identify("crm_id:names", traits={"会员等级": "金卡", "y" * 128: "ok"}, message_id="names-3"))
+    assert [(r.status, r.rejection_reason) for r in results] == [
+        (pb.EVENT_STATUS_REJECTED, pb.EVENT_REJECTION_REASON_INVALID_FIELD)] * 2 + [
+        (pb.EVENT_STATUS_ACCEPTED, pb.EVENT_REJECTION_REASON_UNSPECIFIED)]
+    assert results[0].message == "trait name '' is 0 characters; trait names are 1-128 characters"
+    assert results[1].message.endswith("is 129 characters; trait names are 1-128 characters")
+    assert set(profile_of(profiles, "crm_id:names").traits) == {"会员等级", "y" * 128}

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.profile.server import MAX_TRAIT_NAME_LENGTH as PROFILE_MAX_TRAIT_NAME_LENGTH
+from services.profile.model import MAX_TRAIT_NAME_LENGTH as PROFILE_MAX_TRAIT_NAME_LENGTH
 from services.segmentation.evaluation import EventFact, ProfileFacts, matches
 from services.segmentation.messages import rule_from_message, rule_to_message
 from services.segmentation.rules import (

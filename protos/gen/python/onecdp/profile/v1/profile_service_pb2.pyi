@@ -270,7 +270,9 @@ class Event(_message.Message):
 
     @_builtins.property
     def traits(self) -> _struct_pb2.Struct:
-        """For identify: traits to set on the profile (last write wins by event_time per trait)."""
+        """For identify: traits to set on the profile (last write wins by event_time per trait). Names
+        are 1-128 characters of any kind (an event with another is rejected, INVALID_FIELD).
+        """
 
     @_builtins.property
     def properties(self) -> _struct_pb2.Struct:
@@ -1239,7 +1241,7 @@ class TraitWrite(_message.Message):
     """Who collected the data; defaults to first party for OneCDP's own writes."""
     @_builtins.property
     def traits(self) -> _struct_pb2.Struct:
-        """The traits to set; a null value deletes the trait."""
+        """The traits to set; a null value deletes the trait. Names are 1-128 characters of any kind."""
 
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
