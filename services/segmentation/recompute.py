@@ -38,7 +38,7 @@ from services.segmentation.evaluation import ProfileFacts, compile_rule, reporte
 from services.segmentation.realtime import EventReads, compile_next_change, dependencies_of, events_read
 from services.segmentation.rules import Rule
 from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore, cursor_before, ticks_of
-from shared import changefeed
+from shared import changefeed, deadline
 from shared.changefeed import with_unsettled
 from shared.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, StatusCode
 from shared.leases import OwnedLeases
@@ -168,9 +168,10 @@ class Recomputer:
 
     def _claimed_by_another(self, segment_id: str) -> OperationRecord | None:
         """The operation a concurrent call claimed for the segment's current rule, once that call has recorded
-        it (just after its claim); None if none appears within CLAIM_WAIT_SECONDS (that caller failed) or the
-        rule changed meanwhile."""
-        deadline = time.monotonic() + CLAIM_WAIT_SECONDS
+        it (just after its claim); None if none appears within CLAIM_WAIT_SECONDS, or half the time the caller
+        has left (that caller failed: this one starts its own), or the rule changed meanwhile."""
+        left = deadline.remaining()
+        give_up = time.monotonic() + (CLAIM_WAIT_SECONDS if left is None else min(CLAIM_WAIT_SECONDS, left / 2))
         while True:
             record = self._catalog.record(segment_id)
             if not record.operation_id or record.operation_revision != record.revision:
@@ -178,7 +179,7 @@ class Recomputer:
             operation = self._store.get_operation(record.operation_id)
             if operation is not None:
                 return operation
-            if time.monotonic() > deadline:
+            if time.monotonic() > give_up:
                 return None
             time.sleep(0.05)
 
