@@ -40,8 +40,6 @@ from services.prediction.registry import Model, ModelRegistry, ModelVersion, Ope
 from services.prediction.scoring import PersonScore
 from services.prediction.serving import Predictor, ScorerCache
 from services.prediction.spec import (
-    EARLIEST_PREDICTION_TIME,
-    LATEST_PREDICTION_TIME,
     MAX_DISPLAY_NAME_LENGTH,
     MODEL_ID,
     ModelSpec,
@@ -57,6 +55,7 @@ from services.prediction.spec import (
 from services.prediction.worker import BackgroundWorker, Job
 from shared.clients import profile_stub
 from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Violations
+from shared.event_times import request_time_problem
 from shared.longrunning import Instead, operation_error, operations_registration
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
@@ -231,24 +230,10 @@ def _version_id(model_id: str | None, requested: str, field_path: str, violation
     return version_id
 
 
-_EARLIEST_SECONDS = int(EARLIEST_PREDICTION_TIME.timestamp())
-_LATEST_SECONDS = int(LATEST_PREDICTION_TIME.timestamp())
-_TIME_RANGE = (f"{EARLIEST_PREDICTION_TIME:%Y-%m-%dT%H:%M:%SZ} (no stored event is older) to "
-               f"{LATEST_PREDICTION_TIME:%Y-%m-%dT%H:%M:%SZ}")
-
-
 def _time(holder: timestamp_pb2.Timestamp, field_path: str, violations: Violations) -> datetime | None:
-    """The time a request names, or None after adding its violation: times outside the range would overflow
-    the date arithmetic of horizons and windows (or not be dates at all, from a binary client)."""
-    if not 0 <= holder.nanos < 1_000_000_000:
-        violations.add(field_path, f"nanos must be 0-999999999, got {holder.nanos}")
-        return None
-    if not _EARLIEST_SECONDS <= holder.seconds <= _LATEST_SECONDS:
-        try:
-            shown = holder.ToJsonString()
-        except ValueError:  # not a date protobuf can show (beyond years 1-9999)
-            shown = f"{holder.seconds} seconds from 1970-01-01"
-        violations.add(field_path, f"must be from {_TIME_RANGE}, got {shown}")
+    """The time a request names, or None after adding its violation (shared.event_times.request_time_problem)."""
+    if problem := request_time_problem(holder):
+        violations.add(field_path, problem)
         return None
     return holder.ToDatetime(tzinfo=UTC)
 

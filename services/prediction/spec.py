@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 
 from shared.errors import InvalidArgument, Violations
-from shared.event_times import EARLIEST_EVENT_TIME
 from shared.longrunning import operation_id_of
 
 MIN_HORIZON_DAYS, MAX_HORIZON_DAYS = 1, 730
@@ -24,11 +22,6 @@ MAX_EVENT_NAMES = 100
 MAX_EVENT_NAME_LENGTH = 128
 MAX_DISPLAY_NAME_LENGTH = 256
 DEFAULT_CONVERSION_EVENTS = ("order",)
-# The cutoffs and as-of times a request may name. No stored event is older than EARLIEST_EVENT_TIME, so an
-# earlier time sees nobody; the latest is far past any data and leaves centuries below datetime's end
-# (9999-12-31) for what is computed from a time: a horizon or an eligibility window of at most 730 days.
-EARLIEST_PREDICTION_TIME = EARLIEST_EVENT_TIME
-LATEST_PREDICTION_TIME = datetime(9000, 1, 1, tzinfo=UTC)
 
 MODEL_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _MODEL_NAME = re.compile(r"^models/([^/]+)$")

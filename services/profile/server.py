@@ -39,7 +39,7 @@ from services.profile.store import EventSelection, ProfileStore, from_micros, mi
 from shared.changefeed import UNSETTLED_SUFFIX, ChangeFeed, parse_cursor
 from shared.clients import identity_stub
 from shared.errors import InvalidArgument, ResourceExhausted, Violations
-from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
+from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW, request_time_problem
 from shared.leases import FollowerLease
 from shared.polling import RepeatingWorker
 from shared.runner import ServiceContext, ServiceDefinition
@@ -64,15 +64,7 @@ _ELEMENT_OVERHEAD_BYTES = 6
 _TOKEN_MICROS = re.compile(r"[1-9][0-9]{0,18}")
 # The two characters an events page token escapes in its message id: `|` separates the fields, `%` escapes.
 _TOKEN_ESCAPE = re.compile(r"%(25|7C)")
-# The as-of times a read may name: prediction's range for its as-of and cutoff times (services/prediction/spec.py),
-# in the same words. No stored event or trait write is older than EARLIEST_EVENT_TIME, so an earlier time sees
-# nobody's data; the latest leaves centuries below datetime's end for the windows computed back from it.
-EARLIEST_AS_OF_TIME = EARLIEST_EVENT_TIME
-LATEST_AS_OF_TIME = datetime(9000, 1, 1, tzinfo=UTC)
-_EARLIEST_AS_OF_SECONDS = int(EARLIEST_AS_OF_TIME.timestamp())
-_LATEST_AS_OF_SECONDS = int(LATEST_AS_OF_TIME.timestamp())
-_AS_OF_RANGE = (f"{EARLIEST_AS_OF_TIME:%Y-%m-%dT%H:%M:%SZ} (no stored event is older) to "
-                f"{LATEST_AS_OF_TIME:%Y-%m-%dT%H:%M:%SZ}")
+
 
 
 # ---- messages to domain ---------------------------------------------------------------------------
@@ -96,20 +88,13 @@ def _request_time(stamp: timestamp_pb2.Timestamp, field_path: str, violations: V
 
 
 def _as_of(request: pb.GetProfileRequest | pb.BatchGetProfilesRequest | pb.ScanProfilesRequest) -> datetime | None:
-    """The request's as_of_time (None: absent, meaning now); INVALID_ARGUMENT outside the as-of range, where the
-    read would see nothing or the windows computed back from it would overflow."""
+    """The request's as_of_time (None: absent, meaning now); INVALID_ARGUMENT outside the times a request may ask
+    about (shared.event_times), where the read would see nothing or its windows would overflow."""
     if not request.HasField("as_of_time"):
         return None
-    stamp = request.as_of_time
-    if not 0 <= stamp.nanos < 1_000_000_000:
-        raise InvalidArgument.for_field("as_of_time", f"nanos must be 0-999999999, got {stamp.nanos}")
-    if not _EARLIEST_AS_OF_SECONDS <= stamp.seconds <= _LATEST_AS_OF_SECONDS:
-        try:
-            shown = stamp.ToJsonString()
-        except ValueError:  # not a date protobuf can show (beyond years 1-9999)
-            shown = f"{stamp.seconds} seconds from 1970-01-01"
-        raise InvalidArgument.for_field("as_of_time", f"must be from {_AS_OF_RANGE}, got {shown}")
-    return _time(stamp)
+    if problem := request_time_problem(request.as_of_time):
+        raise InvalidArgument.for_field("as_of_time", problem)
+    return _time(request.as_of_time)
 
 
 def _event(message: pb.Event) -> Event:
