@@ -53,15 +53,20 @@ def _catalog_with_pros(store: SegmentStore) -> SegmentCatalog:
     return catalog
 
 
-def test_a_failed_recompute_gives_its_reason_and_metadata(segmentation_session: CassandraSession) -> None:
-    store = SegmentStore(segmentation_session)
+def _refused_recompute(store: SegmentStore) -> OperationRecord:
+    """A recompute of `pros` that the profile service refused, once it ended."""
     catalog = _catalog_with_pros(store)
     source: Any = RefusingSource()
     recomputer = Recomputer(catalog, store, source, reconciler=Memberships(catalog, store, source))
     try:
-        operation = _finished(store, recomputer.start("pros").operation_id)
+        return _finished(store, recomputer.start("pros").operation_id)
     finally:
         recomputer.stop()
+
+
+def test_a_failed_recompute_gives_its_reason_and_metadata(segmentation_session: CassandraSession) -> None:
+    store = SegmentStore(segmentation_session)
+    operation = _refused_recompute(store)
     error = operation_message(operation).error
     assert (error.code, error.message) == (code_pb2.FAILED_PRECONDITION, "the profile service refused the scan")
     info = error_info(error)
@@ -92,13 +97,7 @@ def test_a_recompute_that_could_not_start_says_so(segmentation_session: Cassandr
 def test_an_operation_failed_before_reasons_were_stored_gets_its_codes_name(
         segmentation_session: CassandraSession) -> None:
     store = SegmentStore(segmentation_session)
-    catalog = _catalog_with_pros(store)
-    source: Any = RefusingSource()
-    recomputer = Recomputer(catalog, store, source, reconciler=Memberships(catalog, store, source))
-    try:
-        operation = _finished(store, recomputer.start("pros").operation_id)
-    finally:
-        recomputer.stop()
+    operation = _refused_recompute(store)
     store.save_operation(replace(operation, error_reason=None, error_metadata={}))  # as written before 0008
     old = store.get_operation(operation.operation_id)
     assert old is not None and old.error_reason is None
