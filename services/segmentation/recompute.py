@@ -458,6 +458,15 @@ class Recomputer:
         moved = self._moved_since(segment_id, as_of) & (matched ^ current)
         entered = sorted(matched - current - moved)
         exited = sorted(current - matched - moved)
+        if entered or exited:
+            # Real time may have recorded some of these very changes after `current` and the moves were read
+            # (it lags the ingest: a profile change from before the scan can be decided only now). Recording
+            # them again would put a second ENTER or EXIT in the change log, so the members are read once more
+            # just before writing. This narrows the window to that read; it does not close it: real time and
+            # a recompute do not serialise per (segment, person).
+            members_now = self._store.member_ids(segment_id)
+            entered = [person_id for person_id in entered if person_id not in members_now]
+            exited = [person_id for person_id in exited if person_id in members_now]
         self._store.apply_changes(segment_id, entered, exited, CAUSE, datetime.now(UTC))
         members = matched - moved
         pending = sorted(moved)

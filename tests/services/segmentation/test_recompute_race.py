@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
@@ -17,8 +18,9 @@ from services.segmentation.follower import Memberships
 from services.segmentation.profile_source import GrpcProfileSource
 from services.segmentation.realtime import EventReads
 from services.segmentation.recompute import EVERY_FIELD, ProfileReads, Recomputer
-from services.segmentation.store import OperationRecord, SegmentStore
+from services.segmentation.store import OperationRecord, SegmentStore, StoredChange
 from services.segmentation.text import parse
+from shared import changefeed
 from shared.cassandra import CassandraSession
 from shared.changefeed import FEED_START
 from tests.services.segmentation.conftest import identify, ingest
@@ -46,6 +48,20 @@ class ChangesAfterTheScan(GrpcProfileSource):
         self._unscanned -= 1
         if self._unscanned == 0:
             self.after_scan()
+
+
+class RealTimeAfterTheMovesRead(SegmentStore):
+    """The real store; `after_moves_read` runs once, after the next read of the segment's change log (the
+    recompute's last read before it writes its diff)."""
+
+    after_moves_read: Callable[[], None] | None = None
+
+    def changes_page(self, *args: Any, **kwargs: Any) -> list[StoredChange]:
+        page = super().changes_page(*args, **kwargs)
+        hook, self.after_moves_read = self.after_moves_read, None
+        if hook is not None:
+            hook()
+        return page
 
 
 def recomputed(recomputer: Recomputer, store: SegmentStore, segment_id: str) -> OperationRecord:
@@ -89,4 +105,34 @@ def test_a_recompute_keeps_real_time_decisions_taken_during_its_scan(
     assert store.member_ids("pros") == {ann, cat}
     assert [(c.person_id, c.entered, c.cause) for c in store.changes_page("pros", seen, 100)] == [
         (ann, True, "realtime"), (bob, False, "realtime")]
+    assert (second.member_count, second.entered_count, second.exited_count) == (2, 0, 0)
+
+
+def test_a_recompute_does_not_record_again_a_change_real_time_just_recorded(
+        segmentation_session: CassandraSession, profiles: profile_grpc.ProfileServiceStub) -> None:
+    """Real time lags the ingest: it can decide a profile change from before the recompute's scan (so not
+    among the moves the recompute leaves to it) after the recompute read those moves. When both agree, the
+    change log holds that ENTER once."""
+    long_ago = (datetime.now(UTC) - timedelta(days=3)).replace(tzinfo=None).isoformat()
+    ids = ingest(profiles, identify("dan", long_ago, {"plan": "free"}), identify("eve", long_ago, {"plan": "pro"}))
+    dan, eve = ids["dan"], ids["eve"]
+    store = RealTimeAfterTheMovesRead(segmentation_session)
+    catalog = SegmentCatalog(store)
+    catalog.create("payers", "", "", RuleInput(parse('traits.plan = "pro"'), "segment.rule_text", True))
+    source = GrpcProfileSource(profiles)
+    recomputer = Recomputer(catalog, store, source, reconciler=Memberships(catalog, store, source))
+    try:
+        first = recomputed(recomputer, store, "payers")
+        assert (first.error_code, store.member_ids("payers")) == (None, {eve})
+        seen = store.changes_page("payers", FEED_START, 100)[-1].change_id
+        ingest(profiles, identify("dan", datetime.now(UTC).replace(tzinfo=None).isoformat(), {"plan": "pro"}))
+        time.sleep(changefeed.SETTLE_SECONDS + 1)  # dan's change is older than any move the recompute looks for
+        store.after_moves_read = lambda: Memberships(catalog, store, source).refresh({dan: {"payers"}}, "realtime")
+        second = recomputed(recomputer, store, "payers")
+    finally:
+        recomputer.stop()
+    assert second.error_code is None
+    assert store.member_ids("payers") == {dan, eve}
+    assert [(c.person_id, c.entered, c.cause) for c in store.changes_page("payers", seen, 100)] == [
+        (dan, True, "realtime")]
     assert (second.member_count, second.entered_count, second.exited_count) == (2, 0, 0)
