@@ -54,7 +54,7 @@ class RealTimeAfterTheMovesRead(SegmentStore):
     """The real store; `after_moves_read` runs once, after the next read of the segment's change log (the
     recompute's last read before it writes its diff)."""
 
-    after_moves_read: Callable[[], None] | None = None
+    after_moves_read: Callable[[], object] | None = None
 
     def changes_page(self, *args: Any, **kwargs: Any) -> list[StoredChange]:
         page = super().changes_page(*args, **kwargs)
