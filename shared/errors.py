@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 
+def error_domain(service: str) -> str:
+    """ErrorInfo.domain of every error service `service` reports (its ServiceDefinition.name): the runner's
+    server sets it on synchronous statuses and the service on its operations' errors, both from here."""
+    return f"onecdp.{service}"
+
+
 class StatusCode(StrEnum):
     """The gRPC status codes domain code may use (names match grpc.StatusCode)."""
 

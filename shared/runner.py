@@ -16,6 +16,7 @@ from cassandra.cluster import Cluster
 
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import CassandraSettings, GrpcSettings
+from shared.errors import error_domain
 from shared.migrations import migrate_service
 from shared.server import RunningServer, ServiceRegistration, create_server, serve_until_signalled
 from shared.telemetry import configure_logging, configure_tracing
@@ -88,7 +89,7 @@ def start_service(
         server = create_server(
             registrations, grpc_settings,
             port=grpc_settings.port_of(definition.name) if port is None else port,
-            bind_host=bind_host, error_domain=f"onecdp.{definition.name}",
+            bind_host=bind_host, error_domain=error_domain(definition.name),
         )
     except BaseException:
         for callback in stop_callbacks:

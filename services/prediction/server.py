@@ -54,7 +54,7 @@ from services.prediction.spec import (
 )
 from services.prediction.worker import BackgroundWorker, Job
 from shared.clients import profile_stub
-from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Violations
+from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Violations, error_domain
 from shared.event_times import request_time_problem
 from shared.longrunning import Instead, operation_error, operations_registration
 from shared.runner import ServiceContext, ServiceDefinition
@@ -67,8 +67,9 @@ MAX_TOP_FEATURES = 50
 _SCORE_VIEWS = frozenset(pb.ScoreView.values())
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
-# The error domain of the service's statuses (shared.runner serves each service as onecdp.<name>).
-ERROR_DOMAIN = "onecdp.prediction"
+# The service's name (its DEFINITION), and the ErrorInfo domain its operation errors share with its statuses.
+NAME = "prediction"
+ERROR_DOMAIN = error_domain(NAME)
 # What google.longrunning.Operations says instead of the methods the stored operations cannot support.
 OPERATIONS_INSTEAD = Instead(
     list_operations="operations are stored by id only, so there is nothing to list them by; keep the name "
@@ -528,4 +529,4 @@ def _wire_bytes(response: bytes) -> bytes:
     return response
 
 
-DEFINITION = ServiceDefinition(name="prediction", build=build)
+DEFINITION = ServiceDefinition(name=NAME, build=build)

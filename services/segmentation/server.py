@@ -38,14 +38,15 @@ from services.segmentation.store import LAST_CHANGE_TICKS, OperationRecord, Segm
 from services.segmentation.text import RuleSyntaxError, format_rule, parse
 from shared.changefeed import FEED_START, SETTLE_SECONDS, parse_cursor, time_of
 from shared.clients import prediction_stub, profile_stub
-from shared.errors import InvalidArgument, Violations
+from shared.errors import InvalidArgument, Violations, error_domain
 from shared.longrunning import Instead, operation_error, operation_id_of, operations_registration
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
-# The error domain of the service's statuses (shared.runner serves each service as onecdp.<name>).
-ERROR_DOMAIN = "onecdp.segmentation"
+# The service's name (its DEFINITION), and the ErrorInfo domain its operation errors share with its statuses.
+NAME = "segmentation"
+ERROR_DOMAIN = error_domain(NAME)
 OPERATIONS = "operations/"
 DEFAULT_MEMBERS_PAGE = 100
 MAX_MEMBERS_PAGE = 10_000
@@ -339,4 +340,4 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
                 delete_operation="recompute operations are kept as the record of each segment's recomputes"))]
 
 
-DEFINITION = ServiceDefinition(name="segmentation", build=build)
+DEFINITION = ServiceDefinition(name=NAME, build=build)
