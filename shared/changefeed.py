@@ -75,7 +75,11 @@ class FeedEntry:
 
 def parse_cursor(token: str, field_path: str = "page_token") -> uuid.UUID | None:
     """The cursor a client sent back (empty: the feed's start), an `UnsettledCursor` when it asks for the
-    unsettled tail too; INVALID_ARGUMENT for anything else."""
+    unsettled tail too; INVALID_ARGUMENT for anything else.
+
+    Only the spelling the feed hands out is a cursor (a cursor's `str`, or UNSETTLED_SUFFIX alone for the
+    feed's start): uuid.UUID also reads braces, `urn:uuid:`, upper case and hyphens anywhere or nowhere, which
+    would make several tokens one position and take a token with text added or rearranged."""
     if not token:
         return None
     unsettled = token.endswith(UNSETTLED_SUFFIX)
@@ -84,7 +88,7 @@ def parse_cursor(token: str, field_path: str = "page_token") -> uuid.UUID | None
         cursor = uuid.UUID(position) if position else FEED_START
     except ValueError:
         cursor = None
-    if cursor is None or cursor.version != 1:
+    if cursor is None or cursor.version != 1 or (position and position != str(cursor)):
         raise InvalidArgument.for_field(field_path, "not a cursor of this feed; start without one",
                                         reason="INVALID_CURSOR")
     return UnsettledCursor(int=cursor.int) if unsettled else cursor

@@ -114,3 +114,29 @@ def test_tokens_that_are_not_cursors_are_invalid_arguments(token: str) -> None:
     with pytest.raises(InvalidArgument) as raised:
         parse_cursor(token, "page_token")
     assert raised.value.field_violations[0].field == "page_token"
+
+
+CURSOR = str(uuid.uuid1())
+
+
+@pytest.mark.parametrize("position", [CURSOR.upper(), f"{{{CURSOR}}}", f"{CURSOR}}}}}", f"urn:uuid:{CURSOR}",
+                                      CURSOR.replace("-", ""), f"{CURSOR[:7]}-{CURSOR[7:].replace('-', '')}",
+                                      str(FEED_START).replace("-", "")])
+@pytest.mark.parametrize("suffix", ["", UNSETTLED_SUFFIX])
+def test_only_the_spelling_the_feed_hands_out_is_a_cursor(position: str, suffix: str) -> None:
+    """uuid.UUID reads each of these as the cursor: several tokens would be one position, a tampered one taken."""
+    assert uuid.UUID(position).version == 1
+    with pytest.raises(InvalidArgument) as raised:
+        parse_cursor(position + suffix, "cursor")
+    assert raised.value.reason == "INVALID_CURSOR"
+    assert [v.field for v in raised.value.field_violations] == ["cursor"]
+
+
+def test_the_spellings_the_feed_hands_out_are_cursors() -> None:
+    assert parse_cursor(CURSOR) == uuid.UUID(CURSOR) and not isinstance(parse_cursor(CURSOR), UnsettledCursor)
+    unsettled = parse_cursor(CURSOR + UNSETTLED_SUFFIX)
+    assert isinstance(unsettled, UnsettledCursor) and str(unsettled) == CURSOR + UNSETTLED_SUFFIX
+    assert parse_cursor(str(FEED_START)) == FEED_START
+    assert str(parse_cursor(UNSETTLED_SUFFIX)) == str(UnsettledCursor(int=FEED_START.int)) == with_unsettled(
+        str(FEED_START))
+    assert parse_cursor("") is None
