@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -28,6 +30,13 @@ _OPERATION_COLUMNS = ("operation_id, segment_id, done, shards_done, shards_total
                       "attempt, parallelism, revision, error_reason, error_metadata")
 _OPERATION_MARKERS = ", ".join("?" * (_OPERATION_COLUMNS.count(",") + 1))
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A re-evaluation row this process wrote stays until its time: only a sweep of rows already due deletes one.
+# Writing it again changes nothing, and a recompute schedules most of a segment's persons at the times the
+# recompute before it did (real time at the times its last evaluation did), so the rows written are
+# remembered (the latest SCHEDULE_MEMORY, about 150 bytes each) and not sent again. Only rows due more than
+# SCHEDULE_SKIP_MARGIN from now are skipped: a replica whose clock runs that far ahead could sweep earlier ones.
+SCHEDULE_MEMORY = 200_000
+SCHEDULE_SKIP_MARGIN = timedelta(minutes=10)
 
 
 _UUID_EPOCH_TICKS = 0x01B21DD213814000  # 100-ns ticks from 1582-10-15 (a time UUID's zero) to 1970-01-01
@@ -177,6 +186,9 @@ class SegmentStore:
         # The latest day of each segment's change log this process recorded in the day index: one index
         # write per segment a day instead of one per chunk of changes.
         self._indexed_day: dict[str, date] = {}
+        # (person id, due time) of the re-evaluation rows written, oldest first (see SCHEDULE_MEMORY).
+        self._scheduled: OrderedDict[tuple[str, datetime], None] = OrderedDict()
+        self._scheduled_lock = threading.Lock()
 
     # ---- segments ----
 
@@ -501,10 +513,25 @@ class SegmentStore:
         self.start_schedule(due)()
 
     def start_schedule(self, due: Iterable[tuple[str, datetime]]) -> Callable[[], None]:
-        """`schedule`, returning once the writes are sent: call the result to wait for them."""
+        """`schedule`, returning once the writes are sent: call the result to wait for them. Rows this
+        process wrote before and that are not due soon are not written again (see SCHEDULE_MEMORY)."""
+        horizon = datetime.now(UTC) + SCHEDULE_SKIP_MARGIN
+        with self._scheduled_lock:
+            unwritten = [entry for entry in dict.fromkeys(due) if entry[1] <= horizon or entry not in self._scheduled]
         # In unlogged batches by day: a recompute schedules most of a segment's persons, in few day partitions.
-        return self._session.start_writes([("INSERT INTO reevaluations (day, due_time, person_id) VALUES (?, ?, ?)",
-                                            (when.date(), when, person_id)) for person_id, when in due])
+        sent = self._session.start_writes([("INSERT INTO reevaluations (day, due_time, person_id) VALUES (?, ?, ?)",
+                                            (when.date(), when, person_id)) for person_id, when in unwritten])
+
+        def wait() -> None:
+            sent()  # raises if a write failed: then none of them is remembered
+            with self._scheduled_lock:
+                for entry in unwritten:
+                    if entry[1] > horizon:
+                        self._scheduled[entry] = None
+                        self._scheduled.move_to_end(entry)
+                while len(self._scheduled) > SCHEDULE_MEMORY:
+                    self._scheduled.popitem(last=False)
+        return wait
 
     def due(self, day: date, now: datetime, limit: int) -> list[tuple[datetime, str]]:
         rows = self._session.execute("SELECT due_time, person_id FROM reevaluations WHERE day = ? AND due_time <= ? "
