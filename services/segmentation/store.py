@@ -290,7 +290,9 @@ class SegmentStore:
     def all(self) -> list[SegmentRecord]:
         rows = self._session.execute(f"SELECT {_SEGMENT_READ_COLUMNS} FROM segments WHERE catalog = ?", (CATALOG,),
                                      fetch_size=1000)
-        return [_segment(row) for row in rows]
+        # Once every segment is deleted the partition still holds its catalog version (a static column), and
+        # reads as one row of nulls (see `references`).
+        return [_segment(row) for row in rows if row.segment_id is not None]
 
     def add_revision(self, segment_id: str, revision: int, rule_text: str, when: datetime) -> None:
         self._session.execute("INSERT INTO segment_revisions (segment_id, revision, rule_text, create_time) "
