@@ -387,14 +387,6 @@ class SegmentCatalog:
             raise unreadable_rule(record.segment_id)
         return rule
 
-    @staticmethod
-    def rule_in(rules: Mapping[str, Rule], segment_id: str) -> Rule:
-        """`segment_id`'s rule from `rules()` (the segment exists); FAILED_PRECONDITION when it is unreadable."""
-        rule = rules.get(segment_id)
-        if rule is None:
-            raise unreadable_rule(segment_id)
-        return rule
-
     def _segment(self, record: SegmentRecord, member_count: int | None = None) -> Segment:
         rule = _parsed(record.rule_text)
         return Segment(record.segment_id, record.display_name, record.description, rule,

@@ -404,8 +404,9 @@ class Recomputer:
     def _recompute(self, operation: OperationRecord, stop: threading.Event, started: float) -> OperationRecord:
         segment_id = operation.segment_id
         record = self._catalog.record(segment_id)
-        rules = self._catalog.rules()
-        rule = self._catalog.rule_in(rules, segment_id)
+        # Deleted since `record` was read: NOT_FOUND, as a delete before it would answer.
+        rules = self._catalog.rules_for([segment_id])
+        rule = rules[segment_id]
         cycle = reported_cycle(rule, rules.get)
         if cycle is not None:
             raise FailedPrecondition(

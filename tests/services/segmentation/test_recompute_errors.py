@@ -15,7 +15,7 @@ from services.segmentation.catalog import RuleInput, SegmentCatalog
 from services.segmentation.follower import Memberships
 from services.segmentation.recompute import Recomputer
 from services.segmentation.server import operation_message
-from services.segmentation.store import OperationRecord, SegmentStore
+from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore
 from services.segmentation.text import parse
 from shared.cassandra import CassandraSession
 from shared.errors import FailedPrecondition, Unavailable
@@ -103,3 +103,33 @@ def test_an_operation_failed_before_reasons_were_stored_gets_its_codes_name(
     assert old is not None and old.error_reason is None
     info = error_info(operation_message(old).error)
     assert (info.reason, info.domain, dict(info.metadata)) == ("FAILED_PRECONDITION", "onecdp.segmentation", {})
+
+
+class DeletedOnceTheRecordIsRead(SegmentStore):
+    """The real store; the segment `doomed` is deleted just before the catalog is first read in full (between
+    a recompute's read of the segment's record and its read of every rule)."""
+
+    doomed = ""
+
+    def all(self) -> list[SegmentRecord]:
+        if self.doomed:
+            record = self.get(self.doomed)
+            assert record is not None
+            assert self.delete(self.doomed, record.etag)
+            self.doomed = ""
+        return super().all()
+
+
+def test_a_segment_deleted_as_its_recompute_starts_ends_it_not_found(segmentation_session: CassandraSession) -> None:
+    store = DeletedOnceTheRecordIsRead(segmentation_session)
+    catalog = _catalog_with_pros(store)
+    source: Any = RefusingSource()  # never reached
+    recomputer = Recomputer(catalog, store, source, reconciler=Memberships(catalog, store, source))
+    try:
+        store.doomed = "pros"
+        operation = _finished(store, recomputer.start("pros").operation_id)
+    finally:
+        recomputer.stop()
+    error = operation_message(operation).error
+    assert (error.code, error_info(error).reason) == (code_pb2.NOT_FOUND, "SEGMENT_NOT_FOUND")
+    assert error.message == "segments/pros does not exist"
