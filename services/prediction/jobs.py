@@ -36,6 +36,7 @@ from services.prediction.training import (
     STAGE_QUEUED,
     STAGE_SAVING,
     check_cutoffs,
+    check_horizon_reachable,
     train_version,
 )
 from shared.errors import Aborted, DomainError
@@ -62,9 +63,11 @@ class TrainingRequest:
 
 def start_training(registry: ModelRegistry, request: TrainingRequest,
                    now: Callable[[], datetime] = _utc_now) -> Operation:
-    """Validate, create the TRAINING version and its operation; NotFound / InvalidArgument at once."""
+    """Validate, create the TRAINING version and its operation; NotFound / InvalidArgument at once, and
+    FailedPrecondition (VALIDATION_HORIZON_BEYOND_DATA) for a validation horizon no data can reach yet."""
     spec = registry.get_model(request.model_id).spec
     check_cutoffs(spec, request.training_cutoffs, request.validation_cutoff)
+    check_horizon_reachable(spec, request.training_cutoffs, request.validation_cutoff, now())
     # Owned before the version exists: a version TRAINING is never without a live or expired lease.
     operation_id = registry.own_new_operation()
     try:

@@ -24,7 +24,8 @@ from services.prediction.metrics import (
     top_fraction_lift,
 )
 from services.prediction.spec import ModelSpec
-from shared.errors import FailedPrecondition, Violations
+from shared.errors import FailedPrecondition, FieldViolation, Violations
+from shared.event_times import MAX_FUTURE_SKEW
 
 MAX_BOOSTING_ROUNDS = 2000
 EARLY_STOPPING_ROUNDS = 50
@@ -149,6 +150,35 @@ def check_cutoffs(spec: ModelSpec, training_cutoffs: Sequence[datetime], validat
     if len(set(training_cutoffs)) != len(training_cutoffs):
         violations.add("training_cutoffs", "the training cutoffs must be distinct")
     violations.raise_if_any("the training window is invalid", reason="INVALID_TRAINING_WINDOW")
+
+
+def check_horizon_reachable(spec: ModelSpec, training_cutoffs: Sequence[datetime], validation_cutoff: datetime,
+                            now: datetime) -> None:
+    """Refuse at once a window whose validation horizon ends where no data can reach yet, which `train_version`
+    would refuse only after reading every profile: no event is stamped later than `now` plus MAX_FUTURE_SKEW
+    (profile refuses later ones), so the horizon check below cannot pass. Names the validation cutoff, and each
+    training cutoff whose own horizon ends there too (no window that can pass may hold it)."""
+    horizon = horizon_of(spec)
+    horizon_end = validation_cutoff + horizon
+    latest_possible = now + MAX_FUTURE_SKEW
+    limit = latest_possible + HORIZON_SLACK  # the latest end train_version's check lets through
+    if horizon_end <= limit:
+        return
+
+    def beyond(cutoff: datetime) -> str:
+        return (f"{cutoff.isoformat()} plus the {spec.horizon_days}-day horizon ends at "
+                f"{(cutoff + horizon).isoformat()}, after {limit.isoformat()}: no data can reach it yet")
+
+    violations = [FieldViolation("validation_cutoff", beyond(validation_cutoff))]
+    violations += [FieldViolation(f"training_cutoffs[{index}]", beyond(cutoff))
+                   for index, cutoff in enumerate(training_cutoffs) if cutoff + horizon > limit]
+    raise FailedPrecondition(
+        f"the validation horizon ends at {horizon_end.isoformat()}, but no activity event can be later than "
+        f"{latest_possible.isoformat()} (now plus the {MAX_FUTURE_SKEW.days}-day clock skew events may have), so "
+        "the data cannot cover it; choose an earlier validation cutoff",
+        reason="VALIDATION_HORIZON_BEYOND_DATA", field_violations=violations,
+        metadata={"latest_possible_event_time": latest_possible.isoformat(),
+                  "validation_horizon_end": horizon_end.isoformat()})
 
 
 def train_version(spec: ModelSpec, source: ProfileSource, training_cutoffs: Sequence[datetime],

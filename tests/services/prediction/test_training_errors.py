@@ -5,11 +5,14 @@ GetOperation, over real gRPC and in the conversion itself. Real Cassandra."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
+import grpc
 import pytest
 from google.longrunning import operations_proto_pb2 as lro_pb
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2
+from grpc_status import rpc_status
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
@@ -18,7 +21,7 @@ from services.prediction.registry import ModelRegistry
 from services.prediction.server import operation_message
 from services.prediction.spec import PredictionKind, resolve_spec
 from tests.services.prediction.synthetic import day, synthetic_source
-from tests.status_details import error_info
+from tests.status_details import error_info, field_violations
 
 pytestmark = pytest.mark.integration
 
@@ -76,3 +79,29 @@ def test_get_operation_of_a_failed_training_has_error_info(
     info = error_info(operation.error)
     assert (info.domain, info.reason, info.metadata["latest_event_time"]) == (
         "onecdp.prediction", "VALIDATION_HORIZON_BEYOND_DATA", "none"), info
+
+
+def test_a_validation_horizon_no_data_can_reach_yet_is_refused_before_any_operation(
+        prediction: pb_grpc.PredictionServiceStub) -> None:
+    """Events are stamped at most a day ahead of now, so a validation horizon ending later can only fail: the
+    call says so at once instead of answering an operation that fails after scanning every profile."""
+    stub = prediction
+    stub.CreateModel(pb.CreateModelRequest(model_id="buyers", model=pb.Model(spec=pb.ModelSpec(
+        kind=pb.PREDICTION_KIND_CONVERSION, horizon_days=30))), timeout=10)
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    cutoffs = [today - timedelta(days=90), today + timedelta(days=5)]
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.TrainModel(pb.TrainModelRequest(
+            name="models/buyers", training_cutoffs=[_timestamp(f"{c:%Y-%m-%dT%H:%M:%SZ}") for c in cutoffs],
+            validation_cutoff=_timestamp(f"{today + timedelta(days=40):%Y-%m-%dT%H:%M:%SZ}")), timeout=10)
+    assert raised.value.code() is grpc.StatusCode.FAILED_PRECONDITION, raised.value
+    status = rpc_status.from_call(raised.value)
+    assert status is not None
+    info = error_info(status)
+    assert (info.domain, info.reason) == ("onecdp.prediction", "VALIDATION_HORIZON_BEYOND_DATA"), info
+    assert info.metadata["validation_horizon_end"] == (today + timedelta(days=70)).isoformat()
+    assert [field for field, _ in field_violations(raised.value)] == ["validation_cutoff", "training_cutoffs[1]"]
+    assert "choose an earlier validation cutoff" in (raised.value.details() or "")
+    # No version was started (nor its operation).
+    versions = stub.ListModelVersions(pb.ListModelVersionsRequest(parent="models/buyers"), timeout=10)
+    assert list(versions.model_versions) == []

@@ -529,7 +529,9 @@ class TrainModelRequest(_message.Message):
         """The validation cutoff (1990-01-01 to 9000-01-01): a later, held-out period for early stopping
         and metrics. Its horizon must end no later than one day after the latest activity event in the data (identify
         and alias events do not count), or the operation fails with FAILED_PRECONDITION
-        (VALIDATION_HORIZON_BEYOND_DATA).
+        (VALIDATION_HORIZON_BEYOND_DATA). When the horizon ends more than two days after now, no data can
+        reach it yet (events are stamped at most a day ahead): the call itself fails so, before any operation
+        starts, naming this field (and each training cutoff whose horizon ends that late too).
         """
 
     def __init__(
