@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -36,7 +35,7 @@ from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, Pro
 from services.profile.scan_response import profile_bytes, scan_response_bytes
 from services.profile.shards import format_shard, parse_shard, split_ring
 from services.profile.store import EventSelection, ProfileStore, from_micros, micros
-from shared.changefeed import UNSETTLED_SUFFIX, ChangeFeed, parse_cursor
+from shared.changefeed import ChangeFeed, parse_cursor
 from shared.clients import identity_stub
 from shared.errors import InvalidArgument, ResourceExhausted, Violations
 from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW, request_time_problem
@@ -493,13 +492,13 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
 
     def ListProfileChanges(self, request: pb.ListProfileChangesRequest,
                            context: grpc.ServicerContext) -> pb.ListProfileChangesResponse:
-        changes, cursor = self._profiles.changes(_feed_cursor(request.page_token, "page_token"),
+        changes, cursor = self._profiles.changes(parse_cursor(request.page_token, "page_token"),
                                                  _page_size(request.page_size))
         return pb.ListProfileChangesResponse(changes=[_change(c) for c in changes], next_page_token=str(cursor))
 
     def WatchProfileChanges(self, request: pb.WatchProfileChangesRequest,
                             context: grpc.ServicerContext) -> Iterator[pb.ProfileChange]:
-        cursor = _feed_cursor(request.cursor, "cursor")
+        cursor = parse_cursor(request.cursor, "cursor")
         while context.is_active():
             changes, cursor = self._profiles.changes(cursor, MAX_PAGE_SIZE)
             yield from (_change(c) for c in changes)
@@ -569,17 +568,6 @@ def _event_cursor(token: str, now: datetime) -> tuple[datetime, str] | None:
             return event_time, message_id
     raise InvalidArgument.for_field("page_token", "not a token returned by this method; start without one",
                                     reason="INVALID_PAGE_TOKEN")
-
-
-def _feed_cursor(token: str, field_path: str) -> uuid.UUID | None:
-    """`parse_cursor`, held to the tokens this service hands out (a cursor's `str`, or UNSETTLED_SUFFIX alone for
-    the feed's start): uuid.UUID also reads braces (any number at the end), `urn:uuid:` and hyphens anywhere, so
-    a cursor with text appended or rearranged was taken as that cursor."""
-    cursor = parse_cursor(token, field_path)
-    if cursor is not None and token not in (str(cursor), UNSETTLED_SUFFIX):
-        raise InvalidArgument.for_field(field_path, "not a cursor of this feed; start without one",
-                                        reason="INVALID_CURSOR")
-    return cursor
 
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
