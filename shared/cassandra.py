@@ -14,7 +14,7 @@ import re
 import struct
 import threading
 from collections import namedtuple
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -220,6 +220,28 @@ class CassandraSession:
             statement.fetch_size = fetch_size
         limit = deadline.timeout_within(timeout or self._request_timeout)
         return self._call(self._session.execute, statement, timeout=limit, execution_profile=_profile_for(cql))
+
+    def rows(self, cql: str, params: Sequence[Any] = (), *, timeout: float | None = None,
+             consistency: int | None = None, fetch_size: int | None = None) -> list[Any]:
+        """Every row of the statement (`execute`'s options), all its pages read now (see `rows_of`)."""
+        return list(self.iterate(cql, params, timeout=timeout, consistency=consistency, fetch_size=fetch_size))
+
+    def iterate(self, cql: str, params: Sequence[Any] = (), *, timeout: float | None = None,
+                consistency: int | None = None, fetch_size: int | None = None) -> Iterator[Any]:
+        """The rows of the statement (`execute`'s options) as the caller reads them: it runs now, and each
+        later page is fetched when the iteration reaches it (see `rows_of`), for a long scan that streams."""
+        return self.rows_of(self.execute(cql, params, timeout=timeout, consistency=consistency,
+                                         fetch_size=fetch_size))
+
+    def rows_of(self, result: Any) -> Iterator[Any]:
+        """The rows of a driver result (of `execute` or `result`), fetching its later pages inside driver-error
+        translation. Iterating the ResultSet itself fetches them outside the call that ran the statement: a
+        timeout on page 2 would reach the caller untranslated (INTERNAL), not as UNAVAILABLE/DEADLINE_EXCEEDED."""
+        while True:
+            yield from result.current_rows
+            if not result.has_more_pages:
+                return
+            self._call(result.fetch_next_page)
 
     def execute_async(self, cql: str, params: Sequence[Any] = (), *, timeout: float | None = None) -> ResponseFuture:
         statement = self.prepare(cql)
@@ -443,7 +465,7 @@ class PendingRows:
             result = self._session.result(future)
             if cql is not None and len(result.current_rows) >= IN_READ_ROWS:
                 result = self._session.execute(cql, params)  # maybe cut off by the limit: all of them, paged
-            rows.extend(result)
+            rows.extend(self._session.rows_of(result))
         return rows
 
 

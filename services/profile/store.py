@@ -279,7 +279,8 @@ class ProfileStore:
     def scan(self, start_token: int, end_token: int, page_size: int) -> Iterator[tuple[int, ProfileRow]]:
         """Profile rows whose partition token is in (start_token, end_token], in token order, with their token;
         merged and erased ones included."""
-        rows = self._session.execute(
+        # Streamed: each page is fetched (its driver errors translated) when the caller reaches it.
+        rows = self._session.iterate(
             "SELECT token(person_id) AS person_token, person_id, merged_into, merged_person_ids, erased, update_time "
             "FROM profiles WHERE token(person_id) > ? AND token(person_id) <= ?", (start_token, end_token),
             fetch_size=page_size)
@@ -295,7 +296,7 @@ class ProfileStore:
         sources = {e.person_id for e, _ in moves}
         trait_rows: dict[str, list[Any]] = {}
         for source in sources:
-            trait_rows[source] = list(self._session.execute(_SELECT_TRAITS, ([source],)))
+            trait_rows[source] = self._session.rows(_SELECT_TRAITS, ([source],))
         inserts: list[ResponseFuture] = []
         deletes: list[tuple[str, Sequence[Any]]] = []
         for event, target in moves:
@@ -331,7 +332,7 @@ class ProfileStore:
             row.party or 0,
             # Writes stored before origins were recorded follow the person they were stored under.
             TraitOrigin(row.origin_person_id or row.person_id, tuple(row.identifier) if row.identifier else None))
-            for future in futures for row in self._session.result(future)
+            for future in futures for row in self._session.rows_of(self._session.result(future))
             if row.message_id.startswith(DIRECT_WRITE_PREFIX)]
 
     def move_direct_traits(self, moves: Sequence[tuple[DirectTraitRow, str]]) -> None:

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession, translate_driver_error
+from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
 from shared.changefeed import FEED_START
-from shared.errors import DomainError
 from shared.leases import FollowerLease
 
 CATALOG = 0  # the one partition of the segments table (and of running_operations)
@@ -195,8 +194,8 @@ class SegmentStore:
     def references(self) -> tuple[dict[str, frozenset[str]], CatalogVersion]:
         """Every segment's references, and the catalog version they are at (read at SERIAL: the latest
         rule change saved, even one whose lightweight transaction has not reached every replica)."""
-        rows = self._session.execute("SELECT segment_id, referenced, catalog_version FROM segments WHERE catalog = ?",
-                                     (CATALOG,), consistency=SERIAL_CONSISTENCY)
+        rows = self._session.rows("SELECT segment_id, referenced, catalog_version FROM segments WHERE catalog = ?",
+                                  (CATALOG,), consistency=SERIAL_CONSISTENCY)
         references, version = {}, None
         for row in rows:
             version = row.catalog_version
@@ -288,8 +287,8 @@ class SegmentStore:
         return [_segment(row) for row in rows]
 
     def all(self) -> list[SegmentRecord]:
-        rows = self._session.execute(f"SELECT {_SEGMENT_READ_COLUMNS} FROM segments WHERE catalog = ?", (CATALOG,),
-                                     fetch_size=1000)
+        rows = self._session.rows(f"SELECT {_SEGMENT_READ_COLUMNS} FROM segments WHERE catalog = ?", (CATALOG,),
+                                  fetch_size=1000)
         # Once every segment is deleted the partition still holds its catalog version (a static column), and
         # reads as one row of nulls (see `references`).
         return [_segment(row) for row in rows if row.segment_id is not None]
@@ -433,16 +432,16 @@ class SegmentStore:
     def _change_days(self, segment_id: str, first: date | None, last: date | None) -> list[date]:
         """The days of the segment's change log from `first` through `last` (None: unbounded), in order."""
         if first is None:
-            rows = self._session.execute("SELECT day FROM membership_change_days WHERE segment_id = ?",
-                                         (segment_id,), fetch_size=1000)
+            rows = self._session.rows("SELECT day FROM membership_change_days WHERE segment_id = ?",
+                                      (segment_id,), fetch_size=1000)
         elif last is None:
-            rows = self._session.execute("SELECT day FROM membership_change_days WHERE segment_id = ? AND day >= ?",
-                                         (segment_id, first), fetch_size=1000)
+            rows = self._session.rows("SELECT day FROM membership_change_days WHERE segment_id = ? AND day >= ?",
+                                      (segment_id, first), fetch_size=1000)
         else:
-            rows = self._session.execute("SELECT day FROM membership_change_days WHERE segment_id = ? AND day >= ? "
-                                         "AND day <= ?", (segment_id, first, last), fetch_size=1000)
+            rows = self._session.rows("SELECT day FROM membership_change_days WHERE segment_id = ? AND day >= ? "
+                                      "AND day <= ?", (segment_id, first, last), fetch_size=1000)
         # The driver returns cassandra.util.Date for `date` columns.
-        return [row.day.date() for row in _every_row(rows)]
+        return [row.day.date() for row in rows]
 
     def changes_page(self, segment_id: str, after: uuid.UUID, limit: int,
                      through: uuid.UUID | None = None) -> list[StoredChange]:
@@ -578,20 +577,8 @@ class SegmentStore:
 
     def running_operations(self) -> list[str]:
         """The operations not done yet, whichever process runs them (or ran them and stopped)."""
-        rows = self._session.execute("SELECT operation_id FROM running_operations WHERE catalog = ?", (CATALOG,))
+        rows = self._session.rows("SELECT operation_id FROM running_operations WHERE catalog = ?", (CATALOG,))
         return [row.operation_id for row in rows]
-
-
-def _every_row(rows: Any) -> list[Any]:
-    """Every row of a paged driver result, read now. Iterating it fetches the later pages outside the
-    CassandraSession call that ran the statement: a driver error there (a timeout on page 2) is translated
-    here as that call translates the first page's, not left to reach the caller as INTERNAL."""
-    try:
-        return list(rows)
-    except DomainError:
-        raise
-    except Exception as error:  # translated below, or re-raised untouched
-        raise translate_driver_error(error) from error
 
 
 def _values(record: SegmentRecord) -> Iterable[object]:

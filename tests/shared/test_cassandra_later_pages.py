@@ -1,0 +1,186 @@
+"""A driver failure while a later page of a read is fetched comes out as the same domain error as the first page's.
+
+`CassandraSession.execute` translates driver errors (a timeout becomes UNAVAILABLE, or DEADLINE_EXCEEDED once
+the caller's deadline passed), but iterating the ResultSet it returns fetches pages 2..n outside it: a timeout
+there reached the gRPC caller as INTERNAL. Against real Cassandra: real paged reads (small pages over a few
+rows) whose every fetch of a further page times out in the driver (`ResultSet.fetch_next_page` raises
+OperationTimedOut, as it does when a page's response does not arrive in time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cassandra import OperationTimedOut
+from cassandra.cluster import Cluster, ResultSet
+
+import shared.cassandra
+from services.profile.store import ProfileStore
+from services.segmentation.store import CATALOG, SegmentStore
+from shared import deadline
+from shared.cassandra import CassandraSession, connect_cluster, open_session
+from shared.config import CassandraSettings
+from shared.errors import DeadlineExceeded, Unavailable
+from shared.migrations import apply_migrations, load_migrations, migrate_service
+
+pytestmark = pytest.mark.integration
+
+_MIN_TOKEN, _MAX_TOKEN = -(2**63), 2**63 - 1
+
+
+@pytest.fixture
+def later_pages_time_out(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every fetch of a further page of any read times out; the list counts the fetches tried."""
+    fetches: list[int] = []
+
+    def time_out(result: ResultSet) -> None:
+        fetches.append(len(result.current_rows))
+        raise OperationTimedOut("no response for the next page (test)")
+
+    monkeypatch.setattr(ResultSet, "fetch_next_page", time_out)
+    return fetches
+
+
+@pytest.fixture
+def items_session(tmp_path: Path, admin_session: CassandraSession,
+                  cassandra_settings: CassandraSettings) -> Iterator[CassandraSession]:
+    """A session on a keyspace of this test's own whose `items` table holds 3 partitions of 5 rows; reads without
+    a fetch size of their own are paged 2 rows at a time."""
+    keyspace = cassandra_settings.keyspace("items")
+    (tmp_path / "0001_items.cql").write_text(
+        "CREATE TABLE IF NOT EXISTS {keyspace}.items (k int, c int, PRIMARY KEY (k, c));")
+    apply_migrations(admin_session, keyspace, load_migrations(tmp_path), cassandra_settings)
+    cluster = connect_cluster(cassandra_settings)
+    try:
+        session = open_session(cluster, keyspace, cassandra_settings.request_timeout_seconds)
+        session.write_all([("INSERT INTO items (k, c) VALUES (?, ?)", (k, c)) for k in range(3) for c in range(5)])
+        session.driver_session.default_fetch_size = 2
+        yield session
+    finally:
+        cluster.shutdown()
+
+
+def _assert_unavailable(error: Unavailable) -> None:
+    assert error.reason == "STORAGE_UNAVAILABLE"
+    assert "OperationTimedOut" in error.message
+    assert isinstance(error.__cause__, OperationTimedOut)
+
+
+def test_paged_reads_return_every_row(items_session: CassandraSession) -> None:
+    # The helpers read every page (fetch size 2 over 5 rows: 3 pages), in clustering order.
+    cql = "SELECT c FROM items WHERE k = ?"
+    assert [row.c for row in items_session.rows(cql, (1,), fetch_size=2)] == [0, 1, 2, 3, 4]
+    assert [row.c for row in items_session.iterate(cql, (1,), fetch_size=2)] == [0, 1, 2, 3, 4]
+    pending = items_session.start_reads(cql, [(0,), (2,)], limited=False)
+    assert sorted(row.c for row in pending.rows()) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_a_later_page_of_a_list_read_fails_translated(items_session: CassandraSession,
+                                                      later_pages_time_out: list[int]) -> None:
+    with pytest.raises(Unavailable) as raised:
+        items_session.rows("SELECT c FROM items WHERE k = ?", (1,), fetch_size=2)
+    _assert_unavailable(raised.value)
+    assert later_pages_time_out == [2]  # the first page arrived; fetching the second failed
+
+
+def test_a_later_page_of_a_streamed_read_fails_translated(items_session: CassandraSession,
+                                                          later_pages_time_out: list[int]) -> None:
+    rows = items_session.iterate("SELECT k, c FROM items", fetch_size=2)
+    assert len([next(rows), next(rows)]) == 2  # the first page, before any further one is fetched
+    assert later_pages_time_out == []
+    with pytest.raises(Unavailable) as raised:
+        next(rows)
+    _assert_unavailable(raised.value)
+
+
+def test_a_later_page_past_the_callers_deadline_is_deadline_exceeded(items_session: CassandraSession,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def time_out_at_the_deadline(result: ResultSet) -> None:
+        time.sleep(max(0.0, deadline.remaining() or 0.0))
+        raise OperationTimedOut("no response for the next page (test)")
+
+    monkeypatch.setattr(ResultSet, "fetch_next_page", time_out_at_the_deadline)
+    with deadline.deadline_after(2.0):
+        rows = items_session.iterate("SELECT c FROM items WHERE k = ?", (0,), fetch_size=2)
+        assert [row.c for row in (next(rows), next(rows))] == [0, 1]
+        with pytest.raises(DeadlineExceeded) as raised:
+            next(rows)
+    assert raised.value.reason == "STORAGE_DEADLINE"
+
+
+def test_a_later_page_of_pending_range_reads_fails_translated(items_session: CassandraSession,
+                                                              later_pages_time_out: list[int]) -> None:
+    # limited=False: each read is paged by the driver (its default fetch size: 2 here).
+    pending = items_session.start_reads("SELECT c FROM items WHERE k = ?", [(0,), (1,)], limited=False)
+    with pytest.raises(Unavailable) as raised:
+        pending.rows()
+    _assert_unavailable(raised.value)
+
+
+def test_a_later_page_of_a_pending_read_again_without_its_limit_fails_translated(
+        items_session: CassandraSession, later_pages_time_out: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    # An IN read that fills its LIMIT is read again without it, paged: its second page fails.
+    monkeypatch.setattr(shared.cassandra, "IN_READ_ROWS", 2)
+    pending = items_session.select_in("SELECT k, c FROM items WHERE k IN ?", (), [0, 1, 2])
+    with pytest.raises(Unavailable) as raised:
+        pending.rows()
+    _assert_unavailable(raised.value)
+    assert later_pages_time_out == [2]  # the limited read's later pages are never fetched; the re-read's are
+
+
+def _service_session(cluster_settings: CassandraSettings, admin_session: CassandraSession,
+                     service: str) -> tuple[CassandraSession, Cluster]:
+    migrate_service(admin_session, service, cluster_settings)
+    cluster = connect_cluster(cluster_settings)
+    session = open_session(cluster, cluster_settings.keyspace(service), cluster_settings.request_timeout_seconds)
+    return session, cluster
+
+
+@pytest.mark.parametrize("read", ["all", "references", "running_operations"])
+def test_segment_store_reads_fail_translated_on_a_later_page(read: str, admin_session: CassandraSession,
+                                                             cassandra_settings: CassandraSettings,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    session, cluster = _service_session(cassandra_settings, admin_session, "segmentation")
+    try:
+        # More segments than all()'s page of 1000; reads with the default fetch size are paged by 2.
+        session.write_all([("INSERT INTO segments (catalog, segment_id, rule_text, revision, state, etag) "
+                            "VALUES (?, ?, ?, ?, ?, ?)", (CATALOG, f"s{n:04d}", "true", 1, 0, "e"))
+                           for n in range(1001)]
+                          + [("INSERT INTO running_operations (catalog, operation_id) VALUES (?, ?)",
+                              (CATALOG, f"op{n}")) for n in range(3)])
+        session.driver_session.default_fetch_size = 2
+        store = SegmentStore(session)
+        assert len(store.all()) == 1001
+        assert len(store.references()[0]) == 1001
+        assert sorted(store.running_operations()) == ["op0", "op1", "op2"]
+
+        def time_out(result: ResultSet) -> None:
+            raise OperationTimedOut("no response for the next page (test)")
+        monkeypatch.setattr(ResultSet, "fetch_next_page", time_out)
+        with pytest.raises(Unavailable) as raised:
+            getattr(store, read)()
+        _assert_unavailable(raised.value)
+    finally:
+        cluster.shutdown()
+
+
+def test_a_profile_scan_streams_and_fails_translated_on_a_later_page(admin_session: CassandraSession,
+                                                                     cassandra_settings: CassandraSettings,
+                                                                     later_pages_time_out: list[int]) -> None:
+    session, cluster = _service_session(cassandra_settings, admin_session, "profile")
+    try:
+        now = datetime.now(UTC)
+        session.write_all([("INSERT INTO profiles (person_id, update_time) VALUES (?, ?)", (f"p{n}", now))
+                           for n in range(5)])
+        scan = ProfileStore(session).scan(_MIN_TOKEN, _MAX_TOKEN, page_size=2)
+        assert len([next(scan), next(scan)]) == 2
+        assert later_pages_time_out == []  # streamed: the next page is fetched only when reached
+        with pytest.raises(Unavailable) as raised:
+            next(scan)
+        _assert_unavailable(raised.value)
+    finally:
+        cluster.shutdown()
