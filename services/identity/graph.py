@@ -1179,7 +1179,7 @@ class IdentityGraph:
         return self._recompute_after_retraction({key, *others}, reason or f"unlink identifier {key}")
 
     def neighbours_of(self, key: IdKey) -> set[IdKey]:
-        return {IdKey(r.other_type, r.other_value) for r in self._session.execute(
+        return {IdKey(r.other_type, r.other_value) for r in self._session.iterate(
             "SELECT other_type, other_value FROM links WHERE id_type = ? AND id_value = ?", (key.type, key.value))}
 
     def _delete_pair_links(self, pairs: Sequence[tuple[IdKey, IdKey]]) -> None:
@@ -1221,8 +1221,10 @@ class IdentityGraph:
             message_ids: set[str] = set()
             deletes: list[tuple[str, Sequence[Any]]] = []
             for key, (links_future, sightings_future) in zip(members, reads, strict=True):
-                others = {IdKey(r.other_type, r.other_value) for r in self._session.result(links_future)}
-                message_ids |= {r.message_id for r in self._session.result(sightings_future)}
+                # Both may span pages (an identifier seen in thousands of messages): rows_of translates their errors.
+                others = {IdKey(r.other_type, r.other_value)
+                          for r in self._session.rows_of(self._session.result(links_future))}
+                message_ids |= {r.message_id for r in self._session.rows_of(self._session.result(sightings_future))}
                 link_count += len(others)
                 outside |= others - member_set
                 deletes += [("DELETE FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? "
@@ -1309,7 +1311,7 @@ class IdentityGraph:
     def person_members(self, person_id: str) -> list[IdKey]:
         if not person_id:
             return []
-        return [IdKey(r.id_type, r.id_value) for r in self._session.execute(
+        return [IdKey(r.id_type, r.id_value) for r in self._session.iterate(
             "SELECT id_type, id_value FROM person_identifiers WHERE person_id = ?", (person_id,))
             if r.id_type is not None]  # a partition holding only the person's static columns
 

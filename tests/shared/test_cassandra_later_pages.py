@@ -19,6 +19,8 @@ from cassandra import OperationTimedOut
 from cassandra.cluster import Cluster, ResultSet
 
 import shared.cassandra
+from services.identity.graph import IdentityGraph
+from services.identity.partition import IdKey
 from services.profile.store import ProfileStore
 from services.segmentation.store import CATALOG, SegmentStore
 from shared import deadline
@@ -181,6 +183,33 @@ def test_a_profile_scan_streams_and_fails_translated_on_a_later_page(admin_sessi
         assert later_pages_time_out == []  # streamed: the next page is fetched only when reached
         with pytest.raises(Unavailable) as raised:
             next(scan)
+        _assert_unavailable(raised.value)
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.parametrize("read", ["person_members", "neighbours_of"])
+def test_identity_graph_reads_fail_translated_on_a_later_page(read: str, admin_session: CassandraSession,
+                                                              cassandra_settings: CassandraSettings,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A person can hold up to MAX_COMPONENT_IDENTIFIERS identifiers, an identifier link to as many: more than a
+    # page of the driver's (5000 rows by default; 2 here).
+    session, cluster = _service_session(cassandra_settings, admin_session, "identity")
+    try:
+        session.write_all([("INSERT INTO person_identifiers (person_id, id_type, id_value) VALUES (?, ?, ?)",
+                            ("p1", "email", f"e{n}")) for n in range(5)]
+                          + [("INSERT INTO links (id_type, id_value, other_type, other_value, message_id) "
+                              "VALUES (?, ?, ?, ?, ?)", ("email", "e0", "device", f"d{n}", "m1")) for n in range(5)])
+        session.driver_session.default_fetch_size = 2
+        graph = IdentityGraph(session)
+        arguments = {"person_members": ("p1",), "neighbours_of": (IdKey("email", "e0"),)}[read]
+        assert len(getattr(graph, read)(*arguments)) == 5
+
+        def time_out(result: ResultSet) -> None:
+            raise OperationTimedOut("no response for the next page (test)")
+        monkeypatch.setattr(ResultSet, "fetch_next_page", time_out)
+        with pytest.raises(Unavailable) as raised:
+            getattr(graph, read)(*arguments)
         _assert_unavailable(raised.value)
     finally:
         cluster.shutdown()
