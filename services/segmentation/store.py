@@ -357,8 +357,9 @@ class SegmentStore:
         futures.append(self._session.execute_async(
             "SELECT person_id, enter_time FROM members WHERE segment_id = ? AND person_id > ? LIMIT ?",
             (segment_id, after, limit)))
-        sources = [[(row.person_id, _utc(row.enter_time) or _EPOCH) for row in self._session.result(future)]
-                   for future in futures]
+        # A page of up to 10,000 members spans driver pages: read through rows_of (translated fetches).
+        sources = [[(row.person_id, _utc(row.enter_time) or _EPOCH)
+                    for row in self._session.rows_of(self._session.result(future))] for future in futures]
         page: list[tuple[str, datetime]] = []
         for person_id, enter_time in heapq.merge(*sources, key=lambda member: member[0]):
             if page and page[-1][0] == person_id:
@@ -374,8 +375,8 @@ class SegmentStore:
             for bucket in range(MEMBER_BUCKETS)]
         futures.append(self._session.execute_async("SELECT person_id FROM members WHERE segment_id = ?",
                                                    (segment_id,)))
-        # Iterating a result fetches its further pages.
-        return {row.person_id for future in futures for row in self._session.result(future)}
+        # A big segment's buckets span pages: each later page is fetched inside driver-error translation too.
+        return {row.person_id for future in futures for row in self._session.rows_of(self._session.result(future))}
 
     def is_member(self, segment_id: str, person_id: str) -> bool:
         return (segment_id, person_id) in self.memberships([(segment_id, person_id)])
@@ -475,11 +476,12 @@ class SegmentStore:
                     "SELECT change_id, person_id, entered, cause FROM membership_change_log WHERE segment_id = ? "
                     "AND day = ? AND change_id > ? AND change_id <= ? LIMIT ?",
                     (segment_id, day, after, through, limit - len(changes)))
-            changes += [StoredChange(row.change_id, row.person_id, row.entered, row.cause) for row in rows]
+            changes += [StoredChange(row.change_id, row.person_id, row.entered, row.cause)
+                        for row in self._session.rows_of(rows)]
             if len(changes) >= limit:
                 break
         changes += [StoredChange(row.change_id, row.person_id, row.entered, row.cause)
-                    for row in self._session.result(legacy)]
+                    for row in self._session.rows_of(self._session.result(legacy))]
         # Each source gave its first `limit` changes after the cursor: the first `limit` of both are among them.
         return sorted(changes, key=lambda change: timeuuid_order(change.change_id))[:limit]
 

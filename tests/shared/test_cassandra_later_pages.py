@@ -10,7 +10,7 @@ OperationTimedOut, as it does when a page's response does not arrive in time).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from services.profile.store import ProfileStore
 from services.segmentation.store import CATALOG, SegmentStore
 from shared import deadline
 from shared.cassandra import CassandraSession, connect_cluster, open_session
+from shared.changefeed import FEED_START
 from shared.config import CassandraSettings
 from shared.errors import DeadlineExceeded, Unavailable
 from shared.migrations import apply_migrations, load_migrations, migrate_service
@@ -165,6 +166,35 @@ def test_segment_store_reads_fail_translated_on_a_later_page(read: str, admin_se
         monkeypatch.setattr(ResultSet, "fetch_next_page", time_out)
         with pytest.raises(Unavailable) as raised:
             getattr(store, read)()
+        _assert_unavailable(raised.value)
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.parametrize("read", ["member_ids", "members_page", "changes_page"])
+def test_segment_member_reads_fail_translated_on_a_later_page(read: str, admin_session: CassandraSession,
+                                                              cassandra_settings: CassandraSettings,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    session, cluster = _service_session(cassandra_settings, admin_session, "segmentation")
+    try:
+        store = SegmentStore(session)
+        # 40 members over 16 buckets: some bucket holds 3 or more, more than a page of 2.
+        store.apply_changes("big", [f"p{n:02d}" for n in range(40)], [], "test", datetime.now(UTC))
+        session.driver_session.default_fetch_size = 2
+
+        def read_them() -> Sized:
+            if read == "member_ids":
+                return store.member_ids("big")
+            if read == "members_page":
+                return store.members_page("big", "", 100)
+            return store.changes_page("big", FEED_START, 100)
+        assert len(read_them()) == 40
+
+        def time_out(result: ResultSet) -> None:
+            raise OperationTimedOut("no response for the next page (test)")
+        monkeypatch.setattr(ResultSet, "fetch_next_page", time_out)
+        with pytest.raises(Unavailable) as raised:
+            read_them()
         _assert_unavailable(raised.value)
     finally:
         cluster.shutdown()
