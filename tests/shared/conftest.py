@@ -7,21 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from shared.cassandra import CassandraSession, connect_cluster, open_session
+from shared.cassandra import CassandraSession
 from shared.config import CassandraSettings
-from shared.migrations import apply_migrations, load_migrations
+from tests.shared.keyspaces import keyspace_of_its_own
 
 
 @pytest.fixture
 def lease_session(tmp_path: Path, admin_session: CassandraSession,
                   cassandra_settings: CassandraSettings) -> Iterator[CassandraSession]:
     """A session on a keyspace of this test's own holding the table shared.leases documents."""
-    keyspace = cassandra_settings.keyspace("profile")
-    (tmp_path / "0001_leases.cql").write_text(
-        "CREATE TABLE IF NOT EXISTS {keyspace}.follower_leases (name text PRIMARY KEY, owner text);")
-    apply_migrations(admin_session, keyspace, load_migrations(tmp_path), cassandra_settings)
-    cluster = connect_cluster(cassandra_settings)
-    try:
-        yield open_session(cluster, keyspace, cassandra_settings.request_timeout_seconds)
-    finally:
-        cluster.shutdown()
+    with keyspace_of_its_own(tmp_path, admin_session, cassandra_settings, "profile",
+                             "CREATE TABLE IF NOT EXISTS {keyspace}.follower_leases "
+                             "(name text PRIMARY KEY, owner text);") as session:
+        yield session

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sized
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from cassandra import OperationTimedOut
-from cassandra.cluster import Cluster, ResultSet
+from cassandra.cluster import ResultSet
 
 import shared.cassandra
 from services.identity.graph import IdentityGraph
@@ -28,16 +29,16 @@ from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.changefeed import FEED_START
 from shared.config import CassandraSettings
 from shared.errors import DeadlineExceeded, Unavailable
-from shared.migrations import apply_migrations, load_migrations, migrate_service
+from shared.migrations import migrate_service
+from tests.shared.keyspaces import keyspace_of_its_own
 
 pytestmark = pytest.mark.integration
 
 _MIN_TOKEN, _MAX_TOKEN = -(2**63), 2**63 - 1
 
 
-@pytest.fixture
-def later_pages_time_out(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every fetch of a further page of any read times out; the list counts the fetches tried."""
+def time_out_later_pages(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on every fetch of a further page of any read times out; the list counts the fetches tried."""
     fetches: list[int] = []
 
     def time_out(result: ResultSet) -> None:
@@ -49,22 +50,21 @@ def later_pages_time_out(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.fixture
+def later_pages_time_out(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    return time_out_later_pages(monkeypatch)
+
+
+@pytest.fixture
 def items_session(tmp_path: Path, admin_session: CassandraSession,
                   cassandra_settings: CassandraSettings) -> Iterator[CassandraSession]:
     """A session on a keyspace of this test's own whose `items` table holds 3 partitions of 5 rows; reads without
     a fetch size of their own are paged 2 rows at a time."""
-    keyspace = cassandra_settings.keyspace("items")
-    (tmp_path / "0001_items.cql").write_text(
-        "CREATE TABLE IF NOT EXISTS {keyspace}.items (k int, c int, PRIMARY KEY (k, c));")
-    apply_migrations(admin_session, keyspace, load_migrations(tmp_path), cassandra_settings)
-    cluster = connect_cluster(cassandra_settings)
-    try:
-        session = open_session(cluster, keyspace, cassandra_settings.request_timeout_seconds)
+    with keyspace_of_its_own(tmp_path, admin_session, cassandra_settings, "items",
+                             "CREATE TABLE IF NOT EXISTS {keyspace}.items (k int, c int, PRIMARY KEY (k, c));"
+                             ) as session:
         session.write_all([("INSERT INTO items (k, c) VALUES (?, ?)", (k, c)) for k in range(3) for c in range(5)])
         session.driver_session.default_fetch_size = 2
         yield session
-    finally:
-        cluster.shutdown()
 
 
 def _assert_unavailable(error: Unavailable) -> None:
@@ -135,20 +135,23 @@ def test_a_later_page_of_a_pending_read_again_without_its_limit_fails_translated
     assert later_pages_time_out == [2]  # the limited read's later pages are never fetched; the re-read's are
 
 
-def _service_session(cluster_settings: CassandraSettings, admin_session: CassandraSession,
-                     service: str) -> tuple[CassandraSession, Cluster]:
+@contextmanager
+def service_session(cluster_settings: CassandraSettings, admin_session: CassandraSession,
+                    service: str) -> Iterator[CassandraSession]:
+    """A session on `service`'s migrated keyspace of this test."""
     migrate_service(admin_session, service, cluster_settings)
     cluster = connect_cluster(cluster_settings)
-    session = open_session(cluster, cluster_settings.keyspace(service), cluster_settings.request_timeout_seconds)
-    return session, cluster
+    try:
+        yield open_session(cluster, cluster_settings.keyspace(service), cluster_settings.request_timeout_seconds)
+    finally:
+        cluster.shutdown()
 
 
 @pytest.mark.parametrize("read", ["all", "references", "running_operations"])
 def test_segment_store_reads_fail_translated_on_a_later_page(read: str, admin_session: CassandraSession,
                                                              cassandra_settings: CassandraSettings,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    session, cluster = _service_session(cassandra_settings, admin_session, "segmentation")
-    try:
+    with service_session(cassandra_settings, admin_session, "segmentation") as session:
         # More segments than all()'s page of 1000; reads with the default fetch size are paged by 2.
         session.write_all([("INSERT INTO segments (catalog, segment_id, rule_text, revision, state, etag) "
                             "VALUES (?, ?, ?, ?, ?, ?)", (CATALOG, f"s{n:04d}", "true", 1, 0, "e"))
@@ -161,22 +164,17 @@ def test_segment_store_reads_fail_translated_on_a_later_page(read: str, admin_se
         assert len(store.references()[0]) == 1001
         assert sorted(store.running_operations()) == ["op0", "op1", "op2"]
 
-        def time_out(result: ResultSet) -> None:
-            raise OperationTimedOut("no response for the next page (test)")
-        monkeypatch.setattr(ResultSet, "fetch_next_page", time_out)
+        time_out_later_pages(monkeypatch)
         with pytest.raises(Unavailable) as raised:
             getattr(store, read)()
         _assert_unavailable(raised.value)
-    finally:
-        cluster.shutdown()
 
 
 @pytest.mark.parametrize("read", ["member_ids", "members_page", "changes_page"])
 def test_segment_member_reads_fail_translated_on_a_later_page(read: str, admin_session: CassandraSession,
                                                               cassandra_settings: CassandraSettings,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    session, cluster = _service_session(cassandra_settings, admin_session, "segmentation")
-    try:
+    with service_session(cassandra_settings, admin_session, "segmentation") as session:
         store = SegmentStore(session)
         # 40 members over 16 buckets: some bucket holds 3 or more, more than a page of 2.
         store.apply_changes("big", [f"p{n:02d}" for n in range(40)], [], "test", datetime.now(UTC))
@@ -190,21 +188,16 @@ def test_segment_member_reads_fail_translated_on_a_later_page(read: str, admin_s
             return store.changes_page("big", FEED_START, 100)
         assert len(read_them()) == 40
 
-        def time_out(result: ResultSet) -> None:
-            raise OperationTimedOut("no response for the next page (test)")
-        monkeypatch.setattr(ResultSet, "fetch_next_page", time_out)
+        time_out_later_pages(monkeypatch)
         with pytest.raises(Unavailable) as raised:
             read_them()
         _assert_unavailable(raised.value)
-    finally:
-        cluster.shutdown()
 
 
 def test_a_profile_scan_streams_and_fails_translated_on_a_later_page(admin_session: CassandraSession,
                                                                      cassandra_settings: CassandraSettings,
                                                                      later_pages_time_out: list[int]) -> None:
-    session, cluster = _service_session(cassandra_settings, admin_session, "profile")
-    try:
+    with service_session(cassandra_settings, admin_session, "profile") as session:
         now = datetime.now(UTC)
         session.write_all([("INSERT INTO profiles (person_id, update_time) VALUES (?, ?)", (f"p{n}", now))
                            for n in range(5)])
@@ -214,8 +207,6 @@ def test_a_profile_scan_streams_and_fails_translated_on_a_later_page(admin_sessi
         with pytest.raises(Unavailable) as raised:
             next(scan)
         _assert_unavailable(raised.value)
-    finally:
-        cluster.shutdown()
 
 
 @pytest.mark.parametrize("read", ["person_members", "neighbours_of"])
@@ -224,8 +215,7 @@ def test_identity_graph_reads_fail_translated_on_a_later_page(read: str, admin_s
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # A person can hold up to MAX_COMPONENT_IDENTIFIERS identifiers, an identifier link to as many: more than a
     # page of the driver's (5000 rows by default; 2 here).
-    session, cluster = _service_session(cassandra_settings, admin_session, "identity")
-    try:
+    with service_session(cassandra_settings, admin_session, "identity") as session:
         session.write_all([("INSERT INTO person_identifiers (person_id, id_type, id_value) VALUES (?, ?, ?)",
                             ("p1", "email", f"e{n}")) for n in range(5)]
                           + [("INSERT INTO links (id_type, id_value, other_type, other_value, message_id) "
@@ -235,11 +225,7 @@ def test_identity_graph_reads_fail_translated_on_a_later_page(read: str, admin_s
         arguments = {"person_members": ("p1",), "neighbours_of": (IdKey("email", "e0"),)}[read]
         assert len(getattr(graph, read)(*arguments)) == 5
 
-        def time_out(result: ResultSet) -> None:
-            raise OperationTimedOut("no response for the next page (test)")
-        monkeypatch.setattr(ResultSet, "fetch_next_page", time_out)
+        time_out_later_pages(monkeypatch)
         with pytest.raises(Unavailable) as raised:
             getattr(graph, read)(*arguments)
         _assert_unavailable(raised.value)
-    finally:
-        cluster.shutdown()
