@@ -1429,31 +1429,22 @@ class IdentityGraph:
         Ids never issued, or erased, are absent. Every hop reads the members of all the ids it follows,
         with the person's own columns (static columns, schema 0004), in one request: one round trip
         when there is no redirect. Persons without them (created before 0004, or erased) are read
-        from `persons` in a second one.
+        from `persons` in a second one. A hop that reads nothing still follows the redirects of rows
+        read before: when a batch names every id of a chain (C merged into B, B into A), the first
+        read has them all, and C must still reach A through B.
         """
         current = {p: p for p in set(person_ids) if p}
         rows: dict[str, Any] = {}
         members: dict[str, list[IdKey]] = {}
         for _ in range(REDIRECT_HOPS):
             unread = set(current.values()) - rows.keys()
-            if not unread:
+            if unread:
+                self._read_person_rows(unread, rows, members)
+            following = {p: (row.merged_into if (row := rows[c]) is not None and row.merged_into else c)
+                         for p, c in current.items()}
+            if following == current:
                 break
-            read = self._session.select_in(f"SELECT {_PERSON_COLUMNS}, id_type, id_value FROM person_identifiers "
-                                           "WHERE person_id IN ?", (), sorted(unread))
-            rows.update(dict.fromkeys(unread))
-            for row in read.rows():
-                found_members = members.setdefault(row.person_id, [])
-                if row.id_type is not None:  # else a partition holding only the person's static columns
-                    found_members.append(IdKey(row.id_type, row.id_value))
-                if row.create_time is not None:
-                    rows[row.person_id] = row
-            earlier = sorted(p for p in unread if rows[p] is None)
-            if earlier:
-                read = self._session.select_in(f"SELECT {_PERSON_COLUMNS} FROM persons WHERE person_id IN ?", (),
-                                               earlier)
-                rows.update({row.person_id: row for row in read.rows()})
-            current = {p: (row.merged_into if (row := rows[c]) is not None and row.merged_into else c)
-                       for p, c in current.items()}
+            current = following
         found = {}
         for requested, person_id in current.items():
             row = rows.get(person_id)
@@ -1464,6 +1455,24 @@ class IdentityGraph:
                                       redirected_from=requested if requested != person_id else "",
                                       create_time=row.create_time, update_time=row.update_time)
         return found
+
+    def _read_person_rows(self, person_ids: set[str], rows: dict[str, Any], members: dict[str, list[IdKey]]) -> None:
+        """Adds each person's own columns to `rows` (None when there are none: never issued) and its members
+        to `members`, read from person_identifiers, and from `persons` for persons without them there."""
+        read = self._session.select_in(f"SELECT {_PERSON_COLUMNS}, id_type, id_value FROM person_identifiers "
+                                       "WHERE person_id IN ?", (), sorted(person_ids))
+        rows.update(dict.fromkeys(person_ids))
+        for row in read.rows():
+            found_members = members.setdefault(row.person_id, [])
+            if row.id_type is not None:  # else a partition holding only the person's static columns
+                found_members.append(IdKey(row.id_type, row.id_value))
+            if row.create_time is not None:
+                rows[row.person_id] = row
+        earlier = sorted(p for p in person_ids if rows[p] is None)
+        if earlier:
+            read = self._session.select_in(f"SELECT {_PERSON_COLUMNS} FROM persons WHERE person_id IN ?", (),
+                                           earlier)
+            rows.update({row.person_id: row for row in read.rows()})
 
 
 def _strongest(keys: Iterable[IdKey], registry: IdentifierRegistry) -> IdKey | None:

@@ -57,3 +57,19 @@ def test_a_missing_identifier_is_named_as_required(identity: pb_grpc.IdentitySer
         link=pb.IdentifierPair(a=cookie), reason="test"), timeout=10)) == (*required, ["link.b"])
     assert failure(lambda: identity.DeleteErasureTombstone(pb.DeleteErasureTombstoneRequest(), timeout=10)) == (
         *required, ["identifier"])
+
+
+def test_a_batch_naming_each_id_of_a_merge_chain_follows_it_to_the_survivor(
+        identity: pb_grpc.IdentityServiceStub) -> None:
+    # C merges into B, then B into A (the oldest survives): C redirects to B, which redirects to A. With all
+    # three in one batch the first read has every row, and the redirects must still be followed through them.
+    a, b, c = (link(identity, observation(f"cookie:chain-{name}"))[0].person_id for name in "abc")
+    link(identity, observation("cookie:chain-b", "cookie:chain-c"))
+    link(identity, observation("cookie:chain-a", "cookie:chain-b"))
+    chain = {"cookie:chain-a", "cookie:chain-b", "cookie:chain-c"}
+    for batch in ([c, b, a], [b, c], [a, c, b], [c]):
+        results = identity.BatchLookupPersons(pb.BatchLookupPersonsRequest(
+            persons=[common_pb2.PersonSelector(person_id=p) for p in batch]), timeout=10).results
+        assert [(r.found, r.person.person_id, r.person.redirected_from) for r in results] == [
+            (True, a, "" if p == a else p) for p in batch], batch
+        assert all({f"{i.type}:{i.value}" for i in r.person.identifiers} == chain for r in results), batch
