@@ -87,6 +87,9 @@ class Evidence:
     source: str = ""
     source_kind: int = 0
     event_time: datetime | None = None
+    # Why the event time sent is no datetime at all (seconds beyond years 1-9999, nanos outside 0-999999999),
+    # worded for the caller; event_time is then None. Refused with the observation's other violations.
+    event_time_problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -383,6 +386,8 @@ def _now() -> datetime:
 
 def _check_evidence(evidence: Evidence, path: str, now: datetime, violations: Violations) -> None:
     """Adds to `violations` what is wrong with an observation's provenance besides its message id."""
+    if evidence.event_time_problem:
+        violations.add(f"{path}.event_time", evidence.event_time_problem)
     if evidence.event_time is not None:
         event_time = evidence.event_time.isoformat()
         violations.check(evidence.event_time <= now + MAX_FUTURE_SKEW, f"{path}.event_time",

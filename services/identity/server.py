@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from functools import partial
 
 import grpc
@@ -60,12 +60,28 @@ def _identifier(key: IdKey) -> common_pb2.Identifier:
 
 def _observation(message: pb.Observation) -> RawObservation:
     provenance = message.provenance
+    event_time, problem = _event_time(provenance)
     return RawObservation(
         identifiers=[(i.type, i.value) for i in message.identifiers],
         evidence=Evidence(message_id=provenance.message_id, source=provenance.source,
-                          source_kind=provenance.source_kind,
-                          event_time=provenance.event_time.ToDatetime(tzinfo=UTC)
-                          if provenance.HasField("event_time") else None))
+                          source_kind=provenance.source_kind, event_time=event_time, event_time_problem=problem))
+
+
+def _event_time(provenance: pb.Provenance) -> tuple[datetime | None, str]:
+    """The provenance's event time (None: absent), or None and why it is no time at all: a Timestamp beyond
+    years 1-9999 or with nanos outside 0-999999999 has no datetime, and is answered in the words of the
+    bounds it is outside (graph._check_evidence, shared.event_times)."""
+    if not provenance.HasField("event_time"):
+        return None, ""
+    stamp = provenance.event_time
+    try:
+        return stamp.ToDatetime(tzinfo=UTC), ""
+    except ValueError:
+        if not 0 <= stamp.nanos < 1_000_000_000:
+            return None, f"nanos must be 0-999999999, got {stamp.nanos}"
+        bound = "more than 1 day in the future" if stamp.seconds > 0 else "before 1990-01-01"
+        return None, (f"{stamp.seconds} seconds from 1970-01-01 is {bound}; send the time the event happened, "
+                      "in UTC")
 
 
 def _guard(decision: GuardDecision) -> pb.GuardDecision:

@@ -102,6 +102,23 @@ def test_link_names_every_bad_event_time_and_source_kind_with_the_identifiers(id
     assert all(r.person_id for r in accepted)
 
 
+def test_an_event_time_no_date_can_hold_is_named_not_internal(identity: Stub) -> None:
+    # Seconds beyond years 1-9999 or nanos outside 0-999999999 (only a binary client can send them) are no
+    # datetime at all: the observation is refused with the others' violations, not an INTERNAL.
+    observations = [observation("crm_id:err-far-1"), observation("crm_id:err-far-2"),
+                    observation("crm_id:err-far-3"), observation("email:not-an-email")]
+    observations[0].provenance.event_time.seconds = 2 ** 62
+    observations[1].provenance.event_time.seconds = -2 ** 62
+    observations[2].provenance.event_time.nanos = -1
+    code, reason, fields = failure(lambda: link(identity, *observations))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_OBSERVATION")
+    assert fields == [f"observations[{i}].provenance.event_time" for i in range(3)] + [
+        "observations[3].identifiers[0].value"]
+    _, details = _details(lambda: link(identity, *observations))
+    assert "more than 1 day in the future" in details and "before 1990-01-01" in details
+    assert "nanos must be 0-999999999, got -1" in details
+    assert failure(lambda: person_of(identity, "crm_id:err-far-1"))[0] == grpc.StatusCode.NOT_FOUND
+
 def test_a_blocked_junk_value_is_not_found_and_says_it_is_blocked(identity: Stub) -> None:
     link(identity, observation("cookie:unknown", "crm_id:err-junk"))
     code, details = _details(lambda: person_of(identity, "cookie:unknown"))
