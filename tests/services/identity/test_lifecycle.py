@@ -12,7 +12,7 @@ from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
 from services.identity.feed import SETTLE_SECONDS
-from tests.services.identity.conftest import ids, link, members, observation, person_of
+from tests.services.identity.conftest import failure, ids, link, members, observation, person_of
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,36 @@ def test_list_person_identifiers_counts_observations(identity: Stub) -> None:
     assert by_value["e@x.io"].observation_count == 2 and by_value["k1"].observation_count == 1
     assert by_value["e@x.io"].first_seen_time.ToDatetime() <= by_value["e@x.io"].last_seen_time.ToDatetime()
 
+
+def test_a_person_identifiers_page_token_pages_its_own_request_only(identity: Stub) -> None:
+    link(identity, observation("email:tok-a@x.io", "cookie:tok-a1", "cookie:tok-a2"))
+    link(identity, observation("email:tok-b@x.io", "cookie:tok-b1", "cookie:tok-b2"))
+    mine, other = person_of(identity, "cookie:tok-a1").person_id, person_of(identity, "cookie:tok-b1").person_id
+
+    def listing(person_id: str, token: str) -> pb.ListPersonIdentifiersResponse:
+        response: pb.ListPersonIdentifiersResponse = identity.ListPersonIdentifiers(
+            pb.ListPersonIdentifiersRequest(person_id=person_id, page_size=1, page_token=token), timeout=10)
+        return response
+
+    pages: list[list[str]] = []
+    token = ""
+    while not pages or token:
+        page = listing(mine, token)
+        pages.append([f"{i.identifier.type}:{i.identifier.value}" for i in page.identifiers])
+        token = page.next_page_token
+    assert pages == [["cookie:tok-a1"], ["cookie:tok-a2"], ["email:tok-a@x.io"]]
+    first = listing(mine, "").next_page_token
+    # Another person's request, a bare offset, a changed token or no token at all: refused, naming the field.
+    for token in (first, "1", "0", first[:-2] + ("AA" if first[-2:] != "AA" else "BB"), "not a token"):
+        person = other if token == first else mine
+        assert failure(lambda: listing(person, token)) == (  # noqa: B023 (called at once)
+            grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", ["page_token"]), token
+    # Identifier types page with tokens of their own list only.
+    types = identity.ListIdentifierTypes(pb.ListIdentifierTypesRequest(page_size=2), timeout=10)
+    assert failure(lambda: identity.ListIdentifierTypes(pb.ListIdentifierTypesRequest(page_token="2"), timeout=10)
+                   ) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", ["page_token"])
+    assert failure(lambda: listing(mine, types.next_page_token)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", ["page_token"])
 
 def test_unlink_a_pair_splits_the_person_and_is_recorded(identity: Stub) -> None:
     link(identity, observation("account_id:erin", "device_id:dev-9"))
