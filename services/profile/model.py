@@ -22,6 +22,11 @@ MAX_TRAIT_NAME_LENGTH = 128
 MAX_IDENTIFIERS = 32
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_ORDER_ITEMS = 500
+# The largest order amount (and numeric `revenue` property) taken, either sign. Computed traits add amounts up
+# (monetary, lifetime value, window sums), so each must be small enough that a sum of any number of them stays
+# finite: 1.7e308 twice is Infinity. 1e15 is far above any real order in any currency unit, is below 2**53 (so
+# whole amounts up to it are exact doubles), and overflowing a sum of such amounts would take ~1e293 events.
+MAX_AMOUNT = 1e15
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 
@@ -105,6 +110,10 @@ class Event:
     # Why the event_time sent is no time at all (a Timestamp beyond years 1-9999 or with nanos outside
     # 0-999999999, which only a binary client can send); `event_time` is None then.
     event_time_invalid: str = ""
+    # Why a number the event carries cannot be taken (NaN or ±Infinity in traits or properties: JSON has no such
+    # numbers, so they can be neither stored as traits nor read back), e.g. `properties.price must be a finite
+    # number, got NaN`; "" when every number is finite. `traits` or `properties` is empty then.
+    invalid_number: str = ""
 
     @property
     def name(self) -> str:
@@ -120,7 +129,7 @@ class Event:
     @property
     def transaction(self) -> Order | None:
         """The order this event records: an order event's `order`. On any other event the order is kept in the
-        payload but read by nothing (not validated either: its amount may not even be finite); see `unused_parts`."""
+        payload but read by nothing (only its numbers are validated: finite, as everywhere); see `unused_parts`."""
         return self.order if self.event_type == EventType.ORDER else None
 
     @property
@@ -319,6 +328,8 @@ def _check_fields(event: Event) -> Rejection | None:
                 return Rejection(RejectionReason.INVALID_FIELD,
                                  f"trait name {trait_name[:40]!r}{'...' if len(trait_name) > 40 else ''} is "
                                  f"{len(trait_name)} characters; trait names are 1-{MAX_TRAIT_NAME_LENGTH} characters")
+    if rejection := _check_numbers(event):
+        return rejection
     if event.event_type != EventType.ORDER:
         return None
     order = event.order
@@ -329,8 +340,9 @@ def _check_fields(event: Event) -> Rejection | None:
     if len(order.items) > MAX_ORDER_ITEMS:
         return Rejection(RejectionReason.OVERSIZED_PAYLOAD,
                          f"{len(order.items)} order items; at most {MAX_ORDER_ITEMS} are allowed")
-    if not math.isfinite(order.amount):
-        return Rejection(RejectionReason.INVALID_FIELD, "order.amount must be a finite number")
+    if not abs(order.amount) <= MAX_AMOUNT:
+        return Rejection(RejectionReason.INVALID_FIELD, f"order.amount {order.amount!r} is out of range; amounts are "
+                                                        f"at most {MAX_AMOUNT:.0e} either way")
     if order.currency_code and not _CURRENCY.match(order.currency_code):
         return Rejection(RejectionReason.INVALID_FIELD,
                          f"order.currency_code {order.currency_code!r} is not an ISO 4217 code like USD")
@@ -338,6 +350,35 @@ def _check_fields(event: Event) -> Rejection | None:
         if item.quantity < 1:
             return Rejection(RejectionReason.INVALID_FIELD, f"order.items[{index}].quantity must be at least 1")
     return None
+
+
+def _check_numbers(event: Event) -> Rejection | None:
+    """Every number an event carries is finite, whatever its type; the amounts computed traits add up are also
+    at most MAX_AMOUNT either way (an order event's order.amount, another event's numeric `revenue` property)."""
+    if event.invalid_number:
+        return Rejection(RejectionReason.INVALID_FIELD, event.invalid_number)
+    if event.order is not None:
+        if not math.isfinite(event.order.amount):
+            return Rejection(RejectionReason.INVALID_FIELD,
+                             f"order.amount must be a finite number, got {number_text(event.order.amount)}")
+        for index, item in enumerate(event.order.items):
+            if not math.isfinite(item.unit_price):
+                return Rejection(RejectionReason.INVALID_FIELD, f"order.items[{index}].unit_price must be a finite "
+                                                                f"number, got {number_text(item.unit_price)}")
+    revenue = event.properties.get("revenue")
+    if event.transaction is None and isinstance(revenue, int | float) and not abs(revenue) <= MAX_AMOUNT:
+        return Rejection(RejectionReason.INVALID_FIELD, f"properties.revenue {revenue!r} is out of range; amounts "
+                                                        f"are at most {MAX_AMOUNT:.0e} either way")
+    return None
+
+
+def number_text(value: float) -> str:
+    """A number as a caller wrote it in JSON: NaN, Infinity and -Infinity by their proto JSON names."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return repr(value)
 
 
 def bucket_of(when: datetime) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from google.protobuf import descriptor, field_mask_pb2, json_format, struct_pb2, timestamp_pb2
@@ -30,6 +31,7 @@ from services.profile.model import (
     TraitValue,
     TraitWrite,
     event_time_problem,
+    number_text,
 )
 from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, ProfileView
 from services.profile.scan_response import profile_bytes, scan_response_bytes
@@ -105,15 +107,53 @@ def _event(message: pb.Event) -> Event:
         event_time, time_invalid = _optional_time(message, "event_time"), ""
     except ValueError as error:  # rejected as a bad timestamp, like any other time outside the bounds
         event_time, time_invalid = None, f"event_time is not a valid timestamp: {error}"
+    # A NaN or infinite number makes the event invalid (validate rejects it, INVALID_FIELD), not the call.
+    traits, traits_invalid = _struct_values(message, "traits")
+    properties, properties_invalid = _struct_values(message, "properties")
     return Event(
         message_id=message.message_id, event_type=int(message.type),
         identifiers=tuple((i.type, i.value) for i in message.identifiers), event_name=message.event_name,
         event_time=event_time, source=message.source,
         source_kind=int(message.source_kind), party=int(message.party),
-        traits=json_format.MessageToDict(message.traits) if message.HasField("traits") else {},
-        properties=json_format.MessageToDict(message.properties) if message.HasField("properties") else {},
+        traits=traits, properties=properties,
         order=order, traits_bytes=message.traits.ByteSize(), properties_bytes=message.properties.ByteSize(),
-        payload=message.SerializeToString(), event_time_invalid=time_invalid)
+        payload=message.SerializeToString(), event_time_invalid=time_invalid,
+        invalid_number=traits_invalid or properties_invalid)
+
+
+def _struct_values(message: pb.Event, field_name: Literal["traits", "properties"]) -> tuple[dict[str, Any], str]:
+    """An event's Struct field as a dict ({} when absent), or ({}, why) when it holds a NaN or infinite number,
+    which JSON cannot hold (MessageToDict refuses it, and it could never be stored or read back as a trait)."""
+    if not message.HasField(field_name):
+        return {}, ""
+    struct = getattr(message, field_name)
+    try:
+        return json_format.MessageToDict(struct), ""
+    except ValueError:  # only a non-finite number makes a Struct no JSON; found only then, off the common path
+        path, number = _non_finite_in_struct(struct, field_name) or (field_name, math.nan)
+        return {}, f"{path} must be a finite number, got {number_text(number)}"
+
+
+def _non_finite_in_struct(struct: struct_pb2.Struct, path: str) -> tuple[str, float] | None:
+    """The field path and value of the first NaN or infinite number in `struct` (None when all are finite),
+    e.g. `properties.items[2].price`."""
+    for key, value in struct.fields.items():
+        if found := _non_finite_in_value(value, f"{path}.{key}"):
+            return found
+    return None
+
+
+def _non_finite_in_value(value: struct_pb2.Value, path: str) -> tuple[str, float] | None:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return None if math.isfinite(value.number_value) else (path, value.number_value)
+    if kind == "struct_value":
+        return _non_finite_in_struct(value.struct_value, path)
+    if kind == "list_value":
+        for index, item in enumerate(value.list_value.values):
+            if found := _non_finite_in_value(item, f"{path}[{index}]"):
+                return found
+    return None
 
 
 def _selector(selector: common_pb2.PersonSelector, field_path: str) -> tuple[str, tuple[str, str] | None]:
@@ -419,9 +459,12 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             violations.check(not has_identifier or bool(write.identifier.type and write.identifier.value),
                              f"writes[{index}].identifier", "type and value are both required")
             violations.check(bool(write.traits.fields), f"writes[{index}].traits", "at least one trait is required")
-            for name in write.traits.fields:
+            for name, value in write.traits.fields.items():
                 violations.check(0 < len(name) <= MAX_TRAIT_NAME_LENGTH, f"writes[{index}].traits",
                                  f"trait names are 1-{MAX_TRAIT_NAME_LENGTH} characters")
+                # JSON has no NaN or Infinity: such a trait could be neither stored nor read back.
+                if found := _non_finite_in_value(value, f"writes[{index}].traits.{name}"):
+                    violations.add(found[0], f"must be a finite number, got {number_text(found[1])}")
             # The times events take: a write at year 9999 would be the latest forever (no write could change it).
             if write.HasField("event_time"):
                 when = _request_time(write.event_time, f"writes[{index}].event_time", violations)
