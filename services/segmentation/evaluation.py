@@ -9,6 +9,11 @@ Semantics, the same everywhere:
 - comparisons are typed: a number never equals a string, true never equals 1; a missing value fails
   every comparison except `!=` ("a missing field is not equal") and `EXISTS` is false;
 - sum over no events is 0, avg/min/max over no events has no value and the condition is false;
+- aggregates use the property values that are finite numbers a double holds: NaN, +/-inf, integers beyond
+  a double's range (older data may hold them) and non-numbers are skipped; a sum whose exact value is
+  beyond a double's range is +inf or -inf (above, or below, every bound), never an error; avg/min/max of
+  finite values are finite. Comparisons never raise: numbers compare exactly (an int as an int), a NaN
+  trait equals nothing and is neither below nor above any bound;
 - a prediction score is the trait `score_<model_id>` (`..._percentile` for the percentile);
 - `segment("x")` evaluates x's rule on the same facts, so a person's memberships are consistent
   with each other at one instant; a rule that reaches a cycle of references (which validation refuses,
@@ -177,6 +182,16 @@ def reported_cycle(rule: Rule, rule_of: RuleLookup) -> tuple[str, ...] | None:
     return cycle
 
 
+def evaluation_failed(segment_id: str, person_id: str, error: Exception) -> None:
+    """Contain a person whose evaluation raised (a bug, or data no rule foresaw): logged with the error, their
+    membership of the segment left as it was, and the round goes on. Letting it propagate would stop real time
+    for every segment and every person behind them (the feed retries the same change forever), and a
+    recompute for the whole segment: one person must not."""
+    log.error("evaluating a person against a segment failed: their membership is left as it was",
+              exc_info=error, extra={"segment": segment_id, "person": person_id,
+                                     "error": f"{type(error).__name__}: {error}"})
+
+
 def reachable_rules(rule: Rule, rule_of: RuleLookup) -> list[Rule]:
     """The rule and every rule it refers to, transitively, each once (references have no cycles); a segment
     that does not exist refers to nothing."""
@@ -287,15 +302,44 @@ def passes(event: EventFact, filters: Sequence[PropertyFilter]) -> bool:
 
 
 def aggregate_of(aggregation: Aggregation, values: Sequence[Any]) -> float | None:
-    numbers = [float(v) for v in values
-               if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+    """The aggregate of the values that are finite numbers (see the module doc); never raises."""
+    numbers = [n for n in map(_finite, values) if n is not None]
     if aggregation is Aggregation.SUM:
-        return math.fsum(numbers)
+        return _sum(numbers, 1)
     if not numbers:
         return None
     if aggregation is Aggregation.AVERAGE:
-        return math.fsum(numbers) / len(numbers)
+        return _sum(numbers, len(numbers))
     return min(numbers) if aggregation is Aggregation.MIN else max(numbers)
+
+
+# Numbers are scaled down by this power of two when their partial sums overflow a double: exact (but for
+# values below 2**-958, whose bits past a double's subnormal range are lost: nothing against a total this big).
+_SCALE = 64
+
+
+def _finite(value: Any) -> float | None:
+    """The value as a finite double, or None (not a number, a bool, NaN, +/-inf, an int beyond a double)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _sum(numbers: Sequence[float], divisor: int) -> float:
+    """The exact sum of finite numbers divided by `divisor`, correctly rounded; +/-inf when beyond a double
+    (only a sum can be: an average lies between its numbers)."""
+    try:
+        return math.fsum(numbers) / divisor
+    except OverflowError:  # a partial sum overflowed, whatever the total
+        scaled = math.fsum(math.ldexp(n, -_SCALE) for n in numbers) / divisor
+        try:
+            return math.ldexp(scaled, _SCALE)
+        except OverflowError:
+            return math.copysign(math.inf, scaled)
 
 
 def compare(value: Any, comparison: Comparison) -> bool:
@@ -344,7 +388,9 @@ def _kind(value: Any) -> str:
 
 
 def _key(value: Any) -> Any:
-    return float(value) if _kind(value) == "number" else value
+    # Numbers as they are: Python compares ints and floats exactly, never raising (float() of an int beyond
+    # a double's range would), and NaN is neither equal to, below nor above anything.
+    return value
 
 
 def _comparable(value: Any, operand: Scalar) -> Any:
@@ -353,7 +399,7 @@ def _comparable(value: Any, operand: Scalar) -> Any:
     if kind == "time":
         return parse_time(operand) if isinstance(operand, str) else None
     if kind == "number" and _kind(operand) == "number":
-        return float(operand)
+        return operand
     if kind == "string" and isinstance(operand, str):
         return operand
     return None

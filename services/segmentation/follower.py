@@ -32,7 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 
 from services.segmentation.catalog import SegmentCatalog
-from services.segmentation.evaluation import ProfileFacts, compile_rule
+from services.segmentation.evaluation import ProfileFacts, compile_rule, evaluation_failed
 from services.segmentation.profile_source import CHANGE_ERASE, CHANGE_MERGE, CHANGE_SPLIT, FeedChange
 from services.segmentation.realtime import EventReads, compile_next_change, dependencies_of, events_read
 from services.segmentation.rules import Rule
@@ -73,6 +73,8 @@ class _Refreshed:
     evaluated: int
     entered: dict[str, list[str]]
     exited: dict[str, list[str]]
+    skipped: int = 0  # pairs whose evaluation failed, left as they were (`evaluation_failed`)
+
 
 
 class Memberships:
@@ -137,25 +139,31 @@ class Memberships:
         entered: dict[str, list[str]] = {}
         exited: dict[str, list[str]] = {}
         due: list[tuple[str, datetime]] = []
+        skipped = 0
         for person_id, segment_ids in segments_of.items():
             person = facts.get(person_id)
             next_times = []
             for segment_id in sorted(segment_ids):
-                matched = person is not None and member_of[segment_id](person)
+                try:
+                    matched = person is not None and member_of[segment_id](person)
+                    if person is not None:
+                        next_times.append(next_change_of[segment_id](person))
+                except Exception as error:  # contained: see `evaluation_failed`
+                    evaluation_failed(segment_id, person_id, error)
+                    skipped += 1
+                    continue
                 member = (segment_id, person_id) in current
                 if matched and not member:
                     entered.setdefault(segment_id, []).append(person_id)
                 elif member and not matched:
                     exited.setdefault(segment_id, []).append(person_id)
-                if person is not None:
-                    next_times.append(next_change_of[segment_id](person))
             upcoming = [when for when in next_times if when is not None]
             if upcoming:
                 due.append((person_id, min(upcoming)))
         for segment_id in sorted(set(entered) | set(exited)):
             self._store.apply_changes(segment_id, entered.get(segment_id, []), exited.get(segment_id, []), cause, now)
         self._store.schedule(due)
-        return _Refreshed(len(pairs), entered, exited)
+        return _Refreshed(len(pairs), entered, exited, skipped)
 
     def sweep_due(self, day: date, now: datetime, limit: int = DUE_PAGE) -> int:
         """Evaluate again, against every segment, the persons due on `day` by `now`; returns how many."""

@@ -190,17 +190,32 @@ def _window_passages(condition: EventCountCondition | EventAggregateCondition,
 
 
 def _recency_crossings(condition: TraitCondition, as_of: datetime) -> Callable[[ProfileFacts], Iterable[datetime]]:
-    """When `computed.recency_days` reaches each of the condition's bounds."""
-    bounds = [timedelta(days=float(bound)) for bound in condition.comparison.operands
-              if isinstance(bound, int | float) and not isinstance(bound, bool)]
+    """When `computed.recency_days` reaches each of the condition's bounds (a bound or a recency beyond the
+    datetime range, or not finite, is never reached: it names no time)."""
+    bounds = [span for bound in condition.comparison.operands
+              if isinstance(bound, int | float) and not isinstance(bound, bool)
+              and (span := _days(bound)) is not None]
 
     def crossings(facts: ProfileFacts) -> list[datetime]:
         recency = facts.computed.get("recency_days")
-        if not isinstance(recency, int | float):
+        if not isinstance(recency, int | float) or isinstance(recency, bool) or (since := _days(recency)) is None:
             return []
-        last_order = as_of - timedelta(days=float(recency))
-        return [last_order + bound for bound in bounds]
+        times = []
+        for bound in bounds:
+            try:
+                times.append(as_of - since + bound)
+            except OverflowError:  # before year 1 or after 9999
+                continue
+        return times
     return crossings
+
+
+def _days(days: float) -> timedelta | None:
+    """`days` as a timedelta; None when not finite or beyond timedelta's range (older data may hold such)."""
+    try:
+        return timedelta(days=float(days))
+    except (OverflowError, ValueError):
+        return None
 
 
 def _compile_settled(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Callable[[ProfileFacts], bool | None]:

@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from services.segmentation.catalog import SegmentCatalog, SegmentState
-from services.segmentation.evaluation import ProfileFacts, compile_rule, reported_cycle
+from services.segmentation.evaluation import ProfileFacts, compile_rule, evaluation_failed, reported_cycle
 from services.segmentation.realtime import EventReads, compile_next_change, dependencies_of, events_read
 from services.segmentation.rules import Rule
 from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore, cursor_before, ticks_of
@@ -420,32 +420,47 @@ class Recomputer:
         operation = replace(operation, shards_total=len(shards), shards_done=0, profiles_scanned=0,
                             revision=record.revision)
         matched: set[str] = set()
+        skipped: set[str] = set()  # persons whose evaluation failed: their membership is left as it was
         member = compile_rule(rule, as_of, rules.get)
         next_change = compile_next_change(rule, as_of, rules.get)
 
-        def scan(shard: str) -> tuple[set[str], int, list[Callable[[], None]]]:
-            """The shard's members and profile count, and the waits of its schedule writes: its worker goes on
-            to the next shard while they land (the shard counts as done once they have)."""
+        def scan(shard: str) -> tuple[set[str], set[str], int, list[Callable[[], None]]]:
+            """The shard's members, the persons whose evaluation failed (left as they are), its profile count,
+            and the waits of its schedule writes: its worker goes on to the next shard while they land (the
+            shard counts as done once they have)."""
             members: set[str] = set()
+            failed: set[str] = set()
             scanned = 0
             writes = []
             for batch in self._source.scan(shard, as_of, events, fields):
                 if stop.is_set():
                     raise RunStopped()
                 scanned += len(batch)
-                members.update(f.person_id for f in batch if member(f))
-                # The real-time sweeper evaluates these persons again when a window moves past their events.
-                due = [(f.person_id, when) for f in batch if (when := next_change(f)) is not None]
+                due = []
+                for facts in batch:
+                    try:
+                        if member(facts):
+                            members.add(facts.person_id)
+                        # The real-time sweeper evaluates this person again when a window moves past an event.
+                        when = next_change(facts)
+                    except Exception as error:  # contained: see `evaluation_failed`
+                        evaluation_failed(segment_id, facts.person_id, error)
+                        members.discard(facts.person_id)
+                        failed.add(facts.person_id)
+                        continue
+                    if when is not None:
+                        due.append((facts.person_id, when))
                 writes.append(self._store.start_schedule(due))
-            return members, scanned, writes
+            return members, failed, scanned, writes
 
         workers = operation.parallelism or DEFAULT_PARALLELISM
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"scan-{segment_id}") as pool:
             for future in as_completed([pool.submit(scan, shard) for shard in shards]):
-                members, scanned, writes = future.result()
+                members, failed, scanned, writes = future.result()
                 for wait in writes:
                     wait()
                 matched |= members
+                skipped |= failed
                 operation = replace(operation, shards_done=operation.shards_done + 1,
                                     profiles_scanned=operation.profiles_scanned + scanned,
                                     elapsed_seconds=time.perf_counter() - started)
@@ -458,7 +473,7 @@ class Recomputer:
         # time decides), so that a recompute never undoes a newer decision; the others as the scan says.
         moved = self._moved_since(segment_id, as_of) & (matched ^ current)
         entered = sorted(matched - current - moved)
-        exited = sorted(current - matched - moved)
+        exited = sorted(current - matched - moved - skipped)
         if entered or exited:
             # Real time may have recorded some of these very changes after `current` and the moves were read
             # (it lags the ingest: a profile change from before the scan can be decided only now). Recording
@@ -469,7 +484,10 @@ class Recomputer:
             entered = [person_id for person_id in entered if person_id not in members_now]
             exited = [person_id for person_id in exited if person_id in members_now]
         self._store.apply_changes(segment_id, entered, exited, CAUSE, datetime.now(UTC))
-        members = matched - moved
+        members = (matched | (skipped & current)) - moved
+        if skipped:
+            log.error("a recompute left persons whose evaluation failed as they were", extra={
+                "segment": segment_id, "operation": operation.operation_id, "skipped": len(skipped)})
         pending = sorted(moved)
         for start in range(0, len(pending), RECONCILE_BATCH):
             if stop.is_set():
@@ -485,7 +503,7 @@ class Recomputer:
             exited += now_out
         self._store.set_state(segment_id, SegmentState.READY, record.revision, datetime.now(UTC))
         return replace(operation, done=True, member_count=len(members), entered_count=len(entered),
-                       exited_count=len(exited))
+                       exited_count=len(exited), profiles_skipped=len(skipped))
 
     def _moved_since(self, segment_id: str, since: datetime) -> set[str]:
         """The persons real time may have decided about since `since`: those of the profile changes stamped

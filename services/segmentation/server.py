@@ -6,6 +6,7 @@ time-window expiry) starts with the service and stops with it.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,7 @@ from services.segmentation.catalog import (
     segment_id_of,
 )
 from services.segmentation.estimate import estimate_size, sample_size_of
-from services.segmentation.evaluation import evaluate
+from services.segmentation.evaluation import evaluate, evaluation_failed
 from services.segmentation.follower import FeedFollower, Memberships
 from services.segmentation.messages import rule_from_message, rule_to_message
 from services.segmentation.model_directory import GrpcModelDirectory
@@ -38,7 +39,7 @@ from services.segmentation.store import LAST_CHANGE_TICKS, OperationRecord, Segm
 from services.segmentation.text import RuleSyntaxError, format_rule, parse
 from shared.changefeed import FEED_START, SETTLE_SECONDS, parse_cursor, time_of
 from shared.clients import prediction_stub, profile_stub
-from shared.errors import InvalidArgument, Violations, error_domain
+from shared.errors import FailedPrecondition, InvalidArgument, Violations, error_domain
 from shared.longrunning import Instead, operation_error, operation_id_of, operations_registration
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
@@ -101,7 +102,8 @@ def operation_message(operation: OperationRecord) -> operations_pb2.Operation:
         message.response.Pack(pb.RecomputeSegmentResponse(
             segment=f"segments/{operation.segment_id}", profiles_scanned=operation.profiles_scanned,
             member_count=operation.member_count, entered_count=operation.entered_count,
-            exited_count=operation.exited_count, elapsed_seconds=operation.elapsed_seconds))
+            exited_count=operation.exited_count, elapsed_seconds=operation.elapsed_seconds,
+            profiles_skipped=operation.profiles_skipped))
     return message
 
 
@@ -135,6 +137,16 @@ def _observed(value: Any) -> struct_pb2.Value | None:
         return None
     if isinstance(value, datetime):
         value = value.isoformat()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        # A Value's number is a double, and protojson (grpcurl, gateways) cannot write a non-finite one: an
+        # int beyond a double, +/-inf (an aggregate that overflowed) and NaN are given as text.
+        try:
+            number = float(value)
+        except OverflowError:
+            return struct_pb2.Value(string_value=str(value))
+        if not math.isfinite(number):
+            text = "NaN" if math.isnan(number) else "Infinity" if number > 0 else "-Infinity"
+            return struct_pb2.Value(string_value=text)
     message = struct_pb2.Value()
     json_format.ParseDict(value, message)
     return message
@@ -224,7 +236,15 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         facts = self._source.person(selector, as_of)
         response = pb.EvaluatePersonSegmentsResponse(person_id=facts.person_id)
         for segment_id in segment_ids or sorted(rules):
-            evaluation = evaluate(rules[segment_id], facts, as_of, rules.get)
+            try:
+                evaluation = evaluate(rules[segment_id], facts, as_of, rules.get)
+            except Exception as error:  # a defect or unforeseen data: said precisely, logged
+                evaluation_failed(segment_id, facts.person_id, error)
+                raise FailedPrecondition(
+                    f"the profile of {facts.person_id} could not be evaluated against segments/{segment_id} "
+                    f"({type(error).__name__}); its membership is left as it was. Report it with the person and "
+                    "segment (the service logged the error)", reason="PERSON_NOT_EVALUABLE",
+                    metadata={"segment": f"segments/{segment_id}", "person_id": facts.person_id}) from error
             response.evaluations.add(
                 segment=f"segments/{segment_id}", matched=evaluation.matched,
                 stored_member=self._store.is_member(segment_id, facts.person_id),

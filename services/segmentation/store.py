@@ -26,7 +26,7 @@ from shared.leases import FollowerLease
 CATALOG = 0  # the one partition of the segments table (and of running_operations)
 _OPERATION_COLUMNS = ("operation_id, segment_id, done, shards_done, shards_total, profiles_scanned, start_time, "
                       "member_count, entered_count, exited_count, elapsed_seconds, error_code, error_message, "
-                      "attempt, parallelism, revision, error_reason, error_metadata")
+                      "attempt, parallelism, revision, error_reason, error_metadata, profiles_skipped")
 _OPERATION_MARKERS = ", ".join("?" * (_OPERATION_COLUMNS.count(",") + 1))
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A re-evaluation row this process wrote stays until its time: only a sweep of rows already due deletes one.
@@ -155,6 +155,8 @@ class OperationRecord:
     # The failure's ErrorInfo reason and metadata (schema 0008); None for failures recorded before.
     error_reason: str | None = None
     error_metadata: Mapping[str, str] = field(default_factory=dict)
+    # Profiles whose evaluation failed, left as they were (schema 0009; 0 for operations recorded before).
+    profiles_skipped: int = 0
 
 
 _SEGMENT_COLUMNS = ("segment_id, display_name, description, rule_text, referenced, revision, state, "
@@ -555,7 +557,7 @@ class SegmentStore:
              operation.shards_total, operation.profiles_scanned, operation.start_time, operation.member_count,
              operation.entered_count, operation.exited_count, operation.elapsed_seconds, operation.error_code,
              operation.error_message, operation.attempt, operation.parallelism, operation.revision,
-             operation.error_reason, dict(operation.error_metadata) or None))
+             operation.error_reason, dict(operation.error_metadata) or None, operation.profiles_skipped))
 
     def get_operation(self, operation_id: str) -> OperationRecord | None:
         row = self._session.execute(f"SELECT {_OPERATION_COLUMNS} FROM operations WHERE operation_id = ?",
@@ -567,7 +569,8 @@ class SegmentStore:
                                row.entered_count, row.exited_count, row.elapsed_seconds, row.error_code,
                                row.error_message, attempt=row.attempt or 1, parallelism=row.parallelism or 0,
                                revision=row.revision or 0, error_reason=row.error_reason,
-                               error_metadata=dict(row.error_metadata or {}))
+                               error_metadata=dict(row.error_metadata or {}),
+                               profiles_skipped=row.profiles_skipped or 0)
 
     def add_running(self, operation_id: str) -> None:
         self._session.execute("INSERT INTO running_operations (catalog, operation_id) VALUES (?, ?)",

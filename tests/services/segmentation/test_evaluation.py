@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.segmentation.evaluation import EventFact, ProfileFacts, evaluate, matches
-from services.segmentation.rules import Rule
+from services.segmentation.evaluation import EventFact, ProfileFacts, aggregate_of, evaluate, matches
+from services.segmentation.realtime import next_change_time
+from services.segmentation.rules import Aggregation, Rule
 from services.segmentation.text import parse
 
 pytestmark = pytest.mark.unit
@@ -164,3 +166,52 @@ def test_windows_move_with_time() -> None:
     rule = parse('event("page_view").count(last 7d) >= 1')
     assert matches(rule, FACTS, AS_OF, NO_SEGMENTS.get)
     assert not matches(rule, FACTS, AS_OF + timedelta(days=4, seconds=1), NO_SEGMENTS.get)  # expired without events
+
+
+HUGE = ProfileFacts(
+    person_id="p3",
+    traits={"big": 10**400, "nan": float("nan"), "inf": float("inf")},
+    computed={"recency_days": float("inf")},
+    events=[EventFact("buy", ago(1), {"amount": 1.7e308}), EventFact("buy", ago(2), {"amount": 1.7e308}),
+            EventFact("sell", ago(1), {"amount": -1.7e308}), EventFact("sell", ago(2), {"amount": -1.7e308}),
+            EventFact("sell", ago(3), {"amount": 1.7e308}),
+            EventFact("odd", ago(1), {"amount": float("nan")}), EventFact("odd", ago(2), {"amount": float("inf")}),
+            EventFact("odd", ago(3), {"amount": 10**400}), EventFact("odd", ago(4), {"amount": 2.5})],
+)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # Two doubles whose sum is beyond a double: +inf, above every bound, never an error.
+    ('event("buy").sum(amount, last 30d) > 9223372036854775807', True),
+    ('event("buy").sum(amount, last 30d) < 0', False),
+    ('event("buy").avg(amount, last 30d) > 1', True),
+    ('event("sell").sum(amount, last 30d) < -1', True),  # -1.7e308: partial sums overflowed, the total did not
+    ('event("sell").sum(amount, last 2d) < -9223372036854775807', True),  # -inf
+    # NaN, inf and ints beyond a double are skipped, like any value that is not a finite number.
+    ('event("odd").sum(amount, last 30d) = 2.5', True),
+    ('event("odd").max(amount, last 30d) = 2.5', True),
+    # Comparisons with huge or non-finite traits are well defined.
+    ("traits.big > 9223372036854775807", True),
+    ("traits.big = 1", False),
+    ("traits.nan = 1", False),
+    ("traits.nan != 1", True),
+    ("traits.nan > 1 OR traits.nan <= 1", False),
+    ("traits.nan BETWEEN 1 AND 2", False),
+    ("traits.inf > 9223372036854775807", True),
+    ("computed.recency_days > 30", True),
+])
+def test_huge_and_non_finite_numbers_never_raise(text: str, expected: bool) -> None:
+    assert holds(text, HUGE) is expected
+
+
+def test_aggregates_of_huge_numbers_are_exact_or_infinite() -> None:
+    assert aggregate_of(Aggregation.SUM, [1.7e308, 1.7e308]) == math.inf
+    assert aggregate_of(Aggregation.SUM, [-1.7e308, -1.7e308, 1e308]) == -math.inf
+    assert aggregate_of(Aggregation.SUM, [1.7e308, 1.7e308, -1.7e308, 0.5]) == 1.7e308  # exact, once rounded
+    assert aggregate_of(Aggregation.AVERAGE, [1.7e308, 1.7e308]) == 1.7e308  # an average is finite
+    assert aggregate_of(Aggregation.SUM, [math.nan, math.inf, -math.inf, 10**400, True, "3", 1]) == 1.0
+
+
+def test_huge_numbers_do_not_stop_the_next_change_time() -> None:
+    rule = parse("computed.recency_days < 30")
+    assert next_change_time(rule, HUGE, AS_OF, NO_SEGMENTS.get) is None

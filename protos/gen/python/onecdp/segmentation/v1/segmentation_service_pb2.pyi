@@ -1182,6 +1182,7 @@ class RecomputeSegmentResponse(_message.Message):
     ENTERED_COUNT_FIELD_NUMBER: _builtins.int
     EXITED_COUNT_FIELD_NUMBER: _builtins.int
     ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
+    PROFILES_SKIPPED_FIELD_NUMBER: _builtins.int
     segment: _builtins.str
     """The segment."""
     profiles_scanned: _builtins.int
@@ -1194,6 +1195,11 @@ class RecomputeSegmentResponse(_message.Message):
     """Persons that exited."""
     elapsed_seconds: _builtins.float
     """Wall time of the recompute, in seconds."""
+    profiles_skipped: _builtins.int
+    """Profiles whose evaluation failed (a defect, or stored data no rule foresaw): each is logged with its
+    error and its membership left as it was (not counted in `entered_count` or `exited_count`). 0 when
+    every profile was evaluated.
+    """
     def __init__(
         self,
         *,
@@ -1203,10 +1209,11 @@ class RecomputeSegmentResponse(_message.Message):
         entered_count: _builtins.int = ...,
         exited_count: _builtins.int = ...,
         elapsed_seconds: _builtins.float = ...,
+        profiles_skipped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_seconds", b"elapsed_seconds", "entered_count", b"entered_count", "exited_count", b"exited_count", "member_count", b"member_count", "profiles_scanned", b"profiles_scanned", "segment", b"segment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_seconds", b"elapsed_seconds", "entered_count", b"entered_count", "exited_count", b"exited_count", "member_count", b"member_count", "profiles_scanned", b"profiles_scanned", "profiles_skipped", b"profiles_skipped", "segment", b"segment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
