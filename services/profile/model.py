@@ -60,6 +60,12 @@ class RejectionReason(IntEnum):
     INVALID_FIELD = 9
 
 
+# The values of onecdp.common.v1.SourceKind and onecdp.common.v1.DataParty: an event or a trait write with another
+# is refused (proto3 lets a client send any number in an enum field).
+SOURCE_KINDS = range(7)
+DATA_PARTIES = range(4)
+
+
 class ChangeType(IntEnum):
     # Values match onecdp.profile.v1.ProfileChangeType.
     TRAITS = 1
@@ -322,6 +328,12 @@ def _check_fields(event: Event) -> Rejection | None:
         if len(text) > MAX_NAME_LENGTH:
             return Rejection(RejectionReason.INVALID_FIELD,
                              f"{name} is {len(text)} characters; at most {MAX_NAME_LENGTH} are allowed")
+    if event.source_kind not in SOURCE_KINDS:
+        return Rejection(RejectionReason.INVALID_FIELD, f"source_kind {event.source_kind} is not a SourceKind "
+                                                        f"(0-{SOURCE_KINDS[-1]})")
+    if event.party not in DATA_PARTIES:
+        return Rejection(RejectionReason.INVALID_FIELD, f"party {event.party} is not a DataParty "
+                                                        f"(0-{DATA_PARTIES[-1]})")
     if event.event_type == EventType.IDENTIFY:
         for trait_name in event.traits:
             if not 0 < len(trait_name) <= MAX_TRAIT_NAME_LENGTH:

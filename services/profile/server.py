@@ -19,6 +19,7 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 from services.profile.computed import ComputedTraits
 from services.profile.identity import GrpcIdentityResolver, PersonView
 from services.profile.model import (
+    DATA_PARTIES,
     MAX_MESSAGE_ID_LENGTH,
     MAX_TRAIT_NAME_LENGTH,
     Event,
@@ -459,6 +460,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             violations.check(not has_identifier or bool(write.identifier.type and write.identifier.value),
                              f"writes[{index}].identifier", "type and value are both required")
             violations.check(bool(write.traits.fields), f"writes[{index}].traits", "at least one trait is required")
+            violations.check(write.party in DATA_PARTIES, f"writes[{index}].party",
+                             f"{write.party} is not a DataParty (0-{DATA_PARTIES[-1]})")
             for name, value in write.traits.fields.items():
                 violations.check(0 < len(name) <= MAX_TRAIT_NAME_LENGTH, f"writes[{index}].traits",
                                  f"trait names are 1-{MAX_TRAIT_NAME_LENGTH} characters")

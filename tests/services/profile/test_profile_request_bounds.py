@@ -12,10 +12,12 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 from grpc_status import rpc_status
+from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
 from services.profile.computed import compute
+from services.profile.model import DATA_PARTIES, SOURCE_KINDS
 from services.profile.shards import MAX_TOKEN, MIN_TOKEN
 from tests.services.profile.conftest import (
     eventually,
@@ -315,3 +317,29 @@ def test_a_trait_write_of_a_number_that_is_not_finite_names_it_and_writes_nothin
     written = profiles.BatchWriteTraits(pb.BatchWriteTraitsRequest(writes=[pb.TraitWrite(
         identifier=ident("crm_id:numw"), traits=_traits(score=1.7e308))]), timeout=30)
     assert written.written_count == 1, "a finite number of any size is a trait like any other"
+
+
+def test_source_kinds_and_parties_outside_their_enums_are_refused_naming_the_field(profiles: Stub) -> None:
+    """party=9 was stored (and read back as a trait's party 9); source_kind=9 was rejected INVALID_IDENTIFIER
+    naming `provenance.source_kind`, a field the identity service has, not Event."""
+    odd_party, odd_kind, both_known = (track("crm_id:enum", message_id=m) for m in ("e-1", "e-2", "e-3"))
+    odd_party.party = 9  # type: ignore[assignment]
+    odd_kind.source_kind = 9  # type: ignore[assignment]
+    single = identify("crm_id:enum-new", traits={"plan": "x"}, message_id="e-4")  # one identifier, nobody yet
+    single.party = 4  # type: ignore[assignment]
+    both_known.party, both_known.source_kind = common_pb2.DATA_PARTY_THIRD, common_pb2.SOURCE_KIND_ONECDP
+    results = ingest(profiles, odd_party, odd_kind, single, both_known)
+    assert [(r.status, r.rejection_reason, r.message) for r in results] == [
+        (pb.EVENT_STATUS_REJECTED, pb.EVENT_REJECTION_REASON_INVALID_FIELD, "party 9 is not a DataParty (0-3)"),
+        (pb.EVENT_STATUS_REJECTED, pb.EVENT_REJECTION_REASON_INVALID_FIELD, "source_kind 9 is not a SourceKind (0-6)"),
+        (pb.EVENT_STATUS_REJECTED, pb.EVENT_REJECTION_REASON_INVALID_FIELD, "party 4 is not a DataParty (0-3)"),
+        (pb.EVENT_STATUS_ACCEPTED, pb.EVENT_REJECTION_REASON_UNSPECIFIED, "")]
+    assert profile_of(profiles, "crm_id:enum").computed.event_count == 1
+    # The model's ranges are the proto's enums.
+    assert list(SOURCE_KINDS) == sorted(common_pb2.SourceKind.values())
+    assert list(DATA_PARTIES) == sorted(common_pb2.DataParty.values())
+    write = pb.TraitWrite(identifier=ident("crm_id:enum"), traits=_traits(plan="pro"))
+    write.party = 9  # type: ignore[assignment]
+    error = _invalid(profiles.BatchWriteTraits, pb.BatchWriteTraitsRequest(writes=[write]))
+    assert field_violations(error) == [("writes[0].party", "9 is not a DataParty (0-3)")]
+    assert "plan" not in profile_of(profiles, "crm_id:enum").traits
