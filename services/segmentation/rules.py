@@ -39,6 +39,10 @@ MAX_TRAIT_NAME_LENGTH = 128
 MAX_RULE_DEPTH = 32
 # Event counts are int64 in the Rule message.
 MAX_COUNT = 2**63 - 1
+# Every number of a rule lies within int64 (README: "whole numbers within int64"). Numbers are doubles, and
+# past 2**53 a double holds only some whole numbers: 99999999999999999999 would silently become 1e+20, and
+# its text would not say what was written. No count, amount or trait a person compares with is near this.
+MAX_NUMBER = MAX_COUNT
 # Window times are written with four-digit years, and readers subtract margins from window starts.
 EARLIEST_WINDOW_TIME = datetime(1000, 1, 1, tzinfo=UTC)
 SCORE_TRAIT_PREFIX = "score_"
@@ -454,10 +458,19 @@ def _check_operands(comparison: Comparison, path: str, problem: Callable[[str, s
         problem(target, f"{comparison.operator.value} takes {wanted} operand(s), got {got}")
         return False
     for index, value in enumerate(comparison.operands):
+        where = f"{path}.value" if wanted == 1 else f"{path}.values[{index}]"
         if isinstance(value, float) and not math.isfinite(value):
-            problem(f"{path}.value" if wanted == 1 else f"{path}.values[{index}]", "numbers must be finite")
+            problem(where, "numbers must be finite")
+            return False
+        if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > MAX_NUMBER:
+            problem(where, _beyond_int64(value))
             return False
     return True
+
+
+def _beyond_int64(value: float) -> str:
+    return (f"numbers in a rule are within int64 (-{MAX_NUMBER} to {MAX_NUMBER}), got {value:g}: a double "
+            "holds only some whole numbers that large, so the rule would not say what was written")
 
 
 def _kind(value: Scalar) -> str:
@@ -530,6 +543,8 @@ def _check_numeric(comparison: Comparison, path: str, problem: Callable[[str, st
             problem(where, f"an event count is a whole number, got {value:g}")
         if whole and value > MAX_COUNT:  # an exact comparison: float(MAX_COUNT) would round up to 2**63
             problem(where, f"an event count is at most {MAX_COUNT} (int64), got {value:g}")
+        elif abs(value) > MAX_NUMBER:
+            problem(where, _beyond_int64(value))
         if lower is not None and value < lower:
             problem(where, f"must be at least {lower:g}, got {value:g}")
         if upper is not None and value > upper:

@@ -28,6 +28,13 @@ def test_rules_past_the_limits_are_refused_naming_the_part(segmentation: Stub) -
          "at character 45: an event count is at most 9223372036854775807 (int64), got 1e+20"),
         ('score("models/churn") BETWEEN 0.5 AND 2',
          "at character 39: must be at most 1, got 2 (rule.score.value_upper"),
+        # Numbers beyond int64 were stored as the nearest double, and the text said another number.
+        ("computed.frequency >= 99999999999999999999",
+         "at character 23: numbers in a rule are within int64 (-9223372036854775807 to 9223372036854775807), got "
+         "1e+20"),
+        ("traits.age = 12345678901234567890123", "at character 14: numbers in a rule are within int64"),
+        ('event("o", amount > -1e30).count(last 9d) >= 1', "at character 21: numbers in a rule are within int64"),
+        ('event("o").sum(amount, last 9d) BETWEEN 0 AND 1e19', "at character 47: numbers in a rule are within int64"),
     ]:
         code, _, fields = failure(segmentation.ParseSegmentRule, pb.ParseSegmentRuleRequest(rule_text=text))
         assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["rule_text"]), text
@@ -45,7 +52,14 @@ def test_rules_past_the_limits_are_refused_naming_the_part(segmentation: Stub) -
     before_year_1 = pb.Rule(event_count=pb.EventCountCondition(
         event_name="order", operator=pb.OPERATOR_GREATER, count=1, window=pb.TimeWindow(between=pb.FixedRange(
             start_time=timestamp_pb2.Timestamp(seconds=-62135596801), end_time=timestamp_pb2.Timestamp(seconds=0)))))
+    huge_trait = pb.Rule(trait=pb.TraitCondition(field="traits.age", operator=pb.OPERATOR_EQUAL,
+                                                 value=struct_pb2.Value(number_value=1.2345678901234568e22)))
+    huge_sum = pb.Rule(event_aggregate=pb.EventAggregateCondition(
+        event_name="order", aggregation=pb.AGGREGATION_SUM, property="amount", operator=pb.OPERATOR_LESS,
+        value=-1e20, window=pb.TimeWindow(last_days=9)))
     for rule, field, expected in [
+        (huge_trait, "segment.rule.trait.value", "numbers in a rule are within int64"),
+        (huge_sum, "segment.rule.event_aggregate.value", "numbers in a rule are within int64"),
         (long_trait, "segment.rule.trait.field", "the trait name has 129 characters"),
         (unknown_score_field, "segment.rule.score.score_field", "unknown score field 7"),
         (before_year_1, "segment.rule.event_count.window.between.start_time", "not a valid time"),
@@ -59,10 +73,12 @@ def test_rules_past_the_limits_are_refused_naming_the_part(segmentation: Stub) -
 def test_rules_at_the_limits_are_stored_and_read_back(segmentation: Stub) -> None:
     deepest = create(segmentation, "deepest", DEEPEST)
     largest = create(segmentation, "largest", f'event("order").count(last 9d) BETWEEN 0 AND {LARGEST_COUNT}')
+    create(segmentation, "largest-trait", f"traits.age BETWEEN -{LARGEST_COUNT} AND {LARGEST_COUNT}")
     assert deepest.rule_text == DEEPEST
     assert largest.rule.event_count.count_upper == LARGEST_COUNT
     listed = segmentation.ListSegments(pb.ListSegmentsRequest(), timeout=10)
     assert {s.name: s.rule_text for s in listed.segments} == {
         "segments/deepest": DEEPEST,
-        "segments/largest": 'event("order").count(last 9d) BETWEEN 0 AND 9.223372036854775e+18'}
+        "segments/largest": 'event("order").count(last 9d) BETWEEN 0 AND 9.223372036854775e+18',
+        "segments/largest-trait": "traits.age BETWEEN -9.223372036854775e+18 AND 9.223372036854775e+18"}
     assert segmentation.GetSegment(pb.GetSegmentRequest(name="segments/largest"), timeout=10).rule == largest.rule

@@ -237,7 +237,9 @@ class Segment(_message.Message):
     - Comparisons, written `<subject> <comparison>`: `= v`, `!= v`, `< v`, `<= v`, `> v`,
       `>= v`, `IN [v1, v2, ...]`, `BETWEEN low AND high` (inclusive), `CONTAINS v` (a substring of
       a text, an element of a list), `EXISTS` (the person has a value). A value `v` is a quoted
-      string `"gold"`, a number `3`, `-1.5`, `2e3`, or `true` / `false`. Ordering comparisons
+      string `"gold"`, a number `3`, `-1.5`, `2e3` (finite, within int64: -9223372036854775807 to
+      9223372036854775807, in the text and in `Rule` alike; beyond it INVALID_ARGUMENT names the
+      number), or `true` / `false`. Ordering comparisons
       (`<`, `<=`, `>`, `>=`, BETWEEN) apply to numbers and, for timestamp fields, to quoted
       RFC 3339 times; not to the categorical `computed.lifecycle_stage` and `computed.rfm.segment`
       (refused). A stored trait has no declared type: ordering a text compares it as text.
