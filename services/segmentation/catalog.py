@@ -19,10 +19,13 @@ from enum import IntEnum
 from typing import TypeVar
 
 from services.segmentation.rules import (
+    MAX_RULE_CONDITIONS,
+    MAX_RULE_TEXT_LENGTH,
     SEGMENT_ID,
     ModelExists,
     Rule,
     RuleProblem,
+    conditions,
     referenced_segments,
     validate,
 )
@@ -85,6 +88,28 @@ def segment_id_of(name: str, field_path: str) -> str:
         raise InvalidArgument.for_field(field_path, f"{name!r} is not a segment name like segments/loyal-buyers",
                                         reason="INVALID_SEGMENT_NAME")
     return segment_id
+
+
+def rule_text_length_problem(rule_text: str) -> str | None:
+    """Why a rule text given in a request is too long to parse, if it is (rules.MAX_RULE_TEXT_LENGTH)."""
+    if len(rule_text) <= MAX_RULE_TEXT_LENGTH:
+        return None
+    return (f"a rule text is at most {MAX_RULE_TEXT_LENGTH} characters, this one has {len(rule_text)}: shorten "
+            "its lists of values, or split the rule into segments and refer to them with segment(\"...\")")
+
+
+def rule_size_problem(rule: Rule) -> str | None:
+    """Why a rule is too big, if it is: more than rules.MAX_RULE_CONDITIONS conditions, or a canonical text
+    longer than rules.MAX_RULE_TEXT_LENGTH characters."""
+    count = sum(1 for _ in conditions(rule))
+    if count > MAX_RULE_CONDITIONS:
+        return (f"a rule has at most {MAX_RULE_CONDITIONS} conditions, this one has {count}: combine values with "
+                "IN, or split the rule into segments and refer to them with segment(\"...\")")
+    length = len(format_rule(rule))
+    if length > MAX_RULE_TEXT_LENGTH:
+        return (f"a rule's text is at most {MAX_RULE_TEXT_LENGTH} characters, this one's canonical text has "
+                f"{length}: shorten its lists of values, or split the rule into segments")
+    return None
 
 
 def rule_problems_to_violations(problems: Sequence[RuleProblem], rule_input: RuleInput, violations: Violations) -> None:
@@ -211,6 +236,10 @@ class SegmentCatalog:
 
     def check_rule(self, rule_input: RuleInput, segment_id: str | None, violations: Violations,
                    references: Mapping[str, frozenset[str]] | None = None) -> None:
+        too_big = rule_size_problem(rule_input.rule)
+        if too_big is not None:  # nothing else is checked: its problems could be as many as its conditions
+            violations.add(rule_input.field_path, too_big)
+            return
         references = references if references is not None else self._references()
         problems = validate(rule_input.rule, segment_id=segment_id, references_of=references.get,
                             model_exists=functools.cache(self.model_exists))  # one question per model

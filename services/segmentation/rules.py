@@ -37,6 +37,15 @@ MAX_TRAIT_NAME_LENGTH = 128
 # How deep groups and NOTs may nest. Deep enough for any rule a person writes, and the Rule message of a
 # rule this deep stays inside protobuf's 100-level decoding limit (a group is two message levels).
 MAX_RULE_DEPTH = 32
+# How big a rule may be: conditions (comparisons, event counts and aggregates, scores, segment references),
+# and characters of its text (the text a request gives, and the canonical text of a rule given as a tree, so
+# that every stored rule can be sent back as text). Rules people write have a handful to a few dozen
+# conditions and well under 2,000 characters; the text limit still leaves room for an IN list of about 1,500
+# ids. Every condition is evaluated for every affected person on each profile change, and for every profile
+# in a recompute, and every rule is read and parsed on each real-time round: a rule of 50,000 ORs (1.35 MB)
+# would make each of those thousands of times slower for everyone.
+MAX_RULE_CONDITIONS = 256
+MAX_RULE_TEXT_LENGTH = 32_768
 # Event counts are int64 in the Rule message.
 MAX_COUNT = 2**63 - 1
 # Every number of a rule lies within int64 (README: "whole numbers within int64"). Numbers are doubles, and

@@ -26,6 +26,7 @@ from services.segmentation.catalog import (
     decode_page_token,
     encode_page_token,
     page_size_of,
+    rule_text_length_problem,
     segment_id_of,
 )
 from services.segmentation.estimate import estimate_size, sample_size_of
@@ -62,6 +63,10 @@ def rule_input_of(rule: pb.Rule | None, rule_text: str, violations: Violations, 
                                    f"`{text_field.rpartition('.')[2]}`, not both")
         return None
     if rule_text:
+        too_long = rule_text_length_problem(rule_text)
+        if too_long is not None:
+            violations.add(text_field, too_long)
+            return None
         try:
             return RuleInput(parse(rule_text), text_field, True)
         except RuleSyntaxError as error:

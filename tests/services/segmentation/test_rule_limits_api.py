@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 
+from services.segmentation.rules import MAX_RULE_CONDITIONS, MAX_RULE_TEXT_LENGTH
 from tests.services.segmentation.test_segments import Stub, create, failure
 
 pytestmark = pytest.mark.integration
@@ -70,15 +71,58 @@ def test_rules_past_the_limits_are_refused_naming_the_part(segmentation: Stub) -
         assert fields[field].startswith(expected), fields
 
 
+def test_rules_past_the_size_limits_are_refused_naming_the_field(segmentation: Stub) -> None:
+    # What an outside tester stored: 50,000 ORs, 1.35 MB of text.
+    huge = " OR ".join(f"traits.a = {i}" for i in range(50_000))
+    many = " OR ".join(f"traits.a = {i}" for i in range(MAX_RULE_CONDITIONS + 1))  # 4 kB, too many conditions
+    long_list = "traits.id IN [" + ", ".join(f'"{i:020d}"' for i in range(1_500)) + "]"  # 1 condition, 36 kB
+    for text, expected in [
+        (huge, f"a rule text is at most {MAX_RULE_TEXT_LENGTH} characters, this one has {len(huge)}"),
+        (many, f"a rule has at most {MAX_RULE_CONDITIONS} conditions, this one has {MAX_RULE_CONDITIONS + 1}"),
+        (long_list, f"a rule text is at most {MAX_RULE_TEXT_LENGTH} characters"),
+    ]:
+        code, _, fields = failure(segmentation.ParseSegmentRule, pb.ParseSegmentRuleRequest(rule_text=text))
+        assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["rule_text"])
+        assert fields["rule_text"].startswith(expected), fields
+        code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+            segment_id="too-big", segment=pb.Segment(rule_text=text)))
+        assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["segment.rule_text"])
+        assert fields["segment.rule_text"].startswith(expected), fields
+    # The tree form: the same conditions, and a list whose canonical text would be too long to send back.
+    many_tree = pb.Rule(any=pb.RuleGroup(rules=[
+        pb.Rule(trait=pb.TraitCondition(field="traits.a", operator=pb.OPERATOR_EQUAL,
+                                        value=struct_pb2.Value(number_value=i)))
+        for i in range(MAX_RULE_CONDITIONS + 1)]))
+    list_tree = pb.Rule(trait=pb.TraitCondition(field="traits.id", operator=pb.OPERATOR_IN, values=[
+        struct_pb2.Value(string_value=f"{i:020d}") for i in range(1_500)]))
+    for rule, expected in [(many_tree, f"a rule has at most {MAX_RULE_CONDITIONS} conditions"),
+                           (list_tree, f"a rule's text is at most {MAX_RULE_TEXT_LENGTH} characters")]:
+        code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+            segment_id="too-big", segment=pb.Segment(rule=rule)))
+        assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["segment.rule"])
+        assert fields["segment.rule"].startswith(expected), fields
+    # An update is held to the same limits; nothing was stored.
+    create(segmentation, "small", "traits.a = 1")
+    code, _, fields = failure(segmentation.UpdateSegment, pb.UpdateSegmentRequest(
+        segment=pb.Segment(name="segments/small", rule_text=many), update_mask=field_mask_pb2.FieldMask(
+            paths=["rule_text"])))
+    assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["segment.rule_text"])
+    names = [s.name for s in segmentation.ListSegments(pb.ListSegmentsRequest(), timeout=10).segments]
+    assert names == ["segments/small"]
+
+
 def test_rules_at_the_limits_are_stored_and_read_back(segmentation: Stub) -> None:
     deepest = create(segmentation, "deepest", DEEPEST)
     largest = create(segmentation, "largest", f'event("order").count(last 9d) BETWEEN 0 AND {LARGEST_COUNT}')
     create(segmentation, "largest-trait", f"traits.age BETWEEN -{LARGEST_COUNT} AND {LARGEST_COUNT}")
+    widest = " OR ".join(f"traits.a = {i}" for i in range(MAX_RULE_CONDITIONS))
+    assert create(segmentation, "widest", widest).rule_text == widest
     assert deepest.rule_text == DEEPEST
     assert largest.rule.event_count.count_upper == LARGEST_COUNT
     listed = segmentation.ListSegments(pb.ListSegmentsRequest(), timeout=10)
     assert {s.name: s.rule_text for s in listed.segments} == {
         "segments/deepest": DEEPEST,
         "segments/largest": 'event("order").count(last 9d) BETWEEN 0 AND 9.223372036854775e+18',
-        "segments/largest-trait": "traits.age BETWEEN -9.223372036854775e+18 AND 9.223372036854775e+18"}
+        "segments/largest-trait": "traits.age BETWEEN -9.223372036854775e+18 AND 9.223372036854775e+18",
+        "segments/widest": widest}
     assert segmentation.GetSegment(pb.GetSegmentRequest(name="segments/largest"), timeout=10).rule == largest.rule

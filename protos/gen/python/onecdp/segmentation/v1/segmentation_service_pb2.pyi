@@ -231,6 +231,10 @@ class Segment(_message.Message):
     `computed.frequency >= 3 AND event("order").count(last 90d) >= 1 AND NOT segment("vip")`.
     It round-trips: parsing the canonical text gives the same rule tree.
 
+    Size: at most 256 conditions and 32,768 characters of text (the text given, and the canonical
+    text of a rule given as `rule`); beyond either, INVALID_ARGUMENT names the field. Real rules
+    have a few dozen conditions at most; each is evaluated per person on every profile change.
+
     Grammar (keywords in any case; the canonical text upper-cases them):
     - Combining: `a AND b`, `a OR b`, `NOT a`, parentheses. NOT binds tighter than AND, AND
       tighter than OR: `NOT a OR b AND c` is `(NOT a) OR (b AND c)`.
