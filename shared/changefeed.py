@@ -40,6 +40,10 @@ FEED_START = uuid.UUID(fields=(0, 0, 0x1000, 0x80, 0, 0))
 _COLUMN = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 # Ends the page token of a reader that also wants the unsettled tail (see the module's docstring).
 UNSETTLED_SUFFIX = "+unsettled"
+# How far past this host's now a cursor may be: the clock of the host that took a change id (a change's
+# `cursor`, handed out at once) may be a little ahead. The feed already needs clocks far closer than this
+# (SETTLE_SECONDS), so only a forged or corrupted cursor is further ahead.
+MAX_CURSOR_SKEW = timedelta(seconds=60)
 
 
 class UnsettledCursor(uuid.UUID):
@@ -73,13 +77,15 @@ class FeedEntry:
     row: Any
 
 
-def parse_cursor(token: str, field_path: str = "page_token") -> uuid.UUID | None:
+def parse_cursor(token: str, field_path: str = "page_token", *, now: datetime | None = None) -> uuid.UUID | None:
     """The cursor a client sent back (empty: the feed's start), an `UnsettledCursor` when it asks for the
     unsettled tail too; INVALID_ARGUMENT for anything else.
 
     Only the spelling the feed hands out is a cursor (a cursor's `str`, or UNSETTLED_SUFFIX alone for the
     feed's start): uuid.UUID also reads braces, `urn:uuid:`, upper case and hyphens anywhere or nowhere, which
-    would make several tokens one position and take a token with text added or rearranged."""
+    would make several tokens one position and take a token with text added or rearranged. And only a time
+    the feed has reached is a position it handed out: a cursor later than `now` (plus MAX_CURSOR_SKEW) would
+    be handed back as the next page token, and a follower that stored it would skip every change until then."""
     if not token:
         return None
     unsettled = token.endswith(UNSETTLED_SUFFIX)
@@ -91,7 +97,25 @@ def parse_cursor(token: str, field_path: str = "page_token") -> uuid.UUID | None
     if cursor is None or cursor.version != 1 or (position and position != str(cursor)):
         raise InvalidArgument.for_field(field_path, "not a cursor of this feed; start without one",
                                         reason="INVALID_CURSOR")
+    latest = now or datetime.now(UTC)
+    if cursor.time > _ticks(latest + MAX_CURSOR_SKEW):
+        raise InvalidArgument.for_field(
+            field_path, f"not a cursor of this feed: it is at {_shown(cursor)}, later than now, and the feed hands "
+            "out no position it has not reached; pass a next_page_token or a change's cursor unchanged, or start "
+            "without one", reason="INVALID_CURSOR")
     return UnsettledCursor(int=cursor.int) if unsettled else cursor
+
+
+def _ticks(when: datetime) -> int:
+    """`when` as a version-1 UUID's time: 100-ns intervals since 1582-10-15."""
+    return _UUID_EPOCH_OFFSET + round(when.timestamp() * 1e7)
+
+
+def _shown(cursor: uuid.UUID) -> str:
+    try:
+        return f"{time_of(cursor):%Y-%m-%dT%H:%M:%SZ}"
+    except (OverflowError, ValueError, OSError):  # a time no datetime holds
+        return f"{(cursor.time - _UUID_EPOCH_OFFSET) // 10**7} seconds from 1970-01-01"
 
 
 class UnsettledTail:

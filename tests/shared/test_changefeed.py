@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cassandra.util import uuid_from_time
@@ -13,6 +13,7 @@ from cassandra.util import uuid_from_time
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.changefeed import (
     FEED_START,
+    MAX_CURSOR_SKEW,
     SETTLE_SECONDS,
     UNSETTLED_SUFFIX,
     ChangeFeed,
@@ -131,6 +132,21 @@ def test_only_the_spelling_the_feed_hands_out_is_a_cursor(position: str, suffix:
     assert raised.value.reason == "INVALID_CURSOR"
     assert [v.field for v in raised.value.field_violations] == ["cursor"]
 
+
+@pytest.mark.parametrize("suffix", ["", UNSETTLED_SUFFIX])
+def test_a_cursor_later_than_now_is_no_cursor_of_the_feed(suffix: str) -> None:
+    """A follower that stored a cursor ahead of now would skip every change until then."""
+    now = datetime.now(UTC)
+    for ahead in ("ffffffff-ffff-1fff-8000-02fc00000001",
+                  str(uuid_from_time((now + MAX_CURSOR_SKEW + timedelta(seconds=1)).timestamp()))):
+        with pytest.raises(InvalidArgument) as raised:
+            parse_cursor(ahead + suffix, "cursor", now=now)
+        assert raised.value.reason == "INVALID_CURSOR"
+        assert [v.field for v in raised.value.field_violations] == ["cursor"]
+    # Up to the clock-skew allowance (another host's clock may be a little ahead), a cursor is taken.
+    within = str(uuid_from_time((now + MAX_CURSOR_SKEW - timedelta(seconds=1)).timestamp()))
+    assert parse_cursor(within + suffix, now=now) == uuid.UUID(within)
+    assert parse_cursor(str(uuid.uuid1()) + suffix) is not None
 
 def test_the_spellings_the_feed_hands_out_are_cursors() -> None:
     assert parse_cursor(CURSOR) == uuid.UUID(CURSOR) and not isinstance(parse_cursor(CURSOR), UnsettledCursor)

@@ -177,3 +177,20 @@ def test_change_feed_lists_merges_splits_and_erasures_in_order(identity: Stub) -
     with pytest.raises(grpc.RpcError) as error:
         identity.ListIdentityChanges(pb.ListIdentityChangesRequest(page_token="not-a-cursor"))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_cursor_later_than_now_is_refused_and_a_fresh_one_is_taken(identity: Stub) -> None:
+    # A cursor is a position the feed handed out, so never later than now: a follower that stored one far
+    # ahead would skip every change until then. The cursor of a change just recorded is taken at once.
+    far = "ffffffff-ffff-1fff-8000-02fc00000001"
+    for token in (far, far + "+unsettled"):
+        assert failure(lambda token=token: identity.ListIdentityChanges(  # type: ignore[misc]
+            pb.ListIdentityChangesRequest(page_token=token), timeout=10)) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CURSOR", ["page_token"]), token
+    watch = identity.WatchIdentityChanges(pb.WatchIdentityChangesRequest(cursor=far), timeout=10)
+    assert failure(lambda: next(watch)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CURSOR", ["cursor"])
+    link(identity, observation("cookie:cur-1"), observation("cookie:cur-2"))
+    merged = link(identity, observation("cookie:cur-1", "cookie:cur-2"))[0]
+    fresh = identity.ListIdentityChanges(pb.ListIdentityChangesRequest(page_token=merged.changes[0].cursor),
+                                         timeout=10)
+    assert fresh.next_page_token == merged.changes[0].cursor
