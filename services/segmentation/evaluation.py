@@ -80,8 +80,10 @@ class ProfileFacts:
 @dataclass(frozen=True)
 class ConditionOutcome:
     text: str
-    matched: bool
+    matched: bool  # the condition's own outcome, whatever NOTs it is under
     observed: Any  # what was compared: a trait value, a count, an aggregate; None when missing
+    # Under an odd number of NOTs: the rule needs the condition not to hold there (`matched` counts against).
+    negated: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ Predicate = Callable[[ProfileFacts], bool]
 def evaluate(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup) -> Evaluation:
     """Whether the person matches `rule` at `as_of`, and the outcome of every condition in rule order."""
     outcomes: list[ConditionOutcome] = []
-    matched = _evaluate(rule, facts, as_of, rule_of, outcomes)
+    matched = _evaluate(rule, facts, as_of, rule_of, outcomes, negated=False)
     return Evaluation(matched, outcomes)
 
 
@@ -271,15 +273,18 @@ def event_selector(name: str, filters: Sequence[PropertyFilter], window: Window,
 
 
 def _evaluate(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup,
-              outcomes: list[ConditionOutcome]) -> bool:
+              outcomes: list[ConditionOutcome], *, negated: bool) -> bool:
+    """The rule's value; each condition's outcome appended to `outcomes`, `negated` when under an odd number of
+    NOTs (without it a reader of `... AND NOT segment("x")` sees segment("x") matched and cannot tell why the
+    person is out)."""
     if isinstance(rule, AllOf | AnyOf):
         combine = all if isinstance(rule, AllOf) else any
         # Reasons list every condition, so nothing is short-circuited.
-        return combine([_evaluate(child, facts, as_of, rule_of, outcomes) for child in rule.rules])
+        return combine([_evaluate(child, facts, as_of, rule_of, outcomes, negated=negated) for child in rule.rules])
     if isinstance(rule, Not):
-        return not _evaluate(rule.rule, facts, as_of, rule_of, outcomes)
+        return not _evaluate(rule.rule, facts, as_of, rule_of, outcomes, negated=not negated)
     matched, observed = _condition(rule, facts, as_of, rule_of)
-    outcomes.append(ConditionOutcome(format_condition(rule), matched, observed))
+    outcomes.append(ConditionOutcome(format_condition(rule), matched, observed, negated))
     return matched
 
 

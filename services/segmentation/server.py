@@ -254,7 +254,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 segment=f"segments/{segment_id}", matched=evaluation.matched,
                 stored_member=self._store.is_member(segment_id, facts.person_id),
                 conditions=[pb.ConditionResult(condition_text=c.text, matched=c.matched,
-                                               observed_value=_observed(c.observed))
+                                               observed_value=_observed(c.observed), negated=c.negated)
                             for c in evaluation.conditions])
         return response
 

@@ -215,3 +215,17 @@ def test_aggregates_of_huge_numbers_are_exact_or_infinite() -> None:
 def test_huge_numbers_do_not_stop_the_next_change_time() -> None:
     rule = parse("computed.recency_days < 30")
     assert next_change_time(rule, HUGE, AS_OF, NO_SEGMENTS.get) is None
+
+
+def test_reasons_say_which_conditions_are_under_a_not() -> None:
+    segments = {"pros": parse('traits.plan = "pro"')}
+    evaluation = evaluate(parse('traits.age > 30 AND NOT segment("pros") AND NOT (traits.vip = false OR '
+                                'NOT traits.note EXISTS)'), FACTS, AS_OF, segments.get)
+    assert not evaluation.matched
+    # segment("pros") held, under a NOT: that is why the person is out.
+    assert [(c.text, c.matched, c.negated) for c in evaluation.conditions] == [
+        ("traits.age > 30", True, False),
+        ('segment("pros")', True, True),
+        ("traits.vip = false", False, True),
+        ("traits.note EXISTS", True, False),  # under two NOTs
+    ]

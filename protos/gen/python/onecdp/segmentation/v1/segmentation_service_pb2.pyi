@@ -1078,10 +1078,16 @@ class ConditionResult(_message.Message):
     CONDITION_TEXT_FIELD_NUMBER: _builtins.int
     MATCHED_FIELD_NUMBER: _builtins.int
     OBSERVED_VALUE_FIELD_NUMBER: _builtins.int
+    NEGATED_FIELD_NUMBER: _builtins.int
     condition_text: _builtins.str
-    """The condition in text form."""
+    """The condition in text form, without the NOTs it is under (see `negated`)."""
     matched: _builtins.bool
-    """Whether it held."""
+    """Whether the condition itself held (before any NOT it is under)."""
+    negated: _builtins.bool
+    """Whether the condition is under an odd number of NOTs: the rule needs it not to hold, so
+    `matched` true counts against the person. In `... AND NOT segment("vip")` the condition
+    `segment("vip")` has negated true; matched true then says why the person is out.
+    """
     @_builtins.property
     def observed_value(self) -> _struct_pb2.Value:
         """The value it compared, e.g. the event count or the trait value; unset when the person has none."""
@@ -1092,10 +1098,11 @@ class ConditionResult(_message.Message):
         condition_text: _builtins.str = ...,
         matched: _builtins.bool = ...,
         observed_value: _struct_pb2.Value | None = ...,
+        negated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["observed_value", b"observed_value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition_text", b"condition_text", "matched", b"matched", "observed_value", b"observed_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition_text", b"condition_text", "matched", b"matched", "negated", b"negated", "observed_value", b"observed_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
