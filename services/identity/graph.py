@@ -62,6 +62,8 @@ MAX_OBSERVATIONS_PER_CALL = 1000
 MAX_COMBINED_OBSERVATIONS = 2000
 LINK_BATCHES_AT_ONCE = 2
 MAX_IDENTIFIERS_PER_OBSERVATION = 32
+# Provenance.source, as in profile (services/profile/model.py MAX_NAME_LENGTH).
+MAX_SOURCE_LENGTH = 128
 MAX_COMPONENT_IDENTIFIERS = 20_000
 LEASE_WAIT_SECONDS = 60.0
 DEADLINE_MARGIN_SECONDS = 0.25
@@ -386,6 +388,8 @@ def _now() -> datetime:
 
 def _check_evidence(evidence: Evidence, path: str, now: datetime, violations: Violations) -> None:
     """Adds to `violations` what is wrong with an observation's provenance besides its message id."""
+    violations.check(len(evidence.source) <= MAX_SOURCE_LENGTH, f"{path}.source",
+                     f"at most {MAX_SOURCE_LENGTH} characters, got {len(evidence.source)}")
     if evidence.event_time_problem:
         violations.add(f"{path}.event_time", evidence.event_time_problem)
     if evidence.event_time is not None:

@@ -4,6 +4,7 @@ IdentitySettings calls, messages out."""
 from __future__ import annotations
 
 import bisect
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -53,6 +54,7 @@ MAX_REASON_LENGTH = 512
 WATCH_POLL_SECONDS = 0.2
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+_UUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 
 
 def _identifier(key: IdKey) -> common_pb2.Identifier:
@@ -139,6 +141,15 @@ def _change(change: Change) -> pb.IdentityChange:
 def _check_reason(reason: str) -> None:
     if len(reason) > MAX_REASON_LENGTH:
         raise InvalidArgument.for_field("reason", f"at most {MAX_REASON_LENGTH} characters", reason="REASON_TOO_LONG")
+
+
+def _check_request_id(request_id: str) -> None:
+    """A request_id is empty (no retry protection) or, as the proto documents, a UUID in its 36-character form
+    (any case); it is kept as sent, so a retry must send it unchanged."""
+    if request_id and not _UUID.fullmatch(request_id):
+        raise InvalidArgument.for_field("request_id", f"{request_id[:80]!r} is not a UUID: expected 36 characters "
+                                        "like 123e4567-e89b-12d3-a456-426614174000, or leave it empty",
+                                        reason="INVALID_REQUEST_ID")
 
 
 # Normalization.TRIM is the proto's NORMALIZATION_UNSPECIFIED ("trimmed of surrounding white space only").
@@ -259,6 +270,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     def UnlinkIdentifiers(self, request: pb.UnlinkIdentifiersRequest,
                           context: grpc.ServicerContext) -> pb.UnlinkIdentifiersResponse:
         _check_reason(request.reason)
+        _check_request_id(request.request_id)
         if (stored := self._graph.recall_request(request.request_id)) is not None:
             return pb.UnlinkIdentifiersResponse.FromString(bytes.fromhex(stored))
         target = request.WhichOneof("target")
@@ -282,6 +294,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
 
     def ErasePerson(self, request: pb.ErasePersonRequest, context: grpc.ServicerContext) -> pb.ErasePersonResponse:
         _check_reason(request.reason)
+        _check_request_id(request.request_id)
         if (stored := self._graph.recall_request(request.request_id)) is not None:
             return pb.ErasePersonResponse.FromString(bytes.fromhex(stored))
         erasure = self._graph.erase(self._person_id(request.person, "person"), allow_relink=request.allow_relink,

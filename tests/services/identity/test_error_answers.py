@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -118,6 +119,44 @@ def test_an_event_time_no_date_can_hold_is_named_not_internal(identity: Stub) ->
     assert "more than 1 day in the future" in details and "before 1990-01-01" in details
     assert "nanos must be 0-999999999, got -1" in details
     assert failure(lambda: person_of(identity, "crm_id:err-far-1"))[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_long_source_and_control_characters_in_values_are_named(identity: Stub) -> None:
+    observations = [observation("crm_id:err-src-1", source="s" * 129),
+                    observation("cookie:err\x00nul", "crm_id:err-src-2", "email:bel\x07@x.io"),
+                    observation("crm_id:err-src-3\x1b[2J")]
+    code, reason, fields = failure(lambda: link(identity, *observations))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_OBSERVATION")
+    assert fields == ["observations[0].provenance.source", "observations[1].identifiers[0].value",
+                      "observations[1].identifiers[2].value", "observations[2].identifiers[0].value"]
+    _, details = _details(lambda: link(identity, *observations))
+    assert "at most 128 characters, got 129" in details and "control character U+0000" in details
+    assert failure(lambda: person_of(identity, "crm_id:err-src-2"))[0] == grpc.StatusCode.NOT_FOUND
+    # A lookup names the selector's value.
+    (nul,) = ids("cookie:err\x00nul")
+    assert failure(lambda: identity.LookupPerson(pb.LookupPersonRequest(
+        person=common_pb2.PersonSelector(identifier=nul)), timeout=10)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_IDENTIFIER", ["person.identifier.value"])
+    # Surrounding white space (tabs and line breaks too) is still trimmed, as before.
+    accepted = link(identity, observation("crm_id:err-src-4", "cookie:\terr-src-4\r\n", source="s" * 128))[0]
+    assert accepted.person_id and ids("cookie:err-src-4")[0] in accepted.normalized_identifiers
+
+
+def test_a_request_id_that_is_no_uuid_is_named(identity: Stub) -> None:
+    person = link(identity, observation("crm_id:err-rid", "cookie:err-rid"))[0].person_id
+    (a,), (b,) = ids("crm_id:err-rid"), ids("cookie:err-rid")
+    invalid = (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ID", ["request_id"])
+    for request_id in ("not-a-uuid", f"{{{uuid.uuid4()}}}", uuid.uuid4().hex, f"{uuid.uuid4()} "):
+        assert failure(lambda request_id=request_id: identity.UnlinkIdentifiers(  # type: ignore[misc]
+            pb.UnlinkIdentifiersRequest(link=pb.IdentifierPair(a=a, b=b), request_id=request_id),
+            timeout=10)) == invalid, request_id
+        assert failure(lambda request_id=request_id: identity.ErasePerson(  # type: ignore[misc]
+            pb.ErasePersonRequest(person=_by_id(person), request_id=request_id), timeout=10)) == invalid, request_id
+    assert person_of(identity, "cookie:err-rid").person_id == person  # neither unlinked nor erased
+    erased = identity.ErasePerson(pb.ErasePersonRequest(person=_by_id(person), request_id=str(uuid.uuid4()).upper()),
+                                  timeout=10)
+    assert erased.person_id == person
+
 
 def test_a_blocked_junk_value_is_not_found_and_says_it_is_blocked(identity: Stub) -> None:
     link(identity, observation("cookie:unknown", "crm_id:err-junk"))
