@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import time
@@ -66,6 +68,8 @@ _ELEMENT_OVERHEAD_BYTES = 6
 _TOKEN_MICROS = re.compile(r"[1-9][0-9]{0,18}")
 # The two characters an events page token escapes in its message id: `|` separates the fields, `%` escapes.
 _TOKEN_ESCAPE = re.compile(r"%(25|7C)")
+# The last field of an events page token: the check binding it to its request (`_token_check`).
+_TOKEN_CHECK = re.compile(r"[0-9a-f]{16}")
 
 
 
@@ -427,8 +431,9 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                           context: grpc.ServicerContext) -> pb.ListProfileEventsResponse:
         start, end = _time_range(request, "start_time", "end_time")
         page_size = _page_size(request.page_size)
-        after = _event_cursor(request.page_token, datetime.now(UTC))
         person_id, identifier = _selector(request.person, "person")
+        binding = _events_binding(request, start, end)
+        after = _event_cursor(request.page_token, datetime.now(UTC), binding)
         person = self._profiles.person(person_id, identifier)
         events, following = self._profiles.events_page(person, start, end, names=request.event_names, after=after,
                                                        page_size=page_size)
@@ -442,7 +447,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                 del response.events[index]
                 following = (events[index - 1].event_time, events[index - 1].message_id)
                 break
-        response.next_page_token = _event_token(*following) if following else ""
+        response.next_page_token = _event_token(*following, binding) if following else ""
         return response
 
     def BatchWriteTraits(self, request: pb.BatchWriteTraitsRequest,
@@ -589,29 +594,55 @@ def _page_size(requested: int, field_path: str = "page_size") -> int:
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
-def _event_token(event_time: datetime, message_id: str) -> str:
-    """The page token continuing after an event: `<event time in µs>|<message id>`, the message id's `%` and `|`
-    escaped (`%25`, `%7C`), so a token has exactly two fields whatever the id holds."""
-    return f"{micros(event_time)}|{message_id.replace('%', '%25').replace('|', '%7C')}"
+def _events_binding(request: pb.ListProfileEventsRequest, start: datetime | None, end: datetime | None) -> str:
+    """What an events page token is bound to: the request's person selector as sent, its time range and its
+    event names (as a set: their order and repeats select nothing different). Not page_size, which AIP-158
+    lets a caller change between pages."""
+    person = request.person
+    return json.dumps([person.WhichOneof("selector") or "", person.person_id, person.identifier.type,
+                       person.identifier.value, micros(start) if start else None, micros(end) if end else None,
+                       sorted(set(request.event_names))], ensure_ascii=False, separators=(",", ":"))
 
 
-def _event_cursor(token: str, now: datetime) -> tuple[datetime, str] | None:
+def _token_check(binding: str, position: str) -> str:
+    # Not a secret (a forged token could only page the caller's own request from elsewhere): it tells a token
+    # of this request from one of another person, time range or name filter, or an edited one.
+    return hashlib.blake2b(f"{binding}\0{position}".encode(), digest_size=8, person=b"onecdp.page").hexdigest()
+
+
+def _event_token(event_time: datetime, message_id: str, binding: str) -> str:
+    """The page token continuing after an event: `<event time in µs>|<message id>|<check>`, the message id's `%`
+    and `|` escaped (`%25`, `%7C`), so a token has exactly three fields whatever the id holds; `<check>` binds
+    it to its request (`_events_binding`)."""
+    position = f"{micros(event_time)}|{message_id.replace('%', '%25').replace('|', '%7C')}"
+    return f"{position}|{_token_check(binding, position)}"
+
+
+def _event_cursor(token: str, now: datetime, binding: str) -> tuple[datetime, str] | None:
     """Where a page continues: the (event time, message id) of the last event of the page before.
 
     A token names a stored event, so its time is one ingest accepts (from 1990-01-01 to at most a day after
     it was stored, so a day after `now`) and its message id is 1-128 characters; and it is exactly what
-    `_event_token` makes of them (no third field, no trailing text, no other escape). Anything else (an edited
-    or made-up token) is refused rather than turned into an overflow or a silently wrong page.
+    `_event_token` makes of them (no fourth field, no trailing text, no other escape). Anything else (an edited
+    or made-up token) is refused rather than turned into an overflow or a silently wrong page; so is a token
+    of another request (another person, time range or event names), which would skip or repeat events.
     """
     if not token:
         return None
-    exact, separator, escaped = token.partition("|")
+    exact, separator, rest = token.partition("|")
+    escaped, _, check = rest.rpartition("|")
     message_id = _TOKEN_ESCAPE.sub(lambda match: "%" if match[1] == "25" else "|", escaped)
     if (separator and _TOKEN_MICROS.fullmatch(exact) and 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH
             and micros(EARLIEST_EVENT_TIME) <= int(exact) <= micros(now + MAX_FUTURE_SKEW)):
         event_time = from_micros(int(exact))
-        if _event_token(event_time, message_id) == token:
+        expected = _event_token(event_time, message_id, binding)
+        if expected == token:
             return event_time, message_id
+        if expected.rpartition("|")[0] == f"{exact}|{escaped}" and _TOKEN_CHECK.fullmatch(check):
+            raise InvalidArgument.for_field(
+                "page_token", "a token of another request: send the person, start_time, end_time and event_names "
+                "of the request that returned it (page_size may change), or start without one",
+                reason="PAGE_TOKEN_MISMATCH")
     raise InvalidArgument.for_field("page_token", "not a token returned by this method; start without one",
                                     reason="INVALID_PAGE_TOKEN")
 
