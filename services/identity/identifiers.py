@@ -1,7 +1,8 @@
 """Identifier types: how values of each type are normalized, validated and recognised as junk.
 
 Normalization happens before anything is compared or stored, so `Ada@Example.com ` and
-`ada@example.com` are one identifier, and `+86 138 0013 8000` and `+8613800138000` are one phone.
+`ada@example.com` are one identifier, and `+86 138 0013 8000`, `0086 138 0013 8000` and `+8613800138000`
+are one phone. A phone's extension is dropped (E.164 has none): `+1 650 253 0000 ext. 123` is `+16502530000`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class Normalization(Enum):
     EXACT = "exact"
     LOWERCASE = "lowercase"
     EMAIL = "email"
-    PHONE_E164 = "phone_e164"
+    PHONE_E164 = "phone_e164"  # E.164, without an extension (see _normalize_phone)
     DEVICE_ID = "device_id"
 
 
@@ -110,15 +111,31 @@ _PHONE_PARSE_ERRORS = {
 
 
 def _normalize_phone(text: str, default_region: str | None) -> str:
+    """The number in E.164 (`+` country code and national number); an extension (`ext. 123`, `x123`,
+    `;ext=123`) is dropped, for E.164 has none: `+1 650 253 0000 ext. 123` is the identifier `+16502530000`.
+
+    A leading `00`, the international call prefix of China and most of Europe (ITU-T E.164's recommended
+    one), reads as `+` when the number does not read otherwise: without a default region it would have no
+    country code, and no national number of a region whose own prefix differs starts with it. A region's
+    own prefix (0011 in Australia, 011 in North America) still reads through that region's rules."""
+    try:
+        return _e164(text, text, default_region)
+    except InvalidIdentifierValue:
+        if not text.startswith("00"):
+            raise
+    return _e164("+" + text.removeprefix("00"), text, None)
+
+
+def _e164(text: str, shown: str, default_region: str | None) -> str:
     try:
         number = phonenumbers.parse(text, None if text.startswith("+") else default_region)
     except phonenumbers.NumberParseException as error:
         reason = _PHONE_PARSE_ERRORS.get(error.error_type, "it cannot be parsed")
         hint = "" if text.startswith("+") or default_region else \
             "; write national numbers with their +country prefix, e.g. +8613800138000"
-        raise InvalidIdentifierValue(f"{text!r} is not a phone number: {reason}{hint}") from error
+        raise InvalidIdentifierValue(f"{shown!r} is not a phone number: {reason}{hint}") from error
     if not phonenumbers.is_possible_number(number):
-        raise InvalidIdentifierValue(f"{text!r} is not a possible phone number")
+        raise InvalidIdentifierValue(f"{shown!r} is not a possible phone number")
     return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
 
 
@@ -146,6 +163,7 @@ BUILT_IN_TYPES: Mapping[str, IdentifierType] = {t.type: t for t in (
     _type("account_id", Normalization.EXACT, "App account id", 190, max_per_person=1),
     _type("wechat_unionid", Normalization.EXACT, "WeChat unionid", 180, max_per_person=1),
     _type("email", Normalization.EMAIL, "Email address", 150),
+    # E.164: a leading 00 reads as +, and an extension is dropped (see _normalize_phone).
     _type("phone", Normalization.PHONE_E164, "Phone number (E.164)", 150),
     _type("wechat_openid", Normalization.EXACT, "WeChat openid (per app)", 120),
     _type("device_id", Normalization.DEVICE_ID, "Device id (IDFA/AAID/IDFV/OAID)", 60,

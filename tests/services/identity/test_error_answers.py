@@ -158,6 +158,13 @@ def test_a_request_id_that_is_no_uuid_is_named(identity: Stub) -> None:
     assert erased.person_id == person
 
 
+def test_a_phone_written_with_the_00_international_prefix_is_its_plus_form(identity: Stub) -> None:
+    # 00 is the international call prefix in China and most of Europe; it was refused as "country code missing".
+    result = link(identity, observation("phone:0086 138 0013 8001", "crm_id:err-00"))[0]
+    assert ids("phone:+8613800138001")[0] in result.normalized_identifiers
+    assert person_of(identity, "phone:+8613800138001").person_id == result.person_id
+    assert person_of(identity, "phone:008613800138001").person_id == result.person_id
+
 def test_a_blocked_junk_value_is_not_found_and_says_it_is_blocked(identity: Stub) -> None:
     link(identity, observation("cookie:unknown", "crm_id:err-junk"))
     code, details = _details(lambda: person_of(identity, "cookie:unknown"))

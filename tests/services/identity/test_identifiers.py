@@ -56,6 +56,29 @@ def test_national_phone_numbers_use_the_configured_region() -> None:
     assert IdentifierRegistry(default_phone_region="CN").normalize("phone", "138 0013 8000") == "+8613800138000"
 
 
+@pytest.mark.parametrize(("raw", "region", "normalized"), [
+    ("008613800138000", None, "+8613800138000"),
+    ("0086 138 0013 8000", None, "+8613800138000"),
+    ("00 44 20 7946 0958", None, "+442079460958"),
+    ("0086 138 0013 8000", "US", "+8613800138000"),  # no US number starts with 0: read as international too
+    ("0086 138 0013 8000", "CN", "+8613800138000"),
+    ("0011 86 138 0013 8000", "AU", "+8613800138000"),  # a region's own prefix still reads as before
+])
+def test_the_00_international_prefix_is_read_as_plus(raw: str, region: str | None, normalized: str) -> None:
+    assert IdentifierRegistry(default_phone_region=region).normalize("phone", raw) == normalized
+
+
+def test_a_00_number_that_is_no_number_either_way_is_refused() -> None:
+    with pytest.raises(InvalidIdentifierValue, match=r"'0086 12' is not a possible phone number"):
+        IdentifierRegistry().normalize("phone", "0086 12")
+
+
+def test_a_phone_extension_is_dropped() -> None:
+    # E.164 has no extensions: a number with one is the same identifier as without it.
+    for raw in ("+1 650 253 0000 ext. 123", "+1 650 253 0000 x123", "+16502530000;ext=123"):
+        assert IdentifierRegistry().normalize("phone", raw) == "+16502530000"
+
+
 def test_custom_types_join_the_built_in_ones() -> None:
     loyalty = IdentifierType("loyalty_card", Normalization.LOWERCASE, "Loyalty card", 140, max_per_person=1)
     registry = IdentifierRegistry([loyalty])
