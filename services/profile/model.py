@@ -27,6 +27,9 @@ MAX_ORDER_ITEMS = 500
 # finite: 1.7e308 twice is Infinity. 1e15 is far above any real order in any currency unit, is below 2**53 (so
 # whole amounts up to it are exact doubles), and overflowing a sum of such amounts would take ~1e293 events.
 MAX_AMOUNT = 1e15
+# The largest quantity of an order item. An order's item count and its category and brand weights are stored
+# as 32-bit ints (timeline.item_count, categories, brands): 500 items of at most 1,000,000 each stay below 2**31.
+MAX_ITEM_QUANTITY = 1_000_000
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 
@@ -359,8 +362,9 @@ def _check_fields(event: Event) -> Rejection | None:
         return Rejection(RejectionReason.INVALID_FIELD,
                          f"order.currency_code {order.currency_code!r} is not an ISO 4217 code like USD")
     for index, item in enumerate(order.items):
-        if item.quantity < 1:
-            return Rejection(RejectionReason.INVALID_FIELD, f"order.items[{index}].quantity must be at least 1")
+        if not 1 <= item.quantity <= MAX_ITEM_QUANTITY:
+            return Rejection(RejectionReason.INVALID_FIELD, f"order.items[{index}].quantity {item.quantity} is out "
+                                                            f"of range; quantities are 1-{MAX_ITEM_QUANTITY:,}")
     return None
 
 

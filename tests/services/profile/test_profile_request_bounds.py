@@ -376,3 +376,28 @@ def test_an_events_page_token_is_taken_only_with_the_request_that_returned_it(pr
     following = page(ann, named.next_page_token, event_names=["click", "open", "click"], end_time=end)
     assert [e.event.message_id for e in [*named.events, *following.events]] == ["pa-4", "pa-3"]
     assert page(bob).events[0].event.message_id == "pb-5"
+
+
+def test_an_item_quantity_beyond_what_an_order_stores_rejects_that_event_only(profiles: Stub) -> None:
+    """A quantity of 2**31 (or items summing past it) failed the whole batch with INTERNAL: an order's item count
+    and preference weights are 32-bit ints in Cassandra."""
+    def items(*quantities: int) -> list[pb.OrderItem]:
+        return [pb.OrderItem(sku="s", category="shoes", quantity=q, unit_price=1.0) for q in quantities]
+
+    results = ingest(profiles, order("crm_id:qty", order_id="o-1", amount=1.0, items=items(2**31)),
+                     order("crm_id:qty", order_id="o-2", amount=1.0, items=items(1, 2**30, 2**30, 2**30)),
+                     order("crm_id:qty", order_id="o-3", amount=1.0, items=items(0)),
+                     order("crm_id:qty", order_id="o-4", amount=1.0, items=items(*[1_000_000] * 500)),
+                     track("crm_id:qty", properties={"category": "hats"}))
+    assert [(r.status, r.rejection_reason, r.message) for r in results] == [
+        (pb.EVENT_STATUS_REJECTED, pb.EVENT_REJECTION_REASON_INVALID_FIELD,
+         "order.items[0].quantity 2147483648 is out of range; quantities are 1-1,000,000"),
+        (pb.EVENT_STATUS_REJECTED, pb.EVENT_REJECTION_REASON_INVALID_FIELD,
+         "order.items[1].quantity 1073741824 is out of range; quantities are 1-1,000,000"),
+        (pb.EVENT_STATUS_REJECTED, pb.EVENT_REJECTION_REASON_INVALID_FIELD,
+         "order.items[0].quantity 0 is out of range; quantities are 1-1,000,000"),
+        (pb.EVENT_STATUS_ACCEPTED, pb.EVENT_REJECTION_REASON_UNSPECIFIED, ""),
+        (pb.EVENT_STATUS_ACCEPTED, pb.EVENT_REJECTION_REASON_UNSPECIFIED, "")]
+    profile = profile_of(profiles, "crm_id:qty")
+    assert [(t.order_id, t.item_count) for t in profile.recent_transactions] == [("o-4", 500_000_000)]
+    assert list(profile.preferences.top_categories) == ["shoes", "hats"]
