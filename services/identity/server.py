@@ -17,7 +17,7 @@ from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
-from services.identity import feed, page_tokens
+from services.identity import feed
 from services.identity.explain import explain
 from services.identity.feed import Change
 from services.identity.graph import (
@@ -45,6 +45,7 @@ from services.identity.settings import (
 )
 from shared.cassandra import CassandraSession
 from shared.errors import InvalidArgument, ResourceExhausted, Violations
+from shared.page_tokens import decode_page_token, encode_page_token
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
@@ -245,15 +246,13 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         page_size = _page_size(request.page_size)
         # Bound to the person asked for (as asked: a merge between pages redirects it the same way).
         binding = f"ListPersonIdentifiers persons/{person_id}"
-        after = page_tokens.decode(request.page_token, binding)
-        if after is not None and len(after) != 2:
-            raise _invalid_page_token()
+        after = decode_page_token(request.page_token, binding, fields=2)
         members = sorted(self._graph.get_person(person_id).identifiers)
         # The page starts after the last identifier of the previous one, not at an offset: identifiers
         # gained or lost between pages neither repeat nor skip the others.
         start = bisect.bisect_right(members, IdKey(*after)) if after is not None else 0
         page = members[start:start + page_size]
-        next_token = page_tokens.encode(binding, page[-1]) if start + page_size < len(members) else ""
+        next_token = encode_page_token(binding, page[-1]) if start + page_size < len(members) else ""
         return pb.ListPersonIdentifiersResponse(
             identifiers=[_person_identifier(d) for d in self._graph.identifier_details(page)],
             next_page_token=next_token)
@@ -331,12 +330,10 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         page_size = _page_size(request.page_size)
         self._settings.refresh()  # read through to storage: a change made via another process shows at once
         types = self._settings.registry.all()  # by type name
-        after = page_tokens.decode(request.page_token, "ListIdentifierTypes")
-        if after is not None and len(after) != 1:
-            raise _invalid_page_token()
+        after = decode_page_token(request.page_token, "ListIdentifierTypes")
         start = bisect.bisect_right([t.type for t in types], after[0]) if after is not None else 0
         page = types[start:start + page_size]
-        next_token = (page_tokens.encode("ListIdentifierTypes", (page[-1].type,))
+        next_token = (encode_page_token("ListIdentifierTypes", (page[-1].type,))
                       if start + page_size < len(types) else "")
         return pb.ListIdentifierTypesResponse(identifier_types=[_identifier_type(t) for t in page],
                                               next_page_token=next_token)
@@ -409,12 +406,6 @@ def _page_size(requested: int) -> int:
     if requested < 0:
         raise InvalidArgument.for_field("page_size", "must not be negative")
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def _invalid_page_token() -> InvalidArgument:
-    # A token of this binding holding another position shape: only a forger's, whose checksum held.
-    return InvalidArgument.for_field("page_token", "not a page token of this list for this request; start without "
-                                     "one", reason="INVALID_PAGE_TOKEN")
 
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:

@@ -34,7 +34,7 @@ from services.prediction.jobs import (
     start_training,
 )
 from services.prediction.online import ChangeFollower, OnlineHistories
-from services.prediction.pages import decode_token, encode_token, page_size_of
+from services.prediction.pages import page_size_of
 from services.prediction.profile_source import GrpcProfileSource, GrpcScoreWriter
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, Operation, OperationKind, VersionState
 from services.prediction.scoring import PersonScore
@@ -57,6 +57,7 @@ from shared.clients import profile_stub
 from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Violations, error_domain
 from shared.event_times import request_time_problem
 from shared.longrunning import Instead, operation_error, operations_registration
+from shared.page_tokens import decode_page_token, encode_page_token, invalid_page_token
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
@@ -303,10 +304,10 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         violations = Violations()
         page_size = page_size_of(request.page_size, violations)
         violations.raise_if_any()
-        after = decode_token(request.page_token, "models", str)
-        models, next_after = self._registry.list_models(page_size, str(after) if after is not None else None)
+        after = decode_page_token(request.page_token, "models")
+        models, next_after = self._registry.list_models(page_size, after[0] if after is not None else None)
         return pb.ListModelsResponse(models=[_model_message(m) for m in models],
-                                     next_page_token=encode_token("models", next_after) if next_after else "")
+                                     next_page_token=encode_page_token("models", (next_after,)) if next_after else "")
 
     def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.ServicerContext) -> pb.DeleteModelResponse:
         model_id = parse_model_name(request.name)
@@ -328,12 +329,11 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         page_size = page_size_of(request.page_size, violations)
         violations.raise_if_any()
         model_id = parse_model_name(request.parent, "parent")
-        before = decode_token(request.page_token, request.parent, int)
-        versions, next_before = self._registry.list_versions(model_id, page_size,
-                                                             int(before) if before is not None else None)
+        before = _version_position(decode_page_token(request.page_token, request.parent))
+        versions, next_before = self._registry.list_versions(model_id, page_size, before)
         return pb.ListModelVersionsResponse(
             model_versions=[_version_message(v) for v in versions],
-            next_page_token=encode_token(request.parent, next_before) if next_before is not None else "")
+            next_page_token=encode_page_token(request.parent, (str(next_before),)) if next_before is not None else "")
 
     def ActivateModelVersion(self, request: pb.ActivateModelVersionRequest,
                              context: grpc.ServicerContext) -> pb.Model:
@@ -494,6 +494,15 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         message = pb.PersonFeatures(person_id=person_id, values=values)
         message.as_of_time.FromDatetime(as_of)
         return message
+
+
+def _version_position(position: tuple[str, ...] | None) -> int | None:
+    """The version number a ListModelVersions token continues before (its position is that number)."""
+    if position is None:
+        return None
+    if not (position[0].isascii() and position[0].isdigit()):
+        raise invalid_page_token()
+    return int(position[0])
 
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -45,6 +44,7 @@ from shared.clients import identity_stub
 from shared.errors import InvalidArgument, ResourceExhausted, Violations
 from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW, request_time_problem
 from shared.leases import FollowerLease
+from shared.page_tokens import decode_page_token, encode_page_token, invalid_page_token
 from shared.polling import RepeatingWorker
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
@@ -65,11 +65,8 @@ IDENTITY_FEED_LEASE = "identity-feed"
 MAX_PAGE_BYTES = 3 * 1024 * 1024
 # What a repeated message field adds per element besides the element: its tag and length prefix.
 _ELEMENT_OVERHEAD_BYTES = 6
-_TOKEN_MICROS = re.compile(r"[1-9][0-9]{0,18}")
-# The two characters an events page token escapes in its message id: `|` separates the fields, `%` escapes.
-_TOKEN_ESCAPE = re.compile(r"%(25|7C)")
-# The last field of an events page token: the check binding it to its request (`_token_check`).
-_TOKEN_CHECK = re.compile(r"[0-9a-f]{16}")
+# An events page token's time: µs since 1970, as `str(int)` writes it (no sign, no leading zero, 19 digits at most).
+_MICROS = re.compile(r"[1-9][0-9]{0,18}")
 
 
 
@@ -604,47 +601,24 @@ def _events_binding(request: pb.ListProfileEventsRequest, start: datetime | None
                        sorted(set(request.event_names))], ensure_ascii=False, separators=(",", ":"))
 
 
-def _token_check(binding: str, position: str) -> str:
-    # Not a secret (a forged token could only page the caller's own request from elsewhere): it tells a token
-    # of this request from one of another person, time range or name filter, or an edited one.
-    return hashlib.blake2b(f"{binding}\0{position}".encode(), digest_size=8, person=b"onecdp.page").hexdigest()
-
-
 def _event_token(event_time: datetime, message_id: str, binding: str) -> str:
-    """The page token continuing after an event: `<event time in µs>|<message id>|<check>`, the message id's `%`
-    and `|` escaped (`%25`, `%7C`), so a token has exactly three fields whatever the id holds; `<check>` binds
-    it to its request (`_events_binding`)."""
-    position = f"{micros(event_time)}|{message_id.replace('%', '%25').replace('|', '%7C')}"
-    return f"{position}|{_token_check(binding, position)}"
+    """The page token continuing after an event (its time in µs and its message id), bound to its request."""
+    return encode_page_token(binding, (str(micros(event_time)), message_id))
 
 
 def _event_cursor(token: str, now: datetime, binding: str) -> tuple[datetime, str] | None:
-    """Where a page continues: the (event time, message id) of the last event of the page before.
-
-    A token names a stored event, so its time is one ingest accepts (from 1990-01-01 to at most a day after
-    it was stored, so a day after `now`) and its message id is 1-128 characters; and it is exactly what
-    `_event_token` makes of them (no fourth field, no trailing text, no other escape). Anything else (an edited
-    or made-up token) is refused rather than turned into an overflow or a silently wrong page; so is a token
-    of another request (another person, time range or event names), which would skip or repeat events.
-    """
-    if not token:
+    """Where a page continues: the (event time, message id) of the last event of the page before. A token names
+    a stored event, so its time is one ingest accepts (from 1990-01-01 to at most a day after it was stored, so a
+    day after `now`) and its message id is 1-128 characters: anything else, checksum and all, is refused rather
+    than turned into an overflow."""
+    position = decode_page_token(token, binding, fields=2)
+    if position is None:
         return None
-    exact, separator, rest = token.partition("|")
-    escaped, _, check = rest.rpartition("|")
-    message_id = _TOKEN_ESCAPE.sub(lambda match: "%" if match[1] == "25" else "|", escaped)
-    if (separator and _TOKEN_MICROS.fullmatch(exact) and 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH
+    exact, message_id = position
+    if not (_MICROS.fullmatch(exact) and 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH
             and micros(EARLIEST_EVENT_TIME) <= int(exact) <= micros(now + MAX_FUTURE_SKEW)):
-        event_time = from_micros(int(exact))
-        expected = _event_token(event_time, message_id, binding)
-        if expected == token:
-            return event_time, message_id
-        if expected.rpartition("|")[0] == f"{exact}|{escaped}" and _TOKEN_CHECK.fullmatch(check):
-            raise InvalidArgument.for_field(
-                "page_token", "a token of another request: send the person, start_time, end_time and event_names "
-                "of the request that returned it (page_size may change), or start without one",
-                reason="PAGE_TOKEN_MISMATCH")
-    raise InvalidArgument.for_field("page_token", "not a token returned by this method; start without one",
-                                    reason="INVALID_PAGE_TOKEN")
+        raise invalid_page_token()
+    return from_micros(int(exact)), message_id
 
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:

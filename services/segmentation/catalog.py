@@ -6,11 +6,8 @@ on read, so what cqlsh shows is what a reviewer reads.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import hashlib
-import hmac
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -33,6 +30,7 @@ from services.segmentation.store import CatalogChanged, SegmentRecord, SegmentSt
 from services.segmentation.text import RuleSyntaxError, format_rule, parse
 from shared.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
 from shared.etags import etag_matches, strong_etag
+from shared.page_tokens import decode_page_token, encode_page_token
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -119,55 +117,6 @@ def rule_problems_to_violations(problems: Sequence[RuleProblem], rule_input: Rul
             violations.add(rule_input.field_path, f"{where}{problem.description} (rule.{problem.path})")
         else:
             violations.add(f"{rule_input.field_path}.{problem.path}", problem.description)
-
-
-# Page tokens (AIP-158) are opaque and bound to the list they page: urlsafe base64 of a version byte, a checksum
-# over the list's kind (which names its parent) and the position, and the position masked with a keystream
-# drawn from that checksum, so a token reads as noise. A token sent to another list, or with any character
-# changed, fails the checksum and is refused rather than paging from a wrong place. The checksum is not a
-# secret (the format is open source): a forged position could only start the same list elsewhere, which
-# the caller may read anyway; what it stops is reading, editing and mixing up tokens.
-_PAGE_TOKEN_VERSION = b"\x01"
-_PAGE_TOKEN_CHECKSUM_BYTES = 8
-
-
-def _page_token_checksum(kind: str, position: bytes) -> bytes:
-    return hashlib.blake2b(kind.encode() + b"\0" + position, digest_size=_PAGE_TOKEN_CHECKSUM_BYTES,
-                           person=b"onecdp.page").digest()
-
-
-def _page_token_mask(checksum: bytes, data: bytes) -> bytes:
-    # Its own inverse: masking the masked position gives the position back.
-    keystream = hashlib.shake_256(_PAGE_TOKEN_VERSION + checksum).digest(len(data))
-    return bytes(a ^ b for a, b in zip(data, keystream, strict=True))
-
-
-def encode_page_token(kind: str, position: str) -> str:
-    raw = position.encode()
-    checksum = _page_token_checksum(kind, raw)
-    token = _PAGE_TOKEN_VERSION + checksum + _page_token_mask(checksum, raw)
-    return base64.urlsafe_b64encode(token).decode().rstrip("=")
-
-
-def decode_page_token(token: str, kind: str, field_path: str = "page_token") -> str | None:
-    """The position a token continues from (None for no token); INVALID_ARGUMENT for a token this list did
-    not issue (another list's, a changed one, or none at all)."""
-    if not token:
-        return None
-    position: str | None = None
-    try:
-        data = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
-        checksum = data[1:1 + _PAGE_TOKEN_CHECKSUM_BYTES]
-        if data[:1] == _PAGE_TOKEN_VERSION and len(checksum) == _PAGE_TOKEN_CHECKSUM_BYTES:
-            raw = _page_token_mask(checksum, data[1 + _PAGE_TOKEN_CHECKSUM_BYTES:])
-            if hmac.compare_digest(checksum, _page_token_checksum(kind, raw)):
-                position = raw.decode()
-    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
-        position = None
-    if position is None:
-        raise InvalidArgument.for_field(field_path, "not a page token of this list; pass next_page_token of the "
-                                        "previous response unchanged", reason="INVALID_PAGE_TOKEN")
-    return position
 
 
 def page_size_of(requested: int, default: int, maximum: int, field_path: str = "page_size") -> int:
@@ -287,9 +236,9 @@ class SegmentCatalog:
 
     def list(self, page_size: int, page_token: str) -> tuple[list[Segment], str]:
         size = page_size_of(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = decode_page_token(page_token, "segments") or ""
+        after = (decode_page_token(page_token, "segments") or ("",))[0]
         records = self.store.page(after, size + 1)
-        following = encode_page_token("segments", records[size - 1].segment_id) if len(records) > size else ""
+        following = encode_page_token("segments", (records[size - 1].segment_id,)) if len(records) > size else ""
         counts = self.store.member_counts([r.segment_id for r in records[:size]])
         return [self._segment(r, counts[r.segment_id]) for r in records[:size]], following
 

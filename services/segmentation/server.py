@@ -23,8 +23,6 @@ from services.segmentation.catalog import (
     RuleInput,
     Segment,
     SegmentCatalog,
-    decode_page_token,
-    encode_page_token,
     page_size_of,
     rule_text_length_problem,
     segment_id_of,
@@ -42,6 +40,7 @@ from shared.changefeed import FEED_START, SETTLE_SECONDS, parse_cursor, time_of
 from shared.clients import prediction_stub, profile_stub
 from shared.errors import FailedPrecondition, InvalidArgument, Violations, error_domain
 from shared.longrunning import Instead, operation_error, operation_id_of, operations_registration
+from shared.page_tokens import decode_page_token, encode_page_token
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
@@ -178,10 +177,10 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         segment_id = segment_id_of(request.parent, "parent")
         size = page_size_of(request.page_size, DEFAULT_MEMBERS_PAGE, MAX_MEMBERS_PAGE)
         kind = f"members/{segment_id}"
-        after = decode_page_token(request.page_token, kind) or ""
+        after = (decode_page_token(request.page_token, kind) or ("",))[0]
         self._catalog.record(segment_id)
         rows = self._store.members_page(segment_id, after, size + 1)
-        token = encode_page_token(kind, rows[size - 1][0]) if len(rows) > size else ""
+        token = encode_page_token(kind, (rows[size - 1][0],)) if len(rows) > size else ""
         return pb.ListSegmentMembersResponse(members=[_member(p, t) for p, t in rows[:size]], next_page_token=token)
 
     def ExportSegmentMembers(self, request: pb.ExportSegmentMembersRequest,
@@ -203,7 +202,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         kind = f"changes/{segment_id}"
         position = decode_page_token(request.page_token, kind)
         if position is not None:
-            after = parse_cursor(position)
+            after = parse_cursor(position[0])
         elif request.HasField("start_time"):
             after = cursor_from(request.start_time, "start_time")
         else:
@@ -222,7 +221,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         else:
             changes = self._store.changes_page(segment_id, after, size, through=horizon)
             last = changes[-1].change_id if changes else after
-        response = pb.ListSegmentMembershipChangesResponse(next_page_token=encode_page_token(kind, str(last)))
+        response = pb.ListSegmentMembershipChangesResponse(next_page_token=encode_page_token(kind, (str(last),)))
         for change in changes:
             message = response.changes.add(
                 person_id=change.person_id, cause=change.cause,

@@ -1,4 +1,4 @@
-"""Page tokens (AIP-158): opaque, bound to the list they page, and refused when changed."""
+"""Page tokens (AIP-158, shared.page_tokens): opaque, bound to the request they page, refused when changed."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from services.segmentation.catalog import decode_page_token, encode_page_token
 from shared.errors import InvalidArgument
+from shared.page_tokens import decode_page_token, encode_page_token
 
 pytestmark = pytest.mark.unit
 KIND = "members/q1-repeat-buyers"
-POSITION = "p_0f3a9c81d2e54b7a"
+POSITION = ("p_0f3a9c81d2e54b7a",)
 
 
 def refused(token: str, kind: str = KIND) -> InvalidArgument:
@@ -22,16 +22,18 @@ def refused(token: str, kind: str = KIND) -> InvalidArgument:
 
 
 def test_a_token_gives_back_its_position_and_no_token_is_the_first_page() -> None:
-    for kind, position in ((KIND, POSITION), ("segments", "vip"), ("members/x", "é-ü"),
-                           ("changes/vip", "8f0e6c2e-c9a4-11f0-8000-0a1b2c3d4e5f")):
+    for kind, position in ((KIND, POSITION), ("segments", ("vip",)), ("members/x", ("é-ü",)),
+                           ("changes/vip", ("8f0e6c2e-c9a4-11f0-8000-0a1b2c3d4e5f",))):
         assert decode_page_token(encode_page_token(kind, position), kind) == position
+    two = ("1795398081921947", 'a|b%"c')
+    assert decode_page_token(encode_page_token(KIND, two), KIND, fields=2) == two
     assert decode_page_token("", KIND) is None
 
 
 def test_a_token_does_not_show_its_position_or_its_list() -> None:
     token = encode_page_token(KIND, POSITION)
     decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    for readable in (POSITION, "p_0f3a", KIND, "q1-repeat", '"p"'):
+    for readable in (POSITION[0], "p_0f3a", KIND, "q1-repeat", '"p"'):
         assert readable not in token and readable.encode() not in decoded
 
 
@@ -60,6 +62,13 @@ def test_every_changed_character_is_refused() -> None:
 
 
 def test_the_readable_form_of_earlier_tokens_and_garbage_are_refused() -> None:
-    earlier = base64.urlsafe_b64encode(json.dumps({"k": KIND, "p": POSITION}).encode()).decode().rstrip("=")
+    earlier = base64.urlsafe_b64encode(json.dumps({"k": KIND, "p": POSITION[0]}).encode()).decode().rstrip("=")
     for token in (earlier, "garbage", "!!!!", "A", "AQ", "=" * 8, "a b c d"):
         assert refused(token).reason == "INVALID_PAGE_TOKEN", token
+
+
+def test_a_token_of_another_shape_is_refused() -> None:
+    """A position of another number of fields than the list's, checksum and all, names nothing it holds."""
+    assert refused(encode_page_token(KIND, ("a", "b"))).reason == "INVALID_PAGE_TOKEN"
+    with pytest.raises(InvalidArgument):
+        decode_page_token(encode_page_token(KIND, POSITION), KIND, fields=2)
