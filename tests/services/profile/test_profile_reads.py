@@ -56,13 +56,14 @@ def test_pages_fit_a_default_client_and_forged_tokens_are_invalid_arguments(prof
 
     real = profiles.ListProfileEvents(pb.ListProfileEventsRequest(person=person, page_size=1),
                                       timeout=30).next_page_token
-    exact = real.partition("|")[0]
-    for forged in ("99999999999999999999999|x", "-5|x", "5|x", "garbage", "abc|def", f"{exact}|",
-                   "\u00b2|x", f" {exact}|big-3", f"{int(exact) + 10 ** 15}|big-3", f"{exact}|{'m' * 200}"):
+    # Forged tokens (shared.page_tokens: opaque and checked; positions a valid checksum could carry are refused
+    # in test_profile_request_bounds).
+    for forged in ("99999999999999999999999|x", "-5|x", "garbage", "abc|def", "\u00b2|x", f" {real}", real[:-2],
+                   real + "A", real.upper() if real.upper() != real else real.lower()):
         with pytest.raises(grpc.RpcError) as bad:
             profiles.ListProfileEvents(pb.ListProfileEventsRequest(person=person, page_token=forged), timeout=10)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, forged
-        assert field_violations(bad.value) == [("page_token", "not a token returned by this method; start without one")]
+        assert [field for field, _ in field_violations(bad.value)] == ["page_token"], forged
 
 
 def test_read_masks_take_any_profile_path_and_as_of_time_cuts_traits_off(profiles: Stub) -> None:
