@@ -25,7 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from services.segmentation.evaluation import compile_rule
+from services.segmentation.evaluation import compile_rule, evaluation_failed
 from services.segmentation.realtime import events_read
 from services.segmentation.recompute import ProfileSource
 from services.segmentation.rules import Rule
@@ -55,8 +55,9 @@ def sample_size_of(requested: int) -> int:
 
 
 def estimate_size(rule: Rule, rules: dict[str, Rule], source: ProfileSource, sample_size: int,
-                  chooser: random.Random | None = None) -> SizeEstimate:
-    """Scan random shards until `sample_size` profiles were seen, evaluating `rule` on each."""
+                  chooser: random.Random | None = None, *, segment_id: str = "") -> SizeEstimate:
+    """Scan random shards until `sample_size` profiles were seen, evaluating `rule` (of the segment `segment_id`,
+    or "" for a rule not saved) on each. A profile whose evaluation raises is logged and not sampled."""
     as_of = datetime.now(UTC)
     events = events_read([rule], rules, as_of)
     shards = source.shards(SHARDS)
@@ -66,8 +67,14 @@ def estimate_size(rule: Rule, rules: dict[str, Rule], source: ProfileSource, sam
     def scan(shard: str) -> tuple[int, int]:
         scanned = matched = 0
         for batch in source.scan(shard, as_of, events):
-            scanned += len(batch)
-            matched += sum(1 for facts in batch if member(facts))
+            for facts in batch:
+                try:
+                    matches = member(facts)
+                except Exception as error:  # contained (see `evaluation_failed`): left out of the sample
+                    evaluation_failed(segment_id, facts.person_id, error)
+                    continue
+                scanned += 1
+                matched += matches
         return scanned, matched
 
     scanned = matched = shards_done = 0

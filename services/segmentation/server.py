@@ -261,6 +261,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                             context: grpc.ServicerContext) -> pb.EstimateSegmentSizeResponse:
         sample_size = sample_size_of(request.sample_size)
         which = request.WhichOneof("target")
+        segment_id = ""
         if which == "segment":
             segment_id = segment_id_of(request.segment, "segment")
             rules = self._catalog.rules_for([segment_id])  # NOT_FOUND, or FAILED_PRECONDITION: unreadable
@@ -277,7 +278,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             assert rule_input is not None
             rule = rule_input.rule
             rules = self._catalog.rules()
-        estimate = estimate_size(rule, rules, self._source, sample_size)
+        estimate = estimate_size(rule, rules, self._source, sample_size, segment_id=segment_id)
         return pb.EstimateSegmentSizeResponse(
             estimated_count=estimate.estimated_count, sample_size=estimate.sample_size,
             sample_matches=estimate.sample_matches, estimated_total_profiles=estimate.estimated_total_profiles,

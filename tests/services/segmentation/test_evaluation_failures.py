@@ -16,10 +16,12 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
+from services.segmentation import estimate as estimate_module
 from services.segmentation import follower as follower_module
 from services.segmentation import recompute as recompute_module
 from services.segmentation import server as server_module
 from services.segmentation.catalog import RuleInput, SegmentCatalog
+from services.segmentation.estimate import estimate_size
 from services.segmentation.evaluation import ProfileFacts, compile_rule
 from services.segmentation.follower import FeedFollower, Memberships
 from services.segmentation.profile_source import GrpcProfileSource
@@ -148,3 +150,17 @@ def test_a_person_whose_evaluation_fails_is_left_as_they_were_and_the_others_go_
         assert operation is not None and operation.done and operation.error_code is None, operation
         assert (operation.member_count, operation.exited_count, operation.profiles_skipped) == (2, 0, 1)
         assert sorted(store.member_ids("spenders")) == sorted([bad, good])
+
+
+def test_an_estimate_leaves_a_person_whose_evaluation_fails_out_of_its_sample(
+        profile_service: RunningService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    now = datetime.now(UTC)
+    with grpc.insecure_channel(f"127.0.0.1:{profile_service.port}") as channel:
+        profiles = profile_grpc.ProfileServiceStub(channel)
+        ids = ingest(profiles, track("bad", "buy", stamp(now), {"amount": 500}),
+                     track("good", "buy", stamp(now), {"amount": 500}))
+        monkeypatch.setattr(estimate_module, "compile_rule", failing_for(ids["bad"], compile_rule))
+        estimate = estimate_size(parse(SPENDERS), {}, GrpcProfileSource(profiles), 100, segment_id="spenders")
+    assert (estimate.sample_size, estimate.sample_matches) == (1, 1)  # raised on the old code
+    assert [getattr(r, "segment", None) for r in caplog.records if getattr(r, "person", None) == ids["bad"]] == [
+        "spenders"]
