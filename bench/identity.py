@@ -267,6 +267,11 @@ def main() -> None:
             console.print("the same observations again under new message ids ...")
             again = [(f"again-{message_id}", identifiers) for message_id, identifiers in world.observations]
             relinked = measure_link(stub, again, batch=args.batch, writers=args.writers)
+            # Again after the links: a node started just before runs its first LWTs with a cold JIT, which
+            # made the baseline half as fast and the ratio twice as good. The faster of the two counts.
+            console.print("raw lightweight transactions again ...")
+            lwt_rates = (lwt_rate, measure_raw_lwt(admin, cassandra_settings.keyspace("identity")))
+            lwt_rate = max(lwt_rates)
 
             owned = sorted(world.uniquely_owned())
             requests = [pb.LookupPersonRequest(person=common_pb2.PersonSelector(identifier=_identifier(i)))
@@ -304,7 +309,9 @@ def main() -> None:
         # Printed before the counting pass, which creates a keyspace (slow on a loaded machine).
         link_rate = linked.rate
         rows = [
-            ("raw LWT (INSERT IF NOT EXISTS)", f"{lwt_rate:,.0f} /s", f"driver concurrency {LWT_CONCURRENCY}"),
+            ("raw LWT (INSERT IF NOT EXISTS)", f"{lwt_rate:,.0f} /s",
+             f"driver concurrency {LWT_CONCURRENCY}; the faster of before the links and after them "
+             f"({lwt_rates[0]:,.0f}, {lwt_rates[1]:,.0f} /s)"),
             ("link, observations through gRPC", f"{link_rate:,.0f} /s",
              f"{len(world.observations)} obs, {args.writers} writers x {args.batch}/call"),
             ("link / raw LWT", f"{link_rate / lwt_rate:.2f}", "aim >= 0.5"),
