@@ -58,8 +58,10 @@ def decode_page_token(token: str, binding: str, fields: int = 1, field_path: str
             if hmac.compare_digest(checksum, _checksum(binding, raw)):
                 parsed = json.loads(raw)
                 if isinstance(parsed, list) and len(parsed) == fields and all(isinstance(p, str) for p in parsed):
+                    for part in parsed:
+                        part.encode()  # a lone surrogate (JSON reads "\ud800") is no string Cassandra can bind
                     position = tuple(parsed)
-    except (binascii.Error, ValueError):  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (binascii.Error, ValueError):  # JSONDecodeError, UnicodeDecodeError and UnicodeEncodeError are ValueErrors
         position = None
     if position is None:
         raise invalid_page_token(field_path)

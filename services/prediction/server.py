@@ -500,9 +500,11 @@ def _version_position(position: tuple[str, ...] | None) -> int | None:
     """The version number a ListModelVersions token continues before (its position is that number)."""
     if position is None:
         return None
-    if not (position[0].isascii() and position[0].isdigit()):
+    number = position[0]
+    # Versions are numbered from 1 in an int column: a (forged) position beyond it could not be bound.
+    if not (number.isascii() and number.isdigit() and len(number) <= 10 and 1 <= int(number) <= 2**31 - 1):
         raise invalid_page_token()
-    return int(position[0])
+    return int(number)
 
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:

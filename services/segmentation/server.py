@@ -36,11 +36,11 @@ from services.segmentation.profile_source import GrpcProfileSource
 from services.segmentation.recompute import Recomputer
 from services.segmentation.store import LAST_CHANGE_TICKS, OperationRecord, SegmentStore, cursor_before, ticks_of
 from services.segmentation.text import RuleSyntaxError, format_rule, parse
-from shared.changefeed import FEED_START, SETTLE_SECONDS, parse_cursor, time_of
+from shared.changefeed import FEED_START, SETTLE_SECONDS, time_of
 from shared.clients import prediction_stub, profile_stub
 from shared.errors import FailedPrecondition, InvalidArgument, Violations, error_domain
 from shared.longrunning import Instead, operation_error, operation_id_of, operations_registration
-from shared.page_tokens import decode_page_token, encode_page_token
+from shared.page_tokens import decode_page_token, encode_page_token, invalid_page_token
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
@@ -113,6 +113,14 @@ def operation_message(operation: OperationRecord) -> operations_pb2.Operation:
 
 # google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
 _TIMESTAMP_SECONDS = range(-62_135_596_800, 253_402_300_800)
+
+
+def _change_position(position: str) -> uuid.UUID:
+    """The change id a ListSegmentMembershipChanges token continues after."""
+    try:
+        return uuid.UUID(position)
+    except ValueError:
+        raise invalid_page_token() from None
 
 
 def cursor_from(start: timestamp_pb2.Timestamp, field_path: str) -> uuid.UUID:
@@ -202,7 +210,9 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         kind = f"changes/{segment_id}"
         position = decode_page_token(request.page_token, kind)
         if position is not None:
-            after = parse_cursor(position[0])
+            # A position this list handed out (its checksum says so), not a feed cursor a client holds: it may
+            # be later than now (a start_time in the future, with no change after it yet).
+            after = _change_position(position[0])
         elif request.HasField("start_time"):
             after = cursor_from(request.start_time, "start_time")
         else:

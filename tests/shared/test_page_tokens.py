@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from shared import page_tokens
 from shared.errors import InvalidArgument
 from shared.page_tokens import decode_page_token, encode_page_token
 
@@ -72,3 +73,15 @@ def test_a_token_of_another_shape_is_refused() -> None:
     assert refused(encode_page_token(KIND, ("a", "b"))).reason == "INVALID_PAGE_TOKEN"
     with pytest.raises(InvalidArgument):
         decode_page_token(encode_page_token(KIND, POSITION), KIND, fields=2)
+
+
+def test_a_position_no_string_column_can_hold_is_refused() -> None:
+    """JSON reads a lone surrogate ("\\ud800") into a str that no UTF-8 column can bind: refused, not INTERNAL."""
+    assert refused(encode_page_token_raw('["\\ud800"]')).reason == "INVALID_PAGE_TOKEN"
+
+
+def encode_page_token_raw(raw_json: str, binding: str = KIND) -> str:
+    """A token whose position is `raw_json` as written (encode_page_token cannot write a lone surrogate)."""
+    raw = raw_json.encode()
+    checksum = page_tokens._checksum(binding, raw)
+    return base64.urlsafe_b64encode(page_tokens._VERSION + checksum + page_tokens._mask(checksum, raw)).decode()

@@ -18,12 +18,12 @@ from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
 from services.prediction.registry import ModelRegistry, OperationKind
-from services.prediction.server import PredictionServicer, _add_to_server
+from services.prediction.server import PredictionServicer, _add_to_server, _version_position
 from services.prediction.spec import PredictionKind, resolve_spec
 from services.prediction.training import TrainedModel, train_version
 from shared.cassandra import connect_cluster, open_session
 from shared.config import CassandraSettings
-from shared.errors import StatusCode
+from shared.errors import InvalidArgument, StatusCode
 from shared.runner import RunningService
 from tests.services.prediction.synthetic import day, synthetic_source
 
@@ -323,3 +323,12 @@ def test_batch_scores_leave_the_server_as_the_bytes_the_service_encoded() -> Non
     finally:
         server.stop(None)
     assert response.model_version == "from the bytes" and servicer.calls == ["wire"]
+
+
+def test_a_versions_page_position_beyond_a_version_number_is_an_invalid_token() -> None:
+    """A position (checksum and all: the format is open) that no int column holds, or that int() refuses,
+    is INVALID_ARGUMENT, not a bind error answered INTERNAL."""
+    assert _version_position(("7",)) == 7
+    for position in ("4294967296", "9" * 5000, "0", "٣"):
+        with pytest.raises(InvalidArgument):
+            _version_position((position,))

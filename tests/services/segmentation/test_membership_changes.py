@@ -73,6 +73,12 @@ def test_changes_since_a_start_time(segmentation_alone: RunningService,
         assert [c.person_id for c in changes_since(stub, timestamp(at + timedelta(microseconds=1))).changes] == [
             "bob"]
 
+        # A start in the future: nothing yet, and a token that goes on from there (its position is later than
+        # now: a feed cursor that far ahead would be refused, a position this list handed out is not).
+        tomorrow = changes_since(stub, timestamp(datetime.now(UTC) + timedelta(days=1)))
+        assert list(tomorrow.changes) == []
+        assert list(changes_since(stub, token=tomorrow.next_page_token).changes) == []
+
         for start in (timestamp_pb2.Timestamp(seconds=253_402_300_800),  # after 9999-12-31
                       timestamp_pb2.Timestamp(seconds=0, nanos=-1),
                       timestamp(datetime(6000, 1, 1, tzinfo=UTC))):  # past the last time a change id can name
