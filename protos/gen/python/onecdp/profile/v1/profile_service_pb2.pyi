@@ -123,8 +123,9 @@ class _EventRejectionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_
     """An identifier of the event was erased for a privacy request."""
     EVENT_REJECTION_REASON_INVALID_FIELD: _EventRejectionReason.ValueType  # 9
     """A field is outside its documented range: `event_name` or `source` longer than 128
-    characters, an order amount that is not a finite number, an item quantity below 1, a
-    currency code that is not 3 letters.
+    characters, a number that is not finite, an order amount beyond 10^15, an item quantity
+    outside 1-1,000,000, a currency code that is not 3 letters, a party or source kind that
+    is no value of its enum.
     """
 
 class EventRejectionReason(_EventRejectionReason, metaclass=_EventRejectionReasonEnumTypeWrapper):
@@ -152,8 +153,9 @@ EVENT_REJECTION_REASON_ERASED_IDENTIFIER: EventRejectionReason.ValueType  # 8
 """An identifier of the event was erased for a privacy request."""
 EVENT_REJECTION_REASON_INVALID_FIELD: EventRejectionReason.ValueType  # 9
 """A field is outside its documented range: `event_name` or `source` longer than 128
-characters, an order amount that is not a finite number, an item quantity below 1, a
-currency code that is not 3 letters.
+characters, a number that is not finite, an order amount beyond 10^15, an item quantity
+outside 1-1,000,000, a currency code that is not 3 letters, a party or source kind that
+is no value of its enum.
 """
 Global___EventRejectionReason: _TypeAlias = EventRejectionReason  # noqa: Y015
 
@@ -253,9 +255,9 @@ class Event(_message.Message):
     source: _builtins.str
     """Free-form name of the emitting system, e.g. `ios-app`. At most 128 characters."""
     source_kind: _common_pb2.SourceKind.ValueType
-    """The kind of emitting system."""
+    """The kind of emitting system: a value of SourceKind (another number is rejected, INVALID_FIELD)."""
     party: _common_pb2.DataParty.ValueType
-    """Who collected the data."""
+    """Who collected the data: a value of DataParty (another number is rejected, INVALID_FIELD)."""
     @_builtins.property
     def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Identifier]:
         """The identifiers of the person who caused it: 1-32. All of them are linked together in the
@@ -271,13 +273,15 @@ class Event(_message.Message):
     @_builtins.property
     def traits(self) -> _struct_pb2.Struct:
         """For identify: traits to set on the profile (last write wins by event_time per trait). Names
-        are 1-128 characters of any kind (an event with another is rejected, INVALID_FIELD).
+        are 1-128 characters of any kind; numbers must be finite (an event with another name, or a
+        NaN or infinite value, is rejected alone, INVALID_FIELD naming its path).
         """
 
     @_builtins.property
     def properties(self) -> _struct_pb2.Struct:
         """For track/page/screen/order: the event's properties. Common ones used by computed traits:
-        `category`, `brand`, `revenue`.
+        `category`, `brand`, `revenue` (a number, at most 10^15 in absolute value, like an order
+        amount). Numbers must be finite, as in `traits`.
         """
 
     @_builtins.property
@@ -326,7 +330,9 @@ class Order(_message.Message):
     amount: _builtins.float
     """The signed amount moved, in `currency_code` units. Zero or positive: a purchase (a free order
     is an order), e.g. 100. Negative: a refund of that much of the order, e.g. -30 for a partial
-    refund of 30, -100 for a full refund of an order of 100.
+    refund of 30, -100 for a full refund of an order of 100. A finite number of at most 10^15 in
+    absolute value (far above any real order in any currency unit, and small enough that no sum
+    of them overflows); otherwise the event is rejected, INVALID_FIELD.
     """
     currency_code: _builtins.str
     """ISO 4217 code, e.g. `USD`, `CNY`. Default `USD`."""
@@ -371,9 +377,9 @@ class OrderItem(_message.Message):
     brand: _builtins.str
     """Brand, used for preferences."""
     quantity: _builtins.int
-    """Quantity, at least 1."""
+    """Quantity, 1 to 1,000,000."""
     unit_price: _builtins.float
-    """Price per unit in the order's currency."""
+    """Price per unit in the order's currency: a finite number."""
     def __init__(
         self,
         *,
