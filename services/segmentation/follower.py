@@ -73,8 +73,6 @@ class _Refreshed:
     evaluated: int
     entered: dict[str, list[str]]
     exited: dict[str, list[str]]
-    skipped: int = 0  # pairs whose evaluation failed, left as they were (`evaluation_failed`)
-
 
 
 class Memberships:
@@ -139,7 +137,6 @@ class Memberships:
         entered: dict[str, list[str]] = {}
         exited: dict[str, list[str]] = {}
         due: list[tuple[str, datetime]] = []
-        skipped = 0
         for person_id, segment_ids in segments_of.items():
             person = facts.get(person_id)
             next_times = []
@@ -150,7 +147,6 @@ class Memberships:
                         next_times.append(next_change_of[segment_id](person))
                 except Exception as error:  # contained: see `evaluation_failed`
                     evaluation_failed(segment_id, person_id, error)
-                    skipped += 1
                     continue
                 member = (segment_id, person_id) in current
                 if matched and not member:
@@ -163,7 +159,7 @@ class Memberships:
         for segment_id in sorted(set(entered) | set(exited)):
             self._store.apply_changes(segment_id, entered.get(segment_id, []), exited.get(segment_id, []), cause, now)
         self._store.schedule(due)
-        return _Refreshed(len(pairs), entered, exited, skipped)
+        return _Refreshed(len(pairs), entered, exited)
 
     def sweep_due(self, day: date, now: datetime, limit: int = DUE_PAGE) -> int:
         """Evaluate again, against every segment, the persons due on `day` by `now`; returns how many."""
