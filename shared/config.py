@@ -1,9 +1,10 @@
 """Settings for every OneCDP process, read from the environment (pydantic-settings).
 
-Two groups, because they come from two places in a deployment: `CASSANDRA_*` describes the cluster
-(shared by all services, usually a Secret plus a ConfigMap in Kubernetes), `ONECDP_*` describes the
-gRPC side. Unknown keys are forbidden, so a typo in code fails loudly; the list of variables each
-group reads is `env_var_names()` (the Kubernetes manifests are checked against it).
+Two groups for every service, because they come from two places in a deployment: `CASSANDRA_*`
+describes the cluster (shared by all services, usually a Secret plus a ConfigMap in Kubernetes),
+`ONECDP_*` describes the gRPC side. A service's own settings are a group of their own (`PROFILE_*`).
+Unknown keys are forbidden, so a typo in code fails loudly; the list of variables each group reads is
+`env_var_names()` (the Kubernetes manifests are checked against it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 SERVICE_NAMES = ("identity", "profile", "segmentation", "prediction")
 ConsistencyName = Literal["LOCAL_QUORUM", "QUORUM", "LOCAL_ONE", "ONE", "ALL", "EACH_QUORUM"]
 _KEYSPACE_PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+_CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
 
 
 def _split_csv(value: object) -> object:
@@ -145,6 +147,24 @@ class GrpcSettings(BaseSettings):
         return target or f"localhost:{self.port_of(service)}"
 
 
+class ProfileSettings(BaseSettings):
+    """The profile service's own settings."""
+
+    model_config = SettingsConfigDict(env_prefix="PROFILE_", extra="forbid")
+
+    # The ISO 4217 code the computed money traits are in (monetary, lifetime value, average order value, the
+    # RFM monetary score, window sums): only amounts in it are added up there. Amounts in other currencies
+    # are not converted (there are no exchange rates) but reported apart, per currency.
+    reporting_currency: str = "USD"
+
+    @field_validator("reporting_currency")
+    @classmethod
+    def _valid_currency(cls, value: str) -> str:
+        if not _CURRENCY_CODE.match(value):
+            raise ValueError(f"must be an ISO 4217 currency code of 3 upper-case letters, like USD; got {value!r}")
+        return value
+
+
 def _check_service(service: str) -> None:
     if service not in SERVICE_NAMES:
         raise ValueError(f"unknown service {service!r}; expected one of {', '.join(SERVICE_NAMES)}")
@@ -153,7 +173,7 @@ def _check_service(service: str) -> None:
 def env_var_names() -> set[str]:
     """Every environment variable the settings read."""
     names: set[str] = set()
-    for settings_class in (CassandraSettings, GrpcSettings):
+    for settings_class in (CassandraSettings, GrpcSettings, ProfileSettings):
         prefix = settings_class.model_config.get("env_prefix", "")
         names.update(f"{prefix}{field}".upper() for field in settings_class.model_fields)
     return names

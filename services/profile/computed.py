@@ -6,12 +6,18 @@ at or before `as_of` count, which makes the result point-in-time correct for his
 
 RFM scores use fixed thresholds rather than population quantiles: a person's score then depends on
 that person alone and can be recomputed on every change without scanning everyone.
+
+Money adds up in one currency only, the deployment's reporting currency: monetary, lifetime value,
+average order value, the RFM monetary score and window sums count the amounts in it. Amounts in other
+currencies are not converted (no exchange rates are assumed) and not dropped: they are summed
+per currency apart (`other_currency_amounts`). Orders in any currency are orders placed (frequency,
+recency).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import IntEnum
 
@@ -24,8 +30,10 @@ RECENT_TRANSACTIONS = 20
 RECENCY_DAYS_BY_SCORE = (30.0, 90.0, 180.0, 365.0)
 # Lower bounds of frequency (orders) for scores 5, 4, 3, 2.
 FREQUENCY_BY_SCORE = (10, 5, 3, 2)
-# Lower bounds of monetary (sum of order amounts) for scores 5, 4, 3, 2.
+# Lower bounds of monetary (sum of order amounts in the reporting currency) for scores 5, 4, 3, 2.
 MONETARY_BY_SCORE = (1000.0, 250.0, 100.0, 50.0)
+# The reporting currency when none is configured (PROFILE_REPORTING_CURRENCY, shared.config.ProfileSettings).
+DEFAULT_REPORTING_CURRENCY = "USD"
 
 
 class LifecycleStage(IntEnum):
@@ -52,12 +60,15 @@ class Transaction:
 
     order_id: str
     amount: float  # net: the sum of the amounts of the order's events
-    currency_code: str
+    currency_code: str  # its first purchase's (its first event's when it has only refunds); "" when it gave none
     item_count: int  # the items of its purchase events
     event_time: datetime  # its first purchase (its first event when it has only refunds)
     message_id: str  # the event of `event_time`
     update_time: datetime  # its latest event
     purchased: bool  # whether it has a purchase event (amount >= 0): only then is it an order placed
+    # The net per currency code of its events, in the order the codes first appear ("": an event without one).
+    # One entry unless its events disagree on the currency (a refund in another currency than the purchase).
+    amounts: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,8 +98,8 @@ class ComputedTraits:
     last_seen: datetime | None
     recency_days: float | None
     frequency: int
-    monetary: float
-    average_order_value: float
+    monetary: float  # in `currency_code`
+    average_order_value: float  # monetary / orders placed in `currency_code`
     rfm: Rfm | None
     windows: list[WindowAggregate]
     lifetime_value: float
@@ -97,11 +108,29 @@ class ComputedTraits:
     transactions: list[Transaction]
     top_categories: list[str]
     top_brands: list[str]
+    # The reporting currency, and the net amounts of the orders in every other currency (unconverted), by code.
+    currency_code: str = DEFAULT_REPORTING_CURRENCY
+    other_currency_amounts: dict[str, float] = field(default_factory=dict)
 
 
 def is_purchase(event: TimelineEvent) -> bool:
     """A purchase is an order event with an amount of zero or more (a free order is an order); below zero, a refund."""
     return (event.amount or 0.0) >= 0.0
+
+
+def currency_of(event: TimelineEvent, reporting_currency: str) -> str:
+    """The currency of an event's amount: an order's own code, or the reporting currency for an order that gave
+    none and for a `revenue` property (which has no currency)."""
+    if event.event_type == EventType.ORDER and event.currency_code:
+        return event.currency_code
+    return reporting_currency
+
+
+def _net_by_currency(events: Iterable[TimelineEvent]) -> tuple[tuple[str, float], ...]:
+    amounts: dict[str, float] = {}
+    for event in events:
+        amounts[event.currency_code] = amounts.get(event.currency_code, 0.0) + (event.amount or 0.0)
+    return tuple(amounts.items())
 
 
 def transactions_of(events: Iterable[TimelineEvent]) -> list[Transaction]:
@@ -119,7 +148,7 @@ def transactions_of(events: Iterable[TimelineEvent]) -> list[Transaction]:
         transactions.append(Transaction(
             order_id, sum(e.amount or 0.0 for e in order_events), first.currency_code,
             sum(e.item_count for e in purchases), first.event_time, first.message_id,
-            order_events[-1].event_time, bool(purchases)))
+            order_events[-1].event_time, bool(purchases), _net_by_currency(order_events)))
     transactions.sort(key=lambda t: (t.event_time, t.order_id), reverse=True)
     return transactions
 
@@ -182,8 +211,10 @@ def lifecycle_stage(first_seen: datetime | None, last_seen: datetime | None, as_
     return LifecycleStage.CHURNED
 
 
-def window_aggregates(events: Sequence[TimelineEvent], as_of: datetime) -> list[WindowAggregate]:
-    """Count and amount sum per event name over (as_of - D days, as_of], for every name seen in the widest window."""
+def window_aggregates(events: Sequence[TimelineEvent], as_of: datetime,
+                      reporting_currency: str = DEFAULT_REPORTING_CURRENCY) -> list[WindowAggregate]:
+    """Count and amount sum per event name over (as_of - D days, as_of], for every name seen in the widest window.
+    The count is of every event; the sum only of amounts in the reporting currency (see `currency_of`)."""
     widest = _days_before(as_of, max(WINDOW_DAYS))
     names = sorted({e.event_name for e in events if widest < e.event_time <= as_of})
     aggregates = []
@@ -191,7 +222,8 @@ def window_aggregates(events: Sequence[TimelineEvent], as_of: datetime) -> list[
         for days in WINDOW_DAYS:
             start = _days_before(as_of, days)
             inside = [e for e in events if e.event_name == name and start < e.event_time <= as_of]
-            aggregates.append(WindowAggregate(name, days, len(inside), sum(e.amount or 0.0 for e in inside)))
+            total = sum(e.amount or 0.0 for e in inside if currency_of(e, reporting_currency) == reporting_currency)
+            aggregates.append(WindowAggregate(name, days, len(inside), total))
     return aggregates
 
 
@@ -200,9 +232,22 @@ def top_weights(weights: dict[str, int]) -> list[str]:
     return [name for name, _ in ranked[:TOP_PREFERENCES]]
 
 
+def money_by_currency(transactions: Iterable[Transaction], reporting_currency: str) -> dict[str, float]:
+    """The net amount of the transactions per currency code, an event without a code in the reporting currency.
+    Summed transaction by transaction, like the single-currency total always was, so its figures stay the same."""
+    totals: dict[str, float] = {}
+    for transaction in transactions:
+        for code, amount in transaction.amounts:
+            currency = code or reporting_currency
+            totals[currency] = totals.get(currency, 0.0) + amount
+    return totals
+
+
 def compute(events: Sequence[TimelineEvent], as_of: datetime,
-            policy: LifecyclePolicy = LifecyclePolicy()) -> ComputedTraits:
-    """The computed traits of a person's events as of `as_of` (later events are ignored)."""
+            policy: LifecyclePolicy = LifecyclePolicy(),
+            reporting_currency: str = DEFAULT_REPORTING_CURRENCY) -> ComputedTraits:
+    """The computed traits of a person's events as of `as_of` (later events are ignored); money in
+    `reporting_currency`, an ISO 4217 code, with the other currencies' amounts apart."""
     seen = [e for e in events if e.event_time <= as_of]
     first_seen = min((e.event_time for e in seen), default=None)
     last_seen = max((e.event_time for e in seen), default=None)
@@ -211,7 +256,11 @@ def compute(events: Sequence[TimelineEvent], as_of: datetime,
     # refunded order still counts as an order placed.
     purchases = [e for e in seen if e.event_type == EventType.ORDER and e.order_id and is_purchase(e)]
     frequency = sum(t.purchased for t in transactions)
-    monetary = sum(t.amount for t in transactions)
+    money = money_by_currency(transactions, reporting_currency)
+    monetary = money.pop(reporting_currency, 0.0)
+    # Orders placed in the reporting currency: the average of an order is over the orders `monetary` holds.
+    reporting_orders = sum(t.purchased and (t.currency_code or reporting_currency) == reporting_currency
+                           for t in transactions)
     recency_days = None
     rfm = None
     if purchases:
@@ -227,8 +276,9 @@ def compute(events: Sequence[TimelineEvent], as_of: datetime,
     return ComputedTraits(
         as_of=as_of, first_seen=first_seen, last_seen=last_seen, recency_days=recency_days,
         frequency=frequency, monetary=monetary,
-        average_order_value=monetary / frequency if frequency else 0.0,
-        rfm=rfm, windows=window_aggregates(seen, as_of), lifetime_value=monetary,
+        average_order_value=monetary / reporting_orders if reporting_orders else 0.0,
+        rfm=rfm, windows=window_aggregates(seen, as_of, reporting_currency), lifetime_value=monetary,
         lifecycle_stage=lifecycle_stage(first_seen, last_seen, as_of, policy), event_count=len(seen),
         transactions=transactions[:RECENT_TRANSACTIONS], top_categories=top_weights(categories),
-        top_brands=top_weights(brands))
+        top_brands=top_weights(brands), currency_code=reporting_currency,
+        other_currency_amounts=dict(sorted(money.items())))

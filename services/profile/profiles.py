@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import cast
 
-from services.profile.computed import ComputedTraits, LifecyclePolicy, compute
+from services.profile.computed import DEFAULT_REPORTING_CURRENCY, ComputedTraits, LifecyclePolicy, compute
 from services.profile.identity import IdentityResolver, Observation, PersonView, Resolution
 from services.profile.model import (
     ChangeType,
@@ -82,11 +82,14 @@ class _PersonChanges:
 class Profiles:
     def __init__(self, store: ProfileStore, identity: IdentityResolver, feed: ChangeFeed,
                  policy: LifecyclePolicy = DEFAULT_POLICY,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), *,
+                 reporting_currency: str = DEFAULT_REPORTING_CURRENCY) -> None:
         self.store = store
         self.identity = identity
         self.feed = feed
         self.policy = policy
+        # The currency computed money traits add up (PROFILE_REPORTING_CURRENCY); others are reported apart.
+        self.reporting_currency = reporting_currency
         self._clock = clock
 
     # ---- ingestion --------------------------------------------------------------------------------
@@ -196,7 +199,8 @@ class Profiles:
         return [ProfileView(
             person_id=person.person_id, identifiers=person.identifiers, traits=stored.traits,
             # Computed traits are never read as records only: the events are TimelineEvents then.
-            computed=compute(cast(list[TimelineEvent], stored.events), when, self.policy) if with_computed else None,
+            computed=compute(cast(list[TimelineEvent], stored.events), when, self.policy,
+                             self.reporting_currency) if with_computed else None,
             events=stored.events if with_events else [], merged_person_ids=stored.partitions[1:],
             update_time=stored.row.update_time if stored.row else None)
             for person, stored in zip(persons, contents, strict=True)]

@@ -41,6 +41,7 @@ from services.profile.shards import format_shard, parse_shard, split_ring
 from services.profile.store import EventSelection, ProfileStore, from_micros, micros
 from shared.changefeed import ChangeFeed, parse_cursor
 from shared.clients import identity_stub
+from shared.config import ProfileSettings
 from shared.errors import InvalidArgument, ResourceExhausted, Violations
 from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW, request_time_problem
 from shared.leases import FollowerLease
@@ -207,7 +208,8 @@ def _computed(computed: ComputedTraits) -> pb.ComputedTraits:
         window_aggregates=[pb.WindowAggregate(event_name=w.event_name, window_days=w.window_days, count=w.count,
                                               sum=w.sum) for w in computed.windows],
         lifetime_value=computed.lifetime_value,
-        lifecycle_stage=pb.LifecycleStage.ValueType(computed.lifecycle_stage), event_count=computed.event_count)
+        lifecycle_stage=pb.LifecycleStage.ValueType(computed.lifecycle_stage), event_count=computed.event_count,
+        currency_code=computed.currency_code, other_currency_amounts=computed.other_currency_amounts)
     message.as_of_time.FromDatetime(computed.as_of)
     if computed.first_seen:
         message.first_seen_time.FromDatetime(computed.first_seen)
@@ -622,8 +624,9 @@ def _event_cursor(token: str, now: datetime, binding: str) -> tuple[datetime, st
 
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
+    settings = ProfileSettings()  # from the environment: a bad PROFILE_* value fails the start, naming it
     profiles = Profiles(ProfileStore(context.session), GrpcIdentityResolver(identity_stub(context.grpc_settings)),
-                        ChangeFeed(context.session, FEED_COLUMNS))
+                        ChangeFeed(context.session, FEED_COLUMNS), reporting_currency=settings.reporting_currency)
     # Every replica runs a follower of identity's changes, but only the holder of the `identity-feed` lease
     # applies them; the others try for the lease every third of its TTL, so one of them takes over when the
     # holder stops (at once: it gives the lease back) or dies (within the TTL).

@@ -683,6 +683,26 @@ class ComputedTraits(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class OtherCurrencyAmountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     FIRST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     RECENCY_DAYS_FIELD_NUMBER: _builtins.int
@@ -695,6 +715,8 @@ class ComputedTraits(_message.Message):
     LIFECYCLE_STAGE_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     AS_OF_TIME_FIELD_NUMBER: _builtins.int
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    OTHER_CURRENCY_AMOUNTS_FIELD_NUMBER: _builtins.int
     recency_days: _builtins.float
     """Days from the last purchase (an order event with an amount of zero or more) to
     `as_of_time` (recency). Absent without purchases.
@@ -704,19 +726,30 @@ class ComputedTraits(_message.Message):
     orders, and a fully refunded order still counts as an order placed.
     """
     monetary: _builtins.float
-    """Sum of the amounts of all order events, refunds included (net), in the orders' currency:
-    an order of 100 and a refund of -30 give 70.
+    """Sum of the amounts of the order events in the reporting currency (`currency_code`), refunds
+    included (net): an order of 100 and a refund of -30 give 70. An order's currency is its
+    `Order.currency_code` (`USD` when it gave none). Amounts in other currencies are not converted
+    and not in this sum: they are in `other_currency_amounts`.
     """
     average_order_value: _builtins.float
-    """`monetary` / `frequency`; 0 without orders."""
+    """`monetary` / the number of orders placed in the reporting currency (order ids with a purchase
+    event in `currency_code`); 0 without such orders.
+    """
     lifetime_value: _builtins.float
-    """Historical lifetime value: the same as `monetary`, the sum of all order events' amounts net of
-    refunds.
+    """Historical lifetime value: the same as `monetary`, the sum of the order events' amounts in the
+    reporting currency (`currency_code`), net of refunds; other currencies are in
+    `other_currency_amounts`.
     """
     lifecycle_stage: Global___LifecycleStage.ValueType
     """Lifecycle stage at `as_of_time`."""
     event_count: _builtins.int
     """Total number of events."""
+    currency_code: _builtins.str
+    """The reporting currency, an ISO 4217 code such as `USD`: the one currency `monetary`,
+    `lifetime_value`, `average_order_value`, the RFM monetary score and the window aggregates'
+    sums add up. One per deployment (the profile service's PROFILE_REPORTING_CURRENCY, default
+    `USD`).
+    """
     @_builtins.property
     def first_seen_time(self) -> _timestamp_pb2.Timestamp:
         """The first event's time."""
@@ -728,16 +761,28 @@ class ComputedTraits(_message.Message):
     @_builtins.property
     def rfm(self) -> Global___RfmScore:
         """RFM scores 1-5 each (5 best) and their combined code, e.g. `R5F4M3`, with a named segment
-        such as `champions`, `at_risk`, `hibernating`.
+        such as `champions`, `at_risk`, `hibernating`. Recency and frequency count orders in every
+        currency; the monetary score scores `monetary` (the reporting currency only).
         """
 
     @_builtins.property
     def window_aggregates(self) -> _containers.RepeatedCompositeFieldContainer[Global___WindowAggregate]:
-        """Counts and sums per event name over trailing windows of 7, 30 and 90 days."""
+        """Counts and sums per event name over trailing windows of 7, 30 and 90 days (sums in the
+        reporting currency only).
+        """
 
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
         """The time the windows, recency and lifecycle stage were computed for."""
+
+    @_builtins.property
+    def other_currency_amounts(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The net sums of the order events' amounts in every currency other than `currency_code`, keyed
+        by ISO 4217 code, e.g. `{"JPY": 7000, "EUR": 5}`: refunds included, like `monetary`, and a
+        currency whose orders net to 0 is still listed. Not converted (no exchange rates are applied)
+        and in none of the money figures above; `frequency` and `recency_days` do count these orders.
+        Empty when every order is in the reporting currency.
+        """
 
     def __init__(
         self,
@@ -754,10 +799,12 @@ class ComputedTraits(_message.Message):
         lifecycle_stage: Global___LifecycleStage.ValueType = ...,
         event_count: _builtins.int = ...,
         as_of_time: _timestamp_pb2.Timestamp | None = ...,
+        currency_code: _builtins.str = ...,
+        other_currency_amounts: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_recency_days", b"_recency_days", "as_of_time", b"as_of_time", "first_seen_time", b"first_seen_time", "last_seen_time", b"last_seen_time", "recency_days", b"recency_days", "rfm", b"rfm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_recency_days", b"_recency_days", "as_of_time", b"as_of_time", "average_order_value", b"average_order_value", "event_count", b"event_count", "first_seen_time", b"first_seen_time", "frequency", b"frequency", "last_seen_time", b"last_seen_time", "lifecycle_stage", b"lifecycle_stage", "lifetime_value", b"lifetime_value", "monetary", b"monetary", "recency_days", b"recency_days", "rfm", b"rfm", "window_aggregates", b"window_aggregates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_recency_days", b"_recency_days", "as_of_time", b"as_of_time", "average_order_value", b"average_order_value", "currency_code", b"currency_code", "event_count", b"event_count", "first_seen_time", b"first_seen_time", "frequency", b"frequency", "last_seen_time", b"last_seen_time", "lifecycle_stage", b"lifecycle_stage", "lifetime_value", b"lifetime_value", "monetary", b"monetary", "other_currency_amounts", b"other_currency_amounts", "recency_days", b"recency_days", "rfm", b"rfm", "window_aggregates", b"window_aggregates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__recency_days: _TypeAlias = _typing.Literal["recency_days"]  # noqa: Y015
     _WhichOneofArgType__recency_days: _TypeAlias = _typing.Literal["_recency_days", b"_recency_days"]  # noqa: Y015
@@ -816,8 +863,11 @@ class WindowAggregate(_message.Message):
     count: _builtins.int
     """Number of events in the window."""
     sum: _builtins.float
-    """Sum of `revenue` (or order amount) of the events in the window: refunds inside the window
-    are included, so they net out (an order of 100 and its refund of -30: 70).
+    """Sum of the amounts in the reporting currency (`ComputedTraits.currency_code`) of the events in
+    the window: an order event's amount when its currency is the reporting one, a numeric
+    `revenue` property of any other event (which has no currency, so counts in the reporting
+    currency). Refunds inside the window are included, so they net out (an order of 100
+    and its refund of -30: 70). Orders in other currencies are in `count` but not in this sum.
     """
     def __init__(
         self,
