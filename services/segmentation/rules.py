@@ -16,10 +16,11 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import Enum, StrEnum
 from typing import Any
 
-# A constant a condition compares with. Numbers are floats, like google.protobuf.Value's.
+# A constant a condition compares with. Numbers are floats, like google.protobuf.Value's (MAX_NUMBER).
 Scalar = str | float | bool
 
 MAX_LAST_DAYS = 3650
@@ -46,12 +47,15 @@ MAX_RULE_DEPTH = 32
 # would make each of those thousands of times slower for everyone.
 MAX_RULE_CONDITIONS = 256
 MAX_RULE_TEXT_LENGTH = 32_768
-# Event counts are int64 in the Rule message.
+# Event counts are int64 in the Rule message (fields of their own), so they have their own bound.
 MAX_COUNT = 2**63 - 1
-# Every number of a rule lies within int64 (README: "whole numbers within int64"). Numbers are doubles, and
-# past 2**53 a double holds only some whole numbers: 99999999999999999999 would silently become 1e+20, and
-# its text would not say what was written. No count, amount or trait a person compares with is near this.
-MAX_NUMBER = MAX_COUNT
+# Every other number of a rule (a trait's, a property's, an aggregate's, a score's value) is within
+# +/-(2**53 - 1), JSON's and JavaScript's safe integers. Such numbers are doubles (google.protobuf.Value),
+# and only this far does a double hold every whole number: past it `traits.crm_number = 9007199254740993`
+# would silently compare with 9007199254740992 and match other persons (traits are stored as JSON, and hold
+# such ints exactly). 2**53 itself is excluded, for 2**53 + 1 arrives as it. Ids that large are compared as
+# strings; no count, amount or score a person compares with is near this.
+MAX_NUMBER = 2**53 - 1
 # Window times are written with four-digit years, and readers subtract margins from window starts.
 EARLIEST_WINDOW_TIME = datetime(1000, 1, 1, tzinfo=UTC)
 SCORE_TRAIT_PREFIX = "score_"
@@ -472,14 +476,18 @@ def _check_operands(comparison: Comparison, path: str, problem: Callable[[str, s
             problem(where, "numbers must be finite")
             return False
         if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > MAX_NUMBER:
-            problem(where, _beyond_int64(value))
+            problem(where, beyond_safe_integers(value))
             return False
     return True
 
 
-def _beyond_int64(value: float) -> str:
-    return (f"numbers in a rule are within int64 (-{MAX_NUMBER} to {MAX_NUMBER}), got {value:g}: a double "
-            "holds only some whole numbers that large, so the rule would not say what was written")
+def beyond_safe_integers(value: float | Decimal) -> str:
+    """Why a rule cannot hold `value` (its magnitude is past MAX_NUMBER), and what to write instead."""
+    shown = str(value) if isinstance(value, int) else f"{value:.17g}"
+    return (f"numbers in a rule are within -{MAX_NUMBER} to {MAX_NUMBER} (2**53 - 1), got {shown}: they are "
+            "doubles, and past that a double holds only some whole numbers (9007199254740993 becomes "
+            "9007199254740992), so the rule would compare with another number than the one written; compare a "
+            "larger id as a string, stored as a string trait (traits.crm_id = \"9007199254740993\")")
 
 
 def _kind(value: Scalar) -> str:
@@ -529,7 +537,7 @@ def _check_numeric(comparison: Comparison, path: str, problem: Callable[[str, st
                    fields: tuple[str, str] = ("value", "value_upper"), lower: float | None = None,
                    upper: float | None = None, whole: bool = False) -> None:
     """Checks a comparison of a number whose operands are the message fields `fields` (the operand, the
-    upper bound of BETWEEN); `whole` numbers are counts, int64 in the message."""
+    upper bound of BETWEEN); `whole` numbers are counts, int64 in the message (MAX_COUNT, not MAX_NUMBER)."""
     operator = comparison.operator
     if operator not in NUMERIC_OPERATORS:
         problem(f"{path}.operator", f"{operator.value} does not apply to a number; use =, !=, <, <=, >, >= or BETWEEN")
@@ -552,8 +560,8 @@ def _check_numeric(comparison: Comparison, path: str, problem: Callable[[str, st
             problem(where, f"an event count is a whole number, got {value:g}")
         if whole and value > MAX_COUNT:  # an exact comparison: float(MAX_COUNT) would round up to 2**63
             problem(where, f"an event count is at most {MAX_COUNT} (int64), got {value:g}")
-        elif abs(value) > MAX_NUMBER:
-            problem(where, _beyond_int64(value))
+        elif not whole and abs(value) > MAX_NUMBER:
+            problem(where, beyond_safe_integers(value))
         if lower is not None and value < lower:
             problem(where, f"must be at least {lower:g}, got {value:g}")
         if upper is not None and value > upper:

@@ -25,9 +25,11 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from services.segmentation.rules import (
     KEYWORDS,
+    MAX_NUMBER,
     MAX_RULE_DEPTH,
     NAME,
     NAME_PATTERN,
@@ -50,6 +52,7 @@ from services.segmentation.rules import (
     SegmentCondition,
     TraitCondition,
     Window,
+    beyond_safe_integers,
     parse_time,
     segment_id_of_reference,
 )
@@ -350,7 +353,12 @@ class _Parser:
         if token.kind == "STRING":
             return _string_of(token)
         if token.kind == "NUMBER":
-            return float(token.text)
+            number = float(token.text)
+            # Validation refuses a number past MAX_NUMBER; the only ones a double rounds to within it are
+            # written a fraction past it (9007199254740991.2), and only their text says so.
+            if abs(number) == MAX_NUMBER and abs(Decimal(token.text)) > MAX_NUMBER:
+                raise RuleSyntaxError(beyond_safe_integers(Decimal(token.text)), token.position)
+            return number
         if token.kind == "NAME" and token.text in ("true", "false"):
             return token.text == "true"
         if token.kind == "TIME":

@@ -9,13 +9,14 @@ import pytest
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 
-from services.segmentation.rules import MAX_RULE_CONDITIONS, MAX_RULE_TEXT_LENGTH
+from services.segmentation.rules import MAX_NUMBER, MAX_RULE_CONDITIONS, MAX_RULE_TEXT_LENGTH
 from tests.services.segmentation.test_segments import Stub, create, failure
 
 pytestmark = pytest.mark.integration
 
 DEEPEST = "NOT " * 32 + "traits.a = 1"
 LARGEST_COUNT = 2**63 - 1024  # the largest float below 2**63: counts are floats in rules, int64 in messages
+SAFE = "numbers in a rule are within -9007199254740991 to 9007199254740991 (2**53 - 1)"
 
 
 def test_rules_past_the_limits_are_refused_naming_the_part(segmentation: Stub) -> None:
@@ -31,11 +32,10 @@ def test_rules_past_the_limits_are_refused_naming_the_part(segmentation: Stub) -
          "at character 39: must be at most 1, got 2 (rule.score.value_upper"),
         # Numbers beyond int64 were stored as the nearest double, and the text said another number.
         ("computed.frequency >= 99999999999999999999",
-         "at character 23: numbers in a rule are within int64 (-9223372036854775807 to 9223372036854775807), got "
-         "1e+20"),
-        ("traits.age = 12345678901234567890123", "at character 14: numbers in a rule are within int64"),
-        ('event("o", amount > -1e30).count(last 9d) >= 1', "at character 21: numbers in a rule are within int64"),
-        ('event("o").sum(amount, last 9d) BETWEEN 0 AND 1e19', "at character 47: numbers in a rule are within int64"),
+         f"at character 23: {SAFE}, got 1e+20"),
+        ("traits.age = 12345678901234567890123", f"at character 14: {SAFE}"),
+        ('event("o", amount > -1e30).count(last 9d) >= 1', f"at character 21: {SAFE}"),
+        ('event("o").sum(amount, last 9d) BETWEEN 0 AND 1e19', f"at character 47: {SAFE}"),
     ]:
         code, _, fields = failure(segmentation.ParseSegmentRule, pb.ParseSegmentRuleRequest(rule_text=text))
         assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, ["rule_text"]), text
@@ -59,8 +59,8 @@ def test_rules_past_the_limits_are_refused_naming_the_part(segmentation: Stub) -
         event_name="order", aggregation=pb.AGGREGATION_SUM, property="amount", operator=pb.OPERATOR_LESS,
         value=-1e20, window=pb.TimeWindow(last_days=9)))
     for rule, field, expected in [
-        (huge_trait, "segment.rule.trait.value", "numbers in a rule are within int64"),
-        (huge_sum, "segment.rule.event_aggregate.value", "numbers in a rule are within int64"),
+        (huge_trait, "segment.rule.trait.value", SAFE),
+        (huge_sum, "segment.rule.event_aggregate.value", SAFE),
         (long_trait, "segment.rule.trait.field", "the trait name has 129 characters"),
         (unknown_score_field, "segment.rule.score.score_field", "unknown score field 7"),
         (before_year_1, "segment.rule.event_count.window.between.start_time", "not a valid time"),
@@ -69,6 +69,55 @@ def test_rules_past_the_limits_are_refused_naming_the_part(segmentation: Stub) -
             segment_id="past-limits", segment=pb.Segment(rule=rule)))
         assert (code, list(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, [field])
         assert fields[field].startswith(expected), fields
+
+
+def test_whole_numbers_a_double_cannot_hold_are_refused_in_both_forms(segmentation: Stub) -> None:
+    """Past 2**53 a double holds only some whole numbers: `traits.crm_number = 9007199254740993` was stored as
+    9007199254740992 and matched the person whose (JSON, exact) trait is 9007199254740992, not the one
+    written. Such numbers are refused naming the part; event counts (int64 fields) are not held to it."""
+    def refused(rule: pb.Rule | None, text: str = "") -> tuple[str, str]:
+        segment = pb.Segment(rule=rule) if rule is not None else pb.Segment(rule_text=text)
+        code, _, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+            segment_id="crm", segment=segment))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and len(fields) == 1, fields
+        return next(iter(fields.items()))
+
+    for text, expected, part in [
+        ("traits.crm_number = 9007199254740993", f"at character 21: {SAFE}, got 9007199254740992", "trait.value"),
+        ("traits.crm_number IN [1, -9007199254740992]", f"at character 23: {SAFE}, got -9007199254740992",
+         "trait.values[1]"),
+        ('event("o", ref = 1e16).count(last 9d) >= 1', f"at character 18: {SAFE}, got 10000000000000000",
+         "event_count.filters[0].value"),
+        ('event("o").max(ref, last 9d) = 9007199254740993', f"at character 32: {SAFE}", "event_aggregate.value"),
+        # Written a fraction past the bound, it would round to 9007199254740991, inside it: only the text says.
+        ("traits.crm_number = 9007199254740991.2", f"at character 21: {SAFE}, got 9007199254740991.2", ""),
+    ]:
+        field, description = refused(None, text)
+        assert field == "segment.rule_text" and description.startswith(expected), (text, description)
+        assert "compare a larger id as a string" in description
+        assert not part or description.endswith(f"(rule.{part})"), description
+    crm = pb.TraitCondition(field="traits.crm_number", operator=pb.OPERATOR_EQUAL,
+                            value=struct_pb2.Value(number_value=9007199254740993))  # arrives as 9007199254740992
+    in_filter = pb.EventCountCondition(
+        event_name="o", operator=pb.OPERATOR_GREATER_OR_EQUAL, count=1, window=pb.TimeWindow(last_days=9),
+        filters=[pb.PropertyFilter(property="ref", operator=pb.OPERATOR_BETWEEN, values=[
+            struct_pb2.Value(number_value=0), struct_pb2.Value(number_value=2.0**60)])])
+    aggregate = pb.EventAggregateCondition(event_name="o", aggregation=pb.AGGREGATION_MAX, property="ref",
+                                           operator=pb.OPERATOR_LESS, value=-(2.0**53),
+                                           window=pb.TimeWindow(last_days=9))
+    for rule, path, shown in [(pb.Rule(trait=crm), "segment.rule.trait.value", "9007199254740992"),
+                              (pb.Rule(event_count=in_filter), "segment.rule.event_count.filters[0].values[1]",
+                               "1.152921504606847e+18"),
+                              (pb.Rule(event_aggregate=aggregate), "segment.rule.event_aggregate.value",
+                               "-9007199254740992")]:
+        field, description = refused(rule)
+        assert field == path and description.startswith(f"{SAFE}, got {shown}"), (field, description)
+    # Within the bound numbers are exact and accepted; counts keep their own int64 bound.
+    largest = create(segmentation, "crm", f"traits.crm_number IN [{MAX_NUMBER}, -{MAX_NUMBER}] AND "
+                                          f'event("o").count(last 9d) < {2**60}')
+    assert list(largest.rule.all.rules[0].trait.values) == [struct_pb2.Value(number_value=MAX_NUMBER),
+                                                             struct_pb2.Value(number_value=-MAX_NUMBER)]
+    assert largest.rule.all.rules[1].event_count.count == 2**60
 
 
 def test_rules_past_the_size_limits_are_refused_naming_the_field(segmentation: Stub) -> None:
@@ -114,7 +163,7 @@ def test_rules_past_the_size_limits_are_refused_naming_the_field(segmentation: S
 def test_rules_at_the_limits_are_stored_and_read_back(segmentation: Stub) -> None:
     deepest = create(segmentation, "deepest", DEEPEST)
     largest = create(segmentation, "largest", f'event("order").count(last 9d) BETWEEN 0 AND {LARGEST_COUNT}')
-    create(segmentation, "largest-trait", f"traits.age BETWEEN -{LARGEST_COUNT} AND {LARGEST_COUNT}")
+    create(segmentation, "largest-trait", f"traits.age BETWEEN -{MAX_NUMBER} AND {MAX_NUMBER}")
     widest = " OR ".join(f"traits.a = {i}" for i in range(MAX_RULE_CONDITIONS))
     assert create(segmentation, "widest", widest).rule_text == widest
     assert deepest.rule_text == DEEPEST
@@ -123,6 +172,6 @@ def test_rules_at_the_limits_are_stored_and_read_back(segmentation: Stub) -> Non
     assert {s.name: s.rule_text for s in listed.segments} == {
         "segments/deepest": DEEPEST,
         "segments/largest": 'event("order").count(last 9d) BETWEEN 0 AND 9.223372036854775e+18',
-        "segments/largest-trait": "traits.age BETWEEN -9.223372036854775e+18 AND 9.223372036854775e+18",
+        "segments/largest-trait": "traits.age BETWEEN -9007199254740991.0 AND 9007199254740991.0",
         "segments/widest": widest}
     assert segmentation.GetSegment(pb.GetSegmentRequest(name="segments/largest"), timeout=10).rule == largest.rule

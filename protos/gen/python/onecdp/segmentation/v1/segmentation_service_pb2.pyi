@@ -241,9 +241,12 @@ class Segment(_message.Message):
     - Comparisons, written `<subject> <comparison>`: `= v`, `!= v`, `< v`, `<= v`, `> v`,
       `>= v`, `IN [v1, v2, ...]`, `BETWEEN low AND high` (inclusive), `CONTAINS v` (a substring of
       a text, an element of a list), `EXISTS` (the person has a value). A value `v` is a quoted
-      string `"gold"`, a number `3`, `-1.5`, `2e3` (finite, within int64: -9223372036854775807 to
-      9223372036854775807, in the text and in `Rule` alike; beyond it INVALID_ARGUMENT names the
-      number), or `true` / `false`. Ordering comparisons
+      string `"gold"`, a number `3`, `-1.5`, `2e3` (finite, within -9007199254740991 to
+      9007199254740991, 2^53 - 1: numbers are doubles, exact for every whole number only that far,
+      so past it `9007199254740993` would compare with 9007199254740992; in the text and in `Rule`
+      alike a number past it is INVALID_ARGUMENT naming it: compare larger ids as strings, stored
+      as string traits. Event counts are int64 fields of their own, up to 9223372036854775807),
+      or `true` / `false`. Ordering comparisons
       (`<`, `<=`, `>`, `>=`, BETWEEN) apply to numbers and, for timestamp fields, to quoted
       RFC 3339 times; not to the categorical `computed.lifecycle_stage` and `computed.rfm.segment`
       (refused). A stored trait has no declared type: ordering a text compares it as text.
@@ -450,7 +453,9 @@ class TraitCondition(_message.Message):
     """The operator."""
     @_builtins.property
     def value(self) -> _struct_pb2.Value:
-        """The operand of single-value operators."""
+        """The operand of single-value operators: a string, a number (within -9007199254740991 to
+        9007199254740991, see `Segment.rule_text`) or a bool.
+        """
 
     @_builtins.property
     def values(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
