@@ -34,6 +34,8 @@ from shared.cassandra import CassandraSession
 from shared.errors import InvalidArgument
 
 SETTLE_SECONDS = 1.0
+# A version-1 UUID's time (a change id's `.time`, a cursor's) counts 100-ns ticks from this instant.
+_UUID_EPOCH = datetime(1582, 10, 15, tzinfo=UTC)
 _UUID_EPOCH_OFFSET = 0x01B21DD213814000  # 100-ns intervals between 1582-10-15 and 1970-01-01
 # The cursor before every change (a version-1 UUID at the UUID epoch), so a feed's token is never empty.
 FEED_START = uuid.UUID(fields=(0, 0, 0x1000, 0x80, 0, 0))
@@ -98,7 +100,7 @@ def parse_cursor(token: str, field_path: str = "page_token", *, now: datetime | 
         raise InvalidArgument.for_field(field_path, "not a cursor of this feed; start without one",
                                         reason="INVALID_CURSOR")
     latest = now or datetime.now(UTC)
-    if cursor.time > _ticks(latest + MAX_CURSOR_SKEW):
+    if cursor.time > uuid_ticks(latest + MAX_CURSOR_SKEW):
         raise InvalidArgument.for_field(
             field_path, f"not a cursor of this feed: it is at {_shown(cursor)}, later than now, and the feed hands "
             "out no position it has not reached; pass a next_page_token or a change's cursor unchanged, or start "
@@ -106,9 +108,11 @@ def parse_cursor(token: str, field_path: str = "page_token", *, now: datetime | 
     return UnsettledCursor(int=cursor.int) if unsettled else cursor
 
 
-def _ticks(when: datetime) -> int:
-    """`when` as a version-1 UUID's time: 100-ns intervals since 1582-10-15."""
-    return _UUID_EPOCH_OFFSET + round(when.timestamp() * 1e7)
+def uuid_ticks(when: datetime) -> int:
+    """`when` (aware) as a version-1 UUID's time, comparable with a change id's `.time`: 100-ns ticks since
+    1582-10-15 UTC. Exact, in whole microseconds: a float timestamp times 1e7 is past 2**53 and would be off
+    by a few ticks."""
+    return (when - _UUID_EPOCH) // timedelta(microseconds=1) * 10
 
 
 def _shown(cursor: uuid.UUID) -> str:

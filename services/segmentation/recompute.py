@@ -37,9 +37,9 @@ from services.segmentation.catalog import SegmentCatalog, SegmentState
 from services.segmentation.evaluation import ProfileFacts, compile_rule, evaluation_failed, reported_cycle
 from services.segmentation.realtime import EventReads, compile_next_change, dependencies_of, events_read
 from services.segmentation.rules import Rule
-from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore, cursor_before, ticks_of
+from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore, cursor_before
 from shared import changefeed, deadline
-from shared.changefeed import with_unsettled
+from shared.changefeed import uuid_ticks, with_unsettled
 from shared.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, StatusCode
 from shared.leases import OwnedLeases
 
@@ -510,7 +510,7 @@ class Recomputer:
         from a settle time before it (a change lands up to that late), settled or not, and those whose
         membership of the segment changed since (a time window passing)."""
         moved: set[str] = set()
-        start = with_unsettled(str(cursor_before(ticks_of(since - timedelta(seconds=changefeed.SETTLE_SECONDS)))))
+        start = with_unsettled(str(cursor_before(uuid_ticks(since - timedelta(seconds=changefeed.SETTLE_SECONDS)))))
         while True:
             changes, _ = self._source.changes(start, PROFILE_CHANGES_PAGE)
             for change in changes:
@@ -519,7 +519,7 @@ class Recomputer:
             if len(changes) < PROFILE_CHANGES_PAGE:
                 break
             start = with_unsettled(str(changes[-1].change_id))
-        after = cursor_before(ticks_of(since))
+        after = cursor_before(uuid_ticks(since))
         while True:
             page = self._store.changes_page(segment_id, after, CHANGES_PAGE)
             moved.update(change.person_id for change in page)

@@ -34,9 +34,9 @@ from services.segmentation.messages import rule_from_message, rule_to_message
 from services.segmentation.model_directory import GrpcModelDirectory
 from services.segmentation.profile_source import GrpcProfileSource
 from services.segmentation.recompute import Recomputer
-from services.segmentation.store import LAST_CHANGE_TICKS, OperationRecord, SegmentStore, cursor_before, ticks_of
+from services.segmentation.store import LAST_CHANGE_TICKS, OperationRecord, SegmentStore, cursor_before
 from services.segmentation.text import RuleSyntaxError, format_rule, parse
-from shared.changefeed import FEED_START, SETTLE_SECONDS, time_of
+from shared.changefeed import FEED_START, SETTLE_SECONDS, time_of, uuid_ticks
 from shared.clients import prediction_stub, profile_stub
 from shared.errors import FailedPrecondition, InvalidArgument, Violations, error_domain
 from shared.longrunning import Instead, operation_error, operation_id_of, operations_registration
@@ -131,7 +131,8 @@ def cursor_from(start: timestamp_pb2.Timestamp, field_path: str) -> uuid.UUID:
     if start.seconds not in _TIMESTAMP_SECONDS or not 0 <= start.nanos < 1_000_000_000:
         raise InvalidArgument.for_field(field_path, f"not a valid Timestamp (seconds {start.seconds}, nanos "
                                                     f"{start.nanos}): 0001-01-01 to 9999-12-31, nanos 0-999999999")
-    ticks = start.seconds * 10_000_000 + start.nanos // 100
+    # A datetime holds microseconds; the 100 ns below them are added.
+    ticks = uuid_ticks(start.ToDatetime(tzinfo=UTC)) + start.nanos % 1000 // 100
     if ticks >= LAST_CHANGE_TICKS:
         raise InvalidArgument.for_field(field_path, "must be before 5236-03-31, the last time a change can have")
     return cursor_before(ticks)
@@ -223,7 +224,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         # written yet; with include_unsettled it also returns the newer changes, but its cursor still stops
         # at the horizon, so the next page returns them again (with any that landed late).
         after = uuid.UUID(int=(after or FEED_START).int)  # an unsettled-mode cursor as a plain one
-        horizon = cursor_before(ticks_of(datetime.now(UTC) - timedelta(seconds=SETTLE_SECONDS)))
+        horizon = cursor_before(uuid_ticks(datetime.now(UTC) - timedelta(seconds=SETTLE_SECONDS)))
         if request.include_unsettled:
             changes = self._store.changes_page(segment_id, after, size)
             settled = [c for c in changes if c.change_id.time <= horizon.time]

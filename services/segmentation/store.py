@@ -20,7 +20,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
-from shared.changefeed import FEED_START
+from shared.changefeed import FEED_START, uuid_ticks
 from shared.leases import FollowerLease
 
 CATALOG = 0  # the one partition of the segments table (and of running_operations)
@@ -38,25 +38,21 @@ SCHEDULE_MEMORY = 200_000
 SCHEDULE_SKIP_MARGIN = timedelta(minutes=10)
 
 
-_UUID_EPOCH_TICKS = 0x01B21DD213814000  # 100-ns ticks from 1582-10-15 (a time UUID's zero) to 1970-01-01
-LAST_CHANGE_TICKS = (1 << 60) - _UUID_EPOCH_TICKS  # a time UUID's 60-bit clock ends in 5236
+# Times of change ids are in a version-1 UUID's ticks (100 ns since 1582-10-15, `uuid_ticks`); its 60-bit
+# clock ends in 5236.
+LAST_CHANGE_TICKS = 1 << 60
 # The greatest clock sequence and node in Cassandra's timeuuid order (compared as signed bytes), as in
 # cassandra.util.max_uuid_from_time.
 _MAX_CLOCK_SEQ, _MAX_NODE = 0x3F7F, 0x7F7F7F7F7F7F
 
 
-def ticks_of(when: datetime) -> int:
-    """`when` in 100-ns ticks since 1970-01-01 UTC."""
-    return (when - _EPOCH) // timedelta(microseconds=1) * 10
-
-
 def cursor_before(ticks: int) -> uuid.UUID:
-    """The cursor that the changes stamped at or after `ticks` (100 ns since 1970, before
+    """The cursor that the changes stamped at or after `ticks` (a change id's time, `uuid_ticks`, before
     `LAST_CHANGE_TICKS`) follow: the last possible change id of the tick before. Before the first time a
     change id can name (1582-10-15), the feed's start."""
     if ticks >= LAST_CHANGE_TICKS:
         raise ValueError(f"{ticks} is past the last time a change id can name")
-    before = ticks + _UUID_EPOCH_TICKS - 1
+    before = ticks - 1
     if before < 0:
         return FEED_START
     return uuid.UUID(fields=(before & 0xFFFFFFFF, (before >> 32) & 0xFFFF, 0x1000 | (before >> 48),
@@ -65,6 +61,7 @@ def cursor_before(ticks: int) -> uuid.UUID:
 
 _TICKS_PER_DAY = 864_000_000_000
 _DAY_ZERO = date(1970, 1, 1)
+_DAY_ZERO_TICKS = uuid_ticks(_EPOCH)  # a change id's time at the start of _DAY_ZERO
 # Rows of the change log written per chunk: each chunk's change ids are taken just before it is sent.
 _CHANGES_CHUNK = 256
 _INSERT_CHANGE = ("INSERT INTO membership_change_log (segment_id, day, change_id, person_id, entered, cause) "
@@ -89,7 +86,7 @@ def bucket_of(person_id: str) -> int:
 def day_of(change_id: uuid.UUID) -> date:
     """The UTC day of the time a change id was taken: the day partition of the change log it is written to.
     In whole ticks (no float rounding near midnight), so writers and readers always agree."""
-    return _DAY_ZERO + timedelta(days=(change_id.time - _UUID_EPOCH_TICKS) // _TICKS_PER_DAY)
+    return _DAY_ZERO + timedelta(days=(change_id.time - _DAY_ZERO_TICKS) // _TICKS_PER_DAY)
 
 
 def timeuuid_order(change_id: uuid.UUID) -> tuple[int, bytes]:

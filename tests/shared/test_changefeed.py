@@ -22,6 +22,7 @@ from shared.changefeed import (
     UnsettledTail,
     parse_cursor,
     time_of,
+    uuid_ticks,
     with_unsettled,
 )
 from shared.config import CassandraSettings
@@ -131,6 +132,21 @@ def test_only_the_spelling_the_feed_hands_out_is_a_cursor(position: str, suffix:
         parse_cursor(position + suffix, "cursor")
     assert raised.value.reason == "INVALID_CURSOR"
     assert [v.field for v in raised.value.field_violations] == ["cursor"]
+
+
+def test_the_skew_limit_is_exact_to_the_tick() -> None:
+    """uuid_ticks is a change id's time to the tick: as a float timestamp times 1e7 (past 2**53) this limit was
+    2 ticks late, taking a cursor past it."""
+    def cursor_at(ticks: int) -> str:
+        return str(uuid.UUID(fields=(ticks & 0xFFFFFFFF, (ticks >> 32) & 0xFFFF, 0x1000 | ticks >> 48, 0x80, 0, 0)))
+
+    now = datetime(2026, 11, 25, 4, 23, 26, 123402, UTC)
+    limit = uuid_ticks(now + MAX_CURSOR_SKEW)
+    assert limit == 0x01B21DD213814000 + (now + MAX_CURSOR_SKEW - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(
+        microseconds=1) * 10
+    assert parse_cursor(cursor_at(limit), now=now) == uuid.UUID(cursor_at(limit))
+    with pytest.raises(InvalidArgument):
+        parse_cursor(cursor_at(limit + 1), now=now)
 
 
 @pytest.mark.parametrize("suffix", ["", UNSETTLED_SUFFIX])

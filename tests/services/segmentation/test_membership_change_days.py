@@ -13,9 +13,9 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from cassandra.util import uuid_from_time
 
-from services.segmentation.store import SegmentStore, StoredChange, cursor_before, ticks_of
+from services.segmentation.store import SegmentStore, StoredChange, cursor_before
 from shared.cassandra import CassandraSession
-from shared.changefeed import FEED_START, time_of
+from shared.changefeed import FEED_START, time_of, uuid_ticks
 
 pytestmark = pytest.mark.integration
 
@@ -106,17 +106,17 @@ def test_pages_run_across_day_partitions_in_order(segmentation_session: Cassandr
     assert persons(store.changes_page("s", b, 2)) == ["c", "d"]
     assert persons(store.changes_page("s", changes[0].change_id, 100)) == ["b", "c", "d", "e", "f"]
     # A start time (the server's cursor_from) in the middle of a day, and on a day without changes.
-    assert persons(store.changes_page("s", cursor_before(ticks_of(at(DAY2, 6))), 100)) == ["d", "e", "f"]
-    assert persons(store.changes_page("s", cursor_before(ticks_of(at(DAY3 - timedelta(days=1), 6))), 100)) == [
+    assert persons(store.changes_page("s", cursor_before(uuid_ticks(at(DAY2, 6))), 100)) == ["d", "e", "f"]
+    assert persons(store.changes_page("s", cursor_before(uuid_ticks(at(DAY3 - timedelta(days=1), 6))), 100)) == [
         "e", "f"]
     assert store.changes_page("s", changes[-1].change_id, 100) == []
 
     # `through`: only changes up to it, inclusive, whichever day it falls on.
     assert persons(all_pages(store, 2, through=changes[3].change_id)) == ["a", "b", "c", "d"]
     assert persons(store.changes_page("s", b, 100, through=changes[2].change_id)) == ["c"]
-    assert persons(store.changes_page("s", FEED_START, 100, through=cursor_before(ticks_of(at(DAY2, 0, 1))))) == [
+    assert persons(store.changes_page("s", FEED_START, 100, through=cursor_before(uuid_ticks(at(DAY2, 0, 1))))) == [
         "a", "b"]
-    assert persons(store.changes_page("s", b, 100, through=cursor_before(ticks_of(at(DAY3, 0))))) == ["c", "d"]
+    assert persons(store.changes_page("s", b, 100, through=cursor_before(uuid_ticks(at(DAY3, 0))))) == ["c", "d"]
     assert store.changes_page("s", changes[4].change_id, 100, through=b) == []
 
 
