@@ -68,6 +68,7 @@ IN_LIST_SIZE = 100
 # 100 small partitions (measured here on profile's timeline reads). A read that fills the limit may have
 # more rows: it is read again without it, paged.
 IN_READ_ROWS = 5000
+_ALLOW_FILTERING = " ALLOW FILTERING"
 # Cassandra warns about an unlogged batch spanning more than 10 partitions
 # (unlogged_batch_across_partitions_warn_threshold) and about a multi-partition batch larger than 5 KiB
 # (batch_size_warn_threshold; it refuses one over 50 KiB). Batches stay under both; a batch within one
@@ -278,7 +279,11 @@ class CassandraSession:
         IN_READ_ROWS (see there), and one that fills it is read again without it. Otherwise (e.g. a
         token-range read, which ends with ALLOW FILTERING) each read is paged by the driver.
         """
-        statement = f"{cql} LIMIT {IN_READ_ROWS}" if limited else cql
+        statement = cql
+        if limited:  # LIMIT goes before a closing ALLOW FILTERING (a filtered IN read: profile's timeline)
+            filtering = cql.endswith(_ALLOW_FILTERING)
+            statement = (f"{cql.removesuffix(_ALLOW_FILTERING) if filtering else cql} LIMIT {IN_READ_ROWS}"
+                         f"{_ALLOW_FILTERING if filtering else ''}")
         return PendingRows(self, [(cql if limited else None, params, self.execute_async(statement, params))
                                   for params in param_sets])
 
