@@ -39,7 +39,7 @@ _UUID_EPOCH = datetime(1582, 10, 15, tzinfo=UTC)
 _UUID_EPOCH_OFFSET = 0x01B21DD213814000  # 100-ns intervals between 1582-10-15 and 1970-01-01
 # The cursor before every change (a version-1 UUID at the UUID epoch), so a feed's token is never empty.
 FEED_START = uuid.UUID(fields=(0, 0, 0x1000, 0x80, 0, 0))
-_COLUMN = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+_COLUMN = re.compile(r"[a-z][a-z0-9_]{0,47}")  # fullmatch: `$` also matches before a final newline
 # Ends the page token of a reader that also wants the unsettled tail (see the module's docstring).
 UNSETTLED_SUFFIX = "+unsettled"
 # How far past this host's now a cursor may be: the clock of the host that took a change id (a change's
@@ -153,7 +153,7 @@ class ChangeFeed:
     """Appends and reads the changes of one feed; `columns` are the payload columns of `changes`."""
 
     def __init__(self, session: CassandraSession, columns: Sequence[str], feed: int = 0) -> None:
-        if not columns or not all(_COLUMN.match(c) for c in columns):
+        if not columns or not all(_COLUMN.fullmatch(c) for c in columns):
             raise ValueError(f"feed columns must be lower_snake_case names, got {columns!r}")
         self._session = session
         self._feed = feed

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 # Schema changes wait for every node to agree on the new schema; on a busy or small cluster that takes
 # longer than an ordinary query may, and a timed-out DDL statement is ambiguous, so they get longer.
 SCHEMA_TIMEOUT_SECONDS = 60.0
-_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.cql$")
-_IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+_FILE_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.cql")  # fullmatch, as _IDENTIFIER
+_IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def split_statements(cql: str) -> list[str]:
 def load_migrations(schema_dir: Path) -> list[Migration]:
     migrations = []
     for path in sorted(schema_dir.glob("*.cql")):
-        match = _FILE_NAME.match(path.name)
+        match = _FILE_NAME.fullmatch(path.name)
         if not match:
             raise ValueError(f"{path}: migration files are named NNNN_lower_snake.cql")
         text = path.read_text(encoding="utf-8")
@@ -74,7 +74,7 @@ def service_schema_dir(service: str) -> Path:
 
 def create_keyspace(session: CassandraSession, keyspace: str, settings: CassandraSettings) -> None:
     # Names cannot be bind markers in CQL, so they are checked against strict patterns instead.
-    if not _IDENTIFIER.match(keyspace):
+    if not _IDENTIFIER.fullmatch(keyspace):
         raise ValueError(f"unsafe keyspace name {keyspace!r}")
     if not re.fullmatch(r"[A-Za-z0-9_\-]{1,48}", settings.local_dc):
         raise ValueError(f"unsafe datacenter name {settings.local_dc!r}")

@@ -30,7 +30,7 @@ class InvalidIdentifierValue(ValueError):
     """The value is malformed for its type; the message says how."""
 
 
-TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+TYPE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")  # whole names only: fullmatch (`$` also matches before a final newline)
 MAX_VALUE_BYTES = 512
 # Deliberately permissive local part (RFC 5322 and 6531 allow much), strict shape: local@label(.label)+ with a
 # TLD, the domain in its ASCII (IDNA) form.
@@ -52,7 +52,7 @@ class IdentifierType:
     _compiled: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not TYPE_NAME.match(self.type):
+        if not TYPE_NAME.fullmatch(self.type):
             raise ValueError(f"identifier type {self.type!r} must be lower_snake_case, 1-63 characters")
         object.__setattr__(self, "_compiled", tuple(re.compile(p) for p in self.blocked_patterns))
 

@@ -196,7 +196,7 @@ def _check_values(values: Sequence[str], path: str, violations: Violations,
 def validated_type(draft: TypeDraft, *, path: str, default_phone_region: str | None) -> IdentifierType:
     """The identifier type `draft` describes; InvalidArgument naming every bad field otherwise."""
     violations = Violations()
-    violations.check(TYPE_NAME.match(draft.type) is not None, f"{path}.type",
+    violations.check(TYPE_NAME.fullmatch(draft.type) is not None, f"{path}.type",
                      "lower_snake_case: a letter, then letters, digits or _, 1-63 characters")
     violations.check(draft.normalization is not None, f"{path}.normalization",
                      "not a known normalization; use one of " + ", ".join(
@@ -287,7 +287,7 @@ def _stale(resource: str, sent: str, current: str) -> Aborted:
 def type_name_of(name: str, field_path: str) -> str:
     """The type in a resource name `identifierTypes/{type}`; InvalidArgument naming `field_path` otherwise."""
     type_name = name.removeprefix(TYPE_NAME_PREFIX)
-    if not name.startswith(TYPE_NAME_PREFIX) or not TYPE_NAME.match(type_name):
+    if not name.startswith(TYPE_NAME_PREFIX) or not TYPE_NAME.fullmatch(type_name):
         raise InvalidArgument.for_field(field_path, f"{name!r} is not a resource name identifierTypes/{{type}} "
                                         "with a lower_snake_case type", reason="INVALID_IDENTIFIER_TYPE_NAME")
     return type_name

@@ -12,6 +12,8 @@ from services.identity.identifiers import (
     InvalidIdentifierValue,
     Normalization,
 )
+from services.identity.settings import type_name_of
+from shared.errors import InvalidArgument
 
 pytestmark = pytest.mark.unit
 
@@ -86,6 +88,15 @@ def test_custom_types_join_the_built_in_ones() -> None:
     assert {t.type for t in registry.all()} == {*BUILT_IN_TYPES, "loyalty_card"}
     with pytest.raises(ValueError, match="lower_snake_case"):
         IdentifierType("Loyalty Card", Normalization.EXACT)
+
+
+def test_a_type_name_ending_in_a_newline_is_refused() -> None:
+    # `$` matches before a final newline: "loyalty_card\n" passed a `^...$` pattern with re.match.
+    with pytest.raises(ValueError, match="lower_snake_case"):
+        IdentifierType("loyalty_card\n", Normalization.EXACT)
+    with pytest.raises(InvalidArgument) as refused:
+        type_name_of("identifierTypes/loyalty_card\n", "name")
+    assert refused.value.reason == "INVALID_IDENTIFIER_TYPE_NAME"
 
 
 @pytest.mark.parametrize(("type_name", "normalized", "junk"), [
