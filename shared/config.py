@@ -18,8 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SERVICE_NAMES = ("identity", "profile", "segmentation", "prediction")
 ConsistencyName = Literal["LOCAL_QUORUM", "QUORUM", "LOCAL_ONE", "ONE", "ALL", "EACH_QUORUM"]
-_KEYSPACE_PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
-_CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
+_KEYSPACE_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,30}")  # fullmatch: `$` also matches before a final newline
+_CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 
 
 def _split_csv(value: object) -> object:
@@ -53,7 +53,7 @@ class CassandraSettings(BaseSettings):
     @field_validator("keyspace_prefix")
     @classmethod
     def _valid_prefix(cls, value: str) -> str:
-        if not _KEYSPACE_PREFIX.match(value):
+        if not _KEYSPACE_PREFIX.fullmatch(value):
             raise ValueError("must be lower_snake_case, start with a letter, at most 31 characters")
         return value
 
@@ -160,7 +160,7 @@ class ProfileSettings(BaseSettings):
     @field_validator("reporting_currency")
     @classmethod
     def _valid_currency(cls, value: str) -> str:
-        if not _CURRENCY_CODE.match(value):
+        if not _CURRENCY_CODE.fullmatch(value):
             raise ValueError(f"must be an ISO 4217 currency code of 3 upper-case letters, like USD; got {value!r}")
         return value
 

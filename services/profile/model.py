@@ -30,7 +30,7 @@ MAX_AMOUNT = 1e15
 # The largest quantity of an order item. An order's item count and its category and brand weights are stored
 # as 32-bit ints (timeline.item_count, categories, brands): 500 items of at most 1,000,000 each stay below 2**31.
 MAX_ITEM_QUANTITY = 1_000_000
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_CURRENCY = re.compile(r"[A-Z]{3}")  # fullmatch: `$` also matches before a final newline
 
 
 class EventType(IntEnum):
@@ -358,7 +358,7 @@ def _check_fields(event: Event) -> Rejection | None:
     if not abs(order.amount) <= MAX_AMOUNT:
         return Rejection(RejectionReason.INVALID_FIELD, f"order.amount {order.amount!r} is out of range; amounts are "
                                                         f"at most {MAX_AMOUNT:.0e} either way")
-    if order.currency_code and not _CURRENCY.match(order.currency_code):
+    if order.currency_code and not _CURRENCY.fullmatch(order.currency_code):
         return Rejection(RejectionReason.INVALID_FIELD,
                          f"order.currency_code {order.currency_code!r} is not an ISO 4217 code like USD")
     for index, item in enumerate(order.items):

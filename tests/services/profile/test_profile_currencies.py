@@ -15,7 +15,7 @@ from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
 from services.profile.computed import ComputedTraits, compute
-from services.profile.model import EventType, TimelineEvent
+from services.profile.model import Event, EventType, Order, TimelineEvent, validate
 from services.profile.server import DEFINITION as PROFILE
 from shared.config import CassandraSettings, GrpcSettings, ProfileSettings, env_var_names
 from shared.runner import RunningService, start_service
@@ -111,10 +111,23 @@ def test_the_reporting_currency_is_a_setting_checked_at_start(monkeypatch: pytes
     assert "PROFILE_REPORTING_CURRENCY" in env_var_names()
     monkeypatch.setenv("PROFILE_REPORTING_CURRENCY", "EUR")
     assert ProfileSettings().reporting_currency == "EUR"
-    for wrong in ("eur", "EURO", "E1R", ""):
+    for wrong in ("eur", "EURO", "E1R", "", "EUR\n"):
         monkeypatch.setenv("PROFILE_REPORTING_CURRENCY", wrong)
         with pytest.raises(pydantic.ValidationError, match="reporting_currency"):
             ProfileSettings()
+
+
+@pytest.mark.unit
+def test_an_order_currency_is_three_letters_and_nothing_after_them() -> None:
+    # `^[A-Z]{3}$` with re.match took "USD\n": `$` also matches before a final newline.
+    def order_in(currency: str) -> Event:
+        return Event(message_id="m", event_type=EventType.ORDER, identifiers=(("crm_id", "c"),), event_name="order",
+                     event_time=at("2026-02-20"), source="", source_kind=0, party=0, traits={}, properties={},
+                     order=Order("o", 10.0, currency), traits_bytes=0, properties_bytes=0, payload=b"")
+    assert validate(order_in("USD"), at(AS_OF)) is None
+    for wrong in ("USD\n", "usd", "US"):
+        rejection = validate(order_in(wrong), at(AS_OF))
+        assert rejection is not None and "order.currency_code" in rejection.message
 
 
 # ---- through gRPC, against the real Cassandra ------------------------------------------------------------
