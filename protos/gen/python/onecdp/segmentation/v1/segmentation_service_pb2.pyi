@@ -269,7 +269,8 @@ class Segment(_message.Message):
       (lists of strings: CONTAINS or EXISTS). The enumerated values are the lower-case names of the
       onecdp.profile.v1 enum values, without their prefix.
     - Events: `event("order").count(<window>) >= 2`, and aggregates of a numeric property
-      `event("order").sum(amount, <window>) > 100` with `sum`, `avg`, `min` or `max`. Filters on
+      `event("order").sum(amount, <window>) > 100` with `sum`, `avg`, `min` or `max` (amounts as
+      stored, in any currency: filter `currency_code = "USD"` for one). Filters on
       event properties follow the event name: `event("order", category = "books",
       quantity >= 2).count(last 30d) >= 1` (each filter is a comparison as above; all must hold).
     - Windows: `last 90d` (the 90 days up to the evaluation time, moving with it; 1-3650 days) or
@@ -643,7 +644,10 @@ class EventAggregateCondition(_message.Message):
     """The event name, e.g. `order`."""
     property: _builtins.str
     """The numeric property to aggregate, e.g. `amount` (for `order`, the order amount); any non-empty
-    text, unquoted here.
+    text, unquoted here. An aggregate adds amounts as stored, whatever their currency (profile's
+    computed `monetary` counts only its reporting currency): for money in one currency, filter on
+    it, `event("order", currency_code = "USD").sum(amount, last 90d) > 100` (an order sent without
+    a currency is `USD`).
     """
     aggregation: Global___Aggregation.ValueType
     """The aggregation."""
