@@ -16,6 +16,8 @@ Writes follow one protocol, whatever the operation:
 4. The partition of the component is computed (services.identity.partition) and person ids are
    assigned deterministically: a group keeps the oldest free person id among its identifiers'
    original persons (so merges converge on the oldest person and splits restore the merged ids).
+   Every id merged away redirects to the person holding most of its original identifiers, directly:
+   merges leave no chains of redirects behind (IdentityGraph._redirects).
 5. The derived rows are written and the change is recorded in the feed; the leases are released.
 
 A writer that dies half way leaves derived rows that the next full recomputation of the component
@@ -67,7 +69,6 @@ MAX_SOURCE_LENGTH = 128
 MAX_COMPONENT_IDENTIFIERS = 20_000
 LEASE_WAIT_SECONDS = 60.0
 DEADLINE_MARGIN_SECONDS = 0.25
-REDIRECT_HOPS = 16
 JUNK_MEMO_SIZE = 100_000
 # Identifiers whose last holder a lookup remembers (see HolderHints): about 250 bytes each.
 HOLDER_HINTS_SIZE = 100_000
@@ -223,6 +224,8 @@ class _Reads:
     # ids are never given out again), and where each person merged away redirects.
     erased_persons: set[str] = field(default_factory=set)
     merged_into: dict[str, str] = field(default_factory=dict)
+    # And the ids each lists as merged into it (see IdentityGraph._redirects).
+    merged_from: dict[str, set[str]] = field(default_factory=dict)
 
     def keep_held(self, held: Set[str]) -> None:
         """Forget every row whose lease is not in `held` (read without it, or given back since)."""
@@ -234,6 +237,7 @@ class _Reads:
         self.with_person_columns &= self.members.keys()
         self.erased_persons &= self.members.keys()
         self.merged_into = {p: s for p, s in self.merged_into.items() if p in self.members}
+        self.merged_from = {p: s for p, s in self.merged_from.items() if p in self.members}
 
     def forget_links(self) -> None:
         """Forget the rows that links decide (identifiers' rows and links, persons' members) after links
@@ -625,8 +629,8 @@ class IdentityGraph:
         returned function). Erased persons are known whatever layout they had: erase marks them here."""
         wanted = set(person_ids)
         rows = self._session.select_in(
-            "SELECT person_id, id_type, id_value, create_time, erased, merged_into FROM person_identifiers "
-            "WHERE person_id IN ?", (), sorted(wanted))
+            "SELECT person_id, id_type, id_value, create_time, erased, merged_into, merged_from "
+            "FROM person_identifiers WHERE person_id IN ?", (), sorted(wanted))
 
         def collect() -> None:
             reads.members.update({p: [] for p in wanted})
@@ -639,6 +643,8 @@ class IdentityGraph:
                     reads.erased_persons.add(r.person_id)
                 if r.merged_into:
                     reads.merged_into[r.person_id] = r.merged_into
+                if r.merged_from:
+                    reads.merged_from[r.person_id] = set(r.merged_from)
         return collect
 
     def _tombstones_async(self, keys: Iterable[IdKey]) -> Callable[[], set[IdKey]]:
@@ -986,7 +992,7 @@ class IdentityGraph:
         result = partition(component.nodes, component.links(), self.registry, self.policy,
                            neighbours=component.neighbours)
         erased = reads.erased_persons
-        group_ids = self._assign_person_ids(result, component, erased)
+        group_ids, homes = self._assign_person_ids(result, component, erased)
         now = _now()
         new_person: dict[IdKey, str | None] = dict.fromkeys(result.junk)
         for group, person_id in zip(result.groups, group_ids, strict=True):
@@ -1025,10 +1031,12 @@ class IdentityGraph:
             if targets:
                 # The survivor is where most of its identifiers went (ties: the oldest id).
                 merged_into[old] = min(set(targets), key=lambda t: (-targets.count(t), t))
+        redirects = self._redirects(group_ids, homes, live_before=old_persons, changed=changed_persons, reads=reads)
         return _Plan(
             reconciled=_Reconciled(result, group_ids, merged_into),
             person_writes=self._person_rows(group_ids, component, merged_into, members_by_old=members_by_old,
-                                            changed=changed_persons, now=now, reads=reads) + member_writes,
+                                            changed=changed_persons, now=now, reads=reads, redirects=redirects)
+            + member_writes,
             identifier_writes=identifier_writes,
             changes=_changes(old_persons, merged_into, members_by_old, reason))
 
@@ -1049,7 +1057,10 @@ class IdentityGraph:
                                for k in new],
             changes=[])
 
-    def _assign_person_ids(self, result: Partition, component: _Component, erased: Set[str]) -> list[str]:
+    def _assign_person_ids(self, result: Partition, component: _Component, erased: Set[str]
+                           ) -> tuple[list[str], dict[str, int]]:
+        """Each group's person id, and each original person's home: the group holding most of the identifiers
+        first given to it (erased persons have none)."""
         def rank(group: frozenset[IdKey]) -> tuple[int, IdKey]:
             best = _strongest(group, self.registry)
             assert best is not None  # groups are never empty
@@ -1079,7 +1090,7 @@ class IdentityGraph:
             candidates = sorted(p for p in (homed or current) if p)
             ids[index] = candidates[0] if candidates else new_person_id()
             taken.add(ids[index])
-        return ids
+        return ids, home
 
     def _priority(self, key: IdKey) -> int:
         identifier_type = self.registry.get(key.type)
@@ -1088,7 +1099,7 @@ class IdentityGraph:
     @staticmethod
     def _person_rows(group_ids: list[str], component: _Component, merged_into: dict[str, str], *,
                      members_by_old: Mapping[str, list[str]], changed: set[str], now: datetime,
-                     reads: _Reads) -> list[tuple[str, Sequence[Any]]]:
+                     reads: _Reads, redirects: Mapping[str, str]) -> list[tuple[str, Sequence[Any]]]:
         live = {p for p in component.person_of.values() if p}
         existing = live | {p for p in component.origin_of.values() if p}
         rows: list[tuple[str, Sequence[Any]]] = []
@@ -1097,8 +1108,11 @@ class IdentityGraph:
             rows.extend(_person_writes(cql, params, columns_with_members=person_id in reads.with_person_columns))
 
         for person_id in group_ids:
-            if person_id in live and person_id not in changed:
-                continue  # same identifiers as before: nothing about the person changed
+            # Same identifiers as before: nothing about the person changed. Unless its row redirects all the
+            # same: a writer that re-pointed it (_redirects) while another, holding other identifiers first
+            # given to it, restored it. Repaired here, by the next recomputation of its component.
+            if person_id in live and person_id not in changed and person_id not in reads.merged_into:
+                continue
             if person_id in existing:
                 # Restores a person merged away before (a split), or keeps a live one live.
                 write("UPDATE {table} SET merged_into = null, update_time = ? WHERE person_id = ?", (now, person_id),
@@ -1108,8 +1122,11 @@ class IdentityGraph:
                     # Those are where its members come from, and where its own row redirected (when its
                     # columns were read: a person merged away before 0004 keeps them in `persons` only).
                     # Persons whose layout was not read are not written, not to leave a partial row.
+                    # Since merge chains are compressed (_redirects), its own row names the survivor at the end
+                    # of its chain, and the person it was merged into is found by what lists it.
                     survivors = {old for old, targets in members_by_old.items() if person_id in targets}
                     survivors |= {reads.merged_into[person_id]} if person_id in reads.merged_into else set()
+                    survivors |= {p for p, listed in reads.merged_from.items() if person_id in listed}
                     for survivor in sorted(survivors - {person_id}):
                         if survivor in reads.members:
                             write("UPDATE {table} SET merged_from = merged_from - ? WHERE person_id = ?",
@@ -1122,6 +1139,90 @@ class IdentityGraph:
             write("UPDATE {table} SET merged_into = ?, update_time = ? WHERE person_id = ?", (winner, now, loser),
                   loser)
             write("UPDATE {table} SET merged_from = merged_from + ? WHERE person_id = ?", ({loser}, winner), winner)
+        for person_id, target in sorted(redirects.items()):
+            write("UPDATE {table} SET merged_into = ?, update_time = ? WHERE person_id = ?", (target, now, person_id),
+                  person_id)
+        rows += IdentityGraph._listing_moves(group_ids, merged_into, redirects, reads)
+        return rows
+
+    @staticmethod
+    def _redirects(group_ids: Sequence[str], homes: Mapping[str, int], *, live_before: Set[str], changed: Set[str],
+                   reads: _Reads) -> dict[str, str]:
+        """Persons merged away before this recomputation whose row must redirect elsewhere: id -> the person that
+        now holds most of the identifiers first given to it (its home, see _assign_person_ids).
+
+        Merge chains are compressed this way. When C was merged into B, then B is merged into A, C's
+        identifiers (first given to C, now B's) go to A: C is re-pointed to A in the same write round as
+        B's merge, so a lookup by C takes one hop, however many merges follow. Old chains (written before
+        this) are compressed by the next recomputation of their component, and reads follow them meanwhile.
+        A split re-points them too: C goes where its identifiers went (to B when the split gives B its id
+        back with C's identifiers, where C -> B led before chains were compressed).
+
+        `merged_from` keeps recording direct merges (A lists B, B lists C): split restores persons from
+        identifiers' origins, not from it, and it says which ids were merged into which (_listing_moves).
+
+        Only persons with identifiers in the component are re-pointed: those identifiers are held by
+        persons whose leases this writer holds, so a writer restoring or re-pointing such a person
+        concurrently would need one of them too. A person whose first identifiers were divided between
+        components by an earlier split (one that did not give its id back) can still be restored by a writer
+        of the other component meanwhile; the live person left redirecting is repaired by the next
+        recomputation of its component (_person_rows). A person merged into B whose identifiers are all
+        elsewhere keeps redirecting to B, which reads follow (get_persons).
+
+        A person stored before 0004 keeps its columns in `persons`, which recomputations do not read: its
+        redirect is written whenever the person it goes to changes, whether or not it went there already.
+        """
+        live_after = set(group_ids)
+        redirects = {}
+        for person_id, home in homes.items():  # erased persons have none: they redirect nowhere
+            if person_id in live_before or person_id in live_after:
+                continue  # live, restored, or merged away now (merged_into)
+            target = group_ids[home]
+            if person_id in reads.with_person_columns:
+                if reads.merged_into.get(person_id) != target:
+                    redirects[person_id] = target
+            elif target in changed:
+                redirects[person_id] = target
+        return redirects
+
+    @staticmethod
+    def _listing_moves(group_ids: Sequence[str], merged_into: Mapping[str, str], redirects: Mapping[str, str],
+                       reads: _Reads) -> list[tuple[str, Sequence[Any]]]:
+        """Keep every person merged away listed (merged_from) where its redirect leads, as far as read.
+
+        A person listed by one that ends where it redirects (that person itself, or one merged away into
+        it) stays listed there: the listing records the merge that made it redirect. One listed only by
+        others, such as C listed by B after a split restored B but left C's identifiers with A (C still
+        redirects to A), moves from the live persons listing it to the person it redirects to:
+        Person.merged_person_ids says which ids redirect to a person, and erasing a person marks erased
+        every id listed under it. Listings are read from static columns: a person stored before 0004 keeps
+        its own in `persons`, and is not written here.
+        """
+        live_after = set(group_ids)
+
+        def ends_at(person_id: str) -> str | None:
+            if person_id in live_after:
+                return person_id
+            if person_id in merged_into or person_id in redirects:
+                return merged_into.get(person_id) or redirects[person_id]
+            return reads.merged_into.get(person_id) if person_id in reads.with_person_columns else None
+
+        listers_of: dict[str, set[str]] = defaultdict(set)
+        for lister, listed in reads.merged_from.items():
+            for person_id in listed:
+                listers_of[person_id].add(lister)
+        candidates = set(redirects) | {x for p in live_after & reads.merged_from.keys() for x in reads.merged_from[p]}
+        rows: list[tuple[str, Sequence[Any]]] = []
+        for person_id in sorted(candidates - live_after):
+            target = ends_at(person_id)
+            listed_by = listers_of.get(person_id, set())
+            if target not in live_after or not listed_by or any(ends_at(p) == target for p in listed_by):
+                continue
+            for former in sorted(listed_by & live_after):
+                rows += _person_writes("UPDATE {table} SET merged_from = merged_from - ? WHERE person_id = ?",
+                                       ({person_id}, former), columns_with_members=former in reads.with_person_columns)
+            rows += _person_writes("UPDATE {table} SET merged_from = merged_from + ? WHERE person_id = ?",
+                                   ({person_id}, target), columns_with_members=target in reads.with_person_columns)
         return rows
 
     # ---- erasure tombstones ----------------------------------------------------------------------
@@ -1264,10 +1365,15 @@ class IdentityGraph:
         return Erasure(person.person_id, len(members), link_count, change)
 
     def _merged_ids(self, person: Person) -> set[str]:
-        """Every id merged into `person`, directly or through ids merged into those (as far as reads follow)."""
+        """Every id merged into `person`, directly or through ids merged into those.
+
+        merged_from records direct merges (see IdentityGraph._redirects), so this reads one level of
+        them per round trip, down to the end: an id left out would not be marked erased, and could be
+        given out again. Each round reads only ids not seen before, so it ends.
+        """
         found: set[str] = set()
         frontier = set(person.merged_person_ids)
-        for _ in range(REDIRECT_HOPS):
+        while True:
             frontier -= found | {person.person_id}
             if not frontier:
                 break
@@ -1441,11 +1547,21 @@ class IdentityGraph:
         from `persons` in a second one. A hop that reads nothing still follows the redirects of rows
         read before: when a batch names every id of a chain (C merged into B, B into A), the first
         read has them all, and C must still reach A through B.
+
+        Merges write every redirect to the survivor itself (IdentityGraph._redirects), but chains written
+        before that can be longer, and every chain is followed to its end: answering a person met on the
+        way would answer one merged away, with identifiers it no longer holds. A chain without a cycle
+        ends within as many hops as it has ids, each hop is one round trip for all the ids asked for,
+        and every read is bounded by the caller's deadline. A cycle (a merge or split of these persons
+        written half way: A's row already redirecting to B and B's still to A) has no survivor to
+        answer: Unavailable, which a retry answers once the writer has finished (one that died is
+        finished by the retry of its call, or by the next recomputation of the component).
         """
         current = {p: p for p in set(person_ids) if p}
         rows: dict[str, Any] = {}
         members: dict[str, list[IdKey]] = {}
-        for _ in range(REDIRECT_HOPS):
+        visited = {p: {p} for p in current}
+        while True:
             unread = set(current.values()) - rows.keys()
             if unread:
                 self._read_person_rows(unread, rows, members)
@@ -1453,6 +1569,14 @@ class IdentityGraph:
                          for p, c in current.items()}
             if following == current:
                 break
+            for requested, person_id in following.items():
+                if person_id != current[requested]:
+                    if person_id in visited[requested]:
+                        raise Unavailable(
+                            f"person {requested!r} redirects in a cycle through {sorted(visited[requested])}: a merge "
+                            "or split of these persons is being written; retry the call",
+                            reason="PERSON_REDIRECT_CYCLE", metadata={"person_id": requested})
+                    visited[requested].add(person_id)
             current = following
         found = {}
         for requested, person_id in current.items():
