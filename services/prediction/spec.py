@@ -7,10 +7,11 @@ spec says exactly what it was trained with even if a default changes later.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.errors import InvalidArgument, Violations
+from shared.errors import FieldViolation, InvalidArgument, Violations
 from shared.longrunning import operation_id_of
 
 MIN_HORIZON_DAYS, MAX_HORIZON_DAYS = 1, 730
@@ -23,9 +24,14 @@ MAX_EVENT_NAME_LENGTH = 128
 MAX_DISPLAY_NAME_LENGTH = 256
 DEFAULT_CONVERSION_EVENTS = ("order",)
 
-MODEL_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-_MODEL_NAME = re.compile(r"^models/([^/]+)$")
-_VERSION_NAME = re.compile(r"^models/([^/]+)/versions/([^/]+)$")
+# Whole strings only: use fullmatch. `\Z` (not `$`, which also matches before a final newline) keeps a
+# caller's .match whole too, so "x1\n" is no model id however the pattern is applied.
+MODEL_ID = re.compile(r"[a-z][a-z0-9-]{0,62}\Z")
+_MODEL_NAME = re.compile(r"models/([^/]+)\Z")
+_VERSION_NAME = re.compile(r"models/([^/]+)/versions/([^/]+)\Z")
+# ASCII digits only: str.isdigit() and int() also take superscripts ("\u00b2": int() then fails) and other
+# scripts' digits ("\u0661", Arabic-Indic one, read as 1).
+_VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,8}\Z")
 
 
 class PredictionKind(StrEnum):
@@ -61,6 +67,8 @@ def resolve_spec(kind: PredictionKind | None, event_names: list[str], horizon_da
         path = f"{field_prefix}.event_names[{index}]"
         if violations.check(1 <= len(name) <= MAX_EVENT_NAME_LENGTH and name.strip() == name, path,
                             f"an event name is 1-{MAX_EVENT_NAME_LENGTH} characters without surrounding spaces"):
+            if problem := control_character_problem(name):
+                violations.add(path, problem)
             violations.check(name not in seen, path, f"{name!r} is listed twice")
         seen.add(name)
     if kind is PredictionKind.CHURN:
@@ -84,8 +92,29 @@ def resolve_spec(kind: PredictionKind | None, event_names: list[str], horizon_da
                      min_class_count=min_class_count or DEFAULT_MIN_CLASS_COUNT)
 
 
+def control_character_problem(text: str) -> str | None:
+    """Why `text` cannot be a name or label (it holds a control character: U+0000-U+001F, U+007F-U+009F), in
+    identity's words; None when it holds none."""
+    control = next((char for char in text if unicodedata.category(char) == "Cc"), None)
+    if control is None:
+        return None
+    return (f"must not contain control characters; found control character U+{ord(control):04X} at position "
+            f"{text.index(control)}")
+
+
+def display_name_violations(display_name: str, field_path: str = "model.display_name") -> list[FieldViolation]:
+    """What is wrong with a model's display name (at most MAX_DISPLAY_NAME_LENGTH characters, no control
+    characters); empty when it is fine."""
+    violations = Violations()
+    violations.check(len(display_name) <= MAX_DISPLAY_NAME_LENGTH, field_path,
+                     f"at most {MAX_DISPLAY_NAME_LENGTH} characters")
+    if problem := control_character_problem(display_name):
+        violations.add(field_path, problem)
+    return violations.items
+
+
 def check_model_id(model_id: str, field_path: str = "model_id") -> str:
-    if not MODEL_ID.match(model_id):
+    if not MODEL_ID.fullmatch(model_id):
         raise InvalidArgument.for_field(
             field_path, f"{model_id!r} is not a model id: 1-63 lower-case letters, digits and hyphens, "
             "starting with a letter", reason="BAD_MODEL_ID")
@@ -102,7 +131,7 @@ def version_name(model_id: str, version_id: int) -> str:
 
 def parse_model_name(name: str, field_path: str = "name") -> str:
     """The model id of `models/{model_id}`; InvalidArgument for anything else."""
-    match = _MODEL_NAME.match(name)
+    match = _MODEL_NAME.fullmatch(name)
     if not match:
         raise InvalidArgument.for_field(field_path, f"{name!r} is not a model name `models/{{model_id}}`",
                                         reason="BAD_RESOURCE_NAME")
@@ -111,9 +140,9 @@ def parse_model_name(name: str, field_path: str = "name") -> str:
 
 def parse_version_name(name: str, field_path: str = "name") -> tuple[str, int]:
     """(model id, version number) of `models/{model_id}/versions/{n}`; InvalidArgument otherwise."""
-    match = _VERSION_NAME.match(name)
+    match = _VERSION_NAME.fullmatch(name)
     version = match.group(2) if match else ""
-    if not match or not version.isdigit() or version.startswith("0") or len(version) > 9:
+    if not match or not _VERSION_NUMBER.fullmatch(version):
         raise InvalidArgument.for_field(
             field_path, f"{name!r} is not a model version name `models/{{model_id}}/versions/{{n}}` (n >= 1)",
             reason="BAD_RESOURCE_NAME")
