@@ -156,8 +156,10 @@ def check_horizon_reachable(spec: ModelSpec, training_cutoffs: Sequence[datetime
                             now: datetime) -> None:
     """Refuse at once a window whose validation horizon ends where no data can reach yet, which `train_version`
     would refuse only after reading every profile: no event is stamped later than `now` plus MAX_FUTURE_SKEW
-    (profile refuses later ones), so the horizon check below cannot pass. Names the validation cutoff, and each
-    training cutoff whose own horizon ends there too (no window that can pass may hold it)."""
+    (profile refuses later ones), and train_version wants an event within HORIZON_SLACK of the horizon's end,
+    so a horizon ending after `now` + MAX_FUTURE_SKEW + HORIZON_SLACK cannot pass. That one limit is the one
+    the message, each field violation and the metadata state. Names the validation cutoff, and each training
+    cutoff whose own horizon ends past it too (no window that can pass may hold it)."""
     horizon = horizon_of(spec)
     horizon_end = validation_cutoff + horizon
     latest_possible = now + MAX_FUTURE_SKEW
@@ -173,11 +175,13 @@ def check_horizon_reachable(spec: ModelSpec, training_cutoffs: Sequence[datetime
     violations += [FieldViolation(f"training_cutoffs[{index}]", beyond(cutoff))
                    for index, cutoff in enumerate(training_cutoffs) if cutoff + horizon > limit]
     raise FailedPrecondition(
-        f"the validation horizon ends at {horizon_end.isoformat()}, but no activity event can be later than "
-        f"{latest_possible.isoformat()} (now plus the {MAX_FUTURE_SKEW.days}-day clock skew events may have), so "
-        "the data cannot cover it; choose an earlier validation cutoff",
+        f"the validation horizon ends at {horizon_end.isoformat()}, after {limit.isoformat()}, the latest end the "
+        f"data can cover (now plus the {MAX_FUTURE_SKEW.days}-day clock skew events may have, plus the "
+        f"{HORIZON_SLACK.days}-day slack a horizon may end after the latest activity event); choose an earlier "
+        "validation cutoff",
         reason="VALIDATION_HORIZON_BEYOND_DATA", field_violations=violations,
-        metadata={"latest_possible_event_time": latest_possible.isoformat(),
+        metadata={"latest_possible_horizon_end": limit.isoformat(),
+                  "latest_possible_event_time": latest_possible.isoformat(),
                   "validation_horizon_end": horizon_end.isoformat()})
 
 
