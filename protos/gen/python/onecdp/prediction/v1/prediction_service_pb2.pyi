@@ -30,7 +30,11 @@ class _PredictionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Predic
     PREDICTION_KIND_UNSPECIFIED: _PredictionKind.ValueType  # 0
     """Not allowed."""
     PREDICTION_KIND_CONVERSION: _PredictionKind.ValueType  # 1
-    """Will the person do a target event within the horizon? Scored for everyone with a profile."""
+    """Will the person do a target event within the horizon? Scored only for persons with at least
+    one activity event (any event except identify and alias events) before the cutoff or
+    `as_of_time`; anyone else (e.g. a person whose only events are identify events) is not
+    eligible: FAILED_PRECONDITION PERSON_NOT_ELIGIBLE when scored, no training row at that cutoff.
+    """
     PREDICTION_KIND_CHURN: _PredictionKind.ValueType  # 2
     """Will the person do no qualifying activity within the horizon? Scored only for persons
     eligible at the cutoff (active within `eligibility_days` before it).
@@ -42,7 +46,11 @@ class PredictionKind(_PredictionKind, metaclass=_PredictionKindEnumTypeWrapper):
 PREDICTION_KIND_UNSPECIFIED: PredictionKind.ValueType  # 0
 """Not allowed."""
 PREDICTION_KIND_CONVERSION: PredictionKind.ValueType  # 1
-"""Will the person do a target event within the horizon? Scored for everyone with a profile."""
+"""Will the person do a target event within the horizon? Scored only for persons with at least
+one activity event (any event except identify and alias events) before the cutoff or
+`as_of_time`; anyone else (e.g. a person whose only events are identify events) is not
+eligible: FAILED_PRECONDITION PERSON_NOT_ELIGIBLE when scored, no training row at that cutoff.
+"""
 PREDICTION_KIND_CHURN: PredictionKind.ValueType  # 2
 """Will the person do no qualifying activity within the horizon? Scored only for persons
 eligible at the cutoff (active within `eligibility_days` before it).
@@ -727,8 +735,9 @@ class ScorePersonRequest(_message.Message):
 
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
-        """Score as of this time (features from events before it), 1990-01-01 to 9000-01-01; default
-        now.
+        """Score as of this time (features from events whose event time is before it; an event
+        backfilled later with an earlier event time changes the score, see BatchScorePersonsRequest),
+        1990-01-01 to 9000-01-01; default now.
         """
 
     def __init__(
@@ -858,10 +867,12 @@ class BatchScorePersonsRequest(_message.Message):
 
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
-        """Score every person as of this time: features only from events strictly before it, exactly
-        as a model trained with this time as a cutoff would see them (point-in-time correct; events
-        stored later, or dated later, cannot change these scores). 1990-01-01 to 9000-01-01; default
-        now.
+        """Score every person as of this time: features only from events whose event time is strictly
+        before it, exactly as a model trained with this time as a cutoff would see them. Point in time
+        by event time, not by when an event was stored: an event dated at or after it never changes
+        these scores, but one stored later with an earlier event time (a backfill, a late import)
+        does, so scoring the same past time again after a backfill can give a different score.
+        1990-01-01 to 9000-01-01; default now.
         """
 
     def __init__(

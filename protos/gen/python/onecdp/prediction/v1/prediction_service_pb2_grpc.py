@@ -250,8 +250,9 @@ class PredictionServiceServicer:
         re-read at most once a second (at once after an activation through the same replica).
 
         Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
-        active version, or the person is not eligible (e.g. churn for someone not active within the
-        eligibility window, PERSON_NOT_ELIGIBLE); INVALID_ARGUMENT for bad fields.
+        active version, or the person is not eligible (PERSON_NOT_ELIGIBLE: conversion for someone
+        with no activity event before `as_of_time`, churn for someone not active within the
+        eligibility window); INVALID_ARGUMENT for bad fields.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -120,8 +120,9 @@ class PredictionServiceStub:
     re-read at most once a second (at once after an activation through the same replica).
 
     Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
-    active version, or the person is not eligible (e.g. churn for someone not active within the
-    eligibility window, PERSON_NOT_ELIGIBLE); INVALID_ARGUMENT for bad fields.
+    active version, or the person is not eligible (PERSON_NOT_ELIGIBLE: conversion for someone
+    with no activity event before `as_of_time`, churn for someone not active within the
+    eligibility window); INVALID_ARGUMENT for bad fields.
     """
     BatchScorePersons: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.BatchScorePersonsRequest, _prediction_service_pb2.BatchScorePersonsResponse]
     """Scores many persons at once (1-10,000), one result per selector in request order, all as of
@@ -249,8 +250,9 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     re-read at most once a second (at once after an activation through the same replica).
 
     Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
-    active version, or the person is not eligible (e.g. churn for someone not active within the
-    eligibility window, PERSON_NOT_ELIGIBLE); INVALID_ARGUMENT for bad fields.
+    active version, or the person is not eligible (PERSON_NOT_ELIGIBLE: conversion for someone
+    with no activity event before `as_of_time`, churn for someone not active within the
+    eligibility window); INVALID_ARGUMENT for bad fields.
     """
     BatchScorePersons: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.BatchScorePersonsRequest, _prediction_service_pb2.BatchScorePersonsResponse]  # type: ignore[assignment]
     """Scores many persons at once (1-10,000), one result per selector in request order, all as of
@@ -435,8 +437,9 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         re-read at most once a second (at once after an activation through the same replica).
 
         Errors: NOT_FOUND for an unknown person or model; FAILED_PRECONDITION when the model has no
-        active version, or the person is not eligible (e.g. churn for someone not active within the
-        eligibility window, PERSON_NOT_ELIGIBLE); INVALID_ARGUMENT for bad fields.
+        active version, or the person is not eligible (PERSON_NOT_ELIGIBLE: conversion for someone
+        with no activity event before `as_of_time`, churn for someone not active within the
+        eligibility window); INVALID_ARGUMENT for bad fields.
         """
 
     @_abc_1.abstractmethod
