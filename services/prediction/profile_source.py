@@ -8,7 +8,9 @@ What it reads from profile (onecdp.profile.v1):
   read_mask=person_id): the histories of the persons being scored, one call per 1,000 (up to
   MAX_READS_IN_FLIGHT calls at once). One call covers identity lookups and reads of every person, so
   scoring one person is one round trip to profile. A selector profile refuses (INVALID_ARGUMENT naming
-  `persons[i]`) becomes that person's error and the others are read again without it.
+  `persons[i]`) becomes that person's `RefusedSelector` and the others are read again without it; a bad
+  selector is the request's error, not the person's, so the gRPC adapter fails the call naming each one
+  (`refused_selector_violations`). `selector_violations` catches the malformed ones before any read.
 - ListProfileChanges(page_token=cursor, with the unsettled tail): the changes the online store follows
   (online.py). The feed's
   cursors are time UUIDs (shared.changefeed), so the follower starts at a cursor made for its start time
@@ -32,7 +34,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -50,12 +52,13 @@ from services.prediction.history import (
     PersonHistory,
     PersonRef,
     ReadsByStarting,
+    RefsByPersonId,
 )
 from services.prediction.jobs import SCORES_SOURCE, score_trait_names
 from services.prediction.online import ChangeKind, HistoryChange
 from services.prediction.scoring import PersonScore
 from shared import deadline
-from shared.errors import DeadlineExceeded, DomainError, InvalidArgument, NotFound, Unavailable
+from shared.errors import DeadlineExceeded, DomainError, FieldViolation, InvalidArgument, NotFound, Unavailable
 
 DEFAULT_SHARDS = 16
 SCAN_BATCH_SIZE = 500
@@ -74,7 +77,16 @@ MAX_TRAIT_WRITES = 1000
 _SKIPPED_TYPES = frozenset({profile_pb.EVENT_TYPE_IDENTIFY, profile_pb.EVENT_TYPE_ALIAS,
                             profile_pb.EVENT_TYPE_UNSPECIFIED})
 _PERSON_ID_ONLY = field_mask_pb2.FieldMask(paths=["person_id"])
-_PERSON_INDEX = re.compile(r"^persons\[(\d+)\]")
+_PERSON_INDEX = re.compile(r"persons\[([0-9]+)\]")
+# Identity's forms of a person id and of an identifier type (services/identity: graph.PERSON_ID_PATTERN,
+# identifiers.TYPE_NAME). A selector outside them can match nobody, and identity refuses it; checked here
+# first, so a batch names all of them at once instead of one per profile round trip. Whole strings only:
+# fullmatch (`$` would also match before a final newline).
+PERSON_ID_FORM = "'p_' followed by 1-62 lowercase letters and digits"
+_PERSON_ID = re.compile(r"p_[0-9a-z]{1,62}")
+_PERSON_IDS = re.compile(r"(?:p_[0-9a-z]{1,62}\n)*")  # ids joined by newlines, each ending in one
+IDENTIFIER_TYPE_FORM = "lower_snake_case: a lowercase letter, then up to 62 lowercase letters, digits and '_'"
+_IDENTIFIER_TYPE = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _CHANGE_KINDS = {profile_pb.PROFILE_CHANGE_TYPE_EVENTS: ChangeKind.EVENTS,
                  profile_pb.PROFILE_CHANGE_TYPE_TRAITS: ChangeKind.TRAITS,
                  profile_pb.PROFILE_CHANGE_TYPE_MERGE: ChangeKind.MERGE,
@@ -82,6 +94,60 @@ _CHANGE_KINDS = {profile_pb.PROFILE_CHANGE_TYPE_EVENTS: ChangeKind.EVENTS,
                  profile_pb.PROFILE_CHANGE_TYPE_ERASE: ChangeKind.ERASE}
 # 100-ns intervals between the UUID epoch (1582-10-15) and the Unix epoch.
 _UUID_EPOCH_OFFSET = 0x01B21DD213814000
+
+
+class RefusedSelector(InvalidArgument):
+    """A selector profile refused (INVALID_ARGUMENT naming it, e.g. an identifier type identity's rules do not
+    know): the request's error, not the person's. ScorePerson and GetPersonFeatures raise it as it is (it names
+    `person`); a batch fails the call naming `persons[i]` (`refused_selector_violations`)."""
+
+    def __init__(self, why: str, field_path: str = "person") -> None:
+        description = f"profile refused the selector: {why}"
+        super().__init__(f"{field_path}: {description}", reason="BAD_PERSON_SELECTOR",
+                         field_violations=[FieldViolation(field_path, description)])
+        self.why = why
+
+
+def selector_problem(person: PersonRef) -> str | None:
+    """Why a selector can match nobody whatever profile holds (not identity's form), or None."""
+    if person.person_id is not None:
+        if _PERSON_ID.fullmatch(person.person_id):
+            return None
+        return f"{person.person_id[:80]!r} is not a person id: expected {PERSON_ID_FORM}"
+    kind = person.identifier_type or ""
+    if _IDENTIFIER_TYPE.fullmatch(kind):
+        return None
+    return f"{kind[:80]!r} is not an identifier type: expected {IDENTIFIER_TYPE_FORM}"
+
+
+def selector_violations(persons: Sequence[PersonRef], field_path: str = "persons") -> list[FieldViolation]:
+    """`selector_problem` of every selector, as violations of `{field_path}[i]` (the gRPC adapter adds them to
+    the request's others); a batch of well-formed person ids (the usual one) is checked in one pass."""
+    if isinstance(persons, RefsByPersonId):
+        joined = "\n".join(persons.person_ids) + "\n"
+        if joined.count("\n") == len(persons) and _PERSON_IDS.fullmatch(joined):
+            return []
+    # An empty selector (person_id "") is the adapter's to refuse ("set exactly one of ..."), not named twice.
+    return [FieldViolation(f"{field_path}[{index}]", problem) for index, person in enumerate(persons)
+            if person.person_id != "" and (problem := selector_problem(person)) is not None]
+
+
+def refused_selector_violations(errors: Mapping[int, DomainError],
+                                field_path: str = "persons") -> list[FieldViolation]:
+    """The selectors profile refused among a batch's per-person errors (request position -> error), as
+    violations of `{field_path}[i]`: the adapter fails the call with them (BatchScorePersons' contract: a bad
+    selector fails the call; a person's own error is only NOT_FOUND or FAILED_PRECONDITION)."""
+    return [FieldViolation(f"{field_path}[{index}]", error.field_violations[0].description)
+            for index, error in sorted(errors.items()) if isinstance(error, RefusedSelector)]
+
+
+def raise_refused_selectors(errors: Mapping[int, DomainError], field_path: str = "persons") -> None:
+    """InvalidArgument naming every selector of `errors` profile refused (`refused_selector_violations`), if any."""
+    if violations := refused_selector_violations(errors, field_path):
+        raise InvalidArgument(f"profile refused {len(violations)} selector(s): "
+                              + "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
+                              + (f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""),
+                              reason="BAD_PERSON_SELECTOR", field_violations=violations)
 
 
 def _selector(person: PersonRef) -> common_pb2.PersonSelector:
@@ -207,8 +273,7 @@ class GrpcProfileSource(ReadsByStarting):
                 if not refused:
                     return [failure if r is None else r for r in results]
                 for position, message in refused.items():
-                    results[pending[position]] = InvalidArgument.for_field(
-                        "person", f"profile refused the selector: {message}", reason="BAD_PERSON_SELECTOR")
+                    results[pending[position]] = RefusedSelector(message)
                 pending = [index for position, index in enumerate(pending) if position not in refused]
                 if not pending:
                     break
@@ -254,8 +319,9 @@ class GrpcProfileSource(ReadsByStarting):
             self._stub.GetProfile(profile_pb.GetProfileRequest(person=_selector(person), read_mask=_PERSON_ID_ONLY),
                                   timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
         except grpc.RpcError as probe_error:
-            if isinstance(probe_error, grpc.Call) and probe_error.code() in (grpc.StatusCode.INVALID_ARGUMENT,
-                                                                             grpc.StatusCode.NOT_FOUND):
+            if isinstance(probe_error, grpc.Call) and probe_error.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                return RefusedSelector(probe_error.details() or "INVALID_ARGUMENT")
+            if isinstance(probe_error, grpc.Call) and probe_error.code() is grpc.StatusCode.NOT_FOUND:
                 return _domain_error(probe_error, "reading the person's events")
         except DomainError as deadline_passed:
             return deadline_passed

@@ -67,3 +67,15 @@ def test_control_characters_in_event_names_are_invalid_argument(prediction: Stub
         assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["model.spec.event_names[1]"]), name
         assert "control character" in message
     assert list(prediction.ListModels(pb.ListModelsRequest(), timeout=10).models) == []
+
+
+# Remove the mark once server.py's CreateModel checks display_name_violations (the change the report describes).
+@pytest.mark.xfail(strict=True, reason="needs server.py's CreateModel to use spec.display_name_violations")
+def test_control_characters_in_a_display_name_are_invalid_argument(prediction: Stub) -> None:
+    for display_name in ("Buy\x00ers", "Buyers\n", "a\x7fb"):
+        code, _, fields, message = error_of(prediction.CreateModel, pb.CreateModelRequest(
+            model_id="conv", model=pb.Model(display_name=display_name, spec=pb.ModelSpec(
+                kind=pb.PREDICTION_KIND_CONVERSION, horizon_days=30))))
+        assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["model.display_name"]), display_name
+        assert "control character" in message
+    assert list(prediction.ListModels(pb.ListModelsRequest(), timeout=10).models) == []
