@@ -345,16 +345,29 @@ class ProfileStore:
                                                                 row.message_id)) for row, _ in moves])
 
     def mark_merged(self, loser: str, winner: str, now: datetime) -> None:
-        self._session.execute("UPDATE profiles SET merged_into = ?, update_time = ? WHERE person_id = ?",
-                              (winner, now, loser))
+        """`loser` (a person or one merged into it before, whose rows moved to `winner`) redirects to `winner`,
+        which lists it. The loser lists nobody any more: the winner lists them all. Were its list kept, a split
+        that later gave the loser its own rows back would hand it the persons it had absorbed too, wherever
+        identity put them (their rows counted twice, erased with it)."""
+        self._session.execute("UPDATE profiles SET merged_into = ?, merged_person_ids = null, update_time = ? "
+                              "WHERE person_id = ?", (winner, now, loser))
         self._session.execute("UPDATE profiles SET merged_person_ids = merged_person_ids + ?, update_time = ? "
                               "WHERE person_id = ?", ({loser}, now, winner))
 
     def mark_split(self, person_ids: Sequence[str], now: datetime) -> None:
-        """The persons of a split own their rows again: none redirects, none counts another as merged."""
+        """The persons of a split own their rows again: none redirects, none counts another of them as merged,
+        and each lists only persons that still redirect to it (rows written before mark_merged cleared a loser's
+        list may name persons merged elsewhere since)."""
+        split = set(person_ids)
+        rows = self.profile_rows(person_ids)
+        listed = {m for row in rows.values() for m in row.merged_person_ids} - split
+        redirects = {person_id: row.merged_into for person_id, row in self.profile_rows(sorted(listed)).items()}
+        # Removed, not overwritten: a merge applied at ingest meanwhile may add to a list.
         futures = [self._session.execute_async(
             "UPDATE profiles SET merged_into = null, merged_person_ids = merged_person_ids - ?, update_time = ? "
-            "WHERE person_id = ?", (set(person_ids) - {p}, now, p)) for p in person_ids]
+            "WHERE person_id = ?",
+            ((split - {p}) | {m for m in (rows[p].merged_person_ids if p in rows else ()) if redirects.get(m) != p},
+             now, p)) for p in person_ids]
         self._wait(futures)
 
     def erase(self, person_ids: Sequence[str], now: datetime) -> int:

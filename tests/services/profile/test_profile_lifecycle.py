@@ -290,3 +290,53 @@ def test_a_scan_reads_every_event_of_timeline_reads_cut_off_by_their_limit(
     cut = _scan_all(profiles, include_events=True)
     assert {p: list(s.events) for p, s in cut.items()} == {p: list(s.events) for p, s in full.items()}
     assert sum(len(s.events) for s in cut.values()) == 20
+
+
+def test_undoing_a_chain_of_merges_leaves_no_person_claiming_another(profiles: Stub, identity: IdentityStub) -> None:
+    # Found by an outside tester: `middle` absorbed `newest`, then `oldest` absorbed `middle`; unlinking both links
+    # left middle's profile row listing newest as merged (from the first merge), so middle's profile counted
+    # newest's events too, and erasing middle erased newest.
+    def person(key: str, name: str, when: str) -> str:
+        return ingest(profiles, track(key, name=name, when=when), order(key, order_id=f"o-{name}", amount=10.0,
+                                                                         when=when))[0].person_id
+    oldest = person("cookie:chain-2", "only_2", "2026-03-01")
+    middle = person("cookie:chain-0", "only_0", "2026-03-02")
+    newest = person("email:chain-1@example.com", "only_1", "2026-03-03")
+
+    def link(message_id: str, *keys: str) -> None:
+        identity.LinkIdentifiers(identity_pb.LinkIdentifiersRequest(observations=[identity_pb.Observation(
+            identifiers=[ident(k) for k in keys], provenance=identity_pb.Provenance(message_id=message_id,
+                                                                                   source="test"))]), timeout=30)
+
+    def unlink(message_id: str) -> None:
+        identity.UnlinkIdentifiers(identity_pb.UnlinkIdentifiersRequest(message_id=message_id, reason="wrong link"),
+                                   timeout=30)
+
+    def counts() -> dict[str, tuple[str, int]]:
+        return {key: (p.person_id, p.computed.event_count) for key in keys for p in [profile_of(profiles, key)]}
+    keys = ("cookie:chain-2", "cookie:chain-0", "email:chain-1@example.com")
+    link("chain-link-0", "cookie:chain-0", "email:chain-1@example.com")
+    link("chain-link-1", "email:chain-1@example.com", "cookie:chain-2")
+    assert eventually(lambda: set(counts().values()) == {(oldest, 6)})
+    unlink("chain-link-0")
+    assert eventually(lambda: counts()["cookie:chain-0"] == (middle, 2))
+    unlink("chain-link-1")
+    apart = {"cookie:chain-2": (oldest, 2), "cookie:chain-0": (middle, 2), "email:chain-1@example.com": (newest, 2)}
+    assert eventually(lambda: counts() == apart), counts()
+    for key in keys:
+        assert not profile_of(profiles, key).merged_person_ids
+    assert _event_names(profiles, "cookie:chain-0") == {"only_0", "order"}
+
+    identity.ErasePerson(identity_pb.ErasePersonRequest(person=common_pb2.PersonSelector(person_id=middle),
+                                                        reason="privacy request"), timeout=30)
+    assert eventually(lambda: _profile_gone(profiles, middle))
+    survivor = profile_of(profiles, "email:chain-1@example.com")
+    assert (survivor.person_id, survivor.computed.event_count) == (newest, 2)
+
+
+def _profile_gone(profiles: Stub, person_id: str) -> bool:
+    try:
+        profiles.GetProfile(pb.GetProfileRequest(person=common_pb2.PersonSelector(person_id=person_id)), timeout=10)
+    except grpc.RpcError as error:
+        return error.code() == grpc.StatusCode.NOT_FOUND
+    return False
