@@ -491,7 +491,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             if index in holders:
                 holder = holders[index]
                 violations.check(holder is not None, f"writes[{index}].identifier",
-                                 "nobody holds this identifier; ingest an event with it first")
+                                 "nobody holds this identifier; ingest an event with it first (an identifier "
+                                 "erased by a privacy request stays unheld: its events are refused)")
                 violations.check(holder is None or named is None or holder.person_id == named.person_id,
                                  f"writes[{index}].identifier",
                                  f"held by person {holder.person_id if holder else ''!r}, not by "
