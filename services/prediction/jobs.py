@@ -14,15 +14,24 @@ to start it again. A run whose lease was taken that way stops at its next progre
 operation is not taken over and run again by another replica: what kills a training process is most
 often the training itself (memory), so a second replica would likely die the same way, and the caller
 who asked for it is the one to decide whether to try again.
+
+A model deleted while one of its operations runs (DeleteModel) ends it as ABORTED, reason MODEL_DELETED.
+Both runs compare the model's creation time with the one they started for (`ModelRegistry.created_at`:
+a model created again with the same id is another model) at each progress point, and a refresh also
+after each batch of scores it wrote and before it reports success. A training then removes what it
+wrote of its version (`discard_version`); a refresh removes every score trait of the model dated up to
+its last write (profile keeps the latest write of a trait by event time, so the scores a model created
+again writes later stay). DeleteModel waits for the refreshes of the model to end (server.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from services.prediction.history import PersonHistory, ProfileSource
@@ -39,7 +48,7 @@ from services.prediction.training import (
     check_horizon_reachable,
     train_version,
 )
-from shared.errors import Aborted, DomainError
+from shared.errors import Aborted, DomainError, NotFound
 
 log = logging.getLogger(__name__)
 # Progress is written at most this often: every write is a Cassandra round trip.
@@ -86,6 +95,24 @@ def _never() -> bool:
     return False
 
 
+MODEL_DELETED = "MODEL_DELETED"
+# ErrorInfo metadata of a refresh ended by its model's deletion: "true" once the scores it wrote were removed.
+SCORES_REMOVED = "scores_removed"
+
+
+class ModelDeleted(Aborted):
+    """The model of a running operation was deleted (DeleteModel), or deleted and created again."""
+
+    def __init__(self, model_id: str, what: str) -> None:
+        super().__init__(f"models/{model_id} was deleted while {what}", reason=MODEL_DELETED,
+                         metadata={"model": f"models/{model_id}"})
+
+
+def _model_deleted(registry: ModelRegistry, model_id: str, created: datetime | None) -> bool:
+    """Whether the model an operation started for (created at `created`; None: it was gone already) is gone."""
+    return created is None or registry.created_at(model_id) != created
+
+
 def _check_stop(should_stop: Callable[[], bool], registry: ModelRegistry, operation_id: str) -> None:
     if should_stop():
         raise Aborted("the prediction service stopped before the operation finished; start it again",
@@ -117,6 +144,14 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
     model_id, version_id = request.model_id, operation.version_id
     last_report = [0.0]
     scanned = [0]
+    # The model this training is for: a model created after the operation started is another one.
+    created = registry.created_at(model_id)
+    if created is not None and created > operation.start_time:
+        created = None
+
+    def check_model() -> None:
+        if _model_deleted(registry, model_id, created):
+            raise ModelDeleted(model_id, "this training ran; the version it trained was discarded")
 
     def progress(stage: str, persons: int) -> None:
         # persons_processed only grows: persons scanned while features are built, then all of them. The
@@ -126,14 +161,17 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
         if stage == STAGE_FEATURES and time.monotonic() - last_report[0] < PROGRESS_INTERVAL_SECONDS:
             return
         last_report[0] = time.monotonic()
+        check_model()  # as often as progress is written: one more read a second at most
         registry.report_progress(operation.operation_id, now(), stage=stage, persons_processed=scanned[0],
                                  persons_total=scanned[0] if stage != STAGE_FEATURES else 0)
 
     try:
+        check_model()
         spec = registry.get_version(model_id, version_id).spec
         progress(STAGE_FEATURES, 0)  # out of the queue: the stage says so before the first batch is scanned
         trained = train_version(spec, source, request.training_cutoffs, request.validation_cutoff,
                                 seed=request.seed, num_threads=num_threads, progress=progress)
+        check_model()
         registry.report_progress(operation.operation_id, now(), stage=STAGE_SAVING, persons_processed=scanned[0],
                                  persons_total=scanned[0])
         registry.finish_version(model_id, version_id, trained, now())
@@ -143,19 +181,34 @@ def run_training(registry: ModelRegistry, source: ProfileSource, operation: Oper
             registry.activate(model_id, version_id, now())
             if activated is not None:
                 activated(model_id)
+        # A delete that raced the save (its purge read the version before the booster was written, or the
+        # version became READY between the delete's steps) is only seen here.
+        check_model()
     except DomainError as error:
-        registry.fail_version(model_id, version_id, error.message, now())
+        if not isinstance(error, ModelDeleted) and _model_deleted(registry, model_id, created):
+            # finish_version / activate / get_version found the version or model gone: the delete is the cause.
+            error = ModelDeleted(model_id, "this training ran; the version it trained was discarded")
+        if isinstance(error, ModelDeleted):
+            registry.discard_version(model_id, version_id, operation.operation_id)
+        else:
+            _fail_version(registry, model_id, version_id, error.message, now())
         return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
                                          error_code=error.code.value, error_message=error.message,
                                          error_reason=error.reason, error_metadata=error.metadata)
     except Exception as error:  # a bug: the operation must still end, without leaking internals
         log.exception("training failed", extra={"model_id": model_id, "version_id": version_id})
-        registry.fail_version(model_id, version_id, "internal error; it has been logged", now())
+        _fail_version(registry, model_id, version_id, "internal error; it has been logged", now())
         return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
                                          error_code=INTERNAL, error_reason=INTERNAL,
                                          error_message=f"internal error ({type(error).__name__}); it has been logged")
     return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
                                      stage=STAGE_DONE)
+
+
+def _fail_version(registry: ModelRegistry, model_id: str, version_id: int, message: str, now: datetime) -> None:
+    """Fail the version; one gone with its model (deleted) has nothing left to fail, and the operation must end."""
+    with contextlib.suppress(NotFound):
+        registry.fail_version(model_id, version_id, message, now)
 
 
 
@@ -185,6 +238,8 @@ class ScoreWriter(Protocol):
 
     def clear_scores(self, model_id: str, person_ids: Sequence[str], cleared_at: datetime) -> int: ...
 
+    def clear_all_scores(self, model_id: str, cleared_at: datetime) -> int: ...
+
 
 def start_refresh(registry: ModelRegistry, scoring: ScoringVersion, now: Callable[[], datetime] = _utc_now
                   ) -> Operation:
@@ -200,7 +255,24 @@ def run_refresh(registry: ModelRegistry, source: ProfileSource, writer: ScoreWri
     started = time.monotonic()
     model_id = scoring.model.model_id
     scored = ineligible = 0
+    # The latest event time this refresh wrote a trait with; None until its first write.
+    last_written: list[datetime | None] = [None]
+
+    def write_batch(batch: Sequence[PersonHistory]) -> None:
+        nonlocal scored, ineligible
+        written_at = now()
+        last_written[0] = max(written_at, last_written[0] or written_at)
+        batch_scored, batch_ineligible = _refresh_batch(writer, scoring, batch, as_of, written_at)
+        scored, ineligible = scored + batch_scored, ineligible + batch_ineligible
+        # After the write: a delete whose clearing passed these persons before the write landed is seen here.
+        check_model()
+
+    def check_model() -> None:
+        if _model_deleted(registry, model_id, scoring.model.create_time):
+            raise ModelDeleted(model_id, "its scores were being refreshed")
+
     try:
+        check_model()
         shards = source.shards()
         registry.report_progress(operation.operation_id, now(), stage="scoring", shards_total=len(shards))
         for done, shard in enumerate(shards, start=1):
@@ -209,14 +281,20 @@ def run_refresh(registry: ModelRegistry, source: ProfileSource, writer: ScoreWri
                 batch.append(history)
                 if len(batch) >= REFRESH_BATCH:
                     _check_stop(should_stop, registry, operation.operation_id)
-                    batch_scored, batch_ineligible = _refresh_batch(writer, scoring, batch, as_of, now())
-                    scored, ineligible = scored + batch_scored, ineligible + batch_ineligible
+                    write_batch(batch)
                     batch = []
-            batch_scored, batch_ineligible = _refresh_batch(writer, scoring, batch, as_of, now())
-            scored, ineligible = scored + batch_scored, ineligible + batch_ineligible
+            write_batch(batch)
             registry.report_progress(operation.operation_id, now(), stage="scoring", persons_processed=scored,
                                      shards_done=done, shards_total=len(shards))
             _check_stop(should_stop, registry, operation.operation_id)
+        check_model()
+    except ModelDeleted as error:
+        removed, outcome = _removed_scores(writer, model_id, last_written[0])
+        return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
+                                         error_code=error.code.value, error_message=error.message + outcome,
+                                         error_reason=error.reason,
+                                         error_metadata={**error.metadata, SCORES_REMOVED: str(removed).lower()},
+                                         persons_ineligible=ineligible)
     except DomainError as error:
         return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
                                          error_code=error.code.value, error_message=error.message,
@@ -230,6 +308,21 @@ def run_refresh(registry: ModelRegistry, source: ProfileSource, writer: ScoreWri
                                          persons_ineligible=ineligible)
     return registry.finish_operation(operation.operation_id, now(), elapsed_seconds=time.monotonic() - started,
                                      persons_ineligible=ineligible)
+
+
+def _removed_scores(writer: ScoreWriter, model_id: str, last_written: datetime | None) -> tuple[bool, str]:
+    """Remove the score traits of a deleted model that this refresh wrote (up to `last_written`); whether none
+    is left, and what the operation's error message adds about it."""
+    if last_written is None:
+        return True, "; this refresh wrote no score"
+    try:
+        # Dated just after this refresh's last write: its writes are undone, a later model's are not.
+        writer.clear_all_scores(model_id, last_written + timedelta(milliseconds=1))
+    except DomainError as error:
+        log.warning("removing the scores of a deleted model failed", extra={"model_id": model_id,
+                                                                            "error": error.message})
+        return False, f"; removing the scores it wrote failed: {error.message}"
+    return True, "; the scores it wrote were removed"
 
 
 def _refresh_batch(writer: ScoreWriter, scoring: ScoringVersion, batch: Sequence[PersonHistory], as_of: datetime,

@@ -20,6 +20,17 @@ The store only answers while its follower is current (its last poll reached the 
 than `max_lag` ago); otherwise, e.g. while profile's feed cannot be read, every read goes to profile
 as if there were no store.
 
+Erasures, merges and splits start in identity: profile answers NOT_FOUND for an erased person at once
+(it asks identity), but applies the erasure to its rows, and reports it in its feed, only once its own
+follower of identity's feed has read it, which reads settled changes only (shared.changefeed's
+SETTLE_SECONDS, 1 s) every 0.5 s: the store would keep scoring an erased person for 1-1.5 s. A second
+ChangeFollower therefore reads identity's feed (unsettled tail too) and drops the persons of each
+identity change about one poll (0.2 s) after identity recorded it, which it does once the person can
+no longer be looked up: the next read goes to profile and gets NOT_FOUND. The store's currency still
+follows profile's feed alone (`keeps_current=False` for identity's): while identity's feed cannot be
+read, profile's reads, which ask identity, cannot be made either, and an erasure then reaches the store
+through profile's feed, as before.
+
 A read that was in flight when a change for its person was applied is not kept (its answer may
 predate the change). Entries are evicted least recently used beyond a budget of events.
 
@@ -279,18 +290,24 @@ class ChangeFollower:
 
     def __init__(self, histories: OnlineHistories, feed: ProfileChangeFeed, *, poll_seconds: float = POLL_SECONDS,
                  error_backoff_seconds: float = 1.0, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, keeps_current: bool = True,
+                 name: str = "prediction-history-follower",
+                 failure_message: str = "following profile changes failed; scoring reads profile until it works "
+                                        "again") -> None:
+        """`keeps_current`: reaching the end of this feed keeps the store current (profile's feed); False for a
+        feed that only brings changes sooner (identity's, see the module docstring)."""
         self._histories = histories
         self._feed = feed
         self._clock = clock
         self._monotonic = monotonic
+        self._keeps_current = keeps_current
         self._cursor: str | None = None
         self._tail = UnsettledTail()
         # Reads go to profile while following fails, so failures are logged rarely and retried soon.
         self._worker = RepeatingWorker(
-            "prediction-history-follower", lambda: self.follow_once() >= FEED_PAGE, idle_seconds=poll_seconds,
+            name, lambda: self.follow_once() >= FEED_PAGE, idle_seconds=poll_seconds,
             error_backoff_seconds=error_backoff_seconds, max_backoff_seconds=10.0, log_every=60,
-            failure_message="following profile changes failed; scoring reads profile until it works again")
+            failure_message=failure_message)
 
     def start(self) -> None:
         self._worker.start()
@@ -313,6 +330,6 @@ class ChangeFollower:
             settled = parse_cursor(following)
             if settled is not None:
                 self._tail.settled_through(settled)
-        if len(changes) < FEED_PAGE:
+        if len(changes) < FEED_PAGE and self._keeps_current:
             self._histories.mark_current(started)
         return len(changes)

@@ -237,6 +237,41 @@ class ModelRegistry:
         models = models[:page_size]
         return models, (models[-1].model_id if more else None)
 
+    def created_at(self, model_id: str) -> datetime | None:
+        """When the model was created, None when it does not exist: a long operation compares it with the model
+        it started for to learn whether that model was deleted meanwhile (a model created again with the same
+        id is another model, with another creation time)."""
+        row = self._session.execute("SELECT create_time FROM models WHERE scope = ? AND model_id = ?",
+                                    (SCOPE, model_id)).one()
+        return _utc(row.create_time) if row is not None else None
+
+    def refreshes_of(self, model_id: str, active_since: datetime) -> list[Operation]:
+        """The score refreshes of the model that are not done, or were last written at or after `active_since`
+        (DeleteModel: the refreshes that may have written scores while it ran).
+
+        Operations are keyed by id alone, so this reads the whole operations table (ALLOW FILTERING): kept 30
+        days, it holds one row per training or refresh, and only DeleteModel asks."""
+        rows = self._session.execute(
+            "SELECT operation_id, kind, done, update_time FROM operations WHERE model_id = ? ALLOW FILTERING",
+            (model_id,))
+        return [self._read_operation(row.operation_id) for row in rows
+                if row.kind == OperationKind.REFRESH.value
+                and (not row.done or _required_utc(row.update_time) >= active_since)]
+
+    def discard_version(self, model_id: str, version_id: int, operation_id: str) -> None:
+        """Remove what a training of a deleted model wrote of its version (the booster, the version row when the
+        delete did not remove it), unless the number belongs by now to a version of a model created again."""
+        row = self._session.execute("SELECT operation_id FROM model_versions WHERE model_id = ? AND version_id = ?",
+                                    (model_id, version_id)).one()
+        if row is not None and row.operation_id != operation_id:
+            return
+        # The version row before the booster: a READY version must always have its booster.
+        if row is not None:
+            self._session.execute("DELETE FROM model_versions WHERE model_id = ? AND version_id = ? "
+                                  "IF operation_id = ?", (model_id, version_id, operation_id))
+        self._session.execute("DELETE FROM model_boosters WHERE model_id = ? AND version_id = ?",
+                              (model_id, version_id))
+
     def delete_model(self, model_id: str) -> None:
         result = self._session.execute("DELETE FROM models WHERE scope = ? AND model_id = ? IF EXISTS",
                                        (SCOPE, model_id))
@@ -325,7 +360,8 @@ class ModelRegistry:
         return self.get_version(model_id, version_id)
 
     def fail_version(self, model_id: str, version_id: int, message: str, now: datetime) -> ModelVersion:
-        """Fail a version that is still TRAINING; a version that ended already is left as it is."""
+        """Fail a version that is still TRAINING; a version that ended already is left as it is. NotFound when
+        the version does not exist (its model was deleted): the conditional update creates no row."""
         self._session.execute(
             "UPDATE model_versions SET state = ?, failure_message = ?, create_time = ? "
             "WHERE model_id = ? AND version_id = ? IF state = ?",

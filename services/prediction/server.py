@@ -4,13 +4,17 @@ Models and versions are registry calls. Training and score refresh answer at onc
 and run on the service's background worker (stopped with the service) and read histories from the
 profile service (GrpcProfileSource). Scoring and features read them through the online store
 (OnlineHistories, kept current by a ChangeFollower of profile's feed, stopped with the service), which
-reads from profile what it does not hold. Scores go back through BatchWriteTraits (GrpcScoreWriter).
+reads from profile what it does not hold; a second ChangeFollower reads identity's feed, so an erased person
+leaves the store without waiting for profile to apply the erasure. Scores go back through BatchWriteTraits
+(GrpcScoreWriter).
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TypeVar
 
@@ -19,6 +23,8 @@ from google.longrunning import operations_pb2
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from onecdp.common.v1 import common_pb2
+from onecdp.identity.v1 import identity_service_pb2 as identity_pb
+from onecdp.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
@@ -26,6 +32,8 @@ from services.prediction.batch_request import BatchRequest, StreamedRequest
 from services.prediction.batch_response import batch_response_bytes, finite, streamed_batch_response_bytes
 from services.prediction.history import PersonRef, RefsByPersonId, refs_by_person_id
 from services.prediction.jobs import (
+    MODEL_DELETED,
+    SCORES_REMOVED,
     TrainingRequest,
     abandon_operation,
     run_refresh,
@@ -33,7 +41,7 @@ from services.prediction.jobs import (
     start_refresh,
     start_training,
 )
-from services.prediction.online import ChangeFollower, OnlineHistories
+from services.prediction.online import ChangeFollower, ChangeKind, HistoryChange, OnlineHistories
 from services.prediction.pages import page_size_of
 from services.prediction.profile_source import GrpcProfileSource, GrpcScoreWriter
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, Operation, OperationKind, VersionState
@@ -53,8 +61,9 @@ from services.prediction.spec import (
     version_name,
 )
 from services.prediction.worker import BackgroundWorker, Job
-from shared.clients import profile_stub
-from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Violations, error_domain
+from shared.changefeed import uuid_ticks
+from shared.clients import identity_stub, profile_stub
+from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Unavailable, Violations, error_domain
 from shared.event_times import request_time_problem
 from shared.longrunning import Instead, operation_error, operations_registration
 from shared.page_tokens import decode_page_token, encode_page_token, invalid_page_token
@@ -66,6 +75,11 @@ MAX_BATCH_PERSONS = 10_000
 DEFAULT_TOP_FEATURES = 5
 MAX_TOP_FEATURES = 50
 _SCORE_VIEWS = frozenset(pb.ScoreView.values())
+# DeleteModel waits this long at most for the model's running refreshes to see the deletion and end.
+DELETE_WAIT_SECONDS = 30.0
+DELETE_POLL_SECONDS = 0.2
+# How far the clocks of the replicas that ran a refresh may be behind this one's (operations' update times).
+REFRESH_CLOCK_SKEW = timedelta(seconds=5)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
 # The service's name (its DEFINITION), and the ErrorInfo domain its operation errors share with its statuses.
@@ -76,9 +90,10 @@ OPERATIONS_INSTEAD = Instead(
     list_operations="operations are stored by id only, so there is nothing to list them by; keep the name "
                     "TrainModel or RefreshScores returned and poll it with GetOperation or WaitOperation "
                     "(ListModelVersions shows each version's state: TRAINING, READY or FAILED)",
-    cancel_operation="a training or a score refresh runs to its end once started; to keep a new version from "
-                     "serving, train without `activate` (ActivateModelVersion activates a version later, or "
-                     "rolls back to an earlier one)",
+    cancel_operation="a training or a score refresh runs to its end once started (unless its model is deleted: "
+                     "it then ends as ABORTED, reason MODEL_DELETED, and what it wrote is removed); to keep a new "
+                     "version from serving, train without `activate` (ActivateModelVersion activates a version "
+                     "later, or rolls back to an earlier one)",
     delete_operation="operations expire by themselves 30 days after they were last written")
 
 _KIND_FROM_PROTO = {pb.PREDICTION_KIND_CONVERSION: PredictionKind.CONVERSION,
@@ -314,10 +329,34 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         self._registry.get_model(model_id)  # NOT_FOUND before any profile is touched
         # Scores first: when clearing fails the model is still there and the call can be retried, while a
         # model deleted first would leave its scores in profiles (and segments) with nothing to retry.
+        active_since = _now() - REFRESH_CLOCK_SKEW
         self._writer.clear_all_scores(model_id, _now())
         self._registry.delete_model(model_id)
         self._predictor.forget_model(model_id)
+        self._clear_scores_of_refreshes(model_id, active_since)
         return pb.DeleteModelResponse()
+
+    def _clear_scores_of_refreshes(self, model_id: str, active_since: datetime) -> None:
+        """Remove the scores refreshes of the deleted model wrote while it was being deleted.
+
+        A refresh running meanwhile (here or on another replica) may write a batch after the clearing above
+        passed its persons. It sees the deletion after its next write and removes what it wrote (jobs.py), so
+        this waits (up to DELETE_WAIT_SECONDS) for every refresh of the model active since the delete began to
+        end; then, unless each ended that way, clears once more: a refresh may also have finished between the
+        clearing and the deletion, before it could see it."""
+        refreshes = self._registry.refreshes_of(model_id, active_since)
+        if not refreshes:
+            return
+        give_up = time.monotonic() + DELETE_WAIT_SECONDS
+        while True:
+            # get_operation also ends a refresh whose process died (its lease expired).
+            refreshes = [self._registry.get_operation(r.operation_id) for r in refreshes]
+            if all(r.done for r in refreshes) or time.monotonic() >= give_up:
+                break
+            time.sleep(DELETE_POLL_SECONDS)
+        if not all(r.done and r.error_reason == MODEL_DELETED and r.error_metadata.get(SCORES_REMOVED) == "true"
+                   for r in refreshes):
+            self._writer.clear_all_scores(model_id, _now())
 
     def GetModelVersion(self, request: pb.GetModelVersionRequest, context: grpc.ServicerContext) -> pb.ModelVersion:
         model_id, version_id = parse_version_name(request.name)
@@ -507,6 +546,46 @@ def _version_position(position: tuple[str, ...] | None) -> int | None:
     return int(number)
 
 
+_IDENTITY_CHANGE_KINDS = {identity_pb.IDENTITY_CHANGE_TYPE_MERGE: ChangeKind.MERGE,
+                          identity_pb.IDENTITY_CHANGE_TYPE_SPLIT: ChangeKind.SPLIT,
+                          identity_pb.IDENTITY_CHANGE_TYPE_ERASE: ChangeKind.ERASE}
+IDENTITY_FEED_TIMEOUT_SECONDS = 5.0
+
+
+class GrpcIdentityChanges:
+    """Identity's change feed (ListIdentityChanges) as the online store's ProfileChangeFeed: each change drops
+    every person it names, before profile has applied it (online.py's module docstring says why)."""
+
+    def __init__(self, stub: identity_grpc.IdentityServiceStub) -> None:
+        self._stub = stub
+
+    def cursor_at(self, time: datetime) -> str:
+        """The feed's cursor before every change taken at or after `time` (a version-1 UUID of that instant
+        with the lowest clock sequence and node)."""
+        ticks = uuid_ticks(time)
+        return str(uuid.UUID(fields=(ticks & 0xFFFFFFFF, (ticks >> 32) & 0xFFFF, 0x1000 | (ticks >> 48) & 0x0FFF,
+                                     0x80, 0, 0)))
+
+    def changes(self, cursor: str, limit: int) -> tuple[list[HistoryChange], str]:
+        try:
+            page = self._stub.ListIdentityChanges(
+                identity_pb.ListIdentityChangesRequest(page_size=limit, page_token=cursor),
+                timeout=IDENTITY_FEED_TIMEOUT_SECONDS)
+        except grpc.RpcError as error:
+            code = error.code().name if isinstance(error, grpc.Call) else "an error"
+            raise Unavailable(f"reading identity's changes: the identity service answered {code}",
+                              reason="IDENTITY_UNAVAILABLE") from error
+        changes = []
+        for change in page.changes:
+            persons = list(dict.fromkeys([*change.source_person_ids, *change.result_person_ids]))
+            if persons:
+                # A kind this release does not know may change anything: treat it as a merge (drop the persons).
+                changes.append(HistoryChange(uuid.UUID(change.cursor), persons[0],
+                                             _IDENTITY_CHANGE_KINDS.get(change.type, ChangeKind.MERGE),
+                                             tuple(persons[1:])))
+        return changes, page.next_page_token
+
+
 def build(context: ServiceContext) -> list[ServiceRegistration]:
     registry = ModelRegistry(context.session)
     profiles = profile_stub(context.grpc_settings)
@@ -517,6 +596,14 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
     follower = ChangeFollower(online, source)
     follower.start()
     context.on_stop(follower.stop)
+    # Erasures (merges, splits) from identity itself, ~1 s before profile's feed has them (online.py).
+    identity_follower = ChangeFollower(
+        online, GrpcIdentityChanges(identity_stub(context.grpc_settings)), keeps_current=False,
+        name="prediction-identity-follower",
+        failure_message="following identity changes failed; erasures reach the online store through profile's "
+                        "feed (about 1.5 s later) until it works again")
+    identity_follower.start()
+    context.on_stop(identity_follower.stop)
     servicer = PredictionServicer(registry, source, online, GrpcScoreWriter(profiles), worker)
     return [ServiceRegistration(SERVICE_NAME, partial(_add_to_server, servicer)),
             operations_registration(SERVICE_NAME, servicer.GetOperation, OPERATIONS_INSTEAD)]
