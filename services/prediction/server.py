@@ -43,15 +43,22 @@ from services.prediction.jobs import (
 )
 from services.prediction.online import ChangeFollower, ChangeKind, HistoryChange, OnlineHistories
 from services.prediction.pages import page_size_of
-from services.prediction.profile_source import GrpcProfileSource, GrpcScoreWriter
+from services.prediction.profile_source import (
+    GrpcProfileSource,
+    GrpcScoreWriter,
+    RefusedSelector,
+    raise_refused_selectors,
+    selector_problem,
+    selector_violations,
+)
 from services.prediction.registry import Model, ModelRegistry, ModelVersion, Operation, OperationKind, VersionState
 from services.prediction.scoring import PersonScore
 from services.prediction.serving import Predictor, ScorerCache
 from services.prediction.spec import (
-    MAX_DISPLAY_NAME_LENGTH,
     MODEL_ID,
     ModelSpec,
     PredictionKind,
+    display_name_violations,
     model_name,
     operation_name,
     parse_model_name,
@@ -214,6 +221,15 @@ def _person_ref(selector: common_pb2.PersonSelector, field_path: str, violations
     return None
 
 
+def _one_person(selector: common_pb2.PersonSelector, field_path: str, violations: Violations) -> PersonRef | None:
+    """`_person_ref` of a request's one person, also refused when it can match nobody (selector_problem)."""
+    person = _person_ref(selector, field_path, violations)
+    if person is not None and (problem := selector_problem(person)) is not None:
+        violations.add(field_path, problem)
+        return None
+    return person
+
+
 def _person_refs(selectors: Sequence[common_pb2.PersonSelector], field_path: str,
                  violations: Violations) -> Sequence[PersonRef]:
     """`_person_ref` of every selector; those by person id (the usual batch) take one attribute read each."""
@@ -302,8 +318,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                          f"{request.model_id!r} is not a model id: 1-63 lower-case letters, digits and hyphens, "
                          "starting with a letter")
         violations.check(request.HasField("model"), "model", "required")
-        violations.check(len(request.model.display_name) <= MAX_DISPLAY_NAME_LENGTH, "model.display_name",
-                         f"at most {MAX_DISPLAY_NAME_LENGTH} characters")
+        violations.items.extend(display_name_violations(request.model.display_name))
         violations.check(request.model.HasField("spec"), "model.spec", "required")
         spec = _requested_spec(request, violations)
         violations.raise_if_any("the model is invalid", reason="INVALID_MODEL")
@@ -440,7 +455,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     def ScorePerson(self, request: pb.ScorePersonRequest, context: grpc.ServicerContext) -> pb.Score:
         violations = Violations()
         model_id = _collect(violations, lambda: parse_model_name(request.model, "model"))
-        person = _person_ref(request.person, "person", violations)
+        person = _one_person(request.person, "person", violations)
         version_id = _version_id(model_id, request.model_version, "model_version", violations)
         top = _top_features(request.top_features, DEFAULT_TOP_FEATURES, "top_features", violations)
         as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"), "as_of_time", violations)
@@ -471,6 +486,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         person_ids = received.person_ids()
         persons = (RefsByPersonId(person_ids) if person_ids is not None
                    else _person_refs(request.persons, f"{field_prefix}persons", violations))
+        violations.items.extend(selector_violations(persons, f"{field_prefix}persons"))
         version_id = _version_id(model_id, request.model_version, f"{field_prefix}model_version", violations)
         top = _top_features(request.top_features, 0, f"{field_prefix}top_features", violations)
         violations.check(request.view in _SCORE_VIEWS, f"{field_prefix}view", f"unknown view {request.view}")
@@ -483,6 +499,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         assert model_id is not None and as_of is not None
         scoring = self._predictor.scoring_version(model_id, version_id)
         scored = self._predictor.score_many(scoring, persons, as_of, top)
+        # A selector profile refused is the request's error: the call fails naming each (a person's own error
+        # is NOT_FOUND or FAILED_PRECONDITION).
+        raise_refused_selectors(scored.errors, f"{field_prefix}persons")
         return batch_response_bytes(scored, scoring.name, as_of, full)
 
     def StreamScorePersons(self, request_iterator: Iterable[pb.StreamScorePersonsRequest],
@@ -514,17 +533,20 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     def _score_streamed(self, request: pb.StreamScorePersonsRequest, index: int) -> tuple[PersonScore, str]:
         violations = Violations()
         model_id = _collect(violations, lambda: parse_model_name(request.model, f"requests[{index}].model"))
-        person = _person_ref(request.person, f"requests[{index}].person", violations)
+        person = _one_person(request.person, f"requests[{index}].person", violations)
         top = _top_features(request.top_features, 0, f"requests[{index}].top_features", violations)
         violations.raise_if_any()
         assert model_id is not None and person is not None
-        scoring, score = self._predictor.score(model_id, None, person, _now(), top)
+        try:
+            scoring, score = self._predictor.score(model_id, None, person, _now(), top)
+        except RefusedSelector as refused:
+            raise RefusedSelector(refused.why, f"requests[{index}].person") from refused
         return score, scoring.name
 
     def GetPersonFeatures(self, request: pb.GetPersonFeaturesRequest,
                           context: grpc.ServicerContext) -> pb.PersonFeatures:
         violations = Violations()
-        person = _person_ref(request.person, "person", violations)
+        person = _one_person(request.person, "person", violations)
         as_of = _time_or_now(request.as_of_time, request.HasField("as_of_time"), "as_of_time", violations)
         violations.raise_if_any()
         assert person is not None and as_of is not None

@@ -14,11 +14,7 @@ from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from tests.services.prediction.test_server import error_of
 from tests.services.prediction.test_serving import MODEL, World, by_id, by_identifier, world
 
-pytestmark = [
-    pytest.mark.integration,
-    # Remove once server.py calls profile_source's selector checks (the change the report describes).
-    pytest.mark.xfail(strict=True, reason="needs the server.py change: selector_violations, raise_refused_selectors"),
-]
+pytestmark = pytest.mark.integration
 __all__ = ["world"]  # the module-scoped fixture, used by name
 
 UNKNOWN_TYPE = common_pb2.PersonSelector(identifier=common_pb2.Identifier(type="nosuch", value="v"))

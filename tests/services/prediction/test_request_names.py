@@ -69,8 +69,6 @@ def test_control_characters_in_event_names_are_invalid_argument(prediction: Stub
     assert list(prediction.ListModels(pb.ListModelsRequest(), timeout=10).models) == []
 
 
-# Remove the mark once server.py's CreateModel checks display_name_violations (the change the report describes).
-@pytest.mark.xfail(strict=True, reason="needs server.py's CreateModel to use spec.display_name_violations")
 def test_control_characters_in_a_display_name_are_invalid_argument(prediction: Stub) -> None:
     for display_name in ("Buy\x00ers", "Buyers\n", "a\x7fb"):
         code, _, fields, message = error_of(prediction.CreateModel, pb.CreateModelRequest(

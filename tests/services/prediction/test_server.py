@@ -162,7 +162,7 @@ def test_times_outside_the_supported_range_are_invalid_argument_naming_the_field
     """Times a grpcurl user can type (years 1 and 9999) and ones only a binary client can send (beyond year
     9999, bad nanos) are refused before any date arithmetic could overflow on them."""
     create(prediction, "churners", pb.ModelSpec(kind=pb.PREDICTION_KIND_CHURN, horizon_days=90))
-    model, person = "models/churners", common_pb2.PersonSelector(person_id="p1")
+    model, person = "models/churners", common_pb2.PersonSelector(person_id="p_1")
     year_1, year_9999 = _at("0001-01-01T00:00:00Z"), _at("9999-12-01T00:00:00Z")
     beyond_9999 = timestamp_pb2.Timestamp(seconds=253_402_300_800)  # 10000-01-01
     bad_nanos = timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=-1)

@@ -311,7 +311,7 @@ def test_batch_and_stream_answer_in_request_order_with_an_error_per_person(world
         model=f"models/{MODEL}", persons=[by_id("p1")] * 10_001))
     assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "BATCH_TOO_LARGE")
     code, _, fields, _ = error_of(predictions.BatchScorePersons, pb.BatchScorePersonsRequest(
-        model=f"models/{MODEL}", persons=[by_id("p1"), common_pb2.PersonSelector()]))
+        model=f"models/{MODEL}", persons=[by_id("p_1"), common_pb2.PersonSelector()]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and fields == ["persons[1]"]
 
 

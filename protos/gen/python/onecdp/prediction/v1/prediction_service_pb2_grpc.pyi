@@ -69,7 +69,10 @@ class PredictionServiceStub:
     (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`) are deleted from every
     profile holding them first, so segments stop using them and a model created again with the
     same id starts without scores. This scans every profile (their traits, not their events): give
-    the call a deadline that allows for it.
+    the call a deadline that allows for it. A training or score refresh of the model still running
+    ends ABORTED (reason MODEL_DELETED): a training's version is discarded, a refresh removes the
+    scores it wrote. DeleteModel returns once the model's running refreshes have ended (it waits up
+    to 30 s) and clears scores once more if one left any: after it returns, no profile holds them.
 
     Errors: NOT_FOUND; UNAVAILABLE or DEADLINE_EXCEEDED when the scores could not all be deleted
     (the model is then not deleted: retry the call).
@@ -199,7 +202,10 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`) are deleted from every
     profile holding them first, so segments stop using them and a model created again with the
     same id starts without scores. This scans every profile (their traits, not their events): give
-    the call a deadline that allows for it.
+    the call a deadline that allows for it. A training or score refresh of the model still running
+    ends ABORTED (reason MODEL_DELETED): a training's version is discarded, a refresh removes the
+    scores it wrote. DeleteModel returns once the model's running refreshes have ended (it waits up
+    to 30 s) and clears scores once more if one left any: after it returns, no profile holds them.
 
     Errors: NOT_FOUND; UNAVAILABLE or DEADLINE_EXCEEDED when the scores could not all be deleted
     (the model is then not deleted: retry the call).
@@ -350,7 +356,10 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         (`traits.score_<model_id>` and `traits.score_<model_id>_percentile`) are deleted from every
         profile holding them first, so segments stop using them and a model created again with the
         same id starts without scores. This scans every profile (their traits, not their events): give
-        the call a deadline that allows for it.
+        the call a deadline that allows for it. A training or score refresh of the model still running
+        ends ABORTED (reason MODEL_DELETED): a training's version is discarded, a refresh removes the
+        scores it wrote. DeleteModel returns once the model's running refreshes have ended (it waits up
+        to 30 s) and clears scores once more if one left any: after it returns, no profile holds them.
 
         Errors: NOT_FOUND; UNAVAILABLE or DEADLINE_EXCEEDED when the scores could not all be deleted
         (the model is then not deleted: retry the call).
