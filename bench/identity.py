@@ -11,16 +11,18 @@
     of both at half of their maximum load; both measured once Cassandra has finished compacting what
     the link phases wrote (it waits at most 180 s and prints how long). Lookups are measured twice:
     of identifiers mostly looked up for the first time, then once each has been looked up (the
-    service then reads the person alone, through its holder hint).
+    service then reads the person alone, through its holder hint). Then the floor of any lookup answered
+    from Cassandra: a "read echo" (bench.read_echo_server: the same bootstrap making the one read a
+    hinted lookup makes, nothing else), against the echo and against the hinted lookup.
 
-The identity service and the echo run as processes of their own (`python -m services.identity`,
-`python -m bench.echo_server`), as deployed: the client threads that build and send requests do not
-share a GIL with the server. The CQL each observation costs (requests, lightweight transactions, rows
-written in batches, partitions read through IN lists) cannot be seen from outside the service's
-process, so it is counted in a separate pass, after the timed ones: the same observations linked by
-a service started in this process, in a keyspace of its own, with every driver request counted. That
-pass's throughput is printed too (client and server sharing one process and the counting's own cost:
-not the figure to quote). `--no-counts` skips it.
+The identity service and the echoes run as processes of their own (`python -m services.identity`,
+`python -m bench.echo_server`, `python -m bench.read_echo_server`), as deployed: the client threads that
+build and send requests do not share a GIL with the server. The CQL each observation costs (requests,
+lightweight transactions, rows written in batches, partitions read through IN lists) cannot be seen from
+outside the service's process, so it is counted in a separate pass, after the timed ones: the same
+observations linked by a service started in this process, in a keyspace of its own, with every driver
+request counted. That pass's throughput is printed too (client and server sharing one process and the
+counting's own cost: not the figure to quote). `--no-counts` skips it.
 
 Uses the Cassandra answering on 127.0.0.1:9042 (or starts one like the test session does) and
 keyspaces of its own, dropped at the end.
@@ -48,6 +50,7 @@ from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
+from bench import read_echo_server
 from bench.common import (
     LoadResult,
     bench_cassandra,
@@ -250,10 +253,12 @@ def main() -> None:
     with bench_cassandra("identity") as (cassandra_settings, admin):
         # Migrated here, with the admin session's longer timeout: schema changes are slow on a loaded machine.
         migrate(admin, cassandra_settings)
-        with service_processes(cassandra_settings, ["identity", "echo"], modules={"echo": "bench.echo_server"},
+        with service_processes(cassandra_settings, ["identity", "echo", "read_echo"],
+                               modules={"echo": "bench.echo_server", "read_echo": "bench.read_echo_server"},
                                environment={"ONECDP_MIGRATE_ON_START": "false"}) as ports, \
                 grpc.insecure_channel(f"127.0.0.1:{ports['identity']}") as channel, \
-                grpc.insecure_channel(f"127.0.0.1:{ports['echo']}") as echo_channel:
+                grpc.insecure_channel(f"127.0.0.1:{ports['echo']}") as echo_channel, \
+                grpc.insecure_channel(f"127.0.0.1:{ports['read_echo']}") as read_echo_channel:
             stub = pb_grpc.IdentityServiceStub(channel)
             health = health_pb2_grpc.HealthStub(echo_channel)
 
@@ -303,9 +308,23 @@ def main() -> None:
             # thousand calls). Once each has been looked up, the service has a holder hint for it and reads
             # the person alone (services.identity.graph.HolderHints): measured apart, as a hot identifier's.
             with ThreadPoolExecutor(LOOKUP_THREADS) as pool:
-                list(pool.map(lookup, range(len(requests))))
+                person_ids = [answer.person_id.encode()
+                              for answer in pool.map(lookup, range(len(requests)))]
             console.print("LookupPerson by identifier, every one looked up before ...")
             hinted_figures = measure_latency("hinted lookup", lookup, lookup_future, args.seconds)
+            # The floor of any lookup that answers from Cassandra: gRPC and the one read a hinted lookup
+            # makes, nothing else (bench.read_echo_server), over the same persons.
+            read_person = read_echo_channel.unary_unary(read_echo_server.METHOD)
+
+            def read_echo(i: int) -> Any:
+                return read_person(person_ids[i % len(person_ids)], timeout=10)
+
+            def read_echo_future(i: int) -> Future[Any]:
+                future: Future[Any] = read_person.future(person_ids[i % len(person_ids)], timeout=10)
+                return future
+
+            console.print("one Cassandra read behind the same bootstrap (read echo) ...")
+            read_figures = measure_latency("read echo", read_echo, read_echo_future, args.seconds)
         # Printed before the counting pass, which creates a keyspace (slow on a loaded machine).
         link_rate = linked.rate
         rows = [
@@ -336,6 +355,15 @@ def main() -> None:
             ("lookup looked up before, p50 / p99 at half load",
              f"{hinted_figures.half_p50_ms:.1f} / {hinted_figures.half_p99_ms:.1f} ms",
              f"{hinted_figures.half_rate:,.0f} /s"),
+            ("read echo max: gRPC + the person read alone", f"{read_figures.max_rate:,.0f} /s",
+             f"{LOOKUP_THREADS} callers; the floor of a lookup answered from Cassandra"),
+            ("read echo / echo", f"{read_figures.max_rate / echo_figures.max_rate:.2f}",
+             "the most any such lookup can reach"),
+            ("lookup looked up before / read echo", f"{hinted_figures.max_rate / read_figures.max_rate:.2f}",
+             "the share of the floor the service keeps"),
+            ("read echo p50 / p99 at half load",
+             f"{read_figures.half_p50_ms:.1f} / {read_figures.half_p99_ms:.1f} ms",
+             f"{read_figures.half_rate:,.0f} /s"),
         ]
         console.print(figures_table("identity service (a process of its own; 2-core machine)", rows))
         if not args.no_counts:
