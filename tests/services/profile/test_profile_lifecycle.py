@@ -338,5 +338,5 @@ def _profile_gone(profiles: Stub, person_id: str) -> bool:
     try:
         profiles.GetProfile(pb.GetProfileRequest(person=common_pb2.PersonSelector(person_id=person_id)), timeout=10)
     except grpc.RpcError as error:
-        return error.code() == grpc.StatusCode.NOT_FOUND
+        return bool(error.code() == grpc.StatusCode.NOT_FOUND)
     return False
