@@ -115,6 +115,14 @@ def uuid_ticks(when: datetime) -> int:
     return (when - _UUID_EPOCH) // timedelta(microseconds=1) * 10
 
 
+def cursor_at(when: datetime) -> str:
+    """A feed's cursor before every change taken at or after `when`: the version-1 UUID of that instant with the
+    lowest clock sequence and node (a follower starting at a time, rather than at a cursor it was handed)."""
+    ticks = uuid_ticks(when)
+    return str(uuid.UUID(fields=(ticks & 0xFFFFFFFF, (ticks >> 32) & 0xFFFF, 0x1000 | (ticks >> 48) & 0x0FFF,
+                                 0x80, 0, 0)))
+
+
 def _shown(cursor: uuid.UUID) -> str:
     try:
         return f"{time_of(cursor):%Y-%m-%dT%H:%M:%SZ}"

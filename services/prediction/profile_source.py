@@ -58,6 +58,7 @@ from services.prediction.jobs import SCORES_SOURCE, score_trait_names
 from services.prediction.online import ChangeKind, HistoryChange
 from services.prediction.scoring import PersonScore
 from shared import deadline
+from shared.changefeed import cursor_at
 from shared.errors import DeadlineExceeded, DomainError, FieldViolation, InvalidArgument, NotFound, Unavailable
 
 DEFAULT_SHARDS = 16
@@ -93,7 +94,6 @@ _CHANGE_KINDS = {profile_pb.PROFILE_CHANGE_TYPE_EVENTS: ChangeKind.EVENTS,
                  profile_pb.PROFILE_CHANGE_TYPE_SPLIT: ChangeKind.SPLIT,
                  profile_pb.PROFILE_CHANGE_TYPE_ERASE: ChangeKind.ERASE}
 # 100-ns intervals between the UUID epoch (1582-10-15) and the Unix epoch.
-_UUID_EPOCH_OFFSET = 0x01B21DD213814000
 
 
 class RefusedSelector(InvalidArgument):
@@ -329,11 +329,8 @@ class GrpcProfileSource(ReadsByStarting):
 
 
     def cursor_at(self, time: datetime) -> str:
-        """Profile's feed cursor before every change taken at or after `time`: the version-1 UUID of that
-        instant with the lowest clock sequence and node."""
-        ticks = int(time.timestamp() * 10_000_000) + _UUID_EPOCH_OFFSET
-        return str(uuid.UUID(fields=(ticks & 0xFFFFFFFF, (ticks >> 32) & 0xFFFF, 0x1000 | (ticks >> 48) & 0x0FFF,
-                                     0x80, 0, 0)))
+        """Profile's feed cursor before every change taken at or after `time` (shared.changefeed.cursor_at)."""
+        return cursor_at(time)
 
     def changes(self, cursor: str, limit: int) -> tuple[list[HistoryChange], str]:
         """The next profile changes after `cursor`, and where to go on (ListProfileChanges)."""

@@ -68,7 +68,7 @@ from services.prediction.spec import (
     version_name,
 )
 from services.prediction.worker import BackgroundWorker, Job
-from shared.changefeed import uuid_ticks
+from shared.changefeed import cursor_at
 from shared.clients import identity_stub, profile_stub
 from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Unavailable, Violations, error_domain
 from shared.event_times import request_time_problem
@@ -582,11 +582,8 @@ class GrpcIdentityChanges:
         self._stub = stub
 
     def cursor_at(self, time: datetime) -> str:
-        """The feed's cursor before every change taken at or after `time` (a version-1 UUID of that instant
-        with the lowest clock sequence and node)."""
-        ticks = uuid_ticks(time)
-        return str(uuid.UUID(fields=(ticks & 0xFFFFFFFF, (ticks >> 32) & 0xFFFF, 0x1000 | (ticks >> 48) & 0x0FFF,
-                                     0x80, 0, 0)))
+        """Identity's feed cursor before every change taken at or after `time` (shared.changefeed.cursor_at)."""
+        return cursor_at(time)
 
     def changes(self, cursor: str, limit: int) -> tuple[list[HistoryChange], str]:
         try:

@@ -20,6 +20,7 @@ from shared.changefeed import (
     FeedEntry,
     UnsettledCursor,
     UnsettledTail,
+    cursor_at,
     parse_cursor,
     time_of,
     uuid_ticks,
@@ -172,3 +173,11 @@ def test_the_spellings_the_feed_hands_out_are_cursors() -> None:
     assert str(parse_cursor(UNSETTLED_SUFFIX)) == str(UnsettledCursor(int=FEED_START.int)) == with_unsettled(
         str(FEED_START))
     assert parse_cursor("") is None
+
+
+def test_a_cursor_at_a_time_is_that_instant_before_its_changes() -> None:
+    when = datetime(2026, 11, 25, 6, 40, 1, 654321, UTC)
+    cursor = uuid.UUID(cursor_at(when))
+    assert cursor.time == uuid_ticks(when) and time_of(cursor) == when
+    assert parse_cursor(str(cursor), now=when) == cursor
+    assert (cursor.clock_seq, cursor.node) == (0, 0)  # before any change id of that tick
