@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from unicodedata import category
 
 
 def error_domain(service: str) -> str:
@@ -125,3 +126,14 @@ class Violations:
             details = "; ".join(f"{v.field}: {v.description}" for v in self.items[:5])
             more = f" (and {len(self.items) - 5} more)" if len(self.items) > 5 else ""
             raise InvalidArgument(f"{summary}: {details}{more}", reason=reason, field_violations=self.items)
+
+
+def control_character_problem(text: str) -> str | None:
+    """Why `text` cannot be taken as a name, label or identifier value: it holds a control character (Unicode
+    category Cc: U+0000-U+001F, U+007F-U+009F), a client's encoding bug that would be stored and shown back as
+    such. None when it holds none. Worded the same wherever a service refuses one."""
+    control = next((char for char in text if category(char) == "Cc"), None)
+    if control is None:
+        return None
+    return (f"must not contain control characters; found control character U+{ord(control):04X} at position "
+            f"{text.index(control)}")

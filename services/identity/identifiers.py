@@ -16,6 +16,8 @@ from enum import Enum
 
 import phonenumbers
 
+from shared.errors import control_character_problem
+
 
 class Normalization(Enum):
     TRIM = "trim"
@@ -65,9 +67,8 @@ class IdentifierType:
             raise InvalidIdentifierValue(f"must be at most {MAX_VALUE_BYTES} bytes")
         # Surrounding white space (tabs, line breaks) is trimmed above; one inside a value (NUL, ESC, a line
         # break) is a client's encoding bug, and would be stored, hashed and shown back as such.
-        if control := next((c for c in text if unicodedata.category(c) == "Cc"), None):
-            raise InvalidIdentifierValue(f"must not contain control characters; found control character "
-                                         f"U+{ord(control):04X} at position {text.index(control)}")
+        if problem := control_character_problem(text):
+            raise InvalidIdentifierValue(problem)
         match self.normalization:
             case Normalization.TRIM | Normalization.EXACT:
                 return text

@@ -7,11 +7,10 @@ spec says exactly what it was trained with even if a default changes later.
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.errors import FieldViolation, InvalidArgument, Violations
+from shared.errors import FieldViolation, InvalidArgument, Violations, control_character_problem
 from shared.longrunning import operation_id_of
 
 MIN_HORIZON_DAYS, MAX_HORIZON_DAYS = 1, 730
@@ -90,16 +89,6 @@ def resolve_spec(kind: PredictionKind | None, event_names: list[str], horizon_da
         eligibility = eligibility_days or DEFAULT_ELIGIBILITY_DAYS
     return ModelSpec(kind=kind, event_names=names, horizon_days=horizon_days, eligibility_days=eligibility,
                      min_class_count=min_class_count or DEFAULT_MIN_CLASS_COUNT)
-
-
-def control_character_problem(text: str) -> str | None:
-    """Why `text` cannot be a name or label (it holds a control character: U+0000-U+001F, U+007F-U+009F), in
-    identity's words; None when it holds none."""
-    control = next((char for char in text if unicodedata.category(char) == "Cc"), None)
-    if control is None:
-        return None
-    return (f"must not contain control characters; found control character U+{ord(control):04X} at position "
-            f"{text.index(control)}")
 
 
 def display_name_violations(display_name: str, field_path: str = "model.display_name") -> list[FieldViolation]:
