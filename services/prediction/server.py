@@ -4,15 +4,14 @@ Models and versions are registry calls. Training and score refresh answer at onc
 and run on the service's background worker (stopped with the service) and read histories from the
 profile service (GrpcProfileSource). Scoring and features read them through the online store
 (OnlineHistories, kept current by a ChangeFollower of profile's feed, stopped with the service), which
-reads from profile what it does not hold; a second ChangeFollower reads identity's feed, so an erased person
-leaves the store without waiting for profile to apply the erasure. Scores go back through BatchWriteTraits
-(GrpcScoreWriter).
+reads from profile what it does not hold; a second ChangeFollower reads identity's feed (identity_feed.py),
+so an erased person leaves the store without waiting for profile to apply the erasure. Scores go back
+through BatchWriteTraits (GrpcScoreWriter).
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -23,14 +22,13 @@ from google.longrunning import operations_pb2
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from onecdp.common.v1 import common_pb2
-from onecdp.identity.v1 import identity_service_pb2 as identity_pb
-from onecdp.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from onecdp.prediction.v1 import prediction_service_pb2 as pb
 from onecdp.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
 
 from services.prediction.batch_request import BatchRequest, StreamedRequest
 from services.prediction.batch_response import batch_response_bytes, finite, streamed_batch_response_bytes
 from services.prediction.history import PersonRef, RefsByPersonId, refs_by_person_id
+from services.prediction.identity_feed import GrpcIdentityChanges
 from services.prediction.jobs import (
     MODEL_DELETED,
     SCORES_REMOVED,
@@ -41,7 +39,7 @@ from services.prediction.jobs import (
     start_refresh,
     start_training,
 )
-from services.prediction.online import ChangeFollower, ChangeKind, HistoryChange, OnlineHistories
+from services.prediction.online import ChangeFollower, OnlineHistories
 from services.prediction.pages import page_size_of
 from services.prediction.profile_source import (
     GrpcProfileSource,
@@ -68,9 +66,8 @@ from services.prediction.spec import (
     version_name,
 )
 from services.prediction.worker import BackgroundWorker, Job
-from shared.changefeed import cursor_at
 from shared.clients import identity_stub, profile_stub
-from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Unavailable, Violations, error_domain
+from shared.errors import DomainError, InvalidArgument, ResourceExhausted, Violations, error_domain
 from shared.event_times import request_time_problem
 from shared.longrunning import Instead, operation_error, operations_registration
 from shared.page_tokens import decode_page_token, encode_page_token, invalid_page_token
@@ -566,43 +563,6 @@ def _version_position(position: tuple[str, ...] | None) -> int | None:
     if not (number.isascii() and number.isdigit() and len(number) <= 10 and 1 <= int(number) <= 2**31 - 1):
         raise invalid_page_token()
     return int(number)
-
-
-_IDENTITY_CHANGE_KINDS = {identity_pb.IDENTITY_CHANGE_TYPE_MERGE: ChangeKind.MERGE,
-                          identity_pb.IDENTITY_CHANGE_TYPE_SPLIT: ChangeKind.SPLIT,
-                          identity_pb.IDENTITY_CHANGE_TYPE_ERASE: ChangeKind.ERASE}
-IDENTITY_FEED_TIMEOUT_SECONDS = 5.0
-
-
-class GrpcIdentityChanges:
-    """Identity's change feed (ListIdentityChanges) as the online store's ProfileChangeFeed: each change drops
-    every person it names, before profile has applied it (online.py's module docstring says why)."""
-
-    def __init__(self, stub: identity_grpc.IdentityServiceStub) -> None:
-        self._stub = stub
-
-    def cursor_at(self, time: datetime) -> str:
-        """Identity's feed cursor before every change taken at or after `time` (shared.changefeed.cursor_at)."""
-        return cursor_at(time)
-
-    def changes(self, cursor: str, limit: int) -> tuple[list[HistoryChange], str]:
-        try:
-            page = self._stub.ListIdentityChanges(
-                identity_pb.ListIdentityChangesRequest(page_size=limit, page_token=cursor),
-                timeout=IDENTITY_FEED_TIMEOUT_SECONDS)
-        except grpc.RpcError as error:
-            code = error.code().name if isinstance(error, grpc.Call) else "an error"
-            raise Unavailable(f"reading identity's changes: the identity service answered {code}",
-                              reason="IDENTITY_UNAVAILABLE") from error
-        changes = []
-        for change in page.changes:
-            persons = list(dict.fromkeys([*change.source_person_ids, *change.result_person_ids]))
-            if persons:
-                # A kind this release does not know may change anything: treat it as a merge (drop the persons).
-                changes.append(HistoryChange(uuid.UUID(change.cursor), persons[0],
-                                             _IDENTITY_CHANGE_KINDS.get(change.type, ChangeKind.MERGE),
-                                             tuple(persons[1:])))
-        return changes, page.next_page_token
 
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
