@@ -147,6 +147,10 @@ class GrpcSettings(BaseSettings):
         return target or f"localhost:{self.port_of(service)}"
 
 
+# Profile's reporting currency when none is configured (services.profile.computed uses it as its default too).
+DEFAULT_REPORTING_CURRENCY = "USD"
+
+
 class ProfileSettings(BaseSettings):
     """The profile service's own settings."""
 
@@ -155,7 +159,7 @@ class ProfileSettings(BaseSettings):
     # The ISO 4217 code the computed money traits are in (monetary, lifetime value, average order value, the
     # RFM monetary score, window sums): only amounts in it are added up there. Amounts in other currencies
     # are not converted (there are no exchange rates) but reported apart, per currency.
-    reporting_currency: str = "USD"
+    reporting_currency: str = DEFAULT_REPORTING_CURRENCY
 
     @field_validator("reporting_currency")
     @classmethod

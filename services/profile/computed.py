@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from enum import IntEnum
 
 from services.profile.model import EventType, TimelineEvent
+from shared.config import DEFAULT_REPORTING_CURRENCY
 
 WINDOW_DAYS = (7, 30, 90)
 TOP_PREFERENCES = 5
@@ -32,8 +33,6 @@ RECENCY_DAYS_BY_SCORE = (30.0, 90.0, 180.0, 365.0)
 FREQUENCY_BY_SCORE = (10, 5, 3, 2)
 # Lower bounds of monetary (sum of order amounts in the reporting currency) for scores 5, 4, 3, 2.
 MONETARY_BY_SCORE = (1000.0, 250.0, 100.0, 50.0)
-# The reporting currency when none is configured (PROFILE_REPORTING_CURRENCY, shared.config.ProfileSettings).
-DEFAULT_REPORTING_CURRENCY = "USD"
 
 
 class LifecycleStage(IntEnum):

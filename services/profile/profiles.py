@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import cast
 
-from services.profile.computed import DEFAULT_REPORTING_CURRENCY, ComputedTraits, LifecyclePolicy, compute
+from services.profile.computed import ComputedTraits, LifecyclePolicy, compute
 from services.profile.identity import IdentityResolver, Observation, PersonView, Resolution
 from services.profile.model import (
     ChangeType,
@@ -39,6 +39,7 @@ from services.profile.model import (
 )
 from services.profile.store import ALL_EVENTS, EventSelection, ProfileRow, ProfileStore, partitions_of
 from shared.changefeed import ChangeFeed
+from shared.config import DEFAULT_REPORTING_CURRENCY
 
 log = logging.getLogger(__name__)
 
