@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 from collections import namedtuple
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -26,6 +26,8 @@ from opentelemetry.instrumentation.grpc import client_interceptor
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
 from shared.config import GrpcSettings, TlsFiles, read_pem
+
+StubT = TypeVar("StubT")
 
 # Methods that are safe to send twice: reads, and writes made idempotent by message_id/request_id.
 _READ_PREFIXES = ("Get", "List", "BatchGet", "BatchLookup", "Lookup", "Explain", "Estimate", "Evaluate", "Score",
@@ -107,6 +109,11 @@ def open_channel(target: str, services: Iterable[ServiceDescriptor], settings: G
         ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # gRPC shares connections between channels with the same arguments, backoff state included: a
+        # channel opened to an address whose earlier server went away (a restarted dependency on the same
+        # port) would fail "connection refused" until the old channel's reconnect backoff ends (up to
+        # 120 s). Each channel keeps its own connections, so a new one connects at once.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     tls = settings.tls_files()
     if tls is None:
@@ -120,29 +127,40 @@ def open_channel(target: str, services: Iterable[ServiceDescriptor], settings: G
     return intercepted
 
 
-def identity_stub(settings: GrpcSettings) -> identity_service_pb2_grpc.IdentityServiceStub:
-    """A stub for the identity service at `ONECDP_IDENTITY_TARGET`."""
-    service = identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"]
-    return identity_service_pb2_grpc.IdentityServiceStub(
-        open_channel(settings.target_of("identity"), [service], settings))
+def _stub(service_name: str, descriptor: ServiceDescriptor, stub_class: Callable[[grpc.Channel], StubT],
+          settings: GrpcSettings, close_with: Callable[[Callable[[], None]], object]) -> StubT:
+    channel = open_channel(settings.target_of(service_name), [descriptor], settings)
+    close_with(channel.close)
+    return stub_class(channel)
 
 
-def profile_stub(settings: GrpcSettings) -> profile_service_pb2_grpc.ProfileServiceStub:
-    """A stub for the profile service at `ONECDP_PROFILE_TARGET`."""
-    service = profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"]
-    return profile_service_pb2_grpc.ProfileServiceStub(
-        open_channel(settings.target_of("profile"), [service], settings))
+def identity_stub(settings: GrpcSettings,
+                  close_with: Callable[[Callable[[], None]], object]) -> identity_service_pb2_grpc.IdentityServiceStub:
+    """A stub for the identity service at `ONECDP_IDENTITY_TARGET`; its channel closes through `close_with`
+    (a service's ServiceContext.on_stop, a test's ExitStack.callback)."""
+    return _stub("identity", identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"],
+                 identity_service_pb2_grpc.IdentityServiceStub, settings, close_with)
 
 
-def segmentation_stub(settings: GrpcSettings) -> segmentation_service_pb2_grpc.SegmentationServiceStub:
-    """A stub for the segmentation service at `ONECDP_SEGMENTATION_TARGET`."""
-    service = segmentation_service_pb2.DESCRIPTOR.services_by_name["SegmentationService"]
-    return segmentation_service_pb2_grpc.SegmentationServiceStub(
-        open_channel(settings.target_of("segmentation"), [service], settings))
+def profile_stub(settings: GrpcSettings,
+                 close_with: Callable[[Callable[[], None]], object]) -> profile_service_pb2_grpc.ProfileServiceStub:
+    """A stub for the profile service at `ONECDP_PROFILE_TARGET`; its channel closes through `close_with`."""
+    return _stub("profile", profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"],
+                 profile_service_pb2_grpc.ProfileServiceStub, settings, close_with)
 
 
-def prediction_stub(settings: GrpcSettings) -> prediction_service_pb2_grpc.PredictionServiceStub:
-    """A stub for the prediction service at `ONECDP_PREDICTION_TARGET`."""
-    service = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
-    return prediction_service_pb2_grpc.PredictionServiceStub(
-        open_channel(settings.target_of("prediction"), [service], settings))
+def segmentation_stub(
+        settings: GrpcSettings,
+        close_with: Callable[[Callable[[], None]], object]) -> segmentation_service_pb2_grpc.SegmentationServiceStub:
+    """A stub for the segmentation service at `ONECDP_SEGMENTATION_TARGET`; its channel closes through
+    `close_with`."""
+    return _stub("segmentation", segmentation_service_pb2.DESCRIPTOR.services_by_name["SegmentationService"],
+                 segmentation_service_pb2_grpc.SegmentationServiceStub, settings, close_with)
+
+
+def prediction_stub(
+        settings: GrpcSettings,
+        close_with: Callable[[Callable[[], None]], object]) -> prediction_service_pb2_grpc.PredictionServiceStub:
+    """A stub for the prediction service at `ONECDP_PREDICTION_TARGET`; its channel closes through `close_with`."""
+    return _stub("prediction", prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"],
+                 prediction_service_pb2_grpc.PredictionServiceStub, settings, close_with)

@@ -36,7 +36,9 @@ class ServiceContext:
 
     def on_stop(self, callback: Callable[[], None]) -> None:
         """Run `callback` when the service stops, after the server drained and before Cassandra closes
-        (background workers such as feed followers stop here)."""
+        (background workers such as feed followers stop here). Callbacks run in reverse order of
+        registration, like an ExitStack: a channel opened before the worker that calls through it closes
+        after that worker stopped."""
         self.stop_callbacks.append(callback)
 
 
@@ -63,7 +65,7 @@ class RunningService:
 
     def close(self) -> None:
         """Stop background work, then the Cassandra connections (the server has stopped)."""
-        for callback in self.stop_callbacks:
+        for callback in reversed(self.stop_callbacks):
             callback()
         self.cluster.shutdown()
 
@@ -92,7 +94,7 @@ def start_service(
             bind_host=bind_host, error_domain=error_domain(definition.name),
         )
     except BaseException:
-        for callback in stop_callbacks:
+        for callback in reversed(stop_callbacks):
             callback()
         cluster.shutdown()
         raise

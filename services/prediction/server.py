@@ -567,7 +567,7 @@ def _version_position(position: tuple[str, ...] | None) -> int | None:
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
     registry = ModelRegistry(context.session)
-    profiles = profile_stub(context.grpc_settings)
+    profiles = profile_stub(context.grpc_settings, context.on_stop)
     worker = BackgroundWorker()
     context.on_stop(worker.stop)
     source = GrpcProfileSource(profiles)
@@ -577,7 +577,7 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
     context.on_stop(follower.stop)
     # Erasures (merges, splits) from identity itself, ~1 s before profile's feed has them (online.py).
     identity_follower = ChangeFollower(
-        online, GrpcIdentityChanges(identity_stub(context.grpc_settings)), keeps_current=False,
+        online, GrpcIdentityChanges(identity_stub(context.grpc_settings, context.on_stop)), keeps_current=False,
         name="prediction-identity-follower",
         failure_message="following identity changes failed; erasures reach the online store through profile's "
                         "feed (about 1.5 s later) until it works again")

@@ -626,7 +626,8 @@ def _event_cursor(token: str, now: datetime, binding: str) -> tuple[datetime, st
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
     settings = ProfileSettings()  # from the environment: a bad PROFILE_* value fails the start, naming it
-    profiles = Profiles(ProfileStore(context.session), GrpcIdentityResolver(identity_stub(context.grpc_settings)),
+    identity = GrpcIdentityResolver(identity_stub(context.grpc_settings, context.on_stop))
+    profiles = Profiles(ProfileStore(context.session), identity,
                         ChangeFeed(context.session, FEED_COLUMNS), reporting_currency=settings.reporting_currency)
     # Every replica runs a follower of identity's changes, but only the holder of the `identity-feed` lease
     # applies them; the others try for the lease every third of its TTL, so one of them takes over when the

@@ -348,9 +348,9 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
 def build(context: ServiceContext) -> list[ServiceRegistration]:
     store = SegmentStore(context.session)
-    models = GrpcModelDirectory(prediction_stub(context.grpc_settings))
+    models = GrpcModelDirectory(prediction_stub(context.grpc_settings, context.on_stop))
     catalog = SegmentCatalog(store, model_exists=models.model_exists)
-    source = GrpcProfileSource(profile_stub(context.grpc_settings))
+    source = GrpcProfileSource(profile_stub(context.grpc_settings, context.on_stop))
     memberships = Memberships(catalog, store, source)
     recomputer = Recomputer(catalog, store, source, reconciler=memberships)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from onecdp.identity.v1 import identity_service_pb2
 from onecdp.profile.v1 import profile_service_pb2
 
@@ -75,3 +75,33 @@ def test_calls_without_a_deadline_get_the_default_and_callers_may_ask_for_longer
 def test_idempotence_rule() -> None:
     assert is_idempotent("GetProfile") and is_idempotent("BatchScorePersons") and is_idempotent("IngestEvents")
     assert not is_idempotent("ErasePerson") and not is_idempotent("TrainModel")
+
+
+def _health_server(port: int) -> tuple[grpc.Server, int]:
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, bound
+
+
+def test_a_new_channel_does_not_inherit_the_reconnect_backoff_of_a_channel_whose_server_went_away() -> None:
+    """In tests and in any process that restarts a dependency, a server can come back on the port an
+    earlier one used. A channel opened then must connect at once, not fail with the earlier channel's
+    "connection refused" for as long as that channel's reconnect backoff lasts (up to 120 s)."""
+    settings = GrpcSettings()
+    first_server, port = _health_server(0)
+    old_channel = open_channel(f"127.0.0.1:{port}", [HEALTH], settings)
+    assert health_pb2_grpc.HealthStub(old_channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    first_server.stop(None).wait()
+    with pytest.raises(grpc.RpcError) as refused:
+        health_pb2_grpc.HealthStub(old_channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    second_server, _ = _health_server(port)
+    try:
+        with open_channel(f"127.0.0.1:{port}", [HEALTH], settings) as new_channel:
+            answer = health_pb2_grpc.HealthStub(new_channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        old_channel.close()
+        second_server.stop(None)

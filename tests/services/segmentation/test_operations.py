@@ -5,6 +5,7 @@ segment FAILED, never COMPUTING forever."""
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -130,8 +131,9 @@ def test_a_segment_left_computing_without_an_operation_is_completed(
     for segment_id, text in [("pros", 'traits.plan = "pro"'), ("frees", 'traits.plan = "free"')]:
         created = catalog.create(segment_id, "", "", RuleInput(parse(text), "segment.rule_text", from_text=True))
         assert (created.state, created.operation_id) == (SegmentState.COMPUTING, "")
+    channels = ExitStack()
     source = GrpcProfileSource(profile_stub(grpc_settings.model_copy(
-        update={"profile_target": f"127.0.0.1:{profile_service.port}"})))
+        update={"profile_target": f"127.0.0.1:{profile_service.port}"}), channels.callback))
 
     recomputer = Recomputer(catalog, store, source, reconciler=Memberships(catalog, store, source))
     try:
@@ -152,6 +154,7 @@ def test_a_segment_left_computing_without_an_operation_is_completed(
             assert operation is not None and operation.done and operation.revision == segment.revision
     finally:
         recomputer.stop()
+        channels.close()
 
     # The supervisor does it by itself: a rule change whose operation was never started (lease time 1 s).
     updated = catalog.update("pros", ["rule_text"], display_name="", description="", etag="",
