@@ -54,9 +54,19 @@ POLL_SECONDS = 0.05
 TAIL_REREAD_SECONDS = 0.25
 # Due re-evaluations are looked for this often (how late past its time a window expires someone at most).
 SWEEP_SECONDS = 1.0
-CAUSE_REALTIME = "realtime"
+# The causes recorded with enters/exits (MembershipChange.cause); recompute.py records `recompute`.
+CAUSE_REALTIME = "realtime"  # a trait or event change
 CAUSE_MERGE = "merge"
+CAUSE_SPLIT = "split"
+CAUSE_ERASE = "erase"  # a privacy erase: an exit with this cause must not be re-targeted
 CAUSE_EXPIRY = "expiry"
+# Changes of who is who, by feed change type: they re-evaluate the person against every segment.
+IDENTITY_CAUSES = {CHANGE_MERGE: CAUSE_MERGE, CHANGE_SPLIT: CAUSE_SPLIT, CHANGE_ERASE: CAUSE_ERASE}
+# The order a round's refreshes run in. Each reads the facts as of now, so a person's enters/exits are
+# recorded by the first refresh that evaluates them: an erase's exits say `erase` even when a trait change of
+# the same person is in the same round, and a person already evaluated against every segment is not
+# evaluated again.
+CAUSE_ORDER = (CAUSE_ERASE, CAUSE_SPLIT, CAUSE_MERGE, CAUSE_REALTIME)
 
 
 class PersonSource(Protocol):
@@ -92,19 +102,27 @@ class Memberships:
         now = self._clock()
         rules = self._catalog.rules()
         dependencies = {segment_id: dependencies_of(rule, rules, now) for segment_id, rule in rules.items()}
-        wanted: dict[str, dict[str, set[str]]] = {CAUSE_REALTIME: {}, CAUSE_MERGE: {}}
+        wanted: dict[str, dict[str, set[str]]] = {cause: {} for cause in CAUSE_ORDER}
         for change in changes:
-            if change.change_type in (CHANGE_MERGE, CHANGE_SPLIT, CHANGE_ERASE):
+            identity_cause = IDENTITY_CAUSES.get(change.change_type)
+            if identity_cause is not None:
                 # Who is who changed: every segment, for the person and the persons merged into it.
-                cause = CAUSE_MERGE if change.change_type == CHANGE_MERGE else CAUSE_REALTIME
                 for person_id in (change.person_id, *change.merged_person_ids):
-                    wanted[cause].setdefault(person_id, set()).update(rules)
+                    wanted[identity_cause].setdefault(person_id, set()).update(rules)
                 continue
             affected = {segment_id for segment_id, needs in dependencies.items()
                         if needs.affected_by(change.trait_names, change.event_names)}
             if affected:
                 wanted[CAUSE_REALTIME].setdefault(change.person_id, set()).update(affected)
-        return sum(self.refresh(persons, cause, rules, now) for cause, persons in wanted.items() if persons)
+        evaluated = 0
+        everywhere: set[str] = set()  # persons already evaluated against every segment this round
+        for cause in CAUSE_ORDER:
+            persons = {p: segment_ids for p, segment_ids in wanted[cause].items() if p not in everywhere}
+            if persons:
+                evaluated += self.refresh(persons, cause, rules, now)
+            if cause in IDENTITY_CAUSES.values():
+                everywhere |= persons.keys()
+        return evaluated
 
     def refresh(self, persons: Mapping[str, set[str]], cause: str, rules: Mapping[str, Rule] | None = None,
                 now: datetime | None = None) -> int:

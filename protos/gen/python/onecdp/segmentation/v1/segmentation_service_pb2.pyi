@@ -1397,7 +1397,7 @@ class SegmentMember(_message.Message):
     def enter_time(self) -> _timestamp_pb2.Timestamp:
         """When the person last entered: the service's clock when it recorded the entry (processing time),
         never the time of the event that made the person qualify, on either path. Real time (causes
-        `realtime`, `expiry`, `merge`): when the service evaluated the person after a profile change
+        `realtime`, `expiry`, `merge`, `split`): when the service evaluated the person after a profile change
         (shortly after profile recorded it) or a time window passing. Recompute (cause `recompute`): when
         the recompute finished its scan and recorded the difference, which can be long after the profile
         changed. So the same entry carries a different time depending on which path recorded it first.
@@ -1558,8 +1558,16 @@ class MembershipChange(_message.Message):
     type: Global___MembershipChangeType.ValueType
     """Enter or exit."""
     cause: _builtins.str
-    """What caused it: `realtime` (a profile change), `expiry` (a time window passed),
-    `recompute` or `merge`.
+    """What caused it:
+    - `realtime`: a profile change (traits set, events added).
+    - `expiry`: a time window passed the person's facts, with no new event.
+    - `merge`: an identity merge (profiles merged into one person; the merged-away persons exit).
+    - `split`: an identity split (a wrong link undone), for each person it separates.
+    - `erase`: the person was erased (a privacy request); only exits have this cause. Do not target
+      the person again, and delete what was exported for them downstream.
+    - `recompute`: a segment recompute (RecomputeSegment, or a rule change) found the difference.
+    When one profile change round holds several kinds for a person, the first of `erase`, `split`,
+    `merge`, `realtime` is recorded.
     """
     @_builtins.property
     def change_time(self) -> _timestamp_pb2.Timestamp:
