@@ -84,3 +84,27 @@ def test_one_replica_follows_identity_and_another_takes_over_when_it_stops(
     finally:
         if first_running:
             first.stop(None)
+
+
+def _connections_to(port: int) -> int:
+    """Connections the server listening on loopback port `port` has accepted and not yet seen closed, from the
+    kernel's socket tables (gRPC may use IPv6 sockets with v4-mapped addresses, so both tables count)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in [line.split() for line in list(rows)[1:]]:
+                count += row[1].endswith(f":{port:04X}") and row[3] == "01"  # 01: ESTABLISHED
+    return count
+
+
+def test_a_stopped_replica_closes_its_channel_to_identity(
+        grpc_settings: GrpcSettings, cassandra_settings: CassandraSettings,
+        identity_service: RunningService) -> None:
+    """A replica that stops leaves no connection behind: in a process that starts services again (tests, a
+    supervisor) a leaked channel would keep connecting to an address another server may take next."""
+    replica = start_replica(grpc_settings, cassandra_settings, identity_service)
+    with grpc.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+        ingest(pb_grpc.ProfileServiceStub(channel), order("crm_id:closing", order_id="c1", amount=1.0))
+    assert _connections_to(identity_service.port) >= 1
+    replica.stop(None)
+    assert eventually(lambda: _connections_to(identity_service.port) == 0, timeout=5)

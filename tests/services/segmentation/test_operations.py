@@ -154,7 +154,6 @@ def test_a_segment_left_computing_without_an_operation_is_completed(
             assert operation is not None and operation.done and operation.revision == segment.revision
     finally:
         recomputer.stop()
-        channels.close()
 
     # The supervisor does it by itself: a rule change whose operation was never started (lease time 1 s).
     updated = catalog.update("pros", ["rule_text"], display_name="", description="", etag="",
@@ -172,3 +171,4 @@ def test_a_segment_left_computing_without_an_operation_is_completed(
         assert store.member_ids("pros") == {persons["ann"], persons["bob"]}
     finally:
         supervised.stop()
+        channels.close()
