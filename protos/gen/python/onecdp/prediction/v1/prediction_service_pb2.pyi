@@ -529,7 +529,8 @@ class TrainModelRequest(_message.Message):
         """Training cutoffs T: features from events before T, labels from [T, T + horizon). At least
         one and at most 52, distinct; each cutoff plus the horizon must lie before `validation_cutoff`. Every time a request
         names (cutoffs, `as_of_time`) must lie from 1990-01-01T00:00:00Z (no stored event is older) to
-        9000-01-01T00:00:00Z, or the call fails with INVALID_ARGUMENT naming the field.
+        9000-01-01T00:00:00Z, or the call fails with INVALID_ARGUMENT naming the field. Times are used
+        to the microsecond (nanoseconds are dropped); a response's `as_of_time` is the time used.
         """
 
     @_builtins.property
@@ -786,7 +787,9 @@ class Score(_message.Message):
 
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
-        """The time the features were computed as of."""
+        """The time the features were computed as of: the request's, to the microsecond (its
+        nanoseconds are dropped).
+        """
 
     def __init__(
         self,
@@ -910,7 +913,9 @@ class BatchScorePersonsResponse(_message.Message):
 
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
-        """The time every person was scored as of."""
+        """The time every person was scored as of: the request's, to the microsecond (its nanoseconds
+        are dropped).
+        """
 
     def __init__(
         self,
@@ -1223,7 +1228,9 @@ class PersonFeatures(_message.Message):
     """The person id."""
     @_builtins.property
     def as_of_time(self) -> _timestamp_pb2.Timestamp:
-        """The time the features are as of."""
+        """The time the features are as of: the request's, to the microsecond (its nanoseconds are
+        dropped).
+        """
 
     @_builtins.property
     def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
