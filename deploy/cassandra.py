@@ -186,6 +186,37 @@ def process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def other_daemons() -> dict[int, str]:
+    """Cassandra daemons on this machine that are not nodes of this state directory, by pid: the data
+    directory each names (`-Dcassandra.storagedir`), or "" when it names none.
+
+    Another checkout's node, the test session's own node (it lives in a state directory of its own) or
+    a developer's node: they take the same ports, and one of two nodes started side by side dies at
+    bind ("127.0.0.1:7000 is in use") after minutes of loading its data.
+    """
+    ours = {node.pid() for node in _all_known_nodes()}
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in ours:
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if b"org.apache.cassandra.service.CassandraDaemon" not in arguments or not process_alive(int(entry.name)):
+            continue
+        storage = [a.decode(errors="replace").split("=", 1)[1] for a in arguments
+                   if a.startswith(b"-Dcassandra.storagedir=")]
+        found[int(entry.name)] = storage[0] if storage else ""
+    return found
+
+
+def _wait_for_other_daemons(deadline: float) -> None:
+    """Until CQL answers on 127.0.0.1:9042 or every other Cassandra daemon has exited (or the deadline)."""
+    while time.monotonic() < deadline and not is_running() and other_daemons():
+        time.sleep(0.5)
+
+
 def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -409,6 +440,11 @@ def _launch(node: Node, *, fast: bool) -> None:
         return
     if node.answers_cql():
         raise CassandraError(f"something else listens on {node.address}:{CQL_PORT}; stop it first")
+    others = other_daemons()
+    if others:
+        which = "; ".join(f"pid {pid}, data in {data or 'unknown'}" for pid, data in sorted(others.items()))
+        raise CassandraError(f"another Cassandra is starting on this machine ({which}) and would take the same "
+                             "ports; wait until it answers on 127.0.0.1:9042 (then it is reused) or stop it")
     _write_node_files(node)
     offset = node.log_file.stat().st_size if node.log_file.exists() else 0
     (node.home / "log-offset").write_text(f"{offset}\n")
@@ -441,11 +477,18 @@ def _logged_ready(node: Node) -> bool:
         return False
 
 
-def ensure_running(nodes: int = 1, *, fast: bool = False) -> float | None:
-    """Reuse a node answering on 127.0.0.1:9042, else start a cluster; the ready time when started."""
+def ensure_running(nodes: int = 1, *, fast: bool = False,
+                   timeout: float = DEFAULT_START_TIMEOUT_SECONDS) -> float | None:
+    """Reuse a node answering on 127.0.0.1:9042, else start a cluster; the ready time when started.
+
+    A Cassandra of another state directory still starting (see `other_daemons`) is waited for and then
+    reused, instead of starting a second node that one of the two would not survive.
+    """
+    deadline = time.monotonic() + timeout
+    _wait_for_other_daemons(deadline)
     if is_running():
         return None
-    return start(nodes, fast=fast, quiet=True)
+    return start(nodes, fast=fast, quiet=True, timeout=max(1.0, deadline - time.monotonic()))
 
 
 def stop_node(node: Node, *, timeout: float = STOP_TIMEOUT_SECONDS, kill: bool = False) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -73,6 +77,33 @@ def test_wipe_deletes_node_data_but_keeps_the_logs_of_the_last_nodes(tmp_path, m
         assert not launcher.state_dir().exists()
         kept = launcher.last_logs_dir() / node.home.parent.name / node.home.name / "system.log"
         assert kept.read_text() == f"{wiped} node's log\n"
+
+
+@pytest.mark.unit
+def test_a_node_of_another_state_directory_starting_is_waited_for_not_raced(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Two nodes started side by side take the same ports: one dies at bind after minutes of loading. A
+    Cassandra daemon of another state directory (here a stand-in process with its command line) is found,
+    `ensure_running` waits for it rather than starting a second node, and `start` refuses, naming it."""
+    monkeypatch.setenv("ONECDP_STATE_DIR", str(tmp_path / "ours"))
+    elsewhere = str(tmp_path / "theirs" / "1-node" / "node1")
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                 f"-Dcassandra.storagedir={elsewhere}", "org.apache.cassandra.service.CassandraDaemon"])
+    try:
+        assert launcher.other_daemons().get(stand_in.pid) == elsewhere
+        # As on a machine where nothing answers CQL yet (the stand-in never will) and nothing is to be fetched.
+        monkeypatch.setattr(launcher, "is_running", lambda: False)
+        monkeypatch.setattr(launcher.Node, "answers_cql", lambda node: False)
+        monkeypatch.setattr(launcher, "fetch", lambda quiet=False: None)
+        started = time.monotonic()
+        with pytest.raises(launcher.CassandraError, match=f"another Cassandra is starting on this machine .*pid "
+                                                          f"{stand_in.pid}, data in {re.escape(elsewhere)}"):
+            launcher.ensure_running(nodes=1, fast=True, timeout=1.5)
+        assert time.monotonic() - started >= 1.4  # waited for it first
+        assert not launcher.Node(1, 1).pid_file.exists()  # and launched nothing
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    assert stand_in.pid not in launcher.other_daemons()
 
 
 @pytest.mark.integration
