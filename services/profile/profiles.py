@@ -37,7 +37,14 @@ from services.profile.model import (
     unused_parts,
     validate,
 )
-from services.profile.store import ALL_EVENTS, EventSelection, ProfileRow, ProfileStore, partitions_of
+from services.profile.store import (
+    ALL_EVENTS,
+    EventSelection,
+    ProfileRow,
+    ProfileStore,
+    partition_token,
+    partitions_of,
+)
 from shared.changefeed import ChangeFeed
 from shared.config import DEFAULT_REPORTING_CURRENCY
 
@@ -180,7 +187,7 @@ class Profiles:
               with_traits: bool = True, with_computed: bool = True,
               rows: dict[str, ProfileRow] | None = None, selection: EventSelection = ALL_EVENTS,
               trait_names: Iterable[str] | None = None, token_range: tuple[int, int] | None = None,
-              records_only: bool = False) -> list[ProfileView]:
+              records_only: bool = False, owned_only: bool = False) -> list[ProfileView]:
         """The profiles of many persons, read together (see `ProfileStore.read_persons`).
 
         `with_events` reads the timelines (needed for computed traits too), `with_computed` derives
@@ -189,6 +196,7 @@ class Profiles:
         computed traits are asked for: they derive from every event, so then all are read and returned.
         `as_of` (None: now) cuts off the computed traits' events and the trait writes after it.
         `records_only` (without computed traits) reads the events as StoredEventRecords: fewer columns.
+        `owned_only` leaves out the persons without a profile of their own (no profile row, merged, erased).
         """
         records_only = records_only and not with_computed
         contents = self.store.read_persons([p.person_id for p in persons], events=with_events or with_computed,
@@ -204,7 +212,8 @@ class Profiles:
                              self.reporting_currency) if with_computed else None,
             events=stored.events if with_events else [], merged_person_ids=stored.partitions[1:],
             update_time=stored.row.update_time if stored.row else None)
-            for person, stored in zip(persons, contents, strict=True)]
+            for person, stored in zip(persons, contents, strict=True)
+            if not owned_only or (stored.row is not None and not (stored.row.merged_into or stored.row.erased))]
 
     def events_page(self, person: PersonView, start: datetime | None, end: datetime | None, *,
                     names: Sequence[str], after: tuple[datetime, str] | None, page_size: int,
@@ -222,13 +231,18 @@ class Profiles:
 
     def scan(self, start_token: int, end_token: int, as_of: datetime | None, batch_size: int, *,
              with_events: bool = True, with_traits: bool = True, with_computed: bool = True,
-             selection: EventSelection = ALL_EVENTS,
-             trait_names: Iterable[str] | None = None) -> Iterator[list[ProfileView]]:
+             selection: EventSelection = ALL_EVENTS, trait_names: Iterable[str] | None = None,
+             person_ids: Sequence[str] | None = None) -> Iterator[list[ProfileView]]:
         """The profiles of the token range (start_token, end_token], in batches (read as `views` reads them);
-        persons merged into others and erased ones are skipped.
+        persons merged into others and erased ones are skipped. With `person_ids`, only those of these persons
+        that are in the range, each once, in token order: ids outside it, and ids without a profile of their
+        own (never stored, merged, erased) are skipped.
 
         A batch is the persons of a token range of its own, so their months and trait writes are read by
-        range; it ends where the token changes, so that persons sharing a token share a batch.
+        range; it ends where the token changes, so that persons sharing a token share a batch. Persons named
+        by id are read by id (IN lists): no identity call, since an id stands for itself (the rows this
+        service keeps say whether it has a profile of its own), and their tokens are computed here, so that
+        their profile rows are read together with their months and trait writes.
         """
         def scanned(rows: Sequence[ProfileRow], token_range: tuple[int, int]) -> list[ProfileView]:
             return self.views([PersonView(r.person_id, [], []) for r in rows], as_of, with_events=with_events,
@@ -236,6 +250,17 @@ class Profiles:
                               rows={r.person_id: r for r in rows}, selection=selection, trait_names=trait_names,
                               token_range=token_range, records_only=True)
 
+        if person_ids is not None:
+            tokens = {p: partition_token(p) for p in person_ids}
+            named = sorted((p for p, token in tokens.items() if start_token < token <= end_token),
+                           key=lambda p: (tokens[p], p))
+            for start in range(0, len(named), batch_size):
+                views = self.views([PersonView(p, [], []) for p in named[start:start + batch_size]], as_of,
+                                   with_events=with_events, with_traits=with_traits, with_computed=with_computed,
+                                   selection=selection, trait_names=trait_names, records_only=True, owned_only=True)
+                if views:
+                    yield views
+            return
         batch: list[ProfileRow] = []
         first = last = start_token
         for token, row in self.store.scan(start_token, end_token, batch_size):

@@ -53,6 +53,8 @@ from shared.server import ServiceRegistration
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProfileService"].full_name
 MAX_EVENTS_PER_CALL = 1000
 MAX_SELECTORS = 1000
+# Identity mints far shorter ones; a longer id names nobody (and Cassandra's keys have a size limit).
+MAX_PERSON_ID_LENGTH = 128
 MAX_TRAIT_WRITES = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -526,13 +528,14 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         """ScanProfiles, answered with each response's wire bytes (scan_response.py; registered in
         `_add_to_server`)."""
         start, end = parse_shard(request.shard, "shard")
+        person_ids = _scan_person_ids(request.person_ids)
         mask = ReadMask(request.read_mask)
         batch_size = _page_size(request.batch_size, "batch_size")
         selection = _event_selection(request)
         as_of = _as_of(request)
         for views in self._profiles.scan(start, end, as_of, batch_size, with_events=request.include_events,
                                          with_traits=mask.wants("traits"), with_computed=mask.needs_events,
-                                         selection=selection, trait_names=mask.trait_names):
+                                         selection=selection, trait_names=mask.trait_names, person_ids=person_ids):
             if mask.wants("identifiers"):
                 identities = self._profiles.identity.persons([v.person_id for v in views])
                 for view in views:
@@ -555,6 +558,20 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             yield from (_change(c) for c in changes)
             if len(changes) < MAX_PAGE_SIZE:
                 time.sleep(WATCH_POLL_SECONDS)
+
+
+def _scan_person_ids(person_ids: Sequence[str]) -> list[str] | None:
+    """A scan's `person_ids` (None: the whole shard); RESOURCE_EXHAUSTED above MAX_SELECTORS, as BatchGetProfiles,
+    and INVALID_ARGUMENT naming every id that is empty or too long (Cassandra takes no empty key)."""
+    if len(person_ids) > MAX_SELECTORS:
+        raise ResourceExhausted(f"person_ids: {len(person_ids)} person ids in one scan; at most {MAX_SELECTORS} "
+                                "are allowed, split them over several scans", reason="BATCH_TOO_LARGE")
+    violations = Violations()
+    for index, person_id in enumerate(person_ids):
+        violations.check(0 < len(person_id) <= MAX_PERSON_ID_LENGTH, f"person_ids[{index}]",
+                         f"a person id is 1-{MAX_PERSON_ID_LENGTH} characters, got {len(person_id)}")
+    violations.raise_if_any("invalid person ids")
+    return list(person_ids) if person_ids else None
 
 
 def _event_selection(request: pb.ScanProfilesRequest | pb.BatchGetProfilesRequest) -> EventSelection:

@@ -17,6 +17,7 @@ from operator import attrgetter
 from typing import Any, cast
 
 from cassandra.cluster import ResponseFuture
+from cassandra.murmur3 import murmur3
 
 from services.profile.model import (
     Event,
@@ -83,6 +84,12 @@ def direct_write_id(source: str, origin: TraitOrigin) -> str:
     the same event time overwrites itself; writes of different origins never share a row, even once
     merged under one person."""
     return f"{DIRECT_WRITE_PREFIX}{source}|{origin.key}"
+
+
+def partition_token(person_id: str) -> int:
+    """The token of a person's partitions (profiles, trait_writes, timeline_buckets: keyed by the person id alone),
+    as Cassandra's Murmur3Partitioner computes `token(person_id)`: the driver's own hash, which it routes by."""
+    return int(murmur3(person_id.encode()))
 
 
 def micros(value: datetime) -> int:

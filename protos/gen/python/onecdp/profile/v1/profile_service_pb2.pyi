@@ -1410,6 +1410,7 @@ class ScanProfilesRequest(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     AS_OF_TIME_FIELD_NUMBER: _builtins.int
     EVENT_NAMES_FIELD_NUMBER: _builtins.int
+    PERSON_IDS_FIELD_NUMBER: _builtins.int
     shard: _builtins.str
     """A shard token from ListProfileShards."""
     include_events: _builtins.bool
@@ -1444,6 +1445,19 @@ class ScanProfilesRequest(_message.Message):
         and a time range cheap; computed traits still count every event.
         """
 
+    @_builtins.property
+    def person_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these persons of the shard, by person id: at most 1,000 ids, each 1-128 characters, e.g.
+        the persons a first scan without events could not decide about, whose events a second scan
+        then reads. They are read by id, without the identity lookup of BatchGetProfiles (which
+        resolves any selector): an id stands for itself only. The scan streams, in token order and
+        once each, the profiles of those ids that are persons of the shard with a profile of their
+        own; an id outside the shard's token range, never stored, merged into another person or
+        erased is skipped (compare the person ids streamed with those asked for). Empty: every
+        profile of the shard. Errors: RESOURCE_EXHAUSTED above 1,000 ids (as BatchGetProfiles);
+        INVALID_ARGUMENT naming `person_ids[i]` for an empty id or one longer than 128 characters.
+        """
+
     def __init__(
         self,
         *,
@@ -1455,10 +1469,11 @@ class ScanProfilesRequest(_message.Message):
         batch_size: _builtins.int = ...,
         as_of_time: _timestamp_pb2.Timestamp | None = ...,
         event_names: _abc.Iterable[_builtins.str] | None = ...,
+        person_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "batch_size", b"batch_size", "event_names", b"event_names", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "include_events", b"include_events", "read_mask", b"read_mask", "shard", b"shard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "batch_size", b"batch_size", "event_names", b"event_names", "events_end_time", b"events_end_time", "events_start_time", b"events_start_time", "include_events", b"include_events", "person_ids", b"person_ids", "read_mask", b"read_mask", "shard", b"shard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

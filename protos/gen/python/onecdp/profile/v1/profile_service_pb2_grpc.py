@@ -172,9 +172,11 @@ class ProfileServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ScanProfiles(self, request, context):
-        """Streams every profile of one shard, for batch work (segment recompute, training sets).
+        """Streams every profile of one shard, or those of some persons of it (`person_ids`), for batch
+        work (segment recompute, training sets).
 
-        Errors: INVALID_ARGUMENT for a shard token not returned by ListProfileShards.
+        Errors: INVALID_ARGUMENT for a shard that is no token range (see ListProfileShards) or a bad
+        person id; RESOURCE_EXHAUSTED for more than 1,000 person ids.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

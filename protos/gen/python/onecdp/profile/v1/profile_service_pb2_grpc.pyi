@@ -81,9 +81,11 @@ class ProfileServiceStub:
     ListProfileShards: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileShardsRequest, _profile_service_pb2.ListProfileShardsResponse]
     """Lists the shards (token ranges) of the profile table, for parallel full scans."""
     ScanProfiles: _grpc.UnaryStreamMultiCallable[_profile_service_pb2.ScanProfilesRequest, _profile_service_pb2.ScanProfilesResponse]
-    """Streams every profile of one shard, for batch work (segment recompute, training sets).
+    """Streams every profile of one shard, or those of some persons of it (`person_ids`), for batch
+    work (segment recompute, training sets).
 
-    Errors: INVALID_ARGUMENT for a shard token not returned by ListProfileShards.
+    Errors: INVALID_ARGUMENT for a shard that is no token range (see ListProfileShards) or a bad
+    person id; RESOURCE_EXHAUSTED for more than 1,000 person ids.
     """
     ListProfileChanges: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileChangesRequest, _profile_service_pb2.ListProfileChangesResponse]
     """Lists profile changes (which person, what changed) in order, from a cursor. The segmentation
@@ -145,9 +147,11 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     ListProfileShards: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileShardsRequest, _profile_service_pb2.ListProfileShardsResponse]  # type: ignore[assignment]
     """Lists the shards (token ranges) of the profile table, for parallel full scans."""
     ScanProfiles: _aio.UnaryStreamMultiCallable[_profile_service_pb2.ScanProfilesRequest, _profile_service_pb2.ScanProfilesResponse]  # type: ignore[assignment]
-    """Streams every profile of one shard, for batch work (segment recompute, training sets).
+    """Streams every profile of one shard, or those of some persons of it (`person_ids`), for batch
+    work (segment recompute, training sets).
 
-    Errors: INVALID_ARGUMENT for a shard token not returned by ListProfileShards.
+    Errors: INVALID_ARGUMENT for a shard that is no token range (see ListProfileShards) or a bad
+    person id; RESOURCE_EXHAUSTED for more than 1,000 person ids.
     """
     ListProfileChanges: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileChangesRequest, _profile_service_pb2.ListProfileChangesResponse]  # type: ignore[assignment]
     """Lists profile changes (which person, what changed) in order, from a cursor. The segmentation
@@ -254,9 +258,11 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _profile_service_pb2.ScanProfilesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_profile_service_pb2.ScanProfilesResponse], _abc.AsyncIterator[_profile_service_pb2.ScanProfilesResponse]]:
-        """Streams every profile of one shard, for batch work (segment recompute, training sets).
+        """Streams every profile of one shard, or those of some persons of it (`person_ids`), for batch
+        work (segment recompute, training sets).
 
-        Errors: INVALID_ARGUMENT for a shard token not returned by ListProfileShards.
+        Errors: INVALID_ARGUMENT for a shard that is no token range (see ListProfileShards) or a bad
+        person id; RESOURCE_EXHAUSTED for more than 1,000 person ids.
         """
 
     @_abc_1.abstractmethod
