@@ -1,7 +1,8 @@
 """Profiles as evaluation facts, read from the profile service over its gRPC contract (part of the adapter).
 
-Shards and ScanProfiles for batch work, BatchGetProfiles for the persons real time re-evaluates (one call,
-events included), GetProfile + ListProfileEvents for one person. The profile service computes computed
+Shards and ScanProfiles for batch work (of a whole shard, or of some persons of it by id), BatchGetProfiles
+for the persons real time re-evaluates (one call, events included), GetProfile + ListProfileEvents for one
+person. The profile service computes computed
 traits as of the time asked, so facts and windows share one `as_of`. Batch and real-time reads ask only
 for events from the earliest window on, and keep only the event names the rules read.
 """
@@ -36,6 +37,9 @@ _NO_PROPERTIES: Mapping[str, Any] = MappingProxyType({})
 SCAN_BATCH = 500
 EVENTS_PAGE = 1000
 BATCH_GET_LIMIT = 1000  # profile's BatchGetProfiles limit
+SCAN_PERSONS_LIMIT = 1000  # profile's limit of ScanProfilesRequest.person_ids
+# What reading some persons' events needs of their profiles: which person each is.
+EVENTS_ONLY = ProfileReads(frozenset(), computed=False)
 # What an evaluation reads of a profile (no recent transactions, no identifiers).
 FACTS_MASK = field_mask_pb2.FieldMask(paths=["person_id", "traits", "computed", "preferences"])
 # onecdp.profile.v1.ProfileChangeType values.
@@ -183,13 +187,14 @@ def read_mask(fields: ProfileReads) -> field_mask_pb2.FieldMask:
                                                                    else [])])
 
 
-def scan_request(shard: str, as_of: datetime, events: EventReads,
-                 fields: ProfileReads) -> profile_pb.ScanProfilesRequest:
+def scan_request(shard: str, as_of: datetime, events: EventReads, fields: ProfileReads,
+                 person_ids: Sequence[str] = ()) -> profile_pb.ScanProfilesRequest:
     """ScanProfiles of what evaluating rules that read `events` and `fields` needs: those fields, and the events
-    of those names from the earliest window on (profile then reads only the months holding them)."""
+    of those names from the earliest window on (profile then reads only the months holding them); of the
+    persons `person_ids` of the shard only, when given."""
     request = profile_pb.ScanProfilesRequest(shard=shard, include_events=events.since is not None,
                                              batch_size=SCAN_BATCH, read_mask=read_mask(fields),
-                                             event_names=sorted(events.names))
+                                             event_names=sorted(events.names), person_ids=person_ids)
     request.as_of_time.FromDatetime(as_of)
     if events.since is not None:
         request.events_start_time.FromDatetime(events.since)
@@ -225,6 +230,17 @@ class GrpcProfileSource:
              fields: ProfileReads = EVERY_FIELD) -> Iterator[list[ProfileFacts]]:
         try:
             yield from self._scan(shard, as_of, events, fields)
+        except grpc.RpcError as error:
+            raise profile_error(error) from error
+
+    def scan_events(self, shard: str, person_ids: Sequence[str], as_of: datetime,
+                    events: EventReads) -> Iterator[list[ProfileFacts]]:
+        """The events `events` reads of those of these persons of the shard that still have a profile of their
+        own, as facts with no traits: ScanProfiles restricted to them (read by id, no identity lookup), in
+        calls of SCAN_PERSONS_LIMIT persons."""
+        try:
+            for start in range(0, len(person_ids), SCAN_PERSONS_LIMIT):
+                yield from self._scan(shard, as_of, events, EVENTS_ONLY, person_ids[start:start + SCAN_PERSONS_LIMIT])
         except grpc.RpcError as error:
             raise profile_error(error) from error
 
@@ -274,9 +290,9 @@ class GrpcProfileSource:
         response = self._stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=count))
         return list(response.shards)
 
-    def _scan(self, shard: str, as_of: datetime, events: EventReads,
-              fields: ProfileReads) -> Iterator[list[ProfileFacts]]:
-        for response in self._stub.ScanProfiles(scan_request(shard, as_of, events, fields)):
+    def _scan(self, shard: str, as_of: datetime, events: EventReads, fields: ProfileReads,
+              person_ids: Sequence[str] = ()) -> Iterator[list[ProfileFacts]]:
+        for response in self._stub.ScanProfiles(scan_request(shard, as_of, events, fields, person_ids)):
             yield [facts_of(p.profile, p.events, events) for p in response.profiles]
 
     def _person(self, selector: common_pb2.PersonSelector, as_of: datetime) -> ProfileFacts:

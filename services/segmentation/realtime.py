@@ -142,7 +142,7 @@ def compile_next_change(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Cha
     the time (evaluation.compile_rule)."""
     if reported_cycle(rule, rule_of) is not None:
         return lambda facts: None
-    settled = _compile_settled(rule, as_of, rule_of)
+    settled = compile_settled(rule, as_of, rule_of)
     sources: list[Callable[[ProfileFacts], Iterable[datetime]]] = []
     tomorrow = (as_of + DAILY,)
     pending, seen = [rule], set()
@@ -218,12 +218,14 @@ def _days(days: float) -> timedelta | None:
         return None
 
 
-def _compile_settled(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Callable[[ProfileFacts], bool | None]:
+def compile_settled(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Callable[[ProfileFacts], bool | None]:
     """The rule's value at `as_of` when no passing of time can change it without new data (conditions on traits,
-    scores and computed traits that do not move with time decide it); None when it may change."""
+    scores and computed traits that do not move with time decide it); None when it may change. It never looks
+    at events, so it decides from facts read without them (a recompute's first phase) just as with them. The
+    rule must reach no cycle of references (see compile_next_change)."""
     if isinstance(rule, AllOf | AnyOf):
         deciding = isinstance(rule, AnyOf)  # the value of one child that decides the whole: true for OR
-        children = [_compile_settled(child, as_of, rule_of) for child in rule.rules]
+        children = [compile_settled(child, as_of, rule_of) for child in rule.rules]
 
         def group(facts: ProfileFacts) -> bool | None:
             values = [child(facts) for child in children]
@@ -232,7 +234,7 @@ def _compile_settled(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Callab
             return None if None in values else not deciding
         return group
     if isinstance(rule, Not):
-        negated = _compile_settled(rule.rule, as_of, rule_of)
+        negated = compile_settled(rule.rule, as_of, rule_of)
 
         def negation(facts: ProfileFacts) -> bool | None:
             value = negated(facts)
@@ -240,7 +242,7 @@ def _compile_settled(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Callab
         return negation
     if isinstance(rule, SegmentCondition):
         other = rule_of(rule.segment_id)  # no cycle: compile_next_change checked
-        return (lambda facts: False) if other is None else _compile_settled(other, as_of, rule_of)
+        return (lambda facts: False) if other is None else compile_settled(other, as_of, rule_of)
     if isinstance(rule, ScoreCondition) or (isinstance(rule, TraitCondition) and not _moves_with_time(rule.field)):
         return compile_rule(rule, as_of, rule_of)
     return lambda facts: None

@@ -2,9 +2,12 @@
 that outlives the process running it.
 
 Each shard is scanned (profile's ScanProfiles) by its own worker and evaluated with the same
-`evaluation.matches` the rest of the service uses; the matches are then diffed against the stored
-members and the difference recorded as enters/exits with cause `recompute`, except for the persons real time
-may have decided about during the scan: those are decided again from fresh facts (`Memberships.reconcile`).
+`evaluation.matches` the rest of the service uses. When the rule's traits can decide it without events
+(`traits.plan = "pro" AND event(...)`: everyone not on pro), the shard is scanned without events, and
+only the persons left undecided have their events read, by person id, in a second phase. The matches are
+then diffed against the stored members and the difference recorded as enters/exits with cause `recompute`,
+except for the persons real time may have decided about during the scan: those are decided again from fresh
+facts (`Memberships.reconcile`).
 Persons whose value can change with time alone (a `last N days` window) are scheduled for the real-time
 sweeper. Progress (shards done, profiles scanned) is saved after every shard so GetOperation can show it.
 
@@ -35,7 +38,14 @@ from typing import TYPE_CHECKING, Protocol
 
 from services.segmentation.catalog import SegmentCatalog, SegmentState
 from services.segmentation.evaluation import ProfileFacts, compile_rule, evaluation_failed, reported_cycle
-from services.segmentation.realtime import EventReads, compile_next_change, dependencies_of, events_read
+from services.segmentation.realtime import (
+    NO_EVENTS,
+    EventReads,
+    compile_next_change,
+    compile_settled,
+    dependencies_of,
+    events_read,
+)
 from services.segmentation.rules import Rule
 from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore, cursor_before
 from shared import changefeed, deadline
@@ -70,6 +80,9 @@ RECONCILE_BATCH = 1000
 CLAIM_WAIT_SECONDS = 5.0
 CHANGES_PAGE = 5000
 PROFILE_CHANGES_PAGE = 1000
+# Undecided persons of a shard whose events a recompute's second phase reads at a time (profile takes 1,000
+# person ids a scan).
+EVENT_READ_PERSONS = 1000
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,12 @@ class ProfileSource(Protocol):
 
     def scan(self, shard: str, as_of: datetime, events: EventReads,
              fields: ProfileReads = EVERY_FIELD) -> Iterator[list[ProfileFacts]]: ...
+
+    def scan_events(self, shard: str, person_ids: Sequence[str], as_of: datetime,
+                    events: EventReads) -> Iterator[list[ProfileFacts]]:
+        """The events `events` reads of those of these persons of the shard that still have a profile of their
+        own (facts with no traits), read by person id; the others are left out."""
+        ...
 
 
 class Reconciler(Protocol):
@@ -423,6 +442,13 @@ class Recomputer:
         skipped: set[str] = set()  # persons whose evaluation failed: their membership is left as it was
         member = compile_rule(rule, as_of, rules.get)
         next_change = compile_next_change(rule, as_of, rules.get)
+        # Two phases when traits can decide without events: the shard is scanned without events first, and
+        # the events are read (by person id) only for the persons its traits leave undecided. Not when the rule
+        # reads computed traits (profile derives them from every event: the first phase would read them all),
+        # reads no events (one phase reads none), or reads no trait (nothing decides without events: a second
+        # read of every person would only add to the first).
+        two_phases = not fields.computed and bool(fields.trait_names) and events.since is not None
+        settled = compile_settled(rule, as_of, rules.get) if two_phases else None
 
         def scan(shard: str) -> tuple[set[str], set[str], int, list[Callable[[], None]]]:
             """The shard's members, the persons whose evaluation failed (left as they are), its profile count,
@@ -432,10 +458,8 @@ class Recomputer:
             failed: set[str] = set()
             scanned = 0
             writes = []
-            for batch in self._source.scan(shard, as_of, events, fields):
-                if stop.is_set():
-                    raise RunStopped()
-                scanned += len(batch)
+
+            def decide(batch: Iterable[ProfileFacts]) -> None:
                 due = []
                 for facts in batch:
                     try:
@@ -451,6 +475,45 @@ class Recomputer:
                     if when is not None:
                         due.append((facts.person_id, when))
                 writes.append(self._store.start_schedule(due))
+
+            def read_events(undecided: list[ProfileFacts]) -> None:
+                """The second phase for these persons: their facts with their events, decided as in one phase."""
+                waiting = {facts.person_id: facts for facts in undecided}
+                for batch in self._source.scan_events(shard, list(waiting), as_of, events):
+                    if stop.is_set():
+                        raise RunStopped()
+                    decide([replace(waiting.pop(read.person_id), events=read.events) for read in batch
+                            if read.person_id in waiting])
+                # Those left in `waiting` were merged into another person or erased since the first phase: no
+                # member, as a scan starting now would find. Their merge or erasure is a profile change after
+                # `as_of`, so if they were members, the diff leaves them to `reconcile` (`_moved_since`).
+
+            undecided: list[ProfileFacts] = []
+            for batch in self._source.scan(shard, as_of, NO_EVENTS if settled is not None else events, fields):
+                if stop.is_set():
+                    raise RunStopped()
+                scanned += len(batch)
+                if settled is None:
+                    decide(batch)
+                    continue
+                for facts in batch:
+                    try:
+                        value = settled(facts)
+                    except Exception:  # the full evaluation in the second phase decides, or contains it
+                        value = None
+                    if value is None:
+                        undecided.append(facts)
+                    elif value:
+                        members.add(facts.person_id)
+                    # A person decided here is not scheduled: compile_next_change names no time for a person
+                    # `settled` decides (conditions that do not move with time decide the rule whatever the
+                    # events, so no window passing an event can change it). Any later change of the profile
+                    # (a trait, an event) reaches real time through profile's change feed as for every person.
+                if len(undecided) >= EVENT_READ_PERSONS:
+                    read_events(undecided)
+                    undecided = []
+            if undecided:
+                read_events(undecided)
             return members, failed, scanned, writes
 
         workers = operation.parallelism or DEFAULT_PARALLELISM
