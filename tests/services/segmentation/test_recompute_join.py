@@ -45,6 +45,9 @@ class HeldSource:
         assert self.released.wait(60), "never released"
         return iter([])
 
+    def scan_events(self, shard: str, person_ids: Any, as_of: datetime, events: Any) -> Iterator[list[ProfileFacts]]:
+        raise AssertionError("a rule on traits alone reads no events")
+
 
 def _done(store: SegmentStore, operation_id: str) -> None:
     deadline = time.monotonic() + 60
