@@ -56,7 +56,7 @@ from services.identity.leases import Leases
 from services.identity.partition import IdKey, Partition, partition, shared_identifiers
 from shared import deadline
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
-from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, Violations
+from shared.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable, Violations
 from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
 
 MAX_OBSERVATIONS_PER_CALL = 1000
@@ -72,6 +72,9 @@ DEADLINE_MARGIN_SECONDS = 0.25
 JUNK_MEMO_SIZE = 100_000
 # Identifiers whose last holder a lookup remembers (see HolderHints): about 250 bytes each.
 HOLDER_HINTS_SIZE = 100_000
+# Separates a remembered request's fingerprint from its result (hex digits, so never in it) in
+# applied_requests.result; a result without it was stored before fingerprints were kept.
+_FINGERPRINT_SEPARATOR = ":"
 # onecdp.common.v1.SourceKind: an undefined number is a client bug, not a new kind of source.
 SOURCE_KINDS = frozenset(common_pb2.SourceKind.values())
 
@@ -1409,17 +1412,29 @@ class IdentityGraph:
 
     # ---- idempotent requests ---------------------------------------------------------------------
 
-    def recall_request(self, request_id: str) -> str | None:
-        """The stored result of an already applied request id, if any."""
+    def recall_request(self, request_id: str, fingerprint: str) -> str | None:
+        """The stored result of an already applied request id, if any; AlreadyExists when the id was applied
+        to another request (`fingerprint`: the method and the request without its request_id, see
+        remember_request). A result stored without a fingerprint (before they were kept) counts as matching."""
         if not request_id:
             return None
         row = self._session.execute("SELECT result FROM applied_requests WHERE request_id = ?", (request_id,)).one()
-        return row.result if row else None
+        if row is None:
+            return None
+        stored_fingerprint, separator, result = str(row.result).rpartition(_FINGERPRINT_SEPARATOR)
+        if separator and stored_fingerprint != fingerprint:
+            raise AlreadyExists(
+                f"request_id {request_id!r} was already used for a different request (another method, target or "
+                "fields); a request_id makes retries of one request idempotent: send a new request_id for a new "
+                "request", reason="REQUEST_ID_REUSED", metadata={"request_id": request_id})
+        return result
 
-    def remember_request(self, request_id: str, result: str) -> None:
+    def remember_request(self, request_id: str, fingerprint: str, result: str) -> None:
+        """Remember `result` (hex digits) under `request_id` with the request's fingerprint, so that a retry
+        gets it back and a reuse of the id for another request is refused."""
         if request_id:
             self._session.execute("INSERT INTO applied_requests (request_id, result, applied_at) VALUES (?, ?, ?)",
-                                  (request_id, result, _now()))
+                                  (request_id, f"{fingerprint}{_FINGERPRINT_SEPARATOR}{result}", _now()))
 
     # ---- reading ----------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ IdentitySettings calls, messages out."""
 from __future__ import annotations
 
 import bisect
+import hashlib
 import re
 import time
 from collections.abc import Iterator
@@ -153,6 +154,14 @@ def _check_request_id(request_id: str) -> None:
                                         reason="INVALID_REQUEST_ID")
 
 
+def _fingerprint(method: str, request: pb.UnlinkIdentifiersRequest | pb.ErasePersonRequest) -> str:
+    """What a request_id is remembered with: the method and the request without its request_id (serialized
+    deterministically), so that reusing the id for another request is told from a retry (AIP-155)."""
+    body = type(request).FromString(request.SerializeToString())
+    body.ClearField("request_id")
+    return hashlib.sha256(method.encode() + b"\x00" + body.SerializeToString(deterministic=True)).hexdigest()
+
+
 # Normalization.TRIM is the proto's NORMALIZATION_UNSPECIFIED ("trimmed of surrounding white space only").
 _NORMALIZATION_OF_PROTO = {pb.NORMALIZATION_UNSPECIFIED: Normalization.TRIM, **{
     pb.Normalization.Value(f"NORMALIZATION_{n.name}"): n for n in Normalization if n is not Normalization.TRIM}}
@@ -270,7 +279,8 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
                           context: grpc.ServicerContext) -> pb.UnlinkIdentifiersResponse:
         _check_reason(request.reason)
         _check_request_id(request.request_id)
-        if (stored := self._graph.recall_request(request.request_id)) is not None:
+        fingerprint = _fingerprint("UnlinkIdentifiers", request)
+        if (stored := self._graph.recall_request(request.request_id, fingerprint)) is not None:
             return pb.UnlinkIdentifiersResponse.FromString(bytes.fromhex(stored))
         target = request.WhichOneof("target")
         if target == "link":
@@ -288,20 +298,21 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
                                                 changes=[_change(c) for c in retraction.changes])
         if retraction.change is not None:
             response.change.CopyFrom(_change(retraction.change))
-        self._graph.remember_request(request.request_id, response.SerializeToString().hex())
+        self._graph.remember_request(request.request_id, fingerprint, response.SerializeToString().hex())
         return response
 
     def ErasePerson(self, request: pb.ErasePersonRequest, context: grpc.ServicerContext) -> pb.ErasePersonResponse:
         _check_reason(request.reason)
         _check_request_id(request.request_id)
-        if (stored := self._graph.recall_request(request.request_id)) is not None:
+        fingerprint = _fingerprint("ErasePerson", request)
+        if (stored := self._graph.recall_request(request.request_id, fingerprint)) is not None:
             return pb.ErasePersonResponse.FromString(bytes.fromhex(stored))
         erasure = self._graph.erase(self._person_id(request.person, "person"), allow_relink=request.allow_relink,
                                     reason=request.reason)
         response = pb.ErasePersonResponse(person_id=erasure.person_id,
                                           erased_identifier_count=erasure.identifier_count,
                                           erased_link_count=erasure.link_count, change=_change(erasure.change))
-        self._graph.remember_request(request.request_id, response.SerializeToString().hex())
+        self._graph.remember_request(request.request_id, fingerprint, response.SerializeToString().hex())
         return response
 
     def DeleteErasureTombstone(self, request: pb.DeleteErasureTombstoneRequest,

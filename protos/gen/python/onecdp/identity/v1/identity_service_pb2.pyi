@@ -734,7 +734,11 @@ class UnlinkIdentifiersRequest(_message.Message):
     reason: _builtins.str
     """Why, recorded in the change feed. At most 512 characters."""
     request_id: _builtins.str
-    """A UUID making retries idempotent: a repeated request_id returns the first result."""
+    """A UUID making retries idempotent (AIP-155), kept for 7 days: a retry of the same request with
+    the same request_id returns the first result and retracts nothing more. Reusing a request_id for
+    a different request (another method, target, or reason) is ALREADY_EXISTS with reason
+    REQUEST_ID_REUSED, and nothing is done: send a new request_id with every new request.
+    """
     @_builtins.property
     def link(self) -> Global___IdentifierPair:
         """Retract every observed link between two identifiers."""
@@ -845,7 +849,12 @@ class ErasePersonRequest(_message.Message):
     reason: _builtins.str
     """Why, recorded (without identifiers) in the change feed. At most 512 characters."""
     request_id: _builtins.str
-    """A UUID making retries idempotent."""
+    """A UUID making retries idempotent (AIP-155), kept for 7 days: a retry of the same request with
+    the same request_id returns the first result (even after the person is gone). Reusing a
+    request_id for a different request (another method, person, `allow_relink` or reason) is
+    ALREADY_EXISTS with reason REQUEST_ID_REUSED, and nothing is erased: send a new request_id with
+    every new request.
+    """
     @_builtins.property
     def person(self) -> _common_pb2.PersonSelector:
         """The person to erase (a merged id resolves to the survivor, which is erased)."""

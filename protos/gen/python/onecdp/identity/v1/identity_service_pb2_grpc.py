@@ -193,7 +193,8 @@ class IdentityServiceServicer:
         an identifier as a whole. The affected component is recomputed from the edge log; persons that
         fall apart get new or restored ids, and the change is recorded in the change feed.
 
-        Errors: NOT_FOUND when the evidence to retract does not exist.
+        Errors: NOT_FOUND when the evidence to retract does not exist; ALREADY_EXISTS (reason
+        REQUEST_ID_REUSED) when `request_id` was already used for a different request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,7 +205,8 @@ class IdentityServiceServicer:
         Unless `allow_relink` is set, a salted-hash tombstone of each identifier stops replayed or late
         observations from recreating the person; DeleteErasureTombstone lifts one.
 
-        Errors: NOT_FOUND for an unknown person.
+        Errors: NOT_FOUND for an unknown person; ALREADY_EXISTS (reason REQUEST_ID_REUSED) when
+        `request_id` was already used for a different request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

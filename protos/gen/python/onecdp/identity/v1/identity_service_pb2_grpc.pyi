@@ -79,14 +79,16 @@ class IdentityServiceStub:
     an identifier as a whole. The affected component is recomputed from the edge log; persons that
     fall apart get new or restored ids, and the change is recorded in the change feed.
 
-    Errors: NOT_FOUND when the evidence to retract does not exist.
+    Errors: NOT_FOUND when the evidence to retract does not exist; ALREADY_EXISTS (reason
+    REQUEST_ID_REUSED) when `request_id` was already used for a different request.
     """
     ErasePerson: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ErasePersonRequest, _identity_service_pb2.ErasePersonResponse]
     """Erases a person for a privacy request: their identifiers, links and provenance are deleted.
     Unless `allow_relink` is set, a salted-hash tombstone of each identifier stops replayed or late
     observations from recreating the person; DeleteErasureTombstone lifts one.
 
-    Errors: NOT_FOUND for an unknown person.
+    Errors: NOT_FOUND for an unknown person; ALREADY_EXISTS (reason REQUEST_ID_REUSED) when
+    `request_id` was already used for a different request.
     """
     DeleteErasureTombstone: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.DeleteErasureTombstoneRequest, _empty_pb2.Empty]
     """Lifts the erasure tombstone of one identifier, so observations of it are linked again.
@@ -204,14 +206,16 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     an identifier as a whole. The affected component is recomputed from the edge log; persons that
     fall apart get new or restored ids, and the change is recorded in the change feed.
 
-    Errors: NOT_FOUND when the evidence to retract does not exist.
+    Errors: NOT_FOUND when the evidence to retract does not exist; ALREADY_EXISTS (reason
+    REQUEST_ID_REUSED) when `request_id` was already used for a different request.
     """
     ErasePerson: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ErasePersonRequest, _identity_service_pb2.ErasePersonResponse]  # type: ignore[assignment]
     """Erases a person for a privacy request: their identifiers, links and provenance are deleted.
     Unless `allow_relink` is set, a salted-hash tombstone of each identifier stops replayed or late
     observations from recreating the person; DeleteErasureTombstone lifts one.
 
-    Errors: NOT_FOUND for an unknown person.
+    Errors: NOT_FOUND for an unknown person; ALREADY_EXISTS (reason REQUEST_ID_REUSED) when
+    `request_id` was already used for a different request.
     """
     DeleteErasureTombstone: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.DeleteErasureTombstoneRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Lifts the erasure tombstone of one identifier, so observations of it are linked again.
@@ -362,7 +366,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         an identifier as a whole. The affected component is recomputed from the edge log; persons that
         fall apart get new or restored ids, and the change is recorded in the change feed.
 
-        Errors: NOT_FOUND when the evidence to retract does not exist.
+        Errors: NOT_FOUND when the evidence to retract does not exist; ALREADY_EXISTS (reason
+        REQUEST_ID_REUSED) when `request_id` was already used for a different request.
         """
 
     @_abc_1.abstractmethod
@@ -375,7 +380,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         Unless `allow_relink` is set, a salted-hash tombstone of each identifier stops replayed or late
         observations from recreating the person; DeleteErasureTombstone lifts one.
 
-        Errors: NOT_FOUND for an unknown person.
+        Errors: NOT_FOUND for an unknown person; ALREADY_EXISTS (reason REQUEST_ID_REUSED) when
+        `request_id` was already used for a different request.
         """
 
     @_abc_1.abstractmethod
