@@ -7,14 +7,17 @@
     p50/p99 (aim p99 <= 1 s), events sent open loop at `--rate` per second while a poller reads the
     changes every 20 ms with `include_unsettled` (as a display that wants changes at once does; a poller
     of deltas without it sees each change a settle second later);
-(b) batch recompute throughput: RecomputeSegment of a rule that needs traits and events, in profiles/s
-    (the operation's own elapsed time), vs raw parallel token-range scans with the driver from this
-    process, same parallelism: of the rows a profile is built from (profiles + timeline + trait_writes
-    tables, persons/s: the issue's baseline), of the rows and columns the recompute reads (the rule's
-    trait, its events from its window's start: ScanProfiles reads no more than that), and of the profiles
-    table alone (rows/s); and profile's ScanProfiles alone with the request a recompute makes (its read
-    mask, its events), to show where the time goes. Each is measured in `--rounds` rounds (all figures
-    in turn) and reported as the median.
+(b) batch recompute throughput: RecomputeSegment in profiles/s (the operation's own elapsed time) of two
+    rules: one that needs traits and events (BATCH_RULE: its trait decides two persons in three, whose
+    events the recompute then never reads), and one on events alone (EVENTS_RULE: nothing decides without
+    events, so every person's events are read, in one phase). Each is compared with raw parallel
+    token-range scans with the driver from this process, same parallelism: of the rows a profile is built
+    from (profiles + timeline + trait_writes tables, persons/s: the issue's baseline), of the rows and
+    columns a one-phase recompute of BATCH_RULE reads (its trait, its events from its window's start), and
+    of the profiles table alone (rows/s); and with profile's ScanProfiles alone, with the one-phase request
+    of BATCH_RULE (its trait and the events of everyone) and with the request a recompute of EVENTS_RULE
+    makes, to show where the time goes. Each is measured in `--rounds` rounds (all figures in turn) and
+    reported as the median.
 
 Identity, profile and segmentation run as separate processes on free ports, against keyspaces of the
 benchmark's own that are dropped at the end. Data: synthetic persons, one identify event and three
@@ -55,6 +58,8 @@ REPO = Path(__file__).resolve().parent.parent
 SERVICES = ("identity", "profile", "segmentation")
 PARALLELISM = 8
 BATCH_RULE = 'traits.plan = "pro" AND event("order").count(last 30d) >= 2'
+# A rule no trait can decide: a recompute reads every person's events (the case two phases cannot prune).
+EVENTS_RULE = 'event("order").count(last 30d) >= 2'
 PING_RULE = 'event("ping").count(last 1d) >= 1'
 
 
@@ -153,27 +158,28 @@ def raw_scan(session: CassandraSession, reads: Sequence[RawRead], parallelism: i
     return len(persons), time.perf_counter() - started
 
 
-def batch_rule_reads(now: datetime) -> tuple[EventReads, ProfileReads]:
-    """What a recompute of BATCH_RULE at `now` asks profile for: its events, its profile fields."""
-    rules = {"pro-buyers": parse(BATCH_RULE)}
+def batch_rule_reads(now: datetime, rule: str = BATCH_RULE) -> tuple[EventReads, ProfileReads]:
+    """What a one-phase recompute of `rule` at `now` asks profile for: its events, its profile fields."""
+    rules = {"segment": parse(rule)}
     return events_read(rules.values(), rules, now), profile_reads(rules.values(), rules, now)
 
 
-def recompute_reads() -> str:
-    """What a recompute of BATCH_RULE asks ScanProfiles for, in words: its read mask, and its events."""
-    events, fields = batch_rule_reads(datetime.now(UTC))
+def recompute_reads(rule: str = BATCH_RULE) -> str:
+    """What a one-phase recompute of `rule` asks ScanProfiles for, in words: its read mask, and its events."""
+    events, fields = batch_rule_reads(datetime.now(UTC), rule)
     request = scan_request("", datetime.now(UTC), events, fields)
     names = ", ".join(f"`{n}`" for n in request.event_names) or "no"
     return f"read mask {', '.join(request.read_mask.paths)}; {names} events from the rule's window start"
 
 
-def profile_scan(stub: profile_grpc.ProfileServiceStub, parallelism: int) -> tuple[int, float]:
-    """What a recompute of BATCH_RULE reads, alone: profile's ScanProfiles over the same number of shards, with
-    the same request (the rule's traits, its events from its earliest window on)."""
+def profile_scan(stub: profile_grpc.ProfileServiceStub, parallelism: int, rule: str = BATCH_RULE
+                 ) -> tuple[int, float]:
+    """What a one-phase recompute of `rule` reads, alone: profile's ScanProfiles over the same number of shards,
+    with the same request (the rule's traits, its events from its earliest window on)."""
     shards = stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=parallelism * 2),
                                     timeout=10).shards
     now = datetime.now(UTC)
-    events, fields = batch_rule_reads(now)
+    events, fields = batch_rule_reads(now, rule)
 
     def scan(shard: str) -> int:
         request = scan_request(shard, now, events, fields)
@@ -278,17 +284,20 @@ def main(argv: list[str] | None = None) -> int:
                     rule_text=PING_RULE)), timeout=10)
                 stub.CreateSegment(pb.CreateSegmentRequest(segment_id="pro-buyers", segment=pb.Segment(
                     rule_text=BATCH_RULE)), timeout=10)
+                stub.CreateSegment(pb.CreateSegmentRequest(segment_id="buyers", segment=pb.Segment(
+                    rule_text=EVENTS_RULE)), timeout=10)
                 caught_up, _ = realtime_latency(profiles, stub, 1.0, 1.0, "warm-up")  # waits for real time to catch up
                 console.print(f"real time caught up with the ingest: first ping visible after "
                               f"{caught_up.percentile_ms(100) / 1e3:.1f} s")
                 latency, unseen = realtime_latency(profiles, stub, args.rate, args.latency_seconds, "measured")
 
-                def recompute() -> tuple[int, float]:
+                def recompute(segment_id: str = "pro-buyers") -> tuple[int, float]:
                     done = wait_operation(stub, stub.RecomputeSegment(pb.RecomputeSegmentRequest(
-                        name="segments/pro-buyers", parallelism=PARALLELISM), timeout=10))
+                        name=f"segments/{segment_id}", parallelism=PARALLELISM), timeout=10))
                     return done.profiles_scanned, done.elapsed_seconds
 
                 recompute()  # warm up
+                recompute("buyers")
                 cluster = connect_cluster(settings)
                 try:
                     session = open_session(cluster, settings.keyspace("profile"), 60)
@@ -297,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                     # Rounds of every figure in turn, so that a change of the machine's load reaches them all.
                     rates = measure_rounds({
                         "recompute": recompute,
+                        "recompute_events": lambda: recompute("buyers"),
                         "scan": lambda: profile_scan(profiles, PARALLELISM),
+                        "scan_events": lambda: profile_scan(profiles, PARALLELISM, EVENTS_RULE),
                         "raw": lambda: raw_scan(session, WHOLE_PROFILES, PARALLELISM),
                         "read": lambda: raw_scan(session, rule_reads(since), PARALLELISM),
                         "table": lambda: raw_scan(session, WHOLE_PROFILES[:1], PARALLELISM),
@@ -307,23 +318,33 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             drop_keyspaces(admin, settings)
 
-    batch_rate, scan_rate, raw_rate, read_rate, table_rate = (
-        median(rates[name]) for name in ("recompute", "scan", "raw", "read", "table"))
+    batch_rate, events_rate, scan_rate, scan_events_rate, raw_rate, read_rate, table_rate = (
+        median(rates[name]) for name in ("recompute", "recompute_events", "scan", "scan_events", "raw", "read",
+                                         "table"))
     console.print(figures_table(f"segmentation service ({args.persons + latency.operations:,} profiles, "
                                 f"parallelism {PARALLELISM}; rates are medians of {args.rounds} rounds)", [
         ("real time: IngestEvents returned -> enter visible, p50 / p99",
          f"{latency.percentile_ms(50):,.0f} / {latency.percentile_ms(99):,.0f} ms",
          f"{latency.operations} new persons at {args.rate:g}/s, {latency.errors - unseen} ingest calls failed, "
          f"{unseen} never seen; aim p99 <= 1 s"),
-        ("batch RecomputeSegment (scan + evaluate + diff)", f"{batch_rate:,.0f} profiles/s",
+        (f"batch RecomputeSegment of `{BATCH_RULE}` (two phases: every trait, then the events of the persons "
+         "it leaves undecided; evaluate; diff)", f"{batch_rate:,.0f} profiles/s",
          "rounds: " + ", ".join(f"{rate:,.0f}" for rate in rates["recompute"])),
-        (f"profile's ScanProfiles alone, as a recompute calls it ({recompute_reads()})", f"{scan_rate:,.0f} profiles/s",
-         f"ratio recompute / ScanProfiles {batch_rate / scan_rate:.2f}"),
+        (f"batch RecomputeSegment of `{EVENTS_RULE}` (no trait decides anyone: one phase, every person's "
+         "events)", f"{events_rate:,.0f} profiles/s",
+         f"ratio recompute / raw {events_rate / raw_rate:.2f}; rounds: "
+         + ", ".join(f"{rate:,.0f}" for rate in rates["recompute_events"])),
+        (f"profile's ScanProfiles alone, one phase of the first rule ({recompute_reads()})",
+         f"{scan_rate:,.0f} profiles/s", f"ratio recompute / ScanProfiles {batch_rate / scan_rate:.2f}"),
+        (f"profile's ScanProfiles alone, as a recompute of the events-only rule calls it "
+         f"({recompute_reads(EVENTS_RULE)})", f"{scan_events_rate:,.0f} profiles/s",
+         f"ratio recompute / ScanProfiles {events_rate / scan_events_rate:.2f}"),
         ("raw token-range scan: profiles + timeline + trait_writes", f"{raw_rate:,.0f} persons/s",
-         f"ratio recompute / raw {batch_rate / raw_rate:.2f} (aim >= 0.5); rounds: "
-         + ", ".join(f"{rate:,.0f}" for rate in rates["raw"])),
-        ("raw token-range scan: what the recompute reads (profiles; trait_writes of `plan`; timeline from the "
-         "window's start)", f"{read_rate:,.0f} persons/s", f"ratio recompute / raw {batch_rate / read_rate:.2f}"),
+         f"ratio recompute / raw {batch_rate / raw_rate:.2f} (aim >= 0.5), events-only rule "
+         f"{events_rate / raw_rate:.2f}; rounds: " + ", ".join(f"{rate:,.0f}" for rate in rates["raw"])),
+        ("raw token-range scan: what a one-phase recompute of the first rule reads (profiles; trait_writes of "
+         "`plan`; timeline from the window's start)", f"{read_rate:,.0f} persons/s",
+         f"ratio recompute / raw {batch_rate / read_rate:.2f}"),
         ("raw token-range scan: profiles table alone", f"{table_rate:,.0f} rows/s",
          f"ratio recompute / raw {batch_rate / table_rate:.3f}"),
     ]))
