@@ -549,16 +549,19 @@ class IdentityGraph:
         appended = self._start_appending_evidence([(normalized[i], observations[i].evidence) for i in pending])
 
         def record(reconciled: Sequence[_Reconciled]) -> None:
-            # Erased identifiers found under the leases are not part of what was applied: a replay
-            # answers without them, like a first call after the erasure.
+            # An observation naming an identifier found erased under the leases linked nothing (see
+            # _reconcile_held): it is not recorded as applied, so that a replay is dropped again while the
+            # tombstone stands, and links once DeleteErasureTombstone has lifted it.
             erased = {k for r in reconciled for k in r.erased}
-            self._record_observations([([k for k in normalized[i] if k not in erased], observations[i].evidence)
-                                       for i in pending])
+            self._record_observations([(normalized[i], observations[i].evidence) for i in pending
+                                       if erased.isdisjoint(normalized[i])])
 
         reconciled_groups = self.reconcile_many(
             [{k for g in group for k in normalized[pending[g]]} for group in seed_groups],
             [f"observation {observations[pending[group[0]]].evidence.message_id}" for group in seed_groups],
-            persons={k: a.person_id for k, a in assignments.items()}, appended=appended, then=record)
+            persons={k: a.person_id for k, a in assignments.items()}, appended=appended, then=record,
+            evidence=[[(normalized[pending[g]], observations[pending[g]].evidence.message_id) for g in group]
+                      for group in seed_groups])
         appended()
         results: dict[int, _Reconciled] = {}
         for group, reconciled in zip(seed_groups, reconciled_groups, strict=True):
@@ -671,7 +674,8 @@ class IdentityGraph:
     def reconcile_many(self, seed_sets: Sequence[set[IdKey]], reasons: Sequence[str],
                        persons: Mapping[IdKey, str | None] | None = None,
                        appended: Callable[[], None] | None = None,
-                       then: Callable[[Sequence[_Reconciled]], None] | None = None) -> list[_Reconciled]:
+                       then: Callable[[Sequence[_Reconciled]], None] | None = None, *,
+                       evidence: Sequence[Sequence[tuple[list[IdKey], str]]] | None = None) -> list[_Reconciled]:
         """Recompute the components around each seed set under leases; one result per seed set.
 
         Works in rounds. Each round takes the leases every component still lacks (few lightweight
@@ -684,7 +688,9 @@ class IdentityGraph:
         given back. `persons` may give the seeds' current persons, read by the caller; `appended`
         waits for evidence still being written, which must be stored before a component is loaded;
         `then` is work to do once every component is reconciled, while the last leases are given back;
-        it is given the results, one per seed set.
+        it is given the results, one per seed set. `evidence` gives, per seed set, the observations just
+        appended for it (their identifiers and message ids): one naming an erased identifier links
+        nothing (see _reconcile_held).
         """
         # Give up a little before the caller's deadline, so that it learns why (COMPONENT_CONTENDED).
         left = deadline.remaining()
@@ -732,8 +738,11 @@ class IdentityGraph:
                 self._give_back(blocked, owner, reads, jobs)[1]()
                 ready = [job for job in jobs if job.needed <= job.held]
                 if ready:
-                    outcomes = self._reconcile_held([job.seeds for job in ready], [job.held for job in ready],
-                                                    [reasons[job.indexes[0]] for job in ready], reads, persons)
+                    outcomes = self._reconcile_held(
+                        [job.seeds for job in ready], [job.held for job in ready],
+                        [reasons[job.indexes[0]] for job in ready], reads, persons,
+                        evidence=None if evidence is None
+                        else [[o for i in job.indexes for o in evidence[i]] for job in ready])
                     finished = []
                     for job, outcome in zip(ready, outcomes, strict=True):
                         if isinstance(outcome, _Reconciled):
@@ -782,11 +791,14 @@ class IdentityGraph:
 
     def _reconcile_held(self, seed_sets: Sequence[set[IdKey]], helds: Sequence[set[str]],
                         reasons: Sequence[str], reads: _Reads | None = None,
-                        persons: Mapping[IdKey, str | None] | None = None) -> list[_Reconciled | set[str]]:
+                        persons: Mapping[IdKey, str | None] | None = None, *,
+                        evidence: Sequence[Sequence[tuple[list[IdKey], str]]] | None = None
+                        ) -> list[_Reconciled | set[str]]:
         """Under the leases `helds`: each component recomputed, or the leases it needs when it reaches further.
 
         `reads` holds rows read earlier under leases still held (see _Reads); they are not read again.
         `persons`, the seeds' persons as the caller read them, lets the first step read their members.
+        `evidence`, per seed set, the observations just appended for it: (identifiers, message id).
         """
         reads = reads if reads is not None else _Reads()
         # Seeds erased by a privacy request (before the call, or before these leases were taken: erase
@@ -806,8 +818,13 @@ class IdentityGraph:
                         for seeds, component in zip(seed_sets, components, strict=True)]
         dropping = [index for index, erased_here in enumerate(erased_seeds) if erased_here]
         if dropping:
+            # An observation naming an erased identifier came from the erased person: privacy first, it
+            # links nothing, its other identifiers not among themselves either (profile rejects such an
+            # event whole); each of them is kept as if seen alone. What other observations linked stays.
+            dropped = [(keys, message_id) for i in dropping for keys, message_id in (evidence[i] if evidence else ())
+                       if not erased_seeds[i].isdisjoint(keys)]
             # All at once: a call replaying many erased identifiers drops them in one round of writes.
-            self._drop_erased_evidence([(erased_seeds[i], seed_sets[i]) for i in dropping])
+            self._drop_erased_evidence([(erased_seeds[i], seed_sets[i]) for i in dropping], dropped)
             # The links just deleted may be among what was read. What the persons' own columns say does
             # not depend on links: the components not reloaded still plan with it.
             reads.forget_links()
@@ -839,13 +856,20 @@ class IdentityGraph:
             plan.reconciled.changes = [next(recorded) for _ in plan.changes]
         return outcomes
 
-    def _drop_erased_evidence(self, erased_in: Sequence[tuple[set[IdKey], set[IdKey]]]) -> None:
-        """Delete the evidence just appended for erased identifiers: (erased, the seeds linked with them)."""
+    def _drop_erased_evidence(self, erased_in: Sequence[tuple[set[IdKey], set[IdKey]]],
+                              observations: Sequence[tuple[list[IdKey], str]] = ()) -> None:
+        """Delete the evidence just appended for erased identifiers: (erased, the seeds linked with them),
+        and every link `observations` (identifiers, message id), which named erased ones, made."""
         # The erased identifiers' own partitions go whole (below); only the other direction, in the
         # partitions of the seeds that stay, is deleted pair by pair.
+        erased_keys = {k for erased, _ in erased_in for k in erased}
         pairs = [(b, a) for erased, seeds in erased_in for a in erased for b in seeds if b not in erased]
         self._session.write_all(
-            [("DELETE FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? AND other_value = ?",
+            [("DELETE FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? AND other_value = ? "
+              "AND message_id = ?", (a.type, a.value, b.type, b.value, message_id))
+             for keys, message_id in observations for a in keys for b in keys
+             if a != b and a not in erased_keys and b not in erased_keys]
+            + [("DELETE FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? AND other_value = ?",
               (a.type, a.value, b.type, b.value)) for a, b in pairs]
             + [(f"DELETE FROM {table} WHERE id_type = ? AND id_value = ?", (k.type, k.value))
                for erased, _ in erased_in for k in erased for table in ("links", "identifier_sightings")])

@@ -41,7 +41,9 @@ class _GuardKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GuardKind.V
     account ids where the type allows one).
     """
     GUARD_KIND_ERASED: _GuardKind.ValueType  # 4
-    """The identifier was erased and is tombstoned: the observation was not applied to it."""
+    """The identifier was erased and is tombstoned: the observation was not applied, and linked none of
+    its identifiers (it came from the erased person); it is not recorded as applied either.
+    """
 
 class GuardKind(_GuardKind, metaclass=_GuardKindEnumTypeWrapper):
     """The guards against over-merging."""
@@ -59,7 +61,9 @@ GUARD_KIND_TYPE_LIMIT: GuardKind.ValueType  # 3
 account ids where the type allows one).
 """
 GUARD_KIND_ERASED: GuardKind.ValueType  # 4
-"""The identifier was erased and is tombstoned: the observation was not applied to it."""
+"""The identifier was erased and is tombstoned: the observation was not applied, and linked none of
+its identifiers (it came from the erased person); it is not recorded as applied either.
+"""
 Global___GuardKind: _TypeAlias = GuardKind  # noqa: Y015
 
 class _IdentityChangeType:

@@ -141,6 +141,12 @@ class IdentityServiceServicer:
         observations, applied in order. Idempotent per `message_id`: replaying an observation changes
         nothing.
 
+        An observation naming an identifier erased by ErasePerson (and still tombstoned) came from the
+        erased person: it links nothing, its other identifiers not among themselves either (each is kept
+        as if seen alone), its result carries a GUARD_KIND_ERASED decision per erased identifier, and it
+        is not recorded as applied: replayed while the tombstone stands it is dropped again, replayed
+        after DeleteErasureTombstone it is linked. (Profile rejects such an event whole.)
+
         Errors: INVALID_ARGUMENT (with a BadRequest field violation per bad identifier, e.g.
         `observations[3].identifiers[1].value`) when any observation is malformed; nothing is written
         then. RESOURCE_EXHAUSTED above 1,000 observations, and (reason COMPONENT_TOO_LARGE) when a
@@ -203,7 +209,8 @@ class IdentityServiceServicer:
     def ErasePerson(self, request, context):
         """Erases a person for a privacy request: their identifiers, links and provenance are deleted.
         Unless `allow_relink` is set, a salted-hash tombstone of each identifier stops replayed or late
-        observations from recreating the person; DeleteErasureTombstone lifts one.
+        observations from recreating the person: an observation naming a tombstoned identifier links
+        nothing at all (see LinkIdentifiers); DeleteErasureTombstone lifts one.
 
         Errors: NOT_FOUND for an unknown person; ALREADY_EXISTS (reason REQUEST_ID_REUSED) when
         `request_id` was already used for a different request.
