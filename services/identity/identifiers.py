@@ -7,14 +7,17 @@ are one phone. A phone's extension is dropped (E.164 has none): `+1 650 253 0000
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 import phonenumbers
+import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
 
 from shared.errors import control_character_problem
 
@@ -28,8 +31,65 @@ class Normalization(Enum):
     DEVICE_ID = "device_id"
 
 
+log = logging.getLogger(__name__)
+
+
 class InvalidIdentifierValue(ValueError):
     """The value is malformed for its type; the message says how."""
+
+
+class InvalidPattern(ValueError):
+    """A blocked pattern RE2 cannot compile; the message says why."""
+
+
+class CompiledPattern(Protocol):
+    def search(self, text: str) -> object | None: ...
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is the caller's error, answered; not a line on stderr
+# The default patterns (DEFAULT_BLOCKED_PATTERNS) RE2 cannot compile (a backreference) are run by re:
+# anchored at the start, so a search tries one position, and each backtracking step gives back one
+# repetition: linear in the value's length. Only these exact strings; a caller's pattern always goes to RE2.
+_BUILT_IN_BACKTRACKING_PATTERNS = frozenset({r"^(.)\1{5,}$"})
+
+
+def compile_pattern(pattern: str) -> CompiledPattern:
+    """A blocked pattern compiled by RE2, which matches in time linear in the value's length whatever the
+    pattern: a backtracking engine (Python's re) takes exponential time on patterns like ^(a+)+$, so a
+    pattern a caller sends would be a way to stall the identity process. InvalidPattern when RE2 cannot
+    compile it (backreferences, lookaround). The built-in patterns RE2 cannot express are run by re: they
+    are anchored and linear under backtracking too."""
+    if pattern in _BUILT_IN_BACKTRACKING_PATTERNS:
+        return re.compile(pattern)
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)  # type: ignore[no-any-return]
+    except re2.error as error:
+        detail = error.args[0] if error.args else ""
+        detail = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
+        raise InvalidPattern(detail) from error
+
+
+def compile_stored_patterns(patterns: Iterable[str], owner: str) -> tuple[CompiledPattern, ...]:
+    """Patterns already stored, compiled by RE2; one stored before patterns had to be RE2 syntax that RE2
+    cannot compile is compiled by Python's re, with a warning naming it.
+
+    Why not refuse it, or drop it: refusing would fail the whole settings document it is in, so every
+    process would keep older settings (or the defaults) and lose the operator's other types and rules;
+    dropping it would let the junk values it blocks link persons, and merges are not undone by fixing the
+    pattern afterwards. The old code ran such a pattern already, so running it keeps things as they were
+    until an operator replaces it; any update of its type or of the policy must do so (new patterns are
+    checked by compile_pattern) and the warning says which."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(compile_pattern(pattern))
+        except InvalidPattern as error:
+            log.warning("a stored blocked pattern is not RE2 syntax: it runs on Python's re, which can take "
+                        "exponential time on some values; replace it with an RE2 pattern",
+                        extra={"owner": owner, "pattern": pattern, "error": str(error)})
+            compiled.append(re.compile(pattern))
+    return tuple(compiled)
 
 
 TYPE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")  # whole names only: fullmatch (`$` also matches before a final newline)
@@ -51,12 +111,13 @@ class IdentifierType:
     blocked_patterns: tuple[str, ...] = ()
     hash_values: bool = False
     built_in: bool = False
-    _compiled: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
+    _compiled: tuple[CompiledPattern, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not TYPE_NAME.fullmatch(self.type):
             raise ValueError(f"identifier type {self.type!r} must be lower_snake_case, 1-63 characters")
-        object.__setattr__(self, "_compiled", tuple(re.compile(p) for p in self.blocked_patterns))
+        object.__setattr__(self, "_compiled", compile_stored_patterns(
+            self.blocked_patterns, f"identifier type {self.type}"))
 
     def normalize(self, value: str, *, default_phone_region: str | None = None) -> str:
         """The canonical form of `value`, or InvalidIdentifierValue saying what is wrong."""
@@ -197,10 +258,10 @@ class GuardPolicy:
         ("cookie", "account_id"): 3,
         ("device_id", "crm_id"): 3,
     })
-    _compiled: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
+    _compiled: tuple[CompiledPattern, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_compiled", tuple(re.compile(p) for p in self.blocked_patterns))
+        object.__setattr__(self, "_compiled", compile_stored_patterns(self.blocked_patterns, "the guard policy"))
 
     def is_junk(self, identifier_type: IdentifierType, normalized: str) -> bool:
         return (normalized.lower() in self.blocked_values or any(p.search(normalized) for p in self._compiled)

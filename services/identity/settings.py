@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 import threading
 import time
 import unicodedata
@@ -36,7 +35,9 @@ from services.identity.identifiers import (
     IdentifierRegistry,
     IdentifierType,
     InvalidIdentifierValue,
+    InvalidPattern,
     Normalization,
+    compile_pattern,
 )
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
 from shared.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, Unavailable, Violations
@@ -171,9 +172,11 @@ def _check_patterns(patterns: Sequence[str], path: str, violations: Violations) 
                                 f"a pattern is 1-{MAX_PATTERN_LENGTH} characters"):
             continue
         try:
-            compiled = re.compile(pattern)
-        except re.error as error:
-            violations.add(where, f"{pattern!r} is not a valid regular expression: {error}")
+            compiled = compile_pattern(pattern)
+        except InvalidPattern as error:
+            violations.add(where, f"{pattern!r} is not a valid regular expression in RE2 syntax ({error}); "
+                           "patterns are RE2 (https://github.com/google/re2/wiki/Syntax), which matches in linear "
+                           "time and so has no backreferences (\\1) or lookaround ((?=...), (?<=...))")
             continue
         # A pattern that matches the empty string is found in (nearly) every value and would block them all.
         violations.check(compiled.search("") is None, where,
