@@ -56,7 +56,15 @@ from services.identity.leases import Leases
 from services.identity.partition import IdKey, Partition, partition, shared_identifiers
 from shared import deadline
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
-from shared.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable, Violations
+from shared.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Violations,
+    control_character_problem,
+)
 from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
 
 MAX_OBSERVATIONS_PER_CALL = 1000
@@ -389,6 +397,24 @@ def check_person_id(person_id: str, field_path: str) -> str:
     return person_id
 
 
+MAX_MESSAGE_ID_LENGTH = 128
+
+
+def _message_id_problem(message_id: str) -> str | None:
+    """Why `message_id` cannot be an observation's message id, or None."""
+    if not 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH:
+        return f"required, 1-{MAX_MESSAGE_ID_LENGTH} characters"
+    return control_character_problem(message_id)
+
+
+def check_message_id(message_id: str, field_path: str) -> str:
+    """`message_id` if it can be an observation's message id; InvalidArgument naming `field_path` otherwise."""
+    problem = _message_id_problem(message_id)
+    if problem:
+        raise InvalidArgument.for_field(field_path, problem, reason="INVALID_MESSAGE_ID")
+    return message_id
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -481,9 +507,9 @@ class IdentityGraph:
         normalized: list[list[IdKey]] = []
         for i, observation in enumerate(observations):
             path = f"observations[{i}]"
-            message_id = observation.evidence.message_id
-            violations.check(0 < len(message_id) <= 128, f"{path}.provenance.message_id",
-                             "required, 1-128 characters")
+            message_problem = _message_id_problem(observation.evidence.message_id)
+            if message_problem:
+                violations.add(f"{path}.provenance.message_id", message_problem)
             violations.check(0 < len(observation.identifiers) <= MAX_IDENTIFIERS_PER_OBSERVATION,
                              f"{path}.identifiers", f"1-{MAX_IDENTIFIERS_PER_OBSERVATION} identifiers required")
             _check_evidence(observation.evidence, f"{path}.provenance", now, violations)

@@ -30,6 +30,7 @@ from services.identity.graph import (
     Person,
     Provenance,
     RawObservation,
+    check_message_id,
     check_person_id,
 )
 from services.identity.identifiers import GuardPolicy, IdentifierType, Normalization
@@ -267,7 +268,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
             next_page_token=next_token)
 
     def ExplainLink(self, request: pb.ExplainLinkRequest, context: grpc.ServicerContext) -> pb.ExplainLinkResponse:
-        a, b = self._required_key(request, "a", "a"), self._required_key(request, "b", "b")
+        a, b = self._required_keys(request, ("a", "a"), ("b", "b"))
         result = explain(self._graph, a, b)
         return pb.ExplainLinkResponse(
             same_person=result.same_person, person_id_a=result.person_a, person_id_b=result.person_b,
@@ -284,10 +285,11 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
             return pb.UnlinkIdentifiersResponse.FromString(bytes.fromhex(stored))
         target = request.WhichOneof("target")
         if target == "link":
-            retraction = self._graph.unlink_pair(self._required_key(request.link, "a", "link.a"),
-                                                 self._required_key(request.link, "b", "link.b"), request.reason)
+            a, b = self._required_keys(request.link, ("a", "link.a"), ("b", "link.b"))
+            retraction = self._graph.unlink_pair(a, b, request.reason)
         elif target == "message_id":
-            retraction = self._graph.unlink_message(request.message_id, request.reason)
+            retraction = self._graph.unlink_message(check_message_id(request.message_id, "message_id"),
+                                                    request.reason)
         elif target == "identifier":
             retraction = self._graph.unlink_identifier(self._required_key(request, "identifier", "identifier"),
                                                        request.reason)
@@ -394,6 +396,23 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
                                             reason="IDENTIFIER_REQUIRED")
         identifier: common_pb2.Identifier = getattr(holder, field)
         return self._graph.normalize_one(identifier.type, identifier.value, field_path)
+
+    def _required_keys(self, holder: Message, *fields: tuple[str, str]) -> list[IdKey]:
+        """The identifiers in `holder`'s fields, each given as (field, field path), normalized; one
+        INVALID_ARGUMENT naming every missing or invalid one otherwise."""
+        keys: list[IdKey] = []
+        errors: list[InvalidArgument] = []
+        for field, field_path in fields:
+            try:
+                keys.append(self._required_key(holder, field, field_path))
+            except InvalidArgument as error:
+                errors.append(error)
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            violations = Violations([v for error in errors for v in error.field_violations])
+            violations.raise_if_any("some identifiers are missing or invalid", reason=errors[0].reason)
+        return keys
 
     def _selected(self, selector: common_pb2.PersonSelector, field_path: str) -> str | IdKey:
         """The person id a selector names, or its identifier normalized; INVALID_ARGUMENT naming the field."""

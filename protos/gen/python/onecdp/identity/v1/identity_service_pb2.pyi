@@ -146,7 +146,8 @@ class Provenance(_message.Message):
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     """The client's id of the message the identifiers were observed in, e.g. an event's message id.
-    1-128 characters. The idempotency key of an observation.
+    1-128 characters, no control characters (refused like an identifier value's). The idempotency
+    key of an observation.
     """
     source: _builtins.str
     """Free-form name of the emitting system, e.g. `ios-app`, `crm-import`. At most 128 characters."""
@@ -734,7 +735,9 @@ class UnlinkIdentifiersRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
-    """Retract every link of one observation, by its message id."""
+    """Retract every link of one observation, by its message id: 1-128 characters, no control
+    characters (INVALID_ARGUMENT naming `message_id` otherwise).
+    """
     reason: _builtins.str
     """Why, recorded in the change feed. At most 512 characters."""
     request_id: _builtins.str

@@ -189,6 +189,8 @@ class IdentityServiceServicer:
     def ExplainLink(self, request, context):
         """Explains why two identifiers belong to the same person (the chain of links with their
         provenance), or why they do not (no path, or a guard that blocked the path).
+
+        Errors: INVALID_ARGUMENT with a field violation per missing or invalid identifier (`a`, `b.value`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -79,6 +79,8 @@ class IdentityServiceStub:
     ExplainLink: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ExplainLinkRequest, _identity_service_pb2.ExplainLinkResponse]
     """Explains why two identifiers belong to the same person (the chain of links with their
     provenance), or why they do not (no path, or a guard that blocked the path).
+
+    Errors: INVALID_ARGUMENT with a field violation per missing or invalid identifier (`a`, `b.value`).
     """
     UnlinkIdentifiers: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.UnlinkIdentifiersRequest, _identity_service_pb2.UnlinkIdentifiersResponse]
     """Retracts evidence: a single observed link, every link of one observation (`message_id`), or
@@ -213,6 +215,8 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     ExplainLink: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ExplainLinkRequest, _identity_service_pb2.ExplainLinkResponse]  # type: ignore[assignment]
     """Explains why two identifiers belong to the same person (the chain of links with their
     provenance), or why they do not (no path, or a guard that blocked the path).
+
+    Errors: INVALID_ARGUMENT with a field violation per missing or invalid identifier (`a`, `b.value`).
     """
     UnlinkIdentifiers: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.UnlinkIdentifiersRequest, _identity_service_pb2.UnlinkIdentifiersResponse]  # type: ignore[assignment]
     """Retracts evidence: a single observed link, every link of one observation (`message_id`), or
@@ -374,6 +378,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_identity_service_pb2.ExplainLinkResponse, _abc.Awaitable[_identity_service_pb2.ExplainLinkResponse]]:
         """Explains why two identifiers belong to the same person (the chain of links with their
         provenance), or why they do not (no path, or a guard that blocked the path).
+
+        Errors: INVALID_ARGUMENT with a field violation per missing or invalid identifier (`a`, `b.value`).
         """
 
     @_abc_1.abstractmethod
