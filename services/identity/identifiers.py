@@ -98,6 +98,7 @@ MAX_VALUE_BYTES = 512
 # TLD, the domain in its ASCII (IDNA) form.
 _EMAIL = re.compile(r"^[^\s@]{1,64}@(?=.{4,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
                     r"(?:[a-z]{2,63}|xn--[a-z0-9-]{1,59})$")
+_MAILTO = "mailto:"
 
 
 @dataclass(frozen=True)
@@ -147,18 +148,31 @@ class IdentifierType:
 
 
 def _normalize_email(text: str) -> str:
+    shown = text
+    # A `mailto:` URI (copied from a link) names the address it holds, as `tel:` does a phone number.
+    if text[:len(_MAILTO)].lower() == _MAILTO:
+        text = text[len(_MAILTO):]
     local, at, domain = text.rpartition("@")
+    if at and not (len(local) >= 2 and local.startswith('"') and local.endswith('"')):
+        # An unquoted local part is a dot-atom (RFC 5322 section 3.2.3): dots only between characters.
+        if local.startswith("."):
+            raise InvalidIdentifierValue(f"{shown!r} is not an email address: the part before @ starts with a dot")
+        if local.endswith("."):
+            raise InvalidIdentifierValue(f"{shown!r} is not an email address: the part before @ ends with a dot")
+        if ".." in local:
+            raise InvalidIdentifierValue(f"{shown!r} is not an email address: the part before @ has two dots in "
+                                         "a row")
     if at and not domain.isascii():
         # An internationalized domain (例子.中国, exämple.de) is one identifier with its ASCII form
         # (xn--fsqu00a.xn--fiqs8s), which is how it is stored; the local part stays as written (RFC 6531).
         try:
             domain = domain.encode("idna").decode("ascii")
         except UnicodeError as error:
-            raise InvalidIdentifierValue(f"{text!r} is not an email address: its domain is not a valid "
+            raise InvalidIdentifierValue(f"{shown!r} is not an email address: its domain is not a valid "
                                          "internationalized domain name") from error
     email = f"{local}@{domain}".lower() if at else text.lower()
     if not _EMAIL.match(email):
-        raise InvalidIdentifierValue(f"{text!r} is not an email address (expected local@domain.tld)")
+        raise InvalidIdentifierValue(f"{shown!r} is not an email address (expected local@domain.tld)")
     return email
 
 
