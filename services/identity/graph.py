@@ -560,14 +560,22 @@ class IdentityGraph:
         read_assignments = self._assignments_async(all_keys)
         known, assignments = read_known(), read_assignments()
         pending: list[int] = []
+        # A message id repeated within the observations applied together (one call, or concurrent calls
+        # combined): the first is applied, the later ones are answered as replays of it.
+        first_of: dict[str, int] = {}
+        repeats: dict[int, int] = {}
         for index, observation in enumerate(observations):
-            applied = known.get(observation.evidence.message_id)
+            message_id = observation.evidence.message_id
+            applied = known.get(message_id)
             if applied is not None:
                 # A replay answers with what was applied under its message id, which is not what this
                 # call sent when the payload differs (nothing of it is linked).
                 outcome = outcomes[index]
                 outcome.duplicate, outcome.normalized = True, applied
+            elif message_id in first_of:
+                repeats[index] = first_of[message_id]
             else:
+                first_of[message_id] = index
                 pending.append(index)
         # Observations in one call that share identifiers are reconciled together, in one component.
         seed_groups = _group_by_shared_identifiers([normalized[i] for i in pending])
@@ -593,6 +601,12 @@ class IdentityGraph:
         for group, reconciled in zip(seed_groups, reconciled_groups, strict=True):
             for g in group:
                 results[pending[g]] = reconciled
+        for index, first in repeats.items():
+            outcomes[index].normalized = list(normalized[first])
+            if results[first].erased.isdisjoint(normalized[first]):
+                outcomes[index].duplicate = True  # answered below like a replay: the persons its identifiers hold
+            else:
+                results[index] = results[first]  # the first linked nothing (erased): neither did this one
         duplicates = [outcome for index, outcome in enumerate(outcomes) if index not in results]
         persons = self.persons_of({k for outcome in duplicates for k in outcome.normalized})
         for index, outcome in enumerate(outcomes):

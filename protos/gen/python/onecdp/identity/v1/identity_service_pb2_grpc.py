@@ -139,7 +139,8 @@ class IdentityServiceServicer:
     def LinkIdentifiers(self, request, context):
         """Links identifiers observed together into persons. Batched: one call carries up to 1,000
         observations, applied in order. Idempotent per `message_id`: replaying an observation changes
-        nothing.
+        nothing. A message_id repeated within one call (or across calls combined with it) is applied
+        once, for its first observation; the later ones are answered as replays of it (`duplicate`).
 
         An observation naming an identifier erased by ErasePerson (and still tombstoned) came from the
         erased person: it links nothing, its other identifiers not among themselves either (each is kept

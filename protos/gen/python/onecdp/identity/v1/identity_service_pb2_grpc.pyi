@@ -45,7 +45,8 @@ class IdentityServiceStub:
     LinkIdentifiers: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.LinkIdentifiersRequest, _identity_service_pb2.LinkIdentifiersResponse]
     """Links identifiers observed together into persons. Batched: one call carries up to 1,000
     observations, applied in order. Idempotent per `message_id`: replaying an observation changes
-    nothing.
+    nothing. A message_id repeated within one call (or across calls combined with it) is applied
+    once, for its first observation; the later ones are answered as replays of it (`duplicate`).
 
     An observation naming an identifier erased by ErasePerson (and still tombstoned) came from the
     erased person: it links nothing, its other identifiers not among themselves either (each is kept
@@ -181,7 +182,8 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     LinkIdentifiers: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.LinkIdentifiersRequest, _identity_service_pb2.LinkIdentifiersResponse]  # type: ignore[assignment]
     """Links identifiers observed together into persons. Batched: one call carries up to 1,000
     observations, applied in order. Idempotent per `message_id`: replaying an observation changes
-    nothing.
+    nothing. A message_id repeated within one call (or across calls combined with it) is applied
+    once, for its first observation; the later ones are answered as replays of it (`duplicate`).
 
     An observation naming an identifier erased by ErasePerson (and still tombstoned) came from the
     erased person: it links nothing, its other identifiers not among themselves either (each is kept
@@ -320,7 +322,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_identity_service_pb2.LinkIdentifiersResponse, _abc.Awaitable[_identity_service_pb2.LinkIdentifiersResponse]]:
         """Links identifiers observed together into persons. Batched: one call carries up to 1,000
         observations, applied in order. Idempotent per `message_id`: replaying an observation changes
-        nothing.
+        nothing. A message_id repeated within one call (or across calls combined with it) is applied
+        once, for its first observation; the later ones are answered as replays of it (`duplicate`).
 
         An observation naming an identifier erased by ErasePerson (and still tombstoned) came from the
         erased person: it links nothing, its other identifiers not among themselves either (each is kept
