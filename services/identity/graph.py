@@ -33,6 +33,7 @@ are taken together. A call of a few hundred observations thus costs tens of stat
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import re
 import secrets
@@ -58,6 +59,7 @@ from shared import deadline
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
 from shared.errors import (
     AlreadyExists,
+    DomainError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -67,6 +69,8 @@ from shared.errors import (
 )
 from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
 
+log = logging.getLogger(__name__)
+
 MAX_OBSERVATIONS_PER_CALL = 1000
 # Concurrent link calls are combined into batches of up to this many observations, this many at once.
 MAX_COMBINED_OBSERVATIONS = 2000
@@ -75,6 +79,8 @@ MAX_IDENTIFIERS_PER_OBSERVATION = 32
 # Provenance.source, as in profile (services/profile/model.py MAX_NAME_LENGTH).
 MAX_SOURCE_LENGTH = 128
 MAX_COMPONENT_IDENTIFIERS = 20_000
+# After an erasure, the erased identifiers' neighbours are recomputed this many seed sets at a time.
+NEIGHBOUR_SEEDS_PER_ROUND = 500
 LEASE_WAIT_SECONDS = 60.0
 DEADLINE_MARGIN_SECONDS = 0.25
 JUNK_MEMO_SIZE = 100_000
@@ -1425,11 +1431,25 @@ class IdentityGraph:
                                  reason or "erased by a privacy request")
         finally:
             self._leases.release(leased, owner)
-        if outside:
-            # Identifiers that were linked to the erased ones may now count fewer neighbours (a device
-            # no longer shared): recompute them from what evidence remains.
-            self.reconcile(outside, f"neighbours of erased person {person.person_id}")
+        # Committed: what follows only tidies up, and must not fail the erasure (a retry would find the
+        # person gone, NOT_FOUND, and never learn that it was erased).
+        self._reconcile_neighbours(outside, f"neighbours of erased person {person.person_id}")
         return Erasure(person.person_id, len(members), link_count, change)
+
+    def _reconcile_neighbours(self, outside: set[IdKey], reason: str) -> None:
+        """Recompute the components of identifiers that were linked to erased ones, each around its own
+        identifier: they may now count fewer neighbours (a device no longer shared), but were not one
+        component (a shared device's thousands of accounts are as many persons). Those that cannot be
+        recomputed now (contended, or a component too large) are logged and left to the next evidence
+        that touches them, as a policy change leaves persons to be judged again."""
+        ordered = sorted(outside)
+        for start in range(0, len(ordered), NEIGHBOUR_SEEDS_PER_ROUND):
+            chunk = ordered[start:start + NEIGHBOUR_SEEDS_PER_ROUND]
+            try:
+                self.reconcile_many([{key} for key in chunk], [reason] * len(chunk))
+            except DomainError as error:
+                log.warning("%s: %d identifiers left to be recomputed when next touched: %s", reason, len(chunk),
+                            error.message)
 
     def _merged_ids(self, person: Person) -> set[str]:
         """Every id merged into `person`, directly or through ids merged into those.

@@ -213,7 +213,10 @@ class IdentityServiceServicer:
         """Erases a person for a privacy request: their identifiers, links and provenance are deleted.
         Unless `allow_relink` is set, a salted-hash tombstone of each identifier stops replayed or late
         observations from recreating the person: an observation naming a tombstoned identifier links
-        nothing at all (see LinkIdentifiers); DeleteErasureTombstone lifts one.
+        nothing at all (see LinkIdentifiers); DeleteErasureTombstone lifts one. Once the erasure is
+        recorded the call succeeds: the persons of identifiers that were linked to the erased ones (a
+        device shared with other accounts) are then recomputed, each on its own, and any that cannot be
+        now (busy, or too large) is recomputed when new evidence next touches it.
 
         Errors: NOT_FOUND for an unknown person; ALREADY_EXISTS (reason REQUEST_ID_REUSED) when
         `request_id` was already used for a different request.
