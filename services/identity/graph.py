@@ -1342,6 +1342,10 @@ class IdentityGraph:
             raise NotFound(f"no linked observation with message_id {message_id!r} (never seen, retracted or erased)",
                            reason="OBSERVATION_NOT_FOUND")
         keys = [IdKey(t, v) for t, v in row.identifiers]
+        if len(keys) > 1 and not self._links_remain(keys, message_id):
+            # An unlink of a pair or identifier retracted every link it made already: nothing to retract.
+            raise NotFound(f"the links of observation {message_id!r} were all retracted already (by an unlink of "
+                           "a pair or identifier); nothing is left to retract", reason="OBSERVATION_NOT_FOUND")
         self._session.execute_many(
             "DELETE FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? AND other_value = ? "
             "AND message_id = ?",
@@ -1352,11 +1356,24 @@ class IdentityGraph:
         self._session.execute("UPDATE observations SET retracted = true WHERE message_id = ?", (message_id,))
         return self._recompute_after_retraction(set(keys), reason or f"unlink observation {message_id}")
 
+    def _links_remain(self, keys: Sequence[IdKey], message_id: str) -> bool:
+        """Whether any link observation `message_id` made between `keys` is still in the edge log."""
+        futures = [self._session.execute_async(
+            "SELECT message_id FROM links WHERE id_type = ? AND id_value = ? AND other_type = ? AND other_value = ? "
+            "AND message_id = ?", (a.type, a.value, b.type, b.value, message_id))
+            for i, a in enumerate(keys) for b in keys[i + 1:]]
+        return any(self._session.result(future).one() is not None for future in futures)
+
     def unlink_identifier(self, key: IdKey, reason: str) -> Retraction:
         """Detach an identifier from everything it was linked with."""
         others = self.neighbours_of(key)
-        if not others and self.persons_of([key])[key] is None:
-            raise NotFound(f"no identifier {key}", reason="IDENTIFIER_NOT_FOUND")
+        if not others:
+            person_id = self.persons_of([key])[key]
+            if person_id is None:
+                raise NotFound(f"no identifier {key}", reason="IDENTIFIER_NOT_FOUND")
+            if self.person_members(person_id) == [key]:
+                raise NotFound(f"{key} is linked with nothing (unlinked already, or only ever seen alone); "
+                               "nothing is left to retract", reason="LINK_NOT_FOUND")
         self._delete_pair_links([(o, key) for o in others])
         self._session.execute("DELETE FROM links WHERE id_type = ? AND id_value = ?", (key.type, key.value))
         return self._recompute_after_retraction({key, *others}, reason or f"unlink identifier {key}")

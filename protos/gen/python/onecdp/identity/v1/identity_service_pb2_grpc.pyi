@@ -88,7 +88,12 @@ class IdentityServiceStub:
     an identifier as a whole. The affected component is recomputed from the edge log; persons that
     fall apart get new or restored ids, and the change is recorded in the change feed.
 
-    Errors: NOT_FOUND when the evidence to retract does not exist; ALREADY_EXISTS (reason
+    Errors: NOT_FOUND when there is nothing left to retract, so a call that would change nothing
+    says so: reason LINK_NOT_FOUND for a pair never observed together, or an identifier linked with
+    nothing (unlinked already, or only ever seen alone); OBSERVATION_NOT_FOUND for a message id never
+    applied, retracted already, erased, or whose links were all retracted already by an unlink of a
+    pair or identifier; IDENTIFIER_NOT_FOUND for an identifier never seen. A retry of a call that
+    succeeded gets NOT_FOUND too, unless it sends the same `request_id`. ALREADY_EXISTS (reason
     REQUEST_ID_REUSED) when `request_id` was already used for a different request.
     """
     ErasePerson: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ErasePersonRequest, _identity_service_pb2.ErasePersonResponse]
@@ -228,7 +233,12 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     an identifier as a whole. The affected component is recomputed from the edge log; persons that
     fall apart get new or restored ids, and the change is recorded in the change feed.
 
-    Errors: NOT_FOUND when the evidence to retract does not exist; ALREADY_EXISTS (reason
+    Errors: NOT_FOUND when there is nothing left to retract, so a call that would change nothing
+    says so: reason LINK_NOT_FOUND for a pair never observed together, or an identifier linked with
+    nothing (unlinked already, or only ever seen alone); OBSERVATION_NOT_FOUND for a message id never
+    applied, retracted already, erased, or whose links were all retracted already by an unlink of a
+    pair or identifier; IDENTIFIER_NOT_FOUND for an identifier never seen. A retry of a call that
+    succeeded gets NOT_FOUND too, unless it sends the same `request_id`. ALREADY_EXISTS (reason
     REQUEST_ID_REUSED) when `request_id` was already used for a different request.
     """
     ErasePerson: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ErasePersonRequest, _identity_service_pb2.ErasePersonResponse]  # type: ignore[assignment]
@@ -401,7 +411,12 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         an identifier as a whole. The affected component is recomputed from the edge log; persons that
         fall apart get new or restored ids, and the change is recorded in the change feed.
 
-        Errors: NOT_FOUND when the evidence to retract does not exist; ALREADY_EXISTS (reason
+        Errors: NOT_FOUND when there is nothing left to retract, so a call that would change nothing
+        says so: reason LINK_NOT_FOUND for a pair never observed together, or an identifier linked with
+        nothing (unlinked already, or only ever seen alone); OBSERVATION_NOT_FOUND for a message id never
+        applied, retracted already, erased, or whose links were all retracted already by an unlink of a
+        pair or identifier; IDENTIFIER_NOT_FOUND for an identifier never seen. A retry of a call that
+        succeeded gets NOT_FOUND too, unless it sends the same `request_id`. ALREADY_EXISTS (reason
         REQUEST_ID_REUSED) when `request_id` was already used for a different request.
         """
 
