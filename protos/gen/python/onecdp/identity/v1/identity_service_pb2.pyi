@@ -1114,7 +1114,9 @@ class IdentifierType(_message.Message):
     Not supported for custom types yet: creating one with it set is INVALID_ARGUMENT.
     """
     built_in: _builtins.bool
-    """True for the types OneCDP ships with; they cannot be deleted."""
+    """True for the types OneCDP ships with. No identifier type is ever deleted, built in or custom
+    (identifiers of it stay in the graph and its name stays taken).
+    """
     etag: _builtins.str
     """A digest of the type's configuration (a quoted strong etag, AIP-154). Send it back in
     UpdateIdentifierType to apply the update only if the type did not change since.

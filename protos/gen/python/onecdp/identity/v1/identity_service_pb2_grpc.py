@@ -275,7 +275,8 @@ class IdentityServiceServicer:
     def CreateIdentifierType(self, request, context):
         """Creates a custom identifier type. It is in force at once in the process that handled the
         call and within 2 seconds in every other identity process: LinkIdentifiers accepts its
-        identifiers from then on.
+        identifiers from then on. Types are never deleted: to retire one, stop sending it, and to make
+        its values link nothing, update its `blocked_patterns` to `["."]` (every value is then junk).
 
         Errors: ALREADY_EXISTS when the name is taken, built-in names included; INVALID_ARGUMENT with
         a field violation per bad field (name, normalization, priority, limit, a blocked value that is

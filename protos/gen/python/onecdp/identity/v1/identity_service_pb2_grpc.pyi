@@ -132,7 +132,8 @@ class IdentityServiceStub:
     CreateIdentifierType: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.CreateIdentifierTypeRequest, _identity_service_pb2.IdentifierType]
     """Creates a custom identifier type. It is in force at once in the process that handled the
     call and within 2 seconds in every other identity process: LinkIdentifiers accepts its
-    identifiers from then on.
+    identifiers from then on. Types are never deleted: to retire one, stop sending it, and to make
+    its values link nothing, update its `blocked_patterns` to `["."]` (every value is then junk).
 
     Errors: ALREADY_EXISTS when the name is taken, built-in names included; INVALID_ARGUMENT with
     a field violation per bad field (name, normalization, priority, limit, a blocked value that is
@@ -277,7 +278,8 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     CreateIdentifierType: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.CreateIdentifierTypeRequest, _identity_service_pb2.IdentifierType]  # type: ignore[assignment]
     """Creates a custom identifier type. It is in force at once in the process that handled the
     call and within 2 seconds in every other identity process: LinkIdentifiers accepts its
-    identifiers from then on.
+    identifiers from then on. Types are never deleted: to retire one, stop sending it, and to make
+    its values link nothing, update its `blocked_patterns` to `["."]` (every value is then junk).
 
     Errors: ALREADY_EXISTS when the name is taken, built-in names included; INVALID_ARGUMENT with
     a field violation per bad field (name, normalization, priority, limit, a blocked value that is
@@ -497,7 +499,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_identity_service_pb2.IdentifierType, _abc.Awaitable[_identity_service_pb2.IdentifierType]]:
         """Creates a custom identifier type. It is in force at once in the process that handled the
         call and within 2 seconds in every other identity process: LinkIdentifiers accepts its
-        identifiers from then on.
+        identifiers from then on. Types are never deleted: to retire one, stop sending it, and to make
+        its values link nothing, update its `blocked_patterns` to `["."]` (every value is then junk).
 
         Errors: ALREADY_EXISTS when the name is taken, built-in names included; INVALID_ARGUMENT with
         a field violation per bad field (name, normalization, priority, limit, a blocked value that is
