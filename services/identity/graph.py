@@ -1461,12 +1461,20 @@ class IdentityGraph:
         that touches them, as a policy change leaves persons to be judged again."""
         ordered = sorted(outside)
         for start in range(0, len(ordered), NEIGHBOUR_SEEDS_PER_ROUND):
+            left = deadline.remaining()
+            if left is not None and left < 2 * DEADLINE_MARGIN_SECONDS:
+                # The caller must still learn that its erasure is done.
+                log.warning("%s: %d identifiers left to be recomputed when next touched: the call's deadline is "
+                            "near", reason, len(ordered) - start)
+                return
             chunk = ordered[start:start + NEIGHBOUR_SEEDS_PER_ROUND]
             try:
                 self.reconcile_many([{key} for key in chunk], [reason] * len(chunk))
             except DomainError as error:
                 log.warning("%s: %d identifiers left to be recomputed when next touched: %s", reason, len(chunk),
                             error.message)
+            except Exception:
+                log.exception("%s: %d identifiers left to be recomputed when next touched", reason, len(chunk))
 
     def _merged_ids(self, person: Person) -> set[str]:
         """Every id merged into `person`, directly or through ids merged into those.

@@ -37,13 +37,17 @@ def test_erasing_a_device_shared_by_more_accounts_than_a_component_may_hold_succ
     assert all(holders.values()) and len(set(holders.values())) == ACCOUNTS
 
 
+@pytest.mark.parametrize("error", [ResourceExhausted("the component is too large", reason="COMPONENT_TOO_LARGE"),
+                                   RuntimeError("a bug")], ids=["too-large", "bug"])
 def test_a_neighbour_that_cannot_be_recomputed_does_not_fail_the_committed_erasure(
-        graph: IdentityGraph, monkeypatch: pytest.MonkeyPatch) -> None:
-    person_id = _shared_device(graph, "dev-fails")
+        graph: IdentityGraph, monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    device = f"dev-fails-{type(error).__name__.lower()}"
+    person_id = _shared_device(graph, device)
 
-    def too_large(*args: object, **kwargs: object) -> None:
-        raise ResourceExhausted("the component is too large", reason="COMPONENT_TOO_LARGE")
-    monkeypatch.setattr(graph, "reconcile_many", too_large)
+    def failing(*args: object, **kwargs: object) -> None:
+        raise error
+    monkeypatch.setattr(graph, "reconcile_many", failing)
     erasure = graph.erase(person_id, allow_relink=False, reason="privacy request")
     assert erasure.person_id == person_id and erasure.change.source_person_ids == [person_id]
-    assert graph.persons_of([IdKey("device_id", "DEV-FAILS")]) == {IdKey("device_id", "DEV-FAILS"): None}
+    key = IdKey("device_id", device.upper())
+    assert graph.persons_of([key]) == {key: None}
