@@ -273,8 +273,10 @@ class LinkResult(_message.Message):
     identifiers apart (e.g. a shared device), the person of the highest-priority identifier.
     """
     duplicate: _builtins.bool
-    """True when the observation's message_id had been applied before; nothing changed, and
-    `normalized_identifiers` are those applied then.
+    """True when the observation's message_id had been applied before, by an earlier call or an
+    earlier observation of this one; nothing changed, and `normalized_identifiers` are those applied
+    then. Never true for a message_id whose observation was dropped because it named an erased
+    identifier (GUARD_KIND_ERASED): that observation was not applied.
     """
     @_builtins.property
     def person_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
