@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import threading
 import time
 import unicodedata
@@ -145,7 +146,23 @@ def _policy_from_document(document: Mapping[str, Any]) -> GuardPolicy:
 
 def _digest(document: Mapping[str, Any]) -> str:
     # Equal content, equal etag, in every process.
-    return strong_etag(hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:24])
+    return strong_etag(hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:_DIGEST_LENGTH])
+
+
+_DIGEST_LENGTH = 24
+_ETAG_OPAQUE = re.compile(f"[0-9a-f]{{{_DIGEST_LENGTH}}}")
+
+
+def _check_etag_form(etag: str, field_path: str) -> None:
+    """InvalidArgument naming `field_path` for an etag this service never issues: it could match no version,
+    so calling it stale (ABORTED, read again and retry) would send the caller round a loop that cannot end.
+    Quoted or bare, as shared.etags.etag_matches compares them."""
+    if not etag or _ETAG_OPAQUE.fullmatch(etag.strip().strip('"')):
+        return
+    weak = " (a weak W/ etag; updates need the strong one)" if etag.lstrip().startswith("W/") else ""
+    raise InvalidArgument.for_field(field_path, f"{etag!r} is not an etag this service issues{weak}; send the one "
+                                    "the last Get or update returned, exactly as shown, or none for an "
+                                    "unconditional update", reason="INVALID_ETAG")
 
 
 def type_etag(identifier_type: IdentifierType) -> str:
@@ -360,6 +377,7 @@ class IdentitySettings:
         """Change the masked fields of a type (built-in or custom); Aborted when `etag` is stale."""
         type_name = type_name_of(name, "identifier_type.name")
         fields = _masked_fields(mask, UPDATABLE_TYPE_FIELDS, IMMUTABLE_TYPE_FIELDS)
+        _check_etag_form(etag, "identifier_type.etag")
 
         def update(stored_types: dict[str, Any]) -> IdentifierType:
             if type_name in stored_types:
@@ -385,6 +403,7 @@ class IdentitySettings:
     def update_policy(self, draft: PolicyDraft, mask: Sequence[str], etag: str) -> GuardPolicy:
         """Change the masked fields of the guard policy; Aborted when `etag` is stale."""
         fields = _masked_fields(mask, UPDATABLE_POLICY_FIELDS, ())
+        _check_etag_form(etag, "guard_policy.etag")
         self.refresh()  # rules name types: know every type stored so far, from any process
 
         def update(body: Mapping[str, Any] | None) -> tuple[dict[str, Any], GuardPolicy]:
