@@ -71,7 +71,9 @@ def test_a_call_replaying_erased_identifiers_links_none_of_them_and_records_with
     assert graph.neighbours_of(IdKey("cookie", "n3")) == {IdKey("device_id", "DEV-3")}
     new_persons = graph.persons_of([IdKey("cookie", "n1"), IdKey("cookie", "n2"), IdKey("cookie", "n3")])
     assert all(new_persons.values()) and len(set(new_persons.values())) == 3
-    # A replay answers with what was applied: the erased identifier was not.
+    # An observation dropped for an erasure is not recorded as applied: a replay is judged again (dropped again
+    # while the tombstone stands; linked once it is lifted), not answered as a duplicate of nothing.
     replayed = graph.link([RawObservation([("email", "one@x.io"), ("cookie", "n1")], Evidence("late-1"))])[0]
-    assert replayed.duplicate and replayed.normalized == [IdKey("cookie", "n1")]
+    assert not replayed.duplicate
+    assert [(d.identifier, d.guard) for d in replayed.guard_decisions] == [(first, GuardKind.ERASED)]
     assert replayed.person_id == new_persons[IdKey("cookie", "n1")]
