@@ -135,6 +135,9 @@ class LinkOutcome:
     normalized: list[IdKey] = field(default_factory=list)
     guard_decisions: list[GuardDecision] = field(default_factory=list)
     duplicate: bool = False
+    # A duplicate whose message_id was applied with other identifiers than this observation names (the id was
+    # reused for another message): none of this observation's identifiers were linked.
+    other_identifiers: bool = False
     changes: list[Change] = field(default_factory=list)  # recorded by the reconciliation that applied it
 
 
@@ -577,6 +580,7 @@ class IdentityGraph:
                 # A replay answers with what was applied under its message id, which is not what this
                 # call sent when the payload differs (nothing of it is linked).
                 outcome = outcomes[index]
+                outcome.other_identifiers = set(applied) != set(normalized[index])
                 outcome.duplicate, outcome.normalized = True, applied
             elif message_id in first_of:
                 repeats[index] = first_of[message_id]
@@ -608,6 +612,7 @@ class IdentityGraph:
             for g in group:
                 results[pending[g]] = reconciled
         for index, first in repeats.items():
+            outcomes[index].other_identifiers = set(normalized[index]) != set(normalized[first])
             outcomes[index].normalized = list(normalized[first])
             if results[first].erased.isdisjoint(normalized[first]):
                 outcomes[index].duplicate = True  # answered below like a replay: the persons its identifiers hold

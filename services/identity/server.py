@@ -100,7 +100,7 @@ def _link_result(outcome: LinkOutcome) -> pb.LinkResult:
         person_id=outcome.person_id, person_ids=outcome.person_ids, merged_person_ids=outcome.merged_person_ids,
         normalized_identifiers=[_identifier(k) for k in outcome.normalized],
         guard_decisions=[_guard(d) for d in outcome.guard_decisions], duplicate=outcome.duplicate,
-        changes=[_change(c) for c in outcome.changes])
+        other_identifiers=outcome.other_identifiers, changes=[_change(c) for c in outcome.changes])
 
 
 def _person(person: Person, identifier_limit: int = 100) -> pb.Person:

@@ -56,6 +56,9 @@ class Resolution:
     merged_person_ids: list[str] = field(default_factory=list)
     erased: bool = False
     invalid: str = ""
+    # Identity holds an observation under the event's message_id with other identifiers (a LinkIdentifiers
+    # call that used the same id): the returned person is theirs, not this event's.
+    message_id_taken: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,8 @@ class GrpcIdentityResolver:
             for position, result in enumerate(response.results):
                 results[order[position]] = Resolution(
                     person_id=result.person_id, merged_person_ids=list(result.merged_person_ids),
-                    erased=any(d.guard == _ERASED_GUARD for d in result.guard_decisions))
+                    erased=any(d.guard == _ERASED_GUARD for d in result.guard_decisions),
+                    message_id_taken=result.duplicate and result.other_identifiers)
             break
         return results
 

@@ -379,6 +379,10 @@ def _identity_rejection(resolution: Resolution) -> Rejection | None:
     if resolution.erased:
         return Rejection(RejectionReason.ERASED_IDENTIFIER,
                          "an identifier of the event was erased by a privacy request; it is not stored again")
+    if resolution.message_id_taken:
+        return Rejection(RejectionReason.BAD_MESSAGE_ID,
+                         "the identity service already holds an observation of other identifiers under this "
+                         "message_id (a LinkIdentifiers call used it); give every event a message_id of its own")
     if resolution.person_id:
         return None
     return Rejection(RejectionReason.MISSING_IDENTIFIER,

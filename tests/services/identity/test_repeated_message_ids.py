@@ -26,6 +26,7 @@ def test_a_message_id_repeated_in_one_call_is_applied_once(identity: Stub) -> No
     first, repeated = link(identity, observation("cookie:rm-i", "account_id:rm-ia", message_id="rm-M"),
                            observation("cookie:rm-j", "account_id:rm-ja", message_id="rm-M"))
     assert not first.duplicate and repeated.duplicate
+    assert not first.other_identifiers and repeated.other_identifiers  # the id was reused for another message
     assert [f"{i.type}:{i.value}" for i in repeated.normalized_identifiers] == [
         f"{i.type}:{i.value}" for i in first.normalized_identifiers]
     assert repeated.person_id == first.person_id and not repeated.changes
@@ -36,7 +37,9 @@ def test_a_message_id_repeated_in_one_call_is_applied_once(identity: Stub) -> No
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     # A replay in a later call answers the same.
     (later,) = link(identity, observation("cookie:rm-j", "account_id:rm-ja", message_id="rm-M"))
-    assert later.duplicate and later.normalized_identifiers == first.normalized_identifiers
+    assert later.duplicate and later.normalized_identifiers == first.normalized_identifiers and later.other_identifiers
+    (same,) = link(identity, observation("account_id:rm-ia", "cookie:rm-i", message_id="rm-M"))
+    assert same.duplicate and not same.other_identifiers  # a true replay, whatever the order
     # Unlinking by the message id retracts everything it linked.
     identity.UnlinkIdentifiers(pb.UnlinkIdentifiersRequest(message_id="rm-M"), timeout=30)
     assert not _linked(identity, "cookie:rm-i", "account_id:rm-ia")

@@ -268,6 +268,7 @@ class LinkResult(_message.Message):
     GUARD_DECISIONS_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
     CHANGES_FIELD_NUMBER: _builtins.int
+    OTHER_IDENTIFIERS_FIELD_NUMBER: _builtins.int
     person_id: _builtins.str
     """The person the observation's identifiers belong to after it was applied. When guards keep the
     identifiers apart (e.g. a shared device), the person of the highest-priority identifier.
@@ -277,6 +278,12 @@ class LinkResult(_message.Message):
     earlier observation of this one; nothing changed, and `normalized_identifiers` are those applied
     then. Never true for a message_id whose observation was dropped because it named an erased
     identifier (GUARD_KIND_ERASED): that observation was not applied.
+    """
+    other_identifiers: _builtins.bool
+    """True for a duplicate whose message_id was applied with other identifiers than this
+    observation names (normalized): the id was used for another message, and none of this
+    observation's identifiers were linked. A client that reuses its event ids as message ids
+    (profile does) must not take `person_id` as these identifiers' person.
     """
     @_builtins.property
     def person_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -318,10 +325,11 @@ class LinkResult(_message.Message):
         guard_decisions: _abc.Iterable[Global___GuardDecision] | None = ...,
         duplicate: _builtins.bool = ...,
         changes: _abc.Iterable[Global___IdentityChange] | None = ...,
+        other_identifiers: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "duplicate", b"duplicate", "guard_decisions", b"guard_decisions", "merged_person_ids", b"merged_person_ids", "normalized_identifiers", b"normalized_identifiers", "person_id", b"person_id", "person_ids", b"person_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "duplicate", b"duplicate", "guard_decisions", b"guard_decisions", "merged_person_ids", b"merged_person_ids", "normalized_identifiers", b"normalized_identifiers", "other_identifiers", b"other_identifiers", "person_id", b"person_id", "person_ids", b"person_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
