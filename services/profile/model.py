@@ -13,6 +13,7 @@ from datetime import datetime
 from enum import IntEnum
 from typing import Any
 
+from shared.errors import control_character_problem
 from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
 
 MAX_MESSAGE_ID_LENGTH = 128
@@ -270,6 +271,8 @@ def validate(event: Event, now: datetime) -> Rejection | None:
     if not 0 < len(event.message_id) <= MAX_MESSAGE_ID_LENGTH:
         return Rejection(RejectionReason.BAD_MESSAGE_ID,
                          f"message_id must be 1-{MAX_MESSAGE_ID_LENGTH} characters, got {len(event.message_id)}")
+    if problem := control_character_problem(event.message_id):
+        return Rejection(RejectionReason.BAD_MESSAGE_ID, f"message_id {problem}")
     if event.event_type not in EventType.__members__.values():
         return Rejection(RejectionReason.UNKNOWN_TYPE,
                          f"type {event.event_type} is not one of IDENTIFY, TRACK, PAGE, SCREEN, ALIAS, ORDER")
@@ -331,6 +334,8 @@ def _check_fields(event: Event) -> Rejection | None:
         if len(text) > MAX_NAME_LENGTH:
             return Rejection(RejectionReason.INVALID_FIELD,
                              f"{name} is {len(text)} characters; at most {MAX_NAME_LENGTH} are allowed")
+        if problem := control_character_problem(text):
+            return Rejection(RejectionReason.INVALID_FIELD, f"{name} {problem}")
     if event.source_kind not in SOURCE_KINDS:
         return Rejection(RejectionReason.INVALID_FIELD, f"source_kind {event.source_kind} is not a SourceKind "
                                                         f"(0-{SOURCE_KINDS[-1]})")

@@ -246,6 +246,24 @@ def test_an_event_time_no_timestamp_can_be_rejects_that_event_only(profiles: Stu
     assert profile_of(profiles, "crm_id:bin").traits["plan"].value.string_value == "ok"
 
 
+def test_control_characters_in_message_ids_and_names_reject_that_event_only(profiles: Stub) -> None:
+    """A NUL or newline is a client's encoding bug: stored, it would come back in every read and export. The
+    message_id one is refused by profile itself (BAD_MESSAGE_ID), not answered as identity's invalid identifier."""
+    results = ingest(profiles, track("crm_id:ctl", name="open\x00", message_id="ctl-1"),
+                     track("crm_id:ctl", name="open", message_id="ctl-2\n"),
+                     track("crm_id:ctl", name="open", message_id="ctl-3", source="web\x07"),
+                     track("crm_id:ctl", name="open", message_id="ctl-4"))
+    assert [(r.status, r.rejection_reason) for r in results] == [
+        (pb.EVENT_STATUS_REJECTED, pb.EVENT_REJECTION_REASON_INVALID_FIELD),
+        (pb.EVENT_STATUS_REJECTED, pb.EVENT_REJECTION_REASON_BAD_MESSAGE_ID),
+        (pb.EVENT_STATUS_REJECTED, pb.EVENT_REJECTION_REASON_INVALID_FIELD),
+        (pb.EVENT_STATUS_ACCEPTED, pb.EVENT_REJECTION_REASON_UNSPECIFIED)]
+    assert results[0].message == "event_name must not contain control characters; found control character U+0000 " \
+                                 "at position 4"
+    assert results[1].message.startswith("message_id must not contain control characters")
+    assert profile_of(profiles, "crm_id:ctl").computed.event_count == 1
+
+
 def test_an_identify_event_takes_only_trait_names_batch_writes_take(profiles: Stub) -> None:
     """Trait names are 1-128 characters however a trait is written, so every stored trait can be named in a
     segment rule (segmentation takes the same names)."""
