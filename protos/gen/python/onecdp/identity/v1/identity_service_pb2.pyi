@@ -1129,7 +1129,8 @@ class IdentifierType(_message.Message):
     """
     etag: _builtins.str
     """A digest of the type's configuration (a quoted strong etag, AIP-154). Send it back in
-    UpdateIdentifierType to apply the update only if the type did not change since.
+    UpdateIdentifierType to apply the update only if the type did not change since: a stale one
+    is ABORTED, a value the service never issues INVALID_ARGUMENT.
     """
     @_builtins.property
     def blocked_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1140,9 +1141,11 @@ class IdentifierType(_message.Message):
 
     @_builtins.property
     def blocked_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Regular expressions (Python `re` syntax) searched in the normalized value; a value matching
-        any is junk. At most 50, each 1-256 characters; a pattern that matches the empty string is
-        refused, as it would match almost every value.
+        """Regular expressions in RE2 syntax (https://github.com/google/re2/wiki/Syntax: linear-time
+        matching, so no pattern can make linking slow; no backreferences or lookaround, and `\\d`, `\\w`
+        are ASCII only) searched in the normalized value (anchor with `^...$`); a value matching any is
+        junk. At most 50, each 1-256 characters; a pattern RE2 cannot compile, or one that matches the
+        empty string (it would match almost every value), is INVALID_ARGUMENT naming it.
         """
 
     def __init__(
@@ -1322,7 +1325,8 @@ class GuardPolicy(_message.Message):
     """Resource name, always `guardPolicy`."""
     etag: _builtins.str
     """A digest of the policy (a quoted strong etag, AIP-154). Send it back in UpdateGuardPolicy to
-    apply the update only if the policy did not change since.
+    apply the update only if the policy did not change since: a stale one is ABORTED, a value the
+    service never issues INVALID_ARGUMENT.
     """
     @_builtins.property
     def blocked_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1332,9 +1336,11 @@ class GuardPolicy(_message.Message):
 
     @_builtins.property
     def blocked_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Regular expressions (Python `re` syntax) searched in the normalized value of any type; a
-        value matching any is junk, e.g. `^0+$`, `^(.)\\1{5,}$`. At most 50, each 1-256 characters; a
-        pattern that matches the empty string is refused, as it would match almost every value.
+        """Regular expressions in RE2 syntax (as IdentifierType.blocked_patterns) searched in the
+        normalized value of any type; a value matching any is junk, e.g. `^0+$`. At most 50, each 1-256
+        characters; a pattern RE2 cannot compile, or one that matches the empty string, is
+        INVALID_ARGUMENT naming it. The built-in default `^(.)\\1{5,}$` (one character repeated) uses a
+        backreference RE2 lacks: it alone is matched by Python's `re` (anchored, so in linear time).
         """
 
     @_builtins.property
