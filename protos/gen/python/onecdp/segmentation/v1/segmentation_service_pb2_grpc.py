@@ -186,6 +186,10 @@ class SegmentationServiceServicer:
         operation whose metadata is RecomputeSegmentMetadata (progress) and whose response is
         RecomputeSegmentResponse. Poll it with GetOperation.
 
+        When the rule's trait conditions can decide a person without events (`traits.plan = "pro" AND
+        event(...)`: everyone not on pro), each token range is read without events first, and events are
+        read only for the persons left undecided; the members are the same either way.
+
         A running operation is owned by one replica through a lease it renews; when that replica stops,
         another (or the same one, restarted) takes the operation over within the lease time (15 s) and
         runs it again from the start (`attempt` in the metadata counts the runs). An operation whose
