@@ -297,6 +297,17 @@ def validate(event: Event, now: datetime) -> Rejection | None:
     return _check_fields(event)
 
 
+def trait_name_problem(name: str) -> str:
+    """Why `name` is no trait name ("" when it is): 1-128 characters, none of them a control character. The
+    same names however a trait is written (identify event, BatchWriteTraits) or read (a `traits.<name>` path)."""
+    if not 0 < len(name) <= MAX_TRAIT_NAME_LENGTH:
+        shown = f"{name[:40]!r}{'...' if len(name) > 40 else ''}"
+        return f"trait name {shown} is {len(name)} characters; trait names are 1-{MAX_TRAIT_NAME_LENGTH} characters"
+    if problem := control_character_problem(name):
+        return f"trait name {name[:40]!r}{'...' if len(name) > 40 else ''} {problem}"
+    return ""
+
+
 def event_time_problem(when: datetime, now: datetime) -> str:
     """Why `when` is not an event time OneCDP stores ("" when it is), worded for the caller: events and
     trait writes take the same times, so a trait can never be written where no later write reaches it."""

@@ -34,6 +34,7 @@ from services.profile.model import (
     TraitWrite,
     event_time_problem,
     number_text,
+    trait_name_problem,
 )
 from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, ProfileView
 from services.profile.scan_response import profile_bytes, scan_response_bytes
@@ -296,9 +297,12 @@ class ReadMask:
         self._other_paths: list[str] = []
         violations = Violations()
         for index, path in enumerate(self.paths):
-            head, _, rest = path.partition(".")
+            head, dot, rest = path.partition(".")
             problem = "" if head == "traits" else _field_path_problem(pb.Profile.DESCRIPTOR, path)
-            if problem:
+            if head == "traits" and dot and (name_problem := trait_name_problem(rest)):
+                # `traits.` (no name) or a name no trait can have: not a field path a FieldMask could apply.
+                violations.add(f"{field_path}.paths[{index}]", f"{path!r} names no trait: {name_problem}")
+            elif problem:
                 violations.add(f"{field_path}.paths[{index}]",
                                f"unknown Profile field path {path!r}: {problem}; e.g. traits, traits.<name>, "
                                "computed, computed.rfm.segment, preferences, recent_transactions, identifiers")
@@ -340,7 +344,8 @@ def _field_path_problem(message: descriptor.Descriptor, path: str) -> str:
     names = path.split(".")
     for depth, name in enumerate(names):
         field = message.fields_by_name.get(name)
-        if field is None:
+        # The runtime's lookup stops at a NUL (`traits\x00` found `traits`): the name found must be the name asked.
+        if field is None or field.name != name:
             return f"{name!r} is not a field of {message.name}"
         if depth == len(names) - 1:
             return ""

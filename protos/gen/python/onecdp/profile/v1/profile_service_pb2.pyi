@@ -986,7 +986,8 @@ class GetProfileRequest(_message.Message):
         Any field path of Profile at any depth is accepted, e.g. `computed.rfm.segment`;
         `traits.<name>` selects single traits (the name may contain dots, e.g. `traits.scores.churn`).
         A path that is not a field of Profile, or that goes through a repeated or map field other
-        than `traits`, is INVALID_ARGUMENT.
+        than `traits`, is INVALID_ARGUMENT naming `read_mask.paths[i]`; so is a `traits.<name>` path
+        whose name is no trait name (1-128 characters, no control characters), e.g. `traits.`.
         """
 
     @_builtins.property

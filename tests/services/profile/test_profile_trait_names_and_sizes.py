@@ -1,0 +1,57 @@
+"""Trait names and sizes the profile service must refuse with INVALID_ARGUMENT naming the field, found by an
+outside tester: a read mask naming no trait answered INTERNAL, a 5 MB trait write was stored (and then made
+every read of its person fail), and only the first of several bad selectors was named."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from onecdp.profile.v1 import profile_service_pb2 as pb
+from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
+
+from tests.services.profile.conftest import identify, ingest, profile_of, selector
+from tests.status_details import field_violations
+
+pytestmark = pytest.mark.integration
+
+Stub = pb_grpc.ProfileServiceStub
+
+
+def _answer(call: Callable[..., Any], request: object) -> Any:
+    result = call(request, timeout=30)
+    return result if hasattr(result, "SerializeToString") else list(result)  # a stream fails when read
+
+
+def _invalid(call: Callable[..., Any], request: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as bad:
+        _answer(call, request)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad.value.details()
+    return bad.value
+
+
+def test_a_read_mask_path_naming_no_trait_is_invalid_argument_naming_the_path(profiles: Stub) -> None:
+    """`traits.` and `traits\\x00` answered INTERNAL (an AttributeError applying the mask)."""
+    ingest(profiles, identify("crm_id:mask", traits={"plan": "pro"}))
+    shard = profiles.ListProfileShards(pb.ListProfileShardsRequest(shard_count=1), timeout=10).shards[0]
+    for paths, index, words in ((["traits."], 0, "trait names are 1-128 characters"),
+                                (["person_id", "traits\x00"], 1, "is not a field of Profile"),
+                                (["traits.a\x00b"], 0, "must not contain control characters"),
+                                (["traits." + "x" * 129], 0, "trait names are 1-128 characters"),
+                                (["computed.rfm\x00"], 0, "is not a field of ComputedTraits")):
+        mask = field_mask_pb2.FieldMask(paths=paths)
+        for call, request in (
+                (profiles.GetProfile, pb.GetProfileRequest(person=selector("crm_id:mask"), read_mask=mask)),
+                (profiles.BatchGetProfiles, pb.BatchGetProfilesRequest(persons=[selector("crm_id:mask")],
+                                                                       read_mask=mask)),
+                (profiles.ScanProfiles, pb.ScanProfilesRequest(shard=shard, read_mask=mask))):
+            violations = field_violations(_invalid(call, request))
+            assert [field for field, _ in violations] == [f"read_mask.paths[{index}]"], (paths, violations)
+            assert words in violations[0][1], (paths, violations)
+    # A trait name with dots and any other characters is still a trait name.
+    read = profile_of(profiles, "crm_id:mask", read_mask=field_mask_pb2.FieldMask(paths=["traits.plan",
+                                                                                         "traits.会员.等级"]))
+    assert set(read.traits) == {"plan"}
