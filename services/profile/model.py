@@ -355,10 +355,8 @@ def _check_fields(event: Event) -> Rejection | None:
                                                         f"(0-{DATA_PARTIES[-1]})")
     if event.event_type == EventType.IDENTIFY:
         for trait_name in event.traits:
-            if not 0 < len(trait_name) <= MAX_TRAIT_NAME_LENGTH:
-                return Rejection(RejectionReason.INVALID_FIELD,
-                                 f"trait name {trait_name[:40]!r}{'...' if len(trait_name) > 40 else ''} is "
-                                 f"{len(trait_name)} characters; trait names are 1-{MAX_TRAIT_NAME_LENGTH} characters")
+            if problem := trait_name_problem(trait_name):
+                return Rejection(RejectionReason.INVALID_FIELD, problem)
     if rejection := _check_numbers(event):
         return rejection
     if event.event_type != EventType.ORDER:

@@ -22,7 +22,7 @@ from services.profile.identity import GrpcIdentityResolver, PersonView
 from services.profile.model import (
     DATA_PARTIES,
     MAX_MESSAGE_ID_LENGTH,
-    MAX_TRAIT_NAME_LENGTH,
+    MAX_PAYLOAD_BYTES,
     Event,
     EventResult,
     EventStatus,
@@ -473,9 +473,15 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             violations.check(bool(write.traits.fields), f"writes[{index}].traits", "at least one trait is required")
             violations.check(write.party in DATA_PARTIES, f"writes[{index}].party",
                              f"{write.party} is not a DataParty (0-{DATA_PARTIES[-1]})")
+            # Capped as an identify event's traits are: a larger trait makes every read of its person too large.
+            size = write.traits.ByteSize()
+            violations.check(size <= MAX_PAYLOAD_BYTES, f"writes[{index}].traits",
+                             f"traits are {size} bytes serialized; at most {MAX_PAYLOAD_BYTES} are allowed per write "
+                             "(as in an identify event)")
             for name, value in write.traits.fields.items():
-                violations.check(0 < len(name) <= MAX_TRAIT_NAME_LENGTH, f"writes[{index}].traits",
-                                 f"trait names are 1-{MAX_TRAIT_NAME_LENGTH} characters")
+                if name_problem := trait_name_problem(name):
+                    violations.add(f"writes[{index}].traits", name_problem)
+                    continue
                 # JSON has no NaN or Infinity: such a trait could be neither stored nor read back.
                 if found := _non_finite_in_value(value, f"writes[{index}].traits.{name}"):
                     violations.add(found[0], f"must be a finite number, got {number_text(found[1])}")

@@ -9,11 +9,11 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, struct_pb2
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
-from tests.services.profile.conftest import identify, ingest, profile_of, selector
+from tests.services.profile.conftest import ident, identify, ingest, profile_of, selector
 from tests.status_details import field_violations
 
 pytestmark = pytest.mark.integration
@@ -55,3 +55,34 @@ def test_a_read_mask_path_naming_no_trait_is_invalid_argument_naming_the_path(pr
     read = profile_of(profiles, "crm_id:mask", read_mask=field_mask_pb2.FieldMask(paths=["traits.plan",
                                                                                          "traits.会员.等级"]))
     assert set(read.traits) == {"plan"}
+
+
+def _traits(**values: Any) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def test_trait_writes_are_capped_as_identify_events_are_and_take_only_trait_names(profiles: Stub) -> None:
+    """A 5 MB trait was stored, after which the person's profile was too large for default clients and its
+    scans failed on the server; a NUL trait name was stored, which no read mask can name."""
+    ingest(profiles, identify("crm_id:big", traits={"plan": "basic"}))
+    who = ident("crm_id:big")
+    writes = [pb.TraitWrite(identifier=who, traits=_traits(plan="pro", blob="x" * 5_000_000)),
+              pb.TraitWrite(identifier=who, traits=_traits(**{"a\x00b": 1, "plan": "pro"})),
+              pb.TraitWrite(identifier=who, traits=_traits(**{"x" * 129: 1}))]
+    violations = field_violations(_invalid(profiles.BatchWriteTraits, pb.BatchWriteTraitsRequest(writes=writes)))
+    assert [field for field, _ in violations] == ["writes[0].traits", "writes[1].traits", "writes[2].traits"]
+    assert violations[0][1].startswith("traits are 5000") and "at most 65536 are allowed" in violations[0][1]
+    assert violations[1][1] == ("trait name 'a\\x00b' must not contain control characters; found control character "
+                                "U+0000 at position 1")
+    assert violations[2][1].endswith("is 129 characters; trait names are 1-128 characters")
+    assert profile_of(profiles, "crm_id:big").traits["plan"].value.string_value == "basic", "nothing was written"
+    # Up to 64 KiB serialized is a write like any other; an identify event refuses the same names.
+    written = profiles.BatchWriteTraits(pb.BatchWriteTraitsRequest(writes=[pb.TraitWrite(
+        identifier=who, traits=_traits(blob="y" * 60_000))]), timeout=30)
+    assert written.written_count == 1
+    result = ingest(profiles, identify("crm_id:big", traits={"tab\tname": 1}))[0]
+    assert (result.status, result.rejection_reason) == (pb.EVENT_STATUS_REJECTED,
+                                                        pb.EVENT_REJECTION_REASON_INVALID_FIELD)
+    assert result.message.startswith("trait name 'tab\\tname' must not contain control characters")

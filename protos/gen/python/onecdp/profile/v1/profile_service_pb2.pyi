@@ -273,8 +273,8 @@ class Event(_message.Message):
     @_builtins.property
     def traits(self) -> _struct_pb2.Struct:
         """For identify: traits to set on the profile (last write wins by event_time per trait). Names
-        are 1-128 characters of any kind; numbers must be finite (an event with another name, or a
-        NaN or infinite value, is rejected alone, INVALID_FIELD naming its path).
+        are 1-128 characters, none of them a control character; numbers must be finite (an event with
+        another name, or a NaN or infinite value, is rejected alone, INVALID_FIELD naming its path).
         """
 
     @_builtins.property
@@ -1298,7 +1298,10 @@ class TraitWrite(_message.Message):
     """Who collected the data; defaults to first party for OneCDP's own writes."""
     @_builtins.property
     def traits(self) -> _struct_pb2.Struct:
-        """The traits to set; a null value deletes the trait. Names are 1-128 characters of any kind."""
+        """The traits to set; a null value deletes the trait. Names are 1-128 characters, none of them a
+        control character; at most 64 KiB serialized, as an identify event's traits (otherwise
+        INVALID_ARGUMENT naming `writes[i].traits`).
+        """
 
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:

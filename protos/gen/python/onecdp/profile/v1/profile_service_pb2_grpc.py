@@ -158,7 +158,8 @@ class ProfileServiceServicer:
         see TraitWrite for where a write goes when identity later merges or splits the person.
 
         Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written), including
-        a person id or identifier nobody holds, and an identifier held by another person than `person_id`.
+        traits over 64 KiB serialized or a trait name with a control character, a person id or
+        identifier nobody holds, and an identifier held by another person than `person_id`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

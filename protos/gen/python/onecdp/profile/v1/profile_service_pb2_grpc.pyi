@@ -76,7 +76,8 @@ class ProfileServiceStub:
     see TraitWrite for where a write goes when identity later merges or splits the person.
 
     Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written), including
-    a person id or identifier nobody holds, and an identifier held by another person than `person_id`.
+    traits over 64 KiB serialized or a trait name with a control character, a person id or
+    identifier nobody holds, and an identifier held by another person than `person_id`.
     """
     ListProfileShards: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileShardsRequest, _profile_service_pb2.ListProfileShardsResponse]
     """Lists the shards (token ranges) of the profile table, for parallel full scans."""
@@ -142,7 +143,8 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     see TraitWrite for where a write goes when identity later merges or splits the person.
 
     Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written), including
-    a person id or identifier nobody holds, and an identifier held by another person than `person_id`.
+    traits over 64 KiB serialized or a trait name with a control character, a person id or
+    identifier nobody holds, and an identifier held by another person than `person_id`.
     """
     ListProfileShards: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileShardsRequest, _profile_service_pb2.ListProfileShardsResponse]  # type: ignore[assignment]
     """Lists the shards (token ranges) of the profile table, for parallel full scans."""
@@ -241,7 +243,8 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         see TraitWrite for where a write goes when identity later merges or splits the person.
 
         Errors: INVALID_ARGUMENT (with a field violation per bad write; nothing is written), including
-        a person id or identifier nobody holds, and an identifier held by another person than `person_id`.
+        traits over 64 KiB serialized or a trait name with a control character, a person id or
+        identifier nobody holds, and an identifier held by another person than `person_id`.
         """
 
     @_abc_1.abstractmethod
