@@ -172,6 +172,21 @@ def _selector(selector: common_pb2.PersonSelector, field_path: str) -> tuple[str
                                     reason="PERSON_SELECTOR_EMPTY")
 
 
+def _selectors(selectors: Sequence[common_pb2.PersonSelector],
+               field_path: str) -> list[tuple[str, tuple[str, str] | None]]:
+    """`_selector` of each, INVALID_ARGUMENT naming every empty one (`{field_path}[i]`), as identity names every
+    invalid identifier."""
+    violations = Violations()
+    found = []
+    for index, selector in enumerate(selectors):
+        try:
+            found.append(_selector(selector, f"{field_path}[{index}]"))
+        except InvalidArgument as error:
+            violations.items.extend(error.field_violations)
+    violations.raise_if_any("some selectors are empty; nothing was read", reason="PERSON_SELECTOR_EMPTY")
+    return found
+
+
 # ---- domain to messages ---------------------------------------------------------------------------
 
 def _value(value: Any) -> struct_pb2.Value:
@@ -409,7 +424,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         mask = ReadMask(request.read_mask)
         as_of = _as_of(request)
         selection = _event_selection(request)
-        selectors = [_selector(s, f"persons[{i}]") for i, s in enumerate(request.persons)]
+        selectors = _selectors(request.persons, "persons")
         persons = self._profiles.identity.lookup(selectors)
         found = [p for p in persons if p is not None]
         views = iter(self._profiles.views(found, as_of,

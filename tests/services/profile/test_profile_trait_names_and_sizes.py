@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
+from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
@@ -86,3 +87,15 @@ def test_trait_writes_are_capped_as_identify_events_are_and_take_only_trait_name
     assert (result.status, result.rejection_reason) == (pb.EVENT_STATUS_REJECTED,
                                                         pb.EVENT_REJECTION_REASON_INVALID_FIELD)
     assert result.message.startswith("trait name 'tab\\tname' must not contain control characters")
+
+
+def test_batch_get_profiles_names_every_bad_selector(profiles: Stub) -> None:
+    """Only the first empty selector was named (persons[1]); identity's BatchLookupPersons names all of them."""
+    ingest(profiles, identify("crm_id:sel", traits={"plan": "pro"}))
+    persons = [selector("crm_id:sel"), common_pb2.PersonSelector(), common_pb2.PersonSelector(person_id=""),
+               selector("crm_id:sel"), common_pb2.PersonSelector(identifier=common_pb2.Identifier(type="crm_id"))]
+    error = _invalid(profiles.BatchGetProfiles, pb.BatchGetProfilesRequest(persons=persons))
+    assert [field for field, _ in field_violations(error)] == ["persons[1]", "persons[2]", "persons[4]"]
+    assert "persons[4]" in (error.details() or "")
+    found = profiles.BatchGetProfiles(pb.BatchGetProfilesRequest(persons=[persons[0]]), timeout=30)
+    assert [r.found for r in found.results] == [True]
