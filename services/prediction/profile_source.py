@@ -11,6 +11,8 @@ What it reads from profile (onecdp.profile.v1):
   `persons[i]`) becomes that person's `RefusedSelector` and the others are read again without it; a bad
   selector is the request's error, not the person's, so the gRPC adapter fails the call naming each one
   (`refused_selector_violations`). `selector_violations` catches the malformed ones before any read.
+- ListProfileEvents(person_id, end_time=before), paged: the events of a person a scan or batch read sent with
+  `events_omitted` (more than one message carries), so a heavy person's history is whole, not empty.
 - ListProfileChanges(page_token=cursor, with the unsettled tail): the changes the online store follows
   (online.py). The feed's
   cursors are time UUIDs (shared.changefeed), so the follower starts at a cursor made for its start time
@@ -65,6 +67,8 @@ DEFAULT_SHARDS = 16
 SCAN_BATCH_SIZE = 500
 # Profile's BatchGetProfiles limit.
 MAX_PERSONS_PER_READ = 1000
+# Profile's ListProfileEvents page size limit (a page also stops at 3 MiB).
+MAX_EVENTS_PER_PAGE = 1000
 # BatchGetProfiles calls of one batch at once: each keeps one of profile's worker threads busy.
 MAX_READS_IN_FLIGHT = 4
 # A batch with bad selectors is read again without them; identity names one per call.
@@ -230,9 +234,32 @@ class GrpcProfileSource(ReadsByStarting):
         try:
             for batch in self._stub.ScanProfiles(request):
                 for scanned in batch.profiles:
-                    yield PersonHistory(scanned.profile.person_id, activity_events(scanned.events, before))
+                    person_id = scanned.profile.person_id
+                    stored = self.omitted_events(person_id, before) if scanned.events_omitted else scanned.events
+                    yield PersonHistory(person_id, activity_events(stored, before))
         except grpc.RpcError as error:
             raise _domain_error(error, f"scanning profile shard {shard}") from error
+
+    def omitted_events(self, person_id: str, before: datetime | None) -> list[profile_pb.StoredEvent]:
+        """The events (before `before`) of a person profile sent with `events_omitted`: ListProfileEvents pages
+        (any order does: activity_events sorts them); none for a person profile no longer knows (erased since
+        it was read). Raises grpc.RpcError as the read it completes does."""
+        request = profile_pb.ListProfileEventsRequest(person=common_pb2.PersonSelector(person_id=person_id),
+                                                      page_size=MAX_EVENTS_PER_PAGE)
+        if before is not None:
+            request.end_time.FromDatetime(before)
+        events: list[profile_pb.StoredEvent] = []
+        while True:
+            try:
+                page = self._stub.ListProfileEvents(request, timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
+            except grpc.RpcError as error:
+                if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.NOT_FOUND:
+                    return []
+                raise
+            events.extend(page.events)
+            request.page_token = page.next_page_token
+            if not request.page_token:
+                return events
 
     def histories(self, before: datetime) -> Iterator[PersonHistory]:
         for shard in self.shards():
@@ -283,15 +310,26 @@ class GrpcProfileSource(ReadsByStarting):
                     return [deadline_passed if r is None else r for r in results]
                 continue
             for index, found in zip(pending, response.results, strict=True):
-                results[index] = (PersonHistory(found.profile.person_id, activity_events(found.events, before))
-                                  if found.found else NotFound("no person matches the selector",
-                                                               reason="PERSON_NOT_FOUND"))
+                results[index] = (self._history(found, before) if found.found
+                                  else NotFound("no person matches the selector", reason="PERSON_NOT_FOUND"))
             pending = []
             break
         too_many = InvalidArgument.for_field("person", "profile refused too many selectors of this batch",
                                              reason="BAD_PERSON_SELECTOR")
         return [too_many if r is None else r for r in results]
 
+
+    def _history(self, found: profile_pb.ProfileLookupResult, before: datetime | None) -> PersonHistory | DomainError:
+        """A found person's history; their events paged when profile left them out of the batch (`events_omitted`)."""
+        if not found.events_omitted:
+            return PersonHistory(found.profile.person_id, activity_events(found.events, before))
+        try:
+            stored = self.omitted_events(found.profile.person_id, before)
+        except grpc.RpcError as error:
+            return _domain_error(error, "reading the person's events")
+        except DomainError as deadline_passed:
+            return deadline_passed
+        return PersonHistory(found.profile.person_id, activity_events(stored, before))
 
     @staticmethod
     def _merge(results: list[PersonHistory | DomainError | None], positions: Sequence[int],

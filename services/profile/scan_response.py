@@ -15,7 +15,7 @@ identifiers, ...) are built as messages by the adapter and serialized.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +42,7 @@ def field_tag(message: type[Message], field: str, wire_type: int) -> bytes:
 _PROFILES = field_tag(pb.ScanProfilesResponse, "profiles", LENGTH_DELIMITED)
 _SCANNED_PROFILE = field_tag(pb.ScannedProfile, "profile", LENGTH_DELIMITED)
 _SCANNED_EVENTS = field_tag(pb.ScannedProfile, "events", LENGTH_DELIMITED)
+_EVENTS_OMITTED = field_tag(pb.ScannedProfile, "events_omitted", VARINT)
 _NAME = field_tag(pb.Profile, "name", LENGTH_DELIMITED)
 _PERSON_ID = field_tag(pb.Profile, "person_id", LENGTH_DELIMITED)
 _TRAITS = field_tag(pb.Profile, "traits", LENGTH_DELIMITED)
@@ -147,9 +148,29 @@ def stored_event_bytes(event: StoredEventRecord) -> bytes:
 
 def scan_response_bytes(scanned: Iterable[tuple[bytes, Iterable[StoredEventRecord]]]) -> bytes:
     """A ScanProfilesResponse of (Profile wire bytes, its events in order) pairs."""
-    encoded = []
+    return b"".join(_length_delimited(_PROFILES, _scanned_profile(profile, events)) for profile, events in scanned)
+
+
+def _scanned_profile(profile: bytes, events: Iterable[StoredEventRecord]) -> bytes:
+    item = _length_delimited(_SCANNED_PROFILE, profile)
+    return item + b"".join(_length_delimited(_SCANNED_EVENTS, stored_event_bytes(e)) for e in events)
+
+
+def scan_responses(scanned: Iterable[tuple[bytes, Iterable[StoredEventRecord]]], max_bytes: int) -> Iterator[bytes]:
+    """ScanProfilesResponses of (Profile wire bytes, its events in order) pairs, in order, each at most
+    `max_bytes` long: a response ends before the profile that would pass it. A profile that passes it alone
+    with its events goes without them and with `events_omitted` (the caller pages them with
+    ListProfileEvents); one that passes it even so goes alone. At least one response, empty for no pairs."""
+    response: list[bytes] = []
+    size = 0
     for profile, events in scanned:
-        item = _length_delimited(_SCANNED_PROFILE, profile)
-        item += b"".join(_length_delimited(_SCANNED_EVENTS, stored_event_bytes(e)) for e in events)
-        encoded.append(_length_delimited(_PROFILES, item))
-    return b"".join(encoded)
+        item = _length_delimited(_PROFILES, _scanned_profile(profile, events))
+        if len(item) > max_bytes:
+            item = _length_delimited(_PROFILES, _length_delimited(_SCANNED_PROFILE, profile)
+                                     + _EVENTS_OMITTED + _ONE_BYTE_VARINTS[1])
+        if response and size + len(item) > max_bytes:
+            yield b"".join(response)
+            response, size = [], 0
+        response.append(item)
+        size += len(item)
+    yield b"".join(response)

@@ -37,12 +37,12 @@ from services.profile.model import (
     trait_name_problem,
 )
 from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, ProfileView
-from services.profile.scan_response import profile_bytes, scan_response_bytes
+from services.profile.scan_response import profile_bytes, scan_responses
 from services.profile.shards import format_shard, parse_shard, split_ring
 from services.profile.store import EventSelection, ProfileStore, from_micros, micros
 from shared.changefeed import ChangeFeed, parse_cursor
 from shared.clients import identity_stub
-from shared.config import ProfileSettings
+from shared.config import GrpcSettings, ProfileSettings
 from shared.errors import InvalidArgument, ResourceExhausted, Violations
 from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW, request_time_problem
 from shared.leases import FollowerLease
@@ -69,6 +69,10 @@ IDENTITY_FEED_LEASE = "identity-feed"
 MAX_PAGE_BYTES = 3 * 1024 * 1024
 # What a repeated message field adds per element besides the element: its tag and length prefix.
 _ELEMENT_OVERHEAD_BYTES = 6
+# The share of the configured maximum message size (GrpcSettings.max_message_bytes) a response fills at most:
+# sizes here are counted exactly, the margin covers what they leave out (gRPC's framing, a client whose limit is
+# a little lower).
+_MESSAGE_BUDGET = 15 / 16
 # An events page token's time: µs since 1970, as `str(int)` writes it (no sign, no leading zero, 19 digits at most).
 _MICROS = re.compile(r"[1-9][0-9]{0,18}")
 
@@ -375,8 +379,11 @@ def _field_path_problem(message: descriptor.Descriptor, path: str) -> str:
 # ---- the servicer ---------------------------------------------------------------------------------
 
 class ProfileServicer(pb_grpc.ProfileServiceServicer):
-    def __init__(self, profiles: Profiles) -> None:
+    def __init__(self, profiles: Profiles,
+                 max_message_bytes: int = GrpcSettings.model_fields["max_message_bytes"].default) -> None:
         self._profiles = profiles
+        # What one response may fill: scans and batch reads leave out the events of a person that would pass it.
+        self._response_bytes = int(max_message_bytes * _MESSAGE_BUDGET)
 
     def IngestEvents(self, request: pb.IngestEventsRequest, context: grpc.ServicerContext) -> pb.IngestEventsResponse:
         _check_batch(len(request.events), "events")
@@ -441,7 +448,10 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             for event in _oldest_first(view.events, selection):
                 _fill_stored_event(result.events.add(), event)
             results.append(result)
-        return pb.BatchGetProfilesResponse(results=results)
+        response = pb.BatchGetProfilesResponse(results=results)
+        if request.include_events:
+            _omit_largest_events(response, self._response_bytes)
+        return response
 
     def _read(self, person: PersonView, mask: ReadMask, as_of: datetime | None) -> pb.Profile:
         view = self._profiles.view(person, as_of, with_events=False, with_traits=mask.wants("traits"),
@@ -464,7 +474,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
             stored = response.events.add()
             _fill_stored_event(stored, event)
             page_bytes += stored.ByteSize() + _ELEMENT_OVERHEAD_BYTES
-            if index and page_bytes > MAX_PAGE_BYTES:
+            if index and page_bytes > min(MAX_PAGE_BYTES, self._response_bytes):
                 del response.events[index]
                 following = (events[index - 1].event_time, events[index - 1].message_id)
                 break
@@ -567,8 +577,8 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
                 for view in views:
                     if view.person_id in identities:
                         view.identifiers = identities[view.person_id].identifiers
-            yield scan_response_bytes((_profile_bytes(view, mask), _oldest_first(view.events, selection))
-                                      for view in views)
+            yield from scan_responses(((_profile_bytes(view, mask), _oldest_first(view.events, selection))
+                                       for view in views), self._response_bytes)
 
     def ListProfileChanges(self, request: pb.ListProfileChangesRequest,
                            context: grpc.ServicerContext) -> pb.ListProfileChangesResponse:
@@ -621,6 +631,22 @@ def _time_range(request: Any, start_field: str, end_field: str) -> tuple[datetim
 def _oldest_first(events: Sequence[StoredEventRecord], selection: EventSelection) -> list[StoredEventRecord]:
     """The events (stored newest first) `selection` selects, oldest first."""
     return [e for e in reversed(events) if selection.selects(e)]
+
+
+def _omit_largest_events(response: pb.BatchGetProfilesResponse, max_bytes: int) -> None:
+    """Leave out the events of the results with the most event bytes (setting `events_omitted`) until the
+    response is at most `max_bytes` long: one heavy person's events no longer fail everyone's read (the caller
+    pages them with ListProfileEvents)."""
+    if response.ByteSize() <= max_bytes:
+        return
+    by_events = sorted(((sum(e.ByteSize() for e in r.events), i) for i, r in enumerate(response.results)
+                        if r.events), reverse=True)
+    for _, index in by_events:
+        result = response.results[index]
+        del result.events[:]
+        result.events_omitted = True
+        if response.ByteSize() <= max_bytes:  # counted again, exactly (rarely: only for a heavy response)
+            return
 
 
 def _check_batch(count: int, field_path: str) -> None:
@@ -685,7 +711,7 @@ def build(context: ServiceContext) -> list[ServiceRegistration]:
                                failure_message="applying identity changes failed; retrying")
     follower.start()
     context.on_stop(follower.stop)
-    servicer = ProfileServicer(profiles)
+    servicer = ProfileServicer(profiles, context.grpc_settings.max_message_bytes)
     return [ServiceRegistration(SERVICE_NAME, partial(_add_to_server, servicer))]
 
 

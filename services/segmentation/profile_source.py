@@ -2,7 +2,9 @@
 
 Shards and ScanProfiles for batch work (of a whole shard, or of some persons of it by id), BatchGetProfiles
 for the persons real time re-evaluates (one call, events included), GetProfile + ListProfileEvents for one
-person. The profile service computes computed
+person. A scanned or batch-read person whose events profile left out (`events_omitted`: more than one message
+carries) has them paged with ListProfileEvents, with the names and time range the read asked for, so a heavy
+person is evaluated on every event like everyone else. The profile service computes computed
 traits as of the time asked, so facts and windows share one `as_of`. Batch and real-time reads ask only
 for events from the earliest window on, and keep only the event names the rules read.
 """
@@ -283,8 +285,34 @@ class GrpcProfileSource:
             for person_id, result in zip(chunk, self._stub.BatchGetProfiles(request).results, strict=True):
                 # Identity answers a merged person's id with the survivor's profile: not this person's any more.
                 mine = result.found and result.profile.person_id == person_id
-                found[person_id] = facts_of(result.profile, result.events, events) if mine else None
+                stored = self._events_of(person_id, request) if mine and result.events_omitted else result.events
+                found[person_id] = facts_of(result.profile, stored, events) if mine else None
         return found
+
+    def _events_of(self, person_id: str, request: profile_pb.ScanProfilesRequest | profile_pb.BatchGetProfilesRequest,
+                   ) -> list[profile_pb.StoredEvent]:
+        """The events a scan or batch read `request` left out of `person_id`'s profile (`events_omitted`), oldest
+        first as it would have sent them: ListProfileEvents pages of the same names and time range; none for a
+        person profile no longer knows (erased since it was read): it has no events."""
+        events: list[profile_pb.StoredEvent] = []
+        page_request = profile_pb.ListProfileEventsRequest(person=common_pb2.PersonSelector(person_id=person_id),
+                                                           event_names=request.event_names, page_size=EVENTS_PAGE)
+        if request.HasField("events_start_time"):
+            page_request.start_time.CopyFrom(request.events_start_time)
+        if request.HasField("events_end_time"):
+            page_request.end_time.CopyFrom(request.events_end_time)
+        while True:
+            try:
+                page = self._stub.ListProfileEvents(page_request)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    return []
+                raise
+            events.extend(page.events)
+            page_request.page_token = page.next_page_token
+            if not page_request.page_token:
+                events.reverse()  # pages are newest first
+                return events
 
     def _shards(self, count: int) -> list[str]:
         response = self._stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=count))
@@ -292,8 +320,10 @@ class GrpcProfileSource:
 
     def _scan(self, shard: str, as_of: datetime, events: EventReads, fields: ProfileReads,
               person_ids: Sequence[str] = ()) -> Iterator[list[ProfileFacts]]:
-        for response in self._stub.ScanProfiles(scan_request(shard, as_of, events, fields, person_ids)):
-            yield [facts_of(p.profile, p.events, events) for p in response.profiles]
+        request = scan_request(shard, as_of, events, fields, person_ids)
+        for response in self._stub.ScanProfiles(request):
+            yield [facts_of(p.profile, self._events_of(p.profile.person_id, request) if p.events_omitted
+                            else p.events, events) for p in response.profiles]
 
     def _person(self, selector: common_pb2.PersonSelector, as_of: datetime) -> ProfileFacts:
         request = profile_pb.GetProfileRequest(person=selector)

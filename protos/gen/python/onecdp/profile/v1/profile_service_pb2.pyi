@@ -1028,7 +1028,9 @@ class BatchGetProfilesRequest(_message.Message):
     EVENT_NAMES_FIELD_NUMBER: _builtins.int
     include_events: _builtins.bool
     """When true, each result also carries the person's events in [`events_start_time`,
-    `events_end_time`), oldest first: many persons' histories in one call (e.g. for scoring).
+    `events_end_time`), oldest first: many persons' histories in one call (e.g. for scoring). A
+    result may come with `events_omitted` instead, when the response would pass the server's
+    maximum message size (see ProfileLookupResult).
     """
     @_builtins.property
     def persons(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PersonSelector]:
@@ -1106,15 +1108,23 @@ class ProfileLookupResult(_message.Message):
     FOUND_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    EVENTS_OMITTED_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """Whether a profile matched."""
+    events_omitted: _builtins.bool
+    """True when this profile's events were left out to keep the response within the server's
+    maximum message size (16 MiB by default), with a margin: the results with the most event
+    bytes lose their events first, until the rest fit. Read them with ListProfileEvents, with
+    `profile.person_id`, the request's `event_names` and its events time range as `start_time`
+    and `end_time`: it pages them (newest first). Never true without `include_events`.
+    """
     @_builtins.property
     def profile(self) -> Global___Profile:
         """The profile when found."""
 
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredEvent]:
-        """Its events, oldest first, when `include_events` was set."""
+        """Its events, oldest first, when `include_events` was set; none when `events_omitted`."""
 
     def __init__(
         self,
@@ -1122,10 +1132,11 @@ class ProfileLookupResult(_message.Message):
         found: _builtins.bool = ...,
         profile: Global___Profile | None = ...,
         events: _abc.Iterable[Global___StoredEvent] | None = ...,
+        events_omitted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "found", b"found", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "events_omitted", b"events_omitted", "found", b"found", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1145,7 +1156,8 @@ class ListProfileEventsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum events per page: default 100, at most 1,000 (larger values are treated as 1,000).
-    A page also stops before its serialized size passes 3 MiB (it always holds at least one event),
+    A page also stops before its serialized size passes 3 MiB, or the server's maximum message size
+    when that is smaller (it always holds at least one event),
     so that it fits the 4 MiB a gRPC client accepts by default: with large events a page holds
     fewer than `page_size` events and `next_page_token` continues after them.
     """
@@ -1418,7 +1430,9 @@ class ScanProfilesRequest(_message.Message):
     shard: _builtins.str
     """A shard token from ListProfileShards."""
     include_events: _builtins.bool
-    """When true, each profile also carries its events in [`events_start_time`, `events_end_time`)."""
+    """When true, each profile also carries its events in [`events_start_time`, `events_end_time`),
+    or `events_omitted` when they are more than one response may carry (see ScannedProfile).
+    """
     batch_size: _builtins.int
     """Profiles per streamed message: default 100, at most 1,000 (larger values are treated as
     1,000, as page sizes are); negative is INVALID_ARGUMENT.
@@ -1492,7 +1506,10 @@ class ScanProfilesResponse(_message.Message):
     PROFILES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScannedProfile]:
-        """Profiles of the shard."""
+        """Profiles of the shard: at most `batch_size`, and fewer when more would pass the server's maximum
+        message size (16 MiB by default), with a margin. A profile whose events alone would pass it comes
+        with `events_omitted` instead of its events.
+        """
 
     def __init__(
         self,
@@ -1515,23 +1532,32 @@ class ScannedProfile(_message.Message):
 
     PROFILE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    EVENTS_OMITTED_FIELD_NUMBER: _builtins.int
+    events_omitted: _builtins.bool
+    """True when the events requested were left out because, with the profile, they are more than one
+    response message may carry (the server's maximum message size, 16 MiB by default: e.g. 300
+    events of 60 KiB properties). Read them with ListProfileEvents, with this profile's
+    `person_id`, the scan's `event_names` and its events time range as `start_time` and
+    `end_time`: it pages them (newest first). Never true when `include_events` is false.
+    """
     @_builtins.property
     def profile(self) -> Global___Profile:
         """The profile."""
 
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredEvent]:
-        """Its events, oldest first, when requested."""
+        """Its events, oldest first, when requested; none when `events_omitted`."""
 
     def __init__(
         self,
         *,
         profile: Global___Profile | None = ...,
         events: _abc.Iterable[Global___StoredEvent] | None = ...,
+        events_omitted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "events_omitted", b"events_omitted", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

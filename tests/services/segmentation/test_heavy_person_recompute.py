@@ -1,0 +1,78 @@
+"""One heavy person (events of 63 KiB properties each, all within the documented limits) failed a whole segment
+recompute: profile answered RESOURCE_EXHAUSTED "Sent message larger than max" on ScanProfiles. Profile now sends
+such a person with `events_omitted`, and segmentation pages their events with ListProfileEvents, so the heavy
+person is counted like anyone else, in a recompute (ScanProfiles) and in real time (BatchGetProfiles).
+
+The stack runs with a 1 MiB maximum message size (ONECDP_MAX_MESSAGE_BYTES), so 20 events make a heavy person."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
+from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
+from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+
+from shared.config import GrpcSettings
+from tests.services.segmentation.conftest import eventually, ingest, track
+
+pytestmark = pytest.mark.integration
+BLOB = "x" * (63 * 1024)
+WINDOW = "from 2024-01-01T00:00:00Z to 2024-12-01T00:00:00Z"
+
+
+@pytest.fixture
+def grpc_settings() -> GrpcSettings:
+    return GrpcSettings(bind_host="127.0.0.1", grace_period_seconds=2.0, log_format="text",
+                        max_message_bytes=1024 * 1024)
+
+
+def _ingest_views(profiles: profile_grpc.ProfileServiceStub, person: str, count: int, blob: bool,
+                  first: int = 0) -> str:
+    person_id = ""
+    for start in range(first, first + count, 8):  # a request stays under the 1 MiB limit too
+        person_id = ingest(profiles, *(track(person, "v", f"2024-03-{1 + k % 28:02d}T10:00:00",
+                                             {"blob": BLOB, "k": k} if blob else {"k": k})
+                                       for k in range(start, min(first + count, start + 8))))[person]
+    return person_id
+
+
+def _ready(stack: pb_grpc.SegmentationServiceStub, name: str) -> pb.Segment:
+    end = time.monotonic() + 90
+    while True:
+        segment: pb.Segment = stack.GetSegment(pb.GetSegmentRequest(name=name), timeout=10)
+        if segment.state in (pb.SEGMENT_STATE_READY, pb.SEGMENT_STATE_FAILED) or time.monotonic() > end:
+            return segment
+        time.sleep(0.3)
+
+
+def _members(stack: pb_grpc.SegmentationServiceStub, name: str) -> set[str]:
+    members, token = set(), ""
+    while True:
+        page = stack.ListSegmentMembers(pb.ListSegmentMembersRequest(parent=name, page_size=1000, page_token=token),
+                                        timeout=10)
+        members |= {m.person_id for m in page.members}
+        token = page.next_page_token
+        if not token:
+            return members
+
+
+def test_a_heavy_person_is_counted_in_a_recompute_and_in_real_time(stack: pb_grpc.SegmentationServiceStub,
+                                                                    profiles: profile_grpc.ProfileServiceStub) -> None:
+    heavy = _ingest_views(profiles, "heavy", 20, blob=True)  # 1.3 MB of events: more than a message carries
+    twenty = _ingest_views(profiles, "twenty", 20, blob=False)
+    nineteen = _ingest_views(profiles, "nineteen", 19, blob=False)
+    rules = {"viewers": f'event("v").count({WINDOW}) >= 1', "twenty-views": f'event("v").count({WINDOW}) >= 20',
+             "many-views": f'event("v").count({WINDOW}) >= 21'}
+    for segment_id, text in rules.items():
+        stack.CreateSegment(pb.CreateSegmentRequest(segment_id=segment_id, segment=pb.Segment(rule_text=text)),
+                            timeout=10)
+    for segment_id, expected in (("viewers", {heavy, twenty, nineteen}), ("twenty-views", {heavy, twenty}),
+                                 ("many-views", set())):
+        segment = _ready(stack, f"segments/{segment_id}")
+        assert segment.state == pb.SEGMENT_STATE_READY, segment
+        assert _members(stack, segment.name) == expected, segment_id
+    # One more heavy event: real time re-reads the person (BatchGetProfiles with events) and counts all 21.
+    _ingest_views(profiles, "heavy", 1, blob=True, first=20)
+    assert eventually(lambda: _members(stack, "segments/many-views"), {heavy}, timeout=60) == {heavy}
