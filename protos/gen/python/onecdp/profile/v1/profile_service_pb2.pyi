@@ -78,7 +78,12 @@ class _EventStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventStat
     EVENT_STATUS_ACCEPTED: _EventStatus.ValueType  # 1
     """Stored."""
     EVENT_STATUS_DUPLICATE: _EventStatus.ValueType  # 2
-    """Already stored before (same message_id); nothing changed."""
+    """Already stored before (same message_id); nothing changed. A delivery that was already stored
+    when this one arrived is answered DUPLICATE; deliveries of the same event in flight at the same
+    time (e.g. two writers sending the same batch at once) may each be answered ACCEPTED instead:
+    the event is stored and counted once either way, so a count of ACCEPTED results is not a count
+    of distinct events.
+    """
     EVENT_STATUS_REJECTED: _EventStatus.ValueType  # 3
     """Not stored; see the reason."""
 
@@ -90,7 +95,12 @@ EVENT_STATUS_UNSPECIFIED: EventStatus.ValueType  # 0
 EVENT_STATUS_ACCEPTED: EventStatus.ValueType  # 1
 """Stored."""
 EVENT_STATUS_DUPLICATE: EventStatus.ValueType  # 2
-"""Already stored before (same message_id); nothing changed."""
+"""Already stored before (same message_id); nothing changed. A delivery that was already stored
+when this one arrived is answered DUPLICATE; deliveries of the same event in flight at the same
+time (e.g. two writers sending the same batch at once) may each be answered ACCEPTED instead:
+the event is stored and counted once either way, so a count of ACCEPTED results is not a count
+of distinct events.
+"""
 EVENT_STATUS_REJECTED: EventStatus.ValueType  # 3
 """Not stored; see the reason."""
 Global___EventStatus: _TypeAlias = EventStatus  # noqa: Y015
@@ -104,7 +114,11 @@ class _EventRejectionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_
     EVENT_REJECTION_REASON_UNSPECIFIED: _EventRejectionReason.ValueType  # 0
     """Not rejected."""
     EVENT_REJECTION_REASON_BAD_MESSAGE_ID: _EventRejectionReason.ValueType  # 1
-    """`message_id` empty or longer than 128 characters."""
+    """`message_id` empty, longer than 128 characters or holding a control character; or the identity
+    service already holds an observation of other identifiers under this `message_id` (e.g. a
+    LinkIdentifiers call used it): the event would be stored under their person. Give every event
+    a message_id of its own.
+    """
     EVENT_REJECTION_REASON_UNKNOWN_TYPE: _EventRejectionReason.ValueType  # 2
     """`type` unspecified or unknown."""
     EVENT_REJECTION_REASON_BAD_TIMESTAMP: _EventRejectionReason.ValueType  # 3
@@ -134,7 +148,11 @@ class EventRejectionReason(_EventRejectionReason, metaclass=_EventRejectionReaso
 EVENT_REJECTION_REASON_UNSPECIFIED: EventRejectionReason.ValueType  # 0
 """Not rejected."""
 EVENT_REJECTION_REASON_BAD_MESSAGE_ID: EventRejectionReason.ValueType  # 1
-"""`message_id` empty or longer than 128 characters."""
+"""`message_id` empty, longer than 128 characters or holding a control character; or the identity
+service already holds an observation of other identifiers under this `message_id` (e.g. a
+LinkIdentifiers call used it): the event would be stored under their person. Give every event
+a message_id of its own.
+"""
 EVENT_REJECTION_REASON_UNKNOWN_TYPE: EventRejectionReason.ValueType  # 2
 """`type` unspecified or unknown."""
 EVENT_REJECTION_REASON_BAD_TIMESTAMP: EventRejectionReason.ValueType  # 3

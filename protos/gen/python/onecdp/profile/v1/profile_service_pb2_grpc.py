@@ -32,6 +32,8 @@ class ProfileServiceStub:
     Ingestion is idempotent: an event is identified by its `message_id`, and delivering it again
     (retry, replay, two writers) stores and counts it once. Computed traits are always derived
     from the stored events, never kept as blind counters, so replay cannot double count.
+    Deliveries of the same event in flight at the same time may each be answered ACCEPTED (no
+    per-event lock is taken); the event is stored and counted once all the same.
     """
 
     def __init__(self, channel):
@@ -99,6 +101,8 @@ class ProfileServiceServicer:
     Ingestion is idempotent: an event is identified by its `message_id`, and delivering it again
     (retry, replay, two writers) stores and counts it once. Computed traits are always derived
     from the stored events, never kept as blind counters, so replay cannot double count.
+    Deliveries of the same event in flight at the same time may each be answered ACCEPTED (no
+    per-event lock is taken); the event is stored and counted once all the same.
     """
 
     def IngestEvents(self, request, context):
@@ -266,6 +270,8 @@ class ProfileService:
     Ingestion is idempotent: an event is identified by its `message_id`, and delivering it again
     (retry, replay, two writers) stores and counts it once. Computed traits are always derived
     from the stored events, never kept as blind counters, so replay cannot double count.
+    Deliveries of the same event in flight at the same time may each be answered ACCEPTED (no
+    per-event lock is taken); the event is stored and counted once all the same.
     """
 
     @staticmethod

@@ -33,6 +33,8 @@ class ProfileServiceStub:
     Ingestion is idempotent: an event is identified by its `message_id`, and delivering it again
     (retry, replay, two writers) stores and counts it once. Computed traits are always derived
     from the stored events, never kept as blind counters, so replay cannot double count.
+    Deliveries of the same event in flight at the same time may each be answered ACCEPTED (no
+    per-event lock is taken); the event is stored and counted once all the same.
     """
 
     @_typing.overload
@@ -103,6 +105,8 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     Ingestion is idempotent: an event is identified by its `message_id`, and delivering it again
     (retry, replay, two writers) stores and counts it once. Computed traits are always derived
     from the stored events, never kept as blind counters, so replay cannot double count.
+    Deliveries of the same event in flight at the same time may each be answered ACCEPTED (no
+    per-event lock is taken); the event is stored and counted once all the same.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -169,6 +173,8 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
     Ingestion is idempotent: an event is identified by its `message_id`, and delivering it again
     (retry, replay, two writers) stores and counts it once. Computed traits are always derived
     from the stored events, never kept as blind counters, so replay cannot double count.
+    Deliveries of the same event in flight at the same time may each be answered ACCEPTED (no
+    per-event lock is taken); the event is stored and counted once all the same.
     """
 
     @_abc_1.abstractmethod
