@@ -9,12 +9,28 @@ so far say the asked size is still out of reach.
 
     estimated total   = profiles scanned / share
     estimated members = matches scanned / share
-    margin (95 %)     = total * (Wilson score half-width of p = matches / n) * sqrt(1 - share)
+    margin (95 %)     = z * sqrt((1 - share) * (matches + z² (1 - share) / 4)) / share
 
-(Wilson rather than the normal approximation so that a sample with no or only matches still has a
-margin; with the finite-population correction; it treats the sampled profiles as a simple random
-sample, which the hash makes close to true). When every shard
-was scanned the count is exact and the margin 0.
+The interval is for the member count, and the sample's own size is random: a person's token is the Murmur3
+hash of their id, so whether they fall in the scanned shards is a coin flip of probability `share`,
+independent of everything a rule reads and of every other person (within a shard persons are not sampled
+one by one, but the hash has already scattered them: a shard is itself a Bernoulli sample of the ring).
+That is Bernoulli sampling (Särndal, Swensson & Wretman, Model Assisted Survey Sampling, 1992, ch. 3):
+the matches are Binomial(members, share), the count matches / share is its Horvitz-Thompson estimator,
+of variance members (1 - share) / share. The margin is the half-length of the score (Wilson, 1927)
+interval for `members` that inverts |matches - share·members| <= z sqrt(share (1 - share) members): it is
+the normal one, z sqrt(matches (1 - share)) / share, plus z² (1 - share) / 4 under the root, so that a
+sample with no or few matches still has a margin (the interval itself is centred a little above
+matches / share; its half-length around matches / share still covers ~95%, more when matches are few).
+
+Before, the margin was total * Wilson half-width of the proportion * sqrt(1 - share): the simple random
+sample's, as if the total were known and only the share of members among it estimated. The total is
+estimated from the same shards, and the count's variance is the proportion's over (1 - proportion): that
+margin covered the count 75% of the time at a proportion of 0.66 (tests/.../test_estimate_coverage.py
+simulates the sampling; ~95% now). Where the shards are a random set of a population whose hash did not
+scatter the members (not the case here), the shard-to-shard variance (cluster sampling, Cochran 1977
+ch. 9A) would be the one to use; it needs several shards, and a sample of a large population is one shard.
+When every shard was scanned the count is exact and the margin 0.
 """
 
 from __future__ import annotations
@@ -102,10 +118,12 @@ def estimate_size(rule: Rule, rules: dict[str, Rule], source: ProfileSource, sam
     share = shards_done / len(shards)
     if share >= 1.0 or scanned == 0:
         return SizeEstimate(matched, scanned, matched, scanned, 0)
-    total = scanned / share
-    proportion = matched / scanned
-    z2 = Z_95 * Z_95
-    wilson = Z_95 / (1 + z2 / scanned) * math.sqrt(proportion * (1 - proportion) / scanned
-                                                   + z2 / (4 * scanned * scanned))
-    margin = total * wilson * math.sqrt(1 - share)
-    return SizeEstimate(round(matched / share), scanned, matched, round(total), math.ceil(margin))
+    return SizeEstimate(round(matched / share), scanned, matched, round(scanned / share),
+                        margin_of_error(matched, share))
+
+
+def margin_of_error(matched: int, share: float) -> int:
+    """Half-length of the 95% score interval for the member count, from `matched` members found in a
+    Bernoulli sample of inclusion probability `share` (< 1): see the module's docstring."""
+    spread = Z_95 * Z_95 * (1 - share)
+    return math.ceil(math.sqrt(spread * (matched + spread / 4)) / share)
