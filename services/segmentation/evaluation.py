@@ -9,6 +9,12 @@ Semantics, the same everywhere:
 - comparisons are typed: a number never equals a string, true never equals 1; a missing value fails
   every comparison except `!=` ("a missing field is not equal") and `EXISTS` is false;
 - sum over no events is 0, avg/min/max over no events has no value and the condition is false;
+- orders and refunds mean what they mean in profile and prediction: every `order` event is a signed money
+  movement, a refund being one whose `amount` is below zero (under the order id it refunds). A count of
+  `order` events (`count`, so every "did / did not do N times") counts purchases only (amount >= 0, or no
+  number: not a refund), whatever the filters; `sum` is net (refunds included); `min`/`max` read purchases
+  only (prediction's max_order_amount); `avg` is the net sum over the number of purchases with a value
+  (prediction's average_order_value), no value without one. Explanations observe the same numbers;
 - aggregates use the property values that are finite numbers a double holds: NaN, +/-inf, integers beyond
   a double's range (older data may hold them) and non-numbers are skipped; a sum whose exact value is
   beyond a double's range is +inf or -inf (above, or below, every bound), never an error; avg/min/max of
@@ -243,14 +249,49 @@ def _observer(rule: TraitCondition | EventCountCondition | EventAggregateConditi
         trait = score_trait(rule.model, rule.score_field)
         return lambda facts: facts.traits.get(trait)
     selects = event_selector(rule.event_name, rule.filters, rule.window, as_of)
+    orders = rule.event_name == ORDER_EVENT
     if isinstance(rule, EventCountCondition):
+        if orders:
+            return lambda facts: float(sum(1 for e in facts.events if selects(e) and not is_refund(e)))
         return lambda facts: float(sum(1 for e in facts.events if selects(e)))
     aggregation, name = rule.aggregation, rule.property
+    if orders and aggregation is not Aggregation.SUM:
+        def order_aggregate(facts: ProfileFacts) -> Any:
+            selected = [e for e in facts.events if selects(e)]
+            purchases = [e.properties.get(name) for e in selected if not is_refund(e)]
+            if aggregation is Aggregation.AVERAGE:
+                value = net_average_of([e.properties.get(name) for e in selected], purchases)
+            else:
+                value = aggregate_of(aggregation, purchases)
+            return _NO_VALUE if value is None else value
+        return order_aggregate
 
     def aggregate(facts: ProfileFacts) -> Any:
         value = aggregate_of(aggregation, [e.properties.get(name) for e in facts.events if selects(e)])
         return _NO_VALUE if value is None else value
     return aggregate
+
+
+# The event name of orders (and refunds); see the module doc.
+ORDER_EVENT = "order"
+
+
+def is_refund(event: EventFact) -> bool:
+    """Whether an event is a refund: an `order` event whose `amount` is a number below zero (profile's
+    is_purchase: a purchase is an order with an amount of zero or more, a free order being an order)."""
+    if event.name != ORDER_EVENT:
+        return False
+    amount = _finite(event.properties.get("amount"))
+    return amount is not None and amount < 0
+
+
+def net_average_of(values: Sequence[Any], purchase_values: Sequence[Any]) -> float | None:
+    """The net sum of `values` (refunds included) over the number of purchases among them with a finite value;
+    None when no purchase has one."""
+    purchases = sum(1 for v in purchase_values if _finite(v) is not None)
+    if not purchases:
+        return None
+    return _sum([n for n in map(_finite, values) if n is not None], purchases)
 
 
 def event_selector(name: str, filters: Sequence[PropertyFilter], window: Window,

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from services.segmentation.evaluation import (
+    ORDER_EVENT,
     ProfileFacts,
     RuleLookup,
     compile_rule,
     event_conditions,
+    is_refund,
     matches,
     passes,
     reachable_rules,
@@ -118,7 +120,9 @@ def events_read(rules: Iterable[Rule], all_rules: Mapping[str, Rule], as_of: dat
     for rule in rules:
         for condition in event_conditions(rule, all_rules.get):
             names.add(condition.event_name)
-            properties |= isinstance(condition, EventAggregateCondition) or bool(condition.filters)
+            # A count of orders reads `amount` too: refunds are not counted (evaluation.is_refund).
+            properties |= (isinstance(condition, EventAggregateCondition) or bool(condition.filters)
+                           or condition.event_name == ORDER_EVENT)
             window = condition.window
             starts.append(as_of - timedelta(days=window.days) if isinstance(window, LastDays) else window.start)
     if not names:
@@ -177,10 +181,12 @@ def _window_passages(condition: EventCountCondition | EventAggregateCondition,
     `last N days` window, N days after)."""
     name, filters, window = condition.event_name, condition.filters, condition.window
     span = timedelta(days=window.days) if isinstance(window, LastDays) else None
+    # A count of orders does not count refunds (evaluation.is_refund): their passages change nothing.
+    purchases_only = isinstance(condition, EventCountCondition) and name == ORDER_EVENT
 
     def passages(facts: ProfileFacts) -> Iterator[datetime]:
         for event in facts.events:
-            if event.name != name or not passes(event, filters):
+            if event.name != name or not passes(event, filters) or (purchases_only and is_refund(event)):
                 continue
             if event.time > as_of:
                 yield event.time  # enters its window when its time comes

@@ -52,9 +52,10 @@ def synthetic_events() -> tuple[list[profile_pb.Event], pd.DataFrame, pd.DataFra
 def reference(traits: pd.DataFrame, events: pd.DataFrame) -> dict[str, set[str]]:
     """The members each segment should have, by pandas over the ingested facts."""
     orders = events[events.name == "order"]
-    count_30 = orders[orders.days_ago < 30].groupby("person").size().reindex(traits.index, fill_value=0)
+    purchases = orders[orders.amount >= 0]  # counts count purchases only (a refund is negative); sums are net
+    count_30 = purchases[purchases.days_ago < 30].groupby("person").size().reindex(traits.index, fill_value=0)
     sum_60 = orders[orders.days_ago < 60].groupby("person").amount.sum().reindex(traits.index, fill_value=0.0)
-    frequency = orders.groupby("person").size().reindex(traits.index, fill_value=0)
+    frequency = purchases.groupby("person").size().reindex(traits.index, fill_value=0)
     pricing = events[(events.name == "page_view") & events.url.str.contains("pricing") & (events.days_ago < 7)]
     saw_pricing = traits.index.isin(pricing.person)
     pros = set(traits.index[traits.plan == "pro"])

@@ -129,15 +129,17 @@ def reference(purchases: pd.DataFrame, enriched: pd.DataFrame) -> dict[str, set[
         return orders[(orders["time"] >= at(start)) & (orders["time"] < at(end))]
 
     def count(frame: pd.DataFrame) -> pd.Series:
-        return frame.groupby("customer_id").size().reindex(customers, fill_value=0)
+        # Counts of orders count purchases only: a refund (a negative amount) is no order placed. CDNOW has none.
+        return frame[frame["dollars"] >= 0].groupby("customer_id").size().reindex(customers, fill_value=0)
 
     def members(mask: pd.Series) -> set[str]:
         return set(mask[mask].index)
 
-    grouped = orders.groupby("customer_id")
-    frequency = grouped.size()
-    first_order = grouped["time"].min()
-    average = grouped["dollars"].sum() / frequency
+    assert (orders["dollars"] >= 0).all()  # no refunds: the purchase rule below is stated, not exercised
+    purchases_of = orders[orders["dollars"] >= 0].groupby("customer_id")
+    frequency = purchases_of.size()
+    first_order = purchases_of["time"].min()
+    average = orders.groupby("customer_id")["dollars"].sum() / frequency  # net sum over the purchases
     first_seen = first_order - pd.Timedelta(hours=1)  # the web sign-in an hour before the first order
     all_time = window("1997-01-01", "1998-07-01")
     scores = pd.Series({c: score_of(c) for c in customers}, dtype="float64")  # NaN: no score written
@@ -156,8 +158,9 @@ def reference(purchases: pd.DataFrame, enriched: pd.DataFrame) -> dict[str, set[
         "one-and-done": members(count(all_time) == 1),
         "big-orders": members(count(all_time[all_time["dollars"] > 50]) >= 2),
         "h1-spenders": members(h1_sum > 60),
-        "high-average": members(all_time.groupby("customer_id")["dollars"].mean() >= 30),
-        "top-order": members(all_time.groupby("customer_id")["dollars"].max().between(20, 60)),
+        "high-average": members(all_time.groupby("customer_id")["dollars"].sum() / count(all_time) >= 30),
+        "top-order": members(all_time[all_time["dollars"] >= 0].groupby("customer_id")["dollars"].max()
+                             .between(20, 60)),
         "at-risk": members(scores >= 0.6),
         "silver": members(tier == "silver"),
         "six-cds": members(cds == 6),

@@ -130,13 +130,20 @@ class _AggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggregati
     AGGREGATION_UNSPECIFIED: _Aggregation.ValueType  # 0
     """Not allowed."""
     AGGREGATION_SUM: _Aggregation.ValueType  # 1
-    """Sum of the property (0 when no events)."""
+    """Sum of the property (0 when no events). Of `order` events, net: refunds (an `amount` below
+    zero) are included, as profile's `monetary` and prediction's `order_amount_sum`.
+    """
     AGGREGATION_AVERAGE: _Aggregation.ValueType  # 2
-    """Average of the property (no value when no events: the condition is false)."""
+    """Average of the property (no value when no events: the condition is false). Of `order` events,
+    the net sum (refunds included) over the number of purchases (amount >= 0) with a value, as
+    prediction's `average_order_value`; no value when there is no such purchase.
+    """
     AGGREGATION_MIN: _Aggregation.ValueType  # 3
-    """Minimum of the property."""
+    """Minimum of the property. Of `order` events, over purchases only (amount >= 0)."""
     AGGREGATION_MAX: _Aggregation.ValueType  # 4
-    """Maximum of the property."""
+    """Maximum of the property. Of `order` events, over purchases only (amount >= 0), as prediction's
+    `max_order_amount`.
+    """
 
 class Aggregation(_Aggregation, metaclass=_AggregationEnumTypeWrapper):
     """Aggregation functions over an event property."""
@@ -144,13 +151,20 @@ class Aggregation(_Aggregation, metaclass=_AggregationEnumTypeWrapper):
 AGGREGATION_UNSPECIFIED: Aggregation.ValueType  # 0
 """Not allowed."""
 AGGREGATION_SUM: Aggregation.ValueType  # 1
-"""Sum of the property (0 when no events)."""
+"""Sum of the property (0 when no events). Of `order` events, net: refunds (an `amount` below
+zero) are included, as profile's `monetary` and prediction's `order_amount_sum`.
+"""
 AGGREGATION_AVERAGE: Aggregation.ValueType  # 2
-"""Average of the property (no value when no events: the condition is false)."""
+"""Average of the property (no value when no events: the condition is false). Of `order` events,
+the net sum (refunds included) over the number of purchases (amount >= 0) with a value, as
+prediction's `average_order_value`; no value when there is no such purchase.
+"""
 AGGREGATION_MIN: Aggregation.ValueType  # 3
-"""Minimum of the property."""
+"""Minimum of the property. Of `order` events, over purchases only (amount >= 0)."""
 AGGREGATION_MAX: Aggregation.ValueType  # 4
-"""Maximum of the property."""
+"""Maximum of the property. Of `order` events, over purchases only (amount >= 0), as prediction's
+`max_order_amount`.
+"""
 Global___Aggregation: _TypeAlias = Aggregation  # noqa: Y015
 
 class _ScoreField:
@@ -273,6 +287,11 @@ class Segment(_message.Message):
       stored, in any currency: filter `currency_code = "USD"` for one). Filters on
       event properties follow the event name: `event("order", category = "books",
       quantity >= 2).count(last 30d) >= 1` (each filter is a comparison as above; all must hold).
+      Orders and refunds mean what they mean in profile and prediction: an `order` event is a
+      signed money movement, a refund one whose `amount` is below zero (under the order id it
+      refunds). Counts of `order` events count purchases only (amount >= 0; an event with no
+      numeric amount is no refund), `sum` is net of refunds, `min`/`max` read purchases only and
+      `avg` is the net sum over the purchases (see EventCountCondition, Aggregation).
     - Windows: `last 90d` (the 90 days up to the evaluation time, moving with it; 1-3650 days) or
       `from 1997-01-01T00:00:00Z to 1997-04-01T00:00:00Z` (start inclusive, end exclusive;
       unquoted RFC 3339 times, or bare dates meaning midnight UTC).
@@ -579,7 +598,11 @@ Global___PropertyFilter: _TypeAlias = PropertyFilter  # noqa: Y015
 @_typing.final
 class EventCountCondition(_message.Message):
     """"Did event X at least / at most / exactly N times in the window". "Did not do X" is
-    `count == 0`.
+    `count == 0`. For `order` events the count is of purchases only (amount >= 0), as profile's
+    computed `frequency` and prediction's order counts: a refund (an `order` event whose `amount` is
+    below zero) is never counted, whatever the filters (`event("order", amount >= 0)` counts the
+    same; a filter `amount < 0` counts nothing: compare `sum(amount)` of refunds instead). The
+    explanation's observed value is this count.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
