@@ -1328,7 +1328,12 @@ class EstimateSegmentSizeResponse(_message.Message):
     estimated_total_profiles: _builtins.int
     """Estimated number of profiles in all."""
     margin_of_error: _builtins.int
-    """Half-width of the 95% confidence interval of `estimated_count`."""
+    """Half-width of a 95% confidence interval for the number of matching persons: that number is
+    within `estimated_count` ± this about 95% of the time. It allows for the sample's own size being
+    random (whole shards, a person in one by the hash of their id, and the total only estimated),
+    and is wider than 95% needs when `sample_matches` is small, never 0 then; 0 when the count is
+    exact (every profile evaluated).
+    """
     def __init__(
         self,
         *,
