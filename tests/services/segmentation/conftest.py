@@ -17,7 +17,9 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
 from services.prediction.server import DEFINITION as PREDICTION
+from services.segmentation.recompute import Recomputer
 from services.segmentation.server import DEFINITION as SEGMENTATION
+from services.segmentation.store import OperationRecord, SegmentStore
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import CassandraSettings, GrpcSettings
 from shared.migrations import migrate_service
@@ -143,3 +145,15 @@ def ingest(stub: profile_grpc.ProfileServiceStub, *events: profile_pb.Event) -> 
         assert result.status == profile_pb.EVENT_STATUS_ACCEPTED, result
         persons[event.identifiers[0].value] = result.person_id
     return persons
+
+
+def recomputed(recomputer: Recomputer, store: SegmentStore, segment_id: str, parallelism: int) -> OperationRecord:
+    """The finished operation of a recompute of `segment_id` started on `recomputer` (at most a minute)."""
+    started = recomputer.start(segment_id, parallelism=parallelism)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        operation = store.get_operation(started.operation_id)
+        if operation is not None and operation.done:
+            return operation
+        time.sleep(0.2)
+    raise AssertionError(f"the recompute of {segment_id} did not finish")

@@ -4,7 +4,6 @@ read are those of the persons the traits leave undecided, by person id."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -17,10 +16,10 @@ from services.segmentation.follower import Memberships
 from services.segmentation.profile_source import GrpcProfileSource
 from services.segmentation.realtime import EventReads
 from services.segmentation.recompute import EVERY_FIELD, ProfileReads, Recomputer
-from services.segmentation.store import OperationRecord, SegmentStore
+from services.segmentation.store import SegmentStore
 from services.segmentation.text import parse
 from shared.cassandra import CassandraSession
-from tests.services.segmentation.conftest import identify, ingest, order
+from tests.services.segmentation.conftest import identify, ingest, order, recomputed
 
 pytestmark = pytest.mark.integration
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -61,17 +60,6 @@ class RecordingStore(SegmentStore):
         return super().start_schedule(due)
 
 
-def recomputed(recomputer: Recomputer, store: SegmentStore, segment_id: str) -> OperationRecord:
-    started = recomputer.start(segment_id, parallelism=2)
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        operation = store.get_operation(started.operation_id)
-        if operation is not None and operation.done:
-            return operation
-        time.sleep(0.2)
-    raise AssertionError(f"the recompute of {segment_id} did not finish")
-
-
 def test_a_recompute_reads_events_only_of_the_persons_its_traits_leave_undecided(
         segmentation_session: CassandraSession, profiles: profile_grpc.ProfileServiceStub) -> None:
     ids = ingest(profiles,
@@ -93,7 +81,7 @@ def test_a_recompute_reads_events_only_of_the_persons_its_traits_leave_undecided
     source = CountingSource(profiles)
     recomputer = Recomputer(catalog, store, source, reconciler=Memberships(catalog, store, source))
     try:
-        done = recomputed(recomputer, store, "pro-buyers")
+        done = recomputed(recomputer, store, "pro-buyers", parallelism=2)
         assert (done.error_code, done.profiles_scanned, store.member_ids("pro-buyers")) == (None, 5, {ids["pro-two"]})
         # The shards were scanned without events; the events were read of the pros alone.
         assert source.shard_scans and all(events.since is None and not events.names for events in source.shard_scans)
@@ -103,7 +91,7 @@ def test_a_recompute_reads_events_only_of_the_persons_its_traits_leave_undecided
 
         # A rule on events alone: every person's events are read, in one phase.
         source.shard_scans, source.events_read_of, store.scheduled = [], [], set()
-        done = recomputed(recomputer, store, "buyers")
+        done = recomputed(recomputer, store, "buyers", parallelism=2)
         assert (done.error_code, store.member_ids("buyers")) == (
             None, {ids["pro-two"], ids["free-three"], ids["no-plan"]})
         assert source.shard_scans and all(events.names == {"order"} for events in source.shard_scans)

@@ -24,7 +24,7 @@ from services.segmentation.text import parse
 from shared import changefeed
 from shared.cassandra import CassandraSession
 from shared.changefeed import FEED_START
-from tests.services.segmentation.conftest import identify, ingest
+from tests.services.segmentation.conftest import identify, ingest, recomputed
 
 pytestmark = pytest.mark.integration
 
@@ -74,17 +74,6 @@ def outcome(store: SegmentStore, operation: OperationRecord, seen: uuid.UUID
             (operation.error_code, operation.member_count, operation.entered_count, operation.exited_count))
 
 
-def recomputed(recomputer: Recomputer, store: SegmentStore, segment_id: str) -> OperationRecord:
-    started = recomputer.start(segment_id, parallelism=1)  # one worker: the shards are scanned one after another
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        operation = store.get_operation(started.operation_id)
-        if operation is not None and operation.done:
-            return operation
-        time.sleep(0.2)
-    raise AssertionError(f"the recompute of {segment_id} did not finish")
-
-
 def test_a_recompute_keeps_real_time_decisions_taken_during_its_scan(
         segmentation_session: CassandraSession, profiles: profile_grpc.ProfileServiceStub) -> None:
     long_ago = (datetime.now(UTC) - timedelta(days=3)).replace(tzinfo=None).isoformat()
@@ -97,7 +86,7 @@ def test_a_recompute_keeps_real_time_decisions_taken_during_its_scan(
     source = ChangesAfterTheScan(profiles)
     recomputer = Recomputer(catalog, store, source, reconciler=Memberships(catalog, store, source))
     try:
-        first = recomputed(recomputer, store, "pros")
+        first = recomputed(recomputer, store, "pros", parallelism=1)
         assert (first.error_code, store.member_ids("pros")) == (None, {bob, cat})
         seen = store.changes_page("pros", FEED_START, 100)[-1].change_id
 
@@ -108,7 +97,7 @@ def test_a_recompute_keeps_real_time_decisions_taken_during_its_scan(
             Memberships(catalog, store, source).refresh({ann: {"pros"}, bob: {"pros"}}, "realtime")
 
         source.after_scan = real_time_moves_ann_and_bob
-        second = recomputed(recomputer, store, "pros")
+        second = recomputed(recomputer, store, "pros", parallelism=1)
     finally:
         recomputer.stop()
     assert outcome(store, second, seen) == (
@@ -129,13 +118,13 @@ def test_a_recompute_does_not_record_again_a_change_real_time_just_recorded(
     source = GrpcProfileSource(profiles)
     recomputer = Recomputer(catalog, store, source, reconciler=Memberships(catalog, store, source))
     try:
-        first = recomputed(recomputer, store, "payers")
+        first = recomputed(recomputer, store, "payers", parallelism=1)
         assert (first.error_code, store.member_ids("payers")) == (None, {eve})
         seen = store.changes_page("payers", FEED_START, 100)[-1].change_id
         ingest(profiles, identify("dan", datetime.now(UTC).replace(tzinfo=None).isoformat(), {"plan": "pro"}))
         time.sleep(changefeed.SETTLE_SECONDS + 1)  # dan's change is older than any move the recompute looks for
         store.after_moves_read = lambda: Memberships(catalog, store, source).refresh({dan: {"payers"}}, "realtime")
-        second = recomputed(recomputer, store, "payers")
+        second = recomputed(recomputer, store, "payers", parallelism=1)
     finally:
         recomputer.stop()
     assert outcome(store, second, seen) == ({dan, eve}, [(dan, True, "realtime")], (None, 2, 0, 0))
