@@ -81,6 +81,8 @@ MAX_SOURCE_LENGTH = 128
 MAX_COMPONENT_IDENTIFIERS = 20_000
 # After an erasure, the erased identifiers' neighbours are recomputed this many seed sets at a time.
 NEIGHBOUR_SEEDS_PER_ROUND = 500
+# ... and no more rounds start after this many seconds (a call without a deadline).
+NEIGHBOUR_RECHECK_SECONDS = 30.0
 LEASE_WAIT_SECONDS = 60.0
 DEADLINE_MARGIN_SECONDS = 0.25
 JUNK_MEMO_SIZE = 100_000
@@ -1401,8 +1403,13 @@ class IdentityGraph:
 
     # ---- erasure ---------------------------------------------------------------------------------
 
-    def erase(self, person_id: str, *, allow_relink: bool, reason: str) -> Erasure:
-        """Delete a person's identifiers, links and provenance; tombstone the identifiers unless allowed."""
+    def erase(self, person_id: str, *, allow_relink: bool, reason: str,
+              committed: Callable[[Erasure], None] | None = None) -> Erasure:
+        """Delete a person's identifiers, links and provenance; tombstone the identifiers unless allowed.
+
+        `committed` is called with the erasure once it is done, before the erased identifiers' neighbours are
+        recomputed (a tidy-up that may take until the call's deadline): the server remembers the call's
+        request_id there, so that a retry after a deadline passed in the tidy-up learns of the erasure."""
         person = self.get_person(person_id)
         owner, leased, members = self._lease_person(person.person_id)
         try:
@@ -1455,8 +1462,11 @@ class IdentityGraph:
             self._leases.release(leased, owner)
         # Committed: what follows only tidies up, and must not fail the erasure (a retry would find the
         # person gone, NOT_FOUND, and never learn that it was erased).
+        erasure = Erasure(person.person_id, len(members), link_count, change)
+        if committed is not None:
+            committed(erasure)
         self._reconcile_neighbours(outside, f"neighbours of erased person {person.person_id}")
-        return Erasure(person.person_id, len(members), link_count, change)
+        return erasure
 
     def _reconcile_neighbours(self, outside: set[IdKey], reason: str) -> None:
         """Recompute the components of identifiers that were linked to erased ones, each around its own
@@ -1465,12 +1475,15 @@ class IdentityGraph:
         recomputed now (contended, or a component too large) are logged and left to the next evidence
         that touches them, as a policy change leaves persons to be judged again."""
         ordered = sorted(outside)
+        # A call without a deadline still ends: a shared device's tens of thousands of neighbours are left to
+        # their next evidence rather than holding the caller for many lease waits.
+        stop_at = time.monotonic() + NEIGHBOUR_RECHECK_SECONDS
         for start in range(0, len(ordered), NEIGHBOUR_SEEDS_PER_ROUND):
             left = deadline.remaining()
-            if left is not None and left < 2 * DEADLINE_MARGIN_SECONDS:
+            if (left is not None and left < 2 * DEADLINE_MARGIN_SECONDS) or time.monotonic() > stop_at:
                 # The caller must still learn that its erasure is done.
                 log.warning("%s: %d identifiers left to be recomputed when next touched: the call's deadline is "
-                            "near", reason, len(ordered) - start)
+                            "near, or the re-check's own time is up", reason, len(ordered) - start)
                 return
             chunk = ordered[start:start + NEIGHBOUR_SEEDS_PER_ROUND]
             try:

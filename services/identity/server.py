@@ -22,6 +22,7 @@ from services.identity import feed
 from services.identity.explain import explain
 from services.identity.feed import Change
 from services.identity.graph import (
+    Erasure,
     Evidence,
     GuardDecision,
     IdentifierDetails,
@@ -309,12 +310,18 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         fingerprint = _fingerprint("ErasePerson", request)
         if (stored := self._graph.recall_request(request.request_id, fingerprint)) is not None:
             return pb.ErasePersonResponse.FromString(bytes.fromhex(stored))
-        erasure = self._graph.erase(self._person_id(request.person, "person"), allow_relink=request.allow_relink,
-                                    reason=request.reason)
-        response = pb.ErasePersonResponse(person_id=erasure.person_id,
-                                          erased_identifier_count=erasure.identifier_count,
-                                          erased_link_count=erasure.link_count, change=_change(erasure.change))
-        self._graph.remember_request(request.request_id, fingerprint, response.SerializeToString().hex())
+        response = pb.ErasePersonResponse()
+
+        def remember(erasure: Erasure) -> None:
+            # As soon as the erasure is committed, before its neighbours are recomputed (which may use up the
+            # call's deadline): a retry with this request_id then answers the erasure, not NOT_FOUND.
+            response.MergeFrom(pb.ErasePersonResponse(
+                person_id=erasure.person_id, erased_identifier_count=erasure.identifier_count,
+                erased_link_count=erasure.link_count, change=_change(erasure.change)))
+            self._graph.remember_request(request.request_id, fingerprint, response.SerializeToString().hex())
+
+        self._graph.erase(self._person_id(request.person, "person"), allow_relink=request.allow_relink,
+                          reason=request.reason, committed=remember)
         return response
 
     def DeleteErasureTombstone(self, request: pb.DeleteErasureTombstoneRequest,
