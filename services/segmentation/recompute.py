@@ -509,11 +509,11 @@ class Recomputer:
                     # `settled` decides (conditions that do not move with time decide the rule whatever the
                     # events, so no window passing an event can change it). Any later change of the profile
                     # (a trait, an event) reaches real time through profile's change feed as for every person.
-                if len(undecided) >= EVENT_READ_PERSONS:
-                    read_events(undecided)
-                    undecided = []
-            if undecided:
-                read_events(undecided)
+            # Only once the first scan has ended: a second stream opened while it is open would hold a second of
+            # profile's server threads per worker, and workers at least half as many as those threads would
+            # each wait, with an open stream, for a thread that none gives back.
+            for start in range(0, len(undecided), EVENT_READ_PERSONS):
+                read_events(undecided[start:start + EVENT_READ_PERSONS])
             return members, failed, scanned, writes
 
         workers = operation.parallelism or DEFAULT_PARALLELISM
