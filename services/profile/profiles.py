@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from services.profile.computed import ComputedTraits, LifecyclePolicy, compute
@@ -47,12 +47,16 @@ from services.profile.store import (
 )
 from shared.changefeed import ChangeFeed
 from shared.config import DEFAULT_REPORTING_CURRENCY
+from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
 
 log = logging.getLogger(__name__)
 
 FEED_COLUMNS = ("person_id", "change_type", "trait_names", "event_names", "merged_person_ids")
 IDENTITY_FEED = "identity"
 DEFAULT_POLICY = LifecyclePolicy()
+_ONE_MICROSECOND = timedelta(microseconds=1)
+# The first window a page of events is looked for in, below its upper bound (a month: a timeline's partition).
+_FIRST_PAGE_WINDOW = timedelta(days=31)
 # onecdp.identity.v1.IdentityChangeType values.
 IDENTITY_MERGE, IDENTITY_SPLIT, IDENTITY_ERASE = 1, 2, 3
 
@@ -218,13 +222,30 @@ class Profiles:
     def events_page(self, person: PersonView, start: datetime | None, end: datetime | None, *,
                     names: Sequence[str], after: tuple[datetime, str] | None, page_size: int,
                     ) -> tuple[list[StoredEventRecord], tuple[datetime, str] | None]:
-        """A page of the person's events, newest first, and where the next page starts (None at the end)."""
-        stored = self.store.read_persons([person.person_id], events=True, traits=False)[0]
-        wanted = set(names)
-        selected = [e for e in stored.events
-                    if (start is None or e.event_time >= start) and (end is None or e.event_time < end)
-                    and (not wanted or e.event_name in wanted)
-                    and (after is None or (e.event_time, e.message_id) < after)]
+        """A page of the person's events, newest first, and where the next page starts (None at the end).
+
+        Read in a window below the page's upper bound (the cursor, or `end`) that widens fourfold until it holds
+        more than a page or reaches `start`: a page costs the months it needs, not the whole timeline (paging a
+        person of 100,000 events read them all for every page). The window's events are newer than any below
+        it, so its newest `page_size` are the page.
+        """
+        upper = end
+        if after is not None:
+            past_cursor = after[0] + _ONE_MICROSECOND  # the cursor's own instant may hold older message ids
+            upper = past_cursor if upper is None else min(upper, past_cursor)
+        floor = max(start, EARLIEST_EVENT_TIME) if start is not None else EARLIEST_EVENT_TIME
+        top = upper if upper is not None else self._clock() + MAX_FUTURE_SKEW
+        span = _FIRST_PAGE_WINDOW
+        wanted = frozenset(names)
+        while True:
+            lower = max(floor, top - span) if top - floor > span else floor
+            selection = EventSelection(lower if lower > floor or start is not None else None, upper, wanted or None)
+            stored = self.store.read_persons([person.person_id], events=True, traits=False, selection=selection)[0]
+            selected = [e for e in stored.events if selection.selects(e)
+                        and (after is None or (e.event_time, e.message_id) < after)]
+            if len(selected) > page_size or lower == floor:
+                break
+            span *= 4
         page = selected[:page_size]
         following = (page[-1].event_time, page[-1].message_id) if len(selected) > page_size else None
         return page, following
