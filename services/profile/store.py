@@ -29,6 +29,7 @@ from services.profile.model import (
     TraitWrite,
     bucket_of,
 )
+from services.profile.shards import MAX_TOKEN, MIN_TOKEN
 from shared.cassandra import CassandraSession, PendingRows
 
 _TIMELINE_COLUMNS = ("person_id, bucket, event_time, message_id, event_micros, event_type, event_name, order_id, "
@@ -88,8 +89,10 @@ def direct_write_id(source: str, origin: TraitOrigin) -> str:
 
 def partition_token(person_id: str) -> int:
     """The token of a person's partitions (profiles, trait_writes, timeline_buckets: keyed by the person id alone),
-    as Cassandra's Murmur3Partitioner computes `token(person_id)`: the driver's own hash, which it routes by."""
-    return int(murmur3(person_id.encode()))
+    as Cassandra's Murmur3Partitioner computes `token(person_id)`: the driver's own hash, which it routes by, with
+    the partitioner's one adjustment: -2^63 is the ring's minimum, never a token, so that hash becomes 2^63 - 1."""
+    token = int(murmur3(person_id.encode()))
+    return MAX_TOKEN if token == MIN_TOKEN else token
 
 
 def micros(value: datetime) -> int:

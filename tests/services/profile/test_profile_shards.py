@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from cassandra.murmur3 import murmur3
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 
+from services.profile import store
 from services.profile.shards import MAX_TOKEN, MIN_TOKEN
 from tests.services.profile.conftest import ingest, track
 
@@ -42,3 +44,13 @@ def test_scan_takes_any_token_range_and_names_shard_for_others(profiles: Stub) -
     assert [s for m in profiles.ScanProfiles(pb.ScanProfilesRequest(shard="1:2"), timeout=30) for s in m.profiles] == []
     for bad in ("5:1", "3:3", "1", "a:b", "", f"{MIN_TOKEN - 1}:0", f"0:{MAX_TOKEN + 1}"):
         assert _shard_violation(profiles, bad) == ["shard"], bad
+
+
+@pytest.mark.unit
+def test_a_person_token_is_cassandras_including_the_one_hash_the_partitioner_moves(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's Murmur3 of a person id is its token, except -2^63 (the ring's minimum, never a token), which
+    Cassandra's Murmur3Partitioner makes 2^63 - 1: a `person_ids` scan placing such a person would skip it."""
+    assert store.partition_token("p_abc") == murmur3(b"p_abc")
+    monkeypatch.setattr(store, "murmur3", lambda data: MIN_TOKEN)
+    assert store.partition_token("p_rare") == MAX_TOKEN
