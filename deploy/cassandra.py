@@ -443,8 +443,9 @@ def _launch(node: Node, *, fast: bool) -> None:
     others = other_daemons()
     if others:
         which = "; ".join(f"pid {pid}, data in {data or 'unknown'}" for pid, data in sorted(others.items()))
-        raise CassandraError(f"another Cassandra is starting on this machine ({which}) and would take the same "
-                             "ports; wait until it answers on 127.0.0.1:9042 (then it is reused) or stop it")
+        raise CassandraError(f"another Cassandra runs on this machine ({which}) without answering on "
+                             "127.0.0.1:9042 yet (starting, hung, or on other ports) and would take the same ports; "
+                             "wait until it answers there (then it is reused) or stop it")
     _write_node_files(node)
     offset = node.log_file.stat().st_size if node.log_file.exists() else 0
     (node.home / "log-offset").write_text(f"{offset}\n")

@@ -95,7 +95,7 @@ def test_a_node_of_another_state_directory_starting_is_waited_for_not_raced(tmp_
         monkeypatch.setattr(launcher.Node, "answers_cql", lambda node: False)
         monkeypatch.setattr(launcher, "fetch", lambda quiet=False: None)
         started = time.monotonic()
-        with pytest.raises(launcher.CassandraError, match=f"another Cassandra is starting on this machine .*pid "
+        with pytest.raises(launcher.CassandraError, match=f"another Cassandra runs on this machine .*pid "
                                                           f"{stand_in.pid}, data in {re.escape(elsewhere)}"):
             launcher.ensure_running(nodes=1, fast=True, timeout=1.5)
         assert time.monotonic() - started >= 1.4  # waited for it first
