@@ -164,3 +164,24 @@ def prediction_stub(
     """A stub for the prediction service at `ONECDP_PREDICTION_TARGET`; its channel closes through `close_with`."""
     return _stub("prediction", prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"],
                  prediction_service_pb2_grpc.PredictionServiceStub, settings, close_with)
+
+
+def every_profile_event(stub: profile_service_pb2_grpc.ProfileServiceStub,
+                        request: profile_service_pb2.ListProfileEventsRequest,
+                        timeout: Callable[[], float | None] = lambda: None) -> list[profile_service_pb2.StoredEvent]:
+    """Every page of a ListProfileEvents `request` (newest first, as profile pages them): how a reader takes the
+    events of a person whose profile came with `events_omitted` (too many for one message). [] when profile no
+    longer knows the person (NOT_FOUND: erased since it was read, so it has no events); other errors are raised
+    as grpc.RpcError. `timeout` gives each page's deadline."""
+    events: list[profile_service_pb2.StoredEvent] = []
+    while True:
+        try:
+            page = stub.ListProfileEvents(request, timeout=timeout())
+        except grpc.RpcError as error:
+            if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.NOT_FOUND:
+                return []
+            raise
+        events.extend(page.events)
+        request.page_token = page.next_page_token
+        if not request.page_token:
+            return events

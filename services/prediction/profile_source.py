@@ -61,6 +61,7 @@ from services.prediction.online import ChangeKind, HistoryChange
 from services.prediction.scoring import PersonScore
 from shared import deadline
 from shared.changefeed import cursor_at
+from shared.clients import every_profile_event
 from shared.errors import DeadlineExceeded, DomainError, FieldViolation, InvalidArgument, NotFound, Unavailable
 
 DEFAULT_SHARDS = 16
@@ -248,18 +249,7 @@ class GrpcProfileSource(ReadsByStarting):
                                                       page_size=MAX_EVENTS_PER_PAGE)
         if before is not None:
             request.end_time.FromDatetime(before)
-        events: list[profile_pb.StoredEvent] = []
-        while True:
-            try:
-                page = self._stub.ListProfileEvents(request, timeout=deadline.timeout_within(READ_TIMEOUT_SECONDS))
-            except grpc.RpcError as error:
-                if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.NOT_FOUND:
-                    return []
-                raise
-            events.extend(page.events)
-            request.page_token = page.next_page_token
-            if not request.page_token:
-                return events
+        return every_profile_event(self._stub, request, lambda: deadline.timeout_within(READ_TIMEOUT_SECONDS))
 
     def histories(self, before: datetime) -> Iterator[PersonHistory]:
         for shard in self.shards():

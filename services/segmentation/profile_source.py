@@ -27,6 +27,7 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from services.segmentation.evaluation import EventFact, ProfileFacts
 from services.segmentation.realtime import EventReads
 from services.segmentation.recompute import EVERY_FIELD, ProfileReads
+from shared.clients import every_profile_event
 from shared.errors import DeadlineExceeded, DomainError, InvalidArgument, NotFound, Unavailable
 
 _DEFAULT_EVENT_NAMES = {profile_pb.EVENT_TYPE_ORDER: "order", profile_pb.EVENT_TYPE_IDENTIFY: "identify",
@@ -294,25 +295,15 @@ class GrpcProfileSource:
         """The events a scan or batch read `request` left out of `person_id`'s profile (`events_omitted`), oldest
         first as it would have sent them: ListProfileEvents pages of the same names and time range; none for a
         person profile no longer knows (erased since it was read): it has no events."""
-        events: list[profile_pb.StoredEvent] = []
         page_request = profile_pb.ListProfileEventsRequest(person=common_pb2.PersonSelector(person_id=person_id),
                                                            event_names=request.event_names, page_size=EVENTS_PAGE)
         if request.HasField("events_start_time"):
             page_request.start_time.CopyFrom(request.events_start_time)
         if request.HasField("events_end_time"):
             page_request.end_time.CopyFrom(request.events_end_time)
-        while True:
-            try:
-                page = self._stub.ListProfileEvents(page_request)
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.NOT_FOUND:
-                    return []
-                raise
-            events.extend(page.events)
-            page_request.page_token = page.next_page_token
-            if not page_request.page_token:
-                events.reverse()  # pages are newest first
-                return events
+        events = every_profile_event(self._stub, page_request)
+        events.reverse()  # pages are newest first
+        return events
 
     def _shards(self, count: int) -> list[str]:
         response = self._stub.ListProfileShards(profile_pb.ListProfileShardsRequest(shard_count=count))
