@@ -613,20 +613,25 @@ class IdentityGraph:
         for group, reconciled in zip(seed_groups, reconciled_groups, strict=True):
             for g in group:
                 results[pending[g]] = reconciled
+        # A repeat of an observation dropped for an erasure was not applied under its message id either: it is
+        # applied now, as the first of its id (dropped again if it too names an erased identifier).
+        again = [index for index, first in repeats.items() if not results[first].erased.isdisjoint(normalized[first])]
         for index, first in repeats.items():
-            outcomes[index].other_identifiers = set(normalized[index]) != set(normalized[first])
-            outcomes[index].normalized = list(normalized[first])
-            if results[first].erased.isdisjoint(normalized[first]):
+            if index not in again:
+                outcomes[index].other_identifiers = set(normalized[index]) != set(normalized[first])
+                outcomes[index].normalized = list(normalized[first])
                 outcomes[index].duplicate = True  # answered below like a replay: the persons its identifiers hold
-            else:
-                results[index] = results[first]  # the first linked nothing (erased): neither did this one
-        duplicates = [outcome for index, outcome in enumerate(outcomes) if index not in results]
+        duplicates = [outcome for index, outcome in enumerate(outcomes) if index not in results and index not in again]
         persons = self.persons_of({k for outcome in duplicates for k in outcome.normalized})
         for index, outcome in enumerate(outcomes):
             if index in results:
                 _describe_outcome(outcome, results[index], self.registry)
-            else:
+            elif index not in again:
                 _describe_unchanged(outcome, persons, self.registry)
+        if again:
+            reapplied = self._link_normalized([observations[i] for i in again], [normalized[i] for i in again])
+            for index, outcome in zip(again, reapplied, strict=True):
+                outcomes[index] = outcome
         return outcomes
 
     def _start_appending_evidence(self, items: Sequence[tuple[list[IdKey], Evidence]]) -> Callable[[], None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
@@ -54,3 +55,20 @@ def test_a_message_id_repeated_across_combined_calls_is_applied_once(graph: Iden
     assert not first.duplicate and repeated.duplicate and repeated.normalized == first.normalized
     cookie_j = IdKey("cookie", "rc-j")
     assert graph.persons_of([cookie_j])[cookie_j] is None and graph.neighbours_of(cookie_j) == set()
+
+
+def test_a_repeat_of_an_observation_dropped_for_an_erasure_is_applied_as_its_own(identity: Stub) -> None:
+    """The first observation of message id M names an erased identifier: it links nothing and M is not applied.
+    A repeat of M in the same call, of other identifiers, is then the first of M to be applied (it used to be
+    answered with the first's identifiers and its erased guard, linking nothing)."""
+    (gone,) = link(identity, observation("cookie:rd-gone", "email:rd-gone@x.io"))
+    identity.ErasePerson(pb.ErasePersonRequest(person=common_pb2.PersonSelector(person_id=gone.person_id),
+                                               reason="test"), timeout=30)
+    dropped, repeat = link(identity, observation("cookie:rd-gone", "cookie:rd-new", message_id="rd-M"),
+                           observation("cookie:rd-y1", "account_id:rd-y2", message_id="rd-M"))
+    assert [d.guard for d in dropped.guard_decisions] == [pb.GUARD_KIND_ERASED] and not dropped.duplicate
+    assert not repeat.duplicate and not repeat.other_identifiers and not repeat.guard_decisions
+    assert {f"{i.type}:{i.value}" for i in repeat.normalized_identifiers} == {"cookie:rd-y1", "account_id:rd-y2"}
+    assert members(person_of(identity, "cookie:rd-y1")) == {"cookie:rd-y1", "account_id:rd-y2"}
+    (replayed,) = link(identity, observation("cookie:rd-y1", "account_id:rd-y2", message_id="rd-M"))
+    assert replayed.duplicate and not replayed.other_identifiers
