@@ -1381,9 +1381,12 @@ class IdentityGraph:
         others = self.neighbours_of(key)
         if not others:
             person_id = self.persons_of([key])[key]
-            if person_id is None:
+            # A junk identifier is never given a person, but it was seen: linked with nothing now, not unknown.
+            if person_id is None and self._session.execute(
+                    "SELECT message_id FROM identifier_sightings WHERE id_type = ? AND id_value = ? LIMIT 1",
+                    (key.type, key.value)).one() is None:
                 raise NotFound(f"no identifier {key}", reason="IDENTIFIER_NOT_FOUND")
-            if self.person_members(person_id) == [key]:
+            if person_id is None or self.person_members(person_id) == [key]:
                 raise NotFound(f"{key} is linked with nothing (unlinked already, or only ever seen alone); "
                                "nothing is left to retract", reason="LINK_NOT_FOUND")
         self._delete_pair_links([(o, key) for o in others])

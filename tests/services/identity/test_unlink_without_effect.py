@@ -41,3 +41,14 @@ def test_unlink_of_an_identifier_with_no_links_left_is_not_found(identity: Stub)
     link(identity, observation("cookie:un-alone"))
     assert failure(lambda: identity.UnlinkIdentifiers(pb.UnlinkIdentifiersRequest(identifier=alone),
                                                       timeout=30))[:2] == (grpc.StatusCode.NOT_FOUND, "LINK_NOT_FOUND")
+    # A junk identifier is never given a person; once its links are retracted it is linked with nothing, not
+    # unknown.
+    link(identity, observation("cookie:unknown", "email:un-j@x.io"))
+    (junk,) = ids("cookie:unknown")
+    identity.UnlinkIdentifiers(pb.UnlinkIdentifiersRequest(identifier=junk), timeout=30)
+    assert failure(lambda: identity.UnlinkIdentifiers(pb.UnlinkIdentifiersRequest(identifier=junk),
+                                                      timeout=30))[:2] == (grpc.StatusCode.NOT_FOUND, "LINK_NOT_FOUND")
+    (never,) = ids("cookie:un-never-seen")
+    assert failure(lambda: identity.UnlinkIdentifiers(pb.UnlinkIdentifiersRequest(identifier=never),
+                                                      timeout=30))[:2] == (
+        grpc.StatusCode.NOT_FOUND, "IDENTIFIER_NOT_FOUND")
