@@ -119,6 +119,14 @@ def rule_problems_to_violations(problems: Sequence[RuleProblem], rule_input: Rul
             violations.add(f"{rule_input.field_path}.{problem.path}", problem.description)
 
 
+def _reason(violations: Violations, otherwise: str) -> str:
+    """The reason of a create's or update's INVALID_ARGUMENT: INVALID_RULE when only the rule is at fault (what a
+    syntax error of it gets too, and every call that takes a rule answers), else `otherwise`, naming the request."""
+    rule_only = all(v.field == "segment.rule" or v.field.startswith(("segment.rule.", "segment.rule_text"))
+                    for v in violations.items)
+    return "INVALID_RULE" if rule_only else otherwise
+
+
 def page_size_of(requested: int, default: int, maximum: int, field_path: str = "page_size") -> int:
     if requested < 0:
         raise InvalidArgument.for_field(field_path, f"must not be negative, got {requested}")
@@ -212,7 +220,7 @@ class SegmentCatalog:
             violations.add("segment.rule", "give the rule as `rule` or `rule_text`")
         else:
             self.check_rule(rule_input, segment_id if SEGMENT_ID.match(segment_id) else None, violations, references)
-        violations.raise_if_any("the segment is invalid", reason="INVALID_SEGMENT")
+        violations.raise_if_any("the segment is invalid", reason=_reason(violations, "INVALID_SEGMENT"))
         assert rule_input is not None
         now = datetime.now(UTC)
         rule_text = format_rule(rule_input.rule)
@@ -277,7 +285,7 @@ class SegmentCatalog:
         if wants_rule and rule_input is not None:
             references, version = self.store.references()
             self.check_rule(rule_input, segment_id, violations, references)
-        violations.raise_if_any("the update is invalid", reason="INVALID_UPDATE")
+        violations.raise_if_any("the update is invalid", reason=_reason(violations, "INVALID_UPDATE"))
         current = self.record(segment_id)
         if etag and not etag_matches(etag, current.etag):
             raise Aborted(f"segments/{segment_id} changed since etag {etag!r} was read; get it again and retry",

@@ -241,6 +241,34 @@ def test_bad_segments_are_refused_naming_the_offending_part(segmentation: Stub) 
     assert failure(segmentation.GetSegment, pb.GetSegmentRequest(name="base"))[0] == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_bad_rule_has_one_reason_in_every_call_that_takes_a_rule(segmentation: Stub) -> None:
+    """INVALID_RULE whether the rule cannot be parsed or is parsed and invalid, in a create, an update, a parse or an
+    estimate; a create or an update whose other fields are at fault too names the request (it was INVALID_RULE for a
+    syntax error and INVALID_SEGMENT / INVALID_UPDATE for an unknown field, depending on the call)."""
+    create(segmentation, "base", 'traits.plan = "pro"')
+    for text in ("traits.a = ", "computed.shoe_size EXISTS", 'event("x").count(last 0d) >= 1'):
+        calls = {
+            "create": (segmentation.CreateSegment, pb.CreateSegmentRequest(
+                segment_id="new-one", segment=pb.Segment(rule_text=text))),
+            "update": (segmentation.UpdateSegment, pb.UpdateSegmentRequest(
+                segment=pb.Segment(name="segments/base", rule_text=text),
+                update_mask=field_mask_pb2.FieldMask(paths=["rule_text"]))),
+            "parse": (segmentation.ParseSegmentRule, pb.ParseSegmentRuleRequest(rule_text=text)),
+            "estimate": (segmentation.EstimateSegmentSize, pb.EstimateSegmentSizeRequest(rule_text=text)),
+        }
+        reasons = {name: failure(call, request)[:2] for name, (call, request) in calls.items()}
+        assert set(reasons.values()) == {(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RULE")}, (text, reasons)
+    code, reason, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+        segment_id="Bad_Id", segment=pb.Segment(rule_text="computed.shoe_size EXISTS")))
+    assert (code, reason, set(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SEGMENT",
+                                           {"segment_id", "segment.rule_text"})
+    code, reason, fields = failure(segmentation.UpdateSegment, pb.UpdateSegmentRequest(
+        segment=pb.Segment(name="segments/base", rule_text="computed.shoe_size EXISTS"),
+        update_mask=field_mask_pb2.FieldMask(paths=["rule_text", "revision"])))
+    assert (code, reason, set(fields)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_UPDATE",
+                                           {"update_mask.paths[1]", "segment.rule_text"})
+
+
 def test_a_score_condition_names_a_model_the_prediction_service_has(
         segmentation_with_prediction: tuple[RunningService, RunningService]) -> None:
     segmentation_service, prediction_service = segmentation_with_prediction
@@ -254,7 +282,7 @@ def test_a_score_condition_names_a_model_the_prediction_service_has(
         assert known.rule.score.model == "models/churn"
         code, reason, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
             segment_id="unknown-model", segment=pb.Segment(rule_text='traits.a = 1 AND score("models/nope") >= 0.7')))
-        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SEGMENT")
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RULE")
         assert "models/nope does not exist in the prediction service (rule.all.rules[1].score.model)" in \
             fields["segment.rule_text"]
 

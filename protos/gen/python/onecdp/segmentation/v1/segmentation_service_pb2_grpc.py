@@ -120,7 +120,9 @@ class SegmentationServiceServicer:
         impossible window or a cycle of segment references fails with INVALID_ARGUMENT and a field
         violation naming the offending part of the rule. Give either `rule` or `rule_text`.
 
-        Errors: ALREADY_EXISTS when `segment_id` is taken; INVALID_ARGUMENT as above.
+        Errors: ALREADY_EXISTS when `segment_id` is taken; INVALID_ARGUMENT as above. An invalid rule's
+        reason (ErrorInfo) is INVALID_RULE in every call that takes a rule; INVALID_SEGMENT when other
+        fields are at fault too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,7 +148,8 @@ class SegmentationServiceServicer:
         """Updates a segment's fields named in `update_mask`. A new rule starts a new `revision` and
         memberships are recomputed. `etag` guards against lost updates.
 
-        Errors: NOT_FOUND; ABORTED when `etag` is stale; INVALID_ARGUMENT for a bad rule or mask.
+        Errors: NOT_FOUND; ABORTED when `etag` is stale; INVALID_ARGUMENT for a bad rule (reason
+        INVALID_RULE) or mask (INVALID_UPDATE, also when both are at fault).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

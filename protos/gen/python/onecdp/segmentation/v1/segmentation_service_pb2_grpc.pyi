@@ -44,7 +44,9 @@ class SegmentationServiceStub:
     impossible window or a cycle of segment references fails with INVALID_ARGUMENT and a field
     violation naming the offending part of the rule. Give either `rule` or `rule_text`.
 
-    Errors: ALREADY_EXISTS when `segment_id` is taken; INVALID_ARGUMENT as above.
+    Errors: ALREADY_EXISTS when `segment_id` is taken; INVALID_ARGUMENT as above. An invalid rule's
+    reason (ErrorInfo) is INVALID_RULE in every call that takes a rule; INVALID_SEGMENT when other
+    fields are at fault too.
     """
     GetSegment: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.GetSegmentRequest, _segmentation_service_pb2.Segment]
     """Gets a segment by name (`segments/{segment_id}`).
@@ -57,7 +59,8 @@ class SegmentationServiceStub:
     """Updates a segment's fields named in `update_mask`. A new rule starts a new `revision` and
     memberships are recomputed. `etag` guards against lost updates.
 
-    Errors: NOT_FOUND; ABORTED when `etag` is stale; INVALID_ARGUMENT for a bad rule or mask.
+    Errors: NOT_FOUND; ABORTED when `etag` is stale; INVALID_ARGUMENT for a bad rule (reason
+    INVALID_RULE) or mask (INVALID_UPDATE, also when both are at fault).
     """
     DeleteSegment: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.DeleteSegmentRequest, _segmentation_service_pb2.DeleteSegmentResponse]
     """Deletes a segment and its memberships.
@@ -141,7 +144,9 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     impossible window or a cycle of segment references fails with INVALID_ARGUMENT and a field
     violation naming the offending part of the rule. Give either `rule` or `rule_text`.
 
-    Errors: ALREADY_EXISTS when `segment_id` is taken; INVALID_ARGUMENT as above.
+    Errors: ALREADY_EXISTS when `segment_id` is taken; INVALID_ARGUMENT as above. An invalid rule's
+    reason (ErrorInfo) is INVALID_RULE in every call that takes a rule; INVALID_SEGMENT when other
+    fields are at fault too.
     """
     GetSegment: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.GetSegmentRequest, _segmentation_service_pb2.Segment]  # type: ignore[assignment]
     """Gets a segment by name (`segments/{segment_id}`).
@@ -154,7 +159,8 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     """Updates a segment's fields named in `update_mask`. A new rule starts a new `revision` and
     memberships are recomputed. `etag` guards against lost updates.
 
-    Errors: NOT_FOUND; ABORTED when `etag` is stale; INVALID_ARGUMENT for a bad rule or mask.
+    Errors: NOT_FOUND; ABORTED when `etag` is stale; INVALID_ARGUMENT for a bad rule (reason
+    INVALID_RULE) or mask (INVALID_UPDATE, also when both are at fault).
     """
     DeleteSegment: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.DeleteSegmentRequest, _segmentation_service_pb2.DeleteSegmentResponse]  # type: ignore[assignment]
     """Deletes a segment and its memberships.
@@ -241,7 +247,9 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
         impossible window or a cycle of segment references fails with INVALID_ARGUMENT and a field
         violation naming the offending part of the rule. Give either `rule` or `rule_text`.
 
-        Errors: ALREADY_EXISTS when `segment_id` is taken; INVALID_ARGUMENT as above.
+        Errors: ALREADY_EXISTS when `segment_id` is taken; INVALID_ARGUMENT as above. An invalid rule's
+        reason (ErrorInfo) is INVALID_RULE in every call that takes a rule; INVALID_SEGMENT when other
+        fields are at fault too.
         """
 
     @_abc_1.abstractmethod
@@ -272,7 +280,8 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
         """Updates a segment's fields named in `update_mask`. A new rule starts a new `revision` and
         memberships are recomputed. `etag` guards against lost updates.
 
-        Errors: NOT_FOUND; ABORTED when `etag` is stale; INVALID_ARGUMENT for a bad rule or mask.
+        Errors: NOT_FOUND; ABORTED when `etag` is stale; INVALID_ARGUMENT for a bad rule (reason
+        INVALID_RULE) or mask (INVALID_UPDATE, also when both are at fault).
         """
 
     @_abc_1.abstractmethod
