@@ -128,6 +128,30 @@ class Violations:
             raise InvalidArgument(f"{summary}: {details}{more}", reason=reason, field_violations=self.items)
 
 
+# Names and descriptions people give resources, shown in lists: a resource's size stays small, so that no one
+# resource makes a page of a List too large for a client's 4 MiB default message limit.
+MAX_DISPLAY_NAME_LENGTH = 256
+MAX_DESCRIPTION_LENGTH = 4096
+
+
+def check_display_name(violations: Violations, display_name: str, field_path: str,
+                       limit: int = MAX_DISPLAY_NAME_LENGTH) -> None:
+    """A display name is at most `limit` characters, with no control character (it is shown on one line)."""
+    violations.check(len(display_name) <= limit, field_path, f"at most {limit} characters, got {len(display_name):,}")
+    if problem := control_character_problem(display_name):
+        violations.add(field_path, problem)
+
+
+def check_description(violations: Violations, description: str, field_path: str,
+                      limit: int = MAX_DESCRIPTION_LENGTH) -> None:
+    """A description is at most `limit` characters; line breaks and tabs are the only control characters it holds."""
+    violations.check(len(description) <= limit, field_path, f"at most {limit:,} characters, got {len(description):,}")
+    control = next((char for char in description if char not in "\n\r\t" and category(char) == "Cc"), None)
+    if control is not None:
+        violations.add(field_path, "must not contain control characters other than line breaks and tabs; found "
+                                   f"control character U+{ord(control):04X} at position {description.index(control)}")
+
+
 def control_character_problem(text: str) -> str | None:
     """Why `text` cannot be taken as a name, label or identifier value: it holds a control character (Unicode
     category Cc: U+0000-U+001F, U+007F-U+009F), a client's encoding bug that would be stored and shown back as

@@ -41,7 +41,7 @@ from services.identity.identifiers import (
     compile_pattern,
 )
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
-from shared.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, Unavailable, Violations
+from shared.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, Unavailable, Violations, check_display_name
 from shared.etags import etag_matches, strong_etag
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,7 @@ def validated_type(draft: TypeDraft, *, path: str, default_phone_region: str | N
     violations.check(draft.normalization is not None, f"{path}.normalization",
                      "not a known normalization; use one of " + ", ".join(
                          f"NORMALIZATION_{n.name}" for n in Normalization if n is not Normalization.TRIM))
-    violations.check(len(draft.display_name) <= MAX_DISPLAY_NAME_LENGTH, f"{path}.display_name",
-                     f"at most {MAX_DISPLAY_NAME_LENGTH} characters")
+    check_display_name(violations, draft.display_name, f"{path}.display_name", MAX_DISPLAY_NAME_LENGTH)
     violations.check(0 <= draft.priority <= MAX_PRIORITY, f"{path}.priority",
                      f"0-{MAX_PRIORITY}; 0 means the default, {DEFAULT_PRIORITY}")
     violations.check(0 <= draft.max_per_person <= MAX_PER_PERSON, f"{path}.max_per_person",

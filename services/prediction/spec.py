@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.errors import FieldViolation, InvalidArgument, Violations, control_character_problem
+from shared.errors import FieldViolation, InvalidArgument, Violations, check_display_name, control_character_problem
 from shared.longrunning import operation_id_of
 
 MIN_HORIZON_DAYS, MAX_HORIZON_DAYS = 1, 730
@@ -20,7 +20,6 @@ DEFAULT_MIN_CLASS_COUNT = 100
 MAX_MIN_CLASS_COUNT = 1_000_000
 MAX_EVENT_NAMES = 100
 MAX_EVENT_NAME_LENGTH = 128
-MAX_DISPLAY_NAME_LENGTH = 256
 DEFAULT_CONVERSION_EVENTS = ("order",)
 
 # Whole strings only: use fullmatch. `\Z` (not `$`, which also matches before a final newline) keeps a
@@ -92,13 +91,9 @@ def resolve_spec(kind: PredictionKind | None, event_names: list[str], horizon_da
 
 
 def display_name_violations(display_name: str, field_path: str = "model.display_name") -> list[FieldViolation]:
-    """What is wrong with a model's display name (at most MAX_DISPLAY_NAME_LENGTH characters, no control
-    characters); empty when it is fine."""
+    """What is wrong with a model's display name (shared.errors.check_display_name); empty when it is fine."""
     violations = Violations()
-    violations.check(len(display_name) <= MAX_DISPLAY_NAME_LENGTH, field_path,
-                     f"at most {MAX_DISPLAY_NAME_LENGTH} characters")
-    if problem := control_character_problem(display_name):
-        violations.add(field_path, problem)
+    check_display_name(violations, display_name, field_path)
     return violations.items
 
 

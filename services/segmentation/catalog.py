@@ -28,7 +28,16 @@ from services.segmentation.rules import (
 )
 from services.segmentation.store import CatalogChanged, SegmentRecord, SegmentStore
 from services.segmentation.text import RuleSyntaxError, format_rule, parse
-from shared.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
+from shared.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Violations,
+    check_description,
+    check_display_name,
+)
 from shared.etags import etag_matches, strong_etag
 from shared.page_tokens import decode_page_token, encode_page_token
 
@@ -216,6 +225,8 @@ class SegmentCatalog:
         violations = Violations()
         violations.check(bool(SEGMENT_ID.match(segment_id)), "segment_id",
                          "1-63 lower-case letters, digits and hyphens, starting with a letter")
+        check_display_name(violations, display_name, "segment.display_name")
+        check_description(violations, description, "segment.description")
         if rule_input is None:
             violations.add("segment.rule", "give the rule as `rule` or `rule_text`")
         else:
@@ -278,6 +289,10 @@ class SegmentCatalog:
         for index, path in enumerate(paths):
             violations.check(path in UPDATABLE_FIELDS, f"update_mask.paths[{index}]",
                              f"{path!r} cannot be updated; updatable: {updatable}")
+        if "display_name" in paths:
+            check_display_name(violations, display_name, "segment.display_name")
+        if "description" in paths:
+            check_description(violations, description, "segment.description")
         wants_rule = bool({"rule", "rule_text"} & set(paths))
         version = None
         if wants_rule and rule_input is None:

@@ -269,6 +269,29 @@ def test_a_bad_rule_has_one_reason_in_every_call_that_takes_a_rule(segmentation:
                                            {"update_mask.paths[1]", "segment.rule_text"})
 
 
+def test_display_names_and_descriptions_are_bounded(segmentation: Stub) -> None:
+    """A 5 MB description was stored, and then every ListSegments page holding it (and GetSegment of it) passed a
+    client's default 4 MiB message limit: no one could list segments any more."""
+    code, reason, fields = failure(segmentation.CreateSegment, pb.CreateSegmentRequest(
+        segment_id="huge", segment=pb.Segment(rule_text="traits.plan EXISTS", description="d" * 200_000,
+                                              display_name="Two\nlines")))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SEGMENT")
+    assert fields["segment.description"] == "at most 4,096 characters, got 200,000"
+    assert "control character U+000A" in fields["segment.display_name"]
+    created = create(segmentation, "bounded", "traits.plan EXISTS")
+    code, reason, fields = failure(segmentation.UpdateSegment, pb.UpdateSegmentRequest(
+        segment=pb.Segment(name=created.name, display_name="x" * 300),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"])))
+    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_UPDATE",
+                                      {"segment.display_name": "at most 256 characters, got 300"})
+    # Within the bounds (lines and tabs in a description): stored as given.
+    updated = segmentation.UpdateSegment(pb.UpdateSegmentRequest(
+        segment=pb.Segment(name=created.name, display_name="x" * 256, description="Why:\n\t" + "d" * 4000),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name", "description"])), timeout=10)
+    assert (len(updated.display_name), updated.description[:6]) == (256, "Why:\n\t")
+    assert [s.name for s in segmentation.ListSegments(pb.ListSegmentsRequest(), timeout=10).segments] == [created.name]
+
+
 def test_a_score_condition_names_a_model_the_prediction_service_has(
         segmentation_with_prediction: tuple[RunningService, RunningService]) -> None:
     segmentation_service, prediction_service = segmentation_with_prediction

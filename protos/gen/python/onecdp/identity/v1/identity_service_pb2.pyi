@@ -1108,7 +1108,7 @@ class IdentifierType(_message.Message):
     type: _builtins.str
     """The type's name as used in Identifier.type: lower_snake_case, 1-63 characters."""
     display_name: _builtins.str
-    """Human-readable name."""
+    """Human-readable name: at most 128 characters, no control characters."""
     normalization: Global___Normalization.ValueType
     """How values are normalized before comparison."""
     priority: _builtins.int

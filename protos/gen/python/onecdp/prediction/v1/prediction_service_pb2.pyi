@@ -177,7 +177,7 @@ class Model(_message.Message):
     name: _builtins.str
     """Resource name: `models/{model_id}`."""
     display_name: _builtins.str
-    """Human readable name."""
+    """Human readable name: at most 256 characters, no control characters."""
     active_version: _builtins.str
     """The version used for scoring, `models/{model_id}/versions/{version_id}`; empty until one is
     activated.

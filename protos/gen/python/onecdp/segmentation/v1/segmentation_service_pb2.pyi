@@ -237,9 +237,11 @@ class Segment(_message.Message):
     name: _builtins.str
     """Resource name: `segments/{segment_id}`."""
     display_name: _builtins.str
-    """Human readable name, e.g. "Loyal buyers at risk"."""
+    """Human readable name, e.g. "Loyal buyers at risk": at most 256 characters, no control characters."""
     description: _builtins.str
-    """What the segment is for."""
+    """What the segment is for: at most 4,096 characters; line breaks and tabs are the only control
+    characters allowed.
+    """
     rule_text: _builtins.str
     """The rule in text form, e.g.
     `computed.frequency >= 3 AND event("order").count(last 90d) >= 1 AND NOT segment("vip")`.
