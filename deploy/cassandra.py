@@ -312,6 +312,8 @@ def node_config(node: Node) -> dict[str, object]:
         "auto_snapshot": False,
         "memtable_heap_space": "128MiB",
         "memtable_offheap_space": "128MiB",
+        # Shared batches are up to 12 KiB (shared.cassandra.BATCH_BYTES): warn only past that.
+        "batch_size_warn_threshold": "16KiB",
         "concurrent_reads": 16,
         "concurrent_writes": 16,
         "concurrent_counter_writes": 4,

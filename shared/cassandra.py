@@ -70,11 +70,19 @@ IN_LIST_SIZE = 100
 IN_READ_ROWS = 5000
 _ALLOW_FILTERING = " ALLOW FILTERING"
 # Cassandra warns about an unlogged batch spanning more than 10 partitions
-# (unlogged_batch_across_partitions_warn_threshold) and about a multi-partition batch larger than 5 KiB
-# (batch_size_warn_threshold; it refuses one over 50 KiB). Batches stay under both; a batch within one
-# partition is exempt from the size checks and is what Cassandra applies most cheaply.
+# (unlogged_batch_across_partitions_warn_threshold) and about a multi-partition batch larger than
+# batch_size_warn_threshold (5 KiB by default; it refuses one over batch_size_fail_threshold, 50 KiB). Shared
+# batches hold at most 10 partitions and BATCH_BYTES of data as Cassandra counts it (see _bound_size): 12 KiB, as
+# fast as the largest tried (identity's links: batches cut at 5 KiB linked 15% slower, more round trips), well
+# under the refusal; OneCDP's Cassandra configurations warn from 16 KiB (deploy/cassandra.py, the k8s
+# datacenter), so a log holds no warning per batch. A batch within one partition is exempt from the size checks
+# and is what Cassandra applies most cheaply.
 BATCH_PARTITIONS = 10
-BATCH_BYTES = 4 * 1024
+BATCH_BYTES = 12 * 1024
+# Bytes Cassandra adds to a cell's value in a row's data size: an 8-byte timestamp, and with a TTL a 4-byte TTL
+# and an 8-byte expiry (5.0's long deletion times). The partition key counts nothing there, so a statement's
+# values plus this per value and per row (the row's own liveness) is never less than its size.
+CELL_OVERHEAD_BYTES = 20
 BATCH_STATEMENTS = 200
 # The batches one start_writes/write_all keeps in flight. Sending every batch of a large write at once
 # (a recompute writes a million rows: thousands of batches) overflows Cassandra's native-transport queue
@@ -425,7 +433,11 @@ class _BatchWrites:
 
 
 def _bound_size(bound: Any) -> int:
-    return sum(len(value) for value in bound.values if value)
+    """What Cassandra counts of a statement against batch_size_warn_threshold (a row's data size), at most: its
+    values, plus for each value and for the row CELL_OVERHEAD_BYTES (the cell's timestamp, TTL and expiry). By the
+    values alone, rows of short values were counted at a third of their size (a sixth for small numbers), so that
+    batches passed the warning, and could have passed the refusal."""
+    return sum(len(value) for value in bound.values if value) + CELL_OVERHEAD_BYTES * (len(bound.values) + 1)
 
 
 def pack_batches(partitions: Sequence[list[Any]], size_of: Callable[[Any], int]) -> list[list[Any]]:
