@@ -28,6 +28,7 @@ from rich.table import Table
 from deploy import cassandra as cassandra_launcher
 from shared.cassandra import connect_cluster, open_session
 from shared.config import SERVICE_NAMES, CassandraSettings, GrpcSettings
+from shared.errors import Unavailable
 from shared.migrations import migrate_service
 
 console = Console()
@@ -156,6 +157,27 @@ def up() -> None:
             _cassandra_marker().touch()
         console.print("Cassandra: " + (f"ready in {ready:.1f} s" if ready is not None else
                                        "already running (`make down` will leave it running)"))
+    try:
+        _migrate(cassandra_settings)
+    except Unavailable as error:
+        # Seen on a shared machine: the node answering on 127.0.0.1:9042 was someone else's, stopped by its owner
+        # while the schemas were applied. A traceback said nothing of that.
+        raise StackError(f"Cassandra at {', '.join(cassandra_settings.contact_points)} stopped answering while the "
+                         f"schemas were applied ({error.message}). If it was running before `make up` (someone "
+                         "else's node on this machine), its owner may have stopped it: run `make up` again, which "
+                         "then starts a node of its own.") from error
+    console.print("Starting services")
+    for name in SERVICE_NAMES:
+        _start_service(name, grpc_settings)
+    _print_summary(grpc_settings)
+    console.print(f"Up in {time.monotonic() - started:.1f} s.")
+
+
+class StackError(RuntimeError):
+    """`make up` could not go on; the message says why and what to do."""
+
+
+def _migrate(cassandra_settings: CassandraSettings) -> None:
     cluster = connect_cluster(cassandra_settings)
     try:
         session = open_session(cluster, None, cassandra_settings.request_timeout_seconds)
@@ -166,11 +188,6 @@ def up() -> None:
                           f"  schema {cassandra_settings.keyspace(name)}: current")
     finally:
         cluster.shutdown()
-    console.print("Starting services")
-    for name in SERVICE_NAMES:
-        _start_service(name, grpc_settings)
-    _print_summary(grpc_settings)
-    console.print(f"Up in {time.monotonic() - started:.1f} s.")
 
 
 def down() -> None:
@@ -205,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)
     if args.command == "up":
-        up()
+        try:
+            up()
+        except StackError as error:
+            console.print(f"make up stopped: {error}", style="bold red", soft_wrap=True, highlight=False)
+            return 1
     elif args.command == "down":
         down()
     else:
