@@ -50,6 +50,14 @@ class PersonRef(NamedTuple):
     identifier_value: str | None = None
 
 
+def person_not_found(person: PersonRef) -> NotFound:
+    """NOT_FOUND for a selector no person answers to, naming it as identity and profile do."""
+    if person.person_id is not None:
+        return NotFound(f"no person has the id {person.person_id!r}", reason="PERSON_NOT_FOUND")
+    return NotFound(f"no person holds {person.identifier_type} {person.identifier_value!r}",
+                    reason="PERSON_NOT_FOUND", metadata={"identifier_type": person.identifier_type or ""})
+
+
 def refs_by_person_id(person_ids: Iterable[str]) -> list[PersonRef]:
     """`PersonRef(person_id=...)` of each id, made in C: `tuple.__new__` builds the named tuple without calling
     its Python `__new__` (which costs as much as the rest of a person's lookup in the online store)."""
@@ -395,5 +403,5 @@ class InMemoryProfileSource(ReadsByStarting):
         if person_id is None:
             person_id = self._identifiers.get((person.identifier_type or "", person.identifier_value or ""))
         if person_id is None or person_id not in self._events:
-            raise NotFound("no person matches the selector", reason="PERSON_NOT_FOUND")
+            raise person_not_found(person)
         return PersonHistory(person_id, [e for e in self._events[person_id] if before is None or e.time < before])

@@ -55,6 +55,7 @@ from services.prediction.history import (
     PersonRef,
     ReadsByStarting,
     RefsByPersonId,
+    person_not_found,
 )
 from services.prediction.jobs import SCORES_SOURCE, score_trait_names
 from services.prediction.online import ChangeKind, HistoryChange
@@ -301,7 +302,7 @@ class GrpcProfileSource(ReadsByStarting):
                 continue
             for index, found in zip(pending, response.results, strict=True):
                 results[index] = (self._history(found, before) if found.found
-                                  else NotFound("no person matches the selector", reason="PERSON_NOT_FOUND"))
+                                  else person_not_found(persons[index]))
             pending = []
             break
         too_many = InvalidArgument.for_field("person", "profile refused too many selectors of this batch",
