@@ -155,6 +155,17 @@ class _Parser:
             raise RuleSyntaxError(f"expected {wanted}, found {found}", self.current.position)
         return self.take()
 
+    def word(self) -> str:
+        """The current token with the tokens written right after it (`30x` is NUMBER 30 and NAME x): what the reader
+        wrote there, for an error to quote."""
+        start = self.current.position
+        end = start + len(self.current.text)
+        for token in self.tokens[self.index + 1:]:
+            if token.kind == "END" or token.position != end or token.kind in ("PUNCT", "OP"):
+                break
+            end = token.position + len(token.text)
+        return self.text[start:end]
+
     def rule(self) -> Rule:
         rule = self.any_of()
         self.expect("END", what="AND, OR or the end of the rule")
@@ -284,6 +295,9 @@ class _Parser:
         token = self.expect("NAME", what="a window: last <N>d or from <time> to <time>")
         parts["window"] = token.position
         if token.text == "last":
+            if not self.at("DAYS") and self.current.kind != "END":
+                raise RuleSyntaxError(f"expected a number of days like 90d, found {self.word()!r}",
+                                      self.current.position)
             days = self.expect("DAYS", what="a number of days like 90d")
             parts["window.last_days"] = days.position
             return LastDays(int(days.text[:-1]))

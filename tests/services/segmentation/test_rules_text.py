@@ -92,6 +92,9 @@ def test_parse_reads_every_condition_kind() -> None:
     ('traits.a = 1 traits.b = 2', 13, "expected AND, OR or the end"),
     ("(traits.a = 1", 13, "expected ')'"),
     ('event("order").count(last 90) >= 1', 26, "a number of days"),
+    # The whole word written is quoted, not its first token (`30x` is the number 30 and the name x).
+    ('event("order").count(last 30x) >= 1', 26, "expected a number of days like 90d, found '30x'"),
+    ('event("order").count(last 30dd) >= 1', 26, "found '30dd'"),
     ('event("order").total(amount, last 9d) > 1', 15, "count, sum, avg, min or max"),
     ('event("order").count(since 1997-01-01) > 1', 21, "expected a window"),
     ('score("models/m").odds > 1', 18, "probability or a percentile"),
