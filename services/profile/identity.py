@@ -123,8 +123,10 @@ class GrpcIdentityResolver:
                 request = identity_pb.BatchLookupPersonsRequest(persons=[selectors[i] for i in order])
                 response: identity_pb.BatchLookupPersonsResponse = self._call(self._stub.BatchLookupPersons, request)
             except _InvalidObservations as error:
-                for position, message in error.messages.items():
-                    results[order[position]] = Resolution(invalid=message)
+                for position, [(path, description), *_] in error.violations.items():
+                    # Named as the event's field (its one identifier), not as the lookup's `identifier.value`.
+                    field = "identifiers[0]" + path.removeprefix("identifier")
+                    results[order[position]] = Resolution(invalid=f"{field}: {description}")
                     selectors.pop(order[position])
                 continue
             for position, result in enumerate(response.results):

@@ -184,6 +184,8 @@ def test_each_rejection_reason_and_one_bad_event_never_sinks_its_batch(profiles:
     }
     assert {m: _reason(results, m) for m in expected} == expected
     assert "not an email" in next(r for r in results if r.message_id == "bad-email").message
+    # The message names the identifier by its place in the event, as a field path would.
+    assert next(r for r in results if r.message_id == "bad-email").message.startswith("identifiers[0].value: ")
     # A repeat of a rejected event in the same batch is rejected alike, not reported as stored.
     twice = ingest(profiles, track("email:still-bad", message_id="bad-twice"),
                    track("email:still-bad", message_id="bad-twice"))
