@@ -71,17 +71,22 @@ IN_READ_ROWS = 5000
 _ALLOW_FILTERING = " ALLOW FILTERING"
 # Cassandra warns about an unlogged batch spanning more than 10 partitions
 # (unlogged_batch_across_partitions_warn_threshold) and about a multi-partition batch larger than
-# batch_size_warn_threshold (5 KiB by default; it refuses one over batch_size_fail_threshold, 50 KiB). Shared
-# batches hold at most 10 partitions and BATCH_BYTES of data as Cassandra counts it (see _bound_size): 12 KiB, as
-# fast as the largest tried (identity's links: batches cut at 5 KiB linked 15% slower, more round trips), well
-# under the refusal; OneCDP's Cassandra configurations warn from 16 KiB (deploy/cassandra.py, the k8s
-# datacenter), so a log holds no warning per batch. A batch within one partition is exempt from the size checks
-# and is what Cassandra applies most cheaply.
+# batch_size_warn_threshold (5 KiB by default; it refuses one over batch_size_fail_threshold, 50 KiB), in its
+# log and to the client, whose driver logs it: a warning per batch drowns a service's log. Shared batches hold at
+# most 10 partitions and, of data as Cassandra counts it (see _bound_size), the smaller of BATCH_BYTES and the
+# warning threshold of the node the session opened on (read once, system_views.settings). BATCH_BYTES is 12 KiB,
+# as fast as the largest tried (identity's links: batches cut at 5 KiB linked ~15% slower: more round trips);
+# OneCDP's own Cassandra configurations warn from 16 KiB (deploy/cassandra.py, the k8s datacenter), so they take
+# 12 KiB batches, and a cluster left at the default takes 5 KiB ones. A batch within one partition is exempt from
+# the size checks and is what Cassandra applies most cheaply.
 BATCH_PARTITIONS = 10
 BATCH_BYTES = 12 * 1024
-# Bytes Cassandra adds to a cell's value in a row's data size: an 8-byte timestamp, and with a TTL a 4-byte TTL
-# and an 8-byte expiry (5.0's long deletion times). The partition key counts nothing there, so a statement's
-# values plus this per value and per row (the row's own liveness) is never less than its size.
+DEFAULT_BATCH_WARN_BYTES = 5 * 1024
+# What Cassandra 5.0 counts of a cell beside its value in a row's data size: an 8-byte timestamp, a 4-byte TTL
+# and an 8-byte expiry, TTL or not. A key's values count nothing there, and a row adds its liveness and
+# deletion (20 + 12 bytes at most), so a statement's values plus this per value and once for the row is never
+# less than its size, but for a non-frozen collection (each element a cell of its own, with its path): shared
+# batches write none but a one-element set.
 CELL_OVERHEAD_BYTES = 20
 BATCH_STATEMENTS = 200
 # The batches one start_writes/write_all keeps in flight. Sending every batch of a large write at once
@@ -193,6 +198,7 @@ class CassandraSession:
         self._request_timeout = request_timeout
         self._prepared: dict[str, PreparedStatement] = {}
         self._lock = threading.Lock()
+        self._batch_bytes: int | None = None
 
     @property
     def keyspace(self) -> str | None:
@@ -295,6 +301,20 @@ class CassandraSession:
         return PendingRows(self, [(cql if limited else None, params, self.execute_async(statement, params))
                                   for params in param_sets])
 
+    def batch_bytes(self) -> int:
+        """How large a shared batch may be (see BATCH_BYTES): read from the node once, then remembered."""
+        if self._batch_bytes is None:
+            try:
+                row = self.execute("SELECT value FROM system_views.settings WHERE name = ?",
+                                   ("batch_size_warn_threshold",)).one()
+                threshold = data_size_bytes(row.value) if row is not None and row.value else None
+            except DomainError as error:  # a node that does not say: its default
+                log.warning("could not read batch_size_warn_threshold; batches stay under the default",
+                            extra={"error": error.message})
+                threshold = None
+            self._batch_bytes = min(BATCH_BYTES, threshold or DEFAULT_BATCH_WARN_BYTES)
+        return self._batch_bytes
+
     def write_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Apply many plain (not conditional) writes in unlogged batches, and wait for all of them.
 
@@ -320,8 +340,8 @@ class CassandraSession:
             bound = bind_memoized(self.prepare(cql), params, serialized)
             by_partition.setdefault(bound.routing_key, []).append(bound)
         deadline.timeout_within(self._request_timeout)  # a deadline already passed fails here, before any send
-        writes = _BatchWrites(self._session, pack_batches(list(by_partition.values()), _bound_size),
-                              self._request_timeout)
+        writes = _BatchWrites(self._session, pack_batches(list(by_partition.values()), _bound_size,
+                                                          self.batch_bytes()), self._request_timeout)
         writes.start()
 
         def wait() -> None:
@@ -434,28 +454,39 @@ class _BatchWrites:
 
 def _bound_size(bound: Any) -> int:
     """What Cassandra counts of a statement against batch_size_warn_threshold (a row's data size), at most: its
-    values, plus for each value and for the row CELL_OVERHEAD_BYTES (the cell's timestamp, TTL and expiry). By the
-    values alone, rows of short values were counted at a third of their size (a sixth for small numbers), so that
-    batches passed the warning, and could have passed the refusal."""
+    values, plus CELL_OVERHEAD_BYTES for each value and for the row. By the values alone, rows of short values
+    were counted at a third of their size (a sixth for small numbers): batches passed the warning."""
     return sum(len(value) for value in bound.values if value) + CELL_OVERHEAD_BYTES * (len(bound.values) + 1)
 
 
-def pack_batches(partitions: Sequence[list[Any]], size_of: Callable[[Any], int]) -> list[list[Any]]:
+_DATA_SIZE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*")
+_UNIT_BYTES = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
+
+
+def data_size_bytes(value: str) -> int | None:
+    """A Cassandra data size setting ("16KiB", "5KiB"; a bare number is KiB, as the older `_in_kb` settings) in
+    bytes; None for anything else."""
+    match = _DATA_SIZE.fullmatch(value)
+    return int(match.group(1)) * _UNIT_BYTES[match.group(2) or "KiB"] if match else None
+
+
+def pack_batches(partitions: Sequence[list[Any]], size_of: Callable[[Any], int],
+                 max_bytes: int = BATCH_BYTES) -> list[list[Any]]:
     """Statements grouped by partition, packed into batches Cassandra takes without a warning.
 
     A partition whose statements are large goes alone (a batch within one partition is exempt from
     the size checks), in slices of BATCH_STATEMENTS; small partitions share a batch up to
-    BATCH_PARTITIONS partitions and BATCH_BYTES of values.
+    BATCH_PARTITIONS partitions and `max_bytes` as `size_of` counts them.
     """
     batches: list[list[Any]] = []
     current: list[Any] = []
     current_partitions = current_bytes = 0
     for statements in partitions:
         size = sum(size_of(statement) for statement in statements)
-        if size > BATCH_BYTES or len(statements) > BATCH_STATEMENTS:
+        if size > max_bytes or len(statements) > BATCH_STATEMENTS:
             batches += [statements[i:i + BATCH_STATEMENTS] for i in range(0, len(statements), BATCH_STATEMENTS)]
             continue
-        if current and (current_partitions == BATCH_PARTITIONS or current_bytes + size > BATCH_BYTES
+        if current and (current_partitions == BATCH_PARTITIONS or current_bytes + size > max_bytes
                         or len(current) + len(statements) > BATCH_STATEMENTS):
             batches.append(current)
             current, current_partitions, current_bytes = [], 0, 0
@@ -516,4 +547,6 @@ def open_session(cluster: Cluster, keyspace: str | None, request_timeout: float)
         session = cluster.connect(keyspace)
     except Exception as error:
         raise translate_driver_error(error) from error
-    return CassandraSession(session, request_timeout)
+    opened = CassandraSession(session, request_timeout)
+    opened.batch_bytes()  # read now, so that no write waits for it
+    return opened
