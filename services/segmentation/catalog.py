@@ -32,6 +32,7 @@ from shared.errors import (
     Aborted,
     AlreadyExists,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     Violations,
@@ -211,8 +212,11 @@ class SegmentCatalog:
                             model_exists=functools.cache(self.model_exists))  # one question per model
         rule_problems_to_violations(problems, rule_input, violations)
 
-    def create(self, segment_id: str, display_name: str, description: str, rule_input: RuleInput | None) -> Segment:
-        record = _serialised(lambda: self._create(segment_id, display_name, description, rule_input))
+    def create(self, segment_id: str, display_name: str, description: str, rule_input: RuleInput | None,
+               rule_problems: Sequence[FieldViolation] = ()) -> Segment:
+        """Create a segment. `rule_problems`: why the rule given could not be read (rule_input is then None), to be
+        answered with every other problem of the request."""
+        record = _serialised(lambda: self._create(segment_id, display_name, description, rule_input, rule_problems))
         self.store.add_revision(segment_id, 1, record.rule_text, record.create_time)
         if self.on_rule_changed is not None:
             self.on_rule_changed(segment_id)
@@ -220,17 +224,18 @@ class SegmentCatalog:
         return self._segment(record)
 
     def _create(self, segment_id: str, display_name: str, description: str,
-                rule_input: RuleInput | None) -> SegmentRecord:
+                rule_input: RuleInput | None, rule_problems: Sequence[FieldViolation]) -> SegmentRecord:
         references, version = self.store.references()
         violations = Violations()
         violations.check(bool(SEGMENT_ID.match(segment_id)), "segment_id",
                          "1-63 lower-case letters, digits and hyphens, starting with a letter")
         check_display_name(violations, display_name, "segment.display_name")
         check_description(violations, description, "segment.description")
-        if rule_input is None:
-            violations.add("segment.rule", "give the rule as `rule` or `rule_text`")
-        else:
+        violations.items.extend(rule_problems)
+        if rule_input is not None:
             self.check_rule(rule_input, segment_id if SEGMENT_ID.match(segment_id) else None, violations, references)
+        elif not rule_problems:
+            violations.add("segment.rule", "give the rule as `rule` or `rule_text`")
         violations.raise_if_any("the segment is invalid", reason=_reason(violations, "INVALID_SEGMENT"))
         assert rule_input is not None
         now = datetime.now(UTC)
@@ -257,15 +262,20 @@ class SegmentCatalog:
         size = page_size_of(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = (decode_page_token(page_token, "segments") or ("",))[0]
         records = self.store.page(after, size + 1)
-        following = encode_page_token("segments", (records[size - 1].segment_id,)) if len(records) > size else ""
+        following = self.page_token_after(records[size - 1].segment_id) if len(records) > size else ""
         counts = self.store.member_counts([r.segment_id for r in records[:size]])
         return [self._segment(r, counts[r.segment_id]) for r in records[:size]], following
 
+    def page_token_after(self, segment_id: str) -> str:
+        """The token of the page of segments after `segment_id` (a page `list` gave, cut short by the caller)."""
+        return encode_page_token("segments", (segment_id,))
+
     def update(self, segment_id: str, paths: Sequence[str], *, display_name: str, description: str,
-               rule_input: RuleInput | None, etag: str) -> Segment:
+               rule_input: RuleInput | None, etag: str, rule_problems: Sequence[FieldViolation] = ()) -> Segment:
+        """Update the fields `paths` names; `rule_problems` as for `create`."""
         updated, rule_changed = _serialised(lambda: self._update(
             segment_id, paths, display_name=display_name, description=description, rule_input=rule_input,
-            etag=etag))
+            etag=etag, rule_problems=rule_problems))
         if rule_changed:
             self.store.add_revision(segment_id, updated.revision, updated.rule_text, updated.update_time)
         if rule_changed and self.on_rule_changed is not None:
@@ -282,7 +292,8 @@ class SegmentCatalog:
         return self._segment(updated)
 
     def _update(self, segment_id: str, paths: Sequence[str], *, display_name: str, description: str,
-                rule_input: RuleInput | None, etag: str) -> tuple[SegmentRecord, bool]:
+                rule_input: RuleInput | None, etag: str,
+                rule_problems: Sequence[FieldViolation]) -> tuple[SegmentRecord, bool]:
         violations = Violations()
         updatable = ", ".join(sorted(UPDATABLE_FIELDS))
         violations.check(bool(paths), "update_mask", f"name the fields to update: {updatable}")
@@ -295,7 +306,8 @@ class SegmentCatalog:
             check_description(violations, description, "segment.description")
         wants_rule = bool({"rule", "rule_text"} & set(paths))
         version = None
-        if wants_rule and rule_input is None:
+        violations.items.extend(rule_problems)
+        if wants_rule and rule_input is None and not rule_problems:
             violations.add("segment.rule", "the mask names the rule: give `rule` or `rule_text`")
         if wants_rule and rule_input is not None:
             references, version = self.store.references()

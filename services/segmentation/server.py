@@ -51,6 +51,11 @@ NAME = "segmentation"
 ERROR_DOMAIN = error_domain(NAME)
 OPERATIONS = "operations/"
 DEFAULT_MEMBERS_PAGE = 100
+# A page of segments stops before passing this many serialized bytes, well under the 4 MiB a gRPC client accepts
+# by default: 50 segments (the default page) of rules of 32,768 characters, in text and as trees, would not fit.
+MAX_PAGE_BYTES = 3 * 1024 * 1024
+# What a repeated message field adds per element besides the element: its tag and length prefix.
+_ELEMENT_OVERHEAD_BYTES = 6
 MAX_MEMBERS_PAGE = 10_000
 EXPORT_CHUNK = 1000
 
@@ -302,16 +307,26 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         segment = request.segment
         rule_input = rule_input_of(segment.rule if segment.HasField("rule") else None, segment.rule_text, violations,
                                    rule_field="segment.rule", text_field="segment.rule_text")
-        violations.raise_if_any("the segment's rule is invalid", reason="INVALID_RULE")
+        # A rule that cannot be read is answered with the request's other problems (the catalog checks them all).
         return segment_message(self._catalog.create(request.segment_id, segment.display_name, segment.description,
-                                                    rule_input))
+                                                    rule_input, rule_problems=violations.items))
 
     def GetSegment(self, request: pb.GetSegmentRequest, context: grpc.ServicerContext) -> pb.Segment:
         return segment_message(self._catalog.get(segment_id_of(request.name, "name")))
 
     def ListSegments(self, request: pb.ListSegmentsRequest, context: grpc.ServicerContext) -> pb.ListSegmentsResponse:
         segments, token = self._catalog.list(request.page_size, request.page_token)
-        return pb.ListSegmentsResponse(segments=[segment_message(s) for s in segments], next_page_token=token)
+        response = pb.ListSegmentsResponse()
+        page_bytes = 0
+        for index, segment in enumerate(segments):
+            message = segment_message(segment)
+            page_bytes += message.ByteSize() + _ELEMENT_OVERHEAD_BYTES
+            if index and page_bytes > MAX_PAGE_BYTES:
+                token = self._catalog.page_token_after(segments[index - 1].segment_id)
+                break
+            response.segments.append(message)
+        response.next_page_token = token
+        return response
 
     def UpdateSegment(self, request: pb.UpdateSegmentRequest, context: grpc.ServicerContext) -> pb.Segment:
         segment_id = segment_id_of(request.segment.name, "segment.name")
@@ -324,10 +339,9 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             text = segment.rule_text if "rule_text" in paths else ""
             rule_input = rule_input_of(rule, text, violations, rule_field="segment.rule",
                                        text_field="segment.rule_text")
-        violations.raise_if_any("the segment's rule is invalid", reason="INVALID_RULE")
         return segment_message(self._catalog.update(segment_id, paths, display_name=segment.display_name,
                                                     description=segment.description, rule_input=rule_input,
-                                                    etag=segment.etag))
+                                                    etag=segment.etag, rule_problems=violations.items))
 
     def DeleteSegment(self, request: pb.DeleteSegmentRequest,
                       context: grpc.ServicerContext) -> pb.DeleteSegmentResponse:

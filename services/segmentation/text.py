@@ -151,7 +151,7 @@ class _Parser:
     def expect(self, kind: str, text: str | None = None, what: str | None = None) -> Token:
         if not self.at(kind, text):
             wanted = what or (repr(text) if text else kind.lower())
-            found = repr(self.current.text) if self.current.kind != "END" else "the end of the rule"
+            found = repr(self.word()) if self.current.kind != "END" else "the end of the rule"
             raise RuleSyntaxError(f"expected {wanted}, found {found}", self.current.position)
         return self.take()
 
@@ -295,9 +295,6 @@ class _Parser:
         token = self.expect("NAME", what="a window: last <N>d or from <time> to <time>")
         parts["window"] = token.position
         if token.text == "last":
-            if not self.at("DAYS") and self.current.kind != "END":
-                raise RuleSyntaxError(f"expected a number of days like 90d, found {self.word()!r}",
-                                      self.current.position)
             days = self.expect("DAYS", what="a number of days like 90d")
             parts["window.last_days"] = days.position
             return LastDays(int(days.text[:-1]))

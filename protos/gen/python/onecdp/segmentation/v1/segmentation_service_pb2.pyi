@@ -837,7 +837,9 @@ class ListSegmentsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """At most this many segments (default 50, max 1,000)."""
+    """At most this many segments (default 50, max 1,000). A page also stops before 3 MiB of segments
+    (large rules), so it may hold fewer: go on while `next_page_token` is set.
+    """
     page_token: _builtins.str
     """A previous ListSegments response's `next_page_token`, unchanged (an opaque token); any other
     value fails with INVALID_ARGUMENT naming `page_token`. Empty: the first page.
