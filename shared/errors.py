@@ -128,8 +128,8 @@ class Violations:
             raise InvalidArgument(f"{summary}: {details}{more}", reason=reason, field_violations=self.items)
 
 
-# Names and descriptions people give resources, shown in lists: a resource's size stays small, so that no one
-# resource makes a page of a List too large for a client's 4 MiB default message limit.
+# Names and descriptions people give resources, shown in lists: bounded, so that a resource stays small (a 5 MB
+# description made every page of segments holding it pass a client's 4 MiB default message limit).
 MAX_DISPLAY_NAME_LENGTH = 256
 MAX_DESCRIPTION_LENGTH = 4096
 
@@ -137,7 +137,7 @@ MAX_DESCRIPTION_LENGTH = 4096
 def check_display_name(violations: Violations, display_name: str, field_path: str,
                        limit: int = MAX_DISPLAY_NAME_LENGTH) -> None:
     """A display name is at most `limit` characters, with no control character (it is shown on one line)."""
-    violations.check(len(display_name) <= limit, field_path, f"at most {limit} characters, got {len(display_name):,}")
+    violations.check(len(display_name) <= limit, field_path, f"at most {limit:,} characters, got {len(display_name):,}")
     if problem := control_character_problem(display_name):
         violations.add(field_path, problem)
 

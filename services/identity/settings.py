@@ -57,7 +57,7 @@ MAX_WRITE_ATTEMPTS = 16  # each failed attempt means another writer succeeded; s
 DEFAULT_PRIORITY = 100
 MAX_PRIORITY = 1000
 MAX_PER_PERSON = 1000
-MAX_DISPLAY_NAME_LENGTH = 128
+MAX_TYPE_DISPLAY_NAME_LENGTH = 128
 MAX_BLOCKED_VALUES = 1000
 MAX_PATTERNS = 50
 MAX_PATTERN_LENGTH = 256
@@ -213,15 +213,19 @@ def _check_values(values: Sequence[str], path: str, violations: Violations,
     return frozenset(result)
 
 
-def validated_type(draft: TypeDraft, *, path: str, default_phone_region: str | None) -> IdentifierType:
-    """The identifier type `draft` describes; InvalidArgument naming every bad field otherwise."""
+def validated_type(draft: TypeDraft, *, path: str, default_phone_region: str | None,
+                   display_name_given: bool = True) -> IdentifierType:
+    """The identifier type `draft` describes; InvalidArgument naming every bad field otherwise. The display name
+    is checked when the caller gives it (`display_name_given`): one stored before control characters were refused
+    in it must not fail an update of another field."""
     violations = Violations()
     violations.check(TYPE_NAME.fullmatch(draft.type) is not None, f"{path}.type",
                      "lower_snake_case: a letter, then letters, digits or _, 1-63 characters")
     violations.check(draft.normalization is not None, f"{path}.normalization",
                      "not a known normalization; use one of " + ", ".join(
                          f"NORMALIZATION_{n.name}" for n in Normalization if n is not Normalization.TRIM))
-    check_display_name(violations, draft.display_name, f"{path}.display_name", MAX_DISPLAY_NAME_LENGTH)
+    if display_name_given:
+        check_display_name(violations, draft.display_name, f"{path}.display_name", MAX_TYPE_DISPLAY_NAME_LENGTH)
     violations.check(0 <= draft.priority <= MAX_PRIORITY, f"{path}.priority",
                      f"0-{MAX_PRIORITY}; 0 means the default, {DEFAULT_PRIORITY}")
     violations.check(0 <= draft.max_per_person <= MAX_PER_PERSON, f"{path}.max_per_person",
@@ -393,7 +397,8 @@ class IdentitySettings:
                              current.max_per_person, tuple(sorted(current.blocked_values)), current.blocked_patterns,
                              current.hash_values)
             updated = validated_type(replace(base, **{f: getattr(draft, f) for f in fields}), path="identifier_type",
-                                     default_phone_region=self._holder.registry.default_phone_region)
+                                     default_phone_region=self._holder.registry.default_phone_region,
+                                     display_name_given="display_name" in fields)
             stored_types[type_name] = _type_document(updated)
             return updated
 

@@ -107,3 +107,14 @@ def test_type_resource_names_are_checked(name: str) -> None:
         type_name_of(name, "name")
     assert list(_violations(error)) == ["name"]
     assert type_name_of("identifierTypes/loyalty_card", "name") == "loyalty_card"
+
+
+def test_a_display_name_is_checked_only_when_given() -> None:
+    """Control characters in display names are refused now; a type stored before, with one, is still updated in its
+    other fields (an update checks the display name only when its mask names it)."""
+    legacy = TypeDraft("legacy_id", display_name="Legacy\x07id", priority=5)
+    with pytest.raises(InvalidArgument) as refused:
+        validated_type(legacy, path="t", default_phone_region=None)
+    assert "control character U+0007" in _violations(refused)["t.display_name"]
+    updated = validated_type(legacy, path="t", default_phone_region=None, display_name_given=False)
+    assert (updated.display_name, updated.priority) == ("Legacy\x07id", 5)
