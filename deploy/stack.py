@@ -149,12 +149,15 @@ def up() -> None:
     started = time.monotonic()
     grpc_settings = GrpcSettings()
     cassandra_settings = CassandraSettings()
-    if os.environ.get("CASSANDRA_CONTACT_POINTS"):
+    local = not os.environ.get("CASSANDRA_CONTACT_POINTS")
+    reused = False  # a local node someone else started
+    if not local:
         console.print(f"Using the Cassandra cluster at {', '.join(cassandra_settings.contact_points)}")
     else:
         ready = cassandra_launcher.ensure_running(nodes=1)
         if ready is not None:
             _cassandra_marker().touch()
+        reused = ready is None
         console.print("Cassandra: " + (f"ready in {ready:.1f} s" if ready is not None else
                                        "already running (`make down` will leave it running)"))
     try:
@@ -162,10 +165,16 @@ def up() -> None:
     except Unavailable as error:
         # Seen on a shared machine: the node answering on 127.0.0.1:9042 was someone else's, stopped by its owner
         # while the schemas were applied. A traceback said nothing of that.
-        raise StackError(f"Cassandra at {', '.join(cassandra_settings.contact_points)} stopped answering while the "
-                         f"schemas were applied ({error.message}). If it was running before `make up` (someone "
-                         "else's node on this machine), its owner may have stopped it: run `make up` again, which "
-                         "then starts a node of its own.") from error
+        where = ", ".join(cassandra_settings.contact_points)
+        if local and not cassandra_launcher.is_running():
+            advice = ("it was running before `make up` (someone else's node on this machine?) and has stopped: run "
+                      "`make up` again, which then starts a node of its own" if reused else
+                      "the node `make up` started has stopped: see its log (`.venv/bin/python -m deploy.cassandra "
+                      "status`), then run `make up` again")
+        else:
+            advice = "it is still there but did not answer in time (a busy machine?): run `make up` again"
+        raise StackError(f"Cassandra at {where} did not answer while the schemas were applied ({error.message}); "
+                         f"{advice}.") from error
     console.print("Starting services")
     for name in SERVICE_NAMES:
         _start_service(name, grpc_settings)
