@@ -53,7 +53,7 @@ class PersonRef(NamedTuple):
 def person_not_found(person: PersonRef) -> NotFound:
     """NOT_FOUND for a selector no person answers to, naming it as identity and profile do."""
     if person.person_id is not None:
-        return NotFound(f"no person has the id {person.person_id!r}", reason="PERSON_NOT_FOUND")
+        return NotFound(f"no person {person.person_id!r} (never issued, or erased)", reason="PERSON_NOT_FOUND")
     return NotFound(f"no person holds {person.identifier_type} {person.identifier_value!r}",
                     reason="PERSON_NOT_FOUND", metadata={"identifier_type": person.identifier_type or ""})
 

@@ -125,7 +125,8 @@ class GrpcIdentityResolver:
             except _InvalidObservations as error:
                 for position, [(path, description), *_] in error.violations.items():
                     # Named as the event's field (its one identifier), not as the lookup's `identifier.value`.
-                    field = "identifiers[0]" + path.removeprefix("identifier")
+                    _, dot, inner = path.partition(".")  # identifier.value -> value
+                    field = f"identifiers[0]{dot}{inner}"
                     results[order[position]] = Resolution(invalid=f"{field}: {description}")
                     selectors.pop(order[position])
                 continue

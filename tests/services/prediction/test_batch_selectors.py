@@ -49,7 +49,7 @@ def test_a_batch_with_bad_selectors_fails_naming_each(world: World) -> None:
     response = predictions.BatchScorePersons(_batch(world, by_identifier(first), by_id("p_nobody")), timeout=30)
     assert [r.WhichOneof("outcome") for r in response.results] == ["score", "error"]
     assert response.results[1].error.code == "NOT_FOUND"
-    assert response.results[1].error.message == "no person has the id 'p_nobody'"  # named, as identity names it
+    assert response.results[1].error.message == "no person 'p_nobody' (never issued, or erased)"  # as identity says
 
 
 def test_a_streamed_batch_or_person_with_a_bad_selector_names_it_in_the_stream(world: World) -> None:
