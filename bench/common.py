@@ -212,11 +212,13 @@ def start_service_process(name: str, port: int, env: Mapping[str, str], *,
 @contextmanager
 def service_processes(settings: CassandraSettings, services: Sequence[str], *,
                       modules: Mapping[str, str] | None = None,
-                      environment: Mapping[str, str] | None = None) -> Iterator[dict[str, int]]:
+                      environment: Mapping[str, str] | None = None,
+                      pids: dict[str, int] | None = None) -> Iterator[dict[str, int]]:
     """The services as processes on free ports, started in order and stopped in reverse; their ports.
 
     `modules` runs a name as another module than `services.<name>` (e.g. a baseline server);
-    `environment` adds to (or overrides) every process's environment.
+    `environment` adds to (or overrides) every process's environment; `pids`, when given, is filled with each
+    service's process id (for `cpu_seconds`).
     """
     ports = {name: free_port() for name in services}
     env = {**service_env(settings, ports), **(environment or {})}
@@ -224,9 +226,29 @@ def service_processes(settings: CassandraSettings, services: Sequence[str], *,
     try:
         for name in services:
             processes.append(start_service_process(name, ports[name], env, module=(modules or {}).get(name)))
+            if pids is not None:
+                pids[name] = processes[-1].pid
         yield ports
     finally:
         for process in reversed(processes):
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cassandra_pid() -> int | None:
+    """The process id of the Cassandra running on this machine (the first CassandraDaemon in /proc), if any."""
+    for entry in sorted(Path("/proc").iterdir(), key=lambda p: p.name):
+        if entry.name.isdigit():
+            try:
+                if b"org.apache.cassandra.service.CassandraDaemon" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+            except OSError:  # gone meanwhile
+                continue
+    return None

@@ -17,7 +17,8 @@
     of the profiles table alone (rows/s); and with profile's ScanProfiles alone, with the one-phase request
     of BATCH_RULE (its trait and the events of everyone) and with the request a recompute of EVENTS_RULE
     makes, to show where the time goes. Each is measured in `--rounds` rounds (all figures in turn) and
-    reported as the median.
+    reported as the median; so is the CPU time each process (Cassandra, profile, segmentation, this one)
+    spends per 1,000 profiles in the events-only recompute and in the raw scan (from /proc).
 
 Identity, profile and segmentation run as separate processes on free ports, against keyspaces of the
 benchmark's own that are dropped at the end. Data: synthetic persons, one identify event and three
@@ -27,6 +28,7 @@ orders each, ingested through profile's StreamIngestEvents. Figures, not a test.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -45,7 +47,16 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
-from bench.common import LoadResult, bench_cassandra, console, figures_table, open_loop, service_processes
+from bench.common import (
+    LoadResult,
+    bench_cassandra,
+    cassandra_pid,
+    console,
+    cpu_seconds,
+    figures_table,
+    open_loop,
+    service_processes,
+)
 from services.profile.shards import split_ring
 from services.segmentation.profile_source import scan_request
 from services.segmentation.realtime import EventReads, events_read
@@ -244,14 +255,26 @@ def realtime_latency(profiles: profile_grpc.ProfileServiceStub, stub: pb_grpc.Se
     return LoadResult(len(latencies), sent.seconds, latencies, errors=sent.errors + missing), missing
 
 
-def measure_rounds(figures: Mapping[str, Callable[[], tuple[int, float]]], rounds: int) -> dict[str, list[float]]:
-    """Each figure's rate (count / seconds) in each of `rounds` rounds; a round measures every figure once."""
+def measure_rounds(figures: Mapping[str, Callable[[], tuple[int, float]]], rounds: int,
+                   processes: Mapping[str, int]) -> tuple[dict[str, list[float]], dict[str, dict[str, list[float]]]]:
+    """Each figure's rate (count / seconds) in each of `rounds` rounds (a round measures every figure once), and
+    the CPU seconds each of `processes` (name -> pid) spent per 1,000 counted in each round."""
     rates: dict[str, list[float]] = {name: [] for name in figures}
+    cpu: dict[str, dict[str, list[float]]] = {name: {p: [] for p in processes} for name in figures}
     for _ in range(rounds):
         for name, measure in figures.items():
+            before = {p: cpu_seconds(pid) for p, pid in processes.items()}
             count, seconds = measure()
             rates[name].append(count / seconds)
-    return rates
+            for p, pid in processes.items():
+                cpu[name][p].append((cpu_seconds(pid) - before[p]) / count * 1000)
+    return rates, cpu
+
+
+def cpu_figure(per_process: Mapping[str, list[float]]) -> str:
+    """Median CPU milliseconds per profile of each process (seconds per 1,000), those that spent any."""
+    return ", ".join(f"{name} {median(values):.3f} ms" for name, values in per_process.items()
+                     if median(values) >= 0.0005)
 
 
 def drop_keyspaces(admin: CassandraSession, settings: CassandraSettings) -> None:
@@ -267,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the batch figures (medians are reported)")
     args = parser.parse_args(argv)
 
-    with bench_cassandra("segmentation") as (settings, admin), service_processes(settings, SERVICES) as ports:
+    pids: dict[str, int] = {}
+    with bench_cassandra("segmentation") as (settings, admin), \
+            service_processes(settings, SERVICES, pids=pids) as ports:
         try:
             with grpc.insecure_channel(f"127.0.0.1:{ports['profile']}") as profile_channel, \
                     grpc.insecure_channel(f"127.0.0.1:{ports['segmentation']}") as channel:
@@ -304,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                     since = batch_rule_reads(datetime.now(UTC))[0].since
                     assert since is not None
                     # Rounds of every figure in turn, so that a change of the machine's load reaches them all.
-                    rates = measure_rounds({
+                    cassandra = cassandra_pid()
+                    processes = {**({"Cassandra": cassandra} if cassandra is not None else {}),
+                                 "profile": pids["profile"], "segmentation": pids["segmentation"],
+                                 "this process (the raw scans' driver)": os.getpid()}
+                    rates, cpu = measure_rounds({
                         "recompute": recompute,
                         "recompute_events": lambda: recompute("buyers"),
                         "scan": lambda: profile_scan(profiles, PARALLELISM),
@@ -312,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                         "raw": lambda: raw_scan(session, WHOLE_PROFILES, PARALLELISM),
                         "read": lambda: raw_scan(session, rule_reads(since), PARALLELISM),
                         "table": lambda: raw_scan(session, WHOLE_PROFILES[:1], PARALLELISM),
-                    }, args.rounds)
+                    }, args.rounds, processes)
                 finally:
                     cluster.shutdown()
         finally:
@@ -347,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
          f"ratio recompute / raw {batch_rate / read_rate:.2f}"),
         ("raw token-range scan: profiles table alone", f"{table_rate:,.0f} rows/s",
          f"ratio recompute / raw {batch_rate / table_rate:.3f}"),
+        ("CPU time per profile, by process: RecomputeSegment of the events-only rule",
+         cpu_figure(cpu["recompute_events"]), "where a recompute's time goes (/proc; medians of the rounds)"),
+        ("CPU time per person, by process: the raw scan of profiles + timeline + trait_writes",
+         cpu_figure(cpu["raw"]), "the same, of the baseline"),
     ]))
     return 0
 
