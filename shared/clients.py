@@ -168,17 +168,19 @@ def prediction_stub(
 
 def every_profile_event(stub: profile_service_pb2_grpc.ProfileServiceStub,
                         request: profile_service_pb2.ListProfileEventsRequest,
-                        timeout: Callable[[], float | None] = lambda: None) -> list[profile_service_pb2.StoredEvent]:
+                        timeout: Callable[[], float | None] = lambda: None, *,
+                        missing_as_empty: bool = True) -> list[profile_service_pb2.StoredEvent]:
     """Every page of a ListProfileEvents `request` (newest first, as profile pages them): how a reader takes the
     events of a person whose profile came with `events_omitted` (too many for one message). [] when profile no
-    longer knows the person (NOT_FOUND: erased since it was read, so it has no events); other errors are raised
-    as grpc.RpcError. `timeout` gives each page's deadline."""
+    longer knows the person (NOT_FOUND: erased since it was read, so it has no events), unless not
+    `missing_as_empty` (a caller that answers about that one person says NOT_FOUND); other errors are raised as
+    grpc.RpcError. `timeout` gives each page's deadline."""
     events: list[profile_service_pb2.StoredEvent] = []
     while True:
         try:
             page = stub.ListProfileEvents(request, timeout=timeout())
         except grpc.RpcError as error:
-            if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.NOT_FOUND:
+            if missing_as_empty and isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.NOT_FOUND:
                 return []
             raise
         events.extend(page.events)

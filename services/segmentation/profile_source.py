@@ -330,5 +330,6 @@ class GrpcProfileSource:
                 person=common_pb2.PersonSelector(person_id=profile.person_id), event_names=sorted(wanted.names),
                 page_size=EVENTS_PAGE)
             page_request.start_time.FromDatetime(wanted.since)
-            events = every_profile_event(self._stub, page_request)
+            # Erased since GetProfile: NOT_FOUND, as a call a moment later would answer (not an evaluation of nobody).
+            events = every_profile_event(self._stub, page_request, missing_as_empty=False)
         return facts_of(profile, events, wanted)

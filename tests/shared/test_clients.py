@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from onecdp.identity.v1 import identity_service_pb2
 from onecdp.profile.v1 import profile_service_pb2
 
-from shared.clients import is_idempotent, open_channel, service_config
+from shared.clients import every_profile_event, is_idempotent, open_channel, service_config
 from shared.config import GrpcSettings
 
 pytestmark = pytest.mark.unit
@@ -105,3 +105,29 @@ def test_a_new_channel_does_not_inherit_the_reconnect_backoff_of_a_channel_whose
     finally:
         old_channel.close()
         second_server.stop(None)
+
+
+class _NotFound(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.NOT_FOUND
+
+    def details(self) -> str:
+        return "no person 'p_gone' (never issued, or erased)"
+
+
+class _PagesThenGone:
+    """A ListProfileEvents that answers one page, then NOT_FOUND (the person erased meanwhile)."""
+
+    def ListProfileEvents(self, request: Any, timeout: float | None = None) -> Any:
+        if request.page_token:
+            raise _NotFound()
+        return profile_service_pb2.ListProfileEventsResponse(next_page_token="2")
+
+
+def test_every_profile_event_answers_a_vanished_person_as_asked() -> None:
+    request = profile_service_pb2.ListProfileEventsRequest()
+    assert every_profile_event(_PagesThenGone(), request) == []  # type: ignore[arg-type]  # a reader: no events
+    with pytest.raises(grpc.RpcError) as gone:  # one person's caller: NOT_FOUND, as a moment later
+        every_profile_event(_PagesThenGone(), profile_service_pb2.ListProfileEventsRequest(),  # type: ignore[arg-type]
+                            missing_as_empty=False)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
