@@ -59,8 +59,7 @@ from bench.common import (
 )
 from services.profile.shards import split_ring
 from services.segmentation.profile_source import scan_request
-from services.segmentation.realtime import EventReads, events_read
-from services.segmentation.recompute import ProfileReads, profile_reads
+from services.segmentation.realtime import EventReads, ProfileReads, events_read, profile_reads
 from services.segmentation.text import parse
 from shared.cassandra import CassandraSession, connect_cluster, open_session
 from shared.config import SERVICE_NAMES, CassandraSettings

@@ -34,7 +34,15 @@ from typing import Protocol
 from services.segmentation.catalog import SegmentCatalog
 from services.segmentation.evaluation import ProfileFacts, compile_rule, evaluation_failed
 from services.segmentation.profile_source import CHANGE_ERASE, CHANGE_MERGE, CHANGE_SPLIT, FeedChange
-from services.segmentation.realtime import EventReads, compile_next_change, dependencies_of, events_read
+from services.segmentation.realtime import (
+    EVERY_FIELD,
+    EventReads,
+    ProfileReads,
+    compile_next_change,
+    dependencies_of,
+    events_read,
+    profile_reads,
+)
 from services.segmentation.rules import Rule
 from services.segmentation.store import SegmentStore
 from shared.changefeed import UnsettledTail, parse_cursor, with_unsettled
@@ -72,8 +80,8 @@ CAUSE_ORDER = (CAUSE_ERASE, CAUSE_SPLIT, CAUSE_MERGE, CAUSE_REALTIME)
 class PersonSource(Protocol):
     def changes(self, cursor: str, limit: int) -> tuple[list[FeedChange], str]: ...
 
-    def persons(self, person_ids: Sequence[str], as_of: datetime,
-                events: EventReads) -> Mapping[str, ProfileFacts | None]: ...
+    def persons(self, person_ids: Sequence[str], as_of: datetime, events: EventReads,
+                fields: ProfileReads = EVERY_FIELD) -> Mapping[str, ProfileFacts | None]: ...
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,11 @@ class Memberships:
         if not segments_of:
             return _Refreshed(0, {}, {})
         evaluated_rules = [rules[s] for segment_ids in segments_of.values() for s in segment_ids]
-        facts = self._source.persons(sorted(segments_of), now, events_read(set(evaluated_rules), rules, now))
+        # Only the events, traits and computed traits these rules read: a person with megabytes of other traits
+        # (each write within profile's limits) made every batch read holding them pass the message limit, and
+        # real time stalled for everyone behind it.
+        facts = self._source.persons(sorted(segments_of), now, events_read(set(evaluated_rules), rules, now),
+                                     profile_reads(set(evaluated_rules), rules, now))
         pairs = [(segment_id, person_id) for person_id, segment_ids in segments_of.items()
                  for segment_id in sorted(segment_ids)]
         current = self._store.memberships(pairs)

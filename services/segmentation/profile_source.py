@@ -25,8 +25,7 @@ from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 
 from services.segmentation.evaluation import EventFact, ProfileFacts
-from services.segmentation.realtime import EventReads
-from services.segmentation.recompute import EVERY_FIELD, ProfileReads
+from services.segmentation.realtime import EVERY_FIELD, EventReads, ProfileReads
 from shared.clients import every_profile_event
 from shared.errors import DeadlineExceeded, DomainError, InvalidArgument, NotFound, Unavailable
 
@@ -265,21 +264,22 @@ class GrpcProfileSource:
         return [FeedChange(uuid.UUID(c.cursor), c.person_id, c.type, tuple(c.trait_names), tuple(c.event_names),
                            tuple(c.merged_person_ids)) for c in page.changes], page.next_page_token
 
-    def persons(self, person_ids: Sequence[str], as_of: datetime, events: EventReads) -> dict[str, ProfileFacts | None]:
-        """Facts of each person as of `as_of`, with the events `events` reads; None for a person that has no
-        profile of its own any more (merged into another, erased, never stored)."""
+    def persons(self, person_ids: Sequence[str], as_of: datetime, events: EventReads,
+                fields: ProfileReads = EVERY_FIELD) -> dict[str, ProfileFacts | None]:
+        """Facts of each person as of `as_of`, with the events `events` reads and the fields `fields` names; None for
+        a person that has no profile of its own any more (merged into another, erased, never stored)."""
         try:
-            return self._persons(person_ids, as_of, events)
+            return self._persons(person_ids, as_of, events, fields)
         except grpc.RpcError as error:
             raise profile_error(error) from error
 
-    def _persons(self, person_ids: Sequence[str], as_of: datetime,
-                 events: EventReads) -> dict[str, ProfileFacts | None]:
+    def _persons(self, person_ids: Sequence[str], as_of: datetime, events: EventReads,
+                 fields: ProfileReads) -> dict[str, ProfileFacts | None]:
         found: dict[str, ProfileFacts | None] = {}
         for start in range(0, len(person_ids), BATCH_GET_LIMIT):
             chunk = person_ids[start:start + BATCH_GET_LIMIT]
             request = profile_pb.BatchGetProfilesRequest(
-                persons=[common_pb2.PersonSelector(person_id=p) for p in chunk], read_mask=FACTS_MASK,
+                persons=[common_pb2.PersonSelector(person_id=p) for p in chunk], read_mask=read_mask(fields),
                 include_events=events.since is not None, event_names=sorted(events.names))
             request.as_of_time.FromDatetime(as_of)
             if events.since is not None:

@@ -112,6 +112,25 @@ NO_EVENTS = EventReads(frozenset(), None)
 _SINCE_MARGIN = timedelta(milliseconds=1)
 
 
+@dataclass(frozen=True)
+class ProfileReads:
+    """What evaluating some rules reads of a profile besides its events: the traits named (None: every trait)
+    and whether computed traits. Profile derives computed traits from every event of a person, so a scan
+    that needs none of them reads only the events the rules count."""
+
+    trait_names: frozenset[str] | None = None
+    computed: bool = True
+
+
+EVERY_FIELD = ProfileReads()
+
+
+def profile_reads(rules: Iterable[Rule], all_rules: Mapping[str, Rule], as_of: datetime) -> ProfileReads:
+    """The traits and computed traits any of `rules` (with the segments they refer to) reads."""
+    read = [dependencies_of(rule, all_rules, as_of) for rule in rules]
+    return ProfileReads(frozenset().union(*(d.trait_names for d in read)), any(d.uses_computed for d in read))
+
+
 def events_read(rules: Iterable[Rule], all_rules: Mapping[str, Rule], as_of: datetime) -> EventReads:
     """The events any of `rules` (with their references) counts or aggregates at `as_of`."""
     names: set[str] = set()

@@ -32,21 +32,22 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from services.segmentation.catalog import SegmentCatalog, SegmentState
 from services.segmentation.evaluation import ProfileFacts, compile_rule, evaluation_failed, reported_cycle
 from services.segmentation.realtime import (
+    EVERY_FIELD,
     NO_EVENTS,
     EventReads,
+    ProfileReads,
     compile_next_change,
     compile_settled,
-    dependencies_of,
     events_read,
+    profile_reads,
 )
-from services.segmentation.rules import Rule
 from services.segmentation.store import OperationRecord, SegmentRecord, SegmentStore, cursor_before
 from shared import changefeed, deadline
 from shared.changefeed import uuid_ticks, with_unsettled
@@ -83,25 +84,6 @@ PROFILE_CHANGES_PAGE = 1000
 # Undecided persons of a shard whose events a recompute's second phase reads at a time (profile takes 1,000
 # person ids a scan).
 EVENT_READ_PERSONS = 1000
-
-
-@dataclass(frozen=True)
-class ProfileReads:
-    """What evaluating some rules reads of a profile besides its events: the traits named (None: every trait)
-    and whether computed traits. Profile derives computed traits from every event of a person, so a scan
-    that needs none of them reads only the events the rules count."""
-
-    trait_names: frozenset[str] | None = None
-    computed: bool = True
-
-
-EVERY_FIELD = ProfileReads()
-
-
-def profile_reads(rules: Iterable[Rule], all_rules: Mapping[str, Rule], as_of: datetime) -> ProfileReads:
-    """The traits and computed traits any of `rules` (with the segments they refer to) reads."""
-    read = [dependencies_of(rule, all_rules, as_of) for rule in rules]
-    return ProfileReads(frozenset().union(*(d.trait_names for d in read)), any(d.uses_computed for d in read))
 
 
 class ProfileSource(Protocol):

@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 
 import pytest
+from google.protobuf import struct_pb2
+from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
 from shared.config import GrpcSettings
-from tests.services.segmentation.conftest import eventually, ingest, track
+from tests.services.segmentation.conftest import eventually, identify, ingest, track
 
 pytestmark = pytest.mark.integration
 BLOB = "x" * (63 * 1024)
@@ -76,3 +78,24 @@ def test_a_heavy_person_is_counted_in_a_recompute_and_in_real_time(stack: pb_grp
     # One more heavy event: real time re-reads the person (BatchGetProfiles with events) and counts all 21.
     _ingest_views(profiles, "heavy", 1, blob=True, first=20)
     assert eventually(lambda: _members(stack, "segments/many-views"), {heavy}, timeout=60) == {heavy}
+
+
+def test_a_person_with_megabytes_of_other_traits_stalls_nobody(stack: pb_grpc.SegmentationServiceStub,
+                                                               profiles: profile_grpc.ProfileServiceStub) -> None:
+    """Real time read every trait of the persons it re-evaluated: one person with 1.2 MB of traits its rules never
+    name (20 writes of 60 KiB, each within profile's limits) made each batch read holding them pass the message
+    limit, and real time stalled for everyone behind them. It reads the traits its rules read."""
+    stack.CreateSegment(pb.CreateSegmentRequest(segment_id="pros", segment=pb.Segment(rule_text='traits.plan = "pro"')),
+                        timeout=10)
+    hoarder = ingest(profiles, identify("hoarder", "2024-03-01T10:00:00", {"plan": "free"}))["hoarder"]
+    blob = "y" * (60 * 1024)
+    for k in range(20):  # one write a call: a request stays under the 1 MiB limit
+        traits = struct_pb2.Struct()
+        traits.update({f"note_{k}": blob})
+        profiles.BatchWriteTraits(profile_pb.BatchWriteTraitsRequest(writes=[profile_pb.TraitWrite(
+            person_id=hoarder, traits=traits, source="notes")]), timeout=10)
+    # The hoarder and someone else turn pro together: both are re-evaluated in one round, and both enter.
+    others = ingest(profiles, identify("hoarder", "2024-03-02T10:00:00", {"plan": "pro"}),
+                    identify("plain", "2024-03-02T10:00:00", {"plan": "pro"}))
+    assert eventually(lambda: _members(stack, "segments/pros"), {hoarder, others["plain"]}, timeout=60) == \
+        {hoarder, others["plain"]}

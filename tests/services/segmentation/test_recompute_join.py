@@ -37,7 +37,8 @@ class HeldSource:
     def changes(self, cursor: str, limit: int) -> tuple[list[FeedChange], str]:
         return [], cursor
 
-    def persons(self, person_ids: Any, as_of: datetime, events: Any) -> dict[str, ProfileFacts | None]:
+    def persons(self, person_ids: Any, as_of: datetime, events: Any,
+                fields: Any = None) -> dict[str, ProfileFacts | None]:
         raise AssertionError("nobody is reconciled: no profile changed")
 
     def scan(self, shard: str, as_of: datetime, events: Any, fields: Any = None) -> Iterator[list[ProfileFacts]]:

@@ -14,8 +14,8 @@ from services.segmentation.catalog import RuleInput, SegmentCatalog
 from services.segmentation.evaluation import ProfileFacts
 from services.segmentation.follower import Memberships
 from services.segmentation.profile_source import GrpcProfileSource
-from services.segmentation.realtime import EventReads
-from services.segmentation.recompute import EVERY_FIELD, ProfileReads, Recomputer
+from services.segmentation.realtime import EVERY_FIELD, EventReads, ProfileReads
+from services.segmentation.recompute import Recomputer
 from services.segmentation.store import SegmentStore
 from services.segmentation.text import parse
 from shared.cassandra import CassandraSession

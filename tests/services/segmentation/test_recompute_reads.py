@@ -8,8 +8,7 @@ import pytest
 from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 
 from services.segmentation.profile_source import FACTS_MASK, facts_of, scan_request
-from services.segmentation.realtime import events_read
-from services.segmentation.recompute import EVERY_FIELD, ProfileReads, profile_reads
+from services.segmentation.realtime import EVERY_FIELD, ProfileReads, events_read, profile_reads
 from services.segmentation.rules import Rule
 from services.segmentation.text import parse
 
