@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from services.segmentation.evaluation import compile_rule, evaluation_failed
-from services.segmentation.realtime import events_read
+from services.segmentation.realtime import events_read, profile_reads
 from services.segmentation.recompute import ProfileSource
 from services.segmentation.rules import Rule
 from shared.errors import InvalidArgument
@@ -76,13 +76,16 @@ def estimate_size(rule: Rule, rules: dict[str, Rule], source: ProfileSource, sam
     or "" for a rule not saved) on each. A profile whose evaluation raises is logged and not sampled."""
     as_of = datetime.now(UTC)
     events = events_read([rule], rules, as_of)
+    # Only what the rule reads, as a recompute reads it: every trait and the computed traits (derived by profile
+    # from every event of a person) cost reads no evaluation of this rule needs.
+    fields = profile_reads([rule], rules, as_of)
     shards = source.shards(SHARDS)
     (chooser or random.Random()).shuffle(shards)
     member = compile_rule(rule, as_of, rules.get)
 
     def scan(shard: str) -> tuple[int, int]:
         scanned = matched = 0
-        for batch in source.scan(shard, as_of, events):
+        for batch in source.scan(shard, as_of, events, fields):
             for facts in batch:
                 try:
                     matches = member(facts)

@@ -99,3 +99,6 @@ def test_a_person_with_megabytes_of_other_traits_stalls_nobody(stack: pb_grpc.Se
                     identify("plain", "2024-03-02T10:00:00", {"plan": "pro"}))
     assert eventually(lambda: _members(stack, "segments/pros"), {hoarder, others["plain"]}, timeout=60) == \
         {hoarder, others["plain"]}
+    # A size estimate read every trait (and the computed traits) of its sample too: the hoarder failed it.
+    estimate = stack.EstimateSegmentSize(pb.EstimateSegmentSizeRequest(segment="segments/pros"), timeout=60)
+    assert (estimate.sample_size, estimate.sample_matches) == (2, 2)
