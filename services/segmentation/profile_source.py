@@ -246,10 +246,12 @@ class GrpcProfileSource:
         except grpc.RpcError as error:
             raise profile_error(error) from error
 
-    def person(self, selector: common_pb2.PersonSelector, as_of: datetime, events: EventReads) -> ProfileFacts:
-        """One person's facts as of `as_of`, with the events `events` reads (those of the rules evaluated)."""
+    def person(self, selector: common_pb2.PersonSelector, as_of: datetime, events: EventReads,
+               fields: ProfileReads = EVERY_FIELD) -> ProfileFacts:
+        """One person's facts as of `as_of`, with the events `events` reads and the fields `fields` names (those
+        of the rules evaluated)."""
         try:
-            return self._person(selector, as_of, events)
+            return self._person(selector, as_of, events, fields)
         except grpc.RpcError as error:
             raise profile_error(error) from error
 
@@ -317,8 +319,9 @@ class GrpcProfileSource:
             yield [facts_of(p.profile, self._events_of(p.profile.person_id, request) if p.events_omitted
                             else p.events, events) for p in response.profiles]
 
-    def _person(self, selector: common_pb2.PersonSelector, as_of: datetime, wanted: EventReads) -> ProfileFacts:
-        request = profile_pb.GetProfileRequest(person=selector)
+    def _person(self, selector: common_pb2.PersonSelector, as_of: datetime, wanted: EventReads,
+                fields: ProfileReads) -> ProfileFacts:
+        request = profile_pb.GetProfileRequest(person=selector, read_mask=read_mask(fields))
         request.as_of_time.FromDatetime(as_of)
         profile = self._stub.GetProfile(request)
         # Only the events the rules read (their names, from their earliest window on), as a scan reads them: paging

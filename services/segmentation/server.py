@@ -33,7 +33,7 @@ from services.segmentation.follower import FeedFollower, Memberships
 from services.segmentation.messages import rule_from_message, rule_to_message
 from services.segmentation.model_directory import GrpcModelDirectory
 from services.segmentation.profile_source import GrpcProfileSource
-from services.segmentation.realtime import events_read
+from services.segmentation.realtime import events_read, profile_reads
 from services.segmentation.recompute import Recomputer
 from services.segmentation.store import LAST_CHANGE_TICKS, OperationRecord, SegmentStore, cursor_before
 from services.segmentation.text import RuleSyntaxError, format_rule, parse
@@ -255,7 +255,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         rules = self._catalog.rules_for(segment_ids)  # NOT_FOUND, or FAILED_PRECONDITION for an unreadable rule
         as_of = datetime.now(UTC)
         evaluated = [rules[segment_id] for segment_id in segment_ids or sorted(rules)]
-        facts = self._source.person(selector, as_of, events_read(evaluated, rules, as_of))
+        facts = self._source.person(selector, as_of, events_read(evaluated, rules, as_of),
+                                    profile_reads(evaluated, rules, as_of))
         response = pb.EvaluatePersonSegmentsResponse(person_id=facts.person_id)
         for segment_id in segment_ids or sorted(rules):
             try:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from google.protobuf import struct_pb2
+from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as profile_pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
@@ -102,3 +103,7 @@ def test_a_person_with_megabytes_of_other_traits_stalls_nobody(stack: pb_grpc.Se
     # A size estimate read every trait (and the computed traits) of its sample too: the hoarder failed it.
     estimate = stack.EstimateSegmentSize(pb.EstimateSegmentSizeRequest(segment="segments/pros"), timeout=60)
     assert (estimate.sample_size, estimate.sample_matches) == (2, 2)
+    # And explaining the hoarder's memberships read their whole profile.
+    explained = stack.EvaluatePersonSegments(pb.EvaluatePersonSegmentsRequest(
+        person=common_pb2.PersonSelector(person_id=hoarder)), timeout=30)
+    assert [(e.segment, e.matched) for e in explained.evaluations] == [("segments/pros", True)]
