@@ -419,7 +419,10 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         as_of = _as_of(request)
         person_id, identifier = _selector(request.person, "person")
         person = self._profiles.person(person_id, identifier)
-        return self._read(person, mask, as_of)
+        profile = self._read(person, mask, as_of)
+        _check_response_size(profile.ByteSize(), self._response_bytes,
+                             f"the profile of {profile.person_id or person.person_id}")
+        return profile
 
     def BatchGetProfiles(self, request: pb.BatchGetProfilesRequest,
                          context: grpc.ServicerContext) -> pb.BatchGetProfilesResponse:
@@ -451,6 +454,7 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         response = pb.BatchGetProfilesResponse(results=results)
         if request.include_events:
             _omit_largest_events(response, self._response_bytes)
+        _check_response_size(response.ByteSize(), self._response_bytes, f"the {len(results)} profiles asked for")
         return response
 
     def _read(self, person: PersonView, mask: ReadMask, as_of: datetime | None) -> pb.Profile:
@@ -647,6 +651,15 @@ def _omit_largest_events(response: pb.BatchGetProfilesResponse, max_bytes: int) 
         result.events_omitted = True
         if response.ByteSize() <= max_bytes:  # counted again, exactly (rarely: only for a heavy response)
             return
+
+
+def _check_response_size(size: int, max_bytes: int, what: str) -> None:
+    """RESOURCE_EXHAUSTED saying what to ask instead, for a response more than one message carries (a person's
+    traits: many writes of up to 64 KiB each); gRPC's own "Sent message larger than max" said nothing of it."""
+    if size > max_bytes:
+        raise ResourceExhausted(f"{what}: {size:,} bytes, more than one response carries ({max_bytes:,}); name "
+                                "the traits you need in read_mask (`traits.<name>`), or ask for fewer persons a call",
+                                reason="RESPONSE_TOO_LARGE")
 
 
 def _check_batch(count: int, field_path: str) -> None:

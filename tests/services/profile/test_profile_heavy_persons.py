@@ -10,8 +10,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import grpc
 import pytest
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from onecdp.common.v1 import common_pb2
 from onecdp.profile.v1 import profile_service_pb2 as pb
 from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
@@ -122,3 +123,26 @@ def _struct(**values: Any) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(values)
     return struct
+
+
+def test_a_profile_whose_traits_pass_the_limit_is_refused_saying_what_to_ask_for(profiles: Stub) -> None:
+    """Traits are written up to 64 KiB each, so a person's traits alone can pass the limit; gRPC's own "Sent message
+    larger than max" said nothing of what to ask instead. Named traits (read_mask) are read as ever."""
+    person_id = ingest(profiles, track("crm_id:hoarder", name="v", when="2024-03-01"))[0].person_id
+    blob = "y" * (60 * 1024)
+    for k in range(20):
+        traits = struct_pb2.Struct()
+        traits.update({f"note_{k}": blob})
+        profiles.BatchWriteTraits(pb.BatchWriteTraitsRequest(writes=[pb.TraitWrite(
+            person_id=person_id, traits=traits, source="notes")]), timeout=10)
+    selector = common_pb2.PersonSelector(person_id=person_id)
+    for call, request in ((profiles.GetProfile, pb.GetProfileRequest(person=selector)),
+                          (profiles.BatchGetProfiles, pb.BatchGetProfilesRequest(persons=[selector]))):
+        with pytest.raises(grpc.RpcError) as refused:
+            call(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than one response carries" in refused.value.details()
+        assert "name the traits you need in read_mask" in refused.value.details()
+    named = profiles.GetProfile(pb.GetProfileRequest(person=selector, read_mask=field_mask_pb2.FieldMask(
+        paths=["person_id", "traits.note_3"])), timeout=30)
+    assert list(named.traits) == ["note_3"]

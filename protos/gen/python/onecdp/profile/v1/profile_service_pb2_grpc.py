@@ -133,7 +133,9 @@ class ProfileServiceServicer:
     def GetProfile(self, request, context):
         """Gets a person's profile by person id or by any identifier, optionally only some fields.
 
-        Errors: NOT_FOUND when no person matches; INVALID_ARGUMENT for an unknown read_mask path.
+        Errors: NOT_FOUND when no person matches; INVALID_ARGUMENT for an unknown read_mask path;
+        RESOURCE_EXHAUSTED (reason RESPONSE_TOO_LARGE) when the profile is more than one response carries
+        (traits are written up to 64 KiB each): name the traits needed in read_mask.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,7 +143,8 @@ class ProfileServiceServicer:
 
     def BatchGetProfiles(self, request, context):
         """Gets many profiles at once (1-1,000), one result per selector in request order; selectors
-        matching nobody come back with `found = false`.
+        matching nobody come back with `found = false`. Errors as GetProfile's, for the whole response
+        (the heaviest results' events are left out first: see ProfileLookupResult.events_omitted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -61,11 +61,14 @@ class ProfileServiceStub:
     GetProfile: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.GetProfileRequest, _profile_service_pb2.Profile]
     """Gets a person's profile by person id or by any identifier, optionally only some fields.
 
-    Errors: NOT_FOUND when no person matches; INVALID_ARGUMENT for an unknown read_mask path.
+    Errors: NOT_FOUND when no person matches; INVALID_ARGUMENT for an unknown read_mask path;
+    RESOURCE_EXHAUSTED (reason RESPONSE_TOO_LARGE) when the profile is more than one response carries
+    (traits are written up to 64 KiB each): name the traits needed in read_mask.
     """
     BatchGetProfiles: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.BatchGetProfilesRequest, _profile_service_pb2.BatchGetProfilesResponse]
     """Gets many profiles at once (1-1,000), one result per selector in request order; selectors
-    matching nobody come back with `found = false`.
+    matching nobody come back with `found = false`. Errors as GetProfile's, for the whole response
+    (the heaviest results' events are left out first: see ProfileLookupResult.events_omitted).
     """
     ListProfileEvents: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileEventsRequest, _profile_service_pb2.ListProfileEventsResponse]
     """Lists a person's events, newest first, with a time range and event-name filter.
@@ -130,11 +133,14 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     GetProfile: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.GetProfileRequest, _profile_service_pb2.Profile]  # type: ignore[assignment]
     """Gets a person's profile by person id or by any identifier, optionally only some fields.
 
-    Errors: NOT_FOUND when no person matches; INVALID_ARGUMENT for an unknown read_mask path.
+    Errors: NOT_FOUND when no person matches; INVALID_ARGUMENT for an unknown read_mask path;
+    RESOURCE_EXHAUSTED (reason RESPONSE_TOO_LARGE) when the profile is more than one response carries
+    (traits are written up to 64 KiB each): name the traits needed in read_mask.
     """
     BatchGetProfiles: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.BatchGetProfilesRequest, _profile_service_pb2.BatchGetProfilesResponse]  # type: ignore[assignment]
     """Gets many profiles at once (1-1,000), one result per selector in request order; selectors
-    matching nobody come back with `found = false`.
+    matching nobody come back with `found = false`. Errors as GetProfile's, for the whole response
+    (the heaviest results' events are left out first: see ProfileLookupResult.events_omitted).
     """
     ListProfileEvents: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileEventsRequest, _profile_service_pb2.ListProfileEventsResponse]  # type: ignore[assignment]
     """Lists a person's events, newest first, with a time range and event-name filter.
@@ -214,7 +220,9 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_profile_service_pb2.Profile, _abc.Awaitable[_profile_service_pb2.Profile]]:
         """Gets a person's profile by person id or by any identifier, optionally only some fields.
 
-        Errors: NOT_FOUND when no person matches; INVALID_ARGUMENT for an unknown read_mask path.
+        Errors: NOT_FOUND when no person matches; INVALID_ARGUMENT for an unknown read_mask path;
+        RESOURCE_EXHAUSTED (reason RESPONSE_TOO_LARGE) when the profile is more than one response carries
+        (traits are written up to 64 KiB each): name the traits needed in read_mask.
         """
 
     @_abc_1.abstractmethod
@@ -224,7 +232,8 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_service_pb2.BatchGetProfilesResponse, _abc.Awaitable[_profile_service_pb2.BatchGetProfilesResponse]]:
         """Gets many profiles at once (1-1,000), one result per selector in request order; selectors
-        matching nobody come back with `found = false`.
+        matching nobody come back with `found = false`. Errors as GetProfile's, for the whole response
+        (the heaviest results' events are left out first: see ProfileLookupResult.events_omitted).
         """
 
     @_abc_1.abstractmethod
