@@ -26,6 +26,7 @@ from onecdp.profile.v1 import profile_service_pb2 as pb
 from services.profile.model import StoredEventRecord, TraitValue
 from services.profile.profiles import ProfileView
 from services.profile.store import micros
+from shared.errors import ResourceExhausted
 
 # Wire types: 0 a varint, 1 a 64-bit field, 2 a length-delimited one.
 VARINT, FIXED_64, LENGTH_DELIMITED = 0, 1, 2
@@ -160,7 +161,8 @@ def scan_responses(scanned: Iterable[tuple[bytes, Iterable[StoredEventRecord]]],
     """ScanProfilesResponses of (Profile wire bytes, its events in order) pairs, in order, each at most
     `max_bytes` long: a response ends before the profile that would pass it. A profile that passes it alone
     with its events goes without them and with `events_omitted` (the caller pages them with
-    ListProfileEvents); one that passes it even so goes alone. At least one response, empty for no pairs."""
+    ListProfileEvents); one that passes it even so (its traits) ends the scan RESOURCE_EXHAUSTED, saying to name
+    the traits needed. At least one response, empty for no pairs."""
     response: list[bytes] = []
     size = 0
     for profile, events in scanned:
@@ -168,6 +170,12 @@ def scan_responses(scanned: Iterable[tuple[bytes, Iterable[StoredEventRecord]]],
         if len(item) > max_bytes:
             item = _length_delimited(_PROFILES, _length_delimited(_SCANNED_PROFILE, profile)
                                      + _EVENTS_OMITTED + _ONE_BYTE_VARINTS[1])
+            if len(item) > max_bytes:
+                person_id = pb.Profile.FromString(profile).person_id
+                raise ResourceExhausted(
+                    f"the profile of {person_id or 'a person of this shard'}: {len(item):,} bytes without its events, "
+                    f"more than one response carries ({max_bytes:,}); name the traits you need in read_mask "
+                    "(`traits.<name>`)", reason="RESPONSE_TOO_LARGE")
         if response and size + len(item) > max_bytes:
             yield b"".join(response)
             response, size = [], 0

@@ -146,3 +146,12 @@ def test_a_profile_whose_traits_pass_the_limit_is_refused_saying_what_to_ask_for
     named = profiles.GetProfile(pb.GetProfileRequest(person=selector, read_mask=field_mask_pb2.FieldMask(
         paths=["person_id", "traits.note_3"])), timeout=30)
     assert list(named.traits) == ["note_3"]
+    # A scan of every trait: ends saying whose profile and what to do (it was gRPC's "Sent message larger than max").
+    (shard,) = profiles.ListProfileShards(pb.ListProfileShardsRequest(shard_count=1), timeout=10).shards
+    with pytest.raises(grpc.RpcError) as scan_refused:
+        list(profiles.ScanProfiles(pb.ScanProfilesRequest(shard=shard), timeout=30))
+    assert scan_refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"the profile of {person_id}" in scan_refused.value.details()
+    scanned = list(profiles.ScanProfiles(pb.ScanProfilesRequest(shard=shard, read_mask=field_mask_pb2.FieldMask(
+        paths=["person_id", "traits.note_3"])), timeout=30))
+    assert [p.profile.person_id for r in scanned for p in r.profiles] == [person_id]

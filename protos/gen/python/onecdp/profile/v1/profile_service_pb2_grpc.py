@@ -184,7 +184,9 @@ class ProfileServiceServicer:
         work (segment recompute, training sets).
 
         Errors: INVALID_ARGUMENT for a shard that is no token range (see ListProfileShards) or a bad
-        person id; RESOURCE_EXHAUSTED for more than 1,000 person ids.
+        person id; RESOURCE_EXHAUSTED for more than 1,000 person ids, or (reason RESPONSE_TOO_LARGE, the
+        scan ends) for a profile whose traits alone are more than one response carries: name the traits
+        needed in read_mask.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

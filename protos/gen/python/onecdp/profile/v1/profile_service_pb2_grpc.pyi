@@ -91,7 +91,9 @@ class ProfileServiceStub:
     work (segment recompute, training sets).
 
     Errors: INVALID_ARGUMENT for a shard that is no token range (see ListProfileShards) or a bad
-    person id; RESOURCE_EXHAUSTED for more than 1,000 person ids.
+    person id; RESOURCE_EXHAUSTED for more than 1,000 person ids, or (reason RESPONSE_TOO_LARGE, the
+    scan ends) for a profile whose traits alone are more than one response carries: name the traits
+    needed in read_mask.
     """
     ListProfileChanges: _grpc.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileChangesRequest, _profile_service_pb2.ListProfileChangesResponse]
     """Lists profile changes (which person, what changed) in order, from a cursor. The segmentation
@@ -163,7 +165,9 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     work (segment recompute, training sets).
 
     Errors: INVALID_ARGUMENT for a shard that is no token range (see ListProfileShards) or a bad
-    person id; RESOURCE_EXHAUSTED for more than 1,000 person ids.
+    person id; RESOURCE_EXHAUSTED for more than 1,000 person ids, or (reason RESPONSE_TOO_LARGE, the
+    scan ends) for a profile whose traits alone are more than one response carries: name the traits
+    needed in read_mask.
     """
     ListProfileChanges: _aio.UnaryUnaryMultiCallable[_profile_service_pb2.ListProfileChangesRequest, _profile_service_pb2.ListProfileChangesResponse]  # type: ignore[assignment]
     """Lists profile changes (which person, what changed) in order, from a cursor. The segmentation
@@ -280,7 +284,9 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         work (segment recompute, training sets).
 
         Errors: INVALID_ARGUMENT for a shard that is no token range (see ListProfileShards) or a bad
-        person id; RESOURCE_EXHAUSTED for more than 1,000 person ids.
+        person id; RESOURCE_EXHAUSTED for more than 1,000 person ids, or (reason RESPONSE_TOO_LARGE, the
+        scan ends) for a profile whose traits alone are more than one response carries: name the traits
+        needed in read_mask.
         """
 
     @_abc_1.abstractmethod
