@@ -15,11 +15,11 @@ from typing import Any
 
 from shared.errors import control_character_problem
 from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW
+from shared.trait_names import trait_name_problem
 
 MAX_MESSAGE_ID_LENGTH = 128
 MAX_NAME_LENGTH = 128
 # Trait names: 1-128 characters of any kind, however a trait is written (identify event, BatchWriteTraits).
-MAX_TRAIT_NAME_LENGTH = 128
 MAX_IDENTIFIERS = 32
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_ORDER_ITEMS = 500
@@ -295,17 +295,6 @@ def validate(event: Event, now: datetime) -> Rejection | None:
             return Rejection(RejectionReason.OVERSIZED_PAYLOAD,
                              f"{name} are {size} bytes serialized; at most {MAX_PAYLOAD_BYTES} are allowed")
     return _check_fields(event)
-
-
-def trait_name_problem(name: str) -> str:
-    """Why `name` is no trait name ("" when it is): 1-128 characters, none of them a control character. The
-    same names however a trait is written (identify event, BatchWriteTraits) or read (a `traits.<name>` path)."""
-    if not 0 < len(name) <= MAX_TRAIT_NAME_LENGTH:
-        shown = f"{name[:40]!r}{'...' if len(name) > 40 else ''}"
-        return f"trait name {shown} is {len(name)} characters; trait names are 1-{MAX_TRAIT_NAME_LENGTH} characters"
-    if problem := control_character_problem(name):
-        return f"trait name {name[:40]!r}{'...' if len(name) > 40 else ''} {problem}"
-    return ""
 
 
 def event_time_problem(when: datetime, now: datetime) -> str:

@@ -34,7 +34,6 @@ from services.profile.model import (
     TraitWrite,
     event_time_problem,
     number_text,
-    trait_name_problem,
 )
 from services.profile.profiles import FEED_COLUMNS, ProfileChange, Profiles, ProfileView
 from services.profile.scan_response import profile_bytes, scan_responses
@@ -50,6 +49,7 @@ from shared.page_tokens import decode_page_token, encode_page_token, invalid_pag
 from shared.polling import RepeatingWorker
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
+from shared.trait_names import trait_name_problem
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProfileService"].full_name
 MAX_EVENTS_PER_CALL = 1000

@@ -20,6 +20,9 @@ from decimal import Decimal
 from enum import Enum, StrEnum
 from typing import Any
 
+from shared.errors import control_character_problem
+from shared.trait_names import MAX_TRAIT_NAME_LENGTH
+
 # A constant a condition compares with. Numbers are floats, like google.protobuf.Value's (MAX_NUMBER).
 Scalar = str | float | bool
 
@@ -34,7 +37,6 @@ NAME = re.compile(NAME_PATTERN)
 KEYWORDS = frozenset({"AND", "OR", "NOT", "IN", "CONTAINS", "EXISTS", "BETWEEN"})
 # The profile service's rule for trait names (BatchWriteTraits: 1-128 characters, any characters): a rule
 # can name every trait profile accepts, and nothing profile would refuse.
-MAX_TRAIT_NAME_LENGTH = 128
 # How deep groups and NOTs may nest. Deep enough for any rule a person writes, and the Rule message of a
 # rule this deep stays inside protobuf's 100-level decoding limit (a group is two message levels).
 MAX_RULE_DEPTH = 32
@@ -413,6 +415,10 @@ def _check_trait(rule: TraitCondition, problem: Callable[[str, str], None]) -> N
             problem(".trait.field", f"{which}: a trait name is 1-{MAX_TRAIT_NAME_LENGTH} characters of any kind, as "
                                     "the profile service accepts them (traits.plan; in the rule text a name that "
                                     "is not plain is quoted: traits.\"Plan Name\")")
+            return
+        if control := control_character_problem(name):
+            # Profile stores no such trait and refuses to read one: no profile could ever match.
+            problem(".trait.field", f"the trait name {control}, as the profile service refuses in trait names")
             return
         field_type = None  # stored traits are untyped: their values carry the type
     else:
