@@ -282,15 +282,26 @@ class GrpcProfileSource:
     def _persons(self, person_ids: Sequence[str], as_of: datetime, events: EventReads,
                  fields: ProfileReads) -> dict[str, ProfileFacts | None]:
         found: dict[str, ProfileFacts | None] = {}
-        for start in range(0, len(person_ids), BATCH_GET_LIMIT):
-            chunk = person_ids[start:start + BATCH_GET_LIMIT]
+        chunks = [person_ids[start:start + BATCH_GET_LIMIT] for start in range(0, len(person_ids), BATCH_GET_LIMIT)]
+        while chunks:
+            chunk = chunks.pop()
             request = profile_pb.BatchGetProfilesRequest(
                 persons=[common_pb2.PersonSelector(person_id=p) for p in chunk], read_mask=read_mask(fields),
                 include_events=events.since is not None, event_names=sorted(events.names))
             request.as_of_time.FromDatetime(as_of)
             if events.since is not None:
                 request.events_start_time.FromDatetime(events.since)
-            for person_id, result in zip(chunk, self._stub.BatchGetProfiles(request).results, strict=True):
+            try:
+                response = self._stub.BatchGetProfiles(request)
+            except grpc.RpcError as error:
+                # More than one response carries (the traits the rules name, up to 64 KiB each, of many persons):
+                # read in halves, as profile's answer says. A single person's is raised.
+                if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED \
+                        and len(chunk) > 1:
+                    chunks += [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
+                    continue
+                raise
+            for person_id, result in zip(chunk, response.results, strict=True):
                 # Identity answers a merged person's id with the survivor's profile: not this person's any more.
                 mine = result.found and result.profile.person_id == person_id
                 stored = self._events_of(person_id, request) if mine and result.events_omitted else result.events

@@ -8,7 +8,9 @@ The stack runs with a 1 MiB maximum message size (ONECDP_MAX_MESSAGE_BYTES), so 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
+import grpc
 import pytest
 from google.protobuf import struct_pb2
 from onecdp.common.v1 import common_pb2
@@ -17,7 +19,10 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as profile_grpc
 from onecdp.segmentation.v1 import segmentation_service_pb2 as pb
 from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
+from services.segmentation.profile_source import GrpcProfileSource
+from services.segmentation.realtime import NO_EVENTS, ProfileReads
 from shared.config import GrpcSettings
+from shared.runner import RunningService
 from tests.services.segmentation.conftest import eventually, identify, ingest, track
 
 pytestmark = pytest.mark.integration
@@ -107,3 +112,20 @@ def test_a_person_with_megabytes_of_other_traits_stalls_nobody(stack: pb_grpc.Se
     explained = stack.EvaluatePersonSegments(pb.EvaluatePersonSegmentsRequest(
         person=common_pb2.PersonSelector(person_id=hoarder)), timeout=30)
     assert [(e.segment, e.matched) for e in explained.evaluations] == [("segments/pros", True)]
+
+
+def test_persons_whose_named_traits_fill_more_than_a_response_are_read_in_halves(
+        profiles: profile_grpc.ProfileServiceStub, profile_service: RunningService) -> None:
+    """The traits a rule names can themselves pass the limit over a batch (60 KiB each, 20 persons: 1.2 MB), which
+    profile answers RESOURCE_EXHAUSTED; real time's reader reads such a batch in halves instead of failing it."""
+    note = "z" * (60 * 1024)
+    person_ids = []
+    for start in range(0, 20, 8):  # a request stays under the 1 MiB limit
+        ingested = ingest(profiles, *(identify(f"noted-{k}", "2024-03-01T10:00:00", {"note": note, "k": k})
+                                      for k in range(start, min(20, start + 8))))
+        person_ids += [ingested[f"noted-{k}"] for k in range(start, min(20, start + 8))]
+    with grpc.insecure_channel(f"127.0.0.1:{profile_service.port}") as channel:
+        source = GrpcProfileSource(profile_grpc.ProfileServiceStub(channel))
+        facts = source.persons(person_ids, datetime.now(UTC), NO_EVENTS, ProfileReads(frozenset({"note"}), False))
+    assert sorted(facts) == sorted(person_ids)
+    assert all(f is not None and f.traits == {"note": note} for f in facts.values())
