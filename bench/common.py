@@ -243,12 +243,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 def cassandra_pid() -> int | None:
-    """The process id of the Cassandra running on this machine (the first CassandraDaemon in /proc), if any."""
-    for entry in sorted(Path("/proc").iterdir(), key=lambda p: p.name):
+    """The process id of the Cassandra running on this machine; None when there is none, or more than one (which
+    of them serves the benchmark is not known then, and another's work would be counted as its)."""
+    daemons = []
+    for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 if b"org.apache.cassandra.service.CassandraDaemon" in (entry / "cmdline").read_bytes():
-                    return int(entry.name)
+                    daemons.append(int(entry.name))
             except OSError:  # gone meanwhile
                 continue
-    return None
+    return daemons[0] if len(daemons) == 1 else None

@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         ("raw token-range scan: profiles table alone", f"{table_rate:,.0f} rows/s",
          f"ratio recompute / raw {batch_rate / table_rate:.3f}"),
         ("CPU time per profile, by process: RecomputeSegment of the events-only rule",
-         cpu_figure(cpu["recompute_events"]), "where a recompute's time goes (/proc; medians of the rounds)"),
+         cpu_figure(cpu["recompute_events"]), "where a recompute's time goes (/proc; medians of the rounds)"
+         + ("" if "Cassandra" in cpu["raw"] else "; Cassandra not measured: not one Cassandra on this machine")),
         ("CPU time per person, by process: the raw scan of profiles + timeline + trait_writes",
          cpu_figure(cpu["raw"]), "the same, of the baseline"),
     ]))

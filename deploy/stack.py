@@ -171,8 +171,10 @@ def up() -> None:
                       "`make up` again, which then starts a node of its own" if reused else
                       "the node `make up` started has stopped: see its log (`.venv/bin/python -m deploy.cassandra "
                       "status`), then run `make up` again")
-        else:
+        elif local:
             advice = "it is still there but did not answer in time (a busy machine?): run `make up` again"
+        else:
+            advice = "it stopped, or answered too slowly: check the cluster, then run `make up` again"
         raise StackError(f"Cassandra at {where} did not answer while the schemas were applied ({error.message}); "
                          f"{advice}.") from error
     console.print("Starting services")

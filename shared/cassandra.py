@@ -74,7 +74,7 @@ _ALLOW_FILTERING = " ALLOW FILTERING"
 # batch_size_warn_threshold (5 KiB by default; it refuses one over batch_size_fail_threshold, 50 KiB), in its
 # log and to the client, whose driver logs it: a warning per batch drowns a service's log. Shared batches hold at
 # most 10 partitions and, of data as Cassandra counts it (see _bound_size), the smaller of BATCH_BYTES and the
-# warning threshold of the node the session opened on (read once, system_views.settings). BATCH_BYTES is 12 KiB,
+# cluster's warning threshold (read once per session, system_views.settings). BATCH_BYTES is 12 KiB,
 # as fast as the largest tried (identity's links: batches cut at 5 KiB linked ~15% slower: more round trips);
 # OneCDP's own Cassandra configurations warn from 16 KiB (deploy/cassandra.py, the k8s datacenter), so they take
 # 12 KiB batches, and a cluster left at the default takes 5 KiB ones. A batch within one partition is exempt from
@@ -311,17 +311,19 @@ class CassandraSession:
                                   for params in param_sets])
 
     def batch_bytes(self) -> int:
-        """How large a shared batch may be (see BATCH_BYTES): read from the node once, then remembered."""
+        """How large a shared batch may be (see BATCH_BYTES): read once from a node of the cluster (they share
+        their configuration), then remembered; the default threshold's when it cannot be read (a role without
+        access to system_views)."""
         if self._batch_bytes is None:
             try:
                 row = self.execute("SELECT value FROM system_views.settings WHERE name = ?",
                                    ("batch_size_warn_threshold",)).one()
-                threshold = data_size_bytes(row.value) if row is not None and row.value else None
-            except DomainError as error:  # a node that does not say: its default
+                setting = row.value if row is not None else None
+            except DomainError as error:
                 log.warning("could not read batch_size_warn_threshold; batches stay under the default",
                             extra={"error": error.message})
-                threshold = None
-            self._batch_bytes = min(BATCH_BYTES, threshold or DEFAULT_BATCH_WARN_BYTES)
+                setting = None
+            self._batch_bytes = batch_bytes_for(setting)
         return self._batch_bytes
 
     def write_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
@@ -470,6 +472,12 @@ def _bound_size(bound: Any) -> int:
 
 _DATA_SIZE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*")
 _UNIT_BYTES = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
+
+
+def batch_bytes_for(warn_threshold: str | None) -> int:
+    """The largest shared batch under a node's batch_size_warn_threshold setting (None: not known, its default)."""
+    threshold = data_size_bytes(warn_threshold) if warn_threshold is not None else None
+    return min(BATCH_BYTES, DEFAULT_BATCH_WARN_BYTES if threshold is None else threshold)
 
 
 def data_size_bytes(value: str) -> int | None:

@@ -171,6 +171,8 @@ def scan_responses(scanned: Iterable[tuple[bytes, Iterable[StoredEventRecord]]],
             item = _length_delimited(_PROFILES, _length_delimited(_SCANNED_PROFILE, profile)
                                      + _EVENTS_OMITTED + _ONE_BYTE_VARINTS[1])
             if len(item) > max_bytes:
+                if response:  # what came before it is sent first
+                    yield b"".join(response)
                 person_id = pb.Profile.FromString(profile).person_id
                 raise ResourceExhausted(
                     f"the profile of {person_id or 'a person of this shard'}: {len(item):,} bytes without its events, "

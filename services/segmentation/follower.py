@@ -35,7 +35,6 @@ from services.segmentation.catalog import SegmentCatalog
 from services.segmentation.evaluation import ProfileFacts, compile_rule, evaluation_failed
 from services.segmentation.profile_source import CHANGE_ERASE, CHANGE_MERGE, CHANGE_SPLIT, FeedChange
 from services.segmentation.realtime import (
-    EVERY_FIELD,
     EventReads,
     ProfileReads,
     compile_next_change,
@@ -81,7 +80,7 @@ class PersonSource(Protocol):
     def changes(self, cursor: str, limit: int) -> tuple[list[FeedChange], str]: ...
 
     def persons(self, person_ids: Sequence[str], as_of: datetime, events: EventReads,
-                fields: ProfileReads = EVERY_FIELD) -> Mapping[str, ProfileFacts | None]: ...
+                fields: ProfileReads) -> Mapping[str, ProfileFacts | None]: ...
 
 
 @dataclass(frozen=True)

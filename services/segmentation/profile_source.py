@@ -251,7 +251,7 @@ class GrpcProfileSource:
             raise profile_error(error) from error
 
     def person(self, selector: common_pb2.PersonSelector, as_of: datetime, events: EventReads,
-               fields: ProfileReads = EVERY_FIELD) -> ProfileFacts:
+               fields: ProfileReads) -> ProfileFacts:
         """One person's facts as of `as_of`, with the events `events` reads and the fields `fields` names (those
         of the rules evaluated)."""
         try:
@@ -271,7 +271,7 @@ class GrpcProfileSource:
                            tuple(c.merged_person_ids)) for c in page.changes], page.next_page_token
 
     def persons(self, person_ids: Sequence[str], as_of: datetime, events: EventReads,
-                fields: ProfileReads = EVERY_FIELD) -> dict[str, ProfileFacts | None]:
+                fields: ProfileReads) -> dict[str, ProfileFacts | None]:
         """Facts of each person as of `as_of`, with the events `events` reads and the fields `fields` names; None for
         a person that has no profile of its own any more (merged into another, erased, never stored)."""
         try:

@@ -9,6 +9,7 @@ from shared.cassandra import (
     BATCH_PARTITIONS,
     BATCH_STATEMENTS,
     CassandraSession,
+    batch_bytes_for,
     connect_cluster,
     data_size_bytes,
     open_session,
@@ -88,6 +89,15 @@ def test_the_warning_threshold_is_read_in_any_unit() -> None:
         16384, 5120, 5120, 1024 * 1024, 512, None, None]
 
 
+@pytest.mark.unit
+def test_batches_are_cut_under_the_clusters_warning_threshold() -> None:
+    """A cluster left at Cassandra's default (5 KiB) gets 5 KiB batches, OneCDP's (16 KiB) BATCH_BYTES, one that
+    does not say the default's; a threshold of 0 (warn on every shared batch) leaves each partition alone."""
+    assert [batch_bytes_for(v) for v in ("5KiB", "16KiB", "1MiB", None, "lots", "0KiB")] == [
+        5120, BATCH_BYTES, BATCH_BYTES, 5120, 5120, 0]
+    assert [len(b) for b in pack_batches([_partition(f"p{i}", 1, size=100) for i in range(3)], _size, 0)] == [1, 1, 1]
+
+
 @pytest.mark.integration
 def test_shared_batches_of_many_small_cells_draw_no_size_warning(cassandra_settings: CassandraSettings,
                                                                 admin_session: CassandraSession,
@@ -101,12 +111,12 @@ def test_shared_batches_of_many_small_cells_draw_no_size_warning(cassandra_setti
     columns = [f"n{i}" for i in range(16)]
     admin_session.execute(f"CREATE TABLE {keyspace}.counts (k text, c int, {', '.join(f'{n} int' for n in columns)}, "
                           "PRIMARY KEY ((k), c)) WITH default_time_to_live = 86400", timeout=60)
-    threshold = data_size_bytes(admin_session.execute("SELECT value FROM system_views.settings WHERE name = ?",
-                                                      ("batch_size_warn_threshold",)).one().value)
+    threshold_setting = admin_session.execute("SELECT value FROM system_views.settings WHERE name = ?",
+                                              ("batch_size_warn_threshold",)).one().value
     cluster = connect_cluster(cassandra_settings)
     try:
         session = open_session(cluster, keyspace, 10)
-        assert session.batch_bytes() == min(BATCH_BYTES, threshold or 0)
+        assert session.batch_bytes() == batch_bytes_for(threshold_setting)
         rows = [(f"partition-{i:04d}", c, *range(16)) for i in range(100) for c in range(5)]
         insert = f"INSERT INTO counts (k, c, {', '.join(columns)}) VALUES ({', '.join('?' * 18)})"
         with caplog.at_level("WARNING", logger="cassandra.protocol"):

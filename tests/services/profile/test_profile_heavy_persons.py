@@ -20,6 +20,7 @@ from onecdp.profile.v1 import profile_service_pb2_grpc as pb_grpc
 from services.profile.model import StoredEventRecord
 from services.profile.scan_response import scan_response_bytes, scan_responses
 from shared.config import GrpcSettings
+from shared.errors import ResourceExhausted
 from tests.services.profile.conftest import ingest, track
 
 pytestmark = pytest.mark.integration
@@ -117,6 +118,13 @@ def test_packed_responses_are_the_scan_split_under_the_limit() -> None:
     assert [p for p in profiles if not p.events_omitted] == [p for i, p in enumerate(whole) if i != 2]
     assert profiles[2] == pb.ScannedProfile(profile=whole[2].profile, events_omitted=True)
     assert list(scan_responses([], limit)) == [b""]
+    # A profile too large even without its events ends the scan, after what came before it was sent.
+    huge = pb.Profile(person_id="p-huge", merged_person_ids=["m" * 100] * 20).SerializeToString()
+    sent: list[bytes] = []
+    with pytest.raises(ResourceExhausted) as too_large:
+        sent.extend(scan_responses([scanned[0], (huge, [])], limit))
+    assert [p.profile.person_id for r in sent for p in pb.ScanProfilesResponse.FromString(r).profiles] == ["p0"]
+    assert too_large.value.message.startswith("the profile of p-huge: ")
 
 
 def _struct(**values: Any) -> struct_pb2.Struct:

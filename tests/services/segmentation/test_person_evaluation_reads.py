@@ -19,9 +19,10 @@ from onecdp.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 
 from services.segmentation.evaluation import evaluate
 from services.segmentation.profile_source import GrpcProfileSource, facts_of
-from services.segmentation.realtime import events_read
+from services.segmentation.realtime import events_read, profile_reads
 from services.segmentation.text import parse
 from shared.clients import every_profile_event
+from shared.errors import NotFound
 from shared.runner import RunningService
 from tests.services.segmentation.conftest import at, ingest, order, track
 
@@ -70,7 +71,8 @@ def test_a_person_is_evaluated_on_the_events_its_rules_read(stack: pb_grpc.Segme
     rules = {"buyers": parse(RULE)}
     as_of = datetime.now(UTC)
     wanted = events_read(rules.values(), rules, as_of)
-    facts = source.person(common_pb2.PersonSelector(person_id=person), as_of, wanted)
+    facts = source.person(common_pb2.PersonSelector(person_id=person), as_of, wanted,
+                          profile_reads(rules.values(), rules, as_of))
     received = sorted(e.event.message_id for e in pages.received)
     assert len(received) == 2 and all(e.event.type == profile_pb.EVENT_TYPE_ORDER
                                       and e.event.event_time.ToDatetime(tzinfo=UTC) >= at("2024-03-01T00:00:00")
@@ -90,5 +92,36 @@ def test_rules_that_read_no_events_read_none(profiles: profile_grpc.ProfileServi
     rules = {"pros": parse('traits.plan = "pro"')}
     source, pages = recorded
     facts = source.person(common_pb2.PersonSelector(person_id=person), datetime.now(UTC),
-                          events_read(rules.values(), rules, datetime.now(UTC)))
+                          events_read(rules.values(), rules, datetime.now(UTC)),
+                          profile_reads(rules.values(), rules, datetime.now(UTC)))
     assert facts.person_id == person and list(facts.events) == [] and pages.received == []
+
+
+class _ErasedMeanwhile:
+    """A profile service whose person is erased between GetProfile and ListProfileEvents."""
+
+    def GetProfile(self, request: Any, timeout: float | None = None) -> profile_pb.Profile:
+        return profile_pb.Profile(person_id="p_gone")
+
+    def ListProfileEvents(self, request: Any, timeout: float | None = None) -> Any:
+        raise _NotFound()
+
+
+class _NotFound(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.NOT_FOUND
+
+    def details(self) -> str:
+        return "no person 'p_gone' (never issued, or erased)"
+
+
+@pytest.mark.unit
+def test_a_person_erased_between_the_reads_is_not_found() -> None:
+    """Not an evaluation of a person with no events: NOT_FOUND, as a call a moment later answers."""
+    rules = {"buyers": parse(RULE)}
+    now = datetime.now(UTC)
+    source = GrpcProfileSource(_ErasedMeanwhile())  # type: ignore[arg-type]
+    with pytest.raises(NotFound) as gone:
+        source.person(common_pb2.PersonSelector(person_id="p_gone"), now, events_read(rules.values(), rules, now),
+                      profile_reads(rules.values(), rules, now))
+    assert "p_gone" in gone.value.message
