@@ -163,3 +163,12 @@ def test_a_profile_whose_traits_pass_the_limit_is_refused_saying_what_to_ask_for
     scanned = list(profiles.ScanProfiles(pb.ScanProfilesRequest(shard=shard, read_mask=field_mask_pb2.FieldMask(
         paths=["person_id", "traits.note_3"])), timeout=30))
     assert [p.profile.person_id for r in scanned for p in r.profiles] == [person_id]
+    # Under the limit itself (above the share a scan's responses fill): answered, as gRPC sends it.
+    under = ingest(profiles, track("crm_id:keeper", name="v", when="2024-03-01"))[0].person_id
+    for k in range(16):
+        traits = struct_pb2.Struct()
+        traits.update({f"note_{k}": "k" * (62 * 1024)})
+        profiles.BatchWriteTraits(pb.BatchWriteTraitsRequest(writes=[pb.TraitWrite(
+            person_id=under, traits=traits, source="notes")]), timeout=10)
+    kept = profiles.GetProfile(pb.GetProfileRequest(person=common_pb2.PersonSelector(person_id=under)), timeout=30)
+    assert MAX_MESSAGE_BYTES * 15 // 16 < kept.ByteSize() <= MAX_MESSAGE_BYTES and len(kept.traits) == 16
