@@ -46,6 +46,7 @@ from shared.errors import InvalidArgument, ResourceExhausted, Violations
 from shared.event_times import EARLIEST_EVENT_TIME, MAX_FUTURE_SKEW, request_time_problem
 from shared.leases import FollowerLease
 from shared.page_tokens import decode_page_token, encode_page_token, invalid_page_token
+from shared.pages import MAX_PAGE_BYTES, fitting
 from shared.polling import RepeatingWorker
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
@@ -64,11 +65,6 @@ MAX_SHARDS = 1024
 WATCH_POLL_SECONDS = 0.2
 FOLLOW_POLL_SECONDS = 0.5
 IDENTITY_FEED_LEASE = "identity-feed"
-# A page of events stops before passing this many serialized bytes, well under the 4 MiB a gRPC client
-# accepts by default (100 events of up to 64 KiB of properties each would not fit).
-MAX_PAGE_BYTES = 3 * 1024 * 1024
-# What a repeated message field adds per element besides the element: its tag and length prefix.
-_ELEMENT_OVERHEAD_BYTES = 6
 # The share of the configured maximum message size (GrpcSettings.max_message_bytes) a response fills at most:
 # sizes here are counted exactly, the margin covers what they leave out (gRPC's framing, a client whose limit is
 # a little lower).
@@ -284,6 +280,12 @@ def _profile_bytes(view: ProfileView, mask: ReadMask) -> bytes:
     return mask.apply(_profile(view)).SerializeToString()
 
 
+def _stored_event(event: StoredEventRecord) -> pb.StoredEvent:
+    message = pb.StoredEvent()
+    _fill_stored_event(message, event)
+    return message
+
+
 def _fill_stored_event(message: pb.StoredEvent, event: StoredEventRecord) -> None:
     """Fill an empty StoredEvent in place (e.g. one just added to a response: no copy of the event)."""
     message.person_id = event.person_id
@@ -476,18 +478,12 @@ class ProfileServicer(pb_grpc.ProfileServiceServicer):
         person = self._profiles.person(person_id, identifier)
         events, following = self._profiles.events_page(person, start, end, names=request.event_names, after=after,
                                                        page_size=page_size)
-        response = pb.ListProfileEventsResponse()
-        page_bytes = 0
-        for index, event in enumerate(events):
-            stored = response.events.add()
-            _fill_stored_event(stored, event)
-            page_bytes += stored.ByteSize() + _ELEMENT_OVERHEAD_BYTES
-            if index and page_bytes > min(MAX_PAGE_BYTES, self._response_bytes):
-                del response.events[index]
-                following = (events[index - 1].event_time, events[index - 1].message_id)
-                break
-        response.next_page_token = _event_token(*following, binding) if following else ""
-        return response
+        # 100 events of up to 64 KiB of properties each would not fit in one page.
+        stored = fitting((_stored_event(e) for e in events), min(MAX_PAGE_BYTES, self._response_bytes))
+        if len(stored) < len(events):
+            following = (events[len(stored) - 1].event_time, events[len(stored) - 1].message_id)
+        return pb.ListProfileEventsResponse(events=stored,
+                                            next_page_token=_event_token(*following, binding) if following else "")
 
     def BatchWriteTraits(self, request: pb.BatchWriteTraitsRequest,
                          context: grpc.ServicerContext) -> pb.BatchWriteTraitsResponse:

@@ -42,6 +42,7 @@ from shared.clients import prediction_stub, profile_stub
 from shared.errors import FailedPrecondition, InvalidArgument, Violations, error_domain
 from shared.longrunning import Instead, operation_error, operation_id_of, operations_registration
 from shared.page_tokens import decode_page_token, encode_page_token, invalid_page_token
+from shared.pages import MAX_PAGE_BYTES, fitting
 from shared.runner import ServiceContext, ServiceDefinition
 from shared.server import ServiceRegistration
 
@@ -51,11 +52,6 @@ NAME = "segmentation"
 ERROR_DOMAIN = error_domain(NAME)
 OPERATIONS = "operations/"
 DEFAULT_MEMBERS_PAGE = 100
-# A page of segments stops before passing this many serialized bytes, well under the 4 MiB a gRPC client accepts
-# by default: 50 segments (the default page) of rules of 32,768 characters, in text and as trees, would not fit.
-MAX_PAGE_BYTES = 3 * 1024 * 1024
-# What a repeated message field adds per element besides the element: its tag and length prefix.
-_ELEMENT_OVERHEAD_BYTES = 6
 MAX_MEMBERS_PAGE = 10_000
 EXPORT_CHUNK = 1000
 
@@ -317,17 +313,11 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     def ListSegments(self, request: pb.ListSegmentsRequest, context: grpc.ServicerContext) -> pb.ListSegmentsResponse:
         segments, token = self._catalog.list(request.page_size, request.page_token)
-        response = pb.ListSegmentsResponse()
-        page_bytes = 0
-        for index, segment in enumerate(segments):
-            message = segment_message(segment)
-            page_bytes += message.ByteSize() + _ELEMENT_OVERHEAD_BYTES
-            if index and page_bytes > MAX_PAGE_BYTES:
-                token = self._catalog.page_token_after(segments[index - 1].segment_id)
-                break
-            response.segments.append(message)
-        response.next_page_token = token
-        return response
+        # 50 segments (the default page) of rules of 32,768 characters, in text and as trees, pass 4 MiB.
+        messages = fitting((segment_message(s) for s in segments), MAX_PAGE_BYTES)
+        if len(messages) < len(segments):
+            token = self._catalog.page_token_after(segments[len(messages) - 1].segment_id)
+        return pb.ListSegmentsResponse(segments=messages, next_page_token=token)
 
     def UpdateSegment(self, request: pb.UpdateSegmentRequest, context: grpc.ServicerContext) -> pb.Segment:
         segment_id = segment_id_of(request.segment.name, "segment.name")
