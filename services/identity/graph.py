@@ -37,7 +37,6 @@ import logging
 import random
 import re
 import secrets
-import threading
 import time
 import uuid
 from collections import defaultdict
@@ -55,6 +54,7 @@ from services.identity.feed import Change, ChangeType
 from services.identity.identifiers import GuardPolicy, IdentifierRegistry, InvalidIdentifierValue
 from services.identity.leases import Leases
 from services.identity.partition import IdKey, Partition, partition, shared_identifiers
+from services.identity.recent import RecentLookups, Selected
 from shared import deadline
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
 from shared.errors import (
@@ -86,8 +86,6 @@ NEIGHBOUR_RECHECK_SECONDS = 30.0
 LEASE_WAIT_SECONDS = 60.0
 DEADLINE_MARGIN_SECONDS = 0.25
 JUNK_MEMO_SIZE = 100_000
-# Identifiers whose last holder a lookup remembers (see HolderHints): about 250 bytes each.
-HOLDER_HINTS_SIZE = 100_000
 # Separates a remembered request's fingerprint from its result (hex digits, so never in it) in
 # applied_requests.result; a result without it was stored before fingerprints were kept.
 _FINGERPRINT_SEPARATOR = ":"
@@ -183,6 +181,8 @@ class Person:
     redirected_from: str
     create_time: datetime | None
     update_time: datetime | None
+    # When the reads this answer comes from began: it holds every change committed before then.
+    read_time: datetime | None = None
 
 
 @dataclass
@@ -452,40 +452,6 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
-class HolderHints:
-    """The person each of the last HOLDER_HINTS_SIZE identifiers looked up was held by, as a hint.
-
-    A hint is never an answer: a lookup reads the hinted person (members and person columns in one
-    request) and takes it only if that person, read now, lists the identifier among its members. That
-    is what a lookup through `identifiers` would have answered, without that read: one round trip
-    instead of two. A hint gone stale (a merge, split, unlink or erasure by any process since) fails
-    the check, and the lookup reads `identifiers` as if there had been none. So hints need no
-    invalidation across replicas, and the oldest are simply dropped when the table is full.
-    """
-
-    def __init__(self, size: int = HOLDER_HINTS_SIZE) -> None:
-        self._size = size
-        self._hints: dict[IdKey, str] = {}
-        self._lock = threading.Lock()
-
-    def get(self, keys: Iterable[IdKey]) -> dict[IdKey, str]:
-        with self._lock:
-            return {key: person_id for key in keys if (person_id := self._hints.get(key))}
-
-    def remember(self, holders: Mapping[IdKey, str]) -> None:
-        with self._lock:
-            for key, person_id in holders.items():
-                self._hints.pop(key, None)  # re-inserted last: the oldest hints go first
-                self._hints[key] = person_id
-            while len(self._hints) > self._size:
-                del self._hints[next(iter(self._hints))]
-
-    def forget(self, keys: Iterable[IdKey]) -> None:
-        with self._lock:
-            for key in keys:
-                self._hints.pop(key, None)
-
-
 class IdentityGraph:
     def __init__(self, session: CassandraSession, registry: IdentifierRegistry | None = None,
                  policy: GuardPolicy | None = None) -> None:
@@ -495,7 +461,7 @@ class IdentityGraph:
         self._leases = Leases(session)
         self._tombstone_salt: bytes | None = None
         self._junk_memo: dict[IdKey, bool] = {}
-        self._holder_hints = HolderHints()
+        self._recent = RecentLookups()
         # Replaced by IdentitySettings when stored settings are installed (see _attaches_to).
         self._initial_policy, self._initial_registry = self.policy, self.registry
         self._junk_memo_policy: GuardPolicy | None = None
@@ -891,6 +857,7 @@ class IdentityGraph:
                 components[index] = component
         outcomes: list[_Reconciled | set[str]] = []
         plans: list[_Plan] = []
+        changed_persons: set[str] = set()
         for component, held, reason, erased_here in zip(components, helds, reasons, erased_seeds, strict=True):
             needed = component.lease_keys()
             if not needed <= held:
@@ -901,15 +868,24 @@ class IdentityGraph:
             plan.reconciled.erased = erased_here
             plans.append(plan)
             outcomes.append(plan.reconciled)
+            if plan.person_writes or plan.identifier_writes:
+                merged_into = plan.reconciled.merged_into
+                changed_persons.update(plan.reconciled.group_ids, merged_into, merged_into.values(),
+                                       (p for p in component.person_of.values() if p))
         # Identifier rows last: a writer that dies half way leaves them unchanged where anything else
         # was left undone, so the next recomputation sees those identifiers as changed and redoes it.
         # The changes are recorded while the identifier rows are written (neither depends on the other):
         # a writer that dies meanwhile may leave the feed short of a change or, retried, record one
         # twice, as it could when they were written one after the other.
-        self._session.write_all([s for plan in plans for s in plan.person_writes])
-        identifiers_written = self._session.start_writes([s for plan in plans for s in plan.identifier_writes])
-        recorded = iter(feed.record_many(self._session, [c for plan in plans for c in plan.changes]))
-        identifiers_written()
+        try:
+            self._session.write_all([s for plan in plans for s in plan.person_writes])
+            identifiers_written = self._session.start_writes([s for plan in plans for s in plan.identifier_writes])
+            recorded = iter(feed.record_many(self._session, [c for plan in plans for c in plan.changes]))
+            identifiers_written()
+        finally:
+            # Also when a write failed: some may have been applied.
+            if changed_persons:
+                self._recent.forget_persons(changed_persons)
         for plan in plans:
             plan.reconciled.changes = [next(recorded) for _ in plan.changes]
         return outcomes
@@ -1467,6 +1443,7 @@ class IdentityGraph:
             change = feed.record(self._session, ChangeType.ERASE, [person.person_id], [],
                                  reason or "erased by a privacy request")
         finally:
+            self._recent.forget_persons([person.person_id, *person.merged_person_ids])
             self._leases.release(leased, owner)
         # Committed: what follows only tidies up, and must not fail the erasure (a retry would find the
         # person gone, NOT_FOUND, and never learn that it was erased).
@@ -1606,55 +1583,71 @@ class IdentityGraph:
     def persons_of(self, keys: Iterable[IdKey]) -> dict[IdKey, str | None]:
         return {k: a.person_id for k, a in self._assignments_async(keys)().items()}
 
-    def lookup(self, keys: Iterable[IdKey], person_ids: Iterable[str] = ()
+    def lookup(self, keys: Iterable[IdKey], person_ids: Iterable[str] = (), max_staleness: float = 0.0
                ) -> tuple[dict[IdKey, Person | None], dict[str, Person]]:
         """The person each identifier (normalized) belongs to (None where nobody holds it, or its person is
         erased), and the persons `person_ids` name (as get_persons finds them), in at most two round trips.
 
-        Identifiers looked up before are answered in one, through their holder hints (see HolderHints);
+        Identifiers looked up before are answered in one, through their holder hints (see RecentLookups);
         the others, and those whose hint is stale, in two: `identifiers`, then the persons. The hinted and
-        the named persons are read while `identifiers` is read for the others.
+        the named persons are read while `identifiers` is read for the others. With `max_staleness`
+        (seconds, at most recent.MAX_STALENESS_SECONDS), what was read that recently is not read again.
         """
-        holding, named = self._holding(keys, person_ids)
+        holding, named = self._holding(keys, person_ids, max_staleness)
         return {key: person for key, (_, person) in holding.items()}, named
 
-    def person_of_identifier(self, key: IdKey) -> Person:
+    def person_of_identifier(self, key: IdKey, max_staleness: float = 0.0) -> Person:
         """The person an identifier (normalized) belongs to; NotFound saying why when none does."""
-        holder, person = self._holding([key])[0][key]
+        holder, person = self._holding([key], (), max_staleness)[0][key]
         if person is not None:
             return person
         if holder:
             raise NotFound(f"no person {holder!r} (never issued, or erased)", reason="PERSON_NOT_FOUND")
         raise self._not_held(key)
 
-    def _holding(self, keys: Iterable[IdKey], person_ids: Iterable[str] = ()
+    def _holding(self, keys: Iterable[IdKey], person_ids: Iterable[str] = (), max_staleness: float = 0.0
                  ) -> tuple[dict[IdKey, tuple[str | None, Person | None]], dict[str, Person]]:
         """Each identifier's holder as `identifiers` names it (or as its valid hint does), and that person;
-        and the persons `person_ids` name."""
+        and the persons `person_ids` name. Those read within `max_staleness` seconds are not read again."""
+        reading = self._recent.begin()
         wanted = set(keys)
         named_ids = set(person_ids)
-        hinted = self._holder_hints.get(wanted)
-        read_holders = self._assignments_async(wanted - hinted.keys()) if len(hinted) < len(wanted) else None
         found: dict[IdKey, tuple[str | None, Person | None]] = {}
         named: dict[str, Person] = {}
+        if max_staleness > 0:
+            for selected, answer in self._recent.answers([*wanted, *named_ids], max_staleness).items():
+                if isinstance(selected, str):
+                    named[selected] = answer
+                else:
+                    found[selected] = (answer.person_id, answer)
+            wanted -= found.keys()
+            named_ids -= named.keys()
+        hinted = self._recent.hints(wanted)
+        read_holders = self._assignments_async(wanted - hinted.keys()) if len(hinted) < len(wanted) else None
+        read: dict[IdKey, tuple[str | None, Person | None]] = {}
+        read_named: dict[str, Person] = {}
         if hinted or named_ids:
-            persons = self.get_persons({*hinted.values(), *named_ids})
-            named = {p: persons[p] for p in named_ids if p in persons}
+            persons = self.get_persons({*hinted.values(), *named_ids}, read_time=reading.read_time)
+            read_named = {p: persons[p] for p in named_ids if p in persons}
             for key, person_id in hinted.items():
                 person = persons.get(person_id)
                 if person is not None and key in person.identifiers:
                     # As a lookup through `identifiers` answers it: the person holding it, not a redirect.
-                    found[key] = (person.person_id, replace(person, redirected_from=""))
+                    read[key] = (person.person_id, replace(person, redirected_from=""))
         holders = {k: a.person_id for k, a in read_holders().items()} if read_holders is not None else {}
-        stale = hinted.keys() - found.keys()
+        stale = hinted.keys() - read.keys()
         if stale:
-            self._holder_hints.forget(stale)
+            self._recent.forget_hints(stale)
             holders.update(self.persons_of(stale))
-        persons = self.get_persons(p for p in holders.values() if p)
+        persons = self.get_persons((p for p in holders.values() if p), read_time=reading.read_time)
         for key, holder in holders.items():
-            found[key] = (holder, persons.get(holder) if holder else None)
-        self._holder_hints.remember({key: person.person_id for key, (_, person) in found.items()
-                                     if person is not None and key in person.identifiers})
+            read[key] = (holder, persons.get(holder) if holder else None)
+        answers: dict[Selected, Person] = {key: person for key, (_, person) in read.items()
+                                           if person is not None and key in person.identifiers}
+        answers.update(read_named)
+        self._recent.remember(reading, answers)
+        found.update(read)
+        named.update(read_named)
         return found, named
 
     def normalize_one(self, type_name: str, value: str, field_path: str) -> IdKey:
@@ -1681,16 +1674,17 @@ class IdentityGraph:
         return NotFound(f"no person holds {key.type} {key.value!r}", reason="PERSON_NOT_FOUND",
                         metadata={"identifier_type": key.type})
 
-    def get_person(self, person_id: str) -> Person:
-        """The person, following merge redirects to the survivor."""
-        person = self.get_persons([person_id]).get(person_id)
+    def get_person(self, person_id: str, max_staleness: float = 0.0) -> Person:
+        """The person, following merge redirects to the survivor (read within `max_staleness` seconds)."""
+        person = self._holding((), [person_id], max_staleness)[1].get(person_id)
         if person is None:
             raise NotFound(f"no person {person_id!r} (never issued, or erased)", reason="PERSON_NOT_FOUND")
         return person
 
-    def get_persons(self, person_ids: Iterable[str]) -> dict[str, Person]:
+    def get_persons(self, person_ids: Iterable[str], *, read_time: datetime | None = None) -> dict[str, Person]:
         """Each person found, by the id asked for, following merge redirects to the survivor.
 
+        Each answer's read_time is `read_time` (when the caller's reads began), or the time of this call.
         Ids never issued, or erased, are absent. Every hop reads the members of all the ids it follows,
         with the person's own columns (static columns, schema 0004), in one request: one round trip
         when there is no redirect. Persons without them (created before 0004, or erased) are read
@@ -1707,6 +1701,7 @@ class IdentityGraph:
         answer: Unavailable, which a retry answers once the writer has finished (one that died is
         finished by the retry of its call, or by the next recomputation of the component).
         """
+        read_time = read_time or _now()
         current = {p: p for p in set(person_ids) if p}
         rows: dict[str, Any] = {}
         members: dict[str, list[IdKey]] = {}
@@ -1736,7 +1731,8 @@ class IdentityGraph:
             found[requested] = Person(person_id=person_id, identifiers=members.get(person_id, []),
                                       merged_person_ids=sorted(row.merged_from or ()),
                                       redirected_from=requested if requested != person_id else "",
-                                      create_time=row.create_time, update_time=row.update_time)
+                                      create_time=row.create_time, update_time=row.update_time,
+                                      read_time=read_time)
         return found
 
     def _read_person_rows(self, person_ids: set[str], rows: dict[str, Any], members: dict[str, list[IdKey]]) -> None:

@@ -36,6 +36,7 @@ from services.identity.graph import (
 )
 from services.identity.identifiers import GuardPolicy, IdentifierType, Normalization
 from services.identity.partition import IdKey
+from services.identity.recent import MAX_STALENESS_SECONDS
 from services.identity.settings import (
     POLICY_NAME,
     IdentitySettings,
@@ -104,7 +105,7 @@ def _link_result(outcome: LinkOutcome) -> pb.LinkResult:
         other_identifiers=outcome.other_identifiers, changes=[_change(c) for c in outcome.changes])
 
 
-def _person(person: Person, identifier_limit: int = 100) -> pb.Person:
+def _person(person: Person, identifier_limit: int = 100, *, with_read_time: bool = False) -> pb.Person:
     message = pb.Person(name=f"persons/{person.person_id}", person_id=person.person_id,
                         identifiers=[_identifier(k) for k in sorted(person.identifiers)[:identifier_limit]],
                         merged_person_ids=person.merged_person_ids, redirected_from=person.redirected_from)
@@ -112,7 +113,26 @@ def _person(person: Person, identifier_limit: int = 100) -> pb.Person:
         message.create_time.FromDatetime(person.create_time)
     if person.update_time:
         message.update_time.FromDatetime(person.update_time)
+    if with_read_time and person.read_time:
+        message.read_time.FromDatetime(person.read_time)
     return message
+
+
+def _max_staleness(request: pb.LookupPersonRequest | pb.BatchLookupPersonsRequest) -> float:
+    """The request's max_staleness in seconds (0: an exact lookup); INVALID_ARGUMENT outside 0-60 s."""
+    if not request.HasField("max_staleness"):
+        return 0.0
+    duration = request.max_staleness
+    if duration.seconds < 0 or duration.nanos < 0 or duration.nanos > 999_999_999:
+        raise InvalidArgument.for_field("max_staleness", f"{duration.seconds}s {duration.nanos}ns is not a duration "
+                                        "of 0 or more; leave it unset (or 0) for an answer read during the call",
+                                        reason="INVALID_MAX_STALENESS")
+    seconds = duration.seconds + duration.nanos / 1e9
+    if seconds > MAX_STALENESS_SECONDS:
+        raise InvalidArgument.for_field("max_staleness", f"{seconds:g}s is more than the {MAX_STALENESS_SECONDS:g}s "
+                                        "an answer may be old; ask for 60s or less",
+                                        reason="INVALID_MAX_STALENESS")
+    return seconds
 
 
 def _provenance(provenance: Provenance) -> pb.Provenance:
@@ -217,8 +237,10 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
 
     def LookupPerson(self, request: pb.LookupPersonRequest, context: grpc.ServicerContext) -> pb.Person:
         selected = self._selected(request.person, "person")
-        return _person(self._graph.get_person(selected) if isinstance(selected, str)
-                       else self._graph.person_of_identifier(selected))
+        max_staleness = _max_staleness(request)
+        return _person(self._graph.get_person(selected, max_staleness) if isinstance(selected, str)
+                       else self._graph.person_of_identifier(selected, max_staleness),
+                       with_read_time=request.HasField("max_staleness"))
 
     def BatchLookupPersons(self, request: pb.BatchLookupPersonsRequest,
                            context: grpc.ServicerContext) -> pb.BatchLookupPersonsResponse:
@@ -230,7 +252,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
                                     reason="BATCH_TOO_LARGE")
         # All selectors are checked first (every invalid one is named); then the batch costs at most two rounds
         # of IN reads, whatever its size: identifiers to person ids (not for identifiers whose holder hint holds,
-        # see HolderHints), while persons named by id are read with their members.
+        # see RecentLookups), while persons named by id are read with their members.
         violations = Violations()
         person_ids: list[str | None] = []
         keys: dict[int, IdKey] = {}
@@ -244,11 +266,13 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
                 keys[index] = selected
             person_ids.append(selected if isinstance(selected, str) else None)
         violations.raise_if_any("some selectors are invalid; nothing was looked up", reason="INVALID_SELECTORS")
-        held, named = self._graph.lookup(keys.values(), (p for p in person_ids if p))
+        max_staleness = _max_staleness(request)
+        held, named = self._graph.lookup(keys.values(), (p for p in person_ids if p), max_staleness)
         results = [named.get(p) if p else held.get(keys[index]) if index in keys else None
                    for index, p in enumerate(person_ids)]
         return pb.BatchLookupPersonsResponse(results=[
-            pb.PersonLookupResult(found=True, person=_person(person)) if person is not None
+            pb.PersonLookupResult(found=True, person=_person(person, with_read_time=request.HasField("max_staleness")))
+            if person is not None
             else pb.PersonLookupResult(found=False) for person in results])
 
     def ListPersonIdentifiers(self, request: pb.ListPersonIdentifiersRequest,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
+from cassandra.cluster import Session
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from onecdp.common.v1 import common_pb2
@@ -14,10 +18,11 @@ from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
 from services.identity.graph import IdentityGraph
+from services.identity.server import DEFINITION
 from shared.cassandra import CassandraSession, connect_cluster, open_session
-from shared.config import CassandraSettings
+from shared.config import CassandraSettings, GrpcSettings
 from shared.migrations import migrate_service
-from shared.runner import RunningService
+from shared.runner import RunningService, start_service
 
 _message_ids = itertools.count()
 
@@ -43,6 +48,41 @@ def graph(identity_session: CassandraSession) -> IdentityGraph:
 def identity(identity_service: RunningService) -> Iterator[pb_grpc.IdentityServiceStub]:
     with grpc.insecure_channel(f"127.0.0.1:{identity_service.port}") as channel:
         yield pb_grpc.IdentityServiceStub(channel)
+
+
+@pytest.fixture
+def other_identity(identity_service: RunningService, grpc_settings: GrpcSettings,
+                   cassandra_settings: CassandraSettings) -> Iterator[pb_grpc.IdentityServiceStub]:
+    """A second identity process on the same keyspace (another replica), started after the first one."""
+    service = start_service(DEFINITION, grpc_settings, cassandra_settings, port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            yield pb_grpc.IdentityServiceStub(channel)
+    finally:
+        service.stop(None)
+
+
+@pytest.fixture
+def reads() -> Iterator[Counter[str]]:
+    """Reads of `identifiers` and `person_identifiers` this process sends to Cassandra, by table."""
+    counts: Counter[str] = Counter()
+    lock = threading.Lock()
+    original = Session.execute_async
+
+    def counted(session: Session, query: Any, *args: Any, **kwargs: Any) -> Any:
+        prepared = getattr(query, "prepared_statement", query)
+        text = str(getattr(prepared, "query_string", query))
+        for table in ("identifiers", "person_identifiers"):
+            if text.startswith("SELECT") and f" FROM {table} " in text:
+                with lock:
+                    counts[table] += 1
+        return original(session, query, *args, **kwargs)
+
+    Session.execute_async = counted
+    try:
+        yield counts
+    finally:
+        Session.execute_async = original
 
 
 def ids(*pairs: str) -> list[common_pb2.Identifier]:

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -380,6 +381,7 @@ class Person(_message.Message):
     REDIRECTED_FROM_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    READ_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name `persons/{person_id}`."""
     person_id: _builtins.str
@@ -402,6 +404,12 @@ class Person(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the person's identifiers last changed."""
 
+    @_builtins.property
+    def read_time(self) -> _timestamp_pb2.Timestamp:
+        """Set when the lookup named a `max_staleness`: when the reads this answer comes from began. The answer
+        holds every change committed before then, and it is at most `max_staleness` before the call.
+        """
+
     def __init__(
         self,
         *,
@@ -412,10 +420,11 @@ class Person(_message.Message):
         redirected_from: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        read_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "read_time", b"read_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "identifiers", b"identifiers", "merged_person_ids", b"merged_person_ids", "name", b"name", "person_id", b"person_id", "redirected_from", b"redirected_from", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "identifiers", b"identifiers", "merged_person_ids", b"merged_person_ids", "name", b"name", "person_id", b"person_id", "read_time", b"read_time", "redirected_from", b"redirected_from", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -428,18 +437,29 @@ class LookupPersonRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PERSON_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def person(self) -> _common_pb2.PersonSelector:
         """The person to look up, by id or by any identifier."""
+
+    @_builtins.property
+    def max_staleness(self) -> _duration_pb2.Duration:
+        """How old an answer the caller accepts, 0-60 s. Unset or zero (the default): the answer is read from
+        Cassandra during the call. Set: the service may answer with what it read for an earlier lookup
+        that long ago or less (`Person.read_time` says when), and answers much faster when it does. Such
+        an answer may miss links, merges, splits and erasures made since by other replicas of the service;
+        never those this replica made.
+        """
 
     def __init__(
         self,
         *,
         person: _common_pb2.PersonSelector | None = ...,
+        max_staleness: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["person", b"person"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_staleness", b"max_staleness", "person", b"person"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["person", b"person"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_staleness", b"max_staleness", "person", b"person"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -452,18 +472,24 @@ class BatchLookupPersonsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PERSONS_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def persons(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PersonSelector]:
         """The persons to look up: 1-1,000."""
+
+    @_builtins.property
+    def max_staleness(self) -> _duration_pb2.Duration:
+        """How old an answer the caller accepts, for every selector; as LookupPersonRequest.max_staleness."""
 
     def __init__(
         self,
         *,
         persons: _abc.Iterable[_common_pb2.PersonSelector] | None = ...,
+        max_staleness: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_staleness", b"max_staleness"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["persons", b"persons"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_staleness", b"max_staleness", "persons", b"persons"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

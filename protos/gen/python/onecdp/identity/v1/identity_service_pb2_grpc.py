@@ -164,7 +164,8 @@ class IdentityServiceServicer:
         """Looks up the person holding an identifier, or a person by id. A person id that was merged
         away resolves to the survivor, and `Person.redirected_from` says so.
 
-        Errors: NOT_FOUND when no person holds the identifier or the id was never issued or was erased.
+        Errors: NOT_FOUND when no person holds the identifier or the id was never issued or was erased;
+        INVALID_ARGUMENT for a `max_staleness` below 0 or above 60 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +174,8 @@ class IdentityServiceServicer:
     def BatchLookupPersons(self, request, context):
         """Looks up many persons at once, one result per selector, in request order. Selectors that
         match no person come back with `found = false` instead of failing the call. Up to 1,000.
+
+        Errors: INVALID_ARGUMENT naming every invalid selector, or `max_staleness` outside 0-60 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

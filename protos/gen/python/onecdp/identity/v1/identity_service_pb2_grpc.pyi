@@ -66,11 +66,14 @@ class IdentityServiceStub:
     """Looks up the person holding an identifier, or a person by id. A person id that was merged
     away resolves to the survivor, and `Person.redirected_from` says so.
 
-    Errors: NOT_FOUND when no person holds the identifier or the id was never issued or was erased.
+    Errors: NOT_FOUND when no person holds the identifier or the id was never issued or was erased;
+    INVALID_ARGUMENT for a `max_staleness` below 0 or above 60 s.
     """
     BatchLookupPersons: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.BatchLookupPersonsRequest, _identity_service_pb2.BatchLookupPersonsResponse]
     """Looks up many persons at once, one result per selector, in request order. Selectors that
     match no person come back with `found = false` instead of failing the call. Up to 1,000.
+
+    Errors: INVALID_ARGUMENT naming every invalid selector, or `max_staleness` outside 0-60 s.
     """
     ListPersonIdentifiers: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ListPersonIdentifiersRequest, _identity_service_pb2.ListPersonIdentifiersResponse]
     """Lists the identifiers a person holds, with when each was first and last seen.
@@ -212,11 +215,14 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """Looks up the person holding an identifier, or a person by id. A person id that was merged
     away resolves to the survivor, and `Person.redirected_from` says so.
 
-    Errors: NOT_FOUND when no person holds the identifier or the id was never issued or was erased.
+    Errors: NOT_FOUND when no person holds the identifier or the id was never issued or was erased;
+    INVALID_ARGUMENT for a `max_staleness` below 0 or above 60 s.
     """
     BatchLookupPersons: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.BatchLookupPersonsRequest, _identity_service_pb2.BatchLookupPersonsResponse]  # type: ignore[assignment]
     """Looks up many persons at once, one result per selector, in request order. Selectors that
     match no person come back with `found = false` instead of failing the call. Up to 1,000.
+
+    Errors: INVALID_ARGUMENT naming every invalid selector, or `max_staleness` outside 0-60 s.
     """
     ListPersonIdentifiers: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ListPersonIdentifiersRequest, _identity_service_pb2.ListPersonIdentifiersResponse]  # type: ignore[assignment]
     """Lists the identifiers a person holds, with when each was first and last seen.
@@ -367,7 +373,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         """Looks up the person holding an identifier, or a person by id. A person id that was merged
         away resolves to the survivor, and `Person.redirected_from` says so.
 
-        Errors: NOT_FOUND when no person holds the identifier or the id was never issued or was erased.
+        Errors: NOT_FOUND when no person holds the identifier or the id was never issued or was erased;
+        INVALID_ARGUMENT for a `max_staleness` below 0 or above 60 s.
         """
 
     @_abc_1.abstractmethod
@@ -378,6 +385,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_identity_service_pb2.BatchLookupPersonsResponse, _abc.Awaitable[_identity_service_pb2.BatchLookupPersonsResponse]]:
         """Looks up many persons at once, one result per selector, in request order. Selectors that
         match no person come back with `found = false` instead of failing the call. Up to 1,000.
+
+        Errors: INVALID_ARGUMENT naming every invalid selector, or `max_staleness` outside 0-60 s.
         """
 
     @_abc_1.abstractmethod
