@@ -54,6 +54,7 @@ from services.identity.feed import Change, ChangeType
 from services.identity.identifiers import GuardPolicy, IdentifierRegistry, InvalidIdentifierValue
 from services.identity.leases import Leases
 from services.identity.partition import IdKey, Partition, partition, shared_identifiers
+from services.identity.person import Person
 from services.identity.recent import RecentLookups, Selected
 from shared import deadline
 from shared.cassandra import SERIAL_CONSISTENCY, CassandraSession
@@ -171,18 +172,6 @@ class IdentifierDetails:
     last_seen: datetime | None
     observation_count: int
     guard: GuardKind | None
-
-
-@dataclass(frozen=True)
-class Person:
-    person_id: str
-    identifiers: list[IdKey]
-    merged_person_ids: list[str]
-    redirected_from: str
-    create_time: datetime | None
-    update_time: datetime | None
-    # When the reads this answer comes from began: it holds every change committed before then.
-    read_time: datetime | None = None
 
 
 @dataclass

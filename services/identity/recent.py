@@ -17,6 +17,9 @@ Two uses, one memory:
 
 Bounded: HOLDERS_SIZE hints (the oldest go first), persons holding at most IDENTIFIERS_HELD identifiers
 in all (the persons read longest ago go first), and no answer older than MAX_STALENESS_SECONDS is kept.
+Kept as plain tuples of strings and times, which Python's cycle collector stops tracking: a memory of
+IdKey named tuples and dataclasses (hundreds of thousands of tracked objects) made each full collection
+take 60-100 ms, every few seconds, with every request of the process waiting (the p99 of lookups).
 """
 
 from __future__ import annotations
@@ -24,14 +27,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeAlias
+from typing import Final, TypeAlias
 
 from services.identity.partition import IdKey
-
-if TYPE_CHECKING:
-    from services.identity.graph import Person
+from services.identity.person import Person
 
 # The oldest answer a caller may accept: beyond it a replica would answer with what another replica's
 # merge or erasure (a privacy request) undid long ago.
@@ -45,12 +46,17 @@ IDENTIFIERS_HELD = 200_000
 Selected: TypeAlias = IdKey | str  # an identifier (normalized), or a person id as asked for
 
 
-@dataclass(frozen=True)
-class _Remembered:
-    person: Person  # as an identifier's lookup answers it: redirected_from empty, read_time set
-    members: frozenset[IdKey]
-    merged: frozenset[str]
-    read_at: float  # monotonic, when the reads it comes from began
+# A person remembered: (person_id, identifiers as (type, value) tuples, merged person ids, create_time,
+# update_time, read_time, read_at: monotonic, when the reads it comes from began).
+_Remembered: TypeAlias = tuple[str, tuple[tuple[str, str], ...], tuple[str, ...], datetime | None, datetime | None,
+                               datetime | None, float]
+_READ_AT: Final = 6
+
+
+def _answer(remembered: _Remembered, redirected_from: str = "") -> Person:
+    person_id, identifiers, merged, create_time, update_time, read_time, _ = remembered
+    return Person(person_id, [IdKey(*i) for i in identifiers], list(merged), redirected_from, create_time,
+                  update_time, read_time)
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ class RecentLookups:
         self._holders_size = holders_size
         self._identifiers_held = identifiers_held
         self._clock = clock
-        self._holders: dict[Selected, str] = {}
+        self._holders: dict[tuple[str, str] | str, str] = {}  # identifiers as plain (type, value) tuples
         # Oldest read first (re-read persons move to the end), so the oldest are at hand to drop.
         self._persons: dict[str, _Remembered] = {}
         self._held = 0
@@ -94,21 +100,24 @@ class RecentLookups:
         An identifier's answer is the person it was last found in, if that person's last read lists it;
         a person id's, the person it was last found as or redirected to, if that read names it."""
         oldest = self._clock() - max_staleness
-        found: dict[Selected, Person] = {}
+        found: dict[Selected, _Remembered] = {}
+        redirected: set[str] = set()
         with self._lock:
             for key in selected:
                 person_id = self._holders.get(key)
                 remembered = self._persons.get(person_id) if person_id else None
-                if remembered is None or remembered.read_at < oldest:
+                if remembered is None or remembered[_READ_AT] < oldest:
                     continue
                 if isinstance(key, str):
                     if key == person_id:
-                        found[key] = remembered.person
-                    elif key in remembered.merged:
-                        found[key] = replace(remembered.person, redirected_from=key)
-                elif key in remembered.members:
-                    found[key] = remembered.person
-        return found
+                        found[key] = remembered
+                    elif key in remembered[2]:
+                        found[key] = remembered
+                        redirected.add(key)
+                elif key in remembered[1]:  # an IdKey equals its (type, value) tuple
+                    found[key] = remembered
+        return {key: _answer(remembered, key if key in redirected else "")
+                for key, remembered in found.items()}
 
     def remember(self, reading: Reading, answers: Mapping[Selected, Person]) -> None:
         """Keep what a lookup that began at `reading` found: each selector's holder, and the persons."""
@@ -116,27 +125,29 @@ class RecentLookups:
             return
         with self._lock:
             for key, person in answers.items():
-                self._holders.pop(key, None)  # re-inserted last: the oldest hints go first
-                self._holders[key] = person.person_id
+                kept_key = key if isinstance(key, str) else (key.type, key.value)
+                self._holders.pop(kept_key, None)  # re-inserted last: the oldest hints go first
+                self._holders[kept_key] = person.person_id
             while len(self._holders) > self._holders_size:
                 del self._holders[next(iter(self._holders))]
             if reading.changes_seen != self._changes:
                 return
             for person in {p.person_id: p for p in answers.values()}.values():
                 current = self._persons.get(person.person_id)
-                if current is not None and current.read_at > reading.read_at:
+                if current is not None and current[_READ_AT] > reading.read_at:
                     continue
                 self._drop(person.person_id)
-                kept = replace(person, redirected_from="") if person.redirected_from else person
-                self._persons[person.person_id] = _Remembered(kept, frozenset(person.identifiers),
-                                                              frozenset(person.merged_person_ids), reading.read_at)
-                self._held += len(self._persons[person.person_id].members)
+                self._persons[person.person_id] = (
+                    person.person_id, tuple((i.type, i.value) for i in person.identifiers),
+                    tuple(person.merged_person_ids), person.create_time, person.update_time, person.read_time,
+                    reading.read_at)
+                self._held += len(person.identifiers)
             oldest = self._clock() - MAX_STALENESS_SECONDS
             while self._persons:
                 first = next(iter(self._persons.values()))
-                if self._held <= self._identifiers_held and first.read_at >= oldest:
+                if self._held <= self._identifiers_held and first[_READ_AT] >= oldest:
                     break
-                self._drop(first.person.person_id)
+                self._drop(first[0])
 
     def forget_hints(self, keys: Iterable[IdKey]) -> None:
         with self._lock:
@@ -153,4 +164,4 @@ class RecentLookups:
     def _drop(self, person_id: str) -> None:
         remembered = self._persons.pop(person_id, None)
         if remembered is not None:
-            self._held -= len(remembered.members)
+            self._held -= len(remembered[1])

@@ -28,7 +28,6 @@ from services.identity.graph import (
     IdentifierDetails,
     IdentityGraph,
     LinkOutcome,
-    Person,
     Provenance,
     RawObservation,
     check_message_id,
@@ -36,6 +35,7 @@ from services.identity.graph import (
 )
 from services.identity.identifiers import GuardPolicy, IdentifierType, Normalization
 from services.identity.partition import IdKey
+from services.identity.person import Person
 from services.identity.recent import MAX_STALENESS_SECONDS
 from services.identity.settings import (
     POLICY_NAME,

@@ -14,8 +14,8 @@ from onecdp.common.v1 import common_pb2
 from onecdp.identity.v1 import identity_service_pb2 as pb
 from onecdp.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
-from services.identity.graph import Person
 from services.identity.partition import IdKey
+from services.identity.person import Person
 from services.identity.recent import MAX_STALENESS_SECONDS, RecentLookups
 from tests.services.identity.conftest import failure, ids, link, members, observation, person_of
 
