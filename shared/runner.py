@@ -7,6 +7,7 @@ port (tests bind port 0 and call it through a real channel).
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -112,6 +113,10 @@ def main(definition: ServiceDefinition) -> None:
     except Exception as error:
         log.error("could not start", extra={"error": f"{type(error).__name__}: {error}"})
         sys.exit(1)
+    # Everything built so far (modules, the driver's metadata, prepared statements) lives as long as the
+    # process: out of the cycle collector's sight, a full collection walks only what requests made since,
+    # instead of pausing every request for tens of milliseconds to walk it all again every few seconds.
+    gc.freeze()
     log.info("serving", extra={"port": service.port, "keyspace": cassandra_settings.keyspace(definition.name),
                                "services": list(service.server.service_names)})
     serve_until_signalled(service.server, grpc_settings.grace_period_seconds)
