@@ -33,6 +33,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from operator import ge, gt, le, lt
 from typing import Any
 
 from services.segmentation.rules import (
@@ -139,8 +140,12 @@ def _compile(rule: Rule, as_of: datetime, rule_of: RuleLookup) -> Predicate:
         other = rule_of(rule.segment_id)
         return (lambda facts: False) if other is None else _compile(other, as_of, rule_of)
     observe = _observer(rule, as_of)
-    comparison = rule.comparison
-    return lambda facts: _compared(observe(facts), comparison)
+    holds = comparer(rule.comparison)
+
+    def condition(facts: ProfileFacts) -> bool:
+        observed = observe(facts)
+        return observed is not _NO_VALUE and holds(observed)
+    return condition
 
 
 def reference_cycle(rule: Rule, rule_of: RuleLookup) -> tuple[str, ...] | None:
@@ -229,10 +234,6 @@ def _reads_events(rule: Rule, rule_of: RuleLookup) -> bool:
     return next(event_conditions(rule, rule_of), None) is not None
 
 
-def _compared(observed: Any, comparison: Comparison) -> bool:
-    return observed is not _NO_VALUE and compare(observed, comparison)
-
-
 # What an aggregate over no values observes: the condition is false whatever it compares with.
 _NO_VALUE: Any = object()
 
@@ -248,12 +249,10 @@ def _observer(rule: TraitCondition | EventCountCondition | EventAggregateConditi
     if isinstance(rule, ScoreCondition):
         trait = score_trait(rule.model, rule.score_field)
         return lambda facts: facts.traits.get(trait)
-    selects = event_selector(rule.event_name, rule.filters, rule.window, as_of)
     orders = rule.event_name == ORDER_EVENT
     if isinstance(rule, EventCountCondition):
-        if orders:
-            return lambda facts: float(sum(1 for e in facts.events if selects(e) and not is_refund(e)))
-        return lambda facts: float(sum(1 for e in facts.events if selects(e)))
+        return _counter(rule.event_name, rule.filters, rule.window, as_of, purchases_only=orders)
+    selects = event_selector(rule.event_name, rule.filters, rule.window, as_of)
     aggregation, name = rule.aggregation, rule.property
     if orders and aggregation is not Aggregation.SUM:
         def order_aggregate(facts: ProfileFacts) -> Any:
@@ -281,7 +280,10 @@ def is_refund(event: EventFact) -> bool:
     is_purchase: a purchase is an order with an amount of zero or more, a free order being an order)."""
     if event.name != ORDER_EVENT:
         return False
-    amount = _finite(event.properties.get("amount"))
+    amount = event.properties.get("amount")
+    if type(amount) is float:  # an order's own amount: what `_finite` returns of it, without the call
+        return amount < 0 and math.isfinite(amount)
+    amount = _finite(amount)
     return amount is not None and amount < 0
 
 
@@ -311,6 +313,34 @@ def event_selector(name: str, filters: Sequence[PropertyFilter], window: Window,
     if not filters:
         return lambda event: event.name == name and in_place(event.time)
     return lambda event: event.name == name and in_place(event.time) and passes(event, filters)
+
+
+def _counter(name: str, filters: Sequence[PropertyFilter], window: Window, as_of: datetime, *,
+             purchases_only: bool) -> Callable[[ProfileFacts], float]:
+    """How many events `event_selector(name, filters, window, as_of)` selects (refunds left out when
+    `purchases_only`), as a float: the selector's tests in one loop, in its order, with no call per event but the
+    filters' and the refund test (a recompute counts every event of every person)."""
+    if isinstance(window, LastDays):
+        after = as_of - timedelta(days=window.days)
+
+        def count_last_days(facts: ProfileFacts) -> float:
+            count = 0
+            for event in facts.events:
+                if (event.name == name and after < event.time <= as_of and (not filters or passes(event, filters))
+                        and not (purchases_only and is_refund(event))):
+                    count += 1
+            return float(count)
+        return count_last_days
+    start, end = window.start, window.end
+
+    def count_between(facts: ProfileFacts) -> float:
+        count = 0
+        for event in facts.events:
+            if (event.name == name and start <= (when := event.time) < end and when <= as_of
+                    and (not filters or passes(event, filters)) and not (purchases_only and is_refund(event))):
+                count += 1
+        return float(count)
+    return count_between
 
 
 def _evaluate(rule: Rule, facts: ProfileFacts, as_of: datetime, rule_of: RuleLookup,
@@ -386,6 +416,22 @@ def _sum(numbers: Sequence[float], divisor: int) -> float:
             return math.ldexp(scaled, _SCALE)
         except OverflowError:
             return math.copysign(math.inf, scaled)
+
+
+# What `compare` does for these operators when value and operand are both numbers (neither a bool).
+_ORDERINGS = {Operator.LESS: lt, Operator.LESS_OR_EQUAL: le, Operator.GREATER: gt, Operator.GREATER_OR_EQUAL: ge}
+
+
+def comparer(comparison: Comparison) -> Callable[[Any], bool]:
+    """`lambda value: compare(value, comparison)`, with a shortcut for what conditions on events compare most: a
+    float (a count, an aggregate) against a number by <, <=, > or >= (what `compare` does then, without its
+    dispatch on types). Anything else goes through `compare`."""
+    operands = comparison.operands
+    ordering = _ORDERINGS.get(comparison.operator)
+    if ordering is not None and len(operands) == 1 and type(operands[0]) in (int, float):
+        bound = operands[0]
+        return lambda value: ordering(value, bound) if type(value) is float else compare(value, comparison)
+    return lambda value: compare(value, comparison)
 
 
 def compare(value: Any, comparison: Comparison) -> bool:

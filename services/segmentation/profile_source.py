@@ -65,8 +65,8 @@ def _properties(event: profile_pb.Event) -> dict[str, Any]:
     properties: dict[str, Any] = json_format.MessageToDict(event.properties) if event.HasField("properties") else {}
     if event.HasField("order"):
         # An order's own fields are properties too, so rules can sum `amount` of `order` events.
-        properties.update(amount=event.order.amount, order_id=event.order.order_id,
-                          currency_code=event.order.currency_code or "USD")
+        order = event.order
+        properties.update(amount=order.amount, order_id=order.order_id, currency_code=order.currency_code or "USD")
     return properties
 
 
@@ -128,14 +128,16 @@ def facts_of(profile: profile_pb.Profile, events: Sequence[profile_pb.StoredEven
 def event_facts(events: Iterable[profile_pb.StoredEvent], wanted: EventReads | None) -> list[EventFact]:
     """The events `wanted` reads (all when None) as EventFacts, with properties if it reads them."""
     with_properties = wanted is None or wanted.properties
+    # `wanted.wants(name, when)`, its name tested before the time is converted.
+    names, since = (None, None) if wanted is None else (wanted.names, wanted.since)
     facts = []
     for stored in events:
         event = stored.event
         name = event.event_name or _DEFAULT_EVENT_NAMES.get(event.type, "")
-        if wanted is not None and name not in wanted.names:  # before converting its time (`wants` checks both)
+        if names is not None and (name not in names or since is None):
             continue
         when = time_of(event.event_time)
-        if wanted is None or wanted.wants(name, when):
+        if since is None or when >= since:
             facts.append(EventFact(name, when, _properties(event) if with_properties else _NO_PROPERTIES))
     return facts
 

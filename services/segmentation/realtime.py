@@ -205,7 +205,8 @@ def _window_passages(condition: EventCountCondition | EventAggregateCondition,
 
     def passages(facts: ProfileFacts) -> Iterator[datetime]:
         for event in facts.events:
-            if event.name != name or not passes(event, filters) or (purchases_only and is_refund(event)):
+            if (event.name != name or (filters and not passes(event, filters))
+                    or (purchases_only and is_refund(event))):
                 continue
             if event.time > as_of:
                 yield event.time  # enters its window when its time comes
