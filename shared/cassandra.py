@@ -45,6 +45,7 @@ from cassandra.query import (
     BoundStatement,
     PreparedStatement,
     _clean_column_name,
+    tuple_factory,
 )
 
 from shared import deadline
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 
 # The execution profile CassandraSession uses for every statement that is not a lightweight transaction.
 ROWS_PROFILE = "onecdp-rows"
+# The same, for reads asked for as plain tuples (`tuples=True`): the columns by position, no Row made per row.
+TUPLES_PROFILE = "onecdp-tuples"
 # Lightweight transactions run their Paxos round among local replicas.
 SERIAL_CONSISTENCY = ConsistencyLevel.LOCAL_SERIAL
 
@@ -105,15 +108,22 @@ def _row_type(column_names: tuple[str, ...]) -> Any:
     return namedtuple("Row", [_clean_column_name(name) for name in column_names], rename=True)
 
 
+@functools.lru_cache(maxsize=4096)
+def _row_maker(column_names: tuple[str, ...]) -> Callable[[Sequence[Any]], Any]:
+    # A Row of a row's values, made as the namedtuple's own __new__ makes it (tuple.__new__ of its class) but
+    # without a Python call per row: a scan makes one per row read, and `Row(*values)` cost twice as much.
+    return functools.partial(tuple.__new__, _row_type(column_names))
+
+
 def cached_named_tuple_factory(column_names: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[Any]:
     """Rows as namedtuples, like the driver's default factory, but with one Row class per column list.
 
     The driver's `named_tuple_factory` builds a new namedtuple class for every result set, which
     costs ~0.1-0.3 ms of CPU each: more than the rest of handling a small query, and the largest
-    single cost of a service doing dozens of reads per request.
+    single cost of a service doing dozens of reads per request. The driver gives each row as many
+    values as there are columns, which is all a Row's own constructor checks.
     """
-    row_type = _row_type(tuple(column_names))
-    return [row_type(*row) for row in rows]
+    return list(map(_row_maker(tuple(column_names)), rows))
 
 
 # Values of these exact types that are equal serialize to equal bytes for one column type (a bool, a
@@ -182,6 +192,7 @@ def connect_cluster(settings: CassandraSettings) -> Cluster:
     # The same, with rows built by the cached factory. Lightweight transactions keep the driver's own
     # factory: ResultSet.was_applied only accepts the driver's factories.
     rows_profile = _execution_profile(settings, row_factory=cached_named_tuple_factory)
+    tuples_profile = _execution_profile(settings, row_factory=tuple_factory)
     auth = None
     if settings.username:
         password = settings.password.get_secret_value() if settings.password else ""
@@ -190,7 +201,7 @@ def connect_cluster(settings: CassandraSettings) -> Cluster:
         contact_points=settings.contact_points,
         port=settings.port,
         protocol_version=5,
-        execution_profiles={EXEC_PROFILE_DEFAULT: profile, ROWS_PROFILE: rows_profile},
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile, ROWS_PROFILE: rows_profile, TUPLES_PROFILE: tuples_profile},
         auth_provider=auth,
         connect_timeout=settings.connect_timeout_seconds,
         reconnection_policy=ExponentialReconnectionPolicy(RECONNECT_FIRST_SECONDS, RECONNECT_MAX_SECONDS,
@@ -230,12 +241,14 @@ class CassandraSession:
         return statement
 
     def execute(self, cql: str, params: Sequence[Any] = (), *, timeout: float | None = None,
-                consistency: int | None = None, fetch_size: int | None = None) -> Any:
+                consistency: int | None = None, fetch_size: int | None = None, tuples: bool = False) -> Any:
         """Prepare (once), bind and run one statement; returns the driver ResultSet.
 
         `consistency` overrides the profile's level for this statement, e.g. SERIAL_CONSISTENCY to read
         back the outcome of a lightweight transaction that timed out. `fetch_size` sets the page size of
         a long read; iterating the result fetches the next pages (each within the request timeout).
+        `tuples`: rows as plain tuples of the columns in order, for hot reads that make thousands of rows
+        (a Row namedtuple costs more per row than decoding it).
         """
         statement: Any = self.prepare(cql).bind(params)
         if consistency is not None:
@@ -243,7 +256,8 @@ class CassandraSession:
         if fetch_size is not None:
             statement.fetch_size = fetch_size
         limit = deadline.timeout_within(timeout or self._request_timeout)
-        return self._call(self._session.execute, statement, timeout=limit, execution_profile=_profile_for(cql))
+        return self._call(self._session.execute, statement, timeout=limit,
+                          execution_profile=_profile_for(cql, tuples))
 
     def rows(self, cql: str, params: Sequence[Any] = (), *, timeout: float | None = None,
              consistency: int | None = None, fetch_size: int | None = None) -> list[Any]:
@@ -251,11 +265,11 @@ class CassandraSession:
         return list(self.iterate(cql, params, timeout=timeout, consistency=consistency, fetch_size=fetch_size))
 
     def iterate(self, cql: str, params: Sequence[Any] = (), *, timeout: float | None = None,
-                consistency: int | None = None, fetch_size: int | None = None) -> Iterator[Any]:
+                consistency: int | None = None, fetch_size: int | None = None, tuples: bool = False) -> Iterator[Any]:
         """The rows of the statement (`execute`'s options) as the caller reads them: it runs now, and each
         later page is fetched when the iteration reaches it (see `rows_of`), for a long scan that streams."""
         return self.rows_of(self.execute(cql, params, timeout=timeout, consistency=consistency,
-                                         fetch_size=fetch_size))
+                                         fetch_size=fetch_size, tuples=tuples))
 
     def rows_of(self, result: Any) -> Iterator[Any]:
         """The rows of a driver result (of `execute` or `result`), fetching its later pages inside driver-error
@@ -267,11 +281,12 @@ class CassandraSession:
                 return
             self._call(result.fetch_next_page)
 
-    def execute_async(self, cql: str, params: Sequence[Any] = (), *, timeout: float | None = None) -> ResponseFuture:
+    def execute_async(self, cql: str, params: Sequence[Any] = (), *, timeout: float | None = None,
+                      tuples: bool = False) -> ResponseFuture:
         statement = self.prepare(cql)
         limit = deadline.timeout_within(timeout or self._request_timeout)
         return self._call(self._session.execute_async, statement, params, timeout=limit,
-                          execution_profile=_profile_for(cql))
+                          execution_profile=_profile_for(cql, tuples))
 
     def execute_batch_async(self, cql: str, rows: Sequence[Sequence[Any]], *, logged: bool = False,
                             timeout: float | None = None) -> ResponseFuture:
@@ -285,30 +300,34 @@ class CassandraSession:
         limit = deadline.timeout_within(timeout or self._request_timeout)
         return self._call(self._session.execute_async, batch, timeout=limit, execution_profile=_profile_for(cql))
 
-    def select_in(self, cql: str, params: Sequence[Any], keys: Iterable[Any]) -> PendingRows:
+    def select_in(self, cql: str, params: Sequence[Any], keys: Iterable[Any], *, tuples: bool = False) -> PendingRows:
         """Start reading `cql`, whose last bind marker is an IN list, for every key in `keys`.
 
         The keys are sent in IN lists of IN_LIST_SIZE, all concurrently; `PendingRows.rows()` waits for
         them. Use it for many partitions of one table, e.g. `... WHERE id_type = ? AND id_value IN ?`.
+        `tuples`: rows as plain tuples (see `execute`).
         """
         ordered = list(dict.fromkeys(keys))
         return self.start_reads(cql, [(*params, ordered[i:i + IN_LIST_SIZE])
-                                      for i in range(0, len(ordered), IN_LIST_SIZE)])
+                                      for i in range(0, len(ordered), IN_LIST_SIZE)], tuples=tuples)
 
-    def start_reads(self, cql: str, param_sets: Iterable[Sequence[Any]], *, limited: bool = True) -> PendingRows:
+    def start_reads(self, cql: str, param_sets: Iterable[Sequence[Any]], *, limited: bool = True,
+                    tuples: bool = False) -> PendingRows:
         """Start `cql` once per parameter set, all concurrently: `PendingRows.rows()` waits for all of them.
 
         `limited` (for reads of several partitions named in IN lists): each read carries LIMIT
         IN_READ_ROWS (see there), and one that fills it is read again without it. Otherwise (e.g. a
-        token-range read, which ends with ALLOW FILTERING) each read is paged by the driver.
+        token-range read, which ends with ALLOW FILTERING) each read is paged by the driver. `tuples`: rows
+        as plain tuples (see `execute`).
         """
         statement = cql
         if limited:  # LIMIT goes before a closing ALLOW FILTERING (a filtered IN read: profile's timeline)
             filtering = cql.endswith(_ALLOW_FILTERING)
             statement = (f"{cql.removesuffix(_ALLOW_FILTERING) if filtering else cql} LIMIT {IN_READ_ROWS}"
                          f"{_ALLOW_FILTERING if filtering else ''}")
-        return PendingRows(self, [(cql if limited else None, params, self.execute_async(statement, params))
-                                  for params in param_sets])
+        return PendingRows(self, [(cql if limited else None, params, self.execute_async(statement, params,
+                                                                                        tuples=tuples))
+                                  for params in param_sets], tuples=tuples)
 
     def batch_bytes(self) -> int:
         """How large a shared batch may be (see BATCH_BYTES): read once from a node of the cluster (they share
@@ -519,17 +538,18 @@ class PendingRows:
     """The rows of several concurrent reads (see CassandraSession.select_in); `rows()` waits for them."""
 
     def __init__(self, session: CassandraSession,
-                 reads: Sequence[tuple[str | None, Sequence[Any], ResponseFuture]]) -> None:
+                 reads: Sequence[tuple[str | None, Sequence[Any], ResponseFuture]], *, tuples: bool = False) -> None:
         self._session = session
         # (the statement without its LIMIT, or None for a read without one; its parameters; the read)
         self._reads = reads
+        self._tuples = tuples  # rows as plain tuples, the reads again without the limit too
 
     def rows(self) -> list[Any]:
         rows: list[Any] = []
         for cql, params, future in self._reads:
             result = self._session.result(future)
             if cql is not None and len(result.current_rows) >= IN_READ_ROWS:
-                result = self._session.execute(cql, params)  # maybe cut off by the limit: all of them, paged
+                result = self._session.execute(cql, params, tuples=self._tuples)  # maybe cut off: all, paged
             rows.extend(self._session.rows_of(result))
         return rows
 
@@ -538,10 +558,13 @@ _CONDITIONAL_WRITE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\b.*\sIF\s", re.IGNO
 
 
 @functools.lru_cache(maxsize=4096)
-def _profile_for(cql: str) -> Any:
+def _profile_for(cql: str, tuples: bool = False) -> Any:
     """The default profile (the driver's row factory) for lightweight transactions (a write with an IF
-    clause), ROWS_PROFILE otherwise. The driver has no is_lwt() on prepared statements in 3.30."""
-    return EXEC_PROFILE_DEFAULT if _CONDITIONAL_WRITE.match(cql) else ROWS_PROFILE
+    clause), else TUPLES_PROFILE for rows asked for as tuples, ROWS_PROFILE otherwise. The driver has no
+    is_lwt() on prepared statements in 3.30."""
+    if _CONDITIONAL_WRITE.match(cql):
+        return EXEC_PROFILE_DEFAULT
+    return TUPLES_PROFILE if tuples else ROWS_PROFILE
 
 
 def translate_driver_error(error: Exception) -> Exception:

@@ -634,7 +634,9 @@ def _time_range(request: Any, start_field: str, end_field: str) -> tuple[datetim
 
 def _oldest_first(events: Sequence[StoredEventRecord], selection: EventSelection) -> list[StoredEventRecord]:
     """The events (stored newest first) `selection` selects, oldest first."""
-    return [e for e in reversed(events) if selection.selects(e)]
+    start, end, names = selection.start, selection.end, selection.names  # `selects`, without a call per event
+    return [e for e in reversed(events) if (start is None or e.event_time >= start)
+            and (end is None or e.event_time < end) and (names is None or e.event_name in names)]
 
 
 def _omit_largest_events(response: pb.BatchGetProfilesResponse, max_bytes: int) -> None:

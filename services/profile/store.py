@@ -291,11 +291,12 @@ class ProfileStore:
         merged and erased ones included."""
         # Streamed: each page is fetched (its driver errors translated) when the caller reaches it.
         rows = self._session.iterate(
-            "SELECT token(person_id) AS person_token, person_id, merged_into, merged_person_ids, erased, update_time "
+            "SELECT token(person_id), person_id, merged_into, merged_person_ids, erased, update_time "
             "FROM profiles WHERE token(person_id) > ? AND token(person_id) <= ?", (start_token, end_token),
-            fetch_size=page_size)
-        for row in rows:
-            yield row.person_token, _profile_row(row)
+            fetch_size=page_size, tuples=True)
+        for token, person_id, merged_into, merged_person_ids, erased, update_time in rows:
+            yield token, ProfileRow(person_id, merged_into or "", sorted(merged_person_ids or ()), bool(erased),
+                                    utc(update_time) if update_time else None)
 
     # ---- moving rows between persons --------------------------------------------------------------
 
@@ -436,8 +437,9 @@ class _PartitionReads:
         self._started.update(new)
         if self._events and new:
             first, last = self._months_selected()
-            self._months.append(self._session.select_in(_SELECT_MONTHS_BETWEEN, (first, last), new)
-                                if self._selection.bounded else self._session.select_in(_SELECT_MONTHS, (), new))
+            self._months.append(self._session.select_in(_SELECT_MONTHS_BETWEEN, (first, last), new, tuples=True)
+                                if self._selection.bounded
+                                else self._session.select_in(_SELECT_MONTHS, (), new, tuples=True))
         if self._traits and new and self._trait_names != []:
             if self._trait_names is None:
                 self._trait_rows.append(self._session.select_in(_SELECT_TRAITS, (), new))
@@ -450,7 +452,7 @@ class _PartitionReads:
         self._started.update(partitions)
         if self._events:
             self._months.append(self._session.start_reads(
-                _RANGE_MONTHS, [(*token_range, *self._months_selected())], limited=False))
+                _RANGE_MONTHS, [(*token_range, *self._months_selected())], limited=False, tuples=True))
         if self._traits and self._trait_names != []:
             cql, params = ((_RANGE_TRAITS, token_range) if self._trait_names is None
                            else (_RANGE_NAMED_TRAITS, (*token_range, self._trait_names)))
@@ -465,9 +467,10 @@ class _PartitionReads:
         """Each partition's selected events (in no particular order) and its trait write rows."""
         # A partition read both by range and by name (merged into a person of the same range) counts once.
         months: dict[str, set[int]] = {}
-        for row in (row for pending in self._months for row in pending.rows()):
-            if row.person_id in self._started:
-                months.setdefault(row.person_id, set()).add(row.bucket)
+        started = self._started
+        for person_id, bucket in (row for pending in self._months for row in pending.rows()):  # tuples
+            if person_id in started:
+                months.setdefault(person_id, set()).add(bucket)
         same_months: dict[tuple[int, ...], list[str]] = {}
         for partition, of_partition in months.items():
             same_months.setdefault(tuple(sorted(of_partition)), []).append(partition)
@@ -479,11 +482,15 @@ class _PartitionReads:
                 per_statement = max(1, TIMELINE_PARTITIONS // len(buckets))
                 timelines.append(self._session.start_reads(
                     cql, [(*bounds, list(buckets), partitions[i:i + per_statement], *names)
-                          for i in range(0, len(partitions), per_statement)]))
+                          for i in range(0, len(partitions), per_statement)], tuples=self._records_only))
+        # Records are read as tuples (_STORED_EVENT_COLUMNS in order): a scan reads thousands.
         event_of = _stored_event_record if self._records_only else _timeline_event
         events: dict[str, list[StoredEventRecord]] = {}
         for row in (row for pending in timelines for row in pending.rows()):
-            events.setdefault(row.person_id, []).append(event_of(row))
+            listed = events.get(row[0])  # person_id, first in both column lists
+            if listed is None:
+                listed = events[row[0]] = []
+            listed.append(event_of(row))
         trait_rows: dict[str, list[Any]] = {}
         for row in (row for pending in self._trait_rows for row in pending.rows()):
             if row.person_id in self._started:
@@ -523,8 +530,12 @@ def _profile_rows(pending: PendingRows) -> dict[str, ProfileRow]:
 
 def _newest_first(events: Mapping[str, list[StoredEventRecord]],
                   partitions: Sequence[str]) -> list[StoredEventRecord]:
-    merged = [e for p in partitions for e in events.get(p, ())]
-    merged.sort(key=_TIME_ORDER, reverse=True)
+    if len(partitions) == 1:  # most persons: their own partition alone
+        merged = list(events.get(partitions[0], ()))
+    else:
+        merged = [e for p in partitions for e in events.get(p, ())]
+    if len(merged) > 1:
+        merged.sort(key=_TIME_ORDER, reverse=True)
     return merged
 
 
@@ -541,6 +552,8 @@ def _latest_traits(rows_of: Mapping[str, list[Any]], partitions: Sequence[str],
     """The traits as of the naive `cutoff` (see _naive_cutoff; now when None): per name, the latest write by event
     time at or before it across the partitions (a null deletes). Trait writes keep milliseconds, so that is what
     is compared."""
+    if not rows_of:  # no trait read (a scan of events alone), or none stored
+        return {}
     latest: dict[str, Any] = {}
     for partition in partitions:
         for row in rows_of.get(partition, ()):
@@ -561,6 +574,8 @@ def partitions_of(person_id: str, row: ProfileRow | None) -> list[str]:
     rows again.
     """
     merged = row.merged_person_ids if row else []
+    if not merged:  # most persons
+        return [person_id]
     return [person_id, *dict.fromkeys(m for m in merged if m != person_id)]
 
 
@@ -573,9 +588,21 @@ def _event_time(row: Any) -> datetime:
     return from_micros(row.event_micros) if row.event_micros is not None else utc(row.event_time)
 
 
-def _stored_event_record(row: Any) -> StoredEventRecord:
-    return StoredEventRecord(row.message_id, row.person_id, row.event_name, _event_time(row), row.payload or b"",
-                             utc(row.receive_time) if row.receive_time else None)
+def _stored_event_record(row: tuple[Any, ...]) -> StoredEventRecord:
+    """A record of a timeline row read as a tuple of _STORED_EVENT_COLUMNS: `StoredEventRecord(...)`, its fields
+    set as the frozen dataclass's __init__ sets them (into the instance's __dict__, in field order), without its
+    object.__setattr__ call per field, which cost more than the rest of making the record (a scan makes one per
+    event)."""
+    person_id, event_time, message_id, exact, event_name, payload, receive_time = row
+    record = _new_object(StoredEventRecord)
+    record.__dict__.update(
+        message_id=message_id, person_id=person_id, event_name=event_name,
+        event_time=EPOCH + _MICROSECOND * exact if exact is not None else utc(event_time), payload=payload or b"",
+        receive_time=utc(receive_time) if receive_time else None)
+    return record
+
+
+_new_object = object.__new__
 
 
 def _timeline_event(row: Any) -> TimelineEvent:

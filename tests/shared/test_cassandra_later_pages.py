@@ -82,6 +82,20 @@ def test_paged_reads_return_every_row(items_session: CassandraSession) -> None:
     assert sorted(row.c for row in pending.rows()) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 
 
+def test_reads_asked_for_as_tuples_give_tuples_on_every_page_and_read_again(
+        items_session: CassandraSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    cql = "SELECT k, c FROM items WHERE k = ?"
+    paged = list(items_session.iterate(cql, (1,), fetch_size=2, tuples=True))  # 3 pages
+    assert paged == [(1, c) for c in range(5)] and all(type(row) is tuple for row in paged)
+    pending = items_session.start_reads(cql, [(0,), (2,)], limited=False, tuples=True)
+    assert sorted(pending.rows()) == sorted((k, c) for k in (0, 2) for c in range(5))
+    # An IN read that fills its LIMIT is read again without it: as tuples too.
+    monkeypatch.setattr(shared.cassandra, "IN_READ_ROWS", 2)
+    rows = items_session.select_in("SELECT k, c FROM items WHERE k IN ?", (), [0, 1, 2], tuples=True).rows()
+    assert sorted(rows) == [(k, c) for k in range(3) for c in range(5)] and all(type(row) is tuple for row in rows)
+    assert all(hasattr(row, "c") for row in items_session.rows(cql, (1,)))  # Rows otherwise, as before
+
+
 def test_a_later_page_of_a_list_read_fails_translated(items_session: CassandraSession,
                                                       later_pages_time_out: list[int]) -> None:
     with pytest.raises(Unavailable) as raised:

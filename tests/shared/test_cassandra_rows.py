@@ -6,7 +6,7 @@ import pytest
 from cassandra.cluster import EXEC_PROFILE_DEFAULT
 from cassandra.query import named_tuple_factory
 
-from shared.cassandra import ROWS_PROFILE, _profile_for, cached_named_tuple_factory
+from shared.cassandra import ROWS_PROFILE, TUPLES_PROFILE, _profile_for, cached_named_tuple_factory
 
 pytestmark = pytest.mark.unit
 
@@ -36,3 +36,5 @@ def test_lightweight_transactions_keep_the_drivers_row_factory(cql: str, lwt: bo
     # ResultSet.was_applied refuses any row factory but the driver's own.
     assert (_profile_for(cql) == EXEC_PROFILE_DEFAULT) is lwt
     assert (_profile_for(cql) == ROWS_PROFILE) is not lwt
+    # Rows asked for as tuples: a lightweight transaction still answers with the driver's factory.
+    assert _profile_for(cql, True) == (EXEC_PROFILE_DEFAULT if lwt else TUPLES_PROFILE)
