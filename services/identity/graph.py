@@ -1040,7 +1040,7 @@ class IdentityGraph:
     def _plan(self, component: _Component, reason: str, reads: _Reads) -> _Plan:
         """The partition of a loaded component, and the writes and changes that make the stored rows match it."""
         result = partition(component.nodes, component.links(), self.registry, self.policy,
-                           neighbours=component.neighbours)
+                           neighbours=component.neighbours, is_junk=self._is_junk)
         erased = reads.erased_persons
         group_ids, homes = self._assign_person_ids(result, component, erased)
         now = _now()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -108,18 +108,26 @@ class _UnionFind:
 
 
 def partition(nodes: Iterable[IdKey], links: Iterable[tuple[IdKey, IdKey]], registry: IdentifierRegistry,
-              policy: GuardPolicy, *, neighbours: Mapping[IdKey, Iterable[IdKey]] | None = None) -> Partition:
+              policy: GuardPolicy, *, neighbours: Mapping[IdKey, Iterable[IdKey]] | None = None,
+              is_junk: Callable[[IdKey], bool] | None = None) -> Partition:
     """Partition `nodes` into persons using `links` (pairs observed together).
 
     `neighbours` may give a shared-candidate's full neighbourhood when `links` covers only one
-    component; by default the neighbourhood is taken from `links`.
+    component; by default the neighbourhood is taken from `links`. `is_junk` may answer
+    `policy.is_junk` for an identifier of a registered type, e.g. from a memo (the graph asks it for
+    every identifier it loads, and a policy's patterns are regular expression searches).
     """
     all_nodes = set(nodes)
     unique_links = {(a, b) if a <= b else (b, a) for a, b in links if a != b}
     for a, b in unique_links:
         all_nodes.update((a, b))
     result = Partition()
-    result.junk = {n for n in all_nodes if policy.is_junk(_type_of(registry, n), n.value)}
+    if is_junk is None:
+        result.junk = {n for n in all_nodes if policy.is_junk(_type_of(registry, n), n.value)}
+    else:
+        for node in all_nodes:
+            _type_of(registry, node)  # an unknown type is an error either way
+        result.junk = {n for n in all_nodes if is_junk(n)}
     if neighbours is None:
         adjacency: dict[IdKey, set[IdKey]] = defaultdict(set)
         for a, b in unique_links:
