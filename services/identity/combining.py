@@ -5,8 +5,9 @@ Most of a link call's cost does not grow with its number of observations: round 
 transactions per lease bucket, a statement per identifier type and step. Concurrent calls in one
 process also tend to touch the same persons, so each would wait for the others' leases and take
 more rounds. Combined, they share one pass instead. A batch runs on the thread of one of the calls
-in it; at most `concurrency` batches run at once, so that one batch waiting for a component that
-another process holds does not stop every call of this one.
+in it; at most `concurrency` batches work at once. A batch that waits for something another process
+holds (leases of a component) says so (`waiting`) and no longer counts meanwhile: the next batch
+starts, so that it does not stop every call of this one.
 
 A batch runs under the latest deadline of its calls. When a combined batch fails, each of its calls
 is run again alone (under its own deadline), so a call only ever sees its own errors. A call still
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -52,7 +54,8 @@ class Combiner(Generic[Item, Result]):
         self._concurrency = concurrency
         self._changed = threading.Condition()
         self._queue: list[_Call[Item, Result]] = []
-        self._running = 0
+        self._running = 0  # batches working, not waiting
+        self._working = threading.local()  # whether this thread works on a batch now
 
     def submit(self, item: Item) -> Result:
         """The result of `item`, worked on alone or together with items submitted meanwhile."""
@@ -80,6 +83,23 @@ class Combiner(Generic[Item, Result]):
             raise call.error
         return call.result  # type: ignore[return-value]  # set whenever no error is
 
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """While in this block, the batch this thread works on (if any) waits for others and does not count
+        against `concurrency`: another batch may start. When the block ends, the batch counts again at once
+        (even beyond `concurrency`; it may hold what the batch started meanwhile waits for)."""
+        if not getattr(self._working, "batch", False):
+            yield
+            return
+        with self._changed:
+            self._running -= 1
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running += 1
+
     def _take(self, call: _Call[Item, Result]) -> list[_Call[Item, Result]]:
         """`call` and the calls queued before and after it, oldest first, up to `max_size` in all."""
         batch = [call]
@@ -95,6 +115,7 @@ class Combiner(Generic[Item, Result]):
     def _run(self, batch: list[_Call[Item, Result]]) -> None:
         deadlines = [c.deadline for c in batch]
         latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        self._working.batch = True
         try:
             with deadline.deadline_after(None if latest is None else latest - time.monotonic()):
                 results = self._work([c.item for c in batch])
@@ -111,6 +132,7 @@ class Combiner(Generic[Item, Result]):
                     except Exception as own_error:  # handed to that call's thread
                         c.error = own_error
         finally:
+            self._working.batch = False
             with self._changed:
                 for c in batch:
                     c.done = True

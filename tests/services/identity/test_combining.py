@@ -105,3 +105,44 @@ def test_a_call_queued_past_its_deadline_is_told_the_service_is_busy() -> None:
     assert time.monotonic() - started < 1.0
     first.join()
     assert work.batches == [[1]], "the call that gave up was worked on anyway"
+
+
+def test_a_batch_waiting_for_others_lets_the_next_one_start() -> None:
+    # One batch at a time, but the first waits (as for leases another process holds) until the second ran.
+    first_working, second_ran = threading.Event(), threading.Event()
+
+    def work(items: Sequence[list[int]]) -> list[list[int]]:
+        if items == [[1]]:
+            first_working.set()
+            with combiner.waiting():
+                assert second_ran.wait(5), "the next batch did not start while the first waited"
+        else:
+            second_ran.set()
+        return list(items)
+
+    combiner: Combiner[list[int], list[int]] = Combiner(work, size_of=len, max_size=1, concurrency=1)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(combiner.submit, [1])
+        assert first_working.wait(5)
+        assert combiner.submit([2]) == [2]
+        assert first.result(timeout=5) == [1]
+
+
+def test_waiting_outside_a_batch_changes_nothing() -> None:
+    running = [0, 0]  # now, most
+    lock = threading.Lock()
+
+    def work(items: Sequence[list[int]]) -> list[list[int]]:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return list(items)
+
+    combiner: Combiner[list[int], list[int]] = Combiner(work, size_of=len, max_size=1, concurrency=1)
+    # Not in a batch: it must not let two batches work at once.
+    with combiner.waiting(), ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(combiner.submit, [[i] for i in range(4)])) == [[i] for i in range(4)]
+    assert running[1] == 1
