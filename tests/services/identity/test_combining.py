@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -73,8 +73,9 @@ def test_a_failing_call_fails_alone() -> None:
     assert any(-1 in batch and len(batch) > 1 for batch in work.batches), "the failing call was never combined"
 
 
-def test_at_most_concurrency_batches_run_at_once() -> None:
-    running = [0, 0]  # now, most
+def _counting_work() -> tuple[Callable[[Sequence[list[int]]], list[list[int]]], list[int]]:
+    """Work that takes 50 ms a batch, and [batches working now, most working at once]."""
+    running = [0, 0]
     lock = threading.Lock()
 
     def work(items: Sequence[list[int]]) -> list[list[int]]:
@@ -86,6 +87,11 @@ def test_at_most_concurrency_batches_run_at_once() -> None:
             running[0] -= 1
         return list(items)
 
+    return work, running
+
+
+def test_at_most_concurrency_batches_run_at_once() -> None:
+    work, running = _counting_work()
     combiner: Combiner[list[int], list[int]] = Combiner(work, size_of=len, max_size=1, concurrency=2)
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(combiner.submit, [[i] for i in range(8)])) == [[i] for i in range(8)]
@@ -129,18 +135,7 @@ def test_a_batch_waiting_for_others_lets_the_next_one_start() -> None:
 
 
 def test_waiting_outside_a_batch_changes_nothing() -> None:
-    running = [0, 0]  # now, most
-    lock = threading.Lock()
-
-    def work(items: Sequence[list[int]]) -> list[list[int]]:
-        with lock:
-            running[0] += 1
-            running[1] = max(running[1], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
-        return list(items)
-
+    work, running = _counting_work()
     combiner: Combiner[list[int], list[int]] = Combiner(work, size_of=len, max_size=1, concurrency=1)
     # Not in a batch: it must not let two batches work at once.
     with combiner.waiting(), ThreadPoolExecutor(4) as pool:
