@@ -852,6 +852,7 @@ class IdentityGraph:
         outcomes: list[_Reconciled | set[str]] = []
         plans: list[_Plan] = []
         changed_persons: set[str] = set()
+        changed_keys: set[IdKey] = set()
         for component, held, reason, erased_here in zip(components, helds, reasons, erased_seeds, strict=True):
             needed = component.lease_keys()
             if not needed <= held:
@@ -862,10 +863,12 @@ class IdentityGraph:
             plan.reconciled.erased = erased_here
             plans.append(plan)
             outcomes.append(plan.reconciled)
-            if plan.person_writes or plan.identifier_writes:
-                merged_into = plan.reconciled.merged_into
-                changed_persons.update(plan.reconciled.group_ids, merged_into, merged_into.values(),
-                                       (p for p in component.person_of.values() if p))
+            # Also when nothing is written now: an earlier attempt's write (timed out, applied late) may have
+            # changed them after a lookup read them.
+            merged_into = plan.reconciled.merged_into
+            changed_persons.update(plan.reconciled.group_ids, merged_into, merged_into.values(),
+                                   (p for p in component.person_of.values() if p))
+            changed_keys.update(component.nodes)
         # Identifier rows last: a writer that dies half way leaves them unchanged where anything else
         # was left undone, so the next recomputation sees those identifiers as changed and redoes it.
         # The changes are recorded while the identifier rows are written (neither depends on the other):
@@ -878,8 +881,8 @@ class IdentityGraph:
             identifiers_written()
         finally:
             # Also when a write failed: some may have been applied.
-            if changed_persons:
-                self._recent.forget_persons(changed_persons)
+            if plans:
+                self._recent.forget(changed_persons, changed_keys)
         for plan in plans:
             plan.reconciled.changes = [next(recorded) for _ in plan.changes]
         return outcomes
@@ -1390,6 +1393,7 @@ class IdentityGraph:
         request_id there, so that a retry after a deadline passed in the tidy-up learns of the erasure."""
         person = self.get_person(person_id)
         owner, leased, members = self._lease_person(person.person_id)
+        merged_ids: set[str] = set()
         try:
             now = _now()
             if not allow_relink:
@@ -1430,14 +1434,16 @@ class IdentityGraph:
             # and of every id merged into it: recomputations read it there with the members, for an
             # identifier outside the person may still name one of those ids as its origin, and an erased
             # id is never given out again.
+            merged_ids = self._merged_ids(person)
             self._session.write_all([("UPDATE persons SET erased = true, merged_into = null, update_time = ? "
                                       "WHERE person_id = ?", (now, person.person_id))]
                                     + [("UPDATE person_identifiers SET erased = true WHERE person_id = ?", (erased,))
-                                       for erased in sorted({person.person_id} | self._merged_ids(person))])
+                                       for erased in sorted({person.person_id} | merged_ids)])
             change = feed.record(self._session, ChangeType.ERASE, [person.person_id], [],
                                  reason or "erased by a privacy request")
         finally:
-            self._recent.forget_persons([person.person_id, *person.merged_person_ids])
+            # Every id merged into the person (as far as read) and whatever its identifiers were last found in.
+            self._recent.forget([person.person_id, *person.merged_person_ids, *merged_ids], members)
             self._leases.release(leased, owner)
         # Committed: what follows only tidies up, and must not fail the erasure (a retry would find the
         # person gone, NOT_FOUND, and never learn that it was erased).

@@ -47,14 +47,21 @@ Selected: TypeAlias = IdKey | str  # an identifier (normalized), or a person id 
 
 
 # A person remembered: (person_id, identifiers as (type, value) tuples, merged person ids, create_time,
-# update_time, read_time, read_at: monotonic, when the reads it comes from began).
+# update_time, read_time, read_at: monotonic, when the reads it comes from began, the identifiers as a set:
+# one tracked object a person, for membership without a scan).
 _Remembered: TypeAlias = tuple[str, tuple[tuple[str, str], ...], tuple[str, ...], datetime | None, datetime | None,
-                               datetime | None, float]
+                               datetime | None, float, frozenset[tuple[str, str]]]
 _READ_AT: Final = 6
+_MEMBERS: Final = 7
+
+
+def _size(remembered: _Remembered) -> int:
+    """What a person counts against IDENTIFIERS_HELD: its identifiers and merged ids (at least one)."""
+    return max(1, len(remembered[1]) + len(remembered[2]))
 
 
 def _answer(remembered: _Remembered, redirected_from: str = "") -> Person:
-    person_id, identifiers, merged, create_time, update_time, read_time, _ = remembered
+    person_id, identifiers, merged, create_time, update_time, read_time, _, _ = remembered
     return Person(person_id, [IdKey(*i) for i in identifiers], list(merged), redirected_from, create_time,
                   update_time, read_time)
 
@@ -114,7 +121,7 @@ class RecentLookups:
                     elif key in remembered[2]:
                         found[key] = remembered
                         redirected.add(key)
-                elif key in remembered[1]:  # an IdKey equals its (type, value) tuple
+                elif key in remembered[_MEMBERS]:  # an IdKey equals its (type, value) tuple
                     found[key] = remembered
         return {key: _answer(remembered, key if key in redirected else "")
                 for key, remembered in found.items()}
@@ -137,11 +144,11 @@ class RecentLookups:
                 if current is not None and current[_READ_AT] > reading.read_at:
                     continue
                 self._drop(person.person_id)
-                self._persons[person.person_id] = (
-                    person.person_id, tuple((i.type, i.value) for i in person.identifiers),
-                    tuple(person.merged_person_ids), person.create_time, person.update_time, person.read_time,
-                    reading.read_at)
-                self._held += len(person.identifiers)
+                identifiers = tuple((i.type, i.value) for i in person.identifiers)
+                remembered = (person.person_id, identifiers, tuple(person.merged_person_ids), person.create_time,
+                              person.update_time, person.read_time, reading.read_at, frozenset(identifiers))
+                self._persons[person.person_id] = remembered
+                self._held += _size(remembered)
             oldest = self._clock() - MAX_STALENESS_SECONDS
             while self._persons:
                 first = next(iter(self._persons.values()))
@@ -154,14 +161,21 @@ class RecentLookups:
             for key in keys:
                 self._holders.pop(key, None)
 
-    def forget_persons(self, person_ids: Iterable[str]) -> None:
-        """After this process changed these persons (written): their answers are not given again."""
+    def forget(self, person_ids: Iterable[str], keys: Iterable[IdKey] = ()) -> None:
+        """After this process changed (or may have changed) these persons and identifiers: no answer that
+        names them is given again. An identifier's answer is the person it was last found in, which may
+        be an id merged away since (by another replica): that person is dropped too. A lookup that began
+        reading before this is not remembered after it."""
         with self._lock:
             self._changes += 1
+            for key in keys:
+                holder = self._holders.get(key)
+                if holder:
+                    self._drop(holder)
             for person_id in person_ids:
                 self._drop(person_id)
 
     def _drop(self, person_id: str) -> None:
         remembered = self._persons.pop(person_id, None)
         if remembered is not None:
-            self._held -= len(remembered[1])
+            self._held -= _size(remembered)

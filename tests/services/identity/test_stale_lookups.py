@@ -72,10 +72,19 @@ def test_a_change_made_here_drops_its_persons_and_what_was_read_before_it() -> N
     a, c = IdKey("cookie", "a"), IdKey("cookie", "c")
     recent.remember(recent.begin(), {a: _person("p1", "cookie:a"), c: _person("p3", "cookie:c")})
     reading = recent.begin()  # a lookup starts reading p1 ...
-    recent.forget_persons(["p1"])  # ... while this process changes it
+    recent.forget(["p1"])  # ... while this process changes it
     recent.remember(reading, {a: _person("p1", "cookie:a")})  # ... and finds it as it was before
     assert recent.answers([a, c], 10).keys() == {c}, "p1 as read before the change is not kept"
     assert recent.hints([a]) == {a: "p1"}, "the holder stays a hint (exact lookups check it)"
+
+
+def test_a_change_to_an_identifier_drops_the_person_it_was_last_found_in() -> None:
+    recent = RecentLookups(clock=Clock())
+    x = IdKey("cookie", "x")
+    recent.remember(recent.begin(), {x: _person("p_r", "cookie:x")})
+    # Another replica merged p_r into p_a since; this process now links x: its component's person is p_a.
+    recent.forget(["p_a"], [x, IdKey("cookie", "y")])
+    assert recent.answers([x], 10) == {}
 
 
 def test_memory_is_bounded_by_identifiers_held_and_by_the_largest_staleness() -> None:
@@ -143,6 +152,20 @@ def test_another_replicas_changes_are_seen_once_the_answer_is_older_than_asked(
     fresh = _lookup(identity, "cookie:st-3c", 0.2)
     assert members(fresh) == {"account_id:st-3", "cookie:st-3c", "device_id:ST-3D"}
     assert fresh.read_time.ToDatetime() > held.read_time.ToDatetime()
+
+
+@pytest.mark.integration
+def test_a_link_here_is_seen_after_another_replica_merged_the_person_remembered(
+        identity: pb_grpc.IdentityServiceStub, other_identity: pb_grpc.IdentityServiceStub) -> None:
+    (older,) = link(other_identity, observation("cookie:st-6b"))
+    (newer,) = link(other_identity, observation("cookie:st-6a", "cookie:st-6c"))
+    assert _lookup(identity, "cookie:st-6c", 60).person_id == newer.person_id
+    link(other_identity, observation("cookie:st-6a", "cookie:st-6b"))
+    assert person_of(other_identity, "cookie:st-6c").person_id == older.person_id, "a merge keeps the oldest id"
+    link(identity, observation("cookie:st-6c", "cookie:st-6y"))
+    answer = _lookup(identity, "cookie:st-6c", 60)
+    assert (answer.person_id, members(answer)) == (
+        older.person_id, {"cookie:st-6a", "cookie:st-6b", "cookie:st-6c", "cookie:st-6y"})
 
 
 @pytest.mark.integration
