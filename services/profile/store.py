@@ -597,7 +597,7 @@ def _stored_event_record(row: tuple[Any, ...]) -> StoredEventRecord:
     record = _new_object(StoredEventRecord)
     record.__dict__.update(
         message_id=message_id, person_id=person_id, event_name=event_name,
-        event_time=EPOCH + _MICROSECOND * exact if exact is not None else utc(event_time), payload=payload or b"",
+        event_time=from_micros(exact) if exact is not None else utc(event_time), payload=payload or b"",
         receive_time=utc(receive_time) if receive_time else None)
     return record
 

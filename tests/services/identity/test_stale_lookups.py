@@ -18,6 +18,7 @@ from services.identity.partition import IdKey
 from services.identity.person import Person
 from services.identity.recent import MAX_STALENESS_SECONDS, RecentLookups
 from tests.services.identity.conftest import failure, ids, link, members, observation, person_of
+from tests.shared.clocks import FakeClock
 
 
 def _person(person_id: str, *identifiers: str, merged: tuple[str, ...] = ()) -> Person:
@@ -25,19 +26,11 @@ def _person(person_id: str, *identifiers: str, merged: tuple[str, ...] = ()) -> 
                   read_time=datetime.now(UTC))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 # ---- the memory alone (pure logic) -----------------------------------------------------------------------
 
 
 def test_an_answer_is_given_only_within_the_staleness_asked_for() -> None:
-    clock = Clock()
+    clock = FakeClock()
     recent = RecentLookups(clock=clock)
     a = IdKey("cookie", "a")
     recent.remember(recent.begin(), {a: _person("p1", "cookie:a", "cookie:b")})
@@ -48,7 +41,7 @@ def test_an_answer_is_given_only_within_the_staleness_asked_for() -> None:
 
 
 def test_a_person_read_again_without_the_identifier_does_not_answer_for_it() -> None:
-    clock = Clock()
+    clock = FakeClock()
     recent = RecentLookups(clock=clock)
     a, b = IdKey("cookie", "a"), IdKey("cookie", "b")
     recent.remember(recent.begin(), {a: _person("p1", "cookie:a", "cookie:b")})
@@ -59,7 +52,7 @@ def test_a_person_read_again_without_the_identifier_does_not_answer_for_it() -> 
 
 
 def test_person_ids_answer_for_themselves_and_for_the_ids_merged_into_them() -> None:
-    recent = RecentLookups(clock=Clock())
+    recent = RecentLookups(clock=FakeClock())
     survivor = _person("p1", "cookie:a", merged=("p2",))
     recent.remember(recent.begin(), {"p1": survivor, "p2": survivor})
     answers = recent.answers(["p1", "p2", "p3"], 10)
@@ -68,7 +61,7 @@ def test_person_ids_answer_for_themselves_and_for_the_ids_merged_into_them() -> 
 
 
 def test_a_change_made_here_drops_its_persons_and_what_was_read_before_it() -> None:
-    recent = RecentLookups(clock=Clock())
+    recent = RecentLookups(clock=FakeClock())
     a, c = IdKey("cookie", "a"), IdKey("cookie", "c")
     recent.remember(recent.begin(), {a: _person("p1", "cookie:a"), c: _person("p3", "cookie:c")})
     reading = recent.begin()  # a lookup starts reading p1 ...
@@ -79,7 +72,7 @@ def test_a_change_made_here_drops_its_persons_and_what_was_read_before_it() -> N
 
 
 def test_a_change_to_an_identifier_drops_the_person_it_was_last_found_in() -> None:
-    recent = RecentLookups(clock=Clock())
+    recent = RecentLookups(clock=FakeClock())
     x = IdKey("cookie", "x")
     recent.remember(recent.begin(), {x: _person("p_r", "cookie:x")})
     # Another replica merged p_r into p_a since; this process now links x: its component's person is p_a.
@@ -88,7 +81,7 @@ def test_a_change_to_an_identifier_drops_the_person_it_was_last_found_in() -> No
 
 
 def test_memory_is_bounded_by_identifiers_held_and_by_the_largest_staleness() -> None:
-    clock = Clock()
+    clock = FakeClock()
     recent = RecentLookups(clock=clock, identifiers_held=4)
     for n in range(3):
         recent.remember(recent.begin(), {IdKey("cookie", f"{n}"): _person(f"p{n}", f"cookie:{n}", f"device_id:{n}")})
